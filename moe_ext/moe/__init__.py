@@ -1,0 +1,1 @@
+"""Mixture-of-Experts layer built from three swappable parts: router, dispatcher, experts."""

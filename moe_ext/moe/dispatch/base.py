@@ -1,0 +1,82 @@
+"""The dispatcher interface every token transport implements.
+
+# T tokens on this rank, H hidden, k top-k, E experts, E_local experts on this rank,
+# T' token-expert rows this rank computes after dispatch
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass(frozen=True)
+class DispatchGroups:
+    """Process groups a dispatcher communicates over; None stands for a group of one.
+
+    ep:  expert-parallel group; rank r owns experts [r*E/ep, (r+1)*E/ep).
+    etp: expert-tensor-parallel group; every rank owns all experts, each sharded on the
+         FFN dimension, and sees the same tokens.
+    """
+
+    ep: Optional[dist.ProcessGroup] = None
+    etp: Optional[dist.ProcessGroup] = None
+
+    @property
+    def ep_size(self) -> int:
+        return group_size(self.ep)
+
+    @property
+    def ep_rank(self) -> int:
+        return group_rank(self.ep)
+
+    @property
+    def etp_size(self) -> int:
+        return group_size(self.etp)
+
+    @property
+    def etp_rank(self) -> int:
+        return group_rank(self.etp)
+
+
+class Dispatcher(ABC):
+    """Moves token rows to the rank that owns their expert and back.
+
+    ``dispatch`` returns the rows this rank must run through its local experts, sorted by
+    local expert, plus a handle; ``combine`` takes the expert outputs in the same order,
+    brings them home, and sums them per token weighted by the routing weights. Both are
+    differentiable; backward reuses the layout stored in the handle.
+    """
+
+    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
+        if num_experts % groups.ep_size:
+            raise ValueError(
+                f"{num_experts} experts cannot be split over an expert-parallel group of "
+                f"{groups.ep_size}; choose parallel.ep dividing {num_experts}")
+        self.num_experts = num_experts
+        self.groups = groups
+        self.num_local_experts = num_experts // groups.ep_size
+        self.local_expert_start = groups.ep_rank * self.num_local_experts
+
+    @abstractmethod
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """x: [T, H] activations; weights: [T, k] float32; expert_idx: [T, k] int64 global ids.
+
+        Returns (x_local [T', H] sorted by local expert, tokens_per_local_expert
+        [E_local] int64, handle)."""
+
+    @abstractmethod
+    def combine(self, y_local: torch.Tensor, handle: Any) -> torch.Tensor:
+        """y_local: [T', H] expert outputs in dispatch order. Returns y: [T, H] in x's dtype."""
