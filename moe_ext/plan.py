@@ -1,0 +1,438 @@
+"""ParallelPlan: which strategy, which degrees, and why.
+
+``build_plan`` turns the strategy and parallel configs, the world size, the topology and
+the model shape into a validated ``ParallelPlan`` before any process group exists, so a
+bad combination is a one-line ``PlanError`` naming the fix instead of a hang or a shape
+error deep inside a collective.
+
+Degrees (see docs/ARCHITECTURE.md, "Rank layout"):
+  attention side  world = pp * dp * tp      (tp fastest-varying, pp slowest)
+  expert side     world = pp * edp * ep * etp  (etp fastest), so ep * etp * edp = tp * dp
+Degrees the user leaves out (None) are derived: tp and pp default to 1 and the strategy's
+own axis takes the remaining ranks: dp for replicate, tp for tp_experts (etp = tp), and
+for ep_* dp fills and ep = tp * dp.
+
+``strategy=auto`` is rule-based; the rule that fired is written into ``plan.reason``:
+  world 1                              -> replicate
+  NVLink + P2P atomics                 -> ep_nvshmem when EP pays off, else replicate
+  NVLink without P2P atomics           -> ep_nccl when EP pays off, else replicate
+  PCIe / CPU                           -> replicate when the whole model (+20% headroom)
+                                          fits one rank, else the cheaper of ep_allgather
+                                          and ep_nccl under a latency + bandwidth model
+EP "pays off" when the experts do not fit one rank, or when there are many experts
+(>= MANY_EXPERTS) to spread over several ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
+
+from moe_ext.config import ModelConf, ParallelConf, StrategyConf
+from moe_ext.moe.dispatch import DISPATCHERS
+
+if TYPE_CHECKING:  # plan depends on topology only through these attributes
+    from moe_ext.topology import Topology
+
+STRATEGIES = ("replicate", "tp_experts", "ep_allgather", "ep_nccl", "ep_nvshmem")
+EP_STRATEGIES = ("ep_allgather", "ep_nccl", "ep_nvshmem")
+DEFAULT_DISPATCHER = {
+    "replicate": "local",
+    "tp_experts": "tp_sharded",
+    "ep_allgather": "allgather_rs",
+    "ep_nccl": "nccl_a2a",
+    "ep_nvshmem": "nvshmem",
+}
+
+HEADROOM = 1.2  # weights * 1.2 must fit: KV cache and activations take the rest
+MANY_EXPERTS = 16  # fine-grained MoE (Qwen 60-128 experts) is worth spreading over NVLink
+# Cost model constants for the PCIe choice between all-gather and all-to-all, from the
+# 2xH200 measurements in DESIGN.md: ~40 us per collective whatever the link, and
+# ~24 GB/s all_to_all bus bandwidth through host memory (PCIe stand-in).
+COLLECTIVE_LATENCY_S = 40e-6
+DEFAULT_LINK_GBPS = {"pcie": 24.0, "nvlink": 280.0, "cpu": 10.0}
+
+
+class PlanError(ValueError):
+    """A strategy/degree/topology combination that cannot run; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    strategy: str  # one of STRATEGIES (never "auto": auto is resolved here)
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    edp: int
+    dispatcher: str  # dotted path of the Dispatcher class
+    reason: str  # one line: why this strategy and these degrees
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def etp_enabled(self) -> bool:
+        return self.etp > 1
+
+    @property
+    def is_expert_parallel(self) -> bool:
+        """Experts are split across ranks (an ep_* strategy), whatever ep is."""
+        return self.strategy in EP_STRATEGIES
+
+    @property
+    def tokens_split_over_tp(self) -> bool:
+        """ep_* with tp > 1: each TP rank sends only its 1/tp slice of the (identical)
+        tokens into the dispatcher and all-gathers the result after combine."""
+        return self.is_expert_parallel and self.tp > 1
+
+    def describe(self) -> str:
+        return (f"{self.strategy}: world={self.world_size} tp={self.tp} pp={self.pp} "
+                f"dp={self.dp} | ep={self.ep} etp={self.etp} edp={self.edp} | "
+                f"dispatcher={self.dispatcher.rpartition('.')[2]} | {self.reason}")
+
+
+# ---------------------------------------------------------------------------------------
+# Model memory
+# ---------------------------------------------------------------------------------------
+
+def _moe_layer_ids(model: ModelConf) -> list[int]:
+    """Layers with a routed-expert MLP (Hugging Face rule: not in mlp_only_layers and
+    (i + 1) % decoder_sparse_step == 0); the others have a dense MLP."""
+    step = max(1, int(model.decoder_sparse_step or 1))
+    skip = set(model.mlp_only_layers or [])
+    if model.num_experts <= 0:
+        return []
+    return [i for i in range(model.num_hidden_layers) if i not in skip and (i + 1) % step == 0]
+
+
+def expert_ffn_size(model: ModelConf) -> int:
+    """F of one routed expert: moe_intermediate_size (qwen) or intermediate_size (mixtral)."""
+    return int(model.moe_intermediate_size or model.intermediate_size)
+
+
+def model_param_counts(model: ModelConf) -> tuple[int, int]:
+    """(total parameters, routed-expert parameters) from the shape alone."""
+    H, V = model.hidden_size, model.vocab_size
+    nH, nKV = model.num_attention_heads, model.num_key_value_heads
+    D = model.head_dim or H // nH
+    L = model.num_hidden_layers
+
+    attn = H * nH * D + 2 * H * nKV * D + nH * D * H  # q, k, v, o
+    if model.attention_bias or model.model_type == "qwen2_moe":
+        attn += nH * D + 2 * nKV * D
+    if model.model_type == "qwen3_moe":
+        attn += 2 * D  # q_norm, k_norm
+    norms = 2 * H  # input / post-attention RMSNorm
+
+    moe_layers = _moe_layer_ids(model)
+    per_moe_experts = model.num_experts * 3 * H * expert_ffn_size(model)
+    per_moe_other = model.num_experts * H  # router
+    if model.shared_expert_intermediate_size:
+        per_moe_other += 3 * H * model.shared_expert_intermediate_size + H  # + shared gate
+    dense_mlp = 3 * H * model.intermediate_size
+
+    experts = len(moe_layers) * per_moe_experts
+    total = (L * (attn + norms) + experts + len(moe_layers) * per_moe_other
+             + (L - len(moe_layers)) * dense_mlp
+             + V * H + H  # embed_tokens, final norm
+             + (0 if model.tie_word_embeddings else V * H))  # lm_head
+    return total, experts
+
+
+def model_memory_bytes(model: ModelConf, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(all weights, routed-expert weights) in bytes at ``dtype_bytes`` per parameter."""
+    total, experts = model_param_counts(model)
+    return total * dtype_bytes, experts * dtype_bytes
+
+
+class MemoryEstimate(NamedTuple):
+    dense_bytes: int  # non-expert weights held by one rank
+    expert_bytes: int  # routed-expert weights held by one rank
+    total_bytes: int  # dense + experts
+    needed_bytes: int  # total * HEADROOM (KV cache, activations)
+    available_bytes: Optional[int]  # per rank; None when the topology does not say
+
+
+def rank_memory_bytes(model: ModelConf, tp: int, pp: int, ep: int, etp: int,
+                      dtype_bytes: int = 2) -> tuple[int, int]:
+    """(non-expert, expert) weight bytes on the busiest rank: non-expert weights are split
+    by tp (heads, vocab) and pp (layers); experts by ep (whole experts), etp (FFN) and pp."""
+    total, experts = model_memory_bytes(model, dtype_bytes)
+    dense = math.ceil((total - experts) / (tp * pp))
+    return dense, math.ceil(experts / (ep * etp * pp))
+
+
+def available_memory_per_rank(topology: "Topology", world_size: int) -> Optional[int]:
+    """Bytes one rank may use: the smallest GPU's memory, or on a CPU topology the host
+    memory shared by all ranks of the box."""
+    if topology.kind == "cpu":
+        host = getattr(topology, "host_memory_bytes", None) or topology.min_gpu_memory_bytes
+        return None if not host else int(host) // max(1, world_size)
+    mem = topology.min_gpu_memory_bytes
+    return int(mem) if mem else None
+
+
+def estimate_memory(plan: ParallelPlan, model: ModelConf, topology: "Topology",
+                    dtype_bytes: int = 2) -> MemoryEstimate:
+    dense, experts = rank_memory_bytes(model, plan.tp, plan.pp, plan.ep, plan.etp, dtype_bytes)
+    total = dense + experts
+    return MemoryEstimate(dense, experts, total, math.ceil(total * HEADROOM),
+                          available_memory_per_rank(topology, plan.world_size))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+# ---------------------------------------------------------------------------------------
+# Degrees
+# ---------------------------------------------------------------------------------------
+
+def _given(parallel: ParallelConf, name: str) -> Optional[int]:
+    value = getattr(parallel, name, None)
+    if value is None:
+        return None
+    value = int(value)
+    if value < 1:
+        raise PlanError(f"parallel.{name}={value} must be >= 1; set it to a positive degree "
+                        f"or leave it out to derive it")
+    return value
+
+
+def _fill(world_size: int, used: int, what: str, axis: str) -> int:
+    if world_size % used:
+        raise PlanError(f"world size {world_size} is not divisible by {what}={used}; "
+                        f"choose degrees whose product divides {world_size} so {axis} can "
+                        f"fill the remaining ranks")
+    return world_size // used
+
+
+def _derive_degrees(strategy: str, parallel: ParallelConf, world_size: int,
+                    num_experts: int, auto: bool) -> tuple[int, int, int, int, int, int]:
+    """(tp, pp, dp, ep, etp, edp) with the user's degrees kept and the rest derived."""
+    tp, pp, dp = _given(parallel, "tp"), _given(parallel, "pp") or 1, _given(parallel, "dp")
+    ep, etp = _given(parallel, "ep"), _given(parallel, "etp")
+
+    if strategy == "tp_experts" and tp is None:
+        dp = dp or 1
+        tp = _fill(world_size, pp * dp, "pp*dp", "tp")
+    tp = tp or 1
+    if dp is None:
+        dp = _fill(world_size, tp * pp, "tp*pp", "dp")
+    if tp * pp * dp != world_size:
+        raise PlanError(f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} != world size "
+                        f"{world_size}; change parallel.tp/pp/dp so their product is "
+                        f"{world_size} (or leave parallel.dp out to derive it)")
+
+    if strategy == "replicate":
+        if (ep or 1) > 1 or (etp or 1) > 1:
+            raise PlanError(f"strategy=replicate keeps all experts whole on every rank but "
+                            f"parallel.ep={ep} etp={etp}; drop parallel.ep/etp or use "
+                            f"strategy=ep_nccl (ep) / strategy=tp_experts (etp)")
+        return tp, pp, dp, 1, 1, tp * dp
+    if strategy == "tp_experts":
+        if ep not in (None, 1):
+            raise PlanError(f"strategy=tp_experts keeps every expert on every rank but "
+                            f"parallel.ep={ep}; drop parallel.ep or use strategy=ep_nccl")
+        if etp not in (None, tp):
+            raise PlanError(f"strategy=tp_experts shards experts over the TP group "
+                            f"(etp = tp = {tp}) but parallel.etp={etp}; drop parallel.etp "
+                            f"or set it to {tp}")
+        return tp, pp, dp, 1, tp, dp
+    # ep_*: experts split over ep ranks taken from the tp*dp ranks of one stage
+    if etp not in (None, 1):
+        raise PlanError(f"strategy={strategy} runs whole experts (etp=1) but parallel.etp="
+                        f"{etp}; drop parallel.etp or use strategy=tp_experts")
+    if ep is None:
+        # auto may shrink ep to a divisor of the expert count; an explicit ep_* strategy
+        # takes all tp*dp ranks and reports a bad expert count as an error below
+        ep = math.gcd(num_experts, tp * dp) if auto else tp * dp
+    if (tp * dp) % ep:
+        raise PlanError(f"parallel.ep={ep} does not divide tp*dp = {tp * dp}; choose ep "
+                        f"from the divisors of {tp * dp}")
+    return tp, pp, dp, ep, 1, tp * dp // ep
+
+
+def _validate(strategy: str, world_size: int, tp: int, pp: int, ep: int, etp: int,
+              topology: "Topology", model: ModelConf) -> None:
+    nH, nKV, L, E = (model.num_attention_heads, model.num_key_value_heads,
+                     model.num_hidden_layers, model.num_experts)
+    if E % ep:
+        raise PlanError(f"{E} experts cannot be split over ep={ep}; set parallel.ep to a "
+                        f"divisor of {E} that divides tp*dp")
+    if nH % tp:
+        raise PlanError(f"{nH} attention heads cannot be split over tp={tp}; set parallel.tp "
+                        f"to a divisor of {nH}")
+    if nKV % tp and tp % nKV:
+        raise PlanError(f"{nKV} kv heads neither split over tp={tp} nor replicate evenly "
+                        f"into it; set parallel.tp to a divisor or multiple of {nKV}")
+    if L < pp:
+        raise PlanError(f"pp={pp} pipeline stages but only {L} layers; set parallel.pp <= {L}")
+    F = expert_ffn_size(model)
+    if F % etp:
+        raise PlanError(f"expert FFN size {F} cannot be split over etp={etp}; choose "
+                        f"parallel.tp dividing {F} with strategy=tp_experts")
+    if strategy == "tp_experts" and tp == 1 and world_size > 1:
+        raise PlanError("strategy=tp_experts with tp=1 shards nothing; set parallel.tp > 1 "
+                        "or use strategy=replicate")
+    if strategy == "ep_nvshmem":
+        if topology.kind == "cpu":
+            raise PlanError("strategy=ep_nvshmem needs CUDA GPUs with NVLink; on CPU use "
+                            "strategy=ep_nccl (runs over gloo)")
+        if not (topology.kind == "nvlink" and topology.all_pairs_nvlink
+                and topology.all_pairs_p2p_atomics):
+            raise PlanError(f"strategy=ep_nvshmem needs all-pairs NVLink with P2P atomics, "
+                            f"topology is {topology.kind} (nvlink={topology.all_pairs_nvlink}, "
+                            f"p2p_atomics={topology.all_pairs_p2p_atomics}); use "
+                            f"strategy=ep_nccl")
+
+
+# ---------------------------------------------------------------------------------------
+# Auto
+# ---------------------------------------------------------------------------------------
+
+def _link_gbps(topology: "Topology") -> float:
+    bw = getattr(topology, "min_pair_bandwidth_gbps", None)
+    return float(bw) if bw else DEFAULT_LINK_GBPS.get(topology.kind, 24.0)
+
+
+def exchange_seconds(strategy: str, tokens: int, model: ModelConf, ep: int,
+                     dtype_bytes: int, link_gbps: float) -> float:
+    """Modelled time of one MoE layer's token exchange per rank (forward).
+
+    ep_nccl: a split-size exchange + host sync, then two all_to_all_single, each moving
+    the T*k routed rows that leave the rank: 2 * T*k*H*(ep-1)/ep elements.
+    ep_allgather: all-gather of tokens and routing, reduce-scatter of outputs; every rank
+    sends its T rows to ep-1 peers twice: 2 * T*H*(ep-1) elements, no host sync.
+    So all-gather moves ep/k times the bytes of all-to-all with one round fewer.
+    """
+    H, k = model.hidden_size, model.num_experts_per_tok
+    bw = link_gbps * 1e9
+    if strategy == "ep_nccl":
+        rows, rounds = 2 * tokens * k * (ep - 1) / ep, 4
+    else:
+        rows, rounds = 2 * tokens * (ep - 1), 3
+    return rounds * COLLECTIVE_LATENCY_S + rows * H * dtype_bytes / bw
+
+
+def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
+            model: ModelConf, dtype_bytes: int, tokens_per_step: Optional[int]
+            ) -> tuple[str, str]:
+    """(strategy, reason) for strategy=auto."""
+    if world_size == 1:
+        return "replicate", "world size 1: all experts local, no communication"
+
+    tp, pp, dp, ep, _, _ = _derive_degrees("ep_nccl", parallel, world_size,
+                                           model.num_experts, auto=True)
+    dense, experts = rank_memory_bytes(model, tp, pp, 1, 1, dtype_bytes)
+    needed = math.ceil((dense + experts) * HEADROOM)
+    avail = available_memory_per_rank(topology, world_size)
+    fits = avail is None or needed <= avail
+    mem = (f"replicated weights need {_gib(needed)} per rank with 20% headroom"
+           + (f", {_gib(avail)} available" if avail is not None else
+              ", memory unknown (assumed to fit)"))
+    ep_possible = ep > 1
+
+    if topology.kind == "nvlink":
+        ep_pays = ep_possible and (not fits or model.num_experts >= MANY_EXPERTS)
+        why_ep = (f"experts do not fit one GPU ({mem})" if not fits else
+                  f"{model.num_experts} experts spread over ep={ep}")
+        if not ep_pays:
+            why = (f"ep={ep} impossible with {model.num_experts} experts on tp*dp={tp * dp}"
+                   if not ep_possible else f"only {model.num_experts} experts and {mem}")
+            return "replicate", f"nvlink: {why}; replicate avoids all token exchange"
+        if topology.all_pairs_nvlink and topology.all_pairs_p2p_atomics:
+            return "ep_nvshmem", f"nvlink with P2P atomics: {why_ep}; one-sided NVSHMEM dispatch"
+        return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all"
+
+    # pcie / cpu: every token exchange is expensive, avoid it while memory allows
+    if fits or not ep_possible:
+        why = mem if fits else (f"{mem}, but {model.num_experts} experts cannot be split over "
+                                f"tp*dp={tp * dp} ranks (add ranks or pipeline stages)")
+        return "replicate", f"{topology.kind}: {why}; replicate avoids all token exchange"
+    link = _link_gbps(topology)
+    if tokens_per_step is None:
+        # unknown batch: compare bandwidth terms only (the large-batch regime)
+        ag_cheaper = ep <= model.num_experts_per_tok
+        basis = (f"tokens/step unknown, all-gather moves ep/k = {ep}/"
+                 f"{model.num_experts_per_tok} of all-to-all's bytes")
+    else:
+        t_a2a = exchange_seconds("ep_nccl", tokens_per_step, model, ep, dtype_bytes, link)
+        t_ag = exchange_seconds("ep_allgather", tokens_per_step, model, ep, dtype_bytes, link)
+        ag_cheaper = t_ag <= t_a2a
+        basis = (f"{tokens_per_step} tokens/step at {link:g} GB/s: all-gather "
+                 f"{t_ag * 1e6:.0f} us vs all-to-all {t_a2a * 1e6:.0f} us per layer")
+    choice = "ep_allgather" if ag_cheaper else "ep_nccl"
+    return choice, f"{topology.kind}: experts do not fit one rank ({mem}); ep={ep}, {basis}"
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+def _dispatcher_path(strategy_conf: StrategyConf, strategy: str, auto: bool) -> str:
+    node = None if auto else getattr(strategy_conf, "dispatcher", None)
+    if node is None:
+        target = DEFAULT_DISPATCHER[strategy]
+    elif isinstance(node, str):
+        target = node
+    elif isinstance(node, Mapping) or hasattr(node, "get"):
+        target = node.get("_target_")
+        if not target:
+            raise PlanError(f"strategy.dispatcher has no _target_ ({node}); set "
+                            f"strategy.dispatcher._target_ to one of {sorted(DISPATCHERS)} "
+                            f"or a dotted Dispatcher class path")
+    else:
+        raise PlanError(f"strategy.dispatcher must be a name or {{_target_: ...}}, got "
+                        f"{node!r}; use one of {sorted(DISPATCHERS)}")
+    return DISPATCHERS.get(target, target)
+
+
+def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
+               topology: "Topology", model: ModelConf, dtype_bytes: int = 2,
+               tokens_per_step: Optional[int] = None) -> ParallelPlan:
+    """Validated plan for ``world_size`` ranks; raises PlanError with the fix named.
+
+    tokens_per_step: tokens one rank feeds into each MoE layer per step (decode batch, or
+    micro-batch * sequence in training); only used by strategy=auto.
+    """
+    if world_size < 1:
+        raise PlanError(f"world size {world_size} < 1; launch at least one rank")
+    name = str(strategy.name)
+    auto = name == "auto"
+    if not auto and name not in STRATEGIES:
+        raise PlanError(f"unknown strategy {name!r}; use strategy= one of "
+                        f"{', '.join(STRATEGIES)} or auto")
+    if auto:
+        name, reason = _choose(parallel, world_size, topology, model, dtype_bytes,
+                               tokens_per_step)
+        reason = f"auto: {reason}"
+    else:
+        reason = f"strategy={name} requested"
+    tp, pp, dp, ep, etp, edp = _derive_degrees(name, parallel, world_size, model.num_experts,
+                                               auto)
+    _validate(name, world_size, tp, pp, ep, etp, topology, model)
+    return ParallelPlan(strategy=name, world_size=world_size, tp=tp, pp=pp, dp=dp, ep=ep,
+                        etp=etp, edp=edp, dispatcher=_dispatcher_path(strategy, name, auto),
+                        reason=reason)
+
+
+def plan_as_dict(plan: ParallelPlan) -> dict[str, Any]:
+    from dataclasses import asdict
+    return asdict(plan)
