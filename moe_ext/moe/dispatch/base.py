@@ -69,6 +69,17 @@ class Dispatcher(ABC):
         self.num_local_experts = num_experts // groups.ep_size
         self.local_expert_start = groups.ep_rank * self.num_local_experts
 
+    @property
+    def ffn_shards(self) -> int:
+        """How many ranks split each local expert's FFN dimension (1 unless the dispatcher
+        shards experts on F, as TPShardedDispatcher does over ``groups.etp``)."""
+        return 1
+
+    @property
+    def ffn_shard_rank(self) -> int:
+        """This rank's index among the ``ffn_shards`` FFN slices."""
+        return 0
+
     @abstractmethod
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, Any]:

@@ -1,0 +1,167 @@
+"""Differentiable collectives for the dispatchers (explicit autograd Functions).
+
+# R rows (dim 0), H trailing dims; G group size
+
+Each Function's backward is the adjoint exchange: all-to-all -> the reverse all-to-all,
+all-gather -> reduce-scatter, reduce-scatter -> all-gather. ``torch.distributed.nn`` is not
+used: it has no split-aware all-to-all on every backend and its all-reduce backward
+all-reduces again, which is wrong for the replicated consumers here.
+
+Every call runs on the caller's process group and is bounded by that group's timeout (set
+when moe_ext.dist initialises torch.distributed): a stuck peer raises, it does not hang.
+A group of None means a group of one: every function is then the identity.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older versions (the GPU box runs
+# 2.11) only have the *_into_tensor / *_tensor names.
+_all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _size(group: ProcessGroup) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_gather_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """x: [R, ...] equal R on every rank. Returns [G*R, ...] (rank order); no autograd."""
+    world = _size(group)
+    if world == 1:
+        return x
+    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    _all_gather_base(out, x.contiguous(), group=group)
+    return out
+
+
+def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """x: [G*R, ...]. Returns this rank's [R, ...] block of the sum over ranks; no autograd.
+
+    gloo got reduce_scatter only in recent torch and is the CPU/test path where bandwidth
+    does not matter, so it uses all-reduce + slice; NCCL (and others) use the real thing."""
+    world = _size(group)
+    if world == 1:
+        return x
+    rows = x.shape[0] // world
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        summed = x.contiguous().clone()
+        dist.all_reduce(summed, group=group)
+        rank = dist.get_rank(group)
+        return summed[rank * rows:(rank + 1) * rows]
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    _reduce_scatter_base(out, x.contiguous(), group=group)
+    return out
+
+
+def all_to_all_raw(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                   group: ProcessGroup) -> torch.Tensor:
+    """x: [sum(input_splits), ...]. Rows input_splits[r] go to rank r; returns
+    [sum(output_splits), ...] with output_splits[r] rows from rank r; no autograd."""
+    if _size(group) == 1:
+        return x
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        return all_to_all_raw(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return all_to_all_raw(grad, input_splits, output_splits, ctx.group), None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_raw(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_raw(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_raw(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad, ctx.group), None
+
+
+class _ReducePartials(torch.autograd.Function):
+    """Forward: all-reduce partial sums. Backward: identity, because every rank of the
+    group consumes the (replicated) sum in the same way, so each already holds the full
+    gradient of the sum; all-reducing it again would multiply it by the group size."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        if _size(group) == 1:
+            return x
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToPartials(torch.autograd.Function):
+    """Forward: identity on a replicated input. Backward: all-reduce, because each rank
+    used the input for only its share of the computation (its FFN shard), so the input's
+    gradient is the sum of the per-rank partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _size(ctx.group) == 1:
+            return grad, None
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+               group: ProcessGroup) -> torch.Tensor:
+    """Differentiable variable-split all-to-all of rows; backward is the reverse exchange."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Differentiable all-gather along dim 0 (equal rows per rank); backward reduce-scatters."""
+    return _AllGather.apply(x, group)
+
+
+def reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Differentiable reduce-scatter along dim 0; backward all-gathers."""
+    return _ReduceScatter.apply(x, group)
+
+
+def reduce_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Sum partial results over the group (forward all-reduce, backward identity)."""
+    return _ReducePartials.apply(x, group)
+
+
+def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """Mark a replicated input feeding partial computations (backward all-reduce)."""
+    return _CopyToPartials.apply(x, group)
