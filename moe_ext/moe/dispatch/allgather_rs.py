@@ -1,0 +1,75 @@
+"""Expert parallelism through all-gather + reduce-scatter (strategy ``ep_allgather``).
+
+# T tokens on this rank, T_max the largest T in the EP group, G = ep size, H hidden,
+# k top-k, E experts, E_local = E / G, T' rows for this rank's experts
+
+Every rank gathers every rank's tokens and routing, keeps the rows routed to its own
+experts, and in combine scatter-adds its weighted outputs into a [G*T_max, H] buffer that a
+reduce-scatter sums and hands back, each rank receiving its own tokens. More bytes than an
+all-to-all, but two bulk collectives that NCCL runs well on PCIe rings and no split
+bookkeeping on the wire.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw, reduce_scatter
+from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, scatter_weighted,
+                                           sort_by_bucket)
+from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+
+
+@dataclass
+class AllGatherHandle:
+    pair_ids: torch.Tensor  # [T'] int64 pair ids into the gathered [G*T_max, k] routing
+    weights_all: torch.Tensor  # [G*T_max, k] float32 gathered routing weights (autograd)
+    num_tokens: int  # T on this rank
+    max_tokens: int  # T_max: rows per rank in the gathered buffers
+
+
+class AllGatherDispatcher(Dispatcher):
+    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
+        super().__init__(num_experts, groups)
+        if groups.etp_size != 1:
+            raise ValueError(f"AllGatherDispatcher does not shard experts on F but got "
+                             f"etp={groups.etp_size}; use parallel.etp=1 with ep_* strategies")
+
+    def dispatch(self, x, weights, expert_idx):
+        check_routing(x, weights, expert_idx)
+        group, world = self.groups.ep, self.groups.ep_size
+        num_tokens, top_k = expert_idx.shape
+        if world == 1:
+            max_tokens, x_all, weights_all, idx_all = num_tokens, x, weights, expert_idx
+        else:
+            # Host sync: all-gather needs equal-sized buffers, so every rank must learn the
+            # largest token count in the group to pad to before it can size them.
+            counts = torch.tensor([num_tokens], dtype=torch.int64, device=x.device)
+            max_tokens = max(all_gather_raw(counts, group).tolist())
+            pad = max_tokens - num_tokens
+            # Padding rows route to expert E, which no rank owns, so they are never kept.
+            x_all = all_gather(F.pad(x, (0, 0, 0, pad)), group)  # [G*T_max, H]
+            weights_all = all_gather(F.pad(weights, (0, 0, 0, pad)), group)  # [G*T_max, k]
+            idx_all = all_gather_raw(F.pad(expert_idx, (0, 0, 0, pad), value=self.num_experts),
+                                     group)  # [G*T_max, k]
+        local_id = idx_all.reshape(-1) - self.local_expert_start  # [G*T_max*k]
+        is_local = (local_id >= 0) & (local_id < self.num_local_experts)
+        # Rows for other ranks' experts go to a sentinel bucket E_local sorted last.
+        bucket = torch.where(is_local, local_id, torch.full_like(local_id, self.num_local_experts))
+        order, counts = sort_by_bucket(bucket, self.num_local_experts + 1)
+        tokens_per_local_expert = counts[:self.num_local_experts]
+        # Host sync: how many gathered rows belong to local experts is data-dependent and
+        # sizes x_local (the output shape of this dispatch).
+        num_rows = order.numel() - int(counts[self.num_local_experts].item())
+        pair_ids = order[:num_rows]  # [T']
+        x_local = gather_rows(x_all, pair_ids, top_k)  # [T', H]
+        return x_local, tokens_per_local_expert, AllGatherHandle(
+            pair_ids, weights_all, num_tokens, max_tokens)
+
+    def combine(self, y_local, handle: AllGatherHandle):
+        world = self.groups.ep_size
+        y_all = scatter_weighted(y_local, handle.pair_ids, handle.weights_all,
+                                 world * handle.max_tokens)  # [G*T_max, H]
+        return reduce_scatter(y_all, self.groups.ep)[:handle.num_tokens]  # [T, H]

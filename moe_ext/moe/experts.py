@@ -1,0 +1,122 @@
+"""Grouped SwiGLU experts with stacked weights: one grouped GEMM per projection.
+
+# T' rows (sorted by local expert), H hidden, F FFN size of this rank's slice,
+# E local experts
+
+Parameters use the Hugging Face transformers-5 fused layout: ``gate_up_proj`` [E, 2F, H]
+(gate rows, then up rows) and ``down_proj`` [E, H, F]; y = down(silu(gate(x)) * up(x)).
+
+Backends: ``grouped_mm`` (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``: one
+kernel per projection, cumulative int32 offsets built on device, no host sync) when the
+inputs qualify; ``loop`` (one matmul pair per expert; needs the split sizes on the host)
+everywhere else. ``auto`` picks grouped_mm when it qualifies, loop otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+BACKENDS = ("auto", "grouped_mm", "loop")
+
+
+def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs these operands: present in this torch; on CUDA
+    bf16 on SM >= 8.0 (the kernels' contract); on CPU float32/bf16/fp16; every row stride
+    a multiple of 16 bytes (the CPU kernel rejects others, CUDA kernels need it for TMA)."""
+    if _GROUPED_MM is None or any(w.dtype != x.dtype or w.device != x.device for w in weights):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    item = x.element_size()
+    return all(w.shape[-1] * item % 16 == 0 and w.shape[-2] * item % 16 == 0 for w in weights)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's
+    backward rejects expanded gradients such as the one ``y.sum().backward()`` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class GroupedExperts(nn.Module):
+    """E local SwiGLU experts of FFN size F (this rank's slice) over hidden size H."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *,
+                 backend: str = "auto", dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown experts backend {backend!r}; use one of {BACKENDS}")
+        self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
+        self.backend = backend
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * ffn_size, hidden_size, dtype=dtype, device=device))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, ffn_size, dtype=dtype, device=device))
+        nn.init.normal_(self.gate_up_proj, std=hidden_size ** -0.5)
+        nn.init.normal_(self.down_proj, std=max(ffn_size, 1) ** -0.5)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_size}, "
+                f"backend={self.backend}")
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        qualifies = grouped_mm_qualifies(x, self.gate_up_proj, self.down_proj)
+        if self.backend == "grouped_mm" and not qualifies:
+            raise ValueError(f"experts backend 'grouped_mm' cannot run {x.dtype} on {x.device} "
+                             f"with H={self.hidden_size}, F={self.ffn_size} (needs bf16 on CUDA, "
+                             f"16-byte-aligned rows); use backend 'auto' or 'loop'")
+        return qualifies and self.backend != "loop"
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x: [T', H] rows sorted by local expert; tokens_per_expert: [E] int64 on x's
+        device, summing to T'. Returns y: [T', H] in x's dtype."""
+        if x.dim() != 2 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"experts expect [T', {self.hidden_size}], got {tuple(x.shape)}")
+        if tokens_per_expert.shape != (self.num_experts,):
+            raise ValueError(f"tokens_per_expert must have shape [{self.num_experts}], got "
+                             f"{tuple(tokens_per_expert.shape)}; the dispatcher and experts "
+                             f"disagree on the number of local experts")
+        in_dtype = x.dtype
+        x = x.to(self.gate_up_proj.dtype)
+        if self.uses_grouped_mm(x):
+            y = self._forward_grouped_mm(x, tokens_per_expert)
+        else:
+            y = self._forward_loop(x, tokens_per_expert)
+        return y.to(in_dtype)
+
+    def _forward_grouped_mm(self, x, tokens_per_expert):
+        offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # [E] group ends
+        gate_up = _GROUPED_MM(x, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [T', 2F]
+        gate_up = _ContiguousGrad.apply(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)  # [T', F] each
+        hidden = F.silu(gate) * up  # [T', F]
+        y = _GROUPED_MM(hidden, self.down_proj.transpose(1, 2), offs=offsets)  # [T', H]
+        return _ContiguousGrad.apply(y)
+
+    def _forward_loop(self, x, tokens_per_expert):
+        # Host sync: slicing rows per expert needs the split sizes as Python ints.
+        splits = tokens_per_expert.tolist()
+        outputs, start = [], 0
+        for expert, rows in enumerate(splits):
+            # Empty experts still run (on zero rows) so every weight gets a (zero) gradient.
+            xe = x[start:start + rows]  # [rows, H]
+            gate, up = F.linear(xe, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [rows, F]
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))  # [rows, H]
+            start += rows
+        if not outputs:
+            return x.new_zeros(x.shape)
+        return torch.cat(outputs, dim=0)  # [T', H]

@@ -1,0 +1,161 @@
+"""MoELayer = router + dispatcher + grouped experts (+ shared expert), and its factory.
+
+# B batch, S sequence, T = B*S tokens, H hidden, E experts, k top-k, F expert FFN size,
+# E_local / F_local this rank's share of experts / of each expert's FFN dimension
+
+The layer is free of parallelism: the dispatcher object it is given decides where rows
+go, and ``build_moe_layer`` creates only this rank's expert shard. Weights are initialised
+or loaded by the caller (``load_full_expert_weights`` slices full tensors by the plan).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_ext.moe.dispatch import DispatchGroups, Dispatcher, build_dispatcher
+from moe_ext.moe.experts import GroupedExperts
+from moe_ext.moe.router import TopKRouter
+
+
+class SharedExpertMLP(nn.Module):
+    """Dense SwiGLU MLP every token goes through (Qwen2-MoE ``shared_expert``).
+    Parameters ``{gate,up}_proj.weight`` [F_s, H], ``down_proj.weight`` [H, F_s]."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, dtype=None, device=None):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoELayer(nn.Module):
+    """Routed experts plus an optional (sigmoid-gated) shared expert.
+
+    After each forward, ``aux_loss`` and ``z_loss`` hold the router's losses (zero scalars
+    outside training); the caller weighs and adds them to its loss."""
+
+    def __init__(self, router: TopKRouter, experts: GroupedExperts, dispatcher: Dispatcher,
+                 shared_expert: Optional[nn.Module] = None,
+                 shared_expert_gate: Optional[nn.Module] = None):
+        super().__init__()
+        if experts.num_experts != dispatcher.num_local_experts:
+            raise ValueError(f"experts hold {experts.num_experts} experts but the dispatcher "
+                             f"routes to {dispatcher.num_local_experts} local experts; build "
+                             f"the experts with dispatcher.num_local_experts")
+        if router.num_experts != dispatcher.num_experts:
+            raise ValueError(f"router scores {router.num_experts} experts, dispatcher expects "
+                             f"{dispatcher.num_experts}")
+        if shared_expert_gate is not None and shared_expert is None:
+            raise ValueError("shared_expert_gate given without a shared_expert")
+        self.router = router
+        self.experts = experts
+        self.dispatcher = dispatcher
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., H] (e.g. [B, S, H]). Returns y with x's shape and dtype."""
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # [T, H]
+        routing = self.router(tokens)
+        x_local, tokens_per_expert, handle = self.dispatcher.dispatch(
+            tokens, routing.weights, routing.expert_idx)  # [T', H], [E_local]
+        y_local = self.experts(x_local, tokens_per_expert)  # [T', H]
+        y = self.dispatcher.combine(y_local, handle)  # [T, H]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)  # [T, H]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared  # [T,1]*[T,H]
+            y = y + shared.to(y.dtype)
+        self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
+        return y.reshape(shape)
+
+
+def build_moe_layer(hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *,
+                    score_func: str = "softmax", norm_topk_prob: bool = True,
+                    n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                    routed_scaling_factor: float = 1.0, correction_bias: bool = False,
+                    shared_expert_size: Optional[int] = None, shared_expert_gate: bool = False,
+                    dispatcher: Union[str, Any, Dispatcher] = "local",
+                    groups: DispatchGroups = DispatchGroups(), experts_backend: str = "auto",
+                    dtype: Optional[torch.dtype] = None,
+                    device: Optional[Union[str, torch.device]] = None) -> MoELayer:
+    """Build a MoE layer holding only this rank's expert shard.
+
+    ``dispatcher``: a Dispatcher instance, or a short name / dotted path / ``{_target_}``
+    node built with ``(num_experts, groups)``. E_local comes from the dispatcher (EP), and
+    F_local = ffn_size / dispatcher.ffn_shards (expert TP). Parameters are randomly
+    initialised; load real ones with ``load_full_expert_weights`` and ``load_state_dict``."""
+    if not isinstance(dispatcher, Dispatcher):
+        dispatcher = build_dispatcher(dispatcher, num_experts, groups)
+    if dispatcher.num_experts != num_experts:
+        raise ValueError(f"dispatcher was built for {dispatcher.num_experts} experts, "
+                         f"layer has {num_experts}")
+    if ffn_size % dispatcher.ffn_shards:
+        raise ValueError(f"expert FFN size {ffn_size} cannot be split over "
+                         f"{dispatcher.ffn_shards} expert-TP ranks; choose parallel.etp "
+                         f"dividing {ffn_size}")
+    router = TopKRouter(hidden_size, num_experts, top_k, score_func=score_func,
+                        norm_topk_prob=norm_topk_prob, n_group=n_group, topk_group=topk_group,
+                        routed_scaling_factor=routed_scaling_factor,
+                        correction_bias=correction_bias, dtype=dtype, device=device)
+    experts = GroupedExperts(dispatcher.num_local_experts, hidden_size,
+                             ffn_size // dispatcher.ffn_shards, backend=experts_backend,
+                             dtype=dtype, device=device)
+    shared = gate = None
+    if shared_expert_size:
+        shared = SharedExpertMLP(hidden_size, shared_expert_size, dtype=dtype, device=device)
+        if shared_expert_gate:
+            gate = nn.Linear(hidden_size, 1, bias=False, dtype=dtype, device=device)
+    elif shared_expert_gate:
+        raise ValueError("shared_expert_gate=True needs shared_expert_size")
+    return MoELayer(router, experts, dispatcher, shared, gate)
+
+
+def expert_shard(gate_up_full: torch.Tensor, down_full: torch.Tensor, dispatcher: Dispatcher
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice full expert tensors to this rank's shard (views, no copies).
+
+    gate_up_full: [E, 2F, H]; down_full: [E, H, F]. Returns (gate_up [E_local, 2F_local, H],
+    down [E_local, H, F_local]): experts [start, start+E_local) of the EP group, and the
+    ``ffn_shard_rank``-th F slice of both gate and up rows and of down's columns."""
+    num_experts, two_ffn, _ = gate_up_full.shape
+    if num_experts != dispatcher.num_experts or down_full.shape[0] != num_experts:
+        raise ValueError(f"full expert tensors hold {num_experts} experts, dispatcher expects "
+                         f"{dispatcher.num_experts}")
+    ffn = two_ffn // 2
+    if down_full.shape[-1] != ffn or ffn % dispatcher.ffn_shards:
+        raise ValueError(f"expert FFN sizes disagree or do not split: gate_up rows {two_ffn}, "
+                         f"down columns {down_full.shape[-1]}, ffn shards {dispatcher.ffn_shards}")
+    experts = slice(dispatcher.local_expert_start,
+                    dispatcher.local_expert_start + dispatcher.num_local_experts)
+    ffn_local = ffn // dispatcher.ffn_shards
+    lo = dispatcher.ffn_shard_rank * ffn_local
+    gate_up = torch.cat([gate_up_full[experts, lo:lo + ffn_local],
+                         gate_up_full[experts, ffn + lo:ffn + lo + ffn_local]], dim=1)
+    down = down_full[experts, :, lo:lo + ffn_local]
+    return gate_up, down
+
+
+@torch.no_grad()
+def load_full_expert_weights(layer: MoELayer, gate_up_full: torch.Tensor,
+                             down_full: torch.Tensor) -> None:
+    """Copy this rank's shard of full expert weights into ``layer.experts``.
+
+    gate_up_full: [E, 2F, H]; down_full: [E, H, F] (any device/dtype; converted)."""
+    gate_up, down = expert_shard(gate_up_full, down_full, layer.dispatcher)
+    for param, value in ((layer.experts.gate_up_proj, gate_up), (layer.experts.down_proj, down)):
+        if param.shape != value.shape:
+            raise ValueError(f"expert shard shape {tuple(value.shape)} does not match the "
+                             f"layer's {tuple(param.shape)}; build the layer with the same "
+                             f"hidden/ffn sizes and dispatcher")
+        param.copy_(value)

@@ -1,0 +1,171 @@
+"""Top-k routers: softmax (Mixtral, Qwen2/3-MoE) and sigmoid with correction bias and
+group-limited selection (DeepSeek-V3), plus training losses and on-device load counters.
+
+# T tokens, H hidden, E experts, k top-k, n_group expert groups
+
+Router math runs in float32 whatever the model dtype (logits from float32 copies of x and
+the weight), as routing decisions are sensitive to rounding.
+
+Semantics, matching Hugging Face transformers 5:
+- softmax, ``norm_topk_prob=True``: softmax over all logits, top-k, renormalise (Mixtral;
+  equal to a softmax over the top-k logits), Qwen2/3-MoE with ``norm_topk_prob``;
+- softmax, ``norm_topk_prob=False``: top-k of the full softmax (Qwen2-MoE default);
+- sigmoid: scores = sigmoid(logits); selection on scores + ``e_score_correction_bias``
+  (the bias steers which experts are picked, never the weights), restricted to the
+  ``topk_group`` best of ``n_group`` groups (group score = sum of its two best biased
+  scores); weights = the unbiased scores of the picks, renormalised iff
+  ``norm_topk_prob``, times ``routed_scaling_factor`` (DeepSeek-V3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor  # [T, k] float32 routing weights
+    expert_idx: torch.Tensor  # [T, k] int64 global expert ids
+    aux_loss: torch.Tensor  # [] float32 load-balancing loss (0 when not training)
+    z_loss: torch.Tensor  # [] float32 router z-loss (0 when not training)
+    logits: Optional[torch.Tensor] = None  # [T, E] float32 router logits
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss ``E * sum_i f_i * P_i``.
+
+    probs: [T, E] float32 per-token expert probabilities; expert_idx: [T, k] int64.
+    f_i is the fraction of tokens that picked expert i (summing to k over experts, as in
+    transformers' ``load_balancing_loss_func``), P_i the mean probability of expert i."""
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.sum()
+    picks = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+    picks.index_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx, dtype=probs.dtype).reshape(-1))
+    return num_experts * torch.sum((picks / num_tokens) * probs.mean(0))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, E] float32."""
+    if logits.shape[0] == 0:
+        return logits.sum()
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class TopKRouter(nn.Module):
+    """Linear gate + top-k selection. Parameter ``weight`` [E, H]; optional persistent
+    buffer ``e_score_correction_bias`` [E] float32 (sigmoid routers, updated by the caller).
+
+    ``expert_load`` [E] int64 accumulates, on device and without host syncs, how many
+    token-expert pairs each expert received since the last ``reset_expert_load()``."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
+                 score_func: str = "softmax", norm_topk_prob: bool = True,
+                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                 routed_scaling_factor: float = 1.0, correction_bias: bool = False,
+                 record_load: bool = True, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"unknown router score_func {score_func!r}; use one of {SCORE_FUNCS}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        if (n_group is None) != (topk_group is None):
+            raise ValueError("set both n_group and topk_group for group-limited routing, or neither")
+        if n_group is not None:
+            if num_experts % n_group or not 1 <= topk_group <= n_group:
+                raise ValueError(f"group-limited routing needs n_group dividing num_experts "
+                                 f"({num_experts}) and 1 <= topk_group <= n_group; got "
+                                 f"n_group={n_group}, topk_group={topk_group}")
+            if topk_group * (num_experts // n_group) < top_k:
+                raise ValueError(f"topk_group={topk_group} groups of {num_experts // n_group} "
+                                 f"experts cannot supply top_k={top_k} picks; raise topk_group")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.record_load = record_load
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+        if correction_bias:
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(num_experts, dtype=torch.float32, device=device))
+        else:
+            self.e_score_correction_bias = None
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
+                f"score_func={self.score_func}, norm_topk_prob={self.norm_topk_prob}, "
+                f"n_group={self.n_group}, topk_group={self.topk_group}, "
+                f"scale={self.routed_scaling_factor}")
+
+    def _select(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice: [T, E] float32 selection scores. Returns expert_idx [T, k] int64."""
+        if self.n_group is not None and self.n_group > 1:
+            num_tokens = choice.shape[0]
+            grouped = choice.view(num_tokens, self.n_group, -1)  # [T, n_group, E/n_group]
+            best = min(2, grouped.shape[-1])
+            group_scores = grouped.topk(best, dim=-1).values.sum(-1)  # [T, n_group]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(num_tokens, -1)
+        return choice.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x: [T, H] any float dtype. Returns RouterOutput (weights [T, k] float32)."""
+        if x.dim() != 2 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"router expects [T, {self.hidden_size}], got {tuple(x.shape)}; "
+                             f"flatten batch and sequence first")
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if self.score_func == "softmax":
+            scores = torch.softmax(logits, dim=-1)  # [T, E]
+            choice = scores
+        else:
+            scores = torch.sigmoid(logits)
+            choice = scores.detach()
+            if self.e_score_correction_bias is not None:
+                choice = choice + self.e_score_correction_bias
+        if self.n_group is None and self.score_func == "softmax":
+            top_weights, expert_idx = scores.topk(self.top_k, dim=-1)  # [T, k]
+        else:
+            expert_idx = self._select(choice.detach())
+            top_weights = scores.gather(1, expert_idx)  # [T, k]
+        if self.norm_topk_prob:
+            denom = top_weights.sum(-1, keepdim=True)
+            if self.score_func == "sigmoid":
+                denom = denom + 1e-20  # sigmoid scores can all underflow to zero
+            top_weights = top_weights / denom
+        if self.routed_scaling_factor != 1.0:
+            top_weights = top_weights * self.routed_scaling_factor
+        if self.record_load:
+            with torch.no_grad():
+                flat = expert_idx.reshape(-1)
+                self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
+        if self.training:
+            probs = scores if self.score_func == "softmax" else (
+                scores / scores.sum(-1, keepdim=True).clamp_min(1e-20))
+            aux, zl = load_balancing_loss(probs, expert_idx), z_loss(logits)
+        else:
+            aux = zl = logits.new_zeros(())
+        return RouterOutput(top_weights, expert_idx, aux, zl, logits)
+
+    @torch.no_grad()
+    def read_expert_load(self, reset: bool = False) -> torch.Tensor:
+        """Token-expert pairs per expert since the last reset: [E] int64 on the router's
+        device (a copy; moving it to the host is the caller's sync)."""
+        load = self.expert_load.clone()
+        if reset:
+            self.expert_load.zero_()
+        return load
+
+    @torch.no_grad()
+    def reset_expert_load(self) -> None:
+        self.expert_load.zero_()
