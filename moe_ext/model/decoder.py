@@ -1,0 +1,194 @@
+"""The native decoder: embeddings, decoder blocks (attention + MoE or dense MLP), final norm,
+LM head. Free of parallelism: ``parallelize`` (parallelize.py) shards it in place and sets
+the process groups the forward pass uses; unset groups mean a single rank.
+
+# B batch, S query length, T = B·S tokens, H hidden, V vocab
+
+Parameter names are the moe_ext checkpoint names (docs/ARCHITECTURE.md). ``layers`` is a
+ModuleDict keyed by the global layer index, so a pipeline stage that keeps only its own
+layers still names them ``layers.{i}``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moe_ext.model.args import ModelArgs
+from moe_ext.model.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
+
+
+def build_moe(args: ModelArgs, dispatcher="local") -> nn.Module:
+    """The MoE MLP of one layer (softmax top-k router + grouped experts, plus the sigmoid-
+    gated shared expert of qwen2_moe) holding the dispatcher's expert shard."""
+    from moe_ext.moe.layer import build_moe_layer
+
+    shared = args.shared_expert_intermediate_size if args.has_shared_expert else None
+    return build_moe_layer(args.hidden_size, args.moe_intermediate_size, args.num_experts,
+                           args.num_experts_per_tok, norm_topk_prob=args.norm_topk_prob,
+                           shared_expert_size=shared, shared_expert_gate=bool(shared),
+                           dispatcher=dispatcher)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.is_moe = args.is_moe_layer(layer_id)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = build_moe(args) if self.is_moe else DenseMLP(args.hidden_size,
+                                                                args.intermediate_size)
+        # ep_* with tp > 1: the TP ranks hold identical tokens; each sends only its 1/tp
+        # slice through the expert exchange and the slices are all-gathered afterwards.
+        self.moe_token_split_group: Optional[dist.ProcessGroup] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None
+                ) -> torch.Tensor:
+        """x: [B, S, H] -> [B, S, H]."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, kv_start, kv_len)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, H] (or [0, H] on an idle rank) -> same shape."""
+        if self.moe_token_split_group is None:
+            return self.mlp(x)
+        return split_tokens_forward(self.mlp, x, self.moe_token_split_group)
+
+    def idle_forward(self, hidden_size: int, dtype: torch.dtype, device) -> None:
+        """Join this layer's expert exchange with zero tokens (a data-parallel rank whose
+        sequences are all done while its expert-parallel peers still decode)."""
+        if self.is_moe:
+            self.feed_forward(torch.empty(0, hidden_size, dtype=dtype, device=device))
+
+
+def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup
+                         ) -> torch.Tensor:
+    """Run ``mlp`` on this rank's 1/tp slice of the (TP-identical) tokens, all-gather back.
+
+    x: [..., H]; T = prod(leading dims) is padded up to a multiple of tp with zero rows
+    whose outputs are dropped."""
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])  # [T, H]
+    T = flat.shape[0]
+    per_rank = -(-T // tp)
+    if per_rank * tp != T:
+        flat = F.pad(flat, (0, 0, 0, per_rank * tp - T))  # [tp·T/tp, H]
+    mine = flat[rank * per_rank:(rank + 1) * per_rank]  # [T/tp, H]
+    out = mlp(mine).contiguous()
+    gathered = torch.empty(per_rank * tp, shape[-1], dtype=out.dtype, device=out.device)
+    dist.all_gather_into_tensor(gathered, out, group=group)
+    return gathered[:T].reshape(shape)
+
+
+class Transformer(nn.Module):
+    """Full model on any device (``meta`` included); ``parallelize`` shards it in place."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(args.vocab_size,
+                                                                 args.hidden_size)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i)
+                                     for i in range(args.num_hidden_layers)})
+        self.norm: Optional[RMSNorm] = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head: Optional[nn.Linear] = None if args.tie_word_embeddings else \
+            nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args)
+        # Pipeline placement, set by parallelize: this stage's neighbours (global ranks).
+        self.pp_prev: Optional[int] = None
+        self.pp_next: Optional[int] = None
+        self.pp_group: Optional[dist.ProcessGroup] = None
+        self.pp_last_rank: Optional[int] = None  # global rank of the last stage (samples)
+
+    # ---- placement facts ---------------------------------------------------------------
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_prev is None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_next is None
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[next(iter(self.layers))].input_layernorm.weight.dtype \
+            if len(self.layers) else next(iter(self.parameters())).dtype
+
+    # ---- KV cache ------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_slots: int, dtype: Optional[torch.dtype] = None
+                     ) -> None:
+        """Preallocate every local layer's KV cache [batch, nKV_local, max_slots, D]."""
+        dtype = dtype or self.dtype
+        device = self.device
+        for block in self.layers.values():
+            attn = block.self_attn
+            kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+            cache = attn.kv_cache
+            if cache is None or cache.k.shape != (batch, kv_heads, max_slots, attn.head_dim) \
+                    or cache.k.dtype != dtype or cache.k.device != device:
+                attn.kv_cache = KVCache(batch, kv_heads, max_slots, attn.head_dim, dtype, device)
+
+    def drop_caches(self) -> None:
+        for block in self.layers.values():
+            block.self_attn.kv_cache = None
+
+    @property
+    def cache_shape(self) -> Optional[tuple[int, int]]:
+        """(batch, max_slots) of the current caches, None without caches."""
+        for block in self.layers.values():
+            cache = block.self_attn.kv_cache
+            return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+        return None
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, slots: Optional[torch.Tensor] = None,
+                kv_start: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
+                last_only: bool = False) -> Optional[torch.Tensor]:
+        """tokens: [B, S] int64 (used for shapes only after the first stage); slots: [S]
+        int64 cache slots (default 0..S-1); kv_start: [B] first real slot per sequence
+        (default 0: no left padding); kv_len: attend to cache slots [0, kv_len) (None: all
+        slots, the static decode shape); last_only: logits of the last slot only.
+
+        Returns logits [B, S or 1, V] in the model dtype on the last pipeline stage, None on
+        the others (their hidden states went to the next stage)."""
+        B, S = tokens.shape
+        device = tokens.device
+        if slots is None:
+            slots = torch.arange(S, device=device)
+        if kv_start is None:
+            kv_start = torch.zeros(B, dtype=torch.long, device=device)
+        if self.is_first_stage:
+            h = self.embed_tokens(tokens)  # [B, S, H]
+        else:
+            h = torch.empty(B, S, self.args.hidden_size, dtype=self.dtype, device=device)
+            dist.recv(h, src=self.pp_prev)  # hidden states of the previous stage
+        positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
+        cos, sin = self.rotary(positions, h.dtype)
+        for block in self.layers.values():
+            h = block(h, cos, sin, slots, kv_start, kv_len)
+        if not self.is_last_stage:
+            dist.send(h.contiguous(), dst=self.pp_next)
+            return None
+        if last_only:
+            h = h[:, -1:]  # [B, 1, H]
+        h = self.norm(h)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)  # [B, S, V]
+
+    def idle_forward(self) -> None:
+        """One step with no tokens: join every local MoE layer's expert exchange (see
+        TransformerBlock.idle_forward). Whole pipeline replicas go idle together, so there
+        is no stage-to-stage traffic."""
+        for block in self.layers.values():
+            block.idle_forward(self.args.hidden_size, self.dtype, self.device)

@@ -1,0 +1,337 @@
+"""Batched generation: left-padded prefill, then decode over a preallocated KV cache.
+
+# B batch, L padded prompt length, V vocab, S_max cache slots (L + new tokens, rounded up)
+
+One forward per step for the whole batch; finished sequences keep stepping (their tokens
+are discarded) so shapes stay static. Host syncs are limited to: the EOS check every
+``check_every`` steps, the end-of-batch copy of the output ids, and timing fences on GPU.
+
+Data parallelism (``parallelize`` with dp > 1): each replica generates its slice of the
+prompts and the results are all-gathered. When experts are split across replicas (ep_*),
+every rank must make the same number of MoE calls: a replica with nothing left to do keeps
+joining the expert exchanges with zero tokens until every replica is done (lockstep).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from moe_ext.config import GenerateConf
+from moe_ext.model.decoder import Transformer
+
+log = logging.getLogger(__name__)
+
+SLOT_ROUNDING = 128  # cache length granularity: repeated calls reuse caches and CUDA graphs
+
+
+class GenerateError(ValueError):
+    """Bad generation input (one line: problem and fix)."""
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new ids per request, prompt excluded, the EOS id included
+    prefill_tokens: int = 0  # real (unpadded) prompt tokens processed by this replica
+    decode_tokens: int = 0  # tokens produced by decode steps (all requests, this replica)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    cuda_graphs: bool = False  # decode ran from captured CUDA graphs
+    finish_reasons: list[str] = field(default_factory=list)  # "eos" | "length" per request
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def ms_per_token(self) -> float:
+        """Milliseconds per decode step (one new token for every sequence in the batch)."""
+        return 1000.0 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+
+# ---- sampling ------------------------------------------------------------------------
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits: [B, V] -> next ids [B] int64. temperature 0 = greedy; top-p keeps the
+    smallest set of tokens whose probability reaches ``top_p``. No host sync."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+# ---- CUDA-graph decode -----------------------------------------------------------------
+
+class _DecodeGraph:
+    """One decode step captured for a fixed batch and cache; inputs are copied into static
+    buffers, logits read from a static output."""
+
+    def __init__(self, model: Transformer, batch: int, device: torch.device):
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
+        self.model = model
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None
+
+    def _step(self) -> torch.Tensor:
+        return self.model(self.tokens, self.slot, self.kv_start, None, last_only=True)
+
+    def capture(self) -> None:
+        # Warm-up runs on a side stream (required before capture); they write the KV cache at
+        # the current slot, which the real step overwrites.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def __call__(self, tokens: torch.Tensor, slot: int, kv_start: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.slot.fill_(slot)
+        self.kv_start.copy_(kv_start)
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+        return self.logits
+
+
+# ---- the loop --------------------------------------------------------------------------
+
+def _eos_tensor(eos_id, device) -> Optional[torch.Tensor]:
+    if eos_id is None:
+        return None
+    ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
+def _per_request(value: Union[int, Sequence[int], None], default: int, n: int) -> list[int]:
+    if value is None:
+        value = default
+    if isinstance(value, int):
+        values = [value] * n
+    else:
+        values = [int(v) for v in value]
+        if len(values) != n:
+            raise GenerateError(f"max_new_tokens has {len(values)} entries for {n} prompts; "
+                                f"give one per prompt or a single int")
+    if any(v < 1 for v in values):
+        raise GenerateError("max_new_tokens must be >= 1 for every request")
+    return values
+
+
+class _Stepper:
+    """Runs one batch (or nothing, on an idle replica) in lockstep-compatible steps."""
+
+    def __init__(self, model: Transformer, conf: GenerateConf, eos: Optional[torch.Tensor],
+                 pad_id: int, generator: Optional[torch.Generator], lockstep_group,
+                 lockstep: bool, check_every: int, result: GenerationResult):
+        self.model, self.conf, self.eos, self.pad_id = model, conf, eos, pad_id
+        self.generator = generator
+        self.lockstep_group, self.lockstep = lockstep_group, lockstep
+        self.check_every = check_every
+        self.result = result
+        self.device = model.device
+        self.on_cuda = self.device.type == "cuda"
+
+    def _fence(self) -> None:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)  # sync: timing boundary only
+
+    def _any_running(self, local: bool) -> bool:
+        if not self.lockstep:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int32, device=self.device)
+        # sync: every data-parallel replica learns whether any replica still generates, so
+        # all of them make the same number of MoE exchanges (idle ones with zero tokens).
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.lockstep_group)
+        return bool(flag.item())
+
+    def _next_tokens(self, logits: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+        """Sample on the last pipeline stage and share the ids with the other stages."""
+        if logits is not None:
+            nxt = sample(logits[:, -1], self.conf.temperature, self.conf.top_p, self.generator)
+        else:
+            nxt = torch.empty(batch, dtype=torch.long, device=self.device)
+        if self.model.pp_group is not None:
+            dist.broadcast(nxt, src=self.model.pp_last_rank, group=self.model.pp_group)
+        return nxt
+
+    def _is_eos(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.eos is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        return torch.isin(ids, self.eos)
+
+    def run(self, prompts: Optional[list[list[int]]], max_new: list[int],
+            use_graphs: bool) -> list[list[int]]:
+        model = self.model
+        if prompts:
+            B = len(prompts)
+            L = max(len(p) for p in prompts)
+            steps_total = max(max_new)
+            max_slots = -(-(L + steps_total) // SLOT_ROUNDING) * SLOT_ROUNDING
+            model.setup_caches(B, max_slots)
+            padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
+            tokens = torch.tensor(padded, dtype=torch.long, device=self.device)  # [B, L]
+            kv_start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long,
+                                    device=self.device)  # [B]
+            limits = torch.tensor(max_new, dtype=torch.long, device=self.device)  # [B]
+            out = torch.full((B, steps_total), self.pad_id, dtype=torch.long,
+                             device=self.device)  # [B, steps]
+            done = torch.zeros(B, dtype=torch.bool, device=self.device)
+            graph = _graph_for(model, B, self.device) if use_graphs else None
+        else:
+            steps_total = 0
+        known_done = not prompts
+        step = 0  # forwards made by this call; 0 = prefill
+        self._fence()
+        t0 = time.perf_counter()
+        t_prefill_end = t0
+        nxt = None
+        while True:
+            if not self.lockstep and step >= steps_total:
+                break
+            if step % self.check_every == 0:
+                if not known_done and step > 0:
+                    # sync: EOS check, batched every check_every steps
+                    known_done = step >= steps_total or not bool((~done).any().item())
+                if not self._any_running(not known_done):
+                    break
+            if known_done or step >= steps_total:
+                model.idle_forward()  # lockstep only: join the expert exchanges
+            elif step == 0:
+                logits = model(tokens, torch.arange(L, device=self.device), kv_start, L,
+                               last_only=True)  # [B, 1, V]
+                nxt = self._next_tokens(logits, B)
+                out[:, 0] = nxt
+                done |= self._is_eos(nxt) | (limits <= 1)
+                self._fence()
+                t_prefill_end = time.perf_counter()
+                self.result.prefill_tokens += sum(len(p) for p in prompts)
+            else:
+                slot = L + step - 1
+                if graph is not None and graph.graph is None:
+                    try:
+                        logits = graph(nxt[:, None], slot, kv_start)
+                    except RuntimeError as e:  # e.g. an op that syncs inside the MoE path
+                        log.warning("CUDA-graph capture failed (%s); decoding eagerly", e)
+                        model.__dict__.pop("_decode_graphs", None)
+                        model.cuda_graph_safe = False
+                        graph = None
+                elif graph is not None:
+                    logits = graph(nxt[:, None], slot, kv_start)
+                if graph is None:
+                    slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)
+                    logits = model(nxt[:, None], slot_t, kv_start, None, last_only=True)
+                nxt = self._next_tokens(logits, B)
+                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+                out[:, step] = nxt
+                done |= self._is_eos(nxt) | (limits <= step + 1)
+                self.result.decode_steps += 1
+                self.result.decode_tokens += B
+            step += 1
+        self._fence()
+        if not prompts:
+            return []
+        self.result.prefill_s += t_prefill_end - t0
+        self.result.decode_s += time.perf_counter() - t_prefill_end
+        self.result.cuda_graphs = graph is not None
+        rows = out.tolist()  # sync: the batch's ids to the host, once
+        eos_ids = set() if self.eos is None else set(self.eos.tolist())
+        outputs = []
+        for row, limit in zip(rows, max_new):
+            row = row[:limit]
+            for i, t in enumerate(row):
+                if t in eos_ids:
+                    row = row[:i + 1]
+                    break
+            outputs.append(row)
+            self.result.finish_reasons.append("eos" if row and row[-1] in eos_ids else "length")
+        return outputs
+
+
+def _graph_for(model: Transformer, batch: int, device: torch.device) -> Optional[_DecodeGraph]:
+    """The captured decode step for the model's current caches (captured on first use)."""
+    cache_key = model.cache_shape
+    graphs = model.__dict__.setdefault("_decode_graphs", {})
+    key = (batch, cache_key, id(next(iter(model.layers.values())).self_attn.kv_cache))
+    if key not in graphs:
+        graphs.clear()  # caches were reallocated: older graphs point at freed buffers
+        graphs[key] = _DecodeGraph(model, batch, device)
+    return graphs[key]
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf,
+             eos_id: Union[int, Sequence[int], None], pad_id: int = 0,
+             max_new_tokens: Union[int, Sequence[int], None] = None, seed: int = 0,
+             check_every: Optional[int] = None) -> GenerationResult:
+    """Generate continuations of ``prompt_ids`` (every rank passes the full list).
+
+    Returns ids per request (prompt excluded; generation stops after an EOS id, which is
+    kept, or at the request's ``max_new_tokens``, default ``conf.max_new_tokens``) on every
+    rank, plus timing for this replica's share. ``check_every``: decode steps between EOS
+    checks (host syncs); default 1 on CPU, 8 on GPU.
+    """
+    if any(len(p) == 0 for p in prompt_ids):
+        raise GenerateError("empty prompt: every prompt needs at least one token (e.g. BOS)")
+    model.eval()
+    device = model.device
+    n = len(prompt_ids)
+    max_new = _per_request(max_new_tokens, conf.max_new_tokens, n)
+    if check_every is None:
+        check_every = 8 if device.type == "cuda" else 1
+    dp_size, dp_rank, dp_group = getattr(model, "data_parallel", (1, 0, None))
+    lockstep = bool(getattr(model, "lockstep", False)) and dp_size > 1
+    # this replica's contiguous share of the requests
+    bounds = [n * r // dp_size for r in range(dp_size + 1)]
+    mine = list(range(bounds[dp_rank], bounds[dp_rank + 1]))
+    generator = None
+    if conf.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    use_graphs = (conf.cuda_graphs and device.type == "cuda" and model.pp_group is None
+                  and not lockstep and getattr(model, "cuda_graph_safe", True))
+    result = GenerationResult(tokens=[])
+    stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,
+                       lockstep, max(1, check_every), result)
+    batch = max(1, conf.max_batch_size)
+    chunks = [mine[i:i + batch] for i in range(0, len(mine), batch)]
+    rounds = len(chunks)
+    if lockstep:
+        count = torch.tensor([rounds], dtype=torch.int64, device=device)
+        # sync: replicas agree on how many batches they run (once per call)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
+        rounds = int(count.item())
+    local: list[list[int]] = []
+    for r in range(rounds):
+        chunk = chunks[r] if r < len(chunks) else []
+        local += stepper.run([prompt_ids[i] for i in chunk], [max_new[i] for i in chunk],
+                             use_graphs)
+    if dp_size > 1:
+        gathered: list = [None] * dp_size
+        dist.all_gather_object(gathered, (local, result.finish_reasons), group=dp_group)
+        result.tokens = [row for part, _ in gathered for row in part]
+        result.finish_reasons = [f for _, reasons in gathered for f in reasons]
+    else:
+        result.tokens = local
+    return result

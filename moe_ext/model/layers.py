@@ -1,0 +1,247 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings (HF rope-scaling variants), GQA
+attention over a preallocated KV cache, dense SwiGLU MLP.
+
+# B batch, S query length, S_max cache slots, H hidden, nH/nKV heads (local to this rank
+# after tensor-parallel sharding), D head dim, F dense FFN size (local)
+
+Attention uses *slots*: the cache index a token is written to. Prompts are left-padded, so
+slot s of sequence b holds position ``s - kv_start[b]``; slots below ``kv_start[b]`` are
+padding and never attended to. One slot index per step for the whole batch keeps decode
+shapes static (CUDA graphs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moe_ext.model.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim] any float dtype; normalised in fp32 like HF, scaled in x's dtype."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---- rotary embeddings ---------------------------------------------------------------
+
+def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] fp32 and the cos/sin scale, as transformers computes them
+    for rope types default, linear, dynamic (at the original length), yarn and llama3."""
+    dim, base = args.head_dim, args.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (base ** exponents)  # [D/2]
+    scaling = args.rope_scaling or {}
+    rope_type = args.rope_type
+    if rope_type in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor, 1.0
+    if rope_type == "llama3":
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen = old_len / scaling["low_freq_factor"]
+        high_wavelen = old_len / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
+            scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: blend interpolated (long-wavelength) and extrapolated (short) frequencies
+    orig_len = scaling["original_max_position_embeddings"]
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (mscale(factor, m) / mscale(factor, m_all)) if (m and m_all) \
+            else mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
+            ).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; the ``dynamic`` type rescales the base once the
+    longest position in the call passes ``max_position_embeddings`` (as transformers does,
+    tensor-only so it stays inside CUDA graphs)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inv_freq(args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dynamic = args.rope_type == "dynamic"
+        if self.dynamic:
+            self.factor = float(args.rope_scaling["factor"])
+            self.max_positions = args.max_position_embeddings
+            self.base = args.rope_theta
+            self.dim = args.head_dim
+
+    def _dynamic_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+        seq_len = (positions.max() + 1).float().clamp(min=self.max_positions)  # no host sync
+        base = self.base * ((self.factor * seq_len / self.max_positions) - (self.factor - 1)) \
+            ** (self.dim / (self.dim - 2))
+        exponents = torch.arange(0, self.dim, 2, device=positions.device).float() / self.dim
+        return 1.0 / (base ** exponents)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [B, S] int64 -> (cos, sin) each [B, S, D] in ``dtype``."""
+        inv_freq = self._dynamic_inv_freq(positions) if self.dynamic else self.inv_freq
+        freqs = positions[..., None].float() * inv_freq.float()  # [B, S, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+        return ((emb.cos() * self.attention_scaling).to(dtype),
+                (emb.sin() * self.attention_scaling).to(dtype))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, S, D]; cos/sin: [B, S, D]."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, D]
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- attention -----------------------------------------------------------------------
+
+class KVCache(nn.Module):
+    """Preallocated keys/values [B, nKV, S_max, D]; written in place by slot index."""
+
+    def __init__(self, batch: int, kv_heads: int, max_slots: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """slots: [S] int64; k, v: [B, nKV, S, D]. Returns the whole cache (k, v)."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. Tensor parallelism (set by ``parallelize``) shards q/k/v rows
+    and o_proj columns by heads; ``tp_group`` all-reduces o_proj's partial sums."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        H, D = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(D, args.rms_norm_eps)
+            self.k_norm = RMSNorm(D, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.sliding_window = args.sliding_window
+        self.scale = D ** -0.5
+        self.tp_group: Optional[dist.ProcessGroup] = None
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None
+                ) -> torch.Tensor:
+        """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 cache slots of the queries;
+        kv_start: [B] int64 first real slot per sequence; kv_len: attend to cache slots
+        [0, kv_len) (None: all S_max slots, the static decode shape). Returns [B, S, H]."""
+        B, S, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, S, -1, D)  # [B, S, nH, D]
+        k = self.k_proj(x).view(B, S, -1, D)  # [B, S, nKV, D]
+        v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nH, S, D]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nKV, S, D]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(slots, k, v)  # [B, nKV, S_max, D]
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            key_slots = torch.arange(k.shape[2], device=x.device)
+        else:
+            key_slots = slots
+        mask = attention_mask(slots, key_slots, kv_start, self.sliding_window)  # [B,1,S,S_k]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
+        out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        if self.o_proj.bias is not None:
+            out = out + self.o_proj.bias  # added once, after the TP reduction
+        return out
+
+
+def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, kv_start: torch.Tensor,
+                   sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Boolean mask [B, 1, S, S_k] (True = attend): causal, no left padding, within the
+    window. A padding query attends to itself only, so its row is never empty (no NaN)."""
+    q = query_slots[None, :, None]  # [1, S, 1]
+    kk = key_slots[None, None, :]  # [1, 1, S_k]
+    allowed = (kk <= q) & (kk >= kv_start[:, None, None])  # [B, S, S_k]
+    if sliding_window is not None:
+        allowed &= (q - kk) < sliding_window
+    allowed |= kk == q
+    return allowed[:, None]
+
+
+# ---- dense MLP ------------------------------------------------------------------------
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP (qwen2_moe dense layers). Under TP gate/up rows and down columns are
+    sharded; ``tp_group`` all-reduces down_proj's partial sums."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+        self.tp_group: Optional[dist.ProcessGroup] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., H] -> [..., H]."""
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
