@@ -56,11 +56,12 @@ P2P_STATUS = {
     5: "NOT_SUPPORTED",
     6: "UNKNOWN",
 }
-NVLINK_DEVICE_GPU, NVLINK_DEVICE_SWITCH = 0, 2  # nvmlDeviceGetNvLinkRemoteDeviceType
+NVLINK_DEVICE_GPU, NVLINK_DEVICE_IBMNPU, NVLINK_DEVICE_SWITCH = 0, 1, 2  # nvmlDeviceGetNvLinkRemoteDeviceType
 # nvmlDeviceGetNvLinkVersion answers an nvmlNvlinkVersion_t enum, not the generation
 # (an A100 answers 5 = NVLink 3.1): enum -> NVLink generation.
 NVLINK_ENUM_TO_GENERATION = {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 4, 7: 5, 8: 6}
 # CUdevice_P2PAttribute (equal to the runtime's cudaDeviceP2PAttr numbers).
+CUDA_ERROR_NO_DEVICE = 100
 CUDA_P2P_ATTRS = {
     "performance_rank": 1,
     "access_supported": 2,
@@ -406,10 +407,11 @@ def _nvml_answers(nv, errors: list[str]) -> dict[str, Any]:
         for link in range(nv.NVML_NVLINK_MAX_LINKS):
             try:
                 active = nv.nvmlDeviceGetNvLinkState(h, link)
-            except Exception as e:  # link 0 NOT_SUPPORTED: no NVLink; later: past the last link
+            except Exception as e:  # link 0 NOT_SUPPORTED: no NVLink; later: absent or past the last
                 if link == 0:
                     dev["nvlink_error"] = str(e)
-                break
+                    break
+                continue
             entry = {"link": link, "active": bool(active)}
             if active:
                 remote = ask(f"GPU{i} nvlink {link} remote pci", nv.nvmlDeviceGetNvLinkRemotePciInfo, h, link)
@@ -456,7 +458,10 @@ def _cuda_record(errors: list[str]) -> dict[str, Any]:
             raise RuntimeError(f"{what} -> {name.value.decode() if name.value else rc}")
 
     try:
-        check(cu.cuInit(0), "cuInit")
+        rc = cu.cuInit(0)
+        if rc == CUDA_ERROR_NO_DEVICE:  # a valid answer: nothing visible (CUDA_VISIBLE_DEVICES="")
+            return {"error": None, "library": "libcuda.so.1", "devices": [], "p2p": []}
+        check(rc, "cuInit")
         count = ctypes.c_int()
         check(cu.cuDeviceGetCount(ctypes.byref(count)), "cuDeviceGetCount")
         devices, p2p = [], []
@@ -527,11 +532,15 @@ def _nvlink_counts(devices: list[dict]) -> tuple[dict, dict, dict]:
                 continue
             remote = normalize_bus_id(link.get("remote_pci_bus_id"))
             rtype = link.get("remote_device_type")
-            # Old drivers cannot name the remote type: a GPU bus id means a point-to-point link.
-            to_gpu = rtype == NVLINK_DEVICE_GPU if rtype is not None else remote in gpu_bus_ids
-            if to_gpu and remote is not None:
+            if rtype not in (NVLINK_DEVICE_GPU, NVLINK_DEVICE_SWITCH, NVLINK_DEVICE_IBMNPU):
+                # Old drivers cannot name the remote end (None, UNKNOWN): a GPU's bus id
+                # means a point-to-point bridge, anything else on x86 is an NVSwitch.
+                if remote is None:
+                    continue
+                rtype = NVLINK_DEVICE_GPU if remote in gpu_bus_ids else NVLINK_DEVICE_SWITCH
+            if rtype == NVLINK_DEVICE_GPU and remote is not None:
                 direct[i][remote] = direct[i].get(remote, 0) + 1
-            elif rtype == NVLINK_DEVICE_SWITCH or (rtype is None and remote is not None):
+            elif rtype == NVLINK_DEVICE_SWITCH:
                 switch[i] += 1
             if link.get("version") in NVLINK_ENUM_TO_GENERATION:
                 gens[i].add(NVLINK_ENUM_TO_GENERATION[link["version"]])
@@ -555,7 +564,8 @@ def parse_record(record: dict[str, Any]) -> Topology:
     cuda = record.get("cuda") or {}
     notes = []
     nvml_ok = nvml.get("error") is None and bool(nvml.get("devices"))
-    cuda_ok = cuda.get("error") is None and bool(cuda.get("devices"))
+    # CUDA answering "no device" is an answer: this process may use no GPU, whatever NVML sees.
+    cuda_ok = cuda.get("error") is None and cuda.get("devices") is not None
     if nvml.get("error"):
         notes.append(f"NVML: {nvml['error']}")
     if cuda.get("error"):
@@ -565,6 +575,11 @@ def parse_record(record: dict[str, Any]) -> Topology:
         cpu_count=host.get("cpu_count"),
         driver_version=nvml.get("driver_version") if nvml_ok else None,
     )
+    if cuda_ok and not cuda["devices"]:
+        if nvml_ok:
+            notes.append(f"NVML sees {len(nvml['devices'])} GPU(s) but none is visible to CUDA "
+                         "(CUDA_VISIBLE_DEVICES?)")
+        return Topology(kind="cpu", source="cuda", notes=tuple(notes), **base)
     if not nvml_ok and not cuda_ok:
         return Topology(kind="cpu", source="none", notes=tuple(notes), **base)
 

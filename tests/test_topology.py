@@ -198,6 +198,24 @@ def test_no_gpu_answers_is_cpu():
     assert not (t.all_pairs_p2p or t.all_pairs_p2p_atomics or t.all_pairs_nvlink)
 
 
+def test_no_gpu_visible_to_cuda_is_cpu():
+    """CUDA_VISIBLE_DEVICES="" on the H100 box: NVML lists 8 GPUs, this process may use none."""
+    rec = load("8xh100_sxm_nvswitch")
+    rec["cuda"].update(devices=[], p2p=[])
+    t = parse_record(rec)
+    assert t.kind == "cpu" and t.num_gpus == 0 and any("none is visible to CUDA" in n for n in t.notes)
+
+
+@pytest.mark.parametrize("remote_type", [None, 0xFF], ids=["no-type", "unknown-type"])
+def test_nvswitch_links_without_remote_type(remote_type):
+    rec = load("8xh100_sxm_nvswitch")
+    for d in rec["nvml"]["devices"]:
+        for link in d["nvlinks"]:
+            link["remote_device_type"] = remote_type
+    t = parse_record(rec)
+    assert t.kind == "nvlink" and {(l.nvlink_count, l.via_nvswitch) for l in t.links} == {(18, True)}
+
+
 def test_record_format_is_checked():
     t = parse_record(load("2xh200_nv18"))
     with pytest.raises(TopologyError, match="Topology.from_json"):
@@ -459,6 +477,17 @@ def test_probe_asks_nvml_and_cuda_as_recorded(name, monkeypatch):
     assert t == parse_record({**rec, "host": got["host"]})
 
 
+def test_cuda_no_device_answer(monkeypatch):
+    rec = load("2xh200_nv18")
+    fake = _FakeCuda(rec["cuda"])
+    fake.cuInit = lambda flags: 100  # CUDA_ERROR_NO_DEVICE
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(rec["nvml"]))
+    monkeypatch.setattr(topo_mod, "_load_libcuda", lambda: fake)
+    got = probe_record()
+    assert got["cuda"]["error"] is None and got["cuda"]["devices"] == []
+    assert parse_record(got).kind == "cpu"
+
+
 def test_cpu_fallback_when_nvml_init_fails(monkeypatch):
     import pynvml
 
@@ -536,16 +565,22 @@ def test_tool_probe_and_record(tmp_path):
 def test_probe_matches_torch_peer_access():
     import torch
 
-    t = probe()
+    record = probe_record()
+    t = parse_record(record)
     n = torch.cuda.device_count()
-    assert t.num_gpus == n and t.kind in ("nvlink", "pcie")
+    assert t.num_gpus == n and t.kind in ("nvlink", "pcie") and t.source == "nvml+cuda", t.notes
     for g in t.gpus:
         props = torch.cuda.get_device_properties(g.index)
         assert g.name == props.name
+        if hasattr(props, "pci_domain_id"):  # the NVML device joined to this ordinal is this GPU
+            assert g.pci_bus_id == f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
         # NVML's total counts memory the driver reserves; CUDA's is a little smaller
         assert 0.9 * g.memory_bytes <= props.total_memory <= g.memory_bytes * 1.01
     for l in t.links:
         assert l.p2p == (torch.cuda.can_device_access_peer(l.a, l.b) and torch.cuda.can_device_access_peer(l.b, l.a))
         if t.kind == "nvlink":
             assert l.nvlink_count > 0 and l.p2p
+    # NVML's P2P status alone must tell the same story as the CUDA attributes
+    nvml_only = parse_record({**record, "cuda": {"error": "dropped by the test"}})
+    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == [(l.p2p, l.p2p_atomics) for l in t.links]
     assert Topology.from_json(t.to_json()) == t
