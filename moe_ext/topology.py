@@ -23,7 +23,7 @@ import ctypes
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
 
 RECORD_FORMAT = "moe_ext.topology.record/1"

@@ -3,7 +3,6 @@ through fake NVML/CUDA libraries), forced kinds, JSON, the probe tool, and (GPU)
 probe against torch's view of peer access."""
 from __future__ import annotations
 
-import copy
 import ctypes
 import json
 import subprocess
