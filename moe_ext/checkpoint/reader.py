@@ -1,0 +1,482 @@
+"""Lazy, slice-exact reading of moe_ext and Hugging Face checkpoint directories in native names.
+
+`CheckpointReader.open(dir)` detects the format (``moe_ext.json`` present -> moe_ext, else
+Hugging Face) and exposes every tensor under its native name (docs/ARCHITECTURE.md
+"Parameter names"). For HF directories the stacked expert tensors are virtual: a tree of
+per-expert tensors (stacked on dim 0, gate rows then up rows) assembled on the fly, so
+``read(name, request)`` touches only the per-expert tensors and rows the request covers.
+Every leaf read is a ``safe_open(...).get_slice`` box; ``bytes_read`` counts the bytes.
+
+Shape legend: E experts, F expert FFN size, H hidden.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from safetensors import safe_open
+
+from moe_ext.checkpoint import hf_maps
+from moe_ext.checkpoint.errors import CheckpointError
+from moe_ext.checkpoint.format import HF_INDEX, MANIFEST, dtype_name, read_manifest, torch_dtype
+from moe_ext.checkpoint.shard import Bounds, ShardRequest
+
+CHUNK_BYTES = 64 << 20  # streaming granularity of iter_chunks
+
+
+# ---- virtual tensor tree ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leaf:
+    """One tensor stored in one safetensors file."""
+
+    file: str  # file name inside the checkpoint directory
+    key: str  # name inside that file
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Cat:
+    """Children concatenated along ``dim`` (gate rows then up rows of one expert)."""
+
+    parts: tuple["Node", ...]
+    dim: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Children stacked on a new dim 0 (experts)."""
+
+    parts: tuple["Node", ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Node = Union[Leaf, Cat, Stack]
+
+
+def _leaves(node: Node) -> Iterator[Leaf]:
+    if isinstance(node, Leaf):
+        yield node
+    else:
+        for part in node.parts:
+            yield from _leaves(part)
+
+
+def _file_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """key -> (shape, dtype) of one safetensors file, reading its header only."""
+    if not path.is_file():
+        raise CheckpointError(f"safetensors file {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), torch_dtype(sl.get_dtype()))
+            return out
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for every malformed file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read safetensors file {path}: {msg}; the file is truncated or corrupt, re-download or re-convert it") from None
+
+
+class CheckpointReader:
+    """Native-named, lazily read view of a checkpoint directory (moe_ext or Hugging Face).
+
+    Attributes: ``format`` ("moe_ext" | "hf"), ``directory``, ``config`` (the HF config dict),
+    ``family``, ``manifest`` (moe_ext only), ``problems`` (what disagrees with the config;
+    empty for a strictly opened reader), ``bytes_read`` (bytes read from tensor data so far).
+    """
+
+    def __init__(self, directory: Path, fmt: str, config: dict[str, Any], nodes: dict[str, Node],
+                 problems: list[str], manifest: Optional[dict[str, Any]] = None):
+        self.directory = directory
+        self.format = fmt
+        self.config = config
+        self.family = hf_maps.family_of(config)
+        self.manifest = manifest
+        self.problems = problems
+        self.bytes_read = 0
+        self._nodes = nodes
+        self._handles: Optional[dict[str, Any]] = None
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    # -- construction --
+
+    @staticmethod
+    def open(directory: Union[str, Path], strict: bool = True) -> "CheckpointReader":
+        """Open ``directory``; with ``strict`` any missing, extra or misshapen tensor raises
+        CheckpointError, otherwise it is listed in ``problems`` and left out of ``names()``."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        config = _read_config(directory)
+        if (directory / MANIFEST).exists():
+            reader = _open_moe_ext(directory, config)
+        else:
+            reader = _open_hf(directory, config)
+        if strict and reader.problems:
+            more = len(reader.problems) - 1
+            tail = f" (and {more} more problem{'s' * (more > 1)}: run `tools/convert_checkpoint.py verify {directory}`)" if more else ""
+            raise CheckpointError(reader.problems[0] + tail)
+        return reader
+
+    # -- metadata --
+
+    def names(self) -> list[str]:
+        """Native names of every tensor, in model order."""
+        return list(self._nodes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._nodes
+
+    def node(self, name: str) -> Node:
+        if name not in self._nodes:
+            raise CheckpointError(f"tensor {name} is not in checkpoint {self.directory} ({self.format} format)")
+        return self._nodes[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.node(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.node(name).dtype
+
+    def nbytes(self, name: str) -> int:
+        node = self.node(name)
+        return node.dtype.itemsize * _numel(node.shape)
+
+    def files(self, name: str) -> list[str]:
+        """Files that hold (parts of) tensor ``name``."""
+        return sorted({leaf.file for leaf in _leaves(self.node(name))})
+
+    # -- reading --
+
+    def read(self, name: str, request: Optional[ShardRequest] = None) -> torch.Tensor:
+        """The part of tensor ``name`` that ``request`` covers (default: all of it), in the stored
+        dtype, on CPU, contiguous, owning its memory. Reads only the covered bytes."""
+        node = self.node(name)
+        request = request or ShardRequest.full()
+        with self._open_files():
+            parts = [self._read(node, b) for b in request.bounds(node.shape)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=request.cat_dim)
+
+    def iter_chunks(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as consecutive contiguous pieces whose row-major bytes, concatenated,
+        are the tensor's bytes; a piece is one expert part or at most ``max_bytes`` of rows, so
+        streaming a conversion holds one piece, not the tensor."""
+        node = self.node(name)
+        with self._open_files():
+            yield from self._chunks(node, max_bytes)
+
+    def close(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack, self._handles = None, None
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _open_files(self) -> Iterator[None]:
+        # Handles live for one read: tensors come back as copies, so closing unmaps the file
+        # pages this read touched and resident memory stays about one tensor.
+        if self._handles is not None:
+            yield
+            return
+        self._stack, self._handles = contextlib.ExitStack(), {}
+        try:
+            yield
+        finally:
+            self.close()
+
+    def _handle(self, file: str) -> Any:
+        assert self._handles is not None and self._stack is not None
+        if file not in self._handles:
+            path = self.directory / file
+            try:
+                self._handles[file] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as e:
+                raise CheckpointError(f"cannot read safetensors file {path}: {str(e).splitlines()[0]}; re-download or re-convert it") from None
+        return self._handles[file]
+
+    def _read_leaf(self, leaf: Leaf, bounds: Bounds) -> torch.Tensor:
+        sizes = [b - a for a, b in bounds]
+        if any(n == 0 for n in sizes):
+            return torch.empty(sizes, dtype=leaf.dtype)
+        f = self._handle(leaf.file)
+        try:
+            if not leaf.shape:
+                t = f.get_tensor(leaf.key)
+            else:
+                t = f.get_slice(leaf.key)[tuple(slice(a, b) for a, b in bounds)]
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read tensor {leaf.key} from {self.directory / leaf.file}: {str(e).splitlines()[0]}; the file is corrupt, re-download or re-convert it"
+            ) from None
+        # get_slice returns a view into the file mapping; copy so the result outlives the handle.
+        t = t.clone(memory_format=torch.contiguous_format)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def _read(self, node: Node, bounds: Bounds) -> torch.Tensor:
+        sizes = [b - a for a, b in bounds]
+        if isinstance(node, Leaf):
+            return self._read_leaf(node, bounds)
+        if isinstance(node, Stack):
+            (a, b), inner = bounds[0], bounds[1:]
+            parts = [self._read(child, inner).unsqueeze(0) for child in node.parts[a:b]]  # [1, ...] each
+        else:
+            d = node.dim
+            a, b = bounds[d]
+            parts, offset = [], 0
+            for child in node.parts:
+                n = child.shape[d]
+                lo, hi = max(a, offset), min(b, offset + n)
+                if lo < hi:
+                    sub = bounds[:d] + ((lo - offset, hi - offset),) + bounds[d + 1:]
+                    parts.append(self._read(child, sub))
+                offset += n
+        if not parts:
+            return torch.empty(sizes, dtype=node.dtype)
+        dim = 0 if isinstance(node, Stack) else node.dim
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _chunks(self, node: Node, max_bytes: int) -> Iterator[torch.Tensor]:
+        if isinstance(node, Stack) or (isinstance(node, Cat) and node.dim == 0):
+            # dim-0 composition: children's bytes follow each other in row-major order.
+            for child in node.parts:
+                yield from self._chunks(child, max_bytes)
+            return
+        full = tuple((0, n) for n in node.shape)
+        if isinstance(node, Cat) or not node.shape:
+            yield self._read(node, full)
+            return
+        row_bytes = node.dtype.itemsize * _numel(node.shape[1:])
+        rows = max(1, max_bytes // max(row_bytes, 1))
+        for start in range(0, node.shape[0], rows):
+            yield self._read(node, ((start, min(start + rows, node.shape[0])),) + full[1:])
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; a checkpoint directory needs the model's Hugging Face config.json") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot parse {path}: {e}") from None
+    hf_maps.family_of(config)
+    return config
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# ---- moe_ext directories ---------------------------------------------------------------
+
+def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
+    manifest = read_manifest(directory)
+    expected = hf_maps.native_shapes(config)
+    problems: list[str] = []
+    if manifest.get("family") != config["model_type"]:
+        problems.append(f"{MANIFEST} says family {manifest.get('family')!r} but config.json says {config['model_type']!r}; re-run the conversion")
+    headers: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+    for file in sorted({e.file for e in manifest["tensors"].values()}):
+        if "/" in file or file.startswith("."):
+            problems.append(f"{MANIFEST} names file {file!r} outside the checkpoint directory")
+            continue
+        if not (directory / file).is_file():
+            problems.append(f"shard {file} named by {MANIFEST} is missing from {directory}; re-run the conversion")
+            continue
+        headers[file] = _file_header(directory / file)
+    nodes: dict[str, Node] = {}
+    for name, shape in expected.items():
+        entry = manifest["tensors"].get(name)
+        if entry is None:
+            problems.append(f"missing tensor {name} {_shape_str(shape)} in {directory} ({MANIFEST} does not list it)")
+            continue
+        if entry.shape != shape:
+            problems.append(f"tensor {name} has shape {_shape_str(entry.shape)} in {MANIFEST}, config.json implies {_shape_str(shape)}")
+            continue
+        if entry.file not in headers:
+            continue  # its missing file is already reported
+        stored = headers[entry.file].get(name)
+        if stored is None:
+            problems.append(f"tensor {name} is missing from {entry.file} although {MANIFEST} places it there")
+            continue
+        if stored[0] != shape or dtype_name(stored[1]) != entry.dtype:
+            problems.append(f"tensor {name} in {entry.file} is {dtype_name(stored[1])} {_shape_str(stored[0])}, {MANIFEST} says {entry.dtype} {_shape_str(shape)}")
+            continue
+        nodes[name] = Leaf(entry.file, name, shape, stored[1])
+    for name in manifest["tensors"]:
+        if name not in expected:
+            problems.append(f"unexpected tensor {name} in {MANIFEST}: config.json implies no such tensor")
+    for file, header in headers.items():
+        for key in header:
+            if key not in manifest["tensors"] or manifest["tensors"][key].file != file:
+                problems.append(f"unexpected tensor {key} in {file}: {MANIFEST} does not list it there")
+    return CheckpointReader(directory, "moe_ext", config, nodes, problems, manifest)
+
+
+# ---- Hugging Face directories ----------------------------------------------------------
+
+def hf_files(directory: Path) -> dict[str, str]:
+    """HF tensor name -> file name, from the index if there is one, else from every
+    ``*.safetensors`` file. Raises for a missing shard, an unreadable file, no weights."""
+    index = directory / HF_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot parse {index}: {e}; re-download it") from None
+        for file in sorted(set(weight_map.values())):
+            if not (directory / file).is_file():
+                raise CheckpointError(f"{HF_INDEX} names shard {file}, which is missing from {directory}; re-download it")
+        return dict(weight_map)
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in directory.glob("*.bin"))
+        hint = f" (found {pickles[0]}: pickle checkpoints are not read, save the model with safe_serialization)" if pickles else ""
+        raise CheckpointError(f"no *.safetensors files in {directory}{hint}")
+    out: dict[str, str] = {}
+    for file in files:
+        for key in _file_header(directory / file):
+            if key in out:
+                raise CheckpointError(f"tensor {key} is in both {out[key]} and {file} and there is no {HF_INDEX} to choose")
+            out[key] = file
+    return out
+
+
+def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
+    family = config["model_type"]
+    expected = hf_maps.native_shapes(config)
+    shape_info = hf_maps.model_shape(config)
+    E, F, H = shape_info.num_experts, shape_info.expert_ffn, shape_info.hidden
+    key_files = hf_files(directory)
+    headers = {file: _file_header(directory / file) for file in sorted(set(key_files.values()))}
+    problems: list[str] = []
+    direct: dict[str, Leaf] = {}
+    per_expert: dict[str, dict[tuple[int, str], Leaf]] = {}
+    for key, file in key_files.items():
+        if key not in headers[file]:
+            problems.append(f"{HF_INDEX} maps tensor {key} to {file}, which does not contain it; re-download the checkpoint")
+            continue
+        if hf_maps.is_ignored_hf_key(key) or (key == "lm_head.weight" and shape_info.tied):
+            continue  # not a parameter (rotary cache) / tied to the embedding
+        shape, dtype = headers[file][key]
+        dest = hf_maps.parse_hf_key(key)
+        leaf = Leaf(file, key, shape, dtype)
+        if dest.native not in expected:
+            problems.append(f"unexpected tensor {key} in {file}: config.json implies no {dest.native}")
+        elif dest.expert is None:
+            direct[dest.native] = leaf
+        elif dest.expert >= E:
+            problems.append(f"unexpected tensor {key} in {file}: config.json has {E} experts (0..{E - 1})")
+        else:
+            per_expert.setdefault(dest.native, {})[(dest.expert, dest.part)] = leaf
+    nodes: dict[str, Node] = {}
+    for name, shape in expected.items():
+        if name in direct and name in per_expert:
+            problems.append(f"tensor {name} is stored both fused ({direct[name].key}) and per expert; keep one layout")
+            continue
+        if name in per_expert:
+            node = _stack_experts(name, family, per_expert[name], E, F, H, problems)
+        elif name in direct:
+            node = direct[name]
+            if node.shape != shape:
+                problems.append(f"tensor {node.key} in {node.file} has shape {_shape_str(node.shape)}, config.json implies {_shape_str(shape)}")
+                continue
+        else:
+            hf_name = hf_maps.hf_expert_keys(name, family, 0)[0] if hf_maps.expert_tensor(name) else hf_maps.hf_key(name, family, "per-expert")
+            problems.append(f"missing tensor {hf_name} {_shape_str(_hf_shape(name, shape))} in {directory} (native {name})")
+            continue
+        if node is not None:
+            nodes[name] = node
+    return CheckpointReader(directory, "hf", config, nodes, problems)
+
+
+def _hf_shape(native: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[1:] if hf_maps.expert_tensor(native) else shape
+
+
+def _stack_experts(name: str, family: str, leaves: Mapping[tuple[int, str], Leaf], E: int, F: int, H: int,
+                   problems: list[str]) -> Optional[Node]:
+    """Stack per-expert tensors into the native [E, 2F, H] (gate rows, up rows) or [E, H, F]."""
+    _, kind = hf_maps.expert_tensor(name)  # type: ignore[misc]
+    parts = ("gate", "up") if kind == hf_maps.GATE_UP else ("down",)
+    part_shape = (F, H) if kind == hf_maps.GATE_UP else (H, F)
+    ok = True
+    experts = []
+    for j in range(E):
+        row = []
+        for part, hf_name in zip(parts, hf_maps.hf_expert_keys(name, family, j)):
+            leaf = leaves.get((j, part))
+            if leaf is None:
+                problems.append(f"missing tensor {hf_name} (expert {j} of {E}, {part} part of {name})")
+                ok = False
+            elif leaf.shape != part_shape:
+                problems.append(f"tensor {leaf.key} in {leaf.file} has shape {_shape_str(leaf.shape)}, config.json implies {_shape_str(part_shape)}")
+                ok = False
+            else:
+                row.append(leaf)
+        experts.append(row)
+    if not ok:
+        return None
+    dtypes = {leaf.dtype for row in experts for leaf in row}
+    if len(dtypes) > 1:
+        problems.append(f"the experts of {name} mix dtypes {sorted(map(dtype_name, dtypes))}; convert them to one dtype")
+        return None
+    dtype = dtypes.pop()
+    if kind == hf_maps.GATE_UP:
+        per = tuple(Cat(tuple(row), 0, (2 * F, H), dtype) for row in experts)  # [2F, H] each
+        return Stack(per, (E, 2 * F, H), dtype)
+    return Stack(tuple(row[0] for row in experts), (E, H, F), dtype)
+
+
+# ---- sharded loading -------------------------------------------------------------------
+
+def load_sharded(
+    directory: Union[str, Path, CheckpointReader],
+    requests: Mapping[str, ShardRequest],
+    dtype: Optional[Union[torch.dtype, str]] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Read each ``requests[name]`` slice (native names) and return it cast to ``dtype``
+    (None: stored dtype) on ``device``. Reads only the requested bytes; tqdm bar in bytes."""
+    from tqdm.auto import tqdm
+
+    reader = directory if isinstance(directory, CheckpointReader) else CheckpointReader.open(directory)
+    unknown = [name for name in requests if name not in reader]
+    if unknown:
+        raise CheckpointError(f"tensor {unknown[0]} is not in checkpoint {reader.directory} ({len(unknown)} unknown names requested)")
+    cast = torch_dtype(dtype) if dtype is not None else None
+    total = sum(_numel(req.shape(reader.shape(n))) * reader.dtype(n).itemsize for n, req in requests.items())
+    out: dict[str, torch.Tensor] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {reader.directory.name}", disable=not progress) as bar:
+        for name, req in requests.items():
+            t = reader.read(name, req)
+            bar.update(t.numel() * t.element_size())
+            out[name] = t.to(device=device, dtype=cast or t.dtype)
+    return out
