@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Convert and check checkpoints: Hugging Face <-> moe_ext.
+
+  convert_checkpoint.py import-hf SRC DST [--dtype bf16|fp16|fp32] [--force] [--max-shard-size 5GB]
+  convert_checkpoint.py export-hf SRC DST [--layout per-expert|fused] [--force] [--max-shard-size 5GB]
+  convert_checkpoint.py verify DIR
+
+Reads safetensors only. Writes into a temporary directory next to DST and renames it at the
+end: on any error nothing is left at DST. Exit status 0 on success, 1 on any problem (one
+line per problem on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from moe_ext.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, export_hf, import_hf, parse_size, verify  # noqa: E402
+from moe_ext.checkpoint.errors import CheckpointError  # noqa: E402
+from moe_ext.checkpoint.format import CAST_DTYPES  # noqa: E402
+from moe_ext.checkpoint.hf_maps import LAYOUTS  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="Hugging Face directory -> moe_ext directory")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("dst", type=Path)
+    imp.add_argument("--dtype", choices=CAST_DTYPES, default=None, help="cast floating tensors (default: keep)")
+    exp = sub.add_parser("export-hf", help="moe_ext (or HF) directory -> Hugging Face directory")
+    exp.add_argument("src", type=Path)
+    exp.add_argument("dst", type=Path)
+    exp.add_argument("--layout", choices=LAYOUTS, default="per-expert",
+                     help="per-expert: what transformers save_pretrained writes; fused: stacked expert tensors")
+    for p in (imp, exp):
+        p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+        p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB, 500MB")
+        p.add_argument("--no-progress", action="store_true")
+    ver = sub.add_parser("verify", help="check a moe_ext (shapes + checksums) or HF (shapes) directory")
+    ver.add_argument("dir", type=Path)
+    ver.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    progress = not args.no_progress
+    try:
+        if args.command == "import-hf":
+            entries = import_hf(args.src, args.dst, dtype=args.dtype, force=args.force,
+                                max_shard_bytes=parse_size(args.max_shard_size), progress=progress)
+            print(f"wrote {len(entries)} tensors to {args.dst}")
+        elif args.command == "export-hf":
+            entries = export_hf(args.src, args.dst, layout=args.layout, force=args.force,
+                                max_shard_bytes=parse_size(args.max_shard_size), progress=progress)
+            print(f"wrote {len(entries)} tensors to {args.dst} ({args.layout} layout)")
+        else:
+            problems = verify(args.dir, progress=progress)
+            if problems:
+                for line in problems:
+                    print(f"error: {line}", file=sys.stderr)
+                print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+                return 1
+            print(f"{args.dir}: OK")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
