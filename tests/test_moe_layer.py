@@ -185,3 +185,24 @@ def test_build_and_layer_reject_inconsistent_parts():
     layer = build_moe_layer(H, F, E, 2)
     with pytest.raises(ValueError, match="local experts"):
         MoELayer(layer.router, GroupedExperts(E - 1, H, F), layer.dispatcher)
+
+
+@pytest.mark.gpu
+def test_grouped_mm_on_cuda_bf16_matches_loop():
+    torch.manual_seed(2)
+    device = torch.device("cuda")
+    fast = GroupedExperts(E, 256, 512, backend="auto", dtype=torch.bfloat16, device=device)
+    slow = GroupedExperts(E, 256, 512, backend="loop", dtype=torch.bfloat16, device=device)
+    slow.load_state_dict(fast.state_dict())
+    counts = torch.tensor([37, 0, 100, 5], device=device)
+    x = torch.randn(142, 256, dtype=torch.bfloat16, device=device)
+    assert fast.uses_grouped_mm(x), "bf16 on CUDA should take the grouped_mm path"
+    x_fast, x_slow = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_slow = fast(x_fast, counts), slow(x_slow, counts)
+    scale = y_slow.float().abs().max().item()
+    assert (y_fast.float() - y_slow.float()).abs().max().item() <= 2e-2 * scale
+    y_fast.float().sum().backward()
+    y_slow.float().sum().backward()
+    for a, b in ((x_fast.grad, x_slow.grad), (fast.gate_up_proj.grad, slow.gate_up_proj.grad),
+                 (fast.down_proj.grad, slow.down_proj.grad)):
+        assert (a.float() - b.float()).abs().max().item() <= 3e-2 * b.float().abs().max().item()
