@@ -74,9 +74,14 @@ class ModelConf:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # qwen3_moe: q/k/v/o bias
+    qkv_bias: Optional[bool] = None  # qwen2_moe: q/k/v bias; None = family default (true)
+    sliding_window: Optional[int] = None  # mixtral / qwen3_moe (use_sliding_window)
+    hidden_act: str = "silu"
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    tokenizer: Optional[str] = None  # "byte" | path to a tokenizer.json | None (checkpoint's)
     init_seed: int = 1234  # random init (no checkpoint): identical at every world size
 
 

@@ -53,6 +53,7 @@ class ModelArgs:
     sliding_window: Optional[int] = None  # keys farther back than this are not attended
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
+    pad_token_id: Optional[int] = None
     init_seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -124,6 +125,7 @@ class ModelArgs:
             tie_word_embeddings=config.get("tie_word_embeddings", False),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
+            pad_token_id=config.get("pad_token_id"),
         )
         if model_type == "mixtral":
             return cls(**common, num_experts=num_experts, norm_topk_prob=True,
@@ -160,9 +162,11 @@ class ModelArgs:
             "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts_per_tok",
             "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "rope_theta",
             "rope_scaling", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-            "bos_token_id", "eos_token_id", "hidden_act", "sliding_window")}
+            "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "sliding_window")}
         hf = {k: v for k, v in hf.items() if v is not None}
         hf["num_experts"] = hf["num_local_experts"] = get("num_experts")
+        if hf.get("sliding_window"):
+            hf["use_sliding_window"] = True
         bias = get("attention_bias", False)
         hf["attention_bias"] = bias
         qkv_bias = get("qkv_bias")

@@ -21,7 +21,8 @@ from moe_ext.model.args import ModelArgs
 from moe_ext.model.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
 
 
-def build_moe(args: ModelArgs, dispatcher="local") -> nn.Module:
+def build_moe(args: ModelArgs, dispatcher="local", dtype: Optional[torch.dtype] = None,
+              device=None) -> nn.Module:
     """The MoE MLP of one layer (softmax top-k router + grouped experts, plus the sigmoid-
     gated shared expert of qwen2_moe) holding the dispatcher's expert shard."""
     from moe_ext.moe.layer import build_moe_layer
@@ -30,7 +31,7 @@ def build_moe(args: ModelArgs, dispatcher="local") -> nn.Module:
     return build_moe_layer(args.hidden_size, args.moe_intermediate_size, args.num_experts,
                            args.num_experts_per_tok, norm_topk_prob=args.norm_topk_prob,
                            shared_expert_size=shared, shared_expert_gate=bool(shared),
-                           dispatcher=dispatcher)
+                           dispatcher=dispatcher, dtype=dtype, device=device)
 
 
 class TransformerBlock(nn.Module):
