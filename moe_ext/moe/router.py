@@ -47,7 +47,8 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.
     if num_tokens == 0:
         return probs.sum()
     picks = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
-    picks.index_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx, dtype=probs.dtype).reshape(-1))
+    flat = expert_idx.reshape(-1)
+    picks.index_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype))
     return num_experts * torch.sum((picks / num_tokens) * probs.mean(0))
 
 
@@ -73,11 +74,13 @@ class TopKRouter(nn.Module):
                  device: Optional[torch.device] = None):
         super().__init__()
         if score_func not in SCORE_FUNCS:
-            raise ValueError(f"unknown router score_func {score_func!r}; use one of {SCORE_FUNCS}")
+            raise ValueError(f"unknown router score_func {score_func!r}; "
+                             f"use one of {SCORE_FUNCS}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         if (n_group is None) != (topk_group is None):
-            raise ValueError("set both n_group and topk_group for group-limited routing, or neither")
+            raise ValueError("set both n_group and topk_group for group-limited routing, "
+                             "or neither")
         if n_group is not None:
             if num_experts % n_group or not 1 <= topk_group <= n_group:
                 raise ValueError(f"group-limited routing needs n_group dividing num_experts "
@@ -91,15 +94,16 @@ class TopKRouter(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
         self.record_load = record_load
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
         if correction_bias:
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(num_experts, dtype=torch.float32, device=device))
         else:
             self.e_score_correction_bias = None
-        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
-                             persistent=False)
+        self.register_buffer("expert_load", persistent=False, tensor=torch.zeros(
+            num_experts, dtype=torch.int64, device=device))
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
@@ -116,7 +120,8 @@ class TopKRouter(nn.Module):
             group_scores = grouped.topk(best, dim=-1).values.sum(-1)  # [T, n_group]
             keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(num_tokens, -1)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf"))
+            choice = choice.view(num_tokens, -1)  # [T, E], -inf outside the kept groups
         return choice.topk(self.top_k, dim=-1).indices
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
