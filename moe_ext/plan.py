@@ -134,7 +134,10 @@ def model_param_counts(model: ModelConf) -> tuple[int, int]:
     L = model.num_hidden_layers
 
     attn = H * nH * D + 2 * H * nKV * D + nH * D * H  # q, k, v, o
-    if model.attention_bias or model.model_type == "qwen2_moe":
+    qkv_bias = getattr(model, "qkv_bias", None)
+    if model.attention_bias:  # q, k, v and o biases
+        attn += nH * D + 2 * nKV * D + H
+    elif model.model_type == "qwen2_moe" and qkv_bias is not False:  # family default: q/k/v
         attn += nH * D + 2 * nKV * D
     if model.model_type == "qwen3_moe":
         attn += 2 * D  # q_norm, k_norm
@@ -197,7 +200,7 @@ def estimate_memory(plan: ParallelPlan, model: ModelConf, topology: "Topology",
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,9 +360,11 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
             why = (f"ep={ep} impossible with {model.num_experts} experts on tp*dp={tp * dp}"
                    if not ep_possible else f"only {model.num_experts} experts and {mem}")
             return "replicate", f"nvlink: {why}; replicate avoids all token exchange"
+        warn = _still_too_big(model, tp, pp, ep, dtype_bytes, avail)
         if topology.all_pairs_nvlink and topology.all_pairs_p2p_atomics:
-            return "ep_nvshmem", f"nvlink with P2P atomics: {why_ep}; one-sided NVSHMEM dispatch"
-        return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all"
+            return "ep_nvshmem", (f"nvlink with P2P atomics: {why_ep}; one-sided NVSHMEM "
+                                  f"dispatch{warn}")
+        return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all{warn}"
 
     # pcie / cpu: every token exchange is expensive, avoid it while memory allows
     if fits or not ep_possible:
@@ -376,10 +381,22 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
         t_a2a = exchange_seconds("ep_nccl", tokens_per_step, model, ep, dtype_bytes, link)
         t_ag = exchange_seconds("ep_allgather", tokens_per_step, model, ep, dtype_bytes, link)
         ag_cheaper = t_ag <= t_a2a
-        basis = (f"{tokens_per_step} tokens/step at {link:g} GB/s: all-gather "
+        basis = (f"{tokens_per_step} tokens/step at {link:.1f} GB/s: all-gather "
                  f"{t_ag * 1e6:.0f} us vs all-to-all {t_a2a * 1e6:.0f} us per layer")
     choice = "ep_allgather" if ag_cheaper else "ep_nccl"
-    return choice, f"{topology.kind}: experts do not fit one rank ({mem}); ep={ep}, {basis}"
+    return choice, (f"{topology.kind}: experts do not fit one rank ({mem}); ep={ep}, {basis}"
+                    + _still_too_big(model, tp, pp, ep, dtype_bytes, avail))
+
+
+def _still_too_big(model: ModelConf, tp: int, pp: int, ep: int, dtype_bytes: int,
+                   avail: Optional[int]) -> str:
+    """A warning clause when even the expert-parallel plan does not fit."""
+    dense, experts = rank_memory_bytes(model, tp, pp, ep, 1, dtype_bytes)
+    needed = math.ceil((dense + experts) * HEADROOM)
+    if avail is None or needed <= avail:
+        return ""
+    return (f"; WARNING: still {_gib(needed)} per rank at ep={ep}, more than {_gib(avail)}: "
+            f"add ranks or pipeline stages (parallel.pp)")
 
 
 # ---------------------------------------------------------------------------------------
