@@ -111,3 +111,17 @@ def test_rope_scaling_matches_transformers(rope):
     expected = _hf_greedy(hf, prompts, 8)
     got = generate(model, prompts, GenerateConf(max_new_tokens=8), eos_id=EOS)
     assert got.tokens == expected
+
+
+def test_mixtral_sliding_window_matches_transformers():
+    hf = _hf_model("mixtral", sliding_window=4)
+    model = _native_from_hf(hf)
+    assert model.args.sliding_window == 4
+    expected = _hf_greedy(hf, PROMPTS, 8)
+    got = generate(model, PROMPTS, GenerateConf(max_new_tokens=8), eos_id=EOS)
+    assert got.tokens == expected
+    ids, mask = _left_pad(PROMPTS)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = model(ids, kv_start=(mask == 0).sum(1))
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)

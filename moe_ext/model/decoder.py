@@ -49,10 +49,11 @@ class TransformerBlock(nn.Module):
         self.moe_token_split_group: Optional[dist.ProcessGroup] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None
-                ) -> torch.Tensor:
+                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None,
+                use_cache: bool = False) -> torch.Tensor:
         """x: [B, S, H] -> [B, S, H]."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, kv_start, kv_len)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, kv_start, kv_len,
+                               use_cache)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,11 +156,12 @@ class Transformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, slots: Optional[torch.Tensor] = None,
                 kv_start: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
-                last_only: bool = False) -> Optional[torch.Tensor]:
+                last_only: bool = False, use_cache: bool = False) -> Optional[torch.Tensor]:
         """tokens: [B, S] int64 (used for shapes only after the first stage); slots: [S]
         int64 cache slots (default 0..S-1); kv_start: [B] first real slot per sequence
-        (default 0: no left padding); kv_len: attend to cache slots [0, kv_len) (None: all
-        slots, the static decode shape); last_only: logits of the last slot only.
+        (default 0: no left padding); use_cache: read/write the KV caches (setup_caches);
+        kv_len: attend to cache slots [0, kv_len) (None: all slots, the static decode
+        shape); last_only: logits of the last slot only.
 
         Returns logits [B, S or 1, V] in the model dtype on the last pipeline stage, None on
         the others (their hidden states went to the next stage)."""
@@ -177,7 +179,7 @@ class Transformer(nn.Module):
         positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
         cos, sin = self.rotary(positions, h.dtype)
         for block in self.layers.values():
-            h = block(h, cos, sin, slots, kv_start, kv_len)
+            h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
         if not self.is_last_stage:
             dist.send(h.contiguous(), dst=self.pp_next)
             return None

@@ -90,7 +90,8 @@ class _DecodeGraph:
         self.logits: Optional[torch.Tensor] = None
 
     def _step(self) -> torch.Tensor:
-        return self.model(self.tokens, self.slot, self.kv_start, None, last_only=True)
+        return self.model(self.tokens, self.slot, self.kv_start, None, last_only=True,
+                          use_cache=True)
 
     def capture(self) -> None:
         # Warm-up runs on a side stream (required before capture); they write the KV cache at
@@ -220,7 +221,7 @@ class _Stepper:
                 model.idle_forward()  # lockstep only: join the expert exchanges
             elif step == 0:
                 logits = model(tokens, torch.arange(L, device=self.device), kv_start, L,
-                               last_only=True)  # [B, 1, V]
+                               last_only=True, use_cache=True)  # [B, 1, V]
                 nxt = self._next_tokens(logits, B)
                 out[:, 0] = nxt
                 done |= self._is_eos(nxt) | (limits <= 1)
@@ -241,7 +242,8 @@ class _Stepper:
                     logits = graph(nxt[:, None], slot, kv_start)
                 if graph is None:
                     slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)
-                    logits = model(nxt[:, None], slot_t, kv_start, None, last_only=True)
+                    logits = model(nxt[:, None], slot_t, kv_start, None, last_only=True,
+                                   use_cache=True)  # [B, 1, V]
                 nxt = self._next_tokens(logits, B)
                 nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
                 out[:, step] = nxt

@@ -180,11 +180,13 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None
-                ) -> torch.Tensor:
+                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None,
+                use_cache: bool = False) -> torch.Tensor:
         """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 cache slots of the queries;
-        kv_start: [B] int64 first real slot per sequence; kv_len: attend to cache slots
-        [0, kv_len) (None: all S_max slots, the static decode shape). Returns [B, S, H]."""
+        kv_start: [B] int64 first real slot per sequence; use_cache: write k/v into the
+        preallocated cache and attend over it (else over this call's keys only); kv_len:
+        attend to cache slots [0, kv_len) (None: all S_max slots, the static decode shape).
+        Returns [B, S, H]."""
         B, S, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, S, -1, D)  # [B, S, nH, D]
@@ -194,7 +196,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nH, S, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nKV, S, D]
-        if self.kv_cache is not None:
+        if use_cache:
+            if self.kv_cache is None:
+                raise RuntimeError("use_cache=True before setup_caches(); call "
+                                   "Transformer.setup_caches(batch, max_slots) first")
             k, v = self.kv_cache.update(slots, k, v)  # [B, nKV, S_max, D]
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
