@@ -1,0 +1,487 @@
+"""MoE-layer forward latency per strategy, world size and token count, against its floors.
+
+    torchrun --nproc-per-node 2 tools/bench_moe.py --shape mixtral --tokens 1,16,256,4096 \\
+        --strategies replicate,tp_experts,ep_allgather,ep_nccl,ep_nvshmem --json out.json
+    python tools/bench_moe.py --shape qwen3 --uniform-routing             # one process
+    python tools/bench_moe.py --report out.json --png out.png              # table + chart only
+
+# T tokens per rank, H hidden, F expert FFN size, E experts, k top-k, W world size
+
+Each rank builds only its own expert shard (random weights generated on its device) and
+feeds T tokens of its own (``tp_experts``: the same T tokens on every rank, as that
+strategy requires). Timing: ``--warmup`` untimed forwards, then ``--iters`` forwards each
+timed with CUDA events (CPU: ``time.perf_counter``, labelled in the output); per rank the
+median and p10/p90, and the row reports the slowest rank (a layer is done when every rank
+is). Floors, per rank, the slowest rank again:
+- memory: bytes of the expert weights this rank reads (only experts that receive at least
+  one row: k experts at one token, all local experts at many) / ``--peak-tbs`` TB/s;
+- compute: 2 * 3 * H * F_local * rows computed here / ``--peak-tflops`` TFLOP/s (equals
+  2*3*H*F*k*T for balanced EP and replicate);
+and ``achieved`` = the larger floor / median. ``--json`` merges rows into a file shared by
+several runs (world sizes, link settings); ``--report`` prints it and draws
+latency-vs-tokens per strategy, one panel per (shape, world size, link).
+
+Strategies are entries of ``BUILDERS`` (name -> function building one layer for this
+rank); other implementations (Megatron-core, DeepSpeed) plug in as further entries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from moe_ext.dist import DistEnv, destroy, init_distributed  # noqa: E402
+from moe_ext.moe.dispatch import DispatchGroups  # noqa: E402
+from moe_ext.moe.layer import MoELayer, build_moe_layer  # noqa: E402
+from moe_ext.moe.router import RouterOutput  # noqa: E402
+
+SHAPES = {  # name: (H, F, E, k)
+    "mixtral": (4096, 14336, 8, 2),
+    "qwen3": (2048, 768, 128, 8),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ALL_STRATEGIES = ("replicate", "tp_experts", "ep_allgather", "ep_nccl", "ep_nvshmem")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+
+
+@dataclass
+class Row:
+    shape: str
+    strategy: str
+    world: int
+    link: str  # "nvlink"/"default", "p2p_off" (NCCL_P2P_DISABLE=1), "cpu"
+    tokens: int  # per rank
+    dtype: str
+    routing: str  # random | uniform
+    timer: str  # cuda_event | perf_counter (CPU)
+    status: str  # ok | skipped: ... | error: ...
+    median_us: Optional[float] = None
+    p10_us: Optional[float] = None
+    p90_us: Optional[float] = None
+    mem_floor_us: Optional[float] = None
+    compute_floor_us: Optional[float] = None
+    achieved: Optional[float] = None  # max(floors) / median
+    experts_read: Optional[int] = None  # local experts with rows, slowest-floor rank
+    hidden: int = 0
+    ffn: int = 0
+    experts: int = 0
+    top_k: int = 0
+    warmup: int = 0
+    iters: int = 0
+    host: str = ""
+    torch: str = ""
+
+
+# ---------------------------------------------------------------- strategies
+
+def _groups(strategy: str, world: int) -> DispatchGroups:
+    group = dist.group.WORLD if world > 1 else None
+    if strategy == "replicate":
+        return DispatchGroups()
+    if strategy == "tp_experts":
+        return DispatchGroups(etp=group)
+    return DispatchGroups(ep=group)
+
+
+def _build_native(dispatcher_name: str) -> Callable[..., MoELayer]:
+    def build(shape: Shape, strategy: str, world: int, dtype: torch.dtype,
+              device: torch.device, max_tokens: int) -> MoELayer:
+        groups = _groups(strategy, world)
+        dispatcher = dispatcher_name
+        if dispatcher_name == "nvshmem":
+            from moe_ext.moe.dispatch.nvshmem import NvshmemDispatcher
+            # Size the symmetric buffers for the largest batch up front: no growth
+            # (a collective re-allocation) inside the timed loop.
+            dispatcher = NvshmemDispatcher(shape.experts, groups, max_tokens=max_tokens)
+        return build_moe_layer(shape.hidden, shape.ffn, shape.experts, shape.top_k,
+                               dispatcher=dispatcher, groups=groups, dtype=dtype, device=device)
+    return build
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "replicate": _build_native("local"),
+    "tp_experts": _build_native("tp_sharded"),
+    "ep_allgather": _build_native("allgather_rs"),
+    "ep_nccl": _build_native("nccl_a2a"),
+    "ep_nvshmem": _build_native("nvshmem"),
+}
+
+
+# ---------------------------------------------------------------- routing
+
+def balanced_expert_idx(tokens: int, top_k: int, num_experts: int, world: int, rank: int,
+                        device: torch.device) -> torch.Tensor:
+    """[T, k] int64: pair p (global over ranks) goes to expert (p mod W) * E/W + (p div W)
+    mod E/W, so consecutive pairs cycle over the expert-parallel ranks first and every
+    expert gets the same number of rows (+-1); a token's k experts are distinct."""
+    per_rank_experts = num_experts // world
+    pairs = torch.arange(tokens * top_k, device=device) + rank * tokens * top_k  # [T*k]
+    expert = (pairs % world) * per_rank_experts + (pairs // world) % per_rank_experts
+    return expert.view(tokens, top_k)
+
+
+class UniformRouting(nn.Module):
+    """Runs the real router (its cost stays in the timing) but replaces the choice of
+    experts with a balanced one, so strategies and runs see the same load."""
+
+    def __init__(self, router: nn.Module, expert_idx: torch.Tensor):
+        super().__init__()
+        self.router = router
+        self.expert_idx = expert_idx  # [T, k] int64
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        out = self.router(x)
+        return RouterOutput(out.weights, self.expert_idx, out.aux_loss, out.z_loss)
+
+
+# ---------------------------------------------------------------- measurement
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def time_forward(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> list[float]:
+    """Microseconds of each of ``iters`` forwards after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        layer(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            layer(x)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) * 1e3 for start, end in events]
+    if dist.is_initialized():
+        dist.barrier()
+    times = []
+    for _ in range(iters):
+        begin = time.perf_counter()
+        layer(x)
+        times.append((time.perf_counter() - begin) * 1e6)
+    return times
+
+
+def floors_us(shape: Shape, strategy: str, world: int, rank: int, expert_idx: torch.Tensor,
+              dtype: torch.dtype, peak_tbs: float, peak_tflops: float
+              ) -> tuple[float, float, int]:
+    """(memory floor, compute floor, local experts read) of this rank, in µs."""
+    counts = torch.zeros(shape.experts, dtype=torch.int64, device=expert_idx.device)
+    counts.scatter_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1)))
+    ffn_local = shape.ffn
+    if strategy.startswith("ep_") and world > 1:
+        dist.all_reduce(counts)  # local experts serve every rank's tokens
+        per_rank = shape.experts // world
+        counts = counts[rank * per_rank:(rank + 1) * per_rank]
+    elif strategy == "tp_experts":
+        ffn_local = shape.ffn // world
+    experts_read = int((counts > 0).sum())
+    rows = int(counts.sum())
+    elem = torch.finfo(dtype).bits // 8
+    weight_bytes = experts_read * 3 * shape.hidden * ffn_local * elem
+    mem_us = weight_bytes / (peak_tbs * 1e12) * 1e6
+    compute_us = 2 * 3 * shape.hidden * ffn_local * rows / (peak_tflops * 1e12) * 1e6
+    return mem_us, compute_us, experts_read
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torch.device,
+                   dtype: torch.dtype, link: str) -> list[Row]:
+    world, rank = env.world_size, env.rank
+    base = dict(shape=shape.name, strategy=strategy, world=world, link=link,
+                dtype=args.dtype, routing="uniform" if args.uniform_routing else "random",
+                timer="cuda_event" if device.type == "cuda" else "perf_counter (CPU)",
+                hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts,
+                top_k=shape.top_k, warmup=args.warmup, iters=args.iters,
+                host=socket.gethostname(), torch=torch.__version__)
+    # Same seed on every rank for tp_experts (identical router and tokens), else per rank.
+    seed = 1234 if strategy == "tp_experts" else 1234 + rank
+    torch.manual_seed(seed)
+    try:
+        layer = BUILDERS[strategy](shape, strategy, world, dtype, device, max(args.tokens))
+    except ValueError as err:  # a strategy that cannot run here says why in one line
+        message = str(err).splitlines()[0]
+        return [Row(tokens=t, status=f"skipped: {message}", **base) for t in args.tokens]
+    layer.eval()
+    rows = []
+    for tokens in args.tokens:
+        x = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)  # [T, H]
+        with torch.no_grad():
+            if args.uniform_routing:
+                idx = balanced_expert_idx(tokens, shape.top_k, shape.experts, world,
+                                          0 if strategy == "tp_experts" else rank, device)
+                layer.router = UniformRouting(getattr(layer.router, "router", layer.router), idx)
+            else:
+                idx = layer.router(x).expert_idx  # [T, k] as the layer will route
+            mem_us, compute_us, read = floors_us(shape, strategy, world, rank, idx, dtype,
+                                                 args.peak_tbs, args.peak_tflops)
+            times = time_forward(layer, x, args.warmup, args.iters)
+        mine = dict(median=statistics.median(times), p10=_percentile(times, 0.1),
+                    p90=_percentile(times, 0.9), mem=mem_us, compute=compute_us, read=read)
+        everyone = _gather(mine, world)
+        slowest = max(everyone, key=lambda r: r["median"])
+        floor_rank = max(everyone, key=lambda r: max(r["mem"], r["compute"]))
+        floor = max(floor_rank["mem"], floor_rank["compute"])
+        rows.append(Row(tokens=tokens, status="ok", median_us=slowest["median"],
+                        p10_us=slowest["p10"], p90_us=slowest["p90"],
+                        mem_floor_us=floor_rank["mem"], compute_floor_us=floor_rank["compute"],
+                        achieved=floor / slowest["median"], experts_read=floor_rank["read"],
+                        **base))
+    del layer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+def _fmt(value: Optional[float], digits: Optional[int] = None) -> str:
+    if value is None:
+        return "-"
+    if digits is None:
+        digits = 0 if value >= 100 else 1 if value >= 1 else 3
+    return f"{value:.{digits}f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'shape':8} {'strategy':13} {'W':>2} {'link':8} {'T/rank':>6} {'median µs':>10} "
+            f"{'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} {'achieved':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.link:8} {r.tokens:>6} "
+                         f"{r.status}")
+            continue
+        lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.link:8} {r.tokens:>6} "
+                     f"{_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} {_fmt(r.p90_us):>8} "
+                     f"{_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
+                     f"{_fmt(100 * r.achieved, 1) + '%':>8}")
+    timers = sorted({r.timer for r in rows if r.status == "ok"})
+    lines.append(f"timer: {', '.join(timers) or '-'}; floors: expert weights read at peak "
+                 f"bandwidth, expert FLOPs at peak throughput; achieved = larger floor / median")
+    return "\n".join(lines)
+
+
+def load_rows(path: Path) -> list[Row]:
+    if not path.exists():
+        return []
+    return [Row(**r) for r in json.loads(path.read_text())["rows"]]
+
+
+def merge_rows(path: Path, new_rows: list[Row]) -> list[Row]:
+    """Replace rows with the same (shape, strategy, world, link, tokens, dtype, routing)."""
+    def key(r: Row):
+        return (r.shape, r.strategy, r.world, r.link, r.tokens, r.dtype, r.routing)
+
+    merged = {key(r): r for r in load_rows(path)}
+    merged.update({key(r): r for r in new_rows})
+    rows = sorted(merged.values(), key=lambda r: (r.shape, r.world, r.link,
+                                                  ALL_STRATEGIES.index(r.strategy)
+                                                  if r.strategy in ALL_STRATEGIES else 99,
+                                                  r.strategy, r.tokens))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
+    return rows
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok"]
+    panels = sorted({(r.shape, r.world, r.link) for r in ok})
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
+    for ax, (shape, world, link) in zip(axes.flat, panels):
+        mine = [r for r in ok if (r.shape, r.world, r.link) == (shape, world, link)]
+        for strategy in sorted({r.strategy for r in mine}, key=lambda s: (
+                ALL_STRATEGIES.index(s) if s in ALL_STRATEGIES else 99, s)):
+            pts = sorted((r.tokens, r.median_us) for r in mine if r.strategy == strategy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+        floor = sorted({(r.tokens, max(r.mem_floor_us, r.compute_floor_us)) for r in mine
+                        if r.strategy == "replicate"})
+        if floor:
+            ax.plot([p[0] for p in floor], [p[1] for p in floor], "k--", lw=1,
+                    label="floor (replicate)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per rank")
+        ax.set_ylabel(f"forward latency µs ({mine[0].timer})")
+        ax.set_title(f"{shape}, world {world}, {link}, {mine[0].dtype}, {mine[0].routing}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+def _int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,16,256")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="mixtral",
+                   help=f"comma-separated presets {sorted(SHAPES)} or 'custom' "
+                        f"(with --hidden/--ffn/--experts/--topk)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--ffn", type=int)
+    p.add_argument("--experts", type=int)
+    p.add_argument("--topk", type=int)
+    p.add_argument("--strategies", default=",".join(ALL_STRATEGIES))
+    p.add_argument("--tokens", type=_int_list, default=[1, 16, 64, 256, 4096],
+                   help="tokens per rank")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--uniform-routing", action="store_true",
+                   help="balanced expert choice (same load for every strategy and run)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--peak-tbs", type=float, default=4.3, help="memory bandwidth, TB/s")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="dense TFLOP/s of --dtype")
+    p.add_argument("--link", help="label for the interconnect setting (default: from "
+                                  "NCCL_P2P_DISABLE: p2p_off, else default; cpu on CPU)")
+    p.add_argument("--json", type=Path, help="merge result rows into this JSON file")
+    p.add_argument("--png", type=Path, help="draw latency vs tokens from the JSON rows")
+    p.add_argument("--report", type=Path,
+                   help="only print the table of this JSON file (and --png); run nothing")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
+    args = p.parse_args(argv)
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    unknown = [s for s in args.strategies if s not in BUILDERS]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {sorted(BUILDERS)}")
+    return args
+
+
+def resolve_shapes(args) -> list[Shape]:
+    shapes = []
+    for name in [s for s in args.shape.split(",") if s]:
+        if name == "custom":
+            missing = [f for f in ("hidden", "ffn", "experts", "topk") if getattr(args, f) is None]
+            if missing:
+                raise SystemExit(f"--shape custom needs --{' --'.join(missing)}")
+            shapes.append(Shape("custom", args.hidden, args.ffn, args.experts, args.topk))
+        elif name in SHAPES:
+            h, f, e, k = SHAPES[name]
+            shapes.append(Shape(name, args.hidden or h, args.ffn or f, args.experts or e,
+                                args.topk or k))
+        else:
+            raise SystemExit(f"unknown --shape {name!r}; use {sorted(SHAPES)} or custom")
+    return shapes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report is not None:
+        rows = load_rows(args.report)
+        print(format_table(rows))
+        if args.png:
+            plot(rows, args.png)
+        return 0
+    shapes = resolve_shapes(args)
+    env = DistEnv.from_environ(os.environ)
+    device_type = args.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu" and args.dtype != "fp32":
+        print(f"note: {args.dtype} on CPU; pass --dtype fp32 for a representative CPU run")
+    device = init_distributed(env, device_type, args.timeout_s)
+    link = args.link or ("cpu" if device_type == "cpu" else
+                         "p2p_off" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "default")
+    dtype = DTYPES[args.dtype]
+    rows: list[Row] = []
+    failed = False
+    used_nvshmem = False
+    for shape in shapes:
+        for strategy in args.strategies:
+            try:
+                new = bench_strategy(shape, strategy, args, env, device, dtype, link)
+            except Exception as err:  # noqa: BLE001 - recorded, reported, exit status 1
+                failed = True
+                first = (str(err).splitlines() or [type(err).__name__])[0]
+                print(f"[rank {env.rank}] {shape.name} {strategy} failed:\n"
+                      f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+                new = [Row(shape=shape.name, strategy=strategy, world=env.world_size,
+                           link=link, tokens=t, dtype=args.dtype,
+                           routing="uniform" if args.uniform_routing else "random",
+                           timer="-", status=f"error: {type(err).__name__}: {first}")
+                       for t in args.tokens]
+            used_nvshmem |= strategy == "ep_nvshmem" and any(r.status == "ok" for r in new)
+            rows.extend(new)
+            if env.rank == 0:
+                print(format_table(new), flush=True)
+    if env.rank == 0:
+        if args.json:
+            merged = merge_rows(args.json, rows)
+            if args.png:
+                plot(merged, args.png)
+        elif args.png:
+            plot(rows, args.png)
+        print("\n" + format_table(rows), flush=True)
+    if used_nvshmem:
+        # NVSHMEM's finalizer can crash at interpreter exit on some torch/NVSHMEM builds,
+        # after all work is done; results are written, so leave without running it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if env.world_size > 1:
+            dist.barrier()
+        os._exit(1 if failed else 0)
+    destroy()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
