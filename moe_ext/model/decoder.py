@@ -79,6 +79,9 @@ def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGro
     shape = x.shape
     flat = x.reshape(-1, shape[-1])  # [T, H]
     T = flat.shape[0]
+    if T == 0:
+        # idle lockstep step: the whole TP group is idle together, only the exchange runs
+        return mlp(flat).reshape(shape)
     per_rank = -(-T // tp)
     if per_rank * tp != T:
         flat = F.pad(flat, (0, 0, 0, per_rank * tp - T))  # [tp·T/tp, H]

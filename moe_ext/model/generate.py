@@ -284,7 +284,7 @@ def _graph_for(model: Transformer, batch: int, device: torch.device) -> Optional
 
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf,
-             eos_id: Union[int, Sequence[int], None], pad_id: int = 0,
+             eos_id: Union[int, Sequence[int], None], pad_id: Optional[int] = None,
              max_new_tokens: Union[int, Sequence[int], None] = None, seed: int = 0,
              check_every: Optional[int] = None) -> GenerationResult:
     """Generate continuations of ``prompt_ids`` (every rank passes the full list).
@@ -292,8 +292,11 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
     Returns ids per request (prompt excluded; generation stops after an EOS id, which is
     kept, or at the request's ``max_new_tokens``, default ``conf.max_new_tokens``) on every
     rank, plus timing for this replica's share. ``check_every``: decode steps between EOS
-    checks (host syncs); default 1 on CPU, 8 on GPU.
+    checks (host syncs); default 1 on CPU, 8 on GPU. ``pad_id``: left padding and the
+    filler after EOS (default: the model's pad_token_id, else 0; never attended to).
     """
+    if pad_id is None:
+        pad_id = model.args.pad_token_id if model.args.pad_token_id is not None else 0
     if any(len(p) == 0 for p in prompt_ids):
         raise GenerateError("empty prompt: every prompt needs at least one token (e.g. BOS)")
     model.eval()
