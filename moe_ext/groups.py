@@ -22,6 +22,7 @@ etp = tp: etp groups [0,1,2,3] [4,5,6,7] equal the tp groups, and ep is a single
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -203,18 +204,17 @@ class ProcessGroups:
     def to_megatron_pg_collection(self):
         """megatron.core.process_groups_config.ProcessGroupCollection holding our groups.
 
-        Only fields the installed class declares are set (0.16.1 has fewer than 0.19.x);
-        every declared field we know is set, so Megatron never falls back to its global
-        parallel_state."""
+        Only fields the installed class declares are set (0.16.1 has fewer than 0.19.x).
+        A field of a newer release that we do not map stays unset (0.19+ reads unset
+        fields as None) and is named in a warning."""
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         declared = {f.name for f in dataclasses.fields(ProcessGroupCollection)}
         known = self.megatron_group_map()
         unknown = sorted(declared - set(known))
         if unknown:
-            raise RuntimeError(f"this megatron-core's ProcessGroupCollection has fields "
-                               f"{unknown} that moe_ext.groups does not map; add them to "
-                               f"ProcessGroups.megatron_group_map")
+            warnings.warn(f"megatron-core ProcessGroupCollection fields {unknown} are not "
+                          f"mapped by moe_ext.groups and stay unset", stacklevel=2)
         return ProcessGroupCollection(**{k: v for k, v in known.items() if k in declared})
 
     # -- DeepSpeed -----------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_worked_example_of_the_docstring():
 
 # ---------------------------------------------------------------------------- multi-rank
 
-def _check_membership(pgs: ProcessGroups, rank: int):
+def _check_membership(pgs: ProcessGroups, rank: int, device: str = "cpu"):
     """all_gather global ranks inside each family's group: the members must be exactly the
     layout's list, in group-rank order."""
     for name in sorted(pgs.layout):
@@ -123,8 +123,8 @@ def _check_membership(pgs: ProcessGroups, rank: int):
         if group is None:
             assert name in PARTIAL_FAMILIES and not any(rank in g for g in pgs.layout[name])
             continue
-        out = [torch.zeros(1, dtype=torch.int64) for _ in expected]
-        dist.all_gather(out, torch.tensor([rank]), group=group)
+        out = [torch.zeros(1, dtype=torch.int64, device=device) for _ in expected]
+        dist.all_gather(out, torch.tensor([rank], device=device), group=group)
         assert [int(t) for t in out] == expected, (name, expected, out)
 
 
@@ -228,6 +228,34 @@ def test_process_groups_megatron_deepspeed(world):
     """Membership by all_gather, rank helpers, Megatron ProcessGroupCollection and DeepSpeed
     registration for every plan of this world size."""
     run_ranks(_all_body, world, (MULTIRANK_PLANS[world],))
+
+
+def _nccl_body(rank, world, plans):
+    import dataclasses
+    import warnings as w
+    torch.cuda.set_device(rank)
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    for plan in plans:
+        pgs = ProcessGroups.build(plan, "nccl", timedelta(seconds=120))
+        _check_membership(pgs, rank, device=f"cuda:{rank}")
+        with w.catch_warnings():
+            w.simplefilter("error")  # every field of the installed megatron-core is mapped
+            coll = pgs.to_megatron_pg_collection()
+        declared = {f.name for f in dataclasses.fields(ProcessGroupCollection)}
+        assert declared <= set(vars(coll))
+        assert dist.get_process_group_ranks(coll.ep) == pgs.ranks_of("ep")
+        t = torch.ones(4, device=f"cuda:{rank}")
+        dist.all_reduce(t, group=pgs.dispatch_groups().ep or pgs.tp)
+        dist.barrier()
+
+
+@pytest.mark.gpu
+@pytest.mark.multirank
+def test_process_groups_on_nccl():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run_ranks(_nccl_body, 2, ([_plan("ep_nccl", 2), _plan("tp_experts", 2, tp=2),
+                               _plan("replicate", 2)],), backend="nccl")
 
 
 def test_build_refuses_a_plan_for_another_world_size():
