@@ -9,7 +9,6 @@ state dict, not through moe_ext's name maps.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -508,7 +507,8 @@ def test_destination_rules(hf_dirs, tmp_path):
 # ---- CLI -----------------------------------------------------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args, ] + (["--no-progress"] if args[0] != "--help" else []),
+    # cwd="/" shows the tool finds moe_ext from its own location, without installing
+    return subprocess.run([sys.executable, str(TOOL), *args, "--no-progress"],
                           capture_output=True, text=True, timeout=120, cwd="/")
 
 
