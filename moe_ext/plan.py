@@ -20,7 +20,9 @@ for ep_* dp fills and ep = tp * dp.
                                           fits one rank, else the cheaper of ep_allgather
                                           and ep_nccl under a latency + bandwidth model
 EP "pays off" when the experts do not fit one rank, or when there are many experts
-(>= MANY_EXPERTS) to spread over several ranks.
+(>= MANY_EXPERTS) to spread over several ranks. A given parallel.ep > 1 keeps auto on an
+ep_* strategy, a given parallel.etp > 1 picks tp_experts. Auto's ep is the largest divisor
+of tp*dp that divides the expert count.
 """
 from __future__ import annotations
 
@@ -340,9 +342,12 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
     """(strategy, reason) for strategy=auto."""
     if world_size == 1:
         return "replicate", "world size 1: all experts local, no communication"
+    if (_given(parallel, "etp") or 1) > 1:
+        return "tp_experts", f"parallel.etp={parallel.etp} given: experts sharded over TP"
 
     tp, pp, dp, ep, _, _ = _derive_degrees("ep_nccl", parallel, world_size,
                                            model.num_experts, auto=True)
+    ep_requested = (_given(parallel, "ep") or 1) > 1  # the user asked for EP: no replicate
     dense, experts = rank_memory_bytes(model, tp, pp, 1, 1, dtype_bytes)
     needed = math.ceil((dense + experts) * HEADROOM)
     avail = available_memory_per_rank(topology, world_size)
@@ -353,8 +358,10 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
     ep_possible = ep > 1
 
     if topology.kind == "nvlink":
-        ep_pays = ep_possible and (not fits or model.num_experts >= MANY_EXPERTS)
+        ep_pays = ep_possible and (ep_requested or not fits
+                                   or model.num_experts >= MANY_EXPERTS)
         why_ep = (f"experts do not fit one GPU ({mem})" if not fits else
+                  f"parallel.ep={ep} given" if ep_requested else
                   f"{model.num_experts} experts spread over ep={ep}")
         if not ep_pays:
             why = (f"ep={ep} impossible with {model.num_experts} experts on tp*dp={tp * dp}"
@@ -367,7 +374,7 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
         return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all{warn}"
 
     # pcie / cpu: every token exchange is expensive, avoid it while memory allows
-    if fits or not ep_possible:
+    if (fits and not ep_requested) or not ep_possible:
         why = mem if fits else (f"{mem}, but {model.num_experts} experts cannot be split over "
                                 f"tp*dp={tp * dp} ranks (add ranks or pipeline stages)")
         return "replicate", f"{topology.kind}: {why}; replicate avoids all token exchange"
@@ -384,7 +391,8 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
         basis = (f"{tokens_per_step} tokens/step at {link:.1f} GB/s: all-gather "
                  f"{t_ag * 1e6:.0f} us vs all-to-all {t_a2a * 1e6:.0f} us per layer")
     choice = "ep_allgather" if ag_cheaper else "ep_nccl"
-    return choice, (f"{topology.kind}: experts do not fit one rank ({mem}); ep={ep}, {basis}"
+    why = f"parallel.ep={ep} given" if fits else f"experts do not fit one rank ({mem})"
+    return choice, (f"{topology.kind}: {why}; ep={ep}, {basis}"
                     + _still_too_big(model, tp, pp, ep, dtype_bytes, avail))
 
 

@@ -225,6 +225,16 @@ def test_auto_shrinks_ep_to_divide_the_experts():
     assert (p.ep, p.edp) == (math.gcd(128, 6), 3) and p.is_expert_parallel
 
 
+def test_auto_honours_given_expert_degrees():
+    small = topo("pcie", 4, mem_gib=80)  # replicate would fit
+    p = plan("auto", 4, topology=small, ep=2)
+    assert p.is_expert_parallel and (p.ep, p.edp) == (2, 2) and "parallel.ep=2 given" in p.reason
+    p = plan("auto", 4, topology=topo("nvlink", 4), ep=4, model=shape(num_experts=8))
+    assert p.strategy == "ep_nvshmem" and p.ep == 4
+    p = plan("auto", 4, topology=small, tp=2, etp=2)
+    assert p.strategy == "tp_experts" and (p.tp, p.etp) == (2, 2)
+
+
 def test_auto_warns_when_even_ep_does_not_fit():
     p = plan("auto", 2, model=MIXTRAL, topology=topo("pcie", 2, mem_gib=24))
     assert "WARNING" in p.reason and "parallel.pp" in p.reason
