@@ -131,6 +131,11 @@ class CheckpointReader:
 
     # -- metadata --
 
+    @property
+    def path(self) -> Path:
+        """The checkpoint directory (alias of ``directory``)."""
+        return self.directory
+
     def names(self) -> list[str]:
         """Native names of every tensor, in model order."""
         return list(self._nodes)
