@@ -269,3 +269,45 @@ def test_build_refuses_a_plan_for_another_world_size():
         assert pgs.is_first_stage and pgs.is_last_stage
     finally:
         destroy()
+
+
+# ---------------------------------------------------------------------------- moe_ext.dist
+
+def test_dist_env_from_environ():
+    from moe_ext.dist import DistEnv, DistEnvError
+    assert DistEnv.from_environ({}) == DistEnv(0, 1, 0, 1, "127.0.0.1", 29500)
+    env = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
+                                "MASTER_PORT": "1234"})
+    assert env == DistEnv(3, 4, 1, 2, "node0", 1234) and env.is_distributed
+    for bad, fix in [({"WORLD_SIZE": "two"}, "not an integer"),
+                     ({"RANK": "2", "WORLD_SIZE": "2"}, "torchrun --nproc-per-node"),
+                     ({"WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+                      "launch with torchrun")]:
+        with pytest.raises(DistEnvError, match=fix):
+            DistEnv.from_environ(bad)
+
+
+def _init_distributed_entry(rank, port, queue):
+    from moe_ext.dist import DistEnv, destroy, init_distributed
+    env = DistEnv.from_environ({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port)})
+    device = init_distributed(env, "cpu", timeout_s=60)
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    queue.put((rank, str(device), dist.get_backend(), t.item()))
+    destroy()
+
+
+def test_init_distributed_two_ranks():
+    import torch.multiprocessing as mp
+    from tests.multirank import _free_port
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_init_distributed_entry, args=(r, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted(queue.get() for _ in procs)
+    assert results == [(0, "cpu", "gloo", 3.0), (1, "cpu", "gloo", 3.0)]
