@@ -22,7 +22,6 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from moe_ext.config import register_configs  # noqa: E402
 from moe_ext.plan import (PlanError, build_plan, estimate_memory, exchange_seconds,  # noqa: E402
