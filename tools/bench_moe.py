@@ -301,6 +301,44 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_compact(rows: list[Row]) -> str:
+    """One line per (shape, world, link, strategy): median µs per token count, then the
+    achieved fraction at the largest count; one floor line per (shape, world)."""
+    tokens = sorted({r.tokens for r in rows})
+    head = f"{'shape':8} {'W':>2} {'link':8} {'strategy':13}" + "".join(
+        f"{t:>9}" for t in tokens) + f"{'ach@max':>9}"
+    lines = ["median forward µs by tokens per rank (" +
+             ", ".join(sorted({f'{r.dtype} {r.routing} routing, {r.timer}' for r in rows
+                               if r.status == 'ok'})) + ")", head, "-" * len(head)]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((r.shape, r.world, r.link, r.strategy), {})[r.tokens] = r
+    last_group = None
+    for (shape, world, link, strategy), cells in sorted(by_key.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], ALL_STRATEGIES.index(kv[0][3])
+            if kv[0][3] in ALL_STRATEGIES else 99)):
+        if (shape, world) != last_group:
+            floors = {}
+            for r in rows:
+                if (r.shape, r.world) == (shape, world) and r.status == "ok" and \
+                        r.strategy == "replicate":
+                    floors[r.tokens] = max(r.mem_floor_us, r.compute_floor_us)
+            if floors:
+                lines.append(f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':13}" + "".join(
+                    f"{_fmt(floors.get(t)):>9}" for t in tokens))
+            last_group = (shape, world)
+        statuses = {r.status for r in cells.values() if r.status != "ok"}
+        if statuses and all(r.status != "ok" for r in cells.values()):
+            lines.append(f"{shape:8} {world:>2} {link:8} {strategy:13} "
+                         f"{sorted(statuses)[0][:160]}")
+            continue
+        ok = [cells[t] for t in tokens if t in cells and cells[t].status == "ok"]
+        lines.append(f"{shape:8} {world:>2} {link:8} {strategy:13}" + "".join(
+            f"{_fmt(cells[t].median_us) if t in cells and cells[t].status == 'ok' else '-':>9}"
+            for t in tokens) + f"{_fmt(100 * ok[-1].achieved, 1) + '%' if ok else '-':>9}")
+    return "\n".join(lines)
+
+
 def load_rows(path: Path) -> list[Row]:
     if not path.exists():
         return []
@@ -397,6 +435,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, help="draw latency vs tokens from the JSON rows")
     p.add_argument("--report", type=Path,
                    help="only print the table of this JSON file (and --png); run nothing")
+    p.add_argument("--compact", action="store_true",
+                   help="with --report: one line per strategy, tokens as columns")
     p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     args = p.parse_args(argv)
     args.strategies = [s for s in args.strategies.split(",") if s]
@@ -427,7 +467,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report is not None:
         rows = load_rows(args.report)
-        print(format_table(rows))
+        print(format_compact(rows) if args.compact else format_table(rows))
         if args.png:
             plot(rows, args.png)
         return 0

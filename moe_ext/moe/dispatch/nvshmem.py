@@ -136,6 +136,12 @@ def _check_environment(groups: DispatchGroups) -> None:
     if "nccl" not in backend:
         raise _refuse(f"the expert-parallel process group uses backend {backend!r}, "
                       f"NVSHMEM needs NCCL process groups on CUDA")
+    if groups.ep_size != dist.get_world_size():
+        # Several torch releases address peers in the vdev kernels by global PE and use
+        # world-wide NVSHMEM barriers, so a subgroup would exchange with the wrong ranks.
+        raise _refuse(f"the expert-parallel group has {groups.ep_size} of "
+                      f"{dist.get_world_size()} ranks; torch's NVSHMEM all-to-all kernels "
+                      f"need it to span every rank (parallel.ep = world size)")
     if groups.ep_size > MAX_RANKS:
         raise _refuse(f"ep={groups.ep_size} exceeds the {MAX_RANKS} ranks torch's "
                       f"all_to_all_vdev_2d_offset kernel supports")
