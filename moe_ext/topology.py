@@ -298,6 +298,12 @@ class Topology:
         rows += [("note", n) for n in self.notes]
         return rows
 
+    def describe(self) -> str:
+        """One line for logs: kind, GPUs, links, peer access and atomics."""
+        wanted = ("kind", "source", "gpus", "pair links", "all pairs P2P",
+                  "all pairs P2P atomics", "min pair bandwidth")
+        return "; ".join(f"{k} {v}" for k, v in self.summary_rows() if k in wanted)
+
     def pair_matrix(self) -> list[list[str]]:
         """nvidia-smi topo -m style matrix (header row first): link label plus flags,
         ``p`` peer access, ``a`` P2P native atomics, ``-`` missing."""

@@ -176,6 +176,20 @@ class ModelArgs:
         args.init_seed = get("init_seed", 1234) or 1234
         return args
 
+    def to_model_conf(self, name: str) -> Any:
+        """The shape as a ``moe_ext.config.ModelConf`` (what the planner reads), e.g. for a
+        model that came from a checkpoint's config.json."""
+        from moe_ext.config import ModelConf
+
+        shape = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                 "moe_intermediate_size", "shared_expert_intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
+                 "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step",
+                 "max_position_embeddings", "tie_word_embeddings", "sliding_window")
+        return ModelConf(name=name, mlp_only_layers=list(self.mlp_only_layers),
+                         attention_bias=self.o_bias, qkv_bias=self.qkv_bias,
+                         **{f: getattr(self, f) for f in shape})
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -128,8 +128,7 @@ def init_random_(model: nn.Module, seed: Optional[int] = None,
     if any(p.device.type == "meta" for p in params.values()):
         if device.type == "meta":
             raise ValueError("init_random_ needs a real device for a meta model; pass device=")
-        model.to_empty(device=device)
-        _reset_buffers(model)
+        materialize_(model, device)
         params = dict(model.named_parameters())
     shapes = full_shapes(args)
     for name, param in params.items():
@@ -142,8 +141,15 @@ def init_random_(model: nn.Module, seed: Optional[int] = None,
     return model
 
 
+def materialize_(model: nn.Module, device) -> nn.Module:
+    """Allocate a meta model's tensors on ``device`` (uninitialised parameters, to be
+    loaded or initialised next) and recompute its buffers (rotary tables, router counters)."""
+    model.to_empty(device=device)
+    _reset_buffers(model)
+    return model
+
+
 def _reset_buffers(model: nn.Module) -> None:
-    """Recompute non-parameter state after ``to_empty`` (rotary tables, router counters)."""
     from moe_ext.model.layers import RotaryEmbedding, rope_inv_freq
 
     for module in model.modules():
