@@ -503,13 +503,11 @@ def main(argv=None) -> int:
             rows.extend(new)
             if env.rank == 0:
                 print(format_table(new), flush=True)
+                if args.json:  # after every strategy: a later hang or crash keeps these
+                    merge_rows(args.json, new)
     if env.rank == 0:
-        if args.json:
-            merged = merge_rows(args.json, rows)
-            if args.png:
-                plot(merged, args.png)
-        elif args.png:
-            plot(rows, args.png)
+        if args.png:
+            plot(load_rows(args.json) if args.json else rows, args.png)
         print("\n" + format_table(rows), flush=True)
     if used_nvshmem:
         # NVSHMEM's finalizer can crash at interpreter exit on some torch/NVSHMEM builds,

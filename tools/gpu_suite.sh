@@ -65,7 +65,7 @@ bench() {  # bench <label> <seconds> <nproc> <strategies> [env assignments...]
   env "$@" timeout -k 10 "$limit" $PY -m torch.distributed.run --standalone \
     --nproc-per-node "$nproc" tools/bench_moe.py --shape mixtral,qwen3 \
     --tokens 1,16,64,256,4096 --strategies "$strategies" --dtype bf16 --uniform-routing \
-    --warmup 10 --iters 30 --json "$BENCH_JSON" >>"$BENCH_LOG" 2>&1
+    --warmup 10 --iters 30 --timeout-s 60 --json "$BENCH_JSON" >>"$BENCH_LOG" 2>&1
   local rc=$?
   tail -n +"$first_line" "$BENCH_LOG" | grep -E "failed|Error|error:" | tail -n 3 || true
   if [ $rc -ne 0 ]; then

@@ -154,15 +154,13 @@ def exchange_slots(num_local_experts: int, max_slots: int = MAX_SLOTS) -> int:
 
 
 def _select_nvshmem_backend(device: torch.device) -> None:
+    """Select NVSHMEM for symmetric memory (process-wide; only possible before the first
+    symmetric allocation) and verify it took."""
     import torch.distributed._symmetric_memory as symm_mem
 
     get_backend = getattr(symm_mem, "get_backend", None)
-    current = get_backend(device) if get_backend is not None else None
-    if current == "NVSHMEM":
+    if get_backend is not None and get_backend(device) == "NVSHMEM":
         return
-    if current is not None:
-        raise _refuse(f"symmetric memory in this process already uses backend {current!r}; "
-                      f"NVSHMEM must be selected before any symm_mem allocation")
     set_backend = getattr(symm_mem, "set_backend", None)
     if set_backend is None:
         raise _refuse(f"torch {torch.__version__} cannot select the symmetric-memory backend "
@@ -170,8 +168,14 @@ def _select_nvshmem_backend(device: torch.device) -> None:
     try:
         set_backend("NVSHMEM")
     except RuntimeError as err:
-        raise _refuse(f"symm_mem.set_backend('NVSHMEM') failed: {str(err).splitlines()[0]}"
-                      ) from None
+        current = get_backend(device) if get_backend is not None else "unknown"
+        raise _refuse(f"symm_mem.set_backend('NVSHMEM') failed (current backend {current!r}; "
+                      f"it must be chosen before any symm_mem allocation): "
+                      f"{str(err).splitlines()[0]}") from None
+    current = get_backend(device) if get_backend is not None else None
+    if current not in (None, "NVSHMEM"):
+        raise _refuse(f"symmetric memory still uses backend {current!r} after "
+                      f"set_backend('NVSHMEM')")
 
 
 def _register_group(group_name: str) -> None:
