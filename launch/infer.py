@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from moe_ext.checkpoint.reader import CheckpointReader, load_sharded  # noqa: E402
-from moe_ext.config import InferConf, ModelConf, register_configs  # noqa: E402
+from moe_ext.config import InferConf, check_group_choices, register_configs  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
@@ -307,4 +307,12 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:], REPO / "conf")
+    except ValueError as err:
+        if DistEnv.from_environ(os.environ).rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            time.sleep(3)  # let rank 0 print before torchrun stops the others
+        sys.exit(2)
     main()

@@ -9,6 +9,7 @@ into these dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -109,6 +110,23 @@ class InferConf:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
     dist_timeout_s: int = 300  # collective timeout: a stuck peer is an error, not a hang
+
+
+GROUPS = ("model", "strategy", "parallel", "topology")
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """Reject ``strategy=ep_foo`` / ``+topology=infiniband`` with one line listing the choices
+    (Hydra's own message spans a dozen lines and lists schema nodes as options)."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS:
+            continue
+        choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        if value not in choices:
+            plus = "+" if key == "topology" else ""
+            raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)} "
+                             f"({plus}{key}=<name>, files in conf/{key}/)")
 
 
 def register_configs() -> None:
