@@ -189,7 +189,11 @@ def _register_group(group_name: str) -> None:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        enable(group_name)
+        try:
+            enable(group_name)
+        except RuntimeError as err:
+            if "group_info_map" not in str(err):  # anything but "already registered"
+                raise
 
 
 def _check_device_pinning(group: dist.ProcessGroup, device: torch.device) -> None:
