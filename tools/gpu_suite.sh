@@ -49,9 +49,11 @@ print("P2P 0<->1:", torch.cuda.can_device_access_peer(0, 1) if torch.cuda.device
 EOF
 
 step "GPU tests: pytest -m gpu (log: gpu_tests.log)"
-timeout -k 10 200 $PY -m pytest -m gpu -q -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+# The NVSHMEM tests first (a hang elsewhere must not hide them), then every other gpu test.
+timeout -k 10 200 $PY -m pytest -m gpu -q -p no:cacheprovider --durations=8 \
+  tests/test_nvshmem_dispatch.py tests >"$OUT/gpu_tests.log" 2>&1
 rc=$?
-tail -n 3 "$OUT/gpu_tests.log"
+tail -n 12 "$OUT/gpu_tests.log"
 if [ $rc -ne 0 ]; then
   FAILED+=("pytest -m gpu (rc=$rc$([ $rc -eq 124 ] && echo ', timed out after 200 s'))")
 fi
