@@ -29,8 +29,12 @@ def _entry(rank, world_size, port, backend, fn, args, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
+        extra = {}
+        if backend == "nccl":  # one GPU per rank, bound before NCCL or NVSHMEM start
+            torch.cuda.set_device(rank)
+            extra["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=120))
+                                timeout=datetime.timedelta(seconds=120), **extra)
         fn(rank, world_size, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent test
         errors.put((rank, traceback.format_exc()))
