@@ -1,0 +1,246 @@
+"""DeepSpeed engine glue for the native model: expert parameters marked and grouped the way
+DeepSpeed's MoE support expects, our process groups registered as DeepSpeed's, and the
+engine built around a causal-LM loss that adds the routers' load-balancing loss.
+
+How DeepSpeed 0.19 treats MoE (deepspeed/moe/utils.py, runtime/engine.py, runtime/zero/
+stage_1_and_2.py):
+  - a parameter is an expert parameter when it has ``allreduce = False``; its
+    ``group_name`` (``ep_size_{ep}``) names the expert-data-parallel group its gradient
+    is summed over (after a division by the full data-parallel size, so the result is the
+    same at every ep);
+  - ZeRO 1/2 partitions an optimizer param group marked ``'moe': True`` (with ``'name'`` =
+    that group name) over the expert-data-parallel group instead of the data-parallel one;
+  - all of this is switched on only when the engine finds a ``deepspeed.moe.layer.MoE``
+    module in the model (``engine.has_moe_layers``). Our MoE layers are not DeepSpeed's, so
+    ``MoEPresence`` (a parameter-free ``MoE`` subclass) tells the engine they exist.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# B batch, S sequence, V vocab
+
+EXPERT_PARAM_MARK = ".mlp.experts."  # stacked routed-expert weights (sharded by EP)
+
+
+class DeepSpeedSetupError(ValueError):
+    """A configuration the DeepSpeed glue cannot run (one line: problem and fix)."""
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Names of the routed-expert parameters (``layers.{i}.mlp.experts.*``)."""
+    return [n for n, _ in model.named_parameters() if EXPERT_PARAM_MARK in f".{n}"]
+
+
+def mark_expert_params(model: nn.Module, group_name: str) -> list[nn.Parameter]:
+    """Mark routed-expert parameters as DeepSpeed MoE parameters: ``allreduce = False`` (the
+    engine then reduces their gradients over the expert-data-parallel group, not the data-
+    parallel one) and ``group_name`` (which expert groups). Returns the marked parameters."""
+    names = set(expert_param_names(model))
+    marked = []
+    for name, param in model.named_parameters():
+        if name in names:
+            param.allreduce = False
+            param.group_name = group_name
+            marked.append(param)
+    return marked
+
+
+def optimizer_param_groups(model: nn.Module, group_name: str, weight_decay: float
+                           ) -> list[dict[str, Any]]:
+    """Parameter groups for the optimizer, split the way DeepSpeed's MoE support expects.
+
+    Dense parameters go into ``dense`` (decayed: matrices) and ``dense_no_decay`` (norms,
+    biases, 1-d); expert parameters into one group ``{'name': group_name, 'moe': True}``
+    (the format of deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer).
+    Experts must already be marked (``mark_expert_params``)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    decay, no_decay, experts = [], [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_moe_param(param):
+            if getattr(param, "group_name", None) != group_name:
+                raise DeepSpeedSetupError(f"an expert parameter belongs to expert group "
+                                          f"{getattr(param, 'group_name', None)!r}, not "
+                                          f"{group_name!r}; mark all experts with one group")
+            experts.append(param)
+        elif param.ndim >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"name": "dense", "params": decay, "weight_decay": weight_decay},
+              {"name": "dense_no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"name": group_name, "moe": True, "params": experts,
+                       "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def _moe_presence_class():
+    from deepspeed.moe.layer import MoE
+
+    class MoEPresence(MoE):
+        """Parameter-free stand-in that makes DeepSpeed's engine switch its MoE handling on
+        (``has_moe_layers``: expert broadcast/reduction over the expert-data-parallel
+        group, MoE optimizer groups in ZeRO). It never runs; the model's own MoE layers do
+        the work. The groups it names must already be registered
+        (``ProcessGroups.register_deepspeed_groups``)."""
+
+        def __init__(self, num_experts: int, ep_size: int, group_name: str):
+            nn.Module.__init__(self)
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = group_name
+            self.enable_expert_tensor_parallelism = False
+            self.use_residual = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False
+                                      ) -> None:
+            """Groups come from moe_ext.groups, registered before the engine exists."""
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("MoEPresence only marks the model as MoE for DeepSpeed; it "
+                               "has no forward")
+
+    return MoEPresence
+
+
+class CausalLMWithAux(nn.Module):
+    """The module the DeepSpeed engine wraps: the native Transformer plus its training loss.
+
+    ``forward(batch[B, S+1] int64) -> (loss, lm_loss, aux_loss)`` (fp32 scalars): next-token
+    cross entropy over the B·S positions (mean), plus ``aux_loss_coeff`` times the sum of
+    every MoE layer's load-balancing loss and ``z_loss_coeff`` times their z-losses. Under
+    data parallelism each rank computes this on its own batch and the engine averages the
+    gradients, so the objective is the mean of the per-rank losses."""
+
+    def __init__(self, model: nn.Module, aux_loss_coeff: float, z_loss_coeff: float = 0.0,
+                 moe_presence: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        self.aux_loss_coeff = aux_loss_coeff
+        self.z_loss_coeff = z_loss_coeff
+        if moe_presence is not None:
+            self.moe_presence = moe_presence
+
+    def moe_layers(self) -> list[nn.Module]:
+        return [block.mlp for block in self.model.layers.values() if block.is_moe]
+
+    def forward(self, batch: torch.Tensor):
+        """batch: [B, S+1] int64 token ids; inputs are [:, :-1], targets [:, 1:]."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S] each
+        logits = self.model(inputs)  # [B, S, V]
+        lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                  targets.reshape(-1))
+        zero = lm_loss.new_zeros(())
+        aux = sum((m.aux_loss.float() for m in self.moe_layers() if m.aux_loss is not None),
+                  zero)
+        z = sum((m.z_loss.float() for m in self.moe_layers() if m.z_loss is not None), zero)
+        loss = lm_loss + self.aux_loss_coeff * aux + self.z_loss_coeff * z
+        return loss, lm_loss.detach(), aux.detach()
+
+
+def deepspeed_config(micro_batch: int, dp: int, zero_stage: int, grad_clip: float,
+                     dtype: torch.dtype) -> dict[str, Any]:
+    """The engine's config dict: one micro-batch per step (no accumulation), the client
+    optimizer under ZeRO 0/1/2, bf16 only when asked (CPU runs fp32)."""
+    if zero_stage not in (0, 1, 2):
+        raise DeepSpeedSetupError(f"train.zero_stage={zero_stage}; use 0, 1 or 2 (stage 3 "
+                                  f"partitions parameters, which our sharded experts do not "
+                                  f"support)")
+    if dtype == torch.float16:
+        raise DeepSpeedSetupError("dtype=fp16 training needs loss scaling that this launcher "
+                                  "does not configure; use dtype=bf16 or fp32")
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * dp,
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 2 ** 31 - 1,  # our progress bar reports instead
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO
+    }
+    if zero_stage:
+        # MoE under ZeRO 1/2 needs contiguous gradients and reduce-scatter (stage_1_and_2.py)
+        config["zero_optimization"] = {"stage": zero_stage, "contiguous_gradients": True,
+                                       "reduce_scatter": True, "overlap_comm": False}
+    return config
+
+
+def clips_itself(zero_stage: int, dtype: torch.dtype) -> bool:
+    """Whether the training loop clips gradients itself (exact global norm over EP ranks,
+    moe_ext.train.loop.clip_grad_norm_) instead of DeepSpeed: without ZeRO in fp32, where
+    the reduced gradients sit in ``param.grad``."""
+    return zero_stage == 0 and dtype == torch.float32
+
+
+def build_engine(model: nn.Module, groups: Any, *, lr: float, weight_decay: float,
+                 betas: tuple[float, float], micro_batch: int, zero_stage: int,
+                 grad_clip: float, aux_loss_coeff: float, z_loss_coeff: float,
+                 dtype: torch.dtype):
+    """Wrap a parallelized native ``Transformer`` in a DeepSpeed engine.
+
+    groups: moe_ext.groups.ProcessGroups of the model's plan; torch.distributed must be up.
+    Registers our ep/edp groups with DeepSpeed, marks expert parameters, builds a torch
+    AdamW over DeepSpeed-style parameter groups and calls deepspeed.initialize with our
+    ``mpu``. Returns the engine; ``engine.module`` is a ``CausalLMWithAux``. Gradient
+    clipping is left to the caller when ``clips_itself(zero_stage, dtype)``."""
+    import deepspeed
+
+    plan = groups.plan
+    own_clipping = clips_itself(zero_stage, dtype)
+    if not own_clipping and grad_clip > 0 and plan.ep > 1:
+        raise DeepSpeedSetupError(
+            f"DeepSpeed clips gradients with a per-rank norm that is wrong once experts are "
+            f"split over ep={plan.ep} ranks (ZeRO or bf16); set train.grad_clip=0, or "
+            f"train.zero_stage=0 with fp32")
+    group_name = groups.register_deepspeed_groups()
+    mark_expert_params(model, group_name)
+    num_experts = model.args.num_experts
+    presence = _moe_presence_class()(num_experts, plan.ep, group_name) \
+        if expert_param_names(model) else None
+    wrapped = CausalLMWithAux(model, aux_loss_coeff, z_loss_coeff, presence)
+    param_groups = optimizer_param_groups(model, group_name, weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay,
+                                  foreach=False)
+    config = deepspeed_config(micro_batch, plan.dp, zero_stage,
+                              0.0 if own_clipping else grad_clip, dtype)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config,
+                                           mpu=groups.deepspeed_mpu(),
+                                           dist_init_required=False)
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    """Set every optimizer param group's learning rate (the schedule is a pure function of
+    the step, so resuming needs no scheduler state)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_state(engine: Any) -> dict[str, Any]:
+    """This rank's optimizer state (a ZeRO optimizer returns only its partition)."""
+    return engine.optimizer.state_dict()
+
+
+def load_optimizer_state(engine: Any, state: dict[str, Any], dp_rank: int, dp: int) -> None:
+    """Restore ``optimizer_state`` saved by this same rank under the same plan. ZeRO reads
+    its fp32 master partition back too, so training continues bit for bit."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        states: list[Optional[dict[str, Any]]] = [None] * dp
+        states[dp_rank] = state  # ZeRO picks the list entry of its data-parallel rank
+        engine.optimizer.load_state_dict(states, load_optimizer_states=True,
+                                         load_from_fp32_weights=True)
+    else:
+        engine.optimizer.load_state_dict(state)

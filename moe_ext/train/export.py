@@ -1,0 +1,189 @@
+"""Export a trained, parallelized native model as a moe_ext checkpoint directory (the
+format ``CheckpointReader`` and ``launch/infer.py checkpoint=<dir>`` load).
+
+Rank 0 assembles one full tensor at a time from the shards the ranks hold (the regions
+``shard_slices`` names: expert blocks over EP, FFN slices over expert TP, head rows over
+TP, layers over pipeline stages), receiving each distinct region once from its lowest
+owning rank, and streams it into safetensors files through the checkpoint package's
+writer. Memory on rank 0: one full tensor at a time.
+
+# E experts, H hidden, F expert FFN size
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_ext.checkpoint.format import (SafetensorsWriter, TensorEntry, dtype_name, nbytes,
+                                       plan_shards, write_manifest)
+from moe_ext.model.parallelize import RankCoords, shard_slices
+from moe_ext.model.weights import full_shapes
+
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+# side files of a source checkpoint that describe tokenization and generation
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+DEFAULT_MAX_SHARD_BYTES = 2 * 2 ** 30
+
+
+class ExportError(ValueError):
+    """An export that cannot be written (one line: problem and fix)."""
+
+
+def hf_config(args: Any, tokenizer: Optional[str] = None) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of a ``ModelArgs`` (``ModelArgs.from_hf_config``
+    reads it back to the same args). ``tokenizer="byte"`` records a byte-level vocabulary
+    (launch/infer.py then uses the byte tokenizer)."""
+    family = args.model_type
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
+        "num_experts_per_tok": args.num_experts_per_tok,
+        "hidden_act": "silu",
+        "rope_theta": args.rope_theta,
+        "rms_norm_eps": args.rms_norm_eps,
+        "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id,
+        "pad_token_id": args.pad_token_id,
+    }
+    if args.rope_scaling is not None:
+        config["rope_scaling"] = dict(args.rope_scaling)
+    if family == "mixtral":
+        config["num_local_experts"] = args.num_experts
+        config["sliding_window"] = args.sliding_window
+    else:
+        config.update(num_experts=args.num_experts,
+                      moe_intermediate_size=args.moe_intermediate_size,
+                      norm_topk_prob=args.norm_topk_prob,
+                      decoder_sparse_step=args.decoder_sparse_step,
+                      mlp_only_layers=list(args.mlp_only_layers))
+    if family == "qwen2_moe":
+        config.update(shared_expert_intermediate_size=args.shared_expert_intermediate_size,
+                      qkv_bias=args.qkv_bias, use_sliding_window=False)
+    if family == "qwen3_moe":
+        config.update(attention_bias=args.o_bias,
+                      use_sliding_window=args.sliding_window is not None,
+                      sliding_window=args.sliding_window)
+    if tokenizer is not None:
+        config["tokenizer"] = tokenizer
+    return config
+
+
+def _region_key(request, shape) -> tuple:
+    """A hashable identity of the region a ShardRequest names (slices are not hashable)."""
+    return tuple(request.bounds(shape)), request.cat_dim
+
+
+def _place(full: torch.Tensor, request, piece: torch.Tensor) -> None:
+    """Write ``piece`` (the request's boxes concatenated along cat_dim) into ``full``."""
+    bounds = request.bounds(full.shape)
+    sizes = [b[request.cat_dim][1] - b[request.cat_dim][0] for b in bounds] \
+        if full.dim() else [1]
+    parts = torch.split(piece, sizes, dim=request.cat_dim) if len(bounds) > 1 else [piece]
+    for box, part in zip(bounds, parts):
+        full[tuple(slice(a, b) for a, b in box)] = part
+
+
+def _owners(plan: Any, args: Any) -> list[dict[str, Any]]:
+    """shard_slices of every rank (pure: no communication)."""
+    return [shard_slices(plan, RankCoords.of(plan, r), args) for r in range(plan.world_size)]
+
+
+def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: str,
+                   config: dict[str, Any], dtype: torch.dtype = torch.float32,
+                   side_files_from: Optional[str] = None,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Optional[Path]:
+    """Write the full model that the ranks of ``plan`` hold in shards to ``destination``
+    (moe_ext format: safetensors + moe_ext.json manifest + config.json); collective.
+
+    model: this rank's parallelized Transformer (names as in docs/ARCHITECTURE.md);
+    config: its Hugging Face config (``hf_config``); dtype: stored dtype; side_files_from:
+    a source checkpoint whose tokenizer/generation files are copied. An existing
+    destination is replaced once the new directory is complete. Returns the path on rank 0.
+    """
+    args = model.args
+    shapes = full_shapes(args)  # name -> full shape, in the model's parameter order
+    local = dict(model.named_parameters())
+    device = next(iter(local.values())).device
+    owners = _owners(plan, args)
+    # per tensor: its distinct regions and the lowest rank holding each
+    regions: dict[str, list[tuple[int, Any]]] = {}
+    for name, shape in shapes.items():
+        seen: set = set()
+        regions[name] = []
+        for r, requests in enumerate(owners):
+            request = requests.get(name)
+            if request is None:
+                continue
+            key = _region_key(request, shape)
+            if key not in seen:
+                seen.add(key)
+                regions[name].append((r, request))
+        if not regions[name]:
+            raise ExportError(f"no rank holds {name}; the plan and the model disagree")
+    files = plan_shards([(n, nbytes(s, dtype_name(dtype))) for n, s in shapes.items()],
+                        max_shard_bytes)
+    dst = Path(destination)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if rank == 0:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    entries: list[TensorEntry] = []
+    for file, names in files:
+        writer = SafetensorsWriter(tmp / file, [(n, dtype_name(dtype), shapes[n])
+                                                 for n in names]) if rank == 0 else None
+        for name in names:
+            if rank == 0:
+                full = torch.empty(shapes[name], dtype=dtype)
+            for owner, request in regions[name]:
+                if owner == rank and rank != 0:
+                    dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
+                elif rank == 0:
+                    if owner == 0:
+                        piece = local[name].detach().to(dtype)
+                    else:
+                        piece = torch.empty(request.shape(shapes[name]), dtype=dtype,
+                                            device=device)
+                        dist.recv(piece, src=owner)
+                    _place(full, request, piece.cpu())
+            if rank == 0:
+                sha = writer.write_tensor(name, [full])
+                entries.append(TensorEntry(name, tuple(shapes[name]), dtype_name(dtype), sha,
+                                           file))
+        if writer is not None:
+            writer.close()
+    if rank != 0:
+        return None
+    write_manifest(tmp, args.model_type, dtype_name(dtype), entries)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    if side_files_from is not None and Path(side_files_from).is_dir():
+        for name in SIDE_FILES:
+            source = Path(side_files_from) / name
+            if source.is_file():
+                shutil.copyfile(source, tmp / name)
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)
+    return dst

@@ -1,0 +1,179 @@
+"""The training loop around a DeepSpeed engine (moe_ext.deepspeed.engine.build_engine).
+
+Every step: learning rate from the step, this rank's batch from (seed, step), forward
+(LM loss + weighted aux loss), backward (DeepSpeed reduces dense gradients over the data-
+parallel group and expert gradients over the expert-data-parallel group), clip, optimizer
+step, and the data-parallel mean of the losses for the log and the progress bar.
+
+Clipping. DeepSpeed's MoE-aware clipping takes the norm of the parameters a rank holds and
+averages it over the data-parallel ranks, which is not the global norm once experts are
+split over EP ranks (each rank sees only its experts). Without ZeRO we therefore clip
+ourselves with the exact global norm: dense gradients (identical on every rank after the
+reduction) once, plus the expert gradients summed over the EP group. ZeRO 1/2 keeps the
+gradients inside its partitions, so there DeepSpeed clips, which is exact only for ep = 1
+(``build_engine`` refuses ZeRO + clipping + ep > 1).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_ext.deepspeed.engine import expert_param_names, set_lr
+from moe_ext.train.data import TokenData, eval_batches, train_batch
+
+log = logging.getLogger("moe_ext.train")
+
+
+def lr_at(step: int, conf: Any) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if conf.warmup_steps > 0 and step < conf.warmup_steps:
+        return conf.lr * (step + 1) / conf.warmup_steps
+    span = max(1, conf.steps - conf.warmup_steps)
+    progress = min(1.0, (step - conf.warmup_steps) / span)
+    floor = conf.lr * conf.min_lr_ratio
+    return floor + 0.5 * (conf.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float,
+                    ep_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Global gradient norm of a data-parallel, expert-parallel model (tp = pp = 1) whose
+    gradients are already reduced; scales them so the norm is at most ``max_norm``
+    (0: measure only). Returns the norm before clipping ([] fp32, on the grads' device)."""
+    experts = set(expert_param_names(model))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if not grads:
+        raise ValueError("no gradients to clip; call backward first")
+    device = next(iter(grads.values())).device
+    dense_sq = torch.zeros((), dtype=torch.float32, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for name, grad in grads.items():
+        square = grad.detach().float().pow(2).sum()
+        if name in experts:
+            expert_sq += square
+        else:
+            dense_sq += square
+    if ep_group is not None:
+        # each EP rank holds different experts; their replicas (edp) hold equal gradients
+        dist.all_reduce(expert_sq, group=ep_group)
+    norm = (dense_sq + expert_sq).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on device: no host sync
+        for grad in grads.values():
+            grad.mul_(scale.to(grad.dtype))
+    return norm
+
+
+@dataclass
+class RunState:
+    """What a run has done so far (restored from a training checkpoint on resume)."""
+
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per step
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "val_loss"}
+
+
+class Trainer:
+    """Runs steps of one engine; every rank constructs one with the same arguments."""
+
+    def __init__(self, engine: Any, groups: Any, data: TokenData, conf: Any,
+                 device: torch.device, own_clipping: bool):
+        self.engine = engine
+        self.groups = groups
+        self.data = data
+        self.conf = conf
+        self.device = device
+        self.own_clipping = own_clipping
+        self.dp, self.dp_rank = groups.plan.dp, groups.dp_rank
+        self.eval_set = eval_batches(data, conf.eval_batches, conf.micro_batch, conf.seq_len,
+                                     self.dp, self.dp_rank)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module.model
+
+    def _dp_mean(self, values: torch.Tensor) -> list[float]:
+        if self.dp > 1:
+            dist.all_reduce(values, group=self.groups.dp)
+            values = values / self.dp
+        return values.tolist()  # sync: losses go to the log and the progress bar
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Take optimizer step ``step`` (0-based); returns its record (dp-mean losses)."""
+        conf = self.conf
+        lr = lr_at(step, conf)
+        set_lr(self.engine, lr)
+        batch = train_batch(self.data, step, conf.seed, conf.micro_batch, conf.seq_len,
+                            self.dp, self.dp_rank).to(self.device)  # [B, S+1]
+        start = time.perf_counter()
+        loss, lm_loss, aux_loss = self.engine(batch)
+        self.engine.backward(loss)
+        norm = clip_grad_norm_(self.model, conf.grad_clip,
+                               self.groups.ep if self.groups.plan.ep > 1 else None) \
+            if self.own_clipping else None
+        self.engine.step()
+        values = torch.stack([loss.detach().float(), lm_loss.float(), aux_loss.float()])
+        loss_v, lm_v, aux_v = self._dp_mean(values)
+        seconds = time.perf_counter() - start
+        if norm is None:
+            reported = self.engine.get_global_grad_norm()
+            grad_norm = None if reported is None else float(reported)
+        else:
+            grad_norm = float(norm)  # sync: already waited on by the losses above
+        tokens = self.dp * conf.micro_batch * conf.seq_len
+        return {"step": step + 1, "loss": loss_v, "lm_loss": lm_v, "aux_loss": aux_v,
+                "lr": lr, "grad_norm": grad_norm, "seconds": seconds,
+                "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean LM loss over the fixed held-out batches (None without a held-out tail)."""
+        if not self.eval_set:
+            return None
+        module = self.engine.module
+        module.eval()
+        try:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for batch in self.eval_set:
+                total += module(batch.to(self.device))[1].float()
+        finally:
+            module.train()
+        return self._dp_mean((total / len(self.eval_set)).reshape(1))[0]
+
+    def run(self, state: RunState, on_checkpoint: Optional[Callable[[RunState], None]] = None,
+            progress: bool = False) -> RunState:
+        """Train from ``state.step`` to ``conf.steps``, evaluating every ``eval_every`` and
+        calling ``on_checkpoint`` every ``save_every`` steps and at the end (collective)."""
+        from tqdm.auto import tqdm
+
+        conf = self.conf
+        bar = tqdm(total=conf.steps, initial=state.step, unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            for step in range(state.step, conf.steps):
+                record = self.train_step(step)
+                state.history.append(record)
+                state.step = done = step + 1
+                bar.set_postfix(loss=f"{record['lm_loss']:.3f}",
+                                aux=f"{record['aux_loss']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                last = done == conf.steps
+                if last or (conf.eval_every > 0 and done % conf.eval_every == 0):
+                    val = self.evaluate()
+                    if val is not None:
+                        state.evals.append({"step": done, "val_loss": val})
+                        message = f"step {done}: held-out loss {val:.4f}"
+                        bar.write(message) if progress else log.info(message)
+                if on_checkpoint is not None and (
+                        last or (conf.save_every > 0 and done % conf.save_every == 0)):
+                    on_checkpoint(state)
+        finally:
+            bar.close()
+        return state

@@ -1,0 +1,137 @@
+"""Training checkpoints for exact resume: every rank's module shard and optimizer state.
+
+Layout (one directory per run, on a file system every rank sees)::
+
+    checkpoints/latest                  name of the newest complete step directory
+    checkpoints/step_00000250/meta.json step, world size, plan, zero stage, history so far
+    checkpoints/step_00000250/rank_00000.pt ... one per rank (module + optimizer state)
+
+A step directory is written under a temporary name and renamed once every rank has
+written its file, so ``latest`` never names a partial checkpoint. Batches and learning
+rates are pure functions of the step (moe_ext.train.data, moe_ext.train.loop), so module
+and optimizer state are all a resumed run needs to continue bit for bit. Resuming needs
+the same world size, plan and ZeRO stage (the optimizer state is partitioned by them).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+FORMAT = "moe_ext-train"
+FORMAT_VERSION = 1
+LATEST = "latest"
+META = "meta.json"
+
+
+class ResumeError(ValueError):
+    """A training checkpoint that cannot be resumed here (one line: problem and fix)."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank_{rank:05d}.pt"
+
+
+@dataclass
+class ResumePoint:
+    """A complete step directory and its metadata."""
+
+    directory: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def find_checkpoint(path: str) -> ResumePoint:
+    """``path`` is a run's ``checkpoints`` directory (its ``latest`` is taken) or one
+    ``step_*`` directory. Reads metadata only (no tensors)."""
+    directory = Path(path)
+    if (directory / LATEST).is_file():
+        directory = directory / (directory / LATEST).read_text().strip()
+    meta_file = directory / META
+    if not meta_file.is_file():
+        raise ResumeError(f"{path} is not a training checkpoint (no {META} there and no "
+                          f"{LATEST} file); pass resume=<run dir>/checkpoints or a step_* dir")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as err:
+        raise ResumeError(f"cannot parse {meta_file}: {err}; pick an older step_* dir") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ResumeError(f"{meta_file} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+    missing = [r for r in range(int(meta["world_size"])) if not rank_file(directory, r).is_file()]
+    if missing:
+        raise ResumeError(f"{directory} lacks the files of ranks {missing[:4]}; pick another "
+                          f"step_* dir")
+    return ResumePoint(directory, meta)
+
+
+def check_compatible(point: ResumePoint, world_size: int, plan_key: dict[str, Any],
+                     zero_stage: int, model_key: dict[str, Any]) -> None:
+    """Refuse a checkpoint saved under another world size, plan, ZeRO stage or model."""
+    meta = point.meta
+    if int(meta["world_size"]) != world_size:
+        raise ResumeError(f"{point.directory} was saved by {meta['world_size']} ranks, this run "
+                          f"has {world_size}; resume with torchrun --nproc-per-node "
+                          f"{meta['world_size']}")
+    if meta["plan"] != plan_key:
+        raise ResumeError(f"{point.directory} was saved under plan {meta['plan']}, this run's "
+                          f"plan is {plan_key}; resume with the same strategy and parallel.*")
+    if int(meta["zero_stage"]) != zero_stage:
+        raise ResumeError(f"{point.directory} was saved with train.zero_stage="
+                          f"{meta['zero_stage']}; resume with the same stage")
+    if meta["model"] != model_key:
+        raise ResumeError(f"{point.directory} holds another model shape than this run's; "
+                          f"resume with the model it was trained with")
+
+
+def save_checkpoint(root: Path, step: int, rank: int, world_size: int, rank_state: dict[str, Any],
+                    meta: dict[str, Any], keep: int) -> Path:
+    """Write this rank's state for ``step`` and, on rank 0, the metadata; collective.
+
+    rank_state: what this rank needs back (module and optimizer state dicts, RNG). meta:
+    JSON-serialisable run facts (rank 0's is written). keep: newest step dirs kept (0: all).
+    """
+    final = root / step_name(step)
+    tmp = root / f".{step_name(step)}.partial"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()  # the temporary directory exists before anyone writes into it
+    torch.save(rank_state, rank_file(tmp, rank))
+    dist.barrier()  # every rank's file is complete before the directory is published
+    if rank == 0:
+        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=step,
+                    world_size=world_size)
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        latest_tmp = root / f".{LATEST}.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        latest_tmp.replace(root / LATEST)
+        if keep > 0:
+            steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in steps[:-keep]:
+                shutil.rmtree(old)
+    dist.barrier()  # nobody moves on (or exits) before the checkpoint is published
+    return final
+
+
+def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.device] = None
+                    ) -> dict[str, Any]:
+    """This rank's saved state (our own file: it holds optimizer objects, not only tensors)."""
+    return torch.load(rank_file(point.directory, rank), map_location=map_location,
+                      weights_only=False)
