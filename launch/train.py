@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from moe_ext.checkpoint.reader import CheckpointReader, load_sharded  # noqa: E402
 from moe_ext.config import GenerateConf  # noqa: E402
-from moe_ext.deepspeed.engine import build_engine, clips_itself, load_optimizer_state  # noqa: E402
+from moe_ext.deepspeed.engine import build_engine, clips_itself  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
@@ -55,8 +55,9 @@ from moe_ext.train.data import TokenData  # noqa: E402
 from moe_ext.train.export import export_moe_ext, hf_config  # noqa: E402
 from moe_ext.train.loop import RunState, Trainer  # noqa: E402
 from moe_ext.train.report import LOG_NAME, PLOT_NAME, plot_losses, write_json  # noqa: E402
-from moe_ext.train.state import (ResumePoint, check_compatible, find_checkpoint,  # noqa: E402
-                                 load_rank_state, save_checkpoint)
+from moe_ext.train.state import (ResumePoint, capture_engine, check_compatible,  # noqa: E402
+                                 find_checkpoint, load_rank_state, restore_engine,
+                                 save_checkpoint)
 
 log = logging.getLogger("moe_ext.train")
 
@@ -256,10 +257,8 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
                           dtype=job.dtype)
     state = RunState()
     if job.resume is not None:
-        saved = load_rank_state(job.resume, env.rank, map_location=device)
-        engine.module.load_state_dict(saved["module"])
-        load_optimizer_state(engine, saved["optimizer"], groups.dp_rank, job.plan.dp)
-        torch.set_rng_state(saved["rng"].cpu())
+        restore_engine(engine, load_rank_state(job.resume, env.rank, map_location=device),
+                       groups.dp_rank, job.plan.dp)
         meta = job.resume.meta
         state = RunState(step=job.resume.step, history=meta["history"], evals=meta["evals"])
         if env.rank == 0:
@@ -284,9 +283,7 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
         plot_losses(state.history, state.evals, run_dir / PLOT_NAME, title)
 
     def on_checkpoint(state: RunState) -> None:
-        rank_state = {"module": engine.module.state_dict(),
-                      "optimizer": engine.optimizer.state_dict(),
-                      "rng": torch.get_rng_state()}
+        rank_state = capture_engine(engine)
         meta = {"plan": plan_key(job.plan), "zero_stage": conf.zero_stage,
                 "model": model_key(job.args), "history": state.history, "evals": state.evals}
         path = save_checkpoint(run_dir / "checkpoints", state.step, env.rank, env.world_size,

@@ -135,3 +135,21 @@ def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.
     """This rank's saved state (our own file: it holds optimizer objects, not only tensors)."""
     return torch.load(rank_file(point.directory, rank), map_location=map_location,
                       weights_only=False)
+
+
+def capture_engine(engine: Any) -> dict[str, Any]:
+    """What this rank saves: its module shard, its optimizer state (a ZeRO partition under
+    ZeRO) and the CPU RNG state."""
+    return {"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
+            "rng": torch.get_rng_state()}
+
+
+def restore_engine(engine: Any, saved: dict[str, Any], dp_rank: int, dp: int) -> None:
+    """Put ``capture_engine``'s state back: module first, then the optimizer (ZeRO also
+    takes its fp32 master partition from the file), then the RNG."""
+    from moe_ext.deepspeed.engine import load_optimizer_state
+
+    engine.module.load_state_dict(saved["module"])
+    load_optimizer_state(engine, saved["optimizer"], dp_rank, dp)
+    torch.set_rng_state(saved["rng"].cpu())
+
