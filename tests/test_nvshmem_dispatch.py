@@ -168,7 +168,9 @@ def compare_with_nccl_a2a(nv, a2a, seed, tokens, hidden, top_k, device, dtype,
     assert torch.equal(pe, pe_ref), (pe, pe_ref)
     assert torch.equal(xl, xl_ref), "dispatched rows differ from the NCCL all-to-all"
     assert torch.equal(y, y_ref), "combined output differs from the NCCL all-to-all"
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    # bf16 input gradients sum k rows in a different order (seen on 2xH200: up to 4 ulps,
+    # 0.0625 at |g|~8 with k=8); the fp32 run pins the same sums to 1e-5.
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 4e-2, "atol": 8e-2}
     torch.testing.assert_close(gx, gx_ref, **tol)
     torch.testing.assert_close(gw, gw_ref, **tol)
     if avoid_expert is not None and nv.local_expert_start <= avoid_expert < \
