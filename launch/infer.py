@@ -155,7 +155,8 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         args = ModelArgs.from_model_conf(model_conf)
     # a moe_ext checkpoint of a byte-level model says so in its config ("tokenizer": "byte")
     spec = reader.config.get("tokenizer") if reader is not None else model_conf.tokenizer
-    if reader is not None and spec is None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
+    has_tokenizer_json = cfg.checkpoint is not None and (Path(cfg.checkpoint) / "tokenizer.json").is_file()
+    if spec is None and not has_tokenizer_json:
         tokenizer = IdsOnlyTokenizer(args)
     else:
         tokenizer = load_tokenizer(spec, cfg.checkpoint)
@@ -271,7 +272,8 @@ def run(cfg: InferConf, env: DistEnv) -> int:
         failure = err
     if not all_ranks_ok(failure is None, device):
         raise failure or LoadError("another rank failed to load its weights (its error is above)")
-    result = generate(model, job.prompt_ids, cfg.generate, eos_id=job.tokenizer.eos_id,
+    eos_id = None if cfg.generate.ignore_eos else job.tokenizer.eos_id
+    result = generate(model, job.prompt_ids, cfg.generate, eos_id=eos_id,
                       pad_id=job.tokenizer.pad_id, seed=cfg.seed)
     _report(job, result, device, env.world_size)
     if env.rank == 0:

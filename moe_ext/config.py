@@ -93,6 +93,7 @@ class GenerateConf:
     top_p: float = 1.0
     max_batch_size: int = 64
     cuda_graphs: bool = True  # CUDA-graph decode on GPU
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
 
 @dataclass
