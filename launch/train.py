@@ -97,17 +97,21 @@ def _device_type(requested: str, cuda_available: bool) -> str:
     return requested
 
 
-def _dtype(requested: str, device_type: str) -> torch.dtype:
+def _dtype(requested: str, device_type: str, zero_stage: int) -> torch.dtype:
     if requested == "fp16":
         raise UsageError("dtype=fp16 training needs loss scaling, which this launcher does not "
                          "set up; use dtype=bf16 (GPU) or fp32")
     if requested == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
+        # bf16 needs DeepSpeed's fp32 masters, which only its ZeRO/bf16 optimizers keep
+        return torch.bfloat16 if device_type == "cuda" and zero_stage > 0 else torch.float32
     if requested not in DTYPES:
         raise UsageError(f"dtype={requested!r} is not one of auto, {', '.join(DTYPES)}")
     if requested == "bf16" and device_type == "cpu":
         raise UsageError("dtype=bf16 on CPU: DeepSpeed's CPU path trains in fp32; use "
                          "dtype=fp32 (or auto)")
+    if requested == "bf16" and zero_stage == 0:
+        raise UsageError("dtype=bf16 needs train.zero_stage=1 or 2 (fp32 master weights live "
+                         "in DeepSpeed's ZeRO/bf16 optimizers); or use dtype=fp32")
     return DTYPES[requested]
 
 
@@ -156,7 +160,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     if cfg.engine != "deepspeed":
         raise UsageError(f"engine={cfg.engine!r} is not one of deepspeed, megatron")
     device_type = _device_type(cfg.device, cuda_available)
-    dtype = _dtype(cfg.dtype, device_type)
+    dtype = _dtype(cfg.dtype, device_type, cfg.train.zero_stage)
     reader = None
     if cfg.checkpoint is not None:
         reader = CheckpointReader.open(cfg.checkpoint)  # reads headers only

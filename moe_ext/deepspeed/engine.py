@@ -158,6 +158,11 @@ def deepspeed_config(micro_batch: int, dp: int, zero_stage: int, grad_clip: floa
     if dtype == torch.float16:
         raise DeepSpeedSetupError("dtype=fp16 training needs loss scaling that this launcher "
                                   "does not configure; use dtype=bf16 or fp32")
+    if dtype == torch.bfloat16 and zero_stage == 0:
+        # DeepSpeed without ZeRO would step the bf16 weights themselves (no fp32 masters)
+        raise DeepSpeedSetupError("dtype=bf16 needs train.zero_stage=1 or 2 (DeepSpeed keeps "
+                                  "fp32 master weights only in its ZeRO/bf16 optimizers); or "
+                                  "use dtype=fp32")
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -169,6 +174,8 @@ def deepspeed_config(micro_batch: int, dp: int, zero_stage: int, grad_clip: floa
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO
     }
+    if dtype == torch.bfloat16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 gradients and masters
     if zero_stage:
         # MoE under ZeRO 1/2 needs contiguous gradients and reduce-scatter (stage_1_and_2.py)
         config["zero_optimization"] = {"stage": zero_stage, "contiguous_gradients": True,
@@ -234,12 +241,14 @@ def optimizer_state(engine: Any) -> dict[str, Any]:
 
 def load_optimizer_state(engine: Any, state: dict[str, Any], dp_rank: int, dp: int) -> None:
     """Restore ``optimizer_state`` saved by this same rank under the same plan. ZeRO reads
-    its fp32 master partition back too, so training continues bit for bit."""
+    its fp32 master partition back too (as does the bf16 optimizer of ZeRO 1 + bf16), so
+    training continues bit for bit."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+    if isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
         states: list[Optional[dict[str, Any]]] = [None] * dp
-        states[dp_rank] = state  # ZeRO picks the list entry of its data-parallel rank
+        states[dp_rank] = state  # both pick the list entry of their data-parallel rank
         engine.optimizer.load_state_dict(states, load_optimizer_states=True,
                                          load_from_fp32_weights=True)
     else:

@@ -62,7 +62,7 @@ class TrainConf:
     train: TrainLoopConf = field(default_factory=TrainLoopConf)
     sample: SampleConf = field(default_factory=SampleConf)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on cuda with ZeRO 1/2, else fp32) | bf16 | fp32
     progress: bool = True  # tqdm bar on rank 0
     dist_timeout_s: int = 300  # collective timeout: a stuck peer is an error, not a hang
 
