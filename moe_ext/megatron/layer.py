@@ -1,0 +1,324 @@
+"""MoEExtLayer: moe_ext's router, grouped experts and plan-chosen dispatcher as a
+Megatron-core MoE layer (a ``BaseMoELayer``), usable inside GPTModel through a layer spec.
+
+# S sequence (this rank's share under sequence parallelism), B batch, T = S*B tokens,
+# H hidden, E experts, k top-k, tp tensor-parallel size
+
+Why BaseMoELayer and not MoELayer: Megatron's MoELayer builds its own router and picks
+its token dispatcher inside ``__init__`` from ``moe_token_dispatcher_type``; in
+megatron-core 0.16.1 that router calls ``te_general_gemm`` and dies with a NameError when
+Transformer Engine is absent. This layer never constructs either: routing is
+``moe_ext.moe.router.TopKRouter``, transport is the plan's dispatcher
+(``plan.dispatcher``), experts are ``GroupedExperts``. Megatron treats it as a plain MLP
+module (``forward`` returns ``(output, None)``).
+
+Parameter names are the native ones under the layer (``router.weight``,
+``experts.gate_up_proj`` [E_local, 2F_local, H], ``experts.down_proj`` [E_local, H,
+F_local], ``shared_expert.{gate,up,down}_proj.weight``, ``shared_expert_gate.weight``), so
+``decoder.layers.{i}.mlp.<name>`` in GPTModel is ``layers.{i}.mlp.<name>`` natively.
+
+Tokens and tensor parallelism (docs/ARCHITECTURE.md, "Rank layout"):
+- no sequence parallelism, tp > 1: TP ranks hold identical tokens. ep_* strategies route
+  all tokens (identically on every TP rank), send only this rank's 1/tp slice through the
+  exchange and all-gather the results; tp_experts runs the identical tokens through the
+  FFN-sharded experts (its dispatcher all-reduces);
+- sequence parallelism: TP ranks hold different tokens. ep_* and replicate use them as
+  they are; tp_experts all-gathers them over TP first and keeps its own rows after.
+Both token movements are differentiable with Megatron's conventions (a TP-replicated
+activation has the full, identical gradient on every TP rank).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+from moe_ext.megatron.config import MegatronConfigError, loss_coeffs, moe_layer_kwargs
+from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher
+from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw
+from moe_ext.moe.layer import build_moe_layer
+
+_BASE_INIT_PARAMS = set(inspect.signature(BaseMoELayer.__init__).parameters)
+
+
+def _size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class _TakeTPSlice(torch.autograd.Function):
+    """Forward: this rank's rows [r*n, (r+1)*n) of a TP-replicated [tp*n, ...] tensor.
+    Backward: all-gather the slices' gradients, giving every rank the full gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        rows = x.shape[0] // dist.get_world_size(group)
+        start = dist.get_rank(group) * rows
+        return x[start:start + rows].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad.contiguous(), ctx.group), None
+
+
+class _GatherTPSlices(torch.autograd.Function):
+    """Forward: all-gather per-rank slices [n, ...] into [tp*n, ...] (TP-replicated result).
+    Backward: every rank holds the full, identical gradient; keep this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_raw(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = grad.shape[0] // dist.get_world_size(ctx.group)
+        start = dist.get_rank(ctx.group) * rows
+        return grad[start:start + rows].contiguous(), None
+
+
+def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -x.shape[0] % multiple
+    if not extra:
+        return x
+    return torch.cat([x, x.new_zeros((extra,) + tuple(x.shape[1:]))], dim=0)
+
+
+class MoEExtLayer(BaseMoELayer):
+    """Megatron MoE layer running moe_ext's router, experts and the plan's dispatcher.
+
+    Args (Megatron's, in both 0.16.x ModuleSpec and 0.19.x partial call styles):
+      config: TransformerConfig (MoE fields mapped by moe_ext.megatron.config);
+      submodules: ignored (our parts are fixed; accepted so Megatron specs can pass it);
+      layer_number, is_mtp_layer, name: as Megatron's MoELayer;
+      pg_collection: Megatron ProcessGroupCollection; None -> ``groups``' collection.
+    Keyword-only (bound by ``moe_layer_spec``):
+      plan: moe_ext ParallelPlan (strategy, degrees, dispatcher class);
+      groups: moe_ext ProcessGroups built from the plan (preferred source of the EP/ETP
+        groups); None -> the pg_collection's ep / expt_tp groups;
+      experts_backend: GroupedExperts backend ("auto" | "grouped_mm" | "loop").
+    """
+
+    def __init__(self, config: Any, submodules: Any = None, layer_number: Optional[int] = None,
+                 pg_collection: Any = None, is_mtp_layer: bool = False,
+                 name: Optional[str] = None, *, plan: Any, groups: Any = None,
+                 experts_backend: str = "auto"):
+        if pg_collection is None:
+            if groups is None:
+                raise MegatronConfigError("MoEExtLayer needs process groups: pass groups= (moe_ext "
+                                          "ProcessGroups) or pg_collection=")
+            pg_collection = groups.to_megatron_pg_collection()
+        base_kwargs = dict(config=config, layer_number=layer_number, pg_collection=pg_collection)
+        if "is_mtp_layer" in _BASE_INIT_PARAMS:
+            base_kwargs["is_mtp_layer"] = is_mtp_layer
+        super().__init__(**base_kwargs)
+        self.plan = plan
+        self.module_name = name
+        layer_kwargs = moe_layer_kwargs(config)
+        self._check_groups(config, plan, pg_collection)
+        self.tp_group = pg_collection.tp
+        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        if groups is not None:
+            dispatch_groups = groups.dispatch_groups()
+        else:
+            dispatch_groups = DispatchGroups(
+                ep=pg_collection.ep if plan.ep > 1 else None,
+                etp=pg_collection.expt_tp if plan.etp > 1 else None)
+        self.dispatcher = build_dispatcher(plan.dispatcher, layer_kwargs["num_experts"],
+                                           dispatch_groups)
+        if self.dispatcher.num_local_experts != self.num_local_experts:
+            raise MegatronConfigError(
+                f"dispatcher {plan.dispatcher} holds {self.dispatcher.num_local_experts} local "
+                f"experts but Megatron's EP group implies {self.num_local_experts}; build the "
+                f"pg_collection from the same plan")
+        if getattr(config, "use_cpu_initialization", False) or not torch.cuda.is_available():
+            device = torch.device("cpu")
+        else:
+            device = torch.device("cuda", torch.cuda.current_device())
+        inner = build_moe_layer(**layer_kwargs, dispatcher=self.dispatcher,
+                                experts_backend=experts_backend,
+                                dtype=getattr(config, "params_dtype", None), device=device)
+        # Our parts become this module's children under their native names.
+        self.router = inner.router
+        self.experts = inner.experts
+        self.shared_expert = inner.shared_expert
+        self.shared_expert_gate = inner.shared_expert_gate
+        self.aux_loss_coeff, self.z_loss_coeff = loss_coeffs(config)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self._mark_params(config)
+        if getattr(config, "perform_initialization", False):
+            self._initialize(config)
+
+    # -- construction helpers ----------------------------------------------------------
+    @staticmethod
+    def _check_groups(config: Any, plan: Any, pg_collection: Any) -> None:
+        sizes = {"tp": (_size(pg_collection.tp), plan.tp),
+                 "ep": (_size(pg_collection.ep), plan.ep),
+                 "expt_tp": (_size(getattr(pg_collection, "expt_tp", None)), plan.etp)}
+        bad = {k: v for k, v in sizes.items() if v[0] != v[1]}
+        if bad:
+            raise MegatronConfigError(
+                f"pg_collection group sizes {({k: v[0] for k, v in bad.items()})} differ from the "
+                f"plan's ({({k: v[1] for k, v in bad.items()})}); build it with "
+                f"ProcessGroups.build(plan, ...).to_megatron_pg_collection()")
+        for field, want in (("expert_model_parallel_size", plan.ep),
+                            ("expert_tensor_parallel_size", plan.etp),
+                            ("tensor_model_parallel_size", plan.tp)):
+            have = getattr(config, field, None)
+            if have is not None and have != want:
+                raise MegatronConfigError(f"config.{field}={have} but the plan has {want}; build "
+                                          f"the TransformerConfig from the plan (moe_ext.megatron."
+                                          f"transformer_config_kwargs)")
+
+    def _mark_params(self, config: Any) -> None:
+        """Megatron's gradient bookkeeping: expert weights are reduced over the expert-data-
+        parallel group (``allreduce=False``), replicated router / shared-expert weights see
+        different tokens per TP rank only under sequence parallelism."""
+        for param in self.experts.parameters():
+            param.allreduce = False
+        for module in (self.router, self.shared_expert, self.shared_expert_gate):
+            if module is not None:
+                for param in module.parameters():
+                    param.sequence_parallel = self.sequence_parallel
+
+    @torch.no_grad()
+    def _initialize(self, config: Any) -> None:
+        """Megatron's init methods: ``init_method`` for router, gate/up projections and the
+        shared gate, ``output_layer_init_method`` for down projections. Expert weights are
+        drawn from Megatron's expert-parallel RNG stream (different per EP/ETP rank) when
+        it is set up on this device."""
+        init, out_init = config.init_method, config.output_layer_init_method
+        init(self.router.weight)
+        if self.shared_expert is not None:
+            init(self.shared_expert.gate_proj.weight)
+            init(self.shared_expert.up_proj.weight)
+            out_init(self.shared_expert.down_proj.weight)
+        if self.shared_expert_gate is not None:
+            init(self.shared_expert_gate.weight)
+        with _expert_rng(self.experts.gate_up_proj.device):
+            init(self.experts.gate_up_proj)
+            out_init(self.experts.down_proj)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    # -- Megatron's expert-bias update hooks (finalize_model_grads) ---------------------
+    @property
+    def expert_bias(self) -> torch.Tensor:
+        """The router's selection bias [E] float32, under the name Megatron updates."""
+        bias = self.router.e_score_correction_bias
+        if bias is None:
+            raise AttributeError("router has no expert bias (moe_router_enable_expert_bias=False)")
+        return bias
+
+    @property
+    def local_tokens_per_expert(self) -> torch.Tensor:
+        """Token-expert pairs per expert [E] int64 since Megatron last zeroed them."""
+        if self.router.e_score_correction_bias is None:
+            raise AttributeError("router has no expert bias (moe_router_enable_expert_bias=False)")
+        return self.router.expert_load
+
+    # -- forward -------------------------------------------------------------------------
+    def _experts_path(self, x: torch.Tensor, weights: torch.Tensor,
+                      expert_idx: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights [T, k] f32, expert_idx [T, k] -> routed output [T, H]."""
+        x_local, tokens_per_expert, handle = self.dispatcher.dispatch(x, weights, expert_idx)
+        y_local = self.experts(x_local, tokens_per_expert)  # [T', H]
+        return self.dispatcher.combine(y_local, handle)  # [T, H]
+
+    def _routed(self, tokens: torch.Tensor, weights: torch.Tensor,
+                expert_idx: torch.Tensor) -> torch.Tensor:
+        tp = _size(self.tp_group) if self.plan.tp > 1 else 1
+        if tp == 1:
+            return self._experts_path(tokens, weights, expert_idx)
+        group = self.tp_group
+        if self.plan.is_expert_parallel and not self.sequence_parallel:
+            # identical tokens on the TP ranks: each exchanges only its 1/tp share
+            num_tokens = tokens.shape[0]
+            x = _TakeTPSlice.apply(_pad_rows(tokens, tp), group)  # [ceil(T/tp), H]
+            w = _TakeTPSlice.apply(_pad_rows(weights, tp), group)  # [ceil(T/tp), k]
+            idx = _TakeTPSlice.apply(_pad_rows(expert_idx, tp), group)
+            y = self._experts_path(x, w, idx)
+            return _GatherTPSlices.apply(y, group)[:num_tokens]  # [T, H]
+        if self.plan.strategy == "tp_experts" and self.sequence_parallel:
+            # FFN-sharded experts need the same tokens on every TP rank
+            x = all_gather(tokens.contiguous(), group)  # [tp*T, H]
+            w = all_gather(weights.contiguous(), group)  # [tp*T, k]
+            idx = all_gather_raw(expert_idx.contiguous(), group)
+            return _TakeTPSlice.apply(self._experts_path(x, w, idx), group)  # [T, H]
+        return self._experts_path(tokens, weights, expert_idx)
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None,
+                padding_mask: Optional[torch.Tensor] = None, **unused: Any):
+        """hidden_states: [S, B, H] in the model dtype. Returns (output [S, B, H], None).
+
+        ``padding_mask`` is accepted for Megatron's call signature; padding tokens are
+        routed like any other (their outputs are ignored downstream)."""
+        if intermediate_tensors is not None:
+            raise MegatronConfigError("MoEExtLayer does not support partial CUDA-graph capture "
+                                      "of the MoE layer; leave moe_* out of cuda_graph_scope")
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        routing = self.router(tokens)
+        output = self._routed(tokens, routing.weights, routing.expert_idx)  # [T, H]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)  # [T, H]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared  # [T,1]*[T,H]
+            output = output + shared.to(output.dtype)
+        self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
+        if self.training and torch.is_grad_enabled():
+            output = self._attach_router_losses(output, routing.aux_loss, routing.z_loss)
+        return output.reshape(shape), None
+
+    def _attach_router_losses(self, output: torch.Tensor, aux: torch.Tensor,
+                              z: torch.Tensor) -> torch.Tensor:
+        """Put the weighted router losses into the backward pass the way Megatron does
+        (MoEAuxLossAutoScaler: identity forward, loss gradient injected backward), and
+        report them to Megatron's aux-loss tracker for logging."""
+        from megatron.core.transformer.moe import moe_utils
+
+        terms = [(name, coeff * loss) for name, coeff, loss in
+                 (("load_balancing_loss", self.aux_loss_coeff, aux),
+                  ("z_loss", self.z_loss_coeff, z)) if coeff]
+        for name, loss in terms:
+            output = moe_utils.MoEAuxLossAutoScaler.apply(output, loss)
+            if self.layer_number is not None:
+                moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
+                                                     self.config.num_layers)
+        return output
+
+
+class _expert_rng:
+    """Context: Megatron's expert-parallel CUDA RNG stream when it exists, else a no-op."""
+
+    def __init__(self, device: torch.device):
+        self._ctx = None
+        if device.type != "cuda":
+            return
+        try:
+            from megatron.core.tensor_parallel import random as mrandom
+            tracker = mrandom.get_cuda_rng_tracker()
+            name = mrandom.get_expert_parallel_rng_tracker_name()
+            if name in tracker.get_states():
+                self._ctx = tracker.fork(name)
+        except (ImportError, AttributeError):
+            self._ctx = None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            return self._ctx.__exit__(*exc)
+        return False
