@@ -9,7 +9,10 @@ Parameters use the Hugging Face transformers-5 fused layout: ``gate_up_proj`` [E
 Backends: ``grouped_mm`` (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``: one
 kernel per projection, cumulative int32 offsets built on device, no host sync) when the
 inputs qualify; ``loop`` (one matmul pair per expert; needs the split sizes on the host)
-everywhere else. ``auto`` picks grouped_mm when it qualifies, loop otherwise.
+everywhere else; ``triton`` (:mod:`moe_ext.moe.kernels.grouped_gemm`: weight-streaming
+kernels for few rows, forward only, CUDA bf16/fp16). ``auto`` picks triton for inference
+(no gradient needed) on CUDA bf16/fp16 with at most ``TRITON_MAX_ROWS`` rows when Triton
+imports, else grouped_mm when it qualifies, else loop.
 """
 from __future__ import annotations
 
@@ -20,7 +23,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-BACKENDS = ("auto", "grouped_mm", "loop")
+BACKENDS = ("auto", "grouped_mm", "loop", "triton")
+# Up to this many rows (T') ``auto`` uses the Triton kernels: there the layer is a weight
+# read and torch's grouped GEMM reaches 25-60% of HBM bandwidth; beyond it the work turns
+# compute-bound and grouped_mm's large tiles win.
+TRITON_MAX_ROWS = 256
+_triton_kernels = None  # the kernels module once imported; False when Triton is missing
+
+
+def triton_kernels():
+    """The Triton kernels module, or None when Triton does not import (imported on first
+    use: Triton is heavy and only GPU inference needs it)."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        try:
+            from moe_ext.moe.kernels import grouped_gemm
+            _triton_kernels = grouped_gemm
+        except ImportError:
+            _triton_kernels = False
+    return _triton_kernels or None
 
 
 def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -81,6 +102,29 @@ class GroupedExperts(nn.Module):
                              f"16-byte-aligned rows); use backend 'auto' or 'loop'")
         return qualifies and self.backend != "loop"
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
+
+    def uses_triton(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> bool:
+        """Whether this forward runs the Triton kernels (forward only, so never when a
+        gradient is needed). x: [T', H] in the weights' dtype."""
+        if self.backend == "triton":
+            if self._needs_grad(x):
+                raise ValueError("experts backend 'triton' is forward-only; run under "
+                                 "torch.no_grad()/torch.inference_mode() or use backend 'auto'")
+            kernels = triton_kernels()
+            if kernels is None:
+                raise ValueError("experts backend 'triton' needs the triton package (it comes "
+                                 "with CUDA builds of torch); use backend 'auto'")
+            kernels.check_operands(x, self.gate_up_proj, self.down_proj, tokens_per_expert)
+            return True
+        return (self.backend == "auto" and x.device.type == "cuda"
+                and x.dtype in (torch.bfloat16, torch.float16)
+                and x.shape[0] <= TRITON_MAX_ROWS and tokens_per_expert.dtype == torch.int64
+                and tokens_per_expert.device == x.device and not self._needs_grad(x)
+                and triton_kernels() is not None)
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [T', H] rows sorted by local expert; tokens_per_expert: [E] int64 on x's
         device, summing to T'. Returns y: [T', H] in x's dtype."""
@@ -92,7 +136,10 @@ class GroupedExperts(nn.Module):
                              f"disagree on the number of local experts")
         in_dtype = x.dtype
         x = x.to(self.gate_up_proj.dtype)
-        if self.uses_grouped_mm(x):
+        if self.uses_triton(x, tokens_per_expert):
+            y = triton_kernels().swiglu_experts_forward(
+                x, self.gate_up_proj, self.down_proj, tokens_per_expert)
+        elif self.uses_grouped_mm(x):
             y = self._forward_grouped_mm(x, tokens_per_expert)
         else:
             y = self._forward_loop(x, tokens_per_expert)

@@ -35,13 +35,15 @@ BLOCK_M_CHOICES = (16, 32, 64)
 
 
 def _expert_gemm(x_ptr, w_ptr, tokens_per_expert_ptr, out_ptr,
-                 N, K, E, A,
+                 N, K, E, slots_bucket,
                  stride_xm, stride_we, stride_wn, stride_om,
                  SWIGLU: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[rows of e, n-tile] = x[rows of e] @ W[e, n-tile]^T for the expert behind this
     program's active slot; with SWIGLU, silu(gate) * up where gate uses W[e, n] and up
-    W[e, N + n]. x: [T', K]; W: [E, N or 2N, K] (K contiguous); out: [T', N]."""
+    W[e, N + n]. x: [T', K]; W: [E, N or 2N, K] (K contiguous); out: [T', N].
+    slots_bucket (a power of two >= the active-expert bound) only keys the autotuner:
+    the best tile width depends on how many experts share the GPU."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
     slot = pid // n_tiles
@@ -60,10 +62,10 @@ def _expert_gemm(x_ptr, w_ptr, tokens_per_expert_ptr, out_ptr,
 
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    # [BLOCK_K, BLOCK_N] view of W[e, n-tile]^T: K is contiguous in memory.
-    w_tile = (w_ptr + expert.to(tl.int64) * stride_we
-              + offs_n.to(tl.int64)[None, :] * stride_wn + tl.arange(0, BLOCK_K)[:, None])
-    up_shift = N.to(tl.int64) * stride_wn
+    # [BLOCK_K, BLOCK_N] views of W[e, n-tile]^T (and of the up half): K is contiguous.
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we + tl.arange(0, BLOCK_K)[:, None]
+    w_tile = w_expert + offs_n.to(tl.int64)[None, :] * stride_wn
+    w_up_tile = w_expert + (offs_n + N).to(tl.int64)[None, :] * stride_wn
     for m0 in range(0, rows, BLOCK_M):  # zero trips for an empty slot: no weight read
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < rows
@@ -79,7 +81,7 @@ def _expert_gemm(x_ptr, w_ptr, tokens_per_expert_ptr, out_ptr,
             w = tl.load(w_tile + k0, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(a, w, acc)
             if SWIGLU:
-                w_up = tl.load(w_tile + up_shift + k0, mask=w_mask, other=0.0)
+                w_up = tl.load(w_up_tile + k0, mask=w_mask, other=0.0)
                 acc_up = tl.dot(a, w_up, acc_up)
         if SWIGLU:
             acc = acc * tl.sigmoid(acc) * acc_up
@@ -92,19 +94,22 @@ def _configs(swiglu: bool):
     # Few configs keep the one-off autotune cheap. Small N-tiles give enough programs to
     # fill 132 SMs when only one or two experts are active; deep pipelines keep enough
     # weight loads in flight per SM to approach HBM bandwidth.
-    shapes = [(16, 256, 4, 4), (32, 128, 4, 4), (64, 128, 4, 3), (32, 256, 4, 3)]
-    if not swiglu:
-        shapes += [(64, 64, 4, 5), (128, 64, 4, 4)]
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    if swiglu:  # two weight tiles and two accumulators per step
+        shapes = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3)]
+    else:
+        shapes = [(16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in shapes]
 
 
 _jit_kernel = triton.jit(_expert_gemm)
+_TUNE_KEY = ["N", "K", "E", "slots_bucket", "BLOCK_M"]
 # Triton decides at decoration time whether kernels compile or run in its CPU interpreter
 # (TRITON_INTERPRET=1 in the environment of the process that imports triton).
 INTERPRETED = not isinstance(_jit_kernel, triton.runtime.jit.JITFunction)
-_gate_up_kernel = triton.autotune(_configs(True), key=["N", "K", "E", "BLOCK_M"])(_jit_kernel)
-_down_kernel = triton.autotune(_configs(False), key=["N", "K", "E", "BLOCK_M"])(_jit_kernel)
+_gate_up_kernel = triton.autotune(_configs(True), key=_TUNE_KEY)(_jit_kernel)
+_down_kernel = triton.autotune(_configs(False), key=_TUNE_KEY)(_jit_kernel)
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
 
 
@@ -118,7 +123,8 @@ def pick_block_m(rows: int, num_experts: int) -> int:
 def _launch(x, w, tokens_per_expert, out, n, swiglu, block_m):
     num_experts = w.shape[0]
     slots = min(num_experts, x.shape[0])  # at most one expert with rows per row
-    args = (x, w, tokens_per_expert, out, n, x.shape[1], num_experts, slots,
+    args = (x, w, tokens_per_expert, out, n, x.shape[1], num_experts,
+            triton.next_power_of_2(slots),
             x.stride(0), w.stride(0), w.stride(1), out.stride(0))
     meta = dict(SWIGLU=swiglu, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m)
     if x.device.type == "cpu":
@@ -169,15 +175,14 @@ def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,
     interpreter); tokens_per_expert: [E] int64 on x's device, summing to T' (rows past the
     sum are left unwritten). block_m: rows per chunk (16/32/64), default from
     :func:`pick_block_m`. Returns y: [T', H] in x's dtype."""
+    if block_m is not None and block_m not in BLOCK_M_CHOICES:
+        raise ValueError(f"triton experts: block_m {block_m} not in {BLOCK_M_CHOICES}")
     check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
     num_experts, two_f, hidden = gate_up_proj.shape
     ffn = two_f // 2
     x = x.contiguous()
     gate_up_proj, down_proj = gate_up_proj.contiguous(), down_proj.contiguous()
-    if block_m is None:
-        block_m = pick_block_m(x.shape[0], num_experts)
-    elif block_m not in BLOCK_M_CHOICES:
-        raise ValueError(f"triton experts: block_m {block_m} not in {BLOCK_M_CHOICES}")
+    block_m = block_m or pick_block_m(x.shape[0], num_experts)
     hidden_act = x.new_empty(x.shape[0], ffn)  # [T', F]
     y = x.new_empty(x.shape[0], hidden)  # [T', H]
     if x.shape[0] == 0 or ffn == 0:
