@@ -1,0 +1,183 @@
+"""Experts-only forward latency at decode sizes: grouped_mm vs triton backends, against the
+HBM floor.
+
+    python tools/bench_experts.py --json experts.json          # mixtral + qwen3, bf16
+    python tools/bench_experts.py --shapes qwen3 --tokens 1,4,16 --peak-tbs 4.8
+
+# T tokens, T' = T*k rows (sorted by expert), H hidden, F FFN size, E experts, k top-k
+
+Per (shape, T): T tokens routed top-k (seeded uniform scores, distinct experts per token)
+give ``tokens_per_expert``; rows are random bf16. Each backend's forward is captured in
+one CUDA graph that runs it on ``--copies`` weight copies in turn (so the L2 cache does not
+hold the next call's weights), after one eager warm-up that autotunes/compiles; the graph
+is replayed ``--iters`` times, each timed with CUDA events; the reported latency is the
+median replay / copies. Floor: bytes of the weights of the experts that receive at least
+one row (gate_up and down, read once) / ``--peak-tbs``; ``frac`` = floor / latency. The
+triton output is checked against grouped_mm's (max abs difference / output scale).
+A backend that fails prints its exact error and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from moe_ext.moe.experts import GroupedExperts  # noqa: E402
+
+SHAPES = {  # name: (H, F, E, k)
+    "mixtral": (4096, 14336, 8, 2),
+    "qwen3": (2048, 768, 128, 8),
+}
+BACKENDS = ("grouped_mm", "triton")
+
+
+def routed_counts(tokens: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """tokens_per_expert [E] int64 on the GPU for `tokens` tokens routed top-k."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand(tokens, num_experts, device="cuda", generator=gen)
+    idx = scores.topk(top_k, dim=-1).indices.flatten()  # [T*k]
+    return torch.bincount(idx, minlength=num_experts).to(torch.int64)
+
+
+def time_backend(modules, backend, x, counts, iters) -> tuple[float, torch.Tensor]:
+    """Median microseconds per forward (CUDA-graph replay over the weight copies) and the
+    output of the first copy."""
+    for module in modules:
+        module.backend = backend
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside capture: autotune, compile
+            for module in modules:
+                module(x, counts)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = [module(x, counts) for module in modules]
+        for _ in range(3):
+            graph.replay()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / len(modules))
+    return statistics.median(times), outputs[0].clone()
+
+
+def bench_shape(name, tokens_list, args) -> list[dict]:
+    hidden, ffn, num_experts, top_k = SHAPES[name]
+    torch.manual_seed(0)
+    modules = [GroupedExperts(num_experts, hidden, ffn, dtype=torch.bfloat16, device="cuda")
+               for _ in range(args.copies)]
+    expert_bytes = 3 * hidden * ffn * 2  # gate, up, down in bf16
+    rows_out = []
+    for tokens in tokens_list:
+        if tokens * top_k > args.max_rows:
+            continue
+        counts = routed_counts(tokens, num_experts, top_k, seed=tokens)
+        touched = int((counts > 0).sum())  # host sync: benchmark bookkeeping only
+        rows = tokens * top_k
+        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+        floor_us = touched * expert_bytes / (args.peak_tbs * 1e12) * 1e6
+        row = dict(shape=name, H=hidden, F=ffn, E=num_experts, k=top_k, tokens=tokens,
+                   rows=rows, experts_touched=touched, floor_us=round(floor_us, 1))
+        outputs = {}
+        for backend in BACKENDS:
+            try:
+                latency, outputs[backend] = time_backend(modules, backend, x, counts, args.iters)
+                row[f"{backend}_us"] = round(latency, 1)
+                row[f"{backend}_frac"] = round(floor_us / latency, 3)
+            except Exception as exc:  # report and go on with the other backend
+                traceback.print_exc()
+                row[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"
+        if len(outputs) == 2:
+            want = outputs["grouped_mm"].float()
+            diff = (outputs["triton"].float() - want).abs().max().item()
+            row["rel_err"] = round(diff / max(want.abs().max().item(), 1e-30), 5)
+        rows_out.append(row)
+        print(format_row(row), flush=True)
+    del modules
+    torch.cuda.empty_cache()
+    return rows_out
+
+
+HEADER = (f"{'shape':8} {'T':>4} {'rows':>4} {'E_hit':>5} {'floor_us':>9} {'grouped_us':>10} "
+          f"{'frac':>5} {'triton_us':>9} {'frac':>5} {'speedup':>7} {'rel_err':>8}")
+
+
+def format_row(r: dict) -> str:
+    def num(key, fmt):
+        return format(r[key], fmt) if key in r else "ERR".rjust(len(format(0.0, fmt)))
+    speedup = (f"{r['grouped_mm_us'] / r['triton_us']:7.2f}"
+               if "grouped_mm_us" in r and "triton_us" in r else f"{'-':>7}")
+    return (f"{r['shape']:8} {r['tokens']:4d} {r['rows']:4d} {r['experts_touched']:5d} "
+            f"{r['floor_us']:9.1f} {num('grouped_mm_us', '10.1f')} {num('grouped_mm_frac', '5.2f')} "
+            f"{num('triton_us', '9.1f')} {num('triton_frac', '5.2f')} {speedup} "
+            f"{num('rel_err', '8.4f')}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,8,32")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="mixtral,qwen3",
+                   help=f"comma-separated from {sorted(SHAPES)}")
+    p.add_argument("--tokens", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128],
+                   help="tokens per step; rows T' = tokens * k")
+    p.add_argument("--max-rows", type=int, default=256, help="skip points with more rows")
+    p.add_argument("--copies", type=int, default=4, help="weight copies rotated per replay")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--peak-tbs", type=float, default=4.3, help="HBM TB/s for the floor")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shapes {unknown}; use names from {sorted(SHAPES)}")
+    if args.copies < 1 or args.iters < 1:
+        p.error("--copies and --iters must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_experts: needs a CUDA GPU (times CUDA-graph replays)", file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
+          f"{args.copies} weight copies, floor at {args.peak_tbs} TB/s")
+    print(HEADER, flush=True)
+    rows = []
+    for name in args.shapes.split(","):
+        rows += bench_shape(name, args.tokens, args)
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                         "peak_tbs": args.peak_tbs, "rows": rows}, indent=1))
+    print(f"# {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
