@@ -25,8 +25,9 @@ import torch.nn.functional as F
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 # Up to this many rows (T') ``auto`` uses the Triton kernels: there the layer is a weight
-# read and torch's grouped GEMM reaches 25-60% of HBM bandwidth; beyond it the work turns
-# compute-bound and grouped_mm's large tiles win.
+# read and torch's grouped GEMM reaches 25-60% of HBM bandwidth (H200, bf16). With more
+# rows per expert the GEMMs gain arithmetic intensity, which grouped_mm's large tiles are
+# built for. tools/bench_experts.py measures both sides of this threshold.
 TRITON_MAX_ROWS = 256
 _triton_kernels = None  # the kernels module once imported; False when Triton is missing
 
