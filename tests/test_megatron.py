@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import types
 import warnings
 
@@ -357,3 +358,86 @@ def _gpt_body(rank, world):
 @pytest.mark.timeout(240)
 def test_gptmodel_with_our_layer_matches_native_decoder_world2():
     run_ranks(_gpt_body, world_size=2)
+
+
+# ---- init, expert-bias hooks, parallel_state -------------------------------------------
+
+def _state_body(rank, world):
+    from megatron.core import parallel_state as ps
+
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.megatron import (MoEExtLayer, ParallelStateError, install_parallel_state,
+                                  uninstall_parallel_state)
+
+    plan = plan_for("ep_nccl", world)
+    groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
+    install_parallel_state(groups)
+    try:
+        assert ps.get_expert_model_parallel_group() is groups.ep
+        assert ps.get_tensor_model_parallel_group() is groups.tp
+        assert ps.get_data_parallel_group() is groups.dp
+        assert ps.get_expert_model_parallel_world_size() == 2
+        assert ps.get_expert_model_parallel_rank() == groups.ep_rank
+        assert ps.model_parallel_is_initialized()
+        install_parallel_state(groups)  # idempotent for the same groups
+        other = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
+        with pytest.raises(ParallelStateError):
+            install_parallel_state(other)
+        # megatron's default pg collection (used when none is passed) is ours
+        config = _config(expert_model_parallel_size=2, perform_initialization=True,
+                         init_method_std=0.02, moe_router_enable_expert_bias=True,
+                         moe_router_score_function="sigmoid")
+        layer = MoEExtLayer(config, pg_collection=None, plan=plan, groups=groups)
+        assert layer.num_local_experts == E // 2 and layer.experts.num_experts == E // 2
+        assert layer.local_expert_indices[0] == groups.ep_rank * E // 2
+        std = layer.router.weight.std().item()
+        assert 0.015 < std < 0.025, std  # Megatron's init_method, not ours (H**-0.5 = 0.18)
+        assert all(p.allreduce is False for p in layer.experts.parameters())
+        assert layer.expert_bias is layer.router.e_score_correction_bias
+        layer(torch.randn(4, 2, H))
+        assert int(layer.local_tokens_per_expert.sum()) == 4 * 2 * 2
+        plain = MoEExtLayer(_config(expert_model_parallel_size=2), plan=plan, groups=groups)
+        assert not hasattr(plain, "expert_bias")  # Megatron's bias update skips it
+        with pytest.raises(MegatronConfigError, match="expert_model_parallel_size"):
+            MoEExtLayer(_config(expert_model_parallel_size=1), plan=plan, groups=groups)
+    finally:
+        uninstall_parallel_state()
+    assert not ps.model_parallel_is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_parallel_state_from_our_groups_and_layer_hooks_world2():
+    run_ranks(_state_body, world_size=2)
+
+
+def test_training_forward_attaches_weighted_router_losses():
+    """In training the weighted aux/z losses reach the router through backward (Megatron's
+    MoEAuxLossAutoScaler), on top of the output's own gradient."""
+    import torch.distributed as dist
+
+    from moe_ext.megatron import MoEExtLayer
+    from tests.multirank import _free_port
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    own_init = not dist.is_initialized()
+    if own_init:
+        dist.init_process_group("gloo", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+    try:
+        from moe_ext.groups import ProcessGroups
+        plan = plan_for("replicate", 1)
+        groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
+        grads = {}
+        for coeff in (0.0, 10.0):
+            torch.manual_seed(0)
+            layer = MoEExtLayer(_config(moe_aux_loss_coeff=coeff), plan=plan,
+                                groups=groups).train()
+            x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(3))
+            y, _ = layer(x)
+            y.sum().backward()
+            grads[coeff] = layer.router.weight.grad.clone()
+            aux = layer.aux_loss.detach()
+        assert aux > 0
+        assert not torch.allclose(grads[0.0], grads[10.0])
+    finally:
+        if own_init:
+            dist.destroy_process_group()

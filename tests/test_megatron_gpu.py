@@ -140,6 +140,9 @@ def _gpt_body(rank, world, backend="nccl"):
 def _device(rank: int, backend: str) -> torch.device:
     if backend == "nccl":
         torch.cuda.set_device(rank)
+        # float32 comparisons at 1e-4: keep cuBLAS off TF32 whatever a library set
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda", rank)
     return torch.device("cpu")
 
