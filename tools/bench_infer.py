@@ -1,0 +1,200 @@
+"""End-to-end generation benchmark on synthetic weights: prefill and decode throughput per
+strategy and batch size, against the HBM floor of the weights each decode step must read.
+
+    python3 tools/bench_infer.py --model qwen3_30b_a3b --batches 1,16,64
+    torchrun --nproc-per-node 2 tools/bench_infer.py --strategy ep_nccl --batches 16
+    torchrun --nproc-per-node 2 tools/bench_infer.py --strategy replicate --profile
+
+Weights are generated on the GPU (the launcher's deterministic random init, this rank's
+shard only); each batch runs once to warm up (autotuning, CUDA-graph capture), then once
+timed. Prints a table last; --json writes the rows, --png a chart (decode tok/s by batch).
+
+# B batch, E experts, k top-k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+
+import infer  # noqa: E402  (the launcher's prepare/build_model: the same code path as users)
+from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
+from moe_ext.groups import ProcessGroups  # noqa: E402
+
+HBM_BYTES_PER_S = 4.3e12  # measured device-to-device copy on the H200s here
+
+
+def expert_touch_probability(batch_tokens: int, num_experts: int, top_k: int) -> float:
+    """Chance that a given expert receives at least one of ``batch_tokens`` tokens under
+    uniform top-k routing (what a decode step must read of it)."""
+    return 1.0 - (1.0 - top_k / num_experts) ** batch_tokens
+
+
+def decode_floor_s(model, args, tokens_reaching_experts: int) -> float:
+    """Bytes this rank must read per decode step ÷ HBM bandwidth: every local non-expert
+    weight once, and each local expert's weights with the chance it is routed to."""
+    p = expert_touch_probability(tokens_reaching_experts, args.num_experts,
+                                 args.num_experts_per_tok)
+    total = 0.0
+    for name, param in model.named_parameters():
+        nbytes = param.numel() * param.element_size()
+        if name == "embed_tokens.weight" and model.lm_head is not None:
+            continue  # decode reads B rows of the embedding, not the table
+        total += nbytes * (p if ".mlp.experts." in name else 1.0)
+    return total / HBM_BYTES_PER_S
+
+
+def synthetic_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen3_30b_a3b")
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a functional dry run (timings mean little)")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler table of 4 eager decode steps (batch = first)")
+    parser.add_argument("--json")
+    parser.add_argument("--png")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (parallel.tp=2 ...)")
+    opts = parser.parse_args()
+
+    env = DistEnv.from_environ(os.environ)
+    batches = [int(b) for b in opts.batches.split(",")]
+    overrides = [f"model={opts.model}", f"strategy={opts.strategy}", f"device={opts.device}",
+                 f"generate.max_new_tokens={opts.new_tokens}", "generate.ignore_eos=true",
+                 f"generate.cuda_graphs={not opts.no_cuda_graphs}",
+                 f"generate.max_batch_size={max(batches)}", *opts.overrides]
+    cfg = infer_conf(overrides)
+    job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
+    device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
+    groups = ProcessGroups.build(job.plan, backend="nccl" if device.type == "cuda" else "gloo",
+                                 timeout=timedelta(seconds=300))
+    t0 = time.perf_counter()
+    model = infer.build_model(job, groups, env.rank, device)
+    synchronize(device)  # sync: time the weight init
+    if env.rank == 0:
+        print(f"plan: {job.plan.describe()}\nweights ready in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+    rows = []
+    for batch in batches:
+        prompts = synthetic_prompts(batch, opts.prompt_len, job.args.vocab_size, seed=batch)
+        run = lambda: infer.generate(model, prompts, cfg.generate, eos_id=None,  # noqa: E731
+                                     pad_id=0, seed=0)
+        run()  # warm-up: autotune, graph capture for this batch and cache size
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = run()
+        replicas = job.plan.dp  # each replica decodes its own slice of the batch
+        per_replica = -(-batch // replicas)
+        reaching = batch if job.plan.is_expert_parallel else per_replica
+        floor = decode_floor_s(model, job.args, reaching)
+        step_s = result.decode_s / max(result.decode_steps, 1)
+        rows.append(dict(model=opts.model, strategy=job.plan.strategy, world=env.world_size,
+                         plan=job.plan.describe().split(" | auto")[0], batch=batch,
+                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
+                         prefill_tok_s=result.prefill_tokens_per_s * replicas,
+                         decode_tok_s=result.decode_tokens_per_s * replicas,
+                         ms_per_step=1000 * step_s, floor_ms_per_step=1000 * floor,
+                         fraction_of_floor=floor / step_s if step_s else 0.0,
+                         cuda_graphs=result.cuda_graphs,
+                         peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                         nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
+                         torch=torch.__version__,
+                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         date=time.strftime("%Y-%m-%d")))
+        if env.rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
+    if opts.profile:
+        profile_decode(model, cfg, job, batches[0], opts.prompt_len, env.rank)
+    if env.rank == 0:
+        report(rows, opts.json, opts.png)
+    dist.destroy_process_group()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def infer_conf(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> None:
+    from dataclasses import replace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = synthetic_prompts(batch, prompt_len, job.args.vocab_size, seed=batch)
+    conf = replace(cfg.generate, max_new_tokens=5, cuda_graphs=False)
+    infer.generate(model, prompts, conf, eos_id=None, pad_id=0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        infer.generate(model, prompts, conf, eos_id=None, pad_id=0)
+    if rank == 0:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
+                                        max_name_column_width=60))
+
+
+def report(rows: list[dict], json_path, png_path) -> None:
+    header = (f"{'model':14} {'strategy':12} {'W':>2} {'batch':>5} {'prefill tok/s':>13} "
+              f"{'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} {'of floor':>8}")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r['batch']:>5} "
+              f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
+              f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%")
+    if json_path:
+        path = Path(json_path)
+        old = json.loads(path.read_text())["rows"] if path.exists() else []
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows": old + rows}, indent=1))
+        os.replace(tmp, path)
+    if png_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        all_rows = json.loads(Path(json_path).read_text())["rows"] if json_path else rows
+        fig, ax = plt.subplots(figsize=(7, 4))
+        series: dict[str, list] = {}
+        for r in all_rows:
+            label = f"{r['strategy']} W{r['world']}" + (" P2P off" if r["nccl_p2p_disable"] == "1" else "")
+            series.setdefault(label, []).append((r["batch"], r["decode_tok_s"]))
+        for label, points in series.items():
+            points.sort()
+            ax.plot(*zip(*points), marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tok/s",
+               title=f"{all_rows[0]['model']} decode, {all_rows[0]['gpu']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
