@@ -12,7 +12,7 @@ step's losses and throughput, held-out losses, sample text), ``loss.png``,
 ``checkpoints/step_*/`` (``resume=`` continues from them bit for bit) and ``model/``
 (moe_ext format, or ``export=<dir>``), which ``launch/infer.py checkpoint=<dir>`` loads.
 
-The shipped ``moe_ext/data/checkpoints/tiny`` was made by (about 10 minutes on 2 CPU cores):
+The shipped ``moe_ext/data/checkpoints/tiny`` was made by (about 6 minutes on 2 idle CPU cores):
 
     python launch/train.py export=moe_ext/data/checkpoints/tiny
 

@@ -17,7 +17,7 @@ from moe_ext.config import ModelConf, ParallelConf, StrategyConf, TopologyConf, 
 class TrainLoopConf:
     """Optimisation and bookkeeping of one run (``train.*`` on the command line). The
     defaults are the shipped ``tiny`` run: 4000 steps of 16 x 128 bytes on the shipped
-    corpus, about 5 minutes on 2 idle CPU cores (one process, fp32)."""
+    corpus, about 6 minutes on 2 idle CPU cores (one process, fp32)."""
 
     steps: int = 4000  # optimizer steps (total, counting those before a resume)
     lr: float = 3e-3  # peak learning rate (AdamW)
