@@ -13,6 +13,8 @@ stage_1_and_2.py):
   - all of this is switched on only when the engine finds a ``deepspeed.moe.layer.MoE``
     module in the model (``engine.has_moe_layers``). Our MoE layers are not DeepSpeed's, so
     ``MoEPresence`` (a parameter-free ``MoE`` subclass) tells the engine they exist.
+
+# B batch, S sequence, V vocab
 """
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# B batch, S sequence, V vocab
 
 EXPERT_PARAM_MARK = ".mlp.experts."  # stacked routed-expert weights (sharded by EP)
 

@@ -163,7 +163,7 @@ def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: st
                         piece = torch.empty(request.shape(shapes[name]), dtype=dtype,
                                             device=device)
                         dist.recv(piece, src=owner)
-                    _place(full, request, piece.cpu())
+                    _place(full, request, piece.cpu())  # sync: the writer streams host memory
             if rank == 0:
                 sha = writer.write_tensor(name, [full])
                 entries.append(TensorEntry(name, tuple(shapes[name]), dtype_name(dtype), sha,

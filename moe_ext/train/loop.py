@@ -123,6 +123,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         if norm is None:
             reported = self.engine.get_global_grad_norm()
+            # sync (when a tensor): for the log; the step above already waited on the device
             grad_norm = None if reported is None else float(reported)
         else:
             grad_norm = float(norm)  # sync: already waited on by the losses above
