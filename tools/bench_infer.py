@@ -84,7 +84,10 @@ def main() -> None:
                  f"generate.max_new_tokens={opts.new_tokens}", "generate.ignore_eos=true",
                  f"generate.cuda_graphs={not opts.no_cuda_graphs}",
                  f"generate.max_batch_size={max(batches)}", *opts.overrides]
-    cfg = infer_conf(overrides)
+    # the launcher validates a prompts file (lengths against the context): give it one
+    prompts_file = Path(f"/tmp/bench_infer_prompts_{env.rank}.jsonl")
+    prompts_file.write_text(json.dumps({"prompt_ids": [1] * opts.prompt_len}) + "\n")
+    cfg = infer_conf(overrides + [f"prompts={prompts_file}"])
     job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
     groups = ProcessGroups.build(job.plan, backend="nccl" if device.type == "cuda" else "gloo",
