@@ -138,6 +138,15 @@ def read_prompts(path: Optional[str], tokenizer) -> list[list[int]]:
     return prompts
 
 
+def package_path(spec: Optional[str]) -> Optional[str]:
+    """``pkg:data/...`` -> that path inside the installed moe_ext package; others unchanged."""
+    if spec is None or not spec.startswith("pkg:"):
+        return spec
+    import moe_ext
+
+    return str(Path(moe_ext.__file__).parent / spec[len("pkg:"):])
+
+
 def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: int) -> Job:
     """Validate the whole job and decide the plan; creates no process group and no weight."""
     if cfg.engine != "native":
@@ -146,20 +155,21 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     device_type = _device_type(cfg.device, cuda_available)
     dtype = _dtype(cfg.dtype, device_type)
     reader = None
-    if cfg.checkpoint is not None:
-        reader = CheckpointReader.open(cfg.checkpoint)  # reads headers only
+    checkpoint = cfg.checkpoint if cfg.checkpoint is not None else package_path(cfg.model.weights)
+    if checkpoint is not None:
+        reader = CheckpointReader.open(checkpoint)  # reads headers only
         args = ModelArgs.from_hf_config(reader.config)
-        model_conf = args.to_model_conf(name=Path(cfg.checkpoint).name)
+        model_conf = args.to_model_conf(name=Path(checkpoint).name)
     else:
         model_conf = cfg.model
         args = ModelArgs.from_model_conf(model_conf)
     # a moe_ext checkpoint of a byte-level model says so in its config ("tokenizer": "byte")
     spec = reader.config.get("tokenizer") if reader is not None else model_conf.tokenizer
-    has_tokenizer_json = cfg.checkpoint is not None and (Path(cfg.checkpoint) / "tokenizer.json").is_file()
+    has_tokenizer_json = checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file()
     if spec is None and not has_tokenizer_json:
         tokenizer = IdsOnlyTokenizer(args)
     else:
-        tokenizer = load_tokenizer(spec, cfg.checkpoint)
+        tokenizer = load_tokenizer(spec, checkpoint)
     prompt_ids = read_prompts(cfg.prompts, tokenizer)
     longest = max(len(p) for p in prompt_ids) + cfg.generate.max_new_tokens
     if longest > args.max_position_embeddings:

@@ -84,6 +84,9 @@ class ModelConf:
     pad_token_id: Optional[int] = None
     tokenizer: Optional[str] = None  # "byte" | path to a tokenizer.json | None (checkpoint's)
     init_seed: int = 1234  # random init (no checkpoint): identical at every world size
+    # weights used when no checkpoint= is given: a directory, or "pkg:<path>" inside the
+    # installed moe_ext package; None: random init from init_seed
+    weights: Optional[str] = None
 
 
 @dataclass
