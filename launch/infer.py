@@ -15,7 +15,6 @@ import logging
 import os
 import resource
 import sys
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,16 +28,16 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_ext.checkpoint.reader import CheckpointReader, load_sharded  # noqa: E402
 from moe_ext.config import InferConf, check_group_choices, register_configs  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
+from moe_ext.launching import (ModelSource, UsageError, build_model_shard,  # noqa: E402
+                               device_type_for, launch_topology, package_path, report_error,
+                               resolve_model_source)
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
-from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices  # noqa: E402
 from moe_ext.model.tokenizer import load_tokenizer  # noqa: E402
-from moe_ext.model.weights import init_random_, materialize_  # noqa: E402
 from moe_ext.plan import ParallelPlan, build_plan  # noqa: E402
-from moe_ext.topology import Topology, resolve_topology  # noqa: E402
+from moe_ext.topology import Topology  # noqa: E402
 
 log = logging.getLogger("moe_ext.infer")
 
@@ -49,10 +48,6 @@ DEMO_PROMPTS = [
     "It was a dark and stormy night",
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class UsageError(ValueError):
-    """Bad input found before any process group exists (one line: problem and fix)."""
 
 
 class IdsOnlyTokenizer:
@@ -78,23 +73,11 @@ class Job:
 
     device_type: str
     dtype: torch.dtype
-    args: ModelArgs
-    model_conf: Any  # ModelConf-like (the checkpoint's config for checkpoints)
-    reader: Optional[CheckpointReader]
+    source: ModelSource
     tokenizer: Any
     prompt_ids: list[list[int]]
     topology: Topology
     plan: ParallelPlan
-
-
-def _device_type(requested: str, cuda_available: bool) -> str:
-    if requested not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device={requested!r} is not one of auto, cpu, cuda")
-    if requested == "cuda" and not cuda_available:
-        raise UsageError("device=cuda but CUDA is not available; use device=cpu or device=auto")
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    return requested
 
 
 def _dtype(requested: str, device_type: str) -> torch.dtype:
@@ -138,74 +121,40 @@ def read_prompts(path: Optional[str], tokenizer) -> list[list[int]]:
     return prompts
 
 
-def package_path(spec: Optional[str]) -> Optional[str]:
-    """``pkg:data/...`` -> that path inside the installed moe_ext package; others unchanged."""
-    if spec is None or not spec.startswith("pkg:"):
-        return spec
-    import moe_ext
-
-    return str(Path(moe_ext.__file__).parent / spec[len("pkg:"):])
-
-
 def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: int) -> Job:
     """Validate the whole job and decide the plan; creates no process group and no weight."""
     if cfg.engine != "native":
         raise UsageError(f"engine={cfg.engine!r} is not available in launch/infer.py yet; "
                          f"use engine=native")
-    device_type = _device_type(cfg.device, cuda_available)
+    device_type = device_type_for(cfg.device, cuda_available)
     dtype = _dtype(cfg.dtype, device_type)
-    reader = None
     checkpoint = cfg.checkpoint if cfg.checkpoint is not None else package_path(cfg.model.weights)
-    if checkpoint is not None:
-        reader = CheckpointReader.open(checkpoint)  # reads headers only
-        args = ModelArgs.from_hf_config(reader.config)
-        model_conf = args.to_model_conf(name=Path(checkpoint).name)
-    else:
-        model_conf = cfg.model
-        args = ModelArgs.from_model_conf(model_conf)
-    # a moe_ext checkpoint of a byte-level model says so in its config ("tokenizer": "byte")
-    spec = reader.config.get("tokenizer") if reader is not None else model_conf.tokenizer
-    has_tokenizer_json = checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file()
-    if spec is None and not has_tokenizer_json:
+    source = resolve_model_source(checkpoint, cfg.model)
+    args = source.args
+    if source.tokenizer_spec is None and not source.has_tokenizer_json:
         tokenizer = IdsOnlyTokenizer(args)
     else:
-        tokenizer = load_tokenizer(spec, checkpoint)
+        tokenizer = load_tokenizer(source.tokenizer_spec, source.checkpoint)
     prompt_ids = read_prompts(cfg.prompts, tokenizer)
     longest = max(len(p) for p in prompt_ids) + cfg.generate.max_new_tokens
     if longest > args.max_position_embeddings:
         raise UsageError(f"a prompt plus generate.max_new_tokens is {longest} tokens, over the "
                          f"model's context of {args.max_position_embeddings}; shorten the prompt "
                          f"or lower generate.max_new_tokens")
-    # a forced GPU topology on CPU ranks (`+topology=pcie` on a laptop) emulates one GPU per rank
-    gpus = min(num_local_gpus, env.local_world_size) if device_type == "cuda" else env.local_world_size
-    topology = resolve_topology(cfg.topology, gpus)
-    if device_type == "cuda" and topology.num_gpus > env.local_world_size:
-        topology = topology.subset(env.local_world_size)
-    plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, model_conf,
+    topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
+    plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, source.model_conf,
                       dtype_bytes=torch.finfo(dtype).bits // 8,
                       tokens_per_step=min(len(prompt_ids), cfg.generate.max_batch_size))
-    return Job(device_type, dtype, args, model_conf, reader, tokenizer, prompt_ids, topology,
-               plan)
+    return Job(device_type, dtype, source, tokenizer, prompt_ids, topology, plan)
 
 
 def build_model(job: Job, groups: ProcessGroups, rank: int, device: torch.device) -> Transformer:
-    """This rank's shard of the model: built on meta, parallelized, then materialized
-    straight from the checkpoint slices it needs (or the deterministic random init)."""
-    with torch.device("meta"):
-        model = Transformer(job.args).to(dtype=job.dtype)  # cast on meta: no full-size fp32 copy
-    parallelize(model, job.plan, groups)
-    requests = shard_slices(job.plan, RankCoords.of(job.plan, rank), job.args)
-    if job.reader is None:
-        init_random_(model, seed=job.args.init_seed, requests=requests, device=device)
-    else:
-        state = load_sharded(job.reader, requests, dtype=job.dtype, device=device,
-                             progress=rank == 0)  # raises CheckpointError naming a missing tensor
-        materialize_(model, device).load_state_dict(state, strict=False)
-    return model
+    return build_model_shard(job.source, job.plan, groups, rank, device, job.dtype,
+                             progress=rank == 0)
 
 
-class LoadError(ValueError):
-    """Some rank could not build its shard of the model."""
+class LoadError(UsageError):
+    """Another rank could not build its shard of the model (that rank prints why)."""
 
 
 def all_ranks_ok(ok: bool, device: torch.device) -> bool:
@@ -307,10 +256,7 @@ def main(cfg) -> None:
     try:
         code = run(OmegaConf.to_object(cfg), env)
     except ValueError as err:  # our one-line errors (UsageError, PlanError, CheckpointError, ...)
-        if env.rank == 0 or not isinstance(err, (UsageError, LoadError)):
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        elif env.world_size > 1:
-            time.sleep(3)  # torchrun kills the other ranks when one exits: let rank 0 print
+        report_error(err, env.rank, env.world_size)
         code = 2
     finally:
         if dist.is_initialized():
@@ -322,9 +268,7 @@ if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:], REPO / "conf")
     except ValueError as err:
-        if DistEnv.from_environ(os.environ).rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        else:
-            time.sleep(3)  # let rank 0 print before torchrun stops the others
+        env = DistEnv.from_environ(os.environ)
+        report_error(UsageError(str(err)), env.rank, env.world_size)
         sys.exit(2)
     main()

@@ -39,17 +39,17 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_ext.checkpoint.reader import CheckpointReader, load_sharded  # noqa: E402
 from moe_ext.config import GenerateConf  # noqa: E402
 from moe_ext.deepspeed.engine import build_engine, clips_itself  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
+from moe_ext.launching import (ModelSource, UsageError, build_model_shard,  # noqa: E402
+                               device_type_for, launch_topology, report_error,
+                               resolve_model_source)
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
-from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices  # noqa: E402
 from moe_ext.model.tokenizer import load_tokenizer  # noqa: E402
-from moe_ext.model.weights import init_random_, materialize_  # noqa: E402
 from moe_ext.plan import ParallelPlan, build_plan  # noqa: E402
-from moe_ext.topology import Topology, resolve_topology  # noqa: E402
+from moe_ext.topology import Topology  # noqa: E402
 from moe_ext.train.config import TrainConf, register_train_configs  # noqa: E402
 from moe_ext.train.data import TokenData  # noqa: E402
 from moe_ext.train.export import export_moe_ext, hf_config  # noqa: E402
@@ -66,35 +66,18 @@ MEGATRON_STATUS = ("engine=megatron training is not available: Megatron-core tra
                    "separate issue that is still open; use engine=deepspeed")
 
 
-class UsageError(ValueError):
-    """Bad input found before any process group exists (one line: problem and fix)."""
-
-
 @dataclass
 class Job:
     """Everything decided before process groups exist; identical on every rank."""
 
     device_type: str
     dtype: torch.dtype
-    args: ModelArgs
-    model_conf: Any
-    reader: Optional[CheckpointReader]
-    tokenizer_spec: Optional[str]  # "byte" or a tokenizer path (recorded in the export)
+    source: ModelSource  # source.tokenizer_spec is recorded in the export
     tokenizer: Any
     data: TokenData
     topology: Topology
     plan: ParallelPlan
     resume: Optional[ResumePoint]
-
-
-def _device_type(requested: str, cuda_available: bool) -> str:
-    if requested not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device={requested!r} is not one of auto, cpu, cuda")
-    if requested == "cuda" and not cuda_available:
-        raise UsageError("device=cuda but CUDA is not available; use device=cpu or device=auto")
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    return requested
 
 
 def _dtype(requested: str, device_type: str, zero_stage: int) -> torch.dtype:
@@ -159,31 +142,19 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         raise UsageError(MEGATRON_STATUS)
     if cfg.engine != "deepspeed":
         raise UsageError(f"engine={cfg.engine!r} is not one of deepspeed, megatron")
-    device_type = _device_type(cfg.device, cuda_available)
+    device_type = device_type_for(cfg.device, cuda_available)
     dtype = _dtype(cfg.dtype, device_type, cfg.train.zero_stage)
-    reader = None
-    if cfg.checkpoint is not None:
-        reader = CheckpointReader.open(cfg.checkpoint)  # reads headers only
-        args = ModelArgs.from_hf_config(reader.config)
-        model_conf = args.to_model_conf(name=Path(cfg.checkpoint).name)
-        spec = reader.config.get("tokenizer")
-        if spec is None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
-            raise UsageError(f"checkpoint {cfg.checkpoint} has no tokenizer.json (and its "
-                             f"config names none); training needs one to tokenize data=")
-    else:
-        model_conf = cfg.model
-        args = ModelArgs.from_model_conf(model_conf)
-        spec = model_conf.tokenizer
-    tokenizer = load_tokenizer(spec, cfg.checkpoint)
+    source = resolve_model_source(cfg.checkpoint, cfg.model)
+    args = source.args
+    if source.reader is not None and source.tokenizer_spec is None and not source.has_tokenizer_json:
+        raise UsageError(f"checkpoint {cfg.checkpoint} has no tokenizer.json (and its config "
+                         f"names none); training needs one to tokenize data=")
+    tokenizer = load_tokenizer(source.tokenizer_spec, source.checkpoint)
     _check_loop(cfg.train, args)
     data = TokenData.load(cfg.data, tokenizer, args.vocab_size, cfg.train.seq_len,
                           cfg.train.val_fraction)
-    gpus = min(num_local_gpus, env.local_world_size) if device_type == "cuda" \
-        else env.local_world_size
-    topology = resolve_topology(cfg.topology, gpus)
-    if device_type == "cuda" and topology.num_gpus > env.local_world_size:
-        topology = topology.subset(env.local_world_size)
-    plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, model_conf,
+    topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
+    plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, source.model_conf,
                       dtype_bytes=torch.finfo(dtype).bits // 8,
                       tokens_per_step=cfg.train.micro_batch * cfg.train.seq_len)
     _check_plan(plan, cfg.train, dtype)
@@ -192,25 +163,15 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         resume = find_checkpoint(cfg.resume)
         check_compatible(resume, env.world_size, plan_key(plan), cfg.train.zero_stage,
                          model_key(args))
-    return Job(device_type, dtype, args, model_conf, reader, spec, tokenizer, data, topology,
-               plan, resume)
+    return Job(device_type, dtype, source, tokenizer, data, topology, plan, resume)
 
 
 def build_model(job: Job, groups: ProcessGroups, rank: int, device: torch.device
                 ) -> Transformer:
     """This rank's shard in fp32 (DeepSpeed keeps fp32 masters and casts for bf16): built
     on meta, parallelized, then filled from the checkpoint slices or the seeded init."""
-    with torch.device("meta"):
-        model = Transformer(job.args)
-    parallelize(model, job.plan, groups)
-    requests = shard_slices(job.plan, RankCoords.of(job.plan, rank), job.args)
-    if job.reader is None:
-        init_random_(model, seed=job.args.init_seed, requests=requests, device=device)
-    else:
-        state = load_sharded(job.reader, requests, dtype=torch.float32, device=device,
+    return build_model_shard(job.source, job.plan, groups, rank, device, torch.float32,
                              progress=rank == 0)
-        materialize_(model, device).load_state_dict(state, strict=False)
-    return model
 
 
 def _run_dir(own: Path, device: torch.device) -> Path:
@@ -278,7 +239,7 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
         "resumed_from": None if job.resume is None else str(job.resume.directory),
     }
     started = time.perf_counter()
-    title = f"{job.model_conf.name} | {job.plan.describe().split(' | ')[0]}"
+    title = f"{job.source.model_conf.name} | {job.plan.describe().split(' | ')[0]}"
 
     def write_reports(state: RunState) -> None:
         record.update(history=state.history, evals=state.evals, steps_done=state.step,
@@ -289,7 +250,7 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
     def on_checkpoint(state: RunState) -> None:
         rank_state = capture_engine(engine)
         meta = {"plan": plan_key(job.plan), "zero_stage": conf.zero_stage,
-                "model": model_key(job.args), "history": state.history, "evals": state.evals}
+                "model": model_key(job.source.args), "history": state.history, "evals": state.evals}
         path = save_checkpoint(run_dir / "checkpoints", state.step, env.rank, env.world_size,
                                rank_state, meta, conf.keep_checkpoints)
         if env.rank == 0:
@@ -301,8 +262,8 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
     trainer.run(state, on_checkpoint, progress=cfg.progress and env.rank == 0)
     destination = cfg.export or str(run_dir / "model")
     export_moe_ext(model, job.plan, env.rank, destination,
-                   hf_config(job.args, tokenizer=job.tokenizer_spec
-                             if job.tokenizer_spec == "byte" else None),
+                   hf_config(job.source.args, tokenizer=job.source.tokenizer_spec
+                             if job.source.tokenizer_spec == "byte" else None),
                    dtype=job.dtype, side_files_from=cfg.checkpoint)
     dist.barrier()  # the export is complete before anyone reports or exits
     sample = _sample(model, job, cfg)
@@ -337,8 +298,7 @@ def main(cfg) -> None:
         code = run(OmegaConf.to_object(cfg), env, Path(HydraConfig.get().runtime.output_dir),
                    raw)
     except ValueError as err:  # our one-line errors (UsageError, ResumeError, PlanError, ...)
-        if env.rank == 0 or not isinstance(err, UsageError):
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        report_error(err, env.rank, env.world_size)
         code = 2
     finally:
         if dist.is_initialized():

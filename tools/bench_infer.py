@@ -100,7 +100,7 @@ def main() -> None:
               flush=True)
     rows = []
     for batch in batches:
-        prompts = synthetic_prompts(batch, opts.prompt_len, job.args.vocab_size, seed=batch)
+        prompts = synthetic_prompts(batch, opts.prompt_len, job.source.args.vocab_size, seed=batch)
         run = lambda: infer.generate(model, prompts, cfg.generate, eos_id=None,  # noqa: E731
                                      pad_id=0, seed=0)
         run()  # warm-up: autotune, graph capture for this batch and cache size
@@ -110,7 +110,7 @@ def main() -> None:
         replicas = job.plan.dp  # each replica decodes its own slice of the batch
         per_replica = -(-batch // replicas)
         reaching = batch if job.plan.is_expert_parallel else per_replica
-        floor = decode_floor_s(model, job.args, reaching)
+        floor = decode_floor_s(model, job.source.args, reaching)
         step_s = result.decode_s / max(result.decode_steps, 1)
         rows.append(dict(model=opts.model, strategy=job.plan.strategy, world=env.world_size,
                          plan=job.plan.describe().split(" | auto")[0], batch=batch,
@@ -152,7 +152,7 @@ def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> N
 
     from torch.profiler import ProfilerActivity, profile
 
-    prompts = synthetic_prompts(batch, prompt_len, job.args.vocab_size, seed=batch)
+    prompts = synthetic_prompts(batch, prompt_len, job.source.args.vocab_size, seed=batch)
     conf = replace(cfg.generate, max_new_tokens=5, cuda_graphs=False)
     infer.generate(model, prompts, conf, eos_id=None, pad_id=0)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
