@@ -4,6 +4,7 @@
         --strategies replicate,tp_experts,ep_allgather,ep_nccl,ep_nvshmem --json out.json
     python tools/bench_moe.py --shape qwen3 --uniform-routing             # one process
     python tools/bench_moe.py --report out.json --png out.png              # table + chart only
+    torchrun --nproc-per-node 2 tools/bench_moe.py --peers megatron,deepspeed  # + peers
 
 # T tokens per rank, H hidden, F expert FFN size, E experts, k top-k, W world size
 
@@ -22,7 +23,10 @@ several runs (world sizes, link settings); ``--report`` prints it and draws
 latency-vs-tokens per strategy, one panel per (shape, world size, link).
 
 Strategies are entries of ``BUILDERS`` (name -> function building one layer for this
-rank); other implementations (Megatron-core, DeepSpeed) plug in as further entries.
+rank); other implementations plug in as further entries: ``--peers megatron,deepspeed``
+adds Megatron-core's own MoELayer (local spec; ``mcore_a2a`` / ``mcore_ag`` dispatchers) and
+DeepSpeed's MoE (``deepspeed``), both at EP = world size on our groups
+(moe_ext.bench.peers). Every row records the library versions.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,6 +51,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from moe_ext.bench.peers import (PEER_STRATEGIES, PeerUnavailable, build_peer,  # noqa: E402
+                                 library_versions, peer_strategies)
 from moe_ext.dist import DistEnv, destroy, init_distributed  # noqa: E402
 from moe_ext.moe.dispatch import DispatchGroups  # noqa: E402
 from moe_ext.moe.layer import MoELayer, build_moe_layer  # noqa: E402
@@ -95,6 +101,7 @@ class Row:
     iters: int = 0
     host: str = ""
     torch: str = ""
+    versions: dict = field(default_factory=dict)  # torch, megatron-core, deepspeed, transformers
 
 
 # ---------------------------------------------------------------- strategies
@@ -129,6 +136,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "ep_allgather": _build_native("allgather_rs"),
     "ep_nccl": _build_native("nccl_a2a"),
     "ep_nvshmem": _build_native("nvshmem"),
+    **{name: build_peer(name) for name in PEER_STRATEGIES},  # other libraries, EP = world
 }
 
 
@@ -201,7 +209,7 @@ def floors_us(shape: Shape, strategy: str, world: int, rank: int, expert_idx: to
     counts = torch.zeros(shape.experts, dtype=torch.int64, device=expert_idx.device)
     counts.scatter_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1)))
     ffn_local = shape.ffn
-    if strategy.startswith("ep_") and world > 1:
+    if (strategy.startswith("ep_") or strategy in PEER_STRATEGIES) and world > 1:
         dist.all_reduce(counts)  # local experts serve every rank's tokens
         per_rank = shape.experts // world
         counts = counts[rank * per_rank:(rank + 1) * per_rank]
@@ -232,7 +240,8 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
                 timer="cuda_event" if device.type == "cuda" else "perf_counter (CPU)",
                 hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts,
                 top_k=shape.top_k, warmup=args.warmup, iters=args.iters,
-                host=socket.gethostname(), torch=torch.__version__)
+                host=socket.gethostname(), torch=torch.__version__,
+                versions=library_versions())
     # Same seed on every rank for tp_experts (identical router and tokens), else per rank.
     seed = 1234 if strategy == "tp_experts" else 1234 + rank
     torch.manual_seed(seed)
@@ -249,7 +258,11 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
             if args.uniform_routing:
                 idx = balanced_expert_idx(tokens, shape.top_k, shape.experts, world,
                                           0 if strategy == "tp_experts" else rank, device)
-                layer.router = UniformRouting(getattr(layer.router, "router", layer.router), idx)
+                if hasattr(layer, "force_routing"):  # a peer library routes inside its layer
+                    layer.force_routing(idx)
+                else:
+                    layer.router = UniformRouting(getattr(layer.router, "router", layer.router),
+                                                  idx)
             else:
                 idx = layer.router(x).expert_idx  # [T, k] as the layer will route
             mem_us, compute_us, read = floors_us(shape, strategy, world, rank, idx, dtype,
@@ -419,6 +432,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int)
     p.add_argument("--topk", type=int)
     p.add_argument("--strategies", default=",".join(ALL_STRATEGIES))
+    p.add_argument("--peers", default="",
+                   help="other implementations to add: megatron (mcore_a2a, mcore_ag), deepspeed")
     p.add_argument("--tokens", type=_int_list, default=[1, 16, 64, 256, 4096],
                    help="tokens per rank")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -440,6 +455,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     args = p.parse_args(argv)
     args.strategies = [s for s in args.strategies.split(",") if s]
+    try:
+        args.strategies += [s for s in peer_strategies(args.peers) if s not in args.strategies]
+    except PeerUnavailable as err:
+        p.error(str(err))
     unknown = [s for s in args.strategies if s not in BUILDERS]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {sorted(BUILDERS)}")
@@ -497,7 +516,8 @@ def main(argv=None) -> int:
                 new = [Row(shape=shape.name, strategy=strategy, world=env.world_size,
                            link=link, tokens=t, dtype=args.dtype,
                            routing="uniform" if args.uniform_routing else "random",
-                           timer="-", status=f"error: {type(err).__name__}: {first}")
+                           timer="-", status=f"error: {type(err).__name__}: {first}",
+                           versions=library_versions())
                        for t in args.tokens]
             used_nvshmem |= strategy == "ep_nvshmem" and any(r.status == "ok" for r in new)
             rows.extend(new)
