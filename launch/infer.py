@@ -123,9 +123,11 @@ def read_prompts(path: Optional[str], tokenizer) -> list[list[int]]:
 
 def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: int) -> Job:
     """Validate the whole job and decide the plan; creates no process group and no weight."""
-    if cfg.engine != "native":
-        raise UsageError(f"engine={cfg.engine!r} is not available in launch/infer.py yet; "
-                         f"use engine=native")
+    if cfg.engine not in ("native", "megatron"):
+        raise UsageError(f"engine={cfg.engine!r} is not one of native, megatron")
+    if cfg.engine == "megatron":
+        from moe_ext.megatron.engine import require_cuda
+        require_cuda(cfg.device, cuda_available, fallback="native")
     device_type = device_type_for(cfg.device, cuda_available)
     dtype = _dtype(cfg.dtype, device_type)
     checkpoint = cfg.checkpoint if cfg.checkpoint is not None else package_path(cfg.model.weights)
@@ -145,6 +147,9 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, source.model_conf,
                       dtype_bytes=torch.finfo(dtype).bits // 8,
                       tokens_per_step=min(len(prompt_ids), cfg.generate.max_batch_size))
+    if cfg.engine == "megatron":
+        from moe_ext.megatron.engine import check_plan
+        check_plan(plan, args)
     return Job(device_type, dtype, source, tokenizer, prompt_ids, topology, plan)
 
 
@@ -226,14 +231,26 @@ def run(cfg: InferConf, env: DistEnv) -> int:
     torch.manual_seed(cfg.seed)
     failure: Optional[ValueError] = None
     try:
-        model = build_model(job, groups, env.rank, device)
+        if cfg.engine == "megatron":
+            from moe_ext.megatron import engine as megatron_engine
+            model = megatron_engine.build_megatron_model(job.source, job.plan, groups, env.rank,
+                                                         device, job.dtype, progress=env.rank == 0)
+        else:
+            model = build_model(job, groups, env.rank, device)
     except ValueError as err:  # e.g. one rank's checkpoint slice is corrupt
         failure = err
     if not all_ranks_ok(failure is None, device):
         raise failure or LoadError("another rank failed to load its weights (its error is above)")
     eos_id = None if cfg.generate.ignore_eos else job.tokenizer.eos_id
-    result = generate(model, job.prompt_ids, cfg.generate, eos_id=eos_id,
-                      pad_id=job.tokenizer.pad_id, seed=cfg.seed)
+    if cfg.engine == "megatron":
+        if env.rank == 0:
+            log.info(megatron_engine.LOG_LINE)
+        result = megatron_engine.generate(model, job.prompt_ids, cfg.generate, eos_id=eos_id,
+                                          pad_id=job.tokenizer.pad_id, seed=cfg.seed,
+                                          groups=groups, dp=job.plan.dp, dp_rank=groups.dp_rank)
+    else:
+        result = generate(model, job.prompt_ids, cfg.generate, eos_id=eos_id,
+                          pad_id=job.tokenizer.pad_id, seed=cfg.seed)
     _report(job, result, device, env.world_size)
     if env.rank == 0:
         for prompt, out in zip(job.prompt_ids, result.tokens):

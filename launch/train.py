@@ -62,8 +62,6 @@ from moe_ext.train.state import (ResumePoint, capture_engine, check_compatible, 
 log = logging.getLogger("moe_ext.train")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-MEGATRON_STATUS = ("engine=megatron training is not available: Megatron-core training is a "
-                   "separate issue that is still open; use engine=deepspeed")
 
 
 @dataclass
@@ -138,10 +136,12 @@ def _check_plan(plan: ParallelPlan, conf: Any, dtype: torch.dtype) -> None:
 
 def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: int) -> Job:
     """Validate the whole job and decide the plan; creates no process group and no weight."""
-    if cfg.engine == "megatron":
-        raise UsageError(MEGATRON_STATUS)
-    if cfg.engine != "deepspeed":
+    if cfg.engine not in ("deepspeed", "megatron"):
         raise UsageError(f"engine={cfg.engine!r} is not one of deepspeed, megatron")
+    if cfg.engine == "megatron":
+        from moe_ext.megatron.engine import check_train_settings, require_cuda
+        require_cuda(cfg.device, cuda_available, fallback="deepspeed")
+        check_train_settings(cfg.dtype, cfg.train.zero_stage)
     device_type = device_type_for(cfg.device, cuda_available)
     dtype = _dtype(cfg.dtype, device_type, cfg.train.zero_stage)
     source = resolve_model_source(cfg.checkpoint, cfg.model)
@@ -157,6 +157,9 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, source.model_conf,
                       dtype_bytes=torch.finfo(dtype).bits // 8,
                       tokens_per_step=cfg.train.micro_batch * cfg.train.seq_len)
+    if cfg.engine == "megatron":
+        from moe_ext.megatron.engine import check_plan
+        check_plan(plan, args, training=True)
     _check_plan(plan, cfg.train, dtype)
     resume = None
     if cfg.resume is not None:
@@ -215,11 +218,19 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
     groups = ProcessGroups.build(job.plan, backend="nccl" if job.device_type == "cuda" else "gloo",
                                  timeout=timedelta(seconds=cfg.dist_timeout_s))
     model = build_model(job, groups, env.rank, device)
-    engine = build_engine(model, groups, lr=conf.lr, weight_decay=conf.weight_decay,
-                          betas=(conf.beta1, conf.beta2), micro_batch=conf.micro_batch,
-                          zero_stage=conf.zero_stage, grad_clip=conf.grad_clip,
-                          aux_loss_coeff=conf.aux_loss_coeff, z_loss_coeff=conf.z_loss_coeff,
-                          dtype=job.dtype)
+    if cfg.engine == "megatron":  # GPTModel from the native shard, which the export reuses
+        from moe_ext.megatron.engine import build_train_engine, copy_to_native
+        engine = build_train_engine(model, job.source, groups, device, lr=conf.lr,
+                                    weight_decay=conf.weight_decay,
+                                    betas=(conf.beta1, conf.beta2),
+                                    aux_loss_coeff=conf.aux_loss_coeff,
+                                    z_loss_coeff=conf.z_loss_coeff)
+    else:
+        engine = build_engine(model, groups, lr=conf.lr, weight_decay=conf.weight_decay,
+                              betas=(conf.beta1, conf.beta2), micro_batch=conf.micro_batch,
+                              zero_stage=conf.zero_stage, grad_clip=conf.grad_clip,
+                              aux_loss_coeff=conf.aux_loss_coeff,
+                              z_loss_coeff=conf.z_loss_coeff, dtype=job.dtype)
     state = RunState()
     if job.resume is not None:
         restore_engine(engine, load_rank_state(job.resume, env.rank, map_location=device),
@@ -260,6 +271,8 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
     trainer = Trainer(engine, groups, job.data, conf, device,
                       own_clipping=clips_itself(conf.zero_stage, job.dtype))
     trainer.run(state, on_checkpoint, progress=cfg.progress and env.rank == 0)
+    if cfg.engine == "megatron":
+        copy_to_native(engine.module.model, model)  # the export and sample read `model`
     destination = cfg.export or str(run_dir / "model")
     export_moe_ext(model, job.plan, env.rank, destination,
                    hf_config(job.source.args, tokenizer=job.source.tokenizer_spec

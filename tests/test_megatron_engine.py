@@ -1,0 +1,318 @@
+"""engine=megatron (moe_ext.megatron.engine, launch/infer.py and launch/train.py with
+engine=megatron).
+
+CPU (megatron-core 0.16.1 here; Megatron's CUDA-only helpers redirected to CPU inside the
+spawned gloo ranks, as in tests/test_megatron.py):
+- the launchers refuse engine=megatron without CUDA with one line, before any process group;
+- world 2: GPTModel loaded from the shipped tiny checkpoint generates the native engine's
+  greedy ids (ep_nccl and tp_experts tp=2), with per-request lengths and EOS;
+  world 1: sampled ids (temperature, top-p, seed) equal the native engine's;
+- world 2 (ep_nccl: experts split, dp 2): the training engine's reduced gradients equal a
+  single-process native reference's gradient of the mean of both ranks' losses (LM +
+  weighted aux loss), and the weights copied back to a native shard are the trained ones.
+GPU (2 ranks, run by the lead): the two launchers end to end under torchrun.
+
+# B batch, S sequence, V vocab
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
+
+from tests.multirank import run_ranks  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "moe_ext" / "data" / "checkpoints" / "tiny"
+TIMEOUT = datetime.timedelta(seconds=60)
+PROMPTS = [[256, 84, 104, 101, 32], [256, 73, 110], [256, 87, 104, 101, 114, 101, 32, 105, 115],
+           [256, 79]]
+
+
+@contextlib.contextmanager
+def _cpu_megatron():
+    """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to CPU."""
+    from megatron.core.tensor_parallel import random as mrandom
+    torch.cuda.current_device = lambda: "cpu"
+    mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
+    yield
+
+
+def _plan(strategy: str, world: int, tp: int = 1):
+    from moe_ext.moe.dispatch import DISPATCHERS
+    from moe_ext.plan import DEFAULT_DISPATCHER, ParallelPlan
+
+    dp = world // tp
+    if strategy == "replicate":
+        ep, etp, edp = 1, 1, tp * dp
+    elif strategy == "tp_experts":
+        ep, etp, edp = 1, tp, dp
+    else:
+        ep, etp, edp = tp * dp, 1, 1
+    return ParallelPlan(strategy, world, tp, 1, dp, ep, etp, edp,
+                        DISPATCHERS[DEFAULT_DISPATCHER[strategy]], "test")
+
+
+def _source(checkpoint=TINY):
+    from moe_ext.launching import resolve_model_source
+    return resolve_model_source(str(checkpoint) if checkpoint else None, None)
+
+
+# ---- refusals (no process group) --------------------------------------------------------
+
+def test_refusals_are_one_line_value_errors():
+    from moe_ext.megatron.engine import (MegatronEngineError, check_plan, check_train_settings,
+                                         require_cuda)
+    with pytest.raises(ValueError, match=r"^engine=megatron needs CUDA \(Megatron-core is "
+                                         r"CUDA-only\); use engine=native$"):
+        require_cuda("auto", False, fallback="native")
+    with pytest.raises(MegatronEngineError, match="needs CUDA"):
+        require_cuda("cpu", True, fallback="deepspeed")
+    require_cuda("auto", True, fallback="native")
+    args = _source().args
+    with pytest.raises(MegatronEngineError, match="pp=1"):
+        check_plan(dataclasses.replace(_plan("replicate", 2), pp=2, dp=1, edp=1), args)
+    with pytest.raises(MegatronEngineError, match="tp=1"):
+        check_plan(_plan("tp_experts", 2, tp=2), args, training=True)
+    check_plan(_plan("tp_experts", 2, tp=2), args)  # inference takes tp
+    with pytest.raises(MegatronEngineError, match="dtype=bf16"):
+        check_train_settings("bf16", 0)
+    with pytest.raises(MegatronEngineError, match="zero_stage"):
+        check_train_settings("auto", 1)
+
+
+@pytest.mark.parametrize("launcher, fallback", [("infer.py", "native"), ("train.py", "deepspeed")])
+def test_launchers_refuse_megatron_without_cuda(launcher, fallback):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run([sys.executable, str(REPO / "launch" / launcher), "engine=megatron",
+                          "hydra.run.dir=/tmp/moe_ext_megatron_refusal",
+                          "hydra.output_subdir=null"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: engine=megatron needs CUDA (Megatron-core is CUDA-only); use "
+                      f"engine={fallback}"], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+# ---- generation vs the native engine ------------------------------------------------------
+
+def _gen_conf(**kw):
+    from moe_ext.config import GenerateConf
+    base = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, max_batch_size=3,
+                cuda_graphs=False)
+    base.update(kw)
+    return GenerateConf(**base)
+
+
+def _models(plan, rank, dtype=torch.float32):
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.launching import build_model_shard
+    from moe_ext.megatron.engine import build_megatron_model
+
+    source = _source()
+    groups = ProcessGroups.build(plan, "gloo", TIMEOUT)
+    native = build_model_shard(source, plan, groups, rank, torch.device("cpu"), dtype, False)
+    gpt = build_megatron_model(source, plan, groups, rank, torch.device("cpu"), dtype)
+    return source, groups, native, gpt
+
+
+def _generate_body(rank, world):
+    from moe_ext.megatron import uninstall_parallel_state
+    from moe_ext.megatron.engine import generate as megatron_generate
+    from moe_ext.model import generate as native_generate
+
+    with _cpu_megatron():
+        for strategy, tp in (("ep_nccl", 1), ("tp_experts", 2)):
+            plan = _plan(strategy, world, tp)
+            try:
+                source, groups, native, gpt = _models(plan, rank)
+                conf = _gen_conf()
+                lengths = [12, 3, 7, 12]
+                ref = native_generate(native, PROMPTS, conf, eos_id=257, pad_id=258,
+                                      max_new_tokens=lengths)
+                ours = megatron_generate(gpt, PROMPTS, conf, eos_id=257, pad_id=258,
+                                         max_new_tokens=lengths, groups=groups, dp=plan.dp,
+                                         dp_rank=groups.dp_rank)
+                assert ours.tokens == ref.tokens, (strategy, ours.tokens, ref.tokens)
+                assert [len(t) for t in ours.tokens] == lengths  # no EOS in this text
+                assert ours.finish_reasons == ["length"] * 4
+                # an EOS id the model produces mid-way: each request stops right after it
+                eos = ref.tokens[0][4]
+                ref = native_generate(native, PROMPTS, conf, eos_id=[eos, 257], pad_id=258)
+                ours = megatron_generate(gpt, PROMPTS, conf, eos_id=[eos, 257], pad_id=258,
+                                         groups=groups)
+                assert ours.tokens == ref.tokens, (strategy, ours.tokens, ref.tokens)
+                assert ours.finish_reasons == ref.finish_reasons
+                assert ours.finish_reasons[0] == "eos" and len(ours.tokens[0]) <= 5
+                assert ours.prefill_s > 0 and ours.decode_steps > 0
+            finally:
+                uninstall_parallel_state()
+
+
+@pytest.mark.timeout(120)
+def test_greedy_ids_equal_native_engine_world2():
+    run_ranks(_generate_body, world_size=2)
+
+
+def _sample_body(rank, world):
+    from moe_ext.megatron import uninstall_parallel_state
+    from moe_ext.megatron.engine import generate as megatron_generate
+    from moe_ext.model import generate as native_generate
+
+    with _cpu_megatron():
+        try:
+            source, groups, native, gpt = _models(_plan("replicate", 1), rank)
+            conf = _gen_conf(temperature=0.9, top_p=0.9, max_batch_size=8, max_new_tokens=16)
+            ref = native_generate(native, PROMPTS, conf, eos_id=None, pad_id=258, seed=5)
+            ours = megatron_generate(gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=5,
+                                     groups=groups)
+            again = megatron_generate(gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=6,
+                                      groups=groups)
+            greedy = megatron_generate(gpt, PROMPTS, _gen_conf(max_new_tokens=16), eos_id=None,
+                                       pad_id=258, groups=groups)
+            assert ours.tokens == ref.tokens
+            assert again.tokens != ours.tokens and greedy.tokens != ours.tokens
+        finally:
+            uninstall_parallel_state()
+
+
+@pytest.mark.timeout(120)
+def test_sampled_ids_equal_native_engine_world1():
+    run_ranks(_sample_body, world_size=1)
+
+
+# ---- training: reduced gradients vs a single-process reference --------------------------
+
+def _train_body(rank, world):
+    from moe_ext.deepspeed.engine import CausalLMWithAux
+    from moe_ext.megatron import megatron_to_native, uninstall_parallel_state
+    from moe_ext.megatron.engine import build_train_engine, copy_to_native
+    from moe_ext.model import Transformer
+    from moe_ext.model.parallelize import shard_slices, take_shard
+
+    aux_coeff = 0.5  # large, so a wrong coefficient mapping shows in the gradients
+    with _cpu_megatron():
+        plan = _plan("ep_nccl", world)  # dp 2, ep 2, edp 1: experts split over the ranks
+        try:
+            source, groups, native, _ = _models(plan, rank)
+            engine = build_train_engine(native, source, groups, torch.device("cpu"), lr=1e-2,
+                                        weight_decay=0.0, betas=(0.9, 0.95),
+                                        aux_loss_coeff=aux_coeff, z_loss_coeff=0.0)
+            args = source.args
+            gen = torch.Generator().manual_seed(3)
+            batches = [torch.randint(0, 256, (2, 9), generator=gen) for _ in range(world)]
+            loss, lm, aux = engine(batches[rank])
+            engine.backward(loss)
+            grads = {n: p.grad for n, p in engine.module.model.named_parameters()}
+            ours = megatron_to_native(grads, args)
+            # reference: the full model, one process, mean of both ranks' losses
+            full = {n: source.reader.read(n).float() for n in source.reader.names()}
+            reference = Transformer(args)
+            reference.load_state_dict(full, strict=False)
+            wrapped = CausalLMWithAux(reference.train(), aux_coeff)
+            total = sum(wrapped(b)[0] for b in batches) / world
+            total.backward()
+            ref_loss = wrapped(batches[rank])[0].detach()
+            torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+            assert aux > 0 and abs(float(loss - lm) - aux_coeff * float(aux)) < 1e-5
+            requests = shard_slices(plan, groups, args)
+            for name, grad in ours.items():
+                want = take_shard(dict(reference.named_parameters())[name].grad, requests[name])
+                torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
+                                           msg=f"rank {rank} grad {name}")
+            assert any(".mlp.experts." in n for n in ours)
+            # a step changes the weights; copying back gives the native shard those weights
+            engine.step()
+            copy_to_native(engine.module.model, native)
+            trained = megatron_to_native(engine.module.model.state_dict(), args)
+            for name, param in native.named_parameters():
+                assert torch.equal(param, trained[name]), name
+            assert not torch.equal(native.embed_tokens.weight, full["embed_tokens.weight"])
+        finally:
+            uninstall_parallel_state()
+
+
+@pytest.mark.timeout(120)
+def test_training_gradients_equal_reference_world2():
+    run_ranks(_train_body, world_size=2)
+
+
+# ---- GPU: the launchers end to end (2 ranks, torchrun) ----------------------------------
+
+def _torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0",
+               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(REPO / "launch" / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+
+
+def _infer(tmp: Path, name: str, extra: list[str]) -> list[list[int]]:
+    out = tmp / f"{name}.jsonl"
+    res = _torchrun("infer.py", [*extra, "generate.max_new_tokens=24", "dtype=fp32",
+                                 f"output={out}"])
+    assert res.returncode == 0, f"{name}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    if "engine=megatron" in " ".join(extra):
+        assert "no KV cache" in res.stdout + res.stderr
+    return [json.loads(line)["output_ids"] for line in out.read_text().splitlines()]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_gpu_infer_megatron_equals_native_tiny_and_converted_hf(tmp_path):
+    """Shipped tiny checkpoint: engine=megatron greedy ids == engine=native's (ep_nccl);
+    the same weights through a Hugging Face export and import-hf: the same ids again."""
+    native = _infer(tmp_path, "native", ["engine=native", "strategy=ep_nccl"])
+    megatron = _infer(tmp_path, "megatron", ["engine=megatron", "strategy=ep_nccl"])
+    assert megatron == native and all(len(ids) > 0 for ids in native)
+    convert = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    for cmd in (convert + ["export-hf", str(TINY), str(hf), "--no-progress"],
+                convert + ["import-hf", str(hf), str(imported), "--no-progress"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+    converted = _infer(tmp_path, "converted", ["engine=megatron", "strategy=replicate",
+                                                f"checkpoint={imported}"])
+    assert converted == native
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_gpu_train_megatron_loss_decreases_and_export_loads(tmp_path):
+    export = tmp_path / "model"
+    run_dir = tmp_path / "run"
+    res = _torchrun("train.py", ["engine=megatron", "strategy=ep_nccl", "train.steps=20",
+                                 "train.warmup_steps=2", "train.micro_batch=8",
+                                 "train.seq_len=64", "train.eval_every=0",
+                                 "train.save_every=0", "sample.max_new_tokens=16",
+                                 f"export={export}", f"hydra.run.dir={run_dir}",
+                                 "progress=false"])
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    history = json.loads((run_dir / "train_log.json").read_text())["history"]
+    losses = [h["lm_loss"] for h in history]
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.3, losses  # from random init (~5.6 nats) it drops fast
+    out = tmp_path / "after.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(REPO / "launch" / "infer.py"),
+                          f"checkpoint={export}", "device=cpu", "generate.max_new_tokens=8",
+                          f"output={out}"], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == 4
