@@ -4,10 +4,14 @@ strategy and batch size, against the HBM floor of the weights each decode step m
     python3 tools/bench_infer.py --model qwen3_30b_a3b --batches 1,16,64
     torchrun --nproc-per-node 2 tools/bench_infer.py --strategy ep_nccl --batches 16
     torchrun --nproc-per-node 2 tools/bench_infer.py --strategy replicate --profile
+    python3 tools/bench_infer.py --batches 1,16 --peers hf   # + transformers generate, 1 GPU
 
 Weights are generated on the GPU (the launcher's deterministic random init, this rank's
 shard only); each batch runs once to warm up (autotuning, CUDA-graph capture), then once
 timed. Prints a table last; --json writes the rows, --png a chart (decode tok/s by batch).
+``--peers hf`` then frees our model and runs Hugging Face transformers ``generate`` (greedy,
+eager, its default cache) on the same shapes with random weights on rank 0's device, timed
+the same way (moe_ext.bench.peers.hf_generate_timed). Every row records library versions.
 
 # B batch, E experts, k top-k
 """
@@ -30,6 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))
 
 import infer  # noqa: E402  (the launcher's prepare/build_model: the same code path as users)
+from moe_ext.bench.peers import hf_causal_lm, hf_decode_floor_s, hf_generate_timed  # noqa: E402
+from moe_ext.bench.peers import library_versions  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 
@@ -73,6 +79,8 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="print a torch.profiler table of 4 eager decode steps (batch = first)")
+    parser.add_argument("--peers", default="", choices=["", "hf"],
+                        help="hf: also time transformers generate on one device, same shapes")
     parser.add_argument("--json")
     parser.add_argument("--png")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (parallel.tp=2 ...)")
@@ -122,16 +130,72 @@ def main() -> None:
                          cuda_graphs=result.cuda_graphs,
                          peak_gib=infer.peak_memory_bytes(device) / 2**30,
                          nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
-                         torch=torch.__version__,
+                         torch=torch.__version__, versions=library_versions(),
                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                          date=time.strftime("%Y-%m-%d")))
         if env.rank == 0:
             print(json.dumps(rows[-1]), flush=True)
     if opts.profile:
         profile_decode(model, cfg, job, batches[0], opts.prompt_len, env.rank)
+    if opts.peers == "hf":
+        del model  # room for the peer's copy of the weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if env.rank == 0:
+            rows += hf_peer_rows(job, opts, batches, device)
+        dist.barrier()
     if env.rank == 0:
         report(rows, opts.json, opts.png)
     dist.destroy_process_group()
+
+
+def hf_peer_rows(job, opts, batches: list[int], device: torch.device) -> list[dict]:
+    """transformers generate on one device, same model shape and prompts; a failure prints
+    its traceback and gives no rows (the rest of the table still comes out)."""
+    import traceback
+
+    args = job.source.args
+    try:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        model = hf_causal_lm(args, dtype=job.dtype, device=device)
+        synchronize(device)  # sync: time the weight init
+        print(f"hf peer: weights ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    except Exception:  # noqa: BLE001 - reported, the native rows still print
+        print(f"hf peer failed to build:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return []
+    rows = []
+    for batch in batches:
+        try:
+            prompts = torch.tensor(synthetic_prompts(batch, opts.prompt_len, args.vocab_size,
+                                                     seed=batch), device=device)  # [B, S]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            timed = hf_generate_timed(model, prompts, opts.new_tokens)
+        except Exception:  # noqa: BLE001 - reported, the other batches still run
+            print(f"hf peer failed at batch {batch}:\n{traceback.format_exc()}", file=sys.stderr,
+                  flush=True)
+            continue
+        step_s = timed["decode_s"] / max(timed["decode_steps"], 1)
+        floor = hf_decode_floor_s(model, args.num_experts, args.num_experts_per_tok, batch,
+                                  HBM_BYTES_PER_S)
+        rows.append(dict(model=opts.model, strategy="hf_generate", world=1,
+                         plan="transformers generate, one device", batch=batch,
+                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
+                         prefill_tok_s=batch * opts.prompt_len / timed["prefill_s"],
+                         decode_tok_s=batch * timed["decode_steps"] / max(timed["decode_s"], 1e-9),
+                         ms_per_step=1000 * step_s, floor_ms_per_step=1000 * floor,
+                         fraction_of_floor=floor / step_s if step_s else 0.0,
+                         cuda_graphs=False, peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                         nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
+                         torch=torch.__version__, versions=library_versions(),
+                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         date=time.strftime("%Y-%m-%d")))
+        print(json.dumps(rows[-1]), flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def synchronize(device: torch.device) -> None:
