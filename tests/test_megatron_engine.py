@@ -233,7 +233,7 @@ def _train_body(rank, world):
             requests = shard_slices(plan, groups, args)
             for name, grad in ours.items():
                 want = take_shard(dict(reference.named_parameters())[name].grad, requests[name])
-                torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
+                torch.testing.assert_close(grad, want, rtol=1e-4, atol=3e-5,
                                            msg=f"rank {rank} grad {name}")
             assert any(".mlp.experts." in n for n in ours)
             # a step changes the weights; copying back gives the native shard those weights
