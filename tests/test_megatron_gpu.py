@@ -19,7 +19,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.multirank import run_ranks
 
@@ -160,29 +159,17 @@ LAYER_CASES = [("replicate", 1), ("tp_experts", 2), ("ep_allgather", 1), ("ep_nc
 
 
 def _layer_case(rank, world, strategy, tp, backend, device, megatron_dispatcher):
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from moe_ext.megatron import (MoEExtLayer, megatron_expert_state, pg_collection,
-                                  uninstall_parallel_state)
+    from moe_ext.bench.peers import megatron_moe_config, megatron_moe_layer
+    from moe_ext.megatron import MoEExtLayer, megatron_expert_state, uninstall_parallel_state
     from moe_ext.moe.layer import expert_shard
 
     plan = _plan(strategy, world, tp)
     groups = _setup(plan, backend)
     try:
-        config = TransformerConfig(
-            num_layers=1, hidden_size=H, num_attention_heads=4, ffn_hidden_size=128,
-            num_moe_experts=E, moe_router_topk=TOP_K, moe_ffn_hidden_size=FFN,
-            normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-            add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-            moe_router_dtype="fp32", moe_token_dispatcher_type=megatron_dispatcher,
-            moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, params_dtype=torch.float32,
-            tensor_model_parallel_size=plan.tp, expert_model_parallel_size=plan.ep,
-            expert_tensor_parallel_size=plan.etp, perform_initialization=False,
-            use_cpu_initialization=device.type == "cpu", bias_activation_fusion=False)
-        pgc = pg_collection(groups)
-        spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=False)
-        theirs = spec(config=config, pg_collection=pgc).to(device).eval()  # Megatron MoELayer
+        config = megatron_moe_config(H, FFN, E, TOP_K, plan, dispatcher=megatron_dispatcher,
+                                     params_dtype=torch.float32,
+                                     cpu_init=device.type == "cpu")
+        theirs = megatron_moe_layer(config, groups).to(device).eval()  # Megatron's MoELayer
         ours = MoEExtLayer(config, plan=plan, groups=groups).to(device).eval()
 
         gen = torch.Generator().manual_seed(5)  # same full weights on every rank

@@ -227,7 +227,7 @@ def megatron_peer(hidden: int, ffn: int, experts: int, top_k: int, *,
     world size with random weights on ``device``. Installs Megatron's parallel_state from our
     groups (kept for the process: later peers reuse the same groups)."""
     _require("megatron.core", "megatron-core")
-    from moe_ext.megatron import install_parallel_state
+    from moe_ext.megatron import install_parallel_state, seed_model_parallel_rng
 
     groups = ep_groups(timeout_s)
     world = groups.plan.world_size
@@ -235,6 +235,9 @@ def megatron_peer(hidden: int, ffn: int, experts: int, top_k: int, *,
         raise PeerUnavailable(f"{experts} experts do not split over {world} ranks; run with "
                               f"a world size that divides the expert count")
     install_parallel_state(groups)
+    if device.type == "cuda":
+        # Megatron's CUDA RNG tracker streams (expert/tensor parallel) must exist on GPUs
+        seed_model_parallel_rng(groups, 1234)
     config = megatron_moe_config(hidden, ffn, experts, top_k, groups.plan,
                                  dispatcher=dispatcher, params_dtype=dtype,
                                  cpu_init=device.type == "cpu")
