@@ -311,7 +311,15 @@ def _launchers_body(rank, world, tmp):
                                        "train.eval_every": 0, "train.save_every": 0,
                                        "sample.max_new_tokens": 4})
         assert train.run(cfg, env, tmp / "run", {}) == 0
+        uninstall_parallel_state()
+        resumed = dataclasses.replace(cfg, resume=str(tmp / "run" / "checkpoints"),
+                                      export=str(tmp / "model2"),
+                                      train=dataclasses.replace(cfg.train, steps=8))
+        assert train.run(resumed, env, tmp / "run2", {}) == 0
     if rank == 0:
+        again = json.loads((tmp / "run2" / "train_log.json").read_text())["history"]
+        assert len(again) == 8 and again[:6] == json.loads(
+            (tmp / "run" / "train_log.json").read_text())["history"]
         history = json.loads((tmp / "run" / "train_log.json").read_text())["history"]
         losses = [h["lm_loss"] for h in history]
         assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
@@ -323,7 +331,8 @@ def _launchers_body(rank, world, tmp):
 @pytest.mark.timeout(180)
 def test_launchers_engine_megatron_emulated_on_cpu_world2(tmp_path):
     """launch/infer.py engine=megatron == engine=native ids; launch/train.py engine=megatron
-    trains (loss falls), checkpoints and exports a loadable model (CUDA check bypassed)."""
+    trains (loss falls), checkpoints, resumes and exports a loadable model (CUDA check
+    bypassed)."""
     run_ranks(_launchers_body, world_size=2, args=(str(tmp_path),))
 
 
