@@ -1,5 +1,6 @@
-"""Train (or fine-tune) a MoE model with DeepSpeed on N ranks (GPUs with NCCL, CPU
-processes with gloo), with the same model/strategy/parallel/topology configs as inference.
+"""Train (or fine-tune) a MoE model on N ranks with the same model/strategy/parallel/topology
+configs as inference: DeepSpeed (`engine=deepspeed`, GPUs with NCCL or CPU processes with
+gloo) or Megatron-core's GPTModel with our MoE layer (`engine=megatron`, GPUs).
 
     python launch/train.py                                   # tiny model, shipped corpus, CPU
     torchrun --nproc-per-node 2 launch/train.py strategy=ep_nccl train.steps=200

@@ -130,7 +130,7 @@ def test_launcher_refuses_megatron_and_inference_only_parallelism():
 
     launcher = _launcher()
     env2 = DistEnv(rank=0, world_size=2, local_world_size=2)
-    with pytest.raises(launcher.UsageError, match="still open"):
+    with pytest.raises(launcher.UsageError, match="needs CUDA"):
         launcher.prepare(_train_cfg(engine="megatron"), DistEnv(), False, 0)
     with pytest.raises(launcher.UsageError, match="tp=2"):
         launcher.prepare(_train_cfg(**{"parallel.tp": 2}), env2, False, 0)

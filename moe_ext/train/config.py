@@ -56,7 +56,7 @@ class TrainConf:
     strategy: StrategyConf = MISSING
     parallel: ParallelConf = field(default_factory=ParallelConf)
     topology: Optional[TopologyConf] = None  # None: probe; `+topology=pcie` forces one
-    engine: str = "deepspeed"  # deepspeed | megatron (not yet available for training)
+    engine: str = "deepspeed"  # deepspeed (CPU or GPU) | megatron (GPU: Megatron-core GPTModel)
     data: Optional[str] = None  # text file or JSONL ({"text": ...}); None: shipped corpus
     checkpoint: Optional[str] = None  # start from these weights (moe_ext or HF dir); None: random
     resume: Optional[str] = None  # a run's checkpoints/ dir (its latest) or one step_* dir
