@@ -4,6 +4,13 @@
   convert_checkpoint.py import-hf SRC DST [--dtype bf16|fp16|fp32] [--force] [--max-shard-size 5GB]
   convert_checkpoint.py export-hf SRC DST [--layout per-expert|fused] [--force] [--max-shard-size 5GB]
   convert_checkpoint.py verify DIR
+  convert_checkpoint.py export-megatron SRC DST [--force]
+  convert_checkpoint.py import-megatron SRC DST [--dtype bf16|fp16|fp32] [--force] [--max-shard-size 5GB]
+
+export-megatron writes a Megatron-core distributed checkpoint (torch_dist) of GPTModel with
+moe_ext's MoE layer, plus config.json and a manifest of the source tensors; import-megatron
+reads it back into the moe_ext format and checks every tensor (bit-exact at the same dtype).
+It also reads Megatron's common.pt, a torch pickle: import only checkpoints you trust.
 
 Reads safetensors only. Writes into a temporary directory next to DST and renames it at the
 end: on any error nothing is left at DST. Exit status 0 on success, 1 on any problem (one
@@ -42,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     ver = sub.add_parser("verify", help="check a moe_ext (shapes + checksums) or HF (shapes) directory")
     ver.add_argument("dir", type=Path)
     ver.add_argument("--no-progress", action="store_true")
+    _add_megatron_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("export-megatron", "import-megatron"):
+        return _run_megatron_command(args)
     progress = not args.no_progress
     try:
         if args.command == "import-hf":
@@ -63,6 +73,52 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.dir}: OK")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- Megatron-core distributed checkpoints (moe_ext.megatron.dist_ckpt) ---------------------
+
+def _add_megatron_commands(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser("export-megatron",
+                         help="moe_ext (or HF) directory -> Megatron distributed checkpoint")
+    exp.add_argument("src", type=Path)
+    exp.add_argument("dst", type=Path)
+    imp = sub.add_parser("import-megatron",
+                         help="Megatron distributed checkpoint -> moe_ext directory")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("dst", type=Path)
+    imp.add_argument("--dtype", choices=CAST_DTYPES, default=None,
+                     help="cast floating tensors (default: keep)")
+    imp.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB")
+    for p in (exp, imp):
+        p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+        p.add_argument("--no-progress", action="store_true")
+
+
+def _run_megatron_command(args: argparse.Namespace) -> int:
+    import warnings
+
+    # megatron-core warns at import about Transformer Engine / Apex it does not need here
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    progress = not args.no_progress
+    try:
+        from moe_ext.megatron.dist_ckpt import export_megatron, import_megatron
+
+        if args.command == "export-megatron":
+            entries = export_megatron(args.src, args.dst, force=args.force, progress=progress)
+            print(f"wrote a Megatron checkpoint of {len(entries)} source tensors to {args.dst}")
+        else:
+            entries = import_megatron(args.src, args.dst, dtype=args.dtype, force=args.force,
+                                      max_shard_bytes=parse_size(args.max_shard_size),
+                                      progress=progress)
+            print(f"wrote {len(entries)} tensors to {args.dst}")
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"error: {args.command} needs megatron-core ({e}); pip install megatron-core",
+              file=sys.stderr)
         return 1
     return 0
 

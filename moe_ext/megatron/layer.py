@@ -124,6 +124,8 @@ class MoEExtLayer(BaseMoELayer):
         layer_kwargs = moe_layer_kwargs(config)
         self._check_groups(config, plan, pg_collection)
         self.tp_group = pg_collection.tp
+        # replicas of this rank's expert shard, for sharded_state_dict's replica ids
+        self.expt_dp_group = getattr(pg_collection, "expt_dp", None)
         self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         if groups is not None:
             dispatch_groups = groups.dispatch_groups()
@@ -225,6 +227,86 @@ class MoEExtLayer(BaseMoELayer):
         if self.router.e_score_correction_bias is None:
             raise AttributeError("router has no expert bias (moe_router_enable_expert_bias=False)")
         return self.router.expert_load
+
+    # -- Megatron distributed checkpointing --------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """This layer's tensors for ``megatron.core.dist_checkpointing``: key
+        ``{prefix}<native name>``, each naming the global (unsharded) tensor, so a checkpoint
+        saved under one plan loads under any other.
+
+        - ``experts.gate_up_proj`` global [E, 2F, H]: this rank's [E_local, 2F_local, H] is
+          expert block ``ep_rank`` of ``ep`` on dim 0; under expert TP its gate rows are FFN
+          fragment ``etp_rank`` of ``2*etp`` on dim 1 and its up rows fragment
+          ``etp + etp_rank`` (the global layout keeps every gate row before every up row), so
+          a factory splits the two on save and concatenates them on load;
+        - ``experts.down_proj`` global [E, H, F]: expert block on dim 0, FFN fragment
+          ``etp_rank`` of ``etp`` on dim 2;
+          expert shards repeat across the expert-data-parallel group: replica id
+          ``(0, 0, edp_rank)``, the edp rank 0 copy is the one written;
+        - everything else (router weight and bias, shared expert, its gate) is replicated
+          over TP and DP: Megatron's ``make_sharded_tensor_for_checkpoint``, replica id
+          ``(0, tp_rank, dp_rank)``.
+        ``sharded_offsets`` (the layer axis TransformerBlock prepends for homogeneous layer
+        stacks; ``(axis, rank offset, fragments)`` triples) are prepended to every tensor.
+        """
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        lead = len(sharded_offsets)  # prepended axes before the tensor's own
+        dispatcher = self.dispatcher
+        ep_rank = dispatcher.local_expert_start // dispatcher.num_local_experts
+        ep = dispatcher.num_experts // dispatcher.num_local_experts
+        etp, etp_rank = dispatcher.ffn_shards, dispatcher.ffn_shard_rank
+        edp_group = self.expt_dp_group
+        if edp_group is None:  # a pg_collection without expt_dp: Megatron's global one
+            from megatron.core import parallel_state
+            edp_group = parallel_state.get_expert_data_parallel_group()
+        expert_replica = (0, 0, _rank(edp_group))
+        expert_block = (lead, ep_rank, ep)
+
+        def gate_up_halves(key: str, t: torch.Tensor, replica_id: Any,
+                           flattened_range: Optional[slice]) -> list:
+            if flattened_range is not None:
+                raise MegatronConfigError(
+                    f"{key}: flattened (bucket-space) sharding of FFN-sharded experts is not "
+                    f"supported; save with a non-flattened format (e.g. the distributed "
+                    f"optimizer's fully_sharded_model_space / dp_reshardable)")
+            gate, up = t.chunk(2, dim=1)  # [E_local, F_local, H] each
+            return [ShardedTensor.from_rank_offsets(
+                        key, half.contiguous(), *sharded_offsets, expert_block,
+                        (lead + 1, fragment, 2 * etp), replica_id=replica_id,
+                        prepend_axis_num=lead)
+                    for half, fragment in ((gate, etp_rank), (up, etp + etp_rank))]
+
+        def gate_up_merge(halves: list) -> torch.Tensor:
+            return torch.cat(halves, dim=1)  # [E_local, 2F_local, H]
+
+        out: dict = {}
+        for name, tensor in self.state_dict(prefix="", keep_vars=True).items():
+            key = f"{prefix}{name}"
+            if name == "experts.gate_up_proj" and etp > 1:
+                out[key] = ShardedTensorFactory(key, tensor, gate_up_halves, gate_up_merge,
+                                                expert_replica)
+            elif name == "experts.gate_up_proj":
+                out[key] = ShardedTensor.from_rank_offsets(
+                    key, tensor, *sharded_offsets, expert_block, replica_id=expert_replica,
+                    prepend_axis_num=lead)
+            elif name == "experts.down_proj":
+                ffn = ((lead + 2, etp_rank, etp),) if etp > 1 else ()
+                out[key] = ShardedTensor.from_rank_offsets(
+                    key, tensor, *sharded_offsets, expert_block, *ffn,
+                    replica_id=expert_replica, prepend_axis_num=lead)
+            elif name.startswith("experts."):
+                raise MegatronConfigError(f"{key}: no checkpoint sharding known for expert "
+                                          f"tensor {name}; add it to sharded_state_dict")
+            else:
+                out[key] = make_sharded_tensor_for_checkpoint(
+                    tensor, key, prepend_offsets=sharded_offsets, tp_group=self.attn_tp_group,
+                    dp_cp_group=metadata["dp_cp_group"])
+        return out
 
     # -- forward -------------------------------------------------------------------------
     def _experts_path(self, x: torch.Tensor, weights: torch.Tensor,
