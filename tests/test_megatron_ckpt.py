@@ -247,8 +247,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180, cwd="/")
 
 
-def test_cli_import_cast_and_overwrite_rules(exported, tmp_path):
-    src, state, meg = exported["qwen3_moe"]
+def test_cli_export_import_cast_and_overwrite_rules(exported, tmp_path):
+    src, state, _ = exported["qwen3_moe"]
+    meg = tmp_path / "meg"
+    res = _cli("export-megatron", str(src), str(meg))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"wrote a Megatron checkpoint of {len(state)} source tensors to {meg}"
     dst = tmp_path / "bf16"
     res = _cli("import-megatron", str(meg), str(dst), "--dtype", "bf16")
     assert res.returncode == 0, res.stderr
@@ -302,6 +306,33 @@ def _cpu_megatron(device: torch.device):
     yield
 
 
+def _check_layer_axis(layer, index: int, num_layers: int) -> None:
+    """A layer axis prepended to sharded_state_dict (TransformerBlock's homogeneous-stack
+    form): every tensor gains it, expert offsets stay the plan's (ep block, FFN fragment)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    d = layer.dispatcher
+    out = layer.sharded_state_dict(prefix="x.", sharded_offsets=((0, index, num_layers),))
+    gate_up = out["x.experts.gate_up_proj"]
+    parts = gate_up.build() if isinstance(gate_up, ShardedTensorFactory) else [gate_up]
+    E_local, two_f_local, H = layer.experts.gate_up_proj.shape
+    f_local, F = two_f_local // 2, two_f_local // 2 * d.ffn_shards
+    starts = [(index, d.local_expert_start, d.ffn_shard_rank * f_local, 0)]
+    if len(parts) == 2:  # gate rows, then up rows of the same FFN fragment
+        starts.append((index, d.local_expert_start, F + d.ffn_shard_rank * f_local, 0))
+    else:
+        assert d.ffn_shards == 1
+    for part, start in zip(parts, starts):
+        assert part.global_shape == (num_layers, d.num_experts, 2 * F, H), part
+        assert part.global_offset == start, part
+    down = out["x.experts.down_proj"]
+    assert down.global_shape == (num_layers, d.num_experts, H, F)
+    assert down.global_offset == (index, d.local_expert_start, 0, d.ffn_shard_rank * f_local)
+    router = out["x.router.weight"]
+    assert router.global_shape == (num_layers,) + tuple(layer.router.weight.shape)
+    assert router.global_offset == (index, 0, 0)
+
+
 def _rank_case(rank, world, family, strategy, tp, src, meg, saved, backend, device):
     from moe_ext.groups import ProcessGroups
     from moe_ext.megatron import (MoEExtLayer, install_parallel_state, seed_model_parallel_rng,
@@ -330,6 +361,7 @@ def _rank_case(rank, world, family, strategy, tp, src, meg, saved, backend, devi
                 assert torch.equal(layer.mlp.experts.down_proj.cpu(), down), i
                 assert torch.equal(layer.mlp.router.weight.cpu(),
                                    full[f"layers.{i}.mlp.router.weight"]), i
+                _check_layer_axis(layer.mlp, i, args.num_hidden_layers)
         native = Transformer(args)
         native.load_state_dict(full)
         native = native.to(device).eval()
