@@ -84,13 +84,18 @@ def single_process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"
+
+
 @contextlib.contextmanager
-def cpu_device_calls() -> Iterator[None]:
-    """Without CUDA only: Megatron's checkpoint I/O calls ``torch.cuda.synchronize()`` after
-    copying tensors to the host and puts its save-success flag on ``torch.cuda.
-    current_device()``; with no GPU both are redirected to the CPU (nothing to wait for),
-    and restored on exit. A no-op where CUDA is available."""
-    if torch.cuda.is_available():
+def cpu_device_calls(active: bool = True) -> Iterator[None]:
+    """For a model on the CPU (``active``): Megatron's checkpoint I/O calls
+    ``torch.cuda.synchronize()`` after copying tensors to the host and puts its save-success
+    flag, all-reduced over the default group, on ``torch.cuda.current_device()``; both are
+    redirected to the CPU (nothing to wait for; a gloo group reduces CPU tensors), and
+    restored on exit. Not thread-safe: the converters are single-threaded."""
+    if not active:
         yield
         return
     saved = torch.cuda.synchronize, torch.cuda.current_device
@@ -145,7 +150,7 @@ def save_megatron(model: torch.nn.Module, directory: PathLike) -> None:
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # the directory exists before any rank writes into it
-    with cpu_device_calls():
+    with cpu_device_calls(_on_cpu(model)):
         dist_checkpointing.save(model.sharded_state_dict(), str(directory))
 
 
@@ -214,7 +219,7 @@ def load_megatron(model: torch.nn.Module, directory: PathLike) -> None:
                                           f"{directory / '.metadata'} but the model needs "
                                           f"{list(shape)}; config.json does not match the "
                                           f"checkpoint")
-    with cpu_device_calls():
+    with cpu_device_calls(_on_cpu(model)):
         state = dist_checkpointing.load(sharded, str(directory))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -343,11 +348,11 @@ def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
                                 and key not in targets:
                             continue  # one stage: the output layer reads the embedding
                         if key not in targets or targets[key].shape != tensor.shape:
-                            want = list(targets[key].shape) if key in targets else "absent"
+                            want = list(targets[key].shape) if key in targets else "no such"
                             raise MegatronCheckpointError(
-                                f"{src}: {key} (from {group[0].split('.mlp')[0]}...) is "
-                                f"{list(tensor.shape)}, GPTModel has {want}; config.json "
-                                f"disagrees with the tensors")
+                                f"{src}: GPTModel tensor {key} would be {list(tensor.shape)} "
+                                f"but the model built from config.json has {want}; the "
+                                f"tensors disagree with config.json")
                         targets[key].copy_(tensor)
                         filled.add(key)
                     bar.update(len(group))
