@@ -152,6 +152,25 @@ def test_round_trip_bit_exact_and_megatron_layout(family, exported, tmp_path):
     assert read_manifest(back)["dtype"] == dtype_name(state["norm.weight"].dtype)
 
 
+def test_export_from_hugging_face_layout(exported, tmp_path):
+    """An HF directory (per-expert tensors, as save_pretrained writes) exports to the same
+    Megatron tensors as its moe_ext form and imports back to the source bits."""
+    from moe_ext.checkpoint.convert import export_hf
+
+    src, state, meg = exported["qwen2_moe"]
+    hf, meg_hf, back = tmp_path / "hf", tmp_path / "meg_hf", tmp_path / "back"
+    export_hf(src, hf, layout="per-expert", progress=False)
+    export_megatron(hf, meg_hf, progress=False)
+    ours, theirs = _read_torch_dist(meg), _read_torch_dist(meg_hf)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    import_megatron(meg_hf, back, progress=False)
+    tensors = load_file(str(back / "model.safetensors"))
+    for name, t in state.items():
+        assert torch.equal(tensors[name], t), name
+
+
 def _left_at(dst: Path) -> list[str]:
     return sorted(p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}")
                   or p.name == dst.name)

@@ -480,7 +480,8 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     if manifest is not None:
         _check_against_manifest(tensors, manifest, src)
     overall = dtype_name(target) if target is not None else dtype_name(model_dtype)
-    side = manifest["side_files"] if manifest is not None else []
+    side = (manifest["side_files"] if manifest is not None
+            else [p.name for p in _side_files(src)])
     return _write_moe_ext(src, dst, tensors, family, overall, side, max_shard_bytes, progress)
 
 
