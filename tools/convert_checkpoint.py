@@ -97,10 +97,15 @@ def _add_megatron_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_megatron_command(args: argparse.Namespace) -> int:
+    import logging
     import warnings
 
-    # megatron-core warns at import about Transformer Engine / Apex it does not need here
+    # keep stderr to our one-line errors: megatron-core warns about Transformer Engine / Apex
+    # it does not need here, deprecations, and layer specs it does not know (ours)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
     progress = not args.no_progress
     try:
         from moe_ext.megatron.dist_ckpt import export_megatron, import_megatron
