@@ -139,8 +139,9 @@ def megatron_moe_config(hidden: int, ffn: int, experts: int, top_k: int, plan: P
     Weights are left uninitialised (the caller loads or randomises them)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    heads = -(-max(1, hidden // 64) // plan.tp) * plan.tp  # Megatron: heads divisible by tp
     return TransformerConfig(
-        num_layers=1, hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+        num_layers=1, hidden_size=hidden, num_attention_heads=heads,
         ffn_hidden_size=4 * hidden, num_moe_experts=experts, moe_router_topk=top_k,
         moe_ffn_hidden_size=ffn, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,

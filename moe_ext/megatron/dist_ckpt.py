@@ -140,6 +140,26 @@ def build_gpt_model(args: Any, plan: Any, groups: Any, dtype: torch.dtype,
 
 # ---- collective save / load -------------------------------------------------------------
 
+def sharded_state_dict(model: torch.nn.Module) -> dict:
+    """``model.sharded_state_dict()``. megatron-core 0.19 also wants the data-parallel (with
+    context-parallel) group, from ``metadata`` or its global parallel state; a single
+    process that never installed that state gets the world group of one."""
+    import inspect
+
+    if "metadata" not in inspect.signature(model.sharded_state_dict).parameters:
+        return model.sharded_state_dict()  # megatron-core 0.16
+    from megatron.core import parallel_state
+
+    group = getattr(parallel_state, "_DATA_PARALLEL_GROUP_WITH_CP", None)
+    if group is None:
+        if dist.get_world_size() != 1:
+            raise MegatronCheckpointError("Megatron's parallel state is not installed; call "
+                                          "moe_ext.megatron.install_parallel_state(groups) "
+                                          "before saving or loading on several ranks")
+        group = dist.group.WORLD
+    return model.sharded_state_dict(metadata={"dp_cp_group": group})
+
+
 def save_megatron(model: torch.nn.Module, directory: PathLike) -> None:
     """Collective over the model's ranks: write ``model.sharded_state_dict()`` to the empty
     or absent ``directory`` in Megatron's torch_dist format (each global tensor written once,
@@ -151,7 +171,7 @@ def save_megatron(model: torch.nn.Module, directory: PathLike) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()  # the directory exists before any rank writes into it
     with cpu_device_calls(_on_cpu(model)):
-        dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+        dist_checkpointing.save(sharded_state_dict(model), str(directory))
 
 
 def checkpoint_tensors(directory: PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -208,7 +228,7 @@ def load_megatron(model: torch.nn.Module, directory: PathLike) -> None:
 
     directory = Path(directory)
     stored = checkpoint_tensors(directory)
-    sharded = model.sharded_state_dict()
+    sharded = sharded_state_dict(model)
     for name, key, shape in _expected_tensors(sharded):
         if key not in stored:
             raise MegatronCheckpointError(f"tensor {key} (model {name}) is missing from the "
