@@ -30,9 +30,8 @@ from moe_ext.megatron import (MegatronConfigError, get_gpt_decoder_block_spec,  
                               moe_layer_spec, native_to_megatron, router_kwargs,
                               transformer_config_kwargs)
 from moe_ext.model import ModelArgs, init_random_full  # noqa: E402
-from moe_ext.moe.dispatch import DISPATCHERS  # noqa: E402
 from moe_ext.moe.router import TopKRouter  # noqa: E402
-from moe_ext.plan import DEFAULT_DISPATCHER, ParallelPlan  # noqa: E402
+from moe_ext.plan import plan_with_degrees  # noqa: E402
 from tests.multirank import run_ranks  # noqa: E402
 
 H, E = 32, 8
@@ -48,16 +47,8 @@ def _config(**kw) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
-def plan_for(strategy: str, world: int, tp: int = 1) -> ParallelPlan:
-    dp = world // tp
-    if strategy == "replicate":
-        ep, etp, edp = 1, 1, tp * dp
-    elif strategy == "tp_experts":
-        ep, etp, edp = 1, tp, dp
-    else:
-        ep, etp, edp = tp * dp, 1, 1
-    return ParallelPlan(strategy, world, tp, 1, dp, ep, etp, edp,
-                        DISPATCHERS[DEFAULT_DISPATCHER[strategy]], "test")
+def plan_for(strategy: str, world: int, tp: int = 1):
+    return plan_with_degrees(strategy, world, tp, reason="test")
 
 
 def _tiny_args(model_type: str = "qwen3_moe", **kw) -> ModelArgs:

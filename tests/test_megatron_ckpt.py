@@ -298,19 +298,10 @@ RANK_CASES = [("qwen2_moe", "ep_nccl", 1), ("qwen3_moe", "tp_experts", 2),
 GPU_CASES = RANK_CASES + [("qwen3_moe", "ep_nccl", 2), ("mixtral", "ep_allgather", 1)]
 
 
-def _plan(strategy: str, world: int, tp: int):
-    from moe_ext.moe.dispatch import DISPATCHERS
-    from moe_ext.plan import DEFAULT_DISPATCHER, ParallelPlan
+def _plan(strategy: str, world: int, tp: int = 1):
+    from moe_ext.plan import plan_with_degrees
 
-    dp = world // tp
-    if strategy == "replicate":
-        ep, etp, edp = 1, 1, tp * dp
-    elif strategy == "tp_experts":
-        ep, etp, edp = 1, tp, dp
-    else:
-        ep, etp, edp = tp * dp, 1, 1
-    return ParallelPlan(strategy, world, tp, 1, dp, ep, etp, edp,
-                        DISPATCHERS[DEFAULT_DISPATCHER[strategy]], "test")
+    return plan_with_degrees(strategy, world, tp, reason="test")
 
 
 @contextlib.contextmanager

@@ -30,18 +30,9 @@ H, E, FFN, TOP_K = 64, 8, 32, 2
 
 
 def _plan(strategy: str, world: int, tp: int = 1):
-    from moe_ext.moe.dispatch import DISPATCHERS
-    from moe_ext.plan import DEFAULT_DISPATCHER, ParallelPlan
+    from moe_ext.plan import plan_with_degrees
 
-    dp = world // tp
-    if strategy == "replicate":
-        ep, etp, edp = 1, 1, tp * dp
-    elif strategy == "tp_experts":
-        ep, etp, edp = 1, tp, dp
-    else:
-        ep, etp, edp = tp * dp, 1, 1
-    return ParallelPlan(strategy, world, tp, 1, dp, ep, etp, edp,
-                        DISPATCHERS[DEFAULT_DISPATCHER[strategy]], "gpu test")
+    return plan_with_degrees(strategy, world, tp, reason="test")
 
 
 def _setup(plan, backend: str):

@@ -94,11 +94,9 @@ def _random_init_(module: nn.Module) -> None:
 
 def ep_plan(world: int, reason: str = "benchmark peer: EP = world") -> ParallelPlan:
     """Expert parallelism over all ranks (tp = pp = 1, dp = ep = world)."""
-    from moe_ext.moe.dispatch import DISPATCHERS
-    from moe_ext.plan import DEFAULT_DISPATCHER
+    from moe_ext.plan import plan_with_degrees
 
-    return ParallelPlan("ep_nccl", world, 1, 1, world, world, 1, 1,
-                        DISPATCHERS[DEFAULT_DISPATCHER["ep_nccl"]], reason)
+    return plan_with_degrees("ep_nccl", world, reason=reason)
 
 
 @functools.lru_cache(maxsize=None)
