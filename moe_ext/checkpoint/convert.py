@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from moe_ext.checkpoint import hf_maps
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.checkpoint.format import (
     CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter, TensorEntry, dtype_name, nbytes, plan_shards,
-    tensor_bytes, torch_dtype, write_manifest,
+    staged_directory, tensor_bytes, torch_dtype, write_manifest,
 )
 from moe_ext.checkpoint.reader import CheckpointReader
 from moe_ext.checkpoint.shard import ShardRequest
@@ -82,12 +81,7 @@ def _write_directory(
     """Write ``outputs`` as safetensors shards plus config.json and side files of ``src`` into a
     temporary directory next to ``dst``, call ``finish(tmp, entries)``, then rename into place."""
     _check_destination(src, dst, force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_directory(dst) as tmp:
         by_name = {o.name: o for o in outputs}
         shards = plan_shards([(o.name, nbytes(o.shape, o.dtype)) for o in outputs], max_shard_bytes)
         entries: list[TensorEntry] = []
@@ -108,17 +102,7 @@ def _write_directory(
         for side in _side_files(src):
             shutil.copyfile(side, tmp / side.name)
         finish(tmp, entries)
-        if dst.exists():  # only with force (checked above)
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-        return entries
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return entries
 
 
 def import_hf(

@@ -14,12 +14,15 @@ chunk of a tensor in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -208,3 +211,32 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._file.close()
+
+
+def replace_directory(tmp: Path, dst: Path) -> None:
+    """Move the finished ``tmp`` to ``dst``; an existing ``dst`` is replaced only now, once
+    the new directory is complete."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)
+
+
+@contextlib.contextmanager
+def staged_directory(dst: Path) -> Iterator[Path]:
+    """A fresh temporary directory next to ``dst``: renamed to ``dst`` when the block
+    succeeds, removed when it fails, so no reader ever sees a partial checkpoint."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_directory(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

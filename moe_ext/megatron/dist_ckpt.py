@@ -31,7 +31,6 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -43,7 +42,8 @@ from tqdm.auto import tqdm
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.checkpoint.format import (CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter,
                                        TensorEntry, dtype_name, nbytes, plan_shards,
-                                       tensor_bytes, torch_dtype, write_manifest)
+                                       staged_directory, tensor_bytes, torch_dtype,
+                                       write_manifest)
 
 MEGATRON_MANIFEST = "moe_ext_megatron.json"
 FORMAT_NAME = "moe_ext-megatron"
@@ -266,27 +266,6 @@ def _side_files(src: Path) -> list[Path]:
                   and not p.name.endswith(_WEIGHT_SUFFIXES))
 
 
-@contextlib.contextmanager
-def _staging(dst: Path) -> Iterator[Path]:
-    """A fresh temporary directory next to ``dst``; renamed to ``dst`` (replacing it) when
-    the block succeeds, removed when it fails."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():  # only with force (checked before)
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _model_args(config: dict[str, Any], where: Path) -> Any:
@@ -381,7 +360,7 @@ def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
                 raise MegatronCheckpointError(f"{src} gives no tensor for GPTModel's {unset[0]}"
                                               f" ({len(unset)} unset); the checkpoint is "
                                               f"incomplete for its config.json")
-            with _staging(dst) as tmp:
+            with staged_directory(dst) as tmp:
                 save_megatron(model, tmp)
                 shutil.copyfile(src / "config.json", tmp / "config.json")
                 side = _side_files(src)
@@ -537,7 +516,7 @@ def _write_moe_ext(src: Path, dst: Path, tensors: dict[str, torch.Tensor], famil
     shards = plan_shards([(n, nbytes(t.shape, t.dtype)) for n, t in tensors.items()],
                          max_shard_bytes)
     entries: list[TensorEntry] = []
-    with _staging(dst) as tmp:
+    with staged_directory(dst) as tmp:
         with tqdm(total=len(tensors), desc=f"import {src.name}", disable=not progress) as bar:
             for file, names in shards:
                 layout = [(n, dtype_name(tensors[n].dtype), tuple(tensors[n].shape))

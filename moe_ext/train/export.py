@@ -11,8 +11,8 @@ writer. Memory on rank 0: one full tensor at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from moe_ext.checkpoint.format import (SafetensorsWriter, TensorEntry, dtype_name, nbytes,
-                                       plan_shards, write_manifest)
+                                       plan_shards, staged_directory,
+                                       write_manifest)
 from moe_ext.model.parallelize import RankCoords, shard_slices
 from moe_ext.model.weights import full_shapes
 
@@ -140,50 +141,40 @@ def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: st
     files = plan_shards([(n, nbytes(s, dtype_name(dtype))) for n, s in shapes.items()],
                         max_shard_bytes)
     dst = Path(destination)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if rank == 0:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    entries: list[TensorEntry] = []
-    for file, names in files:
-        writer = SafetensorsWriter(tmp / file, [(n, dtype_name(dtype), shapes[n])
-                                                 for n in names]) if rank == 0 else None
-        for name in names:
-            if rank == 0:
-                full = torch.empty(shapes[name], dtype=dtype)
-            for owner, request in regions[name]:
-                if owner == rank and rank != 0:
-                    dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
-                elif rank == 0:
-                    if owner == 0:
-                        piece = local[name].detach().to(dtype)
-                    else:
-                        piece = torch.empty(request.shape(shapes[name]), dtype=dtype,
-                                            device=device)
-                        dist.recv(piece, src=owner)
-                    _place(full, request, piece.cpu())  # sync: the writer streams host memory
-            if rank == 0:
-                sha = writer.write_tensor(name, [full])
-                entries.append(TensorEntry(name, tuple(shapes[name]), dtype_name(dtype), sha,
-                                           file))
-        if writer is not None:
-            writer.close()
-    if rank != 0:
-        return None
-    write_manifest(tmp, args.model_type, dtype_name(dtype), entries)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    if side_files_from is not None and Path(side_files_from).is_dir():
-        for name in SIDE_FILES:
-            source = Path(side_files_from) / name
-            if source.is_file():
-                shutil.copyfile(source, tmp / name)
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dst)
+    # rank 0 writes into a staged directory (renamed into place at the end, removed on
+    # failure); the other ranks only send it their slices
+    with staged_directory(dst) if rank == 0 else contextlib.nullcontext() as tmp:
+        entries: list[TensorEntry] = []
+        for file, names in files:
+            writer = SafetensorsWriter(tmp / file, [(n, dtype_name(dtype), shapes[n])
+                                                     for n in names]) if rank == 0 else None
+            for name in names:
+                if rank == 0:
+                    full = torch.empty(shapes[name], dtype=dtype)
+                for owner, request in regions[name]:
+                    if owner == rank and rank != 0:
+                        dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
+                    elif rank == 0:
+                        if owner == 0:
+                            piece = local[name].detach().to(dtype)
+                        else:
+                            piece = torch.empty(request.shape(shapes[name]), dtype=dtype,
+                                                device=device)
+                            dist.recv(piece, src=owner)
+                        _place(full, request, piece.cpu())  # sync: the writer streams host memory
+                if rank == 0:
+                    sha = writer.write_tensor(name, [full])
+                    entries.append(TensorEntry(name, tuple(shapes[name]), dtype_name(dtype), sha,
+                                               file))
+            if writer is not None:
+                writer.close()
+        if rank != 0:
+            return None
+        write_manifest(tmp, args.model_type, dtype_name(dtype), entries)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        if side_files_from is not None and Path(side_files_from).is_dir():
+            for name in SIDE_FILES:
+                source = Path(side_files_from) / name
+                if source.is_file():
+                    shutil.copyfile(source, tmp / name)
     return dst
