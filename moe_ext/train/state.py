@@ -132,9 +132,21 @@ def save_checkpoint(root: Path, step: int, rank: int, world_size: int, rank_stat
 
 def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.device] = None
                     ) -> dict[str, Any]:
-    """This rank's saved state (our own file: it holds optimizer objects, not only tensors)."""
-    return torch.load(rank_file(point.directory, rank), map_location=map_location,
-                      weights_only=False)
+    """This rank's saved state, loaded with ``weights_only=True``: tensors, containers,
+    plain values and the few DeepSpeed state classes named here, never arbitrary objects."""
+    with torch.serialization.safe_globals(_deepspeed_state_classes()):
+        return torch.load(rank_file(point.directory, rank), map_location=map_location,
+                          weights_only=True)
+
+
+def _deepspeed_state_classes() -> list[type]:
+    """Plain-data classes DeepSpeed puts into its ZeRO optimizer state (loss scaler, stage,
+    fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def capture_engine(engine: Any) -> dict[str, Any]:
