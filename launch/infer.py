@@ -33,7 +33,7 @@ from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.launching import (ModelSource, UsageError, build_model_shard,  # noqa: E402
                                device_type_for, launch_topology, package_path, report_error,
-                               resolve_model_source)
+                               resolve_model_source, run_and_exit)
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
 from moe_ext.model.tokenizer import load_tokenizer  # noqa: E402
 from moe_ext.plan import ParallelPlan, build_plan  # noqa: E402
@@ -270,15 +270,7 @@ def main(cfg) -> None:
     env = DistEnv.from_environ(os.environ)
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="%(message)s", force=True)
-    try:
-        code = run(OmegaConf.to_object(cfg), env)
-    except ValueError as err:  # our one-line errors (UsageError, PlanError, CheckpointError, ...)
-        report_error(err, env.rank, env.world_size)
-        code = 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
+    run_and_exit(lambda: run(OmegaConf.to_object(cfg), env), env.rank, env.world_size)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ from moe_ext.deepspeed.engine import build_engine, clips_itself  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.launching import (ModelSource, UsageError, build_model_shard,  # noqa: E402
-                               device_type_for, launch_topology, report_error,
-                               resolve_model_source)
+                               device_type_for, launch_topology,
+                               resolve_model_source, run_and_exit)
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
 from moe_ext.model.tokenizer import load_tokenizer  # noqa: E402
 from moe_ext.plan import ParallelPlan, build_plan  # noqa: E402
@@ -308,16 +308,9 @@ def main(cfg) -> None:
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     raw = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        code = run(OmegaConf.to_object(cfg), env, Path(HydraConfig.get().runtime.output_dir),
-                   raw)
-    except ValueError as err:  # our one-line errors (UsageError, ResumeError, PlanError, ...)
-        report_error(err, env.rank, env.world_size)
-        code = 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(code)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_and_exit(lambda: run(OmegaConf.to_object(cfg), env, output_dir, raw), env.rank,
+                 env.world_size)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import torch
+import torch.distributed as dist
 
 from moe_ext.checkpoint.reader import CheckpointReader, load_sharded
 from moe_ext.model import ModelArgs, Transformer
@@ -98,6 +99,20 @@ def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank
                              progress=progress)
         materialize_(model, device).load_state_dict(state, strict=False)
     return model
+
+
+def run_and_exit(body: Callable[[], int], rank: int, world_size: int) -> NoReturn:
+    """A launcher's main: our one-line errors (ValueError subclasses) exit 2 through
+    ``report_error``; the process group is torn down whatever happens."""
+    try:
+        code = body()
+    except ValueError as err:
+        report_error(err, rank, world_size)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
 
 
 def report_error(err: ValueError, rank: int, world_size: int) -> None:

@@ -247,22 +247,9 @@ def test_training_gradients_equal_reference_world2():
 
 def _conf(schema, **over):
     """A launcher config (InferConf / TrainConf) for the tiny model, with overrides."""
-    from omegaconf import OmegaConf
+    from tests.confs import tiny_conf
 
-    from moe_ext.config import ModelConf, ParallelConf, StrategyConf
-
-    model = OmegaConf.merge(OmegaConf.structured(ModelConf),
-                            {k: v for k, v in OmegaConf.load(REPO / "conf/model/tiny.yaml").items()
-                             if k != "defaults"})
-    cfg = schema(model=OmegaConf.to_object(model), strategy=StrategyConf(name="auto"),
-                 parallel=ParallelConf())
-    for key, value in over.items():
-        target = cfg
-        *path, leaf = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, leaf, value)
-    return cfg
+    return tiny_conf(schema, **over)
 
 
 def _launcher(name: str):

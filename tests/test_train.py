@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_ext.config import StrategyConf
+from tests.confs import tiny_conf
+
 from moe_ext.model import ByteTokenizer, ModelArgs
 from moe_ext.train.config import TrainLoopConf
 from moe_ext.train.data import (DataError, TokenData, eval_batches, read_documents,
@@ -99,23 +100,9 @@ def test_hf_config_round_trip(make):
 # ---- launcher checks (no process group) ---------------------------------------------------
 
 def _train_cfg(**over):
-    from omegaconf import OmegaConf
-
-    from moe_ext.config import ModelConf, ParallelConf
     from moe_ext.train.config import TrainConf
 
-    model = OmegaConf.merge(OmegaConf.structured(ModelConf),
-                            {k: v for k, v in OmegaConf.load(REPO / "conf/model/tiny.yaml").items()
-                             if k != "defaults"})
-    cfg = TrainConf(model=OmegaConf.to_object(model), strategy=StrategyConf(name="auto"),
-                    parallel=ParallelConf())
-    for key, value in over.items():
-        target = cfg
-        *path, leaf = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, leaf, value)
-    return cfg
+    return tiny_conf(TrainConf, **over)
 
 
 def _launcher():
