@@ -5,6 +5,8 @@ input fails the same way on every rank, before any collective could hang.
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -103,7 +105,8 @@ def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank
 
 def run_and_exit(body: Callable[[], int], rank: int, world_size: int) -> NoReturn:
     """A launcher's main: our one-line errors (ValueError subclasses) exit 2 through
-    ``report_error``; the process group is torn down whatever happens."""
+    ``report_error``; the process group is torn down whatever happens. Other exceptions
+    propagate with their traceback."""
     try:
         code = body()
     except ValueError as err:
@@ -112,7 +115,13 @@ def run_and_exit(body: Callable[[], int], rank: int, world_size: int) -> NoRetur
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code)
+    # Every output is written by now. Skip interpreter teardown: a C++ worker thread left
+    # joinable by a library (seen with DeepSpeed on gloo) can abort the process there
+    # ("terminate called without an active exception"), turning a finished run into a crash.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def report_error(err: ValueError, rank: int, world_size: int) -> None:
