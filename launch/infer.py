@@ -31,9 +31,10 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from moe_ext.config import InferConf, check_group_choices, register_configs  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
-from moe_ext.launching import (ModelSource, UsageError, build_model_shard,  # noqa: E402
-                               device_type_for, launch_topology, package_path, report_error,
-                               resolve_model_source, run_and_exit)
+from moe_ext.launching import (ModelSource, UsageError, as_usage_error,  # noqa: E402
+                               build_model_shard, device_type_for, launch_topology,
+                               package_path, report_error, resolve_model_source,
+                               run_and_exit)
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
 from moe_ext.model.tokenizer import load_tokenizer  # noqa: E402
 from moe_ext.plan import ParallelPlan, build_plan  # noqa: E402
@@ -215,13 +216,8 @@ def _report(job: Job, result, device: torch.device, world_size: int) -> None:
 
 def run(cfg: InferConf, env: DistEnv) -> int:
     cuda_available = torch.cuda.is_available()
-    try:
-        job = prepare(cfg, env, cuda_available,
-                      torch.cuda.device_count() if cuda_available else 0)
-    except UsageError:
-        raise
-    except ValueError as err:  # PlanError, CheckpointError, ...: the same on every rank
-        raise UsageError(str(err)) from None
+    job = as_usage_error(prepare, cfg, env, cuda_available,
+                         torch.cuda.device_count() if cuda_available else 0)
     if env.rank == 0:
         log.info("topology: %s", job.topology.describe())
         log.info("plan: %s", job.plan.describe())

@@ -44,8 +44,8 @@ from moe_ext.config import GenerateConf  # noqa: E402
 from moe_ext.deepspeed.engine import build_engine, clips_itself  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
-from moe_ext.launching import (ModelSource, UsageError, build_model_shard,  # noqa: E402
-                               device_type_for, launch_topology,
+from moe_ext.launching import (ModelSource, UsageError, as_usage_error,  # noqa: E402
+                               build_model_shard, device_type_for, launch_topology,
                                resolve_model_source, run_and_exit)
 from moe_ext.model import ModelArgs, Transformer, generate  # noqa: E402
 from moe_ext.model.tokenizer import load_tokenizer  # noqa: E402
@@ -201,13 +201,8 @@ def _sample(model: Transformer, job: Job, cfg: TrainConf) -> Optional[dict[str, 
 
 def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, Any]) -> int:
     cuda_available = torch.cuda.is_available()
-    try:
-        job = prepare(cfg, env, cuda_available,
-                      torch.cuda.device_count() if cuda_available else 0)
-    except UsageError:
-        raise
-    except ValueError as err:  # PlanError, CheckpointError, DataError, ...: same on every rank
-        raise UsageError(str(err)) from None
+    job = as_usage_error(prepare, cfg, env, cuda_available,
+                         torch.cuda.device_count() if cuda_available else 0)
     conf = cfg.train
     if env.rank == 0:
         log.info("topology: %s", job.topology.describe())

@@ -28,6 +28,17 @@ class UsageError(ValueError):
     """Bad input found before any process group exists (one line: problem and fix)."""
 
 
+def as_usage_error(prepare: Callable[..., Any], *args: Any) -> Any:
+    """Run a launcher's validation step; its ValueErrors (PlanError, CheckpointError, ...)
+    are the same on every rank, so they become UsageErrors that rank 0 alone prints."""
+    try:
+        return prepare(*args)
+    except UsageError:
+        raise
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def device_type_for(requested: str, cuda_available: bool) -> str:
     if requested not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device={requested!r} is not one of auto, cpu, cuda")

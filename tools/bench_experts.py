@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 import torch  # noqa: E402
 
+from moe_ext.bench.cli import positive_int_list  # noqa: E402
 from moe_ext.moe.experts import GroupedExperts  # noqa: E402
 
 SHAPES = {  # name: (H, F, E, k)
@@ -129,22 +130,12 @@ def format_row(r: dict) -> str:
             f"{num('rel_err', '8.4f')}")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,8,32")
-    return values
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="mixtral,qwen3",
                    help=f"comma-separated from {sorted(SHAPES)}")
-    p.add_argument("--tokens", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128],
+    p.add_argument("--tokens", type=positive_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128],
                    help="tokens per step; rows T' = tokens * k")
     p.add_argument("--max-rows", type=int, default=256, help="skip points with more rows")
     p.add_argument("--copies", type=int, default=4, help="weight copies rotated per replay")

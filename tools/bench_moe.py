@@ -53,6 +53,7 @@ import torch.nn as nn  # noqa: E402
 
 from moe_ext.bench.peers import (PEER_STRATEGIES, PeerUnavailable, build_peer,  # noqa: E402
                                  library_versions, peer_strategies)
+from moe_ext.bench.cli import positive_int_list  # noqa: E402
 from moe_ext.dist import DistEnv, destroy, init_distributed  # noqa: E402
 from moe_ext.moe.dispatch import DispatchGroups  # noqa: E402
 from moe_ext.moe.layer import MoELayer, build_moe_layer  # noqa: E402
@@ -414,13 +415,6 @@ def plot(rows: list[Row], path: Path) -> None:
 
 # ---------------------------------------------------------------- main
 
-def _int_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,16,256")
-    return values
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -434,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(ALL_STRATEGIES))
     p.add_argument("--peers", default="",
                    help="other implementations to add: megatron (mcore_a2a, mcore_ag), deepspeed")
-    p.add_argument("--tokens", type=_int_list, default=[1, 16, 64, 256, 4096],
+    p.add_argument("--tokens", type=positive_int_list, default=[1, 16, 64, 256, 4096],
                    help="tokens per rank")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--uniform-routing", action="store_true",

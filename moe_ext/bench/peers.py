@@ -108,12 +108,17 @@ def _ep_groups(world: int, backend: str, timeout_s: float):
     return ProcessGroups.build(ep_plan(world), backend, timedelta(seconds=timeout_s))
 
 
-def ep_groups(timeout_s: float = 300.0):
-    """Our ProcessGroups for EP = world size (collective on first call; cached after)."""
+def ep_groups(timeout_s: float = 300.0, experts: Optional[int] = None):
+    """Our ProcessGroups for EP = world size (collective on first call; cached after);
+    ``experts``: refuse an expert count the world size does not divide."""
     if not dist.is_initialized():
         raise PeerUnavailable("torch.distributed is not initialised; call "
                               "moe_ext.dist.init_distributed first")
-    return _ep_groups(dist.get_world_size(), dist.get_backend(), timeout_s)
+    world = dist.get_world_size()
+    if experts is not None and experts % world:
+        raise PeerUnavailable(f"{experts} experts do not split over {world} ranks; run with "
+                              f"a world size that divides the expert count")
+    return _ep_groups(world, dist.get_backend(), timeout_s)
 
 
 def _balanced_probs(expert_idx: torch.Tensor, num_experts: int, like: torch.Tensor
@@ -228,11 +233,7 @@ def megatron_peer(hidden: int, ffn: int, experts: int, top_k: int, *,
     _require("megatron.core", "megatron-core")
     from moe_ext.megatron import install_parallel_state, seed_model_parallel_rng
 
-    groups = ep_groups(timeout_s)
-    world = groups.plan.world_size
-    if experts % world:
-        raise PeerUnavailable(f"{experts} experts do not split over {world} ranks; run with "
-                              f"a world size that divides the expert count")
+    groups = ep_groups(timeout_s, experts)
     install_parallel_state(groups)
     if device.type == "cuda":
         # Megatron's CUDA RNG tracker streams (expert/tensor parallel) must exist on GPUs
@@ -342,16 +343,12 @@ def deepspeed_peer(hidden: int, ffn: int, experts: int, top_k: int, *, dtype: to
     _require("deepspeed.moe.layer", "deepspeed")
     from deepspeed.moe.layer import MoE
 
-    groups = ep_groups(timeout_s)
-    world = groups.plan.world_size
-    if experts % world:
-        raise PeerUnavailable(f"{experts} experts do not split over {world} ranks; run with "
-                              f"a world size that divides the expert count")
+    groups = ep_groups(timeout_s, experts)
     groups.register_deepspeed_groups()
     with torch.device(device):
         template = SwiGLUExpert(hidden, ffn, dtype=dtype)
         # eval_capacity_factor is unused without token dropping (capacity = largest load)
-        moe = MoE(hidden, template, num_experts=experts, ep_size=world, k=top_k,
+        moe = MoE(hidden, template, num_experts=experts, ep_size=groups.plan.world_size, k=top_k,
                   min_capacity=0, drop_tokens=False, use_rts=False,
                   top2_2nd_expert_sampling=False)
     del template  # MoE deep-copied it once per local expert
