@@ -126,6 +126,7 @@ class MoEExtLayer(BaseMoELayer):
         self.tp_group = pg_collection.tp
         # replicas of this rank's expert shard, for sharded_state_dict's replica ids
         self.expt_dp_group = getattr(pg_collection, "expt_dp", None)
+        self.dp_cp_group = getattr(pg_collection, "dp_cp", None)
         self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         if groups is not None:
             dispatch_groups = groups.dispatch_groups()
@@ -254,6 +255,10 @@ class MoEExtLayer(BaseMoELayer):
         from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
         from megatron.core.utils import make_sharded_tensor_for_checkpoint
 
+        if self.dp_cp_group is not None and "dp_cp_group" not in (metadata or {}):
+            # our own pg_collection's group: Megatron's fallback reads a global parallel
+            # state that a pg_collection-built model never installs (megatron-core 0.19)
+            metadata = {**(metadata or {}), "dp_cp_group": self.dp_cp_group}
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         lead = len(sharded_offsets)  # prepended axes before the tensor's own
         dispatcher = self.dispatcher
