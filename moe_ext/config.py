@@ -96,6 +96,7 @@ class GenerateConf:
     top_p: float = 1.0
     max_batch_size: int = 64
     cuda_graphs: bool = True  # CUDA-graph decode on GPU
+    compile_decode: bool = True  # GPU: torch.compile (inductor) each block's decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
 

@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a functional dry run (timings mean little)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="decode blocks eager (no torch.compile), for comparison")
     parser.add_argument("--profile", action="store_true",
                         help="print a torch.profiler table of 4 eager decode steps (batch = first)")
     parser.add_argument("--peers", default="", choices=["", "hf"],
@@ -91,6 +93,7 @@ def main() -> None:
     overrides = [f"model={opts.model}", f"strategy={opts.strategy}", f"device={opts.device}",
                  f"generate.max_new_tokens={opts.new_tokens}", "generate.ignore_eos=true",
                  f"generate.cuda_graphs={not opts.no_cuda_graphs}",
+                 f"generate.compile_decode={not opts.no_compile}",
                  f"generate.max_batch_size={max(batches)}", *opts.overrides]
     # the launcher validates a prompts file (lengths against the context): give it one
     prompts_file = Path(f"/tmp/bench_infer_prompts_{env.rank}.jsonl")
@@ -128,6 +131,7 @@ def main() -> None:
                          ms_per_step=1000 * step_s, floor_ms_per_step=1000 * floor,
                          fraction_of_floor=floor / step_s if step_s else 0.0,
                          cuda_graphs=result.cuda_graphs,
+                         compiled=bool(model.compiled_decode_block) and device.type == "cuda",
                          peak_gib=infer.peak_memory_bytes(device) / 2**30,
                          nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
                          torch=torch.__version__, versions=library_versions(),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
+from moe_ext.moe.dispatch._comm import reduce_partials
 
 
 class RMSNorm(nn.Module):
@@ -212,7 +213,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
         out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
         if self.tp_group is not None:
-            dist.all_reduce(out, group=self.tp_group)
+            out = reduce_partials(out, self.tp_group)
         if self.o_proj.bias is not None:
             out = out + self.o_proj.bias  # added once, after the TP reduction
         return out
@@ -248,5 +249,5 @@ class DenseMLP(nn.Module):
         """x: [..., H] -> [..., H]."""
         out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.tp_group is not None:
-            dist.all_reduce(out, group=self.tp_group)
+            out = reduce_partials(out, self.tp_group)
         return out

@@ -10,6 +10,10 @@ all-reduces again, which is wrong for the replicated consumers here.
 Every call runs on the caller's process group and is bounded by that group's timeout (set
 when moe_ext.dist initialises torch.distributed): a stuck peer raises, it does not hang.
 A group of None means a group of one: every function is then the identity.
+
+Under ``torch.compile`` every function here runs eagerly (``torch.compiler.disable``): the
+compiled decode step breaks its graph around each exchange instead of tracing c10d calls,
+and the eager collective is still recorded by the enclosing CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def _size(group: ProcessGroup) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+@torch.compiler.disable
 def all_gather_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """x: [R, ...] equal R on every rank. Returns [G*R, ...] (rank order); no autograd."""
     world = _size(group)
@@ -40,6 +45,7 @@ def all_gather_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
+@torch.compiler.disable
 def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """x: [G*R, ...]. Returns this rank's [R, ...] block of the sum over ranks; no autograd.
 
@@ -59,6 +65,7 @@ def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
+@torch.compiler.disable
 def all_to_all_raw(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
                    group: ProcessGroup) -> torch.Tensor:
     """x: [sum(input_splits), ...]. Rows input_splits[r] go to rank r; returns
@@ -141,27 +148,32 @@ class _CopyToPartials(torch.autograd.Function):
         return grad, None
 
 
+@torch.compiler.disable
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
                group: ProcessGroup) -> torch.Tensor:
     """Differentiable variable-split all-to-all of rows; backward is the reverse exchange."""
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
+@torch.compiler.disable
 def all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable all-gather along dim 0 (equal rows per rank); backward reduce-scatters."""
     return _AllGather.apply(x, group)
 
 
+@torch.compiler.disable
 def reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable reduce-scatter along dim 0; backward all-gathers."""
     return _ReduceScatter.apply(x, group)
 
 
+@torch.compiler.disable
 def reduce_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Sum partial results over the group (forward all-reduce, backward identity)."""
     return _ReducePartials.apply(x, group)
 
 
+@torch.compiler.disable
 def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Mark a replicated input feeding partial computations (backward all-reduce)."""
     return _CopyToPartials.apply(x, group)
