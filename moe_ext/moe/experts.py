@@ -56,6 +56,8 @@ def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             return False
     elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
+    elif x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False  # torch.compile's shape function of grouped_mm accepts bf16 only
     item = x.element_size()
     return all(w.shape[-1] * item % 16 == 0 and w.shape[-2] * item % 16 == 0 for w in weights)
 
@@ -128,7 +130,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [T', H] rows sorted by local expert; tokens_per_expert: [E] int64 on x's
-        device, summing to T'. Returns y: [T', H] in x's dtype."""
+        device, summing to at most T'. Returns y: [T', H] in x's dtype.
+
+        Rows past sum(tokens_per_expert) are padding (a static-capacity dispatch hands over
+        a fixed number of rows, the real ones first): their outputs are unspecified (the
+        triton backend leaves them unwritten, grouped_mm leaves them undefined; ``loop``
+        returns zeros there) and their gradients too, so callers mask them (device-side,
+        with ``torch.where``: they may hold NaN) and never read them."""
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"experts expect [T', {self.hidden_size}], got {tuple(x.shape)}")
         if tokens_per_expert.shape != (self.num_experts,):
@@ -155,6 +163,7 @@ class GroupedExperts(nn.Module):
         y = _GROUPED_MM(hidden, self.down_proj.transpose(1, 2), offs=offsets)  # [T', H]
         return _ContiguousGrad.apply(y)
 
+    @torch.compiler.disable  # data-dependent Python loop: tracing it would recompile per split
     def _forward_loop(self, x, tokens_per_expert):
         # Host sync: slicing rows per expert needs the split sizes as Python ints.
         splits = tokens_per_expert.tolist()
@@ -165,6 +174,8 @@ class GroupedExperts(nn.Module):
             gate, up = F.linear(xe, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [rows, F]
             outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))  # [rows, H]
             start += rows
+        if start < x.shape[0]:  # trailing padding rows (static-capacity dispatch)
+            outputs.append(x.new_zeros(x.shape[0] - start, self.hidden_size))  # [pad, H]
         if not outputs:
             return x.new_zeros(x.shape)
         return torch.cat(outputs, dim=0)  # [T', H]

@@ -8,6 +8,9 @@ experts, and in combine scatter-adds its weighted outputs into a [G*T_max, H] bu
 reduce-scatter sums and hands back, each rank receiving its own tokens. More bytes than an
 all-to-all, but two bulk collectives that NCCL runs well on PCIe rings and no split
 bookkeeping on the wire.
+
+With a static capacity (``set_capacity``) the same exchange runs padded to that capacity
+instead of T_max, without the host reads (:mod:`moe_ext.moe.dispatch.static`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_ext.moe.dispatch import static
 from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw, reduce_scatter
 from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, scatter_weighted,
                                            sort_by_bucket)
@@ -31,6 +35,8 @@ class AllGatherHandle:
 
 
 class AllGatherDispatcher(Dispatcher):
+    has_static_mode = True
+
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         super().__init__(num_experts, groups)
         if groups.etp_size != 1:
@@ -39,6 +45,8 @@ class AllGatherDispatcher(Dispatcher):
 
     def dispatch(self, x, weights, expert_idx):
         check_routing(x, weights, expert_idx)
+        if self.max_tokens_per_rank is not None:
+            return static.dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
         group, world = self.groups.ep, self.groups.ep_size
         num_tokens, top_k = expert_idx.shape
         if world == 1:
@@ -69,6 +77,8 @@ class AllGatherDispatcher(Dispatcher):
             pair_ids, weights_all, num_tokens, max_tokens)
 
     def combine(self, y_local, handle: AllGatherHandle):
+        if isinstance(handle, static.StaticHandle):
+            return static.combine(y_local, handle)  # [T, H]
         world = self.groups.ep_size
         y_all = scatter_weighted(y_local, handle.pair_ids, handle.weights_all,
                                  world * handle.max_tokens)  # [G*T_max, H]

@@ -1,7 +1,8 @@
 """The dispatcher interface every token transport implements.
 
 # T tokens on this rank, H hidden, k top-k, E experts, E_local experts on this rank,
-# T' token-expert rows this rank computes after dispatch
+# T' token-expert rows this rank computes after dispatch, C static capacity (tokens per
+# rank), G ep size
 """
 from __future__ import annotations
 
@@ -57,7 +58,19 @@ class Dispatcher(ABC):
     local expert, plus a handle; ``combine`` takes the expert outputs in the same order,
     brings them home, and sums them per token weighted by the routing weights. Both are
     differentiable; backward reuses the layout stored in the handle.
+
+    Static capacity (``set_capacity``): ``max_tokens_per_rank = None`` (the default) is the
+    dynamic exchange, sized from the routing each call (the EP dispatchers read split sizes
+    on the host for that). An int C switches dispatchers with ``has_static_mode`` to the
+    exchange of :mod:`moe_ext.moe.dispatch.static`: no host sync, every shape a function of
+    (C, k, H, G) only, so the step can be captured in a CUDA graph; T may be anything in
+    [0, C] on each rank, x_local then has G*C*k rows of which the trailing ones (past
+    sum(tokens_per_local_expert)) are padding. Dispatchers without an exchange whose size
+    depends on routing (local, tp_sharded) never sync anyway and ignore the capacity.
     """
+
+    #: Whether ``set_capacity`` switches this dispatcher to the static exchange.
+    has_static_mode: bool = False
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         if num_experts % groups.ep_size:
@@ -68,6 +81,22 @@ class Dispatcher(ABC):
         self.groups = groups
         self.num_local_experts = num_experts // groups.ep_size
         self.local_expert_start = groups.ep_rank * self.num_local_experts
+        self.max_tokens_per_rank: Optional[int] = None
+
+    def set_capacity(self, max_tokens_per_rank: Optional[int]) -> None:
+        """Static capacity: the most tokens any rank of the EP group passes to ``dispatch``
+        (every rank must set the same value); None restores the dynamic exchange."""
+        if max_tokens_per_rank is not None and (
+                isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
+                or max_tokens_per_rank < 1):
+            raise ValueError(f"max_tokens_per_rank must be a positive int or None, got "
+                             f"{max_tokens_per_rank!r}; pass the largest per-rank token count")
+        self.max_tokens_per_rank = max_tokens_per_rank
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_experts={self.num_experts}, "
+                f"ep={self.groups.ep_size}, etp={self.groups.etp_size}, "
+                f"max_tokens_per_rank={self.max_tokens_per_rank})")
 
     @property
     def ffn_shards(self) -> int:

@@ -9,6 +9,11 @@ counts, exchange rows, then reorder the received rows from (source rank, local e
 (local expert, source rank) so each local expert's rows are contiguous. Combine undoes the
 three steps in reverse and applies the routing weights on the token's home rank, so the
 weights never travel.
+
+With a static capacity (``set_capacity``) dispatch and combine use the all-gather +
+reduce-scatter exchange of :mod:`moe_ext.moe.dispatch.static` instead: no host-side split
+sizes, so the step can be captured in a CUDA graph (that module says why it is not an
+all-to-all).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from moe_ext.moe.dispatch import static
 from moe_ext.moe.dispatch._comm import all_to_all, all_to_all_raw
 from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, invert_permutation,
                                            sort_by_bucket, unpermute_weighted_sum)
@@ -33,6 +39,8 @@ class AllToAllHandle:
 
 
 class AllToAllDispatcher(Dispatcher):
+    has_static_mode = True
+
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         super().__init__(num_experts, groups)
         if groups.etp_size != 1:
@@ -41,6 +49,8 @@ class AllToAllDispatcher(Dispatcher):
 
     def dispatch(self, x, weights, expert_idx):
         check_routing(x, weights, expert_idx)
+        if self.max_tokens_per_rank is not None:
+            return static.dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
         group, world, num_local = self.groups.ep, self.groups.ep_size, self.num_local_experts
         order, counts = sort_by_bucket(expert_idx.reshape(-1), self.num_experts)  # [N], [E]
         x_send = gather_rows(x, order, expert_idx.shape[1])  # [N, H] grouped by expert
@@ -66,6 +76,8 @@ class AllToAllDispatcher(Dispatcher):
             order, weights, recv_order, input_splits, output_splits)
 
     def combine(self, y_local, handle: AllToAllHandle):
+        if isinstance(handle, static.StaticHandle):
+            return static.combine(y_local, handle)  # [T, H]
         if handle.recv_order is None:
             return unpermute_weighted_sum(y_local, handle.order, handle.weights)  # [T, H]
         y_recv = y_local.index_select(0, invert_permutation(handle.recv_order))  # [R, H]

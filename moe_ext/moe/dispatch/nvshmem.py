@@ -36,6 +36,12 @@ raises "Detected use of TeamManager on multiple devices" otherwise): call
 ``torch.cuda.set_device(local_rank)`` before constructing this dispatcher and before any
 other symmetric-memory call. The dispatcher uses the current device at construction and
 checks at first use that no two ranks of a host share a device.
+
+With a static capacity (``set_capacity``, CUDA-graph decode) this dispatcher uses the
+all-gather + reduce-scatter exchange of :mod:`moe_ext.moe.dispatch.static` over the EP
+group's NCCL communicator instead of the symmetric buffers: the NVSHMEM path sizes its
+outputs from a host read of the counts, and with a fixed capacity a deduplicated exchange
+moves the all-gather's bytes anyway (that module's docstring).
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moe_ext.moe.dispatch import static
 from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, sort_by_bucket,
                                            unpermute_weighted_sum)
 from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
@@ -356,6 +363,8 @@ class NvshmemDispatcher(Dispatcher):
     NVSHMEM or an NCCL process group is missing. It uses the current CUDA device.
     """
 
+    has_static_mode = True
+
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups(),
                  max_tokens: int = 4096, max_exchange_slots: int = MAX_SLOTS):
         _check_environment(groups)
@@ -397,6 +406,8 @@ class NvshmemDispatcher(Dispatcher):
             raise ValueError(f"x is on {x.device} but this NvshmemDispatcher was built on "
                              f"{self.device}; call torch.cuda.set_device(local_rank) before "
                              f"building it")
+        if self.max_tokens_per_rank is not None:
+            return static.dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
         world, rank, num_local = self.groups.ep_size, self.groups.ep_rank, self.num_local_experts
         top_k = expert_idx.shape[1]
         order, counts = sort_by_bucket(expert_idx.reshape(-1), self.num_experts)  # [N], [E]
@@ -425,5 +436,7 @@ class NvshmemDispatcher(Dispatcher):
         return x_local, tokens_per_local_expert, NvshmemHandle(order, weights, plan)
 
     def combine(self, y_local, handle: NvshmemHandle):
+        if isinstance(handle, static.StaticHandle):
+            return static.combine(y_local, handle)  # [T, H]
         y_send = _CombineExchange.apply(y_local.contiguous(), handle.plan)  # [N, H]
         return unpermute_weighted_sum(y_send, handle.order, handle.weights)  # [T, H]

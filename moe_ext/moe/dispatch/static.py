@@ -1,0 +1,138 @@
+"""Static-capacity expert exchange: no host sync, shapes fixed by (C, k, H, G) alone.
+
+# T tokens on this rank (0 <= T <= C), C capacity = max tokens per rank, G = ep size,
+# H hidden, k top-k, E experts, E_local = E / G, R = G*C*k rows after dispatch,
+# T' <= R rows of this rank's experts (the first T' of the R, counted on the device)
+
+Decode with CUDA graphs needs every EP step to have the same shapes and no host reads.
+With a token capacity C known in advance (DeepEP's low-latency mode works the same way),
+every rank pads its tokens to C and all-gathers tokens and routing; pad rows route to the
+sentinel expert E, which no rank owns. The G*C*k gathered token-expert pairs are sorted by
+local expert with a sentinel bucket (other ranks' experts and padding) sorted last, so the
+experts get a static R rows of which only the leading T' (``tokens_per_local_expert``
+sums to T' on the device) are real; the trailing rows are padding whose outputs are
+unspecified. Combine zeroes the padding rows with ``torch.where`` on ``row < T'`` (their
+outputs may be garbage or NaN, and NaN * 0 is NaN, so they are never multiplied by 0),
+scatter-adds the weighted rows into [G*C, H] and reduce-scatters, each rank keeping its C
+rows and returning the first T.
+
+Why an all-gather and not an all-to-all: with a fixed capacity every rank must reserve,
+per destination, room for all of its C tokens (any of them may pick an expert there). A
+deduplicated all-to-all (each token sent once per destination rank) therefore moves
+exactly the all-gather's bytes, G*C rows per rank, and a per-(token, expert) padded
+all-to-all moves up to k times more (C*k rows per destination). All-gather and
+reduce-scatter are single, well-tuned NCCL collectives with no split sizes at all, so all
+three EP dispatchers (``allgather_rs``, ``nccl_a2a``, ``nvshmem``) use this exchange when a
+capacity is set; NCCL collectives are also capturable in a CUDA graph.
+
+Without gradients (decode) tokens, routing weights and expert ids travel as one byte
+all-gather; with gradients they go through the differentiable collectives of ``_comm``
+(the backward of the all-gather is a reduce-scatter and vice versa), so this path trains
+too. Whether gradients are enabled must agree across the EP group (it does: every rank
+runs the same step), because it decides which collectives run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw, reduce_scatter
+from moe_ext.moe.dispatch._permute import gather_rows, sort_by_bucket
+
+if TYPE_CHECKING:
+    from moe_ext.moe.dispatch.base import Dispatcher
+
+
+@dataclass
+class StaticHandle:
+    order: torch.Tensor  # [R] int64 pair ids into the gathered routing, local experts first
+    num_valid: torch.Tensor  # [] int64 T': rows of local experts (device, never read back)
+    weights_all: torch.Tensor  # [G*C, k] float32 gathered routing weights (autograd)
+    num_tokens: int  # T on this rank
+    group: Optional[dist.ProcessGroup]  # the EP group
+
+
+def check_capacity(num_tokens: int, capacity: int) -> None:
+    if num_tokens > capacity:
+        raise ValueError(f"{num_tokens} tokens on this rank exceed the static expert-exchange "
+                         f"capacity max_tokens_per_rank={capacity}; raise it with "
+                         f"set_capacity()/Transformer.set_moe_capacity() or pass None for the "
+                         f"dynamic exchange")
+
+
+def _gather_packed(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
+                   group: Optional[dist.ProcessGroup]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One all-gather of the bytes of x [C, H], weights [C, k] f32 and expert ids [C, k]
+    (sent as int32). Returns [G*C, H], [G*C, k] f32, [G*C, k] int64; no autograd."""
+    parts = (x, weights, expert_idx.to(torch.int32))
+    packed = torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)  # [C, bytes]
+    gathered = all_gather_raw(packed, group)  # [G*C, bytes]
+    out, start = [], 0
+    for p in parts:
+        width = p.shape[1] * p.element_size()
+        out.append(gathered[:, start:start + width].contiguous().view(p.dtype))  # [G*C, -]
+        start += width
+    return out[0], out[1], out[2].long()
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor, capacity: int,
+             dispatcher: Dispatcher) -> tuple[torch.Tensor, torch.Tensor, StaticHandle]:
+    """x: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64 global ids; T <= capacity.
+
+    ``dispatcher`` supplies the expert ownership (num_experts, local_expert_start,
+    num_local_experts) and the EP group. Returns (x_local [G*C*k, H]: rows of local experts
+    first, sorted by local expert, then padding rows; tokens_per_local_expert [E_local]
+    int64 summing to T' on the device; handle). No host sync."""
+    num_tokens, top_k = expert_idx.shape
+    check_capacity(num_tokens, capacity)
+    group, num_experts = dispatcher.groups.ep, dispatcher.num_experts
+    num_local = dispatcher.num_local_experts
+    pad = capacity - num_tokens
+    # Pad rows route to expert E, which no rank owns: they land in the sentinel bucket.
+    x_pad = F.pad(x, (0, 0, 0, pad))  # [C, H]
+    weights_pad = F.pad(weights, (0, 0, 0, pad))  # [C, k]
+    idx_pad = F.pad(expert_idx, (0, 0, 0, pad), value=num_experts)  # [C, k]
+    if torch.is_grad_enabled():
+        x_all = all_gather(x_pad, group)  # [G*C, H]
+        weights_all = all_gather(weights_pad, group)  # [G*C, k]
+        idx_all = all_gather_raw(idx_pad, group)  # [G*C, k]
+    else:
+        x_all, weights_all, idx_all = _gather_packed(x_pad, weights_pad, idx_pad, group)
+    local_id = idx_all.reshape(-1) - dispatcher.local_expert_start  # [G*C*k]
+    is_local = (local_id >= 0) & (local_id < num_local)
+    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
+    order, counts = sort_by_bucket(bucket, num_local + 1)  # [R], [E_local + 1]
+    tokens_per_local_expert = counts[:num_local]  # [E_local]
+    num_valid = order.numel() - counts[num_local]  # [] T' on the device
+    valid = _valid_rows(order.numel(), num_valid)  # [R, 1]
+    # Padding rows enter the experts as zeros; the where also drops the gradient the
+    # experts' backward leaves unspecified for rows past T' (grouped_mm writes garbage).
+    x_local = torch.where(valid, gather_rows(x_all, order, top_k), 0)  # [R, H]
+    return x_local, tokens_per_local_expert, StaticHandle(order, num_valid, weights_all,
+                                                          num_tokens, group)
+
+
+def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
+    """[num_rows, 1] bool: row index < num_valid (a device scalar)."""
+    return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
+
+
+def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
+    """y_local: [G*C*k, H] expert outputs in dispatch order (rows past T' unspecified).
+    Returns y [T, H] in y_local's dtype: this rank's tokens, summed over experts with the
+    routing weights. No host sync."""
+    weights_all = handle.weights_all
+    top_k = weights_all.shape[1]
+    row_weights = weights_all.reshape(-1).index_select(0, handle.order)  # [R] float32
+    # where, not a multiply by the mask: padding rows may hold NaN. Masking before the
+    # weighting also keeps NaN out of the weights' gradient (d/dw = grad * y).
+    y_local = torch.where(_valid_rows(y_local.shape[0], handle.num_valid), y_local, 0)
+    weighted = y_local * row_weights.to(y_local.dtype).unsqueeze(-1)  # [R, H]
+    y_all = y_local.new_zeros(weights_all.shape[0], y_local.shape[-1])  # [G*C, H]
+    y_all = y_all.index_add(0, handle.order // top_k, weighted)  # [G*C, H]
+    return reduce_scatter(y_all, handle.group)[:handle.num_tokens]  # [C, H] -> [T, H]
