@@ -208,8 +208,11 @@ class Attention(nn.Module):
         else:
             key_slots = slots
         mask = attention_mask(slots, key_slots, kv_start, self.sliding_window)  # [B,1,S,S_k]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=k.shape[1] != q.shape[1])
+        if S == 1:
+            out = decode_attention(q, k, v, mask, self.scale)  # [B, nH, 1, D]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
         out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
         if self.tp_group is not None:
@@ -217,6 +220,24 @@ class Attention(nn.Module):
         if self.o_proj.bias is not None:
             out = out + self.o_proj.bias  # added once, after the TP reduction
         return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per sequence over the cache, reading K and V once: the G = nH/nKV query
+    heads sharing a KV head become the rows of one matmul, where SDPA's GQA fallback would
+    first expand K and V G times (G·S_max·D per sequence and layer, per step).
+
+    q: [B, nH, 1, D]; k, v: [B, nKV, S_k, D]; mask: [B, 1, 1, S_k] bool (True = attend).
+    Scores and probabilities as transformers' eager attention: q·k in the input dtype,
+    softmax in float32. Returns [B, nH, 1, D]."""
+    B, n_heads, _, D = q.shape
+    n_kv = k.shape[1]
+    q = q.reshape(B, n_kv, n_heads // n_kv, D)  # [B, nKV, G, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, nKV, G, S_k]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, S_k] broadcasts
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, n_heads, 1, D)  # [B, nKV, G, D] -> [B, nH, 1, D]
 
 
 def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, kv_start: torch.Tensor,
