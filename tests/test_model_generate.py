@@ -132,15 +132,61 @@ def test_saved_hf_checkpoint_loads_through_shard_slices(tmp_path):
     assert got.tokens == _hf_greedy(hf, HF_PROMPTS, 8)
 
 
+def _decode_step_logits(model, prompt_ids):
+    """Prefill ``prompt_ids`` [B, L] into fresh caches, then one decode step (the static
+    shape compile_decode compiles). Returns its logits [B, 1, V]."""
+    B, L = prompt_ids.shape
+    device = prompt_ids.device
+    model.setup_caches(B, 128)
+    kv_start = torch.zeros(B, dtype=torch.long, device=device)
+    logits = model(prompt_ids, torch.arange(L, device=device), kv_start, L, last_only=True,
+                   use_cache=True)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+    return model(nxt, torch.tensor([L], device=device), kv_start, None, last_only=True,
+                 use_cache=True)
+
+
+@torch.inference_mode()
+def test_compiled_decode_step_matches_eager(tiny):
+    """compile_decode traces every block of the decode step (aot_eager: dynamo and AOT
+    autograd without a C compiler) and computes the same logits and greedy ids."""
+    prompt_ids = torch.tensor([p[:3] for p in PROMPTS])  # [3, 3]
+    eager = _decode_step_logits(tiny, prompt_ids)
+    want = generate(tiny, PROMPTS, GenerateConf(max_new_tokens=6), eos_id=None).tokens
+    tiny.compile_decode(backend="aot_eager")
+    try:
+        compiled = _decode_step_logits(tiny, prompt_ids)
+        got = generate(tiny, PROMPTS, GenerateConf(max_new_tokens=6), eos_id=None).tokens
+    finally:
+        tiny.compile_decode(False)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert got == want
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager():
     args = tiny_args()
     model = Transformer(args)
     model.load_state_dict(init_random_full(args))
     model = model.to("cuda", torch.bfloat16).eval()
-    eager = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, cuda_graphs=False),
-                     eos_id=None)
-    graphed = generate(model, PROMPTS, GenerateConf(max_new_tokens=24), eos_id=None)
-    again = generate(model, PROMPTS, GenerateConf(max_new_tokens=24), eos_id=None)  # replay
+    with torch.inference_mode():  # inductor-compiled step against the eager one, bf16
+        prompt_ids = torch.tensor([p[:3] for p in PROMPTS], device="cuda")
+        eager_logits = _decode_step_logits(model, prompt_ids).float()
+        model.compile_decode()
+        compiled_logits = _decode_step_logits(model, prompt_ids).float()
+        model.compile_decode(False)
+    scale = eager_logits.abs().max().item()
+    assert (compiled_logits - eager_logits).abs().max().item() <= 0.02 * scale
+    eager = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, cuda_graphs=False,
+                                                  compile_decode=False), eos_id=None)
+    graphed = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, compile_decode=False),
+                       eos_id=None)
+    again = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, compile_decode=False),
+                     eos_id=None)  # replay
     assert graphed.cuda_graphs and again.cuda_graphs and not eager.cuda_graphs
     assert graphed.tokens == eager.tokens == again.tokens
+    # compiled + graphed (the default) twice: capture, then replay of the same graph
+    compiled = [generate(model, PROMPTS, GenerateConf(max_new_tokens=24), eos_id=None)
+                for _ in range(2)]
+    assert all(r.cuda_graphs for r in compiled) and compiled[0].tokens == compiled[1].tokens
+    assert model.compiled_decode_block is not None
