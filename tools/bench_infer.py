@@ -215,19 +215,43 @@ def infer_conf(overrides: list[str]):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
+@torch.inference_mode()
 def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> None:
-    from dataclasses import replace
-
+    """torch.profiler table of 4 decode steps (no CUDA graph; compiled blocks when
+    generate.compile_decode is on) after a prefill of ``prompt_len`` tokens, and the number
+    of GPU kernels one step launches."""
     from torch.profiler import ProfilerActivity, profile
 
+    device = model.device
+    if device.type == "cuda":
+        model.compile_decode(cfg.generate.compile_decode)
     prompts = synthetic_prompts(batch, prompt_len, job.source.args.vocab_size, seed=batch)
-    conf = replace(cfg.generate, max_new_tokens=5, cuda_graphs=False)
-    infer.generate(model, prompts, conf, eos_id=None, pad_id=0)
+    tokens = torch.tensor(prompts, device=device)  # [B, L]
+    model.setup_caches(batch, prompt_len + 128)
+    kv_start = torch.zeros(batch, dtype=torch.long, device=device)
+    model(tokens, torch.arange(prompt_len, device=device), kv_start, prompt_len,
+          last_only=True, use_cache=True)
+    nxt = tokens[:, -1:]  # [B, 1]
+
+    def step(i: int):
+        slot = torch.tensor([prompt_len + i], device=device)
+        return model(nxt, slot, kv_start, None, last_only=True, use_cache=True)
+
+    for i in range(3):  # compile and autotune outside the profile
+        step(i)
+    synchronize(device)  # sync: the profile starts on an idle device
+    steps = 4
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        infer.generate(model, prompts, conf, eos_id=None, pad_id=0)
+        for i in range(steps):
+            step(3 + i)
+        synchronize(device)  # sync: every kernel inside the profile
     if rank == 0:
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
-                                        max_name_column_width=60))
+        events = prof.key_averages()
+        print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        kernels = sum(e.count for e in events
+                      if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        print(f"GPU kernels per decode step: {kernels / steps:.0f} "
+              f"({len(model.layers)} layers, batch {batch})", flush=True)
 
 
 def report(rows: list[dict], json_path, png_path) -> None:
