@@ -1,12 +1,17 @@
 """Parallelized native model (2 gloo ranks) == single-rank model: greedy ids for tp=2, pp=2,
-ep_nccl (dp=2, lockstep) and ep_nccl with tp=2 (token split); plus sharding/seeding units."""
+ep_nccl (dp=2, lockstep) and ep_nccl with tp=2 (token split); lockstep decode through the
+static-capacity exchange, with the CUDA-graph capture protocol emulated on CPU (and run for
+real on 2 GPUs); plus sharding/seeding units."""
 from __future__ import annotations
 
+import importlib
 from datetime import timedelta
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+
+import torch.distributed as dist
 
 from moe_ext.config import GenerateConf, ModelConf
 from moe_ext.model import ModelArgs, Transformer, generate
@@ -49,15 +54,41 @@ def plan_of(strategy, tp=1, pp=1, dp=1, ep=1, etp=1, world=2) -> ParallelPlan:
                         edp=tp * dp // (ep * etp), dispatcher=DISPATCHERS[strategy], reason="test")
 
 
-def _reference(args):
+def _reference(args, prompts=PROMPTS, max_new=MAX_NEW):
     model = Transformer(args)
     model.load_state_dict(init_random_full(args), strict=True)
-    return generate(model, PROMPTS, GenerateConf(), eos_id=257, pad_id=258, max_new_tokens=MAX_NEW)
+    return generate(model, prompts, GenerateConf(), eos_id=257, pad_id=258, max_new_tokens=max_new)
+
+
+class _StaticSpy:
+    """Counts static-capacity exchanges (moe_ext.moe.dispatch.static.dispatch) in this
+    process and records the (tokens, capacity) of each; ``uninstall`` restores the module."""
+
+    def __init__(self):
+        from moe_ext.moe.dispatch import static
+
+        self.module, self.original = static, static.dispatch
+        self.calls: list[tuple[int, int]] = []
+
+        def spy(x, weights, expert_idx, capacity, dispatcher):
+            self.calls.append((x.shape[0], capacity))
+            return self.original(x, weights, expert_idx, capacity, dispatcher)
+
+        static.dispatch = spy
+
+    def uninstall(self):
+        self.module.dispatch = self.original
+
+
+def _capacities(model):
+    return {block.mlp.dispatcher.max_tokens_per_rank for block in model.layers.values()
+            if block.is_moe}
 
 
 def _parallel_body(rank, world, cases):
     from moe_ext.groups import ProcessGroups
 
+    spy = _StaticSpy()
     for family, plan_kwargs, from_meta in cases:
         args = tiny_args() if family == "tiny" else qwen2_args()
         expected = _reference(args).tokens
@@ -72,9 +103,14 @@ def _parallel_body(rank, world, cases):
             model = Transformer(args)
             model.load_state_dict(init_random_full(args))
             parallelize(model, plan, groups)
+        before = len(spy.calls)
         got = generate(model, PROMPTS, GenerateConf(max_batch_size=3), eos_id=257, pad_id=258,
                        max_new_tokens=MAX_NEW)
         assert got.tokens == expected, (family, plan_kwargs, got.tokens, expected)
+        lockstep = plan.dp > 1 and plan.strategy.startswith("ep_")
+        # lockstep decode (and only that) ran the static exchange, reset to dynamic after
+        assert (len(spy.calls) > before) == lockstep, (plan_kwargs, len(spy.calls) - before)
+        assert _capacities(model) == {None}, plan_kwargs
 
 
 @pytest.mark.multirank
@@ -126,3 +162,132 @@ def test_real_shapes_build_on_meta():
         total = sum(p.numel() for p in model.parameters())
         expected = {"mixtral_8x7b": 46.7e9, "qwen3_30b_a3b": 30.5e9, "qwen2_57b_a14b": 57.4e9}[name]
         assert abs(total - expected) / expected < 0.01, (name, total)
+
+
+# ---- lockstep decode: static exchange and the CUDA-graph capture protocol ---------------
+
+PROMPTS5 = PROMPTS + [[256, 120, 121]]
+MAX_NEW5 = MAX_NEW + [5]  # dp=2, max_batch_size=2: replica 0 runs [0, 1] and idles in
+# round 1; replica 1 runs [2, 3] then [4]. Round capacities 2 and 1.
+
+
+def _lockstep_model(strategy):
+    from moe_ext.groups import ProcessGroups
+
+    args = tiny_args()
+    plan = plan_of(strategy, dp=2, ep=2)
+    groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args))
+    return parallelize(model, plan, groups), groups
+
+
+def _lockstep_static_body(rank, world):
+    """Plain lockstep decode (no graphs) for both CPU-capable EP dispatchers: same ids as one
+    rank; every decode step ran the static exchange at its round's capacity (tokens within
+    it), prefill ran dynamic, and the capacity is None again afterwards."""
+    expected = _reference(tiny_args(), PROMPTS5, MAX_NEW5).tokens
+    for strategy in ("ep_nccl", "ep_allgather"):
+        model, _ = _lockstep_model(strategy)
+        spy = _StaticSpy()
+        try:
+            got = generate(model, PROMPTS5, GenerateConf(max_batch_size=2), eos_id=257,
+                           pad_id=258, max_new_tokens=MAX_NEW5)
+        finally:
+            spy.uninstall()
+        assert got.tokens == expected, (strategy, got.tokens, expected)
+        assert spy.calls and {c for _, c in spy.calls} == {1, 2}, (strategy, spy.calls)
+        assert all(t <= c for t, c in spy.calls), (strategy, spy.calls)
+        assert _capacities(model) == {None}, strategy
+
+
+@pytest.mark.multirank
+def test_lockstep_decode_uses_static_exchange():
+    run_ranks(_lockstep_static_body, world_size=2)
+
+
+def _fake_graph_class():
+    """A _DecodeGraph whose capture runs the two warm-up steps eagerly and records nothing
+    (as CUDA capture launches no collectives) and whose replay runs the step eagerly: the
+    collectives of a real capture/replay, on CPU."""
+    gen = importlib.import_module("moe_ext.model.generate")  # the module, not the function
+
+    class FakeGraph(gen._DecodeGraph):
+        captures = 0
+
+        def capture(self):
+            for _ in range(2):
+                self._step()
+            FakeGraph.captures += 1
+            owner = self
+
+            class Replay:
+                def replay(self):
+                    owner.logits = owner._step()
+
+            self.graph = Replay()
+
+    return gen, FakeGraph
+
+
+def _capture_protocol_body(rank, world):
+    """Replicas capture at different rounds and calls (an idle replica, a replica replaying
+    a graph while its peer captures): the non-capturing ones match the warm-up steps, so
+    every rank runs the same number of exchanges and the ids are unchanged."""
+    gen, fake = _fake_graph_class()
+    gen._DecodeGraph = fake
+    gen._graphs_usable = lambda model, conf, device, lockstep: conf.cuda_graphs
+    expected = _reference(tiny_args(), PROMPTS5, MAX_NEW5).tokens
+    model, groups = _lockstep_model("ep_allgather")
+    spy = _StaticSpy()
+    conf = GenerateConf(max_batch_size=2)
+    captures = []
+    for _ in range(2):
+        before = fake.captures
+        got = generate(model, PROMPTS5, conf, eos_id=257, pad_id=258, max_new_tokens=MAX_NEW5)
+        captures.append(fake.captures - before)
+        assert got.tokens == expected, (got.tokens, expected)
+        assert got.cuda_graphs
+    spy.uninstall()
+    # replica 0 captures once in call 1 (its one batch) and replays it in call 2; replica 1
+    # captures both of its batches in both calls (its cache changes batch size each round)
+    assert captures == ([1, 0] if groups.dp_rank == 0 else [2, 2]), captures
+    counts = [None] * world
+    dist.all_gather_object(counts, len(spy.calls))
+    assert len(set(counts)) == 1, f"ranks ran different numbers of exchanges: {counts}"
+    assert _capacities(model) == {None}
+
+
+@pytest.mark.multirank
+def test_lockstep_capture_protocol_matches_collectives():
+    run_ranks(_capture_protocol_body, world_size=2)
+
+
+def _gpu_graph_body(rank, world):
+    from moe_ext.groups import ProcessGroups
+
+    torch.manual_seed(0)
+    args = tiny_args()
+    for strategy in ("ep_nccl", "ep_allgather"):
+        plan = plan_of(strategy, dp=2, ep=2)
+        groups = ProcessGroups.build(plan, "nccl", timedelta(seconds=120))
+        model = Transformer(args)
+        model.load_state_dict(init_random_full(args))
+        model = parallelize(model, plan, groups).to("cuda", torch.bfloat16)
+        runs = {}
+        for graphs in (False, True, True):  # eager, capture, replay
+            conf = GenerateConf(max_batch_size=2, cuda_graphs=graphs, compile_decode=False)
+            result = generate(model, PROMPTS5, conf, eos_id=None, pad_id=258,
+                              max_new_tokens=[24, 9, 17, 30, 12])
+            assert result.cuda_graphs == graphs, (strategy, graphs)
+            runs.setdefault(graphs, []).append(result.tokens)
+        assert runs[True][0] == runs[False][0] == runs[True][1], (strategy, runs)
+        assert _capacities(model) == {None}
+
+
+@pytest.mark.gpu
+@pytest.mark.multirank
+def test_gpu_lockstep_cuda_graph_decode_matches_eager():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run_ranks(_gpu_graph_body, world_size=2, backend="nccl")

@@ -198,3 +198,20 @@ class Transformer(nn.Module):
         is no stage-to-stage traffic."""
         for block in self.layers.values():
             block.idle_forward(self.args.hidden_size, self.dtype, self.device)
+
+    def set_moe_capacity(self, max_tokens_per_rank: Optional[int]) -> None:
+        """Static expert-exchange capacity of every local MoE layer (Dispatcher.set_capacity);
+        None restores the dynamic exchange.
+
+        ``max_tokens_per_rank``: the most tokens (B·S) any rank of an expert-parallel group
+        feeds a MoE layer in the steps to come; every rank of the group must pass the same
+        value. With the tp token split (``moe_token_split_group``) a dispatcher sees only its
+        ceil(n/tp) slice, so that is its capacity. Dispatchers without a routing-dependent
+        exchange (replicate, tp_experts) ignore it."""
+        for block in self.layers.values():
+            if not block.is_moe:
+                continue
+            per_rank = max_tokens_per_rank
+            if per_rank is not None and block.moe_token_split_group is not None:
+                per_rank = -(-per_rank // dist.get_world_size(block.moe_token_split_group))
+            block.mlp.dispatcher.set_capacity(per_rank)

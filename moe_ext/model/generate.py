@@ -10,6 +10,17 @@ Data parallelism (``parallelize`` with dp > 1): each replica generates its slice
 prompts and the results are all-gathered. When experts are split across replicas (ep_*),
 every rank must make the same number of MoE calls: a replica with nothing left to do keeps
 joining the expert exchanges with zero tokens until every replica is done (lockstep).
+
+Lockstep decode runs the expert exchange at a static capacity (``set_moe_capacity``): per
+round, the largest batch any replica runs in it, which every rank computes from the
+request count, dp size and max_batch_size without communicating. Decode steps then make
+no host sync and have fixed shapes, so on GPU the whole step, NCCL collectives included,
+is one CUDA graph; prefill stays dynamic and the capacity is reset afterwards. Idle or
+finished replicas keep calling ``idle_forward`` (padded to the same capacity, so the same
+collectives as a graph replay). Capturing runs two warm-up steps, whose collectives the
+other replicas must match: at the first decode step of a round the replicas agree
+(all-reduce MAX of a flag) whether any of them captures, and those that do not run two
+extra idle steps (capture itself launches no collectives).
 """
 from __future__ import annotations
 
@@ -159,11 +170,16 @@ class _Stepper:
             torch.cuda.synchronize(self.device)  # sync: timing boundary only
 
     def _any_running(self, local: bool) -> bool:
+        # every data-parallel replica learns whether any replica still generates, so all of
+        # them make the same number of MoE exchanges (idle ones with zero tokens)
+        return self._any_replica(local)
+
+    def _any_replica(self, local: bool) -> bool:
+        """Whether ``local`` holds on any replica of the lockstep group (itself without one)."""
         if not self.lockstep:
             return local
         flag = torch.tensor([int(local)], dtype=torch.int32, device=self.device)
-        # sync: every data-parallel replica learns whether any replica still generates, so
-        # all of them make the same number of MoE exchanges (idle ones with zero tokens).
+        # sync: the replicas must take the same branch (a decision about collectives)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.lockstep_group)
         return bool(flag.item())
 
@@ -183,7 +199,10 @@ class _Stepper:
         return torch.isin(ids, self.eos)
 
     def run(self, prompts: Optional[list[list[int]]], max_new: list[int],
-            use_graphs: bool) -> list[list[int]]:
+            use_graphs: bool, capacity: Optional[int] = None) -> list[list[int]]:
+        """One batch (empty/None: an idle replica). ``capacity``: lockstep only, the static
+        expert-exchange capacity of this round's decode steps (equal on every replica);
+        prefill runs dynamic. The caller resets the capacity if this raises."""
         model = self.model
         if prompts:
             B = len(prompts)
@@ -199,7 +218,7 @@ class _Stepper:
             out = torch.full((B, steps_total), self.pad_id, dtype=torch.long,
                              device=self.device)  # [B, steps]
             done = torch.zeros(B, dtype=torch.bool, device=self.device)
-            graph = _graph_for(model, B, self.device) if use_graphs else None
+            graph = _graph_for(model, B, self.device, capacity) if use_graphs else None
         else:
             steps_total = 0
         known_done = not prompts
@@ -217,6 +236,14 @@ class _Stepper:
                     known_done = step >= steps_total or not bool((~done).any().item())
                 if not self._any_running(not known_done):
                     break
+            if step == 1 and capacity is not None:
+                # decode from here: static exchange, the same capacity on every replica
+                model.set_moe_capacity(capacity)
+                capturing = bool(prompts) and not known_done and step < steps_total \
+                    and graph is not None and graph.graph is None
+                if self._any_replica(capturing) and not capturing:
+                    for _ in range(2):  # the capturing replicas' two warm-up steps
+                        model.idle_forward()
             if known_done or step >= steps_total:
                 model.idle_forward()  # lockstep only: join the expert exchanges
             elif step == 0:
@@ -237,6 +264,7 @@ class _Stepper:
                         log.warning("CUDA-graph capture failed (%s); decoding eagerly", e)
                         model.__dict__.pop("_decode_graphs", None)
                         model.cuda_graph_safe = False
+                        model.cuda_graph_failed = True  # lockstep ignores cuda_graph_safe
                         graph = None
                 elif graph is not None:
                     logits = graph(nxt[:, None], slot, kv_start)
@@ -251,6 +279,8 @@ class _Stepper:
                 self.result.decode_steps += 1
                 self.result.decode_tokens += B
             step += 1
+        if capacity is not None:
+            model.set_moe_capacity(None)  # the next round's prefill is dynamic again
         self._fence()
         if not prompts:
             return []
@@ -271,15 +301,38 @@ class _Stepper:
         return outputs
 
 
-def _graph_for(model: Transformer, batch: int, device: torch.device) -> Optional[_DecodeGraph]:
-    """The captured decode step for the model's current caches (captured on first use)."""
+def _graph_for(model: Transformer, batch: int, device: torch.device,
+               capacity: Optional[int] = None) -> Optional[_DecodeGraph]:
+    """The captured decode step for the model's current caches and expert-exchange
+    capacity (captured on first use)."""
     cache_key = model.cache_shape
     graphs = model.__dict__.setdefault("_decode_graphs", {})
-    key = (batch, cache_key, id(next(iter(model.layers.values())).self_attn.kv_cache))
+    key = (batch, capacity, cache_key,
+           id(next(iter(model.layers.values())).self_attn.kv_cache))
     if key not in graphs:
         graphs.clear()  # caches were reallocated: older graphs point at freed buffers
         graphs[key] = _DecodeGraph(model, batch, device)
     return graphs[key]
+
+
+def _graphs_usable(model: Transformer, conf: GenerateConf, device: torch.device,
+                   lockstep: bool) -> bool:
+    """Whether decode may run from CUDA graphs: on CUDA, without pipeline stages, and
+    either a sync-free model (``cuda_graph_safe``) or lockstep EP decode, whose static
+    exchange is sync-free; never again after a failed capture."""
+    if not (conf.cuda_graphs and device.type == "cuda" and model.pp_group is None):
+        return False
+    if getattr(model, "cuda_graph_failed", False):
+        return False
+    return lockstep or getattr(model, "cuda_graph_safe", True)
+
+
+def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
+    """Tokens per decode step of the largest batch any replica runs in round
+    ``round_index`` (replica q holds requests [bounds[q], bounds[q+1]) in chunks of
+    ``batch``): the static expert-exchange capacity, the same on every rank."""
+    return max(min(batch, max(0, hi - lo - round_index * batch))
+               for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
 @torch.inference_mode()
@@ -314,8 +367,7 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
     if conf.temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    use_graphs = (conf.cuda_graphs and device.type == "cuda" and model.pp_group is None
-                  and not lockstep and getattr(model, "cuda_graph_safe", True))
+    use_graphs = _graphs_usable(model, conf, device, lockstep)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,
                        lockstep, max(1, check_every), result)
@@ -328,10 +380,15 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
         rounds = int(count.item())
     local: list[list[int]] = []
-    for r in range(rounds):
-        chunk = chunks[r] if r < len(chunks) else []
-        local += stepper.run([prompt_ids[i] for i in chunk], [max_new[i] for i in chunk],
-                             use_graphs)
+    try:
+        for r in range(rounds):
+            chunk = chunks[r] if r < len(chunks) else []
+            local += stepper.run([prompt_ids[i] for i in chunk], [max_new[i] for i in chunk],
+                                 use_graphs, _round_capacity(bounds, batch, r) if lockstep
+                                 else None)
+    finally:
+        if lockstep:
+            model.set_moe_capacity(None)
     if dp_size > 1:
         gathered: list = [None] * dp_size
         dist.all_gather_object(gathered, (local, result.finish_reasons), group=dp_group)
