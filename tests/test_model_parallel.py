@@ -275,13 +275,19 @@ def _gpu_graph_body(rank, world):
         model.load_state_dict(init_random_full(args))
         model = parallelize(model, plan, groups).to("cuda", torch.bfloat16)
         runs = {}
-        for graphs in (False, True, True):  # eager, capture, replay
-            conf = GenerateConf(max_batch_size=2, cuda_graphs=graphs, compile_decode=False)
+        # eager, capture, replay; then the compiled decode step captured and replayed
+        for graphs, compiled in ((False, False), (True, False), (True, False), (True, True),
+                                 (True, True)):
+            conf = GenerateConf(max_batch_size=2, cuda_graphs=graphs, compile_decode=compiled)
+            if compiled and not runs.get((True, True)):
+                model.__dict__.pop("_decode_graphs", None)  # graphs are not keyed by compile
             result = generate(model, PROMPTS5, conf, eos_id=None, pad_id=258,
                               max_new_tokens=[24, 9, 17, 30, 12])
-            assert result.cuda_graphs == graphs, (strategy, graphs)
-            runs.setdefault(graphs, []).append(result.tokens)
-        assert runs[True][0] == runs[False][0] == runs[True][1], (strategy, runs)
+            assert result.cuda_graphs == graphs, (strategy, graphs, compiled)
+            runs.setdefault((graphs, compiled), []).append(result.tokens)
+        eager, graphed, compiled = runs[False, False], runs[True, False], runs[True, True]
+        assert graphed[0] == eager[0] == graphed[1], (strategy, runs)
+        assert compiled[0] == compiled[1], (strategy, compiled)  # inductor may round apart
         assert _capacities(model) == {None}
 
 
