@@ -6,8 +6,11 @@ experts backend.
 CPU: the kernels run under Triton's interpreter, which Triton switches on at import time
 from TRITON_INTERPRET=1; so `test_kernels_under_interpreter` reruns this file's
 `test_cpu_*` cases in a child pytest with that variable set (they skip in a process where
-the kernels are compiled). Reference: float64 per-expert loop. GPU (marked): the compiled
-kernels in bf16 against GroupedExperts' grouped_mm backend, eager and CUDA-graph replay.
+the kernels are compiled). Reference: float64 per-expert loop. The custom op
+``moe_ext::swiglu_experts`` is checked with ``torch.library.opcheck`` and traced by
+``torch.compile(fullgraph=True)`` as one opaque node. GPU (marked): the compiled kernels in
+bf16 against GroupedExperts' grouped_mm backend, eager, CUDA-graph replay, and under
+inductor inside a CUDA graph.
 Everything Triton-specific skips when triton is not importable (CI installs only the
 project's dependencies; CUDA torch brings triton).
 """
@@ -122,6 +125,65 @@ def test_cpu_experts_backend_triton_equals_loop():
         y = module(x, tokens_per_expert)
         module.backend = "loop"
         want = module(x, tokens_per_expert)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def graph_recorder(graphs):
+    """A torch.compile backend that keeps each traced FX graph and runs it eagerly."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def count_op_nodes(graphs, packet):
+    """Calls of the custom op ``packet`` (dynamo records the packet, AOT the overload)."""
+    return sum(node.op == "call_function" and node.target in (packet, packet.default)
+               for gm in graphs for node in gm.graph.nodes)
+
+
+@needs_interpreter
+def test_cpu_swiglu_op_passes_opcheck():
+    x, gate_up, down, tokens_per_expert = make_problem([3, 0, 2], 32, 16, torch.float32)
+    torch.library.opcheck(torch.ops.moe_ext.swiglu_experts.default,
+                          (x, gate_up, down, tokens_per_expert, 16))
+
+
+@needs_interpreter
+def test_cpu_swiglu_compiles_to_one_opaque_node():
+    import torch._dynamo.testing
+
+    x, gate_up, down, tokens_per_expert = make_problem([2, 5, 0, 1], 32, 24, torch.float32)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(_kernels().swiglu_experts_forward, backend=counter,
+                             fullgraph=True)
+    y = compiled(x, gate_up, down, tokens_per_expert)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(y.double(), reference(x, gate_up, down, tokens_per_expert),
+                               rtol=1e-5, atol=1e-5)
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(_kernels().swiglu_experts_forward, backend=graph_recorder(graphs),
+                  fullgraph=True)(x, gate_up, down, tokens_per_expert)
+    assert count_op_nodes(graphs, torch.ops.moe_ext.swiglu_experts) == 1
+
+
+@needs_interpreter
+def test_cpu_experts_module_compiles_fullgraph():
+    import torch._dynamo.testing
+
+    torch.manual_seed(1)
+    module = GroupedExperts(4, 32, 16, backend="triton")
+    tokens_per_expert = torch.tensor([3, 0, 1, 2])
+    x = torch.randn(6, 32)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    with torch.no_grad():
+        y = torch.compile(module, backend=counter, fullgraph=True)(x, tokens_per_expert)
+        module.backend = "loop"
+        want = module(x, tokens_per_expert)
+    assert counter.frame_count == 1
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
@@ -248,6 +310,39 @@ def test_gpu_cuda_graph_replay_follows_new_routing():
                 new_counts = torch.zeros_like(new_counts)
                 new_counts[0] = rows
             counts.copy_(new_counts)
+            graph.replay()
+            torch.cuda.synchronize()
+            module.backend = "grouped_mm"
+            want = module(x, counts)
+            module.backend = "triton"
+            err = (y.float() - want.float()).abs().max().item()
+            assert err <= 2e-2 * want.float().abs().max().item(), f"replay seed {seed}: {err}"
+
+
+@pytest.mark.gpu
+def test_gpu_experts_inductor_inside_cuda_graph():
+    """GroupedExperts (triton backend) under inductor, fullgraph, static shapes, captured
+    in one CUDA graph: replays follow new rows and a new routing."""
+    module = _gpu_module("qwen3_30b_a3b")
+    rows = 8  # batch-1 decode: one token, top-8
+    x = torch.randn(rows, module.hidden_size, device="cuda", dtype=torch.bfloat16)
+    counts = _routed_counts(rows, module.num_experts, 8, seed=5)
+    module.backend = "triton"
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile and autotune outside capture
+            for _ in range(2):
+                compiled(x, counts)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = compiled(x, counts)
+        for seed in (6, 7):
+            x.copy_(torch.randn_like(x))
+            counts.copy_(_routed_counts(rows, module.num_experts, 8, seed=seed))
             graph.replay()
             torch.cuda.synchronize()
             module.backend = "grouped_mm"

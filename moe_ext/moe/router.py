@@ -15,6 +15,16 @@ Semantics, matching Hugging Face transformers 5:
   ``topk_group`` best of ``n_group`` groups (group score = sum of its two best biased
   scores); weights = the unbiased scores of the picks, renormalised iff
   ``norm_topk_prob``, times ``routed_scaling_factor`` (DeepSeek-V3).
+
+Fused fast path (inference): softmax routers without groups run as one Triton kernel
+(:mod:`moe_ext.moe.kernels.routing`, op ``moe_ext::softmax_topk_router``: logits, softmax,
+top-k, renormalisation, scaling and the load counters) when ``fused`` is set, the module
+is in eval mode, no gradient is needed, x is on CUDA (or on CPU with Triton's interpreter
+already running: tests) with the weight on the same device, T <= ``FUSED_MAX_TOKENS``
+and E <= 512, H <= 8192, k <= 16. It picks the same experts (lowest id on exact ties),
+with weights equal within float32 rounding, and returns ``logits=None``: nothing at
+inference reads them (the losses are zero outside training). Everything else runs the
+torch path below, unchanged.
 """
 from __future__ import annotations
 
@@ -25,7 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_ext.moe.kernels import kernels_for
+
 SCORE_FUNCS = ("softmax", "sigmoid")
+# Tokens up to which the fused kernel routes (decode and small batches). Each block of
+# tokens re-reads the [E, H] weight (from L2) with plain float32 FMAs, which pays off while
+# the unfused path is launch-bound; larger T goes to the float32 GEMM of the torch path.
+FUSED_MAX_TOKENS = 256
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -64,14 +81,17 @@ class TopKRouter(nn.Module):
     buffer ``e_score_correction_bias`` [E] float32 (sigmoid routers, updated by the caller).
 
     ``expert_load`` [E] int64 accumulates, on device and without host syncs, how many
-    token-expert pairs each expert received since the last ``reset_expert_load()``."""
+    token-expert pairs each expert received since the last ``reset_expert_load()``.
+
+    ``fused`` (attribute and argument, default True) allows the fused-kernel fast path
+    described in the module docstring; False always runs the torch path."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
                  score_func: str = "softmax", norm_topk_prob: bool = True,
                  n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, correction_bias: bool = False,
-                 record_load: bool = True, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+                 record_load: bool = True, fused: bool = True,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"unknown router score_func {score_func!r}; "
@@ -94,6 +114,7 @@ class TopKRouter(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
         self.record_load = record_load
+        self.fused = fused
         self.weight = nn.Parameter(
             torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
@@ -124,11 +145,36 @@ class TopKRouter(nn.Module):
             choice = choice.view(num_tokens, -1)  # [T, E], -inf outside the kept groups
         return choice.topk(self.top_k, dim=-1).indices
 
+    def fused_kernels(self, x: torch.Tensor):
+        """The routing kernels module when this forward takes the fused fast path, else None
+        (conditions in the module docstring). x: [T, H]."""
+        if (not self.fused or self.training or self.score_func != "softmax"
+                or self.n_group is not None or x.shape[0] > FUSED_MAX_TOKENS
+                or x.device != self.weight.device
+                or x.dtype not in _FUSED_DTYPES or self.weight.dtype not in _FUSED_DTYPES
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return None
+        kernels = kernels_for("routing", x.device)
+        if kernels is None or self.num_experts > kernels.MAX_EXPERTS or (
+                self.hidden_size > kernels.MAX_HIDDEN or self.top_k > kernels.MAX_TOP_K):
+            return None
+        return kernels
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x: [T, H] any float dtype. Returns RouterOutput (weights [T, k] float32)."""
+        """x: [T, H] any float dtype. Returns RouterOutput (weights [T, k] float32; logits
+        None on the fused fast path)."""
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"router expects [T, {self.hidden_size}], got {tuple(x.shape)}; "
                              f"flatten batch and sequence first")
+        kernels = self.fused_kernels(x)
+        if kernels is not None:
+            weights, expert_idx = kernels.softmax_topk_router(
+                x, self.weight, self.expert_load, self.top_k,
+                norm_topk_prob=self.norm_topk_prob,
+                routed_scaling_factor=self.routed_scaling_factor,
+                record_load=self.record_load)  # [T, k] float32, [T, k] int64
+            zero = weights.new_zeros(())  # no losses outside training
+            return RouterOutput(weights, expert_idx, zero, zero, None)
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         if self.score_func == "softmax":
             scores = torch.softmax(logits, dim=-1)  # [T, E]

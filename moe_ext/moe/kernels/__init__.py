@@ -1,1 +1,57 @@
-"""Hand-written kernels for the MoE layer (Triton; optional: import guarded by callers)."""
+"""Hand-written kernels for the MoE layer (Triton; optional: import guarded by callers).
+
+Modules (each imports triton, so import them only through :func:`kernels_for` or lazily):
+``grouped_gemm`` (SwiGLU experts, op ``moe_ext::swiglu_experts``), ``routing`` (fused
+softmax top-k router, op ``moe_ext::softmax_topk_router``), ``permute`` (stable sort of
+token-expert pairs by expert, op ``moe_ext::sort_pairs``). Every kernel is launched from a
+``torch.library.custom_op``, so ``torch.compile`` sees one opaque node per kernel (shapes
+from its fake implementation) and never traces into Triton's launcher or autotuner.
+
+This package's ``__init__`` does not import triton: the router and the dispatchers ask
+:func:`kernels_for` on every call, and plain CPU runs (the test suite) must not pay for, or
+depend on, importing triton.
+"""
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+KERNEL_MODULES = ("grouped_gemm", "routing", "permute")
+_loaded: dict[str, object] = {}  # name -> module, or False when triton does not import
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    module = _loaded.get(name)
+    if module is None:
+        try:
+            if name == "routing":
+                from moe_ext.moe.kernels import routing as module
+            elif name == "permute":
+                from moe_ext.moe.kernels import permute as module
+            else:
+                from moe_ext.moe.kernels import grouped_gemm as module
+        except ImportError:
+            module = False
+        _loaded[name] = module
+    return module or None
+
+
+def kernels_for(name: str, device: torch.device) -> Optional[ModuleType]:
+    """The kernels module ``name`` (one of ``KERNEL_MODULES``) when its kernels can run on
+    tensors of ``device``, else None.
+
+    CUDA: when triton imports. CPU: only when triton is already imported *and* runs its
+    interpreter (TRITON_INTERPRET=1 when triton was first imported; the kernel tests do
+    this): this never imports triton on CPU, so plain CPU runs keep their torch paths."""
+    if name not in KERNEL_MODULES:
+        raise ValueError(f"unknown kernels module {name!r}; use one of {KERNEL_MODULES}")
+    if device.type == "cuda":
+        return _load(name)
+    if device.type == "cpu" and "triton" in sys.modules:
+        module = _load(name)
+        if module is not None and module.INTERPRETED:
+            return module
+    return None

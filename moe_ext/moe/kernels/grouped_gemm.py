@@ -22,6 +22,10 @@ On CUDA the kernel is compiled and autotuned (keyed on the problem shape; the fi
 of a shape benchmarks a few configs and must therefore run outside CUDA-graph capture).
 On CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 in the environment of the
 process that imports triton), with a fixed config: slow, for tests only.
+
+Both launches run inside the custom op ``moe_ext::swiglu_experts`` (functional, with a fake
+implementation giving y's shape and dtype), so ``torch.compile(fullgraph=True)`` keeps the
+experts forward as one opaque node and never traces Triton's launcher or autotuner.
 """
 from __future__ import annotations
 
@@ -116,7 +120,7 @@ _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
 def pick_block_m(rows: int, num_experts: int) -> int:
     """Row-chunk size from static sizes only (graph-safe): the smallest choice that holds
     twice the balanced share of rows per expert, so typical experts stream weights once."""
-    share = 2 * triton.cdiv(rows, max(num_experts, 1))
+    share = 2 * -(-rows // max(num_experts, 1))  # plain ints: torch.compile traces this
     return next((m for m in BLOCK_M_CHOICES if m >= share), BLOCK_M_CHOICES[-1])
 
 
@@ -168,7 +172,8 @@ def check_operands(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
 def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,
                            down_proj: torch.Tensor, tokens_per_expert: torch.Tensor,
                            block_m: int | None = None) -> torch.Tensor:
-    """y = down(silu(gate(x)) * up(x)) per expert, without host sync.
+    """y = down(silu(gate(x)) * up(x)) per expert, without host sync, through the custom op
+    ``moe_ext::swiglu_experts``.
 
     x: [T', H] rows sorted by expert; gate_up_proj: [E, 2F, H] (gate rows, then up rows);
     down_proj: [E, H, F], all of one dtype (bf16/fp16 on CUDA; any float on CPU, under the
@@ -178,11 +183,20 @@ def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,
     if block_m is not None and block_m not in BLOCK_M_CHOICES:
         raise ValueError(f"triton experts: block_m {block_m} not in {BLOCK_M_CHOICES}")
     check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
+    block_m = block_m or pick_block_m(x.shape[0], gate_up_proj.shape[0])
+    return torch.ops.moe_ext.swiglu_experts(x, gate_up_proj, down_proj, tokens_per_expert,
+                                            block_m)
+
+
+@torch.library.custom_op("moe_ext::swiglu_experts", mutates_args=())
+def _swiglu_experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                       tokens_per_expert: torch.Tensor, block_m: int) -> torch.Tensor:
+    """The two kernel launches; shapes as in :func:`swiglu_experts_forward`."""
+    check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
     num_experts, two_f, hidden = gate_up_proj.shape
     ffn = two_f // 2
     x = x.contiguous()
     gate_up_proj, down_proj = gate_up_proj.contiguous(), down_proj.contiguous()
-    block_m = block_m or pick_block_m(x.shape[0], num_experts)
     hidden_act = x.new_empty(x.shape[0], ffn)  # [T', F]
     y = x.new_empty(x.shape[0], hidden)  # [T', H]
     if x.shape[0] == 0 or ffn == 0:
@@ -190,3 +204,9 @@ def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,
     _launch(x, gate_up_proj, tokens_per_expert, hidden_act, ffn, True, block_m)
     _launch(hidden_act, down_proj, tokens_per_expert, y, hidden, False, block_m)
     return y
+
+
+@_swiglu_experts_op.register_fake
+def _swiglu_experts_fake(x, gate_up_proj, down_proj, tokens_per_expert, block_m):
+    check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
+    return x.new_empty(x.shape[0], gate_up_proj.shape[2])  # [T', H]
