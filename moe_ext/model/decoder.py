@@ -19,6 +19,7 @@ from torch import nn
 
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
+from moe_ext.moe.dispatch._comm import all_gather_raw
 
 
 def build_moe(args: ModelArgs, dispatcher="local", dtype: Optional[torch.dtype] = None,
@@ -86,10 +87,16 @@ def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGro
     if per_rank * tp != T:
         flat = F.pad(flat, (0, 0, 0, per_rank * tp - T))  # [tp·T/tp, H]
     mine = flat[rank * per_rank:(rank + 1) * per_rank]  # [T/tp, H]
-    out = mlp(mine).contiguous()
-    gathered = torch.empty(per_rank * tp, shape[-1], dtype=out.dtype, device=out.device)
-    dist.all_gather_into_tensor(gathered, out, group=group)
+    gathered = all_gather_raw(mlp(mine), group)  # [tp·T/tp, H]
     return gathered[:T].reshape(shape)
+
+
+def _decode_block(block: TransformerBlock, h: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, slots: torch.Tensor, kv_start: torch.Tensor
+                  ) -> torch.Tensor:
+    """One block of the static decode step (the function ``compile_decode`` compiles).
+    h: [B, 1, H]; cos/sin: [B, 1, D]; slots: [1]; kv_start: [B]."""
+    return block(h, cos, sin, slots, kv_start, None, True)
 
 
 class Transformer(nn.Module):
@@ -111,6 +118,8 @@ class Transformer(nn.Module):
         self.pp_next: Optional[int] = None
         self.pp_group: Optional[dist.ProcessGroup] = None
         self.pp_last_rank: Optional[int] = None  # global rank of the last stage (samples)
+        # set by compile_decode: the decode step's block function under torch.compile
+        self.compiled_decode_block = None
 
     # ---- placement facts ---------------------------------------------------------------
     @property
@@ -143,6 +152,20 @@ class Transformer(nn.Module):
             if cache is None or cache.k.shape != (batch, kv_heads, max_slots, attn.head_dim) \
                     or cache.k.dtype != dtype or cache.k.device != device:
                 attn.kv_cache = KVCache(batch, kv_heads, max_slots, attn.head_dim, dtype, device)
+
+    def compile_decode(self, enabled: bool = True, backend: str = "inductor") -> None:
+        """Run decode steps (one query slot over the whole KV cache) through
+        ``torch.compile`` of one decoder block. Every block shares the compiled code
+        (parameters and caches are graph inputs, so the 48 layers of a model compile once
+        per batch size); collectives stay eager (graph breaks). Decode at batch 1 is
+        otherwise dozens of tiny kernels per layer (norms, RoPE, masks, routing) that
+        inductor fuses; the CUDA graph of generate() then captures the compiled step.
+        ``enabled=False`` returns to eager decode."""
+        if not enabled:
+            self.compiled_decode_block = None
+        elif self.compiled_decode_block is None:
+            self.compiled_decode_block = torch.compile(_decode_block, backend=backend,
+                                                       dynamic=False)
 
     def drop_caches(self) -> None:
         for block in self.layers.values():
@@ -181,8 +204,14 @@ class Transformer(nn.Module):
             dist.recv(h, src=self.pp_prev)  # hidden states of the previous stage
         positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
         cos, sin = self.rotary(positions, h.dtype)
+        # the static decode step (one new slot, whole cache) runs each block compiled
+        compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) \
+            else None
         for block in self.layers.values():
-            h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
+            if compiled is not None:
+                h = compiled(block, h, cos, sin, slots, kv_start)
+            else:
+                h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
         if not self.is_last_stage:
             dist.send(h.contiguous(), dst=self.pp_next)
             return None

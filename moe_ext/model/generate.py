@@ -307,7 +307,7 @@ def _graph_for(model: Transformer, batch: int, device: torch.device,
     capacity (captured on first use)."""
     cache_key = model.cache_shape
     graphs = model.__dict__.setdefault("_decode_graphs", {})
-    key = (batch, capacity, cache_key,
+    key = (batch, capacity, cache_key, model.compiled_decode_block is not None,
            id(next(iter(model.layers.values())).self_attn.kv_cache))
     if key not in graphs:
         graphs.clear()  # caches were reallocated: older graphs point at freed buffers
@@ -367,6 +367,8 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
     if conf.temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+    if device.type == "cuda":
+        model.compile_decode(conf.compile_decode)
     use_graphs = _graphs_usable(model, conf, device, lockstep)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,
