@@ -353,6 +353,8 @@ def test_bad_operands_are_one_line_errors():
         routing.check_operands(x, weight, load, 9)
     with pytest.raises(ValueError, match="expert_load"):
         routing.check_operands(x, weight, load.int(), 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        routing.check_operands(x, weight, torch.zeros(16, dtype=torch.int64)[::2], 2)
     with pytest.raises(ValueError, match=r"\[T, H\]"):
         routing.check_operands(x[:, :8], weight, load, 2)
     with pytest.raises(ValueError, match="flat int64"):

@@ -187,9 +187,10 @@ def check_operands(x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Ten
     if not 1 <= top_k <= min(MAX_TOP_K, num_experts):
         raise ValueError(f"fused router: top_k={top_k} must be in [1, min({MAX_TOP_K}, "
                          f"E={num_experts})]; use the unfused router")
-    if expert_load.shape != (num_experts,) or expert_load.dtype != torch.int64:
-        raise ValueError(f"fused router: expert_load must be int64 [{num_experts}], got "
-                         f"{expert_load.dtype} {tuple(expert_load.shape)}")
+    if (expert_load.shape != (num_experts,) or expert_load.dtype != torch.int64
+            or (num_experts > 1 and expert_load.stride(0) != 1)):
+        raise ValueError(f"fused router: expert_load must be contiguous int64 [{num_experts}], "
+                         f"got {expert_load.dtype} {tuple(expert_load.shape)}")
     if not (x.is_floating_point() and weight.is_floating_point()):
         raise ValueError(f"fused router: x and weight must be floating point, got {x.dtype} "
                          f"and {weight.dtype}")
