@@ -124,11 +124,22 @@ def run_and_exit(body: Callable[[], int], rank: int, world_size: int) -> NoRetur
         report_error(err, rank, world_size)
         code = 2
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and dist.get_backend() != "nccl":
             dist.destroy_process_group()
-    # Every output is written by now. Skip interpreter teardown: a C++ worker thread left
-    # joinable by a library (seen with DeepSpeed on gloo) can abort the process there
-    # ("terminate called without an active exception"), turning a finished run into a crash.
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush and leave without interpreter teardown.
+
+    Teardown is skipped because a C++ worker thread left joinable by a library (seen with
+    DeepSpeed on gloo) can abort the process there ("terminate called without an active
+    exception"), turning a finished run into a crash. NCCL process groups are not
+    destroyed: after decode steps with NCCL collectives captured in CUDA graphs,
+    ``destroy_process_group`` blocked (2xH200, torch 2.11); the ranks first agree that
+    all are done (barrier), then process exit releases the communicators."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.barrier()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

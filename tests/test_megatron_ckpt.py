@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import json
 import os
 import shutil
@@ -399,12 +400,17 @@ def _ranks_body(rank, world, cases, dirs, backend):
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 logits compared at 1e-3
         torch.backends.cudnn.allow_tf32 = False
     failures = []
+    if backend == "nccl":  # a hung collective dumps every thread's stack, then exits
+        faulthandler.dump_traceback_later(150, exit=True)
     with _cpu_megatron(device):
         for case, (src, meg, saved) in zip(cases, dirs):
             try:
                 _rank_case(rank, world, *case, src, meg, saved, backend, device)
             except Exception:  # noqa: BLE001 - every case reported with its traceback
                 failures.append(f"[{' '.join(map(str, case))}]\n{traceback.format_exc()}")
+                # now, too: should the peer then wait in a collective of this case, the
+                # run ends in a timeout and this is the only trace of the cause
+                print(f"rank {rank}: {failures[-1]}", file=sys.stderr, flush=True)
     if failures:
         raise AssertionError(f"rank {rank}: {len(failures)} case(s) failed:\n\n"
                              + "\n\n".join(failures))

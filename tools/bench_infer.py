@@ -38,6 +38,7 @@ from moe_ext.bench.peers import hf_causal_lm, hf_decode_floor_s, hf_generate_tim
 from moe_ext.bench.peers import library_versions  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
+from moe_ext.launching import exit_now  # noqa: E402
 
 HBM_BYTES_PER_S = 4.3e12  # measured device-to-device copy on the H200s here
 
@@ -150,7 +151,9 @@ def main() -> None:
         dist.barrier()
     if env.rank == 0:
         report(rows, opts.json, opts.png)
-    dist.destroy_process_group()
+    if device.type != "cuda":
+        dist.destroy_process_group()
+    exit_now(0)
 
 
 def hf_peer_rows(job, opts, batches: list[int], device: torch.device) -> list[dict]:
