@@ -13,6 +13,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 import traceback
 
 import torch
@@ -29,6 +30,7 @@ def _free_port() -> int:
 def _entry(rank, world_size, port, backend, fn, args, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    code = 0
     try:
         extra = {}
         if backend == "nccl":  # one GPU per rank, bound before NCCL or NVSHMEM start
@@ -38,17 +40,22 @@ def _entry(rank, world_size, port, backend, fn, args, errors):
                                 timeout=datetime.timedelta(seconds=120), **extra)
         fn(rank, world_size, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent test
-        errors.put((rank, traceback.format_exc()))
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    # The body passed. Skip interpreter teardown: a C++ worker thread left joinable by a
-    # library (seen with DeepSpeed on gloo, about 1 run in 10) aborts the process there with
-    # "terminate called without an active exception", after every check has passed.
+        tb = traceback.format_exc()
+        # printed at once as well: a peer left waiting in a collective turns the run into a
+        # timeout, and this may then be the only trace of the cause
+        print(f"rank {rank} failed:\n{tb}", file=sys.stderr, flush=True)
+        errors.put((rank, tb))
+        code = 1
+    # NCCL groups are not destroyed: after CUDA-graph-captured NCCL collectives
+    # destroy_process_group blocked on 2xH200 (see moe_ext.launching.exit_now).
+    if dist.is_initialized() and backend != "nccl":
+        dist.destroy_process_group()
+    # Skip interpreter teardown: a C++ worker thread left joinable by a library (seen with
+    # DeepSpeed on gloo, about 1 run in 10) aborts the process there with "terminate called
+    # without an active exception", after every check has passed.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> None:
@@ -59,11 +66,16 @@ def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> N
              for r in range(world_size)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=600)
+    deadline = time.monotonic() + 600
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            time.sleep(2)  # a rank failed; its peers may wait in a collective for good
+            break
+        time.sleep(0.1)
     for p in procs:
         if p.is_alive():
             p.kill()
+            p.join()
     if not errors.empty():
         rank, tb = errors.get()
         raise AssertionError(f"rank {rank} failed:\n{tb}")
