@@ -134,7 +134,12 @@ def build_gpt_model(args: Any, plan: Any, groups: Any, dtype: torch.dtype,
         args, plan, params_dtype=dtype, perform_initialization=False,
         use_cpu_initialization=device.type == "cpu"))
     spec = get_gpt_decoder_block_spec(config, plan, groups)
-    model = GPTModel(config, spec, pg_collection=pg_collection(groups), **gpt_model_kwargs(args))
+    # Megatron places some tensors (RoPE's inverse frequencies) on the *current* CUDA
+    # device at construction: make it the requested one
+    placement = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with placement:
+        model = GPTModel(config, spec, pg_collection=pg_collection(groups),
+                         **gpt_model_kwargs(args))
     return model.to(device=device, dtype=dtype)  # Megatron creates norms in fp32
 
 
