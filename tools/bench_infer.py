@@ -5,6 +5,7 @@ strategy and batch size, against the HBM floor of the weights each decode step m
     torchrun --nproc-per-node 2 tools/bench_infer.py --strategy ep_nccl --batches 16
     torchrun --nproc-per-node 2 tools/bench_infer.py --strategy replicate --profile
     python3 tools/bench_infer.py --batches 1,16 --peers hf   # + transformers generate, 1 GPU
+    python3 tools/bench_infer.py --report rows.json --png decode.png  # table + chart only
 
 Weights are generated on the GPU (the launcher's deterministic random init, this rank's
 shard only); each batch runs once to warm up (autotuning, CUDA-graph capture), then once
@@ -85,9 +86,14 @@ def main() -> None:
     parser.add_argument("--peers", default="", choices=["", "hf"],
                         help="hf: also time transformers generate on one device, same shapes")
     parser.add_argument("--json")
+    parser.add_argument("--report", help="print the table and draw --png from this JSON, "
+                                         "without running anything")
     parser.add_argument("--png")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (parallel.tp=2 ...)")
     opts = parser.parse_args()
+    if opts.report:
+        report(json.loads(Path(opts.report).read_text())["rows"], None, opts.png)
+        return
 
     env = DistEnv.from_environ(os.environ)
     batches = [int(b) for b in opts.batches.split(",")]
@@ -258,11 +264,15 @@ def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> N
 
 
 def report(rows: list[dict], json_path, png_path) -> None:
-    header = (f"{'model':14} {'strategy':12} {'W':>2} {'batch':>5} {'prefill tok/s':>13} "
-              f"{'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} {'of floor':>8}")
+    header = (f"{'model':14} {'strategy':12} {'W':>2} {'link':7} {'blocks':8} {'batch':>5} "
+              f"{'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
+              f"{'of floor':>8}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r['batch']:>5} "
+        link = "P2P off" if r["nccl_p2p_disable"] == "1" else "-"
+        blocks = "compiled" if r.get("compiled") else "eager"
+        print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {link:7} {blocks:8} "
+              f"{r['batch']:>5} "
               f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
               f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%")
     if json_path:
@@ -272,27 +282,42 @@ def report(rows: list[dict], json_path, png_path) -> None:
         tmp.write_text(json.dumps({"rows": old + rows}, indent=1))
         os.replace(tmp, path)
     if png_path:
-        import matplotlib
+        draw_chart(json.loads(Path(json_path).read_text())["rows"] if json_path else rows,
+                   png_path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        all_rows = json.loads(Path(json_path).read_text())["rows"] if json_path else rows
-        fig, ax = plt.subplots(figsize=(7, 4))
-        series: dict[str, list] = {}
-        for r in all_rows:
-            label = f"{r['strategy']} W{r['world']}" + (" P2P off" if r["nccl_p2p_disable"] == "1" else "")
-            series.setdefault(label, []).append((r["batch"], r["decode_tok_s"]))
-        for label, points in series.items():
-            points.sort()
-            ax.plot(*zip(*points), marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tok/s",
-               title=f"{all_rows[0]['model']} decode, {all_rows[0]['gpu']}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(png_path, dpi=120)
+def row_label(row: dict) -> str:
+    """'ep_nccl compiled\n2 GPUs P2P off, batch 16' (two lines, for the chart's axis)."""
+    tag = row["strategy"]
+    if tag != "hf_generate":
+        tag += " compiled" if row.get("compiled") else " eager blocks"
+    gpus = f"{row['world']} GPU{'s' if row['world'] > 1 else ''}"
+    link = " P2P off" if row["nccl_p2p_disable"] == "1" else ""
+    return f"{tag}\n{gpus}{link}, batch {row['batch']}"
 
+
+def draw_chart(rows: list[dict], png_path) -> None:
+    """Decode tok/s per (strategy, GPUs, link, batch) row as horizontal bars, log scale;
+    peers grey, one GPU blue, several green."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [r["decode_tok_s"] for r in rows]
+    colors = ["tab:gray" if r["strategy"] == "hf_generate" else
+              "tab:blue" if r["world"] == 1 else "tab:green" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * len(rows)))
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize=7)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.0f}", va="center", fontsize=7)
+    ax.set(xscale="log", xlabel="decode tokens/s (all replicas), log scale",
+           title=f"{rows[0]['model']} decode, prompt {rows[0]['prompt_len']} + "
+                 f"{rows[0]['new_tokens']} new, {rows[0]['gpu']} ({rows[0]['date']})")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
 
 if __name__ == "__main__":
     main()
