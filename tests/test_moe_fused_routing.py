@@ -11,12 +11,6 @@ dense router of tests/moe_reference.py, the torch path of TopKRouter (fast path 
 torch.sort(stable=True) and bincount, the float64 MoE layer. GPU (marked): bf16 kernels
 against the torch paths, and the MoE layer under inductor inside a CUDA graph.
 """
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -24,10 +18,9 @@ from moe_ext.moe.dispatch.local import permute_local
 from moe_ext.moe.layer import build_moe_layer
 from moe_ext.moe.router import FUSED_MAX_TOKENS, TopKRouter
 from tests.moe_reference import RoutingSpec, reference_gates, reference_moe
-from tests.test_moe_kernels import count_op_nodes, graph_recorder
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+from tests.test_moe_kernels import capture_compiled, count_op_nodes, graph_recorder
+from tests.triton_interpreter import (HAS_TRITON, interpreted, needs_interpreter, needs_triton,
+                                      run_cpu_cases_in_interpreter)
 
 
 def _routing():
@@ -40,28 +33,9 @@ def _permute():
     return permute
 
 
-def _interpreted() -> bool:
-    return HAS_TRITON and _routing().INTERPRETED and _permute().INTERPRETED
-
-
-needs_interpreter = pytest.mark.skipif(
-    not _interpreted(), reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_interpreter")
-
-
 @needs_triton
 def test_kernels_under_interpreter():
-    if _interpreted():
-        pytest.skip("already inside the interpreter child")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_cpu_",
-         str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_cpu_cases_in_interpreter(__file__)
 
 
 def dense_gates(weights: torch.Tensor, expert_idx: torch.Tensor, num_experts: int):
@@ -336,7 +310,7 @@ def test_cpu_moe_layer_compiles_fullgraph_with_three_ops(backend):
 # ---- CPU: no interpreter --------------------------------------------------------------
 
 def test_plain_cpu_keeps_torch_paths():
-    if _interpreted():
+    if interpreted():
         pytest.skip("checks the process without the interpreter")
     router = TopKRouter(16, 8, 2).eval()
     with torch.no_grad():
@@ -422,18 +396,8 @@ def test_gpu_moe_layer_inductor_inside_cuda_graph():
     layer = build_moe_layer(QWEN3["hidden"], QWEN3["ffn"], QWEN3["experts"], QWEN3["top_k"],
                             dispatcher="local", dtype=torch.bfloat16, device="cuda").eval()
     x = torch.randn(1, 1, QWEN3["hidden"], device="cuda", dtype=torch.bfloat16)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="inductor", fullgraph=True, dynamic=False)
     with torch.inference_mode():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and autotune outside capture
-            for _ in range(2):
-                compiled(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = compiled(x)
+        graph, y = capture_compiled(layer, x)
         layer.router.reset_expert_load()
         for step in range(3):
             x.copy_(torch.randn_like(x))

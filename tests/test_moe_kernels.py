@@ -14,34 +14,19 @@ inductor inside a CUDA graph.
 Everything Triton-specific skips when triton is not importable (CI installs only the
 project's dependencies; CUDA torch brings triton).
 """
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_ext.moe import experts as experts_mod
 from moe_ext.moe.experts import GroupedExperts
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+from tests.triton_interpreter import (needs_interpreter, needs_triton,
+                                      run_cpu_cases_in_interpreter)
 
 
 def _kernels():
     from moe_ext.moe.kernels import grouped_gemm
     return grouped_gemm
-
-
-def _interpreted() -> bool:
-    return HAS_TRITON and _kernels().INTERPRETED
-
-
-needs_interpreter = pytest.mark.skipif(
-    not _interpreted(), reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_interpreter")
 
 
 def reference(x, gate_up_proj, down_proj, tokens_per_expert):
@@ -70,18 +55,7 @@ def make_problem(counts, hidden, ffn, dtype, device="cpu", seed=0):
 
 @needs_triton
 def test_kernels_under_interpreter():
-    if _interpreted():
-        pytest.skip("already inside the interpreter child")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_cpu_",
-         str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_cpu_cases_in_interpreter(__file__)
 
 
 CASES = {  # name: (tokens_per_expert, H, F, block_m)
@@ -287,6 +261,39 @@ def test_gpu_auto_selection():
     assert not module.uses_triton(x, counts)  # grad enabled, weights require grad
 
 
+def capture_compiled(module, *inputs):
+    """``module`` under inductor (fullgraph, static shapes), warmed up on a side stream
+    (compile and autotune happen outside capture), then captured in a CUDA graph.
+    Returns (graph, output of the captured call); replay after writing into ``inputs``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            compiled(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(*inputs)
+    return graph, out
+
+
+def _check_replays(module, graph, x, counts, y, routings) -> None:
+    """For each routing (counts [E]): new rows into the static x, the routing into the
+    static counts, replay; the graph's output y must match the grouped_mm backend."""
+    for i, new_counts in enumerate(routings):
+        x.copy_(torch.randn_like(x))  # new rows, same T'
+        counts.copy_(new_counts)
+        graph.replay()
+        torch.cuda.synchronize()
+        module.backend = "grouped_mm"
+        want = module(x, counts)
+        module.backend = "triton"
+        err = (y.float() - want.float()).abs().max().item()
+        assert err <= 2e-2 * want.float().abs().max().item(), f"replay {i}: {err}"
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay_follows_new_routing():
     module = _gpu_module("qwen3_30b_a3b")
@@ -303,20 +310,10 @@ def test_gpu_cuda_graph_replay_follows_new_routing():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = module(x, counts)
-        for seed in (3, 4):  # new rows and a new routing, same T'
-            x.copy_(torch.randn_like(x))
-            new_counts = _routed_counts(rows, module.num_experts, 8, seed=seed)
-            if seed == 4:  # all rows to expert 0
-                new_counts = torch.zeros_like(new_counts)
-                new_counts[0] = rows
-            counts.copy_(new_counts)
-            graph.replay()
-            torch.cuda.synchronize()
-            module.backend = "grouped_mm"
-            want = module(x, counts)
-            module.backend = "triton"
-            err = (y.float() - want.float()).abs().max().item()
-            assert err <= 2e-2 * want.float().abs().max().item(), f"replay seed {seed}: {err}"
+        all_to_expert_0 = torch.zeros_like(counts)
+        all_to_expert_0[0] = rows
+        _check_replays(module, graph, x, counts, y, [
+            _routed_counts(rows, module.num_experts, 8, seed=3), all_to_expert_0])
 
 
 @pytest.mark.gpu
@@ -328,25 +325,7 @@ def test_gpu_experts_inductor_inside_cuda_graph():
     x = torch.randn(rows, module.hidden_size, device="cuda", dtype=torch.bfloat16)
     counts = _routed_counts(rows, module.num_experts, 8, seed=5)
     module.backend = "triton"
-    torch._dynamo.reset()
-    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
     with torch.inference_mode():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and autotune outside capture
-            for _ in range(2):
-                compiled(x, counts)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = compiled(x, counts)
-        for seed in (6, 7):
-            x.copy_(torch.randn_like(x))
-            counts.copy_(_routed_counts(rows, module.num_experts, 8, seed=seed))
-            graph.replay()
-            torch.cuda.synchronize()
-            module.backend = "grouped_mm"
-            want = module(x, counts)
-            module.backend = "triton"
-            err = (y.float() - want.float()).abs().max().item()
-            assert err <= 2e-2 * want.float().abs().max().item(), f"replay seed {seed}: {err}"
+        graph, y = capture_compiled(module, x, counts)
+        _check_replays(module, graph, x, counts, y, [
+            _routed_counts(rows, module.num_experts, 8, seed=seed) for seed in (6, 7)])

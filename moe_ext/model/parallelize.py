@@ -18,7 +18,7 @@ loader reads exactly those); ``parallelize`` cuts the model to the same slices i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn

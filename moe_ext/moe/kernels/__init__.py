@@ -55,3 +55,14 @@ def kernels_for(name: str, device: torch.device) -> Optional[ModuleType]:
         if module is not None and module.INTERPRETED:
             return module
     return None
+
+
+def check_kernel_device(op: str, device: torch.device, interpreted: bool, fallback: str) -> None:
+    """One-line ValueError unless ``op``'s Triton kernel can run on ``device``: CUDA, or CPU
+    when Triton runs its interpreter (tests). ``fallback`` names the torch path to use."""
+    if device.type == "cpu" and not interpreted:
+        raise ValueError(f"{op}: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 "
+                         f"set before triton is imported); use CUDA tensors or {fallback}")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{op}: device {device} unsupported; use CUDA (or CPU under the "
+                         f"interpreter, for tests)")

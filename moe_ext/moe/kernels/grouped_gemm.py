@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ext.moe.kernels import check_kernel_device
+
 # Rows per tensor-core tile: tl.dot needs M >= 16. Larger chunks are picked when the
 # balanced share of rows per expert is larger, so an expert's weights are streamed once.
 BLOCK_M_CHOICES = (16, 32, 64)
@@ -160,13 +162,7 @@ def check_operands(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
     if x.device.type == "cuda" and x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"triton experts: {x.dtype} on CUDA is not supported (tensor cores "
                          f"would round float32 to tf32); use bf16/fp16 or backend 'grouped_mm'")
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise ValueError("triton experts: CPU tensors need Triton's interpreter "
-                         "(TRITON_INTERPRET=1 set before triton is imported); use CUDA tensors "
-                         "or backend 'grouped_mm'/'loop'")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"triton experts: device {x.device} unsupported; use CUDA (or CPU "
-                         f"under the interpreter, for tests)")
+    check_kernel_device("triton experts", x.device, INTERPRETED, "backend 'grouped_mm'/'loop'")
 
 
 def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,

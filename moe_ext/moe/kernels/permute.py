@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ext.moe.kernels import check_kernel_device
+
 # One program sorts everything in registers: at most this many pairs (T*k), and
 # at most this many experts (the histogram's bins).
 MAX_PAIRS = 4096
@@ -63,13 +65,7 @@ def check_operands(expert_ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"sort_pairs: N={expert_ids.shape[0]} pairs, E={num_experts} outside "
                          f"N <= {MAX_PAIRS}, 1 <= E <= {MAX_EXPERTS}; use "
                          f"_permute.sort_by_bucket")
-    if expert_ids.device.type == "cpu" and not INTERPRETED:
-        raise ValueError("sort_pairs: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 "
-                         "set before triton is imported); use CUDA tensors or "
-                         "_permute.sort_by_bucket")
-    if expert_ids.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"sort_pairs: device {expert_ids.device} unsupported; use CUDA (or "
-                         f"CPU under the interpreter, for tests)")
+    check_kernel_device("sort_pairs", expert_ids.device, INTERPRETED, "_permute.sort_by_bucket")
 
 
 def sort_pairs(expert_ids: torch.Tensor, num_experts: int

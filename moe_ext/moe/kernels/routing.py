@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ext.moe.kernels import check_kernel_device
+
 MAX_EXPERTS = 512
 MAX_TOP_K = 16
 MAX_HIDDEN = 8192
@@ -197,13 +199,7 @@ def check_operands(x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Ten
     if len({x.device, weight.device, expert_load.device}) != 1:
         raise ValueError(f"fused router: x on {x.device}, weight on {weight.device}, "
                          f"expert_load on {expert_load.device}; move them to one device")
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise ValueError("fused router: CPU tensors need Triton's interpreter "
-                         "(TRITON_INTERPRET=1 set before triton is imported); use CUDA tensors "
-                         "or the unfused router")
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"fused router: device {x.device} unsupported; use CUDA (or CPU "
-                         f"under the interpreter, for tests)")
+    check_kernel_device("fused router", x.device, INTERPRETED, "the unfused router")
 
 
 def softmax_topk_router(x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Tensor,
