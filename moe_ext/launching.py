@@ -6,6 +6,7 @@ input fails the same way on every rank, before any collective could hang.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -140,10 +141,22 @@ def exit_now(code: int) -> NoReturn:
     all are done (barrier), then process exit releases the communicators."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         dist.barrier()
+    end_child_processes()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def end_child_processes(timeout_s: float = 5.0) -> None:
+    """Terminate the multiprocessing children libraries leave running until interpreter
+    exit (Megatron's checkpoint writer keeps a Manager process for its results queue), which
+    ``os._exit`` would orphan."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout_s)
 
 
 def report_error(err: ValueError, rank: int, world_size: int) -> None:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moe_ext.launching import end_child_processes
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -50,6 +52,7 @@ def _entry(rank, world_size, port, backend, fn, args, errors):
     # destroy_process_group blocked on 2xH200 (see moe_ext.launching.exit_now).
     if dist.is_initialized() and backend != "nccl":
         dist.destroy_process_group()
+    end_child_processes()  # os._exit would orphan them (Megatron's checkpoint writer)
     # Skip interpreter teardown: a C++ worker thread left joinable by a library (seen with
     # DeepSpeed on gloo, about 1 run in 10) aborts the process there with "terminate called
     # without an active exception", after every check has passed.
