@@ -260,8 +260,11 @@ class _Stepper:
                 if graph is not None and graph.graph is None:
                     try:
                         logits = graph(nxt[:, None], slot, kv_start)
-                    except RuntimeError as e:  # e.g. an op that syncs inside the MoE path
-                        log.warning("CUDA-graph capture failed (%s); decoding eagerly", e)
+                    except RuntimeError as e:  # an op that syncs, or a failed compile
+                        log.warning("CUDA-graph capture (after compiling the decode step) "
+                                    "failed (%s); decoding eagerly, uncompiled", e)
+                        model.compile_decode(False)
+                        model.compile_failed = True  # later calls stay uncompiled too
                         model.__dict__.pop("_decode_graphs", None)
                         model.cuda_graph_safe = False
                         model.cuda_graph_failed = True  # lockstep ignores cuda_graph_safe
@@ -368,7 +371,7 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     if device.type == "cuda":
-        model.compile_decode(conf.compile_decode)
+        model.compile_decode(conf.compile_decode and not getattr(model, "compile_failed", False))
     use_graphs = _graphs_usable(model, conf, device, lockstep)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,
