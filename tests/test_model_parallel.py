@@ -107,9 +107,10 @@ def _parallel_body(rank, world, cases):
         got = generate(model, PROMPTS, GenerateConf(max_batch_size=3), eos_id=257, pad_id=258,
                        max_new_tokens=MAX_NEW)
         assert got.tokens == expected, (family, plan_kwargs, got.tokens, expected)
-        lockstep = plan.dp > 1 and plan.strategy.startswith("ep_")
-        # lockstep decode (and only that) ran the static exchange, reset to dynamic after
-        assert (len(spy.calls) > before) == lockstep, (plan_kwargs, len(spy.calls) - before)
+        # expert-parallel decode (lockstep replicas, or EP over TP ranks) and only that ran
+        # the static exchange, reset to dynamic after
+        assert (len(spy.calls) > before) == plan.is_expert_parallel, (
+            plan_kwargs, len(spy.calls) - before)
         assert _capacities(model) == {None}, plan_kwargs
 
 

@@ -20,7 +20,9 @@ finished replicas keep calling ``idle_forward`` (padded to the same capacity, so
 collectives as a graph replay). Capturing runs two warm-up steps, whose collectives the
 other replicas must match: at the first decode step of a round the replicas agree
 (all-reduce MAX of a flag) whether any of them captures, and those that do not run two
-extra idle steps (capture itself launches no collectives).
+extra idle steps (capture itself launches no collectives). Expert parallelism without
+data parallelism (EP ranks that are TP ranks of one replica) uses the same static
+exchange at the batch's own size.
 """
 from __future__ import annotations
 
@@ -200,9 +202,10 @@ class _Stepper:
 
     def run(self, prompts: Optional[list[list[int]]], max_new: list[int],
             use_graphs: bool, capacity: Optional[int] = None) -> list[list[int]]:
-        """One batch (empty/None: an idle replica). ``capacity``: lockstep only, the static
-        expert-exchange capacity of this round's decode steps (equal on every replica);
-        prefill runs dynamic. The caller resets the capacity if this raises."""
+        """One batch (empty/None: an idle replica). ``capacity``: expert-parallel models
+        only, the static expert-exchange capacity of this round's decode steps (equal on
+        every rank of an EP group); prefill runs dynamic. The caller resets the capacity if
+        this raises."""
         model = self.model
         if prompts:
             B = len(prompts)
@@ -267,7 +270,7 @@ class _Stepper:
                         model.compile_failed = True  # later calls stay uncompiled too
                         model.__dict__.pop("_decode_graphs", None)
                         model.cuda_graph_safe = False
-                        model.cuda_graph_failed = True  # lockstep ignores cuda_graph_safe
+                        model.cuda_graph_failed = True  # EP decode ignores cuda_graph_safe
                         graph = None
                 elif graph is not None:
                     logits = graph(nxt[:, None], slot, kv_start)
@@ -319,15 +322,15 @@ def _graph_for(model: Transformer, batch: int, device: torch.device,
 
 
 def _graphs_usable(model: Transformer, conf: GenerateConf, device: torch.device,
-                   lockstep: bool) -> bool:
+                   static_exchange: bool) -> bool:
     """Whether decode may run from CUDA graphs: on CUDA, without pipeline stages, and
-    either a sync-free model (``cuda_graph_safe``) or lockstep EP decode, whose static
-    exchange is sync-free; never again after a failed capture."""
+    either a sync-free model (``cuda_graph_safe``) or expert-parallel decode on the static
+    exchange, which is sync-free; never again after a failed capture."""
     if not (conf.cuda_graphs and device.type == "cuda" and model.pp_group is None):
         return False
     if getattr(model, "cuda_graph_failed", False):
         return False
-    return lockstep or getattr(model, "cuda_graph_safe", True)
+    return static_exchange or getattr(model, "cuda_graph_safe", True)
 
 
 def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
@@ -372,7 +375,13 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
         generator.manual_seed(seed)
     if device.type == "cuda":
         model.compile_decode(conf.compile_decode and not getattr(model, "compile_failed", False))
-    use_graphs = _graphs_usable(model, conf, device, lockstep)
+    # Expert-parallel decode runs the static exchange (sync-free, capturable) at a capacity
+    # every rank of an EP group agrees on: the round's largest batch across lockstep
+    # replicas, or, without data parallelism, this batch (the EP ranks are TP ranks
+    # holding the same one).
+    static_exchange = lockstep or bool(getattr(getattr(model, "plan", None),
+                                               "is_expert_parallel", False))
+    use_graphs = _graphs_usable(model, conf, device, static_exchange)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,
                        lockstep, max(1, check_every), result)
@@ -388,11 +397,11 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
     try:
         for r in range(rounds):
             chunk = chunks[r] if r < len(chunks) else []
+            capacity = _round_capacity(bounds, batch, r) if lockstep else len(chunk)
             local += stepper.run([prompt_ids[i] for i in chunk], [max_new[i] for i in chunk],
-                                 use_graphs, _round_capacity(bounds, batch, r) if lockstep
-                                 else None)
+                                 use_graphs, capacity if static_exchange else None)
     finally:
-        if lockstep:
+        if static_exchange:
             model.set_moe_capacity(None)
     if dp_size > 1:
         gathered: list = [None] * dp_size
