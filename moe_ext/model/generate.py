@@ -171,11 +171,6 @@ class _Stepper:
         if self.on_cuda:
             torch.cuda.synchronize(self.device)  # sync: timing boundary only
 
-    def _any_running(self, local: bool) -> bool:
-        # every data-parallel replica learns whether any replica still generates, so all of
-        # them make the same number of MoE exchanges (idle ones with zero tokens)
-        return self._any_replica(local)
-
     def _any_replica(self, local: bool) -> bool:
         """Whether ``local`` holds on any replica of the lockstep group (itself without one)."""
         if not self.lockstep:
@@ -237,7 +232,9 @@ class _Stepper:
                 if not known_done and step > 0:
                     # sync: EOS check, batched every check_every steps
                     known_done = step >= steps_total or not bool((~done).any().item())
-                if not self._any_running(not known_done):
+                # every replica learns whether any still generates, so all of them make
+                # the same number of MoE exchanges (idle ones with zero tokens)
+                if not self._any_replica(not known_done):
                     break
             if step == 1 and capacity is not None:
                 # decode from here: static exchange, the same capacity on every replica
