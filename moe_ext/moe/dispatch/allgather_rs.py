@@ -19,11 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_ext.moe.dispatch import static
 from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw, reduce_scatter
-from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, scatter_weighted,
-                                           sort_by_bucket)
-from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+from moe_ext.moe.dispatch._permute import gather_rows, scatter_weighted, sort_by_bucket
+from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 
 @dataclass
@@ -34,19 +32,8 @@ class AllGatherHandle:
     max_tokens: int  # T_max: rows per rank in the gathered buffers
 
 
-class AllGatherDispatcher(Dispatcher):
-    has_static_mode = True
-
-    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
-        super().__init__(num_experts, groups)
-        if groups.etp_size != 1:
-            raise ValueError(f"AllGatherDispatcher does not shard experts on F but got "
-                             f"etp={groups.etp_size}; use parallel.etp=1 with ep_* strategies")
-
-    def dispatch(self, x, weights, expert_idx):
-        check_routing(x, weights, expert_idx)
-        if self.max_tokens_per_rank is not None:
-            return static.dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
+class AllGatherDispatcher(ExpertParallelDispatcher):
+    def dispatch_dynamic(self, x, weights, expert_idx):
         group, world = self.groups.ep, self.groups.ep_size
         num_tokens, top_k = expert_idx.shape
         if world == 1:
@@ -76,9 +63,7 @@ class AllGatherDispatcher(Dispatcher):
         return x_local, tokens_per_local_expert, AllGatherHandle(
             pair_ids, weights_all, num_tokens, max_tokens)
 
-    def combine(self, y_local, handle: AllGatherHandle):
-        if isinstance(handle, static.StaticHandle):
-            return static.combine(y_local, handle)  # [T, H]
+    def combine_dynamic(self, y_local, handle: AllGatherHandle):
         world = self.groups.ep_size
         y_all = scatter_weighted(y_local, handle.pair_ids, handle.weights_all,
                                  world * handle.max_tokens)  # [G*T_max, H]

@@ -61,16 +61,13 @@ class Dispatcher(ABC):
 
     Static capacity (``set_capacity``): ``max_tokens_per_rank = None`` (the default) is the
     dynamic exchange, sized from the routing each call (the EP dispatchers read split sizes
-    on the host for that). An int C switches dispatchers with ``has_static_mode`` to the
-    exchange of :mod:`moe_ext.moe.dispatch.static`: no host sync, every shape a function of
+    on the host for that). An int C switches the expert-parallel dispatchers
+    (``static.ExpertParallelDispatcher``) to the exchange of :mod:`moe_ext.moe.dispatch.static`: no host sync, every shape a function of
     (C, k, H, G) only, so the step can be captured in a CUDA graph; T may be anything in
     [0, C] on each rank, x_local then has G*C*k rows of which the trailing ones (past
     sum(tokens_per_local_expert)) are padding. Dispatchers without an exchange whose size
     depends on routing (local, tp_sharded) never sync anyway and ignore the capacity.
     """
-
-    #: Whether ``set_capacity`` switches this dispatcher to the static exchange.
-    has_static_mode: bool = False
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         if num_experts % groups.ep_size:

@@ -22,11 +22,10 @@ from typing import Optional
 
 import torch
 
-from moe_ext.moe.dispatch import static
 from moe_ext.moe.dispatch._comm import all_to_all, all_to_all_raw
-from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, invert_permutation,
+from moe_ext.moe.dispatch._permute import (gather_rows, invert_permutation,
                                            sort_by_bucket, unpermute_weighted_sum)
-from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 
 @dataclass
@@ -38,19 +37,8 @@ class AllToAllHandle:
     output_splits: list[int]  # rows received from each EP rank
 
 
-class AllToAllDispatcher(Dispatcher):
-    has_static_mode = True
-
-    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
-        super().__init__(num_experts, groups)
-        if groups.etp_size != 1:
-            raise ValueError(f"AllToAllDispatcher does not shard experts on F but got "
-                             f"etp={groups.etp_size}; use parallel.etp=1 with ep_* strategies")
-
-    def dispatch(self, x, weights, expert_idx):
-        check_routing(x, weights, expert_idx)
-        if self.max_tokens_per_rank is not None:
-            return static.dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
+class AllToAllDispatcher(ExpertParallelDispatcher):
+    def dispatch_dynamic(self, x, weights, expert_idx):
         group, world, num_local = self.groups.ep, self.groups.ep_size, self.num_local_experts
         order, counts = sort_by_bucket(expert_idx.reshape(-1), self.num_experts)  # [N], [E]
         x_send = gather_rows(x, order, expert_idx.shape[1])  # [N, H] grouped by expert
@@ -75,9 +63,7 @@ class AllToAllDispatcher(Dispatcher):
         return x_local, tokens_per_local_expert, AllToAllHandle(
             order, weights, recv_order, input_splits, output_splits)
 
-    def combine(self, y_local, handle: AllToAllHandle):
-        if isinstance(handle, static.StaticHandle):
-            return static.combine(y_local, handle)  # [T, H]
+    def combine_dynamic(self, y_local, handle: AllToAllHandle):
         if handle.recv_order is None:
             return unpermute_weighted_sum(y_local, handle.order, handle.weights)  # [T, H]
         y_recv = y_local.index_select(0, invert_permutation(handle.recv_order))  # [R, H]

@@ -53,10 +53,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from moe_ext.moe.dispatch import static
-from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, sort_by_bucket,
+from moe_ext.moe.dispatch._permute import (gather_rows, sort_by_bucket,
                                            unpermute_weighted_sum)
-from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+from moe_ext.moe.dispatch.base import DispatchGroups
+from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 FALLBACK = "strategy=ep_nccl"
 MAX_SLOTS = 16  # allToAllV_2d: local "experts" per rank <= THREADS_PER_BLOCK / 32 tiles
@@ -133,9 +133,6 @@ def _check_environment(groups: DispatchGroups) -> None:
         raise _refuse("NVSHMEM is not available in this torch build or system "
                       "(torch.distributed._symmetric_memory.is_nvshmem_available() is False)")
     _check_op_schemas()
-    if groups.etp_size != 1:
-        raise ValueError(f"NvshmemDispatcher does not shard experts on F but got "
-                         f"etp={groups.etp_size}; use parallel.etp=1 with ep_* strategies")
     if groups.ep is None or groups.ep_size < 2:
         raise ValueError("NvshmemDispatcher needs an expert-parallel group of at least 2 "
                          "ranks; with ep=1 use strategy=replicate")
@@ -352,7 +349,7 @@ class NvshmemHandle:
     plan: _ExchangePlan
 
 
-class NvshmemDispatcher(Dispatcher):
+class NvshmemDispatcher(ExpertParallelDispatcher):
     """Expert parallelism over NVSHMEM symmetric memory (NVLink with P2P; CUDA + NCCL groups).
 
     max_tokens: tokens per rank the symmetric buffers are first sized for (times k rows);
@@ -362,8 +359,6 @@ class NvshmemDispatcher(Dispatcher):
     Construction refuses, with a one-line error naming ``strategy=ep_nccl``, when CUDA,
     NVSHMEM or an NCCL process group is missing. It uses the current CUDA device.
     """
-
-    has_static_mode = True
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups(),
                  max_tokens: int = 4096, max_exchange_slots: int = MAX_SLOTS):
@@ -400,14 +395,11 @@ class NvshmemDispatcher(Dispatcher):
                            ws.group_name)
         return ws.counts_out.clone()
 
-    def dispatch(self, x, weights, expert_idx):
-        check_routing(x, weights, expert_idx)
+    def dispatch_dynamic(self, x, weights, expert_idx):
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but this NvshmemDispatcher was built on "
                              f"{self.device}; call torch.cuda.set_device(local_rank) before "
                              f"building it")
-        if self.max_tokens_per_rank is not None:
-            return static.dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
         world, rank, num_local = self.groups.ep_size, self.groups.ep_rank, self.num_local_experts
         top_k = expert_idx.shape[1]
         order, counts = sort_by_bucket(expert_idx.reshape(-1), self.num_experts)  # [N], [E]
@@ -435,8 +427,6 @@ class NvshmemDispatcher(Dispatcher):
         tokens_per_local_expert = recv_counts.sum(0)  # [E_local]
         return x_local, tokens_per_local_expert, NvshmemHandle(order, weights, plan)
 
-    def combine(self, y_local, handle: NvshmemHandle):
-        if isinstance(handle, static.StaticHandle):
-            return static.combine(y_local, handle)  # [T, H]
+    def combine_dynamic(self, y_local, handle: NvshmemHandle):
         y_send = _CombineExchange.apply(y_local.contiguous(), handle.plan)  # [N, H]
         return unpermute_weighted_sum(y_send, handle.order, handle.weights)  # [T, H]

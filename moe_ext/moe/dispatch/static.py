@@ -34,17 +34,16 @@ runs the same step), because it decides which collectives run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from abc import abstractmethod
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw, reduce_scatter
-from moe_ext.moe.dispatch._permute import gather_rows, sort_by_bucket
-
-if TYPE_CHECKING:
-    from moe_ext.moe.dispatch.base import Dispatcher
+from moe_ext.moe.dispatch._permute import check_routing, gather_rows, sort_by_bucket
+from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
 
 
 @dataclass
@@ -136,3 +135,36 @@ def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
     y_all = y_local.new_zeros(weights_all.shape[0], y_local.shape[-1])  # [G*C, H]
     y_all = y_all.index_add(0, handle.order // top_k, weighted)  # [G*C, H]
     return reduce_scatter(y_all, handle.group)[:handle.num_tokens]  # [C, H] -> [T, H]
+
+
+class ExpertParallelDispatcher(Dispatcher):
+    """Experts split over the EP group (the ep_* strategies), no expert TP. Subclasses
+    implement their dynamic exchange (``dispatch_dynamic`` / ``combine_dynamic``, same
+    contracts as ``dispatch`` / ``combine``); with a static capacity (``set_capacity``)
+    every one of them runs this module's exchange instead."""
+
+    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
+        super().__init__(num_experts, groups)
+        if groups.etp_size != 1:
+            raise ValueError(f"{type(self).__name__} does not shard experts on F but got "
+                             f"etp={groups.etp_size}; use parallel.etp=1 with ep_* strategies")
+
+    def dispatch(self, x, weights, expert_idx):
+        check_routing(x, weights, expert_idx)
+        if self.max_tokens_per_rank is not None:
+            return dispatch(x, weights, expert_idx, self.max_tokens_per_rank, self)
+        return self.dispatch_dynamic(x, weights, expert_idx)
+
+    def combine(self, y_local, handle):
+        if isinstance(handle, StaticHandle):
+            return combine(y_local, handle)  # [T, H]
+        return self.combine_dynamic(y_local, handle)
+
+    @abstractmethod
+    def dispatch_dynamic(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The exchange sized from this call's routing (checked already)."""
+
+    @abstractmethod
+    def combine_dynamic(self, y_local: torch.Tensor, handle: Any) -> torch.Tensor:
+        """Inverse of ``dispatch_dynamic``."""
