@@ -218,7 +218,7 @@ def _fence(device: torch.device) -> None:
 def _run_batch(model: nn.Module, prompts: list[list[int]], max_new: list[int], conf: Any,
                eos: Optional[torch.Tensor], pad_id: int, generator: Optional[torch.Generator],
                tp_group: Any, result: Any, device: torch.device) -> list[list[int]]:
-    from moe_ext.model.generate import sample
+    from moe_ext.model.generate import finish_requests, sample
 
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # [B]
@@ -258,17 +258,7 @@ def _run_batch(model: nn.Module, prompts: list[list[int]], max_new: list[int], c
     _fence(device)
     result.prefill_s += t_prefill - t0
     result.decode_s += time.perf_counter() - t_prefill
-    eos_ids = set() if eos is None else set(eos.tolist())
-    outputs = []
-    for row, limit in zip(out.tolist(), max_new):  # sync: the ids to the host, once
-        row = row[:limit]
-        for i, t in enumerate(row):
-            if t in eos_ids:
-                row = row[:i + 1]
-                break
-        outputs.append(row)
-        result.finish_reasons.append("eos" if row and row[-1] in eos_ids else "length")
-    return outputs
+    return finish_requests(out, max_new, eos, result)
 
 
 @torch.inference_mode()

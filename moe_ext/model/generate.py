@@ -290,18 +290,24 @@ class _Stepper:
         self.result.prefill_s += t_prefill_end - t0
         self.result.decode_s += time.perf_counter() - t_prefill_end
         self.result.cuda_graphs = graph is not None
-        rows = out.tolist()  # sync: the batch's ids to the host, once
-        eos_ids = set() if self.eos is None else set(self.eos.tolist())
-        outputs = []
-        for row, limit in zip(rows, max_new):
-            row = row[:limit]
-            for i, t in enumerate(row):
-                if t in eos_ids:
-                    row = row[:i + 1]
-                    break
-            outputs.append(row)
-            self.result.finish_reasons.append("eos" if row and row[-1] in eos_ids else "length")
-        return outputs
+        return finish_requests(out, max_new, self.eos, self.result)
+
+
+def finish_requests(out: torch.Tensor, max_new: list[int], eos: Optional[torch.Tensor],
+                    result: GenerationResult) -> list[list[int]]:
+    """out: [B, steps] generated ids. Returns each request's ids cut at its limit and after
+    its first EOS (kept); appends "eos" or "length" per request to ``result``."""
+    eos_ids = set() if eos is None else set(eos.tolist())
+    outputs = []
+    for row, limit in zip(out.tolist(), max_new):  # sync: the batch's ids to the host, once
+        row = row[:limit]
+        for i, t in enumerate(row):
+            if t in eos_ids:
+                row = row[:i + 1]
+                break
+        outputs.append(row)
+        result.finish_reasons.append("eos" if row and row[-1] in eos_ids else "length")
+    return outputs
 
 
 def _graph_for(model: Transformer, batch: int, device: torch.device,
