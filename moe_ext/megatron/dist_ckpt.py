@@ -117,6 +117,24 @@ def replicate_plan() -> Any:
                         "checkpoint conversion in one process")
 
 
+@contextlib.contextmanager
+def converter_gpt_model(args: Any, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """The converters' GPTModel of ``args`` in ``dtype`` on the CPU, under one process
+    (``single_process_group``) with Megatron's parallel state installed from the replicate
+    plan's groups for the duration; both are torn down on exit."""
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.megatron.state import install_parallel_state, uninstall_parallel_state
+
+    with single_process_group():
+        plan = replicate_plan()
+        groups = ProcessGroups.build(plan, "gloo", DIST_TIMEOUT)
+        install_parallel_state(groups)
+        try:
+            yield build_gpt_model(args, plan, groups, dtype)
+        finally:
+            uninstall_parallel_state()
+
+
 def build_gpt_model(args: Any, plan: Any, groups: Any, dtype: torch.dtype,
                     device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
     """An uninitialised GPTModel (our layer spec, our groups) of ``args`` under ``plan`` in
@@ -309,8 +327,6 @@ def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
     import megatron.core
 
     from moe_ext.checkpoint.reader import CheckpointReader
-    from moe_ext.groups import ProcessGroups
-    from moe_ext.megatron.state import install_parallel_state, uninstall_parallel_state
     from moe_ext.megatron.weights import native_to_megatron
 
     src, dst = Path(src), Path(dst)
@@ -330,58 +346,51 @@ def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
         raise MegatronCheckpointError(f"{src} holds {dtype_name(model_dtype)} tensors; export "
                                       f"reads {', '.join(CAST_DTYPES)} checkpoints")
     entries: list[TensorEntry] = []
-    with single_process_group():
-        plan = replicate_plan()
-        groups = ProcessGroups.build(plan, "gloo", DIST_TIMEOUT)
-        install_parallel_state(groups)
-        try:
-            model = build_gpt_model(args, plan, groups, model_dtype)
-            targets = {k: v for k, v in model.state_dict().items()
-                       if not k.endswith("_extra_state")}
-            filled: set[str] = set()
-            with torch.no_grad(), tqdm(total=len(names), desc=f"export {src.name}",
-                                       disable=not progress) as bar:
-                for group in _layer_groups(names):
-                    native = {n: reader.read(n) for n in group}
-                    for name in group:
-                        digest = hashlib.sha256(tensor_bytes(native[name])).hexdigest()
-                        entries.append(TensorEntry(name, tuple(native[name].shape),
-                                                   dtype_name(dtypes[name]), digest, dst.name))
-                    for key, tensor in native_to_megatron(native, args).items():
-                        if key == "output_layer.weight" and args.tie_word_embeddings \
-                                and key not in targets:
-                            continue  # one stage: the output layer reads the embedding
-                        if key not in targets or targets[key].shape != tensor.shape:
-                            want = list(targets[key].shape) if key in targets else "no such"
-                            raise MegatronCheckpointError(
-                                f"{src}: GPTModel tensor {key} would be {list(tensor.shape)} "
-                                f"but the model built from config.json has {want}; the "
-                                f"tensors disagree with config.json")
-                        targets[key].copy_(tensor)
-                        filled.add(key)
-                    bar.update(len(group))
-            unset = sorted(set(targets) - filled)
-            if unset:
-                raise MegatronCheckpointError(f"{src} gives no tensor for GPTModel's {unset[0]}"
-                                              f" ({len(unset)} unset); the checkpoint is "
-                                              f"incomplete for its config.json")
-            with staged_directory(dst) as tmp:
-                save_megatron(model, tmp)
-                shutil.copyfile(src / "config.json", tmp / "config.json")
-                side = _side_files(src)
-                for path in side:
-                    shutil.copyfile(path, tmp / path.name)
-                manifest = {
-                    "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                    "family": reader.family, "dtype": dtype_name(model_dtype),
-                    "megatron_core": megatron.core.__version__,
-                    "side_files": [p.name for p in side],
-                    "tensors": [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype,
-                                 "sha256": e.sha256} for e in entries],
-                }
-                (tmp / MEGATRON_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        finally:
-            uninstall_parallel_state()
+    with converter_gpt_model(args, model_dtype) as model:
+        targets = {k: v for k, v in model.state_dict().items()
+                   if not k.endswith("_extra_state")}
+        filled: set[str] = set()
+        with torch.no_grad(), tqdm(total=len(names), desc=f"export {src.name}",
+                                   disable=not progress) as bar:
+            for group in _layer_groups(names):
+                native = {n: reader.read(n) for n in group}
+                for name in group:
+                    digest = hashlib.sha256(tensor_bytes(native[name])).hexdigest()
+                    entries.append(TensorEntry(name, tuple(native[name].shape),
+                                               dtype_name(dtypes[name]), digest, dst.name))
+                for key, tensor in native_to_megatron(native, args).items():
+                    if key == "output_layer.weight" and args.tie_word_embeddings \
+                            and key not in targets:
+                        continue  # one stage: the output layer reads the embedding
+                    if key not in targets or targets[key].shape != tensor.shape:
+                        want = list(targets[key].shape) if key in targets else "no such"
+                        raise MegatronCheckpointError(
+                            f"{src}: GPTModel tensor {key} would be {list(tensor.shape)} "
+                            f"but the model built from config.json has {want}; the "
+                            f"tensors disagree with config.json")
+                    targets[key].copy_(tensor)
+                    filled.add(key)
+                bar.update(len(group))
+        unset = sorted(set(targets) - filled)
+        if unset:
+            raise MegatronCheckpointError(f"{src} gives no tensor for GPTModel's {unset[0]}"
+                                          f" ({len(unset)} unset); the checkpoint is "
+                                          f"incomplete for its config.json")
+        with staged_directory(dst) as tmp:
+            save_megatron(model, tmp)
+            shutil.copyfile(src / "config.json", tmp / "config.json")
+            side = _side_files(src)
+            for path in side:
+                shutil.copyfile(path, tmp / path.name)
+            manifest = {
+                "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "family": reader.family, "dtype": dtype_name(model_dtype),
+                "megatron_core": megatron.core.__version__,
+                "side_files": [p.name for p in side],
+                "tensors": [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype,
+                             "sha256": e.sha256} for e in entries],
+            }
+            (tmp / MEGATRON_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return entries
 
 
@@ -429,8 +438,6 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     nothing else; with the export manifest present and the dtype kept, every tensor must
     equal the exported source bit for bit (sha256). ``dtype`` (bf16 | fp16 | fp32) casts."""
     from moe_ext.checkpoint import hf_maps
-    from moe_ext.groups import ProcessGroups
-    from moe_ext.megatron.state import install_parallel_state, uninstall_parallel_state
     from moe_ext.megatron.weights import megatron_to_native
 
     src, dst = Path(src), Path(dst)
@@ -453,16 +460,9 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     manifest = read_megatron_manifest(src)
     stored = checkpoint_tensors(src)
     model_dtype = _stored_dtype(stored, src)
-    with single_process_group():
-        plan = replicate_plan()
-        groups = ProcessGroups.build(plan, "gloo", DIST_TIMEOUT)
-        install_parallel_state(groups)
-        try:
-            model = build_gpt_model(args, plan, groups, model_dtype)
-            load_megatron(model, src)
-            native = megatron_to_native(model.state_dict(), args)
-        finally:
-            uninstall_parallel_state()
+    with converter_gpt_model(args, model_dtype) as model:
+        load_megatron(model, src)
+        native = megatron_to_native(model.state_dict(), args)
     expected = hf_maps.native_shapes(config)
     for name, shape in expected.items():
         if name not in native:
