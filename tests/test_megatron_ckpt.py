@@ -486,7 +486,7 @@ def test_gpu_load_export_ep2_matches_native_logits(tmp_path):
             _write_source(src, family, torch.float32)
             tool(export_megatron, src, meg)
         dirs.append((str(src), str(meg), str(tmp_path / f"saved_{i}_{family}_{strategy}")))
-    run_ranks(_ranks_body, world_size=2, args=(GPU_CASES, dirs, "nccl"))
+    run_ranks(_ranks_body, world_size=2, args=(GPU_CASES, dirs, "nccl"), backend="nccl")
     for i, (src, meg, saved) in enumerate(dirs):
         for path in Path(meg).iterdir():
             if path.name in ("config.json", MEGATRON_MANIFEST, "tokenizer_config.json"):
