@@ -412,12 +412,13 @@ def _still_too_big(model: ModelConf, tp: int, pp: int, ep: int, dtype_bytes: int
 # ---------------------------------------------------------------------------------------
 
 def plan_with_degrees(strategy: str, world_size: int, tp: int = 1, pp: int = 1,
-                      reason: str = "degrees given") -> ParallelPlan:
-    """The plan ``build_plan`` derives for an explicit strategy and tp/pp, without its
-    topology and model checks: for tests, benchmarks and callers that own the model."""
+                      ep: Optional[int] = None, reason: str = "degrees given") -> ParallelPlan:
+    """The plan ``build_plan`` derives for an explicit strategy and tp/pp (and ep, derived
+    when None), without its topology and model checks: for tests, benchmarks and callers
+    that own the model."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    degrees = _derive_degrees(strategy, ParallelConf(tp=tp, pp=pp), world_size,
+    degrees = _derive_degrees(strategy, ParallelConf(tp=tp, pp=pp, ep=ep), world_size,
                               num_experts=0, auto=False)  # num_experts only matters for auto
     return ParallelPlan(strategy, world_size, *degrees,
                         DISPATCHERS[DEFAULT_DISPATCHER[strategy]], reason)

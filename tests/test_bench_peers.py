@@ -227,6 +227,38 @@ def test_bench_moe_with_peers_world2_smoke(tmp_path):
     assert all(s in table for s in ("ep_nccl", "mcore_a2a", "mcore_ag", "deepspeed")), table
 
 
+@pytest.mark.timeout(180)
+def test_bench_moe_expert_groups_below_world_size(tmp_path):
+    """World 4, --group-size 2: two EP-2 (expert-TP-2) groups side by side; each rank holds
+    and reads half the experts (half the FFN); peers, which need G = W, say so."""
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32", "--shape", "custom",
+           "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2", "--tokens", "8",
+           "--strategies", "replicate,tp_experts,ep_nccl", "--peers", "deepspeed",
+           "--group-size", "2", "--uniform-routing", "--warmup", "1", "--iters", "2",
+           "--timeout-s", "60", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {s: (by[s]["world"], by[s]["group"]) for s in by} == {
+        "replicate": (4, 1), "tp_experts": (4, 2), "ep_nccl": (4, 2), "deepspeed": (4, 2)}
+    assert by["deepspeed"]["status"].startswith("skipped: peers run EP = world size 4")
+    assert by["replicate"]["experts_read"] == 4 and by["ep_nccl"]["experts_read"] == 2
+    full = by["replicate"]["mem_floor_us"]
+    for strategy in ("tp_experts", "ep_nccl"):
+        assert by[strategy]["status"] == "ok", by[strategy]
+        assert by[strategy]["mem_floor_us"] == pytest.approx(full / 2)
+    assert "ep_nccl G2" in proc.stdout.split("\n\n")[-1]
+
+    bad = subprocess.run([sys.executable, "tools/bench_moe.py", "--device", "cpu",
+                          "--group-size", "3"], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "--group-size 3 does not divide the world size 1; pass a divisor of 1")
+
+
 @pytest.mark.timeout(120)
 def test_bench_infer_with_hf_peer_smoke(tmp_path):
     out = tmp_path / "infer.json"

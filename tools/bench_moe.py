@@ -5,15 +5,20 @@
     python tools/bench_moe.py --shape qwen3 --uniform-routing             # one process
     python tools/bench_moe.py --report out.json --png out.png              # table + chart only
     torchrun --nproc-per-node 2 tools/bench_moe.py --peers megatron,deepspeed  # + peers
+    torchrun --nproc-per-node 4 tools/bench_moe.py --group-size 2   # EP 2 x 2 copies
 
-# T tokens per rank, H hidden, F expert FFN size, E experts, k top-k, W world size
+# T tokens per rank, H hidden, F expert FFN size, E experts, k top-k, W world size,
+# G expert group size (the EP degree, or the expert-TP degree of tp_experts; 1 for replicate)
 
 Each rank builds only its own expert shard (random weights generated on its device) and
 feeds T tokens of its own (``tp_experts``: the same T tokens on every rank, as that
 strategy requires). Timing: ``--warmup`` untimed forwards, then ``--iters`` forwards each
 timed with CUDA events (CPU: ``time.perf_counter``, labelled in the output); per rank the
 median and p10/p90, and the row reports the slowest rank (a layer is done when every rank
-is). Floors, per rank, the slowest rank again:
+is). ``--group-size G`` below the world size splits the ranks into W/G expert groups that
+run the same layer side by side (EP G x data parallel W/G), as a 4-GPU box serving two
+EP-2 replicas would: their exchanges share the links. Floors, per rank, the slowest rank
+again:
 - memory: bytes of the expert weights this rank reads (only experts that receive at least
   one row: k experts at one token, all local experts at many) / ``--peak-tbs`` TB/s;
 - compute: 2 * 3 * H * F_local * rows computed here / ``--peak-tflops`` TFLOP/s (equals
@@ -25,12 +30,13 @@ latency-vs-tokens per strategy, one panel per (shape, world size, link).
 Strategies are entries of ``BUILDERS`` (name -> function building one layer for this
 rank); other implementations plug in as further entries: ``--peers megatron,deepspeed``
 adds Megatron-core's own MoELayer (local spec; ``mcore_a2a`` / ``mcore_ag`` dispatchers) and
-DeepSpeed's MoE (``deepspeed``), both at EP = world size on our groups
+DeepSpeed's MoE (``deepspeed``), both at EP = world size only, on our groups
 (moe_ext.bench.peers). Every row records the library versions.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -41,6 +47,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from datetime import timedelta
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +62,11 @@ from moe_ext.bench.peers import (PEER_STRATEGIES, PeerUnavailable, build_peer,  
                                  library_versions, peer_strategies)
 from moe_ext.bench.cli import positive_int_list  # noqa: E402
 from moe_ext.dist import DistEnv, destroy, init_distributed  # noqa: E402
+from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.moe.dispatch import DispatchGroups  # noqa: E402
 from moe_ext.moe.layer import MoELayer, build_moe_layer  # noqa: E402
 from moe_ext.moe.router import RouterOutput  # noqa: E402
+from moe_ext.plan import plan_with_degrees  # noqa: E402
 
 SHAPES = {  # name: (H, F, E, k)
     "mixtral": (4096, 14336, 8, 2),
@@ -81,6 +90,7 @@ class Row:
     shape: str
     strategy: str
     world: int
+    group: int  # G: ranks sharing one layer's experts (0 in files from before the field)
     link: str  # "nvlink"/"default", "p2p_off" (NCCL_P2P_DISABLE=1), "cpu"
     tokens: int  # per rank
     dtype: str
@@ -107,19 +117,27 @@ class Row:
 
 # ---------------------------------------------------------------- strategies
 
-def _groups(strategy: str, world: int) -> DispatchGroups:
-    group = dist.group.WORLD if world > 1 else None
-    if strategy == "replicate":
-        return DispatchGroups()
-    if strategy == "tp_experts":
-        return DispatchGroups(etp=group)
-    return DispatchGroups(ep=group)
+def group_size_of(strategy: str, world: int, requested: Optional[int]) -> int:
+    """G of ``strategy`` on ``world`` ranks: 1 for replicate, else ``requested`` or W."""
+    return 1 if strategy == "replicate" else requested or world
+
+
+@functools.lru_cache(maxsize=None)
+def expert_groups(expert_tp: bool, world: int, group_size: int, timeout_s: float
+                  ) -> Optional[ProcessGroups]:
+    """Our groups for W/G expert groups of G ranks: expert TP (tp_experts) or EP (ep_*);
+    None when G is 1. Collective on first call, cached after: every strategy of one kind
+    shares the communicators."""
+    if group_size == 1:
+        return None
+    plan = (plan_with_degrees("tp_experts", world, tp=group_size) if expert_tp else
+            plan_with_degrees("ep_nccl", world, ep=group_size))
+    return ProcessGroups.build(plan, dist.get_backend(), timedelta(seconds=timeout_s))
 
 
 def _build_native(dispatcher_name: str) -> Callable[..., MoELayer]:
-    def build(shape: Shape, strategy: str, world: int, dtype: torch.dtype,
+    def build(shape: Shape, groups: DispatchGroups, dtype: torch.dtype,
               device: torch.device, max_tokens: int) -> MoELayer:
-        groups = _groups(strategy, world)
         dispatcher = dispatcher_name
         if dispatcher_name == "nvshmem":
             from moe_ext.moe.dispatch.nvshmem import NvshmemDispatcher
@@ -137,20 +155,21 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "ep_allgather": _build_native("allgather_rs"),
     "ep_nccl": _build_native("nccl_a2a"),
     "ep_nvshmem": _build_native("nvshmem"),
-    **{name: build_peer(name) for name in PEER_STRATEGIES},  # other libraries, EP = world
+    **{name: build_peer(name) for name in PEER_STRATEGIES},  # other libraries, G = W
 }
 
 
 # ---------------------------------------------------------------- routing
 
-def balanced_expert_idx(tokens: int, top_k: int, num_experts: int, world: int, rank: int,
-                        device: torch.device) -> torch.Tensor:
-    """[T, k] int64: pair p (global over ranks) goes to expert (p mod W) * E/W + (p div W)
-    mod E/W, so consecutive pairs cycle over the expert-parallel ranks first and every
-    expert gets the same number of rows (+-1); a token's k experts are distinct."""
-    per_rank_experts = num_experts // world
-    pairs = torch.arange(tokens * top_k, device=device) + rank * tokens * top_k  # [T*k]
-    expert = (pairs % world) * per_rank_experts + (pairs // world) % per_rank_experts
+def balanced_expert_idx(tokens: int, top_k: int, num_experts: int, group_size: int,
+                        group_rank: int, device: torch.device) -> torch.Tensor:
+    """[T, k] int64: pair p (global over the G ranks of the expert group) goes to expert
+    (p mod G) * E/G + (p div G) mod E/G, so consecutive pairs cycle over the expert-parallel
+    ranks first and every expert gets the same number of rows (+-1); a token's k experts
+    are distinct."""
+    per_rank_experts = num_experts // group_size
+    pairs = torch.arange(tokens * top_k, device=device) + group_rank * tokens * top_k  # [T*k]
+    expert = (pairs % group_size) * per_rank_experts + (pairs // group_size) % per_rank_experts
     return expert.view(tokens, top_k)
 
 
@@ -203,19 +222,20 @@ def time_forward(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> 
     return times
 
 
-def floors_us(shape: Shape, strategy: str, world: int, rank: int, expert_idx: torch.Tensor,
-              dtype: torch.dtype, peak_tbs: float, peak_tflops: float
-              ) -> tuple[float, float, int]:
-    """(memory floor, compute floor, local experts read) of this rank, in µs."""
+def floors_us(shape: Shape, strategy: str, group_size: int, group_rank: int,
+              group: Optional[dist.ProcessGroup], expert_idx: torch.Tensor, dtype: torch.dtype,
+              peak_tbs: float, peak_tflops: float) -> tuple[float, float, int]:
+    """(memory floor, compute floor, local experts read) of this rank, in µs; ``group``:
+    the expert group of G ranks (None when G is 1)."""
     counts = torch.zeros(shape.experts, dtype=torch.int64, device=expert_idx.device)
     counts.scatter_add_(0, expert_idx.reshape(-1), torch.ones_like(expert_idx.reshape(-1)))
     ffn_local = shape.ffn
-    if (strategy.startswith("ep_") or strategy in PEER_STRATEGIES) and world > 1:
-        dist.all_reduce(counts)  # local experts serve every rank's tokens
-        per_rank = shape.experts // world
-        counts = counts[rank * per_rank:(rank + 1) * per_rank]
-    elif strategy == "tp_experts":
-        ffn_local = shape.ffn // world
+    if strategy == "tp_experts":
+        ffn_local = shape.ffn // group_size
+    elif group is not None:
+        dist.all_reduce(counts, group=group)  # local experts serve the group's tokens
+        per_rank = shape.experts // group_size
+        counts = counts[group_rank * per_rank:(group_rank + 1) * per_rank]
     experts_read = int((counts > 0).sum())
     rows = int(counts.sum())
     elem = torch.finfo(dtype).bits // 8
@@ -236,18 +256,31 @@ def _gather(obj, world: int) -> list:
 def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torch.device,
                    dtype: torch.dtype, link: str) -> list[Row]:
     world, rank = env.world_size, env.rank
-    base = dict(shape=shape.name, strategy=strategy, world=world, link=link,
+    group_size = group_size_of(strategy, world, args.group_size)
+    base = dict(shape=shape.name, strategy=strategy, world=world, group=group_size, link=link,
                 dtype=args.dtype, routing="uniform" if args.uniform_routing else "random",
                 timer="cuda_event" if device.type == "cuda" else "perf_counter (CPU)",
                 hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts,
                 top_k=shape.top_k, warmup=args.warmup, iters=args.iters,
                 host=socket.gethostname(), torch=torch.__version__,
                 versions=library_versions())
-    # Same seed on every rank for tp_experts (identical router and tokens), else per rank.
-    seed = 1234 if strategy == "tp_experts" else 1234 + rank
+    if strategy in PEER_STRATEGIES and group_size != world:
+        return [Row(tokens=t, status=f"skipped: peers run EP = world size {world}; "
+                                     f"drop --group-size", **base) for t in args.tokens]
+    if strategy in PEER_STRATEGIES:  # the peer builds its own groups over all ranks
+        process_group, group_rank = (dist.group.WORLD if world > 1 else None), rank
+        layer_groups = DispatchGroups()
+    else:
+        groups = expert_groups(strategy == "tp_experts", world, group_size, args.timeout_s)
+        layer_groups = groups.dispatch_groups() if groups else DispatchGroups()
+        process_group = layer_groups.etp or layer_groups.ep
+        group_rank = 0 if groups is None else (
+            groups.etp_rank if strategy == "tp_experts" else groups.ep_rank)
+    # Same seed within a tp_experts group (identical router and tokens), else per rank.
+    seed = 1234 + (rank - group_rank if strategy == "tp_experts" else rank)
     torch.manual_seed(seed)
     try:
-        layer = BUILDERS[strategy](shape, strategy, world, dtype, device, max(args.tokens))
+        layer = BUILDERS[strategy](shape, layer_groups, dtype, device, max(args.tokens))
     except ValueError as err:  # a strategy that cannot run here says why in one line
         message = str(err).splitlines()[0]
         return [Row(tokens=t, status=f"skipped: {message}", **base) for t in args.tokens]
@@ -257,8 +290,9 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
         x = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)  # [T, H]
         with torch.no_grad():
             if args.uniform_routing:
-                idx = balanced_expert_idx(tokens, shape.top_k, shape.experts, world,
-                                          0 if strategy == "tp_experts" else rank, device)
+                idx = balanced_expert_idx(tokens, shape.top_k, shape.experts, group_size,
+                                          0 if strategy == "tp_experts" else group_rank,
+                                          device)
                 if hasattr(layer, "force_routing"):  # a peer library routes inside its layer
                     layer.force_routing(idx)
                 else:
@@ -266,8 +300,9 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
                                                   idx)
             else:
                 idx = layer.router(x).expert_idx  # [T, k] as the layer will route
-            mem_us, compute_us, read = floors_us(shape, strategy, world, rank, idx, dtype,
-                                                 args.peak_tbs, args.peak_tflops)
+            mem_us, compute_us, read = floors_us(shape, strategy, group_size, group_rank,
+                                                 process_group, idx, dtype, args.peak_tbs,
+                                                 args.peak_tflops)
             times = time_forward(layer, x, args.warmup, args.iters)
         mine = dict(median=statistics.median(times), p10=_percentile(times, 0.1),
                     p90=_percentile(times, 0.9), mem=mem_us, compute=compute_us, read=read)
@@ -296,17 +331,28 @@ def _fmt(value: Optional[float], digits: Optional[int] = None) -> str:
     return f"{value:.{digits}f}"
 
 
+def series(r: Row) -> str:
+    """The strategy, with its expert group size where that is not the whole world."""
+    return r.strategy if r.group in (1, r.world) else f"{r.strategy} G{r.group}"
+
+
+def _series_order(r: Row) -> tuple:
+    return (ALL_STRATEGIES.index(r.strategy) if r.strategy in ALL_STRATEGIES else 99,
+            r.strategy, -r.group)
+
+
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'shape':8} {'strategy':13} {'W':>2} {'link':8} {'T/rank':>6} {'median µs':>10} "
+    head = (f"{'shape':8} {'strategy':13} {'W':>2} {'G':>2} {'link':8} {'T/rank':>6} "
+            f"{'median µs':>10} "
             f"{'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} {'achieved':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.link:8} {r.tokens:>6} "
-                         f"{r.status}")
+            lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
+                         f"{r.tokens:>6} {r.status}")
             continue
-        lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.link:8} {r.tokens:>6} "
-                     f"{_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} {_fmt(r.p90_us):>8} "
+        lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
+                     f"{r.tokens:>6} {_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} {_fmt(r.p90_us):>8} "
                      f"{_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
                      f"{_fmt(100 * r.achieved, 1) + '%':>8}")
     timers = sorted({r.timer for r in rows if r.status == "ok"})
@@ -316,38 +362,33 @@ def format_table(rows: list[Row]) -> str:
 
 
 def format_compact(rows: list[Row]) -> str:
-    """One line per (shape, world, link, strategy): median µs per token count, then the
+    """One line per (shape, world, link, strategy, G): median µs per token count, then the
     achieved fraction at the largest count; one floor line per (shape, world)."""
     tokens = sorted({r.tokens for r in rows})
-    head = f"{'shape':8} {'W':>2} {'link':8} {'strategy':13}" + "".join(
+    head = f"{'shape':8} {'W':>2} {'link':8} {'strategy':16}" + "".join(
         f"{t:>9}" for t in tokens) + f"{'ach@max':>9}"
     lines = ["median forward µs by tokens per rank (" +
              ", ".join(sorted({f'{r.dtype} {r.routing} routing, {r.timer}' for r in rows
                                if r.status == 'ok'})) + ")", head, "-" * len(head)]
     by_key: dict = {}
-    for r in rows:
-        by_key.setdefault((r.shape, r.world, r.link, r.strategy), {})[r.tokens] = r
+    for r in sorted(rows, key=lambda r: (r.shape, r.world, r.link, _series_order(r))):
+        by_key.setdefault((r.shape, r.world, r.link, series(r)), {})[r.tokens] = r
     last_group = None
-    for (shape, world, link, strategy), cells in sorted(by_key.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], kv[0][2], ALL_STRATEGIES.index(kv[0][3])
-            if kv[0][3] in ALL_STRATEGIES else 99)):
+    for (shape, world, link, name), cells in by_key.items():
         if (shape, world) != last_group:
-            floors = {}
-            for r in rows:
-                if (r.shape, r.world) == (shape, world) and r.status == "ok" and \
-                        r.strategy == "replicate":
-                    floors[r.tokens] = max(r.mem_floor_us, r.compute_floor_us)
+            floors = {r.tokens: max(r.mem_floor_us, r.compute_floor_us) for r in rows
+                      if (r.shape, r.world) == (shape, world) and r.status == "ok"
+                      and r.strategy == "replicate"}
             if floors:
-                lines.append(f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':13}" + "".join(
+                lines.append(f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':16}" + "".join(
                     f"{_fmt(floors.get(t)):>9}" for t in tokens))
             last_group = (shape, world)
         statuses = {r.status for r in cells.values() if r.status != "ok"}
         if statuses and all(r.status != "ok" for r in cells.values()):
-            lines.append(f"{shape:8} {world:>2} {link:8} {strategy:13} "
-                         f"{sorted(statuses)[0][:160]}")
+            lines.append(f"{shape:8} {world:>2} {link:8} {name:16} {sorted(statuses)[0][:160]}")
             continue
         ok = [cells[t] for t in tokens if t in cells and cells[t].status == "ok"]
-        lines.append(f"{shape:8} {world:>2} {link:8} {strategy:13}" + "".join(
+        lines.append(f"{shape:8} {world:>2} {link:8} {name:16}" + "".join(
             f"{_fmt(cells[t].median_us) if t in cells and cells[t].status == 'ok' else '-':>9}"
             for t in tokens) + f"{_fmt(100 * ok[-1].achieved, 1) + '%' if ok else '-':>9}")
     return "\n".join(lines)
@@ -356,20 +397,21 @@ def format_compact(rows: list[Row]) -> str:
 def load_rows(path: Path) -> list[Row]:
     if not path.exists():
         return []
-    return [Row(**r) for r in json.loads(path.read_text())["rows"]]
+    rows = [Row(**{"group": 0, **r}) for r in json.loads(path.read_text())["rows"]]
+    for r in rows:  # files from before the group field: G was the world (1 for replicate)
+        r.group = r.group or group_size_of(r.strategy, r.world, None)
+    return rows
 
 
 def merge_rows(path: Path, new_rows: list[Row]) -> list[Row]:
-    """Replace rows with the same (shape, strategy, world, link, tokens, dtype, routing)."""
+    """Replace rows with the same (shape, strategy, world, G, link, tokens, dtype, routing)."""
     def key(r: Row):
-        return (r.shape, r.strategy, r.world, r.link, r.tokens, r.dtype, r.routing)
+        return (r.shape, r.strategy, r.world, r.group, r.link, r.tokens, r.dtype, r.routing)
 
     merged = {key(r): r for r in load_rows(path)}
     merged.update({key(r): r for r in new_rows})
-    rows = sorted(merged.values(), key=lambda r: (r.shape, r.world, r.link,
-                                                  ALL_STRATEGIES.index(r.strategy)
-                                                  if r.strategy in ALL_STRATEGIES else 99,
-                                                  r.strategy, r.tokens))
+    rows = sorted(merged.values(), key=lambda r: (r.shape, r.world, r.link, _series_order(r),
+                                                  r.tokens))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
     return rows
@@ -389,10 +431,10 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
     for ax, (shape, world, link) in zip(axes.flat, panels):
         mine = [r for r in ok if (r.shape, r.world, r.link) == (shape, world, link)]
-        for strategy in sorted({r.strategy for r in mine}, key=lambda s: (
-                ALL_STRATEGIES.index(s) if s in ALL_STRATEGIES else 99, s)):
-            pts = sorted((r.tokens, r.median_us) for r in mine if r.strategy == strategy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+        names = list(dict.fromkeys(series(r) for r in sorted(mine, key=_series_order)))
+        for name in names:
+            pts = sorted((r.tokens, r.median_us) for r in mine if series(r) == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         floor = sorted({(r.tokens, max(r.mem_floor_us, r.compute_floor_us)) for r in mine
                         if r.strategy == "replicate"})
         if floor:
@@ -428,6 +470,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(ALL_STRATEGIES))
     p.add_argument("--peers", default="",
                    help="other implementations to add: megatron (mcore_a2a, mcore_ag), deepspeed")
+    p.add_argument("--group-size", type=int,
+                   help="G: ranks that share one layer's experts (EP degree; expert-TP degree "
+                        "for tp_experts); the W/G groups run side by side. Default: W")
     p.add_argument("--tokens", type=positive_int_list, default=[1, 16, 64, 256, 4096],
                    help="tokens per rank")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -486,6 +531,9 @@ def main(argv=None) -> int:
         return 0
     shapes = resolve_shapes(args)
     env = DistEnv.from_environ(os.environ)
+    if args.group_size is not None and (args.group_size < 1 or env.world_size % args.group_size):
+        raise SystemExit(f"--group-size {args.group_size} does not divide the world size "
+                         f"{env.world_size}; pass a divisor of {env.world_size}")
     device_type = args.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -508,6 +556,7 @@ def main(argv=None) -> int:
                 print(f"[rank {env.rank}] {shape.name} {strategy} failed:\n"
                       f"{traceback.format_exc()}", file=sys.stderr, flush=True)
                 new = [Row(shape=shape.name, strategy=strategy, world=env.world_size,
+                           group=group_size_of(strategy, env.world_size, args.group_size),
                            link=link, tokens=t, dtype=args.dtype,
                            routing="uniform" if args.uniform_routing else "random",
                            timer="-", status=f"error: {type(err).__name__}: {first}",

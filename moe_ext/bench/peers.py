@@ -361,11 +361,11 @@ def deepspeed_peer(hidden: int, ffn: int, experts: int, top_k: int, *, dtype: to
 # ---------------------------------------------------------------- bench_moe entry
 
 def build_peer(strategy: str) -> Callable[..., nn.Module]:
-    """A tools/bench_moe.py builder: ``(shape, strategy, world, dtype, device, max_tokens)
-    -> layer`` for a PEER_STRATEGIES name."""
+    """A tools/bench_moe.py builder: ``(shape, groups, dtype, device, max_tokens) -> layer``
+    for a PEER_STRATEGIES name; ``groups`` is unused, a peer builds EP = world itself."""
     family, dispatcher = PEER_STRATEGIES[strategy]
 
-    def build(shape, strategy_name: str, world: int, dtype: torch.dtype, device: torch.device,
+    def build(shape, groups, dtype: torch.dtype, device: torch.device,
               max_tokens: int) -> nn.Module:
         if family == "megatron":
             return megatron_peer(shape.hidden, shape.ffn, shape.experts, shape.top_k,
