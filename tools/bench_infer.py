@@ -132,6 +132,7 @@ def main() -> None:
         step_s = result.decode_s / max(result.decode_steps, 1)
         rows.append(dict(model=opts.model, strategy=job.plan.strategy, world=env.world_size,
                          plan=job.plan.describe().split(" | auto")[0], batch=batch,
+                         degrees=degrees(job.plan),
                          prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
                          prefill_tok_s=result.prefill_tokens_per_s * replicas,
                          decode_tok_s=result.decode_tokens_per_s * replicas,
@@ -263,15 +264,22 @@ def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> N
               f"({len(model.layers)} layers, batch {batch})", flush=True)
 
 
+def degrees(plan) -> str:
+    """'tp1 dp4 ep2': the degrees that tell runs of one strategy and world size apart."""
+    return f"tp{plan.tp} dp{plan.dp} ep{plan.ep}" + (f" pp{plan.pp}" if plan.pp > 1 else "")
+
+
 def report(rows: list[dict], json_path, png_path) -> None:
-    header = (f"{'model':14} {'strategy':12} {'W':>2} {'link':7} {'blocks':8} {'batch':>5} "
+    header = (f"{'model':14} {'strategy':12} {'W':>2} {'degrees':11} {'link':7} {'blocks':8} "
+              f"{'batch':>5} "
               f"{'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
               f"{'of floor':>8}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         link = "P2P off" if r["nccl_p2p_disable"] == "1" else "-"
         blocks = "compiled" if r.get("compiled") else "eager"
-        print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {link:7} {blocks:8} "
+        print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r.get('degrees', '-'):11} "
+              f"{link:7} {blocks:8} "
               f"{r['batch']:>5} "
               f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
               f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%")
@@ -287,11 +295,14 @@ def report(rows: list[dict], json_path, png_path) -> None:
 
 
 def row_label(row: dict) -> str:
-    """'ep_nccl compiled\n2 GPUs P2P off, batch 16' (two lines, for the chart's axis)."""
+    """'ep_nccl compiled\n2 GPUs (tp1 dp2 ep2) P2P off, batch 16' (two lines, for the chart's
+    axis)."""
     tag = row["strategy"]
     if tag != "hf_generate":
         tag += " compiled" if row.get("compiled") else " eager blocks"
     gpus = f"{row['world']} GPU{'s' if row['world'] > 1 else ''}"
+    if row["world"] > 1 and row.get("degrees"):
+        gpus += f" ({row['degrees']})"
     link = " P2P off" if row["nccl_p2p_disable"] == "1" else ""
     return f"{tag}\n{gpus}{link}, batch {row['batch']}"
 
