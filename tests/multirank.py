@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 
@@ -29,7 +31,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, backend, fn, args, errors):
+def _entry(rank, world_size, port, store_path, backend, fn, args, errors):
+    # MASTER_* for code under test that reads them; the ranks meet through a file store:
+    # a TCP store on a port picked in advance can lose it to another process (EADDRINUSE
+    # seen on the GPU machine)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     code = 0
@@ -38,7 +43,8 @@ def _entry(rank, world_size, port, backend, fn, args, errors):
         if backend == "nccl":  # one GPU per rank, bound before NCCL or NVSHMEM start
             torch.cuda.set_device(rank)
             extra["device_id"] = torch.device("cuda", rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank,
+                                world_size=world_size,
                                 timeout=datetime.timedelta(seconds=120), **extra)
         fn(rank, world_size, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent test
@@ -65,7 +71,10 @@ def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> N
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, errors))
+    store_dir = tempfile.mkdtemp(prefix="moe_ext_ranks_")
+    store_path = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, store_path, backend, fn,
+                                              args, errors))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -79,6 +88,7 @@ def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> N
         if p.is_alive():
             p.kill()
             p.join()
+    shutil.rmtree(store_dir, ignore_errors=True)
     if not errors.empty():
         rank, tb = errors.get()
         raise AssertionError(f"rank {rank} failed:\n{tb}")
