@@ -27,7 +27,7 @@ of tp*dp that divides the expert count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
 
 from moe_ext.config import ModelConf, ParallelConf, StrategyConf
@@ -336,14 +336,29 @@ def exchange_seconds(strategy: str, tokens: int, model: ModelConf, ep: int,
     return rounds * COLLECTIVE_LATENCY_S + rows * H * dtype_bytes / bw
 
 
+def _smallest_fitting_ep(model: ModelConf, tp: int, pp: int, largest: int, dtype_bytes: int,
+                         avail: int) -> int:
+    """The smallest EP degree > 1 that divides ``largest`` (itself a divisor of the expert
+    count and of tp*dp) whose weights fit ``avail`` per rank with headroom; ``largest``
+    when none does."""
+    for ep in range(2, largest):
+        if largest % ep == 0:
+            dense, experts = rank_memory_bytes(model, tp, pp, ep, 1, dtype_bytes)
+            if math.ceil((dense + experts) * HEADROOM) <= avail:
+                return ep
+    return largest
+
+
 def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
             model: ModelConf, dtype_bytes: int, tokens_per_step: Optional[int]
-            ) -> tuple[str, str]:
-    """(strategy, reason) for strategy=auto."""
+            ) -> tuple[str, str, Optional[int]]:
+    """(strategy, reason, ep) for strategy=auto; ep None: derived as for an explicit
+    strategy."""
     if world_size == 1:
-        return "replicate", "world size 1: all experts local, no communication"
+        return "replicate", "world size 1: all experts local, no communication", None
     if (_given(parallel, "etp") or 1) > 1:
-        return "tp_experts", f"parallel.etp={parallel.etp} given: experts sharded over TP"
+        return ("tp_experts", f"parallel.etp={parallel.etp} given: experts sharded over TP",
+                None)
 
     tp, pp, dp, ep, _, _ = _derive_degrees("ep_nccl", parallel, world_size,
                                            model.num_experts, auto=True)
@@ -366,18 +381,28 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
         if not ep_pays:
             why = (f"ep={ep} impossible with {model.num_experts} experts on tp*dp={tp * dp}"
                    if not ep_possible else f"only {model.num_experts} experts and {mem}")
-            return "replicate", f"nvlink: {why}; replicate avoids all token exchange"
+            return "replicate", f"nvlink: {why}; replicate avoids all token exchange", None
         warn = _still_too_big(model, tp, pp, ep, dtype_bytes, avail)
         if topology.all_pairs_nvlink and topology.all_pairs_p2p_atomics:
             return "ep_nvshmem", (f"nvlink with P2P atomics: {why_ep}; one-sided NVSHMEM "
-                                  f"dispatch{warn}")
-        return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all{warn}"
+                                  f"dispatch{warn}"), None
+        return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all{warn}", None
 
     # pcie / cpu: every token exchange is expensive, avoid it while memory allows
     if (fits and not ep_requested) or not ep_possible:
         why = mem if fits else (f"{mem}, but {model.num_experts} experts cannot be split over "
                                 f"tp*dp={tp * dp} ranks (add ranks or pipeline stages)")
-        return "replicate", f"{topology.kind}: {why}; replicate avoids all token exchange"
+        return ("replicate", f"{topology.kind}: {why}; replicate avoids all token exchange",
+                None)
+    smallest = ""
+    if not ep_requested and avail is not None:
+        # Each rank's exchange bytes grow with (ep-1)/ep, and the EP groups of a smaller
+        # degree run side by side: on 4 GPUs with P2P off, EP 2 x 2 decoded batch 64 at
+        # 4635 tok/s against 4043 for EP 4 (docs/PERF.md). Use the least EP that fits.
+        largest = ep
+        ep = _smallest_fitting_ep(model, tp, pp, largest, dtype_bytes, avail)
+        if ep < largest:
+            smallest = f", the smallest EP degree that fits (each exchange moves fewer bytes)"
     link = _link_gbps(topology)
     if tokens_per_step is None:
         # unknown batch: compare bandwidth terms only (the large-batch regime)
@@ -392,8 +417,8 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
                  f"{t_ag * 1e6:.0f} us vs all-to-all {t_a2a * 1e6:.0f} us per layer")
     choice = "ep_allgather" if ag_cheaper else "ep_nccl"
     why = f"parallel.ep={ep} given" if fits else f"experts do not fit one rank ({mem})"
-    return choice, (f"{topology.kind}: {why}; ep={ep}, {basis}"
-                    + _still_too_big(model, tp, pp, ep, dtype_bytes, avail))
+    return choice, (f"{topology.kind}: {why}; ep={ep}{smallest}; {basis}"
+                    + _still_too_big(model, tp, pp, ep, dtype_bytes, avail)), ep
 
 
 def _still_too_big(model: ModelConf, tp: int, pp: int, ep: int, dtype_bytes: int,
@@ -458,9 +483,12 @@ def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
         raise PlanError(f"unknown strategy {name!r}; use strategy= one of "
                         f"{', '.join(STRATEGIES)} or auto")
     if auto:
-        name, reason = _choose(parallel, world_size, topology, model, dtype_bytes,
-                               tokens_per_step)
+        name, reason, ep = _choose(parallel, world_size, topology, model, dtype_bytes,
+                                   tokens_per_step)
         reason = f"auto: {reason}"
+        if ep is not None:
+            parallel = ParallelConf(**{f.name: getattr(parallel, f.name, None)
+                                       for f in fields(ParallelConf)} | {"ep": ep})
     else:
         reason = f"strategy={name} requested"
     tp, pp, dp, ep, etp, edp = _derive_degrees(name, parallel, world_size, model.num_experts,

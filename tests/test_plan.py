@@ -220,6 +220,16 @@ def test_auto_cpu_divides_host_memory_by_ranks():
     assert plan("auto", 2, topology=topo("cpu", host_gib=3 * needed / GIB)).strategy == "replicate"
 
 
+def test_auto_pcie_takes_the_smallest_ep_that_fits():
+    """qwen3-30B bf16 (~61 GB) on 4 PCIe GPUs: 48 GiB holds half the experts, so EP 2 x
+    2 (fewer bytes per exchange); 24 GiB needs EP 4; NVLink keeps EP over all ranks."""
+    p = plan("auto", 4, model=QWEN3_30B, topology=topo("pcie", 4, mem_gib=48))
+    assert p.is_expert_parallel and (p.ep, p.edp, p.dp) == (2, 2, 4)
+    assert "ep=2, the smallest EP degree that fits" in p.reason
+    assert plan("auto", 4, model=QWEN3_30B, topology=topo("pcie", 4, mem_gib=24)).ep == 4
+    assert plan("auto", 4, model=QWEN3_30B, topology=topo("nvlink", 4, mem_gib=48)).ep == 4
+
+
 def test_auto_shrinks_ep_to_divide_the_experts():
     p = plan("auto", 6, model=QWEN3_30B, topology=topo("pcie", 6, mem_gib=24))
     assert (p.ep, p.edp) == (math.gcd(128, 6), 3) and p.is_expert_parallel
