@@ -163,6 +163,42 @@ def test_compiled_decode_step_matches_eager(tiny):
     assert got == want
 
 
+class _FailingCapture:
+    """Stands in for a decode step whose CUDA-graph capture raises ``error``."""
+    graph = None
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __call__(self, *args):
+        raise self.error
+
+
+def test_failed_capture_decodes_eagerly_but_a_collective_failure_propagates(monkeypatch):
+    import importlib
+
+    import torch.distributed as dist
+
+    generation = importlib.import_module("moe_ext.model.generate")  # the module, not the function
+
+    args = tiny_args()
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args))
+    model.eval()
+    conf = GenerateConf(max_new_tokens=5)
+    want = generate(model, PROMPTS, conf, eos_id=None).tokens
+    monkeypatch.setattr(generation, "_graphs_usable", lambda *a, **k: True)
+    monkeypatch.setattr(generation, "_graph_for", lambda *a, **k: _FailingCapture(
+        RuntimeError("operation not permitted when stream is capturing")))
+    assert generate(model, PROMPTS, conf, eos_id=None).tokens == want
+    assert model.cuda_graph_failed and model.compile_failed  # later calls stay eager
+
+    monkeypatch.setattr(generation, "_graph_for", lambda *a, **k: _FailingCapture(
+        dist.DistBackendError("Watchdog caught collective operation timeout")))
+    with pytest.raises(dist.DistBackendError, match="timeout"):
+        generate(model, PROMPTS, conf, eos_id=None)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager():
     args = tiny_args()

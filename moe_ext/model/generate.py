@@ -260,6 +260,8 @@ class _Stepper:
                 if graph is not None and graph.graph is None:
                     try:
                         logits = graph(nxt[:, None], slot, kv_start)
+                    except dist.DistError:
+                        raise  # a timed-out collective or a lost peer: no eager fallback
                     except RuntimeError as e:  # an op that syncs, or a failed compile
                         log.warning("CUDA-graph capture (after compiling the decode step) "
                                     "failed (%s); decoding eagerly, uncompiled", e)
