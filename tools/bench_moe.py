@@ -46,8 +46,8 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ class Row:
     shape: str
     strategy: str
     world: int
-    group: int  # G: ranks sharing one layer's experts (0 in files from before the field)
+    group: int  # G: ranks sharing one layer's experts (EP or expert-TP degree; 1: replicate)
     link: str  # "nvlink"/"default", "p2p_off" (NCCL_P2P_DISABLE=1), "cpu"
     tokens: int  # per rank
     dtype: str
@@ -343,8 +343,8 @@ def _series_order(r: Row) -> tuple:
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'shape':8} {'strategy':13} {'W':>2} {'G':>2} {'link':8} {'T/rank':>6} "
-            f"{'median µs':>10} "
-            f"{'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} {'achieved':>8}")
+            f"{'median µs':>10} {'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} "
+            f"{'achieved':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.status != "ok":
@@ -352,8 +352,8 @@ def format_table(rows: list[Row]) -> str:
                          f"{r.tokens:>6} {r.status}")
             continue
         lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
-                     f"{r.tokens:>6} {_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} {_fmt(r.p90_us):>8} "
-                     f"{_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
+                     f"{r.tokens:>6} {_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} "
+                     f"{_fmt(r.p90_us):>8} {_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
                      f"{_fmt(100 * r.achieved, 1) + '%':>8}")
     timers = sorted({r.timer for r in rows if r.status == "ok"})
     lines.append(f"timer: {', '.join(timers) or '-'}; floors: expert weights read at peak "
