@@ -22,7 +22,9 @@ for ep_* dp fills and ep = tp * dp.
 EP "pays off" when the experts do not fit one rank, or when there are many experts
 (>= MANY_EXPERTS) to spread over several ranks. A given parallel.ep > 1 keeps auto on an
 ep_* strategy, a given parallel.etp > 1 picks tp_experts. Auto's ep is the largest divisor
-of tp*dp that divides the expert count.
+of tp*dp that divides the expert count, except on PCIe / CPU with known memory: there it is
+the smallest such divisor whose weights fit (fewer bytes per exchange; EP groups side by
+side).
 """
 from __future__ import annotations
 
@@ -402,7 +404,7 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
         largest = ep
         ep = _smallest_fitting_ep(model, tp, pp, largest, dtype_bytes, avail)
         if ep < largest:
-            smallest = f", the smallest EP degree that fits (each exchange moves fewer bytes)"
+            smallest = ", the smallest EP degree that fits (each exchange moves fewer bytes)"
     link = _link_gbps(topology)
     if tokens_per_step is None:
         # unknown batch: compare bandwidth terms only (the large-batch regime)

@@ -271,16 +271,14 @@ def degrees(plan) -> str:
 
 def report(rows: list[dict], json_path, png_path) -> None:
     header = (f"{'model':14} {'strategy':12} {'W':>2} {'degrees':11} {'link':7} {'blocks':8} "
-              f"{'batch':>5} "
-              f"{'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
+              f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
               f"{'of floor':>8}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         link = "P2P off" if r["nccl_p2p_disable"] == "1" else "-"
         blocks = "compiled" if r.get("compiled") else "eager"
         print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r.get('degrees', '-'):11} "
-              f"{link:7} {blocks:8} "
-              f"{r['batch']:>5} "
+              f"{link:7} {blocks:8} {r['batch']:>5} "
               f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
               f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%")
     if json_path:
