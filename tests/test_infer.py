@@ -143,7 +143,9 @@ def test_two_ranks_every_strategy_and_pipeline(checkpoints):
 def test_four_ranks_every_strategy(checkpoints):
     extra = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"]),
              ("tp_experts pp=2", ["strategy=tp_experts", "parallel.pp=2"]),
-             ("ep_allgather pp=2", ["strategy=ep_allgather", "parallel.pp=2"])]
+             ("ep_allgather pp=2", ["strategy=ep_allgather", "parallel.pp=2"]),
+             # EP 2 x 2 replicas: what auto picks on PCIe when half the experts fit a GPU
+             ("ep_allgather ep=2", ["strategy=ep_allgather", "parallel.ep=2"])]
     run_ranks(_check_cases, 4, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
