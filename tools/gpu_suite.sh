@@ -4,7 +4,8 @@
 # 1. GPU topology; 2. every @pytest.mark.gpu test; 3. MoE-layer forward latency
 # (tools/bench_moe.py) for the Mixtral and Qwen3 layer shapes, tokens 1..4096 per rank,
 # at world 1 and 2 over NVLink and again with NCCL_P2P_DISABLE=1 (our PCIe stand-in;
-# ep_nvshmem is skipped there and at world 1, where it cannot or need not run).
+# ep_nvshmem is skipped there and at world 1, where it cannot or need not run); with 4 or
+# more GPUs also at world 4, as EP 4 and as EP 2 x 2 (--group-size 2; about 3.5 min more).
 # Files under $OUT (4): gpu_tests.log, bench_moe.log, bench_moe.json, bench_moe.png.
 # Prints failures with their log tails, then the compact latency table last.
 # Budget: under 9 minutes; every step has its own time limit.
@@ -60,7 +61,7 @@ if [ "${SUITE_TESTS:-1}" = 1 ]; then  # SUITE_TESTS=0: benchmarks only
   fi
 fi
 
-bench() {  # bench <label> <seconds> <nproc> <strategies> [env assignments...]
+bench() {  # [BENCH_GROUP=G] bench <label> <seconds> <nproc> <strategies> [env assignments...]
   local label=$1 limit=$2 nproc=$3 strategies=$4
   shift 4
   step "bench_moe: $label"
@@ -69,7 +70,8 @@ bench() {  # bench <label> <seconds> <nproc> <strategies> [env assignments...]
   env "$@" timeout -k 10 "$limit" $PY -m torch.distributed.run --standalone \
     --nproc-per-node "$nproc" tools/bench_moe.py --shape mixtral,qwen3 \
     --tokens 1,16,64,256,4096 --strategies "$strategies" --dtype bf16 --uniform-routing \
-    --warmup 10 --iters 30 --timeout-s 60 --json "$BENCH_JSON" >>"$BENCH_LOG" 2>&1
+    --warmup 10 --iters 30 --timeout-s 60 ${BENCH_GROUP:+--group-size "$BENCH_GROUP"} \
+    --json "$BENCH_JSON" >>"$BENCH_LOG" 2>&1
   local rc=$?
   tail -n +"$first_line" "$BENCH_LOG" | grep -E "failed|Error|error:" | tail -n 3 || true
   if [ $rc -ne 0 ]; then
@@ -81,6 +83,15 @@ bench "world 1" 70 1 replicate,tp_experts,ep_allgather,ep_nccl
 bench "world 2, NVLink" 120 2 replicate,tp_experts,ep_allgather,ep_nccl,ep_nvshmem
 bench "world 2, NCCL_P2P_DISABLE=1 (PCIe stand-in)" 100 2 \
   replicate,tp_experts,ep_allgather,ep_nccl NCCL_P2P_DISABLE=1
+if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+  bench "world 4, NVLink" 150 4 replicate,tp_experts,ep_allgather,ep_nccl,ep_nvshmem
+  bench "world 4, NCCL_P2P_DISABLE=1" 130 4 replicate,tp_experts,ep_allgather,ep_nccl \
+    NCCL_P2P_DISABLE=1
+  # torch's NVSHMEM all-to-all needs EP = world: no ep_nvshmem at EP 2 x 2
+  BENCH_GROUP=2 bench "world 4 as EP 2 x 2, NVLink" 120 4 tp_experts,ep_allgather,ep_nccl
+  BENCH_GROUP=2 bench "world 4 as EP 2 x 2, NCCL_P2P_DISABLE=1" 110 4 \
+    tp_experts,ep_allgather,ep_nccl NCCL_P2P_DISABLE=1
+fi
 
 step "done in $((SECONDS - START)) s"
 if [ ${#FAILED[@]} -gt 0 ]; then
