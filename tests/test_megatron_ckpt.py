@@ -183,20 +183,21 @@ def _copy(meg: Path, tmp_path: Path) -> Path:
     return bad
 
 
-def _bad_config_ffn(meg, tmp_path):
+def _edited_config(meg: Path, tmp_path: Path, **changes) -> Path:
     bad = _copy(meg, tmp_path)
     config = json.loads((bad / "config.json").read_text())
-    config["moe_intermediate_size"] = 8
-    (bad / "config.json").write_text(json.dumps(config))
-    return bad, "tensor decoder.layers.0.mlp.experts.gate_up_proj is [4, 32, 32] in"
+    (bad / "config.json").write_text(json.dumps({**config, **changes}))
+    return bad
+
+
+def _bad_config_ffn(meg, tmp_path):
+    return (_edited_config(meg, tmp_path, moe_intermediate_size=8),
+            "tensor decoder.layers.0.mlp.experts.gate_up_proj is [4, 32, 32] in")
 
 
 def _bad_config_layers(meg, tmp_path):
-    bad = _copy(meg, tmp_path)
-    config = json.loads((bad / "config.json").read_text())
-    config["num_hidden_layers"] = 3
-    (bad / "config.json").write_text(json.dumps(config))
-    return bad, "is missing from the checkpoint"
+    return (_edited_config(meg, tmp_path, num_hidden_layers=3),
+            "is missing from the checkpoint")
 
 
 def _bad_sha(meg, tmp_path):
