@@ -7,9 +7,10 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
+from moe_ext.errors import MoeExtError
 
 
-class DistEnvError(ValueError):
+class DistEnvError(MoeExtError):
     """Inconsistent launcher variables; the message names the fix."""
 
 

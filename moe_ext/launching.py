@@ -23,9 +23,10 @@ from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices
 from moe_ext.model.weights import init_random_, materialize_
 from moe_ext.plan import ParallelPlan
 from moe_ext.topology import Topology, resolve_topology
+from moe_ext.errors import MoeExtError
 
 
-class UsageError(ValueError):
+class UsageError(MoeExtError):
     """Bad input found before any process group exists (one line: problem and fix)."""
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
 
 from moe_ext.config import ModelConf, ParallelConf, StrategyConf
 from moe_ext.moe.dispatch import DISPATCHERS
+from moe_ext.errors import MoeExtError
 
 if TYPE_CHECKING:  # plan depends on topology only through these attributes
     from moe_ext.topology import Topology
@@ -57,7 +58,7 @@ COLLECTIVE_LATENCY_S = 40e-6
 DEFAULT_LINK_GBPS = {"pcie": 24.0, "nvlink": 280.0, "cpu": 10.0}
 
 
-class PlanError(ValueError):
+class PlanError(MoeExtError):
     """A strategy/degree/topology combination that cannot run; the message names the fix."""
 
 

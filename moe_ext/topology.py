@@ -25,6 +25,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
+from moe_ext.errors import MoeExtError
 
 RECORD_FORMAT = "moe_ext.topology.record/1"
 TOPOLOGY_FORMAT = "moe_ext.topology/1"
@@ -98,7 +99,7 @@ DEFAULT_GPU_MEMORY_GIB = {"pcie": 24.0, "nvlink": 80.0}
 GIB = 1 << 30
 
 
-class TopologyError(ValueError):
+class TopologyError(MoeExtError):
     """A topology, record or topology config that cannot be used (message says the fix)."""
 
 

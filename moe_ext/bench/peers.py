@@ -33,6 +33,7 @@ from torch import nn
 
 from moe_ext.moe.router import RouterOutput
 from moe_ext.plan import ParallelPlan
+from moe_ext.errors import MoeExtError
 
 # benchmark strategy name -> (peer family, Megatron token dispatcher or None)
 PEER_STRATEGIES = {
@@ -46,7 +47,7 @@ _DISTRIBUTIONS = {"torch": "torch", "megatron-core": "megatron-core", "deepspeed
                   "transformers": "transformers"}
 
 
-class PeerUnavailable(ValueError):
+class PeerUnavailable(MoeExtError):
     """A peer that cannot run here (library missing, unsupported shape): one line, with the fix."""
 
 

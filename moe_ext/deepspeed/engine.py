@@ -23,11 +23,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from moe_ext.errors import MoeExtError
 
 EXPERT_PARAM_MARK = ".mlp.experts."  # stacked routed-expert weights (sharded by EP)
 
 
-class DeepSpeedSetupError(ValueError):
+class DeepSpeedSetupError(MoeExtError):
     """A configuration the DeepSpeed glue cannot run (one line: problem and fix)."""
 
 

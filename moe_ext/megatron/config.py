@@ -29,9 +29,10 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
+from moe_ext.errors import MoeExtError
 
 
-class MegatronConfigError(ValueError):
+class MegatronConfigError(MoeExtError):
     """A Megatron setting moe_ext's layer cannot honour (one line: problem and fix)."""
 
 

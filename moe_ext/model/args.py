@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
+from moe_ext.errors import MoeExtError
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -21,7 +22,7 @@ _ROPE_REQUIRED = {
 }
 
 
-class ModelArgsError(ValueError):
+class ModelArgsError(MoeExtError):
     """A model configuration the native engine cannot run (one line: problem and fix)."""
 
 

@@ -36,13 +36,14 @@ import torch.distributed as dist
 
 from moe_ext.config import GenerateConf
 from moe_ext.model.decoder import Transformer
+from moe_ext.errors import MoeExtError
 
 log = logging.getLogger(__name__)
 
 SLOT_ROUNDING = 128  # cache length granularity: repeated calls reuse caches and CUDA graphs
 
 
-class GenerateError(ValueError):
+class GenerateError(MoeExtError):
     """Bad generation input (one line: problem and fix)."""
 
 

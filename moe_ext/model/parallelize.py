@@ -26,9 +26,10 @@ from torch import nn
 from moe_ext.checkpoint.shard import ShardRequest
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.decoder import Transformer, build_moe
+from moe_ext.errors import MoeExtError
 
 
-class ParallelizeError(ValueError):
+class ParallelizeError(MoeExtError):
     """A plan that does not fit the model shape (one line: problem and fix)."""
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 from typing import Optional, Protocol
+from moe_ext.errors import MoeExtError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MoeExtError):
     """A tokenizer that cannot be loaded (one line: problem and fix)."""
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from moe_ext.errors import MoeExtError
 
 SHIPPED_CORPUS = "shakespeare.txt"
 
 
-class DataError(ValueError):
+class DataError(MoeExtError):
     """A corpus that cannot be used (one line: problem and fix)."""
 
 

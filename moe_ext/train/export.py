@@ -25,6 +25,7 @@ from moe_ext.checkpoint.format import (SafetensorsWriter, TensorEntry, dtype_nam
                                        write_manifest)
 from moe_ext.model.parallelize import RankCoords, shard_slices
 from moe_ext.model.weights import full_shapes
+from moe_ext.errors import MoeExtError
 
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -34,7 +35,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 DEFAULT_MAX_SHARD_BYTES = 2 * 2 ** 30
 
 
-class ExportError(ValueError):
+class ExportError(MoeExtError):
     """An export that cannot be written (one line: problem and fix)."""
 
 

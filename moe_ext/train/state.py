@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from moe_ext.errors import MoeExtError
 
 FORMAT = "moe_ext-train"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ LATEST = "latest"
 META = "meta.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(MoeExtError):
     """A training checkpoint that cannot be resumed here (one line: problem and fix)."""
 
 

@@ -57,13 +57,14 @@ from moe_ext.moe.dispatch._permute import (gather_rows, sort_by_bucket,
                                            unpermute_weighted_sum)
 from moe_ext.moe.dispatch.base import DispatchGroups
 from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
+from moe_ext.errors import MoeExtError
 
 FALLBACK = "strategy=ep_nccl"
 MAX_SLOTS = 16  # allToAllV_2d: local "experts" per rank <= THREADS_PER_BLOCK / 32 tiles
 MAX_RANKS = 16  # all_to_all_vdev_2d_offset: ranks <= 16 tiles
 
 
-class NvshmemUnavailableError(ValueError):
+class NvshmemUnavailableError(MoeExtError):
     """The NVSHMEM transport cannot run here; the message names the fallback strategy."""
 
 
