@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
+from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.model.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
 from moe_ext.moe.dispatch._comm import all_gather_raw
 
@@ -113,22 +114,21 @@ class Transformer(nn.Module):
         self.lm_head: Optional[nn.Linear] = None if args.tie_word_embeddings else \
             nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
-        # Pipeline placement, set by parallelize: this stage's neighbours (global ranks).
-        self.pp_prev: Optional[int] = None
-        self.pp_next: Optional[int] = None
-        self.pp_group: Optional[dist.ProcessGroup] = None
-        self.pp_last_rank: Optional[int] = None  # global rank of the last stage (samples)
+        # this rank's place in the parallel plan: one rank with everything until
+        # parallelize sets it (the only place that does)
+        self.context: ParallelContext = ParallelContext()
+        self.decode_state: DecodeState = DecodeState()  # generate()'s memory across calls
         # set by compile_decode: the decode step's block function under torch.compile
         self.compiled_decode_block = None
 
     # ---- placement facts ---------------------------------------------------------------
     @property
     def is_first_stage(self) -> bool:
-        return self.pp_prev is None
+        return self.context.is_first_stage
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_next is None
+        return self.context.is_last_stage
 
     @property
     def device(self) -> torch.device:
@@ -167,10 +167,6 @@ class Transformer(nn.Module):
             self.compiled_decode_block = torch.compile(_decode_block, backend=backend,
                                                        dynamic=False)
 
-    def drop_caches(self) -> None:
-        for block in self.layers.values():
-            block.self_attn.kv_cache = None
-
     @property
     def cache_shape(self) -> Optional[tuple[int, int]]:
         """(batch, max_slots) of the current caches, None without caches."""
@@ -201,7 +197,7 @@ class Transformer(nn.Module):
             h = self.embed_tokens(tokens)  # [B, S, H]
         else:
             h = torch.empty(B, S, self.args.hidden_size, dtype=self.dtype, device=device)
-            dist.recv(h, src=self.pp_prev)  # hidden states of the previous stage
+            dist.recv(h, src=self.context.pp_prev)  # hidden states of the previous stage
         positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
         cos, sin = self.rotary(positions, h.dtype)
         # the static decode step (one new slot, whole cache) runs each block compiled
@@ -213,7 +209,7 @@ class Transformer(nn.Module):
             else:
                 h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
         if not self.is_last_stage:
-            dist.send(h.contiguous(), dst=self.pp_next)
+            dist.send(h.contiguous(), dst=self.context.pp_next)
             return None
         if last_only:
             h = h[:, -1:]  # [B, 1, H]

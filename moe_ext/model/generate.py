@@ -154,6 +154,39 @@ def _per_request(value: Union[int, Sequence[int], None], default: int, n: int) -
     return values
 
 
+@dataclass
+class _Batch:
+    """One batch's state on the device: left-padded prompts, what decode wrote so far."""
+
+    prompts: list[list[int]]
+    max_new: list[int]
+    tokens: torch.Tensor  # [B, L] int64, left-padded prompts
+    kv_start: torch.Tensor  # [B] int64, first real slot per sequence
+    limits: torch.Tensor  # [B] int64, max_new per sequence
+    out: torch.Tensor  # [B, steps] int64, generated ids (pad after a sequence is done)
+    done: torch.Tensor  # [B] bool
+    graph: Optional[_DecodeGraph]  # None: eager decode
+    nxt: Optional[torch.Tensor] = None  # [B] int64, the ids sampled last
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def steps(self) -> int:
+        """Forwards the longest request needs: prefill and max(max_new) - 1 decode steps."""
+        return self.out.shape[1]
+
+    @property
+    def capturing(self) -> bool:
+        """Its next graph-decoded step captures the CUDA graph."""
+        return self.graph is not None and self.graph.graph is None
+
+
 class _Stepper:
     """Runs one batch (or nothing, on an idle replica) in lockstep-compatible steps."""
 
@@ -187,8 +220,9 @@ class _Stepper:
             nxt = sample(logits[:, -1], self.conf.temperature, self.conf.top_p, self.generator)
         else:
             nxt = torch.empty(batch, dtype=torch.long, device=self.device)
-        if self.model.pp_group is not None:
-            dist.broadcast(nxt, src=self.model.pp_last_rank, group=self.model.pp_group)
+        context = self.model.context
+        if context.pp_group is not None:
+            dist.broadcast(nxt, src=context.pp_last_rank, group=context.pp_group)
         return nxt
 
     def _is_eos(self, ids: torch.Tensor) -> torch.Tensor:
@@ -202,98 +236,118 @@ class _Stepper:
         only, the static expert-exchange capacity of this round's decode steps (equal on
         every rank of an EP group); prefill runs dynamic. The caller resets the capacity if
         this raises."""
-        model = self.model
-        if prompts:
-            B = len(prompts)
-            L = max(len(p) for p in prompts)
-            steps_total = max(max_new)
-            max_slots = -(-(L + steps_total) // SLOT_ROUNDING) * SLOT_ROUNDING
-            model.setup_caches(B, max_slots)
-            padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
-            tokens = torch.tensor(padded, dtype=torch.long, device=self.device)  # [B, L]
-            kv_start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long,
-                                    device=self.device)  # [B]
-            limits = torch.tensor(max_new, dtype=torch.long, device=self.device)  # [B]
-            out = torch.full((B, steps_total), self.pad_id, dtype=torch.long,
-                             device=self.device)  # [B, steps]
-            done = torch.zeros(B, dtype=torch.bool, device=self.device)
-            graph = _graph_for(model, B, self.device, capacity) if use_graphs else None
-        else:
-            steps_total = 0
-        known_done = not prompts
+        batch = self._start(prompts, max_new, use_graphs, capacity) if prompts else None
+        steps_total = batch.steps if batch is not None else 0
+        known_done = batch is None
         step = 0  # forwards made by this call; 0 = prefill
         self._fence()
-        t0 = time.perf_counter()
-        t_prefill_end = t0
-        nxt = None
-        while True:
-            if not self.lockstep and step >= steps_total:
-                break
+        t0 = t_prefill_end = time.perf_counter()
+        while self.lockstep or step < steps_total:
             if step % self.check_every == 0:
                 if not known_done and step > 0:
-                    # sync: EOS check, batched every check_every steps
-                    known_done = step >= steps_total or not bool((~done).any().item())
+                    known_done = step >= steps_total or self._all_done(batch)
                 # every replica learns whether any still generates, so all of them make
                 # the same number of MoE exchanges (idle ones with zero tokens)
                 if not self._any_replica(not known_done):
                     break
+            active = not known_done and step < steps_total
             if step == 1 and capacity is not None:
-                # decode from here: static exchange, the same capacity on every replica
-                model.set_moe_capacity(capacity)
-                capturing = bool(prompts) and not known_done and step < steps_total \
-                    and graph is not None and graph.graph is None
-                if self._any_replica(capturing) and not capturing:
-                    for _ in range(2):  # the capturing replicas' two warm-up steps
-                        model.idle_forward()
-            if known_done or step >= steps_total:
-                model.idle_forward()  # lockstep only: join the expert exchanges
+                self._start_static_decode(capacity, capturing=active and batch.capturing)
+            if not active:
+                self.model.idle_forward()  # lockstep only: join the expert exchanges
             elif step == 0:
-                logits = model(tokens, torch.arange(L, device=self.device), kv_start, L,
-                               last_only=True, use_cache=True)  # [B, 1, V]
-                nxt = self._next_tokens(logits, B)
-                out[:, 0] = nxt
-                done |= self._is_eos(nxt) | (limits <= 1)
+                self._prefill(batch)
                 self._fence()
                 t_prefill_end = time.perf_counter()
-                self.result.prefill_tokens += sum(len(p) for p in prompts)
             else:
-                slot = L + step - 1
-                if graph is not None and graph.graph is None:
-                    try:
-                        logits = graph(nxt[:, None], slot, kv_start)
-                    except dist.DistError:
-                        raise  # a timed-out collective or a lost peer: no eager fallback
-                    except RuntimeError as e:  # an op that syncs, or a failed compile
-                        log.warning("CUDA-graph capture (after compiling the decode step) "
-                                    "failed (%s); decoding eagerly, uncompiled", e)
-                        model.compile_decode(False)
-                        model.compile_failed = True  # later calls stay uncompiled too
-                        model.__dict__.pop("_decode_graphs", None)
-                        model.cuda_graph_safe = False
-                        model.cuda_graph_failed = True  # EP decode ignores cuda_graph_safe
-                        graph = None
-                elif graph is not None:
-                    logits = graph(nxt[:, None], slot, kv_start)
-                if graph is None:
-                    slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)
-                    logits = model(nxt[:, None], slot_t, kv_start, None, last_only=True,
-                                   use_cache=True)  # [B, 1, V]
-                nxt = self._next_tokens(logits, B)
-                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-                out[:, step] = nxt
-                done |= self._is_eos(nxt) | (limits <= step + 1)
-                self.result.decode_steps += 1
-                self.result.decode_tokens += B
+                self._decode(batch, step)
             step += 1
         if capacity is not None:
-            model.set_moe_capacity(None)  # the next round's prefill is dynamic again
+            self.model.set_moe_capacity(None)  # the next round's prefill is dynamic again
         self._fence()
-        if not prompts:
+        if batch is None:
             return []
         self.result.prefill_s += t_prefill_end - t0
         self.result.decode_s += time.perf_counter() - t_prefill_end
-        self.result.cuda_graphs = graph is not None
-        return finish_requests(out, max_new, self.eos, self.result)
+        self.result.cuda_graphs = batch.graph is not None
+        return finish_requests(batch.out, batch.max_new, self.eos, self.result)
+
+    # ---- the steps of run() ----------------------------------------------------------------
+
+    def _start(self, prompts: list[list[int]], max_new: list[int], use_graphs: bool,
+               capacity: Optional[int]) -> _Batch:
+        """Caches sized for the batch, prompts left-padded to the longest, empty outputs."""
+        B, L, steps = len(prompts), max(len(p) for p in prompts), max(max_new)
+        max_slots = -(-(L + steps) // SLOT_ROUNDING) * SLOT_ROUNDING
+        self.model.setup_caches(B, max_slots)
+        padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
+        device = self.device
+        return _Batch(
+            prompts=prompts, max_new=max_new,
+            tokens=torch.tensor(padded, dtype=torch.long, device=device),  # [B, L]
+            kv_start=torch.tensor([L - len(p) for p in prompts], dtype=torch.long,
+                                  device=device),  # [B]
+            limits=torch.tensor(max_new, dtype=torch.long, device=device),  # [B]
+            out=torch.full((B, steps), self.pad_id, dtype=torch.long, device=device),
+            done=torch.zeros(B, dtype=torch.bool, device=device),
+            graph=_graph_for(self.model, B, device, capacity) if use_graphs else None)
+
+    def _all_done(self, batch: _Batch) -> bool:
+        # sync: EOS check, batched every check_every steps
+        return not bool((~batch.done).any().item())
+
+    def _start_static_decode(self, capacity: int, capturing: bool) -> None:
+        """Decode from here on runs the static exchange at ``capacity``, the same on every
+        replica. A replica that captures its CUDA graph now runs two warm-up steps; the
+        others match their collectives with two idle steps."""
+        self.model.set_moe_capacity(capacity)
+        if self._any_replica(capturing) and not capturing:
+            for _ in range(2):  # the capturing replicas' two warm-up steps
+                self.model.idle_forward()
+
+    def _prefill(self, batch: _Batch) -> None:
+        """The prompts through the model, filling the caches; samples the first new ids."""
+        L = batch.prompt_len
+        logits = self.model(batch.tokens, torch.arange(L, device=self.device), batch.kv_start,
+                            L, last_only=True, use_cache=True)  # [B, 1, V]
+        batch.nxt = self._next_tokens(logits, batch.size)
+        batch.out[:, 0] = batch.nxt
+        batch.done |= self._is_eos(batch.nxt) | (batch.limits <= 1)
+        self.result.prefill_tokens += sum(len(p) for p in batch.prompts)
+
+    def _decode(self, batch: _Batch, step: int) -> None:
+        """Decode step ``step`` (>= 1): the last ids in, the next ids sampled; sequences
+        already done keep stepping (static shapes) and get pad ids."""
+        logits = self._decode_logits(batch, slot=batch.prompt_len + step - 1)  # [B, 1, V]
+        nxt = self._next_tokens(logits, batch.size)
+        batch.nxt = torch.where(batch.done, torch.full_like(nxt, self.pad_id), nxt)
+        batch.out[:, step] = batch.nxt
+        batch.done |= self._is_eos(batch.nxt) | (batch.limits <= step + 1)
+        self.result.decode_steps += 1
+        self.result.decode_tokens += batch.size
+
+    def _decode_logits(self, batch: _Batch, slot: int) -> Optional[torch.Tensor]:
+        """Logits [B, 1, V] of one decode step at cache ``slot`` (None off the last stage):
+        from the batch's CUDA graph (captured on first use) or eagerly. A capture that
+        fails in an op (not in a collective) turns graphs and compiled decode off for
+        this and later calls."""
+        if batch.capturing:
+            try:
+                return batch.graph(batch.nxt[:, None], slot, batch.kv_start)
+            except dist.DistError:
+                raise  # a timed-out collective or a lost peer: no eager fallback
+            except RuntimeError as e:  # an op that syncs, or a failed compile
+                log.warning("CUDA-graph capture (after compiling the decode step) "
+                            "failed (%s); decoding eagerly, uncompiled", e)
+                self.model.compile_decode(False)
+                self.model.decode_state.capture_failed = True  # later calls stay eager
+                self.model.decode_state.graphs.clear()
+                batch.graph = None
+        if batch.graph is not None:
+            return batch.graph(batch.nxt[:, None], slot, batch.kv_start)
+        slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)
+        return self.model(batch.nxt[:, None], slot_t, batch.kv_start, None, last_only=True,
+                          use_cache=True)
 
 
 def finish_requests(out: torch.Tensor, max_new: list[int], eos: Optional[torch.Tensor],
@@ -318,7 +372,7 @@ def _graph_for(model: Transformer, batch: int, device: torch.device,
     """The captured decode step for the model's current caches and expert-exchange
     capacity (captured on first use)."""
     cache_key = model.cache_shape
-    graphs = model.__dict__.setdefault("_decode_graphs", {})
+    graphs = model.decode_state.graphs
     key = (batch, capacity, cache_key, model.compiled_decode_block is not None,
            id(next(iter(model.layers.values())).self_attn.kv_cache))
     if key not in graphs:
@@ -332,11 +386,11 @@ def _graphs_usable(model: Transformer, conf: GenerateConf, device: torch.device,
     """Whether decode may run from CUDA graphs: on CUDA, without pipeline stages, and
     either a sync-free model (``cuda_graph_safe``) or expert-parallel decode on the static
     exchange, which is sync-free; never again after a failed capture."""
-    if not (conf.cuda_graphs and device.type == "cuda" and model.pp_group is None):
+    if not (conf.cuda_graphs and device.type == "cuda" and model.context.pp_group is None):
         return False
-    if getattr(model, "cuda_graph_failed", False):
+    if model.decode_state.capture_failed:
         return False
-    return static_exchange or getattr(model, "cuda_graph_safe", True)
+    return static_exchange or model.context.cuda_graph_safe
 
 
 def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
@@ -370,8 +424,9 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
     max_new = _per_request(max_new_tokens, conf.max_new_tokens, n)
     if check_every is None:
         check_every = 8 if device.type == "cuda" else 1
-    dp_size, dp_rank, dp_group = getattr(model, "data_parallel", (1, 0, None))
-    lockstep = bool(getattr(model, "lockstep", False)) and dp_size > 1
+    context = model.context
+    dp_size, dp_rank, dp_group = context.dp_size, context.dp_rank, context.dp_group
+    lockstep = context.lockstep
     # this replica's contiguous share of the requests
     bounds = [n * r // dp_size for r in range(dp_size + 1)]
     mine = list(range(bounds[dp_rank], bounds[dp_rank + 1]))
@@ -380,13 +435,12 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     if device.type == "cuda":
-        model.compile_decode(conf.compile_decode and not getattr(model, "compile_failed", False))
+        model.compile_decode(conf.compile_decode and not model.decode_state.capture_failed)
     # Expert-parallel decode runs the static exchange (sync-free, capturable) at a capacity
     # every rank of an EP group agrees on: the round's largest batch across lockstep
     # replicas, or, without data parallelism, this batch (the EP ranks are TP ranks
     # holding the same one).
-    static_exchange = lockstep or bool(getattr(getattr(model, "plan", None),
-                                               "is_expert_parallel", False))
+    static_exchange = lockstep or context.expert_parallel
     use_graphs = _graphs_usable(model, conf, device, static_exchange)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,

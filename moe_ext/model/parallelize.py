@@ -14,6 +14,8 @@ loader reads exactly those); ``parallelize`` cuts the model to the same slices i
     over the TP ranks around the exchange;
   - data parallel (dp > 1): generate() gives each replica its share of the prompts, in
     lockstep when experts are split across replicas.
+What the forward pass and generate() need of the plan afterwards is ``model.context``, a
+``ParallelContext`` (context.py) that ``parallelize`` sets and nothing else does.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from moe_ext.checkpoint.shard import ShardRequest
 from moe_ext.model.args import ModelArgs
+from moe_ext.model.context import ParallelContext
 from moe_ext.model.decoder import Transformer, build_moe
 from moe_ext.errors import MoeExtError
 
@@ -182,10 +185,6 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
     if "norm.weight" not in requests:
         model.norm = None
         model.lm_head = None
-    if plan.pp > 1:
-        model.pp_prev, model.pp_next = groups.pp_prev_rank, groups.pp_next_rank
-        model.pp_group = groups.pp
-        model.pp_last_rank = groups.ranks_of("pp")[-1]
     # -- MoE layers: this rank's dispatcher and expert shard ------------------------------
     from moe_ext.moe.dispatch import build_dispatcher
 
@@ -220,13 +219,27 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
             block.self_attn.tp_group = groups.tp
             if not block.is_moe and _dense_mlp_sharded(args, plan.tp):
                 block.mlp.tp_group = groups.tp
-    # -- data parallel ---------------------------------------------------------------------
-    if plan.dp > 1:
-        model.data_parallel = (plan.dp, groups.dp_rank, groups.dp)
-        # experts split across replicas: every replica must make every MoE exchange
-        model.lockstep = bool(plan.is_expert_parallel)
-    # graphs need static, sync-free steps: no per-step pipeline traffic, no split-size
-    # exchange (ep_* dispatchers learn their splits on the host)
-    model.cuda_graph_safe = plan.pp == 1 and not plan.is_expert_parallel
-    model.plan = plan
+    model.context = parallel_context(plan, groups)
     return model
+
+
+def parallel_context(plan: Any, groups: Any) -> ParallelContext:
+    """What the model and generate() need to know of ``plan`` on this rank.
+
+    plan: ParallelPlan; groups: ProcessGroups built from it."""
+    pipelined, replicated = plan.pp > 1, plan.dp > 1
+    return ParallelContext(
+        plan=plan,
+        pp_prev=groups.pp_prev_rank if pipelined else None,
+        pp_next=groups.pp_next_rank if pipelined else None,
+        pp_group=groups.pp if pipelined else None,
+        pp_last_rank=groups.ranks_of("pp")[-1] if pipelined else None,
+        dp_size=plan.dp,
+        dp_rank=groups.dp_rank if replicated else 0,
+        dp_group=groups.dp if replicated else None,
+        # experts split across replicas: every replica must make every MoE exchange
+        lockstep=replicated and plan.is_expert_parallel,
+        # graphs need static, sync-free steps: no per-step pipeline traffic, no split-size
+        # exchange (ep_* dispatchers learn their splits on the host)
+        cuda_graph_safe=plan.pp == 1 and not plan.is_expert_parallel,
+    )
