@@ -1,9 +1,11 @@
 """Structured-config schemas for Hydra, registered in one ConfigStore.
 
-Every config group under ``conf/`` (topology/, strategy/, parallel/, model/) starts from
-the schema registered here (``defaults: [base_<group>]``), so a typo in a command-line
-override is an error instead of a silently ignored key. Modules never read environment
-variables: launchers turn the environment (torchrun's RANK/WORLD_SIZE, CUDA devices)
+Every option of a config group under ``conf/`` (topology/, strategy/, parallel/, model/)
+starts from the schema registered here (``defaults: [/<group>_schema@_here_, _self_]``), so
+a typo in a command-line override is an error instead of a silently ignored key. The
+schemas are stored as root configs, not as options of their groups, so ``--help`` and the
+"unknown choice" errors list only real choices. Modules never read environment variables:
+launchers turn the environment (torchrun's RANK/WORLD_SIZE, CUDA devices, MOE_EXT_DEBUG)
 into these dataclasses.
 """
 from __future__ import annotations
@@ -15,10 +17,17 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from moe_ext.errors import MoeExtError
+
+
+class ConfigError(MoeExtError):
+    """A config field outside its range (one line: the field, its value and the fix)."""
+
 
 @dataclass
 class TopologyConf:
-    """A forced topology (``+topology=pcie``); absent from the config means: probe."""
+    """A forced topology (``+topology=pcie``); kind ``auto`` (the default) means: probe, with
+    ``topology.gpu_memory_gib=N`` alone replacing the probed per-GPU memory."""
 
     kind: str = "auto"  # auto | pcie | nvlink | cpu
     num_gpus: Optional[int] = None  # None: probe count, else the launch's local world size
@@ -50,46 +59,6 @@ class ParallelConf:
 
 
 @dataclass
-class ModelConf:
-    """A model shape in Hugging Face ``config.json`` terms (fields shared by the supported
-    families); ``checkpoint=<dir>`` replaces it with the checkpoint's own config."""
-
-    name: str = MISSING
-    model_type: str = MISSING  # mixtral | qwen2_moe | qwen3_moe
-    vocab_size: int = MISSING
-    hidden_size: int = MISSING
-    intermediate_size: int = MISSING  # dense MLP layers (and Mixtral experts)
-    moe_intermediate_size: Optional[int] = None  # qwen2_moe / qwen3_moe experts
-    shared_expert_intermediate_size: Optional[int] = None  # qwen2_moe
-    num_hidden_layers: int = MISSING
-    num_attention_heads: int = MISSING
-    num_key_value_heads: int = MISSING
-    head_dim: Optional[int] = None
-    num_experts: int = MISSING  # HF: num_local_experts (mixtral) / num_experts (qwen)
-    num_experts_per_tok: int = MISSING
-    norm_topk_prob: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
-    rope_theta: float = 1_000_000.0
-    rope_scaling: Optional[dict[str, Any]] = None
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # qwen3_moe: q/k/v/o bias
-    qkv_bias: Optional[bool] = None  # qwen2_moe: q/k/v bias; None = family default (true)
-    sliding_window: Optional[int] = None  # mixtral / qwen3_moe (use_sliding_window)
-    hidden_act: str = "silu"
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    tokenizer: Optional[str] = None  # "byte" | path to a tokenizer.json | None (checkpoint's)
-    init_seed: int = 1234  # random init (no checkpoint): identical at every world size
-    # weights used when no checkpoint= is given: a directory, or "pkg:<path>" inside the
-    # installed moe_ext package; None: random init from init_seed
-    weights: Optional[str] = None
-
-
-@dataclass
 class GenerateConf:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
@@ -99,46 +68,78 @@ class GenerateConf:
     compile_decode: bool = True  # GPU: torch.compile (inductor) each block's decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
+    def check(self, prefix: str = "generate") -> None:
+        """Refuse values generation cannot run with; ``prefix`` names the fields in the
+        message (``generate`` or ``sample``)."""
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}.max_new_tokens={self.max_new_tokens}; it must be at "
+                              f"least 1")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"{prefix}.max_batch_size={self.max_batch_size}; it must be at "
+                              f"least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"{prefix}.temperature={self.temperature}; use 0 (greedy) or a "
+                              f"positive value")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p={self.top_p}; use a value in (0, 1]")
+
 
 @dataclass
 class InferConf:
-    model: ModelConf = MISSING
+    # conf/model/<name>.yaml: Hugging Face config.json keys plus name / tokenizer / weights /
+    # init_seed, validated by its family (moe_ext.model.families); checkpoint= replaces it
+    model: Any = MISSING
     strategy: StrategyConf = MISSING
     parallel: ParallelConf = field(default_factory=ParallelConf)
-    topology: Optional[TopologyConf] = None  # None: probe; `+topology=pcie` forces one
+    # kind auto: probe; `+topology=pcie` forces one; `topology.gpu_memory_gib=96` alone
+    # plans for the probed GPUs with that much memory each
+    topology: TopologyConf = field(default_factory=TopologyConf)
     engine: str = "native"  # native | megatron
     checkpoint: Optional[str] = None  # moe_ext or Hugging Face directory; None: random init
+    checkpoint_verify: bool = False  # hash every shard as it loads (see docs/RELIABILITY.md)
     prompts: Optional[str] = None  # JSONL; None: built-in demo prompts
     output: Optional[str] = None  # JSONL written by rank 0
     generate: GenerateConf = field(default_factory=GenerateConf)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32
+    # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32, or bfloat16 / float16 / half /
+    # float32 (moe_ext.launching.DTYPE_ALIASES)
+    dtype: str = "auto"
     dist_timeout_s: int = 300  # collective timeout: a stuck peer is an error, not a hang
+    debug: bool = False  # errors also print their chained traceback (as MOE_EXT_DEBUG=1)
 
 
 GROUPS = ("model", "strategy", "parallel", "topology")
 
 
+def schema_name(group: str) -> str:
+    """The root config an option of ``group`` starts from: ``defaults: [/<this>@_here_]``."""
+    return f"{group}_schema"
+
+
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
     """Reject ``strategy=ep_foo`` / ``+topology=infiniband`` with one line listing the choices
-    (Hydra's own message spans a dozen lines and lists schema nodes as options)."""
+    (Hydra's own message spans a dozen lines), and ``topology=pcie`` without its ``+`` (the
+    group is not in the defaults: leaving it out means probe). The choices are the yaml
+    files of ``conf_dir/<group>/``; the schemas are not among them."""
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or key not in GROUPS:
             continue
         choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        plus = "+" if key == "topology" else ""
         if value not in choices:
-            plus = "+" if key == "topology" else ""
-            raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)} "
-                             f"({plus}{key}=<name>, files in conf/{key}/)")
+            raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)} "
+                              f"({plus}{key}=<name>, files in conf/{key}/)")
+        if plus and not override.startswith("+"):
+            raise ConfigError(f"{override}: the topology group is added, not replaced; type "
+                              f"+{key}={value}")
 
 
 def register_configs() -> None:
     """Register the schemas; idempotent, called by every Hydra main before it runs."""
     cs = ConfigStore.instance()
     cs.store(name="infer_schema", node=InferConf)
-    cs.store(group="topology", name="base_topology", node=TopologyConf)
-    cs.store(group="strategy", name="base_strategy", node=StrategyConf)
-    cs.store(group="parallel", name="base_parallel", node=ParallelConf)
-    cs.store(group="model", name="base_model", node=ModelConf)
+    cs.store(name=schema_name("topology"), node=TopologyConf)
+    cs.store(name=schema_name("strategy"), node=StrategyConf)
+    cs.store(name=schema_name("parallel"), node=ParallelConf)

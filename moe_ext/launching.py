@@ -1,4 +1,5 @@
-"""Steps launch/infer.py and launch/train.py share: from config to this rank's model shard.
+"""Steps launch/infer.py and launch/train.py share: from config to this rank's model shard,
+and how a launcher ends (one ``error:`` line for a MoeExtError, a traceback for a bug).
 
 Everything before ``build_model_shard`` creates no process group and no weight, so bad
 input fails the same way on every rank, before any collective could hang.
@@ -10,9 +11,10 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Mapping, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,8 +24,16 @@ from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices
 from moe_ext.model.weights import init_random_, materialize_
 from moe_ext.plan import ParallelPlan
-from moe_ext.topology import Topology, resolve_topology
+from moe_ext.config import check_group_choices
+from moe_ext.dist import DistEnv
 from moe_ext.errors import MoeExtError
+from moe_ext.topology import GIB, Topology, TopologyError, probe, resolve_topology
+
+DEBUG_VARIABLE = "MOE_EXT_DEBUG"
+# what `dtype=` accepts: our short names and the names torch, transformers and vLLM use
+DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                 "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(MoeExtError):
@@ -31,14 +41,29 @@ class UsageError(MoeExtError):
 
 
 def as_usage_error(prepare: Callable[..., Any], *args: Any) -> Any:
-    """Run a launcher's validation step; its ValueErrors (PlanError, CheckpointError, ...)
-    are the same on every rank, so they become UsageErrors that rank 0 alone prints."""
+    """Run a launcher's validation step; its MoeExtErrors (PlanError, CheckpointError, ...)
+    are the same on every rank, so they become UsageErrors that rank 0 alone prints. Any
+    other exception is a bug and propagates as it is."""
     try:
         return prepare(*args)
     except UsageError:
         raise
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    except MoeExtError as err:
+        raise UsageError(str(err)) from err
+
+
+def debug_requested(environ: Mapping[str, str]) -> bool:
+    """``MOE_EXT_DEBUG=1`` (or true/yes/on) in the environment the launcher passes in."""
+    return environ.get(DEBUG_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def dtype_name(requested: str) -> str:
+    """``auto`` or the short name (fp32 / bf16 / fp16) of a ``dtype=`` value or its alias."""
+    name = "auto" if requested == "auto" else DTYPE_ALIASES.get(str(requested).lower())
+    if name is None:
+        raise UsageError(f"dtype={requested!r} is not one of auto, "
+                         f"{', '.join(DTYPE_ALIASES)}")
+    return name
 
 
 def device_type_for(requested: str, cuda_available: bool) -> str:
@@ -62,8 +87,8 @@ def package_path(spec: Optional[str]) -> Optional[str]:
 class ModelSource:
     """Where the model comes from: a checkpoint (its config wins) or a ``model=`` config."""
 
-    args: ModelArgs
-    model_conf: Any  # moe_ext.config.ModelConf: what the planner reads
+    args: ModelArgs  # what the model, the planner and the checkpoint maps read
+    name: str  # the conf/model name or the checkpoint directory's name
     reader: Optional[CheckpointReader]  # None: deterministic random init
     tokenizer_spec: Optional[str]  # "byte", a tokenizer path, or None (checkpoint's own)
     has_tokenizer_json: bool
@@ -77,32 +102,61 @@ def resolve_model_source(checkpoint: Optional[str], model_conf: Any) -> ModelSou
     """Open ``checkpoint`` (headers only) or take ``model_conf``; a moe_ext checkpoint of a
     byte-level model says so in its config (``"tokenizer": "byte"``)."""
     if checkpoint is None:
-        return ModelSource(ModelArgs.from_model_conf(model_conf), model_conf, None,
-                           model_conf.tokenizer, False)
+        return ModelSource(ModelArgs.from_model_conf(model_conf), model_conf.get("name"),
+                           None, model_conf.get("tokenizer"), False)
     reader = CheckpointReader.open(checkpoint)
-    args = ModelArgs.from_hf_config(reader.config)
-    return ModelSource(args, args.to_model_conf(name=Path(checkpoint).name), reader,
+    args = ModelArgs.from_hf_config(reader.config, f"{checkpoint}/config.json")
+    return ModelSource(args, Path(checkpoint).name, reader,
                        reader.config.get("tokenizer"),
                        (Path(checkpoint) / "tokenizer.json").is_file())
 
 
 def launch_topology(conf: Any, device_type: str, num_local_gpus: int,
-                    local_world_size: int) -> Topology:
+                    local_world_size: int, probe: Callable[[], Topology] = probe) -> Topology:
     """The topology the plan sees. A forced GPU topology on CPU ranks (``+topology=pcie`` on
-    a laptop) emulates one GPU per rank; on GPUs only the ones this launch uses count."""
+    a laptop) emulates one GPU per rank; on GPUs only the ones this launch uses count.
+    ``topology.gpu_memory_gib=N`` without a forced kind keeps the probe and sets its GPUs'
+    memory (the natural way to say "my cards have N GiB")."""
     gpus = min(num_local_gpus, local_world_size) if device_type == "cuda" else local_world_size
-    topology = resolve_topology(conf, gpus)
+    if _memory_only(conf):
+        topology = probed_with_memory(probe(), float(conf.gpu_memory_gib))
+    else:
+        topology = resolve_topology(conf, gpus, probe=probe)
     if device_type == "cuda" and topology.num_gpus > local_world_size:
         topology = topology.subset(local_world_size)
     return topology
 
 
+def _memory_only(conf: Any) -> bool:
+    """Kind auto (probe) with gpu_memory_gib the one field set."""
+    if conf is None or conf.kind != "auto" or conf.gpu_memory_gib is None:
+        return False
+    return all(getattr(conf, name) is None for name in ("num_gpus", "p2p", "p2p_atomics",
+                                                        "nvlink_count", "pcie_gen",
+                                                        "pcie_width"))
+
+
+def probed_with_memory(probed: Topology, gpu_memory_gib: float) -> Topology:
+    """``probed`` with every GPU's memory set to ``gpu_memory_gib``."""
+    if gpu_memory_gib <= 0:
+        raise TopologyError(f"topology.gpu_memory_gib={gpu_memory_gib} must be positive")
+    if not probed.gpus:
+        raise TopologyError(f"topology.gpu_memory_gib={gpu_memory_gib:g}: the probe found no "
+                            f"GPU to apply it to; to plan for GPUs here add +topology=pcie "
+                            f"(or +topology=nvlink)")
+    memory = int(gpu_memory_gib * GIB)
+    return replace(probed, gpus=tuple(replace(g, memory_bytes=memory) for g in probed.gpus),
+                   notes=(*probed.notes, f"GPU memory {gpu_memory_gib:g} GiB from "
+                                         f"topology.gpu_memory_gib"))
+
+
 def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank: int,
-                      device: torch.device, dtype: torch.dtype, progress: bool
-                      ) -> Transformer:
+                      device: torch.device, dtype: torch.dtype, progress: bool,
+                      verify: bool = False) -> Transformer:
     """This rank's shard of the model in ``dtype``: built on meta, parallelized, then
     materialized straight from the checkpoint slices it needs (or the seeded random init).
-    Raises CheckpointError (a ValueError) naming a missing or corrupt tensor."""
+    ``verify``: hash each shard file as it streams in (``checkpoint_verify=true``).
+    Raises CheckpointError (a MoeExtError) naming a missing or corrupt tensor."""
     with torch.device("meta"):
         model = Transformer(source.args).to(dtype=dtype)  # cast on meta: no full fp32 copy
     parallelize(model, plan, groups)
@@ -110,20 +164,23 @@ def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank
     if source.reader is None:
         init_random_(model, seed=source.args.init_seed, requests=requests, device=device)
     else:
+        # the keyword only when asked, so loading works while the reader lacks it
+        checks = {"verify": True} if verify else {}
         state = load_sharded(source.reader, requests, dtype=dtype, device=device,
-                             progress=progress)
+                             progress=progress, **checks)
         materialize_(model, device).load_state_dict(state, strict=False)
     return model
 
 
-def run_and_exit(body: Callable[[], int], rank: int, world_size: int) -> NoReturn:
-    """A launcher's main: our one-line errors (ValueError subclasses) exit 2 through
-    ``report_error``; the process group is torn down whatever happens. Other exceptions
-    propagate with their traceback."""
+def run_and_exit(body: Callable[[], int], rank: int, world_size: int,
+                 debug: bool = False) -> NoReturn:
+    """A launcher's main: a MoeExtError exits 2 through ``report_error`` (one line, plus
+    the chained traceback with ``debug``); the process group is torn down whatever happens.
+    Other exceptions are bugs: they propagate with their traceback."""
     try:
         code = body()
-    except ValueError as err:
-        report_error(err, rank, world_size)
+    except MoeExtError as err:
+        report_error(err, rank, world_size, debug)
         code = 2
     finally:
         if dist.is_initialized() and dist.get_backend() != "nccl":
@@ -160,11 +217,41 @@ def end_child_processes(timeout_s: float = 5.0) -> None:
         child.join(timeout_s)
 
 
-def report_error(err: ValueError, rank: int, world_size: int) -> None:
+def report_error(err: MoeExtError, rank: int, world_size: int, debug: bool = False) -> None:
     """Print a one-line error once: rank 0 for errors every rank hits alike (UsageError);
-    any rank for its own. torchrun stops all ranks as soon as one exits, so the others wait
-    a moment to let rank 0 print."""
+    any rank for its own. ``debug`` prints the traceback with its chained causes first.
+    torchrun stops all ranks as soon as one exits, so the others wait a moment to let rank
+    0 print."""
     if rank == 0 or not isinstance(err, UsageError):
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if debug:
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
     elif world_size > 1:
         time.sleep(3)
+
+
+def one_line(err: BaseException) -> str:
+    """The message on one line (a wrapped library message may span several)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def check_command_line(argv: list[str], environ: Mapping[str, str], conf_dir: Path) -> None:
+    """What a launcher checks before Hydra composes its config: a group choice that does not
+    exist (``strategy=ep_foo``) is one line on rank 0 and exit 2, instead of Hydra's
+    dozen-line message on every rank."""
+    debug = debug_requested(environ)
+    env = launch_env(environ, debug)
+    try:
+        as_usage_error(check_group_choices, argv, conf_dir)
+    except UsageError as err:
+        report_error(err, env.rank, env.world_size, debug)
+        exit_now(2)
+
+
+def launch_env(environ: Mapping[str, str], debug: bool) -> DistEnv:
+    """torchrun's variables from ``environ``; a malformed one is one line and exit 2."""
+    try:
+        return DistEnv.from_environ(environ)
+    except MoeExtError as err:
+        report_error(err, 0, 1, debug)
+        exit_now(2)

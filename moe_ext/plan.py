@@ -29,11 +29,13 @@ side).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
 
-from moe_ext.config import ModelConf, ParallelConf, StrategyConf
-from moe_ext.moe.dispatch import DISPATCHERS
+from moe_ext.config import ParallelConf, StrategyConf
+from moe_ext.model.args import ModelArgs
+from moe_ext.model.families import expert_param
+from moe_ext.moe.dispatch import DISPATCHERS, DispatcherConfigError, dispatcher_class
 from moe_ext.errors import MoeExtError
 
 if TYPE_CHECKING:  # plan depends on topology only through these attributes
@@ -76,26 +78,6 @@ class ParallelPlan:
     reason: str  # one line: why this strategy and these degrees
 
     @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
-
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
-    def ep_enabled(self) -> bool:
-        return self.ep > 1
-
-    @property
-    def etp_enabled(self) -> bool:
-        return self.etp > 1
-
-    @property
     def is_expert_parallel(self) -> bool:
         """Experts are split across ranks (an ep_* strategy), whatever ep is."""
         return self.strategy in EP_STRATEGIES
@@ -116,54 +98,19 @@ class ParallelPlan:
 # Model memory
 # ---------------------------------------------------------------------------------------
 
-def _moe_layer_ids(model: ModelConf) -> list[int]:
-    """Layers with a routed-expert MLP (Hugging Face rule: not in mlp_only_layers and
-    (i + 1) % decoder_sparse_step == 0); the others have a dense MLP."""
-    step = max(1, int(model.decoder_sparse_step or 1))
-    skip = set(model.mlp_only_layers or [])
-    if model.num_experts <= 0:
-        return []
-    return [i for i in range(model.num_hidden_layers) if i not in skip and (i + 1) % step == 0]
-
-
-def expert_ffn_size(model: ModelConf) -> int:
-    """F of one routed expert: moe_intermediate_size (qwen) or intermediate_size (mixtral)."""
-    return int(model.moe_intermediate_size or model.intermediate_size)
-
-
-def model_param_counts(model: ModelConf) -> tuple[int, int]:
-    """(total parameters, routed-expert parameters) from the shape alone."""
-    H, V = model.hidden_size, model.vocab_size
-    nH, nKV = model.num_attention_heads, model.num_key_value_heads
-    D = model.head_dim or H // nH
-    L = model.num_hidden_layers
-
-    attn = H * nH * D + 2 * H * nKV * D + nH * D * H  # q, k, v, o
-    qkv_bias = getattr(model, "qkv_bias", None)
-    if model.attention_bias:  # q, k, v and o biases
-        attn += nH * D + 2 * nKV * D + H
-    elif model.model_type == "qwen2_moe" and qkv_bias is not False:  # family default: q/k/v
-        attn += nH * D + 2 * nKV * D
-    if model.model_type == "qwen3_moe":
-        attn += 2 * D  # q_norm, k_norm
-    norms = 2 * H  # input / post-attention RMSNorm
-
-    moe_layers = _moe_layer_ids(model)
-    per_moe_experts = model.num_experts * 3 * H * expert_ffn_size(model)
-    per_moe_other = model.num_experts * H  # router
-    if model.shared_expert_intermediate_size:
-        per_moe_other += 3 * H * model.shared_expert_intermediate_size + H  # + shared gate
-    dense_mlp = 3 * H * model.intermediate_size
-
-    experts = len(moe_layers) * per_moe_experts
-    total = (L * (attn + norms) + experts + len(moe_layers) * per_moe_other
-             + (L - len(moe_layers)) * dense_mlp
-             + V * H + H  # embed_tokens, final norm
-             + (0 if model.tie_word_embeddings else V * H))  # lm_head
+def model_param_counts(model: ModelArgs) -> tuple[int, int]:
+    """(total parameters, routed-expert parameters), from the same tensor list the model
+    and the checkpoint maps use (``Family.param_shapes``)."""
+    total = experts = 0
+    for name, shape in model.family.param_shapes(model).items():
+        n = math.prod(shape)
+        total += n
+        if expert_param(name):
+            experts += n
     return total, experts
 
 
-def model_memory_bytes(model: ModelConf, dtype_bytes: int = 2) -> tuple[int, int]:
+def model_memory_bytes(model: ModelArgs, dtype_bytes: int = 2) -> tuple[int, int]:
     """(all weights, routed-expert weights) in bytes at ``dtype_bytes`` per parameter."""
     total, experts = model_param_counts(model)
     return total * dtype_bytes, experts * dtype_bytes
@@ -177,7 +124,7 @@ class MemoryEstimate(NamedTuple):
     available_bytes: Optional[int]  # per rank; None when the topology does not say
 
 
-def rank_memory_bytes(model: ModelConf, tp: int, pp: int, ep: int, etp: int,
+def rank_memory_bytes(model: ModelArgs, tp: int, pp: int, ep: int, etp: int,
                       dtype_bytes: int = 2) -> tuple[int, int]:
     """(non-expert, expert) weight bytes on the busiest rank: non-expert weights are split
     by tp (heads, vocab) and pp (layers); experts by ep (whole experts), etp (FFN) and pp."""
@@ -196,7 +143,7 @@ def available_memory_per_rank(topology: "Topology", world_size: int) -> Optional
     return int(mem) if mem else None
 
 
-def estimate_memory(plan: ParallelPlan, model: ModelConf, topology: "Topology",
+def estimate_memory(plan: ParallelPlan, model: ModelArgs, topology: "Topology",
                     dtype_bytes: int = 2) -> MemoryEstimate:
     dense, experts = rank_memory_bytes(model, plan.tp, plan.pp, plan.ep, plan.etp, dtype_bytes)
     total = dense + experts
@@ -278,7 +225,9 @@ def _derive_degrees(strategy: str, parallel: ParallelConf, world_size: int,
 
 
 def _validate(strategy: str, world_size: int, tp: int, pp: int, ep: int, etp: int,
-              topology: "Topology", model: ModelConf) -> None:
+              model: ModelArgs) -> None:
+    """The model's shape against the degrees. What a dispatcher needs of the degrees and the
+    topology is its own ``check_plan`` (``_check_dispatcher``)."""
     nH, nKV, L, E = (model.num_attention_heads, model.num_key_value_heads,
                      model.num_hidden_layers, model.num_experts)
     if E % ep:
@@ -292,23 +241,13 @@ def _validate(strategy: str, world_size: int, tp: int, pp: int, ep: int, etp: in
                         f"into it; set parallel.tp to a divisor or multiple of {nKV}")
     if L < pp:
         raise PlanError(f"pp={pp} pipeline stages but only {L} layers; set parallel.pp <= {L}")
-    F = expert_ffn_size(model)
+    F = model.moe_intermediate_size
     if F % etp:
         raise PlanError(f"expert FFN size {F} cannot be split over etp={etp}; choose "
                         f"parallel.tp dividing {F} with strategy=tp_experts")
     if strategy == "tp_experts" and tp == 1 and world_size > 1:
         raise PlanError("strategy=tp_experts with tp=1 shards nothing; set parallel.tp > 1 "
                         "or use strategy=replicate")
-    if strategy == "ep_nvshmem":
-        if topology.kind == "cpu":
-            raise PlanError("strategy=ep_nvshmem needs CUDA GPUs with NVLink; on CPU use "
-                            "strategy=ep_nccl (runs over gloo)")
-        if not (topology.kind == "nvlink" and topology.all_pairs_nvlink
-                and topology.all_pairs_p2p_atomics):
-            raise PlanError(f"strategy=ep_nvshmem needs all-pairs NVLink with P2P atomics, "
-                            f"topology is {topology.kind} (nvlink={topology.all_pairs_nvlink}, "
-                            f"p2p_atomics={topology.all_pairs_p2p_atomics}); use "
-                            f"strategy=ep_nccl")
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,7 +259,7 @@ def _link_gbps(topology: "Topology") -> float:
     return float(bw) if bw else DEFAULT_LINK_GBPS.get(topology.kind, 24.0)
 
 
-def exchange_seconds(strategy: str, tokens: int, model: ModelConf, ep: int,
+def exchange_seconds(strategy: str, tokens: int, model: ModelArgs, ep: int,
                      dtype_bytes: int, link_gbps: float) -> float:
     """Modelled time of one MoE layer's token exchange per rank (forward).
 
@@ -339,7 +278,7 @@ def exchange_seconds(strategy: str, tokens: int, model: ModelConf, ep: int,
     return rounds * COLLECTIVE_LATENCY_S + rows * H * dtype_bytes / bw
 
 
-def _smallest_fitting_ep(model: ModelConf, tp: int, pp: int, largest: int, dtype_bytes: int,
+def _smallest_fitting_ep(model: ModelArgs, tp: int, pp: int, largest: int, dtype_bytes: int,
                          avail: int) -> int:
     """The smallest EP degree > 1 that divides ``largest`` (itself a divisor of the expert
     count and of tp*dp) whose weights fit ``avail`` per rank with headroom; ``largest``
@@ -353,7 +292,7 @@ def _smallest_fitting_ep(model: ModelConf, tp: int, pp: int, largest: int, dtype
 
 
 def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
-            model: ModelConf, dtype_bytes: int, tokens_per_step: Optional[int]
+            model: ModelArgs, dtype_bytes: int, tokens_per_step: Optional[int]
             ) -> tuple[str, str, Optional[int]]:
     """(strategy, reason, ep) for strategy=auto; ep None: derived as for an explicit
     strategy."""
@@ -424,7 +363,7 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
                     + _still_too_big(model, tp, pp, ep, dtype_bytes, avail)), ep
 
 
-def _still_too_big(model: ModelConf, tp: int, pp: int, ep: int, dtype_bytes: int,
+def _still_too_big(model: ModelArgs, tp: int, pp: int, ep: int, dtype_bytes: int,
                    avail: Optional[int]) -> str:
     """A warning clause when even the expert-parallel plan does not fit."""
     dense, experts = rank_memory_bytes(model, tp, pp, ep, 1, dtype_bytes)
@@ -470,8 +409,17 @@ def _dispatcher_path(strategy_conf: StrategyConf, strategy: str, auto: bool) -> 
     return DISPATCHERS.get(target, target)
 
 
+def _check_dispatcher(plan: ParallelPlan, topology: "Topology") -> None:
+    """The plan's dispatcher class states what it needs (``Dispatcher.check_plan``); its
+    refusal becomes a PlanError before any process group exists."""
+    try:
+        dispatcher_class(plan.dispatcher).check_plan(plan, topology)
+    except DispatcherConfigError as err:
+        raise PlanError(str(err)) from err
+
+
 def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
-               topology: "Topology", model: ModelConf, dtype_bytes: int = 2,
+               topology: "Topology", model: ModelArgs, dtype_bytes: int = 2,
                tokens_per_step: Optional[int] = None) -> ParallelPlan:
     """Validated plan for ``world_size`` ranks; raises PlanError with the fix named.
 
@@ -496,12 +444,19 @@ def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
         reason = f"strategy={name} requested"
     tp, pp, dp, ep, etp, edp = _derive_degrees(name, parallel, world_size, model.num_experts,
                                                auto)
-    _validate(name, world_size, tp, pp, ep, etp, topology, model)
-    return ParallelPlan(strategy=name, world_size=world_size, tp=tp, pp=pp, dp=dp, ep=ep,
+    _validate(name, world_size, tp, pp, ep, etp, model)
+    plan = ParallelPlan(strategy=name, world_size=world_size, tp=tp, pp=pp, dp=dp, ep=ep,
                         etp=etp, edp=edp, dispatcher=_dispatcher_path(strategy, name, auto),
                         reason=reason)
-
-
-def plan_as_dict(plan: ParallelPlan) -> dict[str, Any]:
-    from dataclasses import asdict
-    return asdict(plan)
+    try:
+        _check_dispatcher(plan, topology)
+    except PlanError as err:
+        if not (auto and name == "ep_nvshmem"):
+            raise
+        # auto picks NVSHMEM from the link; where the degrees rule it out (EP narrower than
+        # the world, pp > 1), NCCL's all-to-all serves the same link
+        plan = replace(plan, strategy="ep_nccl",
+                       dispatcher=_dispatcher_path(strategy, "ep_nccl", auto),
+                       reason=f"{reason}; ep_nccl, not ep_nvshmem: {err}")
+        _check_dispatcher(plan, topology)
+    return plan

@@ -11,12 +11,10 @@ def tiny_conf(schema, **overrides):
     e.g. ``tiny_conf(TrainConf, **{"train.steps": 3})``."""
     from omegaconf import OmegaConf
 
-    from moe_ext.config import ModelConf, ParallelConf, StrategyConf
+    from moe_ext.config import ParallelConf, StrategyConf
 
-    model = OmegaConf.merge(OmegaConf.structured(ModelConf),
-                            {k: v for k, v in OmegaConf.load(REPO / "conf/model/tiny.yaml").items()
-                             if k != "defaults"})
-    cfg = schema(model=OmegaConf.to_object(model), strategy=StrategyConf(name="auto"),
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    cfg = schema(model=model, strategy=StrategyConf(name="auto"),
                  parallel=ParallelConf())
     for key, value in overrides.items():
         target = cfg

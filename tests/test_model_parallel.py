@@ -4,6 +4,8 @@ static-capacity exchange, with the CUDA-graph capture protocol emulated on CPU (
 real on 2 GPUs); plus sharding/seeding units."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import importlib
 from datetime import timedelta
 
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 
 import torch.distributed as dist
 
-from moe_ext.config import GenerateConf, ModelConf
+from moe_ext.config import GenerateConf
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices, stage_layers, take_shard
 from moe_ext.model.weights import init_random_, init_random_full, random_tensor
@@ -26,15 +28,14 @@ DISPATCHERS = {
     "ep_nccl": "moe_ext.moe.dispatch.nccl_a2a.AllToAllDispatcher",
     "ep_allgather": "moe_ext.moe.dispatch.allgather_rs.AllGatherDispatcher",
 }
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 9, 200], [256, 33, 34, 35, 36], [256, 1]]
 MAX_NEW = [10, 3, 7, 12]  # different lengths: one dp replica finishes first (lockstep)
 
 
 def model_conf(name: str):
-    """conf/model/<name>.yaml validated against the ModelConf schema (as Hydra does)."""
-    raw = OmegaConf.load(f"conf/model/{name}.yaml")
-    assert raw.pop("defaults") == ["base_model"]
-    return OmegaConf.merge(OmegaConf.structured(ModelConf), raw)
+    """conf/model/<name>.yaml as Hydra composes it."""
+    return OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
 
 
 def tiny_args() -> ModelArgs:

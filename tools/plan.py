@@ -24,9 +24,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 
 from moe_ext.config import register_configs  # noqa: E402
+from moe_ext.errors import MoeExtError  # noqa: E402
+from moe_ext.model.args import ModelArgs  # noqa: E402
 from moe_ext.plan import (PlanError, build_plan, estimate_memory, exchange_seconds,  # noqa: E402
                           model_param_counts)
-from moe_ext.topology import TopologyError, resolve_topology  # noqa: E402
+from moe_ext.topology import resolve_topology  # noqa: E402
 
 GIB = 2**30
 
@@ -70,10 +72,11 @@ def explain(args: argparse.Namespace) -> dict:
         overrides.append(f"topology.gpu_memory_gib={args.gpu_memory_gib}")
     cfg = compose_config(args.model, args.strategy, args.topology, overrides)
     topology = resolve_topology(cfg.topology, args.world_size)
-    plan = build_plan(cfg.strategy, cfg.parallel, args.world_size, topology, cfg.model,
+    model = ModelArgs.from_model_conf(cfg.model)
+    plan = build_plan(cfg.strategy, cfg.parallel, args.world_size, topology, model,
                       dtype_bytes=args.dtype_bytes, tokens_per_step=args.tokens_per_step)
-    mem = estimate_memory(plan, cfg.model, topology, args.dtype_bytes)
-    total_params, expert_params = model_param_counts(cfg.model)
+    mem = estimate_memory(plan, model, topology, args.dtype_bytes)
+    total_params, expert_params = model_param_counts(model)
     out = {
         "plan": {k: getattr(plan, k) for k in ("strategy", "world_size", "tp", "pp", "dp",
                                                "ep", "etp", "edp", "dispatcher")},
@@ -87,7 +90,7 @@ def explain(args: argparse.Namespace) -> dict:
     if plan.is_expert_parallel and plan.ep > 1 and args.tokens_per_step:
         link = topology.min_pair_bandwidth_gbps
         out["exchange_us_per_layer"] = {
-            s: round(1e6 * exchange_seconds(s, args.tokens_per_step, cfg.model, plan.ep,
+            s: round(1e6 * exchange_seconds(s, args.tokens_per_step, model, plan.ep,
                                             args.dtype_bytes, link), 1)
             for s in ("ep_nccl", "ep_allgather")}
     return out
@@ -123,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         out = explain(args)
-    except (PlanError, TopologyError, HydraException) as err:
+    except (MoeExtError, HydraException) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2) if args.json else _format(out))

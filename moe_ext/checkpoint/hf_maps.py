@@ -1,13 +1,13 @@
-"""Per-family name maps between Hugging Face checkpoints and native (moe_ext) names, and the
-tensor shapes a ``config.json`` implies.
+"""Name maps between Hugging Face checkpoints and native (moe_ext) names.
 
 Native names are those of docs/ARCHITECTURE.md "Parameter names" (no ``model.`` prefix,
-stacked experts). Hugging Face stores experts in one of two layouts:
+stacked experts); each family's ``param_shapes`` (moe_ext.model.families) lists them.
+Hugging Face stores experts in one of two layouts:
   per-expert (legacy; what transformers 5 ``save_pretrained`` still writes):
-    mixtral   model.layers.{i}.block_sparse_moe.experts.{j}.w1|w3|w2.weight  (gate|up|down)
-              model.layers.{i}.block_sparse_moe.gate.weight                     (router)
-    qwen*_moe model.layers.{i}.mlp.experts.{j}.gate_proj|up_proj|down_proj.weight
-              model.layers.{i}.mlp.gate.weight
+    model.layers.{i}.<moe block>.experts.{j}.<gate|up|down part>.weight
+    model.layers.{i}.<moe block>.gate.weight                            (router)
+    where the family names the block and parts (mixtral: block_sparse_moe, w1/w3/w2;
+    qwen*_moe: mlp, gate_proj/up_proj/down_proj)
   fused (transformers 5 in-memory names, loadable as they are):
     model.layers.{i}.mlp.experts.gate_up_proj [E, 2F, H], .down_proj [E, H, F],
     model.layers.{i}.mlp.gate.weight
@@ -20,161 +20,60 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from moe_ext.checkpoint.errors import CheckpointError
+from moe_ext.errors import MoeExtError
+from moe_ext.model.args import ModelArgs
+from moe_ext.model.families import (DOWN, GATE_UP, REGISTRY, Family, args_from_hf_config,
+                                    expert_param, get_family)
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 LAYOUTS = ("per-expert", "fused")
-
-GATE_UP = "gate_up_proj"
-DOWN = "down_proj"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of one checkpoint, read from its Hugging Face config."""
-
-    family: str
-    num_layers: int
-    hidden: int  # H
-    vocab: int  # V
-    num_heads: int  # nH
-    num_kv_heads: int  # nKV
-    head_dim: int  # D
-    num_experts: int  # E
-    expert_ffn: int  # F
-    dense_ffn: int  # dense-MLP layers
-    shared_ffn: int  # qwen2_moe shared expert (0: none)
-    moe_layers: frozenset[int]
-    qkv_bias: bool
-    o_bias: bool
-    qk_norm: bool
-    tied: bool
+__all__ = ["DOWN", "GATE_UP", "LAYOUTS", "HFKey", "config_args", "expert_tensor", "family_of",
+           "hf_expert_keys", "hf_key", "is_ignored_hf_key", "native_shapes", "parse_hf_key"]
 
 
-def _need(config: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    raise CheckpointError(f"config.json lacks {' / '.join(keys)}; add it (the Hugging Face config of the model)")
+def _family(model_type: Any) -> Family:
+    try:
+        return get_family(model_type, "config.json")
+    except MoeExtError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def family_of(config: dict[str, Any]) -> str:
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        raise CheckpointError(
-            f"unknown model_type {family!r} in config.json; supported families: {', '.join(FAMILIES)}"
-        )
-    return family
+    """The canonical model_type of a checkpoint's config (aliases resolved)."""
+    return _family(config.get("model_type")).model_type
 
 
-def model_shape(config: dict[str, Any]) -> ModelShape:
-    """Dimensions implied by a Hugging Face ``config.json`` dict of a supported family."""
-    family = family_of(config)
-    num_layers = int(_need(config, "num_hidden_layers"))
-    hidden = int(_need(config, "hidden_size"))
-    num_heads = int(_need(config, "num_attention_heads"))
-    num_kv_heads = int(config.get("num_key_value_heads") or num_heads)
-    head_dim = int(config.get("head_dim") or hidden // num_heads)
-    num_experts = int(_need(config, "num_local_experts", "num_experts"))
-    dense_ffn = int(_need(config, "intermediate_size"))
-    if family == "mixtral":
-        expert_ffn, shared_ffn = dense_ffn, 0
-        moe_layers = frozenset(range(num_layers))
-        qkv_bias, o_bias, qk_norm = False, False, False
-    else:
-        expert_ffn = int(_need(config, "moe_intermediate_size"))
-        shared_ffn = int(config.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
-        sparse_step = int(config.get("decoder_sparse_step") or 1)
-        dense_only = set(config.get("mlp_only_layers") or [])
-        moe_layers = frozenset(
-            i for i in range(num_layers) if i not in dense_only and num_experts > 0 and (i + 1) % sparse_step == 0
-        )
-        if family == "qwen2_moe":
-            # Qwen1.5-MoE configs predate the key and always had q/k/v biases.
-            qkv_bias, o_bias, qk_norm = bool(config.get("qkv_bias", True)), False, False
-        else:
-            bias = bool(config.get("attention_bias", False))
-            qkv_bias, o_bias, qk_norm = bias, bias, True
-    return ModelShape(
-        family=family,
-        num_layers=num_layers,
-        hidden=hidden,
-        vocab=int(_need(config, "vocab_size")),
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        num_experts=num_experts,
-        expert_ffn=expert_ffn,
-        dense_ffn=dense_ffn,
-        shared_ffn=shared_ffn,
-        moe_layers=moe_layers,
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        qk_norm=qk_norm,
-        tied=bool(config.get("tie_word_embeddings", False)),
-    )
+def config_args(config: dict[str, Any]) -> ModelArgs:
+    """The ModelArgs a checkpoint's ``config.json`` describes (CheckpointError if bad)."""
+    _family(config.get("model_type"))
+    try:
+        return args_from_hf_config(config)
+    except MoeExtError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def native_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every native tensor name the config implies, with its unsharded shape, in model order."""
-    m = model_shape(config)
-    H, D = m.hidden, m.head_dim
-    out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (m.vocab, H)}
-    for i in range(m.num_layers):
-        p = f"layers.{i}."
-        out[p + "input_layernorm.weight"] = (H,)
-        out[p + "self_attn.q_proj.weight"] = (m.num_heads * D, H)
-        out[p + "self_attn.k_proj.weight"] = (m.num_kv_heads * D, H)
-        out[p + "self_attn.v_proj.weight"] = (m.num_kv_heads * D, H)
-        out[p + "self_attn.o_proj.weight"] = (H, m.num_heads * D)
-        if m.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = (m.num_heads * D,)
-            out[p + "self_attn.k_proj.bias"] = (m.num_kv_heads * D,)
-            out[p + "self_attn.v_proj.bias"] = (m.num_kv_heads * D,)
-        if m.o_bias:
-            out[p + "self_attn.o_proj.bias"] = (H,)
-        if m.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = (D,)
-            out[p + "self_attn.k_norm.weight"] = (D,)
-        out[p + "post_attention_layernorm.weight"] = (H,)
-        if i in m.moe_layers:
-            E, F = m.num_experts, m.expert_ffn
-            out[p + "mlp.router.weight"] = (E, H)
-            out[p + "mlp.experts." + GATE_UP] = (E, 2 * F, H)
-            out[p + "mlp.experts." + DOWN] = (E, H, F)
-            if m.shared_ffn:
-                S = m.shared_ffn
-                out[p + "mlp.shared_expert.gate_proj.weight"] = (S, H)
-                out[p + "mlp.shared_expert.up_proj.weight"] = (S, H)
-                out[p + "mlp.shared_expert.down_proj.weight"] = (H, S)
-                out[p + "mlp.shared_expert_gate.weight"] = (1, H)
-        else:
-            out[p + "mlp.gate_proj.weight"] = (m.dense_ffn, H)
-            out[p + "mlp.up_proj.weight"] = (m.dense_ffn, H)
-            out[p + "mlp.down_proj.weight"] = (H, m.dense_ffn)
-    out["norm.weight"] = (H,)
-    if not m.tied:
-        out["lm_head.weight"] = (m.vocab, H)
-    return out
+    args = config_args(config)
+    return args.family.param_shapes(args)
 
 
-_EXPERT_NATIVE = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER_NATIVE = re.compile(r"^layers\.(\d+)\.mlp\.router\.weight$")
-
-
-def expert_tensor(native: str) -> Optional[tuple[int, str]]:
-    """``(layer, "gate_up_proj" | "down_proj")`` for a stacked expert name, else None."""
-    m = _EXPERT_NATIVE.match(native)
-    return (int(m.group(1)), m.group(2)) if m else None
+expert_tensor = expert_param
 
 
 # ---- Hugging Face -> native ------------------------------------------------------------
 
-_HF_PER_EXPERT = re.compile(
-    r"^layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
-)
-_HF_FUSED = re.compile(r"^layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|down_proj)$")
-_HF_ROUTER = re.compile(r"^layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
-_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+def _alternatives(names: set[str]) -> str:
+    return "|".join(sorted(map(re.escape, names)))
+
+
+_BLOCKS = _alternatives({f.hf_moe_block for f in REGISTRY.values()} | {"mlp"})
+_PARTS = {name: kind for f in REGISTRY.values()
+          for name, kind in zip(f.hf_expert_parts, ("gate", "up", "down"))}
+_HF_PER_EXPERT = re.compile(rf"^layers\.(\d+)\.(?:{_BLOCKS})\.experts\.(\d+)\."
+                            rf"({_alternatives(set(_PARTS))})\.weight$")
+_HF_FUSED = re.compile(rf"^layers\.(\d+)\.(?:{_BLOCKS})\.experts\.(gate_up_proj|down_proj)$")
+_HF_ROUTER = re.compile(rf"^layers\.(\d+)\.(?:{_BLOCKS})\.gate\.weight$")
+_ROUTER_NATIVE = re.compile(r"^layers\.(\d+)\.mlp\.router\.weight$")
 
 # Tensors some HF checkpoints carry that no model parameter corresponds to.
 _HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -198,7 +97,7 @@ def parse_hf_key(key: str) -> HFKey:
     name = key[len("model."):] if key.startswith("model.") else key
     m = _HF_PER_EXPERT.match(name)
     if m:
-        part = _PART[m.group(3)]
+        part = _PARTS[m.group(3)]
         stacked = DOWN if part == "down" else GATE_UP
         return HFKey(f"layers.{m.group(1)}.mlp.experts.{stacked}", int(m.group(2)), part)
     m = _HF_FUSED.match(name)
@@ -212,11 +111,6 @@ def parse_hf_key(key: str) -> HFKey:
 
 # ---- native -> Hugging Face ------------------------------------------------------------
 
-def _moe_block(family: str, layout: str) -> str:
-    # transformers 5 renames Mixtral's block_sparse_moe to mlp in memory; legacy files keep it.
-    return "block_sparse_moe" if family == "mixtral" and layout == "per-expert" else "mlp"
-
-
 def hf_key(native: str, family: str, layout: str) -> str:
     """HF name of a non-expert tensor, or of a stacked expert tensor in the fused layout."""
     if layout not in LAYOUTS:
@@ -225,22 +119,18 @@ def hf_key(native: str, family: str, layout: str) -> str:
         return native
     m = _ROUTER_NATIVE.match(native)
     if m:
-        return f"model.layers.{m.group(1)}.{_moe_block(family, layout)}.gate.weight"
-    m = _EXPERT_NATIVE.match(native)
-    if m and layout == "per-expert":
-        raise CheckpointError(f"{native} is stored per expert in the per-expert layout; use hf_expert_keys")
+        return _family(family).hf_moe_prefix(int(m.group(1)), layout) + "gate.weight"
+    if expert_param(native) and layout == "per-expert":
+        raise CheckpointError(f"{native} is stored per expert in the per-expert layout; "
+                              f"use hf_expert_keys")
     return "model." + native
 
 
 def hf_expert_keys(native: str, family: str, expert: int) -> list[str]:
     """Per-expert HF names holding expert ``expert`` of a stacked tensor, in row order of
     ``native[expert]``: [gate, up] for gate_up_proj, [down] for down_proj."""
-    layer, kind = expert_tensor(native) or (None, None)
-    if layer is None:
+    found = expert_param(native)
+    if found is None:
         raise CheckpointError(f"{native} is not a stacked expert tensor")
-    prefix = f"model.layers.{layer}.{_moe_block(family, 'per-expert')}.experts.{expert}."
-    if family == "mixtral":
-        parts = ["w1", "w3"] if kind == GATE_UP else ["w2"]
-    else:
-        parts = ["gate_proj", "up_proj"] if kind == GATE_UP else ["down_proj"]
-    return [prefix + p + ".weight" for p in parts]
+    layer, stacked = found
+    return _family(family).hf_expert_keys(layer, stacked, expert)

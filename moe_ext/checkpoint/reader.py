@@ -374,10 +374,10 @@ def hf_files(directory: Path) -> dict[str, str]:
 
 
 def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
-    family = config["model_type"]
+    family = hf_maps.family_of(config)
     expected = hf_maps.native_shapes(config)
-    shape_info = hf_maps.model_shape(config)
-    E, F, H = shape_info.num_experts, shape_info.expert_ffn, shape_info.hidden
+    args = hf_maps.config_args(config)
+    E, F, H = args.num_experts, args.moe_intermediate_size, args.hidden_size
     key_files = hf_files(directory)
     headers = {file: _file_header(directory / file) for file in sorted(set(key_files.values()))}
     problems: list[str] = []
@@ -387,7 +387,7 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
         if key not in headers[file]:
             problems.append(f"{HF_INDEX} maps tensor {key} to {file}, which does not contain it; re-download the checkpoint")
             continue
-        if hf_maps.is_ignored_hf_key(key) or (key == "lm_head.weight" and shape_info.tied):
+        if hf_maps.is_ignored_hf_key(key) or (key == "lm_head.weight" and args.tie_word_embeddings):
             continue  # not a parameter (rotary cache) / tied to the embedding
         shape, dtype = headers[file][key]
         dest = hf_maps.parse_hf_key(key)

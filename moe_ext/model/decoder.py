@@ -19,21 +19,8 @@ from torch import nn
 
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
-from moe_ext.model.layers import Attention, DenseMLP, KVCache, RMSNorm, RotaryEmbedding
-from moe_ext.moe.dispatch._comm import all_gather_raw
-
-
-def build_moe(args: ModelArgs, dispatcher="local", dtype: Optional[torch.dtype] = None,
-              device=None) -> nn.Module:
-    """The MoE MLP of one layer (softmax top-k router + grouped experts, plus the sigmoid-
-    gated shared expert of qwen2_moe) holding the dispatcher's expert shard."""
-    from moe_ext.moe.layer import build_moe_layer
-
-    shared = args.shared_expert_intermediate_size if args.has_shared_expert else None
-    return build_moe_layer(args.hidden_size, args.moe_intermediate_size, args.num_experts,
-                           args.num_experts_per_tok, norm_topk_prob=args.norm_topk_prob,
-                           shared_expert_size=shared, shared_expert_gate=bool(shared),
-                           dispatcher=dispatcher, dtype=dtype, device=device)
+from moe_ext.model.layers import KVCache, RMSNorm, RotaryEmbedding
+from moe_ext.moe.dispatch.comm import all_gather_raw
 
 
 class TransformerBlock(nn.Module):
@@ -42,10 +29,11 @@ class TransformerBlock(nn.Module):
         self.layer_id = layer_id
         self.is_moe = args.is_moe_layer(layer_id)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
+        family = args.family
+        self.self_attn = family.build_attention(args, layer_id)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = build_moe(args) if self.is_moe else DenseMLP(args.hidden_size,
-                                                                args.intermediate_size)
+        self.mlp = family.build_moe(args) if self.is_moe else \
+            family.build_dense_mlp(args, layer_id)
         # ep_* with tp > 1: the TP ranks hold identical tokens; each sends only its 1/tp
         # slice through the expert exchange and the slices are all-gathered afterwards.
         self.moe_token_split_group: Optional[dist.ProcessGroup] = None

@@ -28,7 +28,7 @@ from torch import nn
 from moe_ext.checkpoint.shard import ShardRequest
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import ParallelContext
-from moe_ext.model.decoder import Transformer, build_moe
+from moe_ext.model.decoder import Transformer
 from moe_ext.errors import MoeExtError
 
 
@@ -195,7 +195,7 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
         ref = old.router.weight
         dispatcher = build_dispatcher(plan.dispatcher, args.num_experts,
                                       groups.dispatch_groups())
-        new = build_moe(args, dispatcher, dtype=ref.dtype, device=ref.device)
+        new = args.family.build_moe(args, dispatcher, dtype=ref.dtype, device=ref.device)
         if ref.device.type != "meta":
             prefix = f"layers.{key}.mlp."
             state = {n: take_shard(t, requests[prefix + n]) for n, t in

@@ -97,20 +97,11 @@ def random_tensor(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int,
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=request.cat_dim)
 
 
-def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the full model, by native name, with its full shape."""
-    with torch.device("meta"):
-        from moe_ext.model.decoder import Transformer
-
-        model = Transformer(args)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
 def init_random_full(args: ModelArgs, seed: Optional[int] = None) -> dict[str, torch.Tensor]:
     """All full tensors, fp32 on CPU (fine for small shapes; big ones use init_random_)."""
     seed = args.init_seed if seed is None else seed
     return {name: random_tensor(name, shape, args, seed)
-            for name, shape in full_shapes(args).items()}
+            for name, shape in args.family.param_shapes(args).items()}
 
 
 @torch.no_grad()
@@ -130,7 +121,7 @@ def init_random_(model: nn.Module, seed: Optional[int] = None,
             raise ValueError("init_random_ needs a real device for a meta model; pass device=")
         materialize_(model, device)
         params = dict(model.named_parameters())
-    shapes = full_shapes(args)
+    shapes = args.family.param_shapes(args)
     for name, param in params.items():
         request = None if requests is None else requests[name]
         value = random_tensor(name, shapes[name], args, seed, request, device)

@@ -5,12 +5,12 @@ same way. ``register_train_configs`` is called by the Hydra main before it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from moe_ext.config import ModelConf, ParallelConf, StrategyConf, TopologyConf, register_configs
+from moe_ext.config import ParallelConf, StrategyConf, TopologyConf, register_configs
 
 
 @dataclass
@@ -34,6 +34,9 @@ class TrainLoopConf:
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 (none), 1 (optimizer states), 2 (+ gradients)
     save_every: int = 1000  # training checkpoint every N steps (and at the end); 0 = end only
     keep_checkpoints: int = 2  # newest training checkpoints kept; 0 = keep all
+    # export= may replace an existing moe_ext checkpoint; a non-empty directory is refused
+    # otherwise (before training starts), and anything that is not a checkpoint always
+    overwrite_export: bool = False
     eval_every: int = 500  # held-out loss every N steps (and at the end); 0 = end only
     eval_batches: int = 8  # held-out batches of micro_batch sequences per rank
     val_fraction: float = 0.05  # tail of the token stream held out for evaluation
@@ -52,10 +55,12 @@ class SampleConf:
 
 @dataclass
 class TrainConf:
-    model: ModelConf = MISSING
+    model: Any = MISSING  # as InferConf.model
     strategy: StrategyConf = MISSING
     parallel: ParallelConf = field(default_factory=ParallelConf)
-    topology: Optional[TopologyConf] = None  # None: probe; `+topology=pcie` forces one
+    # kind auto: probe; `+topology=pcie` forces one; `topology.gpu_memory_gib=96` alone
+    # plans for the probed GPUs with that much memory each
+    topology: TopologyConf = field(default_factory=TopologyConf)
     engine: str = "deepspeed"  # deepspeed (CPU or GPU) | megatron (GPU: Megatron-core GPTModel)
     data: Optional[str] = None  # text file or JSONL ({"text": ...}); None: shipped corpus
     checkpoint: Optional[str] = None  # start from these weights (moe_ext or HF dir); None: random
@@ -64,9 +69,11 @@ class TrainConf:
     train: TrainLoopConf = field(default_factory=TrainLoopConf)
     sample: SampleConf = field(default_factory=SampleConf)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 on cuda with ZeRO 1/2, else fp32) | bf16 | fp32
+    # auto (bf16 on cuda with ZeRO 1/2, else fp32) | bf16 | fp32, or bfloat16 / float32
+    dtype: str = "auto"
     progress: bool = True  # tqdm bar on rank 0
     dist_timeout_s: int = 300  # collective timeout: a stuck peer is an error, not a hang
+    debug: bool = False  # errors also print their chained traceback (as MOE_EXT_DEBUG=1)
 
 
 def register_train_configs() -> None:

@@ -24,11 +24,9 @@ from moe_ext.checkpoint.format import (SafetensorsWriter, TensorEntry, dtype_nam
                                        plan_shards, staged_directory,
                                        write_manifest)
 from moe_ext.model.parallelize import RankCoords, shard_slices
-from moe_ext.model.weights import full_shapes
+from moe_ext.model.args import ModelArgs
 from moe_ext.errors import MoeExtError
 
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 # side files of a source checkpoint that describe tokenization and generation
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -39,52 +37,9 @@ class ExportError(MoeExtError):
     """An export that cannot be written (one line: problem and fix)."""
 
 
-def hf_config(args: Any, tokenizer: Optional[str] = None) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` of a ``ModelArgs`` (``ModelArgs.from_hf_config``
-    reads it back to the same args). ``tokenizer="byte"`` records a byte-level vocabulary
-    (launch/infer.py then uses the byte tokenizer)."""
-    family = args.model_type
-    config: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[family]],
-        "model_type": family,
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_hidden_layers,
-        "num_attention_heads": args.num_attention_heads,
-        "num_key_value_heads": args.num_key_value_heads,
-        "head_dim": args.head_dim,
-        "num_experts_per_tok": args.num_experts_per_tok,
-        "hidden_act": "silu",
-        "rope_theta": args.rope_theta,
-        "rms_norm_eps": args.rms_norm_eps,
-        "max_position_embeddings": args.max_position_embeddings,
-        "tie_word_embeddings": args.tie_word_embeddings,
-        "bos_token_id": args.bos_token_id,
-        "eos_token_id": args.eos_token_id,
-        "pad_token_id": args.pad_token_id,
-    }
-    if args.rope_scaling is not None:
-        config["rope_scaling"] = dict(args.rope_scaling)
-    if family == "mixtral":
-        config["num_local_experts"] = args.num_experts
-        config["sliding_window"] = args.sliding_window
-    else:
-        config.update(num_experts=args.num_experts,
-                      moe_intermediate_size=args.moe_intermediate_size,
-                      norm_topk_prob=args.norm_topk_prob,
-                      decoder_sparse_step=args.decoder_sparse_step,
-                      mlp_only_layers=list(args.mlp_only_layers))
-    if family == "qwen2_moe":
-        config.update(shared_expert_intermediate_size=args.shared_expert_intermediate_size,
-                      qkv_bias=args.qkv_bias, use_sliding_window=False)
-    if family == "qwen3_moe":
-        config.update(attention_bias=args.o_bias,
-                      use_sliding_window=args.sliding_window is not None,
-                      sliding_window=args.sliding_window)
-    if tokenizer is not None:
-        config["tokenizer"] = tokenizer
-    return config
+def hf_config(args: ModelArgs, tokenizer: Optional[str] = None) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of ``args`` (its family writes it)."""
+    return args.family.hf_config(args, tokenizer)
 
 
 def _region_key(request, shape) -> tuple:
@@ -120,7 +75,7 @@ def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: st
     destination is replaced once the new directory is complete. Returns the path on rank 0.
     """
     args = model.args
-    shapes = full_shapes(args)  # name -> full shape, in the model's parameter order
+    shapes = args.family.param_shapes(args)  # name -> full shape, in the model's parameter order
     local = dict(model.named_parameters())
     device = next(iter(local.values())).device
     owners = _owners(plan, args)

@@ -1,0 +1,228 @@
+"""What every model family shares: the config mapping into ``ModelArgs``, the tensor
+names and shapes the model holds, the Hugging Face weight layout, and the block builders.
+
+# H hidden, V vocab, nH/nKV heads, D head dim, E experts, F expert FFN, Fd dense FFN,
+# S shared-expert FFN
+
+A family module subclasses ``Family`` and states only what differs (its config keys,
+its HF names); ``moe_ext.model.families`` registers it. The model, the planner's memory
+count and the checkpoint maps all read the same ``param_shapes``.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from moe_ext.model.args import ModelArgs, ModelArgsError, normalize_rope_scaling
+from moe_ext.model.families.fields import ConfigFields
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+GATE_UP = "gate_up_proj"
+DOWN = "down_proj"
+EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# Keys of a conf/model file that describe where the model comes from, not its shape.
+LAUNCH_KEYS = ("name", "tokenizer", "weights", "init_seed")
+
+
+class Family:
+    """One Hugging Face ``model_type`` family. Subclasses set the class attributes and
+    implement ``family_args`` / ``family_config``; the rest is shared."""
+
+    model_type: str
+    aliases: tuple[str, ...] = ()
+    architecture: str  # HF ``architectures`` entry written on export
+    default_rope_theta: float = 10_000.0
+    # Hugging Face per-expert layout: the MoE block's module name and the expert
+    # projections' names in (gate, up, down) order.
+    hf_moe_block: str = "mlp"
+    hf_expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    # ---- config mapping -------------------------------------------------------------
+    def family_args(self, cfg: ConfigFields) -> dict[str, Any]:
+        """The ModelArgs fields only this family reads, from its config keys."""
+        raise NotImplementedError
+
+    def family_config(self, args: ModelArgs) -> dict[str, Any]:
+        """This family's own ``config.json`` entries for ``args`` (inverse of family_args)."""
+        raise NotImplementedError
+
+    def args_from_config(self, cfg: ConfigFields) -> ModelArgs:
+        act = cfg.str("hidden_act", "silu")
+        if act != "silu":
+            raise ModelArgsError(f"{cfg.source}: hidden_act {act!r} is not supported "
+                                 f"(SwiGLU with silu only)")
+        num_heads = cfg.int("num_attention_heads")
+        rope_theta, rope_scaling = _rope(cfg, self.default_rope_theta)
+        return ModelArgs(
+            model_type=self.model_type,
+            vocab_size=cfg.int("vocab_size"),
+            hidden_size=cfg.int("hidden_size"),
+            intermediate_size=cfg.int("intermediate_size"),
+            num_hidden_layers=cfg.int("num_hidden_layers"),
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.int("num_key_value_heads", None) or num_heads,
+            num_experts_per_tok=cfg.int("num_experts_per_tok"),
+            head_dim=cfg.int("head_dim", None),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=cfg.float("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.int("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+            bos_token_id=cfg.token_ids("bos_token_id"),
+            eos_token_id=cfg.token_ids("eos_token_id"),
+            pad_token_id=cfg.token_ids("pad_token_id"),
+            init_seed=cfg.int("init_seed", 1234),
+            **self.family_args(cfg),
+        )
+
+    def hf_config(self, args: ModelArgs, tokenizer: Optional[str] = None) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` of ``args``; ``ModelArgs.from_hf_config`` reads
+        it back to the same args. ``tokenizer="byte"`` records a byte-level vocabulary."""
+        config: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": args.vocab_size,
+            "hidden_size": args.hidden_size,
+            "intermediate_size": args.intermediate_size,
+            "num_hidden_layers": args.num_hidden_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "num_key_value_heads": args.num_key_value_heads,
+            "head_dim": args.head_dim,
+            "num_experts_per_tok": args.num_experts_per_tok,
+            "hidden_act": "silu",
+            "rope_theta": args.rope_theta,
+            "rms_norm_eps": args.rms_norm_eps,
+            "max_position_embeddings": args.max_position_embeddings,
+            "tie_word_embeddings": args.tie_word_embeddings,
+            "bos_token_id": args.bos_token_id,
+            "eos_token_id": args.eos_token_id,
+            "pad_token_id": args.pad_token_id,
+        }
+        if args.rope_scaling is not None:
+            config["rope_scaling"] = dict(args.rope_scaling)
+        config.update(self.family_config(args))
+        if tokenizer is not None:
+            config["tokenizer"] = tokenizer
+        return config
+
+    # ---- tensors --------------------------------------------------------------------
+    def param_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        """Every native tensor name of the full model with its shape, in model order
+        (the names of docs/ARCHITECTURE.md "Parameter names")."""
+        H, V = args.hidden_size, args.vocab_size
+        out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, H)}
+        for i in range(args.num_hidden_layers):
+            p = f"layers.{i}."
+            out[p + "input_layernorm.weight"] = (H,)
+            out.update({p + "self_attn." + k: v for k, v in
+                        self.attention_shapes(args).items()})
+            out[p + "post_attention_layernorm.weight"] = (H,)
+            mlp = self.moe_shapes(args) if args.is_moe_layer(i) else self.dense_shapes(args)
+            out.update({p + "mlp." + k: v for k, v in mlp.items()})
+        out["norm.weight"] = (H,)
+        if not args.tie_word_embeddings:
+            out["lm_head.weight"] = (V, H)
+        return out
+
+    def attention_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        H, D = args.hidden_size, args.head_dim
+        q, kv = args.num_attention_heads * D, args.num_key_value_heads * D
+        out: dict[str, tuple[int, ...]] = {}
+        for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            out[proj + ".weight"] = (rows, H)
+            if args.qkv_bias:
+                out[proj + ".bias"] = (rows,)
+        out["o_proj.weight"] = (H, q)
+        if args.o_bias:
+            out["o_proj.bias"] = (H,)
+        if args.qk_norm:
+            out.update({"q_norm.weight": (D,), "k_norm.weight": (D,)})
+        return out
+
+    def moe_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        H, E, F = args.hidden_size, args.num_experts, args.moe_intermediate_size
+        out = {"router.weight": (E, H), "experts." + GATE_UP: (E, 2 * F, H),
+               "experts." + DOWN: (E, H, F)}
+        if args.has_shared_expert:
+            S = args.shared_expert_intermediate_size
+            out.update({"shared_expert.gate_proj.weight": (S, H),
+                        "shared_expert.up_proj.weight": (S, H),
+                        "shared_expert.down_proj.weight": (H, S),
+                        "shared_expert_gate.weight": (1, H)})
+        return out
+
+    def dense_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        H, Fd = args.hidden_size, args.intermediate_size
+        return {"gate_proj.weight": (Fd, H), "up_proj.weight": (Fd, H),
+                "down_proj.weight": (H, Fd)}
+
+    # ---- blocks ---------------------------------------------------------------------
+    def build_attention(self, args: ModelArgs, layer_id: int) -> "nn.Module":
+        from moe_ext.model.layers import Attention
+
+        return Attention(args)
+
+    def build_dense_mlp(self, args: ModelArgs, layer_id: int) -> "nn.Module":
+        from moe_ext.model.layers import DenseMLP
+
+        return DenseMLP(args.hidden_size, args.intermediate_size)
+
+    def build_moe(self, args: ModelArgs, dispatcher: Any = "local",
+                  dtype: Optional["torch.dtype"] = None, device: Any = None) -> "nn.Module":
+        """The MoE MLP of one layer (softmax top-k router + grouped experts, plus a
+        sigmoid-gated shared expert where the family has one) holding the dispatcher's
+        expert shard."""
+        from moe_ext.moe.layer import build_moe_layer
+
+        shared = args.shared_expert_intermediate_size if args.has_shared_expert else None
+        return build_moe_layer(args.hidden_size, args.moe_intermediate_size, args.num_experts,
+                               args.num_experts_per_tok, norm_topk_prob=args.norm_topk_prob,
+                               shared_expert_size=shared, shared_expert_gate=bool(shared),
+                               dispatcher=dispatcher, dtype=dtype, device=device)
+
+    # ---- Hugging Face per-expert names ----------------------------------------------
+    def hf_moe_prefix(self, layer: int, layout: str) -> str:
+        block = self.hf_moe_block if layout == "per-expert" else "mlp"
+        return f"model.layers.{layer}.{block}."
+
+    def hf_expert_keys(self, layer: int, stacked: str, expert: int) -> list[str]:
+        """HF names holding expert ``expert`` of a stacked tensor, in row order:
+        [gate, up] for gate_up_proj, [down] for down_proj."""
+        gate, up, down = self.hf_expert_parts
+        parts = (gate, up) if stacked == GATE_UP else (down,)
+        prefix = self.hf_moe_prefix(layer, "per-expert") + f"experts.{expert}."
+        return [prefix + p + ".weight" for p in parts]
+
+    def __repr__(self) -> str:
+        return f"<family {self.model_type}>"
+
+
+def expert_param(name: str) -> Optional[tuple[int, str]]:
+    """``(layer, "gate_up_proj" | "down_proj")`` for a routed-expert tensor, else None."""
+    m = EXPERT_PARAM.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _rope(cfg: ConfigFields, default_theta: float) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, scaling) from transformers-5 ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling`` pair."""
+    params = _mapping(cfg, "rope_parameters")
+    scaling = _mapping(cfg, "rope_scaling")
+    theta = params.pop("rope_theta", None) or scaling.pop("rope_theta", None) \
+        or cfg.float("rope_theta", None) or default_theta
+    merged = {**scaling, **params}
+    if merged.get("rope_type", merged.get("type")) in ("llama3", "yarn") \
+            and "original_max_position_embeddings" not in merged:
+        # transformers fills this in from max_position_embeddings when it is absent
+        merged["original_max_position_embeddings"] = cfg.int("max_position_embeddings", 4096)
+    return float(theta), normalize_rope_scaling(merged)
+
+
+def _mapping(cfg: ConfigFields, key: str) -> dict[str, Any]:
+    value = cfg.raw(key, {})
+    if not isinstance(value, Mapping):
+        raise ModelArgsError(f"{cfg.source}: {key} must be a mapping, got {value!r}")
+    return dict(value)

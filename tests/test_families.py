@@ -1,0 +1,114 @@
+"""The family registry: one model description feeds the model, the planner and the
+checkpoint maps, and a bad config is one line naming the field."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moe_ext.checkpoint import CheckpointError, CheckpointReader
+from moe_ext.errors import MoeExtError
+from moe_ext.model.args import ModelArgs
+from moe_ext.model.decoder import Transformer
+from moe_ext.model.families import MODEL_TYPES, ModelConfigError, get_family
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+            rms_norm_eps=1e-6)
+CONFIGS = {
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, sliding_window=16),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                      norm_topk_prob=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, moe_intermediate_size=16,
+                      head_dim=16, attention_bias=True, decoder_sparse_step=2,
+                      norm_topk_prob=True, tie_word_embeddings=True),
+}
+
+
+def hf(family: str, **changes) -> dict:
+    return {**BASE, **CONFIGS[family], **changes}
+
+
+def test_every_registered_family_has_a_test_config():
+    assert set(CONFIGS) == set(MODEL_TYPES)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_param_shapes_are_the_models_parameters_in_order(family):
+    args = ModelArgs.from_hf_config(hf(family))
+    with torch.device("meta"):
+        model = Transformer(args)
+    built = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    assert built == list(args.family.param_shapes(args).items())
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_hf_config_reads_back_to_the_same_args(family):
+    args = ModelArgs.from_hf_config(hf(family))
+    written = json.loads(json.dumps(args.family.hf_config(args)))
+    assert ModelArgs.from_hf_config(written) == args
+    assert written["model_type"] == family
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_family_specific_fields_are_read(family):
+    args = ModelArgs.from_hf_config(hf(family))
+    if family == "mixtral":
+        assert (args.num_experts, args.sliding_window, args.norm_topk_prob) == (4, 16, True)
+        assert args.family.hf_expert_keys(0, "gate_up_proj", 3) == [
+            "model.layers.0.block_sparse_moe.experts.3.w1.weight",
+            "model.layers.0.block_sparse_moe.experts.3.w3.weight"]
+    elif family == "qwen2_moe":
+        assert args.qkv_bias and not args.o_bias and args.has_shared_expert
+        assert [args.is_moe_layer(i) for i in range(3)] == [True, False, True]
+    else:
+        assert args.qk_norm and args.qkv_bias and args.o_bias and args.tie_word_embeddings
+        assert [args.is_moe_layer(i) for i in range(3)] == [False, True, False]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_experts_per_tok=None), "required field 'num_experts_per_tok' is missing"),
+    (dict(hidden_size="32"), "hidden_size must be an integer, got '32' (a string)"),
+    (dict(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a number"),
+    (dict(mlp_only_layers=[1, "2"]), "mlp_only_layers must be a list of integers"),
+    (dict(model_type="llama"), "unknown model_type 'llama'"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (dict(num_attention_heads=0), "num_attention_heads=0 must be >= 1"),
+])
+def test_bad_config_is_one_line_naming_the_field(change, message):
+    config = {k: v for k, v in {**hf("qwen2_moe"), **change}.items() if v is not None}
+    with pytest.raises(MoeExtError) as info:
+        ModelArgs.from_hf_config(config, "ckpt/config.json")
+    text = str(info.value)
+    assert message in text and "\n" not in text
+    assert text.startswith("ckpt/config.json") or "must be >= 1" in text
+
+
+def test_bad_config_json_in_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(hf("qwen3_moe", num_experts="4")))
+    with pytest.raises(CheckpointError, match="num_experts must be an integer"):
+        CheckpointReader.open(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")))
+def test_shipped_model_confs_parse(name):
+    args = ModelArgs.from_model_conf(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+    assert args.family is get_family(args.model_type)
+
+
+def test_model_conf_typo_is_an_error_naming_the_key():
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    conf["num_expert_per_tok"] = 2
+    with pytest.raises(ModelConfigError, match="unknown field.*num_expert_per_tok.*qwen3_moe"):
+        ModelArgs.from_model_conf(conf)
+
+
+def test_unknown_keys_of_a_checkpoint_config_are_ignored():
+    args = ModelArgs.from_hf_config(hf("mixtral", architectures=["X"], torch_dtype="bfloat16"))
+    assert args.model_type == "mixtral"
