@@ -81,8 +81,8 @@ PCIE_GBPS_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 DEFAULT_PCIE_GEN, DEFAULT_PCIE_WIDTH = 4, 16  # when a GPU's link is unknown
 # Share of the raw PCIe rate a copy reaches: peer-to-peer DMA loses ~20% to packet
 # headers; without P2P every byte is staged through host memory (device -> host ->
-# device), measured at 24 GB/s on a Gen5 x16 H200 with NCCL_P2P_DISABLE=1
-# (docs in /work/shared/DESIGN.md), about 0.4 of raw.
+# device), measured at 24 GB/s all_to_all bus bandwidth on a Gen5 x16 H200 with
+# NCCL_P2P_DISABLE=1 (docs/PERF.md, "Link floors"), about 0.4 of raw.
 PCIE_P2P_EFFICIENCY = 0.8
 PCIE_HOST_STAGED_EFFICIENCY = 0.4
 # CPU ranks exchange through gloo over loopback TCP.
@@ -563,20 +563,15 @@ def parse_record(record: dict[str, Any]) -> Topology:
     as nvidia-smi counts NV18 on HGX boards); P2P and atomics from CUDA's P2P attributes
     in both directions, else from NVML's P2P status (read and write OK / atomics OK).
     """
-    if record.get("format") != RECORD_FORMAT:
-        hint = " (a parsed topology: use Topology.from_json)" if record.get("format") == TOPOLOGY_FORMAT else ""
-        raise TopologyError(f"not a {RECORD_FORMAT} record: format={record.get('format')!r}{hint}")
+    _check_record_format(record)
     host = record.get("host") or {}
     nvml = record.get("nvml") or {}
     cuda = record.get("cuda") or {}
-    notes = []
     nvml_ok = nvml.get("error") is None and bool(nvml.get("devices"))
     # CUDA answering "no device" is an answer: this process may use no GPU, whatever NVML sees.
     cuda_ok = cuda.get("error") is None and cuda.get("devices") is not None
-    if nvml.get("error"):
-        notes.append(f"NVML: {nvml['error']}")
-    if cuda.get("error"):
-        notes.append(f"CUDA: {cuda['error']}")
+    notes = [f"{name}: {part['error']}" for name, part in (("NVML", nvml), ("CUDA", cuda))
+             if part.get("error")]
     base = dict(
         host_memory_bytes=host.get("memory_bytes"),
         cpu_count=host.get("cpu_count"),
@@ -591,78 +586,113 @@ def parse_record(record: dict[str, Any]) -> Topology:
         return Topology(kind="cpu", source="none", notes=tuple(notes), **base)
 
     nvml_devices = (nvml.get("devices") or []) if nvml_ok else []
-    by_bus = {normalize_bus_id(d.get("pci_bus_id")): d for d in nvml_devices}
-    # (NVML device or None, CUDA device or None) per GPU, in the order ranks see them.
-    if cuda_ok:
-        order = [(by_bus.get(normalize_bus_id(c["pci_bus_id"])), c) for c in cuda["devices"]]
-        missing = [c["ordinal"] for nd, c in order if nd is None and nvml_ok]
-        if missing:
-            notes.append(f"CUDA devices {missing} not found in NVML; their links are unknown")
-    else:
-        order = [(d, None) for d in nvml_devices]
-
-    gpus = []
-    for idx, (nd, cd) in enumerate(order):
-        pcie = (nd or {}).get("pcie") or {}
-        cc = (nd or {}).get("cuda_compute_capability") or (cd or {}).get("compute_capability")
-        gpus.append(GPU(
-            index=idx,
-            name=(nd or {}).get("name") or (cd or {}).get("name") or "unknown GPU",
-            memory_bytes=int((nd or {}).get("memory_total_bytes") or (cd or {}).get("total_memory_bytes") or 0),
-            pci_bus_id=normalize_bus_id((nd or {}).get("pci_bus_id") or (cd or {}).get("pci_bus_id")),
-            pcie_gen=pcie.get("curr_gen"),
-            pcie_max_gen=pcie.get("max_gen"),
-            pcie_width=pcie.get("curr_width"),
-            pcie_max_width=pcie.get("max_width"),
-            numa_node=(nd or {}).get("numa_node"),
-            compute_capability=tuple(cc) if cc else None,
-        ))
-
-    direct, switch, gens = _nvlink_counts(nvml_devices)
+    order = _gpu_order(nvml_devices, cuda["devices"] if cuda_ok else None, notes)
+    gpus = tuple(_parsed_gpu(idx, nd, cd) for idx, (nd, cd) in enumerate(order))
+    nvlinks = _nvlink_counts(nvml_devices)
     nvml_pairs = {}
     for p in (nvml.get("pairs") or ()) if nvml_ok else ():
         nvml_pairs[(p["a"], p["b"])] = nvml_pairs[(p["b"], p["a"])] = p
     cuda_p2p = {(e["src"], e["dst"]): e for e in cuda.get("p2p") or ()} if cuda_ok else {}
-
-    links = []
-    for i in range(len(order)):
-        for j in range(i + 1, len(order)):
-            ni, nj = order[i][0], order[j][0]
-            count, gen, via_switch, ancestor, status_name = 0, None, False, "UNKNOWN", "unknown"
-            nv_status: dict[str, Any] = {}
-            if ni is not None and nj is not None:
-                a, b = ni["index"], nj["index"]
-                bus_a, bus_b = normalize_bus_id(ni.get("pci_bus_id")), normalize_bus_id(nj.get("pci_bus_id"))
-                point = min(direct[a].get(bus_b, 0), direct[b].get(bus_a, 0)) or max(
-                    direct[a].get(bus_b, 0), direct[b].get(bus_a, 0))  # one side may not report
-                switched = min(switch[a], switch[b])
-                count, via_switch = point + switched, switched > 0
-                common = gens[a] & gens[b] if gens[a] and gens[b] else gens[a] | gens[b]
-                gen = min(common) if count and common else None
-                pair = nvml_pairs.get((a, b)) or {}
-                ancestor = ANCESTORS.get(pair.get("common_ancestor"), "UNKNOWN")
-                nv_status = pair.get("p2p_status") or {}
-                if nv_status.get("read") is not None:
-                    status_name = P2P_STATUS.get(nv_status["read"], "UNKNOWN")
-                if count == 0 and nv_status.get("nvlink") == 0:
-                    notes.append(f"GPUs {i},{j}: NVML reports P2P over NVLink but no NVLink link answered")
-            fwd, bwd = cuda_p2p.get((i, j)), cuda_p2p.get((j, i))
-            if fwd is not None and bwd is not None:
-                p2p = bool(fwd["access_supported"] and bwd["access_supported"])
-                atomics = p2p and bool(fwd["native_atomic_supported"] and bwd["native_atomic_supported"])
-            else:
-                p2p = nv_status.get("read") == 0 and nv_status.get("write") == 0
-                atomics = p2p and nv_status.get("atomics") == 0
-            links.append(Link(a=i, b=j, nvlink_count=count, nvlink_gen=gen, via_nvswitch=via_switch,
-                              ancestor=ancestor, p2p=p2p, p2p_atomics=atomics, p2p_status=status_name))
-
-    if len(gpus) >= 2:
-        kind = "nvlink" if all(l.nvlink for l in links) else "pcie"
-    else:  # one GPU: it is an NVLink part when it has active NVLinks (a slice of an HGX board)
-        nd = order[0][0]
-        kind = "nvlink" if nd is not None and (switch[nd["index"]] or direct[nd["index"]]) else "pcie"
+    links = tuple(_parsed_link(i, j, order, nvlinks, nvml_pairs, cuda_p2p, notes)
+                  for i in range(len(order)) for j in range(i + 1, len(order)))
     source = "+".join(s for s, ok in (("nvml", nvml_ok), ("cuda", cuda_ok)) if ok)
-    return Topology(kind=kind, gpus=tuple(gpus), links=tuple(links), source=source, notes=tuple(notes), **base)
+    return Topology(kind=_parsed_kind(order, links, nvlinks), gpus=gpus, links=links,
+                    source=source, notes=tuple(notes), **base)
+
+
+def _check_record_format(record: dict[str, Any]) -> None:
+    if record.get("format") != RECORD_FORMAT:
+        hint = " (a parsed topology: use Topology.from_json)" \
+            if record.get("format") == TOPOLOGY_FORMAT else ""
+        raise TopologyError(f"not a {RECORD_FORMAT} record: "
+                            f"format={record.get('format')!r}{hint}")
+
+
+def _gpu_order(nvml_devices: list[dict], cuda_devices: Optional[list[dict]],
+               notes: list[str]) -> list[tuple[Optional[dict], Optional[dict]]]:
+    """(NVML device or None, CUDA device or None) per GPU, in the order ranks see them:
+    CUDA's ordinals joined to NVML by bus id, else NVML's order (``cuda_devices`` None)."""
+    if cuda_devices is None:
+        return [(d, None) for d in nvml_devices]
+    by_bus = {normalize_bus_id(d.get("pci_bus_id")): d for d in nvml_devices}
+    order = [(by_bus.get(normalize_bus_id(c["pci_bus_id"])), c) for c in cuda_devices]
+    missing = [c["ordinal"] for nd, c in order if nd is None and nvml_devices]
+    if missing:
+        notes.append(f"CUDA devices {missing} not found in NVML; their links are unknown")
+    return order
+
+
+def _parsed_gpu(idx: int, nd: Optional[dict], cd: Optional[dict]) -> GPU:
+    """GPU ``idx`` from its NVML record (preferred) and its CUDA record."""
+    nd, cd = nd or {}, cd or {}
+    pcie = nd.get("pcie") or {}
+    cc = nd.get("cuda_compute_capability") or cd.get("compute_capability")
+    return GPU(
+        index=idx,
+        name=nd.get("name") or cd.get("name") or "unknown GPU",
+        memory_bytes=int(nd.get("memory_total_bytes") or cd.get("total_memory_bytes") or 0),
+        pci_bus_id=normalize_bus_id(nd.get("pci_bus_id") or cd.get("pci_bus_id")),
+        pcie_gen=pcie.get("curr_gen"),
+        pcie_max_gen=pcie.get("max_gen"),
+        pcie_width=pcie.get("curr_width"),
+        pcie_max_width=pcie.get("max_width"),
+        numa_node=nd.get("numa_node"),
+        compute_capability=tuple(cc) if cc else None,
+    )
+
+
+def _parsed_link(i: int, j: int, order: list[tuple[Optional[dict], Optional[dict]]],
+                 nvlinks: tuple[dict, dict, dict], nvml_pairs: dict, cuda_p2p: dict,
+                 notes: list[str]) -> Link:
+    """The link between GPUs i < j: NVLink and PCIe facts from NVML where both GPUs are
+    known to it, P2P from CUDA (both directions) else from NVML's P2P status."""
+    ni, nj = order[i][0], order[j][0]
+    count, gen, via_switch, ancestor, status_name = 0, None, False, "UNKNOWN", "unknown"
+    nv_status: dict[str, Any] = {}
+    if ni is not None and nj is not None:
+        count, gen, via_switch = _nvlink_between(ni, nj, *nvlinks)
+        pair = nvml_pairs.get((ni["index"], nj["index"])) or {}
+        ancestor = ANCESTORS.get(pair.get("common_ancestor"), "UNKNOWN")
+        nv_status = pair.get("p2p_status") or {}
+        if nv_status.get("read") is not None:
+            status_name = P2P_STATUS.get(nv_status["read"], "UNKNOWN")
+        if count == 0 and nv_status.get("nvlink") == 0:
+            notes.append(f"GPUs {i},{j}: NVML reports P2P over NVLink but no NVLink link "
+                         "answered")
+    fwd, bwd = cuda_p2p.get((i, j)), cuda_p2p.get((j, i))
+    if fwd is not None and bwd is not None:
+        p2p = bool(fwd["access_supported"] and bwd["access_supported"])
+        atomics = p2p and bool(fwd["native_atomic_supported"]
+                               and bwd["native_atomic_supported"])
+    else:
+        p2p = nv_status.get("read") == 0 and nv_status.get("write") == 0
+        atomics = p2p and nv_status.get("atomics") == 0
+    return Link(a=i, b=j, nvlink_count=count, nvlink_gen=gen, via_nvswitch=via_switch,
+                ancestor=ancestor, p2p=p2p, p2p_atomics=atomics, p2p_status=status_name)
+
+
+def _nvlink_between(ni: dict, nj: dict, direct: dict, switch: dict, gens: dict
+                    ) -> tuple[int, Optional[int], bool]:
+    """(links, NVLink generation or None, via an NVSwitch) between two NVML devices."""
+    a, b = ni["index"], nj["index"]
+    bus_a, bus_b = normalize_bus_id(ni.get("pci_bus_id")), normalize_bus_id(nj.get("pci_bus_id"))
+    point = min(direct[a].get(bus_b, 0), direct[b].get(bus_a, 0)) or max(
+        direct[a].get(bus_b, 0), direct[b].get(bus_a, 0))  # one side may not report
+    switched = min(switch[a], switch[b])
+    count = point + switched
+    common = gens[a] & gens[b] if gens[a] and gens[b] else gens[a] | gens[b]
+    return count, (min(common) if count and common else None), switched > 0
+
+
+def _parsed_kind(order: list[tuple[Optional[dict], Optional[dict]]], links: tuple[Link, ...],
+                 nvlinks: tuple[dict, dict, dict]) -> str:
+    if len(order) >= 2:
+        return "nvlink" if all(link.nvlink for link in links) else "pcie"
+    # one GPU: it is an NVLink part when it has active NVLinks (a slice of an HGX board)
+    nd = order[0][0]
+    direct, switch, _ = nvlinks
+    return "nvlink" if nd is not None and (switch[nd["index"]] or direct[nd["index"]]) \
+        else "pcie"
 
 
 # --------------------------------------------------------------------------- forcing
@@ -670,7 +700,8 @@ def _conf_get(conf: Any, name: str) -> Any:
     return getattr(conf, name, None)
 
 
-def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topology] = probe) -> Topology:
+def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topology] = probe
+                     ) -> Topology:
     """The topology to plan for.
 
     ``conf`` is a TopologyConf (or its DictConfig). None or kind ``auto``: the probe.
@@ -689,7 +720,8 @@ def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topolog
         )
     overrides = {
         name: _conf_get(conf, name)
-        for name in ("num_gpus", "p2p", "p2p_atomics", "nvlink_count", "pcie_gen", "pcie_width", "gpu_memory_gib")
+        for name in ("num_gpus", "p2p", "p2p_atomics", "nvlink_count", "pcie_gen",
+                     "pcie_width", "gpu_memory_gib")
         if conf is not None and _conf_get(conf, name) is not None
     }
     if kind == "auto":
@@ -703,29 +735,53 @@ def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topolog
     if kind == "cpu":
         if overrides.get("num_gpus", 0) or set(overrides) - {"num_gpus"}:
             raise TopologyError(f"topology kind cpu has no GPUs; drop {sorted(overrides)}")
-        return Topology(kind="cpu", host_memory_bytes=probed.host_memory_bytes, cpu_count=probed.cpu_count,
-                        source="forced:cpu", driver_version=probed.driver_version,
-                        notes=(f"forced by +topology=cpu; the probe found {probed.num_gpus} GPU(s)",))
-
+        return Topology(kind="cpu", host_memory_bytes=probed.host_memory_bytes,
+                        cpu_count=probed.cpu_count, source="forced:cpu",
+                        driver_version=probed.driver_version,
+                        notes=(f"forced by +topology=cpu; the probe found {probed.num_gpus} "
+                               "GPU(s)",))
     opts = {**FORCED_DEFAULTS[kind], **overrides}
     n = overrides.get("num_gpus") or probed.num_gpus or num_local_gpus
+    _check_forced(kind, opts, n)
+    note = (f"forced by +topology={kind}; the probe found {probed.num_gpus} GPU(s), kind "
+            f"{probed.kind}")
+    return Topology(kind=kind, gpus=_forced_gpus(kind, opts, n, probed),
+                    links=_forced_links(kind, opts, n, probed),
+                    host_memory_bytes=probed.host_memory_bytes, cpu_count=probed.cpu_count,
+                    source=f"forced:{kind}", driver_version=probed.driver_version,
+                    notes=(note,))
+
+
+def _check_forced(kind: str, opts: dict[str, Any], n: int) -> None:
+    """The fields of a forced ``pcie``/``nvlink`` topology over ``n`` GPUs make sense."""
     if n < 1:
-        raise TopologyError(f"topology kind {kind} needs GPUs: set topology.num_gpus=N or launch N local ranks")
+        raise TopologyError(f"topology kind {kind} needs GPUs: set topology.num_gpus=N or "
+                            "launch N local ranks")
     if kind == "pcie" and opts["nvlink_count"]:
-        raise TopologyError("topology kind pcie has no NVLink; drop topology.nvlink_count or use +topology=nvlink")
+        raise TopologyError("topology kind pcie has no NVLink; drop topology.nvlink_count or "
+                            "use +topology=nvlink")
     if kind == "nvlink" and int(opts["nvlink_count"]) < 1:
-        raise TopologyError("topology kind nvlink needs topology.nvlink_count >= 1 (NV18 on H100/H200)")
+        raise TopologyError("topology kind nvlink needs topology.nvlink_count >= 1 (NV18 on "
+                            "H100/H200)")
     if opts["p2p_atomics"] and not opts["p2p"]:
         raise TopologyError("topology.p2p_atomics=true needs topology.p2p=true")
     if int(opts["pcie_gen"]) not in PCIE_GBPS_PER_LANE:
-        raise TopologyError(f"topology.pcie_gen={opts['pcie_gen']} is not a PCIe generation (1..6)")
+        raise TopologyError(f"topology.pcie_gen={opts['pcie_gen']} is not a PCIe generation "
+                            "(1..6)")
     if int(opts["pcie_width"]) not in (1, 2, 4, 8, 16, 32):
-        raise TopologyError(f"topology.pcie_width={opts['pcie_width']} is not a PCIe width (1, 2, 4, 8, 16, 32)")
+        raise TopologyError(f"topology.pcie_width={opts['pcie_width']} is not a PCIe width "
+                            "(1, 2, 4, 8, 16, 32)")
+    if "gpu_memory_gib" in opts and int(float(opts["gpu_memory_gib"]) * GIB) <= 0:
+        raise TopologyError(f"topology.gpu_memory_gib={opts['gpu_memory_gib']} must be "
+                            "positive")
 
+
+def _forced_gpus(kind: str, opts: dict[str, Any], n: int, probed: Topology
+                 ) -> tuple[GPU, ...]:
+    """``n`` GPUs at the forced PCIe link; names, bus ids and memory are the probe's where
+    it has the GPU, and ``gpu_memory_gib`` overrides the memory of all."""
     if "gpu_memory_gib" in opts:
         memory = int(float(opts["gpu_memory_gib"]) * GIB)
-        if memory <= 0:
-            raise TopologyError(f"topology.gpu_memory_gib={opts['gpu_memory_gib']} must be positive")
     else:
         memory = None  # each GPU keeps the probe's memory
     fallback_memory = probed.min_gpu_memory_bytes or int(DEFAULT_GPU_MEMORY_GIB[kind] * GIB)
@@ -742,22 +798,26 @@ def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topolog
             numa_node=real.numa_node if real else None,
             compute_capability=real.compute_capability if real else None,
         ))
+    return tuple(gpus)
+
+
+def _forced_links(kind: str, opts: dict[str, Any], n: int, probed: Topology
+                  ) -> tuple[Link, ...]:
+    """Every pair of ``n`` GPUs with the forced link; the NVLink generation, NVSwitch and
+    PCIe ancestor are the probe's where it has the pair."""
+    nvlink = kind == "nvlink"
     links = []
     for i in range(n):
         for j in range(i + 1, n):
-            real_link = probed.link(i, j) if j < probed.num_gpus else None
-            nvlink = kind == "nvlink"
+            real = probed.link(i, j) if j < probed.num_gpus else None
+            gen = real.nvlink_gen if real and real.nvlink_gen else DEFAULT_NVLINK_GENERATION
             links.append(Link(
                 a=i, b=j,
                 nvlink_count=int(opts["nvlink_count"]) if nvlink else 0,
-                nvlink_gen=((real_link.nvlink_gen if real_link and real_link.nvlink_gen else DEFAULT_NVLINK_GENERATION)
-                            if nvlink else None),
-                via_nvswitch=bool(nvlink and real_link and real_link.via_nvswitch),
-                ancestor=real_link.ancestor if real_link and real_link.ancestor != "UNKNOWN" else "NODE",
+                nvlink_gen=gen if nvlink else None,
+                via_nvswitch=bool(nvlink and real and real.via_nvswitch),
+                ancestor=real.ancestor if real and real.ancestor != "UNKNOWN" else "NODE",
                 p2p=bool(opts["p2p"]), p2p_atomics=bool(opts["p2p_atomics"]),
                 p2p_status="forced",
             ))
-    note = f"forced by +topology={kind}; the probe found {probed.num_gpus} GPU(s), kind {probed.kind}"
-    return Topology(kind=kind, gpus=tuple(gpus), links=tuple(links), host_memory_bytes=probed.host_memory_bytes,
-                    cpu_count=probed.cpu_count, source=f"forced:{kind}", driver_version=probed.driver_version,
-                    notes=(note,))
+    return tuple(links)
