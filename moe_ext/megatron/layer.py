@@ -38,7 +38,7 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 from moe_ext.megatron.config import MegatronConfigError, loss_coeffs, moe_layer_kwargs
 from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher
-from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw
+from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw
 from moe_ext.moe.layer import build_moe_layer
 
 _BASE_INIT_PARAMS = set(inspect.signature(BaseMoELayer.__init__).parameters)

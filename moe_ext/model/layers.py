@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
-from moe_ext.moe.dispatch._comm import reduce_partials
+from moe_ext.moe.dispatch.comm import reduce_partials
 
 
 class RMSNorm(nn.Module):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping, Union
 
-from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, Dispatcher,
+                                       LinkFacts, PlanDegrees)
 
 DISPATCHERS = {
     "local": "moe_ext.moe.dispatch.local.LocalDispatcher",
@@ -21,13 +22,21 @@ def dispatcher_class(target: Union[str, Mapping[str, Any]]) -> type[Dispatcher]:
         target = target["_target_"]
     path = DISPATCHERS.get(target, target)
     module_name, _, class_name = path.rpartition(".")
+    unknown = DispatcherConfigError(f"unknown dispatcher {target!r}; use one of "
+                                    f"{sorted(DISPATCHERS)} or the dotted path of a "
+                                    f"Dispatcher subclass")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        cls = None
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # a missing module named by the path is a typo; a missing import inside it is not
+        if err.name is None or not f"{module_name}.".startswith(f"{err.name}."):
+            raise
+        raise unknown from err
+    except ValueError as err:  # empty module name: no dot in the path
+        raise unknown from err
+    cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Dispatcher)):
-        raise ValueError(f"unknown dispatcher {target!r}; use one of {sorted(DISPATCHERS)} "
-                         f"or the dotted path of a Dispatcher subclass")
+        raise unknown
     return cls
 
 
@@ -36,4 +45,5 @@ def build_dispatcher(target, num_experts: int, groups: DispatchGroups = Dispatch
     return dispatcher_class(target)(num_experts, groups, **kwargs)
 
 
-__all__ = ["DISPATCHERS", "DispatchGroups", "Dispatcher", "build_dispatcher", "dispatcher_class"]
+__all__ = ["DISPATCHERS", "DispatchGroups", "Dispatcher", "DispatcherConfigError", "LinkFacts",
+           "PlanDegrees", "build_dispatcher", "dispatcher_class"]

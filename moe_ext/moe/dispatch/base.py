@@ -8,18 +8,39 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
+from moe_ext.errors import MoeExtError
+from moe_ext.moe.dispatch.comm import group_rank, group_size
 
-def group_size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+
+class DispatcherConfigError(MoeExtError):
+    """An unknown dispatcher, or a plan (degrees, topology) a dispatcher cannot run; the
+    message names the fix. ``build_plan`` re-raises it as its PlanError."""
 
 
-def group_rank(group: Optional[dist.ProcessGroup]) -> int:
-    return 0 if group is None else dist.get_rank(group)
+class PlanDegrees(Protocol):
+    """What ``Dispatcher.check_plan`` reads of a plan (``moe_ext.plan.ParallelPlan``)."""
+
+    strategy: str
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    edp: int
+
+
+class LinkFacts(Protocol):
+    """What ``Dispatcher.check_plan`` reads of a topology (``moe_ext.topology.Topology``)."""
+
+    kind: str  # "nvlink" | "pcie" | "cpu"
+    all_pairs_nvlink: bool
+    all_pairs_p2p_atomics: bool
 
 
 @dataclass(frozen=True)
@@ -62,12 +83,22 @@ class Dispatcher(ABC):
     Static capacity (``set_capacity``): ``max_tokens_per_rank = None`` (the default) is the
     dynamic exchange, sized from the routing each call (the EP dispatchers read split sizes
     on the host for that). An int C switches the expert-parallel dispatchers
-    (``static.ExpertParallelDispatcher``) to the exchange of :mod:`moe_ext.moe.dispatch.static`: no host sync, every shape a function of
-    (C, k, H, G) only, so the step can be captured in a CUDA graph; T may be anything in
+    (``static.ExpertParallelDispatcher``) to the exchange of
+    :mod:`moe_ext.moe.dispatch.static`: no host sync, every shape a function of (C, k, H, G)
+    only, so the step can be captured in a CUDA graph; T may be anything in
     [0, C] on each rank, x_local then has G*C*k rows of which the trailing ones (past
     sum(tokens_per_local_expert)) are padding. Dispatchers without an exchange whose size
     depends on routing (local, tp_sharded) never sync anyway and ignore the capacity.
     """
+
+    @classmethod
+    def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
+        """Raise DispatcherConfigError (one line, naming the fix) when this dispatcher cannot
+        run ``plan`` on ``topology`` (None: unknown, only the degrees are checked).
+
+        ``build_plan`` calls it before any process group exists, so every limit a
+        dispatcher enforces at construction is stated here too. The base accepts any
+        plan."""
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         if num_experts % groups.ep_size:

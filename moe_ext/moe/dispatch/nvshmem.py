@@ -55,7 +55,8 @@ import torch.distributed as dist
 
 from moe_ext.moe.dispatch._permute import (gather_rows, sort_by_bucket,
                                            unpermute_weighted_sum)
-from moe_ext.moe.dispatch.base import DispatchGroups
+from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, LinkFacts,
+                                       PlanDegrees)
 from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 from moe_ext.errors import MoeExtError
 
@@ -360,6 +361,37 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
     Construction refuses, with a one-line error naming ``strategy=ep_nccl``, when CUDA,
     NVSHMEM or an NCCL process group is missing. It uses the current CUDA device.
     """
+
+    @classmethod
+    def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
+        """The plan-time half of ``_check_environment``: the link, and an EP group of
+        2..MAX_RANKS ranks spanning the world (so pp = 1 and ep = tp * dp). Whether this
+        torch has NVSHMEM is only known on the GPU box, at construction."""
+        super().check_plan(plan, topology)
+        if topology is not None and topology.kind == "cpu":
+            raise DispatcherConfigError("strategy=ep_nvshmem needs CUDA GPUs with NVLink; on "
+                                        f"CPU use {FALLBACK} (runs over gloo)")
+        if topology is not None and not (topology.kind == "nvlink" and topology.all_pairs_nvlink
+                                         and topology.all_pairs_p2p_atomics):
+            raise DispatcherConfigError(
+                f"strategy=ep_nvshmem needs all-pairs NVLink with P2P atomics, topology is "
+                f"{topology.kind} (nvlink={topology.all_pairs_nvlink}, "
+                f"p2p_atomics={topology.all_pairs_p2p_atomics}); use {FALLBACK}")
+        if plan.ep < 2:
+            raise DispatcherConfigError(f"strategy=ep_nvshmem needs an expert-parallel group of "
+                                        f"at least 2 ranks, the plan has ep={plan.ep}; use "
+                                        f"strategy=replicate")
+        if plan.ep != plan.world_size:
+            # the vdev kernels address peers by global PE (_check_environment)
+            raise DispatcherConfigError(
+                f"strategy=ep_nvshmem needs the expert-parallel group to span all "
+                f"{plan.world_size} ranks (torch's NVSHMEM all-to-all addresses global ranks), "
+                f"the plan has ep={plan.ep} (tp={plan.tp} pp={plan.pp} dp={plan.dp}); set "
+                f"parallel.ep={plan.world_size} with parallel.pp=1, or use {FALLBACK}")
+        if plan.ep > MAX_RANKS:
+            raise DispatcherConfigError(f"strategy=ep_nvshmem supports at most {MAX_RANKS} "
+                                        f"ranks (torch's all_to_all_vdev_2d_offset), the plan has "
+                                        f"ep={plan.ep}; use {FALLBACK}")
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups(),
                  max_tokens: int = 4096, max_exchange_slots: int = MAX_SLOTS):

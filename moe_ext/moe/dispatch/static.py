@@ -26,7 +26,7 @@ three EP dispatchers (``allgather_rs``, ``nccl_a2a``, ``nvshmem``) use this exch
 capacity is set; NCCL collectives are also capturable in a CUDA graph.
 
 Without gradients (decode) tokens, routing weights and expert ids travel as one byte
-all-gather; with gradients they go through the differentiable collectives of ``_comm``
+all-gather; with gradients they go through the differentiable collectives of ``comm``
 (the backward of the all-gather is a reduce-scatter and vice versa), so this path trains
 too. Whether gradients are enabled must agree across the EP group (it does: every rank
 runs the same step), because it decides which collectives run.
@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_ext.moe.dispatch._comm import all_gather, all_gather_raw, reduce_scatter
+from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
 from moe_ext.moe.dispatch._permute import check_routing, gather_rows, sort_by_bucket
-from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, Dispatcher,
+                                       LinkFacts, PlanDegrees)
 
 
 @dataclass
@@ -142,6 +143,14 @@ class ExpertParallelDispatcher(Dispatcher):
     implement their dynamic exchange (``dispatch_dynamic`` / ``combine_dynamic``, same
     contracts as ``dispatch`` / ``combine``); with a static capacity (``set_capacity``)
     every one of them runs this module's exchange instead."""
+
+    @classmethod
+    def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
+        if plan.etp != 1:
+            raise DispatcherConfigError(
+                f"{cls.__name__} runs whole experts (no expert TP) but the plan has "
+                f"etp={plan.etp}; use parallel.etp=1 with ep_* strategies, or "
+                f"strategy=tp_experts")
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         super().__init__(num_experts, groups)

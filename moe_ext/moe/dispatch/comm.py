@@ -1,11 +1,19 @@
-"""Differentiable collectives for the dispatchers (explicit autograd Functions).
+"""Differentiable collectives for the dispatchers and the TP token split (explicit autograd
+Functions). Public: the native decoder, its layers and the Megatron layer use them too.
 
-# R rows (dim 0), H trailing dims; G group size
+# R rows (dim 0), H trailing dims; G group size; T tokens, tp the TP group size
 
 Each Function's backward is the adjoint exchange: all-to-all -> the reverse all-to-all,
 all-gather -> reduce-scatter, reduce-scatter -> all-gather. ``torch.distributed.nn`` is not
 used: it has no split-aware all-to-all on every backend and its all-reduce backward
 all-reduces again, which is wrong for the replicated consumers here.
+
+TP token split (``run_on_token_slice``): the ranks of a TP group hold identical
+(replicated) tokens; each runs a function on its 1/tp slice and the results are
+all-gathered. Gradients follow Megatron's convention for a TP-replicated activation: every
+rank holds the full, identical gradient. So ``take_slice``'s backward all-gathers the
+slices' gradients, and ``gather_slices``' backward keeps this rank's rows of the (already
+full) gradient; x's gradient then equals a single-rank run's on every rank.
 
 Every call runs on the caller's process group and is bounded by that group's timeout (set
 when moe_ext.dist initialises torch.distributed): a stuck peer raises, it does not hang.
@@ -17,10 +25,11 @@ and the eager collective is still recorded by the enclosing CUDA-graph capture.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 ProcessGroup = Optional[dist.ProcessGroup]
 
@@ -30,14 +39,20 @@ _all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _size(group: ProcessGroup) -> int:
+def group_size(group: ProcessGroup) -> int:
+    """Ranks in ``group``; None stands for a group of one."""
     return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup) -> int:
+    """This rank's index in ``group``; 0 for None (a group of one)."""
+    return 0 if group is None else dist.get_rank(group)
 
 
 @torch.compiler.disable
 def all_gather_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """x: [R, ...] equal R on every rank. Returns [G*R, ...] (rank order); no autograd."""
-    world = _size(group)
+    world = group_size(group)
     if world == 1:
         return x
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
@@ -51,7 +66,7 @@ def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
     gloo got reduce_scatter only in recent torch and is the CPU/test path where bandwidth
     does not matter, so it uses all-reduce + slice; NCCL (and others) use the real thing."""
-    world = _size(group)
+    world = group_size(group)
     if world == 1:
         return x
     rows = x.shape[0] // world
@@ -70,7 +85,7 @@ def all_to_all_raw(x: torch.Tensor, output_splits: list[int], input_splits: list
                    group: ProcessGroup) -> torch.Tensor:
     """x: [sum(input_splits), ...]. Rows input_splits[r] go to rank r; returns
     [sum(output_splits), ...] with output_splits[r] rows from rank r; no autograd."""
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return x
     out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
@@ -118,7 +133,7 @@ class _ReducePartials(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        if _size(group) == 1:
+        if group_size(group) == 1:
             return x
         out = x.contiguous().clone()
         dist.all_reduce(out, group=group)
@@ -141,7 +156,7 @@ class _CopyToPartials(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if _size(ctx.group) == 1:
+        if group_size(ctx.group) == 1:
             return grad, None
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
@@ -177,3 +192,91 @@ def reduce_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Mark a replicated input feeding partial computations (backward all-reduce)."""
     return _CopyToPartials.apply(x, group)
+
+
+# ---------------------------------------------------------------------------------------
+# TP token split (module docstring): identical tokens on the TP ranks, 1/tp of them each
+# ---------------------------------------------------------------------------------------
+
+def _rows_of_rank(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """x: [tp*n, ...]. Returns this rank's rows [n, ...] (a view)."""
+    rows = x.shape[0] // group_size(group)
+    start = group_rank(group) * rows
+    return x[start:start + rows]
+
+
+class _TakeSlice(torch.autograd.Function):
+    """Forward: this rank's rows of a TP-replicated tensor. Backward: all-gather the slices'
+    gradients, so every rank holds the full gradient of the replicated input."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _rows_of_rank(x, group).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_raw(grad.contiguous(), ctx.group), None
+
+
+class _GatherSlices(torch.autograd.Function):
+    """Forward: all-gather per-rank slices into a TP-replicated tensor. Backward: every rank
+    already holds the full, identical gradient of the replicated result; keep its rows."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_raw(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rows_of_rank(grad, ctx.group).contiguous(), None
+
+
+def take_slice(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """x: [tp*n, ...] identical on every rank of ``group``. Returns this rank's [n, ...]
+    rows; backward all-gathers the gradient (full gradient on every rank)."""
+    if group_size(group) == 1:
+        return x
+    if x.shape[0] % group_size(group):
+        raise ValueError(f"take_slice: {x.shape[0]} rows do not split over a group of "
+                         f"{group_size(group)}; pad them to a multiple first")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TakeSlice.apply(x, group)
+    return _rows_of_rank(x, group)
+
+
+def gather_slices(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """x: [n, ...] this rank's slice. Returns [tp*n, ...] in rank order, identical on every
+    rank; backward keeps this rank's rows of the (full, identical) gradient."""
+    if group_size(group) == 1:
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherSlices.apply(x, group)
+    return all_gather_raw(x, group)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x: [T, ...] -> [rows, ...] with zero rows appended."""
+    if rows == x.shape[0]:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+
+
+def run_on_token_slice(fn: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor],
+                       group: ProcessGroup) -> torch.Tensor:
+    """Run ``fn`` on this rank's share of TP-replicated tokens and all-gather the result.
+
+    rows: tensors [T, ...] identical on every rank of ``group`` (tokens and per-token data
+    such as routing). Each is zero-padded to tp * ceil(T/tp) rows; ``fn`` gets this rank's
+    ceil(T/tp) rows of each and returns [ceil(T/tp), ...]; the result is [T, ...], the
+    gathered outputs without the padding rows. Differentiable (module docstring). T = 0:
+    the whole group is idle together (identical tokens), so ``fn`` runs on the empty rows
+    and nothing is gathered."""
+    tp = group_size(group)
+    num_tokens = rows[0].shape[0]
+    if tp == 1 or num_tokens == 0:
+        return fn(*rows)
+    per_rank = -(-num_tokens // tp)
+    mine = [take_slice(_pad_rows(r, per_rank * tp), group) for r in rows]  # [T/tp, ...]
+    return gather_slices(fn(*mine), group)[:num_tokens]  # [T, ...]
