@@ -10,15 +10,25 @@
 export-megatron writes a Megatron-core distributed checkpoint (torch_dist) of GPTModel with
 moe_ext's MoE layer, plus config.json and a manifest of the source tensors; import-megatron
 reads it back into the moe_ext format and checks every tensor (bit-exact at the same dtype).
-It also reads Megatron's common.pt, a torch pickle: import only checkpoints you trust.
+A torch_dist checkpoint contains pickles (.metadata, common.pt, objects in the .distcp
+files); import-megatron unpickles only tensors and plain data from them and refuses
+anything else. --trust-checkpoint lifts that and lets Megatron and torch unpickle the
+files their own way, which can run code from them: only for a checkpoint you made
+yourself, e.g. one whose objects hold Transformer Engine's FP8 recipe.
 
-Reads safetensors only. Writes into a temporary directory next to DST and renames it at the
-end: on any error nothing is left at DST. Exit status 0 on success, 1 on any problem (one
-line per problem on stderr).
+Hugging Face and moe_ext checkpoints are read as safetensors only, and every file name a
+checkpoint gives (index, manifest, Megatron metadata) must lie inside its directory.
+Writes into a temporary directory .DST.tmp-<pid> next to DST and renames it at the end: on
+any error, Ctrl-C or SIGTERM nothing is left at DST; a temporary directory left by a
+killed run (kill -9) is removed by the next run. --force replaces an existing DST
+directory (never a file), and only once the new one is complete. Exit status 0 on
+success, 1 on any problem (one line per problem on stderr), 128+N on signal N.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -30,7 +40,28 @@ from moe_ext.checkpoint.format import CAST_DTYPES  # noqa: E402
 from moe_ext.checkpoint.hf_maps import LAYOUTS  # noqa: E402
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the staged output directory is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # library notices (stale temporary directories removed) as plain stderr lines
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"error: interrupted by {name}; the partial output was removed", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="Hugging Face directory -> moe_ext directory")
@@ -91,6 +122,10 @@ def _add_megatron_commands(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--dtype", choices=CAST_DTYPES, default=None,
                      help="cast floating tensors (default: keep)")
     imp.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB")
+    imp.add_argument("--trust-checkpoint", action="store_true",
+                     help="let Megatron and torch unpickle SRC's files their own way, which "
+                          "can run code from them (default: tensors and plain data only); "
+                          "only for checkpoints you made yourself")
     for p in (exp, imp):
         p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
         p.add_argument("--no-progress", action="store_true")
@@ -116,7 +151,7 @@ def _run_megatron_command(args: argparse.Namespace) -> int:
         else:
             entries = import_megatron(args.src, args.dst, dtype=args.dtype, force=args.force,
                                       max_shard_bytes=parse_size(args.max_shard_size),
-                                      progress=progress)
+                                      progress=progress, trust_checkpoint=args.trust_checkpoint)
             print(f"wrote {len(entries)} tensors to {args.dst}")
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,7 +9,6 @@ Shape legend: E experts, F expert FFN size, H hidden.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -23,10 +22,11 @@ from tqdm.auto import tqdm
 from moe_ext.checkpoint import hf_maps
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.checkpoint.format import (
-    CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter, TensorEntry, dtype_name, nbytes, plan_shards,
-    staged_directory, tensor_bytes, torch_dtype, write_manifest,
+    CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter, TensorEntry, check_free_space,
+    confined_file, destination_problem, dtype_name, nbytes, plan_shards, staged_directory,
+    torch_dtype, write_manifest,
 )
-from moe_ext.checkpoint.reader import CheckpointReader
+from moe_ext.checkpoint.reader import CheckpointReader, tensor_digest
 from moe_ext.checkpoint.shard import ShardRequest
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what HF uses: shards stay below common file-size limits
@@ -60,16 +60,16 @@ class _Output:
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or dst_r in src_r.parents or src_r in dst_r.parents:
-        raise CheckpointError(f"destination {dst} overlaps the source {src}; choose a separate directory")
-    if dst.exists() and not force:
-        raise CheckpointError(f"destination {dst} exists; pass --force to overwrite it")
+    problem = destination_problem(src, dst, force)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _side_files(src: Path) -> list[Path]:
+    """Top-level files of ``src`` copied along (tokenizer, generation config, ...), each
+    checked to lie inside ``src`` (a link leading out is refused, not followed)."""
     return sorted(
-        p for p in src.iterdir()
+        confined_file(src, p.name, src) for p in src.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_COPIED and not _WEIGHT_FILE.search(p.name)
     )
 
@@ -81,6 +81,9 @@ def _write_directory(
     """Write ``outputs`` as safetensors shards plus config.json and side files of ``src`` into a
     temporary directory next to ``dst``, call ``finish(tmp, entries)``, then rename into place."""
     _check_destination(src, dst, force)
+    side_files = _side_files(src)
+    check_free_space(dst, sum(nbytes(o.shape, o.dtype) for o in outputs)
+                     + sum(p.stat().st_size for p in side_files))
     with staged_directory(dst) as tmp:
         by_name = {o.name: o for o in outputs}
         shards = plan_shards([(o.name, nbytes(o.shape, o.dtype)) for o in outputs], max_shard_bytes)
@@ -99,7 +102,7 @@ def _write_directory(
                     raise
                 writer.close()
         shutil.copyfile(src / "config.json", tmp / "config.json")
-        for side in _side_files(src):
+        for side in side_files:
             shutil.copyfile(side, tmp / side.name)
         finish(tmp, entries)
     return entries
@@ -209,14 +212,12 @@ def verify(directory: PathLike, progress: bool = True) -> list[str]:
     with tqdm(total=sum(reader.nbytes(n) for n in names), unit="B", unit_scale=True,
               desc=f"verify {reader.directory.name}", disable=not progress) as bar:
         for name in names:
-            digest = hashlib.sha256()
             try:
-                for chunk in reader.iter_chunks(name):
-                    digest.update(tensor_bytes(chunk))
+                digest = tensor_digest(reader, name)
             except CheckpointError as e:
                 problems.append(str(e))
                 continue
-            if digest.hexdigest() != entries[name].sha256:
+            if digest != entries[name].sha256:
                 problems.append(f"checksum mismatch for tensor {name} in {entries[name].file}: the data is corrupt, re-run the conversion")
             bar.update(reader.nbytes(name))
     return problems

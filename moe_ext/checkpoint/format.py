@@ -15,13 +15,16 @@ chunk of a tensor in memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -32,6 +35,8 @@ MANIFEST = "moe_ext.json"
 FORMAT_NAME = "moe_ext"
 FORMAT_VERSION = 1
 HF_INDEX = "model.safetensors.index.json"
+
+log = logging.getLogger(__name__)
 
 # short name -> (torch dtype, safetensors dtype string)
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -210,12 +215,143 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path.name}: closed after {self._next} of {len(self._order)} tensors")
 
     def abort(self) -> None:
-        self._file.close()
+        # the failure being handled (a full disk, say) may fail the final flush too: the file
+        # is removed with its temporary directory either way
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+# ---- file names a checkpoint gives ------------------------------------------------------
+
+def confined_file(directory: Path, name: Any, source: Any) -> Path:
+    """``directory / name`` for a file ``name`` read from a checkpoint file (``source``, named
+    in the error), refused unless it stays inside ``directory``: a relative name without
+    ``..`` whose real path (symlinks followed) lies in the directory. A Hugging Face hub
+    cache snapshot links its files to ``../../blobs/<hash>``; those links are allowed."""
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{source} names file {name!r}, which is not a file name; "
+                              f"re-download or re-convert the checkpoint")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts:
+        raise CheckpointError(f"{source} names file {name!r}, outside the checkpoint directory "
+                              f"{directory}; a checkpoint may only name files inside it")
+    path = directory / name
+    real, home = path.resolve(), directory.resolve()
+    if real != home and home in real.parents:
+        return path
+    if home.parent.name == "snapshots" and real.parent == home.parent.parent / "blobs":
+        return path  # hub cache layout: snapshots/<revision>/<file> -> blobs/<hash>
+    raise CheckpointError(f"{source} names file {name!r}, a link to {real} outside the "
+                          f"checkpoint directory {directory}; copy the file into the directory")
+
+
+# ---- staged output directories ----------------------------------------------------------
+
+# errors of the destination's file system, reported as one line; any other OSError is
+# unexpected and keeps its traceback
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large"}
+
+
+def destination_problem(src: Path, dst: Path, force: bool) -> str | None:
+    """Why a conversion of ``src`` may not write ``dst`` (None: it may). An existing
+    directory is replaced only with ``force``; a file never is."""
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or dst_r in src_r.parents or src_r in dst_r.parents:
+        return f"destination {dst} overlaps the source {src}; choose a separate directory"
+    if dst.exists() and not dst.is_dir():
+        return f"destination {dst} is a file, not a directory; remove it or choose another"
+    if dst.exists() and not force:
+        return f"destination {dst} exists; pass --force to overwrite it"
+    return None
+
+
+def check_free_space(dst: Path, needed: int) -> None:
+    """Refuse up front when the file system that will hold ``dst`` has less than ``needed``
+    bytes free (its nearest existing ancestor is asked)."""
+    place = Path(dst).absolute().parent
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free < needed:
+        raise CheckpointError(f"writing {dst} needs about {_gib(needed)}, but {place} has "
+                              f"{_gib(free)} free; free space or choose another destination")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_staging(dst: Path) -> list[str]:
+    """Clean up after writers of ``dst`` that were killed (kill -9, power loss): their
+    ``.NAME.tmp-<pid>`` directories are removed; a ``.NAME.old-<pid>`` (killed while
+    swapping in the new directory) is removed when ``dst`` exists, else moved back to
+    ``dst``. Only directories of processes that no longer run on this host are touched.
+    Returns one sentence per action (also logged)."""
+    done = []
+    if not dst.parent.is_dir():
+        return done
+    staging = re.compile(re.escape(f".{dst.name}.") + r"(tmp|old)-(\d+)")
+    for path in sorted(dst.parent.iterdir()):
+        m = staging.fullmatch(path.name)
+        if m is None:
+            continue
+        pid = int(m.group(2))
+        if pid == os.getpid() or _pid_alive(pid) or not path.is_dir():
+            continue
+        if m.group(1) == "old" and not dst.exists():
+            path.rename(dst)
+            done.append(f"restored {dst} from {path.name}, left by process {pid} that was "
+                        f"killed while replacing it")
+        else:
+            shutil.rmtree(path)
+            done.append(f"removed {path}, left by process {pid} that no longer runs")
+    for line in done:
+        log.warning("%s", line)
+    return done
+
+
+def write_failure(dst: Path, err: OSError) -> CheckpointError | None:
+    """A one-line CheckpointError for a file-system error (full disk, no permission,
+    read-only) met while writing ``dst`` or reading its inputs; None for any other error."""
+    reason = _WRITE_ERRNOS.get(err.errno)
+    if reason is None:
+        return None
+    if err.filename is not None and not _ours(Path(os.fsdecode(err.filename)), Path(dst)):
+        return CheckpointError(f"cannot access {os.fsdecode(err.filename)}: {reason}; nothing "
+                               f"was written to {dst}")
+    where = f" ({os.fsdecode(err.filename)})" if err.filename is not None else ""
+    return CheckpointError(f"cannot write {dst}: {reason}{where}; nothing was written there, "
+                           f"free space or choose a writable destination")
+
+
+def _ours(path: Path, dst: Path) -> bool:
+    """Whether ``path`` is something writing ``dst`` creates: dst, an ancestor directory,
+    or a staging directory next to it (and what lies in it)."""
+    path, dst = path.absolute(), dst.absolute()
+    inside = path.relative_to(dst.parent).parts if path.is_relative_to(dst.parent) else ()
+    return path == dst or path in dst.parents or (
+        bool(inside) and inside[0].startswith(f".{dst.name}."))
 
 
 def replace_directory(tmp: Path, dst: Path) -> None:
-    """Move the finished ``tmp`` to ``dst``; an existing ``dst`` is replaced only now, once
-    the new directory is complete."""
+    """Move the finished ``tmp`` to ``dst``; an existing ``dst`` (a directory) is replaced
+    only now, once the new directory is complete."""
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"destination {dst} is a file, not a directory; remove it or "
+                              f"choose another")
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         dst.rename(old)
@@ -227,16 +363,33 @@ def replace_directory(tmp: Path, dst: Path) -> None:
 
 @contextlib.contextmanager
 def staged_directory(dst: Path) -> Iterator[Path]:
-    """A fresh temporary directory next to ``dst``: renamed to ``dst`` when the block
-    succeeds, removed when it fails, so no reader ever sees a partial checkpoint."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """A fresh temporary directory ``.NAME.tmp-<pid>`` next to ``dst``: renamed to ``dst``
+    when the block succeeds, removed when it fails or is interrupted (KeyboardInterrupt,
+    or SIGTERM turned into one), so no reader ever sees a partial checkpoint. Staging
+    directories of killed writers are cleaned up first (``remove_stale_staging``). A full
+    disk, a read-only destination or missing permission raise a one-line CheckpointError."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"destination {dst} is a file, not a directory; remove it or "
+                              f"choose another")
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(dst)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as err:
+        failure = write_failure(dst, err)
+        if failure is None:
+            raise
+        raise failure from err
     try:
         yield tmp
         replace_directory(tmp, dst)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(dst, err) if isinstance(err, OSError) else None
+        if failure is not None:
+            raise failure from err
         raise

@@ -12,6 +12,7 @@ Shape legend: E experts, F expert FFN size, H hidden.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from safetensors import safe_open
 
 from moe_ext.checkpoint import hf_maps
 from moe_ext.checkpoint.errors import CheckpointError
-from moe_ext.checkpoint.format import HF_INDEX, MANIFEST, dtype_name, read_manifest, torch_dtype
+from moe_ext.checkpoint.format import (HF_INDEX, MANIFEST, confined_file, dtype_name,
+                                       read_manifest, tensor_bytes, torch_dtype)
 from moe_ext.checkpoint.shard import Bounds, ShardRequest
 
 CHUNK_BYTES = 64 << 20  # streaming granularity of iter_chunks
@@ -284,6 +286,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
+    if path.exists():
+        confined_file(directory, path.name, directory)
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -301,15 +305,18 @@ def _shape_str(shape: Sequence[int]) -> str:
 # ---- moe_ext directories ---------------------------------------------------------------
 
 def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
+    confined_file(directory, MANIFEST, directory)
     manifest = read_manifest(directory)
     expected = hf_maps.native_shapes(config)
     problems: list[str] = []
     if manifest.get("family") != config["model_type"]:
         problems.append(f"{MANIFEST} says family {manifest.get('family')!r} but config.json says {config['model_type']!r}; re-run the conversion")
     headers: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
-    for file in sorted({e.file for e in manifest["tensors"].values()}):
-        if "/" in file or file.startswith("."):
-            problems.append(f"{MANIFEST} names file {file!r} outside the checkpoint directory")
+    for file in sorted({e.file for e in manifest["tensors"].values()}, key=str):
+        try:
+            confined_file(directory, file, directory / MANIFEST)
+        except CheckpointError as e:
+            problems.append(str(e))
             continue
         if not (directory / file).is_file():
             problems.append(f"shard {file} named by {MANIFEST} is missing from {directory}; re-run the conversion")
@@ -351,15 +358,23 @@ def hf_files(directory: Path) -> dict[str, str]:
     ``*.safetensors`` file. Raises for a missing shard, an unreadable file, no weights."""
     index = directory / HF_INDEX
     if index.exists():
+        confined_file(directory, HF_INDEX, directory)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"cannot parse {index}: {e}; re-download it") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+            raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> file "
+                                  f"name; re-download it")
+        for key, file in weight_map.items():
+            confined_file(directory, file, f"{index} (weight_map entry {key!r})")
         for file in sorted(set(weight_map.values())):
             if not (directory / file).is_file():
                 raise CheckpointError(f"{HF_INDEX} names shard {file}, which is missing from {directory}; re-download it")
         return dict(weight_map)
     files = sorted(p.name for p in directory.glob("*.safetensors"))
+    for file in files:
+        confined_file(directory, file, directory)
     if not files:
         pickles = sorted(p.name for p in directory.glob("*.bin"))
         hint = f" (found {pickles[0]}: pickle checkpoints are not read, save the model with safe_serialization)" if pickles else ""
@@ -467,21 +482,57 @@ def load_sharded(
     dtype: Optional[Union[torch.dtype, str]] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
+    verify: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read each ``requests[name]`` slice (native names) and return it cast to ``dtype``
-    (None: stored dtype) on ``device``. Reads only the requested bytes; tqdm bar in bytes."""
+    (None: stored dtype) on ``device``. Reads only the requested bytes; tqdm bar in bytes.
+
+    Opening the checkpoint already checked its structure (names, shapes, dtypes, file
+    headers). ``verify`` also checks the data: every tensor a request touches is streamed
+    in full and its sha256 compared with the manifest's before its slice is used, so a
+    flipped byte anywhere in it raises a one-line CheckpointError naming tensor and file.
+    That reads each touched tensor whole (an EP rank reads all experts of a layer, not
+    its block) and needs a moe_ext checkpoint (Hugging Face directories carry no hashes).
+    """
     from tqdm.auto import tqdm
 
     reader = directory if isinstance(directory, CheckpointReader) else CheckpointReader.open(directory)
     unknown = [name for name in requests if name not in reader]
     if unknown:
         raise CheckpointError(f"tensor {unknown[0]} is not in checkpoint {reader.directory} ({len(unknown)} unknown names requested)")
+    if verify and reader.manifest is None:
+        raise CheckpointError(f"cannot verify {reader.directory} while loading: a Hugging Face "
+                              f"directory carries no checksums; convert it with "
+                              f"`tools/convert_checkpoint.py import-hf` or load without verify")
     cast = torch_dtype(dtype) if dtype is not None else None
     total = sum(_numel(req.shape(reader.shape(n))) * reader.dtype(n).itemsize for n, req in requests.items())
+    if verify:
+        total += sum(reader.nbytes(n) for n in requests)
     out: dict[str, torch.Tensor] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {reader.directory.name}", disable=not progress) as bar:
         for name, req in requests.items():
+            if verify:
+                check_tensor(reader, name)
+                bar.update(reader.nbytes(name))
             t = reader.read(name, req)
             bar.update(t.numel() * t.element_size())
             out[name] = t.to(device=device, dtype=cast or t.dtype)
     return out
+
+
+def tensor_digest(reader: CheckpointReader, name: str) -> str:
+    """sha256 of tensor ``name``'s stored bytes, streamed chunk by chunk."""
+    digest = hashlib.sha256()
+    for chunk in reader.iter_chunks(name):
+        digest.update(tensor_bytes(chunk))
+    return digest.hexdigest()
+
+
+def check_tensor(reader: CheckpointReader, name: str) -> None:
+    """Raise a one-line CheckpointError unless tensor ``name`` of a moe_ext checkpoint
+    hashes to the manifest's sha256."""
+    entry = reader.manifest["tensors"][name]  # type: ignore[index]
+    if tensor_digest(reader, name) != entry.sha256:
+        raise CheckpointError(f"checksum mismatch for tensor {name} in "
+                              f"{reader.directory / entry.file}: the data is corrupt, "
+                              f"re-download or re-convert the checkpoint")

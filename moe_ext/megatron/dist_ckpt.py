@@ -41,18 +41,20 @@ from tqdm.auto import tqdm
 
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.checkpoint.format import (CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter,
-                                       TensorEntry, dtype_name, nbytes, plan_shards,
+                                       TensorEntry, check_free_space, confined_file,
+                                       destination_problem, dtype_name, nbytes, plan_shards,
                                        staged_directory, tensor_bytes, torch_dtype,
                                        write_manifest)
+from moe_ext.megatron.safe_load import (MEGATRON_FILES, check_megatron_files,
+                                        read_dcp_metadata, restricted_unpickling)
 
 MEGATRON_MANIFEST = "moe_ext_megatron.json"
 FORMAT_NAME = "moe_ext-megatron"
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DIST_TIMEOUT = datetime.timedelta(seconds=300)
-# Megatron's files in a checkpoint directory; never copied as side files
-_MEGATRON_FILES = ("metadata.json", "common.pt", ".metadata")
-_NOT_SIDE = {"config.json", MANIFEST, MEGATRON_MANIFEST, HF_INDEX, *_MEGATRON_FILES}
+# Megatron's files in a checkpoint directory are never copied as side files
+_NOT_SIDE = {"config.json", MANIFEST, MEGATRON_MANIFEST, HF_INDEX, *MEGATRON_FILES}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp", ".pkl", ".gguf")
 
 PathLike = Union[str, Path]
@@ -199,8 +201,8 @@ def save_megatron(model: torch.nn.Module, directory: PathLike) -> None:
 
 def checkpoint_tensors(directory: PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Global shape and dtype of every tensor key in a torch_dist checkpoint directory (its
-    ``.metadata``; Megatron's ShardedObjects, stored as bytes, are left out)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    ``.metadata``, unpickled with an allow-list of torch's metadata classes: see
+    ``safe_load``; Megatron's ShardedObjects, stored as bytes, are left out)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     directory = Path(directory)
@@ -208,12 +210,8 @@ def checkpoint_tensors(directory: PathLike) -> dict[str, tuple[tuple[int, ...], 
         raise MegatronCheckpointError(f"{directory} is not a Megatron distributed checkpoint "
                                       f"(no metadata.json); pass the directory "
                                       f"dist_checkpointing.save wrote")
-    try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unreadable metadata is one line
-        raise MegatronCheckpointError(f"cannot read {directory / '.metadata'} "
-                                      f"({type(e).__name__}: {e}); only Megatron's torch_dist "
-                                      f"format is read") from None
+    check_megatron_files(directory)
+    metadata = read_dcp_metadata(directory)
     return {key: (tuple(meta.size), meta.properties.dtype)
             for key, meta in metadata.state_dict_metadata.items()
             if isinstance(meta, TensorStorageMetadata)}
@@ -240,13 +238,15 @@ def _expected_tensors(sharded: dict) -> Iterator[tuple[str, str, tuple[int, ...]
         yield from walk(name, value)
 
 
-def load_megatron(model: torch.nn.Module, directory: PathLike) -> None:
+def load_megatron(model: torch.nn.Module, directory: PathLike,
+                  trust_checkpoint: bool = False) -> None:
     """Collective over the model's ranks: fill ``model`` from the torch_dist checkpoint in
     ``directory``, each rank reading only its own slices (``model.sharded_state_dict()``:
     experts by EP block and expert-TP FFN fragment, heads and vocabulary rows by TP). Every
     tensor the model needs must be in the checkpoint with its global shape (one-line
     MegatronCheckpointError naming it otherwise); stored tensors the model does not use
-    (optimizer states, other models) are ignored."""
+    (optimizer states, other models) are ignored. Nothing is unpickled beyond tensors and
+    plain data unless ``trust_checkpoint`` (see ``safe_load``)."""
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
@@ -262,7 +262,7 @@ def load_megatron(model: torch.nn.Module, directory: PathLike) -> None:
                                           f"{directory / '.metadata'} but the model needs "
                                           f"{list(shape)}; config.json does not match the "
                                           f"checkpoint")
-    with cpu_device_calls(_on_cpu(model)):
+    with cpu_device_calls(_on_cpu(model)), restricted_unpickling(directory, trust_checkpoint):
         state = dist_checkpointing.load(sharded, str(directory))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -275,16 +275,15 @@ def load_megatron(model: torch.nn.Module, directory: PathLike) -> None:
 # ---- export: moe_ext / HF directory -> Megatron checkpoint --------------------------------
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or dst_r in src_r.parents or src_r in dst_r.parents:
-        raise MegatronCheckpointError(f"destination {dst} overlaps the source {src}; choose a "
-                                      f"separate directory")
-    if dst.exists() and not force:
-        raise MegatronCheckpointError(f"destination {dst} exists; pass --force to overwrite it")
+    problem = destination_problem(src, dst, force)
+    if problem is not None:
+        raise MegatronCheckpointError(problem)
 
 
 def _side_files(src: Path) -> list[Path]:
-    return sorted(p for p in src.iterdir()
+    """Top-level tokenizer/generation files of ``src``, each inside it (links leading out
+    are refused)."""
+    return sorted(confined_file(src, p.name, src) for p in src.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_SIDE
                   and not p.name.endswith(_WEIGHT_SUFFIXES))
 
@@ -376,10 +375,12 @@ def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
             raise MegatronCheckpointError(f"{src} gives no tensor for GPTModel's {unset[0]}"
                                           f" ({len(unset)} unset); the checkpoint is "
                                           f"incomplete for its config.json")
+        side = _side_files(src)
+        check_free_space(dst, sum(reader.nbytes(n) for n in names)
+                         + sum(p.stat().st_size for p in side))
         with staged_directory(dst) as tmp:
             save_megatron(model, tmp)
             shutil.copyfile(src / "config.json", tmp / "config.json")
-            side = _side_files(src)
             for path in side:
                 shutil.copyfile(path, tmp / path.name)
             manifest = {
@@ -401,6 +402,7 @@ def read_megatron_manifest(directory: Path) -> Optional[dict[str, Any]]:
     path = directory / MEGATRON_MANIFEST
     if not path.exists():
         return None
+    confined_file(directory, MEGATRON_MANIFEST, directory)
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
@@ -408,6 +410,8 @@ def read_megatron_manifest(directory: Path) -> Optional[dict[str, Any]]:
                 f"{path} has format {raw.get('format')!r} version {raw.get('format_version')!r}"
                 f"; this moe_ext reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
         raw["tensors"] = {row["name"]: row for row in raw["tensors"]}
+        for name in raw["side_files"]:
+            confined_file(directory, name, f"{path} (side_files)")
     except (OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, MegatronCheckpointError):
             raise
@@ -431,12 +435,15 @@ def _stored_dtype(stored: dict[str, tuple[tuple[int, ...], torch.dtype]],
 
 def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
                     force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    progress: bool = True) -> list[TensorEntry]:
+                    progress: bool = True, trust_checkpoint: bool = False
+                    ) -> list[TensorEntry]:
     """Convert the Megatron checkpoint ``src`` (``export_megatron``'s output, or a torch_dist
     checkpoint of the same GPTModel with config.json placed next to it) into a moe_ext
     directory ``dst``. Every tensor config.json implies must come out with its shape and
     nothing else; with the export manifest present and the dtype kept, every tensor must
-    equal the exported source bit for bit (sha256). ``dtype`` (bf16 | fp16 | fp32) casts."""
+    equal the exported source bit for bit (sha256). ``dtype`` (bf16 | fp16 | fp32) casts.
+    Pickles in ``src`` are read as plain data only, unless ``trust_checkpoint`` (see
+    ``moe_ext.megatron.safe_load``); every file read lies inside ``src``."""
     from moe_ext.checkpoint import hf_maps
     from moe_ext.megatron.weights import megatron_to_native
 
@@ -447,7 +454,7 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     if not src.is_dir():
         raise MegatronCheckpointError(f"checkpoint directory {src} does not exist")
     _check_destination(src, dst, force)
-    config_path = src / "config.json"
+    config_path = confined_file(src, "config.json", src)
     try:
         config = json.loads(config_path.read_text())
         family = hf_maps.family_of(config)
@@ -461,7 +468,7 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     stored = checkpoint_tensors(src)
     model_dtype = _stored_dtype(stored, src)
     with converter_gpt_model(args, model_dtype) as model:
-        load_megatron(model, src)
+        load_megatron(model, src, trust_checkpoint=trust_checkpoint)
         native = megatron_to_native(model.state_dict(), args)
     expected = hf_maps.native_shapes(config)
     for name, shape in expected.items():
@@ -521,6 +528,7 @@ def _write_moe_ext(src: Path, dst: Path, tensors: dict[str, torch.Tensor], famil
     shards = plan_shards([(n, nbytes(t.shape, t.dtype)) for n, t in tensors.items()],
                          max_shard_bytes)
     entries: list[TensorEntry] = []
+    check_free_space(dst, sum(nbytes(t.shape, t.dtype) for t in tensors.values()))
     with staged_directory(dst) as tmp:
         with tqdm(total=len(tensors), desc=f"import {src.name}", disable=not progress) as bar:
             for file, names in shards:

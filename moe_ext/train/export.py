@@ -20,9 +20,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from moe_ext.checkpoint.format import (SafetensorsWriter, TensorEntry, dtype_name, nbytes,
-                                       plan_shards, staged_directory,
-                                       write_manifest)
+from moe_ext.checkpoint.format import (MANIFEST, SafetensorsWriter, TensorEntry,
+                                       confined_file, dtype_name, nbytes, plan_shards,
+                                       staged_directory, write_manifest)
 from moe_ext.model.parallelize import RankCoords, shard_slices
 from moe_ext.model.args import ModelArgs
 from moe_ext.errors import MoeExtError
@@ -62,18 +62,53 @@ def _owners(plan: Any, args: Any) -> list[dict[str, Any]]:
     return [shard_slices(plan, RankCoords.of(plan, r), args) for r in range(plan.world_size)]
 
 
+def check_export_destination(destination: str, overwrite: bool = False) -> None:
+    """Refuse an export ``destination`` that would destroy something: a file, or a non-empty
+    directory unless it is a moe_ext checkpoint and ``overwrite`` (``train.overwrite_export``)
+    is given. Absent or empty directories are fine. Cheap (no tensor is read): the launcher
+    calls it before training, ``export_moe_ext`` again before writing."""
+    dst = Path(destination)
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ExportError(f"export={destination} is a file; choose a new directory")
+    if not any(dst.iterdir()):
+        return
+    if not (dst / MANIFEST).is_file():
+        raise ExportError(f"export={destination} is a non-empty directory that is not a moe_ext "
+                          f"checkpoint; choose a new or empty directory")
+    if not overwrite:
+        raise ExportError(f"export={destination} already holds a moe_ext checkpoint; pass "
+                          f"train.overwrite_export=true to replace it, or choose another")
+
+
+def _side_files(side_files_from: Optional[str]) -> list[Path]:
+    """The tokenizer/generation files of the source checkpoint, each inside it."""
+    if side_files_from is None or not Path(side_files_from).is_dir():
+        return []
+    source = Path(side_files_from)
+    return [confined_file(source, name, source) for name in SIDE_FILES
+            if (source / name).is_file()]
+
+
 def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: str,
                    config: dict[str, Any], dtype: torch.dtype = torch.float32,
                    side_files_from: Optional[str] = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Optional[Path]:
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   overwrite: bool = False) -> Optional[Path]:
     """Write the full model that the ranks of ``plan`` hold in shards to ``destination``
     (moe_ext format: safetensors + moe_ext.json manifest + config.json); collective.
 
     model: this rank's parallelized Transformer (names as in docs/ARCHITECTURE.md);
     config: its Hugging Face config (``hf_config``); dtype: stored dtype; side_files_from:
-    a source checkpoint whose tokenizer/generation files are copied. An existing
-    destination is replaced once the new directory is complete. Returns the path on rank 0.
+    a source checkpoint whose tokenizer/generation files are copied. The destination must
+    be absent or empty, or a moe_ext checkpoint with ``overwrite`` (``check_export_destination``;
+    every rank checks, before any communication, so all refuse together on a shared file
+    system); a replaced checkpoint goes only once the new directory is complete. Returns
+    the path on rank 0.
     """
+    check_export_destination(destination, overwrite)
+    side_files = _side_files(side_files_from)
     args = model.args
     shapes = args.family.param_shapes(args)  # name -> full shape, in the model's parameter order
     local = dict(model.named_parameters())
@@ -128,9 +163,6 @@ def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: st
             return None
         write_manifest(tmp, args.model_type, dtype_name(dtype), entries)
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-        if side_files_from is not None and Path(side_files_from).is_dir():
-            for name in SIDE_FILES:
-                source = Path(side_files_from) / name
-                if source.is_file():
-                    shutil.copyfile(source, tmp / name)
+        for source in side_files:
+            shutil.copyfile(source, tmp / source.name)
     return dst

@@ -15,7 +15,10 @@ the same world size, plan and ZeRO stage (the optimizer state is partitioned by 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +31,8 @@ FORMAT = "moe_ext-train"
 FORMAT_VERSION = 1
 LATEST = "latest"
 META = "meta.json"
+_STEP_NAME = re.compile(r"step_\d+")
+_META_KEYS = ("plan", "zero_stage", "model", "history", "evals")
 
 
 class ResumeError(MoeExtError):
@@ -56,25 +61,58 @@ class ResumePoint:
 
 def find_checkpoint(path: str) -> ResumePoint:
     """``path`` is a run's ``checkpoints`` directory (its ``latest`` is taken) or one
-    ``step_*`` directory. Reads metadata only (no tensors)."""
+    ``step_*`` directory. Reads metadata and each rank file's zip directory (a truncated
+    file has none), no tensors."""
     directory = Path(path)
     if (directory / LATEST).is_file():
-        directory = directory / (directory / LATEST).read_text().strip()
+        name = (directory / LATEST).read_text().strip()
+        if not _STEP_NAME.fullmatch(name):
+            raise ResumeError(f"{directory / LATEST} names {name[:80]!r}, not a step_* directory "
+                              f"next to it; pass resume=<run dir>/checkpoints/step_*")
+        directory = directory / name
     meta_file = directory / META
     if not meta_file.is_file():
         raise ResumeError(f"{path} is not a training checkpoint (no {META} there and no "
                           f"{LATEST} file); pass resume=<run dir>/checkpoints or a step_* dir")
     try:
         meta = json.loads(meta_file.read_text())
-    except ValueError as err:
-        raise ResumeError(f"cannot parse {meta_file}: {err}; pick an older step_* dir") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ResumeError(f"{meta_file} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
-    missing = [r for r in range(int(meta["world_size"])) if not rank_file(directory, r).is_file()]
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            raise ResumeError(f"{meta_file} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+        world_size, _ = int(meta["world_size"]), int(meta["step"])
+        absent = [key for key in _META_KEYS if key not in meta]
+        if absent:
+            raise KeyError(absent[0])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if isinstance(err, ResumeError):
+            raise
+        raise ResumeError(f"cannot parse {meta_file} ({type(err).__name__}: {err}); "
+                          f"{_previous_hint(directory)}") from None
+    missing = [r for r in range(world_size) if not rank_file(directory, r).is_file()]
     if missing:
-        raise ResumeError(f"{directory} lacks the files of ranks {missing[:4]}; pick another "
-                          f"step_* dir")
+        raise ResumeError(f"{directory} lacks the files of ranks {missing[:4]}; "
+                          f"{_previous_hint(directory)}")
+    for r in range(world_size):
+        _check_rank_file(rank_file(directory, r))
     return ResumePoint(directory, meta)
+
+
+def _previous_hint(directory: Path) -> str:
+    """Where to resume from instead of the broken step directory ``directory``."""
+    older = sorted(p for p in directory.parent.glob("step_*")
+                   if p.is_dir() and _STEP_NAME.fullmatch(p.name) and p.name < directory.name)
+    if older:
+        return f"resume from the previous checkpoint: resume={older[-1]}"
+    return f"there is no earlier step_* checkpoint in {directory.parent}: start without resume="
+
+
+def _check_rank_file(path: Path) -> None:
+    """A rank file is a torch.save zip; a truncated one lacks the zip's closing directory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ResumeError(f"{path} is truncated or corrupt ({err}); "
+                          f"{_previous_hint(path.parent)}") from None
 
 
 def check_compatible(point: ResumePoint, world_size: int, plan_key: dict[str, Any],
@@ -135,9 +173,17 @@ def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.
                     ) -> dict[str, Any]:
     """This rank's saved state, loaded with ``weights_only=True``: tensors, containers,
     plain values and the few DeepSpeed state classes named here, never arbitrary objects."""
+    path = rank_file(point.directory, rank)
     with torch.serialization.safe_globals(_deepspeed_state_classes()):
-        return torch.load(rank_file(point.directory, rank), map_location=map_location,
-                          weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            # torch reports a damaged file as RuntimeError ("PytorchStreamReader failed ...");
+            # the cause keeps torch's message for a maintainer
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else \
+                type(err).__name__
+            raise ResumeError(f"cannot load {path} ({reason}); the file is truncated or "
+                              f"corrupt: {_previous_hint(point.directory)}") from err
 
 
 def _deepspeed_state_classes() -> list[type]:
