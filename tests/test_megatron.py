@@ -234,8 +234,11 @@ def test_weight_names_round_trip_and_qkv_layout(model_type):
 
 # ---- multi-rank: our layer vs a float64 single-rank reference ------------------------
 
-LAYER_PLANS = [("replicate", 1), ("tp_experts", 2), ("ep_allgather", 1), ("ep_nccl", 1),
-               ("ep_nccl", 2)]
+# (strategy, tp, sequence parallel): under sequence parallelism each TP rank holds its own
+# tokens, so tp_experts gathers them over TP and ep_* / replicate use them as they are
+LAYER_PLANS = [("replicate", 1, False), ("tp_experts", 2, False), ("ep_allgather", 1, False),
+               ("ep_nccl", 1, False), ("ep_nccl", 2, False), ("tp_experts", 2, True),
+               ("ep_nccl", 2, True)]
 
 
 def _layer_body(rank, world):
@@ -252,19 +255,21 @@ def _layer_body(rank, world):
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
     full = {n: p.detach().float() for n, p in ref.named_parameters()}
-    for strategy, tp in LAYER_PLANS:
+    for strategy, tp, sequence_parallel in LAYER_PLANS:
         plan = plan_for(strategy, world, tp)
         groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
         config = _config(tensor_model_parallel_size=tp, expert_model_parallel_size=plan.ep,
-                         expert_tensor_parallel_size=plan.etp, **config_kw)
+                         expert_tensor_parallel_size=plan.etp,
+                         sequence_parallel=sequence_parallel, **config_kw)
         layer = MoEExtLayer(config, plan=plan, groups=groups, experts_backend="loop")
         from moe_ext.moe.layer import expert_shard
         gate_up, down = expert_shard(full["experts.gate_up_proj"], full["experts.down_proj"],
                                      layer.dispatcher)
         state = dict(full, **{"experts.gate_up_proj": gate_up, "experts.down_proj": down})
         layer.load_state_dict(state)
-        # TP ranks must see the same tokens (no sequence parallelism)
-        seed = 100 + (groups.dp_rank if tp > 1 else rank)
+        # TP ranks see the same tokens, except under sequence parallelism; the reference
+        # runs each rank's own tokens (the layer is per token)
+        seed = 100 + (groups.dp_rank if tp > 1 and not sequence_parallel else rank)
         x = torch.randn(5, 3, H, generator=torch.Generator().manual_seed(seed))
         x.requires_grad_(True)
         y, bias = layer(x)
@@ -274,7 +279,7 @@ def _layer_body(rank, world):
         ref.zero_grad()
         y_ref = ref(x64.reshape(-1, H)).reshape(x.shape)
         (y_ref * torch.linspace(-1, 1, H, dtype=torch.float64)).sum().backward()
-        where = f"{strategy} tp={tp} rank {rank}"
+        where = f"{strategy} tp={tp} sp={sequence_parallel} rank {rank}"
         torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5, msg=where)
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5, msg=where)
         # replicated router: every rank's gradient is the full one for its own tokens

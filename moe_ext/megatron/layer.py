@@ -33,62 +33,15 @@ import inspect
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 from moe_ext.megatron.config import MegatronConfigError, loss_coeffs, moe_layer_kwargs
 from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher
-from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw
-from moe_ext.moe.layer import build_moe_layer
+from moe_ext.moe.dispatch.comm import (all_gather_raw, gather_slices, group_rank, group_size,
+                                       run_on_token_slice, take_slice)
+from moe_ext.moe.layer import add_shared_expert, build_moe_layer, routed_output
 
 _BASE_INIT_PARAMS = set(inspect.signature(BaseMoELayer.__init__).parameters)
-
-
-def _size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _rank(group: Optional[dist.ProcessGroup]) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-class _TakeTPSlice(torch.autograd.Function):
-    """Forward: this rank's rows [r*n, (r+1)*n) of a TP-replicated [tp*n, ...] tensor.
-    Backward: all-gather the slices' gradients, giving every rank the full gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        rows = x.shape[0] // dist.get_world_size(group)
-        start = dist.get_rank(group) * rows
-        return x[start:start + rows].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_raw(grad.contiguous(), ctx.group), None
-
-
-class _GatherTPSlices(torch.autograd.Function):
-    """Forward: all-gather per-rank slices [n, ...] into [tp*n, ...] (TP-replicated result).
-    Backward: every rank holds the full, identical gradient; keep this rank's rows."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_raw(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows = grad.shape[0] // dist.get_world_size(ctx.group)
-        start = dist.get_rank(ctx.group) * rows
-        return grad[start:start + rows].contiguous(), None
-
-
-def _pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = -x.shape[0] % multiple
-    if not extra:
-        return x
-    return torch.cat([x, x.new_zeros((extra,) + tuple(x.shape[1:]))], dim=0)
 
 
 class MoEExtLayer(BaseMoELayer):
@@ -163,9 +116,9 @@ class MoEExtLayer(BaseMoELayer):
     # -- construction helpers ----------------------------------------------------------
     @staticmethod
     def _check_groups(config: Any, plan: Any, pg_collection: Any) -> None:
-        sizes = {"tp": (_size(pg_collection.tp), plan.tp),
-                 "ep": (_size(pg_collection.ep), plan.ep),
-                 "expt_tp": (_size(getattr(pg_collection, "expt_tp", None)), plan.etp)}
+        sizes = {"tp": (group_size(pg_collection.tp), plan.tp),
+                 "ep": (group_size(pg_collection.ep), plan.ep),
+                 "expt_tp": (group_size(getattr(pg_collection, "expt_tp", None)), plan.etp)}
         bad = {k: v for k, v in sizes.items() if v[0] != v[1]}
         if bad:
             raise MegatronConfigError(
@@ -269,7 +222,7 @@ class MoEExtLayer(BaseMoELayer):
         if edp_group is None:  # a pg_collection without expt_dp: Megatron's global one
             from megatron.core import parallel_state
             edp_group = parallel_state.get_expert_data_parallel_group()
-        expert_replica = (0, 0, _rank(edp_group))
+        expert_replica = (0, 0, group_rank(edp_group))
         expert_block = (lead, ep_rank, ep)
 
         def gate_up_halves(key: str, t: torch.Tensor, replica_id: Any,
@@ -314,34 +267,28 @@ class MoEExtLayer(BaseMoELayer):
         return out
 
     # -- forward -------------------------------------------------------------------------
-    def _experts_path(self, x: torch.Tensor, weights: torch.Tensor,
-                      expert_idx: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights [T, k] f32, expert_idx [T, k] -> routed output [T, H]."""
-        x_local, tokens_per_expert, handle = self.dispatcher.dispatch(x, weights, expert_idx)
-        y_local = self.experts(x_local, tokens_per_expert)  # [T', H]
-        return self.dispatcher.combine(y_local, handle)  # [T, H]
-
     def _routed(self, tokens: torch.Tensor, weights: torch.Tensor,
                 expert_idx: torch.Tensor) -> torch.Tensor:
-        tp = _size(self.tp_group) if self.plan.tp > 1 else 1
-        if tp == 1:
-            return self._experts_path(tokens, weights, expert_idx)
-        group = self.tp_group
+        """tokens [T, H], weights [T, k] f32, expert_idx [T, k] -> routed output [T, H], with
+        the tokens moved over TP as the module docstring says."""
+        def experts_path(x, w, idx):
+            return routed_output(self.dispatcher, self.experts, x, w, idx)
+
+        group = self.tp_group if self.plan.tp > 1 else None
+        if group_size(group) == 1:
+            return experts_path(tokens, weights, expert_idx)
         if self.plan.is_expert_parallel and not self.sequence_parallel:
             # identical tokens on the TP ranks: each exchanges only its 1/tp share
-            num_tokens = tokens.shape[0]
-            x = _TakeTPSlice.apply(_pad_rows(tokens, tp), group)  # [ceil(T/tp), H]
-            w = _TakeTPSlice.apply(_pad_rows(weights, tp), group)  # [ceil(T/tp), k]
-            idx = _TakeTPSlice.apply(_pad_rows(expert_idx, tp), group)
-            y = self._experts_path(x, w, idx)
-            return _GatherTPSlices.apply(y, group)[:num_tokens]  # [T, H]
+            return run_on_token_slice(experts_path, (tokens, weights, expert_idx), group)
         if self.plan.strategy == "tp_experts" and self.sequence_parallel:
-            # FFN-sharded experts need the same tokens on every TP rank
-            x = all_gather(tokens.contiguous(), group)  # [tp*T, H]
-            w = all_gather(weights.contiguous(), group)  # [tp*T, k]
-            idx = all_gather_raw(expert_idx.contiguous(), group)
-            return _TakeTPSlice.apply(self._experts_path(x, w, idx), group)  # [T, H]
-        return self._experts_path(tokens, weights, expert_idx)
+            # FFN-sharded experts need the same tokens on every TP rank; the dispatcher
+            # all-reduces the input gradients (copy_to_partials), so each rank's gradient of
+            # the gathered tokens is already the full one and gather_slices keeps its rows
+            x = gather_slices(tokens.contiguous(), group)  # [tp*T, H]
+            w = gather_slices(weights.contiguous(), group)  # [tp*T, k]
+            idx = all_gather_raw(expert_idx.contiguous(), group)  # [tp*T, k]
+            return take_slice(experts_path(x, w, idx), group)  # [T, H]
+        return experts_path(tokens, weights, expert_idx)
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None,
                 padding_mask: Optional[torch.Tensor] = None, **unused: Any):
@@ -356,11 +303,7 @@ class MoEExtLayer(BaseMoELayer):
         tokens = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.router(tokens)
         output = self._routed(tokens, routing.weights, routing.expert_idx)  # [T, H]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)  # [T, H]
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared  # [T,1]*[T,H]
-            output = output + shared.to(output.dtype)
+        output = add_shared_expert(output, tokens, self.shared_expert, self.shared_expert_gate)
         self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
         if self.training and torch.is_grad_enabled():
             output = self._attach_router_losses(output, routing.aux_loss, routing.z_loss)

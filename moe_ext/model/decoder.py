@@ -20,7 +20,7 @@ from torch import nn
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.model.layers import KVCache, RMSNorm, RotaryEmbedding
-from moe_ext.moe.dispatch.comm import all_gather_raw
+from moe_ext.moe.dispatch.comm import run_on_token_slice
 
 
 class TransformerBlock(nn.Module):
@@ -61,23 +61,13 @@ class TransformerBlock(nn.Module):
 
 def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup
                          ) -> torch.Tensor:
-    """Run ``mlp`` on this rank's 1/tp slice of the (TP-identical) tokens, all-gather back.
+    """Run ``mlp`` on this rank's 1/tp slice of the (TP-identical) tokens, all-gather back
+    (``run_on_token_slice``: zero-padded to a multiple of tp, differentiable; T = 0 is an
+    idle lockstep step of the whole TP group, only the exchange runs).
 
-    x: [..., H]; T = prod(leading dims) is padded up to a multiple of tp with zero rows
-    whose outputs are dropped."""
-    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    x: [..., H] -> same shape."""
     shape = x.shape
-    flat = x.reshape(-1, shape[-1])  # [T, H]
-    T = flat.shape[0]
-    if T == 0:
-        # idle lockstep step: the whole TP group is idle together, only the exchange runs
-        return mlp(flat).reshape(shape)
-    per_rank = -(-T // tp)
-    if per_rank * tp != T:
-        flat = F.pad(flat, (0, 0, 0, per_rank * tp - T))  # [tp·T/tp, H]
-    mine = flat[rank * per_rank:(rank + 1) * per_rank]  # [T/tp, H]
-    gathered = all_gather_raw(mlp(mine), group)  # [tp·T/tp, H]
-    return gathered[:T].reshape(shape)
+    return run_on_token_slice(mlp, (x.reshape(-1, shape[-1]),), group).reshape(shape)
 
 
 def _decode_block(block: TransformerBlock, h: torch.Tensor, cos: torch.Tensor,

@@ -67,17 +67,37 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [T, H]
         routing = self.router(tokens)
-        x_local, tokens_per_expert, handle = self.dispatcher.dispatch(
-            tokens, routing.weights, routing.expert_idx)  # [T', H], [E_local]
-        y_local = self.experts(x_local, tokens_per_expert)  # [T', H]
-        y = self.dispatcher.combine(y_local, handle)  # [T, H]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)  # [T, H]
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared  # [T,1]*[T,H]
-            y = y + shared.to(y.dtype)
+        y = routed_output(self.dispatcher, self.experts, tokens, routing.weights,
+                          routing.expert_idx)  # [T, H]
+        y = add_shared_expert(y, tokens, self.shared_expert, self.shared_expert_gate)
         self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
         return y.reshape(shape)
+
+
+# The forward's pieces, shared with the Megatron layer (moe_ext.megatron.layer), which wraps
+# the routed part in its TP token split.
+
+def routed_output(dispatcher: Dispatcher, experts: GroupedExperts, tokens: torch.Tensor,
+                  weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64 global ids.
+    Returns [T, H] in tokens' dtype: each token's experts' outputs summed with its routing
+    weights, wherever the dispatcher runs them."""
+    x_local, tokens_per_expert, handle = dispatcher.dispatch(
+        tokens, weights, expert_idx)  # [T', H], [E_local]
+    y_local = experts(x_local, tokens_per_expert)  # [T', H]
+    return dispatcher.combine(y_local, handle)  # [T, H]
+
+
+def add_shared_expert(y: torch.Tensor, tokens: torch.Tensor, shared_expert: Optional[nn.Module],
+                      shared_expert_gate: Optional[nn.Module]) -> torch.Tensor:
+    """y: [T, H] routed output; tokens: [T, H]. Returns y plus the shared expert's output
+    (sigmoid-gated when there is a gate), in y's dtype; y itself without a shared expert."""
+    if shared_expert is None:
+        return y
+    shared = shared_expert(tokens)  # [T, H]
+    if shared_expert_gate is not None:
+        shared = torch.sigmoid(shared_expert_gate(tokens)) * shared  # [T, 1] * [T, H]
+    return y + shared.to(y.dtype)
 
 
 def build_moe_layer(hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *,
