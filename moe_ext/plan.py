@@ -54,7 +54,7 @@ DEFAULT_DISPATCHER = {
 HEADROOM = 1.2  # weights * 1.2 must fit: KV cache and activations take the rest
 MANY_EXPERTS = 16  # fine-grained MoE (Qwen 60-128 experts) is worth spreading over NVLink
 # Cost model constants for the PCIe choice between all-gather and all-to-all, from the
-# 2xH200 measurements in DESIGN.md: ~40 us per collective whatever the link, and
+# 2xH200 measurements in docs/PERF.md ("Link floors"): ~40 us per collective whatever the link, and
 # ~24 GB/s all_to_all bus bandwidth through host memory (PCIe stand-in).
 COLLECTIVE_LATENCY_S = 40e-6
 DEFAULT_LINK_GBPS = {"pcie": 24.0, "nvlink": 280.0, "cpu": 10.0}
