@@ -175,6 +175,22 @@ def test_triton_backend_refuses_gradients():
         module(torch.randn(3, 16), torch.tensor([1, 2]))
 
 
+def test_backend_questions_answer_instead_of_raising():
+    """uses_triton / uses_grouped_mm say whether a path runs; only forward refuses a backend
+    asked for by name that cannot run."""
+    x, counts = torch.randn(3, 10), torch.tensor([1, 2])
+    forced_triton = GroupedExperts(2, 10, 6, backend="triton")
+    assert forced_triton.uses_triton(x, counts) is False  # gradient needed: forward-only
+    assert forced_triton.uses_grouped_mm(x) is False
+    forced_mm = GroupedExperts(2, 10, 6, backend="grouped_mm")  # 40-byte rows: not runnable
+    assert forced_mm.uses_grouped_mm(x) is False and forced_mm.uses_triton(x, counts) is False
+    with pytest.raises(ValueError, match="'grouped_mm' cannot run"):
+        forced_mm(x, counts)
+    loop = GroupedExperts(2, 16, 8, backend="loop")
+    assert loop.uses_grouped_mm(torch.randn(3, 16)) is False  # qualifies, but not asked for
+    assert GroupedExperts(2, 16, 8).uses_grouped_mm(torch.randn(3, 16)) is True
+
+
 @needs_triton
 def test_bad_operands_are_one_line_errors():
     kernels = _kernels()

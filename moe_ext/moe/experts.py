@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_ext.moe.kernels import load_kernels
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 # Up to this many rows (T') ``auto`` uses the Triton kernels: there the layer is a weight
@@ -29,20 +31,6 @@ BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 # rows per expert the GEMMs gain arithmetic intensity, which grouped_mm's large tiles are
 # built for. tools/bench_experts.py measures both sides of this threshold.
 TRITON_MAX_ROWS = 256
-_triton_kernels = None  # the kernels module once imported; False when Triton is missing
-
-
-def triton_kernels():
-    """The Triton kernels module, or None when Triton does not import (imported on first
-    use: Triton is heavy and only GPU inference needs it)."""
-    global _triton_kernels
-    if _triton_kernels is None:
-        try:
-            from moe_ext.moe.kernels import grouped_gemm
-            _triton_kernels = grouped_gemm
-        except ImportError:
-            _triton_kernels = False
-    return _triton_kernels or None
 
 
 def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -98,35 +86,42 @@ class GroupedExperts(nn.Module):
                 f"backend={self.backend}")
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
-        qualifies = grouped_mm_qualifies(x, self.gate_up_proj, self.down_proj)
-        if self.backend == "grouped_mm" and not qualifies:
-            raise ValueError(f"experts backend 'grouped_mm' cannot run {x.dtype} on {x.device} "
-                             f"with H={self.hidden_size}, F={self.ffn_size} (needs bf16 on CUDA, "
-                             f"16-byte-aligned rows); use backend 'auto' or 'loop'")
-        return qualifies and self.backend != "loop"
+        """Whether this forward runs torch's grouped GEMM (when it does not run Triton):
+        backend 'grouped_mm' or 'auto' and x [T', H] qualifies (``grouped_mm_qualifies``)."""
+        return (self.backend in ("auto", "grouped_mm")
+                and grouped_mm_qualifies(x, self.gate_up_proj, self.down_proj))
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
             x.requires_grad or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
 
     def uses_triton(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> bool:
-        """Whether this forward runs the Triton kernels (forward only, so never when a
-        gradient is needed). x: [T', H] in the weights' dtype."""
+        """Whether this forward runs the Triton kernels: forward only, so never when a
+        gradient is needed, and only when Triton imports; then always for backend 'triton',
+        and for 'auto' on CUDA bf16/fp16 with at most TRITON_MAX_ROWS rows. x: [T', H] in
+        the weights' dtype; tokens_per_expert: [E] int64."""
+        if self.backend == "auto":
+            if not (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+                    and x.shape[0] <= TRITON_MAX_ROWS and tokens_per_expert.dtype == torch.int64
+                    and tokens_per_expert.device == x.device):
+                return False  # decided before load_kernels: CPU runs never import triton
+        elif self.backend != "triton":
+            return False
+        return not self._needs_grad(x) and load_kernels("grouped_gemm") is not None
+
+    def _refuse_unrunnable_backend(self, x: torch.Tensor) -> None:
+        """A backend asked for by name ('triton', 'grouped_mm') that cannot run x: say why
+        instead of falling back silently to the loop."""
         if self.backend == "triton":
             if self._needs_grad(x):
                 raise ValueError("experts backend 'triton' is forward-only; run under "
                                  "torch.no_grad()/torch.inference_mode() or use backend 'auto'")
-            kernels = triton_kernels()
-            if kernels is None:
-                raise ValueError("experts backend 'triton' needs the triton package (it comes "
-                                 "with CUDA builds of torch); use backend 'auto'")
-            kernels.check_operands(x, self.gate_up_proj, self.down_proj, tokens_per_expert)
-            return True
-        return (self.backend == "auto" and x.device.type == "cuda"
-                and x.dtype in (torch.bfloat16, torch.float16)
-                and x.shape[0] <= TRITON_MAX_ROWS and tokens_per_expert.dtype == torch.int64
-                and tokens_per_expert.device == x.device and not self._needs_grad(x)
-                and triton_kernels() is not None)
+            raise ValueError("experts backend 'triton' needs the triton package (it comes "
+                             "with CUDA builds of torch); use backend 'auto'")
+        if self.backend == "grouped_mm":
+            raise ValueError(f"experts backend 'grouped_mm' cannot run {x.dtype} on {x.device} "
+                             f"with H={self.hidden_size}, F={self.ffn_size} (needs bf16 on CUDA, "
+                             f"16-byte-aligned rows); use backend 'auto' or 'loop'")
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [T', H] rows sorted by local expert; tokens_per_expert: [E] int64 on x's
@@ -146,11 +141,15 @@ class GroupedExperts(nn.Module):
         in_dtype = x.dtype
         x = x.to(self.gate_up_proj.dtype)
         if self.uses_triton(x, tokens_per_expert):
-            y = triton_kernels().swiglu_experts_forward(
-                x, self.gate_up_proj, self.down_proj, tokens_per_expert)
+            kernels = load_kernels("grouped_gemm")
+            if self.backend == "triton":  # auto only picks operands the kernels take
+                kernels.check_operands(x, self.gate_up_proj, self.down_proj, tokens_per_expert)
+            y = kernels.swiglu_experts_forward(x, self.gate_up_proj, self.down_proj,
+                                               tokens_per_expert)
         elif self.uses_grouped_mm(x):
             y = self._forward_grouped_mm(x, tokens_per_expert)
         else:
+            self._refuse_unrunnable_backend(x)
             y = self._forward_loop(x, tokens_per_expert)
         return y.to(in_dtype)
 

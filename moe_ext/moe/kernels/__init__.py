@@ -23,7 +23,10 @@ KERNEL_MODULES = ("grouped_gemm", "routing", "permute")
 _loaded: dict[str, object] = {}  # name -> module, or False when triton does not import
 
 
-def _load(name: str) -> Optional[ModuleType]:
+def load_kernels(name: str) -> Optional[ModuleType]:
+    """The kernels module ``name`` (one of ``KERNEL_MODULES``), imported on first use, or
+    None when triton does not import. Whether its kernels can run on given tensors is
+    :func:`kernels_for`'s question."""
     module = _loaded.get(name)
     if module is None:
         try:
@@ -49,9 +52,9 @@ def kernels_for(name: str, device: torch.device) -> Optional[ModuleType]:
     if name not in KERNEL_MODULES:
         raise ValueError(f"unknown kernels module {name!r}; use one of {KERNEL_MODULES}")
     if device.type == "cuda":
-        return _load(name)
+        return load_kernels(name)
     if device.type == "cpu" and "triton" in sys.modules:
-        module = _load(name)
+        module = load_kernels(name)
         if module is not None and module.INTERPRETED:
             return module
     return None
