@@ -6,6 +6,10 @@ One forward per step for the whole batch; finished sequences keep stepping (thei
 are discarded) so shapes stay static. Host syncs are limited to: the EOS check every
 ``check_every`` steps, the end-of-batch copy of the output ids, and timing fences on GPU.
 
+What generate needs of the parallel plan (replicas, lockstep, pipeline group, whether
+graphs are safe) it reads from ``model.context``, the ParallelContext ``parallelize`` set;
+what it remembers between calls (captured graphs, a failed capture) is ``model.decode_state``.
+
 Data parallelism (``parallelize`` with dp > 1): each replica generates its slice of the
 prompts and the results are all-gathered. When experts are split across replicas (ep_*),
 every rank must make the same number of MoE calls: a replica with nothing left to do keeps
