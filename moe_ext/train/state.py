@@ -177,13 +177,13 @@ def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.
     with torch.serialization.safe_globals(_deepspeed_state_classes()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            # torch reports a damaged file as RuntimeError ("PytorchStreamReader failed ...");
-            # the cause keeps torch's message for a maintainer
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else \
-                type(err).__name__
-            raise ResumeError(f"cannot load {path} ({reason}); the file is truncated or "
-                              f"corrupt: {_previous_hint(point.directory)}") from err
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            # torch reports a damaged file as RuntimeError ("PytorchStreamReader failed ...")
+            # or OSError (EINVAL for a truncated one); the cause keeps torch's message
+            lines = str(err).strip().splitlines()
+            reason = lines[0][:200] if lines else type(err).__name__
+            raise ResumeError(f"cannot load {path} ({reason}); the file is truncated, corrupt "
+                              f"or unreadable: {_previous_hint(point.directory)}") from err
 
 
 def _deepspeed_state_classes() -> list[type]:
