@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -25,14 +25,12 @@ class DispatcherConfigError(MoeExtError):
 class PlanDegrees(Protocol):
     """What ``Dispatcher.check_plan`` reads of a plan (``moe_ext.plan.ParallelPlan``)."""
 
-    strategy: str
     world_size: int
     tp: int
     pp: int
     dp: int
     ep: int
     etp: int
-    edp: int
 
 
 class LinkFacts(Protocol):
@@ -91,16 +89,34 @@ class Dispatcher(ABC):
     depends on routing (local, tp_sharded) never sync anyway and ignore the capacity.
     """
 
+    # What this transport can run, stated once and checked twice: against the plan before
+    # any process group exists (check_plan) and against the groups at construction.
+    splits_experts_over_ep: ClassVar[bool] = True  # experts divided over groups.ep
+    shards_experts_on_ffn: ClassVar[bool] = True  # each expert's F divided over groups.etp
+
     @classmethod
     def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
         """Raise DispatcherConfigError (one line, naming the fix) when this dispatcher cannot
         run ``plan`` on ``topology`` (None: unknown, only the degrees are checked).
 
         ``build_plan`` calls it before any process group exists, so every limit a
-        dispatcher enforces at construction is stated here too. The base accepts any
-        plan."""
+        dispatcher enforces at construction is stated here too. The base checks the two
+        class flags above; subclasses with further needs extend it."""
+        cls._check_degrees(plan.ep, plan.etp)
+
+    @classmethod
+    def _check_degrees(cls, ep: int, etp: int) -> None:
+        if ep != 1 and not cls.splits_experts_over_ep:
+            raise DispatcherConfigError(
+                f"{cls.__name__} keeps every expert on every rank but got ep={ep}; use "
+                f"strategy.dispatcher nccl_a2a or allgather_rs (ep_* strategies) for ep > 1")
+        if etp != 1 and not cls.shards_experts_on_ffn:
+            raise DispatcherConfigError(
+                f"{cls.__name__} runs whole experts but got etp={etp}; use parallel.etp=1, or "
+                f"strategy=tp_experts (dispatcher tp_sharded) to shard experts on F")
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
+        type(self)._check_degrees(groups.ep_size, groups.etp_size)
         if num_experts % groups.ep_size:
             raise ValueError(
                 f"{num_experts} experts cannot be split over an expert-parallel group of "

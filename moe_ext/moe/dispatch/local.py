@@ -11,14 +11,12 @@ N <= ``permute.MAX_PAIRS`` (4096) and E <= ``permute.MAX_EXPERTS`` (1024); other
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, sort_by_bucket,
                                            unpermute_weighted_sum)
-from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, Dispatcher,
-                                       LinkFacts, PlanDegrees)
+from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
 from moe_ext.moe.kernels import kernels_for
 
 
@@ -52,21 +50,12 @@ class LocalDispatcher(Dispatcher):
     """Replicated experts (strategy ``replicate``): sort token-expert pairs by expert.
     ``fused`` (attribute, default True) allows the one-launch sort kernel."""
 
-    @classmethod
-    def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
-        if plan.ep != 1 or plan.etp != 1:
-            raise DispatcherConfigError(
-                f"{cls.__name__} keeps every expert whole on every rank but the plan has "
-                f"ep={plan.ep} etp={plan.etp}; use strategy.dispatcher nccl_a2a/allgather_rs "
-                f"for ep > 1, tp_sharded for etp > 1, or strategy=replicate")
+    splits_experts_over_ep = False
+    shards_experts_on_ffn = False
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         super().__init__(num_experts, groups)
         self.fused = True
-        if groups.ep_size != 1 or groups.etp_size != 1:
-            raise ValueError(f"LocalDispatcher keeps every expert whole on every rank but got "
-                             f"ep={groups.ep_size}, etp={groups.etp_size}; use nccl_a2a/"
-                             f"allgather_rs for ep>1 or tp_sharded for etp>1")
 
     def dispatch(self, x, weights, expert_idx):
         check_routing(x, weights, expert_idx)

@@ -43,8 +43,7 @@ import torch.nn.functional as F
 
 from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
 from moe_ext.moe.dispatch._permute import check_routing, gather_rows, sort_by_bucket
-from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, Dispatcher,
-                                       LinkFacts, PlanDegrees)
+from moe_ext.moe.dispatch.base import Dispatcher
 
 
 @dataclass
@@ -144,19 +143,7 @@ class ExpertParallelDispatcher(Dispatcher):
     contracts as ``dispatch`` / ``combine``); with a static capacity (``set_capacity``)
     every one of them runs this module's exchange instead."""
 
-    @classmethod
-    def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
-        if plan.etp != 1:
-            raise DispatcherConfigError(
-                f"{cls.__name__} runs whole experts (no expert TP) but the plan has "
-                f"etp={plan.etp}; use parallel.etp=1 with ep_* strategies, or "
-                f"strategy=tp_experts")
-
-    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
-        super().__init__(num_experts, groups)
-        if groups.etp_size != 1:
-            raise ValueError(f"{type(self).__name__} does not shard experts on F but got "
-                             f"etp={groups.etp_size}; use parallel.etp=1 with ep_* strategies")
+    shards_experts_on_ffn = False
 
     def dispatch(self, x, weights, expert_idx):
         check_routing(x, weights, expert_idx)

@@ -13,31 +13,16 @@ full output (the down projection is linear in the F slices). Backward, thought t
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from moe_ext.moe.dispatch.comm import copy_to_partials, reduce_partials
 from moe_ext.moe.dispatch._permute import check_routing, unpermute_weighted_sum
-from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, Dispatcher,
-                                       LinkFacts, PlanDegrees)
+from moe_ext.moe.dispatch.base import Dispatcher
 from moe_ext.moe.dispatch.local import LocalHandle, permute_local
 
 
 class TPShardedDispatcher(Dispatcher):
     """Strategy ``tp_experts``: local permutation, then one all-reduce of [T, H] in combine."""
 
-    @classmethod
-    def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
-        if plan.ep != 1:
-            raise DispatcherConfigError(
-                f"{cls.__name__} keeps all experts on every rank but the plan has "
-                f"ep={plan.ep}; use strategy.dispatcher nccl_a2a or allgather_rs for ep > 1, "
-                f"or strategy=tp_experts")
-
-    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
-        super().__init__(num_experts, groups)
-        if groups.ep_size != 1:
-            raise ValueError(f"TPShardedDispatcher keeps all experts on every rank but got "
-                             f"ep={groups.ep_size}; use nccl_a2a or allgather_rs for ep>1")
+    splits_experts_over_ep = False
 
     @property
     def ffn_shards(self) -> int:
