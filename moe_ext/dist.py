@@ -11,7 +11,7 @@ from moe_ext.errors import MoeExtError
 
 
 class DistEnvError(MoeExtError):
-    """Inconsistent launcher variables; the message names the fix."""
+    """Inconsistent launcher variables or devices; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class DistEnv:
                 return default
             try:
                 return int(raw)
-            except ValueError:
+            except ValueError as err:
                 raise DistEnvError(f"{name}={raw!r} is not an integer; launch with torchrun "
-                                   f"or set {name} to an integer") from None
+                                   f"or set {name} to an integer") from err
 
         world = get_int("WORLD_SIZE", 1)
         rank = get_int("RANK", 0)
@@ -65,12 +65,12 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
     ``cuda:local_rank``) and return this rank's device. A single process gets a process
     group too, so code paths are the same at every world size."""
     if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"device_type={device_type!r}; use 'cpu' or 'cuda'")
+        raise ValueError(f"device_type={device_type!r}; use 'cpu' or 'cuda'")  # a caller's bug
     if device_type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device=cuda but CUDA is not available; use device=cpu")
+            raise DistEnvError("device=cuda but CUDA is not available; use device=cpu")
         if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={env.local_rank} but only "
+            raise DistEnvError(f"LOCAL_RANK={env.local_rank} but only "
                              f"{torch.cuda.device_count()} GPUs are visible; launch at most "
                              f"{torch.cuda.device_count()} processes per node")
         device = torch.device("cuda", env.local_rank)

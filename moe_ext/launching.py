@@ -164,10 +164,8 @@ def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank
     if source.reader is None:
         init_random_(model, seed=source.args.init_seed, requests=requests, device=device)
     else:
-        # the keyword only when asked, so loading works while the reader lacks it
-        checks = {"verify": True} if verify else {}
         state = load_sharded(source.reader, requests, dtype=dtype, device=device,
-                             progress=progress, **checks)
+                             progress=progress, verify=verify)
         materialize_(model, device).load_state_dict(state, strict=False)
     return model
 

@@ -89,11 +89,10 @@ def _infer_conf(overrides: list[str]):
 
 
 def _generate_with_launcher(overrides: list[str], rank: int, world_size: int) -> list[list[int]]:
-    sys.path.insert(0, str(REPO / "launch"))
-    import infer  # the launcher module itself
-
+    from moe_ext.cli import infer  # launch/infer.py's steps
     from moe_ext.dist import DistEnv
     from moe_ext.groups import ProcessGroups
+    from moe_ext.model import generate
 
     cfg = _infer_conf(overrides)
     env = DistEnv(rank=rank, world_size=world_size, local_rank=rank,
@@ -101,7 +100,7 @@ def _generate_with_launcher(overrides: list[str], rank: int, world_size: int) ->
     job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
     groups = ProcessGroups.build(job.plan, backend="gloo", timeout=timedelta(seconds=120))
     model = infer.build_model(job, groups, rank, torch.device("cpu"))
-    result = infer.generate(model, job.prompt_ids, cfg.generate, eos_id=job.tokenizer.eos_id,
+    result = generate(model, job.prompt_ids, cfg.generate, eos_id=job.tokenizer.eos_id,
                             pad_id=job.tokenizer.pad_id, seed=cfg.seed)
     return result.tokens
 

@@ -254,8 +254,7 @@ def _conf(schema, **over):
 
 def _launcher(name: str):
     import importlib
-    sys.path.insert(0, str(REPO / "launch"))
-    return importlib.import_module(name)
+    return importlib.import_module(f"moe_ext.cli.{name}")
 
 
 def _launchers_body(rank, world, tmp):

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from moe_ext.checkpoint.format import MANIFEST
 from moe_ext.config import GenerateConf
 from moe_ext.deepspeed.engine import build_engine, clips_itself
 from moe_ext.dist import DistEnv, init_distributed
@@ -41,7 +40,7 @@ from moe_ext.plan import ParallelPlan, build_plan
 from moe_ext.topology import Topology
 from moe_ext.train.config import TrainConf, TrainLoopConf
 from moe_ext.train.data import TokenData
-from moe_ext.train.export import export_moe_ext, hf_config
+from moe_ext.train.export import check_export_destination, export_moe_ext, hf_config
 from moe_ext.train.loop import RunState, Trainer
 from moe_ext.train.report import LOG_NAME, PLOT_NAME, plot_losses, write_json
 from moe_ext.train.state import (ResumePoint, capture_engine, check_compatible,
@@ -124,27 +123,6 @@ def _check_plan(plan: ParallelPlan, conf: TrainLoopConf, dtype: torch.dtype) -> 
                          f"train.grad_clip=0 or train.zero_stage=0 dtype=fp32")
 
 
-def check_export(path: Optional[str], overwrite: bool) -> None:
-    """Refuse, before training, an ``export=`` the export would refuse after it: a file, a
-    non-empty directory without ``train.overwrite_export=true``, or one that is not a
-    moe_ext checkpoint (which is never replaced)."""
-    if path is None:
-        return  # <run dir>/model: new with the run
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"export={path} is a file; give a directory for the trained model")
-    if not target.is_dir() or not any(target.iterdir()):
-        return
-    if not (target / MANIFEST).is_file():
-        raise UsageError(f"export={path} is a non-empty directory and not a moe_ext checkpoint "
-                         f"(no {MANIFEST}); moe_ext will not replace it: choose another "
-                         f"export=")
-    if not overwrite:
-        raise UsageError(f"export={path} already holds a moe_ext checkpoint; set "
-                         f"train.overwrite_export=true to replace it, or choose another "
-                         f"export=")
-
-
 def sample_conf(cfg: TrainConf) -> GenerateConf:
     """The generation settings of the end-of-run sample."""
     return GenerateConf(max_new_tokens=cfg.sample.max_new_tokens,
@@ -164,7 +142,8 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     dtype = train_dtype(cfg.dtype, device_type, cfg.train.zero_stage)
     if cfg.sample.prompt is not None:
         sample_conf(cfg).check("sample")
-    check_export(cfg.export, cfg.train.overwrite_export)
+    if cfg.export is not None:  # else <run dir>/model, new with the run
+        check_export_destination(cfg.export, cfg.train.overwrite_export)
     source = resolve_model_source(cfg.checkpoint, cfg.model)
     args = source.args
     if source.reader is not None and source.tokenizer_spec is None \
@@ -287,11 +266,9 @@ def _export(cfg: TrainConf, job: Job, engine: Any, model: Transformer, env: Dist
         copy_to_native(engine.module.model, model)  # the export and sample read `model`
     destination = cfg.export or str(run_dir / "model")
     tokenizer = job.source.tokenizer_spec if job.source.tokenizer_spec == "byte" else None
-    # the keyword only when asked, so the export works while it lacks `overwrite`
-    replace = {"overwrite": True} if cfg.train.overwrite_export else {}
     export_moe_ext(model, job.plan, env.rank, destination,
                    hf_config(job.source.args, tokenizer=tokenizer), dtype=job.dtype,
-                   side_files_from=cfg.checkpoint, **replace)
+                   side_files_from=cfg.checkpoint, overwrite=cfg.train.overwrite_export)
     dist.barrier()  # the export is complete before anyone reports or exits
     return destination
 

@@ -52,7 +52,12 @@ class HFTokenizer:
         if not os.path.isfile(file):
             raise TokenizerError(f"no tokenizer.json at {path}; point model.tokenizer at a "
                                  f"checkpoint directory or a tokenizer.json file")
-        self._tok = _Tokenizer.from_file(file)
+        try:
+            self._tok = _Tokenizer.from_file(file)
+        except Exception as err:  # the tokenizers library raises plain Exceptions
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise TokenizerError(f"{file} is not a valid tokenizer.json ({reason}); restore "
+                                 f"it from the model's original files") from err
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         folder = os.path.dirname(file)
         meta = {}
@@ -78,20 +83,38 @@ def _read_special_ids(tok, file: str) -> dict:
     """bos/eos/pad ids from one HF json file (ids, or token strings / AddedToken dicts)."""
     if not os.path.isfile(file):
         return {}
-    with open(file) as f:
-        data = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"cannot read {file} ({err}); fix or remove it (it gives the "
+                             f"tokenizer's special token ids)") from err
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file} holds a JSON {type(data).__name__}, not an object; fix "
+                             f"or remove it (it gives the tokenizer's special token ids)")
     out = {}
     for key in ("bos", "eos", "pad"):
         for field in (f"{key}_token_id", f"{key}_token"):
             value = data.get(field)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if isinstance(value, str):
-                value = tok.token_to_id(value)
+            if field.endswith("_token"):  # a token: its text, or an AddedToken dict
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    value = tok.token_to_id(value)
+            if value is not None and not _is_id_or_ids(value):
+                raise TokenizerError(f"{file}: {field}={data.get(field)!r} is not a token id "
+                                     f"(or list of ids) or token text; fix or remove it")
             if value is not None:
                 out[key] = value
                 break
     return out
+
+
+def _is_id_or_ids(value) -> bool:
+    def is_id(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    return is_id(value) or (isinstance(value, list) and bool(value) and all(map(is_id, value)))
 
 
 def load_tokenizer(spec: Optional[str], checkpoint: Optional[str] = None):

@@ -37,21 +37,22 @@ def read_documents(path: Path) -> list[str]:
     """Documents of a text file (one) or a JSONL file (``{"text": ...}`` per line)."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass data=<text file or .jsonl>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        f"convert it to UTF-8") from err
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
-        try:
-            return [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                            f"convert it to UTF-8") from None
+        return [text]
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be "
-                            f'{{"text": "..."}}') from None
+                            f'{{"text": "..."}}') from err
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f'{path}:{number}: expected {{"text": "..."}}')
         docs.append(record["text"])
