@@ -107,7 +107,7 @@ def check_megatron_files(directory: Path) -> None:
 
 
 def _refusal(where: Any, message: str) -> str:
-    found = re.search(r"GLOBAL (\S+) was not an allowed global", message)
+    found = re.search(r"GLOBAL ([\w.]+)", message)  # torch's weights_only refusals name it so
     lines = message.strip().splitlines()
     what = found.group(1) if found else lines[0][:200] if lines else "an object"
     return (f"refusing to unpickle {what} from {where}: checkpoint files may only hold tensors "
@@ -163,8 +163,8 @@ def restricted_unpickling(directory: Path, trust: bool = False) -> Iterator[None
     torch.load = weights_only_load
     try:
         yield
-    except Exception as e:
-        if refusals:
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if refusals and not isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise UnsafeCheckpointError(refusals[0]) from e
         raise
     finally:
