@@ -71,10 +71,7 @@ def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     rows = x.shape[0] // world
     if dist.get_backend(group) == dist.Backend.GLOO:
-        summed = x.contiguous().clone()
-        dist.all_reduce(summed, group=group)
-        rank = dist.get_rank(group)
-        return summed[rank * rows:(rank + 1) * rows]
+        return _rows_of_rank(_all_reduce_raw(x, group), group)
     out = x.new_empty((rows,) + tuple(x.shape[1:]))
     _reduce_scatter_base(out, x.contiguous(), group=group)
     return out
@@ -92,106 +89,69 @@ def all_to_all_raw(x: torch.Tensor, output_splits: list[int], input_splits: list
     return out
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        return all_to_all_raw(x, output_splits, input_splits, group)
+def _all_reduce_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """x: [...] this rank's partial sums. Returns the sum over the group; no autograd."""
+    if group_size(group) == 1:
+        return x
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _same(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    return x.view_as(x)
+
+
+class _Adjoint(torch.autograd.Function):
+    """y = forward_op(x, group); the gradient goes back through backward_op(grad, group).
+    Each differentiable collective below is one such pair, its adjoint named in one line."""
 
     @staticmethod
-    def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        return all_to_all_raw(grad, input_splits, output_splits, ctx.group), None, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_raw(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_raw(grad, ctx.group), None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_raw(x, group)
+    def forward(ctx, x, group, forward_op, backward_op):
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_gather_raw(grad, ctx.group), None
-
-
-class _ReducePartials(torch.autograd.Function):
-    """Forward: all-reduce partial sums. Backward: identity, because every rank of the
-    group consumes the (replicated) sum in the same way, so each already holds the full
-    gradient of the sum; all-reducing it again would multiply it by the group size."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        if group_size(group) == 1:
-            return x
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _CopyToPartials(torch.autograd.Function):
-    """Forward: identity on a replicated input. Backward: all-reduce, because each rank
-    used the input for only its share of the computation (its FFN shard), so the input's
-    gradient is the sum of the per-rank partial gradients."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if group_size(ctx.group) == 1:
-            return grad, None
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
 @torch.compiler.disable
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
                group: ProcessGroup) -> torch.Tensor:
     """Differentiable variable-split all-to-all of rows; backward is the reverse exchange."""
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+    return _Adjoint.apply(x, group,
+                          lambda t, g: all_to_all_raw(t, output_splits, input_splits, g),
+                          lambda t, g: all_to_all_raw(t, input_splits, output_splits, g))
 
 
 @torch.compiler.disable
 def all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable all-gather along dim 0 (equal rows per rank); backward reduce-scatters."""
-    return _AllGather.apply(x, group)
+    return _Adjoint.apply(x, group, all_gather_raw, reduce_scatter_raw)
 
 
 @torch.compiler.disable
 def reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable reduce-scatter along dim 0; backward all-gathers."""
-    return _ReduceScatter.apply(x, group)
+    return _Adjoint.apply(x, group, reduce_scatter_raw, all_gather_raw)
 
 
 @torch.compiler.disable
 def reduce_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Sum partial results over the group (forward all-reduce, backward identity)."""
-    return _ReducePartials.apply(x, group)
+    """Sum partial results over the group. Forward all-reduce; backward identity, because
+    every rank of the group consumes the (replicated) sum in the same way, so each already
+    holds the full gradient of the sum: all-reducing it again would multiply it by the
+    group size."""
+    return _Adjoint.apply(x, group, _all_reduce_raw, _same)
 
 
 @torch.compiler.disable
 def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """Mark a replicated input feeding partial computations (backward all-reduce)."""
-    return _CopyToPartials.apply(x, group)
+    """Mark a replicated input feeding partial computations. Forward identity; backward
+    all-reduce, because each rank used the input for only its share of the computation
+    (its FFN shard), so the input's gradient is the sum of the per-rank partial ones."""
+    return _Adjoint.apply(x, group, _same, _all_reduce_raw)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,38 +159,10 @@ def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 def _rows_of_rank(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """x: [tp*n, ...]. Returns this rank's rows [n, ...] (a view)."""
+    """x: [tp*n, ...]. Returns this rank's rows [n, ...] (contiguous)."""
     rows = x.shape[0] // group_size(group)
     start = group_rank(group) * rows
-    return x[start:start + rows]
-
-
-class _TakeSlice(torch.autograd.Function):
-    """Forward: this rank's rows of a TP-replicated tensor. Backward: all-gather the slices'
-    gradients, so every rank holds the full gradient of the replicated input."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _rows_of_rank(x, group).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_raw(grad.contiguous(), ctx.group), None
-
-
-class _GatherSlices(torch.autograd.Function):
-    """Forward: all-gather per-rank slices into a TP-replicated tensor. Backward: every rank
-    already holds the full, identical gradient of the replicated result; keep its rows."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_raw(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _rows_of_rank(grad, ctx.group).contiguous(), None
+    return x[start:start + rows].contiguous()
 
 
 def take_slice(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -242,7 +174,8 @@ def take_slice(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"take_slice: {x.shape[0]} rows do not split over a group of "
                          f"{group_size(group)}; pad them to a multiple first")
     if torch.is_grad_enabled() and x.requires_grad:
-        return _TakeSlice.apply(x, group)
+        # backward: every rank gets the full gradient of the replicated input
+        return _Adjoint.apply(x, group, _rows_of_rank, all_gather_raw)
     return _rows_of_rank(x, group)
 
 
@@ -252,7 +185,8 @@ def gather_slices(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     if torch.is_grad_enabled() and x.requires_grad:
-        return _GatherSlices.apply(x, group)
+        # backward: the replicated result's gradient is full and identical; keep our rows
+        return _Adjoint.apply(x, group, all_gather_raw, _rows_of_rank)
     return all_gather_raw(x, group)
 
 
