@@ -1,12 +1,13 @@
 """torch.distributed setup from values the launcher passes in (modules never read os.environ)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
 from moe_ext.errors import MoeExtError
 
 

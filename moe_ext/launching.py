@@ -12,21 +12,22 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
 from moe_ext.checkpoint.reader import CheckpointReader, load_sharded
+from moe_ext.config import check_group_choices
+from moe_ext.dist import DistEnv
+from moe_ext.errors import MoeExtError
 from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices
 from moe_ext.model.weights import init_random_, materialize_
 from moe_ext.plan import ParallelPlan
-from moe_ext.config import check_group_choices
-from moe_ext.dist import DistEnv
-from moe_ext.errors import MoeExtError
 from moe_ext.topology import GIB, Topology, TopologyError, probe, resolve_topology
 
 DEBUG_VARIABLE = "MOE_EXT_DEBUG"

@@ -462,3 +462,13 @@ def test_checkpoint_verify_reaches_the_load(tmp_path):
     errors = _error_lines(res)
     assert len(errors) == 1 and "model.safetensors" in errors[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_non_utf8_training_data_is_named(tmp_path):
+    from moe_ext.train.data import DataError, read_documents
+
+    for name in ("corpus.txt", "corpus.jsonl"):
+        path = tmp_path / name
+        path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+        with pytest.raises(DataError, match=f"{path} is not UTF-8"):
+            read_documents(path)

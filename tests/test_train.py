@@ -12,14 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.confs import tiny_conf
-
 from moe_ext.model import ByteTokenizer, ModelArgs
 from moe_ext.train.config import TrainLoopConf
-from moe_ext.train.data import (DataError, TokenData, eval_batches, read_documents,
-                                shipped_corpus_path, tokenize_documents, train_batch)
+from moe_ext.train.data import (
+    DataError,
+    TokenData,
+    eval_batches,
+    read_documents,
+    shipped_corpus_path,
+    tokenize_documents,
+    train_batch,
+)
 from moe_ext.train.export import hf_config
 from moe_ext.train.loop import lr_at
+from tests.confs import tiny_conf
 from tests.multirank import run_ranks
 from tests.test_model_parallel import qwen2_args, tiny_args
 
@@ -224,8 +230,13 @@ def test_launcher_writes_log_curve_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_resume_refuses_another_plan(tmp_path):
-    from moe_ext.train.state import (FORMAT, FORMAT_VERSION, ResumeError, check_compatible,
-                                     find_checkpoint)
+    from moe_ext.train.state import (
+        FORMAT,
+        FORMAT_VERSION,
+        ResumeError,
+        check_compatible,
+        find_checkpoint,
+    )
 
     step = tmp_path / "step_00000002"
     step.mkdir()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +27,21 @@ from moe_ext.config import InferConf
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.errors import MoeExtError
 from moe_ext.groups import ProcessGroups
-from moe_ext.launching import (DTYPES, ModelSource, UsageError, as_usage_error,
-                               build_model_shard, debug_requested, device_type_for,
-                               dtype_name, launch_env, launch_topology, package_path,
-                               resolve_model_source, run_and_exit)
+from moe_ext.launching import (
+    DTYPES,
+    ModelSource,
+    UsageError,
+    as_usage_error,
+    build_model_shard,
+    debug_requested,
+    device_type_for,
+    dtype_name,
+    launch_env,
+    launch_topology,
+    package_path,
+    resolve_model_source,
+    run_and_exit,
+)
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.generate import GenerationResult
 from moe_ext.model.tokenizer import load_tokenizer

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, MutableMapping, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,10 +31,20 @@ from moe_ext.config import GenerateConf
 from moe_ext.deepspeed.engine import build_engine, clips_itself
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.groups import ProcessGroups
-from moe_ext.launching import (DTYPES, ModelSource, UsageError, as_usage_error,
-                               build_model_shard, debug_requested, device_type_for,
-                               dtype_name, launch_env, launch_topology, resolve_model_source,
-                               run_and_exit)
+from moe_ext.launching import (
+    DTYPES,
+    ModelSource,
+    UsageError,
+    as_usage_error,
+    build_model_shard,
+    debug_requested,
+    device_type_for,
+    dtype_name,
+    launch_env,
+    launch_topology,
+    resolve_model_source,
+    run_and_exit,
+)
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.tokenizer import load_tokenizer
 from moe_ext.plan import ParallelPlan, build_plan
@@ -43,9 +54,15 @@ from moe_ext.train.data import TokenData
 from moe_ext.train.export import check_export_destination, export_moe_ext, hf_config
 from moe_ext.train.loop import RunState, Trainer
 from moe_ext.train.report import LOG_NAME, PLOT_NAME, plot_losses, write_json
-from moe_ext.train.state import (ResumePoint, capture_engine, check_compatible,
-                                 find_checkpoint, load_rank_state, restore_engine,
-                                 save_checkpoint)
+from moe_ext.train.state import (
+    ResumePoint,
+    capture_engine,
+    check_compatible,
+    find_checkpoint,
+    load_rank_state,
+    restore_engine,
+    save_checkpoint,
+)
 
 log = logging.getLogger("moe_ext.train")
 

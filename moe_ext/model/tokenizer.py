@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Optional, Protocol
+
 from moe_ext.errors import MoeExtError
 
 
@@ -47,7 +48,8 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _Tokenizer
         except ImportError as e:  # pragma: no cover - a declared dependency
-            raise TokenizerError("the 'tokenizers' package is missing; pip install tokenizers") from e
+            raise TokenizerError("the 'tokenizers' package is missing; pip install "
+                                 "tokenizers") from e
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise TokenizerError(f"no tokenizer.json at {path}; point model.tokenizer at a "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
 from moe_ext.errors import MoeExtError
 
 SHIPPED_CORPUS = "shakespeare.txt"
