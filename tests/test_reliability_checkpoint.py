@@ -22,9 +22,15 @@ import torch
 from moe_ext.checkpoint import CheckpointError, CheckpointReader, ShardRequest, load_sharded
 from moe_ext.checkpoint import reader as reader_module
 from moe_ext.checkpoint.convert import export_hf, import_hf, verify
-from moe_ext.checkpoint.format import (HF_INDEX, MANIFEST, SafetensorsWriter, TensorEntry,
-                                       dtype_name, read_manifest, remove_stale_staging,
-                                       write_manifest)
+from moe_ext.checkpoint.format import (
+    HF_INDEX,
+    MANIFEST,
+    SafetensorsWriter,
+    TensorEntry,
+    dtype_name,
+    remove_stale_staging,
+    write_manifest,
+)
 from moe_ext.model import Transformer
 from moe_ext.model.weights import init_random_full
 from moe_ext.train.export import ExportError, check_export_destination, export_moe_ext, hf_config
@@ -225,7 +231,8 @@ def test_load_with_verify_catches_flipped_bytes_the_default_does_not(ckpts, tmp_
         with pytest.raises(CheckpointError) as err:
             load_sharded(ext, {expert: request}, progress=False, verify=True)
         assert "\n" not in str(err.value)
-        assert f"checksum mismatch for tensor {expert} in {ext / 'model.safetensors'}" in str(err.value)
+        shard = ext / "model.safetensors"
+        assert f"checksum mismatch for tensor {expert} in {shard}" in str(err.value)
 
 
 def test_verify_on_load_needs_checksums(ckpts):
@@ -355,7 +362,8 @@ def test_too_little_free_space_is_refused_before_writing(ckpts, tmp_path, monkey
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     dst = tmp_path / "hf"
-    with pytest.raises(CheckpointError, match=r"writing .*hf needs about .* GiB, but .* has 0.00 GiB free"):
+    with pytest.raises(CheckpointError,
+                       match=r"writing .*hf needs about .* GiB, but .* has 0.00 GiB free"):
         export_hf(ext_src, dst, progress=False)
     assert _left_at(dst) == []
 
@@ -430,3 +438,31 @@ def test_resume_refuses_a_latest_pointing_elsewhere(tmp_path):
     (root / "latest").write_text("../../elsewhere\n")
     with pytest.raises(ResumeError, match="not a step_\\* directory"):
         find_checkpoint(str(root))
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_resume_never_unpickles_code_from_a_rank_file(tmp_path):
+    """A rank file whose unpickling would run a command: one line, the command never runs
+    (a full unpickle, the reference, does run it)."""
+    root = tmp_path / "checkpoints"
+    latest = _step(root, 2, world=1)
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Payload(marker)}, latest / "rank_00000.pt")
+    torch.load(latest / "rank_00000.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    point = find_checkpoint(str(root))
+    with pytest.raises(ResumeError) as err:
+        load_rank_state(point, 0)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"refusing to unpickle posix.system from {latest}/")
+    assert not marker.exists()

@@ -28,8 +28,9 @@ import importlib
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -55,7 +56,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module in _DCP_MODULES:
             obj = getattr(importlib.import_module(module), name, None)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            plain = isinstance(obj, type) and (dataclasses.is_dataclass(obj)
+                                               or issubclass(obj, enum.Enum))
+            if plain:
                 return obj
         elif module == "torch" and name == "Size":
             return torch.Size

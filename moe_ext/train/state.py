@@ -177,7 +177,13 @@ def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.
     with torch.serialization.safe_globals(_deepspeed_state_classes()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = found.group(1) if found else "an object that is not plain data"
+            raise ResumeError(f"refusing to unpickle {what} from {path}: a rank file holds only "
+                              f"tensors and plain state, this one could run code; "
+                              f"{_previous_hint(point.directory)}") from err
+        except (RuntimeError, OSError, EOFError) as err:
             # torch reports a damaged file as RuntimeError ("PytorchStreamReader failed ...")
             # or OSError (EINVAL for a truncated one); the cause keeps torch's message
             lines = str(err).strip().splitlines()
