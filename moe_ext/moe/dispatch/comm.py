@@ -25,6 +25,7 @@ and the eager collective is still recorded by the enclosing CUDA-graph capture.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -98,43 +99,51 @@ def _all_reduce_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return out
 
 
-def _same(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+def _same(x: torch.Tensor) -> torch.Tensor:
     return x.view_as(x)
 
 
 class _Adjoint(torch.autograd.Function):
-    """y = forward_op(x, group); the gradient goes back through backward_op(grad, group).
-    Each differentiable collective below is one such pair, its adjoint named in one line."""
-
     @staticmethod
-    def forward(ctx, x, group, forward_op, backward_op):
-        ctx.group, ctx.backward_op = group, backward_op
-        return forward_op(x, group)
+    def forward(ctx, x, forward_op, backward_op):
+        ctx.backward_op = backward_op
+        return forward_op(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.backward_op(grad, ctx.group), None, None, None
+        return ctx.backward_op(grad), None, None
+
+
+def adjoint(x: torch.Tensor, forward_op: Callable[[torch.Tensor], torch.Tensor],
+            backward_op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Differentiable ``forward_op(x)`` whose gradient goes back through
+    ``backward_op(grad)``: an exchange and its adjoint, named side by side. Every
+    differentiable collective here is one call (the NVSHMEM dispatcher's exchanges too)."""
+    return _Adjoint.apply(x, forward_op, backward_op)
 
 
 @torch.compiler.disable
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
                group: ProcessGroup) -> torch.Tensor:
     """Differentiable variable-split all-to-all of rows; backward is the reverse exchange."""
-    return _Adjoint.apply(x, group,
-                          lambda t, g: all_to_all_raw(t, output_splits, input_splits, g),
-                          lambda t, g: all_to_all_raw(t, input_splits, output_splits, g))
+    return adjoint(x, partial(all_to_all_raw, output_splits=output_splits,
+                              input_splits=input_splits, group=group),
+                   partial(all_to_all_raw, output_splits=input_splits,
+                           input_splits=output_splits, group=group))
 
 
 @torch.compiler.disable
 def all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable all-gather along dim 0 (equal rows per rank); backward reduce-scatters."""
-    return _Adjoint.apply(x, group, all_gather_raw, reduce_scatter_raw)
+    return adjoint(x, partial(all_gather_raw, group=group),
+                   partial(reduce_scatter_raw, group=group))
 
 
 @torch.compiler.disable
 def reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable reduce-scatter along dim 0; backward all-gathers."""
-    return _Adjoint.apply(x, group, reduce_scatter_raw, all_gather_raw)
+    return adjoint(x, partial(reduce_scatter_raw, group=group),
+                   partial(all_gather_raw, group=group))
 
 
 @torch.compiler.disable
@@ -143,7 +152,7 @@ def reduce_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     every rank of the group consumes the (replicated) sum in the same way, so each already
     holds the full gradient of the sum: all-reducing it again would multiply it by the
     group size."""
-    return _Adjoint.apply(x, group, _all_reduce_raw, _same)
+    return adjoint(x, partial(_all_reduce_raw, group=group), _same)
 
 
 @torch.compiler.disable
@@ -151,7 +160,7 @@ def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Mark a replicated input feeding partial computations. Forward identity; backward
     all-reduce, because each rank used the input for only its share of the computation
     (its FFN shard), so the input's gradient is the sum of the per-rank partial ones."""
-    return _Adjoint.apply(x, group, _same, _all_reduce_raw)
+    return adjoint(x, _same, partial(_all_reduce_raw, group=group))
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +184,8 @@ def take_slice(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
                          f"{group_size(group)}; pad them to a multiple first")
     if torch.is_grad_enabled() and x.requires_grad:
         # backward: every rank gets the full gradient of the replicated input
-        return _Adjoint.apply(x, group, _rows_of_rank, all_gather_raw)
+        return adjoint(x, partial(_rows_of_rank, group=group),
+                       partial(all_gather_raw, group=group))
     return _rows_of_rank(x, group)
 
 
@@ -186,7 +196,8 @@ def gather_slices(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     if torch.is_grad_enabled() and x.requires_grad:
         # backward: the replicated result's gradient is full and identical; keep our rows
-        return _Adjoint.apply(x, group, all_gather_raw, _rows_of_rank)
+        return adjoint(x, partial(all_gather_raw, group=group),
+                       partial(_rows_of_rank, group=group))
     return all_gather_raw(x, group)
 
 

@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moe_ext.moe.dispatch.comm import adjoint
 from moe_ext.moe.dispatch._permute import (gather_rows, sort_by_bucket,
                                            unpermute_weighted_sum)
 from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, LinkFacts,
@@ -322,28 +323,6 @@ class _ExchangePlan:
                                         output_size=self.num_recv) + rows)  # [R]
 
 
-class _DispatchExchange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, plan: _ExchangePlan):
-        ctx.plan = plan
-        return plan.dispatch_rows(rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.plan.combine_rows(grad.contiguous()), None
-
-
-class _CombineExchange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, plan: _ExchangePlan):
-        ctx.plan = plan
-        return plan.combine_rows(rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.plan.dispatch_rows(grad.contiguous()), None
-
-
 @dataclass
 class NvshmemHandle:
     order: torch.Tensor  # [N] int64 pair ids sorted by global expert (send order)
@@ -456,10 +435,14 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
             send_splits=counts.view(world, self.num_slots, -1).sum(-1).reshape(-1),  # [W*X]
             recv_counts=recv_counts.contiguous(), num_send=num_send, num_recv=num_recv,
             num_slots=self.num_slots)
-        x_local = _DispatchExchange.apply(x_send.contiguous(), plan)  # [R, H]
+        # backward of the dispatch exchange is the combine-direction exchange
+        x_local = adjoint(x_send.contiguous(), plan.dispatch_rows,
+                          lambda grad: plan.combine_rows(grad.contiguous()))  # [R, H]
         tokens_per_local_expert = recv_counts.sum(0)  # [E_local]
         return x_local, tokens_per_local_expert, NvshmemHandle(order, weights, plan)
 
     def combine_dynamic(self, y_local, handle: NvshmemHandle):
-        y_send = _CombineExchange.apply(y_local.contiguous(), handle.plan)  # [N, H]
+        plan = handle.plan
+        y_send = adjoint(y_local.contiguous(), plan.combine_rows,
+                         lambda grad: plan.dispatch_rows(grad.contiguous()))  # [N, H]
         return unpermute_weighted_sum(y_send, handle.order, handle.weights)  # [T, H]
