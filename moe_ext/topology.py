@@ -23,8 +23,10 @@ import ctypes
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+
 from moe_ext.errors import MoeExtError
 
 RECORD_FORMAT = "moe_ext.topology.record/1"
@@ -34,7 +36,8 @@ KINDS = ("nvlink", "pcie", "cpu")  # a Topology's kind
 CONF_KINDS = ("auto",) + KINDS  # what TopologyConf.kind accepts
 
 # nvmlDeviceGetTopologyCommonAncestor levels, nearest first, and nvidia-smi topo -m labels.
-ANCESTORS = {0: "INTERNAL", 10: "SINGLE", 20: "MULTIPLE", 30: "HOSTBRIDGE", 40: "NODE", 50: "SYSTEM"}
+ANCESTORS = {0: "INTERNAL", 10: "SINGLE", 20: "MULTIPLE", 30: "HOSTBRIDGE", 40: "NODE",
+             50: "SYSTEM"}
 ANCESTOR_LABELS = {
     "INTERNAL": "PIX",  # same board (dual-GPU cards): nvidia-smi has no own label for it
     "SINGLE": "PIX",  # at most one PCIe switch between the two
@@ -57,7 +60,8 @@ P2P_STATUS = {
     5: "NOT_SUPPORTED",
     6: "UNKNOWN",
 }
-NVLINK_DEVICE_GPU, NVLINK_DEVICE_IBMNPU, NVLINK_DEVICE_SWITCH = 0, 1, 2  # nvmlDeviceGetNvLinkRemoteDeviceType
+# nvmlDeviceGetNvLinkRemoteDeviceType answers
+NVLINK_DEVICE_GPU, NVLINK_DEVICE_IBMNPU, NVLINK_DEVICE_SWITCH = 0, 1, 2
 # nvmlDeviceGetNvLinkVersion answers an nvmlNvlinkVersion_t enum, not the generation
 # (an A100 answers 5 = NVLink 3.1): enum -> NVLink generation.
 NVLINK_ENUM_TO_GENERATION = {1: 1, 2: 2, 3: 2, 4: 3, 5: 3, 6: 4, 7: 5, 8: 6}
@@ -90,8 +94,10 @@ GLOO_LOOPBACK_GBPS = 5.0
 
 # Forced topologies: per-kind defaults for the TopologyConf fields left at None.
 FORCED_DEFAULTS = {
-    "pcie": {"p2p": False, "p2p_atomics": False, "pcie_gen": 4, "pcie_width": 16, "nvlink_count": 0},
-    "nvlink": {"p2p": True, "p2p_atomics": True, "pcie_gen": 5, "pcie_width": 16, "nvlink_count": 18},
+    "pcie": {"p2p": False, "p2p_atomics": False, "pcie_gen": 4, "pcie_width": 16,
+             "nvlink_count": 0},
+    "nvlink": {"p2p": True, "p2p_atomics": True, "pcie_gen": 5, "pcie_width": 16,
+               "nvlink_count": 18},
 }
 # Per-GPU memory of a forced topology when neither the probe nor the conf gives one:
 # a GeForce-class 24 GiB card for pcie, an 80 GiB H100 for nvlink.
@@ -140,7 +146,8 @@ class Link:
     ancestor: str = "UNKNOWN"  # PCIe common ancestor: a value of ANCESTORS or UNKNOWN
     p2p: bool = False  # peer access in both directions
     p2p_atomics: bool = False  # native atomics over the peer link in both directions
-    p2p_status: str = "unknown"  # NVML's reason for the read capability (OK, GPU_NOT_SUPPORTED, ...)
+    # NVML's reason for the read capability (OK, GPU_NOT_SUPPORTED, ...)
+    p2p_status: str = "unknown"
 
     @property
     def nvlink(self) -> bool:
@@ -176,20 +183,23 @@ class Topology:
         if self.kind not in KINDS:
             raise TopologyError(f"topology kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if (self.kind == "cpu") != (not self.gpus):
-            raise TopologyError(f"a {self.kind} topology with {len(self.gpus)} GPUs: only kind cpu has none")
+            raise TopologyError(f"a {self.kind} topology with {len(self.gpus)} GPUs: only kind "
+                                "cpu has none")
         if [g.index for g in self.gpus] != list(range(len(self.gpus))):
             raise TopologyError("GPU indices must be 0..n-1 in order")
         n = len(self.gpus)
         pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         if [(l.a, l.b) for l in self.links] != pairs:
-            raise TopologyError(f"links must list every GPU pair a < b once, in order; expected {len(pairs)}")
+            raise TopologyError(f"links must list every GPU pair a < b once, in order; "
+                                f"expected {len(pairs)}")
         for l in self.links:
             if l.p2p_atomics and not l.p2p:
                 raise TopologyError(f"GPUs {l.a},{l.b}: P2P atomics without P2P access")
             if l.ancestor not in ANCESTOR_LABELS:
                 raise TopologyError(f"GPUs {l.a},{l.b}: unknown PCIe ancestor {l.ancestor!r}")
         if n >= 2 and (self.kind == "nvlink") != all(l.nvlink for l in self.links):
-            raise TopologyError(f"kind {self.kind} disagrees with the links: nvlink means every pair has NVLink")
+            raise TopologyError(f"kind {self.kind} disagrees with the links: nvlink means every "
+                                "pair has NVLink")
 
     # ---- what the planner reads
     @property
@@ -198,7 +208,8 @@ class Topology:
 
     def link(self, a: int, b: int) -> Link:
         if a == b or not (0 <= a < self.num_gpus and 0 <= b < self.num_gpus):
-            raise TopologyError(f"no link between GPUs {a} and {b} in a {self.num_gpus}-GPU topology")
+            raise TopologyError(f"no link between GPUs {a} and {b} in a {self.num_gpus}-GPU "
+                                "topology")
         a, b = min(a, b), max(a, b)
         n = self.num_gpus
         return self.links[a * n - a * (a + 1) // 2 + (b - a - 1)]  # row-major upper triangle
@@ -242,7 +253,8 @@ class Topology:
     def subset(self, count: int) -> "Topology":
         """The first ``count`` GPUs (the devices ranks 0..count-1 of a local launch use)."""
         if not 1 <= count <= self.num_gpus:
-            raise TopologyError(f"cannot take {count} of {self.num_gpus} GPUs; use 1..{self.num_gpus}")
+            raise TopologyError(f"cannot take {count} of {self.num_gpus} GPUs; "
+                                f"use 1..{self.num_gpus}")
         links = tuple(l for l in self.links if l.b < count)
         kind = self.kind if count == 1 else ("nvlink" if all(l.nvlink for l in links) else "pcie")
         return replace(self, kind=kind, gpus=self.gpus[:count], links=links)
@@ -257,12 +269,15 @@ class Topology:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Topology":
         if data.get("format") != TOPOLOGY_FORMAT:
-            hint = " (a raw probe record: use parse_record / --from-record)" if data.get("format") == RECORD_FORMAT else ""
-            raise TopologyError(f"not a {TOPOLOGY_FORMAT} document: format={data.get('format')!r}{hint}")
+            hint = " (a raw probe record: use parse_record / --from-record)" \
+                if data.get("format") == RECORD_FORMAT else ""
+            raise TopologyError(f"not a {TOPOLOGY_FORMAT} document: "
+                                f"format={data.get('format')!r}{hint}")
         fields = {k: v for k, v in data.items() if k != "format"}
         try:
             gpus = tuple(
-                GPU(**{**g, "compute_capability": tuple(g["compute_capability"]) if g.get("compute_capability") else None})
+                GPU(**{**g, "compute_capability": tuple(g["compute_capability"])
+                       if g.get("compute_capability") else None})
                 for g in fields.pop("gpus", ())
             )
             links = tuple(Link(**l) for l in fields.pop("links", ()))
@@ -288,13 +303,15 @@ class Topology:
         if self.gpus:
             rows.append(("min GPU memory", f"{self.min_gpu_memory_bytes / GIB:.1f} GiB"))
         if self.links:
-            labels = sorted({l.label + (" via NVSwitch" if l.via_nvswitch else "") for l in self.links})
+            labels = sorted({link.label + (" via NVSwitch" if link.via_nvswitch else "")
+                             for link in self.links})
             rows.append(("pair links", ", ".join(labels)))
         rows += [
             ("all pairs NVLink", yes(self.all_pairs_nvlink)),
             ("all pairs P2P", yes(self.all_pairs_p2p)),
             ("all pairs P2P atomics", yes(self.all_pairs_p2p_atomics)),
-            ("min pair bandwidth", f"{self.min_pair_bandwidth_gbps:.1f} GB/s (estimate, per direction)"),
+            ("min pair bandwidth",
+             f"{self.min_pair_bandwidth_gbps:.1f} GB/s (estimate, per direction)"),
         ]
         rows += [("note", n) for n in self.notes]
         return rows
@@ -397,7 +414,7 @@ def _nvml_answers(nv, errors: list[str]) -> dict[str, Any]:
         cc = ask(f"GPU{i} compute capability", nv.nvmlDeviceGetCudaComputeCapability, h)
         dev = {
             "index": i,
-            "name": ask(f"GPU{i} name", lambda: _text(nv.nvmlDeviceGetName(h))),
+            "name": ask(f"GPU{i} name", lambda handle: _text(nv.nvmlDeviceGetName(handle)), h),
             "pci_bus_id": _text(pci.busId) if pci is not None else None,
             "memory_total_bytes": int(mem.total) if mem is not None else None,
             "cuda_compute_capability": list(cc) if cc is not None else None,
@@ -414,19 +431,21 @@ def _nvml_answers(nv, errors: list[str]) -> dict[str, Any]:
         for link in range(nv.NVML_NVLINK_MAX_LINKS):
             try:
                 active = nv.nvmlDeviceGetNvLinkState(h, link)
-            except Exception as e:  # link 0 NOT_SUPPORTED: no NVLink; later: absent or past the last
+            except Exception as e:
+                # link 0 NOT_SUPPORTED: no NVLink; later: absent or past the last
                 if link == 0:
                     dev["nvlink_error"] = str(e)
                     break
                 continue
             entry = {"link": link, "active": bool(active)}
             if active:
-                remote = ask(f"GPU{i} nvlink {link} remote pci", nv.nvmlDeviceGetNvLinkRemotePciInfo, h, link)
+                remote = ask(f"GPU{i} nvlink {link} remote pci",
+                             nv.nvmlDeviceGetNvLinkRemotePciInfo, h, link)
                 entry.update(
-                    version=ask(f"GPU{i} nvlink {link} version", nv.nvmlDeviceGetNvLinkVersion, h, link),
-                    remote_device_type=ask(
-                        f"GPU{i} nvlink {link} remote type", nv.nvmlDeviceGetNvLinkRemoteDeviceType, h, link
-                    ),
+                    version=ask(f"GPU{i} nvlink {link} version", nv.nvmlDeviceGetNvLinkVersion,
+                                h, link),
+                    remote_device_type=ask(f"GPU{i} nvlink {link} remote type",
+                                           nv.nvmlDeviceGetNvLinkRemoteDeviceType, h, link),
                     remote_pci_bus_id=_text(remote.busId) if remote is not None else None,
                 )
             dev["nvlinks"].append(entry)
@@ -440,7 +459,8 @@ def _nvml_answers(nv, errors: list[str]) -> dict[str, Any]:
             rec["pairs"].append({
                 "a": i,
                 "b": j,
-                "common_ancestor": ask(f"common ancestor {i},{j}", nv.nvmlDeviceGetTopologyCommonAncestor, hi, hj),
+                "common_ancestor": ask(f"common ancestor {i},{j}",
+                                       nv.nvmlDeviceGetTopologyCommonAncestor, hi, hj),
                 "p2p_status": status,
             })
     return rec
@@ -497,7 +517,8 @@ def _cuda_record(errors: list[str]) -> dict[str, Any]:
                 entry: dict[str, Any] = {"src": src, "dst": dst}
                 for attr, number in CUDA_P2P_ATTRS.items():
                     value = ctypes.c_int()
-                    check(cu.cuDeviceGetP2PAttribute(ctypes.byref(value), number, src, dst), f"P2P {attr}")
+                    check(cu.cuDeviceGetP2PAttribute(ctypes.byref(value), number, src, dst),
+                          f"P2P {attr}")
                     entry[attr] = value.value
                 p2p.append(entry)
         return {"error": None, "library": "libcuda.so.1", "devices": devices, "p2p": p2p}

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from moe_ext.config import GenerateConf
-from moe_ext.model import (ByteTokenizer, ModelArgs, RankCoords, Transformer, generate,
-                           init_random_full, load_tokenizer, shard_slices)
+from moe_ext.model import (
+    ByteTokenizer,
+    ModelArgs,
+    RankCoords,
+    Transformer,
+    generate,
+    init_random_full,
+    load_tokenizer,
+    shard_slices,
+)
 from moe_ext.model.generate import sample
 from tests.test_model_parallel import plan_of, tiny_args
 
@@ -118,9 +126,10 @@ def test_byte_tokenizer_and_tokenizer_json(tmp_path):
 
 
 def test_saved_hf_checkpoint_loads_through_shard_slices(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from moe_ext.checkpoint import load_sharded
-    from tests.test_model_hf import EOS, PROMPTS as HF_PROMPTS, _hf_greedy, _hf_model
+    from tests.test_model_hf import EOS, _hf_greedy, _hf_model
+    from tests.test_model_hf import PROMPTS as HF_PROMPTS
 
     hf = _hf_model("qwen2_moe")
     hf.save_pretrained(tmp_path)

@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from moe_ext.config import GenerateConf
-from moe_ext.model.decoder import Transformer
 from moe_ext.errors import MoeExtError
+from moe_ext.model.decoder import Transformer
 
 log = logging.getLogger(__name__)
 
