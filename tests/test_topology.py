@@ -77,7 +77,8 @@ def test_4xrtx_pro_6000_pcie5_p2p():
     assert all(l.p2p and not l.p2p_atomics and l.p2p_status == "OK" for l in t.links)
     # two GPUs per root complex: PHB inside, NODE across
     assert {(l.a, l.b): l.label for l in t.links} == {
-        (0, 1): "PHB", (2, 3): "PHB", (0, 2): "NODE", (0, 3): "NODE", (1, 2): "NODE", (1, 3): "NODE"}
+        (0, 1): "PHB", (2, 3): "PHB", (0, 2): "NODE", (0, 3): "NODE", (1, 2): "NODE",
+        (1, 3): "NODE"}
     assert t.all_pairs_p2p and not t.all_pairs_p2p_atomics and not t.all_pairs_nvlink
     # idle GPUs trained down to Gen1: the estimate must use the link's maximum (Gen5 x16)
     assert (t.gpus[1].pcie_gen, t.gpus[1].pcie_max_gen) == (1, 5)
@@ -92,14 +93,16 @@ def test_4xrtx_4090_no_p2p():
     assert not any(l.p2p or l.p2p_atomics or l.nvlink for l in t.links)
     assert {l.p2p_status for l in t.links} == {"GPU_NOT_SUPPORTED"}
     assert {(l.a, l.b): l.ancestor for l in t.links} == {
-        (0, 1): "NODE", (2, 3): "NODE", (0, 2): "SYSTEM", (0, 3): "SYSTEM", (1, 2): "SYSTEM", (1, 3): "SYSTEM"}
+        (0, 1): "NODE", (2, 3): "NODE", (0, 2): "SYSTEM", (0, 3): "SYSTEM", (1, 2): "SYSTEM",
+        (1, 3): "SYSTEM"}
     assert [g.numa_node for g in t.gpus] == [0, 0, 1, 1]
     assert not (t.all_pairs_p2p or t.all_pairs_p2p_atomics or t.all_pairs_nvlink)
     assert t.min_pair_bandwidth_gbps == pytest.approx(GEN4_X16_STAGED_GBPS, rel=1e-3)
     assert t.min_gpu_memory_bytes == 24564 * MIB
 
 
-FIXTURE_NAMES = ["8xh100_sxm_nvswitch", "2xh200_nv18", "4xrtx_pro_6000_pcie5_p2p", "4xrtx_4090_no_p2p"]
+FIXTURE_NAMES = ["8xh100_sxm_nvswitch", "2xh200_nv18", "4xrtx_pro_6000_pcie5_p2p",
+                 "4xrtx_4090_no_p2p"]
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -111,7 +114,8 @@ def test_nvml_alone_agrees_with_cuda_attributes(name):
     rec["cuda"] = {"error": "libcuda.so.1 not loadable"}
     nvml_only = parse_record(rec)
     assert nvml_only.source == "nvml"
-    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == [(l.p2p, l.p2p_atomics) for l in both.links]
+    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == \
+        [(l.p2p, l.p2p_atomics) for l in both.links]
     assert nvml_only.kind == both.kind
 
 
@@ -202,7 +206,8 @@ def test_no_gpu_visible_to_cuda_is_cpu():
     rec = load("8xh100_sxm_nvswitch")
     rec["cuda"].update(devices=[], p2p=[])
     t = parse_record(rec)
-    assert t.kind == "cpu" and t.num_gpus == 0 and any("none is visible to CUDA" in n for n in t.notes)
+    assert t.kind == "cpu" and t.num_gpus == 0
+    assert any("none is visible to CUDA" in n for n in t.notes)
 
 
 @pytest.mark.parametrize("remote_type", [None, 0xFF], ids=["no-type", "unknown-type"])
@@ -212,7 +217,8 @@ def test_nvswitch_links_without_remote_type(remote_type):
         for link in d["nvlinks"]:
             link["remote_device_type"] = remote_type
     t = parse_record(rec)
-    assert t.kind == "nvlink" and {(l.nvlink_count, l.via_nvswitch) for l in t.links} == {(18, True)}
+    assert t.kind == "nvlink"
+    assert {(l.nvlink_count, l.via_nvswitch) for l in t.links} == {(18, True)}
 
 
 def test_record_format_is_checked():
@@ -233,7 +239,8 @@ def test_json_round_trip(name):
 
 
 def test_json_round_trip_cpu_and_forced():
-    cpu = parse_record({"format": topo_mod.RECORD_FORMAT, "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
+    cpu = parse_record({"format": topo_mod.RECORD_FORMAT,
+                        "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
                         "nvml": {"error": "x"}, "cuda": {"error": "y"}, "errors": []})
     forced = resolve_topology(TopologyConf(kind="pcie", num_gpus=3), 3, probe=lambda: cpu)
     for t in (cpu, forced):
@@ -273,8 +280,10 @@ def test_subset():
 
 def test_summary_rows():
     rows = dict(parse_record(load("4xrtx_pro_6000_pcie5_p2p")).summary_rows())
-    assert rows["kind"] == "pcie" and rows["all pairs P2P"] == "yes" and rows["all pairs P2P atomics"] == "no"
-    assert rows["gpus"].startswith("4 x NVIDIA RTX PRO 6000") and rows["min GPU memory"] == "95.6 GiB"
+    assert rows["kind"] == "pcie" and rows["all pairs P2P"] == "yes"
+    assert rows["all pairs P2P atomics"] == "no"
+    assert rows["gpus"].startswith("4 x NVIDIA RTX PRO 6000")
+    assert rows["min GPU memory"] == "95.6 GiB"
 
 
 # --------------------------------------------------------------------------- forced kinds
@@ -298,7 +307,8 @@ def test_forced_pcie_on_nvlink_box():
     assert [g.name for g in t.gpus] == [g.name for g in h100.gpus]
     assert t.min_gpu_memory_bytes == h100.min_gpu_memory_bytes  # memory stays the probe's
     assert t.link(0, 7).ancestor == "SYSTEM"  # the PCIe tree stays the probe's
-    assert t.min_pair_bandwidth_gbps == pytest.approx(GEN4_X16_STAGED_GBPS, rel=1e-3)  # yaml: Gen4 x16
+    # yaml: Gen4 x16
+    assert t.min_pair_bandwidth_gbps == pytest.approx(GEN4_X16_STAGED_GBPS, rel=1e-3)
     # the same from a plain dataclass, and P2P without atomics when asked
     t2 = resolve_topology(TopologyConf(kind="pcie", p2p=True), 8, probe=_fixed(h100))
     assert t2.all_pairs_p2p and not t2.all_pairs_p2p_atomics
@@ -308,7 +318,8 @@ def test_forced_nvlink_on_pcie_box():
     g4090 = parse_record(load("4xrtx_4090_no_p2p"))
     t = resolve_topology(_yaml_conf("nvlink"), 4, probe=_fixed(g4090))
     assert t.kind == "nvlink" and t.all_pairs_nvlink and t.all_pairs_p2p and t.all_pairs_p2p_atomics
-    assert t.min_gpu_memory_bytes == 24564 * MIB and t.min_pair_bandwidth_gbps == pytest.approx(NV18_GBPS)
+    assert t.min_gpu_memory_bytes == 24564 * MIB
+    assert t.min_pair_bandwidth_gbps == pytest.approx(NV18_GBPS)
 
 
 def test_forced_cpu():
@@ -324,20 +335,24 @@ def test_auto_and_none_probe():
 
 
 def test_forced_counts_and_memory():
-    cpu = parse_record({"format": topo_mod.RECORD_FORMAT, "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
+    cpu = parse_record({"format": topo_mod.RECORD_FORMAT,
+                        "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
                         "nvml": {"error": "x"}, "cuda": {"error": "y"}, "errors": []})
     # no probed GPUs: the launch's local GPU count and the documented default memory
     t = resolve_topology(TopologyConf(kind="pcie"), 4, probe=_fixed(cpu))
     assert t.num_gpus == 4 and t.min_gpu_memory_bytes == 24 * GIB
-    t = resolve_topology(TopologyConf(kind="pcie", num_gpus=2, gpu_memory_gib=48.0), 4, probe=_fixed(cpu))
+    t = resolve_topology(TopologyConf(kind="pcie", num_gpus=2, gpu_memory_gib=48.0), 4,
+                         probe=_fixed(cpu))
     assert t.num_gpus == 2 and t.min_gpu_memory_bytes == 48 * GIB
     # more GPUs than probed: the extra ones take the probe's memory
     h200 = parse_record(load("2xh200_nv18"))
-    t = resolve_topology(TopologyConf(kind="nvlink", num_gpus=4, nvlink_count=6), 4, probe=_fixed(h200))
+    t = resolve_topology(TopologyConf(kind="nvlink", num_gpus=4, nvlink_count=6), 4,
+                         probe=_fixed(h200))
     assert t.num_gpus == 4 and {g.memory_bytes for g in t.gpus} == {143771 * MIB}
     assert t.link(2, 3).nvlink_count == 6 and t.gpus[3].name == "forced nvlink GPU"
     # a DictConfig from Hydra works as well as the dataclass
-    t = resolve_topology(OmegaConf.structured(TopologyConf(kind="pcie", num_gpus=2)), 1, probe=_fixed(cpu))
+    t = resolve_topology(OmegaConf.structured(TopologyConf(kind="pcie", num_gpus=2)), 1,
+                         probe=_fixed(cpu))
     assert t.num_gpus == 2
 
 
@@ -396,9 +411,16 @@ class _FakeNvml:
     def nvmlDeviceGetCount(self): return len(self._nvml["devices"])
     def nvmlDeviceGetHandleByIndex(self, i): return i
     def nvmlDeviceGetName(self, h): return self._dev(h)["name"]
-    def nvmlDeviceGetPciInfo(self, h): return type("Pci", (), {"busId": self._dev(h)["pci_bus_id"].encode()})
-    def nvmlDeviceGetMemoryInfo(self, h): return type("Mem", (), {"total": self._dev(h)["memory_total_bytes"]})
-    def nvmlDeviceGetCudaComputeCapability(self, h): return tuple(self._dev(h)["cuda_compute_capability"])
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return type("Pci", (), {"busId": self._dev(h)["pci_bus_id"].encode()})
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("Mem", (), {"total": self._dev(h)["memory_total_bytes"]})
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return tuple(self._dev(h)["cuda_compute_capability"])
+
     def nvmlDeviceGetNumaNodeId(self, h): return self._dev(h)["numa_node"]
     def nvmlDeviceGetCurrPcieLinkGeneration(self, h): return self._dev(h)["pcie"]["curr_gen"]
     def nvmlDeviceGetMaxPcieLinkGeneration(self, h): return self._dev(h)["pcie"]["max_gen"]
@@ -406,7 +428,9 @@ class _FakeNvml:
     def nvmlDeviceGetMaxPcieLinkWidth(self, h): return self._dev(h)["pcie"]["max_width"]
     def nvmlDeviceGetNvLinkState(self, h, link): return int(self._links(h, link)["active"])
     def nvmlDeviceGetNvLinkVersion(self, h, link): return self._links(h, link)["version"]
-    def nvmlDeviceGetNvLinkRemoteDeviceType(self, h, link): return self._links(h, link)["remote_device_type"]
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, h, link):
+        return self._links(h, link)["remote_device_type"]
+
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
         return type("Pci", (), {"busId": self._links(h, link)["remote_pci_bus_id"].encode()})
@@ -556,7 +580,8 @@ def test_tool_probe_and_record(tmp_path):
     record = json.loads(path.read_text())
     assert Topology.from_json(out.stdout) == parse_record(record)
     bad = _tool("--from-record", str(tmp_path / "missing.json"))
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "cannot read record" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "cannot read record" in bad.stderr
 
 
 # --------------------------------------------------------------------------- real GPUs
@@ -572,14 +597,17 @@ def test_probe_matches_torch_peer_access():
         props = torch.cuda.get_device_properties(g.index)
         assert g.name == props.name
         if hasattr(props, "pci_domain_id"):  # the NVML device joined to this ordinal is this GPU
-            assert g.pci_bus_id == f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            assert g.pci_bus_id == (f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:"
+                                    f"{props.pci_device_id:02x}.0")
         # NVML's total counts memory the driver reserves; CUDA's is a little smaller
         assert 0.9 * g.memory_bytes <= props.total_memory <= g.memory_bytes * 1.01
     for l in t.links:
-        assert l.p2p == (torch.cuda.can_device_access_peer(l.a, l.b) and torch.cuda.can_device_access_peer(l.b, l.a))
+        assert l.p2p == (torch.cuda.can_device_access_peer(l.a, l.b)
+                         and torch.cuda.can_device_access_peer(l.b, l.a))
         if t.kind == "nvlink":
             assert l.nvlink_count > 0 and l.p2p
     # NVML's P2P status alone must tell the same story as the CUDA attributes
     nvml_only = parse_record({**record, "cuda": {"error": "dropped by the test"}})
-    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == [(l.p2p, l.p2p_atomics) for l in t.links]
+    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == \
+        [(l.p2p, l.p2p_atomics) for l in t.links]
     assert Topology.from_json(t.to_json()) == t

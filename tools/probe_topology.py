@@ -33,7 +33,8 @@ def gpu_rows(topo: Topology) -> list[list[str]]:
                 f"Gen{g.pcie_max_gen or '?'}x{g.pcie_max_width or '?'}")
         cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
         numa = "?" if g.numa_node is None else str(g.numa_node)
-        rows.append([str(g.index), g.name, f"{g.memory_bytes / GIB:.1f} GiB", g.pci_bus_id or "?", pcie, numa, cc])
+        rows.append([str(g.index), g.name, f"{g.memory_bytes / GIB:.1f} GiB",
+                     g.pci_bus_id or "?", pcie, numa, cc])
     return rows
 
 
@@ -51,10 +52,14 @@ def render(topo: Topology) -> str:
         parts.append(format_table(gpu_rows(topo)))
     if topo.num_gpus >= 2:
         parts.append(format_table(topo.pair_matrix()))
-        parts.append("Legend: NV# = # NVLink links, PIX = at most one PCIe switch, PXB = several PCIe switches,\n"
-                     "PHB = through a PCIe host bridge, NODE = across host bridges of one NUMA node,\n"
-                     "SYS = across sockets; flags: p = P2P access, a = P2P native atomics, - = not supported.")
-        parts.append("Estimated copy bandwidth, GB/s per direction:\n" + format_table(bandwidth_rows(topo)))
+        parts.append("Legend: NV# = # NVLink links, PIX = at most one PCIe switch, "
+                     "PXB = several PCIe switches,\n"
+                     "PHB = through a PCIe host bridge, NODE = across host bridges of one NUMA "
+                     "node,\n"
+                     "SYS = across sockets; flags: p = P2P access, a = P2P native atomics, "
+                     "- = not supported.")
+        parts.append("Estimated copy bandwidth, GB/s per direction:\n"
+                     + format_table(bandwidth_rows(topo)))
     parts.append(format_table([[k, v] for k, v in topo.summary_rows()]))
     return "\n\n".join(parts)
 
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the parsed topology as JSON")
     parser.add_argument("--record", metavar="FILE", help="write the raw NVML/CUDA answers to FILE")
-    parser.add_argument("--from-record", metavar="FILE", help="parse a saved raw record instead of probing")
+    parser.add_argument("--from-record", metavar="FILE",
+                        help="parse a saved raw record instead of probing")
     parser.add_argument("--no-cuda", action="store_true", help="ask NVML only, not the CUDA driver")
     args = parser.parse_args(argv)
     if args.from_record and args.record:
