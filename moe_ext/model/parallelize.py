@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from moe_ext.checkpoint.shard import ShardRequest
+from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import ParallelContext
 from moe_ext.model.decoder import Transformer
-from moe_ext.errors import MoeExtError
 
 
 class ParallelizeError(MoeExtError):
