@@ -151,11 +151,6 @@ def test_stage_layers_cover_every_layer_once():
         assert layers == list(range(n))
 
 
-def test_unsupported_model_type_is_one_line_error():
-    with pytest.raises(ValueError, match="supported: mixtral, qwen2_moe, qwen3_moe"):
-        ModelArgs.from_hf_config({"model_type": "llama"})
-
-
 def test_real_shapes_build_on_meta():
     for name in ("mixtral_8x7b", "qwen3_30b_a3b", "qwen2_57b_a14b"):
         args = ModelArgs.from_model_conf(model_conf(name))
@@ -281,8 +276,6 @@ def _gpu_graph_body(rank, world):
         for graphs, compiled in ((False, False), (True, False), (True, False), (True, True),
                                  (True, True)):
             conf = GenerateConf(max_batch_size=2, cuda_graphs=graphs, compile_decode=compiled)
-            if compiled and not runs.get((True, True)):
-                model.__dict__.pop("_decode_graphs", None)  # graphs are not keyed by compile
             result = generate(model, PROMPTS5, conf, eos_id=None, pad_id=258,
                               max_new_tokens=[24, 9, 17, 30, 12])
             assert result.cuda_graphs == graphs, (strategy, graphs, compiled)
