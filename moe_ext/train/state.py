@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 META = "meta.json"
 _STEP_NAME = re.compile(r"step_\d+")
-_META_KEYS = ("plan", "zero_stage", "model", "history", "evals")
 
 
 class ResumeError(MoeExtError):
@@ -79,9 +78,6 @@ def find_checkpoint(path: str) -> ResumePoint:
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise ResumeError(f"{meta_file} is not a {FORMAT} v{FORMAT_VERSION} checkpoint")
         world_size, _ = int(meta["world_size"]), int(meta["step"])
-        absent = [key for key in _META_KEYS if key not in meta]
-        if absent:
-            raise KeyError(absent[0])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         if isinstance(err, ResumeError):
             raise
@@ -123,13 +119,14 @@ def check_compatible(point: ResumePoint, world_size: int, plan_key: dict[str, An
         raise ResumeError(f"{point.directory} was saved by {meta['world_size']} ranks, this run "
                           f"has {world_size}; resume with torchrun --nproc-per-node "
                           f"{meta['world_size']}")
-    if meta["plan"] != plan_key:
-        raise ResumeError(f"{point.directory} was saved under plan {meta['plan']}, this run's "
-                          f"plan is {plan_key}; resume with the same strategy and parallel.*")
-    if int(meta["zero_stage"]) != zero_stage:
+    if meta.get("plan") != plan_key:
+        raise ResumeError(f"{point.directory} was saved under plan {meta.get('plan')}, this "
+                          f"run's plan is {plan_key}; resume with the same strategy and "
+                          f"parallel.*")
+    if meta.get("zero_stage") != zero_stage:
         raise ResumeError(f"{point.directory} was saved with train.zero_stage="
-                          f"{meta['zero_stage']}; resume with the same stage")
-    if meta["model"] != model_key:
+                          f"{meta.get('zero_stage')}; resume with the same stage")
+    if meta.get("model") != model_key:
         raise ResumeError(f"{point.directory} holds another model shape than this run's; "
                           f"resume with the model it was trained with")
 
