@@ -31,6 +31,7 @@ from moe_ext.checkpoint.format import (
     remove_stale_staging,
     write_manifest,
 )
+from moe_ext.launching import resolve_model_source
 from moe_ext.model import Transformer
 from moe_ext.model.weights import init_random_full
 from moe_ext.train.export import ExportError, check_export_destination, export_moe_ext, hf_config
@@ -142,6 +143,9 @@ def test_hf_index_naming_a_file_outside_is_refused_everywhere(kind, ckpts, tmp_p
     assert "\n" not in message
     assert message.startswith(f"{hf / HF_INDEX} (weight_map entry {key!r}) names file {bad!r}")
     assert "outside the checkpoint directory" in message
+    with pytest.raises(CheckpointError) as at_launch:  # what launch/*.py opens a checkpoint with
+        resolve_model_source(str(hf), None)
+    assert str(at_launch.value) == message
     problems = verify(hf, progress=False)
     assert len(problems) == 1 and problems[0] == message
     dst = tmp_path / "out" / "ext"

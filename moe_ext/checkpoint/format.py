@@ -11,6 +11,11 @@ A moe_ext directory holds:
 The writer lays out a whole safetensors file from (name, dtype, shape) up front and then
 takes each tensor's bytes as a stream of chunks, so converting never holds more than one
 chunk of a tensor in memory.
+
+Every writer of a checkpoint directory goes through ``staged_directory`` (a temporary
+directory next to the destination, renamed into place; file-system errors as one line;
+leftovers of killed writers cleaned up), and every file name read from a checkpoint goes
+through ``confined_file`` (it must stay inside the checkpoint directory).
 """
 from __future__ import annotations
 
