@@ -131,7 +131,7 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         if value not in choices:
             raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)} "
                               f"({plus}{key}=<name>, files in conf/{key}/)")
-        if plus and not override.startswith("+"):
+        if plus and not override.startswith(("+", "~")):
             raise ConfigError(f"{override}: the topology group is added, not replaced; type "
                               f"+{key}={value}")
 
