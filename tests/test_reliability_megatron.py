@@ -24,8 +24,12 @@ pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
 from moe_ext.checkpoint.errors import CheckpointError  # noqa: E402
-from moe_ext.megatron.dist_ckpt import (MEGATRON_MANIFEST, checkpoint_tensors,  # noqa: E402
-                                        export_megatron, import_megatron)
+from moe_ext.megatron.dist_ckpt import (  # noqa: E402
+    MEGATRON_MANIFEST,
+    checkpoint_tensors,
+    export_megatron,
+    import_megatron,
+)
 from moe_ext.megatron.safe_load import UnsafeCheckpointError, read_dcp_metadata  # noqa: E402
 from tests.test_megatron_ckpt import _write_source  # noqa: E402
 
