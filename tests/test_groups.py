@@ -300,6 +300,7 @@ def _init_distributed_entry(rank, port, queue):
 
 def test_init_distributed_two_ranks():
     import torch.multiprocessing as mp
+
     from tests.multirank import _free_port
     ctx = mp.get_context("spawn")
     queue, port = ctx.SimpleQueue(), _free_port()

@@ -24,11 +24,20 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED
 from megatron.core.transformer.moe import moe_utils  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from moe_ext.megatron import (MegatronConfigError, get_gpt_decoder_block_spec,  # noqa: E402
-                              get_gpt_layer_spec, is_moe_slot, loss_coeffs,
-                              megatron_spec_style, megatron_to_native, moe_layer_kwargs,
-                              moe_layer_spec, native_to_megatron, router_kwargs,
-                              transformer_config_kwargs)
+from moe_ext.megatron import (  # noqa: E402
+    MegatronConfigError,
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_spec,
+    is_moe_slot,
+    loss_coeffs,
+    megatron_spec_style,
+    megatron_to_native,
+    moe_layer_kwargs,
+    moe_layer_spec,
+    native_to_megatron,
+    router_kwargs,
+    transformer_config_kwargs,
+)
 from moe_ext.model import ModelArgs, init_random_full  # noqa: E402
 from moe_ext.moe.router import TopKRouter  # noqa: E402
 from moe_ext.plan import plan_with_degrees  # noqa: E402
@@ -313,8 +322,13 @@ def _gpt_body(rank, world):
     from megatron.core.models.gpt import GPTModel
 
     from moe_ext.groups import ProcessGroups
-    from moe_ext.megatron import (gpt_model_kwargs, install_parallel_state, load_into_megatron,
-                                  pg_collection, uninstall_parallel_state)
+    from moe_ext.megatron import (
+        gpt_model_kwargs,
+        install_parallel_state,
+        load_into_megatron,
+        pg_collection,
+        uninstall_parallel_state,
+    )
     from moe_ext.model import Transformer
 
     with _cpu_megatron():
@@ -362,8 +376,12 @@ def _state_body(rank, world):
     from megatron.core import parallel_state as ps
 
     from moe_ext.groups import ProcessGroups
-    from moe_ext.megatron import (MoEExtLayer, ParallelStateError, install_parallel_state,
-                                  uninstall_parallel_state)
+    from moe_ext.megatron import (
+        MoEExtLayer,
+        ParallelStateError,
+        install_parallel_state,
+        uninstall_parallel_state,
+    )
 
     plan = plan_for("ep_nccl", world)
     groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))

@@ -103,7 +103,8 @@ def _close(actual, expected, what, tol):
     if expected.numel() == 0:
         return
     if tol == "fp32":
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5,
+                                   msg=lambda m: f"{what}: {m}")
     else:  # bf16: error relative to the tensor's scale
         err = (actual - expected).abs().max().item()
         scale = max(expected.abs().max().item(), 1e-3)
@@ -173,7 +174,8 @@ def _equivalence_body(rank, world, seed, device_kind, dtype_name, tol):
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         mine = pairs[rank // 2]
         for strategy in STRATEGIES[1:]:
-            groups = DispatchGroups(etp=mine) if strategy == "tp_sharded" else DispatchGroups(ep=mine)
+            sharded = strategy == "tp_sharded"
+            groups = DispatchGroups(etp=mine) if sharded else DispatchGroups(ep=mine)
             check_strategy(strategy, groups, seed + 100, dtype, device, tol, cases=CASES[:3])
 
 

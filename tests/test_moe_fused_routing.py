@@ -19,8 +19,13 @@ from moe_ext.moe.layer import build_moe_layer
 from moe_ext.moe.router import FUSED_MAX_TOKENS, TopKRouter
 from tests.moe_reference import RoutingSpec, reference_gates, reference_moe
 from tests.test_moe_kernels import capture_compiled, count_op_nodes, graph_recorder
-from tests.triton_interpreter import (HAS_TRITON, interpreted, needs_interpreter, needs_triton,
-                                      run_cpu_cases_in_interpreter)
+from tests.triton_interpreter import (
+    HAS_TRITON,
+    interpreted,
+    needs_interpreter,
+    needs_triton,
+    run_cpu_cases_in_interpreter,
+)
 
 
 def _routing():

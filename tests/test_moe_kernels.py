@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from moe_ext.moe import experts as experts_mod
 from moe_ext.moe.experts import GroupedExperts
-from tests.triton_interpreter import (needs_interpreter, needs_triton,
-                                      run_cpu_cases_in_interpreter)
+from tests.triton_interpreter import needs_interpreter, needs_triton, run_cpu_cases_in_interpreter
 
 
 def _kernels():

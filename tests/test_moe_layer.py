@@ -46,7 +46,8 @@ def test_grouped_experts_match_per_expert_swiglu(backend, counts):
     (y_ref * upstream.double()).sum().backward()
     torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(experts.gate_up_proj.grad.double(), gu_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(experts.gate_up_proj.grad.double(), gu_ref.grad, rtol=1e-5,
+                               atol=1e-6)
     torch.testing.assert_close(experts.down_proj.grad.double(), dn_ref.grad, rtol=1e-5, atol=1e-6)
 
 

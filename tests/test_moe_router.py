@@ -44,11 +44,11 @@ def test_softmax_router_matches_transformers(family, top_k, norm):
         hf = MixtralTopKRouter(MixtralConfig(hidden_size=H, num_local_experts=E,
                                              num_experts_per_tok=top_k))
     elif family == "qwen3_moe":
-        hf = Qwen3MoeTopKRouter(Qwen3MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=top_k,
-                                               norm_topk_prob=norm))
+        hf = Qwen3MoeTopKRouter(Qwen3MoeConfig(hidden_size=H, num_experts=E,
+                                               num_experts_per_tok=top_k, norm_topk_prob=norm))
     else:
-        hf = Qwen2MoeTopKRouter(Qwen2MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=top_k,
-                                               norm_topk_prob=norm))
+        hf = Qwen2MoeTopKRouter(Qwen2MoeConfig(hidden_size=H, num_experts=E,
+                                               num_experts_per_tok=top_k, norm_topk_prob=norm))
     torch.nn.init.normal_(hf.weight)
     x = torch.randn(T, H)
     _, hf_weights, hf_idx = hf(x)

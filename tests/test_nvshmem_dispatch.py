@@ -17,12 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher
-from moe_ext.moe.dispatch import nvshmem
+from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher, nvshmem
 from moe_ext.moe.dispatch.nccl_a2a import AllToAllDispatcher
 from tests.multirank import run_ranks
 from tests.test_moe_dispatch import CASES, E, check_strategy
-
 
 # ---------------------------------------------------------------- refusals (CPU)
 

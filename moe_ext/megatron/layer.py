@@ -37,8 +37,14 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 from moe_ext.megatron.config import MegatronConfigError, loss_coeffs, moe_layer_kwargs
 from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher
-from moe_ext.moe.dispatch.comm import (all_gather_raw, gather_slices, group_rank, group_size,
-                                       run_on_token_slice, take_slice)
+from moe_ext.moe.dispatch.comm import (
+    all_gather_raw,
+    gather_slices,
+    group_rank,
+    group_size,
+    run_on_token_slice,
+    take_slice,
+)
 from moe_ext.moe.layer import add_shared_expert, build_moe_layer, routed_output
 
 _BASE_INIT_PARAMS = set(inspect.signature(BaseMoELayer.__init__).parameters)

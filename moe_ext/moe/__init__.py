@@ -5,11 +5,24 @@ that own their experts (``moe_ext.moe.dispatch``, one transport per module, name
 ``DISPATCHERS``). The differentiable collectives and the TP token split are
 ``moe_ext.moe.dispatch.comm``; the optional Triton kernels are ``moe_ext.moe.kernels``.
 """
-from moe_ext.moe.dispatch import (DISPATCHERS, DispatcherConfigError, DispatchGroups,
-                                  Dispatcher, build_dispatcher, dispatcher_class)
+from moe_ext.moe.dispatch import (
+    DISPATCHERS,
+    Dispatcher,
+    DispatcherConfigError,
+    DispatchGroups,
+    build_dispatcher,
+    dispatcher_class,
+)
 from moe_ext.moe.experts import BACKENDS, GroupedExperts, grouped_mm_qualifies
-from moe_ext.moe.layer import (MoELayer, SharedExpertMLP, add_shared_expert, build_moe_layer,
-                               expert_shard, load_full_expert_weights, routed_output)
+from moe_ext.moe.layer import (
+    MoELayer,
+    SharedExpertMLP,
+    add_shared_expert,
+    build_moe_layer,
+    expert_shard,
+    load_full_expert_weights,
+    routed_output,
+)
 from moe_ext.moe.router import RouterOutput, TopKRouter, load_balancing_loss, z_loss
 
 __all__ = [

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_ext.moe.dispatch import DispatchGroups, Dispatcher, build_dispatcher
+from moe_ext.moe.dispatch import Dispatcher, DispatchGroups, build_dispatcher
 from moe_ext.moe.experts import GroupedExperts
 from moe_ext.moe.router import TopKRouter
 

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
-from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, Dispatcher,
-                                       LinkFacts, PlanDegrees)
+from moe_ext.moe.dispatch.base import (
+    Dispatcher,
+    DispatcherConfigError,
+    DispatchGroups,
+    LinkFacts,
+    PlanDegrees,
+)
 
 DISPATCHERS = {
     "local": "moe_ext.moe.dispatch.local.LocalDispatcher",

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
 from moe_ext.moe.dispatch._permute import gather_rows, scatter_weighted, sort_by_bucket
+from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
 from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 

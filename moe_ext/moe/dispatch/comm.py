@@ -25,8 +25,9 @@ and the eager collective is still recorded by the enclosing CUDA-graph capture.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_ext.moe.dispatch._permute import (check_routing, gather_rows, sort_by_bucket,
-                                           unpermute_weighted_sum)
-from moe_ext.moe.dispatch.base import DispatchGroups, Dispatcher
+from moe_ext.moe.dispatch._permute import (
+    check_routing,
+    gather_rows,
+    sort_by_bucket,
+    unpermute_weighted_sum,
+)
+from moe_ext.moe.dispatch.base import Dispatcher, DispatchGroups
 from moe_ext.moe.kernels import kernels_for
 
 

@@ -22,9 +22,13 @@ from typing import Optional
 
 import torch
 
+from moe_ext.moe.dispatch._permute import (
+    gather_rows,
+    invert_permutation,
+    sort_by_bucket,
+    unpermute_weighted_sum,
+)
 from moe_ext.moe.dispatch.comm import all_to_all, all_to_all_raw
-from moe_ext.moe.dispatch._permute import (gather_rows, invert_permutation,
-                                           sort_by_bucket, unpermute_weighted_sum)
 from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 

@@ -53,13 +53,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from moe_ext.moe.dispatch.comm import adjoint
-from moe_ext.moe.dispatch._permute import (gather_rows, sort_by_bucket,
-                                           unpermute_weighted_sum)
-from moe_ext.moe.dispatch.base import (DispatcherConfigError, DispatchGroups, LinkFacts,
-                                       PlanDegrees)
-from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 from moe_ext.errors import MoeExtError
+from moe_ext.moe.dispatch._permute import gather_rows, sort_by_bucket, unpermute_weighted_sum
+from moe_ext.moe.dispatch.base import DispatcherConfigError, DispatchGroups, LinkFacts, PlanDegrees
+from moe_ext.moe.dispatch.comm import adjoint
+from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 FALLBACK = "strategy=ep_nccl"
 MAX_SLOTS = 16  # allToAllV_2d: local "experts" per rank <= THREADS_PER_BLOCK / 32 tiles

@@ -33,17 +33,17 @@ runs the same step), because it decides which collectives run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
 from moe_ext.moe.dispatch._permute import check_routing, gather_rows, sort_by_bucket
 from moe_ext.moe.dispatch.base import Dispatcher
+from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
 
 
 @dataclass

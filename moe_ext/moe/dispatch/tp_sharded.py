@@ -13,9 +13,9 @@ full output (the down projection is linear in the F slices). Backward, thought t
 """
 from __future__ import annotations
 
-from moe_ext.moe.dispatch.comm import copy_to_partials, reduce_partials
 from moe_ext.moe.dispatch._permute import check_routing, unpermute_weighted_sum
 from moe_ext.moe.dispatch.base import Dispatcher
+from moe_ext.moe.dispatch.comm import copy_to_partials, reduce_partials
 from moe_ext.moe.dispatch.local import LocalHandle, permute_local
 
 
