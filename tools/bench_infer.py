@@ -32,9 +32,8 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
 
-import infer  # noqa: E402  (the launcher's prepare/build_model: the same code path as users)
+from moe_ext.cli import infer  # noqa: E402  (the launcher's own prepare/build_model)
 from moe_ext.bench.peers import hf_causal_lm, hf_decode_floor_s, hf_generate_timed  # noqa: E402
 from moe_ext.bench.peers import library_versions  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
@@ -221,6 +220,9 @@ def infer_conf(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from moe_ext.config import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
