@@ -7,6 +7,7 @@
 An error is one line and exit 2; MOE_EXT_DEBUG=1 (or debug=true) adds its traceback. The
 job itself is moe_ext.cli.infer; this entry point only hands it the environment.
 """
+
 import os
 import sys
 from pathlib import Path

@@ -16,6 +16,7 @@ cores):
 An error is one line and exit 2; MOE_EXT_DEBUG=1 (or debug=true) adds its traceback. The
 run itself is moe_ext.cli.train; this entry point only hands it the environment.
 """
+
 import os
 import sys
 from pathlib import Path

@@ -8,6 +8,7 @@ schemas are stored as root configs, not as options of their groups, so ``--help`
 launchers turn the environment (torchrun's RANK/WORLD_SIZE, CUDA devices, MOE_EXT_DEBUG)
 into these dataclasses.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,14 +73,17 @@ class GenerateConf:
         """Refuse values generation cannot run with; ``prefix`` names the fields in the
         message (``generate`` or ``sample``)."""
         if self.max_new_tokens < 1:
-            raise ConfigError(f"{prefix}.max_new_tokens={self.max_new_tokens}; it must be at "
-                              f"least 1")
+            raise ConfigError(
+                f"{prefix}.max_new_tokens={self.max_new_tokens}; it must be at least 1"
+            )
         if self.max_batch_size < 1:
-            raise ConfigError(f"{prefix}.max_batch_size={self.max_batch_size}; it must be at "
-                              f"least 1")
+            raise ConfigError(
+                f"{prefix}.max_batch_size={self.max_batch_size}; it must be at least 1"
+            )
         if self.temperature < 0:
-            raise ConfigError(f"{prefix}.temperature={self.temperature}; use 0 (greedy) or a "
-                              f"positive value")
+            raise ConfigError(
+                f"{prefix}.temperature={self.temperature}; use 0 (greedy) or a positive value"
+            )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}.top_p={self.top_p}; use a value in (0, 1]")
 
@@ -129,11 +133,14 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
         plus = "+" if key == "topology" else ""
         if value not in choices:
-            raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)} "
-                              f"({plus}{key}=<name>, files in conf/{key}/)")
+            raise ConfigError(
+                f"unknown {key} {value!r}; choose one of {', '.join(choices)} "
+                f"({plus}{key}=<name>, files in conf/{key}/)"
+            )
         if plus and not override.startswith(("+", "~")):
-            raise ConfigError(f"{override}: the topology group is added, not replaced; type "
-                              f"+{key}={value}")
+            raise ConfigError(
+                f"{override}: the topology group is added, not replaced; type +{key}={value}"
+            )
 
 
 def register_configs() -> None:

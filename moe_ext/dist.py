@@ -1,4 +1,5 @@
 """torch.distributed setup from values the launcher passes in (modules never read os.environ)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -37,23 +38,33 @@ class DistEnv:
             try:
                 return int(raw)
             except ValueError as err:
-                raise DistEnvError(f"{name}={raw!r} is not an integer; launch with torchrun "
-                                   f"or set {name} to an integer") from err
+                raise DistEnvError(
+                    f"{name}={raw!r} is not an integer; launch with torchrun "
+                    f"or set {name} to an integer"
+                ) from err
 
         world = get_int("WORLD_SIZE", 1)
         rank = get_int("RANK", 0)
         local_rank = get_int("LOCAL_RANK", rank)
         local_world = get_int("LOCAL_WORLD_SIZE", world)
-        env = cls(rank=rank, world_size=world, local_rank=local_rank,
-                  local_world_size=local_world,
-                  master_addr=environ.get("MASTER_ADDR") or cls.master_addr,
-                  master_port=get_int("MASTER_PORT", cls.master_port))
+        env = cls(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            master_addr=environ.get("MASTER_ADDR") or cls.master_addr,
+            master_port=get_int("MASTER_PORT", cls.master_port),
+        )
         if world < 1 or not 0 <= rank < world:
-            raise DistEnvError(f"RANK={rank} is outside WORLD_SIZE={world}; launch with "
-                               f"torchrun --nproc-per-node N")
+            raise DistEnvError(
+                f"RANK={rank} is outside WORLD_SIZE={world}; launch with "
+                f"torchrun --nproc-per-node N"
+            )
         if local_world < 1 or not 0 <= local_rank < local_world or local_world > world:
-            raise DistEnvError(f"LOCAL_RANK={local_rank} / LOCAL_WORLD_SIZE={local_world} do "
-                               f"not fit WORLD_SIZE={world}; launch with torchrun")
+            raise DistEnvError(
+                f"LOCAL_RANK={local_rank} / LOCAL_WORLD_SIZE={local_world} do "
+                f"not fit WORLD_SIZE={world}; launch with torchrun"
+            )
         return env
 
     @property
@@ -71,18 +82,22 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
         if not torch.cuda.is_available():
             raise DistEnvError("device=cuda but CUDA is not available; use device=cpu")
         if env.local_rank >= torch.cuda.device_count():
-            raise DistEnvError(f"LOCAL_RANK={env.local_rank} but only "
-                             f"{torch.cuda.device_count()} GPUs are visible; launch at most "
-                             f"{torch.cuda.device_count()} processes per node")
+            raise DistEnvError(
+                f"LOCAL_RANK={env.local_rank} but only "
+                f"{torch.cuda.device_count()} GPUs are visible; launch at most "
+                f"{torch.cuda.device_count()} processes per node"
+            )
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-            raise RuntimeError(f"torch.distributed already initialised as rank "
-                               f"{dist.get_rank()}/{dist.get_world_size()}, not "
-                               f"{env.rank}/{env.world_size}; call destroy() first")
+            raise RuntimeError(
+                f"torch.distributed already initialised as rank "
+                f"{dist.get_rank()}/{dist.get_world_size()}, not "
+                f"{env.rank}/{env.world_size}; call destroy() first"
+            )
         return device
     timeout = timedelta(seconds=timeout_s)
     if env.world_size == 1:
@@ -91,8 +106,14 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
     else:
         rendezvous = dict(init_method=f"tcp://{env.master_addr}:{env.master_port}")
     extra = dict(device_id=device) if device_type == "cuda" else {}
-    dist.init_process_group(backend_for(device_type), rank=env.rank,
-                            world_size=env.world_size, timeout=timeout, **rendezvous, **extra)
+    dist.init_process_group(
+        backend_for(device_type),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        **rendezvous,
+        **extra,
+    )
     return device
 
 

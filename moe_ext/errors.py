@@ -5,6 +5,7 @@ one line (problem and fix). Launchers print these as one ``error:`` line and exi
 other exception is a bug (ours or a library's) and keeps its traceback. Subclasses stay
 ``ValueError``s so library callers that already catch ``ValueError`` keep working.
 """
+
 from __future__ import annotations
 
 

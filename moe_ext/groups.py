@@ -19,6 +19,7 @@ Rank 5 is tp rank 1, dp rank 0, stage 1 (previous stage: rank 1), and owns exper
 [E/4, 2E/4) as ep rank 1. With strategy=tp_experts on the same 8 ranks (tp=4 pp=2 dp=1)
 etp = tp: etp groups [0,1,2,3] [4,5,6,7] equal the tp groups, and ep is a singleton.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,18 @@ from moe_ext.plan import ParallelPlan
 
 # family -> varying dims, on the attention ("attn") or expert ("expert") reading of the ranks
 _ATTENTION_FAMILIES = {
-    "tp": ("tp",), "dp": ("dp",), "pp": ("pp",), "mp": ("tp", "pp"),
-    "tp_dp": ("tp", "dp"), "world": ("tp", "dp", "pp"),
+    "tp": ("tp",),
+    "dp": ("dp",),
+    "pp": ("pp",),
+    "mp": ("tp", "pp"),
+    "tp_dp": ("tp", "dp"),
+    "world": ("tp", "dp", "pp"),
 }
 _EXPERT_FAMILIES = {
-    "etp": ("etp",), "ep": ("ep",), "edp": ("edp",), "tp_ep": ("etp", "ep"),
+    "etp": ("etp",),
+    "ep": ("ep",),
+    "edp": ("edp",),
+    "tp_ep": ("etp", "ep"),
     "tp_ep_pp": ("etp", "ep", "pp"),
 }
 # families that are the same partition as another one here (cp = 1)
@@ -46,8 +54,9 @@ _ALIASES = {"dp_cp": "dp", "tp_cp": "tp", "tp_dp_cp": "tp_dp"}
 PARTIAL_FAMILIES = ("embd", "pos_embd")
 
 
-def _coords_groups(world: int, dims: list[tuple[str, int]], vary: tuple[str, ...]
-                   ) -> list[list[int]]:
+def _coords_groups(
+    world: int, dims: list[tuple[str, int]], vary: tuple[str, ...]
+) -> list[list[int]]:
     """Ranks grouped by equal coordinates on the dims not in ``vary``; dims fastest first.
     Groups come in order of their smallest rank and hold ranks in ascending order, so a
     rank's index in its group is its coordinate along the varying dims."""
@@ -74,8 +83,9 @@ def rank_layout(plan: ParallelPlan) -> dict[str, list[list[int]]]:
     attn = [("tp", plan.tp), ("dp", plan.dp), ("pp", plan.pp)]
     expert = [("etp", plan.etp), ("ep", plan.ep), ("edp", plan.edp), ("pp", plan.pp)]
     layout = {name: _coords_groups(world, attn, vary) for name, vary in _ATTENTION_FAMILIES.items()}
-    layout.update({name: _coords_groups(world, expert, vary)
-                   for name, vary in _EXPERT_FAMILIES.items()})
+    layout.update(
+        {name: _coords_groups(world, expert, vary) for name, vary in _EXPERT_FAMILIES.items()}
+    )
     layout.update({alias: layout[name] for alias, name in _ALIASES.items()})
     layout["cp"] = [[r] for r in range(world)]
     layout["embd"] = [[g[0], g[-1]] if len(g) > 1 else [g[0]] for g in layout["pp"]]
@@ -103,12 +113,15 @@ class ProcessGroups:
         """Create every group of the plan. Collective: every rank must call it with the same
         plan; groups are created in one fixed order as torch.distributed.new_group needs."""
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised; call "
-                               "moe_ext.dist.init_distributed first")
+            raise RuntimeError(
+                "torch.distributed is not initialised; call moe_ext.dist.init_distributed first"
+            )
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != plan.world_size:
-            raise ValueError(f"plan is for {plan.world_size} ranks but torch.distributed has "
-                             f"{world}; rebuild the plan with world_size={world}")
+            raise ValueError(
+                f"plan is for {plan.world_size} ranks but torch.distributed has "
+                f"{world}; rebuild the plan with world_size={world}"
+            )
         layout = rank_layout(plan)
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
         handles: dict[str, Optional[dist.ProcessGroup]] = {}
@@ -118,8 +131,7 @@ class ProcessGroups:
             for ranks in layout[name]:
                 key = tuple(ranks)
                 if key not in by_ranks:
-                    by_ranks[key] = dist.new_group(list(ranks), timeout=timeout,
-                                                   backend=backend)
+                    by_ranks[key] = dist.new_group(list(ranks), timeout=timeout, backend=backend)
                 if rank in ranks:
                     handles[name], member_ranks[name] = by_ranks[key], list(ranks)
         return cls(plan, rank, layout, handles, member_ranks)
@@ -146,8 +158,9 @@ class ProcessGroups:
 
     def dispatch_groups(self) -> DispatchGroups:
         """The dispatcher's view: the EP and expert-TP groups, None where of size 1."""
-        return DispatchGroups(ep=self.ep if self.plan.ep > 1 else None,
-                              etp=self.etp if self.plan.etp > 1 else None)
+        return DispatchGroups(
+            ep=self.ep if self.plan.ep > 1 else None, etp=self.etp if self.plan.etp > 1 else None
+        )
 
     # -- ranks (computed from the layout, no communication) ------------------------------
     def _index(self, name: str) -> int:
@@ -188,17 +201,33 @@ class ProcessGroups:
         (None) with one distributed-optimizer instance, whose intra group is the world."""
         h = self.handles
         return {
-            "tp": h["tp"], "pp": h["pp"], "mp": h["mp"],
-            "embd": h["embd"], "pos_embd": h["pos_embd"],
-            "cp": h["cp"], "tp_cp": h["tp_cp"], "hcp": None,
-            "ep": h["ep"], "expt_tp": h["etp"], "tp_ep": h["tp_ep"], "tp_ep_pp": h["tp_ep_pp"],
+            "tp": h["tp"],
+            "pp": h["pp"],
+            "mp": h["mp"],
+            "embd": h["embd"],
+            "pos_embd": h["pos_embd"],
+            "cp": h["cp"],
+            "tp_cp": h["tp_cp"],
+            "hcp": None,
+            "ep": h["ep"],
+            "expt_tp": h["etp"],
+            "tp_ep": h["tp_ep"],
+            "tp_ep_pp": h["tp_ep_pp"],
             "tp_ep_pp_with_egtp_remat": h["tp_ep_pp"],
             "tp_dp_cp": h["tp_dp_cp"],
-            "dp": h["dp"], "dp_cp": h["dp_cp"], "dp_cp_gtp_remat": h["dp_cp"], "dp_cp_ag": None,
-            "gtp_remat": h["cp"], "expt_gtp_remat": h["cp"],
-            "expt_dp": h["edp"], "expt_dp_gtp_remat": h["edp"], "expt_dp_ag": None,
-            "intra_dp_cp": h["dp_cp"], "intra_expt_dp": h["edp"],
-            "inter_dist_opt": None, "intra_dist_opt": h["world"],
+            "dp": h["dp"],
+            "dp_cp": h["dp_cp"],
+            "dp_cp_gtp_remat": h["dp_cp"],
+            "dp_cp_ag": None,
+            "gtp_remat": h["cp"],
+            "expt_gtp_remat": h["cp"],
+            "expt_dp": h["edp"],
+            "expt_dp_gtp_remat": h["edp"],
+            "expt_dp_ag": None,
+            "intra_dp_cp": h["dp_cp"],
+            "intra_expt_dp": h["edp"],
+            "inter_dist_opt": None,
+            "intra_dist_opt": h["world"],
         }
 
     def to_megatron_pg_collection(self):
@@ -213,8 +242,11 @@ class ProcessGroups:
         known = self.megatron_group_map()
         unknown = sorted(declared - set(known))
         if unknown:
-            warnings.warn(f"megatron-core ProcessGroupCollection fields {unknown} are not "
-                          f"mapped by moe_ext.groups and stay unset", stacklevel=2)
+            warnings.warn(
+                f"megatron-core ProcessGroupCollection fields {unknown} are not "
+                f"mapped by moe_ext.groups and stay unset",
+                stacklevel=2,
+            )
         return ProcessGroupCollection(**{k: v for k, v in known.items() if k in declared})
 
     # -- DeepSpeed -----------------------------------------------------------------------
@@ -225,9 +257,13 @@ class ProcessGroups:
 
     def deepspeed_groups(self) -> dict[str, Any]:
         """Our expert-parallel and expert-data-parallel groups under DeepSpeed's name."""
-        return {"name": self.deepspeed_group_name,
-                "ep": self.ep, "ep_ranks": list(self.member_ranks["ep"]),
-                "edp": self.edp, "edp_ranks": list(self.member_ranks["edp"])}
+        return {
+            "name": self.deepspeed_group_name,
+            "ep": self.ep,
+            "ep_ranks": list(self.member_ranks["ep"]),
+            "edp": self.edp,
+            "edp_ranks": list(self.member_ranks["edp"]),
+        }
 
     def register_deepspeed_groups(self) -> str:
         """Put our ep/edp groups into deepspeed.utils.groups so DeepSpeed's MoE layers
@@ -240,15 +276,18 @@ class ProcessGroups:
         if not ds_comm.is_initialized():
             # DeepSpeed's accessors go through deepspeed.comm: let it adopt the
             # torch.distributed default group that is already up (no new rendezvous)
-            ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
-                                     verbose=False)
+            ds_comm.init_distributed(
+                dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False
+            )
         g = self.deepspeed_groups()
         name = g["name"]
         existing = ds_groups._get_expert_parallel_group_dict().get(name)
         if existing is not None and existing is not g["ep"]:
-            raise RuntimeError(f"DeepSpeed already has expert groups named {name!r} that are "
-                               f"not ours; register moe_ext groups before building "
-                               f"deepspeed.moe.layer.MoE modules")
+            raise RuntimeError(
+                f"DeepSpeed already has expert groups named {name!r} that are "
+                f"not ours; register moe_ext groups before building "
+                f"deepspeed.moe.layer.MoE modules"
+            )
         ds_groups._EXPERT_PARALLEL_GROUP[name] = g["ep"]
         ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = g["ep_ranks"]
         ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = g["edp"]

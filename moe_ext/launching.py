@@ -4,6 +4,7 @@ and how a launcher ends (one ``error:`` line for a MoeExtError, a traceback for 
 Everything before ``build_model_shard`` creates no process group and no weight, so bad
 input fails the same way on every rank, before any collective could hang.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,15 @@ from moe_ext.topology import GIB, Topology, TopologyError, probe, resolve_topolo
 
 DEBUG_VARIABLE = "MOE_EXT_DEBUG"
 # what `dtype=` accepts: our short names and the names torch, transformers and vLLM use
-DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
-                 "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+DTYPE_ALIASES = {
+    "fp32": "fp32",
+    "float32": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,8 +70,7 @@ def dtype_name(requested: str) -> str:
     """``auto`` or the short name (fp32 / bf16 / fp16) of a ``dtype=`` value or its alias."""
     name = "auto" if requested == "auto" else DTYPE_ALIASES.get(str(requested).lower())
     if name is None:
-        raise UsageError(f"dtype={requested!r} is not one of auto, "
-                         f"{', '.join(DTYPE_ALIASES)}")
+        raise UsageError(f"dtype={requested!r} is not one of auto, {', '.join(DTYPE_ALIASES)}")
     return name
 
 
@@ -81,7 +88,7 @@ def package_path(spec: Optional[str]) -> Optional[str]:
     """``pkg:data/...`` -> that path inside the installed moe_ext package; others unchanged."""
     if spec is None or not spec.startswith("pkg:"):
         return spec
-    return str(Path(__file__).parent / spec[len("pkg:"):])
+    return str(Path(__file__).parent / spec[len("pkg:") :])
 
 
 @dataclass
@@ -103,17 +110,31 @@ def resolve_model_source(checkpoint: Optional[str], model_conf: Any) -> ModelSou
     """Open ``checkpoint`` (headers only) or take ``model_conf``; a moe_ext checkpoint of a
     byte-level model says so in its config (``"tokenizer": "byte"``)."""
     if checkpoint is None:
-        return ModelSource(ModelArgs.from_model_conf(model_conf), model_conf.get("name"),
-                           None, model_conf.get("tokenizer"), False)
+        return ModelSource(
+            ModelArgs.from_model_conf(model_conf),
+            model_conf.get("name"),
+            None,
+            model_conf.get("tokenizer"),
+            False,
+        )
     reader = CheckpointReader.open(checkpoint)
     args = ModelArgs.from_hf_config(reader.config, f"{checkpoint}/config.json")
-    return ModelSource(args, Path(checkpoint).name, reader,
-                       reader.config.get("tokenizer"),
-                       (Path(checkpoint) / "tokenizer.json").is_file())
+    return ModelSource(
+        args,
+        Path(checkpoint).name,
+        reader,
+        reader.config.get("tokenizer"),
+        (Path(checkpoint) / "tokenizer.json").is_file(),
+    )
 
 
-def launch_topology(conf: Any, device_type: str, num_local_gpus: int,
-                    local_world_size: int, probe: Callable[[], Topology] = probe) -> Topology:
+def launch_topology(
+    conf: Any,
+    device_type: str,
+    num_local_gpus: int,
+    local_world_size: int,
+    probe: Callable[[], Topology] = probe,
+) -> Topology:
     """The topology the plan sees. A forced GPU topology on CPU ranks (``+topology=pcie`` on
     a laptop) emulates one GPU per rank; on GPUs only the ones this launch uses count.
     ``topology.gpu_memory_gib=N`` without a forced kind keeps the probe and sets its GPUs'
@@ -132,9 +153,10 @@ def _memory_only(conf: Any) -> bool:
     """Kind auto (probe) with gpu_memory_gib the one field set."""
     if conf is None or conf.kind != "auto" or conf.gpu_memory_gib is None:
         return False
-    return all(getattr(conf, name) is None for name in ("num_gpus", "p2p", "p2p_atomics",
-                                                        "nvlink_count", "pcie_gen",
-                                                        "pcie_width"))
+    return all(
+        getattr(conf, name) is None
+        for name in ("num_gpus", "p2p", "p2p_atomics", "nvlink_count", "pcie_gen", "pcie_width")
+    )
 
 
 def probed_with_memory(probed: Topology, gpu_memory_gib: float) -> Topology:
@@ -142,18 +164,29 @@ def probed_with_memory(probed: Topology, gpu_memory_gib: float) -> Topology:
     if gpu_memory_gib <= 0:
         raise TopologyError(f"topology.gpu_memory_gib={gpu_memory_gib} must be positive")
     if not probed.gpus:
-        raise TopologyError(f"topology.gpu_memory_gib={gpu_memory_gib:g}: the probe found no "
-                            f"GPU to apply it to; to plan for GPUs here add +topology=pcie "
-                            f"(or +topology=nvlink)")
+        raise TopologyError(
+            f"topology.gpu_memory_gib={gpu_memory_gib:g}: the probe found no "
+            f"GPU to apply it to; to plan for GPUs here add +topology=pcie "
+            f"(or +topology=nvlink)"
+        )
     memory = int(gpu_memory_gib * GIB)
-    return replace(probed, gpus=tuple(replace(g, memory_bytes=memory) for g in probed.gpus),
-                   notes=(*probed.notes, f"GPU memory {gpu_memory_gib:g} GiB from "
-                                         f"topology.gpu_memory_gib"))
+    return replace(
+        probed,
+        gpus=tuple(replace(g, memory_bytes=memory) for g in probed.gpus),
+        notes=(*probed.notes, f"GPU memory {gpu_memory_gib:g} GiB from topology.gpu_memory_gib"),
+    )
 
 
-def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank: int,
-                      device: torch.device, dtype: torch.dtype, progress: bool,
-                      verify: bool = False) -> Transformer:
+def build_model_shard(
+    source: ModelSource,
+    plan: ParallelPlan,
+    groups: Any,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    verify: bool = False,
+) -> Transformer:
     """This rank's shard of the model in ``dtype``: built on meta, parallelized, then
     materialized straight from the checkpoint slices it needs (or the seeded random init).
     ``verify``: hash each shard file as it streams in (``checkpoint_verify=true``).
@@ -165,14 +198,16 @@ def build_model_shard(source: ModelSource, plan: ParallelPlan, groups: Any, rank
     if source.reader is None:
         init_random_(model, seed=source.args.init_seed, requests=requests, device=device)
     else:
-        state = load_sharded(source.reader, requests, dtype=dtype, device=device,
-                             progress=progress, verify=verify)
+        state = load_sharded(
+            source.reader, requests, dtype=dtype, device=device, progress=progress, verify=verify
+        )
         materialize_(model, device).load_state_dict(state, strict=False)
     return model
 
 
-def run_and_exit(body: Callable[[], int], rank: int, world_size: int,
-                 debug: bool = False) -> NoReturn:
+def run_and_exit(
+    body: Callable[[], int], rank: int, world_size: int, debug: bool = False
+) -> NoReturn:
     """A launcher's main: a MoeExtError exits 2 through ``report_error`` (one line, plus
     the chained traceback with ``debug``); the process group is torn down whatever happens.
     Other exceptions are bugs: they propagate with their traceback."""

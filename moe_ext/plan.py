@@ -26,17 +26,19 @@ of tp*dp that divides the expert count, except on PCIe / CPU with known memory: 
 the smallest such divisor whose weights fit (fewer bytes per exchange; EP groups side by
 side).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from moe_ext.config import ParallelConf, StrategyConf
+from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.families import expert_param
 from moe_ext.moe.dispatch import DISPATCHERS, DispatcherConfigError, dispatcher_class
-from moe_ext.errors import MoeExtError
 
 if TYPE_CHECKING:  # plan depends on topology only through these attributes
     from moe_ext.topology import Topology
@@ -89,14 +91,17 @@ class ParallelPlan:
         return self.is_expert_parallel and self.tp > 1
 
     def describe(self) -> str:
-        return (f"{self.strategy}: world={self.world_size} tp={self.tp} pp={self.pp} "
-                f"dp={self.dp} | ep={self.ep} etp={self.etp} edp={self.edp} | "
-                f"dispatcher={self.dispatcher.rpartition('.')[2]} | {self.reason}")
+        return (
+            f"{self.strategy}: world={self.world_size} tp={self.tp} pp={self.pp} "
+            f"dp={self.dp} | ep={self.ep} etp={self.etp} edp={self.edp} | "
+            f"dispatcher={self.dispatcher.rpartition('.')[2]} | {self.reason}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # Model memory
 # ---------------------------------------------------------------------------------------
+
 
 def model_param_counts(model: ModelArgs) -> tuple[int, int]:
     """(total parameters, routed-expert parameters), from the same tensor list the model
@@ -124,8 +129,9 @@ class MemoryEstimate(NamedTuple):
     available_bytes: Optional[int]  # per rank; None when the topology does not say
 
 
-def rank_memory_bytes(model: ModelArgs, tp: int, pp: int, ep: int, etp: int,
-                      dtype_bytes: int = 2) -> tuple[int, int]:
+def rank_memory_bytes(
+    model: ModelArgs, tp: int, pp: int, ep: int, etp: int, dtype_bytes: int = 2
+) -> tuple[int, int]:
     """(non-expert, expert) weight bytes on the busiest rank: non-expert weights are split
     by tp (heads, vocab) and pp (layers); experts by ep (whole experts), etp (FFN) and pp."""
     total, experts = model_memory_bytes(model, dtype_bytes)
@@ -143,12 +149,18 @@ def available_memory_per_rank(topology: "Topology", world_size: int) -> Optional
     return int(mem) if mem else None
 
 
-def estimate_memory(plan: ParallelPlan, model: ModelArgs, topology: "Topology",
-                    dtype_bytes: int = 2) -> MemoryEstimate:
+def estimate_memory(
+    plan: ParallelPlan, model: ModelArgs, topology: "Topology", dtype_bytes: int = 2
+) -> MemoryEstimate:
     dense, experts = rank_memory_bytes(model, plan.tp, plan.pp, plan.ep, plan.etp, dtype_bytes)
     total = dense + experts
-    return MemoryEstimate(dense, experts, total, math.ceil(total * HEADROOM),
-                          available_memory_per_rank(topology, plan.world_size))
+    return MemoryEstimate(
+        dense,
+        experts,
+        total,
+        math.ceil(total * HEADROOM),
+        available_memory_per_rank(topology, plan.world_size),
+    )
 
 
 def _gib(n: float) -> str:
@@ -159,27 +171,33 @@ def _gib(n: float) -> str:
 # Degrees
 # ---------------------------------------------------------------------------------------
 
+
 def _given(parallel: ParallelConf, name: str) -> Optional[int]:
     value = getattr(parallel, name, None)
     if value is None:
         return None
     value = int(value)
     if value < 1:
-        raise PlanError(f"parallel.{name}={value} must be >= 1; set it to a positive degree "
-                        f"or leave it out to derive it")
+        raise PlanError(
+            f"parallel.{name}={value} must be >= 1; set it to a positive degree "
+            f"or leave it out to derive it"
+        )
     return value
 
 
 def _fill(world_size: int, used: int, what: str, axis: str) -> int:
     if world_size % used:
-        raise PlanError(f"world size {world_size} is not divisible by {what}={used}; "
-                        f"choose degrees whose product divides {world_size} so {axis} can "
-                        f"fill the remaining ranks")
+        raise PlanError(
+            f"world size {world_size} is not divisible by {what}={used}; "
+            f"choose degrees whose product divides {world_size} so {axis} can "
+            f"fill the remaining ranks"
+        )
     return world_size // used
 
 
-def _derive_degrees(strategy: str, parallel: ParallelConf, world_size: int,
-                    num_experts: int, auto: bool) -> tuple[int, int, int, int, int, int]:
+def _derive_degrees(
+    strategy: str, parallel: ParallelConf, world_size: int, num_experts: int, auto: bool
+) -> tuple[int, int, int, int, int, int]:
     """(tp, pp, dp, ep, etp, edp) with the user's degrees kept and the rest derived."""
     tp, pp, dp = _given(parallel, "tp"), _given(parallel, "pp") or 1, _given(parallel, "dp")
     ep, etp = _given(parallel, "ep"), _given(parallel, "etp")
@@ -191,76 +209,105 @@ def _derive_degrees(strategy: str, parallel: ParallelConf, world_size: int,
     if dp is None:
         dp = _fill(world_size, tp * pp, "tp*pp", "dp")
     if tp * pp * dp != world_size:
-        raise PlanError(f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} != world size "
-                        f"{world_size}; change parallel.tp/pp/dp so their product is "
-                        f"{world_size} (or leave parallel.dp out to derive it)")
+        raise PlanError(
+            f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} != world size "
+            f"{world_size}; change parallel.tp/pp/dp so their product is "
+            f"{world_size} (or leave parallel.dp out to derive it)"
+        )
 
     if strategy == "replicate":
         if (ep or 1) > 1 or (etp or 1) > 1:
-            raise PlanError(f"strategy=replicate keeps all experts whole on every rank but "
-                            f"parallel.ep={ep} etp={etp}; drop parallel.ep/etp or use "
-                            f"strategy=ep_nccl (ep) / strategy=tp_experts (etp)")
+            raise PlanError(
+                f"strategy=replicate keeps all experts whole on every rank but "
+                f"parallel.ep={ep} etp={etp}; drop parallel.ep/etp or use "
+                f"strategy=ep_nccl (ep) / strategy=tp_experts (etp)"
+            )
         return tp, pp, dp, 1, 1, tp * dp
     if strategy == "tp_experts":
         if ep not in (None, 1):
-            raise PlanError(f"strategy=tp_experts keeps every expert on every rank but "
-                            f"parallel.ep={ep}; drop parallel.ep or use strategy=ep_nccl")
+            raise PlanError(
+                f"strategy=tp_experts keeps every expert on every rank but "
+                f"parallel.ep={ep}; drop parallel.ep or use strategy=ep_nccl"
+            )
         if etp not in (None, tp):
-            raise PlanError(f"strategy=tp_experts shards experts over the TP group "
-                            f"(etp = tp = {tp}) but parallel.etp={etp}; drop parallel.etp "
-                            f"or set it to {tp}")
+            raise PlanError(
+                f"strategy=tp_experts shards experts over the TP group "
+                f"(etp = tp = {tp}) but parallel.etp={etp}; drop parallel.etp "
+                f"or set it to {tp}"
+            )
         return tp, pp, dp, 1, tp, dp
     # ep_*: experts split over ep ranks taken from the tp*dp ranks of one stage
     if etp not in (None, 1):
-        raise PlanError(f"strategy={strategy} runs whole experts (etp=1) but parallel.etp="
-                        f"{etp}; drop parallel.etp or use strategy=tp_experts")
+        raise PlanError(
+            f"strategy={strategy} runs whole experts (etp=1) but parallel.etp="
+            f"{etp}; drop parallel.etp or use strategy=tp_experts"
+        )
     if ep is None:
         # auto may shrink ep to a divisor of the expert count; an explicit ep_* strategy
         # takes all tp*dp ranks and reports a bad expert count as an error below
         ep = math.gcd(num_experts, tp * dp) if auto else tp * dp
     if (tp * dp) % ep:
-        raise PlanError(f"parallel.ep={ep} does not divide tp*dp = {tp * dp}; choose ep "
-                        f"from the divisors of {tp * dp}")
+        raise PlanError(
+            f"parallel.ep={ep} does not divide tp*dp = {tp * dp}; choose ep "
+            f"from the divisors of {tp * dp}"
+        )
     return tp, pp, dp, ep, 1, tp * dp // ep
 
 
-def _validate(strategy: str, world_size: int, tp: int, pp: int, ep: int, etp: int,
-              model: ModelArgs) -> None:
+def _validate(
+    strategy: str, world_size: int, tp: int, pp: int, ep: int, etp: int, model: ModelArgs
+) -> None:
     """The model's shape against the degrees. What a dispatcher needs of the degrees and the
     topology is its own ``check_plan`` (``_check_dispatcher``)."""
-    nH, nKV, L, E = (model.num_attention_heads, model.num_key_value_heads,
-                     model.num_hidden_layers, model.num_experts)
+    nH, nKV, L, E = (
+        model.num_attention_heads,
+        model.num_key_value_heads,
+        model.num_hidden_layers,
+        model.num_experts,
+    )
     if E % ep:
-        raise PlanError(f"{E} experts cannot be split over ep={ep}; set parallel.ep to a "
-                        f"divisor of {E} that divides tp*dp")
+        raise PlanError(
+            f"{E} experts cannot be split over ep={ep}; set parallel.ep to a "
+            f"divisor of {E} that divides tp*dp"
+        )
     if nH % tp:
-        raise PlanError(f"{nH} attention heads cannot be split over tp={tp}; set parallel.tp "
-                        f"to a divisor of {nH}")
+        raise PlanError(
+            f"{nH} attention heads cannot be split over tp={tp}; set parallel.tp "
+            f"to a divisor of {nH}"
+        )
     if nKV % tp and tp % nKV:
-        raise PlanError(f"{nKV} kv heads neither split over tp={tp} nor replicate evenly "
-                        f"into it; set parallel.tp to a divisor or multiple of {nKV}")
+        raise PlanError(
+            f"{nKV} kv heads neither split over tp={tp} nor replicate evenly "
+            f"into it; set parallel.tp to a divisor or multiple of {nKV}"
+        )
     if L < pp:
         raise PlanError(f"pp={pp} pipeline stages but only {L} layers; set parallel.pp <= {L}")
     F = model.moe_intermediate_size
     if F % etp:
-        raise PlanError(f"expert FFN size {F} cannot be split over etp={etp}; choose "
-                        f"parallel.tp dividing {F} with strategy=tp_experts")
+        raise PlanError(
+            f"expert FFN size {F} cannot be split over etp={etp}; choose "
+            f"parallel.tp dividing {F} with strategy=tp_experts"
+        )
     if strategy == "tp_experts" and tp == 1 and world_size > 1:
-        raise PlanError("strategy=tp_experts with tp=1 shards nothing; set parallel.tp > 1 "
-                        "or use strategy=replicate")
+        raise PlanError(
+            "strategy=tp_experts with tp=1 shards nothing; set parallel.tp > 1 "
+            "or use strategy=replicate"
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # Auto
 # ---------------------------------------------------------------------------------------
 
+
 def _link_gbps(topology: "Topology") -> float:
     bw = getattr(topology, "min_pair_bandwidth_gbps", None)
     return float(bw) if bw else DEFAULT_LINK_GBPS.get(topology.kind, 24.0)
 
 
-def exchange_seconds(strategy: str, tokens: int, model: ModelArgs, ep: int,
-                     dtype_bytes: int, link_gbps: float) -> float:
+def exchange_seconds(
+    strategy: str, tokens: int, model: ModelArgs, ep: int, dtype_bytes: int, link_gbps: float
+) -> float:
     """Modelled time of one MoE layer's token exchange per rank (forward).
 
     ep_nccl: a split-size exchange + host sync, then two all_to_all_single, each moving
@@ -278,8 +325,9 @@ def exchange_seconds(strategy: str, tokens: int, model: ModelArgs, ep: int,
     return rounds * COLLECTIVE_LATENCY_S + rows * H * dtype_bytes / bw
 
 
-def _smallest_fitting_ep(model: ModelArgs, tp: int, pp: int, largest: int, dtype_bytes: int,
-                         avail: int) -> int:
+def _smallest_fitting_ep(
+    model: ModelArgs, tp: int, pp: int, largest: int, dtype_bytes: int, avail: int
+) -> int:
     """The smallest EP degree > 1 that divides ``largest`` (itself a divisor of the expert
     count and of tp*dp) whose weights fit ``avail`` per rank with headroom; ``largest``
     when none does."""
@@ -291,51 +339,70 @@ def _smallest_fitting_ep(model: ModelArgs, tp: int, pp: int, largest: int, dtype
     return largest
 
 
-def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
-            model: ModelArgs, dtype_bytes: int, tokens_per_step: Optional[int]
-            ) -> tuple[str, str, Optional[int]]:
+def _choose(
+    parallel: ParallelConf,
+    world_size: int,
+    topology: "Topology",
+    model: ModelArgs,
+    dtype_bytes: int,
+    tokens_per_step: Optional[int],
+) -> tuple[str, str, Optional[int]]:
     """(strategy, reason, ep) for strategy=auto; ep None: derived as for an explicit
     strategy."""
     if world_size == 1:
         return "replicate", "world size 1: all experts local, no communication", None
     if (_given(parallel, "etp") or 1) > 1:
-        return ("tp_experts", f"parallel.etp={parallel.etp} given: experts sharded over TP",
-                None)
+        return ("tp_experts", f"parallel.etp={parallel.etp} given: experts sharded over TP", None)
 
-    tp, pp, dp, ep, _, _ = _derive_degrees("ep_nccl", parallel, world_size,
-                                           model.num_experts, auto=True)
+    tp, pp, dp, ep, _, _ = _derive_degrees(
+        "ep_nccl", parallel, world_size, model.num_experts, auto=True
+    )
     ep_requested = (_given(parallel, "ep") or 1) > 1  # the user asked for EP: no replicate
     dense, experts = rank_memory_bytes(model, tp, pp, 1, 1, dtype_bytes)
     needed = math.ceil((dense + experts) * HEADROOM)
     avail = available_memory_per_rank(topology, world_size)
     fits = avail is None or needed <= avail
-    mem = (f"replicated weights need {_gib(needed)} per rank with 20% headroom"
-           + (f", {_gib(avail)} available" if avail is not None else
-              ", memory unknown (assumed to fit)"))
+    mem = f"replicated weights need {_gib(needed)} per rank with 20% headroom" + (
+        f", {_gib(avail)} available" if avail is not None else ", memory unknown (assumed to fit)"
+    )
     ep_possible = ep > 1
 
     if topology.kind == "nvlink":
-        ep_pays = ep_possible and (ep_requested or not fits
-                                   or model.num_experts >= MANY_EXPERTS)
-        why_ep = (f"experts do not fit one GPU ({mem})" if not fits else
-                  f"parallel.ep={ep} given" if ep_requested else
-                  f"{model.num_experts} experts spread over ep={ep}")
+        ep_pays = ep_possible and (ep_requested or not fits or model.num_experts >= MANY_EXPERTS)
+        why_ep = (
+            f"experts do not fit one GPU ({mem})"
+            if not fits
+            else f"parallel.ep={ep} given"
+            if ep_requested
+            else f"{model.num_experts} experts spread over ep={ep}"
+        )
         if not ep_pays:
-            why = (f"ep={ep} impossible with {model.num_experts} experts on tp*dp={tp * dp}"
-                   if not ep_possible else f"only {model.num_experts} experts and {mem}")
+            why = (
+                f"ep={ep} impossible with {model.num_experts} experts on tp*dp={tp * dp}"
+                if not ep_possible
+                else f"only {model.num_experts} experts and {mem}"
+            )
             return "replicate", f"nvlink: {why}; replicate avoids all token exchange", None
         warn = _still_too_big(model, tp, pp, ep, dtype_bytes, avail)
         if topology.all_pairs_nvlink and topology.all_pairs_p2p_atomics:
-            return "ep_nvshmem", (f"nvlink with P2P atomics: {why_ep}; one-sided NVSHMEM "
-                                  f"dispatch{warn}"), None
+            return (
+                "ep_nvshmem",
+                (f"nvlink with P2P atomics: {why_ep}; one-sided NVSHMEM dispatch{warn}"),
+                None,
+            )
         return "ep_nccl", f"nvlink without P2P atomics: {why_ep}; NCCL all-to-all{warn}", None
 
     # pcie / cpu: every token exchange is expensive, avoid it while memory allows
     if (fits and not ep_requested) or not ep_possible:
-        why = mem if fits else (f"{mem}, but {model.num_experts} experts cannot be split over "
-                                f"tp*dp={tp * dp} ranks (add ranks or pipeline stages)")
-        return ("replicate", f"{topology.kind}: {why}; replicate avoids all token exchange",
-                None)
+        why = (
+            mem
+            if fits
+            else (
+                f"{mem}, but {model.num_experts} experts cannot be split over "
+                f"tp*dp={tp * dp} ranks (add ranks or pipeline stages)"
+            )
+        )
+        return ("replicate", f"{topology.kind}: {why}; replicate avoids all token exchange", None)
     smallest = ""
     if not ep_requested and avail is not None:
         # Each rank's exchange bytes grow with (ep-1)/ep, and the EP groups of a smaller
@@ -349,46 +416,68 @@ def _choose(parallel: ParallelConf, world_size: int, topology: "Topology",
     if tokens_per_step is None:
         # unknown batch: compare bandwidth terms only (the large-batch regime)
         ag_cheaper = ep <= model.num_experts_per_tok
-        basis = (f"tokens/step unknown, all-gather moves ep/k = {ep}/"
-                 f"{model.num_experts_per_tok} of all-to-all's bytes")
+        basis = (
+            f"tokens/step unknown, all-gather moves ep/k = {ep}/"
+            f"{model.num_experts_per_tok} of all-to-all's bytes"
+        )
     else:
         t_a2a = exchange_seconds("ep_nccl", tokens_per_step, model, ep, dtype_bytes, link)
         t_ag = exchange_seconds("ep_allgather", tokens_per_step, model, ep, dtype_bytes, link)
         ag_cheaper = t_ag <= t_a2a
-        basis = (f"{tokens_per_step} tokens/step at {link:.1f} GB/s: all-gather "
-                 f"{t_ag * 1e6:.0f} us vs all-to-all {t_a2a * 1e6:.0f} us per layer")
+        basis = (
+            f"{tokens_per_step} tokens/step at {link:.1f} GB/s: all-gather "
+            f"{t_ag * 1e6:.0f} us vs all-to-all {t_a2a * 1e6:.0f} us per layer"
+        )
     choice = "ep_allgather" if ag_cheaper else "ep_nccl"
     why = f"parallel.ep={ep} given" if fits else f"experts do not fit one rank ({mem})"
-    return choice, (f"{topology.kind}: {why}; ep={ep}{smallest}; {basis}"
-                    + _still_too_big(model, tp, pp, ep, dtype_bytes, avail)), ep
+    return (
+        choice,
+        (
+            f"{topology.kind}: {why}; ep={ep}{smallest}; {basis}"
+            + _still_too_big(model, tp, pp, ep, dtype_bytes, avail)
+        ),
+        ep,
+    )
 
 
-def _still_too_big(model: ModelArgs, tp: int, pp: int, ep: int, dtype_bytes: int,
-                   avail: Optional[int]) -> str:
+def _still_too_big(
+    model: ModelArgs, tp: int, pp: int, ep: int, dtype_bytes: int, avail: Optional[int]
+) -> str:
     """A warning clause when even the expert-parallel plan does not fit."""
     dense, experts = rank_memory_bytes(model, tp, pp, ep, 1, dtype_bytes)
     needed = math.ceil((dense + experts) * HEADROOM)
     if avail is None or needed <= avail:
         return ""
-    return (f"; WARNING: still {_gib(needed)} per rank at ep={ep}, more than {_gib(avail)}: "
-            f"add ranks or pipeline stages (parallel.pp)")
+    return (
+        f"; WARNING: still {_gib(needed)} per rank at ep={ep}, more than {_gib(avail)}: "
+        f"add ranks or pipeline stages (parallel.pp)"
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------
 
-def plan_with_degrees(strategy: str, world_size: int, tp: int = 1, pp: int = 1,
-                      ep: Optional[int] = None, reason: str = "degrees given") -> ParallelPlan:
+
+def plan_with_degrees(
+    strategy: str,
+    world_size: int,
+    tp: int = 1,
+    pp: int = 1,
+    ep: Optional[int] = None,
+    reason: str = "degrees given",
+) -> ParallelPlan:
     """The plan ``build_plan`` derives for an explicit strategy and tp/pp (and ep, derived
     when None), without its topology and model checks: for tests, benchmarks and callers
     that own the model."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    degrees = _derive_degrees(strategy, ParallelConf(tp=tp, pp=pp, ep=ep), world_size,
-                              num_experts=0, auto=False)  # num_experts only matters for auto
-    return ParallelPlan(strategy, world_size, *degrees,
-                        DISPATCHERS[DEFAULT_DISPATCHER[strategy]], reason)
+    degrees = _derive_degrees(
+        strategy, ParallelConf(tp=tp, pp=pp, ep=ep), world_size, num_experts=0, auto=False
+    )  # num_experts only matters for auto
+    return ParallelPlan(
+        strategy, world_size, *degrees, DISPATCHERS[DEFAULT_DISPATCHER[strategy]], reason
+    )
 
 
 def _dispatcher_path(strategy_conf: StrategyConf, strategy: str, auto: bool) -> str:
@@ -400,12 +489,16 @@ def _dispatcher_path(strategy_conf: StrategyConf, strategy: str, auto: bool) -> 
     elif isinstance(node, Mapping) or hasattr(node, "get"):
         target = node.get("_target_")
         if not target:
-            raise PlanError(f"strategy.dispatcher has no _target_ ({node}); set "
-                            f"strategy.dispatcher._target_ to one of {sorted(DISPATCHERS)} "
-                            f"or a dotted Dispatcher class path")
+            raise PlanError(
+                f"strategy.dispatcher has no _target_ ({node}); set "
+                f"strategy.dispatcher._target_ to one of {sorted(DISPATCHERS)} "
+                f"or a dotted Dispatcher class path"
+            )
     else:
-        raise PlanError(f"strategy.dispatcher must be a name or {{_target_: ...}}, got "
-                        f"{node!r}; use one of {sorted(DISPATCHERS)}")
+        raise PlanError(
+            f"strategy.dispatcher must be a name or {{_target_: ...}}, got "
+            f"{node!r}; use one of {sorted(DISPATCHERS)}"
+        )
     return DISPATCHERS.get(target, target)
 
 
@@ -418,9 +511,15 @@ def _check_dispatcher(plan: ParallelPlan, topology: "Topology") -> None:
         raise PlanError(str(err)) from err
 
 
-def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
-               topology: "Topology", model: ModelArgs, dtype_bytes: int = 2,
-               tokens_per_step: Optional[int] = None) -> ParallelPlan:
+def build_plan(
+    strategy: StrategyConf,
+    parallel: ParallelConf,
+    world_size: int,
+    topology: "Topology",
+    model: ModelArgs,
+    dtype_bytes: int = 2,
+    tokens_per_step: Optional[int] = None,
+) -> ParallelPlan:
     """Validated plan for ``world_size`` ranks; raises PlanError with the fix named.
 
     tokens_per_step: tokens one rank feeds into each MoE layer per step (decode batch, or
@@ -431,23 +530,35 @@ def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
     name = str(strategy.name)
     auto = name == "auto"
     if not auto and name not in STRATEGIES:
-        raise PlanError(f"unknown strategy {name!r}; use strategy= one of "
-                        f"{', '.join(STRATEGIES)} or auto")
+        raise PlanError(
+            f"unknown strategy {name!r}; use strategy= one of {', '.join(STRATEGIES)} or auto"
+        )
     if auto:
-        name, reason, ep = _choose(parallel, world_size, topology, model, dtype_bytes,
-                                   tokens_per_step)
+        name, reason, ep = _choose(
+            parallel, world_size, topology, model, dtype_bytes, tokens_per_step
+        )
         reason = f"auto: {reason}"
         if ep is not None:
-            parallel = ParallelConf(**{f.name: getattr(parallel, f.name, None)
-                                       for f in fields(ParallelConf)} | {"ep": ep})
+            parallel = ParallelConf(
+                **{f.name: getattr(parallel, f.name, None) for f in fields(ParallelConf)}
+                | {"ep": ep}
+            )
     else:
         reason = f"strategy={name} requested"
-    tp, pp, dp, ep, etp, edp = _derive_degrees(name, parallel, world_size, model.num_experts,
-                                               auto)
+    tp, pp, dp, ep, etp, edp = _derive_degrees(name, parallel, world_size, model.num_experts, auto)
     _validate(name, world_size, tp, pp, ep, etp, model)
-    plan = ParallelPlan(strategy=name, world_size=world_size, tp=tp, pp=pp, dp=dp, ep=ep,
-                        etp=etp, edp=edp, dispatcher=_dispatcher_path(strategy, name, auto),
-                        reason=reason)
+    plan = ParallelPlan(
+        strategy=name,
+        world_size=world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        ep=ep,
+        etp=etp,
+        edp=edp,
+        dispatcher=_dispatcher_path(strategy, name, auto),
+        reason=reason,
+    )
     try:
         _check_dispatcher(plan, topology)
     except PlanError as err:
@@ -455,8 +566,11 @@ def build_plan(strategy: StrategyConf, parallel: ParallelConf, world_size: int,
             raise
         # auto picks NVSHMEM from the link; where the degrees rule it out (EP narrower than
         # the world, pp > 1), NCCL's all-to-all serves the same link
-        plan = replace(plan, strategy="ep_nccl",
-                       dispatcher=_dispatcher_path(strategy, "ep_nccl", auto),
-                       reason=f"{reason}; ep_nccl, not ep_nvshmem: {err}")
+        plan = replace(
+            plan,
+            strategy="ep_nccl",
+            dispatcher=_dispatcher_path(strategy, "ep_nccl", auto),
+            reason=f"{reason}; ep_nccl, not ep_nvshmem: {err}",
+        )
         _check_dispatcher(plan, topology)
     return plan

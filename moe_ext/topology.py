@@ -17,6 +17,7 @@ and pip wheels keep libcudart outside the loader path. These are device queries 
 context, no allocation), but like any CUDA call they initialise the driver in this
 process: probe before forking workers that use CUDA, or inside each worker.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -36,8 +37,14 @@ KINDS = ("nvlink", "pcie", "cpu")  # a Topology's kind
 CONF_KINDS = ("auto",) + KINDS  # what TopologyConf.kind accepts
 
 # nvmlDeviceGetTopologyCommonAncestor levels, nearest first, and nvidia-smi topo -m labels.
-ANCESTORS = {0: "INTERNAL", 10: "SINGLE", 20: "MULTIPLE", 30: "HOSTBRIDGE", 40: "NODE",
-             50: "SYSTEM"}
+ANCESTORS = {
+    0: "INTERNAL",
+    10: "SINGLE",
+    20: "MULTIPLE",
+    30: "HOSTBRIDGE",
+    40: "NODE",
+    50: "SYSTEM",
+}
 ANCESTOR_LABELS = {
     "INTERNAL": "PIX",  # same board (dual-GPU cards): nvidia-smi has no own label for it
     "SINGLE": "PIX",  # at most one PCIe switch between the two
@@ -94,10 +101,20 @@ GLOO_LOOPBACK_GBPS = 5.0
 
 # Forced topologies: per-kind defaults for the TopologyConf fields left at None.
 FORCED_DEFAULTS = {
-    "pcie": {"p2p": False, "p2p_atomics": False, "pcie_gen": 4, "pcie_width": 16,
-             "nvlink_count": 0},
-    "nvlink": {"p2p": True, "p2p_atomics": True, "pcie_gen": 5, "pcie_width": 16,
-               "nvlink_count": 18},
+    "pcie": {
+        "p2p": False,
+        "p2p_atomics": False,
+        "pcie_gen": 4,
+        "pcie_width": 16,
+        "nvlink_count": 0,
+    },
+    "nvlink": {
+        "p2p": True,
+        "p2p_atomics": True,
+        "pcie_gen": 5,
+        "pcie_width": 16,
+        "nvlink_count": 18,
+    },
 }
 # Per-GPU memory of a forced topology when neither the probe nor the conf gives one:
 # a GeForce-class 24 GiB card for pcie, an 80 GiB H100 for nvlink.
@@ -183,23 +200,26 @@ class Topology:
         if self.kind not in KINDS:
             raise TopologyError(f"topology kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if (self.kind == "cpu") != (not self.gpus):
-            raise TopologyError(f"a {self.kind} topology with {len(self.gpus)} GPUs: only kind "
-                                "cpu has none")
+            raise TopologyError(
+                f"a {self.kind} topology with {len(self.gpus)} GPUs: only kind cpu has none"
+            )
         if [g.index for g in self.gpus] != list(range(len(self.gpus))):
             raise TopologyError("GPU indices must be 0..n-1 in order")
         n = len(self.gpus)
         pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         if [(l.a, l.b) for l in self.links] != pairs:
-            raise TopologyError(f"links must list every GPU pair a < b once, in order; "
-                                f"expected {len(pairs)}")
+            raise TopologyError(
+                f"links must list every GPU pair a < b once, in order; expected {len(pairs)}"
+            )
         for l in self.links:
             if l.p2p_atomics and not l.p2p:
                 raise TopologyError(f"GPUs {l.a},{l.b}: P2P atomics without P2P access")
             if l.ancestor not in ANCESTOR_LABELS:
                 raise TopologyError(f"GPUs {l.a},{l.b}: unknown PCIe ancestor {l.ancestor!r}")
         if n >= 2 and (self.kind == "nvlink") != all(l.nvlink for l in self.links):
-            raise TopologyError(f"kind {self.kind} disagrees with the links: nvlink means every "
-                                "pair has NVLink")
+            raise TopologyError(
+                f"kind {self.kind} disagrees with the links: nvlink means every pair has NVLink"
+            )
 
     # ---- what the planner reads
     @property
@@ -208,8 +228,9 @@ class Topology:
 
     def link(self, a: int, b: int) -> Link:
         if a == b or not (0 <= a < self.num_gpus and 0 <= b < self.num_gpus):
-            raise TopologyError(f"no link between GPUs {a} and {b} in a {self.num_gpus}-GPU "
-                                "topology")
+            raise TopologyError(
+                f"no link between GPUs {a} and {b} in a {self.num_gpus}-GPU topology"
+            )
         a, b = min(a, b), max(a, b)
         n = self.num_gpus
         return self.links[a * n - a * (a + 1) // 2 + (b - a - 1)]  # row-major upper triangle
@@ -253,8 +274,9 @@ class Topology:
     def subset(self, count: int) -> "Topology":
         """The first ``count`` GPUs (the devices ranks 0..count-1 of a local launch use)."""
         if not 1 <= count <= self.num_gpus:
-            raise TopologyError(f"cannot take {count} of {self.num_gpus} GPUs; "
-                                f"use 1..{self.num_gpus}")
+            raise TopologyError(
+                f"cannot take {count} of {self.num_gpus} GPUs; use 1..{self.num_gpus}"
+            )
         links = tuple(l for l in self.links if l.b < count)
         kind = self.kind if count == 1 else ("nvlink" if all(l.nvlink for l in links) else "pcie")
         return replace(self, kind=kind, gpus=self.gpus[:count], links=links)
@@ -269,21 +291,31 @@ class Topology:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Topology":
         if data.get("format") != TOPOLOGY_FORMAT:
-            hint = " (a raw probe record: use parse_record / --from-record)" \
-                if data.get("format") == RECORD_FORMAT else ""
-            raise TopologyError(f"not a {TOPOLOGY_FORMAT} document: "
-                                f"format={data.get('format')!r}{hint}")
+            hint = (
+                " (a raw probe record: use parse_record / --from-record)"
+                if data.get("format") == RECORD_FORMAT
+                else ""
+            )
+            raise TopologyError(
+                f"not a {TOPOLOGY_FORMAT} document: format={data.get('format')!r}{hint}"
+            )
         fields = {k: v for k, v in data.items() if k != "format"}
         try:
             gpus = tuple(
-                GPU(**{**g, "compute_capability": tuple(g["compute_capability"])
-                       if g.get("compute_capability") else None})
+                GPU(
+                    **{
+                        **g,
+                        "compute_capability": tuple(g["compute_capability"])
+                        if g.get("compute_capability")
+                        else None,
+                    }
+                )
                 for g in fields.pop("gpus", ())
             )
             links = tuple(Link(**l) for l in fields.pop("links", ()))
             return cls(gpus=gpus, links=links, notes=tuple(fields.pop("notes", ())), **fields)
         except TypeError as e:  # unknown or missing keys
-            raise TopologyError(f"malformed topology JSON: {e}") from None
+            raise TopologyError(f"malformed topology JSON: {e}") from e
 
     @classmethod
     def from_json(cls, text: str) -> "Topology":
@@ -303,23 +335,33 @@ class Topology:
         if self.gpus:
             rows.append(("min GPU memory", f"{self.min_gpu_memory_bytes / GIB:.1f} GiB"))
         if self.links:
-            labels = sorted({link.label + (" via NVSwitch" if link.via_nvswitch else "")
-                             for link in self.links})
+            labels = sorted(
+                {link.label + (" via NVSwitch" if link.via_nvswitch else "") for link in self.links}
+            )
             rows.append(("pair links", ", ".join(labels)))
         rows += [
             ("all pairs NVLink", yes(self.all_pairs_nvlink)),
             ("all pairs P2P", yes(self.all_pairs_p2p)),
             ("all pairs P2P atomics", yes(self.all_pairs_p2p_atomics)),
-            ("min pair bandwidth",
-             f"{self.min_pair_bandwidth_gbps:.1f} GB/s (estimate, per direction)"),
+            (
+                "min pair bandwidth",
+                f"{self.min_pair_bandwidth_gbps:.1f} GB/s (estimate, per direction)",
+            ),
         ]
         rows += [("note", n) for n in self.notes]
         return rows
 
     def describe(self) -> str:
         """One line for logs: kind, GPUs, links, peer access and atomics."""
-        wanted = ("kind", "source", "gpus", "pair links", "all pairs P2P",
-                  "all pairs P2P atomics", "min pair bandwidth")
+        wanted = (
+            "kind",
+            "source",
+            "gpus",
+            "pair links",
+            "all pairs P2P",
+            "all pairs P2P atomics",
+            "min pair bandwidth",
+        )
         return "; ".join(f"{k} {v}" for k, v in self.summary_rows() if k in wanted)
 
     def pair_matrix(self) -> list[list[str]]:
@@ -439,30 +481,39 @@ def _nvml_answers(nv, errors: list[str]) -> dict[str, Any]:
                 continue
             entry = {"link": link, "active": bool(active)}
             if active:
-                remote = ask(f"GPU{i} nvlink {link} remote pci",
-                             nv.nvmlDeviceGetNvLinkRemotePciInfo, h, link)
+                remote = ask(
+                    f"GPU{i} nvlink {link} remote pci", nv.nvmlDeviceGetNvLinkRemotePciInfo, h, link
+                )
                 entry.update(
-                    version=ask(f"GPU{i} nvlink {link} version", nv.nvmlDeviceGetNvLinkVersion,
-                                h, link),
-                    remote_device_type=ask(f"GPU{i} nvlink {link} remote type",
-                                           nv.nvmlDeviceGetNvLinkRemoteDeviceType, h, link),
+                    version=ask(
+                        f"GPU{i} nvlink {link} version", nv.nvmlDeviceGetNvLinkVersion, h, link
+                    ),
+                    remote_device_type=ask(
+                        f"GPU{i} nvlink {link} remote type",
+                        nv.nvmlDeviceGetNvLinkRemoteDeviceType,
+                        h,
+                        link,
+                    ),
                     remote_pci_bus_id=_text(remote.busId) if remote is not None else None,
                 )
             dev["nvlinks"].append(entry)
         rec["devices"].append(dev)
     for x, (i, hi) in enumerate(handles):
-        for j, hj in handles[x + 1:]:
+        for j, hj in handles[x + 1 :]:
             status = {
                 cap: ask(f"p2p status {i},{j} {cap}", nv.nvmlDeviceGetP2PStatus, hi, hj, idx)
                 for cap, idx in P2P_CAPS.items()
             }
-            rec["pairs"].append({
-                "a": i,
-                "b": j,
-                "common_ancestor": ask(f"common ancestor {i},{j}",
-                                       nv.nvmlDeviceGetTopologyCommonAncestor, hi, hj),
-                "p2p_status": status,
-            })
+            rec["pairs"].append(
+                {
+                    "a": i,
+                    "b": j,
+                    "common_ancestor": ask(
+                        f"common ancestor {i},{j}", nv.nvmlDeviceGetTopologyCommonAncestor, hi, hj
+                    ),
+                    "p2p_status": status,
+                }
+            )
     return rec
 
 
@@ -503,13 +554,15 @@ def _cuda_record(errors: list[str]) -> dict[str, Any]:
             major, minor = ctypes.c_int(), ctypes.c_int()
             check(cu.cuDeviceGetAttribute(ctypes.byref(major), 75, dev), "compute capability major")
             check(cu.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev), "compute capability minor")
-            devices.append({
-                "ordinal": ordinal,
-                "pci_bus_id": bus.value.decode(),
-                "name": name.value.decode(),
-                "total_memory_bytes": mem.value,
-                "compute_capability": [major.value, minor.value],
-            })
+            devices.append(
+                {
+                    "ordinal": ordinal,
+                    "pci_bus_id": bus.value.decode(),
+                    "name": name.value.decode(),
+                    "total_memory_bytes": mem.value,
+                    "compute_capability": [major.value, minor.value],
+                }
+            )
         for src in range(count.value):
             for dst in range(count.value):
                 if src == dst:
@@ -517,8 +570,10 @@ def _cuda_record(errors: list[str]) -> dict[str, Any]:
                 entry: dict[str, Any] = {"src": src, "dst": dst}
                 for attr, number in CUDA_P2P_ATTRS.items():
                     value = ctypes.c_int()
-                    check(cu.cuDeviceGetP2PAttribute(ctypes.byref(value), number, src, dst),
-                          f"P2P {attr}")
+                    check(
+                        cu.cuDeviceGetP2PAttribute(ctypes.byref(value), number, src, dst),
+                        f"P2P {attr}",
+                    )
                     entry[attr] = value.value
                 p2p.append(entry)
         return {"error": None, "library": "libcuda.so.1", "devices": devices, "p2p": p2p}
@@ -591,8 +646,11 @@ def parse_record(record: dict[str, Any]) -> Topology:
     nvml_ok = nvml.get("error") is None and bool(nvml.get("devices"))
     # CUDA answering "no device" is an answer: this process may use no GPU, whatever NVML sees.
     cuda_ok = cuda.get("error") is None and cuda.get("devices") is not None
-    notes = [f"{name}: {part['error']}" for name, part in (("NVML", nvml), ("CUDA", cuda))
-             if part.get("error")]
+    notes = [
+        f"{name}: {part['error']}"
+        for name, part in (("NVML", nvml), ("CUDA", cuda))
+        if part.get("error")
+    ]
     base = dict(
         host_memory_bytes=host.get("memory_bytes"),
         cpu_count=host.get("cpu_count"),
@@ -600,8 +658,10 @@ def parse_record(record: dict[str, Any]) -> Topology:
     )
     if cuda_ok and not cuda["devices"]:
         if nvml_ok:
-            notes.append(f"NVML sees {len(nvml['devices'])} GPU(s) but none is visible to CUDA "
-                         "(CUDA_VISIBLE_DEVICES?)")
+            notes.append(
+                f"NVML sees {len(nvml['devices'])} GPU(s) but none is visible to CUDA "
+                "(CUDA_VISIBLE_DEVICES?)"
+            )
         return Topology(kind="cpu", source="cuda", notes=tuple(notes), **base)
     if not nvml_ok and not cuda_ok:
         return Topology(kind="cpu", source="none", notes=tuple(notes), **base)
@@ -614,23 +674,35 @@ def parse_record(record: dict[str, Any]) -> Topology:
     for p in (nvml.get("pairs") or ()) if nvml_ok else ():
         nvml_pairs[(p["a"], p["b"])] = nvml_pairs[(p["b"], p["a"])] = p
     cuda_p2p = {(e["src"], e["dst"]): e for e in cuda.get("p2p") or ()} if cuda_ok else {}
-    links = tuple(_parsed_link(i, j, order, nvlinks, nvml_pairs, cuda_p2p, notes)
-                  for i in range(len(order)) for j in range(i + 1, len(order)))
+    links = tuple(
+        _parsed_link(i, j, order, nvlinks, nvml_pairs, cuda_p2p, notes)
+        for i in range(len(order))
+        for j in range(i + 1, len(order))
+    )
     source = "+".join(s for s, ok in (("nvml", nvml_ok), ("cuda", cuda_ok)) if ok)
-    return Topology(kind=_parsed_kind(order, links, nvlinks), gpus=gpus, links=links,
-                    source=source, notes=tuple(notes), **base)
+    return Topology(
+        kind=_parsed_kind(order, links, nvlinks),
+        gpus=gpus,
+        links=links,
+        source=source,
+        notes=tuple(notes),
+        **base,
+    )
 
 
 def _check_record_format(record: dict[str, Any]) -> None:
     if record.get("format") != RECORD_FORMAT:
-        hint = " (a parsed topology: use Topology.from_json)" \
-            if record.get("format") == TOPOLOGY_FORMAT else ""
-        raise TopologyError(f"not a {RECORD_FORMAT} record: "
-                            f"format={record.get('format')!r}{hint}")
+        hint = (
+            " (a parsed topology: use Topology.from_json)"
+            if record.get("format") == TOPOLOGY_FORMAT
+            else ""
+        )
+        raise TopologyError(f"not a {RECORD_FORMAT} record: format={record.get('format')!r}{hint}")
 
 
-def _gpu_order(nvml_devices: list[dict], cuda_devices: Optional[list[dict]],
-               notes: list[str]) -> list[tuple[Optional[dict], Optional[dict]]]:
+def _gpu_order(
+    nvml_devices: list[dict], cuda_devices: Optional[list[dict]], notes: list[str]
+) -> list[tuple[Optional[dict], Optional[dict]]]:
     """(NVML device or None, CUDA device or None) per GPU, in the order ranks see them:
     CUDA's ordinals joined to NVML by bus id, else NVML's order (``cuda_devices`` None)."""
     if cuda_devices is None:
@@ -662,9 +734,15 @@ def _parsed_gpu(idx: int, nd: Optional[dict], cd: Optional[dict]) -> GPU:
     )
 
 
-def _parsed_link(i: int, j: int, order: list[tuple[Optional[dict], Optional[dict]]],
-                 nvlinks: tuple[dict, dict, dict], nvml_pairs: dict, cuda_p2p: dict,
-                 notes: list[str]) -> Link:
+def _parsed_link(
+    i: int,
+    j: int,
+    order: list[tuple[Optional[dict], Optional[dict]]],
+    nvlinks: tuple[dict, dict, dict],
+    nvml_pairs: dict,
+    cuda_p2p: dict,
+    notes: list[str],
+) -> Link:
     """The link between GPUs i < j: NVLink and PCIe facts from NVML where both GPUs are
     known to it, P2P from CUDA (both directions) else from NVML's P2P status."""
     ni, nj = order[i][0], order[j][0]
@@ -678,42 +756,53 @@ def _parsed_link(i: int, j: int, order: list[tuple[Optional[dict], Optional[dict
         if nv_status.get("read") is not None:
             status_name = P2P_STATUS.get(nv_status["read"], "UNKNOWN")
         if count == 0 and nv_status.get("nvlink") == 0:
-            notes.append(f"GPUs {i},{j}: NVML reports P2P over NVLink but no NVLink link "
-                         "answered")
+            notes.append(f"GPUs {i},{j}: NVML reports P2P over NVLink but no NVLink link answered")
     fwd, bwd = cuda_p2p.get((i, j)), cuda_p2p.get((j, i))
     if fwd is not None and bwd is not None:
         p2p = bool(fwd["access_supported"] and bwd["access_supported"])
-        atomics = p2p and bool(fwd["native_atomic_supported"]
-                               and bwd["native_atomic_supported"])
+        atomics = p2p and bool(fwd["native_atomic_supported"] and bwd["native_atomic_supported"])
     else:
         p2p = nv_status.get("read") == 0 and nv_status.get("write") == 0
         atomics = p2p and nv_status.get("atomics") == 0
-    return Link(a=i, b=j, nvlink_count=count, nvlink_gen=gen, via_nvswitch=via_switch,
-                ancestor=ancestor, p2p=p2p, p2p_atomics=atomics, p2p_status=status_name)
+    return Link(
+        a=i,
+        b=j,
+        nvlink_count=count,
+        nvlink_gen=gen,
+        via_nvswitch=via_switch,
+        ancestor=ancestor,
+        p2p=p2p,
+        p2p_atomics=atomics,
+        p2p_status=status_name,
+    )
 
 
-def _nvlink_between(ni: dict, nj: dict, direct: dict, switch: dict, gens: dict
-                    ) -> tuple[int, Optional[int], bool]:
+def _nvlink_between(
+    ni: dict, nj: dict, direct: dict, switch: dict, gens: dict
+) -> tuple[int, Optional[int], bool]:
     """(links, NVLink generation or None, via an NVSwitch) between two NVML devices."""
     a, b = ni["index"], nj["index"]
     bus_a, bus_b = normalize_bus_id(ni.get("pci_bus_id")), normalize_bus_id(nj.get("pci_bus_id"))
     point = min(direct[a].get(bus_b, 0), direct[b].get(bus_a, 0)) or max(
-        direct[a].get(bus_b, 0), direct[b].get(bus_a, 0))  # one side may not report
+        direct[a].get(bus_b, 0), direct[b].get(bus_a, 0)
+    )  # one side may not report
     switched = min(switch[a], switch[b])
     count = point + switched
     common = gens[a] & gens[b] if gens[a] and gens[b] else gens[a] | gens[b]
     return count, (min(common) if count and common else None), switched > 0
 
 
-def _parsed_kind(order: list[tuple[Optional[dict], Optional[dict]]], links: tuple[Link, ...],
-                 nvlinks: tuple[dict, dict, dict]) -> str:
+def _parsed_kind(
+    order: list[tuple[Optional[dict], Optional[dict]]],
+    links: tuple[Link, ...],
+    nvlinks: tuple[dict, dict, dict],
+) -> str:
     if len(order) >= 2:
         return "nvlink" if all(link.nvlink for link in links) else "pcie"
     # one GPU: it is an NVLink part when it has active NVLinks (a slice of an HGX board)
     nd = order[0][0]
     direct, switch, _ = nvlinks
-    return "nvlink" if nd is not None and (switch[nd["index"]] or direct[nd["index"]]) \
-        else "pcie"
+    return "nvlink" if nd is not None and (switch[nd["index"]] or direct[nd["index"]]) else "pcie"
 
 
 # --------------------------------------------------------------------------- forcing
@@ -721,8 +810,9 @@ def _conf_get(conf: Any, name: str) -> Any:
     return getattr(conf, name, None)
 
 
-def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topology] = probe
-                     ) -> Topology:
+def resolve_topology(
+    conf: Any, num_local_gpus: int, probe: Callable[[], Topology] = probe
+) -> Topology:
     """The topology to plan for.
 
     ``conf`` is a TopologyConf (or its DictConfig). None or kind ``auto``: the probe.
@@ -741,8 +831,15 @@ def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topolog
         )
     overrides = {
         name: _conf_get(conf, name)
-        for name in ("num_gpus", "p2p", "p2p_atomics", "nvlink_count", "pcie_gen",
-                     "pcie_width", "gpu_memory_gib")
+        for name in (
+            "num_gpus",
+            "p2p",
+            "p2p_atomics",
+            "nvlink_count",
+            "pcie_gen",
+            "pcie_width",
+            "gpu_memory_gib",
+        )
         if conf is not None and _conf_get(conf, name) is not None
     }
     if kind == "auto":
@@ -756,49 +853,59 @@ def resolve_topology(conf: Any, num_local_gpus: int, probe: Callable[[], Topolog
     if kind == "cpu":
         if overrides.get("num_gpus", 0) or set(overrides) - {"num_gpus"}:
             raise TopologyError(f"topology kind cpu has no GPUs; drop {sorted(overrides)}")
-        return Topology(kind="cpu", host_memory_bytes=probed.host_memory_bytes,
-                        cpu_count=probed.cpu_count, source="forced:cpu",
-                        driver_version=probed.driver_version,
-                        notes=(f"forced by +topology=cpu; the probe found {probed.num_gpus} "
-                               "GPU(s)",))
+        return Topology(
+            kind="cpu",
+            host_memory_bytes=probed.host_memory_bytes,
+            cpu_count=probed.cpu_count,
+            source="forced:cpu",
+            driver_version=probed.driver_version,
+            notes=(f"forced by +topology=cpu; the probe found {probed.num_gpus} GPU(s)",),
+        )
     opts = {**FORCED_DEFAULTS[kind], **overrides}
     n = overrides.get("num_gpus") or probed.num_gpus or num_local_gpus
     _check_forced(kind, opts, n)
-    note = (f"forced by +topology={kind}; the probe found {probed.num_gpus} GPU(s), kind "
-            f"{probed.kind}")
-    return Topology(kind=kind, gpus=_forced_gpus(kind, opts, n, probed),
-                    links=_forced_links(kind, opts, n, probed),
-                    host_memory_bytes=probed.host_memory_bytes, cpu_count=probed.cpu_count,
-                    source=f"forced:{kind}", driver_version=probed.driver_version,
-                    notes=(note,))
+    note = (
+        f"forced by +topology={kind}; the probe found {probed.num_gpus} GPU(s), kind {probed.kind}"
+    )
+    return Topology(
+        kind=kind,
+        gpus=_forced_gpus(kind, opts, n, probed),
+        links=_forced_links(kind, opts, n, probed),
+        host_memory_bytes=probed.host_memory_bytes,
+        cpu_count=probed.cpu_count,
+        source=f"forced:{kind}",
+        driver_version=probed.driver_version,
+        notes=(note,),
+    )
 
 
 def _check_forced(kind: str, opts: dict[str, Any], n: int) -> None:
     """The fields of a forced ``pcie``/``nvlink`` topology over ``n`` GPUs make sense."""
     if n < 1:
-        raise TopologyError(f"topology kind {kind} needs GPUs: set topology.num_gpus=N or "
-                            "launch N local ranks")
+        raise TopologyError(
+            f"topology kind {kind} needs GPUs: set topology.num_gpus=N or launch N local ranks"
+        )
     if kind == "pcie" and opts["nvlink_count"]:
-        raise TopologyError("topology kind pcie has no NVLink; drop topology.nvlink_count or "
-                            "use +topology=nvlink")
+        raise TopologyError(
+            "topology kind pcie has no NVLink; drop topology.nvlink_count or use +topology=nvlink"
+        )
     if kind == "nvlink" and int(opts["nvlink_count"]) < 1:
-        raise TopologyError("topology kind nvlink needs topology.nvlink_count >= 1 (NV18 on "
-                            "H100/H200)")
+        raise TopologyError(
+            "topology kind nvlink needs topology.nvlink_count >= 1 (NV18 on H100/H200)"
+        )
     if opts["p2p_atomics"] and not opts["p2p"]:
         raise TopologyError("topology.p2p_atomics=true needs topology.p2p=true")
     if int(opts["pcie_gen"]) not in PCIE_GBPS_PER_LANE:
-        raise TopologyError(f"topology.pcie_gen={opts['pcie_gen']} is not a PCIe generation "
-                            "(1..6)")
+        raise TopologyError(f"topology.pcie_gen={opts['pcie_gen']} is not a PCIe generation (1..6)")
     if int(opts["pcie_width"]) not in (1, 2, 4, 8, 16, 32):
-        raise TopologyError(f"topology.pcie_width={opts['pcie_width']} is not a PCIe width "
-                            "(1, 2, 4, 8, 16, 32)")
+        raise TopologyError(
+            f"topology.pcie_width={opts['pcie_width']} is not a PCIe width (1, 2, 4, 8, 16, 32)"
+        )
     if "gpu_memory_gib" in opts and int(float(opts["gpu_memory_gib"]) * GIB) <= 0:
-        raise TopologyError(f"topology.gpu_memory_gib={opts['gpu_memory_gib']} must be "
-                            "positive")
+        raise TopologyError(f"topology.gpu_memory_gib={opts['gpu_memory_gib']} must be positive")
 
 
-def _forced_gpus(kind: str, opts: dict[str, Any], n: int, probed: Topology
-                 ) -> tuple[GPU, ...]:
+def _forced_gpus(kind: str, opts: dict[str, Any], n: int, probed: Topology) -> tuple[GPU, ...]:
     """``n`` GPUs at the forced PCIe link; names, bus ids and memory are the probe's where
     it has the GPU, and ``gpu_memory_gib`` overrides the memory of all."""
     if "gpu_memory_gib" in opts:
@@ -810,20 +917,24 @@ def _forced_gpus(kind: str, opts: dict[str, Any], n: int, probed: Topology
     gpus = []
     for i in range(n):
         real = probed.gpus[i] if i < probed.num_gpus else None
-        gpus.append(GPU(
-            index=i,
-            name=real.name if real else f"forced {kind} GPU",
-            memory_bytes=memory or (real.memory_bytes if real else fallback_memory),
-            pci_bus_id=real.pci_bus_id if real else None,
-            pcie_gen=gen, pcie_max_gen=gen, pcie_width=width, pcie_max_width=width,
-            numa_node=real.numa_node if real else None,
-            compute_capability=real.compute_capability if real else None,
-        ))
+        gpus.append(
+            GPU(
+                index=i,
+                name=real.name if real else f"forced {kind} GPU",
+                memory_bytes=memory or (real.memory_bytes if real else fallback_memory),
+                pci_bus_id=real.pci_bus_id if real else None,
+                pcie_gen=gen,
+                pcie_max_gen=gen,
+                pcie_width=width,
+                pcie_max_width=width,
+                numa_node=real.numa_node if real else None,
+                compute_capability=real.compute_capability if real else None,
+            )
+        )
     return tuple(gpus)
 
 
-def _forced_links(kind: str, opts: dict[str, Any], n: int, probed: Topology
-                  ) -> tuple[Link, ...]:
+def _forced_links(kind: str, opts: dict[str, Any], n: int, probed: Topology) -> tuple[Link, ...]:
     """Every pair of ``n`` GPUs with the forced link; the NVLink generation, NVSwitch and
     PCIe ancestor are the probe's where it has the pair."""
     nvlink = kind == "nvlink"
@@ -832,13 +943,17 @@ def _forced_links(kind: str, opts: dict[str, Any], n: int, probed: Topology
         for j in range(i + 1, n):
             real = probed.link(i, j) if j < probed.num_gpus else None
             gen = real.nvlink_gen if real and real.nvlink_gen else DEFAULT_NVLINK_GENERATION
-            links.append(Link(
-                a=i, b=j,
-                nvlink_count=int(opts["nvlink_count"]) if nvlink else 0,
-                nvlink_gen=gen if nvlink else None,
-                via_nvswitch=bool(nvlink and real and real.via_nvswitch),
-                ancestor=real.ancestor if real and real.ancestor != "UNKNOWN" else "NODE",
-                p2p=bool(opts["p2p"]), p2p_atomics=bool(opts["p2p_atomics"]),
-                p2p_status="forced",
-            ))
+            links.append(
+                Link(
+                    a=i,
+                    b=j,
+                    nvlink_count=int(opts["nvlink_count"]) if nvlink else 0,
+                    nvlink_gen=gen if nvlink else None,
+                    via_nvswitch=bool(nvlink and real and real.via_nvswitch),
+                    ancestor=real.ancestor if real and real.ancestor != "UNKNOWN" else "NODE",
+                    p2p=bool(opts["p2p"]),
+                    p2p_atomics=bool(opts["p2p_atomics"]),
+                    p2p_status="forced",
+                )
+            )
     return tuple(links)

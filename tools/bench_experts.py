@@ -16,6 +16,7 @@ one row (gate_up and down, read once) / ``--peak-tbs``; ``frac`` = floor / laten
 triton output is checked against grouped_mm's (max abs difference / output scale).
 A backend that fails prints its exact error and the run goes on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,10 @@ def time_backend(modules, backend, x, counts, iters) -> tuple[float, torch.Tenso
 def bench_shape(name, tokens_list, args) -> list[dict]:
     hidden, ffn, num_experts, top_k = SHAPES[name]
     torch.manual_seed(0)
-    modules = [GroupedExperts(num_experts, hidden, ffn, dtype=torch.bfloat16, device="cuda")
-               for _ in range(args.copies)]
+    modules = [
+        GroupedExperts(num_experts, hidden, ffn, dtype=torch.bfloat16, device="cuda")
+        for _ in range(args.copies)
+    ]
     expert_bytes = 3 * hidden * ffn * 2  # gate, up, down in bf16
     rows_out = []
     for tokens in tokens_list:
@@ -93,8 +96,17 @@ def bench_shape(name, tokens_list, args) -> list[dict]:
         rows = tokens * top_k
         x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
         floor_us = touched * expert_bytes / (args.peak_tbs * 1e12) * 1e6
-        row = dict(shape=name, H=hidden, F=ffn, E=num_experts, k=top_k, tokens=tokens,
-                   rows=rows, experts_touched=touched, floor_us=round(floor_us, 1))
+        row = dict(
+            shape=name,
+            H=hidden,
+            F=ffn,
+            E=num_experts,
+            k=top_k,
+            tokens=tokens,
+            rows=rows,
+            experts_touched=touched,
+            floor_us=round(floor_us, 1),
+        )
         outputs = {}
         for backend in BACKENDS:
             try:
@@ -115,28 +127,42 @@ def bench_shape(name, tokens_list, args) -> list[dict]:
     return rows_out
 
 
-HEADER = (f"{'shape':8} {'T':>4} {'rows':>4} {'E_hit':>5} {'floor_us':>9} {'grouped_us':>10} "
-          f"{'frac':>5} {'triton_us':>9} {'frac':>5} {'speedup':>7} {'rel_err':>8}")
+HEADER = (
+    f"{'shape':8} {'T':>4} {'rows':>4} {'E_hit':>5} {'floor_us':>9} {'grouped_us':>10} "
+    f"{'frac':>5} {'triton_us':>9} {'frac':>5} {'speedup':>7} {'rel_err':>8}"
+)
 
 
 def format_row(r: dict) -> str:
     def num(key, fmt):
         return format(r[key], fmt) if key in r else "ERR".rjust(len(format(0.0, fmt)))
-    speedup = (f"{r['grouped_mm_us'] / r['triton_us']:7.2f}"
-               if "grouped_mm_us" in r and "triton_us" in r else f"{'-':>7}")
-    return (f"{r['shape']:8} {r['tokens']:4d} {r['rows']:4d} {r['experts_touched']:5d} "
-            f"{r['floor_us']:9.1f} {num('grouped_mm_us', '10.1f')} {num('grouped_mm_frac', '5.2f')} "
-            f"{num('triton_us', '9.1f')} {num('triton_frac', '5.2f')} {speedup} "
-            f"{num('rel_err', '8.4f')}")
+
+    speedup = (
+        f"{r['grouped_mm_us'] / r['triton_us']:7.2f}"
+        if "grouped_mm_us" in r and "triton_us" in r
+        else f"{'-':>7}"
+    )
+    return (
+        f"{r['shape']:8} {r['tokens']:4d} {r['rows']:4d} {r['experts_touched']:5d} "
+        f"{r['floor_us']:9.1f} {num('grouped_mm_us', '10.1f')} {num('grouped_mm_frac', '5.2f')} "
+        f"{num('triton_us', '9.1f')} {num('triton_frac', '5.2f')} {speedup} "
+        f"{num('rel_err', '8.4f')}"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="mixtral,qwen3",
-                   help=f"comma-separated from {sorted(SHAPES)}")
-    p.add_argument("--tokens", type=positive_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128],
-                   help="tokens per step; rows T' = tokens * k")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shapes", default="mixtral,qwen3", help=f"comma-separated from {sorted(SHAPES)}"
+    )
+    p.add_argument(
+        "--tokens",
+        type=positive_int_list,
+        default=[1, 2, 4, 8, 16, 32, 64, 128],
+        help="tokens per step; rows T' = tokens * k",
+    )
     p.add_argument("--max-rows", type=int, default=256, help="skip points with more rows")
     p.add_argument("--copies", type=int, default=4, help="weight copies rotated per replay")
     p.add_argument("--iters", type=int, default=20)
@@ -157,15 +183,21 @@ def main(argv=None) -> int:
         print("bench_experts: needs a CUDA GPU (times CUDA-graph replays)", file=sys.stderr)
         return 2
     began = time.perf_counter()
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
-          f"{args.copies} weight copies, floor at {args.peak_tbs} TB/s")
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, "
+        f"{args.copies} weight copies, floor at {args.peak_tbs} TB/s"
+    )
     print(HEADER, flush=True)
     rows = []
     for name in args.shapes.split(","):
         rows += bench_shape(name, args.tokens, args)
     if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(),
-                                         "peak_tbs": args.peak_tbs, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"device": torch.cuda.get_device_name(), "peak_tbs": args.peak_tbs, "rows": rows},
+                indent=1,
+            )
+        )
     print(f"# {time.perf_counter() - began:.0f} s")
     return 0
 

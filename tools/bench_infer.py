@@ -16,9 +16,11 @@ the same way (moe_ext.bench.peers.hf_generate_timed). Every row records library 
 
 # B batch, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -33,9 +35,13 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_ext.bench.peers import (  # noqa: E402
+    hf_causal_lm,
+    hf_decode_floor_s,
+    hf_generate_timed,
+    library_versions,  # noqa: E402
+)
 from moe_ext.cli import infer  # noqa: E402  (the launcher's own prepare/build_model)
-from moe_ext.bench.peers import hf_causal_lm, hf_decode_floor_s, hf_generate_timed  # noqa: E402
-from moe_ext.bench.peers import library_versions  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.launching import exit_now  # noqa: E402
@@ -52,8 +58,9 @@ def expert_touch_probability(batch_tokens: int, num_experts: int, top_k: int) ->
 def decode_floor_s(model, args, tokens_reaching_experts: int) -> float:
     """Bytes this rank must read per decode step ÷ HBM bandwidth: every local non-expert
     weight once, and each local expert's weights with the chance it is routed to."""
-    p = expert_touch_probability(tokens_reaching_experts, args.num_experts,
-                                 args.num_experts_per_tok)
+    p = expert_touch_probability(
+        tokens_reaching_experts, args.num_experts, args.num_experts_per_tok
+    )
     total = 0.0
     for name, param in model.named_parameters():
         nbytes = param.numel() * param.element_size()
@@ -75,18 +82,33 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: a functional dry run (timings mean little)")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: a functional dry run (timings mean little)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="decode blocks eager (no torch.compile), for comparison")
-    parser.add_argument("--profile", action="store_true",
-                        help="print a torch.profiler table of 4 eager decode steps (batch = first)")
-    parser.add_argument("--peers", default="", choices=["", "hf"],
-                        help="hf: also time transformers generate on one device, same shapes")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="decode blocks eager (no torch.compile), for comparison",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a torch.profiler table of 4 eager decode steps (batch = first)",
+    )
+    parser.add_argument(
+        "--peers",
+        default="",
+        choices=["", "hf"],
+        help="hf: also time transformers generate on one device, same shapes",
+    )
     parser.add_argument("--json")
-    parser.add_argument("--report", help="print the table and draw --png from this JSON, "
-                                         "without running anything")
+    parser.add_argument(
+        "--report", help="print the table and draw --png from this JSON, without running anything"
+    )
     parser.add_argument("--png")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (parallel.tp=2 ...)")
     opts = parser.parse_args()
@@ -96,30 +118,42 @@ def main() -> None:
 
     env = DistEnv.from_environ(os.environ)
     batches = [int(b) for b in opts.batches.split(",")]
-    overrides = [f"model={opts.model}", f"strategy={opts.strategy}", f"device={opts.device}",
-                 f"generate.max_new_tokens={opts.new_tokens}", "generate.ignore_eos=true",
-                 f"generate.cuda_graphs={not opts.no_cuda_graphs}",
-                 f"generate.compile_decode={not opts.no_compile}",
-                 f"generate.max_batch_size={max(batches)}", *opts.overrides]
+    overrides = [
+        f"model={opts.model}",
+        f"strategy={opts.strategy}",
+        f"device={opts.device}",
+        f"generate.max_new_tokens={opts.new_tokens}",
+        "generate.ignore_eos=true",
+        f"generate.cuda_graphs={not opts.no_cuda_graphs}",
+        f"generate.compile_decode={not opts.no_compile}",
+        f"generate.max_batch_size={max(batches)}",
+        *opts.overrides,
+    ]
     # the launcher validates a prompts file (lengths against the context): give it one
     prompts_file = Path(f"/tmp/bench_infer_prompts_{env.rank}.jsonl")
     prompts_file.write_text(json.dumps({"prompt_ids": [1] * opts.prompt_len}) + "\n")
     cfg = infer_conf(overrides + [f"prompts={prompts_file}"])
     job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
-    groups = ProcessGroups.build(job.plan, backend="nccl" if device.type == "cuda" else "gloo",
-                                 timeout=timedelta(seconds=300))
+    groups = ProcessGroups.build(
+        job.plan,
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=300),
+    )
     t0 = time.perf_counter()
     model = infer.build_model(job, groups, env.rank, device)
     synchronize(device)  # sync: time the weight init
     if env.rank == 0:
-        print(f"plan: {job.plan.describe()}\nweights ready in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"plan: {job.plan.describe()}\nweights ready in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     rows = []
     for batch in batches:
         prompts = synthetic_prompts(batch, opts.prompt_len, job.source.args.vocab_size, seed=batch)
-        run = lambda: infer.generate(model, prompts, cfg.generate, eos_id=None,  # noqa: E731
-                                     pad_id=0, seed=0)
+        run = functools.partial(
+            infer.generate, model, prompts, cfg.generate, eos_id=None, pad_id=0, seed=0
+        )
         run()  # warm-up: autotune, graph capture for this batch and cache size
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -129,21 +163,31 @@ def main() -> None:
         reaching = batch if job.plan.is_expert_parallel else per_replica
         floor = decode_floor_s(model, job.source.args, reaching)
         step_s = result.decode_s / max(result.decode_steps, 1)
-        rows.append(dict(model=opts.model, strategy=job.plan.strategy, world=env.world_size,
-                         plan=job.plan.describe().split(" | auto")[0], batch=batch,
-                         degrees=degrees(job.plan),
-                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
-                         prefill_tok_s=result.prefill_tokens_per_s * replicas,
-                         decode_tok_s=result.decode_tokens_per_s * replicas,
-                         ms_per_step=1000 * step_s, floor_ms_per_step=1000 * floor,
-                         fraction_of_floor=floor / step_s if step_s else 0.0,
-                         cuda_graphs=result.cuda_graphs,
-                         compiled=bool(model.compiled_decode_block) and device.type == "cuda",
-                         peak_gib=infer.peak_memory_bytes(device) / 2**30,
-                         nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
-                         torch=torch.__version__, versions=library_versions(),
-                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                         date=time.strftime("%Y-%m-%d")))
+        rows.append(
+            dict(
+                model=opts.model,
+                strategy=job.plan.strategy,
+                world=env.world_size,
+                plan=job.plan.describe().split(" | auto")[0],
+                batch=batch,
+                degrees=degrees(job.plan),
+                prompt_len=opts.prompt_len,
+                new_tokens=opts.new_tokens,
+                prefill_tok_s=result.prefill_tokens_per_s * replicas,
+                decode_tok_s=result.decode_tokens_per_s * replicas,
+                ms_per_step=1000 * step_s,
+                floor_ms_per_step=1000 * floor,
+                fraction_of_floor=floor / step_s if step_s else 0.0,
+                cuda_graphs=result.cuda_graphs,
+                compiled=bool(model.compiled_decode_block) and device.type == "cuda",
+                peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
+                torch=torch.__version__,
+                versions=library_versions(),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                date=time.strftime("%Y-%m-%d"),
+            )
+        )
         if env.rank == 0:
             print(json.dumps(rows[-1]), flush=True)
     if opts.profile:
@@ -180,30 +224,47 @@ def hf_peer_rows(job, opts, batches: list[int], device: torch.device) -> list[di
     rows = []
     for batch in batches:
         try:
-            prompts = torch.tensor(synthetic_prompts(batch, opts.prompt_len, args.vocab_size,
-                                                     seed=batch), device=device)  # [B, S]
+            prompts = torch.tensor(
+                synthetic_prompts(batch, opts.prompt_len, args.vocab_size, seed=batch),
+                device=device,
+            )  # [B, S]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timed = hf_generate_timed(model, prompts, opts.new_tokens)
         except Exception:  # noqa: BLE001 - reported, the other batches still run
-            print(f"hf peer failed at batch {batch}:\n{traceback.format_exc()}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"hf peer failed at batch {batch}:\n{traceback.format_exc()}",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         step_s = timed["decode_s"] / max(timed["decode_steps"], 1)
-        floor = hf_decode_floor_s(model, args.num_experts, args.num_experts_per_tok, batch,
-                                  HBM_BYTES_PER_S)
-        rows.append(dict(model=opts.model, strategy="hf_generate", world=1,
-                         plan="transformers generate, one device", batch=batch,
-                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens,
-                         prefill_tok_s=batch * opts.prompt_len / timed["prefill_s"],
-                         decode_tok_s=batch * timed["decode_steps"] / max(timed["decode_s"], 1e-9),
-                         ms_per_step=1000 * step_s, floor_ms_per_step=1000 * floor,
-                         fraction_of_floor=floor / step_s if step_s else 0.0,
-                         cuda_graphs=False, peak_gib=infer.peak_memory_bytes(device) / 2**30,
-                         nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
-                         torch=torch.__version__, versions=library_versions(),
-                         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                         date=time.strftime("%Y-%m-%d")))
+        floor = hf_decode_floor_s(
+            model, args.num_experts, args.num_experts_per_tok, batch, HBM_BYTES_PER_S
+        )
+        rows.append(
+            dict(
+                model=opts.model,
+                strategy="hf_generate",
+                world=1,
+                plan="transformers generate, one device",
+                batch=batch,
+                prompt_len=opts.prompt_len,
+                new_tokens=opts.new_tokens,
+                prefill_tok_s=batch * opts.prompt_len / timed["prefill_s"],
+                decode_tok_s=batch * timed["decode_steps"] / max(timed["decode_s"], 1e-9),
+                ms_per_step=1000 * step_s,
+                floor_ms_per_step=1000 * floor,
+                fraction_of_floor=floor / step_s if step_s else 0.0,
+                cuda_graphs=False,
+                peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
+                torch=torch.__version__,
+                versions=library_versions(),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                date=time.strftime("%Y-%m-%d"),
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     del model
     if device.type == "cuda":
@@ -241,8 +302,14 @@ def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> N
     tokens = torch.tensor(prompts, device=device)  # [B, L]
     model.setup_caches(batch, prompt_len + 128)
     kv_start = torch.zeros(batch, dtype=torch.long, device=device)
-    model(tokens, torch.arange(prompt_len, device=device), kv_start, prompt_len,
-          last_only=True, use_cache=True)
+    model(
+        tokens,
+        torch.arange(prompt_len, device=device),
+        kv_start,
+        prompt_len,
+        last_only=True,
+        use_cache=True,
+    )
     nxt = tokens[:, -1:]  # [B, 1]
 
     def step(i: int):
@@ -260,10 +327,16 @@ def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> N
     if rank == 0:
         events = prof.key_averages()
         print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-        kernels = sum(e.count for e in events
-                      if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-        print(f"GPU kernels per decode step: {kernels / steps:.0f} "
-              f"({len(model.layers)} layers, batch {batch})", flush=True)
+        kernels = sum(
+            e.count
+            for e in events
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+        )
+        print(
+            f"GPU kernels per decode step: {kernels / steps:.0f} "
+            f"({len(model.layers)} layers, batch {batch})",
+            flush=True,
+        )
 
 
 def degrees(plan) -> str:
@@ -272,17 +345,21 @@ def degrees(plan) -> str:
 
 
 def report(rows: list[dict], json_path, png_path) -> None:
-    header = (f"{'model':14} {'strategy':12} {'W':>2} {'degrees':11} {'link':7} {'blocks':8} "
-              f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
-              f"{'of floor':>8}")
+    header = (
+        f"{'model':14} {'strategy':12} {'W':>2} {'degrees':11} {'link':7} {'blocks':8} "
+        f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
+        f"{'of floor':>8}"
+    )
     print(header + "\n" + "-" * len(header))
     for r in rows:
         link = "P2P off" if r["nccl_p2p_disable"] == "1" else "-"
         blocks = "compiled" if r.get("compiled") else "eager"
-        print(f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r.get('degrees', '-'):11} "
-              f"{link:7} {blocks:8} {r['batch']:>5} "
-              f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
-              f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%")
+        print(
+            f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r.get('degrees', '-'):11} "
+            f"{link:7} {blocks:8} {r['batch']:>5} "
+            f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
+            f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%"
+        )
     if json_path:
         path = Path(json_path)
         old = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -290,8 +367,7 @@ def report(rows: list[dict], json_path, png_path) -> None:
         tmp.write_text(json.dumps({"rows": old + rows}, indent=1))
         os.replace(tmp, path)
     if png_path:
-        draw_chart(json.loads(Path(json_path).read_text())["rows"] if json_path else rows,
-                   png_path)
+        draw_chart(json.loads(Path(json_path).read_text())["rows"] if json_path else rows, png_path)
 
 
 def row_label(row: dict) -> str:
@@ -316,8 +392,14 @@ def draw_chart(rows: list[dict], png_path) -> None:
     import matplotlib.pyplot as plt
 
     values = [r["decode_tok_s"] for r in rows]
-    colors = ["tab:gray" if r["strategy"] == "hf_generate" else
-              "tab:blue" if r["world"] == 1 else "tab:green" for r in rows]
+    colors = [
+        "tab:gray"
+        if r["strategy"] == "hf_generate"
+        else "tab:blue"
+        if r["world"] == 1
+        else "tab:green"
+        for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * len(rows)))
     ax.barh(range(len(rows)), values, color=colors)
     ax.set_yticks(range(len(rows)), [row_label(r) for r in rows], fontsize=7)
@@ -328,13 +410,16 @@ def draw_chart(rows: list[dict], png_path) -> None:
     log = max(values) > 20 * min(values)
     if not log:
         ax.set_xlim(0, 1.12 * max(values))
-    ax.set(xscale="log" if log else "linear",
-           xlabel="decode tokens/s (all replicas)" + (", log scale" if log else ""),
-           title=f"{rows[0]['model']} decode, prompt {rows[0]['prompt_len']} + "
-                 f"{rows[0]['new_tokens']} new, {rows[0]['gpu']} ({rows[0]['date']})")
+    ax.set(
+        xscale="log" if log else "linear",
+        xlabel="decode tokens/s (all replicas)" + (", log scale" if log else ""),
+        title=f"{rows[0]['model']} decode, prompt {rows[0]['prompt_len']} + "
+        f"{rows[0]['new_tokens']} new, {rows[0]['gpu']} ({rows[0]['date']})",
+    )
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
+
 
 if __name__ == "__main__":
     main()

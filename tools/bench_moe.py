@@ -33,6 +33,7 @@ adds Megatron-core's own MoELayer (local spec; ``mcore_a2a`` / ``mcore_ag`` disp
 DeepSpeed's MoE (``deepspeed``), both at EP = world size only, on our groups
 (moe_ext.bench.peers). Every row records the library versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,11 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -58,9 +60,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from moe_ext.bench.peers import (PEER_STRATEGIES, PeerUnavailable, build_peer,  # noqa: E402
-                                 library_versions, peer_strategies)
 from moe_ext.bench.cli import positive_int_list  # noqa: E402
+from moe_ext.bench.peers import (  # noqa: E402
+    PEER_STRATEGIES,
+    PeerUnavailable,
+    build_peer,
+    library_versions,
+    peer_strategies,
+)
 from moe_ext.dist import DistEnv, destroy, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.moe.dispatch import DispatchGroups  # noqa: E402
@@ -117,35 +124,55 @@ class Row:
 
 # ---------------------------------------------------------------- strategies
 
+
 def group_size_of(strategy: str, world: int, requested: Optional[int]) -> int:
     """G of ``strategy`` on ``world`` ranks: 1 for replicate, else ``requested`` or W."""
     return 1 if strategy == "replicate" else requested or world
 
 
-@functools.lru_cache(maxsize=None)
-def expert_groups(expert_tp: bool, world: int, group_size: int, timeout_s: float
-                  ) -> Optional[ProcessGroups]:
+@functools.cache
+def expert_groups(
+    expert_tp: bool, world: int, group_size: int, timeout_s: float
+) -> Optional[ProcessGroups]:
     """Our groups for W/G expert groups of G ranks: expert TP (tp_experts) or EP (ep_*);
     None when G is 1. Collective on first call, cached after: every strategy of one kind
     shares the communicators."""
     if group_size == 1:
         return None
-    plan = (plan_with_degrees("tp_experts", world, tp=group_size) if expert_tp else
-            plan_with_degrees("ep_nccl", world, ep=group_size))
+    plan = (
+        plan_with_degrees("tp_experts", world, tp=group_size)
+        if expert_tp
+        else plan_with_degrees("ep_nccl", world, ep=group_size)
+    )
     return ProcessGroups.build(plan, dist.get_backend(), timedelta(seconds=timeout_s))
 
 
 def _build_native(dispatcher_name: str) -> Callable[..., MoELayer]:
-    def build(shape: Shape, groups: DispatchGroups, dtype: torch.dtype,
-              device: torch.device, max_tokens: int) -> MoELayer:
+    def build(
+        shape: Shape,
+        groups: DispatchGroups,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_tokens: int,
+    ) -> MoELayer:
         dispatcher = dispatcher_name
         if dispatcher_name == "nvshmem":
             from moe_ext.moe.dispatch.nvshmem import NvshmemDispatcher
+
             # Size the symmetric buffers for the largest batch up front: no growth
             # (a collective re-allocation) inside the timed loop.
             dispatcher = NvshmemDispatcher(shape.experts, groups, max_tokens=max_tokens)
-        return build_moe_layer(shape.hidden, shape.ffn, shape.experts, shape.top_k,
-                               dispatcher=dispatcher, groups=groups, dtype=dtype, device=device)
+        return build_moe_layer(
+            shape.hidden,
+            shape.ffn,
+            shape.experts,
+            shape.top_k,
+            dispatcher=dispatcher,
+            groups=groups,
+            dtype=dtype,
+            device=device,
+        )
+
     return build
 
 
@@ -161,8 +188,15 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 # ---------------------------------------------------------------- routing
 
-def balanced_expert_idx(tokens: int, top_k: int, num_experts: int, group_size: int,
-                        group_rank: int, device: torch.device) -> torch.Tensor:
+
+def balanced_expert_idx(
+    tokens: int,
+    top_k: int,
+    num_experts: int,
+    group_size: int,
+    group_rank: int,
+    device: torch.device,
+) -> torch.Tensor:
     """[T, k] int64: pair p (global over the G ranks of the expert group) goes to expert
     (p mod G) * E/G + (p div G) mod E/G, so consecutive pairs cycle over the expert-parallel
     ranks first and every expert gets the same number of rows (+-1); a token's k experts
@@ -189,6 +223,7 @@ class UniformRouting(nn.Module):
 
 # ---------------------------------------------------------------- measurement
 
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     pos = q * (len(ordered) - 1)
@@ -204,8 +239,10 @@ def time_forward(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> 
         torch.cuda.synchronize()
         if dist.is_initialized():
             dist.barrier()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(iters)
+        ]
         for start, end in events:
             start.record()
             layer(x)
@@ -222,9 +259,17 @@ def time_forward(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> 
     return times
 
 
-def floors_us(shape: Shape, strategy: str, group_size: int, group_rank: int,
-              group: Optional[dist.ProcessGroup], expert_idx: torch.Tensor, dtype: torch.dtype,
-              peak_tbs: float, peak_tflops: float) -> tuple[float, float, int]:
+def floors_us(
+    shape: Shape,
+    strategy: str,
+    group_size: int,
+    group_rank: int,
+    group: Optional[dist.ProcessGroup],
+    expert_idx: torch.Tensor,
+    dtype: torch.dtype,
+    peak_tbs: float,
+    peak_tflops: float,
+) -> tuple[float, float, int]:
     """(memory floor, compute floor, local experts read) of this rank, in µs; ``group``:
     the expert group of G ranks (None when G is 1)."""
     counts = torch.zeros(shape.experts, dtype=torch.int64, device=expert_idx.device)
@@ -235,7 +280,7 @@ def floors_us(shape: Shape, strategy: str, group_size: int, group_rank: int,
     elif group is not None:
         dist.all_reduce(counts, group=group)  # local experts serve the group's tokens
         per_rank = shape.experts // group_size
-        counts = counts[group_rank * per_rank:(group_rank + 1) * per_rank]
+        counts = counts[group_rank * per_rank : (group_rank + 1) * per_rank]
     experts_read = int((counts > 0).sum())
     rows = int(counts.sum())
     elem = torch.finfo(dtype).bits // 8
@@ -253,20 +298,45 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torch.device,
-                   dtype: torch.dtype, link: str) -> list[Row]:
+def bench_strategy(
+    shape: Shape,
+    strategy: str,
+    args,
+    env: DistEnv,
+    device: torch.device,
+    dtype: torch.dtype,
+    link: str,
+) -> list[Row]:
     world, rank = env.world_size, env.rank
     group_size = group_size_of(strategy, world, args.group_size)
-    base = dict(shape=shape.name, strategy=strategy, world=world, group=group_size, link=link,
-                dtype=args.dtype, routing="uniform" if args.uniform_routing else "random",
-                timer="cuda_event" if device.type == "cuda" else "perf_counter (CPU)",
-                hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts,
-                top_k=shape.top_k, warmup=args.warmup, iters=args.iters,
-                host=socket.gethostname(), torch=torch.__version__,
-                versions=library_versions())
+    base = dict(
+        shape=shape.name,
+        strategy=strategy,
+        world=world,
+        group=group_size,
+        link=link,
+        dtype=args.dtype,
+        routing="uniform" if args.uniform_routing else "random",
+        timer="cuda_event" if device.type == "cuda" else "perf_counter (CPU)",
+        hidden=shape.hidden,
+        ffn=shape.ffn,
+        experts=shape.experts,
+        top_k=shape.top_k,
+        warmup=args.warmup,
+        iters=args.iters,
+        host=socket.gethostname(),
+        torch=torch.__version__,
+        versions=library_versions(),
+    )
     if strategy in PEER_STRATEGIES and group_size != world:
-        return [Row(tokens=t, status=f"skipped: peers run EP = world size {world}; "
-                                     f"drop --group-size", **base) for t in args.tokens]
+        return [
+            Row(
+                tokens=t,
+                status=f"skipped: peers run EP = world size {world}; drop --group-size",
+                **base,
+            )
+            for t in args.tokens
+        ]
     if strategy in PEER_STRATEGIES:  # the peer builds its own groups over all ranks
         process_group, group_rank = (dist.group.WORLD if world > 1 else None), rank
         layer_groups = DispatchGroups()
@@ -274,8 +344,11 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
         groups = expert_groups(strategy == "tp_experts", world, group_size, args.timeout_s)
         layer_groups = groups.dispatch_groups() if groups else DispatchGroups()
         process_group = layer_groups.etp or layer_groups.ep
-        group_rank = 0 if groups is None else (
-            groups.etp_rank if strategy == "tp_experts" else groups.ep_rank)
+        group_rank = (
+            0
+            if groups is None
+            else (groups.etp_rank if strategy == "tp_experts" else groups.ep_rank)
+        )
     # Same seed within a tp_experts group (identical router and tokens), else per rank.
     seed = 1234 + (rank - group_rank if strategy == "tp_experts" else rank)
     torch.manual_seed(seed)
@@ -290,31 +363,60 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
         x = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)  # [T, H]
         with torch.no_grad():
             if args.uniform_routing:
-                idx = balanced_expert_idx(tokens, shape.top_k, shape.experts, group_size,
-                                          0 if strategy == "tp_experts" else group_rank,
-                                          device)
+                idx = balanced_expert_idx(
+                    tokens,
+                    shape.top_k,
+                    shape.experts,
+                    group_size,
+                    0 if strategy == "tp_experts" else group_rank,
+                    device,
+                )
                 if hasattr(layer, "force_routing"):  # a peer library routes inside its layer
                     layer.force_routing(idx)
                 else:
-                    layer.router = UniformRouting(getattr(layer.router, "router", layer.router),
-                                                  idx)
+                    layer.router = UniformRouting(
+                        getattr(layer.router, "router", layer.router), idx
+                    )
             else:
                 idx = layer.router(x).expert_idx  # [T, k] as the layer will route
-            mem_us, compute_us, read = floors_us(shape, strategy, group_size, group_rank,
-                                                 process_group, idx, dtype, args.peak_tbs,
-                                                 args.peak_tflops)
+            mem_us, compute_us, read = floors_us(
+                shape,
+                strategy,
+                group_size,
+                group_rank,
+                process_group,
+                idx,
+                dtype,
+                args.peak_tbs,
+                args.peak_tflops,
+            )
             times = time_forward(layer, x, args.warmup, args.iters)
-        mine = dict(median=statistics.median(times), p10=_percentile(times, 0.1),
-                    p90=_percentile(times, 0.9), mem=mem_us, compute=compute_us, read=read)
+        mine = dict(
+            median=statistics.median(times),
+            p10=_percentile(times, 0.1),
+            p90=_percentile(times, 0.9),
+            mem=mem_us,
+            compute=compute_us,
+            read=read,
+        )
         everyone = _gather(mine, world)
         slowest = max(everyone, key=lambda r: r["median"])
         floor_rank = max(everyone, key=lambda r: max(r["mem"], r["compute"]))
         floor = max(floor_rank["mem"], floor_rank["compute"])
-        rows.append(Row(tokens=tokens, status="ok", median_us=slowest["median"],
-                        p10_us=slowest["p10"], p90_us=slowest["p90"],
-                        mem_floor_us=floor_rank["mem"], compute_floor_us=floor_rank["compute"],
-                        achieved=floor / slowest["median"], experts_read=floor_rank["read"],
-                        **base))
+        rows.append(
+            Row(
+                tokens=tokens,
+                status="ok",
+                median_us=slowest["median"],
+                p10_us=slowest["p10"],
+                p90_us=slowest["p90"],
+                mem_floor_us=floor_rank["mem"],
+                compute_floor_us=floor_rank["compute"],
+                achieved=floor / slowest["median"],
+                experts_read=floor_rank["read"],
+                **base,
+            )
+        )
     del layer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -322,6 +424,7 @@ def bench_strategy(shape: Shape, strategy: str, args, env: DistEnv, device: torc
 
 
 # ---------------------------------------------------------------- output
+
 
 def _fmt(value: Optional[float], digits: Optional[int] = None) -> str:
     if value is None:
@@ -337,27 +440,38 @@ def series(r: Row) -> str:
 
 
 def _series_order(r: Row) -> tuple:
-    return (ALL_STRATEGIES.index(r.strategy) if r.strategy in ALL_STRATEGIES else 99,
-            r.strategy, -r.group)
+    return (
+        ALL_STRATEGIES.index(r.strategy) if r.strategy in ALL_STRATEGIES else 99,
+        r.strategy,
+        -r.group,
+    )
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'shape':8} {'strategy':13} {'W':>2} {'G':>2} {'link':8} {'T/rank':>6} "
-            f"{'median µs':>10} {'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} "
-            f"{'achieved':>8}")
+    head = (
+        f"{'shape':8} {'strategy':13} {'W':>2} {'G':>2} {'link':8} {'T/rank':>6} "
+        f"{'median µs':>10} {'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} "
+        f"{'achieved':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
-                         f"{r.tokens:>6} {r.status}")
+            lines.append(
+                f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
+                f"{r.tokens:>6} {r.status}"
+            )
             continue
-        lines.append(f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
-                     f"{r.tokens:>6} {_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} "
-                     f"{_fmt(r.p90_us):>8} {_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
-                     f"{_fmt(100 * r.achieved, 1) + '%':>8}")
+        lines.append(
+            f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
+            f"{r.tokens:>6} {_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} "
+            f"{_fmt(r.p90_us):>8} {_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
+            f"{_fmt(100 * r.achieved, 1) + '%':>8}"
+        )
     timers = sorted({r.timer for r in rows if r.status == "ok"})
-    lines.append(f"timer: {', '.join(timers) or '-'}; floors: expert weights read at peak "
-                 f"bandwidth, expert FLOPs at peak throughput; achieved = larger floor / median")
+    lines.append(
+        f"timer: {', '.join(timers) or '-'}; floors: expert weights read at peak "
+        f"bandwidth, expert FLOPs at peak throughput; achieved = larger floor / median"
+    )
     return "\n".join(lines)
 
 
@@ -365,32 +479,52 @@ def format_compact(rows: list[Row]) -> str:
     """One line per (shape, world, link, strategy, G): median µs per token count, then the
     achieved fraction at the largest count; one floor line per (shape, world)."""
     tokens = sorted({r.tokens for r in rows})
-    head = f"{'shape':8} {'W':>2} {'link':8} {'strategy':16}" + "".join(
-        f"{t:>9}" for t in tokens) + f"{'ach@max':>9}"
-    lines = ["median forward µs by tokens per rank (" +
-             ", ".join(sorted({f'{r.dtype} {r.routing} routing, {r.timer}' for r in rows
-                               if r.status == 'ok'})) + ")", head, "-" * len(head)]
+    head = (
+        f"{'shape':8} {'W':>2} {'link':8} {'strategy':16}"
+        + "".join(f"{t:>9}" for t in tokens)
+        + f"{'ach@max':>9}"
+    )
+    lines = [
+        "median forward µs by tokens per rank ("
+        + ", ".join(
+            sorted({f"{r.dtype} {r.routing} routing, {r.timer}" for r in rows if r.status == "ok"})
+        )
+        + ")",
+        head,
+        "-" * len(head),
+    ]
     by_key: dict = {}
     for r in sorted(rows, key=lambda r: (r.shape, r.world, r.link, _series_order(r))):
         by_key.setdefault((r.shape, r.world, r.link, series(r)), {})[r.tokens] = r
     last_group = None
     for (shape, world, link, name), cells in by_key.items():
         if (shape, world) != last_group:
-            floors = {r.tokens: max(r.mem_floor_us, r.compute_floor_us) for r in rows
-                      if (r.shape, r.world) == (shape, world) and r.status == "ok"
-                      and r.strategy == "replicate"}
+            floors = {
+                r.tokens: max(r.mem_floor_us, r.compute_floor_us)
+                for r in rows
+                if (r.shape, r.world) == (shape, world)
+                and r.status == "ok"
+                and r.strategy == "replicate"
+            }
             if floors:
-                lines.append(f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':16}" + "".join(
-                    f"{_fmt(floors.get(t)):>9}" for t in tokens))
+                lines.append(
+                    f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':16}"
+                    + "".join(f"{_fmt(floors.get(t)):>9}" for t in tokens)
+                )
             last_group = (shape, world)
         statuses = {r.status for r in cells.values() if r.status != "ok"}
         if statuses and all(r.status != "ok" for r in cells.values()):
             lines.append(f"{shape:8} {world:>2} {link:8} {name:16} {sorted(statuses)[0][:160]}")
             continue
         ok = [cells[t] for t in tokens if t in cells and cells[t].status == "ok"]
-        lines.append(f"{shape:8} {world:>2} {link:8} {name:16}" + "".join(
-            f"{_fmt(cells[t].median_us) if t in cells and cells[t].status == 'ok' else '-':>9}"
-            for t in tokens) + f"{_fmt(100 * ok[-1].achieved, 1) + '%' if ok else '-':>9}")
+        lines.append(
+            f"{shape:8} {world:>2} {link:8} {name:16}"
+            + "".join(
+                f"{_fmt(cells[t].median_us) if t in cells and cells[t].status == 'ok' else '-':>9}"
+                for t in tokens
+            )
+            + f"{_fmt(100 * ok[-1].achieved, 1) + '%' if ok else '-':>9}"
+        )
     return "\n".join(lines)
 
 
@@ -405,13 +539,15 @@ def load_rows(path: Path) -> list[Row]:
 
 def merge_rows(path: Path, new_rows: list[Row]) -> list[Row]:
     """Replace rows with the same (shape, strategy, world, G, link, tokens, dtype, routing)."""
+
     def key(r: Row):
         return (r.shape, r.strategy, r.world, r.group, r.link, r.tokens, r.dtype, r.routing)
 
     merged = {key(r): r for r in load_rows(path)}
     merged.update({key(r): r for r in new_rows})
-    rows = sorted(merged.values(), key=lambda r: (r.shape, r.world, r.link, _series_order(r),
-                                                  r.tokens))
+    rows = sorted(
+        merged.values(), key=lambda r: (r.shape, r.world, r.link, _series_order(r), r.tokens)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=1))
     return rows
@@ -419,6 +555,7 @@ def merge_rows(path: Path, new_rows: list[Row]) -> list[Row]:
 
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -435,11 +572,17 @@ def plot(rows: list[Row], path: Path) -> None:
         for name in names:
             pts = sorted((r.tokens, r.median_us) for r in mine if series(r) == name)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        floor = sorted({(r.tokens, max(r.mem_floor_us, r.compute_floor_us)) for r in mine
-                        if r.strategy == "replicate"})
+        floor = sorted(
+            {
+                (r.tokens, max(r.mem_floor_us, r.compute_floor_us))
+                for r in mine
+                if r.strategy == "replicate"
+            }
+        )
         if floor:
-            ax.plot([p[0] for p in floor], [p[1] for p in floor], "k--", lw=1,
-                    label="floor (replicate)")
+            ax.plot(
+                [p[0] for p in floor], [p[1] for p in floor], "k--", lw=1, label="floor (replicate)"
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens per rank")
@@ -447,7 +590,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_title(f"{shape}, world {world}, {link}, {mine[0].dtype}, {mine[0].routing}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,40 +600,64 @@ def plot(rows: list[Row], path: Path) -> None:
 
 # ---------------------------------------------------------------- main
 
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="mixtral",
-                   help=f"comma-separated presets {sorted(SHAPES)} or 'custom' "
-                        f"(with --hidden/--ffn/--experts/--topk)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shape",
+        default="mixtral",
+        help=f"comma-separated presets {sorted(SHAPES)} or 'custom' "
+        f"(with --hidden/--ffn/--experts/--topk)",
+    )
     p.add_argument("--hidden", type=int)
     p.add_argument("--ffn", type=int)
     p.add_argument("--experts", type=int)
     p.add_argument("--topk", type=int)
     p.add_argument("--strategies", default=",".join(ALL_STRATEGIES))
-    p.add_argument("--peers", default="",
-                   help="other implementations to add: megatron (mcore_a2a, mcore_ag), deepspeed")
-    p.add_argument("--group-size", type=int,
-                   help="G: ranks that share one layer's experts (EP degree; expert-TP degree "
-                        "for tp_experts); the W/G groups run side by side. Default: W")
-    p.add_argument("--tokens", type=positive_int_list, default=[1, 16, 64, 256, 4096],
-                   help="tokens per rank")
+    p.add_argument(
+        "--peers",
+        default="",
+        help="other implementations to add: megatron (mcore_a2a, mcore_ag), deepspeed",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="G: ranks that share one layer's experts (EP degree; expert-TP degree "
+        "for tp_experts); the W/G groups run side by side. Default: W",
+    )
+    p.add_argument(
+        "--tokens", type=positive_int_list, default=[1, 16, 64, 256, 4096], help="tokens per rank"
+    )
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--uniform-routing", action="store_true",
-                   help="balanced expert choice (same load for every strategy and run)")
+    p.add_argument(
+        "--uniform-routing",
+        action="store_true",
+        help="balanced expert choice (same load for every strategy and run)",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tbs", type=float, default=4.3, help="memory bandwidth, TB/s")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="dense TFLOP/s of --dtype")
-    p.add_argument("--link", help="label for the interconnect setting (default: from "
-                                  "NCCL_P2P_DISABLE: p2p_off, else default; cpu on CPU)")
+    p.add_argument(
+        "--link",
+        help="label for the interconnect setting (default: from "
+        "NCCL_P2P_DISABLE: p2p_off, else default; cpu on CPU)",
+    )
     p.add_argument("--json", type=Path, help="merge result rows into this JSON file")
     p.add_argument("--png", type=Path, help="draw latency vs tokens from the JSON rows")
-    p.add_argument("--report", type=Path,
-                   help="only print the table of this JSON file (and --png); run nothing")
-    p.add_argument("--compact", action="store_true",
-                   help="with --report: one line per strategy, tokens as columns")
+    p.add_argument(
+        "--report",
+        type=Path,
+        help="only print the table of this JSON file (and --png); run nothing",
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="with --report: one line per strategy, tokens as columns",
+    )
     p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     args = p.parse_args(argv)
     args.strategies = [s for s in args.strategies.split(",") if s]
@@ -514,8 +681,9 @@ def resolve_shapes(args) -> list[Shape]:
             shapes.append(Shape("custom", args.hidden, args.ffn, args.experts, args.topk))
         elif name in SHAPES:
             h, f, e, k = SHAPES[name]
-            shapes.append(Shape(name, args.hidden or h, args.ffn or f, args.experts or e,
-                                args.topk or k))
+            shapes.append(
+                Shape(name, args.hidden or h, args.ffn or f, args.experts or e, args.topk or k)
+            )
         else:
             raise SystemExit(f"unknown --shape {name!r}; use {sorted(SHAPES)} or custom")
     return shapes
@@ -532,16 +700,23 @@ def main(argv=None) -> int:
     shapes = resolve_shapes(args)
     env = DistEnv.from_environ(os.environ)
     if args.group_size is not None and (args.group_size < 1 or env.world_size % args.group_size):
-        raise SystemExit(f"--group-size {args.group_size} does not divide the world size "
-                         f"{env.world_size}; pass a divisor of {env.world_size}")
+        raise SystemExit(
+            f"--group-size {args.group_size} does not divide the world size "
+            f"{env.world_size}; pass a divisor of {env.world_size}"
+        )
     device_type = args.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cpu" and args.dtype != "fp32":
         print(f"note: {args.dtype} on CPU; pass --dtype fp32 for a representative CPU run")
     device = init_distributed(env, device_type, args.timeout_s)
-    link = args.link or ("cpu" if device_type == "cpu" else
-                         "p2p_off" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "default")
+    link = args.link or (
+        "cpu"
+        if device_type == "cpu"
+        else "p2p_off"
+        if os.environ.get("NCCL_P2P_DISABLE") == "1"
+        else "default"
+    )
     dtype = DTYPES[args.dtype]
     rows: list[Row] = []
     failed = False
@@ -553,15 +728,27 @@ def main(argv=None) -> int:
             except Exception as err:  # noqa: BLE001 - recorded, reported, exit status 1
                 failed = True
                 first = (str(err).splitlines() or [type(err).__name__])[0]
-                print(f"[rank {env.rank}] {shape.name} {strategy} failed:\n"
-                      f"{traceback.format_exc()}", file=sys.stderr, flush=True)
-                new = [Row(shape=shape.name, strategy=strategy, world=env.world_size,
-                           group=group_size_of(strategy, env.world_size, args.group_size),
-                           link=link, tokens=t, dtype=args.dtype,
-                           routing="uniform" if args.uniform_routing else "random",
-                           timer="-", status=f"error: {type(err).__name__}: {first}",
-                           versions=library_versions())
-                       for t in args.tokens]
+                print(
+                    f"[rank {env.rank}] {shape.name} {strategy} failed:\n{traceback.format_exc()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                new = [
+                    Row(
+                        shape=shape.name,
+                        strategy=strategy,
+                        world=env.world_size,
+                        group=group_size_of(strategy, env.world_size, args.group_size),
+                        link=link,
+                        tokens=t,
+                        dtype=args.dtype,
+                        routing="uniform" if args.uniform_routing else "random",
+                        timer="-",
+                        status=f"error: {type(err).__name__}: {first}",
+                        versions=library_versions(),
+                    )
+                    for t in args.tokens
+                ]
             used_nvshmem |= strategy == "ep_nvshmem" and any(r.status == "ok" for r in new)
             rows.extend(new)
             if env.rank == 0:

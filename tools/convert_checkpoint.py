@@ -2,10 +2,12 @@
 """Convert and check checkpoints: Hugging Face <-> moe_ext.
 
   convert_checkpoint.py import-hf SRC DST [--dtype bf16|fp16|fp32] [--force] [--max-shard-size 5GB]
-  convert_checkpoint.py export-hf SRC DST [--layout per-expert|fused] [--force] [--max-shard-size 5GB]
+  convert_checkpoint.py export-hf SRC DST [--layout per-expert|fused] [--force]
+                        [--max-shard-size 5GB]
   convert_checkpoint.py verify DIR
   convert_checkpoint.py export-megatron SRC DST [--force]
-  convert_checkpoint.py import-megatron SRC DST [--dtype bf16|fp16|fp32] [--force] [--max-shard-size 5GB]
+  convert_checkpoint.py import-megatron SRC DST [--dtype bf16|fp16|fp32] [--force]
+                        [--max-shard-size 5GB]
 
 export-megatron writes a Megatron-core distributed checkpoint (torch_dist) of GPTModel with
 moe_ext's MoE layer, plus config.json and a manifest of the source tensors; import-megatron
@@ -24,6 +26,7 @@ killed run (kill -9) is removed by the next run. --force replaces an existing DS
 directory (never a file), and only once the new one is complete. Exit status 0 on
 success, 1 on any problem (one line per problem on stderr), 128+N on signal N.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +35,17 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # run from a checkout without installing
 
-from moe_ext.checkpoint.convert import DEFAULT_MAX_SHARD_BYTES, export_hf, import_hf, parse_size, verify  # noqa: E402
+from moe_ext.checkpoint.convert import (  # noqa: E402
+    DEFAULT_MAX_SHARD_BYTES,
+    export_hf,
+    import_hf,
+    parse_size,
+    verify,
+)
 from moe_ext.checkpoint.errors import CheckpointError  # noqa: E402
 from moe_ext.checkpoint.format import CAST_DTYPES  # noqa: E402
 from moe_ext.checkpoint.hf_maps import LAYOUTS  # noqa: E402
@@ -62,22 +73,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="Hugging Face directory -> moe_ext directory")
     imp.add_argument("src", type=Path)
     imp.add_argument("dst", type=Path)
-    imp.add_argument("--dtype", choices=CAST_DTYPES, default=None, help="cast floating tensors (default: keep)")
+    imp.add_argument(
+        "--dtype", choices=CAST_DTYPES, default=None, help="cast floating tensors (default: keep)"
+    )
     exp = sub.add_parser("export-hf", help="moe_ext (or HF) directory -> Hugging Face directory")
     exp.add_argument("src", type=Path)
     exp.add_argument("dst", type=Path)
-    exp.add_argument("--layout", choices=LAYOUTS, default="per-expert",
-                     help="per-expert: what transformers save_pretrained writes; fused: stacked expert tensors")
+    exp.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="per-expert",
+        help="per-expert: what transformers save_pretrained writes; fused: stacked expert tensors",
+    )
     for p in (imp, exp):
         p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-        p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB, 500MB")
+        p.add_argument(
+            "--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB, 500MB"
+        )
         p.add_argument("--no-progress", action="store_true")
-    ver = sub.add_parser("verify", help="check a moe_ext (shapes + checksums) or HF (shapes) directory")
+    ver = sub.add_parser(
+        "verify", help="check a moe_ext (shapes + checksums) or HF (shapes) directory"
+    )
     ver.add_argument("dir", type=Path)
     ver.add_argument("--no-progress", action="store_true")
     _add_megatron_commands(sub)
@@ -87,12 +110,24 @@ def _main(argv: list[str] | None) -> int:
     progress = not args.no_progress
     try:
         if args.command == "import-hf":
-            entries = import_hf(args.src, args.dst, dtype=args.dtype, force=args.force,
-                                max_shard_bytes=parse_size(args.max_shard_size), progress=progress)
+            entries = import_hf(
+                args.src,
+                args.dst,
+                dtype=args.dtype,
+                force=args.force,
+                max_shard_bytes=parse_size(args.max_shard_size),
+                progress=progress,
+            )
             print(f"wrote {len(entries)} tensors to {args.dst}")
         elif args.command == "export-hf":
-            entries = export_hf(args.src, args.dst, layout=args.layout, force=args.force,
-                                max_shard_bytes=parse_size(args.max_shard_size), progress=progress)
+            entries = export_hf(
+                args.src,
+                args.dst,
+                layout=args.layout,
+                force=args.force,
+                max_shard_bytes=parse_size(args.max_shard_size),
+                progress=progress,
+            )
             print(f"wrote {len(entries)} tensors to {args.dst} ({args.layout} layout)")
         else:
             problems = verify(args.dir, progress=progress)
@@ -110,22 +145,29 @@ def _main(argv: list[str] | None) -> int:
 
 # ---- Megatron-core distributed checkpoints (moe_ext.megatron.dist_ckpt) ---------------------
 
+
 def _add_megatron_commands(sub: argparse._SubParsersAction) -> None:
-    exp = sub.add_parser("export-megatron",
-                         help="moe_ext (or HF) directory -> Megatron distributed checkpoint")
+    exp = sub.add_parser(
+        "export-megatron", help="moe_ext (or HF) directory -> Megatron distributed checkpoint"
+    )
     exp.add_argument("src", type=Path)
     exp.add_argument("dst", type=Path)
-    imp = sub.add_parser("import-megatron",
-                         help="Megatron distributed checkpoint -> moe_ext directory")
+    imp = sub.add_parser(
+        "import-megatron", help="Megatron distributed checkpoint -> moe_ext directory"
+    )
     imp.add_argument("src", type=Path)
     imp.add_argument("dst", type=Path)
-    imp.add_argument("--dtype", choices=CAST_DTYPES, default=None,
-                     help="cast floating tensors (default: keep)")
+    imp.add_argument(
+        "--dtype", choices=CAST_DTYPES, default=None, help="cast floating tensors (default: keep)"
+    )
     imp.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB")
-    imp.add_argument("--trust-checkpoint", action="store_true",
-                     help="let Megatron and torch unpickle SRC's files their own way, which "
-                          "can run code from them (default: tensors and plain data only); "
-                          "only for checkpoints you made yourself")
+    imp.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="let Megatron and torch unpickle SRC's files their own way, which "
+        "can run code from them (default: tensors and plain data only); "
+        "only for checkpoints you made yourself",
+    )
     for p in (exp, imp):
         p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
         p.add_argument("--no-progress", action="store_true")
@@ -149,16 +191,24 @@ def _run_megatron_command(args: argparse.Namespace) -> int:
             entries = export_megatron(args.src, args.dst, force=args.force, progress=progress)
             print(f"wrote a Megatron checkpoint of {len(entries)} source tensors to {args.dst}")
         else:
-            entries = import_megatron(args.src, args.dst, dtype=args.dtype, force=args.force,
-                                      max_shard_bytes=parse_size(args.max_shard_size),
-                                      progress=progress, trust_checkpoint=args.trust_checkpoint)
+            entries = import_megatron(
+                args.src,
+                args.dst,
+                dtype=args.dtype,
+                force=args.force,
+                max_shard_bytes=parse_size(args.max_shard_size),
+                progress=progress,
+                trust_checkpoint=args.trust_checkpoint,
+            )
             print(f"wrote {len(entries)} tensors to {args.dst}")
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ImportError as e:
-        print(f"error: {args.command} needs megatron-core ({e}); pip install megatron-core",
-              file=sys.stderr)
+        print(
+            f"error: {args.command} needs megatron-core ({e}); pip install megatron-core",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

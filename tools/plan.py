@@ -8,13 +8,15 @@ topology (``--topology auto`` probes this machine; pcie/nvlink/cpu force a kind)
 the plan as the launcher would, and prints it with the reason and the memory per rank.
 Exit status 2 with a one-line message for a plan that cannot run.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -26,15 +28,25 @@ from hydra.errors import HydraException  # noqa: E402
 from moe_ext.config import register_configs  # noqa: E402
 from moe_ext.errors import MoeExtError  # noqa: E402
 from moe_ext.model.args import ModelArgs  # noqa: E402
-from moe_ext.plan import (PlanError, build_plan, estimate_memory, exchange_seconds,  # noqa: E402
-                          model_param_counts)
+from moe_ext.plan import (  # noqa: E402
+    PlanError,
+    build_plan,
+    estimate_memory,
+    exchange_seconds,
+    model_param_counts,
+)
 from moe_ext.topology import resolve_topology  # noqa: E402
 
 GIB = 2**30
 
 
-def compose_config(model: str, strategy: str, topology: str, overrides: Sequence[str],
-                   config_dir: Path = REPO / "conf"):
+def compose_config(
+    model: str,
+    strategy: str,
+    topology: str,
+    overrides: Sequence[str],
+    config_dir: Path = REPO / "conf",
+):
     """conf/config.yaml with the model/strategy/topology groups chosen and ``overrides``."""
     register_configs()
     groups = [f"model={model}", f"strategy={strategy}"]
@@ -45,19 +57,35 @@ def compose_config(model: str, strategy: str, topology: str, overrides: Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--world-size", type=int, required=True, help="number of ranks")
     p.add_argument("--model", default="tiny", help="conf/model/<name>.yaml")
-    p.add_argument("--strategy", default="auto",
-                   help="auto | replicate | tp_experts | ep_allgather | ep_nccl | ep_nvshmem")
-    p.add_argument("--topology", default="auto", choices=("auto", "pcie", "nvlink", "cpu"),
-                   help="auto probes this machine; the others force a kind")
-    p.add_argument("--gpu-memory-gib", type=float, default=None,
-                   help="per-GPU memory of a forced topology (default: probe, else 24/80)")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        help="auto | replicate | tp_experts | ep_allgather | ep_nccl | ep_nvshmem",
+    )
+    p.add_argument(
+        "--topology",
+        default="auto",
+        choices=("auto", "pcie", "nvlink", "cpu"),
+        help="auto probes this machine; the others force a kind",
+    )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="per-GPU memory of a forced topology (default: probe, else 24/80)",
+    )
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight (bf16: 2)")
-    p.add_argument("--tokens-per-step", type=int, default=None,
-                   help="tokens per rank entering each MoE layer per step (auto's choice)")
+    p.add_argument(
+        "--tokens-per-step",
+        type=int,
+        default=None,
+        help="tokens per rank entering each MoE layer per step (auto's choice)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.tp=2")
     return p
@@ -67,32 +95,49 @@ def explain(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if args.gpu_memory_gib is not None:
         if args.topology not in ("pcie", "nvlink"):
-            raise PlanError("--gpu-memory-gib applies to a forced GPU topology; add "
-                            "--topology pcie or --topology nvlink")
+            raise PlanError(
+                "--gpu-memory-gib applies to a forced GPU topology; add "
+                "--topology pcie or --topology nvlink"
+            )
         overrides.append(f"topology.gpu_memory_gib={args.gpu_memory_gib}")
     cfg = compose_config(args.model, args.strategy, args.topology, overrides)
     topology = resolve_topology(cfg.topology, args.world_size)
     model = ModelArgs.from_model_conf(cfg.model)
-    plan = build_plan(cfg.strategy, cfg.parallel, args.world_size, topology, model,
-                      dtype_bytes=args.dtype_bytes, tokens_per_step=args.tokens_per_step)
+    plan = build_plan(
+        cfg.strategy,
+        cfg.parallel,
+        args.world_size,
+        topology,
+        model,
+        dtype_bytes=args.dtype_bytes,
+        tokens_per_step=args.tokens_per_step,
+    )
     mem = estimate_memory(plan, model, topology, args.dtype_bytes)
     total_params, expert_params = model_param_counts(model)
     out = {
-        "plan": {k: getattr(plan, k) for k in ("strategy", "world_size", "tp", "pp", "dp",
-                                               "ep", "etp", "edp", "dispatcher")},
+        "plan": {
+            k: getattr(plan, k)
+            for k in ("strategy", "world_size", "tp", "pp", "dp", "ep", "etp", "edp", "dispatcher")
+        },
         "reason": plan.reason,
-        "model": {"name": cfg.model.name, "params": total_params,
-                  "expert_params": expert_params},
-        "topology": {"kind": topology.kind, "source": topology.source,
-                     "num_gpus": topology.num_gpus},
+        "model": {"name": cfg.model.name, "params": total_params, "expert_params": expert_params},
+        "topology": {
+            "kind": topology.kind,
+            "source": topology.source,
+            "num_gpus": topology.num_gpus,
+        },
         "memory_per_rank": mem._asdict(),
     }
     if plan.is_expert_parallel and plan.ep > 1 and args.tokens_per_step:
         link = topology.min_pair_bandwidth_gbps
         out["exchange_us_per_layer"] = {
-            s: round(1e6 * exchange_seconds(s, args.tokens_per_step, model, plan.ep,
-                                            args.dtype_bytes, link), 1)
-            for s in ("ep_nccl", "ep_allgather")}
+            s: round(
+                1e6
+                * exchange_seconds(s, args.tokens_per_step, model, plan.ep, args.dtype_bytes, link),
+                1,
+            )
+            for s in ("ep_nccl", "ep_allgather")
+        }
     return out
 
 
@@ -117,8 +162,10 @@ def _format(out: dict) -> str:
         lines.append(f"           available {avail / GIB:.2f} GiB per rank: {verdict}")
     if "exchange_us_per_layer" in out:
         ex = out["exchange_us_per_layer"]
-        lines.append(f"exchange   modelled per MoE layer: all-to-all {ex['ep_nccl']} us, "
-                     f"all-gather {ex['ep_allgather']} us")
+        lines.append(
+            f"exchange   modelled per MoE layer: all-to-all {ex['ep_nccl']} us, "
+            f"all-gather {ex['ep_allgather']} us"
+        )
     return "\n".join(lines)
 
 

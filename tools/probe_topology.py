@@ -9,6 +9,7 @@ A ``--record`` file is what to send us when the planner misjudges a machine: it 
 driver's answers unparsed, and ``--from-record`` replays them anywhere. Works without
 GPUs (a ``cpu`` topology).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,20 +30,36 @@ def format_table(rows: list[list[str]]) -> str:
 def gpu_rows(topo: Topology) -> list[list[str]]:
     rows = [["GPU", "name", "memory", "PCI bus id", "PCIe now/max", "NUMA", "CC"]]
     for g in topo.gpus:
-        pcie = (f"Gen{g.pcie_gen or '?'}x{g.pcie_width or '?'} / "
-                f"Gen{g.pcie_max_gen or '?'}x{g.pcie_max_width or '?'}")
+        pcie = (
+            f"Gen{g.pcie_gen or '?'}x{g.pcie_width or '?'} / "
+            f"Gen{g.pcie_max_gen or '?'}x{g.pcie_max_width or '?'}"
+        )
         cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
         numa = "?" if g.numa_node is None else str(g.numa_node)
-        rows.append([str(g.index), g.name, f"{g.memory_bytes / GIB:.1f} GiB",
-                     g.pci_bus_id or "?", pcie, numa, cc])
+        rows.append(
+            [
+                str(g.index),
+                g.name,
+                f"{g.memory_bytes / GIB:.1f} GiB",
+                g.pci_bus_id or "?",
+                pcie,
+                numa,
+                cc,
+            ]
+        )
     return rows
 
 
 def bandwidth_rows(topo: Topology) -> list[list[str]]:
     rows = [[""] + [f"GPU{g.index}" for g in topo.gpus]]
     for i in range(topo.num_gpus):
-        rows.append([f"GPU{i}"] + ["X" if i == j else f"{topo.pair_bandwidth_gbps(i, j):.0f}"
-                                   for j in range(topo.num_gpus)])
+        rows.append(
+            [f"GPU{i}"]
+            + [
+                "X" if i == j else f"{topo.pair_bandwidth_gbps(i, j):.0f}"
+                for j in range(topo.num_gpus)
+            ]
+        )
     return rows
 
 
@@ -52,14 +69,17 @@ def render(topo: Topology) -> str:
         parts.append(format_table(gpu_rows(topo)))
     if topo.num_gpus >= 2:
         parts.append(format_table(topo.pair_matrix()))
-        parts.append("Legend: NV# = # NVLink links, PIX = at most one PCIe switch, "
-                     "PXB = several PCIe switches,\n"
-                     "PHB = through a PCIe host bridge, NODE = across host bridges of one NUMA "
-                     "node,\n"
-                     "SYS = across sockets; flags: p = P2P access, a = P2P native atomics, "
-                     "- = not supported.")
-        parts.append("Estimated copy bandwidth, GB/s per direction:\n"
-                     + format_table(bandwidth_rows(topo)))
+        parts.append(
+            "Legend: NV# = # NVLink links, PIX = at most one PCIe switch, "
+            "PXB = several PCIe switches,\n"
+            "PHB = through a PCIe host bridge, NODE = across host bridges of one NUMA "
+            "node,\n"
+            "SYS = across sockets; flags: p = P2P access, a = P2P native atomics, "
+            "- = not supported."
+        )
+        parts.append(
+            "Estimated copy bandwidth, GB/s per direction:\n" + format_table(bandwidth_rows(topo))
+        )
     parts.append(format_table([[k, v] for k, v in topo.summary_rows()]))
     return "\n\n".join(parts)
 
@@ -68,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the parsed topology as JSON")
     parser.add_argument("--record", metavar="FILE", help="write the raw NVML/CUDA answers to FILE")
-    parser.add_argument("--from-record", metavar="FILE",
-                        help="parse a saved raw record instead of probing")
+    parser.add_argument(
+        "--from-record", metavar="FILE", help="parse a saved raw record instead of probing"
+    )
     parser.add_argument("--no-cuda", action="store_true", help="ask NVML only, not the CUDA driver")
     args = parser.parse_args(argv)
     if args.from_record and args.record:
@@ -80,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 record = json.loads(Path(args.from_record).read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise TopologyError(f"cannot read record {args.from_record}: {e}") from None
+                raise TopologyError(f"cannot read record {args.from_record}: {e}") from e
         else:
             record = probe_record(cuda=not args.no_cuda)
         if args.record:

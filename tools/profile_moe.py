@@ -5,9 +5,11 @@ experts alone, then a torch.profiler table per shape.
 
 # T tokens, H hidden, F expert FFN size, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -73,17 +75,23 @@ def main() -> None:
                 x = torch.randn(T, H, device=device, dtype=torch.bfloat16)  # [T, H]
                 rows = torch.randn(T * k, H, device=device, dtype=torch.bfloat16)  # [T*k, H]
                 counts = balanced_counts(T * k, E, device)  # [E]
-                print(f"{name} T={T}: eager {median_us(lambda: layer(x)):.0f} us, "
-                      f"graph {graph_us(layer, x)} us, "
-                      f"experts only {median_us(lambda: layer.experts(rows, counts)):.0f} us",
-                      flush=True)
+                eager = median_us(functools.partial(layer, x))
+                experts_only = median_us(functools.partial(layer.experts, rows, counts))
+                print(
+                    f"{name} T={T}: eager {eager:.0f} us, graph {graph_us(layer, x)} us, "
+                    f"experts only {experts_only:.0f} us",
+                    flush=True,
+                )
             x = torch.randn(16, H, device=device, dtype=torch.bfloat16)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
                     layer(x)
                 torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
-                                        max_name_column_width=50))
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=12, max_name_column_width=50
+            )
+        )
         del layer
         torch.cuda.empty_cache()
 

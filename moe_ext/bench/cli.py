@@ -1,4 +1,5 @@
 """Command-line helpers shared by tools/bench_*.py."""
+
 from __future__ import annotations
 
 import argparse

@@ -18,22 +18,24 @@ the timing, then the choice of experts is replaced).
 
 # T tokens, H hidden, F expert FFN size, E experts, k top-k, C capacity, B batch, S sequence
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.metadata
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe_ext.errors import MoeExtError
 from moe_ext.moe.router import RouterOutput
 from moe_ext.plan import ParallelPlan
-from moe_ext.errors import MoeExtError
 
 # benchmark strategy name -> (peer family, Megatron token dispatcher or None)
 PEER_STRATEGIES = {
@@ -43,8 +45,12 @@ PEER_STRATEGIES = {
 }
 # --peers names -> strategies they add to a bench_moe run
 PEERS = {"megatron": ("mcore_a2a", "mcore_ag"), "deepspeed": ("deepspeed",)}
-_DISTRIBUTIONS = {"torch": "torch", "megatron-core": "megatron-core", "deepspeed": "deepspeed",
-                  "transformers": "transformers"}
+_DISTRIBUTIONS = {
+    "torch": "torch",
+    "megatron-core": "megatron-core",
+    "deepspeed": "deepspeed",
+    "transformers": "transformers",
+}
 
 
 class PeerUnavailable(MoeExtError):
@@ -77,8 +83,9 @@ def _require(module: str, pip_name: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as err:
-        raise PeerUnavailable(f"{pip_name} is not importable ({err}); pip install "
-                              f"{pip_name}") from None
+        raise PeerUnavailable(
+            f"{pip_name} is not importable ({err}); pip install {pip_name}"
+        ) from err
 
 
 def _random_init_(module: nn.Module) -> None:
@@ -93,6 +100,7 @@ def _random_init_(module: nn.Module) -> None:
 
 # ---------------------------------------------------------------- groups
 
+
 def ep_plan(world: int, reason: str = "benchmark peer: EP = world") -> ParallelPlan:
     """Expert parallelism over all ranks (tp = pp = 1, dp = ep = world)."""
     from moe_ext.plan import plan_with_degrees
@@ -100,7 +108,7 @@ def ep_plan(world: int, reason: str = "benchmark peer: EP = world") -> ParallelP
     return plan_with_degrees("ep_nccl", world, reason=reason)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ep_groups(world: int, backend: str, timeout_s: float):
     """One ProcessGroups per process for all peers: Megatron's parallel_state and DeepSpeed's
     group registry both refuse a second, different set, and communicators are costly."""
@@ -113,31 +121,46 @@ def ep_groups(timeout_s: float = 300.0, experts: Optional[int] = None):
     """Our ProcessGroups for EP = world size (collective on first call; cached after);
     ``experts``: refuse an expert count the world size does not divide."""
     if not dist.is_initialized():
-        raise PeerUnavailable("torch.distributed is not initialised; call "
-                              "moe_ext.dist.init_distributed first")
+        raise PeerUnavailable(
+            "torch.distributed is not initialised; call moe_ext.dist.init_distributed first"
+        )
     world = dist.get_world_size()
     if experts is not None and experts % world:
-        raise PeerUnavailable(f"{experts} experts do not split over {world} ranks; run with "
-                              f"a world size that divides the expert count")
+        raise PeerUnavailable(
+            f"{experts} experts do not split over {world} ranks; run with "
+            f"a world size that divides the expert count"
+        )
     return _ep_groups(world, dist.get_backend(), timeout_s)
 
 
-def _balanced_probs(expert_idx: torch.Tensor, num_experts: int, like: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _balanced_probs(
+    expert_idx: torch.Tensor, num_experts: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense (probs[T, E], routing_map[T, E] bool) for forced experts, weight 1/k each."""
     top_k = expert_idx.shape[1]
-    routing_map = torch.zeros(expert_idx.shape[0], num_experts, dtype=torch.bool,
-                              device=expert_idx.device).scatter_(1, expert_idx, True)  # [T, E]
-    probs = torch.zeros(expert_idx.shape[0], num_experts, dtype=like.dtype,
-                        device=expert_idx.device).scatter_(1, expert_idx, 1.0 / top_k)
+    routing_map = torch.zeros(
+        expert_idx.shape[0], num_experts, dtype=torch.bool, device=expert_idx.device
+    ).scatter_(1, expert_idx, True)  # [T, E]
+    probs = torch.zeros(
+        expert_idx.shape[0], num_experts, dtype=like.dtype, device=expert_idx.device
+    ).scatter_(1, expert_idx, 1.0 / top_k)
     return probs, routing_map
 
 
 # ---------------------------------------------------------------- Megatron-core
 
-def megatron_moe_config(hidden: int, ffn: int, experts: int, top_k: int, plan: ParallelPlan,
-                        *, dispatcher: str = "alltoall", params_dtype: torch.dtype,
-                        cpu_init: bool = False) -> Any:
+
+def megatron_moe_config(
+    hidden: int,
+    ffn: int,
+    experts: int,
+    top_k: int,
+    plan: ParallelPlan,
+    *,
+    dispatcher: str = "alltoall",
+    params_dtype: torch.dtype,
+    cpu_init: bool = False,
+) -> Any:
     """TransformerConfig of one Megatron MoE layer: SwiGLU experts without bias, softmax
     top-k router in fp32, no aux loss, no token dropping, the plan's parallel degrees.
     Weights are left uninitialised (the caller loads or randomises them)."""
@@ -145,16 +168,33 @@ def megatron_moe_config(hidden: int, ffn: int, experts: int, top_k: int, plan: P
 
     heads = -(-max(1, hidden // 64) // plan.tp) * plan.tp  # Megatron: heads divisible by tp
     return TransformerConfig(
-        num_layers=1, hidden_size=hidden, num_attention_heads=heads,
-        ffn_hidden_size=4 * hidden, num_moe_experts=experts, moe_router_topk=top_k,
-        moe_ffn_hidden_size=ffn, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, moe_router_dtype="fp32", moe_token_dispatcher_type=dispatcher,
-        moe_grouped_gemm=False, moe_aux_loss_coeff=0.0, params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        tensor_model_parallel_size=plan.tp, expert_model_parallel_size=plan.ep,
-        expert_tensor_parallel_size=plan.etp, perform_initialization=False,
-        use_cpu_initialization=cpu_init, bias_activation_fusion=False)
+        num_layers=1,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=4 * hidden,
+        num_moe_experts=experts,
+        moe_router_topk=top_k,
+        moe_ffn_hidden_size=ffn,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=False,
+        moe_aux_loss_coeff=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=plan.tp,
+        expert_model_parallel_size=plan.ep,
+        expert_tensor_parallel_size=plan.etp,
+        perform_initialization=False,
+        use_cpu_initialization=cpu_init,
+        bias_activation_fusion=False,
+    )
 
 
 def megatron_moe_layer(config: Any, groups: Any) -> nn.Module:
@@ -165,8 +205,9 @@ def megatron_moe_layer(config: Any, groups: Any) -> nn.Module:
 
     from moe_ext.megatron import pg_collection
 
-    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts,
-                               moe_grouped_gemm=False)
+    spec = get_moe_module_spec(
+        use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False
+    )
     if isinstance(spec, ModuleSpec):
         return build_module(spec, config=config, pg_collection=pg_collection(groups))
     return spec(config=config, pg_collection=pg_collection(groups))
@@ -211,8 +252,9 @@ class _ForcedMegatronRouter(nn.Module):
         self.expert_idx: Optional[torch.Tensor] = None  # [T, k] int64
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        probs, routing_map = (self.gate(x) if padding_mask is None
-                              else self.gate(x, padding_mask))  # [T, E] each
+        probs, routing_map = (
+            self.gate(x) if padding_mask is None else self.gate(x, padding_mask)
+        )  # [T, E] each
         if self.expert_idx is None:
             return probs, routing_map
         return _balanced_probs(self.expert_idx, self.num_experts, probs)
@@ -225,9 +267,17 @@ class _ForcedMegatronRouter(nn.Module):
             return getattr(super().__getattr__("gate"), name)
 
 
-def megatron_peer(hidden: int, ffn: int, experts: int, top_k: int, *,
-                  dispatcher: str = "alltoall", dtype: torch.dtype, device: torch.device,
-                  timeout_s: float = 300.0) -> MegatronMoEPeer:
+def megatron_peer(
+    hidden: int,
+    ffn: int,
+    experts: int,
+    top_k: int,
+    *,
+    dispatcher: str = "alltoall",
+    dtype: torch.dtype,
+    device: torch.device,
+    timeout_s: float = 300.0,
+) -> MegatronMoEPeer:
     """Megatron-core MoELayer (local spec, ``dispatcher`` = alltoall | allgather) at EP =
     world size with random weights on ``device``. Installs Megatron's parallel_state from our
     groups (kept for the process: later peers reuse the same groups)."""
@@ -239,9 +289,16 @@ def megatron_peer(hidden: int, ffn: int, experts: int, top_k: int, *,
     if device.type == "cuda":
         # Megatron's CUDA RNG tracker streams (expert/tensor parallel) must exist on GPUs
         seed_model_parallel_rng(groups, 1234)
-    config = megatron_moe_config(hidden, ffn, experts, top_k, groups.plan,
-                                 dispatcher=dispatcher, params_dtype=dtype,
-                                 cpu_init=device.type == "cpu")
+    config = megatron_moe_config(
+        hidden,
+        ffn,
+        experts,
+        top_k,
+        groups.plan,
+        dispatcher=dispatcher,
+        params_dtype=dtype,
+        cpu_init=device.type == "cpu",
+    )
     with torch.device(device):
         layer = megatron_moe_layer(config, groups)
     layer = layer.to(device)
@@ -251,11 +308,17 @@ def megatron_peer(hidden: int, ffn: int, experts: int, top_k: int, *,
 
 # ---------------------------------------------------------------- DeepSpeed
 
+
 class SwiGLUExpert(nn.Module):
     """One expert for DeepSpeed's MoE: ``down(silu(gate(x)) * up(x))``, x[..., H] -> [..., H]."""
 
-    def __init__(self, hidden: int, ffn: int, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        hidden: int,
+        ffn: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
         super().__init__()
         kw = dict(bias=False, dtype=dtype, device=device)
         self.gate_proj = nn.Linear(hidden, ffn, **kw)
@@ -309,8 +372,10 @@ class _ForcedDeepSpeedGate(nn.Module):
         if self.expert_idx is None:
             return self.gate(x, used_token, sparse_routes, use_tutel)
         if not sparse_routes or use_tutel:
-            raise PeerUnavailable("forced routing supports DeepSpeed's sparse-route dispatch "
-                                  "only (DeepSpeed >= 0.19 without Tutel)")
+            raise PeerUnavailable(
+                "forced routing supports DeepSpeed's sparse-route dispatch "
+                "only (DeepSpeed >= 0.19 without Tutel)"
+            )
         logits = F.linear(x.float(), self.gate.wg.weight.float())  # [T, E]
         gates = torch.softmax(logits, dim=-1)
         num_experts = gates.shape[1]
@@ -326,9 +391,15 @@ class _ForcedDeepSpeedGate(nn.Module):
         chosen = gates.gather(1, idx)  # [T, k]
         chosen = chosen / chosen.sum(-1, keepdim=True).clamp_min(torch.finfo(chosen.dtype).eps)
         l_aux = torch.zeros((), device=x.device)
-        return (l_aux, capacity, num_experts, idx.t().to(torch.int32).contiguous(),
-                locations.gather(1, idx).t().to(torch.int32).contiguous(),
-                chosen.t().contiguous(), exp_counts)
+        return (
+            l_aux,
+            capacity,
+            num_experts,
+            idx.t().to(torch.int32).contiguous(),
+            locations.gather(1, idx).t().to(torch.int32).contiguous(),
+            chosen.t().contiguous(),
+            exp_counts,
+        )
 
     def __getattr__(self, name: str):
         try:
@@ -337,8 +408,16 @@ class _ForcedDeepSpeedGate(nn.Module):
             return getattr(super().__getattr__("gate"), name)
 
 
-def deepspeed_peer(hidden: int, ffn: int, experts: int, top_k: int, *, dtype: torch.dtype,
-                   device: torch.device, timeout_s: float = 300.0) -> DeepSpeedMoEPeer:
+def deepspeed_peer(
+    hidden: int,
+    ffn: int,
+    experts: int,
+    top_k: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    timeout_s: float = 300.0,
+) -> DeepSpeedMoEPeer:
     """deepspeed.moe.layer.MoE at EP = world size on our registered groups: SwiGLU experts
     of (H, F), top-k gate, no token dropping, no second-expert sampling, random weights."""
     _require("deepspeed.moe.layer", "deepspeed")
@@ -349,9 +428,17 @@ def deepspeed_peer(hidden: int, ffn: int, experts: int, top_k: int, *, dtype: to
     with torch.device(device):
         template = SwiGLUExpert(hidden, ffn, dtype=dtype)
         # eval_capacity_factor is unused without token dropping (capacity = largest load)
-        moe = MoE(hidden, template, num_experts=experts, ep_size=groups.plan.world_size, k=top_k,
-                  min_capacity=0, drop_tokens=False, use_rts=False,
-                  top2_2nd_expert_sampling=False)
+        moe = MoE(
+            hidden,
+            template,
+            num_experts=experts,
+            ep_size=groups.plan.world_size,
+            k=top_k,
+            min_capacity=0,
+            drop_tokens=False,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
+        )
     del template  # MoE deep-copied it once per local expert
     moe = moe.to(device=device, dtype=dtype)
     moe.set_deepspeed_parallelism()  # finds our registered group by name, creates none
@@ -361,22 +448,34 @@ def deepspeed_peer(hidden: int, ffn: int, experts: int, top_k: int, *, dtype: to
 
 # ---------------------------------------------------------------- bench_moe entry
 
+
 def build_peer(strategy: str) -> Callable[..., nn.Module]:
     """A tools/bench_moe.py builder: ``(shape, groups, dtype, device, max_tokens) -> layer``
     for a PEER_STRATEGIES name; ``groups`` is unused, a peer builds EP = world itself."""
     family, dispatcher = PEER_STRATEGIES[strategy]
 
-    def build(shape, groups, dtype: torch.dtype, device: torch.device,
-              max_tokens: int) -> nn.Module:
+    def build(
+        shape, groups, dtype: torch.dtype, device: torch.device, max_tokens: int
+    ) -> nn.Module:
         if family == "megatron":
-            return megatron_peer(shape.hidden, shape.ffn, shape.experts, shape.top_k,
-                                 dispatcher=dispatcher, dtype=dtype, device=device)
-        return deepspeed_peer(shape.hidden, shape.ffn, shape.experts, shape.top_k,
-                              dtype=dtype, device=device)
+            return megatron_peer(
+                shape.hidden,
+                shape.ffn,
+                shape.experts,
+                shape.top_k,
+                dispatcher=dispatcher,
+                dtype=dtype,
+                device=device,
+            )
+        return deepspeed_peer(
+            shape.hidden, shape.ffn, shape.experts, shape.top_k, dtype=dtype, device=device
+        )
+
     return build
 
 
 # ---------------------------------------------------------------- Hugging Face transformers
+
 
 def hf_causal_lm(args: Any, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """transformers' causal LM of a moe_ext ``ModelArgs`` (its HF config), random weights
@@ -395,8 +494,9 @@ def hf_causal_lm(args: Any, *, dtype: torch.dtype, device: torch.device) -> nn.M
     return model.eval()
 
 
-def hf_decode_floor_s(model: nn.Module, num_experts: int, top_k: int, batch: int,
-                      hbm_bytes_per_s: float) -> float:
+def hf_decode_floor_s(
+    model: nn.Module, num_experts: int, top_k: int, batch: int, hbm_bytes_per_s: float
+) -> float:
     """Bytes one decode step of ``batch`` sequences must read ÷ bandwidth: every non-expert
     weight once (not the embedding table when the LM head is separate), each expert with
     the chance that one of ``batch`` tokens routes to it under uniform top-k routing."""
@@ -416,8 +516,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # sync: wall-clock timing of the whole generate call
 
 
-def hf_generate_timed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
-                      ) -> dict[str, float]:
+def hf_generate_timed(
+    model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
+) -> dict[str, float]:
     """Greedy ``model.generate`` of exactly ``new_tokens`` tokens after ``prompt_ids[B, S]``
     (int64, on the model's device; no EOS stop), timed by wall clock after a warm-up.
 
@@ -434,12 +535,14 @@ def hf_generate_timed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: in
             out = model.generate(prompt_ids, max_new_tokens=n, min_new_tokens=n, **kw)
         _sync(device)
         if out.shape[1] != prompt_ids.shape[1] + n:
-            raise RuntimeError(f"generate returned {out.shape[1] - prompt_ids.shape[1]} new "
-                               f"tokens, expected {n}")
+            raise RuntimeError(
+                f"generate returned {out.shape[1] - prompt_ids.shape[1]} new tokens, expected {n}"
+            )
         return time.perf_counter() - begin
 
     run(2)  # warm-up: kernels, allocator
     prefill_s = run(1)
     total_s = run(new_tokens)
-    return dict(prefill_s=prefill_s, decode_s=max(total_s - prefill_s, 0.0),
-                decode_steps=new_tokens - 1)
+    return dict(
+        prefill_s=prefill_s, decode_s=max(total_s - prefill_s, 0.0), decode_steps=new_tokens - 1
+    )

@@ -7,14 +7,16 @@ failure leaves nothing at the destination. Peak memory is one chunk of one tenso
 
 Shape legend: E experts, F expert FFN size, H hidden.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +24,20 @@ from tqdm.auto import tqdm
 from moe_ext.checkpoint import hf_maps
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.checkpoint.format import (
-    CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter, TensorEntry, check_free_space,
-    confined_file, destination_problem, dtype_name, nbytes, plan_shards, staged_directory,
-    torch_dtype, write_manifest,
+    CAST_DTYPES,
+    HF_INDEX,
+    MANIFEST,
+    SafetensorsWriter,
+    TensorEntry,
+    check_free_space,
+    confined_file,
+    destination_problem,
+    dtype_name,
+    nbytes,
+    plan_shards,
+    staged_directory,
+    torch_dtype,
+    write_manifest,
 )
 from moe_ext.checkpoint.reader import CheckpointReader, tensor_digest
 from moe_ext.checkpoint.shard import ShardRequest
@@ -69,28 +82,48 @@ def _side_files(src: Path) -> list[Path]:
     """Top-level files of ``src`` copied along (tokenizer, generation config, ...), each
     checked to lie inside ``src`` (a link leading out is refused, not followed)."""
     return sorted(
-        confined_file(src, p.name, src) for p in src.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_COPIED and not _WEIGHT_FILE.search(p.name)
+        confined_file(src, p.name, src)
+        for p in src.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in _NOT_COPIED
+        and not _WEIGHT_FILE.search(p.name)
     )
 
 
 def _write_directory(
-    src: Path, dst: Path, force: bool, outputs: list[_Output], max_shard_bytes: int, progress: bool,
-    finish: Callable[[Path, list[TensorEntry]], None], desc: str,
+    src: Path,
+    dst: Path,
+    force: bool,
+    outputs: list[_Output],
+    max_shard_bytes: int,
+    progress: bool,
+    finish: Callable[[Path, list[TensorEntry]], None],
+    desc: str,
 ) -> list[TensorEntry]:
     """Write ``outputs`` as safetensors shards plus config.json and side files of ``src`` into a
     temporary directory next to ``dst``, call ``finish(tmp, entries)``, then rename into place."""
     _check_destination(src, dst, force)
     side_files = _side_files(src)
-    check_free_space(dst, sum(nbytes(o.shape, o.dtype) for o in outputs)
-                     + sum(p.stat().st_size for p in side_files))
+    check_free_space(
+        dst,
+        sum(nbytes(o.shape, o.dtype) for o in outputs) + sum(p.stat().st_size for p in side_files),
+    )
     with staged_directory(dst) as tmp:
         by_name = {o.name: o for o in outputs}
         shards = plan_shards([(o.name, nbytes(o.shape, o.dtype)) for o in outputs], max_shard_bytes)
         entries: list[TensorEntry] = []
-        with tqdm(total=sum(o.source_bytes for o in outputs), unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+        with tqdm(
+            total=sum(o.source_bytes for o in outputs),
+            unit="B",
+            unit_scale=True,
+            desc=desc,
+            disable=not progress,
+        ) as bar:
             for file, names in shards:
-                writer = SafetensorsWriter(tmp / file, [(n, by_name[n].dtype, by_name[n].shape) for n in names])
+                writer = SafetensorsWriter(
+                    tmp / file, [(n, by_name[n].dtype, by_name[n].shape) for n in names]
+                )
                 try:
                     for n in names:
                         out = by_name[n]
@@ -109,19 +142,27 @@ def _write_directory(
 
 
 def import_hf(
-    src: PathLike, dst: PathLike, dtype: Optional[str] = None, force: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+    src: PathLike,
+    dst: PathLike,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
 ) -> list[TensorEntry]:
     """Convert the Hugging Face directory ``src`` (any expert layout) into a moe_ext directory
     ``dst``: native names, stacked experts, ``moe_ext.json`` manifest with sha256 per tensor.
     ``dtype`` (bf16 | fp16 | fp32) casts every floating tensor; None keeps the stored dtypes."""
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype_name(dtype) not in CAST_DTYPES:
-        raise CheckpointError(f"--dtype {dtype} is not supported; use one of {', '.join(CAST_DTYPES)}")
+        raise CheckpointError(
+            f"--dtype {dtype} is not supported; use one of {', '.join(CAST_DTYPES)}"
+        )
     _check_destination(src, dst, force)
     reader = CheckpointReader.open(src)
     if reader.format != "hf":
-        raise CheckpointError(f"{src} is already a moe_ext checkpoint; import-hf reads Hugging Face directories")
+        raise CheckpointError(
+            f"{src} is already a moe_ext checkpoint; import-hf reads Hugging Face directories"
+        )
     cast = torch_dtype(dtype) if dtype is not None else None
 
     def chunks_of(name: str, target: torch.dtype) -> Callable[[], Iterator[torch.Tensor]]:
@@ -131,19 +172,35 @@ def import_hf(
     for name in reader.names():
         stored = reader.dtype(name)
         target = cast if cast is not None and stored.is_floating_point else stored
-        outputs.append(_Output(name, dtype_name(target), reader.shape(name), chunks_of(name, target), reader.nbytes(name)))
+        outputs.append(
+            _Output(
+                name,
+                dtype_name(target),
+                reader.shape(name),
+                chunks_of(name, target),
+                reader.nbytes(name),
+            )
+        )
     kinds = {o.dtype for o in outputs}
-    overall = dtype_name(cast) if cast is not None else (kinds.pop() if len(kinds) == 1 else "mixed")
+    overall = (
+        dtype_name(cast) if cast is not None else (kinds.pop() if len(kinds) == 1 else "mixed")
+    )
 
     def finish(tmp: Path, entries: list[TensorEntry]) -> None:
         write_manifest(tmp, reader.family, overall, entries)
 
-    return _write_directory(src, dst, force, outputs, max_shard_bytes, progress, finish, f"import {src.name}")
+    return _write_directory(
+        src, dst, force, outputs, max_shard_bytes, progress, finish, f"import {src.name}"
+    )
 
 
 def export_hf(
-    src: PathLike, dst: PathLike, layout: str = "per-expert", force: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+    src: PathLike,
+    dst: PathLike,
+    layout: str = "per-expert",
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
 ) -> list[TensorEntry]:
     """Write checkpoint ``src`` (moe_ext, or HF in any layout) as a Hugging Face directory in the
     family's ``layout``: "per-expert" (what transformers ``save_pretrained`` writes) or "fused"
@@ -151,7 +208,9 @@ def export_hf(
     kept, so import then export is bit-exact."""
     src, dst = Path(src), Path(dst)
     if layout not in hf_maps.LAYOUTS:
-        raise CheckpointError(f"--layout {layout} is not supported; use one of {', '.join(hf_maps.LAYOUTS)}")
+        raise CheckpointError(
+            f"--layout {layout} is not supported; use one of {', '.join(hf_maps.LAYOUTS)}"
+        )
     _check_destination(src, dst, force)
     reader = CheckpointReader.open(src)
     family = reader.family
@@ -159,7 +218,9 @@ def export_hf(
     def whole(name: str) -> Callable[[], Iterator[torch.Tensor]]:
         return lambda: reader.iter_chunks(name)
 
-    def box(name: str, request: ShardRequest, shape: tuple[int, ...]) -> Callable[[], list[torch.Tensor]]:
+    def box(
+        name: str, request: ShardRequest, shape: tuple[int, ...]
+    ) -> Callable[[], list[torch.Tensor]]:
         return lambda: [reader.read(name, request).reshape(shape)]
 
     outputs = []
@@ -167,7 +228,15 @@ def export_hf(
         dtype, shape = dtype_name(reader.dtype(name)), reader.shape(name)
         expert = hf_maps.expert_tensor(name)
         if expert is None or layout == "fused":
-            outputs.append(_Output(hf_maps.hf_key(name, family, layout), dtype, shape, whole(name), reader.nbytes(name)))
+            outputs.append(
+                _Output(
+                    hf_maps.hf_key(name, family, layout),
+                    dtype,
+                    shape,
+                    whole(name),
+                    reader.nbytes(name),
+                )
+            )
             continue
         if expert[1] == hf_maps.GATE_UP:
             E, two_f, H = shape  # [E, 2F, H]: rows [0, F) gate, [F, 2F) up
@@ -176,13 +245,17 @@ def export_hf(
                 gate_key, up_key = hf_maps.hf_expert_keys(name, family, j)
                 for key, rows in ((gate_key, (0, F)), (up_key, (F, 2 * F))):
                     req = ShardRequest(boxes=((slice(j, j + 1), slice(*rows)),))
-                    outputs.append(_Output(key, dtype, (F, H), box(name, req, (F, H)), nbytes((F, H), dtype)))
+                    outputs.append(
+                        _Output(key, dtype, (F, H), box(name, req, (F, H)), nbytes((F, H), dtype))
+                    )
         else:
             E, H, F = shape  # [E, H, F]
             for j in range(E):
                 (down_key,) = hf_maps.hf_expert_keys(name, family, j)
                 req = ShardRequest(boxes=((slice(j, j + 1),),))
-                outputs.append(_Output(down_key, dtype, (H, F), box(name, req, (H, F)), nbytes((H, F), dtype)))
+                outputs.append(
+                    _Output(down_key, dtype, (H, F), box(name, req, (H, F)), nbytes((H, F), dtype))
+                )
 
     def finish(tmp: Path, entries: list[TensorEntry]) -> None:
         files = sorted({e.file for e in entries})
@@ -193,7 +266,9 @@ def export_hf(
             }
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write_directory(src, dst, force, outputs, max_shard_bytes, progress, finish, f"export {src.name}")
+    return _write_directory(
+        src, dst, force, outputs, max_shard_bytes, progress, finish, f"export {src.name}"
+    )
 
 
 def verify(directory: PathLike, progress: bool = True) -> list[str]:
@@ -209,8 +284,13 @@ def verify(directory: PathLike, progress: bool = True) -> list[str]:
         return problems
     entries = reader.manifest["tensors"]  # type: ignore[index]
     names = reader.names()
-    with tqdm(total=sum(reader.nbytes(n) for n in names), unit="B", unit_scale=True,
-              desc=f"verify {reader.directory.name}", disable=not progress) as bar:
+    with tqdm(
+        total=sum(reader.nbytes(n) for n in names),
+        unit="B",
+        unit_scale=True,
+        desc=f"verify {reader.directory.name}",
+        disable=not progress,
+    ) as bar:
         for name in names:
             try:
                 digest = tensor_digest(reader, name)
@@ -218,6 +298,9 @@ def verify(directory: PathLike, progress: bool = True) -> list[str]:
                 problems.append(str(e))
                 continue
             if digest != entries[name].sha256:
-                problems.append(f"checksum mismatch for tensor {name} in {entries[name].file}: the data is corrupt, re-run the conversion")
+                problems.append(
+                    f"checksum mismatch for tensor {name} in {entries[name].file}: the data is "
+                    "corrupt, re-run the conversion"
+                )
             bar.update(reader.nbytes(name))
     return problems

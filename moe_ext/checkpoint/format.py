@@ -17,6 +17,7 @@ directory next to the destination, renamed into place; file-system errors as one
 leftovers of killed writers cleaned up), and every file name read from a checkpoint goes
 through ``confined_file`` (it must stay inside the checkpoint directory).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,10 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -108,18 +110,29 @@ class TensorEntry:
     file: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "sha256": self.sha256, "file": self.file}
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "sha256": self.sha256,
+            "file": self.file,
+        }
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """The parsed ``moe_ext.json`` of ``directory`` with ``tensors`` as a name -> TensorEntry dict."""
+    """The parsed ``moe_ext.json`` of ``directory`` with ``tensors`` as a name -> TensorEntry "
+    "dict."""
     path = Path(directory) / MANIFEST
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; this is not a moe_ext checkpoint directory") from None
+        raise CheckpointError(
+            f"{path} is missing; this is not a moe_ext checkpoint directory"
+        ) from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot parse {path}: {e}; re-run `convert_checkpoint.py import-hf`") from None
+        raise CheckpointError(
+            f"cannot parse {path}: {e}; re-run `convert_checkpoint.py import-hf`"
+        ) from e
     if raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format {raw.get('format')!r} version {raw.get('format_version')!r}; "
@@ -128,18 +141,29 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     tensors: dict[str, TensorEntry] = {}
     try:
         for row in raw["tensors"]:
-            entry = TensorEntry(row["name"], tuple(int(d) for d in row["shape"]), dtype_name(row["dtype"]),
-                                row["sha256"], row["file"])
+            entry = TensorEntry(
+                row["name"],
+                tuple(int(d) for d in row["shape"]),
+                dtype_name(row["dtype"]),
+                row["sha256"],
+                row["file"],
+            )
             if entry.name in tensors:
-                raise CheckpointError(f"{path} lists tensor {entry.name} twice; re-run the conversion")
+                raise CheckpointError(
+                    f"{path} lists tensor {entry.name} twice; re-run the conversion"
+                )
             tensors[entry.name] = entry
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} has a malformed tensor row ({e}); re-run the conversion") from None
+        raise CheckpointError(
+            f"{path} has a malformed tensor row ({e}); re-run the conversion"
+        ) from e
     raw["tensors"] = tensors
     return raw
 
 
-def write_manifest(directory: Path, family: str, dtype: str, entries: Iterable[TensorEntry]) -> None:
+def write_manifest(
+    directory: Path, family: str, dtype: str, entries: Iterable[TensorEntry]
+) -> None:
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -177,7 +201,12 @@ class SafetensorsWriter:
     """Writes one safetensors file whose layout is fixed up front; tensors are then written in
     that order, each as a stream of chunks (row-major, concatenated bytes = the tensor)."""
 
-    def __init__(self, path: Path, layout: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        layout: Sequence[tuple[str, str, Sequence[int]]],
+        metadata: dict[str, str] | None = None,
+    ):
         """``layout``: (name, dtype short name, shape) per tensor, in write order."""
         self.path = Path(path)
         header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -185,39 +214,54 @@ class SafetensorsWriter:
         offset = 0
         for name, dtype, shape in layout:
             size = nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPES[dtype_name(dtype)][1], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": DTYPES[dtype_name(dtype)][1],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             self._order.append((name, size))
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        blob += b" " * (
+            -(8 + len(blob)) % 8
+        )  # data starts 8-byte aligned, as safetensors writes it
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(blob)))
         self._file.write(blob)
         self._next = 0
 
     def write_tensor(self, name: str, chunks: Iterable[torch.Tensor]) -> str:
-        """Append tensor ``name`` (the next one in the layout) from its chunks; returns its sha256."""
+        """Append tensor ``name`` (the next one in the layout) from its chunks; returns its "
+        "sha256."""
         expected_name, size = self._order[self._next]
         if name != expected_name:
-            raise CheckpointError(f"{self.path.name}: writing {name} but the layout expects {expected_name} next")
+            raise CheckpointError(
+                f"{self.path.name}: writing {name} but the layout expects {expected_name} next"
+            )
         digest = hashlib.sha256()
         written = 0
         for chunk in chunks:
             data = tensor_bytes(chunk)
             written += data.nbytes
             if written > size:
-                raise CheckpointError(f"{self.path.name}: tensor {name} got more than its {size} bytes")
+                raise CheckpointError(
+                    f"{self.path.name}: tensor {name} got more than its {size} bytes"
+                )
             digest.update(data)
             self._file.write(data)
         if written != size:
-            raise CheckpointError(f"{self.path.name}: tensor {name} got {written} of its {size} bytes")
+            raise CheckpointError(
+                f"{self.path.name}: tensor {name} got {written} of its {size} bytes"
+            )
         self._next += 1
         return digest.hexdigest()
 
     def close(self) -> None:
         self._file.close()
         if self._next != len(self._order):
-            raise CheckpointError(f"{self.path.name}: closed after {self._next} of {len(self._order)} tensors")
+            raise CheckpointError(
+                f"{self.path.name}: closed after {self._next} of {len(self._order)} tensors"
+            )
 
     def abort(self) -> None:
         # the failure being handled (a full disk, say) may fail the final flush too: the file
@@ -228,6 +272,7 @@ class SafetensorsWriter:
 
 # ---- file names a checkpoint gives ------------------------------------------------------
 
+
 def confined_file(directory: Path, name: Any, source: Any) -> Path:
     """``directory / name`` for a file ``name`` read from a checkpoint file (``source``, named
     in the error), refused unless it stays inside ``directory``: a relative name without
@@ -235,29 +280,40 @@ def confined_file(directory: Path, name: Any, source: Any) -> Path:
     cache snapshot links its files to ``../../blobs/<hash>``; those links are allowed."""
     directory = Path(directory)
     if not isinstance(name, str) or not name or "\0" in name:
-        raise CheckpointError(f"{source} names file {name!r}, which is not a file name; "
-                              f"re-download or re-convert the checkpoint")
+        raise CheckpointError(
+            f"{source} names file {name!r}, which is not a file name; "
+            f"re-download or re-convert the checkpoint"
+        )
     parts = PurePosixPath(name).parts
     if PurePosixPath(name).is_absolute() or ".." in parts:
-        raise CheckpointError(f"{source} names file {name!r}, outside the checkpoint directory "
-                              f"{directory}; a checkpoint may only name files inside it")
+        raise CheckpointError(
+            f"{source} names file {name!r}, outside the checkpoint directory "
+            f"{directory}; a checkpoint may only name files inside it"
+        )
     path = directory / name
     real, home = path.resolve(), directory.resolve()
     if real != home and home in real.parents:
         return path
     if home.parent.name == "snapshots" and real.parent == home.parent.parent / "blobs":
         return path  # hub cache layout: snapshots/<revision>/<file> -> blobs/<hash>
-    raise CheckpointError(f"{source} names file {name!r}, a link to {real} outside the "
-                          f"checkpoint directory {directory}; copy the file into the directory")
+    raise CheckpointError(
+        f"{source} names file {name!r}, a link to {real} outside the "
+        f"checkpoint directory {directory}; copy the file into the directory"
+    )
 
 
 # ---- staged output directories ----------------------------------------------------------
 
 # errors of the destination's file system, reported as one line; any other OSError is
 # unexpected and keeps its traceback
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                 errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large"}
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.EFBIG: "the file is too large",
+}
 
 
 def destination_problem(src: Path, dst: Path, force: bool) -> str | None:
@@ -281,8 +337,10 @@ def check_free_space(dst: Path, needed: int) -> None:
         place = place.parent
     free = shutil.disk_usage(place).free
     if free < needed:
-        raise CheckpointError(f"writing {dst} needs about {_gib(needed)}, but {place} has "
-                              f"{_gib(free)} free; free space or choose another destination")
+        raise CheckpointError(
+            f"writing {dst} needs about {_gib(needed)}, but {place} has "
+            f"{_gib(free)} free; free space or choose another destination"
+        )
 
 
 def _gib(n: int) -> str:
@@ -318,8 +376,10 @@ def remove_stale_staging(dst: Path) -> list[str]:
             continue
         if m.group(1) == "old" and not dst.exists():
             path.rename(dst)
-            done.append(f"restored {dst} from {path.name}, left by process {pid} that was "
-                        f"killed while replacing it")
+            done.append(
+                f"restored {dst} from {path.name}, left by process {pid} that was "
+                f"killed while replacing it"
+            )
         else:
             shutil.rmtree(path)
             done.append(f"removed {path}, left by process {pid} that no longer runs")
@@ -335,11 +395,14 @@ def write_failure(dst: Path, err: OSError) -> CheckpointError | None:
     if reason is None:
         return None
     if err.filename is not None and not _ours(Path(os.fsdecode(err.filename)), Path(dst)):
-        return CheckpointError(f"cannot access {os.fsdecode(err.filename)}: {reason}; nothing "
-                               f"was written to {dst}")
+        return CheckpointError(
+            f"cannot access {os.fsdecode(err.filename)}: {reason}; nothing was written to {dst}"
+        )
     where = f" ({os.fsdecode(err.filename)})" if err.filename is not None else ""
-    return CheckpointError(f"cannot write {dst}: {reason}{where}; nothing was written there, "
-                           f"free space or choose a writable destination")
+    return CheckpointError(
+        f"cannot write {dst}: {reason}{where}; nothing was written there, "
+        f"free space or choose a writable destination"
+    )
 
 
 def _ours(path: Path, dst: Path) -> bool:
@@ -347,16 +410,20 @@ def _ours(path: Path, dst: Path) -> bool:
     or a staging directory next to it (and what lies in it)."""
     path, dst = path.absolute(), dst.absolute()
     inside = path.relative_to(dst.parent).parts if path.is_relative_to(dst.parent) else ()
-    return path == dst or path in dst.parents or (
-        bool(inside) and inside[0].startswith(f".{dst.name}."))
+    return (
+        path == dst
+        or path in dst.parents
+        or (bool(inside) and inside[0].startswith(f".{dst.name}."))
+    )
 
 
 def replace_directory(tmp: Path, dst: Path) -> None:
     """Move the finished ``tmp`` to ``dst``; an existing ``dst`` (a directory) is replaced
     only now, once the new directory is complete."""
     if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"destination {dst} is a file, not a directory; remove it or "
-                              f"choose another")
+        raise CheckpointError(
+            f"destination {dst} is a file, not a directory; remove it or choose another"
+        )
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         dst.rename(old)
@@ -375,8 +442,9 @@ def staged_directory(dst: Path) -> Iterator[Path]:
     disk, a read-only destination or missing permission raise a one-line CheckpointError."""
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"destination {dst} is a file, not a directory; remove it or "
-                              f"choose another")
+        raise CheckpointError(
+            f"destination {dst} is a file, not a directory; remove it or choose another"
+        )
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)

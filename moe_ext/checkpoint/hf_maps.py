@@ -13,6 +13,7 @@ Hugging Face stores experts in one of two layouts:
     model.layers.{i}.mlp.gate.weight
 Every other tensor is ``model.<native name>`` (``lm_head.weight`` has no prefix).
 """
+
 from __future__ import annotations
 
 import re
@@ -22,12 +23,31 @@ from typing import Any, Optional
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
-from moe_ext.model.families import (DOWN, GATE_UP, REGISTRY, Family, args_from_hf_config,
-                                    expert_param, get_family)
+from moe_ext.model.families import (
+    DOWN,
+    GATE_UP,
+    REGISTRY,
+    Family,
+    args_from_hf_config,
+    expert_param,
+    get_family,
+)
 
 LAYOUTS = ("per-expert", "fused")
-__all__ = ["DOWN", "GATE_UP", "LAYOUTS", "HFKey", "config_args", "expert_tensor", "family_of",
-           "hf_expert_keys", "hf_key", "is_ignored_hf_key", "native_shapes", "parse_hf_key"]
+__all__ = [
+    "DOWN",
+    "GATE_UP",
+    "LAYOUTS",
+    "HFKey",
+    "config_args",
+    "expert_tensor",
+    "family_of",
+    "hf_expert_keys",
+    "hf_key",
+    "is_ignored_hf_key",
+    "native_shapes",
+    "parse_hf_key",
+]
 
 
 def _family(model_type: Any) -> Family:
@@ -62,15 +82,21 @@ expert_tensor = expert_param
 
 # ---- Hugging Face -> native ------------------------------------------------------------
 
+
 def _alternatives(names: set[str]) -> str:
     return "|".join(sorted(map(re.escape, names)))
 
 
 _BLOCKS = _alternatives({f.hf_moe_block for f in REGISTRY.values()} | {"mlp"})
-_PARTS = {name: kind for f in REGISTRY.values()
-          for name, kind in zip(f.hf_expert_parts, ("gate", "up", "down"))}
-_HF_PER_EXPERT = re.compile(rf"^layers\.(\d+)\.(?:{_BLOCKS})\.experts\.(\d+)\."
-                            rf"({_alternatives(set(_PARTS))})\.weight$")
+_PARTS = {
+    name: kind
+    for f in REGISTRY.values()
+    for name, kind in zip(f.hf_expert_parts, ("gate", "up", "down"))
+}
+_HF_PER_EXPERT = re.compile(
+    rf"^layers\.(\d+)\.(?:{_BLOCKS})\.experts\.(\d+)\."
+    rf"({_alternatives(set(_PARTS))})\.weight$"
+)
 _HF_FUSED = re.compile(rf"^layers\.(\d+)\.(?:{_BLOCKS})\.experts\.(gate_up_proj|down_proj)$")
 _HF_ROUTER = re.compile(rf"^layers\.(\d+)\.(?:{_BLOCKS})\.gate\.weight$")
 _ROUTER_NATIVE = re.compile(r"^layers\.(\d+)\.mlp\.router\.weight$")
@@ -94,7 +120,7 @@ def is_ignored_hf_key(key: str) -> bool:
 
 def parse_hf_key(key: str) -> HFKey:
     """Native destination of one Hugging Face tensor name (any supported layout)."""
-    name = key[len("model."):] if key.startswith("model.") else key
+    name = key[len("model.") :] if key.startswith("model.") else key
     m = _HF_PER_EXPERT.match(name)
     if m:
         part = _PARTS[m.group(3)]
@@ -111,6 +137,7 @@ def parse_hf_key(key: str) -> HFKey:
 
 # ---- native -> Hugging Face ------------------------------------------------------------
 
+
 def hf_key(native: str, family: str, layout: str) -> str:
     """HF name of a non-expert tensor, or of a stacked expert tensor in the fused layout."""
     if layout not in LAYOUTS:
@@ -121,8 +148,9 @@ def hf_key(native: str, family: str, layout: str) -> str:
     if m:
         return _family(family).hf_moe_prefix(int(m.group(1)), layout) + "gate.weight"
     if expert_param(native) and layout == "per-expert":
-        raise CheckpointError(f"{native} is stored per expert in the per-expert layout; "
-                              f"use hf_expert_keys")
+        raise CheckpointError(
+            f"{native} is stored per expert in the per-expert layout; use hf_expert_keys"
+        )
     return "model." + native
 
 

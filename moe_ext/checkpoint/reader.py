@@ -9,28 +9,38 @@ Every leaf read is a ``safe_open(...).get_slice`` box; ``bytes_read`` counts the
 
 Shape legend: E experts, F expert FFN size, H hidden.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
 
 from moe_ext.checkpoint import hf_maps
 from moe_ext.checkpoint.errors import CheckpointError
-from moe_ext.checkpoint.format import (HF_INDEX, MANIFEST, confined_file, dtype_name,
-                                       read_manifest, tensor_bytes, torch_dtype)
+from moe_ext.checkpoint.format import (
+    HF_INDEX,
+    MANIFEST,
+    confined_file,
+    dtype_name,
+    read_manifest,
+    tensor_bytes,
+    torch_dtype,
+)
 from moe_ext.checkpoint.shard import Bounds, ShardRequest
 
 CHUNK_BYTES = 64 << 20  # streaming granularity of iter_chunks
 
 
 # ---- virtual tensor tree ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Leaf:
@@ -87,7 +97,10 @@ def _file_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise
     except Exception as e:  # safetensors raises its own error type for every malformed file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot read safetensors file {path}: {msg}; the file is truncated or corrupt, re-download or re-convert it") from None
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: {msg}; the file is truncated or corrupt, "
+            "re-download or re-convert it"
+        ) from e
 
 
 class CheckpointReader:
@@ -98,8 +111,15 @@ class CheckpointReader:
     empty for a strictly opened reader), ``bytes_read`` (bytes read from tensor data so far).
     """
 
-    def __init__(self, directory: Path, fmt: str, config: dict[str, Any], nodes: dict[str, Node],
-                 problems: list[str], manifest: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        directory: Path,
+        fmt: str,
+        config: dict[str, Any],
+        nodes: dict[str, Node],
+        problems: list[str],
+        manifest: Optional[dict[str, Any]] = None,
+    ):
         self.directory = directory
         self.format = fmt
         self.config = config
@@ -127,7 +147,12 @@ class CheckpointReader:
             reader = _open_hf(directory, config)
         if strict and reader.problems:
             more = len(reader.problems) - 1
-            tail = f" (and {more} more problem{'s' * (more > 1)}: run `tools/convert_checkpoint.py verify {directory}`)" if more else ""
+            tail = (
+                f" (and {more} more problem{'s' * (more > 1)}: run `tools/convert_checkpoint.py "
+                f"verify {directory}`)"
+                if more
+                else ""
+            )
             raise CheckpointError(reader.problems[0] + tail)
         return reader
 
@@ -147,7 +172,9 @@ class CheckpointReader:
 
     def node(self, name: str) -> Node:
         if name not in self._nodes:
-            raise CheckpointError(f"tensor {name} is not in checkpoint {self.directory} ({self.format} format)")
+            raise CheckpointError(
+                f"tensor {name} is not in checkpoint {self.directory} ({self.format} format)"
+            )
         return self._nodes[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -214,9 +241,14 @@ class CheckpointReader:
         if file not in self._handles:
             path = self.directory / file
             try:
-                self._handles[file] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                self._handles[file] = self._stack.enter_context(
+                    safe_open(str(path), framework="pt")
+                )
             except Exception as e:
-                raise CheckpointError(f"cannot read safetensors file {path}: {str(e).splitlines()[0]}; re-download or re-convert it") from None
+                raise CheckpointError(
+                    f"cannot read safetensors file {path}: {str(e).splitlines()[0]}; re-download "
+                    "or re-convert it"
+                ) from e
         return self._handles[file]
 
     def _read_leaf(self, leaf: Leaf, bounds: Bounds) -> torch.Tensor:
@@ -231,8 +263,9 @@ class CheckpointReader:
                 t = f.get_slice(leaf.key)[tuple(slice(a, b) for a, b in bounds)]
         except Exception as e:
             raise CheckpointError(
-                f"cannot read tensor {leaf.key} from {self.directory / leaf.file}: {str(e).splitlines()[0]}; the file is corrupt, re-download or re-convert it"
-            ) from None
+                f"cannot read tensor {leaf.key} from {self.directory / leaf.file}: "
+                f"{str(e).splitlines()[0]}; the file is corrupt, re-download or re-convert it"
+            ) from e
         # get_slice returns a view into the file mapping; copy so the result outlives the handle.
         t = t.clone(memory_format=torch.contiguous_format)
         self.bytes_read += t.numel() * t.element_size()
@@ -244,7 +277,9 @@ class CheckpointReader:
             return self._read_leaf(node, bounds)
         if isinstance(node, Stack):
             (a, b), inner = bounds[0], bounds[1:]
-            parts = [self._read(child, inner).unsqueeze(0) for child in node.parts[a:b]]  # [1, ...] each
+            parts = [
+                self._read(child, inner).unsqueeze(0) for child in node.parts[a:b]
+            ]  # [1, ...] each
         else:
             d = node.dim
             a, b = bounds[d]
@@ -253,7 +288,7 @@ class CheckpointReader:
                 n = child.shape[d]
                 lo, hi = max(a, offset), min(b, offset + n)
                 if lo < hi:
-                    sub = bounds[:d] + ((lo - offset, hi - offset),) + bounds[d + 1:]
+                    sub = bounds[:d] + ((lo - offset, hi - offset),) + bounds[d + 1 :]
                     parts.append(self._read(child, sub))
                 offset += n
         if not parts:
@@ -291,9 +326,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; a checkpoint directory needs the model's Hugging Face config.json") from None
+        raise CheckpointError(
+            f"{path} is missing; a checkpoint directory needs the model's Hugging Face config.json"
+        ) from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot parse {path}: {e}") from None
+        raise CheckpointError(f"cannot parse {path}: {e}") from e
     hf_maps.family_of(config)
     return config
 
@@ -304,13 +341,17 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 # ---- moe_ext directories ---------------------------------------------------------------
 
+
 def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
     confined_file(directory, MANIFEST, directory)
     manifest = read_manifest(directory)
     expected = hf_maps.native_shapes(config)
     problems: list[str] = []
     if manifest.get("family") != config["model_type"]:
-        problems.append(f"{MANIFEST} says family {manifest.get('family')!r} but config.json says {config['model_type']!r}; re-run the conversion")
+        problems.append(
+            f"{MANIFEST} says family {manifest.get('family')!r} but config.json says "
+            f"{config['model_type']!r}; re-run the conversion"
+        )
     headers: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
     for file in sorted({e.file for e in manifest["tensors"].values()}, key=str):
         try:
@@ -319,39 +360,58 @@ def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
             problems.append(str(e))
             continue
         if not (directory / file).is_file():
-            problems.append(f"shard {file} named by {MANIFEST} is missing from {directory}; re-run the conversion")
+            problems.append(
+                f"shard {file} named by {MANIFEST} is missing from {directory}; re-run the "
+                "conversion"
+            )
             continue
         headers[file] = _file_header(directory / file)
     nodes: dict[str, Node] = {}
     for name, shape in expected.items():
         entry = manifest["tensors"].get(name)
         if entry is None:
-            problems.append(f"missing tensor {name} {_shape_str(shape)} in {directory} ({MANIFEST} does not list it)")
+            problems.append(
+                f"missing tensor {name} {_shape_str(shape)} in {directory} ({MANIFEST} does not "
+                "list it)"
+            )
             continue
         if entry.shape != shape:
-            problems.append(f"tensor {name} has shape {_shape_str(entry.shape)} in {MANIFEST}, config.json implies {_shape_str(shape)}")
+            problems.append(
+                f"tensor {name} has shape {_shape_str(entry.shape)} in {MANIFEST}, config.json "
+                f"implies {_shape_str(shape)}"
+            )
             continue
         if entry.file not in headers:
             continue  # its missing file is already reported
         stored = headers[entry.file].get(name)
         if stored is None:
-            problems.append(f"tensor {name} is missing from {entry.file} although {MANIFEST} places it there")
+            problems.append(
+                f"tensor {name} is missing from {entry.file} although {MANIFEST} places it there"
+            )
             continue
         if stored[0] != shape or dtype_name(stored[1]) != entry.dtype:
-            problems.append(f"tensor {name} in {entry.file} is {dtype_name(stored[1])} {_shape_str(stored[0])}, {MANIFEST} says {entry.dtype} {_shape_str(shape)}")
+            problems.append(
+                f"tensor {name} in {entry.file} is {dtype_name(stored[1])} "
+                f"{_shape_str(stored[0])}, {MANIFEST} says {entry.dtype} {_shape_str(shape)}"
+            )
             continue
         nodes[name] = Leaf(entry.file, name, shape, stored[1])
     for name in manifest["tensors"]:
         if name not in expected:
-            problems.append(f"unexpected tensor {name} in {MANIFEST}: config.json implies no such tensor")
+            problems.append(
+                f"unexpected tensor {name} in {MANIFEST}: config.json implies no such tensor"
+            )
     for file, header in headers.items():
         for key in header:
             if key not in manifest["tensors"] or manifest["tensors"][key].file != file:
-                problems.append(f"unexpected tensor {key} in {file}: {MANIFEST} does not list it there")
+                problems.append(
+                    f"unexpected tensor {key} in {file}: {MANIFEST} does not list it there"
+                )
     return CheckpointReader(directory, "moe_ext", config, nodes, problems, manifest)
 
 
 # ---- Hugging Face directories ----------------------------------------------------------
+
 
 def hf_files(directory: Path) -> dict[str, str]:
     """HF tensor name -> file name, from the index if there is one, else from every
@@ -362,28 +422,40 @@ def hf_files(directory: Path) -> dict[str, str]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot parse {index}: {e}; re-download it") from None
+            raise CheckpointError(f"cannot parse {index}: {e}; re-download it") from e
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
-            raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> file "
-                                  f"name; re-download it")
+            raise CheckpointError(
+                f"{index}: weight_map is not an object of tensor name -> file name; re-download it"
+            )
         for key, file in weight_map.items():
             confined_file(directory, file, f"{index} (weight_map entry {key!r})")
         for file in sorted(set(weight_map.values())):
             if not (directory / file).is_file():
-                raise CheckpointError(f"{HF_INDEX} names shard {file}, which is missing from {directory}; re-download it")
+                raise CheckpointError(
+                    f"{HF_INDEX} names shard {file}, which is missing from {directory}; "
+                    "re-download it"
+                )
         return dict(weight_map)
     files = sorted(p.name for p in directory.glob("*.safetensors"))
     for file in files:
         confined_file(directory, file, directory)
     if not files:
         pickles = sorted(p.name for p in directory.glob("*.bin"))
-        hint = f" (found {pickles[0]}: pickle checkpoints are not read, save the model with safe_serialization)" if pickles else ""
+        hint = (
+            f" (found {pickles[0]}: pickle checkpoints are not read, save the model with "
+            "safe_serialization)"
+            if pickles
+            else ""
+        )
         raise CheckpointError(f"no *.safetensors files in {directory}{hint}")
     out: dict[str, str] = {}
     for file in files:
         for key in _file_header(directory / file):
             if key in out:
-                raise CheckpointError(f"tensor {key} is in both {out[key]} and {file} and there is no {HF_INDEX} to choose")
+                raise CheckpointError(
+                    f"tensor {key} is in both {out[key]} and {file} and there is no {HF_INDEX} to "
+                    "choose"
+                )
             out[key] = file
     return out
 
@@ -400,7 +472,10 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
     per_expert: dict[str, dict[tuple[int, str], Leaf]] = {}
     for key, file in key_files.items():
         if key not in headers[file]:
-            problems.append(f"{HF_INDEX} maps tensor {key} to {file}, which does not contain it; re-download the checkpoint")
+            problems.append(
+                f"{HF_INDEX} maps tensor {key} to {file}, which does not contain it; re-download "
+                "the checkpoint"
+            )
             continue
         if hf_maps.is_ignored_hf_key(key) or (key == "lm_head.weight" and args.tie_word_embeddings):
             continue  # not a parameter (rotary cache) / tied to the embedding
@@ -408,28 +483,45 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
         dest = hf_maps.parse_hf_key(key)
         leaf = Leaf(file, key, shape, dtype)
         if dest.native not in expected:
-            problems.append(f"unexpected tensor {key} in {file}: config.json implies no {dest.native}")
+            problems.append(
+                f"unexpected tensor {key} in {file}: config.json implies no {dest.native}"
+            )
         elif dest.expert is None:
             direct[dest.native] = leaf
         elif dest.expert >= E:
-            problems.append(f"unexpected tensor {key} in {file}: config.json has {E} experts (0..{E - 1})")
+            problems.append(
+                f"unexpected tensor {key} in {file}: config.json has {E} experts (0..{E - 1})"
+            )
         else:
             per_expert.setdefault(dest.native, {})[(dest.expert, dest.part)] = leaf
     nodes: dict[str, Node] = {}
     for name, shape in expected.items():
         if name in direct and name in per_expert:
-            problems.append(f"tensor {name} is stored both fused ({direct[name].key}) and per expert; keep one layout")
+            problems.append(
+                f"tensor {name} is stored both fused ({direct[name].key}) and per expert; keep one "
+                "layout"
+            )
             continue
         if name in per_expert:
             node = _stack_experts(name, family, per_expert[name], E, F, H, problems)
         elif name in direct:
             node = direct[name]
             if node.shape != shape:
-                problems.append(f"tensor {node.key} in {node.file} has shape {_shape_str(node.shape)}, config.json implies {_shape_str(shape)}")
+                problems.append(
+                    f"tensor {node.key} in {node.file} has shape {_shape_str(node.shape)}, "
+                    f"config.json implies {_shape_str(shape)}"
+                )
                 continue
         else:
-            hf_name = hf_maps.hf_expert_keys(name, family, 0)[0] if hf_maps.expert_tensor(name) else hf_maps.hf_key(name, family, "per-expert")
-            problems.append(f"missing tensor {hf_name} {_shape_str(_hf_shape(name, shape))} in {directory} (native {name})")
+            hf_name = (
+                hf_maps.hf_expert_keys(name, family, 0)[0]
+                if hf_maps.expert_tensor(name)
+                else hf_maps.hf_key(name, family, "per-expert")
+            )
+            problems.append(
+                f"missing tensor {hf_name} {_shape_str(_hf_shape(name, shape))} in {directory} "
+                f"(native {name})"
+            )
             continue
         if node is not None:
             nodes[name] = node
@@ -440,8 +532,15 @@ def _hf_shape(native: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[1:] if hf_maps.expert_tensor(native) else shape
 
 
-def _stack_experts(name: str, family: str, leaves: Mapping[tuple[int, str], Leaf], E: int, F: int, H: int,
-                   problems: list[str]) -> Optional[Node]:
+def _stack_experts(
+    name: str,
+    family: str,
+    leaves: Mapping[tuple[int, str], Leaf],
+    E: int,
+    F: int,
+    H: int,
+    problems: list[str],
+) -> Optional[Node]:
     """Stack per-expert tensors into the native [E, 2F, H] (gate rows, up rows) or [E, H, F]."""
     _, kind = hf_maps.expert_tensor(name)  # type: ignore[misc]
     parts = ("gate", "up") if kind == hf_maps.GATE_UP else ("down",)
@@ -453,10 +552,15 @@ def _stack_experts(name: str, family: str, leaves: Mapping[tuple[int, str], Leaf
         for part, hf_name in zip(parts, hf_maps.hf_expert_keys(name, family, j)):
             leaf = leaves.get((j, part))
             if leaf is None:
-                problems.append(f"missing tensor {hf_name} (expert {j} of {E}, {part} part of {name})")
+                problems.append(
+                    f"missing tensor {hf_name} (expert {j} of {E}, {part} part of {name})"
+                )
                 ok = False
             elif leaf.shape != part_shape:
-                problems.append(f"tensor {leaf.key} in {leaf.file} has shape {_shape_str(leaf.shape)}, config.json implies {_shape_str(part_shape)}")
+                problems.append(
+                    f"tensor {leaf.key} in {leaf.file} has shape {_shape_str(leaf.shape)}, "
+                    f"config.json implies {_shape_str(part_shape)}"
+                )
                 ok = False
             else:
                 row.append(leaf)
@@ -465,7 +569,10 @@ def _stack_experts(name: str, family: str, leaves: Mapping[tuple[int, str], Leaf
         return None
     dtypes = {leaf.dtype for row in experts for leaf in row}
     if len(dtypes) > 1:
-        problems.append(f"the experts of {name} mix dtypes {sorted(map(dtype_name, dtypes))}; convert them to one dtype")
+        problems.append(
+            f"the experts of {name} mix dtypes {sorted(map(dtype_name, dtypes))}; convert them to "
+            "one dtype"
+        )
         return None
     dtype = dtypes.pop()
     if kind == hf_maps.GATE_UP:
@@ -475,6 +582,7 @@ def _stack_experts(name: str, family: str, leaves: Mapping[tuple[int, str], Leaf
 
 
 # ---- sharded loading -------------------------------------------------------------------
+
 
 def load_sharded(
     directory: Union[str, Path, CheckpointReader],
@@ -496,20 +604,35 @@ def load_sharded(
     """
     from tqdm.auto import tqdm
 
-    reader = directory if isinstance(directory, CheckpointReader) else CheckpointReader.open(directory)
+    reader = (
+        directory if isinstance(directory, CheckpointReader) else CheckpointReader.open(directory)
+    )
     unknown = [name for name in requests if name not in reader]
     if unknown:
-        raise CheckpointError(f"tensor {unknown[0]} is not in checkpoint {reader.directory} ({len(unknown)} unknown names requested)")
+        raise CheckpointError(
+            f"tensor {unknown[0]} is not in checkpoint {reader.directory} ({len(unknown)} unknown "
+            "names requested)"
+        )
     if verify and reader.manifest is None:
-        raise CheckpointError(f"cannot verify {reader.directory} while loading: a Hugging Face "
-                              f"directory carries no checksums; convert it with "
-                              f"`tools/convert_checkpoint.py import-hf` or load without verify")
+        raise CheckpointError(
+            f"cannot verify {reader.directory} while loading: a Hugging Face "
+            f"directory carries no checksums; convert it with "
+            f"`tools/convert_checkpoint.py import-hf` or load without verify"
+        )
     cast = torch_dtype(dtype) if dtype is not None else None
-    total = sum(_numel(req.shape(reader.shape(n))) * reader.dtype(n).itemsize for n, req in requests.items())
+    total = sum(
+        _numel(req.shape(reader.shape(n))) * reader.dtype(n).itemsize for n, req in requests.items()
+    )
     if verify:
         total += sum(reader.nbytes(n) for n in requests)
     out: dict[str, torch.Tensor] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {reader.directory.name}", disable=not progress) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=f"loading {reader.directory.name}",
+        disable=not progress,
+    ) as bar:
         for name, req in requests.items():
             if verify:
                 check_tensor(reader, name)
@@ -533,6 +656,8 @@ def check_tensor(reader: CheckpointReader, name: str) -> None:
     hashes to the manifest's sha256."""
     entry = reader.manifest["tensors"][name]  # type: ignore[index]
     if tensor_digest(reader, name) != entry.sha256:
-        raise CheckpointError(f"checksum mismatch for tensor {name} in "
-                              f"{reader.directory / entry.file}: the data is corrupt, "
-                              f"re-download or re-convert the checkpoint")
+        raise CheckpointError(
+            f"checksum mismatch for tensor {name} in "
+            f"{reader.directory / entry.file}: the data is corrupt, "
+            f"re-download or re-convert the checkpoint"
+        )

@@ -14,10 +14,11 @@ back together gate-then-up:
 Slices have step 1 (safetensors reads contiguous boxes); bounds follow Python slicing
 (clamped, ``None`` = open end).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from moe_ext.checkpoint.errors import CheckpointError
 
@@ -34,7 +35,9 @@ class ShardRequest:
 
     def __post_init__(self) -> None:
         if not self.boxes:
-            raise CheckpointError("ShardRequest needs at least one box; use ShardRequest.full() for the whole tensor")
+            raise CheckpointError(
+                "ShardRequest needs at least one box; use ShardRequest.full() for the whole tensor"
+            )
         for box in self.boxes:
             for s in box:
                 if not isinstance(s, slice) or s.step not in (None, 1):
@@ -58,7 +61,10 @@ class ShardRequest:
         dims before ``dim`` that ``outer`` does not name are whole.
         """
         if len(outer) > dim:
-            raise CheckpointError(f"ShardRequest.blocks: outer names {len(outer)} dims, only {dim} come before dim {dim}")
+            raise CheckpointError(
+                f"ShardRequest.blocks: outer names {len(outer)} dims, only {dim} come before dim "
+                f"{dim}"
+            )
         lead = tuple(outer) + (slice(None),) * (dim - len(outer))
         return ShardRequest(boxes=tuple(lead + (slice(a, b),) for a, b in ranges), cat_dim=dim)
 
@@ -69,13 +75,22 @@ class ShardRequest:
     def bounds(self, shape: Sequence[int]) -> list[Bounds]:
         """Each box as ``(start, stop)`` per dim of a tensor of ``shape`` (all dims named)."""
         if not 0 <= self.cat_dim < max(len(shape), 1):
-            raise CheckpointError(f"ShardRequest cat_dim {self.cat_dim} is out of range for shape {list(shape)}")
+            raise CheckpointError(
+                f"ShardRequest cat_dim {self.cat_dim} is out of range for shape {list(shape)}"
+            )
         out = []
         for box in self.boxes:
             if len(box) > len(shape):
-                raise CheckpointError(f"ShardRequest box {box} has more dims than the tensor shape {list(shape)}")
+                raise CheckpointError(
+                    f"ShardRequest box {box} has more dims than the tensor shape {list(shape)}"
+                )
             full_box = tuple(box) + (slice(None),) * (len(shape) - len(box))
-            out.append(tuple((s.indices(n)[0], max(s.indices(n)[0], s.indices(n)[1])) for s, n in zip(full_box, shape)))
+            out.append(
+                tuple(
+                    (s.indices(n)[0], max(s.indices(n)[0], s.indices(n)[1]))
+                    for s, n in zip(full_box, shape)
+                )
+            )
         return out
 
     def shape(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -87,7 +102,8 @@ class ShardRequest:
             for d, (x, y) in enumerate(zip(out, other_shape)):
                 if d != self.cat_dim and x != y:
                     raise CheckpointError(
-                        f"ShardRequest boxes disagree on dim {d} ({x} vs {y}); only cat_dim {self.cat_dim} may differ"
+                        f"ShardRequest boxes disagree on dim {d} ({x} vs {y}); only cat_dim "
+                        f"{self.cat_dim} may differ"
                     )
             if len(shape):
                 out[self.cat_dim] += other_shape[self.cat_dim]

@@ -9,6 +9,7 @@ Everything that can be checked is checked before any process group or weight exi
 (config, checkpoint headers, tokenizer, prompts, output path, plan); an error is one line
 on rank 0 and exit 2 (``MOE_EXT_DEBUG=1`` or ``debug=true`` adds its chained traceback).
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,10 @@ class IdsOnlyTokenizer:
         self.vocab_size = args.vocab_size
 
     def encode(self, text: str) -> list[int]:
-        raise UsageError("the checkpoint has no tokenizer.json: give prompts as "
-                         '{"prompt_ids": [...]} lines (prompts=<file.jsonl>)')
+        raise UsageError(
+            "the checkpoint has no tokenizer.json: give prompts as "
+            '{"prompt_ids": [...]} lines (prompts=<file.jsonl>)'
+        )
 
     def decode(self, ids: list[int]) -> Optional[str]:
         return None
@@ -101,6 +104,7 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         raise UsageError(f"engine={cfg.engine!r} is not one of native, megatron")
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import require_cuda
+
         require_cuda(cfg.device, cuda_available, fallback="native")
     cfg.generate.check("generate")
     device_type = device_type_for(cfg.device, cuda_available)
@@ -115,14 +119,29 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     prompt_ids = read_prompts(cfg.prompts, tokenizer, source.args.vocab_size)
     _check_context(prompt_ids, cfg.generate.max_new_tokens, source.args)
     topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
-    plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, source.args,
-                      dtype_bytes=torch.finfo(dtype).bits // 8,
-                      tokens_per_step=min(len(prompt_ids), cfg.generate.max_batch_size))
+    plan = build_plan(
+        cfg.strategy,
+        cfg.parallel,
+        env.world_size,
+        topology,
+        source.args,
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        tokens_per_step=min(len(prompt_ids), cfg.generate.max_batch_size),
+    )
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import check_plan
+
         check_plan(plan, source.args)
-    return Job(device_type, dtype, source, tokenizer, prompt_ids, topology, plan,
-               verify=cfg.checkpoint_verify)
+    return Job(
+        device_type,
+        dtype,
+        source,
+        tokenizer,
+        prompt_ids,
+        topology,
+        plan,
+        verify=cfg.checkpoint_verify,
+    )
 
 
 def _tokenizer(source: ModelSource) -> Any:
@@ -134,29 +153,36 @@ def _tokenizer(source: ModelSource) -> Any:
 def _check_context(prompt_ids: list[list[int]], max_new_tokens: int, args: ModelArgs) -> None:
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
     if longest > args.max_position_embeddings:
-        raise UsageError(f"a prompt plus generate.max_new_tokens is {longest} tokens, over the "
-                         f"model's context of {args.max_position_embeddings}; shorten the prompt "
-                         f"or lower generate.max_new_tokens")
+        raise UsageError(
+            f"a prompt plus generate.max_new_tokens is {longest} tokens, over the "
+            f"model's context of {args.max_position_embeddings}; shorten the prompt "
+            f"or lower generate.max_new_tokens"
+        )
 
 
 def build_model(job: Job, groups: ProcessGroups, rank: int, device: torch.device) -> Transformer:
     """This rank's native shard in ``job.dtype``, from the checkpoint or the seeded init."""
-    return build_model_shard(job.source, job.plan, groups, rank, device, job.dtype,
-                             progress=rank == 0, verify=job.verify)
+    return build_model_shard(
+        job.source, job.plan, groups, rank, device, job.dtype, progress=rank == 0, verify=job.verify
+    )
 
 
-def _build_for_engine(engine: str, job: Job, groups: ProcessGroups, rank: int,
-                      device: torch.device) -> torch.nn.Module:
+def _build_for_engine(
+    engine: str, job: Job, groups: ProcessGroups, rank: int, device: torch.device
+) -> torch.nn.Module:
     native = build_model(job, groups, rank, device)
     if engine != "megatron":
         return native
     from moe_ext.megatron import engine as megatron_engine
-    return megatron_engine.build_megatron_model(job.source, job.plan, groups, rank, device,
-                                                job.dtype, native=native)
+
+    return megatron_engine.build_megatron_model(
+        job.source, job.plan, groups, rank, device, job.dtype, native=native
+    )
 
 
-def load_on_every_rank(engine: str, job: Job, groups: ProcessGroups, rank: int,
-                       device: torch.device) -> torch.nn.Module:
+def load_on_every_rank(
+    engine: str, job: Job, groups: ProcessGroups, rank: int, device: torch.device
+) -> torch.nn.Module:
     """This rank's model, once every rank has built its own. A rank whose checkpoint slice
     is bad raises its error; the others raise LoadError instead of waiting for it in their
     first collective until the timeout."""
@@ -178,18 +204,34 @@ def all_ranks_ok(ok: bool, device: torch.device) -> bool:
     return flag.item() == 0  # sync: the decision to go on is taken on the host
 
 
-def _generate(cfg: InferConf, job: Job, model: torch.nn.Module, groups: ProcessGroups,
-              rank: int) -> GenerationResult:
+def _generate(
+    cfg: InferConf, job: Job, model: torch.nn.Module, groups: ProcessGroups, rank: int
+) -> GenerationResult:
     eos_id = None if cfg.generate.ignore_eos else job.tokenizer.eos_id
     if cfg.engine != "megatron":
-        return generate(model, job.prompt_ids, cfg.generate, eos_id=eos_id,
-                        pad_id=job.tokenizer.pad_id, seed=cfg.seed)
+        return generate(
+            model,
+            job.prompt_ids,
+            cfg.generate,
+            eos_id=eos_id,
+            pad_id=job.tokenizer.pad_id,
+            seed=cfg.seed,
+        )
     from moe_ext.megatron import engine as megatron_engine
+
     if rank == 0:
         log.info(megatron_engine.LOG_LINE)
-    return megatron_engine.generate(model, job.prompt_ids, cfg.generate, eos_id=eos_id,
-                                    pad_id=job.tokenizer.pad_id, seed=cfg.seed, groups=groups,
-                                    dp=job.plan.dp, dp_rank=groups.dp_rank)
+    return megatron_engine.generate(
+        model,
+        job.prompt_ids,
+        cfg.generate,
+        eos_id=eos_id,
+        pad_id=job.tokenizer.pad_id,
+        seed=cfg.seed,
+        groups=groups,
+        dp=job.plan.dp,
+        dp_rank=groups.dp_rank,
+    )
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -200,9 +242,17 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _report(job: Job, result: GenerationResult, device: torch.device, world_size: int) -> None:
     # sync: one collective to put every rank's throughput and peak memory on rank 0
-    stats = torch.tensor([result.prefill_tokens, result.decode_tokens, result.prefill_s,
-                          result.decode_s, result.decode_steps], dtype=torch.float64,
-                         device=device)
+    stats = torch.tensor(
+        [
+            result.prefill_tokens,
+            result.decode_tokens,
+            result.prefill_s,
+            result.decode_s,
+            result.decode_steps,
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
     peaks = torch.zeros(world_size, dtype=torch.float64, device=device)
     peaks[dist.get_rank() if dist.is_initialized() else 0] = peak_memory_bytes(device)
     if dist.is_initialized():
@@ -214,13 +264,17 @@ def _report(job: Job, result: GenerationResult, device: torch.device, world_size
     prefill_tokens, decode_tokens, prefill_s, decode_s, steps = stats.tolist()
     # replicas of one pipeline / TP group count each token once per group member
     copies = max(1, world_size // job.plan.dp)
-    log.info("prefill: %.1f tok/s   decode: %.1f tok/s   %.2f ms/token%s",
-             prefill_tokens / copies / max(prefill_s, 1e-9),
-             decode_tokens / copies / max(decode_s, 1e-9),
-             1000.0 * decode_s / max(steps, 1),
-             "   (CUDA graphs)" if result.cuda_graphs else "")
-    log.info("peak memory per rank: %s",
-             "  ".join(f"r{r}={p / 2**30:.2f} GiB" for r, p in enumerate(peaks.tolist())))
+    log.info(
+        "prefill: %.1f tok/s   decode: %.1f tok/s   %.2f ms/token%s",
+        prefill_tokens / copies / max(prefill_s, 1e-9),
+        decode_tokens / copies / max(decode_s, 1e-9),
+        1000.0 * decode_s / max(steps, 1),
+        "   (CUDA graphs)" if result.cuda_graphs else "",
+    )
+    log.info(
+        "peak memory per rank: %s",
+        "  ".join(f"r{r}={p / 2**30:.2f} GiB" for r, p in enumerate(peaks.tolist())),
+    )
 
 
 def _show_and_write(cfg: InferConf, job: Job, result: GenerationResult) -> None:
@@ -236,14 +290,18 @@ def _show_and_write(cfg: InferConf, job: Job, result: GenerationResult) -> None:
 def run(cfg: InferConf, env: DistEnv) -> int:
     """The whole job on this rank: validate, set up groups, load, generate, report."""
     cuda_available = torch.cuda.is_available()
-    job = as_usage_error(prepare, cfg, env, cuda_available,
-                         torch.cuda.device_count() if cuda_available else 0)
+    job = as_usage_error(
+        prepare, cfg, env, cuda_available, torch.cuda.device_count() if cuda_available else 0
+    )
     if env.rank == 0:
         log.info("topology: %s", job.topology.describe())
         log.info("plan: %s", job.plan.describe())
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
-    groups = ProcessGroups.build(job.plan, backend="nccl" if job.device_type == "cuda" else "gloo",
-                                 timeout=timedelta(seconds=cfg.dist_timeout_s))
+    groups = ProcessGroups.build(
+        job.plan,
+        backend="nccl" if job.device_type == "cuda" else "gloo",
+        timeout=timedelta(seconds=cfg.dist_timeout_s),
+    )
     torch.manual_seed(cfg.seed)
     model = load_on_every_rank(cfg.engine, job, groups, env.rank, device)
     result = _generate(cfg, job, model, groups, env.rank)
@@ -257,6 +315,7 @@ def main(cfg: DictConfig, environ: Mapping[str, str]) -> NoReturn:
     """The Hydra main of launch/infer.py: ``environ`` is the process environment."""
     debug = bool(cfg.get("debug")) or debug_requested(environ)
     env = launch_env(environ, debug)
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
-                        format="%(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if env.rank == 0 else logging.WARNING, format="%(message)s", force=True
+    )
     run_and_exit(lambda: run(OmegaConf.to_object(cfg), env), env.rank, env.world_size, debug)

@@ -3,6 +3,7 @@
 The output's destination is checked before anything is generated, and the file is written
 to a temp name and renamed, so a run that fails leaves no file (old or partial) behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def read_prompts(path: Optional[str], tokenizer: Any, vocab_size: int) -> list[l
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise PromptsError(f"prompts file {path} is not UTF-8 ({err.reason} at byte "
-                           f"{err.start}); convert it to UTF-8") from err
+        raise PromptsError(
+            f"prompts file {path} is not UTF-8 ({err.reason} at byte "
+            f"{err.start}); convert it to UTF-8"
+        ) from err
     prompts = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
@@ -60,16 +63,16 @@ def _prompt_ids(line: str, tokenizer: Any, where: str) -> list[int]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise PromptsError(f"{where}: not valid JSON ({err.msg}); each line must be "
-                           f'{{"prompt": "text"}} or {{"prompt_ids": [...]}}') from err
+        raise PromptsError(
+            f"{where}: not valid JSON ({err.msg}); each line must be "
+            f'{{"prompt": "text"}} or {{"prompt_ids": [...]}}'
+        ) from err
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         return tokenizer.encode(record["prompt"])
     ids = record.get("prompt_ids") if isinstance(record, dict) else None
-    if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                     for i in ids):
+    if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         return ids
-    raise PromptsError(f'{where}: expected {{"prompt": "text"}} or '
-                       f'{{"prompt_ids": [int, ...]}}')
+    raise PromptsError(f'{where}: expected {{"prompt": "text"}} or {{"prompt_ids": [int, ...]}}')
 
 
 def _check_ids(prompts: list[list[int]], vocab_size: int, where: str) -> None:
@@ -78,9 +81,11 @@ def _check_ids(prompts: list[list[int]], vocab_size: int, where: str) -> None:
             raise PromptsError(f"{where}: the prompt is empty")
         bad = next((i for i in ids if not 0 <= i < vocab_size), None)
         if bad is not None:
-            raise PromptsError(f"{where}: token id {bad} is outside the model's vocabulary "
-                               f"[0, {vocab_size}); give ids of this model (or its own "
-                               f"tokenizer)")
+            raise PromptsError(
+                f"{where}: token id {bad} is outside the model's vocabulary "
+                f"[0, {vocab_size}); give ids of this model (or its own "
+                f"tokenizer)"
+            )
 
 
 def check_output(path: str) -> None:
@@ -89,24 +94,27 @@ def check_output(path: str) -> None:
     (read-only mount, permissions); probed by creating and removing a temp file."""
     target = Path(path)
     if target.is_dir():
-        raise OutputError(f"output={path} is a directory; give a file path, e.g. "
-                          f"output={target / 'out.jsonl'}")
+        raise OutputError(
+            f"output={path} is a directory; give a file path, e.g. output={target / 'out.jsonl'}"
+        )
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # the nearest existing folder (missing ones are created)
     if not parent.is_dir():
-        raise OutputError(f"output={path}: {parent} is not a directory; choose another "
-                          f"output=")
+        raise OutputError(f"output={path}: {parent} is not a directory; choose another output=")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.probe"):
             pass
     except OSError as err:
-        raise OutputError(f"output={path} cannot be written ({err.strerror} in {parent}); "
-                          f"choose a writable output=") from err
+        raise OutputError(
+            f"output={path} cannot be written ({err.strerror} in {parent}); "
+            f"choose a writable output="
+        ) from err
 
 
-def write_output(path: str, prompt_ids: list[list[int]], tokens: list[list[int]],
-                 tokenizer: Any) -> None:
+def write_output(
+    path: str, prompt_ids: list[list[int]], tokens: list[list[int]], tokenizer: Any
+) -> None:
     """One JSON line per prompt, input order; written to a temp file then renamed. A failed
     write (disk full) removes the temp file and leaves any previous file as it was."""
     target = Path(path)
@@ -115,11 +123,17 @@ def write_output(path: str, prompt_ids: list[list[int]], tokens: list[list[int]]
         target.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as f:
             for prompt, out in zip(prompt_ids, tokens):
-                f.write(json.dumps({"prompt_ids": prompt, "output_ids": out,
-                                    "text": tokenizer.decode(out)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"prompt_ids": prompt, "output_ids": out, "text": tokenizer.decode(out)}
+                    )
+                    + "\n"
+                )
         os.replace(tmp, target)
     except OSError as err:
-        raise OutputError(f"output={path} could not be written ({err.strerror}); free "
-                          f"space or choose another output=") from err
+        raise OutputError(
+            f"output={path} could not be written ({err.strerror}); free "
+            f"space or choose another output="
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ Everything that can be checked is checked before any process group or weight exi
 (config, data, plan, resume point, export destination); an error is one line on rank 0 and
 exit 2 (``MOE_EXT_DEBUG=1`` or ``debug=true`` adds its chained traceback).
 """
+
 from __future__ import annotations
 
 import logging
@@ -83,29 +84,38 @@ class Job:
 
 # ---- checks before any process group ---------------------------------------------------
 
+
 def train_dtype(requested: str, device_type: str, zero_stage: int) -> torch.dtype:
     """``dtype=`` (or an alias) for training; auto is bf16 on CUDA with ZeRO 1/2, else fp32."""
     name = dtype_name(requested)
     if name == "fp16":
-        raise UsageError(f"dtype={requested} training needs loss scaling, which this launcher "
-                         f"does not set up; use dtype=bf16 (GPU) or fp32")
+        raise UsageError(
+            f"dtype={requested} training needs loss scaling, which this launcher "
+            f"does not set up; use dtype=bf16 (GPU) or fp32"
+        )
     if name == "auto":
         # bf16 needs DeepSpeed's fp32 masters, which only its ZeRO/bf16 optimizers keep
         return torch.bfloat16 if device_type == "cuda" and zero_stage > 0 else torch.float32
     if name == "bf16" and device_type == "cpu":
-        raise UsageError(f"dtype={requested} on CPU: DeepSpeed's CPU path trains in fp32; use "
-                         f"dtype=fp32 (or auto)")
+        raise UsageError(
+            f"dtype={requested} on CPU: DeepSpeed's CPU path trains in fp32; use "
+            f"dtype=fp32 (or auto)"
+        )
     if name == "bf16" and zero_stage == 0:
-        raise UsageError(f"dtype={requested} needs train.zero_stage=1 or 2 (fp32 master "
-                         f"weights live in DeepSpeed's ZeRO/bf16 optimizers); or use "
-                         f"dtype=fp32")
+        raise UsageError(
+            f"dtype={requested} needs train.zero_stage=1 or 2 (fp32 master "
+            f"weights live in DeepSpeed's ZeRO/bf16 optimizers); or use "
+            f"dtype=fp32"
+        )
     return DTYPES[name]
 
 
 def plan_key(plan: ParallelPlan) -> dict[str, Any]:
     """The plan facts a training checkpoint depends on (its shards and partitions)."""
-    return {k: getattr(plan, k) for k in ("strategy", "world_size", "tp", "pp", "dp", "ep",
-                                          "etp", "edp")}
+    return {
+        k: getattr(plan, k)
+        for k in ("strategy", "world_size", "tp", "pp", "dp", "ep", "etp", "edp")
+    }
 
 
 def model_key(args: ModelArgs) -> dict[str, Any]:
@@ -117,8 +127,10 @@ def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
         if getattr(conf, name) < 1:
             raise UsageError(f"train.{name}={getattr(conf, name)}; it must be at least 1")
     if conf.seq_len > args.max_position_embeddings:
-        raise UsageError(f"train.seq_len={conf.seq_len} is over the model's context of "
-                         f"{args.max_position_embeddings}; lower train.seq_len")
+        raise UsageError(
+            f"train.seq_len={conf.seq_len} is over the model's context of "
+            f"{args.max_position_embeddings}; lower train.seq_len"
+        )
     if conf.zero_stage not in (0, 1, 2):
         raise UsageError(f"train.zero_stage={conf.zero_stage}; use 0, 1 or 2")
     if conf.lr <= 0 or conf.grad_clip < 0 or conf.aux_loss_coeff < 0:
@@ -128,23 +140,33 @@ def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
 def _check_plan(plan: ParallelPlan, conf: TrainLoopConf, dtype: torch.dtype) -> None:
     """Training limits of the native model (its inference paths are not all differentiable)."""
     if plan.tp > 1:
-        raise UsageError(f"plan {plan.strategy} uses tp={plan.tp}, but the native model's "
-                         f"tensor-parallel all-reduces are inference-only (not differentiable); "
-                         f"train with parallel.tp=1 (strategy=replicate or ep_*)")
+        raise UsageError(
+            f"plan {plan.strategy} uses tp={plan.tp}, but the native model's "
+            f"tensor-parallel all-reduces are inference-only (not differentiable); "
+            f"train with parallel.tp=1 (strategy=replicate or ep_*)"
+        )
     if plan.pp > 1:
-        raise UsageError(f"plan uses pp={plan.pp}, but the native model's pipeline sends are "
-                         f"inference-only; train with parallel.pp=1")
+        raise UsageError(
+            f"plan uses pp={plan.pp}, but the native model's pipeline sends are "
+            f"inference-only; train with parallel.pp=1"
+        )
     if conf.grad_clip > 0 and plan.ep > 1 and not clips_itself(conf.zero_stage, dtype):
-        raise UsageError(f"gradient clipping with ep={plan.ep} is exact only without ZeRO in "
-                         f"fp32 (DeepSpeed's ZeRO/bf16 clipping takes a per-rank norm); set "
-                         f"train.grad_clip=0 or train.zero_stage=0 dtype=fp32")
+        raise UsageError(
+            f"gradient clipping with ep={plan.ep} is exact only without ZeRO in "
+            f"fp32 (DeepSpeed's ZeRO/bf16 clipping takes a per-rank norm); set "
+            f"train.grad_clip=0 or train.zero_stage=0 dtype=fp32"
+        )
 
 
 def sample_conf(cfg: TrainConf) -> GenerateConf:
     """The generation settings of the end-of-run sample."""
-    return GenerateConf(max_new_tokens=cfg.sample.max_new_tokens,
-                        temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
-                        max_batch_size=1, cuda_graphs=False)
+    return GenerateConf(
+        max_new_tokens=cfg.sample.max_new_tokens,
+        temperature=cfg.sample.temperature,
+        top_p=cfg.sample.top_p,
+        max_batch_size=1,
+        cuda_graphs=False,
+    )
 
 
 def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: int) -> Job:
@@ -153,6 +175,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         raise UsageError(f"engine={cfg.engine!r} is not one of deepspeed, megatron")
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import check_train_settings, require_cuda
+
         require_cuda(cfg.device, cuda_available, fallback="deepspeed")
         check_train_settings(dtype_name(cfg.dtype), cfg.train.zero_stage)
     device_type = device_type_for(cfg.device, cuda_available)
@@ -163,53 +186,81 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         check_export_destination(cfg.export, cfg.train.overwrite_export)
     source = resolve_model_source(cfg.checkpoint, cfg.model)
     args = source.args
-    if source.reader is not None and source.tokenizer_spec is None \
-            and not source.has_tokenizer_json:
-        raise UsageError(f"checkpoint {cfg.checkpoint} has no tokenizer.json (and its config "
-                         f"names none); training needs one to tokenize data=")
+    if (
+        source.reader is not None
+        and source.tokenizer_spec is None
+        and not source.has_tokenizer_json
+    ):
+        raise UsageError(
+            f"checkpoint {cfg.checkpoint} has no tokenizer.json (and its config "
+            f"names none); training needs one to tokenize data="
+        )
     tokenizer = load_tokenizer(source.tokenizer_spec, source.checkpoint)
     _check_loop(cfg.train, args)
-    data = TokenData.load(cfg.data, tokenizer, args.vocab_size, cfg.train.seq_len,
-                          cfg.train.val_fraction)
+    data = TokenData.load(
+        cfg.data, tokenizer, args.vocab_size, cfg.train.seq_len, cfg.train.val_fraction
+    )
     topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
-    plan = build_plan(cfg.strategy, cfg.parallel, env.world_size, topology, source.args,
-                      dtype_bytes=torch.finfo(dtype).bits // 8,
-                      tokens_per_step=cfg.train.micro_batch * cfg.train.seq_len)
+    plan = build_plan(
+        cfg.strategy,
+        cfg.parallel,
+        env.world_size,
+        topology,
+        source.args,
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        tokens_per_step=cfg.train.micro_batch * cfg.train.seq_len,
+    )
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import check_plan
+
         check_plan(plan, args, training=True)
     _check_plan(plan, cfg.train, dtype)
     resume = None
     if cfg.resume is not None:
         resume = find_checkpoint(cfg.resume)
-        check_compatible(resume, env.world_size, plan_key(plan), cfg.train.zero_stage,
-                         model_key(args))
+        check_compatible(
+            resume, env.world_size, plan_key(plan), cfg.train.zero_stage, model_key(args)
+        )
     return Job(device_type, dtype, source, tokenizer, data, topology, plan, resume)
 
 
 # ---- the run -----------------------------------------------------------------------------
 
-def build_model(job: Job, groups: ProcessGroups, rank: int, device: torch.device
-                ) -> Transformer:
+
+def build_model(job: Job, groups: ProcessGroups, rank: int, device: torch.device) -> Transformer:
     """This rank's shard in fp32 (DeepSpeed keeps fp32 masters and casts for bf16): built
     on meta, parallelized, then filled from the checkpoint slices or the seeded init."""
-    return build_model_shard(job.source, job.plan, groups, rank, device, torch.float32,
-                             progress=rank == 0)
+    return build_model_shard(
+        job.source, job.plan, groups, rank, device, torch.float32, progress=rank == 0
+    )
 
 
-def build_train_engine(cfg: TrainConf, job: Job, model: Transformer, groups: ProcessGroups,
-                       device: torch.device) -> Any:
+def build_train_engine(
+    cfg: TrainConf, job: Job, model: Transformer, groups: ProcessGroups, device: torch.device
+) -> Any:
     """DeepSpeed's engine around ``model``, or (engine=megatron) a GPTModel built from it,
     which the export later copies back into ``model``."""
     conf = cfg.train
-    common = dict(lr=conf.lr, weight_decay=conf.weight_decay, betas=(conf.beta1, conf.beta2),
-                  aux_loss_coeff=conf.aux_loss_coeff, z_loss_coeff=conf.z_loss_coeff)
+    common = dict(
+        lr=conf.lr,
+        weight_decay=conf.weight_decay,
+        betas=(conf.beta1, conf.beta2),
+        aux_loss_coeff=conf.aux_loss_coeff,
+        z_loss_coeff=conf.z_loss_coeff,
+    )
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import build_train_engine as build_megatron_engine
+
         return build_megatron_engine(model, job.source, groups, device, **common)
-    return build_engine(model, groups, micro_batch=conf.micro_batch,
-                        zero_stage=conf.zero_stage, grad_clip=conf.grad_clip, dtype=job.dtype,
-                        **common)
+    return build_engine(
+        model,
+        groups,
+        micro_batch=conf.micro_batch,
+        zero_stage=conf.zero_stage,
+        grad_clip=conf.grad_clip,
+        dtype=job.dtype,
+        **common,
+    )
 
 
 def _run_dir(own: Path, device: torch.device) -> Path:
@@ -220,13 +271,18 @@ def _run_dir(own: Path, device: torch.device) -> Path:
     return Path(box[0])
 
 
-def _resumed_state(engine: Any, job: Job, env: DistEnv, groups: ProcessGroups,
-                   device: torch.device) -> RunState:
+def _resumed_state(
+    engine: Any, job: Job, env: DistEnv, groups: ProcessGroups, device: torch.device
+) -> RunState:
     """A fresh RunState, or the one of ``resume=`` with the engine restored to it."""
     if job.resume is None:
         return RunState()
-    restore_engine(engine, load_rank_state(job.resume, env.rank, map_location=device),
-                   groups.dp_rank, job.plan.dp)
+    restore_engine(
+        engine,
+        load_rank_state(job.resume, env.rank, map_location=device),
+        groups.dp_rank,
+        job.plan.dp,
+    )
     meta = job.resume.meta
     if env.rank == 0:
         log.info("resumed from %s at step %d", job.resume.directory, job.resume.step)
@@ -236,56 +292,95 @@ def _resumed_state(engine: Any, job: Job, env: DistEnv, groups: ProcessGroups,
 class RunRecord:
     """``train_log.json`` and ``loss.png`` of the run (written by rank 0)."""
 
-    def __init__(self, cfg: TrainConf, job: Job, env: DistEnv, run_dir: Path,
-                 raw_config: dict[str, Any], params_on_rank0: int):
+    def __init__(
+        self,
+        cfg: TrainConf,
+        job: Job,
+        env: DistEnv,
+        run_dir: Path,
+        raw_config: dict[str, Any],
+        params_on_rank0: int,
+    ):
         self.run_dir = run_dir
         self.started = time.perf_counter()
         self.title = f"{job.source.name} | {job.plan.describe().split(' | ')[0]}"
         self.record: dict[str, Any] = {
-            "command": sys.argv, "config": raw_config, "plan": job.plan.describe(),
-            "topology": job.topology.describe(), "world_size": env.world_size,
-            "device": job.device_type, "dtype": str(job.dtype).removeprefix("torch."),
+            "command": sys.argv,
+            "config": raw_config,
+            "plan": job.plan.describe(),
+            "topology": job.topology.describe(),
+            "world_size": env.world_size,
+            "device": job.device_type,
+            "dtype": str(job.dtype).removeprefix("torch."),
             "params_on_rank0": params_on_rank0,
-            "data": {"source": job.data.source, "train_tokens": job.data.train.numel(),
-                     "val_tokens": job.data.val.numel()},
+            "data": {
+                "source": job.data.source,
+                "train_tokens": job.data.train.numel(),
+                "val_tokens": job.data.val.numel(),
+            },
             "resumed_from": None if job.resume is None else str(job.resume.directory),
         }
 
     def write(self, state: RunState, **extra: Any) -> None:
-        self.record.update(history=state.history, evals=state.evals, steps_done=state.step,
-                           wall_s=time.perf_counter() - self.started, **extra)
+        self.record.update(
+            history=state.history,
+            evals=state.evals,
+            steps_done=state.step,
+            wall_s=time.perf_counter() - self.started,
+            **extra,
+        )
         write_json(self.run_dir / LOG_NAME, self.record)
         plot_losses(state.history, state.evals, self.run_dir / PLOT_NAME, self.title)
 
 
-def _checkpointer(engine: Any, job: Job, cfg: TrainConf, env: DistEnv, record: RunRecord
-                  ) -> Callable[[RunState], None]:
+def _checkpointer(
+    engine: Any, job: Job, cfg: TrainConf, env: DistEnv, record: RunRecord
+) -> Callable[[RunState], None]:
     """The Trainer's on_checkpoint: every rank saves its state; rank 0 updates the log."""
 
     def on_checkpoint(state: RunState) -> None:
-        meta = {"plan": plan_key(job.plan), "zero_stage": cfg.train.zero_stage,
-                "model": model_key(job.source.args), "history": state.history,
-                "evals": state.evals}
-        path = save_checkpoint(record.run_dir / "checkpoints", state.step, env.rank,
-                               env.world_size, capture_engine(engine), meta,
-                               cfg.train.keep_checkpoints)
+        meta = {
+            "plan": plan_key(job.plan),
+            "zero_stage": cfg.train.zero_stage,
+            "model": model_key(job.source.args),
+            "history": state.history,
+            "evals": state.evals,
+        }
+        path = save_checkpoint(
+            record.run_dir / "checkpoints",
+            state.step,
+            env.rank,
+            env.world_size,
+            capture_engine(engine),
+            meta,
+            cfg.train.keep_checkpoints,
+        )
         if env.rank == 0:
             record.write(state, checkpoint=str(path))
 
     return on_checkpoint
 
 
-def _export(cfg: TrainConf, job: Job, engine: Any, model: Transformer, env: DistEnv,
-            run_dir: Path) -> str:
+def _export(
+    cfg: TrainConf, job: Job, engine: Any, model: Transformer, env: DistEnv, run_dir: Path
+) -> str:
     """Write the trained model as a moe_ext checkpoint (collective); its directory."""
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import copy_to_native
+
         copy_to_native(engine.module.model, model)  # the export and sample read `model`
     destination = cfg.export or str(run_dir / "model")
     tokenizer = job.source.tokenizer_spec if job.source.tokenizer_spec == "byte" else None
-    export_moe_ext(model, job.plan, env.rank, destination,
-                   hf_config(job.source.args, tokenizer=tokenizer), dtype=job.dtype,
-                   side_files_from=cfg.checkpoint, overwrite=cfg.train.overwrite_export)
+    export_moe_ext(
+        model,
+        job.plan,
+        env.rank,
+        destination,
+        hf_config(job.source.args, tokenizer=tokenizer),
+        dtype=job.dtype,
+        side_files_from=cfg.checkpoint,
+        overwrite=cfg.train.overwrite_export,
+    )
     dist.barrier()  # the export is complete before anyone reports or exits
     return destination
 
@@ -295,21 +390,34 @@ def _sample(model: Transformer, job: Job, cfg: TrainConf) -> Optional[dict[str, 
     if cfg.sample.prompt is None:
         return None
     prompt = job.tokenizer.encode(cfg.sample.prompt)
-    result = generate(model, [prompt], sample_conf(cfg), eos_id=job.tokenizer.eos_id,
-                      pad_id=job.tokenizer.pad_id, seed=cfg.train.seed)
+    result = generate(
+        model,
+        [prompt],
+        sample_conf(cfg),
+        eos_id=job.tokenizer.eos_id,
+        pad_id=job.tokenizer.pad_id,
+        seed=cfg.train.seed,
+    )
     return {"prompt": cfg.sample.prompt, "text": job.tokenizer.decode(result.tokens[0])}
 
 
-def _log_summary(state: RunState, destination: str, sample: Optional[dict[str, Any]],
-                 run_dir: Path) -> None:
+def _log_summary(
+    state: RunState, destination: str, sample: Optional[dict[str, Any]], run_dir: Path
+) -> None:
     if state.history:
         last = state.history[-1]
-        log.info("step %d: loss %.4f (lm %.4f, aux %.4f)", last["step"], last["loss"],
-                 last["lm_loss"], last["aux_loss"])
+        log.info(
+            "step %d: loss %.4f (lm %.4f, aux %.4f)",
+            last["step"],
+            last["loss"],
+            last["lm_loss"],
+            last["aux_loss"],
+        )
     if state.evals:
         log.info("held-out loss: %.4f", state.evals[-1]["val_loss"])
-    log.info("model: %s   log: %s   curve: %s", destination, run_dir / LOG_NAME,
-             run_dir / PLOT_NAME)
+    log.info(
+        "model: %s   log: %s   curve: %s", destination, run_dir / LOG_NAME, run_dir / PLOT_NAME
+    )
     if sample is not None:
         log.info("sample:\n%s%s", sample["prompt"], sample["text"])
 
@@ -317,26 +425,47 @@ def _log_summary(state: RunState, destination: str, sample: Optional[dict[str, A
 def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, Any]) -> int:
     """The whole run on this rank: validate, set up, (resume,) train, export, sample."""
     cuda_available = torch.cuda.is_available()
-    job = as_usage_error(prepare, cfg, env, cuda_available,
-                         torch.cuda.device_count() if cuda_available else 0)
+    job = as_usage_error(
+        prepare, cfg, env, cuda_available, torch.cuda.device_count() if cuda_available else 0
+    )
     if env.rank == 0:
         log.info("topology: %s", job.topology.describe())
         log.info("plan: %s", job.plan.describe())
-        log.info("data: %s (%d training tokens, %d held out)", job.data.source,
-                 job.data.train.numel(), job.data.val.numel())
+        log.info(
+            "data: %s (%d training tokens, %d held out)",
+            job.data.source,
+            job.data.train.numel(),
+            job.data.val.numel(),
+        )
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
     run_dir = _run_dir(own_run_dir, device)
-    groups = ProcessGroups.build(job.plan, backend="nccl" if job.device_type == "cuda" else "gloo",
-                                 timeout=timedelta(seconds=cfg.dist_timeout_s))
+    groups = ProcessGroups.build(
+        job.plan,
+        backend="nccl" if job.device_type == "cuda" else "gloo",
+        timeout=timedelta(seconds=cfg.dist_timeout_s),
+    )
     model = build_model(job, groups, env.rank, device)
     engine = build_train_engine(cfg, job, model, groups, device)
     state = _resumed_state(engine, job, env, groups, device)
-    record = RunRecord(cfg, job, env, run_dir, raw_config,
-                       params_on_rank0=sum(p.numel() for p in model.parameters()))
-    trainer = Trainer(engine, groups, job.data, cfg.train, device,
-                      own_clipping=clips_itself(cfg.train.zero_stage, job.dtype))
-    trainer.run(state, _checkpointer(engine, job, cfg, env, record),
-                progress=cfg.progress and env.rank == 0)
+    record = RunRecord(
+        cfg,
+        job,
+        env,
+        run_dir,
+        raw_config,
+        params_on_rank0=sum(p.numel() for p in model.parameters()),
+    )
+    trainer = Trainer(
+        engine,
+        groups,
+        job.data,
+        cfg.train,
+        device,
+        own_clipping=clips_itself(cfg.train.zero_stage, job.dtype),
+    )
+    trainer.run(
+        state, _checkpointer(engine, job, cfg, env, record), progress=cfg.progress and env.rank == 0
+    )
     destination = _export(cfg, job, engine, model, env, run_dir)
     sample = _sample(model, job, cfg)
     if env.rank == 0:
@@ -353,5 +482,6 @@ def main(cfg: DictConfig, environ: MutableMapping[str, str], output_dir: Path) -
     environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
     raw = OmegaConf.to_container(cfg, resolve=True)
-    run_and_exit(lambda: run(OmegaConf.to_object(cfg), env, output_dir, raw), env.rank,
-                 env.world_size, debug)
+    run_and_exit(
+        lambda: run(OmegaConf.to_object(cfg), env, output_dir, raw), env.rank, env.world_size, debug
+    )

@@ -16,6 +16,7 @@ stage_1_and_2.py):
 
 # B batch, S sequence, V vocab
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from moe_ext.errors import MoeExtError
 
 EXPERT_PARAM_MARK = ".mlp.experts."  # stacked routed-expert weights (sharded by EP)
@@ -51,8 +53,9 @@ def mark_expert_params(model: nn.Module, group_name: str) -> list[nn.Parameter]:
     return marked
 
 
-def optimizer_param_groups(model: nn.Module, group_name: str, weight_decay: float
-                           ) -> list[dict[str, Any]]:
+def optimizer_param_groups(
+    model: nn.Module, group_name: str, weight_decay: float
+) -> list[dict[str, Any]]:
     """Parameter groups for the optimizer, split the way DeepSpeed's MoE support expects.
 
     Dense parameters go into ``dense`` (decayed: matrices) and ``dense_no_decay`` (norms,
@@ -67,19 +70,24 @@ def optimizer_param_groups(model: nn.Module, group_name: str, weight_decay: floa
             continue
         if is_moe_param(param):
             if getattr(param, "group_name", None) != group_name:
-                raise DeepSpeedSetupError(f"an expert parameter belongs to expert group "
-                                          f"{getattr(param, 'group_name', None)!r}, not "
-                                          f"{group_name!r}; mark all experts with one group")
+                raise DeepSpeedSetupError(
+                    f"an expert parameter belongs to expert group "
+                    f"{getattr(param, 'group_name', None)!r}, not "
+                    f"{group_name!r}; mark all experts with one group"
+                )
             experts.append(param)
         elif param.ndim >= 2:
             decay.append(param)
         else:
             no_decay.append(param)
-    groups = [{"name": "dense", "params": decay, "weight_decay": weight_decay},
-              {"name": "dense_no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "dense", "params": decay, "weight_decay": weight_decay},
+        {"name": "dense_no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     if experts:
-        groups.append({"name": group_name, "moe": True, "params": experts,
-                       "weight_decay": weight_decay})
+        groups.append(
+            {"name": group_name, "moe": True, "params": experts, "weight_decay": weight_decay}
+        )
     return [g for g in groups if g["params"]]
 
 
@@ -102,13 +110,13 @@ def _moe_presence_class():
             self.enable_expert_tensor_parallelism = False
             self.use_residual = False
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False
-                                      ) -> None:
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             """Groups come from moe_ext.groups, registered before the engine exists."""
 
         def forward(self, *args, **kwargs):
-            raise RuntimeError("MoEPresence only marks the model as MoE for DeepSpeed; it "
-                               "has no forward")
+            raise RuntimeError(
+                "MoEPresence only marks the model as MoE for DeepSpeed; it has no forward"
+            )
 
     return MoEPresence
 
@@ -122,8 +130,13 @@ class CausalLMWithAux(nn.Module):
     data parallelism each rank computes this on its own batch and the engine averages the
     gradients, so the objective is the mean of the per-rank losses."""
 
-    def __init__(self, model: nn.Module, aux_loss_coeff: float, z_loss_coeff: float = 0.0,
-                 moe_presence: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        aux_loss_coeff: float,
+        z_loss_coeff: float = 0.0,
+        moe_presence: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.model = model
         self.aux_loss_coeff = aux_loss_coeff
@@ -138,38 +151,43 @@ class CausalLMWithAux(nn.Module):
         """batch: [B, S+1] int64 token ids; inputs are [:, :-1], targets [:, 1:]."""
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S] each
         logits = self.model(inputs)  # [B, S, V]
-        lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                  targets.reshape(-1))
+        lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         zero = lm_loss.new_zeros(())
-        aux = sum((m.aux_loss.float() for m in self.moe_layers() if m.aux_loss is not None),
-                  zero)
+        aux = sum((m.aux_loss.float() for m in self.moe_layers() if m.aux_loss is not None), zero)
         z = sum((m.z_loss.float() for m in self.moe_layers() if m.z_loss is not None), zero)
         loss = lm_loss + self.aux_loss_coeff * aux + self.z_loss_coeff * z
         return loss, lm_loss.detach(), aux.detach()
 
 
-def deepspeed_config(micro_batch: int, dp: int, zero_stage: int, grad_clip: float,
-                     dtype: torch.dtype) -> dict[str, Any]:
+def deepspeed_config(
+    micro_batch: int, dp: int, zero_stage: int, grad_clip: float, dtype: torch.dtype
+) -> dict[str, Any]:
     """The engine's config dict: one micro-batch per step (no accumulation), the client
     optimizer under ZeRO 0/1/2, bf16 only when asked (CPU runs fp32)."""
     if zero_stage not in (0, 1, 2):
-        raise DeepSpeedSetupError(f"train.zero_stage={zero_stage}; use 0, 1 or 2 (stage 3 "
-                                  f"partitions parameters, which our sharded experts do not "
-                                  f"support)")
+        raise DeepSpeedSetupError(
+            f"train.zero_stage={zero_stage}; use 0, 1 or 2 (stage 3 "
+            f"partitions parameters, which our sharded experts do not "
+            f"support)"
+        )
     if dtype == torch.float16:
-        raise DeepSpeedSetupError("dtype=fp16 training needs loss scaling that this launcher "
-                                  "does not configure; use dtype=bf16 or fp32")
+        raise DeepSpeedSetupError(
+            "dtype=fp16 training needs loss scaling that this launcher "
+            "does not configure; use dtype=bf16 or fp32"
+        )
     if dtype == torch.bfloat16 and zero_stage == 0:
         # DeepSpeed without ZeRO would step the bf16 weights themselves (no fp32 masters)
-        raise DeepSpeedSetupError("dtype=bf16 needs train.zero_stage=1 or 2 (DeepSpeed keeps "
-                                  "fp32 master weights only in its ZeRO/bf16 optimizers); or "
-                                  "use dtype=fp32")
+        raise DeepSpeedSetupError(
+            "dtype=bf16 needs train.zero_stage=1 or 2 (DeepSpeed keeps "
+            "fp32 master weights only in its ZeRO/bf16 optimizers); or "
+            "use dtype=fp32"
+        )
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * dp,
         "gradient_clipping": grad_clip,
-        "steps_per_print": 2 ** 31 - 1,  # our progress bar reports instead
+        "steps_per_print": 2**31 - 1,  # our progress bar reports instead
         "wall_clock_breakdown": False,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": False},
@@ -179,8 +197,12 @@ def deepspeed_config(micro_batch: int, dp: int, zero_stage: int, grad_clip: floa
         config["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 gradients and masters
     if zero_stage:
         # MoE under ZeRO 1/2 needs contiguous gradients and reduce-scatter (stage_1_and_2.py)
-        config["zero_optimization"] = {"stage": zero_stage, "contiguous_gradients": True,
-                                       "reduce_scatter": True, "overlap_comm": False}
+        config["zero_optimization"] = {
+            "stage": zero_stage,
+            "contiguous_gradients": True,
+            "reduce_scatter": True,
+            "overlap_comm": False,
+        }
     return config
 
 
@@ -191,10 +213,20 @@ def clips_itself(zero_stage: int, dtype: torch.dtype) -> bool:
     return zero_stage == 0 and dtype == torch.float32
 
 
-def build_engine(model: nn.Module, groups: Any, *, lr: float, weight_decay: float,
-                 betas: tuple[float, float], micro_batch: int, zero_stage: int,
-                 grad_clip: float, aux_loss_coeff: float, z_loss_coeff: float,
-                 dtype: torch.dtype):
+def build_engine(
+    model: nn.Module,
+    groups: Any,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    micro_batch: int,
+    zero_stage: int,
+    grad_clip: float,
+    aux_loss_coeff: float,
+    z_loss_coeff: float,
+    dtype: torch.dtype,
+):
     """Wrap a parallelized native ``Transformer`` in a DeepSpeed engine.
 
     groups: moe_ext.groups.ProcessGroups of the model's plan; torch.distributed must be up.
@@ -210,21 +242,31 @@ def build_engine(model: nn.Module, groups: Any, *, lr: float, weight_decay: floa
         raise DeepSpeedSetupError(
             f"DeepSpeed clips gradients with a per-rank norm that is wrong once experts are "
             f"split over ep={plan.ep} ranks (ZeRO or bf16); set train.grad_clip=0, or "
-            f"train.zero_stage=0 with fp32")
+            f"train.zero_stage=0 with fp32"
+        )
     group_name = groups.register_deepspeed_groups()
     mark_expert_params(model, group_name)
     num_experts = model.args.num_experts
-    presence = _moe_presence_class()(num_experts, plan.ep, group_name) \
-        if expert_param_names(model) else None
+    presence = (
+        _moe_presence_class()(num_experts, plan.ep, group_name)
+        if expert_param_names(model)
+        else None
+    )
     wrapped = CausalLMWithAux(model, aux_loss_coeff, z_loss_coeff, presence)
     param_groups = optimizer_param_groups(model, group_name, weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay,
-                                  foreach=False)
-    config = deepspeed_config(micro_batch, plan.dp, zero_stage,
-                              0.0 if own_clipping else grad_clip, dtype)
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config,
-                                           mpu=groups.deepspeed_mpu(),
-                                           dist_init_required=False)
+    optimizer = torch.optim.AdamW(
+        param_groups, lr=lr, betas=betas, weight_decay=weight_decay, foreach=False
+    )
+    config = deepspeed_config(
+        micro_batch, plan.dp, zero_stage, 0.0 if own_clipping else grad_clip, dtype
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped,
+        optimizer=optimizer,
+        config=config,
+        mpu=groups.deepspeed_mpu(),
+        dist_init_required=False,
+    )
     return engine
 
 
@@ -250,7 +292,8 @@ def load_optimizer_state(engine: Any, state: dict[str, Any], dp_rank: int, dp: i
     if isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
         states: list[Optional[dict[str, Any]]] = [None] * dp
         states[dp_rank] = state  # both pick the list entry of their data-parallel rank
-        engine.optimizer.load_state_dict(states, load_optimizer_states=True,
-                                         load_from_fp32_weights=True)
+        engine.optimizer.load_state_dict(
+            states, load_optimizer_states=True, load_from_fp32_weights=True
+        )
     else:
         engine.optimizer.load_state_dict(state)

@@ -25,6 +25,7 @@ directory next to the destination and rename it at the end.
 ``save_megatron`` / ``load_megatron`` are the collective building blocks for a model built
 under any plan (every rank of the model calls them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,21 +33,38 @@ import datetime
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from moe_ext.checkpoint.errors import CheckpointError
-from moe_ext.checkpoint.format import (CAST_DTYPES, HF_INDEX, MANIFEST, SafetensorsWriter,
-                                       TensorEntry, check_free_space, confined_file,
-                                       destination_problem, dtype_name, nbytes, plan_shards,
-                                       staged_directory, tensor_bytes, torch_dtype,
-                                       write_manifest)
-from moe_ext.megatron.safe_load import (MEGATRON_FILES, check_megatron_files,
-                                        read_dcp_metadata, restricted_unpickling)
+from moe_ext.checkpoint.format import (
+    CAST_DTYPES,
+    HF_INDEX,
+    MANIFEST,
+    SafetensorsWriter,
+    TensorEntry,
+    check_free_space,
+    confined_file,
+    destination_problem,
+    dtype_name,
+    nbytes,
+    plan_shards,
+    staged_directory,
+    tensor_bytes,
+    torch_dtype,
+    write_manifest,
+)
+from moe_ext.megatron.safe_load import (
+    MEGATRON_FILES,
+    check_megatron_files,
+    read_dcp_metadata,
+    restricted_unpickling,
+)
 
 MEGATRON_MANIFEST = "moe_ext_megatron.json"
 FORMAT_NAME = "moe_ext-megatron"
@@ -66,6 +84,7 @@ class MegatronCheckpointError(CheckpointError):
 
 # ---- process and device set-up --------------------------------------------------------
 
+
 @contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
     """torch.distributed for one process: a world-1 gloo group on an in-memory store (no port)
@@ -75,11 +94,13 @@ def single_process_group() -> Iterator[None]:
         if dist.get_world_size() != 1:
             raise MegatronCheckpointError(
                 f"export/import-megatron run in one process, but torch.distributed has "
-                f"{dist.get_world_size()} ranks; run the converter outside the distributed job")
+                f"{dist.get_world_size()} ranks; run the converter outside the distributed job"
+            )
         yield
         return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=DIST_TIMEOUT)
+    dist.init_process_group(
+        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=DIST_TIMEOUT
+    )
     try:
         yield
     finally:
@@ -114,9 +135,18 @@ def replicate_plan() -> Any:
     from moe_ext.moe.dispatch import DISPATCHERS
     from moe_ext.plan import DEFAULT_DISPATCHER, ParallelPlan
 
-    return ParallelPlan("replicate", 1, 1, 1, 1, 1, 1, 1,
-                        DISPATCHERS[DEFAULT_DISPATCHER["replicate"]],
-                        "checkpoint conversion in one process")
+    return ParallelPlan(
+        "replicate",
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        1,
+        DISPATCHERS[DEFAULT_DISPATCHER["replicate"]],
+        "checkpoint conversion in one process",
+    )
 
 
 @contextlib.contextmanager
@@ -137,8 +167,9 @@ def converter_gpt_model(args: Any, dtype: torch.dtype) -> Iterator[torch.nn.Modu
             uninstall_parallel_state()
 
 
-def build_gpt_model(args: Any, plan: Any, groups: Any, dtype: torch.dtype,
-                    device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+def build_gpt_model(
+    args: Any, plan: Any, groups: Any, dtype: torch.dtype, device: Union[str, torch.device] = "cpu"
+) -> torch.nn.Module:
     """An uninitialised GPTModel (our layer spec, our groups) of ``args`` under ``plan`` in
     ``dtype`` on ``device``; Megatron's parallel_state must already hold ``groups``
     (``install_parallel_state``). Every parameter, norms included, is in ``dtype``."""
@@ -150,20 +181,28 @@ def build_gpt_model(args: Any, plan: Any, groups: Any, dtype: torch.dtype,
     from moe_ext.megatron.state import pg_collection
 
     device = torch.device(device)
-    config = TransformerConfig(**transformer_config_kwargs(
-        args, plan, params_dtype=dtype, perform_initialization=False,
-        use_cpu_initialization=device.type == "cpu"))
+    config = TransformerConfig(
+        **transformer_config_kwargs(
+            args,
+            plan,
+            params_dtype=dtype,
+            perform_initialization=False,
+            use_cpu_initialization=device.type == "cpu",
+        )
+    )
     spec = get_gpt_decoder_block_spec(config, plan, groups)
     # Megatron places some tensors (RoPE's inverse frequencies) on the *current* CUDA
     # device at construction: make it the requested one
     placement = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with placement:
-        model = GPTModel(config, spec, pg_collection=pg_collection(groups),
-                         **gpt_model_kwargs(args))
+        model = GPTModel(
+            config, spec, pg_collection=pg_collection(groups), **gpt_model_kwargs(args)
+        )
     return model.to(device=device, dtype=dtype)  # Megatron creates norms in fp32
 
 
 # ---- collective save / load -------------------------------------------------------------
+
 
 def sharded_state_dict(model: torch.nn.Module) -> dict:
     """``model.sharded_state_dict()``. megatron-core 0.19 also wants the data-parallel (with
@@ -178,9 +217,11 @@ def sharded_state_dict(model: torch.nn.Module) -> dict:
     group = getattr(parallel_state, "_DATA_PARALLEL_GROUP_WITH_CP", None)
     if group is None:
         if dist.get_world_size() != 1:
-            raise MegatronCheckpointError("Megatron's parallel state is not installed; call "
-                                          "moe_ext.megatron.install_parallel_state(groups) "
-                                          "before saving or loading on several ranks")
+            raise MegatronCheckpointError(
+                "Megatron's parallel state is not installed; call "
+                "moe_ext.megatron.install_parallel_state(groups) "
+                "before saving or loading on several ranks"
+            )
         group = dist.group.WORLD
     return model.sharded_state_dict(metadata={"dp_cp_group": group})
 
@@ -207,14 +248,18 @@ def checkpoint_tensors(directory: PathLike) -> dict[str, tuple[tuple[int, ...], 
 
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
-        raise MegatronCheckpointError(f"{directory} is not a Megatron distributed checkpoint "
-                                      f"(no metadata.json); pass the directory "
-                                      f"dist_checkpointing.save wrote")
+        raise MegatronCheckpointError(
+            f"{directory} is not a Megatron distributed checkpoint "
+            f"(no metadata.json); pass the directory "
+            f"dist_checkpointing.save wrote"
+        )
     check_megatron_files(directory)
     metadata = read_dcp_metadata(directory)
-    return {key: (tuple(meta.size), meta.properties.dtype)
-            for key, meta in metadata.state_dict_metadata.items()
-            if isinstance(meta, TensorStorageMetadata)}
+    return {
+        key: (tuple(meta.size), meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
 
 
 def _expected_tensors(sharded: dict) -> Iterator[tuple[str, str, tuple[int, ...]]]:
@@ -238,8 +283,9 @@ def _expected_tensors(sharded: dict) -> Iterator[tuple[str, str, tuple[int, ...]
         yield from walk(name, value)
 
 
-def load_megatron(model: torch.nn.Module, directory: PathLike,
-                  trust_checkpoint: bool = False) -> None:
+def load_megatron(
+    model: torch.nn.Module, directory: PathLike, trust_checkpoint: bool = False
+) -> None:
     """Collective over the model's ranks: fill ``model`` from the torch_dist checkpoint in
     ``directory``, each rank reading only its own slices (``model.sharded_state_dict()``:
     experts by EP block and expert-TP FFN fragment, heads and vocabulary rows by TP). Every
@@ -254,25 +300,32 @@ def load_megatron(model: torch.nn.Module, directory: PathLike,
     sharded = sharded_state_dict(model)
     for name, key, shape in _expected_tensors(sharded):
         if key not in stored:
-            raise MegatronCheckpointError(f"tensor {key} (model {name}) is missing from the "
-                                          f"checkpoint {directory}; it was saved from a "
-                                          f"different model or config")
+            raise MegatronCheckpointError(
+                f"tensor {key} (model {name}) is missing from the "
+                f"checkpoint {directory}; it was saved from a "
+                f"different model or config"
+            )
         if stored[key][0] != shape:
-            raise MegatronCheckpointError(f"tensor {key} is {list(stored[key][0])} in "
-                                          f"{directory / '.metadata'} but the model needs "
-                                          f"{list(shape)}; config.json does not match the "
-                                          f"checkpoint")
+            raise MegatronCheckpointError(
+                f"tensor {key} is {list(stored[key][0])} in "
+                f"{directory / '.metadata'} but the model needs "
+                f"{list(shape)}; config.json does not match the "
+                f"checkpoint"
+            )
     with cpu_device_calls(_on_cpu(model)), restricted_unpickling(directory, trust_checkpoint):
         state = dist_checkpointing.load(sharded, str(directory))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
-        raise MegatronCheckpointError(f"loading {directory} left model tensors {missing[:3]} "
-                                      f"unset and {list(result.unexpected_keys)[:3]} unused; "
-                                      f"the checkpoint belongs to another model")
+        raise MegatronCheckpointError(
+            f"loading {directory} left model tensors {missing[:3]} "
+            f"unset and {list(result.unexpected_keys)[:3]} unused; "
+            f"the checkpoint belongs to another model"
+        )
 
 
 # ---- export: moe_ext / HF directory -> Megatron checkpoint --------------------------------
+
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
     problem = destination_problem(src, dst, force)
@@ -283,11 +336,14 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
 def _side_files(src: Path) -> list[Path]:
     """Top-level tokenizer/generation files of ``src``, each inside it (links leading out
     are refused)."""
-    return sorted(confined_file(src, p.name, src) for p in src.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_SIDE
-                  and not p.name.endswith(_WEIGHT_SUFFIXES))
-
-
+    return sorted(
+        confined_file(src, p.name, src)
+        for p in src.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in _NOT_SIDE
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
+    )
 
 
 def _model_args(config: dict[str, Any], where: Path) -> Any:
@@ -299,7 +355,7 @@ def _model_args(config: dict[str, Any], where: Path) -> Any:
         args = ModelArgs.from_hf_config(config)
         transformer_config_kwargs(args)
     except ValueError as e:
-        raise MegatronCheckpointError(f"{where / 'config.json'}: {e}") from None
+        raise MegatronCheckpointError(f"{where / 'config.json'}: {e}") from e
     return args
 
 
@@ -316,8 +372,9 @@ def _layer_groups(names: list[str]) -> list[list[str]]:
     return [layers[i] for i in sorted(layers)] + [rest]
 
 
-def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
-                    progress: bool = True) -> list[TensorEntry]:
+def export_megatron(
+    src: PathLike, dst: PathLike, force: bool = False, progress: bool = True
+) -> list[TensorEntry]:
     """Write checkpoint ``src`` (moe_ext, or Hugging Face in any expert layout) as a Megatron
     distributed checkpoint of GPTModel with our layer at ``dst`` (torch_dist format, one
     process, plan replicate), plus config.json, side files and the source manifest. The
@@ -340,62 +397,85 @@ def export_megatron(src: PathLike, dst: PathLike, force: bool = False,
             raise MegatronCheckpointError(
                 f"tensor {name} is {dtype_name(dt)} while {names[0]} is "
                 f"{dtype_name(model_dtype)}; a GPTModel holds one dtype: convert first with "
-                f"`convert_checkpoint.py import-hf {src} <dir> --dtype {dtype_name(model_dtype)}`")
+                f"`convert_checkpoint.py import-hf {src} <dir> --dtype {dtype_name(model_dtype)}`"
+            )
     if model_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise MegatronCheckpointError(f"{src} holds {dtype_name(model_dtype)} tensors; export "
-                                      f"reads {', '.join(CAST_DTYPES)} checkpoints")
+        raise MegatronCheckpointError(
+            f"{src} holds {dtype_name(model_dtype)} tensors; export "
+            f"reads {', '.join(CAST_DTYPES)} checkpoints"
+        )
     entries: list[TensorEntry] = []
     with converter_gpt_model(args, model_dtype) as model:
-        targets = {k: v for k, v in model.state_dict().items()
-                   if not k.endswith("_extra_state")}
+        targets = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         filled: set[str] = set()
-        with torch.no_grad(), tqdm(total=len(names), desc=f"export {src.name}",
-                                   disable=not progress) as bar:
+        with (
+            torch.no_grad(),
+            tqdm(total=len(names), desc=f"export {src.name}", disable=not progress) as bar,
+        ):
             for group in _layer_groups(names):
                 native = {n: reader.read(n) for n in group}
                 for name in group:
                     digest = hashlib.sha256(tensor_bytes(native[name])).hexdigest()
-                    entries.append(TensorEntry(name, tuple(native[name].shape),
-                                               dtype_name(dtypes[name]), digest, dst.name))
+                    entries.append(
+                        TensorEntry(
+                            name,
+                            tuple(native[name].shape),
+                            dtype_name(dtypes[name]),
+                            digest,
+                            dst.name,
+                        )
+                    )
                 for key, tensor in native_to_megatron(native, args).items():
-                    if key == "output_layer.weight" and args.tie_word_embeddings \
-                            and key not in targets:
+                    if (
+                        key == "output_layer.weight"
+                        and args.tie_word_embeddings
+                        and key not in targets
+                    ):
                         continue  # one stage: the output layer reads the embedding
                     if key not in targets or targets[key].shape != tensor.shape:
                         want = list(targets[key].shape) if key in targets else "no such"
                         raise MegatronCheckpointError(
                             f"{src}: GPTModel tensor {key} would be {list(tensor.shape)} "
                             f"but the model built from config.json has {want}; the "
-                            f"tensors disagree with config.json")
+                            f"tensors disagree with config.json"
+                        )
                     targets[key].copy_(tensor)
                     filled.add(key)
                 bar.update(len(group))
         unset = sorted(set(targets) - filled)
         if unset:
-            raise MegatronCheckpointError(f"{src} gives no tensor for GPTModel's {unset[0]}"
-                                          f" ({len(unset)} unset); the checkpoint is "
-                                          f"incomplete for its config.json")
+            raise MegatronCheckpointError(
+                f"{src} gives no tensor for GPTModel's {unset[0]}"
+                f" ({len(unset)} unset); the checkpoint is "
+                f"incomplete for its config.json"
+            )
         side = _side_files(src)
-        check_free_space(dst, sum(reader.nbytes(n) for n in names)
-                         + sum(p.stat().st_size for p in side))
+        check_free_space(
+            dst, sum(reader.nbytes(n) for n in names) + sum(p.stat().st_size for p in side)
+        )
         with staged_directory(dst) as tmp:
             save_megatron(model, tmp)
             shutil.copyfile(src / "config.json", tmp / "config.json")
             for path in side:
                 shutil.copyfile(path, tmp / path.name)
             manifest = {
-                "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                "family": reader.family, "dtype": dtype_name(model_dtype),
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "family": reader.family,
+                "dtype": dtype_name(model_dtype),
                 "megatron_core": megatron.core.__version__,
                 "side_files": [p.name for p in side],
-                "tensors": [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype,
-                             "sha256": e.sha256} for e in entries],
+                "tensors": [
+                    {"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "sha256": e.sha256}
+                    for e in entries
+                ],
             }
             (tmp / MEGATRON_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return entries
 
 
 # ---- import: Megatron checkpoint -> moe_ext directory --------------------------------------
+
 
 def read_megatron_manifest(directory: Path) -> Optional[dict[str, Any]]:
     """The parsed export manifest (tensors as name -> row), or None when absent."""
@@ -408,35 +488,46 @@ def read_megatron_manifest(directory: Path) -> Optional[dict[str, Any]]:
         if raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
             raise MegatronCheckpointError(
                 f"{path} has format {raw.get('format')!r} version {raw.get('format_version')!r}"
-                f"; this moe_ext reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
+                f"; this moe_ext reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+            )
         raw["tensors"] = {row["name"]: row for row in raw["tensors"]}
         for name in raw["side_files"]:
             confined_file(directory, name, f"{path} (side_files)")
     except (OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, MegatronCheckpointError):
             raise
-        raise MegatronCheckpointError(f"cannot parse {path} ({e}); re-run export-megatron or "
-                                      f"remove the file to import without the bit check") from None
+        raise MegatronCheckpointError(
+            f"cannot parse {path} ({e}); re-run export-megatron or "
+            f"remove the file to import without the bit check"
+        ) from e
     return raw
 
 
-def _stored_dtype(stored: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                  directory: Path) -> torch.dtype:
+def _stored_dtype(
+    stored: dict[str, tuple[tuple[int, ...], torch.dtype]], directory: Path
+) -> torch.dtype:
     """The dtype to build the loading model in: the checkpoint's (most common) float dtype."""
     counts: dict[torch.dtype, int] = {}
     for _, dt in stored.values():
         if dt.is_floating_point:
             counts[dt] = counts.get(dt, 0) + 1
     if not counts:
-        raise MegatronCheckpointError(f"{directory / '.metadata'} lists no floating-point "
-                                      f"tensors; this is not a model checkpoint")
+        raise MegatronCheckpointError(
+            f"{directory / '.metadata'} lists no floating-point "
+            f"tensors; this is not a model checkpoint"
+        )
     return max(counts, key=counts.get)
 
 
-def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
-                    force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    progress: bool = True, trust_checkpoint: bool = False
-                    ) -> list[TensorEntry]:
+def import_megatron(
+    src: PathLike,
+    dst: PathLike,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+    trust_checkpoint: bool = False,
+) -> list[TensorEntry]:
     """Convert the Megatron checkpoint ``src`` (``export_megatron``'s output, or a torch_dist
     checkpoint of the same GPTModel with config.json placed next to it) into a moe_ext
     directory ``dst``. Every tensor config.json implies must come out with its shape and
@@ -449,8 +540,9 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
 
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype_name(dtype) not in CAST_DTYPES:
-        raise MegatronCheckpointError(f"--dtype {dtype} is not supported; use one of "
-                                      f"{', '.join(CAST_DTYPES)}")
+        raise MegatronCheckpointError(
+            f"--dtype {dtype} is not supported; use one of {', '.join(CAST_DTYPES)}"
+        )
     if not src.is_dir():
         raise MegatronCheckpointError(f"checkpoint directory {src} does not exist")
     _check_destination(src, dst, force)
@@ -459,10 +551,12 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
         config = json.loads(config_path.read_text())
         family = hf_maps.family_of(config)
     except FileNotFoundError:
-        raise MegatronCheckpointError(f"{config_path} is missing; put the model's Hugging Face "
-                                      f"config.json next to the Megatron checkpoint") from None
+        raise MegatronCheckpointError(
+            f"{config_path} is missing; put the model's Hugging Face "
+            f"config.json next to the Megatron checkpoint"
+        ) from None
     except ValueError as e:
-        raise MegatronCheckpointError(f"{config_path}: {e}") from None
+        raise MegatronCheckpointError(f"{config_path}: {e}") from e
     args = _model_args(config, src)
     manifest = read_megatron_manifest(src)
     stored = checkpoint_tensors(src)
@@ -473,16 +567,22 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     expected = hf_maps.native_shapes(config)
     for name, shape in expected.items():
         if name not in native:
-            raise MegatronCheckpointError(f"tensor {name} {list(shape)} is missing after "
-                                          f"loading {src}; the checkpoint does not match "
-                                          f"config.json")
+            raise MegatronCheckpointError(
+                f"tensor {name} {list(shape)} is missing after "
+                f"loading {src}; the checkpoint does not match "
+                f"config.json"
+            )
         if tuple(native[name].shape) != shape:
-            raise MegatronCheckpointError(f"tensor {name} is {list(native[name].shape)} after "
-                                          f"loading {src}, config.json implies {list(shape)}")
+            raise MegatronCheckpointError(
+                f"tensor {name} is {list(native[name].shape)} after "
+                f"loading {src}, config.json implies {list(shape)}"
+            )
     extra = sorted(set(native) - set(expected))
     if extra:
-        raise MegatronCheckpointError(f"tensor {extra[0]} from {src} is not implied by "
-                                      f"config.json ({len(extra)} such); wrong config.json?")
+        raise MegatronCheckpointError(
+            f"tensor {extra[0]} from {src} is not implied by "
+            f"config.json ({len(extra)} such); wrong config.json?"
+        )
     target = torch_dtype(dtype) if dtype is not None else None
     tensors = {}
     for name in expected:  # native model order
@@ -491,49 +591,62 @@ def import_megatron(src: PathLike, dst: PathLike, dtype: Optional[str] = None,
     if manifest is not None:
         _check_against_manifest(tensors, manifest, src)
     overall = dtype_name(target) if target is not None else dtype_name(model_dtype)
-    side = (manifest["side_files"] if manifest is not None
-            else [p.name for p in _side_files(src)])
+    side = manifest["side_files"] if manifest is not None else [p.name for p in _side_files(src)]
     return _write_moe_ext(src, dst, tensors, family, overall, side, max_shard_bytes, progress)
 
 
-def _check_against_manifest(tensors: dict[str, torch.Tensor], manifest: dict[str, Any],
-                            src: Path) -> None:
+def _check_against_manifest(
+    tensors: dict[str, torch.Tensor], manifest: dict[str, Any], src: Path
+) -> None:
     """Every source tensor of the export must come back, bit-exact where the dtype is kept."""
     rows = manifest["tensors"]
     for name, row in rows.items():
         if name not in tensors:
-            raise MegatronCheckpointError(f"tensor {name} of the exported source "
-                                          f"({src / MEGATRON_MANIFEST}) did not come back")
+            raise MegatronCheckpointError(
+                f"tensor {name} of the exported source "
+                f"({src / MEGATRON_MANIFEST}) did not come back"
+            )
         t = tensors[name]
         if list(t.shape) != list(row["shape"]):
-            raise MegatronCheckpointError(f"tensor {name} came back {list(t.shape)}, the "
-                                          f"source was {row['shape']} ({src / MEGATRON_MANIFEST})")
+            raise MegatronCheckpointError(
+                f"tensor {name} came back {list(t.shape)}, the "
+                f"source was {row['shape']} ({src / MEGATRON_MANIFEST})"
+            )
         if dtype_name(t.dtype) != row["dtype"]:
             continue  # cast on purpose (--dtype): shapes only
         if hashlib.sha256(tensor_bytes(t)).hexdigest() != row["sha256"]:
             raise MegatronCheckpointError(
                 f"tensor {name} differs from the exported source (sha256 in "
                 f"{src / MEGATRON_MANIFEST}); the checkpoint changed after export — remove "
-                f"the manifest to import changed (e.g. trained) weights")
+                f"the manifest to import changed (e.g. trained) weights"
+            )
     extra = sorted(set(tensors) - set(rows))
     if extra:
-        raise MegatronCheckpointError(f"tensor {extra[0]} is not in the exported source's "
-                                      f"manifest {src / MEGATRON_MANIFEST}")
+        raise MegatronCheckpointError(
+            f"tensor {extra[0]} is not in the exported source's manifest {src / MEGATRON_MANIFEST}"
+        )
 
 
-def _write_moe_ext(src: Path, dst: Path, tensors: dict[str, torch.Tensor], family: str,
-                   overall: str, side_files: list[str], max_shard_bytes: int,
-                   progress: bool) -> list[TensorEntry]:
+def _write_moe_ext(
+    src: Path,
+    dst: Path,
+    tensors: dict[str, torch.Tensor],
+    family: str,
+    overall: str,
+    side_files: list[str],
+    max_shard_bytes: int,
+    progress: bool,
+) -> list[TensorEntry]:
     """Safetensors shards + config.json + side files + moe_ext.json, staged and renamed."""
-    shards = plan_shards([(n, nbytes(t.shape, t.dtype)) for n, t in tensors.items()],
-                         max_shard_bytes)
+    shards = plan_shards(
+        [(n, nbytes(t.shape, t.dtype)) for n, t in tensors.items()], max_shard_bytes
+    )
     entries: list[TensorEntry] = []
     check_free_space(dst, sum(nbytes(t.shape, t.dtype) for t in tensors.values()))
     with staged_directory(dst) as tmp:
         with tqdm(total=len(tensors), desc=f"import {src.name}", disable=not progress) as bar:
             for file, names in shards:
-                layout = [(n, dtype_name(tensors[n].dtype), tuple(tensors[n].shape))
-                          for n in names]
+                layout = [(n, dtype_name(tensors[n].dtype), tuple(tensors[n].shape)) for n in names]
                 writer = SafetensorsWriter(tmp / file, layout)
                 try:
                     for name, dt, shape in layout:
@@ -547,8 +660,9 @@ def _write_moe_ext(src: Path, dst: Path, tensors: dict[str, torch.Tensor], famil
         shutil.copyfile(src / "config.json", tmp / "config.json")
         for name in side_files:
             if not (src / name).is_file():
-                raise MegatronCheckpointError(f"side file {name} listed in "
-                                              f"{src / MEGATRON_MANIFEST} is missing from {src}")
+                raise MegatronCheckpointError(
+                    f"side file {name} listed in {src / MEGATRON_MANIFEST} is missing from {src}"
+                )
             shutil.copyfile(src / name, tmp / name)
         write_manifest(tmp, family, overall, entries)
     return entries

@@ -30,10 +30,12 @@ here): dense parameters averaged over dp, expert parameters (``allreduce = False
 summed over edp and divided by dp, i.e. the gradient of the mean of the per-rank losses,
 as the DeepSpeed engine does. fp32 parameters, torch AdamW, tp = pp = 1.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -42,8 +44,10 @@ from torch import nn
 from moe_ext.launching import UsageError
 
 CUDA_ONLY = "engine=megatron needs CUDA (Megatron-core is CUDA-only); use engine={fallback}"
-LOG_LINE = ("engine=megatron: Megatron-core GPTModel with the moe_ext MoE layer; generation "
-            "recomputes the full sequence every step (no KV cache: correctness path, slow)")
+LOG_LINE = (
+    "engine=megatron: Megatron-core GPTModel with the moe_ext MoE layer; generation "
+    "recomputes the full sequence every step (no KV cache: correctness path, slow)"
+)
 
 
 class MegatronEngineError(UsageError):
@@ -51,6 +55,7 @@ class MegatronEngineError(UsageError):
 
 
 # ---- checks made before any process group exists ----------------------------------------
+
 
 def require_cuda(device: str, cuda_available: bool, fallback: str) -> None:
     """Refuse engine=megatron without CUDA (``device`` is the launcher's device= value)."""
@@ -63,15 +68,21 @@ def check_plan(plan: Any, args: Any, training: bool = False) -> None:
     try:
         from moe_ext.megatron.config import MegatronConfigError, transformer_config_kwargs
     except ImportError as err:
-        raise MegatronEngineError(f"engine=megatron: megatron-core is not importable ({err}); "
-                                  f"pip install megatron-core or use the other engine") from None
+        raise MegatronEngineError(
+            f"engine=megatron: megatron-core is not importable ({err}); "
+            f"pip install megatron-core or use the other engine"
+        ) from err
     if plan.pp > 1:
-        raise MegatronEngineError(f"engine=megatron runs parallel.pp=1 only (plan has pp="
-                                  f"{plan.pp}); use parallel.pp=1 or engine=native")
+        raise MegatronEngineError(
+            f"engine=megatron runs parallel.pp=1 only (plan has pp="
+            f"{plan.pp}); use parallel.pp=1 or engine=native"
+        )
     if training and plan.tp > 1:
-        raise MegatronEngineError(f"engine=megatron training runs parallel.tp=1 only (plan has "
-                                  f"tp={plan.tp}; the export maps unsharded tensors); use "
-                                  f"strategy=replicate or ep_* with parallel.tp=1")
+        raise MegatronEngineError(
+            f"engine=megatron training runs parallel.tp=1 only (plan has "
+            f"tp={plan.tp}; the export maps unsharded tensors); use "
+            f"strategy=replicate or ep_* with parallel.tp=1"
+        )
     tp = plan.tp
     if tp > 1:
         problems = []
@@ -79,32 +90,42 @@ def check_plan(plan: Any, args: Any, training: bool = False) -> None:
             problems.append(f"{args.num_key_value_heads} kv heads")
         if args.vocab_size % tp:
             problems.append(f"vocabulary of {args.vocab_size}")
-        if any(not args.is_moe_layer(i) for i in range(args.num_hidden_layers)) \
-                and args.intermediate_size % tp:
+        if (
+            any(not args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+            and args.intermediate_size % tp
+        ):
             problems.append(f"dense FFN size {args.intermediate_size}")
         if problems:
-            raise MegatronEngineError(f"Megatron splits {', '.join(problems)} over tp={tp}, which "
-                                      f"does not divide them; choose another parallel.tp")
+            raise MegatronEngineError(
+                f"Megatron splits {', '.join(problems)} over tp={tp}, which "
+                f"does not divide them; choose another parallel.tp"
+            )
     try:
         transformer_config_kwargs(args, plan)
     except MegatronConfigError as err:
-        raise MegatronEngineError(str(err)) from None
+        raise MegatronEngineError(str(err)) from err
 
 
 def check_train_settings(dtype: str, zero_stage: int) -> None:
     """engine=megatron trains fp32 parameters with torch AdamW, without ZeRO."""
     if dtype not in ("auto", "fp32"):
-        raise MegatronEngineError(f"engine=megatron trains in fp32 (dtype={dtype} asked); use "
-                                  f"dtype=fp32 or auto, or engine=deepspeed for bf16")
+        raise MegatronEngineError(
+            f"engine=megatron trains in fp32 (dtype={dtype} asked); use "
+            f"dtype=fp32 or auto, or engine=deepspeed for bf16"
+        )
     if zero_stage != 0:
-        raise MegatronEngineError(f"engine=megatron has no ZeRO (train.zero_stage={zero_stage}); "
-                                  f"use train.zero_stage=0 or engine=deepspeed")
+        raise MegatronEngineError(
+            f"engine=megatron has no ZeRO (train.zero_stage={zero_stage}); "
+            f"use train.zero_stage=0 or engine=deepspeed"
+        )
 
 
 # ---- the model ---------------------------------------------------------------------------
 
-def native_shard_to_megatron(state: dict[str, torch.Tensor], args: Any, plan: Any,
-                             ranks: Any) -> dict[str, torch.Tensor]:
+
+def native_shard_to_megatron(
+    state: dict[str, torch.Tensor], args: Any, plan: Any, ranks: Any
+) -> dict[str, torch.Tensor]:
     """This rank's native shard (names and slices of ``shard_slices``; pp = 1) -> its
     GPTModel state: Megatron names, q/k/v fused per query group, vocabulary rows of the
     embedding and output layer split over tp (native ranks hold all rows)."""
@@ -117,13 +138,19 @@ def native_shard_to_megatron(state: dict[str, torch.Tensor], args: Any, plan: An
         rows = args.vocab_size // plan.tp
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name in out:
-                out[name] = out[name][ranks.tp_rank * rows:(ranks.tp_rank + 1) * rows]
+                out[name] = out[name][ranks.tp_rank * rows : (ranks.tp_rank + 1) * rows]
     return out
 
 
-def build_gpt_model(args: Any, plan: Any, groups: Any, device: torch.device,
-                    dtype: torch.dtype, aux_loss_coeff: float = 0.0,
-                    z_loss_coeff: float = 0.0) -> nn.Module:
+def build_gpt_model(
+    args: Any,
+    plan: Any,
+    groups: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    aux_loss_coeff: float = 0.0,
+    z_loss_coeff: float = 0.0,
+) -> nn.Module:
     """An uninitialised GPTModel (our layer spec, our groups) on ``device`` in ``dtype``.
     Installs Megatron's parallel_state from ``groups`` (left installed: the model's
     attention reads it). aux/z coefficients are ours (``train.*``), mapped to Megatron's."""
@@ -132,26 +159,43 @@ def build_gpt_model(args: Any, plan: Any, groups: Any, device: torch.device,
 
     from moe_ext.megatron.config import gpt_model_kwargs, transformer_config_kwargs
     from moe_ext.megatron.spec import get_gpt_decoder_block_spec
-    from moe_ext.megatron.state import (install_parallel_state, pg_collection,
-                                        seed_model_parallel_rng)
+    from moe_ext.megatron.state import (
+        install_parallel_state,
+        pg_collection,
+        seed_model_parallel_rng,
+    )
 
     install_parallel_state(groups)
     if device.type == "cuda":
         seed_model_parallel_rng(groups, args.init_seed)
-    config = TransformerConfig(**transformer_config_kwargs(
-        args, plan, params_dtype=dtype, perform_initialization=False,
-        use_cpu_initialization=device.type == "cpu",
-        moe_aux_loss_coeff=aux_loss_coeff * args.num_experts_per_tok,
-        moe_z_loss_coeff=z_loss_coeff or None))
+    config = TransformerConfig(
+        **transformer_config_kwargs(
+            args,
+            plan,
+            params_dtype=dtype,
+            perform_initialization=False,
+            use_cpu_initialization=device.type == "cpu",
+            moe_aux_loss_coeff=aux_loss_coeff * args.num_experts_per_tok,
+            moe_z_loss_coeff=z_loss_coeff or None,
+        )
+    )
     spec = get_gpt_decoder_block_spec(config, plan, groups)
     model = GPTModel(config, spec, pg_collection=pg_collection(groups), **gpt_model_kwargs(args))
     return model.to(device=device, dtype=dtype)  # norms are created in fp32
 
 
-def build_megatron_model(source: Any, plan: Any, groups: Any, rank: int, device: torch.device,
-                         dtype: torch.dtype, progress: bool = False,
-                         native: Optional[nn.Module] = None, aux_loss_coeff: float = 0.0,
-                         z_loss_coeff: float = 0.0) -> nn.Module:
+def build_megatron_model(
+    source: Any,
+    plan: Any,
+    groups: Any,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    native: Optional[nn.Module] = None,
+    aux_loss_coeff: float = 0.0,
+    z_loss_coeff: float = 0.0,
+) -> nn.Module:
     """This rank's GPTModel holding the weights of ``source`` (a launching.ModelSource).
 
     native: this rank's native shard if the caller has it (training keeps it for the
@@ -162,11 +206,11 @@ def build_megatron_model(source: Any, plan: Any, groups: Any, rank: int, device:
 
     if native is None:
         native = build_model_shard(source, plan, groups, rank, device, dtype, progress)
-    model = build_gpt_model(source.args, plan, groups, device, dtype, aux_loss_coeff,
-                            z_loss_coeff)
+    model = build_gpt_model(source.args, plan, groups, device, dtype, aux_loss_coeff, z_loss_coeff)
     with torch.no_grad():
-        load_into_megatron(model, native_shard_to_megatron(native.state_dict(), source.args,
-                                                           plan, groups))
+        load_into_megatron(
+            model, native_shard_to_megatron(native.state_dict(), source.args, plan, groups)
+        )
     return model
 
 
@@ -179,9 +223,11 @@ def copy_to_native(model: nn.Module, native: nn.Module) -> None:
     own = native.state_dict()
     missing = sorted(n for n, p in native.named_parameters() if n not in state)
     if missing or any(n not in own for n in state):
-        raise MegatronEngineError(f"GPTModel and the native shard disagree (missing "
-                                  f"{missing[:3]}, extra {[n for n in state if n not in own][:3]})"
-                                  f"; build both from the same args and plan")
+        raise MegatronEngineError(
+            f"GPTModel and the native shard disagree (missing "
+            f"{missing[:3]}, extra {[n for n in state if n not in own][:3]})"
+            f"; build both from the same args and plan"
+        )
     with torch.no_grad():
         for name, param in native.named_parameters():
             param.copy_(state[name])
@@ -195,8 +241,9 @@ def causal_mask(length: int, device: torch.device) -> Optional[torch.Tensor]:
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), 1)[None, None]
 
 
-def _forward_logits(model: nn.Module, tokens: torch.Tensor, tp_group: Any,
-                    last: torch.Tensor) -> torch.Tensor:
+def _forward_logits(
+    model: nn.Module, tokens: torch.Tensor, tp_group: Any, last: torch.Tensor
+) -> torch.Tensor:
     """tokens [B, S] -> logits [B, V] at positions ``last`` [B] (full vocabulary: the
     vocab-parallel shards are all-gathered over tp)."""
     B, S = tokens.shape
@@ -215,17 +262,29 @@ def _fence(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # sync: timing boundary only
 
 
-def _run_batch(model: nn.Module, prompts: list[list[int]], max_new: list[int], conf: Any,
-               eos: Optional[torch.Tensor], pad_id: int, generator: Optional[torch.Generator],
-               tp_group: Any, result: Any, device: torch.device) -> list[list[int]]:
+def _run_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new: list[int],
+    conf: Any,
+    eos: Optional[torch.Tensor],
+    pad_id: int,
+    generator: Optional[torch.Generator],
+    tp_group: Any,
+    result: Any,
+    device: torch.device,
+) -> list[list[int]]:
     from moe_ext.model.generate import finish_requests, sample
 
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # [B]
     longest, steps = max(len(p) for p in prompts), max(max_new)
     # right padding: under the causal mask a real position never attends to it
-    buf = torch.tensor([list(p) + [pad_id] * (longest + steps - len(p)) for p in prompts],
-                       dtype=torch.long, device=device)  # [B, longest + steps]
+    buf = torch.tensor(
+        [list(p) + [pad_id] * (longest + steps - len(p)) for p in prompts],
+        dtype=torch.long,
+        device=device,
+    )  # [B, longest + steps]
     limits = torch.tensor(max_new, dtype=torch.long, device=device)  # [B]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)  # [B, steps]
@@ -262,10 +321,18 @@ def _run_batch(model: nn.Module, prompts: list[list[int]], max_new: list[int], c
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, prompt_ids: list[list[int]], conf: Any,
-             eos_id: Union[int, Sequence[int], None], pad_id: Optional[int] = None,
-             max_new_tokens: Union[int, Sequence[int], None] = None, seed: int = 0,
-             groups: Any = None, dp: int = 1, dp_rank: int = 0) -> Any:
+def generate(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    conf: Any,
+    eos_id: Union[int, Sequence[int], None],
+    pad_id: Optional[int] = None,
+    max_new_tokens: Union[int, Sequence[int], None] = None,
+    seed: int = 0,
+    groups: Any = None,
+    dp: int = 1,
+    dp_rank: int = 0,
+) -> Any:
     """``moe_ext.model.generate``'s contract for a GPTModel: continuations of
     ``prompt_ids`` (every rank passes the full list and gets every result), greedy
     (``conf.temperature == 0``) or temperature/top-p sampling from ``seed``, stop after an
@@ -287,8 +354,10 @@ def generate(model: nn.Module, prompt_ids: list[list[int]], conf: Any,
     longest = max(len(p) + m for p, m in zip(prompt_ids, max_new))
     limit = getattr(model, "max_sequence_length", None)
     if limit is not None and longest > limit:
-        raise GenerateError(f"a prompt plus its new tokens is {longest} tokens, over the "
-                            f"model's context of {limit}; shorten it")
+        raise GenerateError(
+            f"a prompt plus its new tokens is {longest} tokens, over the "
+            f"model's context of {limit}; shorten it"
+        )
     model.eval()
     generator = None
     if conf.temperature > 0:
@@ -300,9 +369,18 @@ def generate(model: nn.Module, prompt_ids: list[list[int]], conf: Any,
     batch = max(1, conf.max_batch_size)
     for start in range(0, n, batch):
         chunk = list(range(start, min(n, start + batch)))
-        result.tokens += _run_batch(model, [prompt_ids[i] for i in chunk],
-                                    [max_new[i] for i in chunk], conf, eos, pad_id, generator,
-                                    tp_group, result, device)
+        result.tokens += _run_batch(
+            model,
+            [prompt_ids[i] for i in chunk],
+            [max_new[i] for i in chunk],
+            conf,
+            eos,
+            pad_id,
+            generator,
+            tp_group,
+            result,
+            device,
+        )
     # this replica's share of the requests (the launcher sums the counts over replicas)
     mine = range(n * dp_rank // dp, n * (dp_rank + 1) // dp)
     result.prefill_tokens = sum(len(prompt_ids[i]) for i in mine)
@@ -311,6 +389,7 @@ def generate(model: nn.Module, prompt_ids: list[list[int]], conf: Any,
 
 
 # ---- training ----------------------------------------------------------------------------
+
 
 class GPTCausalLM(nn.Module):
     """``forward(batch[B, S+1] int64) -> (loss, lm_loss, aux_loss)`` fp32 scalars for a
@@ -327,14 +406,16 @@ class GPTCausalLM(nn.Module):
 
     def moe_layers(self) -> list[nn.Module]:
         from moe_ext.megatron.layer import MoEExtLayer
+
         return [m for m in self.model.modules() if isinstance(m, MoEExtLayer)]
 
     def forward(self, batch: torch.Tensor):
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S] each
         B, S = inputs.shape
         positions = torch.arange(S, device=inputs.device)[None].expand(B, S)  # [B, S]
-        per_token = self.model(inputs, positions, causal_mask(S, inputs.device),
-                               labels=targets)  # [B, S] fp32
+        per_token = self.model(
+            inputs, positions, causal_mask(S, inputs.device), labels=targets
+        )  # [B, S] fp32
         lm_loss = per_token.float().mean()
         zero = lm_loss.new_zeros(())
         layers = self.moe_layers()
@@ -354,7 +435,7 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group: Any, scale: float) -
     flat.mul_(scale)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -397,19 +478,42 @@ class MegatronTrainEngine:
         return None  # the Trainer measures and clips itself
 
 
-def build_train_engine(native: nn.Module, source: Any, groups: Any, device: torch.device, *,
-                       lr: float, weight_decay: float, betas: tuple[float, float],
-                       aux_loss_coeff: float, z_loss_coeff: float) -> MegatronTrainEngine:
+def build_train_engine(
+    native: nn.Module,
+    source: Any,
+    groups: Any,
+    device: torch.device,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    aux_loss_coeff: float,
+    z_loss_coeff: float,
+) -> MegatronTrainEngine:
     """A GPTModel (fp32) holding the weights of ``native`` (this rank's native shard, as
     launch/train.py builds it), wrapped for training; AdamW decays matrices, not norms."""
-    model = build_megatron_model(source, groups.plan, groups, 0, device, torch.float32,
-                                 native=native, aux_loss_coeff=aux_loss_coeff,
-                                 z_loss_coeff=z_loss_coeff)
+    model = build_megatron_model(
+        source,
+        groups.plan,
+        groups,
+        0,
+        device,
+        torch.float32,
+        native=native,
+        aux_loss_coeff=aux_loss_coeff,
+        z_loss_coeff=z_loss_coeff,
+    )
     model.train()
     module = GPTCausalLM(model, aux_loss_coeff, z_loss_coeff)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, foreach=False)
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=betas,
+        foreach=False,
+    )
     return MegatronTrainEngine(module, optimizer, groups)

@@ -27,6 +27,7 @@ Tokens and tensor parallelism (docs/ARCHITECTURE.md, "Rank layout"):
 Both token movements are differentiable with Megatron's conventions (a TP-replicated
 activation has the full, identical gradient on every TP rank).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -65,14 +66,25 @@ class MoEExtLayer(BaseMoELayer):
       experts_backend: GroupedExperts backend ("auto" | "grouped_mm" | "loop").
     """
 
-    def __init__(self, config: Any, submodules: Any = None, layer_number: Optional[int] = None,
-                 pg_collection: Any = None, is_mtp_layer: bool = False,
-                 name: Optional[str] = None, *, plan: Any, groups: Any = None,
-                 experts_backend: str = "auto"):
+    def __init__(
+        self,
+        config: Any,
+        submodules: Any = None,
+        layer_number: Optional[int] = None,
+        pg_collection: Any = None,
+        is_mtp_layer: bool = False,
+        name: Optional[str] = None,
+        *,
+        plan: Any,
+        groups: Any = None,
+        experts_backend: str = "auto",
+    ):
         if pg_collection is None:
             if groups is None:
-                raise MegatronConfigError("MoEExtLayer needs process groups: pass groups= (moe_ext "
-                                          "ProcessGroups) or pg_collection=")
+                raise MegatronConfigError(
+                    "MoEExtLayer needs process groups: pass groups= (moe_ext "
+                    "ProcessGroups) or pg_collection="
+                )
             pg_collection = groups.to_megatron_pg_collection()
         base_kwargs = dict(config=config, layer_number=layer_number, pg_collection=pg_collection)
         if "is_mtp_layer" in _BASE_INIT_PARAMS:
@@ -92,21 +104,28 @@ class MoEExtLayer(BaseMoELayer):
         else:
             dispatch_groups = DispatchGroups(
                 ep=pg_collection.ep if plan.ep > 1 else None,
-                etp=pg_collection.expt_tp if plan.etp > 1 else None)
-        self.dispatcher = build_dispatcher(plan.dispatcher, layer_kwargs["num_experts"],
-                                           dispatch_groups)
+                etp=pg_collection.expt_tp if plan.etp > 1 else None,
+            )
+        self.dispatcher = build_dispatcher(
+            plan.dispatcher, layer_kwargs["num_experts"], dispatch_groups
+        )
         if self.dispatcher.num_local_experts != self.num_local_experts:
             raise MegatronConfigError(
                 f"dispatcher {plan.dispatcher} holds {self.dispatcher.num_local_experts} local "
                 f"experts but Megatron's EP group implies {self.num_local_experts}; build the "
-                f"pg_collection from the same plan")
+                f"pg_collection from the same plan"
+            )
         if getattr(config, "use_cpu_initialization", False) or not torch.cuda.is_available():
             device = torch.device("cpu")
         else:
             device = torch.device("cuda", torch.cuda.current_device())
-        inner = build_moe_layer(**layer_kwargs, dispatcher=self.dispatcher,
-                                experts_backend=experts_backend,
-                                dtype=getattr(config, "params_dtype", None), device=device)
+        inner = build_moe_layer(
+            **layer_kwargs,
+            dispatcher=self.dispatcher,
+            experts_backend=experts_backend,
+            dtype=getattr(config, "params_dtype", None),
+            device=device,
+        )
         # Our parts become this module's children under their native names.
         self.router = inner.router
         self.experts = inner.experts
@@ -122,23 +141,31 @@ class MoEExtLayer(BaseMoELayer):
     # -- construction helpers ----------------------------------------------------------
     @staticmethod
     def _check_groups(config: Any, plan: Any, pg_collection: Any) -> None:
-        sizes = {"tp": (group_size(pg_collection.tp), plan.tp),
-                 "ep": (group_size(pg_collection.ep), plan.ep),
-                 "expt_tp": (group_size(getattr(pg_collection, "expt_tp", None)), plan.etp)}
+        sizes = {
+            "tp": (group_size(pg_collection.tp), plan.tp),
+            "ep": (group_size(pg_collection.ep), plan.ep),
+            "expt_tp": (group_size(getattr(pg_collection, "expt_tp", None)), plan.etp),
+        }
         bad = {k: v for k, v in sizes.items() if v[0] != v[1]}
         if bad:
             raise MegatronConfigError(
-                f"pg_collection group sizes {({k: v[0] for k, v in bad.items()})} differ from the "
-                f"plan's ({({k: v[1] for k, v in bad.items()})}); build it with "
-                f"ProcessGroups.build(plan, ...).to_megatron_pg_collection()")
-        for field, want in (("expert_model_parallel_size", plan.ep),
-                            ("expert_tensor_parallel_size", plan.etp),
-                            ("tensor_model_parallel_size", plan.tp)):
+                f"pg_collection group sizes { ({k: v[0] for k, v in bad.items()}) } differ from "
+                "the "
+                f"plan's ({ ({k: v[1] for k, v in bad.items()}) }); build it with "
+                f"ProcessGroups.build(plan, ...).to_megatron_pg_collection()"
+            )
+        for field, want in (
+            ("expert_model_parallel_size", plan.ep),
+            ("expert_tensor_parallel_size", plan.etp),
+            ("tensor_model_parallel_size", plan.tp),
+        ):
             have = getattr(config, field, None)
             if have is not None and have != want:
-                raise MegatronConfigError(f"config.{field}={have} but the plan has {want}; build "
-                                          f"the TransformerConfig from the plan (moe_ext.megatron."
-                                          f"transformer_config_kwargs)")
+                raise MegatronConfigError(
+                    f"config.{field}={have} but the plan has {want}; build "
+                    f"the TransformerConfig from the plan (moe_ext.megatron."
+                    f"transformer_config_kwargs)"
+                )
 
     def _mark_params(self, config: Any) -> None:
         """Megatron's gradient bookkeeping: expert weights are reduced over the expert-data-
@@ -189,8 +216,9 @@ class MoEExtLayer(BaseMoELayer):
         return self.router.expert_load
 
     # -- Megatron distributed checkpointing --------------------------------------------
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: Optional[dict] = None) -> dict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict:
         """This layer's tensors for ``megatron.core.dist_checkpointing``: key
         ``{prefix}<native name>``, each naming the global (unsharded) tensor, so a checkpoint
         saved under one plan loads under any other.
@@ -227,23 +255,33 @@ class MoEExtLayer(BaseMoELayer):
         edp_group = self.expt_dp_group
         if edp_group is None:  # a pg_collection without expt_dp: Megatron's global one
             from megatron.core import parallel_state
+
             edp_group = parallel_state.get_expert_data_parallel_group()
         expert_replica = (0, 0, group_rank(edp_group))
         expert_block = (lead, ep_rank, ep)
 
-        def gate_up_halves(key: str, t: torch.Tensor, replica_id: Any,
-                           flattened_range: Optional[slice]) -> list:
+        def gate_up_halves(
+            key: str, t: torch.Tensor, replica_id: Any, flattened_range: Optional[slice]
+        ) -> list:
             if flattened_range is not None:
                 raise MegatronConfigError(
                     f"{key}: flattened (bucket-space) sharding of FFN-sharded experts is not "
                     f"supported; save with a non-flattened format (e.g. the distributed "
-                    f"optimizer's fully_sharded_model_space / dp_reshardable)")
+                    f"optimizer's fully_sharded_model_space / dp_reshardable)"
+                )
             gate, up = t.chunk(2, dim=1)  # [E_local, F_local, H] each
-            return [ShardedTensor.from_rank_offsets(
-                        key, half.contiguous(), *sharded_offsets, expert_block,
-                        (lead + 1, fragment, 2 * etp), replica_id=replica_id,
-                        prepend_axis_num=lead)
-                    for half, fragment in ((gate, etp_rank), (up, etp + etp_rank))]
+            return [
+                ShardedTensor.from_rank_offsets(
+                    key,
+                    half.contiguous(),
+                    *sharded_offsets,
+                    expert_block,
+                    (lead + 1, fragment, 2 * etp),
+                    replica_id=replica_id,
+                    prepend_axis_num=lead,
+                )
+                for half, fragment in ((gate, etp_rank), (up, etp + etp_rank))
+            ]
 
         def gate_up_merge(halves: list) -> torch.Tensor:
             return torch.cat(halves, dim=1)  # [E_local, 2F_local, H]
@@ -252,31 +290,51 @@ class MoEExtLayer(BaseMoELayer):
         for name, tensor in self.state_dict(prefix="", keep_vars=True).items():
             key = f"{prefix}{name}"
             if name == "experts.gate_up_proj" and etp > 1:
-                out[key] = ShardedTensorFactory(key, tensor, gate_up_halves, gate_up_merge,
-                                                expert_replica)
+                out[key] = ShardedTensorFactory(
+                    key, tensor, gate_up_halves, gate_up_merge, expert_replica
+                )
             elif name == "experts.gate_up_proj":
                 out[key] = ShardedTensor.from_rank_offsets(
-                    key, tensor, *sharded_offsets, expert_block, replica_id=expert_replica,
-                    prepend_axis_num=lead)
+                    key,
+                    tensor,
+                    *sharded_offsets,
+                    expert_block,
+                    replica_id=expert_replica,
+                    prepend_axis_num=lead,
+                )
             elif name == "experts.down_proj":
                 ffn = ((lead + 2, etp_rank, etp),) if etp > 1 else ()
                 out[key] = ShardedTensor.from_rank_offsets(
-                    key, tensor, *sharded_offsets, expert_block, *ffn,
-                    replica_id=expert_replica, prepend_axis_num=lead)
+                    key,
+                    tensor,
+                    *sharded_offsets,
+                    expert_block,
+                    *ffn,
+                    replica_id=expert_replica,
+                    prepend_axis_num=lead,
+                )
             elif name.startswith("experts."):
-                raise MegatronConfigError(f"{key}: no checkpoint sharding known for expert "
-                                          f"tensor {name}; add it to sharded_state_dict")
+                raise MegatronConfigError(
+                    f"{key}: no checkpoint sharding known for expert "
+                    f"tensor {name}; add it to sharded_state_dict"
+                )
             else:
                 out[key] = make_sharded_tensor_for_checkpoint(
-                    tensor, key, prepend_offsets=sharded_offsets, tp_group=self.attn_tp_group,
-                    dp_cp_group=metadata["dp_cp_group"])
+                    tensor,
+                    key,
+                    prepend_offsets=sharded_offsets,
+                    tp_group=self.attn_tp_group,
+                    dp_cp_group=metadata["dp_cp_group"],
+                )
         return out
 
     # -- forward -------------------------------------------------------------------------
-    def _routed(self, tokens: torch.Tensor, weights: torch.Tensor,
-                expert_idx: torch.Tensor) -> torch.Tensor:
+    def _routed(
+        self, tokens: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
+    ) -> torch.Tensor:
         """tokens [T, H], weights [T, k] f32, expert_idx [T, k] -> routed output [T, H], with
         the tokens moved over TP as the module docstring says."""
+
         def experts_path(x, w, idx):
             return routed_output(self.dispatcher, self.experts, x, w, idx)
 
@@ -296,15 +354,22 @@ class MoEExtLayer(BaseMoELayer):
             return take_slice(experts_path(x, w, idx), group)  # [T, H]
         return experts_path(tokens, weights, expert_idx)
 
-    def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None,
-                padding_mask: Optional[torch.Tensor] = None, **unused: Any):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        intermediate_tensors: Any = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        **unused: Any,
+    ):
         """hidden_states: [S, B, H] in the model dtype. Returns (output [S, B, H], None).
 
         ``padding_mask`` is accepted for Megatron's call signature; padding tokens are
         routed like any other (their outputs are ignored downstream)."""
         if intermediate_tensors is not None:
-            raise MegatronConfigError("MoEExtLayer does not support partial CUDA-graph capture "
-                                      "of the MoE layer; leave moe_* out of cuda_graph_scope")
+            raise MegatronConfigError(
+                "MoEExtLayer does not support partial CUDA-graph capture "
+                "of the MoE layer; leave moe_* out of cuda_graph_scope"
+            )
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # [T, H]
         routing = self.router(tokens)
@@ -315,21 +380,28 @@ class MoEExtLayer(BaseMoELayer):
             output = self._attach_router_losses(output, routing.aux_loss, routing.z_loss)
         return output.reshape(shape), None
 
-    def _attach_router_losses(self, output: torch.Tensor, aux: torch.Tensor,
-                              z: torch.Tensor) -> torch.Tensor:
+    def _attach_router_losses(
+        self, output: torch.Tensor, aux: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
         """Put the weighted router losses into the backward pass the way Megatron does
         (MoEAuxLossAutoScaler: identity forward, loss gradient injected backward), and
         report them to Megatron's aux-loss tracker for logging."""
         from megatron.core.transformer.moe import moe_utils
 
-        terms = [(name, coeff * loss) for name, coeff, loss in
-                 (("load_balancing_loss", self.aux_loss_coeff, aux),
-                  ("z_loss", self.z_loss_coeff, z)) if coeff]
+        terms = [
+            (name, coeff * loss)
+            for name, coeff, loss in (
+                ("load_balancing_loss", self.aux_loss_coeff, aux),
+                ("z_loss", self.z_loss_coeff, z),
+            )
+            if coeff
+        ]
         for name, loss in terms:
             output = moe_utils.MoEAuxLossAutoScaler.apply(output, loss)
             if self.layer_number is not None:
-                moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
-                                                     self.config.num_layers)
+                moe_utils.save_to_aux_losses_tracker(
+                    name, loss.detach(), self.layer_number, self.config.num_layers
+                )
         return output
 
 
@@ -342,6 +414,7 @@ class _expert_rng:
             return
         try:
             from megatron.core.tensor_parallel import random as mrandom
+
             tracker = mrandom.get_cuda_rng_tracker()
             name = mrandom.get_expert_parallel_rng_tracker_name()
             if name in tracker.get_states():

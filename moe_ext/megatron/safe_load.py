@@ -19,6 +19,7 @@ checkpoint. Here:
 unpickling to Megatron and torch, for checkpoints that hold other objects (Transformer
 Engine's FP8 recipe in ``_extra_state``, say); only for checkpoints you made yourself.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +41,15 @@ from moe_ext.checkpoint.format import confined_file
 DCP_METADATA = ".metadata"
 MEGATRON_FILES = ("metadata.json", "common.pt", DCP_METADATA)
 # modules of torch.distributed.checkpoint whose dataclasses and enums make up the metadata
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
-_TRUST_HINT = ("if you made this checkpoint yourself, pass --trust-checkpoint "
-               "(load_megatron/import_megatron trust_checkpoint=True)")
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
+_TRUST_HINT = (
+    "if you made this checkpoint yourself, pass --trust-checkpoint "
+    "(load_megatron/import_megatron trust_checkpoint=True)"
+)
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -56,8 +62,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module in _DCP_MODULES:
             obj = getattr(importlib.import_module(module), name, None)
-            plain = isinstance(obj, type) and (dataclasses.is_dataclass(obj)
-                                               or issubclass(obj, enum.Enum))
+            plain = isinstance(obj, type) and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)
+            )
             if plain:
                 return obj
         elif module == "torch" and name == "Size":
@@ -86,19 +93,27 @@ def read_dcp_metadata(directory: Path) -> Any:
         with open(path, "rb") as f:
             metadata = restricted_pickle_load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; pass the directory "
-                              f"dist_checkpointing.save wrote") from None
+        raise CheckpointError(
+            f"{path} is missing; pass the directory dist_checkpointing.save wrote"
+        ) from None
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(_refusal(path, str(e))) from None
+        raise UnsafeCheckpointError(_refusal(path, str(e))) from e
     except Exception as e:  # noqa: BLE001 - truncated or garbled metadata is one line
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); only Megatron's "
-                              f"torch_dist format is read") from None
+        raise CheckpointError(
+            f"cannot read {path} ({type(e).__name__}: {e}); only Megatron's "
+            f"torch_dist format is read"
+        ) from e
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
-        raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not torch checkpoint "
-                              f"metadata; only Megatron's torch_dist format is read")
+        raise CheckpointError(
+            f"{path} holds a {type(metadata).__name__}, not torch checkpoint "
+            f"metadata; only Megatron's torch_dist format is read"
+        )
     for index, info in metadata.storage_data.items():
-        confined_file(directory, getattr(info, "relative_path", None),
-                      f"{path} (storage entry {getattr(index, 'fqn', index)!r})")
+        confined_file(
+            directory,
+            getattr(info, "relative_path", None),
+            f"{path} (storage entry {getattr(index, 'fqn', index)!r})",
+        )
     return metadata
 
 
@@ -113,8 +128,10 @@ def _refusal(where: Any, message: str) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", message)  # torch's weights_only refusals name it so
     lines = message.strip().splitlines()
     what = found.group(1) if found else lines[0][:200] if lines else "an object"
-    return (f"refusing to unpickle {what} from {where}: checkpoint files may only hold tensors "
-            f"and plain data, this one could run code; {_TRUST_HINT}")
+    return (
+        f"refusing to unpickle {what} from {where}: checkpoint files may only hold tensors "
+        f"and plain data, this one could run code; {_TRUST_HINT}"
+    )
 
 
 class _RestrictedPickleModule:
@@ -156,8 +173,11 @@ def restricted_unpickling(directory: Path, trust: bool = False) -> Iterator[None
         try:
             return original_load(f, map_location, **kwargs)
         except pickle.UnpicklingError as e:
-            where = f if isinstance(f, (str, Path)) else \
-                f"a pickled object in the *.distcp files of {directory}"
+            where = (
+                f
+                if isinstance(f, (str, Path))
+                else f"a pickled object in the *.distcp files of {directory}"
+            )
             refusals.append(_refusal(where, str(e)))
             raise
 

@@ -11,6 +11,7 @@ The builders ask the installed megatron-core which style its own local spec uses
 MoEExtLayer the same way, then reuse Megatron's own layer/block spec functions with only the
 MoE ``mlp`` slot replaced, so attention, norms and dense MLP layers stay Megatron's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,6 +28,7 @@ from moe_ext.megatron.layer import MoEExtLayer
 
 def _gpt_specs():
     from megatron.core.models.gpt import gpt_layer_specs
+
     return gpt_layer_specs
 
 
@@ -34,8 +36,9 @@ def _gpt_specs():
 def megatron_spec_style() -> str:
     """'partial' (0.19.x) or 'module_spec' (0.16.x): how the installed megatron-core's own
     local GPT layer spec describes a MoE mlp."""
-    mlp = _gpt_specs().get_gpt_layer_local_spec(num_experts=2, moe_grouped_gemm=False
-                                                ).submodules.mlp
+    mlp = (
+        _gpt_specs().get_gpt_layer_local_spec(num_experts=2, moe_grouped_gemm=False).submodules.mlp
+    )
     return "partial" if isinstance(mlp, functools.partial) else "module_spec"
 
 
@@ -61,9 +64,11 @@ def moe_layer_spec(plan: Any, groups: Any = None, *, experts_backend: str = "aut
     if megatron_spec_style() == "partial":
         return functools.partial(MoEExtLayer, **params)
     if groups is None:
-        raise MegatronConfigError("megatron-core 0.16.x does not pass pg_collection to custom MoE "
-                                  "layers; give moe_layer_spec the moe_ext ProcessGroups "
-                                  "(groups=ProcessGroups.build(plan, ...))")
+        raise MegatronConfigError(
+            "megatron-core 0.16.x does not pass pg_collection to custom MoE "
+            "layers; give moe_layer_spec the moe_ext ProcessGroups "
+            "(groups=ProcessGroups.build(plan, ...))"
+        )
     return ModuleSpec(module=MoEExtLayer, params=params)
 
 
@@ -74,9 +79,15 @@ def _with_mlp(layer_spec: ModuleSpec, mlp: Any) -> ModuleSpec:
     return new
 
 
-def get_gpt_layer_spec(plan: Any, groups: Any = None, *, qk_layernorm: bool = False,
-                       normalization: str = "RMSNorm", use_transformer_engine: bool = False,
-                       experts_backend: str = "auto") -> ModuleSpec:
+def get_gpt_layer_spec(
+    plan: Any,
+    groups: Any = None,
+    *,
+    qk_layernorm: bool = False,
+    normalization: str = "RMSNorm",
+    use_transformer_engine: bool = False,
+    experts_backend: str = "auto",
+) -> ModuleSpec:
     """A GPT TransformerLayer spec whose MLP is MoEExtLayer (every layer MoE).
 
     Attention and norms come from Megatron's local spec (no Transformer Engine) or, with
@@ -84,19 +95,29 @@ def get_gpt_layer_spec(plan: Any, groups: Any = None, *, qk_layernorm: bool = Fa
     specs = _gpt_specs()
     if use_transformer_engine:
         base = specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=2, moe_grouped_gemm=False, qk_layernorm=qk_layernorm)
+            num_experts=2, moe_grouped_gemm=False, qk_layernorm=qk_layernorm
+        )
     else:
-        base = specs.get_gpt_layer_local_spec(num_experts=2, moe_grouped_gemm=False,
-                                              qk_layernorm=qk_layernorm,
-                                              normalization=normalization)
+        base = specs.get_gpt_layer_local_spec(
+            num_experts=2,
+            moe_grouped_gemm=False,
+            qk_layernorm=qk_layernorm,
+            normalization=normalization,
+        )
     return _with_mlp(base, moe_layer_spec(plan, groups, experts_backend=experts_backend))
 
 
-def get_gpt_decoder_block_spec(config: Any, plan: Any, groups: Any = None, *,
-                               use_transformer_engine: bool = False,
-                               normalization: Optional[str] = None,
-                               pp_rank: Optional[int] = None, vp_stage: Optional[int] = None,
-                               experts_backend: str = "auto") -> Any:
+def get_gpt_decoder_block_spec(
+    config: Any,
+    plan: Any,
+    groups: Any = None,
+    *,
+    use_transformer_engine: bool = False,
+    normalization: Optional[str] = None,
+    pp_rank: Optional[int] = None,
+    vp_stage: Optional[int] = None,
+    experts_backend: str = "auto",
+) -> Any:
     """Megatron's GPT decoder-block spec for ``config`` (dense/MoE pattern from
     ``moe_layer_freq``, this pipeline stage's layers) with every MoE layer's MLP replaced
     by MoEExtLayer. The config's MoE fields are checked up front (MegatronConfigError).
@@ -109,16 +130,22 @@ def get_gpt_decoder_block_spec(config: Any, plan: Any, groups: Any = None, *,
         elif plan.pp == 1:
             pp_rank = 0
         else:
-            raise MegatronConfigError("pipeline-parallel plan: pass groups= or pp_rank= so the "
-                                      "block spec holds this stage's layers")
-    kwargs = dict(use_transformer_engine=use_transformer_engine,
-                  normalization=normalization or getattr(config, "normalization", None),
-                  pp_rank=pp_rank)
+            raise MegatronConfigError(
+                "pipeline-parallel plan: pass groups= or pp_rank= so the "
+                "block spec holds this stage's layers"
+            )
+    kwargs = dict(
+        use_transformer_engine=use_transformer_engine,
+        normalization=normalization or getattr(config, "normalization", None),
+        pp_rank=pp_rank,
+    )
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
     block = _gpt_specs().get_gpt_decoder_block_spec(config, **kwargs)
     ours = moe_layer_spec(plan, groups, experts_backend=experts_backend)
     block = copy.copy(block)
-    block.layer_specs = [_with_mlp(spec, ours) if is_moe_slot(spec.submodules.mlp) else spec
-                         for spec in block.layer_specs]
+    block.layer_specs = [
+        _with_mlp(spec, ours) if is_moe_slot(spec.submodules.mlp) else spec
+        for spec in block.layer_specs
+    ]
     return block

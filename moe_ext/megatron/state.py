@@ -11,6 +11,7 @@ Two ways Megatron finds its groups, both fed from one ``moe_ext.groups.ProcessGr
 expert- and data-parallel) from our ranks, which Megatron's attention dropout and weight
 init need.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -71,9 +72,11 @@ def install_parallel_state(groups: Any) -> list[str]:
 
     current = getattr(ps, "_TENSOR_MODEL_PARALLEL_GROUP", None)
     if current is not None and current is not groups.tp:
-        raise ParallelStateError("megatron parallel_state already holds other process groups; "
-                                 "call moe_ext.megatron.uninstall_parallel_state() (or "
-                                 "parallel_state.destroy_model_parallel()) first")
+        raise ParallelStateError(
+            "megatron parallel_state already holds other process groups; "
+            "call moe_ext.megatron.uninstall_parallel_state() (or "
+            "parallel_state.destroy_model_parallel()) first"
+        )
     installed = []
     for name, family in _GROUP_GLOBALS.items():
         if hasattr(ps, name):
@@ -85,7 +88,8 @@ def install_parallel_state(groups: Any) -> list[str]:
             setattr(ps, name, None if ranks is None else list(ranks))
             installed.append(name)
     if getattr(ps, "_GLOBAL_MEMORY_BUFFER", None) is None and hasattr(
-            ps, "_set_global_memory_buffer"):
+        ps, "_set_global_memory_buffer"
+    ):
         ps._set_global_memory_buffer()
     return installed
 

@@ -23,9 +23,11 @@ Sharding follows the plan: ``moe_ext.model.parallelize.shard_slices`` picks this
 native slices (heads by tp, experts by ep/etp, this stage's layers), then the vocabulary
 rows are split by tp as Megatron's vocab-parallel embedding and output layer expect.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 
@@ -34,8 +36,7 @@ from moe_ext.megatron.config import MegatronConfigError
 _ATTN = "self_attn."
 
 
-def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int
-              ) -> torch.Tensor:
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q [nq*D, ...], k/v [ng*D, ...] (weights or biases) -> Megatron's interleaved
     [ng*(nq/ng+2)*D, ...]."""
     groups = k.shape[0] // head_dim
@@ -46,8 +47,9 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int
     return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest)
 
 
-def _split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_qkv(
+    qkv: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of _fuse_qkv for nH query heads in ng groups."""
     rest = tuple(qkv.shape[1:])
     per_group = num_heads // num_groups
@@ -60,14 +62,17 @@ def _vocab_rows(tensor: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
     if tp == 1:
         return tensor
     if tensor.shape[0] % tp:
-        raise MegatronConfigError(f"vocabulary of {tensor.shape[0]} rows does not split over "
-                                  f"tp={tp}; pad the vocabulary to a multiple of {tp}")
+        raise MegatronConfigError(
+            f"vocabulary of {tensor.shape[0]} rows does not split over "
+            f"tp={tp}; pad the vocabulary to a multiple of {tp}"
+        )
     rows = tensor.shape[0] // tp
-    return tensor[tp_rank * rows:(tp_rank + 1) * rows]
+    return tensor[tp_rank * rows : (tp_rank + 1) * rows]
 
 
-def native_to_megatron(state: Mapping[str, torch.Tensor], args: Any, plan: Any = None,
-                       ranks: Any = None) -> dict[str, torch.Tensor]:
+def native_to_megatron(
+    state: Mapping[str, torch.Tensor], args: Any, plan: Any = None, ranks: Any = None
+) -> dict[str, torch.Tensor]:
     """Full native tensors (moe_ext names, e.g. ``init_random_full(args)``) -> this rank's
     GPTModel state dict (MoEExtLayer on MoE layers, Megatron's MLP on dense ones).
 
@@ -77,13 +82,20 @@ def native_to_megatron(state: Mapping[str, torch.Tensor], args: Any, plan: Any =
 
     tp, tp_rank = (plan.tp, ranks.tp_rank) if plan is not None else (1, 0)
     if tp > 1 and args.num_key_value_heads % tp:
-        raise MegatronConfigError(f"Megatron splits query groups over tp: {args.num_key_value_heads}"
-                                  f" kv heads do not split over tp={tp}; choose tp dividing "
-                                  f"{args.num_key_value_heads}")
-    if tp > 1 and any(not args.is_moe_layer(i) for i in range(args.num_hidden_layers)) \
-            and args.intermediate_size % tp:
-        raise MegatronConfigError(f"dense FFN size {args.intermediate_size} does not split over "
-                                  f"tp={tp}; Megatron's MLP needs tp dividing it")
+        raise MegatronConfigError(
+            f"Megatron splits query groups over tp: {args.num_key_value_heads}"
+            f" kv heads do not split over tp={tp}; choose tp dividing "
+            f"{args.num_key_value_heads}"
+        )
+    if (
+        tp > 1
+        and any(not args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+        and args.intermediate_size % tp
+    ):
+        raise MegatronConfigError(
+            f"dense FFN size {args.intermediate_size} does not split over "
+            f"tp={tp}; Megatron's MLP needs tp dividing it"
+        )
     if plan is None:
         local = dict(state)
         first_layer = 0
@@ -91,8 +103,9 @@ def native_to_megatron(state: Mapping[str, torch.Tensor], args: Any, plan: Any =
         requests = shard_slices(plan, ranks, args)
         missing = sorted(set(requests) - set(state))
         if missing:
-            raise MegatronConfigError(f"native state lacks {missing[:3]}...; pass the full model's "
-                                      f"tensors")
+            raise MegatronConfigError(
+                f"native state lacks {missing[:3]}...; pass the full model's tensors"
+            )
         local = {name: take_shard(state[name], req) for name, req in requests.items()}
         first_layer = stage_layers(args.num_hidden_layers, plan.pp, ranks.pp_rank).start
     out: dict[str, torch.Tensor] = {}
@@ -117,7 +130,7 @@ def native_to_megatron(state: Mapping[str, torch.Tensor], args: Any, plan: Any =
         elif rest == "post_attention_layernorm.weight":
             out[prefix + "pre_mlp_layernorm.weight"] = tensor
         elif rest.startswith(_ATTN):
-            attn, leaf = rest[len(_ATTN):].split(".", 1)  # e.g. q_proj, weight
+            attn, leaf = rest[len(_ATTN) :].split(".", 1)  # e.g. q_proj, weight
             target = prefix + "self_attention."
             if attn == "q_proj":
                 k = local[f"layers.{index}.{_ATTN}k_proj.{leaf}"]
@@ -130,7 +143,7 @@ def native_to_megatron(state: Mapping[str, torch.Tensor], args: Any, plan: Any =
             elif attn not in ("k_proj", "v_proj"):
                 raise MegatronConfigError(f"no Megatron name for {name}")
         elif rest.startswith("mlp."):
-            mlp = rest[len("mlp."):]
+            mlp = rest[len("mlp.") :]
             if args.is_moe_layer(int(index)):
                 out[prefix + rest] = tensor
             elif mlp == "gate_proj.weight":
@@ -145,8 +158,9 @@ def native_to_megatron(state: Mapping[str, torch.Tensor], args: Any, plan: Any =
     return out
 
 
-def megatron_to_native(state: Mapping[str, torch.Tensor], args: Any,
-                       first_layer: int = 0) -> dict[str, torch.Tensor]:
+def megatron_to_native(
+    state: Mapping[str, torch.Tensor], args: Any, first_layer: int = 0
+) -> dict[str, torch.Tensor]:
     """An unsharded (tp = 1) GPTModel state dict -> native names. Expert tensors keep the
     shape they have (a rank's EP shard stays a shard); ``first_layer`` is the global index
     of ``decoder.layers.0`` (pipeline stages). Megatron's ``_extra_state`` entries are
@@ -164,7 +178,7 @@ def megatron_to_native(state: Mapping[str, torch.Tensor], args: Any,
         elif name == "decoder.final_layernorm.weight":
             out["norm.weight"] = tensor
         elif name.startswith("decoder.layers."):
-            index, rest = name[len("decoder.layers."):].split(".", 1)
+            index, rest = name[len("decoder.layers.") :].split(".", 1)
             prefix = f"layers.{int(index) + first_layer}."
             if rest == "input_layernorm.weight":
                 out[prefix + rest] = tensor
@@ -177,8 +191,9 @@ def megatron_to_native(state: Mapping[str, torch.Tensor], args: Any,
                     out[prefix + f"{_ATTN}{proj}.{leaf}"] = value
             elif rest.startswith("self_attention.linear_proj."):
                 out[prefix + f"{_ATTN}o_proj." + rest.rsplit(".", 1)[1]] = tensor
-            elif rest.startswith("self_attention.q_layernorm.") or \
-                    rest.startswith("self_attention.k_layernorm."):
+            elif rest.startswith("self_attention.q_layernorm.") or rest.startswith(
+                "self_attention.k_layernorm."
+            ):
                 which = rest[len("self_attention.")]
                 out[prefix + f"{_ATTN}{which}_norm.weight"] = tensor
             elif rest == "mlp.linear_fc1.weight":
@@ -196,21 +211,28 @@ def megatron_to_native(state: Mapping[str, torch.Tensor], args: Any,
     return out
 
 
-def load_into_megatron(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
-                       ) -> None:
+def load_into_megatron(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy a ``native_to_megatron`` state into a GPTModel; every model tensor must be
     covered (Megatron's ``_extra_state`` entries aside) and no name may be left over."""
     result = model.load_state_dict(dict(state), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
-        raise MegatronConfigError(f"GPTModel and the mapped state disagree: missing "
-                                  f"{missing[:4]}, unexpected {list(result.unexpected_keys)[:4]}; "
-                                  f"build the model and the state from the same args and plan")
+        raise MegatronConfigError(
+            f"GPTModel and the mapped state disagree: missing "
+            f"{missing[:4]}, unexpected {list(result.unexpected_keys)[:4]}; "
+            f"build the model and the state from the same args and plan"
+        )
 
 
-def megatron_expert_state(gate_up: torch.Tensor, down: torch.Tensor, prefix: str,
-                          local_expert_start: int = 0, num_local: Optional[int] = None,
-                          ffn_shards: int = 1, ffn_rank: int = 0) -> dict[str, torch.Tensor]:
+def megatron_expert_state(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    prefix: str,
+    local_expert_start: int = 0,
+    num_local: Optional[int] = None,
+    ffn_shards: int = 1,
+    ffn_rank: int = 0,
+) -> dict[str, torch.Tensor]:
     """Full expert tensors (gate_up [E, 2F, H], down [E, H, F]) -> Megatron's own
     SequentialMLP names ``{prefix}local_experts.{j}.linear_fc1.weight`` [2F_local, H]
     (gate slice, then up slice) / ``linear_fc2.weight`` [H, F_local] for this rank's experts
@@ -224,6 +246,7 @@ def megatron_expert_state(gate_up: torch.Tensor, down: torch.Tensor, prefix: str
     for j in range(num_local):
         e = local_expert_start + j
         out[f"{prefix}local_experts.{j}.linear_fc1.weight"] = torch.cat(
-            [gate_up[e, lo:lo + part], gate_up[e, ffn + lo:ffn + lo + part]], dim=0)
-        out[f"{prefix}local_experts.{j}.linear_fc2.weight"] = down[e, :, lo:lo + part]
+            [gate_up[e, lo : lo + part], gate_up[e, ffn + lo : ffn + lo + part]], dim=0
+        )
+        out[f"{prefix}local_experts.{j}.linear_fc2.weight"] = down[e, :, lo : lo + part]
     return out

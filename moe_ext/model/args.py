@@ -5,10 +5,12 @@ Fields are Hugging Face ``config.json`` names where one exists. Each family modu
 (``moe_ext.model.families``) maps its config keys onto these fields and back; this module
 holds only what every family shares (validation, RoPE scaling, the MoE-layer rule).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from moe_ext.errors import MoeExtError
 
@@ -61,21 +63,33 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         self.family  # an unknown model_type is an error here  # noqa: B018
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "num_experts"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_experts",
+        ):
             if getattr(self, name) < 1:
-                raise ModelArgsError(f"{name}={getattr(self, name)} must be >= 1; fix the "
-                                     f"model config")
+                raise ModelArgsError(
+                    f"{name}={getattr(self, name)} must be >= 1; fix the model config"
+                )
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ModelArgsError(f"num_attention_heads {self.num_attention_heads} is not a multiple "
-                                 f"of num_key_value_heads {self.num_key_value_heads}; fix the config")
+            raise ModelArgsError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple "
+                f"of num_key_value_heads {self.num_key_value_heads}; fix the config"
+            )
         if not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ModelArgsError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
-                                 f"1..num_experts ({self.num_experts})")
+            raise ModelArgsError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in "
+                f"1..num_experts ({self.num_experts})"
+            )
         if self.head_dim % 2:
             raise ModelArgsError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -86,8 +100,11 @@ class ModelArgs:
     # ---- derived shape facts -------------------------------------------------------
     def is_moe_layer(self, layer: int) -> bool:
         """HF rule (qwen2_moe/qwen3_moe): sparse unless listed in mlp_only_layers or off-step."""
-        return (layer not in self.mlp_only_layers and self.num_experts > 0
-                and (layer + 1) % self.decoder_sparse_step == 0)
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     @property
     def has_shared_expert(self) -> bool:
@@ -105,8 +122,7 @@ class ModelArgs:
 
     # ---- constructors ---------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any], source: str = "config.json"
-                       ) -> "ModelArgs":
+    def from_hf_config(cls, config: Mapping[str, Any], source: str = "config.json") -> "ModelArgs":
         """From a Hugging Face ``config.json`` dict (transformers 4 or 5 layout)."""
         from moe_ext.model.families import args_from_hf_config
 
@@ -123,8 +139,9 @@ class ModelArgs:
         if isinstance(conf, DictConfig):
             conf = OmegaConf.to_container(conf, resolve=True)
         name = conf.get("name")
-        return args_from_model_conf(conf, source or (f"conf/model/{name}.yaml" if name
-                                                     else "model config"))
+        return args_from_model_conf(
+            conf, source or (f"conf/model/{name}.yaml" if name else "model config")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -139,16 +156,20 @@ def normalize_rope_scaling(scaling: Optional[Mapping[str, Any]]) -> Optional[dic
     scaling.pop("type", None)
     scaling.pop("rope_theta", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelArgsError(f"rope type {rope_type!r} is not supported; supported: "
-                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ModelArgsError(
+            f"rope type {rope_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ModelArgsError("partial_rotary_factor != 1 is not supported; these families "
-                             "rotate the whole head")
+        raise ModelArgsError(
+            "partial_rotary_factor != 1 is not supported; these families rotate the whole head"
+        )
     scaling.pop("partial_rotary_factor", None)
     if rope_type == "default":
         return None
     missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
     if missing:
-        raise ModelArgsError(f"rope type {rope_type!r} needs {', '.join(missing)} in "
-                             f"rope_scaling / rope_parameters")
+        raise ModelArgsError(
+            f"rope type {rope_type!r} needs {', '.join(missing)} in rope_scaling / rope_parameters"
+        )
     return {"rope_type": rope_type, **scaling}

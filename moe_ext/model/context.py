@@ -7,6 +7,7 @@ whole model). The forward pass reads the pipeline neighbours, ``generate`` the r
 ``DecodeState``: what ``generate`` remembers between calls on one model (captured CUDA
 graphs, whether a capture failed). Mutable, owned by generate.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,8 +47,9 @@ class ParallelContext:
         assert 0 <= self.dp_rank < self.dp_size, (self.dp_rank, self.dp_size)
         assert self.dp_size == 1 or self.dp_group is not None, "dp_size > 1 needs dp_group"
         assert not self.lockstep or self.dp_size > 1, "lockstep needs data parallelism"
-        assert (self.pp_group is None) == (self.pp_last_rank is None), \
+        assert (self.pp_group is None) == (self.pp_last_rank is None), (
             "pp_group and pp_last_rank go together"
+        )
 
     @property
     def is_first_stage(self) -> bool:

@@ -8,6 +8,7 @@ Parameter names are the moe_ext checkpoint names (docs/ARCHITECTURE.md). ``layer
 ModuleDict keyed by the global layer index, so a pipeline stage that keeps only its own
 layers still names them ``layers.{i}``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -32,18 +33,25 @@ class TransformerBlock(nn.Module):
         family = args.family
         self.self_attn = family.build_attention(args, layer_id)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = family.build_moe(args) if self.is_moe else \
-            family.build_dense_mlp(args, layer_id)
+        self.mlp = family.build_moe(args) if self.is_moe else family.build_dense_mlp(args, layer_id)
         # ep_* with tp > 1: the TP ranks hold identical tokens; each sends only its 1/tp
         # slice through the expert exchange and the slices are all-gathered afterwards.
         self.moe_token_split_group: Optional[dist.ProcessGroup] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None,
-                use_cache: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        kv_start: torch.Tensor,
+        kv_len: Optional[int] = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
         """x: [B, S, H] -> [B, S, H]."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slots, kv_start, kv_len,
-                               use_cache)
+        h = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, slots, kv_start, kv_len, use_cache
+        )
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +67,7 @@ class TransformerBlock(nn.Module):
             self.feed_forward(torch.empty(0, hidden_size, dtype=dtype, device=device))
 
 
-def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup
-                         ) -> torch.Tensor:
+def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Run ``mlp`` on this rank's 1/tp slice of the (TP-identical) tokens, all-gather back
     (``run_on_token_slice``: zero-padded to a multiple of tp, differentiable; T = 0 is an
     idle lockstep step of the whole TP group, only the exchange runs).
@@ -70,9 +77,14 @@ def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGro
     return run_on_token_slice(mlp, (x.reshape(-1, shape[-1]),), group).reshape(shape)
 
 
-def _decode_block(block: TransformerBlock, h: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, slots: torch.Tensor, kv_start: torch.Tensor
-                  ) -> torch.Tensor:
+def _decode_block(
+    block: TransformerBlock,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    kv_start: torch.Tensor,
+) -> torch.Tensor:
     """One block of the static decode step (the function ``compile_decode`` compiles).
     h: [B, 1, H]; cos/sin: [B, 1, D]; slots: [1]; kv_start: [B]."""
     return block(h, cos, sin, slots, kv_start, None, True)
@@ -84,13 +96,16 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(args.vocab_size,
-                                                                 args.hidden_size)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i)
-                                     for i in range(args.num_hidden_layers)})
+        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(args, i) for i in range(args.num_hidden_layers)}
+        )
         self.norm: Optional[RMSNorm] = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head: Optional[nn.Linear] = None if args.tie_word_embeddings else \
-            nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head: Optional[nn.Linear] = (
+            None
+            if args.tie_word_embeddings
+            else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        )
         self.rotary = RotaryEmbedding(args)
         # this rank's place in the parallel plan: one rank with everything until
         # parallelize sets it (the only place that does)
@@ -114,12 +129,14 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[next(iter(self.layers))].input_layernorm.weight.dtype \
-            if len(self.layers) else next(iter(self.parameters())).dtype
+        return (
+            self.layers[next(iter(self.layers))].input_layernorm.weight.dtype
+            if len(self.layers)
+            else next(iter(self.parameters())).dtype
+        )
 
     # ---- KV cache ------------------------------------------------------------------------
-    def setup_caches(self, batch: int, max_slots: int, dtype: Optional[torch.dtype] = None
-                     ) -> None:
+    def setup_caches(self, batch: int, max_slots: int, dtype: Optional[torch.dtype] = None) -> None:
         """Preallocate every local layer's KV cache [batch, nKV_local, max_slots, D]."""
         dtype = dtype or self.dtype
         device = self.device
@@ -127,8 +144,12 @@ class Transformer(nn.Module):
             attn = block.self_attn
             kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
             cache = attn.kv_cache
-            if cache is None or cache.k.shape != (batch, kv_heads, max_slots, attn.head_dim) \
-                    or cache.k.dtype != dtype or cache.k.device != device:
+            if (
+                cache is None
+                or cache.k.shape != (batch, kv_heads, max_slots, attn.head_dim)
+                or cache.k.dtype != dtype
+                or cache.k.device != device
+            ):
                 attn.kv_cache = KVCache(batch, kv_heads, max_slots, attn.head_dim, dtype, device)
 
     def compile_decode(self, enabled: bool = True, backend: str = "inductor") -> None:
@@ -142,8 +163,9 @@ class Transformer(nn.Module):
         if not enabled:
             self.compiled_decode_block = None
         elif self.compiled_decode_block is None:
-            self.compiled_decode_block = torch.compile(_decode_block, backend=backend,
-                                                       dynamic=False)
+            self.compiled_decode_block = torch.compile(
+                _decode_block, backend=backend, dynamic=False
+            )
 
     @property
     def cache_shape(self) -> Optional[tuple[int, int]]:
@@ -154,9 +176,15 @@ class Transformer(nn.Module):
         return None
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, slots: Optional[torch.Tensor] = None,
-                kv_start: Optional[torch.Tensor] = None, kv_len: Optional[int] = None,
-                last_only: bool = False, use_cache: bool = False) -> Optional[torch.Tensor]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        slots: Optional[torch.Tensor] = None,
+        kv_start: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+        last_only: bool = False,
+        use_cache: bool = False,
+    ) -> Optional[torch.Tensor]:
         """tokens: [B, S] int64 (used for shapes only after the first stage); slots: [S]
         int64 cache slots (default 0..S-1); kv_start: [B] first real slot per sequence
         (default 0: no left padding); use_cache: read/write the KV caches (setup_caches);
@@ -179,8 +207,7 @@ class Transformer(nn.Module):
         positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
         cos, sin = self.rotary(positions, h.dtype)
         # the static decode step (one new slot, whole cache) runs each block compiled
-        compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) \
-            else None
+        compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) else None
         for block in self.layers.values():
             if compiled is not None:
                 h = compiled(block, h, cos, sin, slots, kv_start)

@@ -28,6 +28,7 @@ extra idle steps (capture itself launches no collectives). Expert parallelism wi
 data parallelism (EP ranks that are TP ranks of one replica) uses the same static
 exchange at the batch's own size.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,8 +80,10 @@ class GenerationResult:
 
 # ---- sampling ------------------------------------------------------------------------
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: Optional[torch.Generator]) -> torch.Tensor:
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """logits: [B, V] -> next ids [B] int64. temperature 0 = greedy; top-p keeps the
     smallest set of tokens whose probability reaches ``top_p``. No host sync."""
     if temperature <= 0:
@@ -96,6 +99,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
 
 # ---- CUDA-graph decode -----------------------------------------------------------------
 
+
 class _DecodeGraph:
     """One decode step captured for a fixed batch and cache; inputs are copied into static
     buffers, logits read from a static output."""
@@ -109,8 +113,9 @@ class _DecodeGraph:
         self.logits: Optional[torch.Tensor] = None
 
     def _step(self) -> torch.Tensor:
-        return self.model(self.tokens, self.slot, self.kv_start, None, last_only=True,
-                          use_cache=True)
+        return self.model(
+            self.tokens, self.slot, self.kv_start, None, last_only=True, use_cache=True
+        )
 
     def capture(self) -> None:
         # Warm-up runs on a side stream (required before capture); they write the KV cache at
@@ -137,6 +142,7 @@ class _DecodeGraph:
 
 # ---- the loop --------------------------------------------------------------------------
 
+
 def _eos_tensor(eos_id, device) -> Optional[torch.Tensor]:
     if eos_id is None:
         return None
@@ -152,8 +158,10 @@ def _per_request(value: Union[int, Sequence[int], None], default: int, n: int) -
     else:
         values = [int(v) for v in value]
         if len(values) != n:
-            raise GenerateError(f"max_new_tokens has {len(values)} entries for {n} prompts; "
-                                f"give one per prompt or a single int")
+            raise GenerateError(
+                f"max_new_tokens has {len(values)} entries for {n} prompts; "
+                f"give one per prompt or a single int"
+            )
     if any(v < 1 for v in values):
         raise GenerateError("max_new_tokens must be >= 1 for every request")
     return values
@@ -195,9 +203,18 @@ class _Batch:
 class _Stepper:
     """Runs one batch (or nothing, on an idle replica) in lockstep-compatible steps."""
 
-    def __init__(self, model: Transformer, conf: GenerateConf, eos: Optional[torch.Tensor],
-                 pad_id: int, generator: Optional[torch.Generator], lockstep_group,
-                 lockstep: bool, check_every: int, result: GenerationResult):
+    def __init__(
+        self,
+        model: Transformer,
+        conf: GenerateConf,
+        eos: Optional[torch.Tensor],
+        pad_id: int,
+        generator: Optional[torch.Generator],
+        lockstep_group,
+        lockstep: bool,
+        check_every: int,
+        result: GenerationResult,
+    ):
         self.model, self.conf, self.eos, self.pad_id = model, conf, eos, pad_id
         self.generator = generator
         self.lockstep_group, self.lockstep = lockstep_group, lockstep
@@ -235,8 +252,13 @@ class _Stepper:
             return torch.zeros_like(ids, dtype=torch.bool)
         return torch.isin(ids, self.eos)
 
-    def run(self, prompts: Optional[list[list[int]]], max_new: list[int],
-            use_graphs: bool, capacity: Optional[int] = None) -> list[list[int]]:
+    def run(
+        self,
+        prompts: Optional[list[list[int]]],
+        max_new: list[int],
+        use_graphs: bool,
+        capacity: Optional[int] = None,
+    ) -> list[list[int]]:
         """One batch (empty/None: an idle replica). ``capacity``: expert-parallel models
         only, the static expert-exchange capacity of this round's decode steps (equal on
         every rank of an EP group); prefill runs dynamic. The caller resets the capacity if
@@ -279,8 +301,13 @@ class _Stepper:
 
     # ---- the steps of run() ----------------------------------------------------------------
 
-    def _start(self, prompts: list[list[int]], max_new: list[int], use_graphs: bool,
-               capacity: Optional[int]) -> _Batch:
+    def _start(
+        self,
+        prompts: list[list[int]],
+        max_new: list[int],
+        use_graphs: bool,
+        capacity: Optional[int],
+    ) -> _Batch:
         """Caches sized for the batch, prompts left-padded to the longest, empty outputs."""
         B, L, steps = len(prompts), max(len(p) for p in prompts), max(max_new)
         max_slots = -(-(L + steps) // SLOT_ROUNDING) * SLOT_ROUNDING
@@ -288,14 +315,17 @@ class _Stepper:
         padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
         device = self.device
         return _Batch(
-            prompts=prompts, max_new=max_new,
+            prompts=prompts,
+            max_new=max_new,
             tokens=torch.tensor(padded, dtype=torch.long, device=device),  # [B, L]
-            kv_start=torch.tensor([L - len(p) for p in prompts], dtype=torch.long,
-                                  device=device),  # [B]
+            kv_start=torch.tensor(
+                [L - len(p) for p in prompts], dtype=torch.long, device=device
+            ),  # [B]
             limits=torch.tensor(max_new, dtype=torch.long, device=device),  # [B]
             out=torch.full((B, steps), self.pad_id, dtype=torch.long, device=device),
             done=torch.zeros(B, dtype=torch.bool, device=device),
-            graph=_graph_for(self.model, B, device, capacity) if use_graphs else None)
+            graph=_graph_for(self.model, B, device, capacity) if use_graphs else None,
+        )
 
     def _all_done(self, batch: _Batch) -> bool:
         # sync: EOS check, batched every check_every steps
@@ -313,8 +343,14 @@ class _Stepper:
     def _prefill(self, batch: _Batch) -> None:
         """The prompts through the model, filling the caches; samples the first new ids."""
         L = batch.prompt_len
-        logits = self.model(batch.tokens, torch.arange(L, device=self.device), batch.kv_start,
-                            L, last_only=True, use_cache=True)  # [B, 1, V]
+        logits = self.model(
+            batch.tokens,
+            torch.arange(L, device=self.device),
+            batch.kv_start,
+            L,
+            last_only=True,
+            use_cache=True,
+        )  # [B, 1, V]
         batch.nxt = self._next_tokens(logits, batch.size)
         batch.out[:, 0] = batch.nxt
         batch.done |= self._is_eos(batch.nxt) | (batch.limits <= 1)
@@ -342,8 +378,11 @@ class _Stepper:
             except dist.DistError:
                 raise  # a timed-out collective or a lost peer: no eager fallback
             except RuntimeError as e:  # an op that syncs, or a failed compile
-                log.warning("CUDA-graph capture (after compiling the decode step) "
-                            "failed (%s); decoding eagerly, uncompiled", e)
+                log.warning(
+                    "CUDA-graph capture (after compiling the decode step) "
+                    "failed (%s); decoding eagerly, uncompiled",
+                    e,
+                )
                 self.model.compile_decode(False)
                 self.model.decode_state.capture_failed = True  # later calls stay eager
                 self.model.decode_state.graphs.clear()
@@ -351,12 +390,14 @@ class _Stepper:
         if batch.graph is not None:
             return batch.graph(batch.nxt[:, None], slot, batch.kv_start)
         slot_t = torch.full((1,), slot, dtype=torch.long, device=self.device)
-        return self.model(batch.nxt[:, None], slot_t, batch.kv_start, None, last_only=True,
-                          use_cache=True)
+        return self.model(
+            batch.nxt[:, None], slot_t, batch.kv_start, None, last_only=True, use_cache=True
+        )
 
 
-def finish_requests(out: torch.Tensor, max_new: list[int], eos: Optional[torch.Tensor],
-                    result: GenerationResult) -> list[list[int]]:
+def finish_requests(
+    out: torch.Tensor, max_new: list[int], eos: Optional[torch.Tensor], result: GenerationResult
+) -> list[list[int]]:
     """out: [B, steps] generated ids. Returns each request's ids cut at its limit and after
     its first EOS (kept); appends "eos" or "length" per request to ``result``."""
     eos_ids = set() if eos is None else set(eos.tolist())
@@ -365,29 +406,36 @@ def finish_requests(out: torch.Tensor, max_new: list[int], eos: Optional[torch.T
         row = row[:limit]
         for i, t in enumerate(row):
             if t in eos_ids:
-                row = row[:i + 1]
+                row = row[: i + 1]
                 break
         outputs.append(row)
         result.finish_reasons.append("eos" if row and row[-1] in eos_ids else "length")
     return outputs
 
 
-def _graph_for(model: Transformer, batch: int, device: torch.device,
-               capacity: Optional[int] = None) -> Optional[_DecodeGraph]:
+def _graph_for(
+    model: Transformer, batch: int, device: torch.device, capacity: Optional[int] = None
+) -> Optional[_DecodeGraph]:
     """The captured decode step for the model's current caches and expert-exchange
     capacity (captured on first use)."""
     cache_key = model.cache_shape
     graphs = model.decode_state.graphs
-    key = (batch, capacity, cache_key, model.compiled_decode_block is not None,
-           id(next(iter(model.layers.values())).self_attn.kv_cache))
+    key = (
+        batch,
+        capacity,
+        cache_key,
+        model.compiled_decode_block is not None,
+        id(next(iter(model.layers.values())).self_attn.kv_cache),
+    )
     if key not in graphs:
         graphs.clear()  # caches were reallocated: older graphs point at freed buffers
         graphs[key] = _DecodeGraph(model, batch, device)
     return graphs[key]
 
 
-def _graphs_usable(model: Transformer, conf: GenerateConf, device: torch.device,
-                   static_exchange: bool) -> bool:
+def _graphs_usable(
+    model: Transformer, conf: GenerateConf, device: torch.device, static_exchange: bool
+) -> bool:
     """Whether decode may run from CUDA graphs: on CUDA, without pipeline stages, and
     either a sync-free model (``cuda_graph_safe``) or expert-parallel decode on the static
     exchange, which is sync-free; never again after a failed capture."""
@@ -402,15 +450,22 @@ def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
     """Tokens per decode step of the largest batch any replica runs in round
     ``round_index`` (replica q holds requests [bounds[q], bounds[q+1]) in chunks of
     ``batch``): the static expert-exchange capacity, the same on every rank."""
-    return max(min(batch, max(0, hi - lo - round_index * batch))
-               for lo, hi in zip(bounds[:-1], bounds[1:]))
+    return max(
+        min(batch, max(0, hi - lo - round_index * batch)) for lo, hi in zip(bounds[:-1], bounds[1:])
+    )
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf,
-             eos_id: Union[int, Sequence[int], None], pad_id: Optional[int] = None,
-             max_new_tokens: Union[int, Sequence[int], None] = None, seed: int = 0,
-             check_every: Optional[int] = None) -> GenerationResult:
+def generate(
+    model: Transformer,
+    prompt_ids: list[list[int]],
+    conf: GenerateConf,
+    eos_id: Union[int, Sequence[int], None],
+    pad_id: Optional[int] = None,
+    max_new_tokens: Union[int, Sequence[int], None] = None,
+    seed: int = 0,
+    check_every: Optional[int] = None,
+) -> GenerationResult:
     """Generate continuations of ``prompt_ids`` (every rank passes the full list).
 
     Returns ids per request (prompt excluded; generation stops after an EOS id, which is
@@ -448,10 +503,19 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
     static_exchange = lockstep or context.expert_parallel
     use_graphs = _graphs_usable(model, conf, device, static_exchange)
     result = GenerationResult(tokens=[])
-    stepper = _Stepper(model, conf, _eos_tensor(eos_id, device), pad_id, generator, dp_group,
-                       lockstep, max(1, check_every), result)
+    stepper = _Stepper(
+        model,
+        conf,
+        _eos_tensor(eos_id, device),
+        pad_id,
+        generator,
+        dp_group,
+        lockstep,
+        max(1, check_every),
+        result,
+    )
     batch = max(1, conf.max_batch_size)
-    chunks = [mine[i:i + batch] for i in range(0, len(mine), batch)]
+    chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
     rounds = len(chunks)
     if lockstep:
         count = torch.tensor([rounds], dtype=torch.int64, device=device)
@@ -463,8 +527,12 @@ def generate(model: Transformer, prompt_ids: list[list[int]], conf: GenerateConf
         for r in range(rounds):
             chunk = chunks[r] if r < len(chunks) else []
             capacity = _round_capacity(bounds, batch, r) if lockstep else len(chunk)
-            local += stepper.run([prompt_ids[i] for i in chunk], [max_new[i] for i in chunk],
-                                 use_graphs, capacity if static_exchange else None)
+            local += stepper.run(
+                [prompt_ids[i] for i in chunk],
+                [max_new[i] for i in chunk],
+                use_graphs,
+                capacity if static_exchange else None,
+            )
     finally:
         if static_exchange:
             model.set_moe_capacity(None)

@@ -9,6 +9,7 @@ slot s of sequence b holds position ``s - kv_start[b]``; slots below ``kv_start[
 padding and never attended to. One slot index per step for the whole batch keeps decode
 shapes static (CUDA graphs).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,12 +39,13 @@ class RMSNorm(nn.Module):
 
 # ---- rotary embeddings ---------------------------------------------------------------
 
+
 def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] fp32 and the cos/sin scale, as transformers computes them
     for rope types default, linear, dynamic (at the original length), yarn and llama3."""
     dim, base = args.head_dim, args.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (base ** exponents)  # [D/2]
+    inv_freq = 1.0 / (base**exponents)  # [D/2]
     scaling = args.rope_scaling or {}
     rope_type = args.rope_type
     if rope_type in ("default", "dynamic"):
@@ -58,7 +60,8 @@ def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
-            scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            scaling["high_freq_factor"] - scaling["low_freq_factor"]
+        )
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
@@ -71,8 +74,9 @@ def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attention_factor = (mscale(factor, m) / mscale(factor, m_all)) if (m and m_all) \
-            else mscale(factor)
+        attention_factor = (
+            (mscale(factor, m) / mscale(factor, m_all)) if (m and m_all) else mscale(factor)
+        )
     beta_fast = scaling.get("beta_fast") or 32
     beta_slow = scaling.get("beta_slow") or 1
 
@@ -85,8 +89,9 @@ def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
-            ).clamp(0, 1)
+    ramp = (
+        (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
+    ).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
     return inv_freq, float(attention_factor)
@@ -110,19 +115,23 @@ class RotaryEmbedding(nn.Module):
 
     def _dynamic_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
         seq_len = (positions.max() + 1).float().clamp(min=self.max_positions)  # no host sync
-        base = self.base * ((self.factor * seq_len / self.max_positions) - (self.factor - 1)) \
-            ** (self.dim / (self.dim - 2))
+        base = self.base * ((self.factor * seq_len / self.max_positions) - (self.factor - 1)) ** (
+            self.dim / (self.dim - 2)
+        )
         exponents = torch.arange(0, self.dim, 2, device=positions.device).float() / self.dim
-        return 1.0 / (base ** exponents)
+        return 1.0 / (base**exponents)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [B, S] int64 -> (cos, sin) each [B, S, D] in ``dtype``."""
         inv_freq = self._dynamic_inv_freq(positions) if self.dynamic else self.inv_freq
         freqs = positions[..., None].float() * inv_freq.float()  # [B, S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
-        return ((emb.cos() * self.attention_scaling).to(dtype),
-                (emb.sin() * self.attention_scaling).to(dtype))
+        return (
+            (emb.cos() * self.attention_scaling).to(dtype),
+            (emb.sin() * self.attention_scaling).to(dtype),
+        )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -138,18 +147,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- attention -----------------------------------------------------------------------
 
+
 class KVCache(nn.Module):
     """Preallocated keys/values [B, nKV, S_max, D]; written in place by slot index."""
 
-    def __init__(self, batch: int, kv_heads: int, max_slots: int, head_dim: int,
-                 dtype: torch.dtype, device):
+    def __init__(
+        self, batch: int, kv_heads: int, max_slots: int, head_dim: int, dtype: torch.dtype, device
+    ):
         super().__init__()
         shape = (batch, kv_heads, max_slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """slots: [S] int64; k, v: [B, nKV, S, D]. Returns the whole cache (k, v)."""
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
@@ -176,13 +188,20 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.sliding_window = args.sliding_window
-        self.scale = D ** -0.5
+        self.scale = D**-0.5
         self.tp_group: Optional[dist.ProcessGroup] = None
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                slots: torch.Tensor, kv_start: torch.Tensor, kv_len: Optional[int] = None,
-                use_cache: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        kv_start: torch.Tensor,
+        kv_len: Optional[int] = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
         """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 cache slots of the queries;
         kv_start: [B] int64 first real slot per sequence; use_cache: write k/v into the
         preallocated cache and attend over it (else over this call's keys only); kv_len:
@@ -199,8 +218,10 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nKV, S, D]
         if use_cache:
             if self.kv_cache is None:
-                raise RuntimeError("use_cache=True before setup_caches(); call "
-                                   "Transformer.setup_caches(batch, max_slots) first")
+                raise RuntimeError(
+                    "use_cache=True before setup_caches(); call "
+                    "Transformer.setup_caches(batch, max_slots) first"
+                )
             k, v = self.kv_cache.update(slots, k, v)  # [B, nKV, S_max, D]
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
@@ -211,8 +232,9 @@ class Attention(nn.Module):
         if S == 1:
             out = decode_attention(q, k, v, mask, self.scale)  # [B, nH, 1, D]
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=k.shape[1] != q.shape[1])
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
         out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
         if self.tp_group is not None:
@@ -222,8 +244,9 @@ class Attention(nn.Module):
         return out
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """One query per sequence over the cache, reading K and V once: the G = nH/nKV query
     heads sharing a KV head become the rows of one matmul, where SDPA's GQA fallback would
     first expand K and V G times (G·S_max·D per sequence and layer, per step).
@@ -240,8 +263,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(probs, v).reshape(B, n_heads, 1, D)  # [B, nKV, G, D] -> [B, nH, 1, D]
 
 
-def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, kv_start: torch.Tensor,
-                   sliding_window: Optional[int] = None) -> torch.Tensor:
+def attention_mask(
+    query_slots: torch.Tensor,
+    key_slots: torch.Tensor,
+    kv_start: torch.Tensor,
+    sliding_window: Optional[int] = None,
+) -> torch.Tensor:
     """Boolean mask [B, 1, S, S_k] (True = attend): causal, no left padding, within the
     window. A padding query attends to itself only, so its row is never empty (no NaN)."""
     q = query_slots[None, :, None]  # [1, S, 1]
@@ -254,6 +281,7 @@ def attention_mask(query_slots: torch.Tensor, key_slots: torch.Tensor, kv_start:
 
 
 # ---- dense MLP ------------------------------------------------------------------------
+
 
 class DenseMLP(nn.Module):
     """SwiGLU MLP (qwen2_moe dense layers). Under TP gate/up rows and down columns are

@@ -17,6 +17,7 @@ loader reads exactly those); ``parallelize`` cuts the model to the same slices i
 What the forward pass and generate() need of the plan afterwards is ``model.context``, a
 ``ParallelContext`` (context.py) that ``parallelize`` sets and nothing else does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,15 +57,22 @@ class RankCoords:
         def index(family: str) -> int:
             return next(g.index(rank) for g in layout[family] if rank in g)
 
-        return cls(tp_rank=index("tp"), pp_rank=index("pp"), dp_rank=index("dp"),
-                   ep_rank=index("ep"), etp_rank=index("etp"))
+        return cls(
+            tp_rank=index("tp"),
+            pp_rank=index("pp"),
+            dp_rank=index("dp"),
+            ep_rank=index("ep"),
+            etp_rank=index("etp"),
+        )
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     """Layers of pipeline stage ``stage``: contiguous, earlier stages take the remainder."""
     if num_layers < pp:
-        raise ParallelizeError(f"{num_layers} layers cannot fill {pp} pipeline stages; "
-                               f"choose parallel.pp <= {num_layers}")
+        raise ParallelizeError(
+            f"{num_layers} layers cannot fill {pp} pipeline stages; "
+            f"choose parallel.pp <= {num_layers}"
+        )
     base, extra = divmod(num_layers, pp)
     start = stage * base + min(stage, extra)
     return range(start, start + base + (1 if stage < extra else 0))
@@ -73,18 +81,25 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> range:
 def _check_plan(plan: Any, args: ModelArgs) -> None:
     tp = plan.tp
     if args.num_attention_heads % tp:
-        raise ParallelizeError(f"{args.num_attention_heads} attention heads cannot be split over "
-                               f"tp={tp}; choose parallel.tp dividing the head count")
+        raise ParallelizeError(
+            f"{args.num_attention_heads} attention heads cannot be split over "
+            f"tp={tp}; choose parallel.tp dividing the head count"
+        )
     nkv = args.num_key_value_heads
     if nkv % tp and tp % nkv:
-        raise ParallelizeError(f"{nkv} kv heads and tp={tp}: one must divide the other; "
-                               f"choose another parallel.tp")
+        raise ParallelizeError(
+            f"{nkv} kv heads and tp={tp}: one must divide the other; choose another parallel.tp"
+        )
     if args.num_experts % plan.ep:
-        raise ParallelizeError(f"{args.num_experts} experts cannot be split over ep={plan.ep}; "
-                               f"choose parallel.ep dividing {args.num_experts}")
+        raise ParallelizeError(
+            f"{args.num_experts} experts cannot be split over ep={plan.ep}; "
+            f"choose parallel.ep dividing {args.num_experts}"
+        )
     if args.moe_intermediate_size % plan.etp:
-        raise ParallelizeError(f"expert FFN size {args.moe_intermediate_size} cannot be split "
-                               f"over etp={plan.etp}; choose another parallel.etp")
+        raise ParallelizeError(
+            f"expert FFN size {args.moe_intermediate_size} cannot be split "
+            f"over etp={plan.etp}; choose another parallel.etp"
+        )
 
 
 def _dense_mlp_sharded(args: ModelArgs, tp: int) -> bool:
@@ -137,9 +152,11 @@ def shard_slices(plan: Any, ranks: Any, args: ModelArgs) -> dict[str, ShardReque
         if args.is_moe_layer(i):
             out[m + "router.weight"] = full
             out[m + "experts.gate_up_proj"] = ShardRequest.blocks(
-                dim=1, ranges=[(f0, f0 + f_local), (F + f0, F + f0 + f_local)], outer=(experts,))
+                dim=1, ranges=[(f0, f0 + f_local), (F + f0, F + f0 + f_local)], outer=(experts,)
+            )
             out[m + "experts.down_proj"] = ShardRequest(
-                boxes=((experts, slice(None), slice(f0, f0 + f_local)),))
+                boxes=((experts, slice(None), slice(f0, f0 + f_local)),)
+            )
             if args.has_shared_expert:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     out[m + f"shared_expert.{proj}.weight"] = full
@@ -193,13 +210,15 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
             continue
         old = block.mlp
         ref = old.router.weight
-        dispatcher = build_dispatcher(plan.dispatcher, args.num_experts,
-                                      groups.dispatch_groups())
+        dispatcher = build_dispatcher(plan.dispatcher, args.num_experts, groups.dispatch_groups())
         new = args.family.build_moe(args, dispatcher, dtype=ref.dtype, device=ref.device)
         if ref.device.type != "meta":
             prefix = f"layers.{key}.mlp."
-            state = {n: take_shard(t, requests[prefix + n]) for n, t in
-                     old.state_dict().items() if prefix + n in requests}
+            state = {
+                n: take_shard(t, requests[prefix + n])
+                for n, t in old.state_dict().items()
+                if prefix + n in requests
+            }
             new.load_state_dict(state, strict=True)
         block.mlp = new
         if plan.tokens_split_over_tp:
@@ -210,8 +229,9 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
             continue  # built for this rank above
         request = requests.get(name)
         if request is None:
-            raise ParallelizeError(f"no shard rule for parameter {name}; the model and "
-                                   f"shard_slices disagree")
+            raise ParallelizeError(
+                f"no shard rule for parameter {name}; the model and shard_slices disagree"
+            )
         if not request.is_full(param.shape):
             _replace_param(model, name, take_shard(param.data, request))
     if plan.tp > 1:

@@ -1,5 +1,6 @@
 """Tokenizers for the native engine: a byte-level one for the built-in ``tiny`` model and a
 loader for a checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers`` library)."""
+
 from __future__ import annotations
 
 import json
@@ -43,23 +44,33 @@ class HFTokenizer:
     """A checkpoint's ``tokenizer.json``; special ids from ``tokenizer_config.json`` /
     ``config.json`` / ``generation_config.json`` next to it when present."""
 
-    def __init__(self, path: str, bos_id: Optional[int] = None, eos_id: Optional[int] = None,
-                 pad_id: Optional[int] = None):
+    def __init__(
+        self,
+        path: str,
+        bos_id: Optional[int] = None,
+        eos_id: Optional[int] = None,
+        pad_id: Optional[int] = None,
+    ):
         try:
             from tokenizers import Tokenizer as _Tokenizer
         except ImportError as e:  # pragma: no cover - a declared dependency
-            raise TokenizerError("the 'tokenizers' package is missing; pip install "
-                                 "tokenizers") from e
+            raise TokenizerError(
+                "the 'tokenizers' package is missing; pip install tokenizers"
+            ) from e
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise TokenizerError(f"no tokenizer.json at {path}; point model.tokenizer at a "
-                                 f"checkpoint directory or a tokenizer.json file")
+            raise TokenizerError(
+                f"no tokenizer.json at {path}; point model.tokenizer at a "
+                f"checkpoint directory or a tokenizer.json file"
+            )
         try:
             self._tok = _Tokenizer.from_file(file)
         except Exception as err:  # the tokenizers library raises plain Exceptions
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise TokenizerError(f"{file} is not a valid tokenizer.json ({reason}); restore "
-                                 f"it from the model's original files") from err
+            raise TokenizerError(
+                f"{file} is not a valid tokenizer.json ({reason}); restore "
+                f"it from the model's original files"
+            ) from err
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         folder = os.path.dirname(file)
         meta = {}
@@ -89,11 +100,15 @@ def _read_special_ids(tok, file: str) -> dict:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"cannot read {file} ({err}); fix or remove it (it gives the "
-                             f"tokenizer's special token ids)") from err
+        raise TokenizerError(
+            f"cannot read {file} ({err}); fix or remove it (it gives the "
+            f"tokenizer's special token ids)"
+        ) from err
     if not isinstance(data, dict):
-        raise TokenizerError(f"{file} holds a JSON {type(data).__name__}, not an object; fix "
-                             f"or remove it (it gives the tokenizer's special token ids)")
+        raise TokenizerError(
+            f"{file} holds a JSON {type(data).__name__}, not an object; fix "
+            f"or remove it (it gives the tokenizer's special token ids)"
+        )
     out = {}
     for key in ("bos", "eos", "pad"):
         for field in (f"{key}_token_id", f"{key}_token"):
@@ -104,8 +119,10 @@ def _read_special_ids(tok, file: str) -> dict:
                 if isinstance(value, str):
                     value = tok.token_to_id(value)
             if value is not None and not _is_id_or_ids(value):
-                raise TokenizerError(f"{file}: {field}={data.get(field)!r} is not a token id "
-                                     f"(or list of ids) or token text; fix or remove it")
+                raise TokenizerError(
+                    f"{file}: {field}={data.get(field)!r} is not a token id "
+                    f"(or list of ids) or token text; fix or remove it"
+                )
             if value is not None:
                 out[key] = value
                 break
@@ -125,6 +142,8 @@ def load_tokenizer(spec: Optional[str], checkpoint: Optional[str] = None):
         return ByteTokenizer()
     path = spec or checkpoint
     if path is None:
-        raise TokenizerError("no tokenizer: set model.tokenizer=byte or a tokenizer.json path, "
-                             "or pass checkpoint=<dir> holding tokenizer.json")
+        raise TokenizerError(
+            "no tokenizer: set model.tokenizer=byte or a tokenizer.json path, "
+            "or pass checkpoint=<dir> holding tokenizer.json"
+        )
     return HFTokenizer(path)

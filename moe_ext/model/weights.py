@@ -9,6 +9,7 @@ draw different numbers).
 
 # E experts, H hidden, F FFN size, D head dim, V vocab
 """
+
 from __future__ import annotations
 
 import zlib
@@ -45,18 +46,19 @@ def _kind(name: str) -> str:
 
 
 def _seed(seed: int, name: str, chunk: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"{name}#{chunk}".encode())) % (2 ** 63)
+    return (seed * 1_000_003 + zlib.crc32(f"{name}#{chunk}".encode())) % (2**63)
 
 
 def _std(name: str, shape: tuple[int, ...]) -> float:
     if name in ("embed_tokens.weight",):
         return 1.0  # unit-scale embeddings: RMSNorm follows
     fan_in = shape[-1]
-    return fan_in ** -0.5
+    return fan_in**-0.5
 
 
-def _chunk(name: str, shape: tuple[int, ...], dim: int, index: int, length: int, seed: int,
-           device) -> torch.Tensor:
+def _chunk(
+    name: str, shape: tuple[int, ...], dim: int, index: int, length: int, seed: int, device
+) -> torch.Tensor:
     """Chunk ``index`` (rows [index·length, ...) of dim ``dim``) of full tensor ``name``."""
     kind = _kind(name)
     chunk_shape = list(shape)
@@ -70,8 +72,14 @@ def _chunk(name: str, shape: tuple[int, ...], dim: int, index: int, length: int,
     return torch.randn(chunk_shape, generator=gen, dtype=torch.float32, device=device) * std
 
 
-def random_tensor(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int,
-                  request: Optional[ShardRequest] = None, device="cpu") -> torch.Tensor:
+def random_tensor(
+    name: str,
+    shape: tuple[int, ...],
+    args: ModelArgs,
+    seed: int,
+    request: Optional[ShardRequest] = None,
+    device="cpu",
+) -> torch.Tensor:
     """The (slice ``request`` of the) full random tensor ``name`` of ``shape``, fp32."""
     request = request or ShardRequest.full()
     dim, length = _chunk_rule(name, args)
@@ -82,8 +90,7 @@ def random_tensor(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int,
             first, last = 0, 0
         else:
             first, last = a // length, (b - 1) // length if b > a else a // length - 1
-        chunks = [_chunk(name, shape, dim, c, length, seed, device)
-                  for c in range(first, last + 1)]
+        chunks = [_chunk(name, shape, dim, c, length, seed, device) for c in range(first, last + 1)]
         if not chunks:
             empty = list(shape)
             empty[dim] = 0
@@ -100,14 +107,19 @@ def random_tensor(name: str, shape: tuple[int, ...], args: ModelArgs, seed: int,
 def init_random_full(args: ModelArgs, seed: Optional[int] = None) -> dict[str, torch.Tensor]:
     """All full tensors, fp32 on CPU (fine for small shapes; big ones use init_random_)."""
     seed = args.init_seed if seed is None else seed
-    return {name: random_tensor(name, shape, args, seed)
-            for name, shape in args.family.param_shapes(args).items()}
+    return {
+        name: random_tensor(name, shape, args, seed)
+        for name, shape in args.family.param_shapes(args).items()
+    }
 
 
 @torch.no_grad()
-def init_random_(model: nn.Module, seed: Optional[int] = None,
-                 requests: Optional[dict[str, ShardRequest]] = None,
-                 device=None) -> nn.Module:
+def init_random_(
+    model: nn.Module,
+    seed: Optional[int] = None,
+    requests: Optional[dict[str, ShardRequest]] = None,
+    device=None,
+) -> nn.Module:
     """Fill ``model``'s parameters (this rank's slices, per ``requests`` from
     ``shard_slices``; None = unsharded) with the deterministic random weights, generating
     only the chunks they touch, on ``device`` (default: the parameters' device; a meta
@@ -126,8 +138,10 @@ def init_random_(model: nn.Module, seed: Optional[int] = None,
         request = None if requests is None else requests[name]
         value = random_tensor(name, shapes[name], args, seed, request, device)
         if value.shape != param.shape:
-            raise ValueError(f"{name}: generated shard {tuple(value.shape)} does not match the "
-                             f"parameter {tuple(param.shape)}; pass this rank's shard_slices")
+            raise ValueError(
+                f"{name}: generated shard {tuple(value.shape)} does not match the "
+                f"parameter {tuple(param.shape)}; pass this rank's shard_slices"
+            )
         param.copy_(value)
     return model
 

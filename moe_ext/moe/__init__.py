@@ -5,6 +5,7 @@ that own their experts (``moe_ext.moe.dispatch``, one transport per module, name
 ``DISPATCHERS``). The differentiable collectives and the TP token split are
 ``moe_ext.moe.dispatch.comm``; the optional Triton kernels are ``moe_ext.moe.kernels``.
 """
+
 from moe_ext.moe.dispatch import (
     DISPATCHERS,
     Dispatcher,
@@ -27,13 +28,27 @@ from moe_ext.moe.router import RouterOutput, TopKRouter, load_balancing_loss, z_
 
 __all__ = [
     # layer
-    "MoELayer", "SharedExpertMLP", "build_moe_layer", "routed_output", "add_shared_expert",
-    "expert_shard", "load_full_expert_weights",
+    "MoELayer",
+    "SharedExpertMLP",
+    "build_moe_layer",
+    "routed_output",
+    "add_shared_expert",
+    "expert_shard",
+    "load_full_expert_weights",
     # router
-    "TopKRouter", "RouterOutput", "load_balancing_loss", "z_loss",
+    "TopKRouter",
+    "RouterOutput",
+    "load_balancing_loss",
+    "z_loss",
     # experts
-    "GroupedExperts", "BACKENDS", "grouped_mm_qualifies",
+    "GroupedExperts",
+    "BACKENDS",
+    "grouped_mm_qualifies",
     # dispatchers
-    "Dispatcher", "DispatchGroups", "DispatcherConfigError", "DISPATCHERS", "build_dispatcher",
+    "Dispatcher",
+    "DispatchGroups",
+    "DispatcherConfigError",
+    "DISPATCHERS",
+    "build_dispatcher",
     "dispatcher_class",
 ]

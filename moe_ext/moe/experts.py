@@ -14,6 +14,7 @@ kernels for few rows, forward only, CUDA bf16/fp16). ``auto`` picks triton for i
 (no gradient needed) on CUDA bf16/fp16 with at most ``TRITON_MAX_ROWS`` rows when Triton
 imports, else grouped_mm when it qualifies, else loop.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -66,34 +67,47 @@ class _ContiguousGrad(torch.autograd.Function):
 class GroupedExperts(nn.Module):
     """E local SwiGLU experts of FFN size F (this rank's slice) over hidden size H."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *,
-                 backend: str = "auto", dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_size: int,
+        *,
+        backend: str = "auto",
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown experts backend {backend!r}; use one of {BACKENDS}")
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.backend = backend
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * ffn_size, hidden_size, dtype=dtype, device=device))
+            torch.empty(num_experts, 2 * ffn_size, hidden_size, dtype=dtype, device=device)
+        )
         self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, ffn_size, dtype=dtype, device=device))
-        nn.init.normal_(self.gate_up_proj, std=hidden_size ** -0.5)
+            torch.empty(num_experts, hidden_size, ffn_size, dtype=dtype, device=device)
+        )
+        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
         nn.init.normal_(self.down_proj, std=max(ffn_size, 1) ** -0.5)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_size}, "
-                f"backend={self.backend}")
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_size}, "
+            f"backend={self.backend}"
+        )
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
         """Whether this forward runs torch's grouped GEMM (when it does not run Triton):
         backend 'grouped_mm' or 'auto' and x [T', H] qualifies (``grouped_mm_qualifies``)."""
-        return (self.backend in ("auto", "grouped_mm")
-                and grouped_mm_qualifies(x, self.gate_up_proj, self.down_proj))
+        return self.backend in ("auto", "grouped_mm") and grouped_mm_qualifies(
+            x, self.gate_up_proj, self.down_proj
+        )
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
-            x.requires_grad or self.gate_up_proj.requires_grad or self.down_proj.requires_grad)
+            x.requires_grad or self.gate_up_proj.requires_grad or self.down_proj.requires_grad
+        )
 
     def uses_triton(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> bool:
         """Whether this forward runs the Triton kernels: forward only, so never when a
@@ -101,9 +115,13 @@ class GroupedExperts(nn.Module):
         and for 'auto' on CUDA bf16/fp16 with at most TRITON_MAX_ROWS rows. x: [T', H] in
         the weights' dtype; tokens_per_expert: [E] int64."""
         if self.backend == "auto":
-            if not (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
-                    and x.shape[0] <= TRITON_MAX_ROWS and tokens_per_expert.dtype == torch.int64
-                    and tokens_per_expert.device == x.device):
+            if not (
+                x.device.type == "cuda"
+                and x.dtype in (torch.bfloat16, torch.float16)
+                and x.shape[0] <= TRITON_MAX_ROWS
+                and tokens_per_expert.dtype == torch.int64
+                and tokens_per_expert.device == x.device
+            ):
                 return False  # decided before load_kernels: CPU runs never import triton
         elif self.backend != "triton":
             return False
@@ -114,14 +132,20 @@ class GroupedExperts(nn.Module):
         instead of falling back silently to the loop."""
         if self.backend == "triton":
             if self._needs_grad(x):
-                raise ValueError("experts backend 'triton' is forward-only; run under "
-                                 "torch.no_grad()/torch.inference_mode() or use backend 'auto'")
-            raise ValueError("experts backend 'triton' needs the triton package (it comes "
-                             "with CUDA builds of torch); use backend 'auto'")
+                raise ValueError(
+                    "experts backend 'triton' is forward-only; run under "
+                    "torch.no_grad()/torch.inference_mode() or use backend 'auto'"
+                )
+            raise ValueError(
+                "experts backend 'triton' needs the triton package (it comes "
+                "with CUDA builds of torch); use backend 'auto'"
+            )
         if self.backend == "grouped_mm":
-            raise ValueError(f"experts backend 'grouped_mm' cannot run {x.dtype} on {x.device} "
-                             f"with H={self.hidden_size}, F={self.ffn_size} (needs bf16 on CUDA, "
-                             f"16-byte-aligned rows); use backend 'auto' or 'loop'")
+            raise ValueError(
+                f"experts backend 'grouped_mm' cannot run {x.dtype} on {x.device} "
+                f"with H={self.hidden_size}, F={self.ffn_size} (needs bf16 on CUDA, "
+                f"16-byte-aligned rows); use backend 'auto' or 'loop'"
+            )
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x: [T', H] rows sorted by local expert; tokens_per_expert: [E] int64 on x's
@@ -135,17 +159,20 @@ class GroupedExperts(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"experts expect [T', {self.hidden_size}], got {tuple(x.shape)}")
         if tokens_per_expert.shape != (self.num_experts,):
-            raise ValueError(f"tokens_per_expert must have shape [{self.num_experts}], got "
-                             f"{tuple(tokens_per_expert.shape)}; the dispatcher and experts "
-                             f"disagree on the number of local experts")
+            raise ValueError(
+                f"tokens_per_expert must have shape [{self.num_experts}], got "
+                f"{tuple(tokens_per_expert.shape)}; the dispatcher and experts "
+                f"disagree on the number of local experts"
+            )
         in_dtype = x.dtype
         x = x.to(self.gate_up_proj.dtype)
         if self.uses_triton(x, tokens_per_expert):
             kernels = load_kernels("grouped_gemm")
             if self.backend == "triton":  # auto only picks operands the kernels take
                 kernels.check_operands(x, self.gate_up_proj, self.down_proj, tokens_per_expert)
-            y = kernels.swiglu_experts_forward(x, self.gate_up_proj, self.down_proj,
-                                               tokens_per_expert)
+            y = kernels.swiglu_experts_forward(
+                x, self.gate_up_proj, self.down_proj, tokens_per_expert
+            )
         elif self.uses_grouped_mm(x):
             y = self._forward_grouped_mm(x, tokens_per_expert)
         else:
@@ -169,7 +196,7 @@ class GroupedExperts(nn.Module):
         outputs, start = [], 0
         for expert, rows in enumerate(splits):
             # Empty experts still run (on zero rows) so every weight gets a (zero) gradient.
-            xe = x[start:start + rows]  # [rows, H]
+            xe = x[start : start + rows]  # [rows, H]
             gate, up = F.linear(xe, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [rows, F]
             outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))  # [rows, H]
             start += rows

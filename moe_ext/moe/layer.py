@@ -7,6 +7,7 @@ The layer is free of parallelism: the dispatcher object it is given decides wher
 go, and ``build_moe_layer`` creates only this rank's expert shard. Weights are initialised
 or loaded by the caller (``load_full_expert_weights`` slices full tensors by the plan).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -41,17 +42,26 @@ class MoELayer(nn.Module):
     After each forward, ``aux_loss`` and ``z_loss`` hold the router's losses (zero scalars
     outside training); the caller weighs and adds them to its loss."""
 
-    def __init__(self, router: TopKRouter, experts: GroupedExperts, dispatcher: Dispatcher,
-                 shared_expert: Optional[nn.Module] = None,
-                 shared_expert_gate: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        router: TopKRouter,
+        experts: GroupedExperts,
+        dispatcher: Dispatcher,
+        shared_expert: Optional[nn.Module] = None,
+        shared_expert_gate: Optional[nn.Module] = None,
+    ):
         super().__init__()
         if experts.num_experts != dispatcher.num_local_experts:
-            raise ValueError(f"experts hold {experts.num_experts} experts but the dispatcher "
-                             f"routes to {dispatcher.num_local_experts} local experts; build "
-                             f"the experts with dispatcher.num_local_experts")
+            raise ValueError(
+                f"experts hold {experts.num_experts} experts but the dispatcher "
+                f"routes to {dispatcher.num_local_experts} local experts; build "
+                f"the experts with dispatcher.num_local_experts"
+            )
         if router.num_experts != dispatcher.num_experts:
-            raise ValueError(f"router scores {router.num_experts} experts, dispatcher expects "
-                             f"{dispatcher.num_experts}")
+            raise ValueError(
+                f"router scores {router.num_experts} experts, dispatcher expects "
+                f"{dispatcher.num_experts}"
+            )
         if shared_expert_gate is not None and shared_expert is None:
             raise ValueError("shared_expert_gate given without a shared_expert")
         self.router = router
@@ -67,8 +77,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [T, H]
         routing = self.router(tokens)
-        y = routed_output(self.dispatcher, self.experts, tokens, routing.weights,
-                          routing.expert_idx)  # [T, H]
+        y = routed_output(
+            self.dispatcher, self.experts, tokens, routing.weights, routing.expert_idx
+        )  # [T, H]
         y = add_shared_expert(y, tokens, self.shared_expert, self.shared_expert_gate)
         self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
         return y.reshape(shape)
@@ -77,19 +88,30 @@ class MoELayer(nn.Module):
 # The forward's pieces, shared with the Megatron layer (moe_ext.megatron.layer), which wraps
 # the routed part in its TP token split.
 
-def routed_output(dispatcher: Dispatcher, experts: GroupedExperts, tokens: torch.Tensor,
-                  weights: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+
+def routed_output(
+    dispatcher: Dispatcher,
+    experts: GroupedExperts,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+) -> torch.Tensor:
     """tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64 global ids.
     Returns [T, H] in tokens' dtype: each token's experts' outputs summed with its routing
     weights, wherever the dispatcher runs them."""
     x_local, tokens_per_expert, handle = dispatcher.dispatch(
-        tokens, weights, expert_idx)  # [T', H], [E_local]
+        tokens, weights, expert_idx
+    )  # [T', H], [E_local]
     y_local = experts(x_local, tokens_per_expert)  # [T', H]
     return dispatcher.combine(y_local, handle)  # [T, H]
 
 
-def add_shared_expert(y: torch.Tensor, tokens: torch.Tensor, shared_expert: Optional[nn.Module],
-                      shared_expert_gate: Optional[nn.Module]) -> torch.Tensor:
+def add_shared_expert(
+    y: torch.Tensor,
+    tokens: torch.Tensor,
+    shared_expert: Optional[nn.Module],
+    shared_expert_gate: Optional[nn.Module],
+) -> torch.Tensor:
     """y: [T, H] routed output; tokens: [T, H]. Returns y plus the shared expert's output
     (sigmoid-gated when there is a gate), in y's dtype; y itself without a shared expert."""
     if shared_expert is None:
@@ -100,15 +122,26 @@ def add_shared_expert(y: torch.Tensor, tokens: torch.Tensor, shared_expert: Opti
     return y + shared.to(y.dtype)
 
 
-def build_moe_layer(hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *,
-                    score_func: str = "softmax", norm_topk_prob: bool = True,
-                    n_group: Optional[int] = None, topk_group: Optional[int] = None,
-                    routed_scaling_factor: float = 1.0, correction_bias: bool = False,
-                    shared_expert_size: Optional[int] = None, shared_expert_gate: bool = False,
-                    dispatcher: Union[str, Any, Dispatcher] = "local",
-                    groups: DispatchGroups = DispatchGroups(), experts_backend: str = "auto",
-                    dtype: Optional[torch.dtype] = None,
-                    device: Optional[Union[str, torch.device]] = None) -> MoELayer:
+def build_moe_layer(
+    hidden_size: int,
+    ffn_size: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    score_func: str = "softmax",
+    norm_topk_prob: bool = True,
+    n_group: Optional[int] = None,
+    topk_group: Optional[int] = None,
+    routed_scaling_factor: float = 1.0,
+    correction_bias: bool = False,
+    shared_expert_size: Optional[int] = None,
+    shared_expert_gate: bool = False,
+    dispatcher: Union[str, Any, Dispatcher] = "local",
+    groups: DispatchGroups = DispatchGroups(),
+    experts_backend: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> MoELayer:
     """Build a MoE layer holding only this rank's expert shard.
 
     ``dispatcher``: a Dispatcher instance, or a short name / dotted path / ``{_target_}``
@@ -118,19 +151,36 @@ def build_moe_layer(hidden_size: int, ffn_size: int, num_experts: int, top_k: in
     if not isinstance(dispatcher, Dispatcher):
         dispatcher = build_dispatcher(dispatcher, num_experts, groups)
     if dispatcher.num_experts != num_experts:
-        raise ValueError(f"dispatcher was built for {dispatcher.num_experts} experts, "
-                         f"layer has {num_experts}")
+        raise ValueError(
+            f"dispatcher was built for {dispatcher.num_experts} experts, layer has {num_experts}"
+        )
     if ffn_size % dispatcher.ffn_shards:
-        raise ValueError(f"expert FFN size {ffn_size} cannot be split over "
-                         f"{dispatcher.ffn_shards} expert-TP ranks; choose parallel.etp "
-                         f"dividing {ffn_size}")
-    router = TopKRouter(hidden_size, num_experts, top_k, score_func=score_func,
-                        norm_topk_prob=norm_topk_prob, n_group=n_group, topk_group=topk_group,
-                        routed_scaling_factor=routed_scaling_factor,
-                        correction_bias=correction_bias, dtype=dtype, device=device)
-    experts = GroupedExperts(dispatcher.num_local_experts, hidden_size,
-                             ffn_size // dispatcher.ffn_shards, backend=experts_backend,
-                             dtype=dtype, device=device)
+        raise ValueError(
+            f"expert FFN size {ffn_size} cannot be split over "
+            f"{dispatcher.ffn_shards} expert-TP ranks; choose parallel.etp "
+            f"dividing {ffn_size}"
+        )
+    router = TopKRouter(
+        hidden_size,
+        num_experts,
+        top_k,
+        score_func=score_func,
+        norm_topk_prob=norm_topk_prob,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+        correction_bias=correction_bias,
+        dtype=dtype,
+        device=device,
+    )
+    experts = GroupedExperts(
+        dispatcher.num_local_experts,
+        hidden_size,
+        ffn_size // dispatcher.ffn_shards,
+        backend=experts_backend,
+        dtype=dtype,
+        device=device,
+    )
     shared = gate = None
     if shared_expert_size:
         shared = SharedExpertMLP(hidden_size, shared_expert_size, dtype=dtype, device=device)
@@ -141,8 +191,9 @@ def build_moe_layer(hidden_size: int, ffn_size: int, num_experts: int, top_k: in
     return MoELayer(router, experts, dispatcher, shared, gate)
 
 
-def expert_shard(gate_up_full: torch.Tensor, down_full: torch.Tensor, dispatcher: Dispatcher
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_shard(
+    gate_up_full: torch.Tensor, down_full: torch.Tensor, dispatcher: Dispatcher
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice full expert tensors to this rank's shard (views, no copies).
 
     gate_up_full: [E, 2F, H]; down_full: [E, H, F]. Returns (gate_up [E_local, 2F_local, H],
@@ -150,32 +201,45 @@ def expert_shard(gate_up_full: torch.Tensor, down_full: torch.Tensor, dispatcher
     ``ffn_shard_rank``-th F slice of both gate and up rows and of down's columns."""
     num_experts, two_ffn, _ = gate_up_full.shape
     if num_experts != dispatcher.num_experts or down_full.shape[0] != num_experts:
-        raise ValueError(f"full expert tensors hold {num_experts} experts, dispatcher expects "
-                         f"{dispatcher.num_experts}")
+        raise ValueError(
+            f"full expert tensors hold {num_experts} experts, dispatcher expects "
+            f"{dispatcher.num_experts}"
+        )
     ffn = two_ffn // 2
     if down_full.shape[-1] != ffn or ffn % dispatcher.ffn_shards:
-        raise ValueError(f"expert FFN sizes disagree or do not split: gate_up rows {two_ffn}, "
-                         f"down columns {down_full.shape[-1]}, ffn shards {dispatcher.ffn_shards}")
-    experts = slice(dispatcher.local_expert_start,
-                    dispatcher.local_expert_start + dispatcher.num_local_experts)
+        raise ValueError(
+            f"expert FFN sizes disagree or do not split: gate_up rows {two_ffn}, "
+            f"down columns {down_full.shape[-1]}, ffn shards {dispatcher.ffn_shards}"
+        )
+    experts = slice(
+        dispatcher.local_expert_start, dispatcher.local_expert_start + dispatcher.num_local_experts
+    )
     ffn_local = ffn // dispatcher.ffn_shards
     lo = dispatcher.ffn_shard_rank * ffn_local
-    gate_up = torch.cat([gate_up_full[experts, lo:lo + ffn_local],
-                         gate_up_full[experts, ffn + lo:ffn + lo + ffn_local]], dim=1)
-    down = down_full[experts, :, lo:lo + ffn_local]
+    gate_up = torch.cat(
+        [
+            gate_up_full[experts, lo : lo + ffn_local],
+            gate_up_full[experts, ffn + lo : ffn + lo + ffn_local],
+        ],
+        dim=1,
+    )
+    down = down_full[experts, :, lo : lo + ffn_local]
     return gate_up, down
 
 
 @torch.no_grad()
-def load_full_expert_weights(layer: MoELayer, gate_up_full: torch.Tensor,
-                             down_full: torch.Tensor) -> None:
+def load_full_expert_weights(
+    layer: MoELayer, gate_up_full: torch.Tensor, down_full: torch.Tensor
+) -> None:
     """Copy this rank's shard of full expert weights into ``layer.experts``.
 
     gate_up_full: [E, 2F, H]; down_full: [E, H, F] (any device/dtype; converted)."""
     gate_up, down = expert_shard(gate_up_full, down_full, layer.dispatcher)
     for param, value in ((layer.experts.gate_up_proj, gate_up), (layer.experts.down_proj, down)):
         if param.shape != value.shape:
-            raise ValueError(f"expert shard shape {tuple(value.shape)} does not match the "
-                             f"layer's {tuple(param.shape)}; build the layer with the same "
-                             f"hidden/ffn sizes and dispatcher")
+            raise ValueError(
+                f"expert shard shape {tuple(value.shape)} does not match the "
+                f"layer's {tuple(param.shape)}; build the layer with the same "
+                f"hidden/ffn sizes and dispatcher"
+            )
         param.copy_(value)

@@ -26,6 +26,7 @@ with weights equal within float32 rounding, and returns ``logits=None``: nothing
 inference reads them (the losses are zero outside training). Everything else runs the
 torch path below, unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,29 +87,44 @@ class TopKRouter(nn.Module):
     ``fused`` (attribute and argument, default True) allows the fused-kernel fast path
     described in the module docstring; False always runs the torch path."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
-                 score_func: str = "softmax", norm_topk_prob: bool = True,
-                 n_group: Optional[int] = None, topk_group: Optional[int] = None,
-                 routed_scaling_factor: float = 1.0, correction_bias: bool = False,
-                 record_load: bool = True, fused: bool = True,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        n_group: Optional[int] = None,
+        topk_group: Optional[int] = None,
+        routed_scaling_factor: float = 1.0,
+        correction_bias: bool = False,
+        record_load: bool = True,
+        fused: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
         super().__init__()
         if score_func not in SCORE_FUNCS:
-            raise ValueError(f"unknown router score_func {score_func!r}; "
-                             f"use one of {SCORE_FUNCS}")
+            raise ValueError(f"unknown router score_func {score_func!r}; use one of {SCORE_FUNCS}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         if (n_group is None) != (topk_group is None):
-            raise ValueError("set both n_group and topk_group for group-limited routing, "
-                             "or neither")
+            raise ValueError(
+                "set both n_group and topk_group for group-limited routing, or neither"
+            )
         if n_group is not None:
             if num_experts % n_group or not 1 <= topk_group <= n_group:
-                raise ValueError(f"group-limited routing needs n_group dividing num_experts "
-                                 f"({num_experts}) and 1 <= topk_group <= n_group; got "
-                                 f"n_group={n_group}, topk_group={topk_group}")
+                raise ValueError(
+                    f"group-limited routing needs n_group dividing num_experts "
+                    f"({num_experts}) and 1 <= topk_group <= n_group; got "
+                    f"n_group={n_group}, topk_group={topk_group}"
+                )
             if topk_group * (num_experts // n_group) < top_k:
-                raise ValueError(f"topk_group={topk_group} groups of {num_experts // n_group} "
-                                 f"experts cannot supply top_k={top_k} picks; raise topk_group")
+                raise ValueError(
+                    f"topk_group={topk_group} groups of {num_experts // n_group} "
+                    f"experts cannot supply top_k={top_k} picks; raise topk_group"
+                )
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
         self.n_group, self.topk_group = n_group, topk_group
@@ -116,21 +132,29 @@ class TopKRouter(nn.Module):
         self.record_load = record_load
         self.fused = fused
         self.weight = nn.Parameter(
-            torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
-        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+            torch.empty(num_experts, hidden_size, dtype=dtype, device=device)
+        )
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
         if correction_bias:
-            self.register_buffer("e_score_correction_bias",
-                                 torch.zeros(num_experts, dtype=torch.float32, device=device))
+            self.register_buffer(
+                "e_score_correction_bias",
+                torch.zeros(num_experts, dtype=torch.float32, device=device),
+            )
         else:
             self.e_score_correction_bias = None
-        self.register_buffer("expert_load", persistent=False, tensor=torch.zeros(
-            num_experts, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "expert_load",
+            persistent=False,
+            tensor=torch.zeros(num_experts, dtype=torch.int64, device=device),
+        )
 
     def extra_repr(self) -> str:
-        return (f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
-                f"score_func={self.score_func}, norm_topk_prob={self.norm_topk_prob}, "
-                f"n_group={self.n_group}, topk_group={self.topk_group}, "
-                f"scale={self.routed_scaling_factor}")
+        return (
+            f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
+            f"score_func={self.score_func}, norm_topk_prob={self.norm_topk_prob}, "
+            f"n_group={self.n_group}, topk_group={self.topk_group}, "
+            f"scale={self.routed_scaling_factor}"
+        )
 
     def _select(self, choice: torch.Tensor) -> torch.Tensor:
         """choice: [T, E] float32 selection scores. Returns expert_idx [T, k] int64."""
@@ -148,15 +172,24 @@ class TopKRouter(nn.Module):
     def fused_kernels(self, x: torch.Tensor):
         """The routing kernels module when this forward takes the fused fast path, else None
         (conditions in the module docstring). x: [T, H]."""
-        if (not self.fused or self.training or self.score_func != "softmax"
-                or self.n_group is not None or x.shape[0] > FUSED_MAX_TOKENS
-                or x.device != self.weight.device
-                or x.dtype not in _FUSED_DTYPES or self.weight.dtype not in _FUSED_DTYPES
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if (
+            not self.fused
+            or self.training
+            or self.score_func != "softmax"
+            or self.n_group is not None
+            or x.shape[0] > FUSED_MAX_TOKENS
+            or x.device != self.weight.device
+            or x.dtype not in _FUSED_DTYPES
+            or self.weight.dtype not in _FUSED_DTYPES
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
             return None
         kernels = kernels_for("routing", x.device)
-        if kernels is None or self.num_experts > kernels.MAX_EXPERTS or (
-                self.hidden_size > kernels.MAX_HIDDEN or self.top_k > kernels.MAX_TOP_K):
+        if (
+            kernels is None
+            or self.num_experts > kernels.MAX_EXPERTS
+            or (self.hidden_size > kernels.MAX_HIDDEN or self.top_k > kernels.MAX_TOP_K)
+        ):
             return None
         return kernels
 
@@ -164,15 +197,21 @@ class TopKRouter(nn.Module):
         """x: [T, H] any float dtype. Returns RouterOutput (weights [T, k] float32; logits
         None on the fused fast path)."""
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"router expects [T, {self.hidden_size}], got {tuple(x.shape)}; "
-                             f"flatten batch and sequence first")
+            raise ValueError(
+                f"router expects [T, {self.hidden_size}], got {tuple(x.shape)}; "
+                f"flatten batch and sequence first"
+            )
         kernels = self.fused_kernels(x)
         if kernels is not None:
             weights, expert_idx = kernels.softmax_topk_router(
-                x, self.weight, self.expert_load, self.top_k,
+                x,
+                self.weight,
+                self.expert_load,
+                self.top_k,
                 norm_topk_prob=self.norm_topk_prob,
                 routed_scaling_factor=self.routed_scaling_factor,
-                record_load=self.record_load)  # [T, k] float32, [T, k] int64
+                record_load=self.record_load,
+            )  # [T, k] float32, [T, k] int64
             zero = weights.new_zeros(())  # no losses outside training
             return RouterOutput(weights, expert_idx, zero, zero, None)
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
@@ -201,8 +240,11 @@ class TopKRouter(nn.Module):
                 flat = expert_idx.reshape(-1)
                 self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         if self.training:
-            probs = scores if self.score_func == "softmax" else (
-                scores / scores.sum(-1, keepdim=True).clamp_min(1e-20))
+            probs = (
+                scores
+                if self.score_func == "softmax"
+                else (scores / scores.sum(-1, keepdim=True).clamp_min(1e-20))
+            )
             aux, zl = load_balancing_loss(probs, expert_idx), z_loss(logits)
         else:
             aux = zl = logits.new_zeros(())

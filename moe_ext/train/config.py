@@ -2,6 +2,7 @@
 inference ones of ``moe_ext.config``: the model/strategy/parallel/topology groups are
 shared, so a training run and ``launch/infer.py`` describe a model and its placement the
 same way. ``register_train_configs`` is called by the Hydra main before it runs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ Step ``s`` draws ``dp * B`` random windows of ``S + 1`` tokens from the training
 a generator seeded by ``(seed, s)``; data-parallel rank ``r`` takes rows ``[r*B, (r+1)*B)``,
 so the global batch does not depend on how the ranks are laid out.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def read_documents(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                        f"convert it to UTF-8") from err
+        raise DataError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+        ) from err
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         return [text]
     docs = []
@@ -52,8 +54,9 @@ def read_documents(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be "
-                            f'{{"text": "..."}}') from err
+            raise DataError(
+                f'{path}:{number}: not valid JSON ({err.msg}); each line must be {{"text": "..."}}'
+            ) from err
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f'{path}:{number}: expected {{"text": "..."}}')
         docs.append(record["text"])
@@ -84,26 +87,33 @@ class TokenData:
     source: str
 
     @classmethod
-    def load(cls, path: Optional[str], tokenizer: Any, vocab_size: int, seq_len: int,
-             val_fraction: float) -> "TokenData":
+    def load(
+        cls, path: Optional[str], tokenizer: Any, vocab_size: int, seq_len: int, val_fraction: float
+    ) -> "TokenData":
         file = shipped_corpus_path() if path is None else Path(path)
         stream = tokenize_documents(read_documents(file), tokenizer)  # [N]
         if stream.numel() and int(stream.max()) >= vocab_size:
-            raise DataError(f"{file} tokenizes to id {int(stream.max())}, outside the model's "
-                            f"vocabulary of {vocab_size}; use the model's tokenizer")
+            raise DataError(
+                f"{file} tokenizes to id {int(stream.max())}, outside the model's "
+                f"vocabulary of {vocab_size}; use the model's tokenizer"
+            )
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"train.val_fraction={val_fraction}; use a value in [0, 1)")
         n_val = int(stream.numel() * val_fraction)
         if n_val and n_val < seq_len + 1:
-            raise DataError(f"the held-out tail of {file} ({n_val} tokens) is shorter than one "
-                            f"sequence of train.seq_len + 1 = {seq_len + 1}; raise "
-                            f"train.val_fraction or lower train.seq_len")
-        train = stream[:stream.numel() - n_val]
+            raise DataError(
+                f"the held-out tail of {file} ({n_val} tokens) is shorter than one "
+                f"sequence of train.seq_len + 1 = {seq_len + 1}; raise "
+                f"train.val_fraction or lower train.seq_len"
+            )
+        train = stream[: stream.numel() - n_val]
         if train.numel() < seq_len + 1:
-            raise DataError(f"{file} has {train.numel()} training tokens, fewer than one "
-                            f"sequence of train.seq_len + 1 = {seq_len + 1}; use more text or "
-                            f"a smaller train.seq_len")
-        return cls(train=train, val=stream[stream.numel() - n_val:], source=str(file))
+            raise DataError(
+                f"{file} has {train.numel()} training tokens, fewer than one "
+                f"sequence of train.seq_len + 1 = {seq_len + 1}; use more text or "
+                f"a smaller train.seq_len"
+            )
+        return cls(train=train, val=stream[stream.numel() - n_val :], source=str(file))
 
 
 def _windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -112,18 +122,20 @@ def _windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.
     return stream[starts[:, None] + offsets[None, :]]  # [B, S+1]
 
 
-def train_batch(data: TokenData, step: int, seed: int, micro_batch: int, seq_len: int,
-                dp: int, dp_rank: int) -> torch.Tensor:
+def train_batch(
+    data: TokenData, step: int, seed: int, micro_batch: int, seq_len: int, dp: int, dp_rank: int
+) -> torch.Tensor:
     """This rank's share [B, S+1] int64 of step ``step``'s global batch (dp·B windows)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     high = data.train.numel() - seq_len  # window starts in [0, N_train - S - 1]
     starts = torch.randint(0, high, (dp * micro_batch,), generator=gen)  # [dp·B]
-    mine = starts[dp_rank * micro_batch:(dp_rank + 1) * micro_batch]  # [B]
+    mine = starts[dp_rank * micro_batch : (dp_rank + 1) * micro_batch]  # [B]
     return _windows(data.train, mine, seq_len)
 
 
-def eval_batches(data: TokenData, num_batches: int, micro_batch: int, seq_len: int, dp: int,
-                 dp_rank: int) -> list[torch.Tensor]:
+def eval_batches(
+    data: TokenData, num_batches: int, micro_batch: int, seq_len: int, dp: int, dp_rank: int
+) -> list[torch.Tensor]:
     """Fixed held-out batches [B, S+1]: evenly spaced windows of the held-out tail, split
     over the data-parallel ranks like training batches. Empty without a held-out tail."""
     if data.val.numel() < seq_len + 1 or num_batches <= 0:

@@ -9,6 +9,7 @@ writer. Memory on rank 0: one full tensor at a time.
 
 # E experts, H hidden, F expert FFN size
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,17 +21,32 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from moe_ext.checkpoint.format import (MANIFEST, SafetensorsWriter, TensorEntry,
-                                       confined_file, dtype_name, nbytes, plan_shards,
-                                       staged_directory, write_manifest)
-from moe_ext.model.parallelize import RankCoords, shard_slices
-from moe_ext.model.args import ModelArgs
+from moe_ext.checkpoint.format import (
+    MANIFEST,
+    SafetensorsWriter,
+    TensorEntry,
+    confined_file,
+    dtype_name,
+    nbytes,
+    plan_shards,
+    staged_directory,
+    write_manifest,
+)
 from moe_ext.errors import MoeExtError
+from moe_ext.model.args import ModelArgs
+from moe_ext.model.parallelize import RankCoords, shard_slices
 
 # side files of a source checkpoint that describe tokenization and generation
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
-DEFAULT_MAX_SHARD_BYTES = 2 * 2 ** 30
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 
 
 class ExportError(MoeExtError):
@@ -50,8 +66,7 @@ def _region_key(request, shape) -> tuple:
 def _place(full: torch.Tensor, request, piece: torch.Tensor) -> None:
     """Write ``piece`` (the request's boxes concatenated along cat_dim) into ``full``."""
     bounds = request.bounds(full.shape)
-    sizes = [b[request.cat_dim][1] - b[request.cat_dim][0] for b in bounds] \
-        if full.dim() else [1]
+    sizes = [b[request.cat_dim][1] - b[request.cat_dim][0] for b in bounds] if full.dim() else [1]
     parts = torch.split(piece, sizes, dim=request.cat_dim) if len(bounds) > 1 else [piece]
     for box, part in zip(bounds, parts):
         full[tuple(slice(a, b) for a, b in box)] = part
@@ -75,11 +90,15 @@ def check_export_destination(destination: str, overwrite: bool = False) -> None:
     if not any(dst.iterdir()):
         return
     if not (dst / MANIFEST).is_file():
-        raise ExportError(f"export={destination} is a non-empty directory that is not a moe_ext "
-                          f"checkpoint; choose a new or empty directory")
+        raise ExportError(
+            f"export={destination} is a non-empty directory that is not a moe_ext "
+            f"checkpoint; choose a new or empty directory"
+        )
     if not overwrite:
-        raise ExportError(f"export={destination} already holds a moe_ext checkpoint; pass "
-                          f"train.overwrite_export=true to replace it, or choose another")
+        raise ExportError(
+            f"export={destination} already holds a moe_ext checkpoint; pass "
+            f"train.overwrite_export=true to replace it, or choose another"
+        )
 
 
 def _side_files(side_files_from: Optional[str]) -> list[Path]:
@@ -87,15 +106,20 @@ def _side_files(side_files_from: Optional[str]) -> list[Path]:
     if side_files_from is None or not Path(side_files_from).is_dir():
         return []
     source = Path(side_files_from)
-    return [confined_file(source, name, source) for name in SIDE_FILES
-            if (source / name).is_file()]
+    return [confined_file(source, name, source) for name in SIDE_FILES if (source / name).is_file()]
 
 
-def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: str,
-                   config: dict[str, Any], dtype: torch.dtype = torch.float32,
-                   side_files_from: Optional[str] = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   overwrite: bool = False) -> Optional[Path]:
+def export_moe_ext(
+    model: torch.nn.Module,
+    plan: Any,
+    rank: int,
+    destination: str,
+    config: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    side_files_from: Optional[str] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Optional[Path]:
     """Write the full model that the ranks of ``plan`` hold in shards to ``destination``
     (moe_ext format: safetensors + moe_ext.json manifest + config.json); collective.
 
@@ -129,16 +153,20 @@ def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: st
                 regions[name].append((r, request))
         if not regions[name]:
             raise ExportError(f"no rank holds {name}; the plan and the model disagree")
-    files = plan_shards([(n, nbytes(s, dtype_name(dtype))) for n, s in shapes.items()],
-                        max_shard_bytes)
+    files = plan_shards(
+        [(n, nbytes(s, dtype_name(dtype))) for n, s in shapes.items()], max_shard_bytes
+    )
     dst = Path(destination)
     # rank 0 writes into a staged directory (renamed into place at the end, removed on
     # failure); the other ranks only send it their slices
     with staged_directory(dst) if rank == 0 else contextlib.nullcontext() as tmp:
         entries: list[TensorEntry] = []
         for file, names in files:
-            writer = SafetensorsWriter(tmp / file, [(n, dtype_name(dtype), shapes[n])
-                                                     for n in names]) if rank == 0 else None
+            writer = (
+                SafetensorsWriter(tmp / file, [(n, dtype_name(dtype), shapes[n]) for n in names])
+                if rank == 0
+                else None
+            )
             for name in names:
                 if rank == 0:
                     full = torch.empty(shapes[name], dtype=dtype)
@@ -149,14 +177,16 @@ def export_moe_ext(model: torch.nn.Module, plan: Any, rank: int, destination: st
                         if owner == 0:
                             piece = local[name].detach().to(dtype)
                         else:
-                            piece = torch.empty(request.shape(shapes[name]), dtype=dtype,
-                                                device=device)
+                            piece = torch.empty(
+                                request.shape(shapes[name]), dtype=dtype, device=device
+                            )
                             dist.recv(piece, src=owner)
                         _place(full, request, piece.cpu())  # sync: the writer streams host memory
                 if rank == 0:
                     sha = writer.write_tensor(name, [full])
-                    entries.append(TensorEntry(name, tuple(shapes[name]), dtype_name(dtype), sha,
-                                               file))
+                    entries.append(
+                        TensorEntry(name, tuple(shapes[name]), dtype_name(dtype), sha, file)
+                    )
             if writer is not None:
                 writer.close()
         if rank != 0:

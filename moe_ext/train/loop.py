@@ -13,13 +13,15 @@ reduction) once, plus the expert gradients summed over the EP group. ZeRO 1/2 ke
 gradients inside its partitions, so there DeepSpeed clips, which is exact only for ep = 1
 (``build_engine`` refuses ZeRO + clipping + ep > 1).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,8 +43,9 @@ def lr_at(step: int, conf: Any) -> float:
     return floor + 0.5 * (conf.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float,
-                    ep_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def clip_grad_norm_(
+    model: torch.nn.Module, max_norm: float, ep_group: Optional[dist.ProcessGroup]
+) -> torch.Tensor:
     """Global gradient norm of a data-parallel, expert-parallel model (tp = pp = 1) whose
     gradients are already reduced; scales them so the norm is at most ``max_norm``
     (0: measure only). Returns the norm before clipping ([] fp32, on the grads' device)."""
@@ -82,8 +85,15 @@ class RunState:
 class Trainer:
     """Runs steps of one engine; every rank constructs one with the same arguments."""
 
-    def __init__(self, engine: Any, groups: Any, data: TokenData, conf: Any,
-                 device: torch.device, own_clipping: bool):
+    def __init__(
+        self,
+        engine: Any,
+        groups: Any,
+        data: TokenData,
+        conf: Any,
+        device: torch.device,
+        own_clipping: bool,
+    ):
         self.engine = engine
         self.groups = groups
         self.data = data
@@ -91,8 +101,9 @@ class Trainer:
         self.device = device
         self.own_clipping = own_clipping
         self.dp, self.dp_rank = groups.plan.dp, groups.dp_rank
-        self.eval_set = eval_batches(data, conf.eval_batches, conf.micro_batch, conf.seq_len,
-                                     self.dp, self.dp_rank)
+        self.eval_set = eval_batches(
+            data, conf.eval_batches, conf.micro_batch, conf.seq_len, self.dp, self.dp_rank
+        )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -109,14 +120,19 @@ class Trainer:
         conf = self.conf
         lr = lr_at(step, conf)
         set_lr(self.engine, lr)
-        batch = train_batch(self.data, step, conf.seed, conf.micro_batch, conf.seq_len,
-                            self.dp, self.dp_rank).to(self.device)  # [B, S+1]
+        batch = train_batch(
+            self.data, step, conf.seed, conf.micro_batch, conf.seq_len, self.dp, self.dp_rank
+        ).to(self.device)  # [B, S+1]
         start = time.perf_counter()
         loss, lm_loss, aux_loss = self.engine(batch)
         self.engine.backward(loss)
-        norm = clip_grad_norm_(self.model, conf.grad_clip,
-                               self.groups.ep if self.groups.plan.ep > 1 else None) \
-            if self.own_clipping else None
+        norm = (
+            clip_grad_norm_(
+                self.model, conf.grad_clip, self.groups.ep if self.groups.plan.ep > 1 else None
+            )
+            if self.own_clipping
+            else None
+        )
         self.engine.step()
         values = torch.stack([loss.detach().float(), lm_loss.float(), aux_loss.float()])
         loss_v, lm_v, aux_v = self._dp_mean(values)
@@ -128,9 +144,16 @@ class Trainer:
         else:
             grad_norm = float(norm)  # sync: already waited on by the losses above
         tokens = self.dp * conf.micro_batch * conf.seq_len
-        return {"step": step + 1, "loss": loss_v, "lm_loss": lm_v, "aux_loss": aux_v,
-                "lr": lr, "grad_norm": grad_norm, "seconds": seconds,
-                "tokens_per_s": tokens / max(seconds, 1e-9)}
+        return {
+            "step": step + 1,
+            "loss": loss_v,
+            "lm_loss": lm_v,
+            "aux_loss": aux_v,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds": seconds,
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+        }
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -147,23 +170,34 @@ class Trainer:
             module.train()
         return self._dp_mean((total / len(self.eval_set)).reshape(1))[0]
 
-    def run(self, state: RunState, on_checkpoint: Optional[Callable[[RunState], None]] = None,
-            progress: bool = False) -> RunState:
+    def run(
+        self,
+        state: RunState,
+        on_checkpoint: Optional[Callable[[RunState], None]] = None,
+        progress: bool = False,
+    ) -> RunState:
         """Train from ``state.step`` to ``conf.steps``, evaluating every ``eval_every`` and
         calling ``on_checkpoint`` every ``save_every`` steps and at the end (collective)."""
         from tqdm.auto import tqdm
 
         conf = self.conf
-        bar = tqdm(total=conf.steps, initial=state.step, unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=conf.steps,
+            initial=state.step,
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         try:
             for step in range(state.step, conf.steps):
                 record = self.train_step(step)
                 state.history.append(record)
                 state.step = done = step + 1
-                bar.set_postfix(loss=f"{record['lm_loss']:.3f}",
-                                aux=f"{record['aux_loss']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['lm_loss']:.3f}",
+                    aux=f"{record['aux_loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
                 bar.update(1)
                 last = done == conf.steps
                 if last or (conf.eval_every > 0 and done % conf.eval_every == 0):
@@ -173,7 +207,8 @@ class Trainer:
                         message = f"step {done}: held-out loss {val:.4f}"
                         bar.write(message) if progress else log.info(message)
                 if on_checkpoint is not None and (
-                        last or (conf.save_every > 0 and done % conf.save_every == 0)):
+                    last or (conf.save_every > 0 and done % conf.save_every == 0)
+                ):
                     on_checkpoint(state)
         finally:
             bar.close()

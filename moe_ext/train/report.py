@@ -1,4 +1,5 @@
 """Per-run records of a training run: the JSON log and the loss-curve PNG (rank 0 only)."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path,
-                title: str) -> None:
+def plot_losses(
+    history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str
+) -> None:
     """Two panels: LM loss (per step, smoothed, held-out) and the load-balancing loss."""
     import matplotlib
 
@@ -42,12 +44,22 @@ def plot_losses(history: list[dict[str, Any]], evals: list[dict[str, Any]], path
         lm = [h["lm_loss"] for h in history]
         ax_lm.plot(steps, lm, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (step)")
         window = max(1, len(lm) // 50)
-        ax_lm.plot(steps, _smooth(lm, window), color="tab:blue", linewidth=1.5,
-                   label=f"train (mean of {window})")
+        ax_lm.plot(
+            steps,
+            _smooth(lm, window),
+            color="tab:blue",
+            linewidth=1.5,
+            label=f"train (mean of {window})",
+        )
         ax_aux.plot(steps, [h["aux_loss"] for h in history], color="tab:orange", linewidth=1.0)
     if evals:
-        ax_lm.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-",
-                   color="tab:green", label="held-out")
+        ax_lm.plot(
+            [e["step"] for e in evals],
+            [e["val_loss"] for e in evals],
+            "o-",
+            color="tab:green",
+            label="held-out",
+        )
     ax_lm.set_xlabel("step")
     ax_lm.set_ylabel("cross entropy (nats/token)")
     ax_lm.set_title("language-model loss")

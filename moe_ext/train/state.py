@@ -12,6 +12,7 @@ rates are pure functions of the step (moe_ext.train.data, moe_ext.train.loop), s
 and optimizer state are all a resumed run needs to continue bit for bit. Resuming needs
 the same world size, plan and ZeRO stage (the optimizer state is partitioned by them).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
 from moe_ext.errors import MoeExtError
 
 FORMAT = "moe_ext-train"
@@ -66,13 +68,17 @@ def find_checkpoint(path: str) -> ResumePoint:
     if (directory / LATEST).is_file():
         name = (directory / LATEST).read_text().strip()
         if not _STEP_NAME.fullmatch(name):
-            raise ResumeError(f"{directory / LATEST} names {name[:80]!r}, not a step_* directory "
-                              f"next to it; pass resume=<run dir>/checkpoints/step_*")
+            raise ResumeError(
+                f"{directory / LATEST} names {name[:80]!r}, not a step_* directory "
+                f"next to it; pass resume=<run dir>/checkpoints/step_*"
+            )
         directory = directory / name
     meta_file = directory / META
     if not meta_file.is_file():
-        raise ResumeError(f"{path} is not a training checkpoint (no {META} there and no "
-                          f"{LATEST} file); pass resume=<run dir>/checkpoints or a step_* dir")
+        raise ResumeError(
+            f"{path} is not a training checkpoint (no {META} there and no "
+            f"{LATEST} file); pass resume=<run dir>/checkpoints or a step_* dir"
+        )
     try:
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -81,12 +87,14 @@ def find_checkpoint(path: str) -> ResumePoint:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         if isinstance(err, ResumeError):
             raise
-        raise ResumeError(f"cannot parse {meta_file} ({type(err).__name__}: {err}); "
-                          f"{_previous_hint(directory)}") from None
+        raise ResumeError(
+            f"cannot parse {meta_file} ({type(err).__name__}: {err}); {_previous_hint(directory)}"
+        ) from err
     missing = [r for r in range(world_size) if not rank_file(directory, r).is_file()]
     if missing:
-        raise ResumeError(f"{directory} lacks the files of ranks {missing[:4]}; "
-                          f"{_previous_hint(directory)}")
+        raise ResumeError(
+            f"{directory} lacks the files of ranks {missing[:4]}; {_previous_hint(directory)}"
+        )
     for r in range(world_size):
         _check_rank_file(rank_file(directory, r))
     return ResumePoint(directory, meta)
@@ -94,8 +102,11 @@ def find_checkpoint(path: str) -> ResumePoint:
 
 def _previous_hint(directory: Path) -> str:
     """Where to resume from instead of the broken step directory ``directory``."""
-    older = sorted(p for p in directory.parent.glob("step_*")
-                   if p.is_dir() and _STEP_NAME.fullmatch(p.name) and p.name < directory.name)
+    older = sorted(
+        p
+        for p in directory.parent.glob("step_*")
+        if p.is_dir() and _STEP_NAME.fullmatch(p.name) and p.name < directory.name
+    )
     if older:
         return f"resume from the previous checkpoint: resume={older[-1]}"
     return f"there is no earlier step_* checkpoint in {directory.parent}: start without resume="
@@ -107,32 +118,53 @@ def _check_rank_file(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise ResumeError(f"{path} is truncated or corrupt ({err}); "
-                          f"{_previous_hint(path.parent)}") from None
+        raise ResumeError(
+            f"{path} is truncated or corrupt ({err}); {_previous_hint(path.parent)}"
+        ) from err
 
 
-def check_compatible(point: ResumePoint, world_size: int, plan_key: dict[str, Any],
-                     zero_stage: int, model_key: dict[str, Any]) -> None:
+def check_compatible(
+    point: ResumePoint,
+    world_size: int,
+    plan_key: dict[str, Any],
+    zero_stage: int,
+    model_key: dict[str, Any],
+) -> None:
     """Refuse a checkpoint saved under another world size, plan, ZeRO stage or model."""
     meta = point.meta
     if int(meta["world_size"]) != world_size:
-        raise ResumeError(f"{point.directory} was saved by {meta['world_size']} ranks, this run "
-                          f"has {world_size}; resume with torchrun --nproc-per-node "
-                          f"{meta['world_size']}")
+        raise ResumeError(
+            f"{point.directory} was saved by {meta['world_size']} ranks, this run "
+            f"has {world_size}; resume with torchrun --nproc-per-node "
+            f"{meta['world_size']}"
+        )
     if meta.get("plan") != plan_key:
-        raise ResumeError(f"{point.directory} was saved under plan {meta.get('plan')}, this "
-                          f"run's plan is {plan_key}; resume with the same strategy and "
-                          f"parallel.*")
+        raise ResumeError(
+            f"{point.directory} was saved under plan {meta.get('plan')}, this "
+            f"run's plan is {plan_key}; resume with the same strategy and "
+            f"parallel.*"
+        )
     if meta.get("zero_stage") != zero_stage:
-        raise ResumeError(f"{point.directory} was saved with train.zero_stage="
-                          f"{meta.get('zero_stage')}; resume with the same stage")
+        raise ResumeError(
+            f"{point.directory} was saved with train.zero_stage="
+            f"{meta.get('zero_stage')}; resume with the same stage"
+        )
     if meta.get("model") != model_key:
-        raise ResumeError(f"{point.directory} holds another model shape than this run's; "
-                          f"resume with the model it was trained with")
+        raise ResumeError(
+            f"{point.directory} holds another model shape than this run's; "
+            f"resume with the model it was trained with"
+        )
 
 
-def save_checkpoint(root: Path, step: int, rank: int, world_size: int, rank_state: dict[str, Any],
-                    meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    rank: int,
+    world_size: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write this rank's state for ``step`` and, on rank 0, the metadata; collective.
 
     rank_state: what this rank needs back (module and optimizer state dicts, RNG). meta:
@@ -149,8 +181,9 @@ def save_checkpoint(root: Path, step: int, rank: int, world_size: int, rank_stat
     torch.save(rank_state, rank_file(tmp, rank))
     dist.barrier()  # every rank's file is complete before the directory is published
     if rank == 0:
-        meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, step=step,
-                    world_size=world_size)
+        meta = dict(
+            meta, format=FORMAT, format_version=FORMAT_VERSION, step=step, world_size=world_size
+        )
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -166,8 +199,9 @@ def save_checkpoint(root: Path, step: int, rank: int, world_size: int, rank_stat
     return final
 
 
-def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.device] = None
-                    ) -> dict[str, Any]:
+def load_rank_state(
+    point: ResumePoint, rank: int, map_location: Optional[torch.device] = None
+) -> dict[str, Any]:
     """This rank's saved state, loaded with ``weights_only=True``: tensors, containers,
     plain values and the few DeepSpeed state classes named here, never arbitrary objects."""
     path = rank_file(point.directory, rank)
@@ -177,16 +211,20 @@ def load_rank_state(point: ResumePoint, rank: int, map_location: Optional[torch.
         except pickle.UnpicklingError as err:
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             what = found.group(1) if found else "an object that is not plain data"
-            raise ResumeError(f"refusing to unpickle {what} from {path}: a rank file holds only "
-                              f"tensors and plain state, this one could run code; "
-                              f"{_previous_hint(point.directory)}") from err
+            raise ResumeError(
+                f"refusing to unpickle {what} from {path}: a rank file holds only "
+                f"tensors and plain state, this one could run code; "
+                f"{_previous_hint(point.directory)}"
+            ) from err
         except (RuntimeError, OSError, EOFError) as err:
             # torch reports a damaged file as RuntimeError ("PytorchStreamReader failed ...")
             # or OSError (EINVAL for a truncated one); the cause keeps torch's message
             lines = str(err).strip().splitlines()
             reason = lines[0][:200] if lines else type(err).__name__
-            raise ResumeError(f"cannot load {path} ({reason}); the file is truncated, corrupt "
-                              f"or unreadable: {_previous_hint(point.directory)}") from err
+            raise ResumeError(
+                f"cannot load {path} ({reason}); the file is truncated, corrupt "
+                f"or unreadable: {_previous_hint(point.directory)}"
+            ) from err
 
 
 def _deepspeed_state_classes() -> list[type]:
@@ -202,8 +240,11 @@ def _deepspeed_state_classes() -> list[type]:
 def capture_engine(engine: Any) -> dict[str, Any]:
     """What this rank saves: its module shard, its optimizer state (a ZeRO partition under
     ZeRO) and the CPU RNG state."""
-    return {"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
-            "rng": torch.get_rng_state()}
+    return {
+        "module": engine.module.state_dict(),
+        "optimizer": engine.optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
 
 
 def restore_engine(engine: Any, saved: dict[str, Any], dp_rank: int, dp: int) -> None:
@@ -214,4 +255,3 @@ def restore_engine(engine: Any, saved: dict[str, Any], dp_rank: int, dp: int) ->
     engine.module.load_state_dict(saved["module"])
     load_optimizer_state(engine, saved["optimizer"], dp_rank, dp)
     torch.set_rng_state(saved["rng"].cpu())
-

@@ -5,9 +5,11 @@ block builders where it differs) plus one line in ``_FAMILIES``; the decoder, th
 memory count and the checkpoint maps all go through it (docs/ARCHITECTURE.md, "Adding a
 model family").
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from moe_ext.model.args import ModelArgs, ModelArgsError
 from moe_ext.model.families.base import DOWN, GATE_UP, LAUNCH_KEYS, Family, expert_param
@@ -16,16 +18,17 @@ from moe_ext.model.families.mixtral import FAMILY as MIXTRAL
 from moe_ext.model.families.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 _FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
-REGISTRY: dict[str, Family] = {name: f for f in _FAMILIES
-                               for name in (f.model_type, *f.aliases)}
+REGISTRY: dict[str, Family] = {name: f for f in _FAMILIES for name in (f.model_type, *f.aliases)}
 MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in _FAMILIES)
 
 
 def get_family(model_type: Any, source: str = "config") -> Family:
     family = REGISTRY.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise ModelArgsError(f"{source}: unknown model_type {model_type!r}; supported "
-                             f"families: {', '.join(sorted(REGISTRY))}")
+        raise ModelArgsError(
+            f"{source}: unknown model_type {model_type!r}; supported "
+            f"families: {', '.join(sorted(REGISTRY))}"
+        )
     return family
 
 
@@ -48,12 +51,24 @@ def args_from_model_conf(conf: Mapping[str, Any], source: str = "model config") 
         fields.raw(key)
     unknown = fields.unread()
     if unknown:
-        raise ModelConfigError(f"{source}: unknown field(s) {', '.join(unknown)} for model_type "
-                               f"{family.model_type}; check the spelling against the model's "
-                               f"Hugging Face config.json")
+        raise ModelConfigError(
+            f"{source}: unknown field(s) {', '.join(unknown)} for model_type "
+            f"{family.model_type}; check the spelling against the model's "
+            f"Hugging Face config.json"
+        )
     return args
 
 
-__all__ = ["DOWN", "GATE_UP", "MODEL_TYPES", "REGISTRY", "ConfigFields", "Family",
-           "ModelConfigError", "args_from_hf_config", "args_from_model_conf", "expert_param",
-           "get_family"]
+__all__ = [
+    "DOWN",
+    "GATE_UP",
+    "MODEL_TYPES",
+    "REGISTRY",
+    "ConfigFields",
+    "Family",
+    "ModelConfigError",
+    "args_from_hf_config",
+    "args_from_model_conf",
+    "expert_param",
+    "get_family",
+]

@@ -8,10 +8,12 @@ A family module subclasses ``Family`` and states only what differs (its config k
 its HF names); ``moe_ext.model.families`` registers it. The model, the planner's memory
 count and the checkpoint maps all read the same ``param_shapes``.
 """
+
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
 
 from moe_ext.model.args import ModelArgs, ModelArgsError, normalize_rope_scaling
 from moe_ext.model.families.fields import ConfigFields
@@ -52,8 +54,9 @@ class Family:
     def args_from_config(self, cfg: ConfigFields) -> ModelArgs:
         act = cfg.str("hidden_act", "silu")
         if act != "silu":
-            raise ModelArgsError(f"{cfg.source}: hidden_act {act!r} is not supported "
-                                 f"(SwiGLU with silu only)")
+            raise ModelArgsError(
+                f"{cfg.source}: hidden_act {act!r} is not supported (SwiGLU with silu only)"
+            )
         num_heads = cfg.int("num_attention_heads")
         rope_theta, rope_scaling = _rope(cfg, self.default_rope_theta)
         return ModelArgs(
@@ -117,8 +120,7 @@ class Family:
         for i in range(args.num_hidden_layers):
             p = f"layers.{i}."
             out[p + "input_layernorm.weight"] = (H,)
-            out.update({p + "self_attn." + k: v for k, v in
-                        self.attention_shapes(args).items()})
+            out.update({p + "self_attn." + k: v for k, v in self.attention_shapes(args).items()})
             out[p + "post_attention_layernorm.weight"] = (H,)
             mlp = self.moe_shapes(args) if args.is_moe_layer(i) else self.dense_shapes(args)
             out.update({p + "mlp." + k: v for k, v in mlp.items()})
@@ -144,20 +146,26 @@ class Family:
 
     def moe_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
         H, E, F = args.hidden_size, args.num_experts, args.moe_intermediate_size
-        out = {"router.weight": (E, H), "experts." + GATE_UP: (E, 2 * F, H),
-               "experts." + DOWN: (E, H, F)}
+        out = {
+            "router.weight": (E, H),
+            "experts." + GATE_UP: (E, 2 * F, H),
+            "experts." + DOWN: (E, H, F),
+        }
         if args.has_shared_expert:
             S = args.shared_expert_intermediate_size
-            out.update({"shared_expert.gate_proj.weight": (S, H),
-                        "shared_expert.up_proj.weight": (S, H),
-                        "shared_expert.down_proj.weight": (H, S),
-                        "shared_expert_gate.weight": (1, H)})
+            out.update(
+                {
+                    "shared_expert.gate_proj.weight": (S, H),
+                    "shared_expert.up_proj.weight": (S, H),
+                    "shared_expert.down_proj.weight": (H, S),
+                    "shared_expert_gate.weight": (1, H),
+                }
+            )
         return out
 
     def dense_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
         H, Fd = args.hidden_size, args.intermediate_size
-        return {"gate_proj.weight": (Fd, H), "up_proj.weight": (Fd, H),
-                "down_proj.weight": (H, Fd)}
+        return {"gate_proj.weight": (Fd, H), "up_proj.weight": (Fd, H), "down_proj.weight": (H, Fd)}
 
     # ---- blocks ---------------------------------------------------------------------
     def build_attention(self, args: ModelArgs, layer_id: int) -> "nn.Module":
@@ -170,18 +178,31 @@ class Family:
 
         return DenseMLP(args.hidden_size, args.intermediate_size)
 
-    def build_moe(self, args: ModelArgs, dispatcher: Any = "local",
-                  dtype: Optional["torch.dtype"] = None, device: Any = None) -> "nn.Module":
+    def build_moe(
+        self,
+        args: ModelArgs,
+        dispatcher: Any = "local",
+        dtype: Optional["torch.dtype"] = None,
+        device: Any = None,
+    ) -> "nn.Module":
         """The MoE MLP of one layer (softmax top-k router + grouped experts, plus a
         sigmoid-gated shared expert where the family has one) holding the dispatcher's
         expert shard."""
         from moe_ext.moe.layer import build_moe_layer
 
         shared = args.shared_expert_intermediate_size if args.has_shared_expert else None
-        return build_moe_layer(args.hidden_size, args.moe_intermediate_size, args.num_experts,
-                               args.num_experts_per_tok, norm_topk_prob=args.norm_topk_prob,
-                               shared_expert_size=shared, shared_expert_gate=bool(shared),
-                               dispatcher=dispatcher, dtype=dtype, device=device)
+        return build_moe_layer(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.num_experts,
+            args.num_experts_per_tok,
+            norm_topk_prob=args.norm_topk_prob,
+            shared_expert_size=shared,
+            shared_expert_gate=bool(shared),
+            dispatcher=dispatcher,
+            dtype=dtype,
+            device=device,
+        )
 
     # ---- Hugging Face per-expert names ----------------------------------------------
     def hf_moe_prefix(self, layer: int, layout: str) -> str:
@@ -211,11 +232,17 @@ def _rope(cfg: ConfigFields, default_theta: float) -> tuple[float, Optional[dict
     ``rope_theta`` + ``rope_scaling`` pair."""
     params = _mapping(cfg, "rope_parameters")
     scaling = _mapping(cfg, "rope_scaling")
-    theta = params.pop("rope_theta", None) or scaling.pop("rope_theta", None) \
-        or cfg.float("rope_theta", None) or default_theta
+    theta = (
+        params.pop("rope_theta", None)
+        or scaling.pop("rope_theta", None)
+        or cfg.float("rope_theta", None)
+        or default_theta
+    )
     merged = {**scaling, **params}
-    if merged.get("rope_type", merged.get("type")) in ("llama3", "yarn") \
-            and "original_max_position_embeddings" not in merged:
+    if (
+        merged.get("rope_type", merged.get("type")) in ("llama3", "yarn")
+        and "original_max_position_embeddings" not in merged
+    ):
         # transformers fills this in from max_position_embeddings when it is absent
         merged["original_max_position_embeddings"] = cfg.int("max_position_embeddings", 4096)
     return float(theta), normalize_rope_scaling(merged)

@@ -5,9 +5,11 @@ one line ("config.json: hidden_size must be an integer, got '4096' (a string)") 
 of a KeyError or TypeError deep inside model construction. The reader remembers the keys
 it was asked for: a ``conf/model`` file with a key no family reads is a typo.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from moe_ext.errors import MoeExtError
 
@@ -20,8 +22,14 @@ _REQUIRED = object()
 
 
 def _kind(value: Any) -> str:
-    return {str: "a string", bool: "a boolean", list: "a list", dict: "a mapping",
-            float: "a number", int: "an integer"}.get(type(value), type(value).__name__)
+    return {
+        str: "a string",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a mapping",
+        float: "a number",
+        int: "an integer",
+    }.get(type(value), type(value).__name__)
 
 
 class ConfigFields:
@@ -45,14 +53,17 @@ class ConfigFields:
         value = self.raw(key)
         if value is None:
             if default is _REQUIRED:
-                raise ModelConfigError(f"{self.source}: required field {key!r} is missing; "
-                                       f"add it (see the model's Hugging Face config.json)")
+                raise ModelConfigError(
+                    f"{self.source}: required field {key!r} is missing; "
+                    f"add it (see the model's Hugging Face config.json)"
+                )
             return default
         return value
 
     def _wrong(self, key: str, value: Any, want: str) -> ModelConfigError:
-        return ModelConfigError(f"{self.source}: {key} must be {want}, got {value!r} "
-                                f"({_kind(value)}); fix the value")
+        return ModelConfigError(
+            f"{self.source}: {key} must be {want}, got {value!r} ({_kind(value)}); fix the value"
+        )
 
     def int(self, key: str, default: Any = _REQUIRED) -> Optional[int]:
         value = self._value(key, default)
@@ -91,7 +102,8 @@ class ConfigFields:
     def int_list(self, key: str) -> list[int]:
         value = self.raw(key, [])
         if not isinstance(value, (list, tuple)) or any(
-                isinstance(v, bool) or not isinstance(v, int) for v in value):
+            isinstance(v, bool) or not isinstance(v, int) for v in value
+        ):
             raise self._wrong(key, value, "a list of integers")
         return [int(v) for v in value]
 
@@ -101,7 +113,8 @@ class ConfigFields:
         if value is None:
             return None
         if isinstance(value, (list, tuple)) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             return [int(v) for v in value]
         return self.int(key)
 

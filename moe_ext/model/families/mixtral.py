@@ -1,5 +1,6 @@
 """Mixtral (``model_type: mixtral``): every layer MoE, softmax top-k router renormalised
 over the k picks, experts as w1/w3/w2 under ``block_sparse_moe``, optional sliding window."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,9 @@ class Mixtral(Family):
     def family_args(self, cfg: ConfigFields) -> dict[str, Any]:
         # Mixtral's FFN size is intermediate_size; num_experts is the conf/model spelling
         experts = cfg.int("num_local_experts", None) or cfg.int("num_experts")
-        return dict(num_experts=experts, norm_topk_prob=True,
-                    sliding_window=cfg.int("sliding_window", None))
+        return dict(
+            num_experts=experts, norm_topk_prob=True, sliding_window=cfg.int("sliding_window", None)
+        )
 
     def family_config(self, args: ModelArgs) -> dict[str, Any]:
         return {"num_local_experts": args.num_experts, "sliding_window": args.sliding_window}

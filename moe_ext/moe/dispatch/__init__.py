@@ -1,4 +1,5 @@
 """Token transports, one module each; strategies name them by ``_target_``."""
+
 from __future__ import annotations
 
 import importlib
@@ -28,9 +29,11 @@ def dispatcher_class(target: Union[str, Mapping[str, Any]]) -> type[Dispatcher]:
         target = target["_target_"]
     path = DISPATCHERS.get(target, target)
     module_name, _, class_name = path.rpartition(".")
-    unknown = DispatcherConfigError(f"unknown dispatcher {target!r}; use one of "
-                                    f"{sorted(DISPATCHERS)} or the dotted path of a "
-                                    f"Dispatcher subclass")
+    unknown = DispatcherConfigError(
+        f"unknown dispatcher {target!r}; use one of "
+        f"{sorted(DISPATCHERS)} or the dotted path of a "
+        f"Dispatcher subclass"
+    )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -46,10 +49,19 @@ def dispatcher_class(target: Union[str, Mapping[str, Any]]) -> type[Dispatcher]:
     return cls
 
 
-def build_dispatcher(target, num_experts: int, groups: DispatchGroups = DispatchGroups(),
-                     **kwargs) -> Dispatcher:
+def build_dispatcher(
+    target, num_experts: int, groups: DispatchGroups = DispatchGroups(), **kwargs
+) -> Dispatcher:
     return dispatcher_class(target)(num_experts, groups, **kwargs)
 
 
-__all__ = ["DISPATCHERS", "DispatchGroups", "Dispatcher", "DispatcherConfigError", "LinkFacts",
-           "PlanDegrees", "build_dispatcher", "dispatcher_class"]
+__all__ = [
+    "DISPATCHERS",
+    "DispatchGroups",
+    "Dispatcher",
+    "DispatcherConfigError",
+    "LinkFacts",
+    "PlanDegrees",
+    "build_dispatcher",
+    "dispatcher_class",
+]

@@ -8,6 +8,7 @@ ids by expert (a stable sort, so rows of one expert stay in token order), gather
 rows in that order, and on the way back either invert the permutation (every pair present)
 or scatter-add the weighted rows (only some pairs present). Nothing here syncs with the host.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,16 +54,18 @@ def weighted_sum(y_pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights.to(y_pairs.dtype).unsqueeze(1), y3).squeeze(1)  # [T, H]
 
 
-def unpermute_weighted_sum(y_sorted: torch.Tensor, order: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
+def unpermute_weighted_sum(
+    y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """y_sorted: [T*k, H] rows in ``order`` (every pair present); order: [T*k] int64;
     weights: [T, k]. Returns [T, H] in y's dtype."""
     y_pairs = y_sorted.index_select(0, invert_permutation(order))  # [T*k, H] pair order
     return weighted_sum(y_pairs, weights)
 
 
-def scatter_weighted(y_rows: torch.Tensor, pair_ids: torch.Tensor, weights: torch.Tensor,
-                     num_tokens: int) -> torch.Tensor:
+def scatter_weighted(
+    y_rows: torch.Tensor, pair_ids: torch.Tensor, weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """Partial combine: y_rows [T', H] for the pairs ``pair_ids`` [T'] int64 (a subset);
     weights: [T, k]. Returns [num_tokens, H] in y's dtype, zero for tokens with no row."""
     top_k = weights.shape[1]
@@ -74,12 +77,18 @@ def scatter_weighted(y_rows: torch.Tensor, pair_ids: torch.Tensor, weights: torc
 def check_routing(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor) -> None:
     """Shape/dtype checks shared by dispatchers (values are not checked: that would sync)."""
     if x.dim() != 2:
-        raise ValueError(f"dispatch expects x of shape [T, H], got {tuple(x.shape)}; "
-                         f"flatten batch and sequence first")
+        raise ValueError(
+            f"dispatch expects x of shape [T, H], got {tuple(x.shape)}; "
+            f"flatten batch and sequence first"
+        )
     if weights.shape != expert_idx.shape or weights.dim() != 2 or weights.shape[0] != x.shape[0]:
-        raise ValueError(f"routing shapes disagree: x {tuple(x.shape)}, weights "
-                         f"{tuple(weights.shape)}, expert_idx {tuple(expert_idx.shape)}; "
-                         f"expected [T, H], [T, k], [T, k]")
+        raise ValueError(
+            f"routing shapes disagree: x {tuple(x.shape)}, weights "
+            f"{tuple(weights.shape)}, expert_idx {tuple(expert_idx.shape)}; "
+            f"expected [T, H], [T, k], [T, k]"
+        )
     if expert_idx.dtype != torch.int64:
-        raise ValueError(f"expert_idx must be int64, got {expert_idx.dtype}; "
-                         f"pass the router's expert_idx unchanged")
+        raise ValueError(
+            f"expert_idx must be int64, got {expert_idx.dtype}; "
+            f"pass the router's expert_idx unchanged"
+        )

@@ -12,6 +12,7 @@ bookkeeping on the wire.
 With a static capacity (``set_capacity``) the same exchange runs padded to that capacity
 instead of T_max, without the host reads (:mod:`moe_ext.moe.dispatch.static`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,24 +48,29 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
             # Padding rows route to expert E, which no rank owns, so they are never kept.
             x_all = all_gather(F.pad(x, (0, 0, 0, pad)), group)  # [G*T_max, H]
             weights_all = all_gather(F.pad(weights, (0, 0, 0, pad)), group)  # [G*T_max, k]
-            idx_all = all_gather_raw(F.pad(expert_idx, (0, 0, 0, pad), value=self.num_experts),
-                                     group)  # [G*T_max, k]
+            idx_all = all_gather_raw(
+                F.pad(expert_idx, (0, 0, 0, pad), value=self.num_experts), group
+            )  # [G*T_max, k]
         local_id = idx_all.reshape(-1) - self.local_expert_start  # [G*T_max*k]
         is_local = (local_id >= 0) & (local_id < self.num_local_experts)
         # Rows for other ranks' experts go to a sentinel bucket E_local sorted last.
         bucket = torch.where(is_local, local_id, torch.full_like(local_id, self.num_local_experts))
         order, counts = sort_by_bucket(bucket, self.num_local_experts + 1)
-        tokens_per_local_expert = counts[:self.num_local_experts]
+        tokens_per_local_expert = counts[: self.num_local_experts]
         # Host sync: how many gathered rows belong to local experts is data-dependent and
         # sizes x_local (the output shape of this dispatch).
         num_rows = order.numel() - int(counts[self.num_local_experts].item())
         pair_ids = order[:num_rows]  # [T']
         x_local = gather_rows(x_all, pair_ids, top_k)  # [T', H]
-        return x_local, tokens_per_local_expert, AllGatherHandle(
-            pair_ids, weights_all, num_tokens, max_tokens)
+        return (
+            x_local,
+            tokens_per_local_expert,
+            AllGatherHandle(pair_ids, weights_all, num_tokens, max_tokens),
+        )
 
     def combine_dynamic(self, y_local, handle: AllGatherHandle):
         world = self.groups.ep_size
-        y_all = scatter_weighted(y_local, handle.pair_ids, handle.weights_all,
-                                 world * handle.max_tokens)  # [G*T_max, H]
-        return reduce_scatter(y_all, self.groups.ep)[:handle.num_tokens]  # [T, H]
+        y_all = scatter_weighted(
+            y_local, handle.pair_ids, handle.weights_all, world * handle.max_tokens
+        )  # [G*T_max, H]
+        return reduce_scatter(y_all, self.groups.ep)[: handle.num_tokens]  # [T, H]

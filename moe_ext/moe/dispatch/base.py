@@ -4,6 +4,7 @@
 # T' token-expert rows this rank computes after dispatch, C static capacity (tokens per
 # rank), G ep size
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -109,18 +110,21 @@ class Dispatcher(ABC):
         if ep != 1 and not cls.splits_experts_over_ep:
             raise DispatcherConfigError(
                 f"{cls.__name__} keeps every expert on every rank but got ep={ep}; use "
-                f"strategy.dispatcher nccl_a2a or allgather_rs (ep_* strategies) for ep > 1")
+                f"strategy.dispatcher nccl_a2a or allgather_rs (ep_* strategies) for ep > 1"
+            )
         if etp != 1 and not cls.shards_experts_on_ffn:
             raise DispatcherConfigError(
                 f"{cls.__name__} runs whole experts but got etp={etp}; use parallel.etp=1, or "
-                f"strategy=tp_experts (dispatcher tp_sharded) to shard experts on F")
+                f"strategy=tp_experts (dispatcher tp_sharded) to shard experts on F"
+            )
 
     def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups()):
         type(self)._check_degrees(groups.ep_size, groups.etp_size)
         if num_experts % groups.ep_size:
             raise ValueError(
                 f"{num_experts} experts cannot be split over an expert-parallel group of "
-                f"{groups.ep_size}; choose parallel.ep dividing {num_experts}")
+                f"{groups.ep_size}; choose parallel.ep dividing {num_experts}"
+            )
         self.num_experts = num_experts
         self.groups = groups
         self.num_local_experts = num_experts // groups.ep_size
@@ -131,16 +135,22 @@ class Dispatcher(ABC):
         """Static capacity: the most tokens any rank of the EP group passes to ``dispatch``
         (every rank must set the same value); None restores the dynamic exchange."""
         if max_tokens_per_rank is not None and (
-                isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
-                or max_tokens_per_rank < 1):
-            raise ValueError(f"max_tokens_per_rank must be a positive int or None, got "
-                             f"{max_tokens_per_rank!r}; pass the largest per-rank token count")
+            isinstance(max_tokens_per_rank, bool)
+            or not isinstance(max_tokens_per_rank, int)
+            or max_tokens_per_rank < 1
+        ):
+            raise ValueError(
+                f"max_tokens_per_rank must be a positive int or None, got "
+                f"{max_tokens_per_rank!r}; pass the largest per-rank token count"
+            )
         self.max_tokens_per_rank = max_tokens_per_rank
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_experts={self.num_experts}, "
-                f"ep={self.groups.ep_size}, etp={self.groups.etp_size}, "
-                f"max_tokens_per_rank={self.max_tokens_per_rank})")
+        return (
+            f"{type(self).__name__}(num_experts={self.num_experts}, "
+            f"ep={self.groups.ep_size}, etp={self.groups.etp_size}, "
+            f"max_tokens_per_rank={self.max_tokens_per_rank})"
+        )
 
     @property
     def ffn_shards(self) -> int:
@@ -154,8 +164,9 @@ class Dispatcher(ABC):
         return 0
 
     @abstractmethod
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """x: [T, H] activations; weights: [T, k] float32; expert_idx: [T, k] int64 global ids.
 
         Returns (x_local [T', H] sorted by local expert, tokens_per_local_expert

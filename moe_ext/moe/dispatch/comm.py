@@ -23,6 +23,7 @@ Under ``torch.compile`` every function here runs eagerly (``torch.compiler.disab
 compiled decode step breaks its graph around each exchange instead of tracing c10d calls,
 and the eager collective is still recorded by the enclosing CUDA-graph capture.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -80,8 +81,9 @@ def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 
 
 @torch.compiler.disable
-def all_to_all_raw(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
-                   group: ProcessGroup) -> torch.Tensor:
+def all_to_all_raw(
+    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: ProcessGroup
+) -> torch.Tensor:
     """x: [sum(input_splits), ...]. Rows input_splits[r] go to rank r; returns
     [sum(output_splits), ...] with output_splits[r] rows from rank r; no autograd."""
     if group_size(group) == 1:
@@ -115,8 +117,11 @@ class _Adjoint(torch.autograd.Function):
         return ctx.backward_op(grad), None, None
 
 
-def adjoint(x: torch.Tensor, forward_op: Callable[[torch.Tensor], torch.Tensor],
-            backward_op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def adjoint(
+    x: torch.Tensor,
+    forward_op: Callable[[torch.Tensor], torch.Tensor],
+    backward_op: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Differentiable ``forward_op(x)`` whose gradient goes back through
     ``backward_op(grad)``: an exchange and its adjoint, named side by side. Every
     differentiable collective here is one call (the NVSHMEM dispatcher's exchanges too)."""
@@ -124,27 +129,35 @@ def adjoint(x: torch.Tensor, forward_op: Callable[[torch.Tensor], torch.Tensor],
 
 
 @torch.compiler.disable
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
-               group: ProcessGroup) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group: ProcessGroup
+) -> torch.Tensor:
     """Differentiable variable-split all-to-all of rows; backward is the reverse exchange."""
-    return adjoint(x, partial(all_to_all_raw, output_splits=output_splits,
-                              input_splits=input_splits, group=group),
-                   partial(all_to_all_raw, output_splits=input_splits,
-                           input_splits=output_splits, group=group))
+    return adjoint(
+        x,
+        partial(
+            all_to_all_raw, output_splits=output_splits, input_splits=input_splits, group=group
+        ),
+        partial(
+            all_to_all_raw, output_splits=input_splits, input_splits=output_splits, group=group
+        ),
+    )
 
 
 @torch.compiler.disable
 def all_gather(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable all-gather along dim 0 (equal rows per rank); backward reduce-scatters."""
-    return adjoint(x, partial(all_gather_raw, group=group),
-                   partial(reduce_scatter_raw, group=group))
+    return adjoint(
+        x, partial(all_gather_raw, group=group), partial(reduce_scatter_raw, group=group)
+    )
 
 
 @torch.compiler.disable
 def reduce_scatter(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """Differentiable reduce-scatter along dim 0; backward all-gathers."""
-    return adjoint(x, partial(reduce_scatter_raw, group=group),
-                   partial(all_gather_raw, group=group))
+    return adjoint(
+        x, partial(reduce_scatter_raw, group=group), partial(all_gather_raw, group=group)
+    )
 
 
 @torch.compiler.disable
@@ -168,11 +181,12 @@ def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 # TP token split (module docstring): identical tokens on the TP ranks, 1/tp of them each
 # ---------------------------------------------------------------------------------------
 
+
 def _rows_of_rank(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """x: [tp*n, ...]. Returns this rank's rows [n, ...] (contiguous)."""
     rows = x.shape[0] // group_size(group)
     start = group_rank(group) * rows
-    return x[start:start + rows].contiguous()
+    return x[start : start + rows].contiguous()
 
 
 def take_slice(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -181,12 +195,13 @@ def take_slice(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     if x.shape[0] % group_size(group):
-        raise ValueError(f"take_slice: {x.shape[0]} rows do not split over a group of "
-                         f"{group_size(group)}; pad them to a multiple first")
+        raise ValueError(
+            f"take_slice: {x.shape[0]} rows do not split over a group of "
+            f"{group_size(group)}; pad them to a multiple first"
+        )
     if torch.is_grad_enabled() and x.requires_grad:
         # backward: every rank gets the full gradient of the replicated input
-        return adjoint(x, partial(_rows_of_rank, group=group),
-                       partial(all_gather_raw, group=group))
+        return adjoint(x, partial(_rows_of_rank, group=group), partial(all_gather_raw, group=group))
     return _rows_of_rank(x, group)
 
 
@@ -197,8 +212,7 @@ def gather_slices(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         return x
     if torch.is_grad_enabled() and x.requires_grad:
         # backward: the replicated result's gradient is full and identical; keep our rows
-        return adjoint(x, partial(all_gather_raw, group=group),
-                       partial(_rows_of_rank, group=group))
+        return adjoint(x, partial(all_gather_raw, group=group), partial(_rows_of_rank, group=group))
     return all_gather_raw(x, group)
 
 
@@ -209,8 +223,9 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
 
 
-def run_on_token_slice(fn: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor],
-                       group: ProcessGroup) -> torch.Tensor:
+def run_on_token_slice(
+    fn: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor], group: ProcessGroup
+) -> torch.Tensor:
     """Run ``fn`` on this rank's share of TP-replicated tokens and all-gather the result.
 
     rows: tensors [T, ...] identical on every rank of ``group`` (tokens and per-token data

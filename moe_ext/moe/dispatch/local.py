@@ -8,6 +8,7 @@ ids are on CUDA (or on CPU with Triton's interpreter already running: tests),
 N <= ``permute.MAX_PAIRS`` (4096) and E <= ``permute.MAX_EXPERTS`` (1024); otherwise
 ``_permute.sort_by_bucket``. Both give the identical permutation and counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,19 +31,24 @@ class LocalHandle:
     weights: torch.Tensor  # [T, k] float32 routing weights (autograd-connected)
 
 
-def sort_pairs(expert_ids: torch.Tensor, num_experts: int, fused: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_pairs(
+    expert_ids: torch.Tensor, num_experts: int, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_ids: [N] int64 in [0, E). Returns (order [N] int64 pair ids grouped by expert,
     stable; counts [E] int64), from the fused kernel when eligible (module docstring)."""
     kernels = kernels_for("permute", expert_ids.device) if fused else None
-    if (kernels is not None and expert_ids.shape[0] <= kernels.MAX_PAIRS
-            and num_experts <= kernels.MAX_EXPERTS):
+    if (
+        kernels is not None
+        and expert_ids.shape[0] <= kernels.MAX_PAIRS
+        and num_experts <= kernels.MAX_EXPERTS
+    ):
         return kernels.sort_pairs(expert_ids, num_experts)
     return sort_by_bucket(expert_ids, num_experts)
 
 
-def permute_local(x: torch.Tensor, expert_idx: torch.Tensor, num_experts: int,
-                  fused: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute_local(
+    x: torch.Tensor, expert_idx: torch.Tensor, num_experts: int, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [T, H]; expert_idx: [T, k] int64 in [0, E). Returns (x_sorted [T*k, H] grouped by
     expert, tokens_per_expert [E] int64, order [T*k] int64). ``fused`` allows the one-launch
     sort kernel (same result)."""
@@ -63,8 +69,9 @@ class LocalDispatcher(Dispatcher):
 
     def dispatch(self, x, weights, expert_idx):
         check_routing(x, weights, expert_idx)
-        x_sorted, tokens_per_expert, order = permute_local(x, expert_idx, self.num_experts,
-                                                           self.fused)
+        x_sorted, tokens_per_expert, order = permute_local(
+            x, expert_idx, self.num_experts, self.fused
+        )
         return x_sorted, tokens_per_expert, LocalHandle(order, weights)
 
     def combine(self, y_local, handle: LocalHandle):

@@ -15,6 +15,7 @@ reduce-scatter exchange of :mod:`moe_ext.moe.dispatch.static` instead: no host-s
 sizes, so the step can be captured in a CUDA graph (that module says why it is not an
 all-to-all).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,25 +53,31 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         recv_counts = all_to_all_raw(counts, [num_local] * world, [num_local] * world, group)
         # Host sync: all_to_all_single takes split sizes as Python ints and the receive
         # buffer must be allocated with its size; one transfer carries both directions.
-        splits = torch.cat([counts.view(world, num_local).sum(1),
-                            recv_counts.view(world, num_local).sum(1)]).tolist()
+        splits = torch.cat(
+            [counts.view(world, num_local).sum(1), recv_counts.view(world, num_local).sum(1)]
+        ).tolist()
         input_splits, output_splits = splits[:world], splits[world:]
         num_recv = sum(output_splits)
         x_recv = all_to_all(x_send, output_splits, input_splits, group)  # [R, H]
         # Received rows are grouped by (source rank, local expert); tag each with its local
         # expert (output_size given: no sync) and sort stably to group by local expert.
         expert_of_slot = torch.arange(num_local, device=x.device).repeat(world)  # [G*E_local]
-        recv_expert = torch.repeat_interleave(expert_of_slot, recv_counts,
-                                              output_size=num_recv)  # [R]
+        recv_expert = torch.repeat_interleave(
+            expert_of_slot, recv_counts, output_size=num_recv
+        )  # [R]
         recv_order, tokens_per_local_expert = sort_by_bucket(recv_expert, num_local)
         x_local = x_recv.index_select(0, recv_order)  # [R, H] sorted by local expert
-        return x_local, tokens_per_local_expert, AllToAllHandle(
-            order, weights, recv_order, input_splits, output_splits)
+        return (
+            x_local,
+            tokens_per_local_expert,
+            AllToAllHandle(order, weights, recv_order, input_splits, output_splits),
+        )
 
     def combine_dynamic(self, y_local, handle: AllToAllHandle):
         if handle.recv_order is None:
             return unpermute_weighted_sum(y_local, handle.order, handle.weights)  # [T, H]
         y_recv = y_local.index_select(0, invert_permutation(handle.recv_order))  # [R, H]
-        y_send = all_to_all(y_recv, handle.input_splits, handle.output_splits,
-                            self.groups.ep)  # [N, H] in send order
+        y_send = all_to_all(
+            y_recv, handle.input_splits, handle.output_splits, self.groups.ep
+        )  # [N, H] in send order
         return unpermute_weighted_sum(y_send, handle.order, handle.weights)  # [T, H]

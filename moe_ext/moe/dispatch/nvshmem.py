@@ -43,6 +43,7 @@ group's NCCL communicator instead of the symmetric buffers: the NVSHMEM path siz
 outputs from a host read of the counts, and with a fixed capacity a deduplicated exchange
 moves the all-gather's bytes anyway (that module's docstring).
 """
+
 from __future__ import annotations
 
 import socket
@@ -80,19 +81,30 @@ def _current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def all_to_all_vdev_2d(input: torch.Tensor, out: torch.Tensor, in_splits: torch.Tensor,
-                       out_splits_offsets: torch.Tensor, group_name: str) -> None:
+def all_to_all_vdev_2d(
+    input: torch.Tensor,
+    out: torch.Tensor,
+    in_splits: torch.Tensor,
+    out_splits_offsets: torch.Tensor,
+    group_name: str,
+) -> None:
     """Rank-major [rank, slot] chunks -> slot-major [slot, source] chunks (NVSHMEM pull)."""
-    torch.ops.symm_mem.all_to_all_vdev_2d(input, out, in_splits, out_splits_offsets,
-                                          group_name, None)
+    torch.ops.symm_mem.all_to_all_vdev_2d(
+        input, out, in_splits, out_splits_offsets, group_name, None
+    )
 
 
-def all_to_all_vdev_2d_offset(input: torch.Tensor, out: torch.Tensor,
-                              in_splits_offsets: torch.Tensor,
-                              out_splits_offsets: torch.Tensor, group_name: str) -> None:
+def all_to_all_vdev_2d_offset(
+    input: torch.Tensor,
+    out: torch.Tensor,
+    in_splits_offsets: torch.Tensor,
+    out_splits_offsets: torch.Tensor,
+    group_name: str,
+) -> None:
     """Slot-major chunks at given offsets -> dense rank-major chunks (the reverse)."""
-    torch.ops.symm_mem.all_to_all_vdev_2d_offset(input, out, in_splits_offsets,
-                                                 out_splits_offsets, group_name)
+    torch.ops.symm_mem.all_to_all_vdev_2d_offset(
+        input, out, in_splits_offsets, out_splits_offsets, group_name
+    )
 
 
 def nvshmem_available() -> bool:
@@ -106,10 +118,21 @@ def nvshmem_available() -> bool:
 
 
 _EXPECTED_ARGS = {
-    "all_to_all_vdev_2d": ["input", "out", "in_splits", "out_splits_offsets", "group_name",
-                           "major_align"],
-    "all_to_all_vdev_2d_offset": ["input", "out", "in_splits_offsets", "out_splits_offsets",
-                                  "group_name"],
+    "all_to_all_vdev_2d": [
+        "input",
+        "out",
+        "in_splits",
+        "out_splits_offsets",
+        "group_name",
+        "major_align",
+    ],
+    "all_to_all_vdev_2d_offset": [
+        "input",
+        "out",
+        "in_splits_offsets",
+        "out_splits_offsets",
+        "group_name",
+    ],
 }
 
 
@@ -123,39 +146,52 @@ def _check_op_schemas() -> None:
             raise _refuse(f"torch {torch.__version__} has no torch.ops.symm_mem.{name}") from None
         got = [a.name for a in schema.arguments]
         if got != expected:
-            raise _refuse(f"torch {torch.__version__} has symm_mem.{name}({', '.join(got)}), "
-                          f"this module needs ({', '.join(expected)})")
+            raise _refuse(
+                f"torch {torch.__version__} has symm_mem.{name}({', '.join(got)}), "
+                f"this module needs ({', '.join(expected)})"
+            )
 
 
 def _check_environment(groups: DispatchGroups) -> None:
     if not cuda_available():
         raise _refuse("CUDA is not available (torch.cuda.is_available() is False)")
     if not nvshmem_available():
-        raise _refuse("NVSHMEM is not available in this torch build or system "
-                      "(torch.distributed._symmetric_memory.is_nvshmem_available() is False)")
+        raise _refuse(
+            "NVSHMEM is not available in this torch build or system "
+            "(torch.distributed._symmetric_memory.is_nvshmem_available() is False)"
+        )
     _check_op_schemas()
     if groups.ep is None or groups.ep_size < 2:
-        raise ValueError("NvshmemDispatcher needs an expert-parallel group of at least 2 "
-                         "ranks; with ep=1 use strategy=replicate")
+        raise ValueError(
+            "NvshmemDispatcher needs an expert-parallel group of at least 2 "
+            "ranks; with ep=1 use strategy=replicate"
+        )
     backend = str(dist.get_backend(groups.ep)).lower()
     if "nccl" not in backend:
-        raise _refuse(f"the expert-parallel process group uses backend {backend!r}, "
-                      f"NVSHMEM needs NCCL process groups on CUDA")
+        raise _refuse(
+            f"the expert-parallel process group uses backend {backend!r}, "
+            f"NVSHMEM needs NCCL process groups on CUDA"
+        )
     if groups.ep_size != dist.get_world_size():
         # Several torch releases address peers in the vdev kernels by global PE and use
         # world-wide NVSHMEM barriers, so a subgroup would exchange with the wrong ranks.
-        raise _refuse(f"the expert-parallel group has {groups.ep_size} of "
-                      f"{dist.get_world_size()} ranks; torch's NVSHMEM all-to-all kernels "
-                      f"need it to span every rank (parallel.ep = world size)")
+        raise _refuse(
+            f"the expert-parallel group has {groups.ep_size} of "
+            f"{dist.get_world_size()} ranks; torch's NVSHMEM all-to-all kernels "
+            f"need it to span every rank (parallel.ep = world size)"
+        )
     if groups.ep_size > MAX_RANKS:
-        raise _refuse(f"ep={groups.ep_size} exceeds the {MAX_RANKS} ranks torch's "
-                      f"all_to_all_vdev_2d_offset kernel supports")
+        raise _refuse(
+            f"ep={groups.ep_size} exceeds the {MAX_RANKS} ranks torch's "
+            f"all_to_all_vdev_2d_offset kernel supports"
+        )
 
 
 def exchange_slots(num_local_experts: int, max_slots: int = MAX_SLOTS) -> int:
     """Largest X <= max_slots dividing E_local: each slot carries E_local / X experts."""
-    return max(x for x in range(1, min(num_local_experts, max_slots) + 1)
-               if num_local_experts % x == 0)
+    return max(
+        x for x in range(1, min(num_local_experts, max_slots) + 1) if num_local_experts % x == 0
+    )
 
 
 def _select_nvshmem_backend(device: torch.device) -> None:
@@ -168,19 +204,24 @@ def _select_nvshmem_backend(device: torch.device) -> None:
         return
     set_backend = getattr(symm_mem, "set_backend", None)
     if set_backend is None:
-        raise _refuse(f"torch {torch.__version__} cannot select the symmetric-memory backend "
-                      f"(no symm_mem.set_backend); torch >= 2.9 is needed")
+        raise _refuse(
+            f"torch {torch.__version__} cannot select the symmetric-memory backend "
+            f"(no symm_mem.set_backend); torch >= 2.9 is needed"
+        )
     try:
         set_backend("NVSHMEM")
     except RuntimeError as err:
         current = get_backend(device) if get_backend is not None else "unknown"
-        raise _refuse(f"symm_mem.set_backend('NVSHMEM') failed (current backend {current!r}; "
-                      f"it must be chosen before any symm_mem allocation): "
-                      f"{str(err).splitlines()[0]}") from None
+        raise _refuse(
+            f"symm_mem.set_backend('NVSHMEM') failed (current backend {current!r}; "
+            f"it must be chosen before any symm_mem allocation): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
     current = get_backend(device) if get_backend is not None else None
     if current not in (None, "NVSHMEM"):
-        raise _refuse(f"symmetric memory still uses backend {current!r} after "
-                      f"set_backend('NVSHMEM')")
+        raise _refuse(
+            f"symmetric memory still uses backend {current!r} after set_backend('NVSHMEM')"
+        )
 
 
 def _register_group(group_name: str) -> None:
@@ -208,8 +249,10 @@ def _check_device_pinning(group: dist.ProcessGroup, device: torch.device) -> Non
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     if len(set(everyone)) != len(everyone):
-        raise ValueError(f"ranks of the expert-parallel group share a GPU: {everyone}; call "
-                         f"torch.cuda.set_device(local_rank) before building NvshmemDispatcher")
+        raise ValueError(
+            f"ranks of the expert-parallel group share a GPU: {everyone}; call "
+            f"torch.cuda.set_device(local_rank) before building NvshmemDispatcher"
+        )
 
 
 class _Workspace:
@@ -217,8 +260,9 @@ class _Workspace:
     key (all MoE layers of a model), so the memory does not scale with depth. Every
     allocation is collective: all ranks run the same code with the same global sizes."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, num_experts: int,
-                 num_slots: int):
+    def __init__(
+        self, group: dist.ProcessGroup, device: torch.device, num_experts: int, num_slots: int
+    ):
         _register_group(dist.group.WORLD.group_name)
         _register_group(group.group_name)
         self.group_name = group.group_name
@@ -243,17 +287,22 @@ class _Workspace:
             symm_mem.rendezvous(tensor, self.group_name)
         return tensor
 
-    def row_buffers(self, dtype: torch.dtype, hidden: int, send_rows: int, recv_rows: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_buffers(
+        self, dtype: torch.dtype, hidden: int, send_rows: int, recv_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Send [C_send, H] and receive [C_recv, H] buffers with at least the given rows.
         The arguments must be equal on all ranks (global maxima): growing is collective."""
         key = (dtype, hidden)
         buffers = self.rows.get(key)
-        if buffers is not None and buffers[0].shape[0] >= send_rows \
-                and buffers[1].shape[0] >= recv_rows:
+        if (
+            buffers is not None
+            and buffers[0].shape[0] >= send_rows
+            and buffers[1].shape[0] >= recv_rows
+        ):
             return buffers[0], buffers[1]
-        old_send, old_recv = (0, 0) if buffers is None else (buffers[0].shape[0],
-                                                             buffers[1].shape[0])
+        old_send, old_recv = (
+            (0, 0) if buffers is None else (buffers[0].shape[0], buffers[1].shape[0])
+        )
         self.rows.pop(key, None)  # drop the old pair before allocating the larger one
         del buffers
         send_cap = old_send if old_send >= send_rows else max(send_rows, 2 * old_send)
@@ -284,10 +333,11 @@ class _ExchangePlan:
     def dispatch_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """rows: [N, H] sorted by global expert. Returns [R, H] sorted by local expert."""
         ws = self.workspace
-        self.send_buf[:self.num_send].copy_(rows)
+        self.send_buf[: self.num_send].copy_(rows)
         ws.dispatch_splits.copy_(self.send_splits)
-        all_to_all_vdev_2d(self.send_buf, self.recv_buf, ws.dispatch_splits, ws.dispatch_out_so,
-                           ws.group_name)
+        all_to_all_vdev_2d(
+            self.send_buf, self.recv_buf, ws.dispatch_splits, ws.dispatch_out_so, ws.group_name
+        )
         if self.recv_pos is None:
             # Keep the receive layout: the reverse exchange needs its splits and offsets,
             # and the next exchange overwrites the symmetric copy.
@@ -300,9 +350,10 @@ class _ExchangePlan:
         ws = self.workspace
         self.recv_buf.index_copy_(0, self.recv_pos, rows)
         ws.combine_in_so.copy_(self.recv_splits_offsets)
-        all_to_all_vdev_2d_offset(self.recv_buf, self.send_buf, ws.combine_in_so,
-                                  ws.combine_out_so, ws.group_name)
-        return self.send_buf[:self.num_send].clone()  # [N, H]
+        all_to_all_vdev_2d_offset(
+            self.recv_buf, self.send_buf, ws.combine_in_so, ws.combine_out_so, ws.group_name
+        )
+        return self.send_buf[: self.num_send].clone()  # [N, H]
 
     def _local_row_positions(self, slot_offsets: torch.Tensor) -> torch.Tensor:
         """slot_offsets: [X*W] start row of chunk (slot, source rank) in the receive buffer.
@@ -317,8 +368,10 @@ class _ExchangePlan:
         seg_len = counts.permute(1, 2, 0).reshape(-1)  # [E_local*W] (expert, source) order
         seg_first_row = seg_len.cumsum(0) - seg_len
         rows = torch.arange(self.num_recv, device=seg_len.device)
-        return (torch.repeat_interleave(seg_start - seg_first_row, seg_len,
-                                        output_size=self.num_recv) + rows)  # [R]
+        return (
+            torch.repeat_interleave(seg_start - seg_first_row, seg_len, output_size=self.num_recv)
+            + rows
+        )  # [R]
 
 
 @dataclass
@@ -346,45 +399,65 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
         torch has NVSHMEM is only known on the GPU box, at construction."""
         super().check_plan(plan, topology)
         if topology is not None and topology.kind == "cpu":
-            raise DispatcherConfigError("strategy=ep_nvshmem needs CUDA GPUs with NVLink; on "
-                                        f"CPU use {FALLBACK} (runs over gloo)")
-        if topology is not None and not (topology.kind == "nvlink" and topology.all_pairs_nvlink
-                                         and topology.all_pairs_p2p_atomics):
+            raise DispatcherConfigError(
+                "strategy=ep_nvshmem needs CUDA GPUs with NVLink; on "
+                f"CPU use {FALLBACK} (runs over gloo)"
+            )
+        if topology is not None and not (
+            topology.kind == "nvlink"
+            and topology.all_pairs_nvlink
+            and topology.all_pairs_p2p_atomics
+        ):
             raise DispatcherConfigError(
                 f"strategy=ep_nvshmem needs all-pairs NVLink with P2P atomics, topology is "
                 f"{topology.kind} (nvlink={topology.all_pairs_nvlink}, "
-                f"p2p_atomics={topology.all_pairs_p2p_atomics}); use {FALLBACK}")
+                f"p2p_atomics={topology.all_pairs_p2p_atomics}); use {FALLBACK}"
+            )
         if plan.ep < 2:
-            raise DispatcherConfigError(f"strategy=ep_nvshmem needs an expert-parallel group of "
-                                        f"at least 2 ranks, the plan has ep={plan.ep}; use "
-                                        f"strategy=replicate")
+            raise DispatcherConfigError(
+                f"strategy=ep_nvshmem needs an expert-parallel group of "
+                f"at least 2 ranks, the plan has ep={plan.ep}; use "
+                f"strategy=replicate"
+            )
         if plan.ep != plan.world_size:
             # the vdev kernels address peers by global PE (_check_environment)
             raise DispatcherConfigError(
                 f"strategy=ep_nvshmem needs the expert-parallel group to span all "
                 f"{plan.world_size} ranks (torch's NVSHMEM all-to-all addresses global ranks), "
                 f"the plan has ep={plan.ep} (tp={plan.tp} pp={plan.pp} dp={plan.dp}); set "
-                f"parallel.ep={plan.world_size} with parallel.pp=1, or use {FALLBACK}")
+                f"parallel.ep={plan.world_size} with parallel.pp=1, or use {FALLBACK}"
+            )
         if plan.ep > MAX_RANKS:
-            raise DispatcherConfigError(f"strategy=ep_nvshmem supports at most {MAX_RANKS} "
-                                        f"ranks (torch's all_to_all_vdev_2d_offset), the plan has "
-                                        f"ep={plan.ep}; use {FALLBACK}")
+            raise DispatcherConfigError(
+                f"strategy=ep_nvshmem supports at most {MAX_RANKS} "
+                f"ranks (torch's all_to_all_vdev_2d_offset), the plan has "
+                f"ep={plan.ep}; use {FALLBACK}"
+            )
 
-    def __init__(self, num_experts: int, groups: DispatchGroups = DispatchGroups(),
-                 max_tokens: int = 4096, max_exchange_slots: int = MAX_SLOTS):
+    def __init__(
+        self,
+        num_experts: int,
+        groups: DispatchGroups = DispatchGroups(),
+        max_tokens: int = 4096,
+        max_exchange_slots: int = MAX_SLOTS,
+    ):
         _check_environment(groups)
         super().__init__(num_experts, groups)
         if max_tokens < 1 or not 1 <= max_exchange_slots <= MAX_SLOTS:
-            raise ValueError(f"max_tokens={max_tokens} must be >= 1 and max_exchange_slots="
-                             f"{max_exchange_slots} in [1, {MAX_SLOTS}]")
+            raise ValueError(
+                f"max_tokens={max_tokens} must be >= 1 and max_exchange_slots="
+                f"{max_exchange_slots} in [1, {MAX_SLOTS}]"
+            )
         self.device = _current_device()
         self.max_tokens = max_tokens
         self.num_slots = exchange_slots(self.num_local_experts, max_exchange_slots)
         _select_nvshmem_backend(self.device)
 
     def __repr__(self) -> str:
-        return (f"NvshmemDispatcher(num_experts={self.num_experts}, ep={self.groups.ep_size}, "
-                f"slots={self.num_slots}, max_tokens={self.max_tokens})")
+        return (
+            f"NvshmemDispatcher(num_experts={self.num_experts}, ep={self.groups.ep_size}, "
+            f"slots={self.num_slots}, max_tokens={self.max_tokens})"
+        )
 
     def _workspace(self) -> _Workspace:
         group = self.groups.ep
@@ -392,8 +465,9 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
         workspace = _WORKSPACES.get(key)
         if workspace is None:
             _check_device_pinning(group, self.device)
-            workspace = _WORKSPACES[key] = _Workspace(group, self.device, self.num_experts,
-                                                      self.num_slots)
+            workspace = _WORKSPACES[key] = _Workspace(
+                group, self.device, self.num_experts, self.num_slots
+            )
         return workspace
 
     def _exchange_counts(self, ws: _Workspace, counts: torch.Tensor) -> torch.Tensor:
@@ -401,15 +475,18 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
         device: every rank's counts (an all-gather over NVSHMEM)."""
         world = self.groups.ep_size
         ws.counts_in.copy_(counts.unsqueeze(0).expand(world, -1))
-        all_to_all_vdev_2d(ws.counts_in, ws.counts_out, ws.counts_splits, ws.counts_out_so,
-                           ws.group_name)
+        all_to_all_vdev_2d(
+            ws.counts_in, ws.counts_out, ws.counts_splits, ws.counts_out_so, ws.group_name
+        )
         return ws.counts_out.clone()
 
     def dispatch_dynamic(self, x, weights, expert_idx):
         if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but this NvshmemDispatcher was built on "
-                             f"{self.device}; call torch.cuda.set_device(local_rank) before "
-                             f"building it")
+            raise ValueError(
+                f"x is on {x.device} but this NvshmemDispatcher was built on "
+                f"{self.device}; call torch.cuda.set_device(local_rank) before "
+                f"building it"
+            )
         world, rank, num_local = self.groups.ep_size, self.groups.ep_rank, self.num_local_experts
         top_k = expert_idx.shape[1]
         order, counts = sort_by_bucket(expert_idx.reshape(-1), self.num_experts)  # [N], [E]
@@ -425,22 +502,34 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
         most_sent = int(sizes.sum(1).max())
         most_recv = int(per_rank.sum((0, 2)).max()) + self.num_slots  # + empty-slot padding
         floor = self.max_tokens * top_k
-        send_buf, recv_buf = ws.row_buffers(x.dtype, x.shape[1], max(most_sent, floor),
-                                            max(most_recv, floor + self.num_slots))
-        recv_counts = all_counts[:, rank * num_local:(rank + 1) * num_local]  # [W, E_local]
+        send_buf, recv_buf = ws.row_buffers(
+            x.dtype, x.shape[1], max(most_sent, floor), max(most_recv, floor + self.num_slots)
+        )
+        recv_counts = all_counts[:, rank * num_local : (rank + 1) * num_local]  # [W, E_local]
         plan = _ExchangePlan(
-            workspace=ws, send_buf=send_buf, recv_buf=recv_buf,
+            workspace=ws,
+            send_buf=send_buf,
+            recv_buf=recv_buf,
             send_splits=counts.view(world, self.num_slots, -1).sum(-1).reshape(-1),  # [W*X]
-            recv_counts=recv_counts.contiguous(), num_send=num_send, num_recv=num_recv,
-            num_slots=self.num_slots)
+            recv_counts=recv_counts.contiguous(),
+            num_send=num_send,
+            num_recv=num_recv,
+            num_slots=self.num_slots,
+        )
         # backward of the dispatch exchange is the combine-direction exchange
-        x_local = adjoint(x_send.contiguous(), plan.dispatch_rows,
-                          lambda grad: plan.combine_rows(grad.contiguous()))  # [R, H]
+        x_local = adjoint(
+            x_send.contiguous(),
+            plan.dispatch_rows,
+            lambda grad: plan.combine_rows(grad.contiguous()),
+        )  # [R, H]
         tokens_per_local_expert = recv_counts.sum(0)  # [E_local]
         return x_local, tokens_per_local_expert, NvshmemHandle(order, weights, plan)
 
     def combine_dynamic(self, y_local, handle: NvshmemHandle):
         plan = handle.plan
-        y_send = adjoint(y_local.contiguous(), plan.combine_rows,
-                         lambda grad: plan.dispatch_rows(grad.contiguous()))  # [N, H]
+        y_send = adjoint(
+            y_local.contiguous(),
+            plan.combine_rows,
+            lambda grad: plan.dispatch_rows(grad.contiguous()),
+        )  # [N, H]
         return unpermute_weighted_sum(y_send, handle.order, handle.weights)  # [T, H]

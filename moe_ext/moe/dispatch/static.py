@@ -31,6 +31,7 @@ all-gather; with gradients they go through the differentiable collectives of ``c
 too. Whether gradients are enabled must agree across the EP group (it does: every rank
 runs the same step), because it decides which collectives run.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -57,15 +58,20 @@ class StaticHandle:
 
 def check_capacity(num_tokens: int, capacity: int) -> None:
     if num_tokens > capacity:
-        raise ValueError(f"{num_tokens} tokens on this rank exceed the static expert-exchange "
-                         f"capacity max_tokens_per_rank={capacity}; raise it with "
-                         f"set_capacity()/Transformer.set_moe_capacity() or pass None for the "
-                         f"dynamic exchange")
+        raise ValueError(
+            f"{num_tokens} tokens on this rank exceed the static expert-exchange "
+            f"capacity max_tokens_per_rank={capacity}; raise it with "
+            f"set_capacity()/Transformer.set_moe_capacity() or pass None for the "
+            f"dynamic exchange"
+        )
 
 
-def _gather_packed(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor,
-                   group: Optional[dist.ProcessGroup]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gather_packed(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+    group: Optional[dist.ProcessGroup],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One all-gather of the bytes of x [C, H], weights [C, k] f32 and expert ids [C, k]
     (sent as int32). Returns [G*C, H], [G*C, k] f32, [G*C, k] int64; no autograd."""
     parts = (x, weights, expert_idx.to(torch.int32))
@@ -74,13 +80,18 @@ def _gather_packed(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Ten
     out, start = [], 0
     for p in parts:
         width = p.shape[1] * p.element_size()
-        out.append(gathered[:, start:start + width].contiguous().view(p.dtype))  # [G*C, -]
+        out.append(gathered[:, start : start + width].contiguous().view(p.dtype))  # [G*C, -]
         start += width
     return out[0], out[1], out[2].long()
 
 
-def dispatch(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor, capacity: int,
-             dispatcher: Dispatcher) -> tuple[torch.Tensor, torch.Tensor, StaticHandle]:
+def dispatch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+    capacity: int,
+    dispatcher: Dispatcher,
+) -> tuple[torch.Tensor, torch.Tensor, StaticHandle]:
     """x: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64 global ids; T <= capacity.
 
     ``dispatcher`` supplies the expert ownership (num_experts, local_expert_start,
@@ -112,8 +123,11 @@ def dispatch(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor, c
     # Padding rows enter the experts as zeros; the where also drops the gradient the
     # experts' backward leaves unspecified for rows past T' (grouped_mm writes garbage).
     x_local = torch.where(valid, gather_rows(x_all, order, top_k), 0)  # [R, H]
-    return x_local, tokens_per_local_expert, StaticHandle(order, num_valid, weights_all,
-                                                          num_tokens, group)
+    return (
+        x_local,
+        tokens_per_local_expert,
+        StaticHandle(order, num_valid, weights_all, num_tokens, group),
+    )
 
 
 def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
@@ -134,7 +148,7 @@ def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
     weighted = y_local * row_weights.to(y_local.dtype).unsqueeze(-1)  # [R, H]
     y_all = y_local.new_zeros(weights_all.shape[0], y_local.shape[-1])  # [G*C, H]
     y_all = y_all.index_add(0, handle.order // top_k, weighted)  # [G*C, H]
-    return reduce_scatter(y_all, handle.group)[:handle.num_tokens]  # [C, H] -> [T, H]
+    return reduce_scatter(y_all, handle.group)[: handle.num_tokens]  # [C, H] -> [T, H]
 
 
 class ExpertParallelDispatcher(Dispatcher):
@@ -157,8 +171,9 @@ class ExpertParallelDispatcher(Dispatcher):
         return self.combine_dynamic(y_local, handle)
 
     @abstractmethod
-    def dispatch_dynamic(self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch_dynamic(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The exchange sized from this call's routing (checked already)."""
 
     @abstractmethod

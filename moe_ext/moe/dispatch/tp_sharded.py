@@ -11,6 +11,7 @@ full output (the down projection is linear in the F slices). Backward, thought t
   way back (``copy_to_partials``). Router and input gradients then match a single-rank
   computation on every rank.
 """
+
 from __future__ import annotations
 
 from moe_ext.moe.dispatch._permute import check_routing, unpermute_weighted_sum

@@ -11,6 +11,7 @@ This package's ``__init__`` does not import triton: the router and the dispatche
 :func:`kernels_for` on every call, and plain CPU runs (the test suite) must not pay for, or
 depend on, importing triton.
 """
+
 from __future__ import annotations
 
 import sys
@@ -64,8 +65,11 @@ def check_kernel_device(op: str, device: torch.device, interpreted: bool, fallba
     """One-line ValueError unless ``op``'s Triton kernel can run on ``device``: CUDA, or CPU
     when Triton runs its interpreter (tests). ``fallback`` names the torch path to use."""
     if device.type == "cpu" and not interpreted:
-        raise ValueError(f"{op}: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 "
-                         f"set before triton is imported); use CUDA tensors or {fallback}")
+        raise ValueError(
+            f"{op}: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 "
+            f"set before triton is imported); use CUDA tensors or {fallback}"
+        )
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{op}: device {device} unsupported; use CUDA (or CPU under the "
-                         f"interpreter, for tests)")
+        raise ValueError(
+            f"{op}: device {device} unsupported; use CUDA (or CPU under the interpreter, for tests)"
+        )

@@ -27,6 +27,7 @@ Both launches run inside the custom op ``moe_ext::swiglu_experts`` (functional, 
 implementation giving y's shape and dtype), so ``torch.compile(fullgraph=True)`` keeps the
 experts forward as one opaque node and never traces Triton's launcher or autotuner.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,11 +41,25 @@ from moe_ext.moe.kernels import check_kernel_device
 BLOCK_M_CHOICES = (16, 32, 64)
 
 
-def _expert_gemm(x_ptr, w_ptr, tokens_per_expert_ptr, out_ptr,
-                 N, K, E, slots_bucket,
-                 stride_xm, stride_we, stride_wn, stride_om,
-                 SWIGLU: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expert_gemm(
+    x_ptr,
+    w_ptr,
+    tokens_per_expert_ptr,
+    out_ptr,
+    N,
+    K,
+    E,
+    slots_bucket,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_om,
+    SWIGLU: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[rows of e, n-tile] = x[rows of e] @ W[e, n-tile]^T for the expert behind this
     program's active slot; with SWIGLU, silu(gate) * up where gate uses W[e, n] and up
     W[e, N + n]. x: [T', K]; W: [E, N or 2N, K] (K contiguous); out: [T', N].
@@ -81,8 +96,9 @@ def _expert_gemm(x_ptr, w_ptr, tokens_per_expert_ptr, out_ptr,
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            a = tl.load(row_ptr + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)  # [BLOCK_M, BLOCK_K]
+            a = tl.load(
+                row_ptr + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+            )  # [BLOCK_M, BLOCK_K]
             w_mask = k_mask[:, None] & n_mask[None, :]
             w = tl.load(w_tile + k0, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(a, w, acc)
@@ -91,8 +107,7 @@ def _expert_gemm(x_ptr, w_ptr, tokens_per_expert_ptr, out_ptr,
                 acc_up = tl.dot(a, w_up, acc_up)
         if SWIGLU:
             acc = acc * tl.sigmoid(acc) * acc_up
-        out = (out_ptr + (start + offs_m).to(tl.int64)[:, None] * stride_om
-               + offs_n[None, :])
+        out = out_ptr + (start + offs_m).to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -105,8 +120,10 @@ def _configs(swiglu: bool):
         shapes = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 3)]
     else:
         shapes = [(16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in shapes
+    ]
 
 
 _jit_kernel = triton.jit(_expert_gemm)
@@ -129,9 +146,20 @@ def pick_block_m(rows: int, num_experts: int) -> int:
 def _launch(x, w, tokens_per_expert, out, n, swiglu, block_m):
     num_experts = w.shape[0]
     slots = min(num_experts, x.shape[0])  # at most one expert with rows per row
-    args = (x, w, tokens_per_expert, out, n, x.shape[1], num_experts,
-            triton.next_power_of_2(slots),
-            x.stride(0), w.stride(0), w.stride(1), out.stride(0))
+    args = (
+        x,
+        w,
+        tokens_per_expert,
+        out,
+        n,
+        x.shape[1],
+        num_experts,
+        triton.next_power_of_2(slots),
+        x.stride(0),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+    )
     meta = dict(SWIGLU=swiglu, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m)
     if x.device.type == "cpu":
         grid = (slots * triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]),)
@@ -141,33 +169,51 @@ def _launch(x, w, tokens_per_expert, out, n, swiglu, block_m):
     kernel[lambda cfg: (slots * triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta)
 
 
-def check_operands(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                   tokens_per_expert: torch.Tensor) -> None:
+def check_operands(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+) -> None:
     """Raise a one-line ValueError when these operands cannot run on the Triton kernels."""
     num_experts, two_f, hidden = gate_up_proj.shape
     if x.dim() != 2 or x.shape[1] != hidden or two_f % 2:
-        raise ValueError(f"triton experts: x {tuple(x.shape)} and gate_up_proj "
-                         f"{tuple(gate_up_proj.shape)} must be [T', H] and [E, 2F, H]")
+        raise ValueError(
+            f"triton experts: x {tuple(x.shape)} and gate_up_proj "
+            f"{tuple(gate_up_proj.shape)} must be [T', H] and [E, 2F, H]"
+        )
     if down_proj.shape != (num_experts, hidden, two_f // 2):
-        raise ValueError(f"triton experts: down_proj {tuple(down_proj.shape)} must be "
-                         f"[{num_experts}, {hidden}, {two_f // 2}]")
+        raise ValueError(
+            f"triton experts: down_proj {tuple(down_proj.shape)} must be "
+            f"[{num_experts}, {hidden}, {two_f // 2}]"
+        )
     if tokens_per_expert.shape != (num_experts,) or tokens_per_expert.dtype != torch.int64:
-        raise ValueError(f"triton experts: tokens_per_expert must be int64 [{num_experts}], "
-                         f"got {tokens_per_expert.dtype} {tuple(tokens_per_expert.shape)}")
+        raise ValueError(
+            f"triton experts: tokens_per_expert must be int64 [{num_experts}], "
+            f"got {tokens_per_expert.dtype} {tuple(tokens_per_expert.shape)}"
+        )
     devices = {t.device for t in (x, gate_up_proj, down_proj, tokens_per_expert)}
     dtypes = {t.dtype for t in (x, gate_up_proj, down_proj)}
     if len(devices) != 1 or len(dtypes) != 1:
-        raise ValueError(f"triton experts: operands on {devices} in {dtypes}; move them to "
-                         f"one device and one dtype")
+        raise ValueError(
+            f"triton experts: operands on {devices} in {dtypes}; move them to "
+            f"one device and one dtype"
+        )
     if x.device.type == "cuda" and x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"triton experts: {x.dtype} on CUDA is not supported (tensor cores "
-                         f"would round float32 to tf32); use bf16/fp16 or backend 'grouped_mm'")
+        raise ValueError(
+            f"triton experts: {x.dtype} on CUDA is not supported (tensor cores "
+            f"would round float32 to tf32); use bf16/fp16 or backend 'grouped_mm'"
+        )
     check_kernel_device("triton experts", x.device, INTERPRETED, "backend 'grouped_mm'/'loop'")
 
 
-def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,
-                           down_proj: torch.Tensor, tokens_per_expert: torch.Tensor,
-                           block_m: int | None = None) -> torch.Tensor:
+def swiglu_experts_forward(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    block_m: int | None = None,
+) -> torch.Tensor:
     """y = down(silu(gate(x)) * up(x)) per expert, without host sync, through the custom op
     ``moe_ext::swiglu_experts``.
 
@@ -180,13 +226,17 @@ def swiglu_experts_forward(x: torch.Tensor, gate_up_proj: torch.Tensor,
         raise ValueError(f"triton experts: block_m {block_m} not in {BLOCK_M_CHOICES}")
     check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
     block_m = block_m or pick_block_m(x.shape[0], gate_up_proj.shape[0])
-    return torch.ops.moe_ext.swiglu_experts(x, gate_up_proj, down_proj, tokens_per_expert,
-                                            block_m)
+    return torch.ops.moe_ext.swiglu_experts(x, gate_up_proj, down_proj, tokens_per_expert, block_m)
 
 
 @torch.library.custom_op("moe_ext::swiglu_experts", mutates_args=())
-def _swiglu_experts_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                       tokens_per_expert: torch.Tensor, block_m: int) -> torch.Tensor:
+def _swiglu_experts_op(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    block_m: int,
+) -> torch.Tensor:
     """The two kernel launches; shapes as in :func:`swiglu_experts_forward`."""
     check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
     num_experts, two_f, hidden = gate_up_proj.shape

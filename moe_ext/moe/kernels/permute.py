@@ -18,6 +18,7 @@ The op ``moe_ext::sort_pairs`` (functional; fake implementation for shapes) make
 opaque node under ``torch.compile``. No host sync, no autotuning: CUDA-graph capturable on
 first use. On CPU it runs only under Triton's interpreter (tests).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ MAX_EXPERTS = 1024
 
 
 @triton.jit
-def _sort_pairs_kernel(bucket_ptr, order_ptr, counts_ptr, N, E,
-                       N_POW2: tl.constexpr, BINS: tl.constexpr):
+def _sort_pairs_kernel(
+    bucket_ptr, order_ptr, counts_ptr, N, E, N_POW2: tl.constexpr, BINS: tl.constexpr
+):
     """bucket: [N] int64 expert ids; order: [N] int64 out; counts: [E] int64 out."""
     pair = tl.arange(0, N_POW2)
     valid = pair < N
@@ -58,18 +60,21 @@ def _next_pow2(n: int) -> int:
 def check_operands(expert_ids: torch.Tensor, num_experts: int) -> None:
     """Raise a one-line ValueError when these operands cannot run on the sort kernel."""
     if expert_ids.dim() != 1 or expert_ids.dtype != torch.int64:
-        raise ValueError(f"sort_pairs: expert_ids must be flat int64 [N], got "
-                         f"{expert_ids.dtype} {tuple(expert_ids.shape)}; pass "
-                         f"expert_idx.reshape(-1)")
+        raise ValueError(
+            f"sort_pairs: expert_ids must be flat int64 [N], got "
+            f"{expert_ids.dtype} {tuple(expert_ids.shape)}; pass "
+            f"expert_idx.reshape(-1)"
+        )
     if expert_ids.shape[0] > MAX_PAIRS or not 1 <= num_experts <= MAX_EXPERTS:
-        raise ValueError(f"sort_pairs: N={expert_ids.shape[0]} pairs, E={num_experts} outside "
-                         f"N <= {MAX_PAIRS}, 1 <= E <= {MAX_EXPERTS}; use "
-                         f"_permute.sort_by_bucket")
+        raise ValueError(
+            f"sort_pairs: N={expert_ids.shape[0]} pairs, E={num_experts} outside "
+            f"N <= {MAX_PAIRS}, 1 <= E <= {MAX_EXPERTS}; use "
+            f"_permute.sort_by_bucket"
+        )
     check_kernel_device("sort_pairs", expert_ids.device, INTERPRETED, "_permute.sort_by_bucket")
 
 
-def sort_pairs(expert_ids: torch.Tensor, num_experts: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_pairs(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs grouped by expert, in one launch of ``moe_ext::sort_pairs``.
 
     expert_ids: [N] int64 in [0, E), N <= MAX_PAIRS. Returns (order [N] int64: pair ids
@@ -80,8 +85,7 @@ def sort_pairs(expert_ids: torch.Tensor, num_experts: int
 
 
 @torch.library.custom_op("moe_ext::sort_pairs", mutates_args=())
-def _sort_pairs_op(expert_ids: torch.Tensor, num_experts: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _sort_pairs_op(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel launch; arguments as in :func:`sort_pairs`."""
     check_operands(expert_ids, num_experts)
     expert_ids = expert_ids.contiguous()
@@ -89,9 +93,16 @@ def _sort_pairs_op(expert_ids: torch.Tensor, num_experts: int
     order = torch.empty_like(expert_ids)  # [N]
     counts = torch.empty(num_experts, dtype=torch.int64, device=expert_ids.device)  # [E]
     num_warps = 4 if num_pairs > 1024 else 1
-    _sort_pairs_kernel[(1,)](expert_ids, order, counts, num_pairs, num_experts,
-                             N_POW2=max(_next_pow2(num_pairs), 32 * num_warps),
-                             BINS=max(_next_pow2(num_experts + 2), 32), num_warps=num_warps)
+    _sort_pairs_kernel[(1,)](
+        expert_ids,
+        order,
+        counts,
+        num_pairs,
+        num_experts,
+        N_POW2=max(_next_pow2(num_pairs), 32 * num_warps),
+        BINS=max(_next_pow2(num_experts + 2), 32),
+        num_warps=num_warps,
+    )
     return order, counts
 
 

@@ -37,6 +37,7 @@ shapes) makes the kernel one opaque node under ``torch.compile``. No host sync, 
 launch configuration (no autotuning). On CPU it runs only under Triton's interpreter
 (tests).
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,11 +57,30 @@ _MAX_SPLITS = 32  # arrivals per counter: bounds the atomics serialised on one a
 
 
 @triton.jit
-def _softmax_topk_kernel(x_ptr, w_ptr, load_ptr, weights_ptr, idx_ptr, logits_ptr,
-                         arrivals_ptr, T, H, E, scale, stride_xt, stride_we,
-                         TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
-                         SCALE: tl.constexpr, RECORD: tl.constexpr, BLOCK_T: tl.constexpr,
-                         E_POW2: tl.constexpr, E_CHUNK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _softmax_topk_kernel(
+    x_ptr,
+    w_ptr,
+    load_ptr,
+    weights_ptr,
+    idx_ptr,
+    logits_ptr,
+    arrivals_ptr,
+    T,
+    H,
+    E,
+    scale,
+    stride_xt,
+    stride_we,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    RENORM: tl.constexpr,
+    SCALE: tl.constexpr,
+    RECORD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    E_POW2: tl.constexpr,
+    E_CHUNK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """x: [T, H] (row stride stride_xt); w: [E, H] (row stride stride_we), H contiguous in
     both; load: [E] int64; weights: [T, TOP_K] float32; idx: [T, TOP_K] int64;
     logits: [T, E] float32 scratch; arrivals: [token blocks] int32, zero on entry and
@@ -79,10 +99,12 @@ def _softmax_topk_kernel(x_ptr, w_ptr, load_ptr, weights_ptr, idx_ptr, logits_pt
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        xt = tl.load(x_rows + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :],
-                     other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_H]
-        wt = tl.load(w_rows + offs_h[None, :], mask=c_mask[:, None] & h_mask[None, :],
-                     other=0.0).to(tl.float32)  # [E_CHUNK, BLOCK_H]
+        xt = tl.load(
+            x_rows + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0
+        ).to(tl.float32)  # [BLOCK_T, BLOCK_H]
+        wt = tl.load(
+            w_rows + offs_h[None, :], mask=c_mask[:, None] & h_mask[None, :], other=0.0
+        ).to(tl.float32)  # [E_CHUNK, BLOCK_H]
         acc += tl.sum(xt[:, None, :] * wt[None, :, :], axis=2)  # [BLOCK_T, E_CHUNK]
     scratch_rows = logits_ptr + offs_t.to(tl.int64)[:, None] * E  # [BLOCK_T, 1]
     tl.store(scratch_rows + offs_c[None, :], acc, mask=t_mask[:, None] & c_mask[None, :])
@@ -94,8 +116,12 @@ def _softmax_topk_kernel(x_ptr, w_ptr, load_ptr, weights_ptr, idx_ptr, logits_pt
         tl.debug_barrier()  # the acquire above precedes every thread's scratch loads
         offs_e = tl.arange(0, E_POW2)
         e_mask = offs_e < E
-        logits = tl.load(scratch_rows + offs_e[None, :], mask=t_mask[:, None] & e_mask[None, :],
-                         other=0.0, cache_modifier=".cg")  # [BLOCK_T, E_POW2], L2 only
+        logits = tl.load(
+            scratch_rows + offs_e[None, :],
+            mask=t_mask[:, None] & e_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )  # [BLOCK_T, E_POW2], L2 only
         logits = tl.where(e_mask[None, :], logits, float("-inf"))
 
         # 3. softmax statistics and top-k by iterated max
@@ -148,15 +174,14 @@ def launch_config(num_tokens: int, num_experts: int, hidden: int) -> dict:
     fewer reads); the experts split S-ways so that about _TARGET_PROGRAMS programs read the
     weight. BLOCK_T * E_CHUNK * BLOCK_H <= _TILE_ELEMENTS (E <= 512, BLOCK_H >= 16)."""
     e_pow2 = max(_next_pow2(num_experts), 2)
-    for block_t in ((4, 1) if num_tokens > 32 else (1,)):
+    for block_t in (4, 1) if num_tokens > 32 else (1,):
         blocks = -(-num_tokens // block_t)
         splits = min(e_pow2, _MAX_SPLITS, _prev_pow2(_TARGET_PROGRAMS // blocks))
         e_chunk = e_pow2 // splits
         if block_t * e_chunk * 16 <= _TILE_ELEMENTS:
             break
     block_h = max(16, min(_next_pow2(hidden), _TILE_ELEMENTS // (block_t * e_chunk)))
-    return dict(BLOCK_T=block_t, E_POW2=e_pow2, E_CHUNK=e_chunk, BLOCK_H=block_h,
-                num_warps=4)
+    return dict(BLOCK_T=block_t, E_POW2=e_pow2, E_CHUNK=e_chunk, BLOCK_H=block_h, num_warps=4)
 
 
 _arrivals: dict[torch.device, torch.Tensor] = {}  # device -> zeroed int32 counters
@@ -168,44 +193,67 @@ def _arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
     counters = _arrivals.get(device)
     if counters is None or counters.numel() < blocks:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError(f"fused router: first call with {blocks} token blocks on {device} "
-                             f"is inside CUDA-graph capture; run the step once before "
-                             f"capturing (warm-up)")
+            raise ValueError(
+                f"fused router: first call with {blocks} token blocks on {device} "
+                f"is inside CUDA-graph capture; run the step once before "
+                f"capturing (warm-up)"
+            )
         counters = torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)
         _arrivals[device] = counters
     return counters
 
 
-def check_operands(x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Tensor,
-                   top_k: int) -> None:
+def check_operands(
+    x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Tensor, top_k: int
+) -> None:
     """Raise a one-line ValueError when these operands cannot run on the router kernel."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"fused router: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
-                         f"must be [T, H] and [E, H]")
+        raise ValueError(
+            f"fused router: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
+            f"must be [T, H] and [E, H]"
+        )
     num_experts, hidden = weight.shape
     if not 1 <= num_experts <= MAX_EXPERTS or not 1 <= hidden <= MAX_HIDDEN:
-        raise ValueError(f"fused router: E={num_experts}, H={hidden} outside E <= "
-                         f"{MAX_EXPERTS}, H <= {MAX_HIDDEN}; use the unfused router")
+        raise ValueError(
+            f"fused router: E={num_experts}, H={hidden} outside E <= "
+            f"{MAX_EXPERTS}, H <= {MAX_HIDDEN}; use the unfused router"
+        )
     if not 1 <= top_k <= min(MAX_TOP_K, num_experts):
-        raise ValueError(f"fused router: top_k={top_k} must be in [1, min({MAX_TOP_K}, "
-                         f"E={num_experts})]; use the unfused router")
-    if (expert_load.shape != (num_experts,) or expert_load.dtype != torch.int64
-            or (num_experts > 1 and expert_load.stride(0) != 1)):
-        raise ValueError(f"fused router: expert_load must be contiguous int64 [{num_experts}], "
-                         f"got {expert_load.dtype} {tuple(expert_load.shape)}")
+        raise ValueError(
+            f"fused router: top_k={top_k} must be in [1, min({MAX_TOP_K}, "
+            f"E={num_experts})]; use the unfused router"
+        )
+    if (
+        expert_load.shape != (num_experts,)
+        or expert_load.dtype != torch.int64
+        or (num_experts > 1 and expert_load.stride(0) != 1)
+    ):
+        raise ValueError(
+            f"fused router: expert_load must be contiguous int64 [{num_experts}], "
+            f"got {expert_load.dtype} {tuple(expert_load.shape)}"
+        )
     if not (x.is_floating_point() and weight.is_floating_point()):
-        raise ValueError(f"fused router: x and weight must be floating point, got {x.dtype} "
-                         f"and {weight.dtype}")
+        raise ValueError(
+            f"fused router: x and weight must be floating point, got {x.dtype} and {weight.dtype}"
+        )
     if len({x.device, weight.device, expert_load.device}) != 1:
-        raise ValueError(f"fused router: x on {x.device}, weight on {weight.device}, "
-                         f"expert_load on {expert_load.device}; move them to one device")
+        raise ValueError(
+            f"fused router: x on {x.device}, weight on {weight.device}, "
+            f"expert_load on {expert_load.device}; move them to one device"
+        )
     check_kernel_device("fused router", x.device, INTERPRETED, "the unfused router")
 
 
-def softmax_topk_router(x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Tensor,
-                        top_k: int, *, norm_topk_prob: bool = True,
-                        routed_scaling_factor: float = 1.0, record_load: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk_router(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_load: torch.Tensor,
+    top_k: int,
+    *,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+    record_load: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k routing in one launch of ``moe_ext::softmax_topk_router``.
 
     x: [T, H] any float dtype (bf16/fp16/fp32 on CUDA); weight: [E, H] any float dtype;
@@ -213,15 +261,21 @@ def softmax_topk_router(x: torch.Tensor, weight: torch.Tensor, expert_load: torc
     H <= 8192, top_k <= min(16, E). Logits and everything after them in float32.
     Returns (weights [T, k] float32, expert_idx [T, k] int64, descending weight order)."""
     check_operands(x, weight, expert_load, top_k)
-    return torch.ops.moe_ext.softmax_topk_router(x, weight, expert_load, top_k,
-                                                 norm_topk_prob, float(routed_scaling_factor),
-                                                 record_load)
+    return torch.ops.moe_ext.softmax_topk_router(
+        x, weight, expert_load, top_k, norm_topk_prob, float(routed_scaling_factor), record_load
+    )
 
 
 @torch.library.custom_op("moe_ext::softmax_topk_router", mutates_args=("expert_load",))
-def _softmax_topk_router_op(x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Tensor,
-                            top_k: int, norm_topk_prob: bool, routed_scaling_factor: float,
-                            record_load: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_topk_router_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_load: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+    record_load: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel launch; arguments as in :func:`softmax_topk_router`."""
     check_operands(x, weight, expert_load, top_k)
     num_tokens, hidden = x.shape
@@ -237,17 +291,33 @@ def _softmax_topk_router_op(x: torch.Tensor, weight: torch.Tensor, expert_load: 
     grid = (blocks, config["E_POW2"] // config["E_CHUNK"])
     logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     _softmax_topk_kernel[grid](
-        x, weight, expert_load, weights, expert_idx, logits,
+        x,
+        weight,
+        expert_load,
+        weights,
+        expert_idx,
+        logits,
         _arrival_counters(x.device, blocks),
-        num_tokens, hidden, num_experts, routed_scaling_factor, x.stride(0), weight.stride(0),
-        TOP_K=top_k, K_POW2=_next_pow2(top_k), RENORM=norm_topk_prob,
-        SCALE=routed_scaling_factor != 1.0, RECORD=record_load, **config)
+        num_tokens,
+        hidden,
+        num_experts,
+        routed_scaling_factor,
+        x.stride(0),
+        weight.stride(0),
+        TOP_K=top_k,
+        K_POW2=_next_pow2(top_k),
+        RENORM=norm_topk_prob,
+        SCALE=routed_scaling_factor != 1.0,
+        RECORD=record_load,
+        **config,
+    )
     return weights, expert_idx
 
 
 @_softmax_topk_router_op.register_fake
-def _softmax_topk_router_fake(x, weight, expert_load, top_k, norm_topk_prob,
-                              routed_scaling_factor, record_load):
+def _softmax_topk_router_fake(
+    x, weight, expert_load, top_k, norm_topk_prob, routed_scaling_factor, record_load
+):
     check_operands(x, weight, expert_load, top_k)
     weights = x.new_empty(x.shape[0], top_k, dtype=torch.float32)  # [T, k]
     return weights, x.new_empty(x.shape[0], top_k, dtype=torch.int64)
