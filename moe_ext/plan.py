@@ -14,7 +14,9 @@ for ep_* dp fills and ep = tp * dp.
 
 ``strategy=auto`` is rule-based; the rule that fired is written into ``plan.reason``:
   world 1                              -> replicate
-  NVLink + P2P atomics                 -> ep_nvshmem when EP pays off, else replicate
+  NVLink + P2P atomics                 -> ep_nvshmem when EP pays off (ep_nccl where the
+                                          NVSHMEM dispatcher's check_plan refuses the
+                                          degrees), else replicate
   NVLink without P2P atomics           -> ep_nccl when EP pays off, else replicate
   PCIe / CPU                           -> replicate when the whole model (+20% headroom)
                                           fits one rank, else the cheaper of ep_allgather
@@ -469,15 +471,17 @@ def plan_with_degrees(
 ) -> ParallelPlan:
     """The plan ``build_plan`` derives for an explicit strategy and tp/pp (and ep, derived
     when None), without its topology and model checks: for tests, benchmarks and callers
-    that own the model."""
+    that own the model. The dispatcher's own limits on the degrees still apply."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     degrees = _derive_degrees(
         strategy, ParallelConf(tp=tp, pp=pp, ep=ep), world_size, num_experts=0, auto=False
     )  # num_experts only matters for auto
-    return ParallelPlan(
+    plan = ParallelPlan(
         strategy, world_size, *degrees, DISPATCHERS[DEFAULT_DISPATCHER[strategy]], reason
     )
+    _check_dispatcher(plan, None)
+    return plan
 
 
 def _dispatcher_path(strategy_conf: StrategyConf, strategy: str, auto: bool) -> str:
