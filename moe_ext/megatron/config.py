@@ -214,6 +214,12 @@ def transformer_config_kwargs(
             "attention output bias needs add_bias_linear, which would "
             "give the experts biases too; use the native engine"
         )
+    if args.score_func != "softmax" or args.n_group is not None or args.routed_scaling_factor != 1:
+        raise MegatronConfigError(
+            f"{args.model_type}'s router (score_func={args.score_func}, n_group={args.n_group}, "
+            f"routed_scaling_factor={args.routed_scaling_factor}) is not mapped to Megatron; use "
+            f"the native engine for this model"
+        )
     shared = args.shared_expert_intermediate_size if args.has_shared_expert else None
     kwargs: dict[str, Any] = dict(
         num_layers=args.num_hidden_layers,
@@ -244,7 +250,7 @@ def transformer_config_kwargs(
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",
         moe_shared_expert_intermediate_size=shared,
-        moe_shared_expert_gate=bool(shared),
+        moe_shared_expert_gate=args.shared_expert_gate,
         moe_layer_freq=[1 if args.is_moe_layer(i) else 0 for i in range(args.num_hidden_layers)],
         moe_aux_loss_coeff=0.0,
         moe_grouped_gemm=False,

@@ -43,7 +43,15 @@ class ModelArgs:
     num_experts_per_tok: int
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
     moe_intermediate_size: Optional[int] = None  # qwen experts; None: intermediate_size
-    shared_expert_intermediate_size: Optional[int] = None  # qwen2_moe shared expert
+    shared_expert_intermediate_size: Optional[int] = None  # None: no shared expert
+    shared_expert_gate: bool = False  # a sigmoid gate [1, H] on the shared expert (qwen2_moe)
+    # router: softmax top-k, or sigmoid scores with a correction bias steering the picks
+    # and group-limited selection (DeepSeek-V3 family); see moe_ext.moe.router
+    score_func: str = "softmax"  # softmax | sigmoid
+    router_correction_bias: bool = False  # buffer e_score_correction_bias [E] float32
+    n_group: Optional[int] = None  # expert groups for group-limited top-k (None: off)
+    topk_group: Optional[int] = None  # groups kept per token
+    routed_scaling_factor: float = 1.0  # routed output scale
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
@@ -92,6 +100,10 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ModelArgsError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ModelArgsError(
+                "shared_expert_gate needs shared_expert_intermediate_size; fix the model config"
+            )
         if self.sliding_window is not None and self.sliding_window <= 0:
             self.sliding_window = None
         self.mlp_only_layers = [int(i) for i in self.mlp_only_layers]

@@ -160,7 +160,8 @@ def shard_slices(plan: Any, ranks: Any, args: ModelArgs) -> dict[str, ShardReque
             if args.has_shared_expert:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     out[m + f"shared_expert.{proj}.weight"] = full
-                out[m + "shared_expert_gate.weight"] = full
+                if args.shared_expert_gate:
+                    out[m + "shared_expert_gate.weight"] = full
         elif dense_tp:
             rows = (r * dense_f, (r + 1) * dense_f)
             out[m + "gate_proj.weight"] = ShardRequest.block(0, *rows)

@@ -158,9 +158,10 @@ class Family:
                     "shared_expert.gate_proj.weight": (S, H),
                     "shared_expert.up_proj.weight": (S, H),
                     "shared_expert.down_proj.weight": (H, S),
-                    "shared_expert_gate.weight": (1, H),
                 }
             )
+            if args.shared_expert_gate:
+                out["shared_expert_gate.weight"] = (1, H)
         return out
 
     def dense_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -185,20 +186,24 @@ class Family:
         dtype: Optional["torch.dtype"] = None,
         device: Any = None,
     ) -> "nn.Module":
-        """The MoE MLP of one layer (softmax top-k router + grouped experts, plus a
-        sigmoid-gated shared expert where the family has one) holding the dispatcher's
-        expert shard."""
+        """The MoE MLP of one layer (the args' router + grouped experts, plus a shared
+        expert, gated or not, where the family has one) holding the dispatcher's expert
+        shard."""
         from moe_ext.moe.layer import build_moe_layer
 
-        shared = args.shared_expert_intermediate_size if args.has_shared_expert else None
         return build_moe_layer(
             args.hidden_size,
             args.moe_intermediate_size,
             args.num_experts,
             args.num_experts_per_tok,
+            score_func=args.score_func,
             norm_topk_prob=args.norm_topk_prob,
-            shared_expert_size=shared,
-            shared_expert_gate=bool(shared),
+            n_group=args.n_group,
+            topk_group=args.topk_group,
+            routed_scaling_factor=args.routed_scaling_factor,
+            correction_bias=args.router_correction_bias,
+            shared_expert_size=args.shared_expert_intermediate_size,
+            shared_expert_gate=args.shared_expert_gate,
             dispatcher=dispatcher,
             dtype=dtype,
             device=device,

@@ -51,6 +51,7 @@ class Qwen2Moe(_QwenMoe):
         return dict(
             **self.routed_args(cfg),
             shared_expert_intermediate_size=cfg.int("shared_expert_intermediate_size", None),
+            shared_expert_gate=bool(cfg.int("shared_expert_intermediate_size", None)),
             # Qwen1.5-MoE configs predate the key and always had q/k/v biases
             qkv_bias=cfg.bool("qkv_bias", True),
         )
