@@ -118,9 +118,13 @@ def is_ignored_hf_key(key: str) -> bool:
     return bool(_HF_IGNORED.search(key))
 
 
-def parse_hf_key(key: str) -> HFKey:
-    """Native destination of one Hugging Face tensor name (any supported layout)."""
+def parse_hf_key(key: str, family: Optional[str] = None) -> HFKey:
+    """Native destination of one Hugging Face tensor name (any supported layout) of a
+    checkpoint of ``family`` (its ``hf_renames`` undone; None: no renames)."""
     name = key[len("model.") :] if key.startswith("model.") else key
+    if family is not None:
+        for native, hf in _family(family).hf_renames:
+            name = name.replace(hf, native)
     m = _HF_PER_EXPERT.match(name)
     if m:
         part = _PARTS[m.group(3)]
@@ -151,6 +155,8 @@ def hf_key(native: str, family: str, layout: str) -> str:
         raise CheckpointError(
             f"{native} is stored per expert in the per-expert layout; use hf_expert_keys"
         )
+    for native_part, hf_part in _family(family).hf_renames:
+        native = native.replace(native_part, hf_part)
     return "model." + native
 
 

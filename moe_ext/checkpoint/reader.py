@@ -480,7 +480,7 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
         if hf_maps.is_ignored_hf_key(key) or (key == "lm_head.weight" and args.tie_word_embeddings):
             continue  # not a parameter (rotary cache) / tied to the embedding
         shape, dtype = headers[file][key]
-        dest = hf_maps.parse_hf_key(key)
+        dest = hf_maps.parse_hf_key(key, family)
         leaf = Leaf(file, key, shape, dtype)
         if dest.native not in expected:
             problems.append(

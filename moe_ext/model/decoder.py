@@ -20,7 +20,7 @@ from torch import nn
 
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
-from moe_ext.model.layers import KVCache, RMSNorm, RotaryEmbedding
+from moe_ext.model.layers import RMSNorm, RotaryEmbedding
 from moe_ext.moe.dispatch.comm import run_on_token_slice
 
 
@@ -111,6 +111,7 @@ class Transformer(nn.Module):
         # parallelize sets it (the only place that does)
         self.context: ParallelContext = ParallelContext()
         self.decode_state: DecodeState = DecodeState()  # generate()'s memory across calls
+        self.cache_batch_slots: Optional[tuple[int, int]] = None  # set by setup_caches
         # set by compile_decode: the decode step's block function under torch.compile
         self.compiled_decode_block = None
 
@@ -137,20 +138,11 @@ class Transformer(nn.Module):
 
     # ---- KV cache ------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_slots: int, dtype: Optional[torch.dtype] = None) -> None:
-        """Preallocate every local layer's KV cache [batch, nKV_local, max_slots, D]."""
-        dtype = dtype or self.dtype
-        device = self.device
+        """Preallocate every local layer's attention cache for ``batch`` sequences of up to
+        ``max_slots`` slots (each attention kind owns its cache layout)."""
         for block in self.layers.values():
-            attn = block.self_attn
-            kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
-            cache = attn.kv_cache
-            if (
-                cache is None
-                or cache.k.shape != (batch, kv_heads, max_slots, attn.head_dim)
-                or cache.k.dtype != dtype
-                or cache.k.device != device
-            ):
-                attn.kv_cache = KVCache(batch, kv_heads, max_slots, attn.head_dim, dtype, device)
+            block.self_attn.setup_cache(batch, max_slots, dtype or self.dtype, self.device)
+        self.cache_batch_slots = (batch, max_slots)
 
     def compile_decode(self, enabled: bool = True, backend: str = "inductor") -> None:
         """Run decode steps (one query slot over the whole KV cache) through
@@ -170,10 +162,7 @@ class Transformer(nn.Module):
     @property
     def cache_shape(self) -> Optional[tuple[int, int]]:
         """(batch, max_slots) of the current caches, None without caches."""
-        for block in self.layers.values():
-            cache = block.self_attn.kv_cache
-            return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
-        return None
+        return self.cache_batch_slots
 
     # ---- forward -------------------------------------------------------------------------
     def forward(

@@ -192,6 +192,19 @@ class Attention(nn.Module):
         self.tp_group: Optional[dist.ProcessGroup] = None
         self.kv_cache: Optional[KVCache] = None
 
+    def setup_cache(self, batch: int, max_slots: int, dtype: torch.dtype, device) -> None:
+        """Preallocate keys and values [batch, nKV_local, max_slots, D] (kept when the
+        current cache already has that shape, dtype and device)."""
+        kv_heads = self.k_proj.weight.shape[0] // self.head_dim  # local heads after TP
+        cache = self.kv_cache
+        if (
+            cache is None
+            or cache.k.shape != (batch, kv_heads, max_slots, self.head_dim)
+            or cache.k.dtype != dtype
+            or cache.k.device != device
+        ):
+            self.kv_cache = KVCache(batch, kv_heads, max_slots, self.head_dim, dtype, device)
+
     def forward(
         self,
         x: torch.Tensor,

@@ -41,6 +41,9 @@ class Family:
     # projections' names in (gate, up, down) order.
     hf_moe_block: str = "mlp"
     hf_expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # Other names this family's checkpoints spell differently: (native, HF) fragments of
+    # the name after ``model.``, e.g. ("mlp.shared_expert.", "mlp.shared_experts.").
+    hf_renames: tuple[tuple[str, str], ...] = ()
 
     # ---- config mapping -------------------------------------------------------------
     def family_args(self, cfg: ConfigFields) -> dict[str, Any]:
