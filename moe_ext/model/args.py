@@ -64,6 +64,9 @@ class ModelArgs:
     o_bias: bool = False
     qk_norm: bool = False
     sliding_window: Optional[int] = None  # keys farther back than this are not attended
+    # ---- MLA (deepseek_v2 / deepseek_v3) ----
+    # ---- glm4_moe / minimax_m2 ----
+    # ---- gpt_oss ----
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None

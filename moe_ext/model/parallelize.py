@@ -114,10 +114,7 @@ def shard_slices(plan: Any, ranks: Any, args: ModelArgs) -> dict[str, ShardReque
     pp_rank, ep_rank, etp_rank). Tensors absent from the result live on other stages."""
     _check_plan(plan, args)
     tp, r = plan.tp, ranks.tp_rank
-    D, nH, nKV = args.head_dim, args.num_attention_heads, args.num_key_value_heads
-    q_rows = (r * nH // tp * D, (r + 1) * nH // tp * D)
-    kv_first, kv_count = r * nKV // tp, max(1, nKV // tp)
-    kv_rows = (kv_first * D, (kv_first + kv_count) * D)
+    attention = args.family.attention_shards(args, tp, r)  # names under self_attn.
     full = ShardRequest.full()
     out: dict[str, ShardRequest] = {}
     first, last = ranks.pp_rank == 0, ranks.pp_rank == plan.pp - 1
@@ -137,17 +134,7 @@ def shard_slices(plan: Any, ranks: Any, args: ModelArgs) -> dict[str, ShardReque
         p = f"layers.{i}."
         out[p + "input_layernorm.weight"] = full
         out[p + "post_attention_layernorm.weight"] = full
-        a = p + "self_attn."
-        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            out[a + proj + ".weight"] = ShardRequest.block(0, *rows)
-            if args.qkv_bias:
-                out[a + proj + ".bias"] = ShardRequest.block(0, *rows)
-        out[a + "o_proj.weight"] = ShardRequest.block(1, *q_rows)
-        if args.o_bias:
-            out[a + "o_proj.bias"] = full
-        if args.qk_norm:
-            out[a + "q_norm.weight"] = full
-            out[a + "k_norm.weight"] = full
+        out.update({p + "self_attn." + name: req for name, req in attention.items()})
         m = p + "mlp."
         if args.is_moe_layer(i):
             out[m + "router.weight"] = full

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from moe_ext.checkpoint.shard import ShardRequest
+
 GATE_UP = "gate_up_proj"
 DOWN = "down_proj"
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -145,6 +147,29 @@ class Family:
             out["o_proj.bias"] = (H,)
         if args.qk_norm:
             out.update({"q_norm.weight": (D,), "k_norm.weight": (D,)})
+        return out
+
+    def attention_shards(self, args: ModelArgs, tp: int, tp_rank: int) -> dict[str, "ShardRequest"]:
+        """Which part of each ``attention_shapes`` tensor TP rank ``tp_rank`` of ``tp``
+        holds: q/k/v rows and o_proj columns by heads (kv heads replicated when nKV < tp);
+        biases follow their rows, o_proj's bias and the per-head norms are whole."""
+        from moe_ext.checkpoint.shard import ShardRequest
+
+        D, nH, nKV = args.head_dim, args.num_attention_heads, args.num_key_value_heads
+        q_rows = (tp_rank * nH // tp * D, (tp_rank + 1) * nH // tp * D)
+        kv_first, kv_count = tp_rank * nKV // tp, max(1, nKV // tp)
+        kv_rows = (kv_first * D, (kv_first + kv_count) * D)
+        full = ShardRequest.full()
+        out: dict[str, ShardRequest] = {}
+        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            out[proj + ".weight"] = ShardRequest.block(0, *rows)
+            if args.qkv_bias:
+                out[proj + ".bias"] = ShardRequest.block(0, *rows)
+        out["o_proj.weight"] = ShardRequest.block(1, *q_rows)
+        if args.o_bias:
+            out["o_proj.bias"] = full
+        if args.qk_norm:
+            out.update({"q_norm.weight": full, "k_norm.weight": full})
         return out
 
     def moe_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
