@@ -138,6 +138,8 @@ def shard_slices(plan: Any, ranks: Any, args: ModelArgs) -> dict[str, ShardReque
         m = p + "mlp."
         if args.is_moe_layer(i):
             out[m + "router.weight"] = full
+            if args.router_correction_bias:
+                out[m + "router.e_score_correction_bias"] = full
             out[m + "experts.gate_up_proj"] = ShardRequest.blocks(
                 dim=1, ranges=[(f0, f0 + f_local), (F + f0, F + f0 + f_local)], outer=(experts,)
             )

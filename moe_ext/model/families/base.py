@@ -118,8 +118,9 @@ class Family:
 
     # ---- tensors --------------------------------------------------------------------
     def param_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
-        """Every native tensor name of the full model with its shape, in model order
-        (the names of docs/ARCHITECTURE.md "Parameter names")."""
+        """Every native tensor a checkpoint holds for the full model (parameters and
+        persistent buffers) with its shape, in ``state_dict`` order (the names of
+        docs/ARCHITECTURE.md "Parameter names")."""
         H, V = args.hidden_size, args.vocab_size
         out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (V, H)}
         for i in range(args.num_hidden_layers):
@@ -176,9 +177,10 @@ class Family:
         H, E, F = args.hidden_size, args.num_experts, args.moe_intermediate_size
         out = {
             "router.weight": (E, H),
-            "experts." + GATE_UP: (E, 2 * F, H),
-            "experts." + DOWN: (E, H, F),
         }
+        if args.router_correction_bias:
+            out["router.e_score_correction_bias"] = (E,)  # a persistent buffer, float32
+        out.update({"experts." + GATE_UP: (E, 2 * F, H), "experts." + DOWN: (E, H, F)})
         if args.has_shared_expert:
             S = args.shared_expert_intermediate_size
             out.update(
