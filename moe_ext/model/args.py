@@ -66,6 +66,15 @@ class ModelArgs:
     sliding_window: Optional[int] = None  # keys farther back than this are not attended
     # ---- MLA (deepseek_v2 / deepseek_v3) ----
     # ---- glm4_moe / minimax_m2 ----
+    # RoPE on the first int(head_dim * factor) dims of each q/k head (rotate-half pairs
+    # within them), the rest passed through (transformers' partial rotary)
+    partial_rotary_factor: float = 1.0
+    # q/k RMSNorm (qk_norm): "per_head" over each head's D (weights [D]); "per_layer" over
+    # the whole projection, all heads' nH·D at once (weights [nH·D] / [nKV·D], MiniMax-M2)
+    qk_norm_type: str = "per_head"
+    # multi-token-prediction layers checkpoints store after the decoder's own
+    # (model.layers.{L..L+n-1}); not run, skipped on import
+    mtp_layers: int = 0
     # ---- gpt_oss ----
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None

@@ -20,7 +20,7 @@ from torch import nn
 
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
-from moe_ext.model.layers import RMSNorm, RotaryEmbedding
+from moe_ext.model.layers import RMSNorm
 from moe_ext.moe.dispatch.comm import run_on_token_slice
 
 
@@ -106,7 +106,7 @@ class Transformer(nn.Module):
             if args.tie_word_embeddings
             else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
-        self.rotary = RotaryEmbedding(args)
+        self.rotary = args.family.build_rotary(args)
         # this rank's place in the parallel plan: one rank with everything until
         # parallelize sets it (the only place that does)
         self.context: ParallelContext = ParallelContext()

@@ -1,8 +1,10 @@
-"""Decoder building blocks: RMSNorm, rotary embeddings (HF rope-scaling variants), GQA
-attention over a preallocated KV cache, dense SwiGLU MLP.
+"""Decoder building blocks: RMSNorm, rotary embeddings (HF rope-scaling variants, whole or
+partial head), GQA attention over a preallocated KV cache with optional q/k RMSNorm (per
+head, or over the whole projection), dense SwiGLU MLP.
 
 # B batch, S query length, S_max cache slots, H hidden, nH/nKV heads (local to this rank
-# after tensor-parallel sharding), D head dim, F dense FFN size (local)
+# after tensor-parallel sharding), D head dim, Dr rotated dims (D, or D·partial_rotary_factor),
+# F dense FFN size (local)
 
 Attention uses *slots*: the cache index a token is written to. Prompts are left-padded, so
 slot s of sequence b holds position ``s - kv_start[b]``; slots below ``kv_start[b]`` are
@@ -20,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe_ext.model.args import ModelArgs
-from moe_ext.moe.dispatch.comm import reduce_partials
+from moe_ext.model.args import ModelArgs, ModelArgsError
+from moe_ext.moe.dispatch.comm import copy_to_partials, reduce_partials
 
 
 class RMSNorm(nn.Module):
@@ -40,12 +42,25 @@ class RMSNorm(nn.Module):
 # ---- rotary embeddings ---------------------------------------------------------------
 
 
+def rotary_dim(args: ModelArgs) -> int:
+    """Dr, the leading dims of each q/k head that RoPE rotates (transformers:
+    ``int(head_dim * partial_rotary_factor)``); the rest pass through unrotated."""
+    dim = int(args.head_dim * args.partial_rotary_factor)
+    if dim < 2 or dim % 2 or dim > args.head_dim:
+        raise ModelArgsError(
+            f"partial_rotary_factor {args.partial_rotary_factor} of head_dim {args.head_dim} "
+            f"rotates {dim} dims; it must be an even number in 2..{args.head_dim}"
+        )
+    return dim
+
+
 def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [D/2] fp32 and the cos/sin scale, as transformers computes them
-    for rope types default, linear, dynamic (at the original length), yarn and llama3."""
-    dim, base = args.head_dim, args.rope_theta
+    """Inverse frequencies [Dr/2] fp32 and the cos/sin scale, as transformers computes them
+    for rope types default, linear, dynamic (at the original length), yarn and llama3, over
+    the rotated dims only (a partial rotary's frequencies span Dr, not D)."""
+    dim, base = rotary_dim(args), args.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (base**exponents)  # [D/2]
+    inv_freq = 1.0 / (base**exponents)  # [Dr/2]
     scaling = args.rope_scaling or {}
     rope_type = args.rope_type
     if rope_type in ("default", "dynamic"):
@@ -111,7 +126,7 @@ class RotaryEmbedding(nn.Module):
             self.factor = float(args.rope_scaling["factor"])
             self.max_positions = args.max_position_embeddings
             self.base = args.rope_theta
-            self.dim = args.head_dim
+            self.dim = rotary_dim(args)
 
     def _dynamic_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
         seq_len = (positions.max() + 1).float().clamp(min=self.max_positions)  # no host sync
@@ -124,10 +139,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [B, S] int64 -> (cos, sin) each [B, S, D] in ``dtype``."""
+        """positions: [B, S] int64 -> (cos, sin) each [B, S, Dr] in ``dtype``."""
         inv_freq = self._dynamic_inv_freq(positions) if self.dynamic else self.inv_freq
-        freqs = positions[..., None].float() * inv_freq.float()  # [B, S, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+        freqs = positions[..., None].float() * inv_freq.float()  # [B, S, Dr/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, Dr]
         return (
             (emb.cos() * self.attention_scaling).to(dtype),
             (emb.sin() * self.attention_scaling).to(dtype),
@@ -140,9 +155,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, D]; cos/sin: [B, S, D]."""
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, D]
-    return x * cos + rotate_half(x) * sin
+    """x: [B, heads, S, D]; cos/sin: [B, S, Dr] with Dr <= D. Rotates the first Dr dims
+    (halves of them paired, as transformers' rotate_half), passes the other D - Dr."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, Dr]
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 # ---- attention -----------------------------------------------------------------------
@@ -168,9 +188,34 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+QK_NORM_TYPES = ("per_head", "per_layer")
+
+
+@torch.compiler.disable
+def projection_rms(
+    q: torch.Tensor, k: torch.Tensor, group: Optional[dist.ProcessGroup]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squares of whole q and k projections whose heads are split over ``group`` (TP).
+
+    q: [B, S, nH·D] and k: [B, S, nKV·D], this rank's heads. Returns ([B, S, 1], [B, S, 1])
+    float32, the means over all ranks' heads: one all-reduce of both sums of squares. Each
+    rank holds as many columns as the next (kv heads replicated tp/nKV times when nKV < tp,
+    every head equally often), so the sum over ranks divided by tp·(local width) is the
+    mean over the full width. Backward all-reduces too: every rank's heads consume the sum."""
+    sums = torch.stack((q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)), dim=-1)  # [B,S,2]
+    sums = copy_to_partials(reduce_partials(sums, group), group)
+    tp = dist.get_world_size(group)
+    return sums[..., :1] / (tp * q.shape[-1]), sums[..., 1:] / (tp * k.shape[-1])
+
+
 class Attention(nn.Module):
     """Grouped-query attention. Tensor parallelism (set by ``parallelize``) shards q/k/v rows
-    and o_proj columns by heads; ``tp_group`` all-reduces o_proj's partial sums."""
+    and o_proj columns by heads; ``tp_group`` all-reduces o_proj's partial sums.
+
+    q/k RMSNorm (``qk_norm``) comes in two kinds (``qk_norm_type``): "per_head" normalises
+    each head's D values (Qwen3, GLM-4.5 ``use_qk_norm``), "per_layer" the whole projection
+    before it is split into heads (MiniMax-M2); its weights [nH·D] / [nKV·D] are then
+    sharded with the heads, and under TP the mean square is all-reduced (projection_rms)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -182,9 +227,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=args.qkv_bias)
         self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=args.o_bias)
+        if args.qk_norm_type not in QK_NORM_TYPES:
+            raise ModelArgsError(
+                f"qk_norm_type {args.qk_norm_type!r} is not supported; use one of "
+                f"{', '.join(QK_NORM_TYPES)}"
+            )
+        self.qk_norm_per_layer = args.qk_norm and args.qk_norm_type == "per_layer"
         if args.qk_norm:
-            self.q_norm = RMSNorm(D, args.rms_norm_eps)
-            self.k_norm = RMSNorm(D, args.rms_norm_eps)
+            q_width, k_width = (
+                (self.n_heads * D, self.n_kv_heads * D) if (self.qk_norm_per_layer) else (D, D)
+            )
+            self.q_norm = RMSNorm(q_width, args.rms_norm_eps)
+            self.k_norm = RMSNorm(k_width, args.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
         self.sliding_window = args.sliding_window
@@ -222,10 +276,13 @@ class Attention(nn.Module):
         Returns [B, S, H]."""
         B, S, _ = x.shape
         D = self.head_dim
-        q = self.q_proj(x).view(B, S, -1, D)  # [B, S, nH, D]
-        k = self.k_proj(x).view(B, S, -1, D)  # [B, S, nKV, D]
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, S, nH·D], [B, S, nKV·D]
+        if self.qk_norm_per_layer:
+            q, k = self.normalize_projections(q, k)
+        q = q.view(B, S, -1, D)  # [B, S, nH, D]
+        k = k.view(B, S, -1, D)  # [B, S, nKV, D]
         v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_per_layer:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nH, S, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nKV, S, D]
@@ -255,6 +312,19 @@ class Attention(nn.Module):
         if self.o_proj.bias is not None:
             out = out + self.o_proj.bias  # added once, after the TP reduction
         return out
+
+    def normalize_projections(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "per_layer" q/k norm. q: [B, S, nH·D], k: [B, S, nKV·D] (local heads) ->
+        same shapes, each normalised over the full (all ranks') projection width."""
+        if self.tp_group is None:
+            return self.q_norm(q), self.k_norm(k)
+        q_ms, k_ms = projection_rms(q, k, self.tp_group)  # [B, S, 1] float32 each
+        eps = self.q_norm.eps
+        q = self.q_norm.weight * (q.float() * torch.rsqrt(q_ms + eps)).to(q.dtype)
+        k = self.k_norm.weight * (k.float() * torch.rsqrt(k_ms + eps)).to(k.dtype)
+        return q, k
 
 
 def decode_attention(

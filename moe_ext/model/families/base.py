@@ -46,6 +46,9 @@ class Family:
     # Other names this family's checkpoints spell differently: (native, HF) fragments of
     # the name after ``model.``, e.g. ("mlp.shared_expert.", "mlp.shared_experts.").
     hf_renames: tuple[tuple[str, str], ...] = ()
+    # Whether the family's attention implements transformers' partial rotary
+    # (``partial_rotary_factor`` < 1); others refuse such a config.
+    partial_rotary: bool = False
 
     # ---- config mapping -------------------------------------------------------------
     def family_args(self, cfg: ConfigFields) -> dict[str, Any]:
@@ -63,7 +66,14 @@ class Family:
                 f"{cfg.source}: hidden_act {act!r} is not supported (SwiGLU with silu only)"
             )
         num_heads = cfg.int("num_attention_heads")
-        rope_theta, rope_scaling = _rope(cfg, self.default_rope_theta)
+        rope_theta, rope_scaling, partial = _rope(cfg, self.default_rope_theta)
+        if partial is None:
+            partial = self.default_partial_rotary_factor(cfg)
+        if partial != 1.0 and not self.partial_rotary:
+            raise ModelArgsError(
+                f"{cfg.source}: partial_rotary_factor {partial} is not supported for "
+                f"{self.model_type} (its attention rotates the whole head); remove it"
+            )
         return ModelArgs(
             model_type=self.model_type,
             vocab_size=cfg.int("vocab_size"),
@@ -83,8 +93,14 @@ class Family:
             eos_token_id=cfg.token_ids("eos_token_id"),
             pad_token_id=cfg.token_ids("pad_token_id"),
             init_seed=cfg.int("init_seed", 1234),
+            partial_rotary_factor=partial,
             **self.family_args(cfg),
         )
+
+    def default_partial_rotary_factor(self, cfg: ConfigFields) -> float:
+        """The rotated fraction of each head when neither the RoPE parameters nor a
+        top-level ``partial_rotary_factor`` key give one (transformers' per-family default)."""
+        return 1.0
 
     def hf_config(self, args: ModelArgs, tokenizer: Optional[str] = None) -> dict[str, Any]:
         """The Hugging Face ``config.json`` of ``args``; ``ModelArgs.from_hf_config`` reads
@@ -198,7 +214,23 @@ class Family:
         H, Fd = args.hidden_size, args.intermediate_size
         return {"gate_proj.weight": (Fd, H), "up_proj.weight": (Fd, H), "down_proj.weight": (H, Fd)}
 
+    def kv_cache_bytes_per_token(self, args: ModelArgs, tp: int, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one cached token costs one TP rank of ``tp``, over all layers
+        (a pipeline stage holds its layers' share). GQA: K and V of the rank's kv heads
+        (replicated when nKV < tp); an attention kind with another cache overrides this."""
+        kv_heads = max(1, args.num_key_value_heads // tp)
+        return args.num_hidden_layers * 2 * kv_heads * args.head_dim * dtype_bytes
+
     # ---- blocks ---------------------------------------------------------------------
+    def build_rotary(self, args: ModelArgs) -> "nn.Module":
+        """The rotary embedding the decoder computes once per forward and hands to every
+        attention block: ``forward(positions [B, S] int64, dtype) -> (cos, sin)``, each
+        [B, S, rotary dims] in ``dtype``. A family whose attention wants other tables (MLA's
+        rope head dim, say) returns its own."""
+        from moe_ext.model.layers import RotaryEmbedding
+
+        return RotaryEmbedding(args)
+
     def build_attention(self, args: ModelArgs, layer_id: int) -> "nn.Module":
         from moe_ext.model.layers import Attention
 
@@ -262,9 +294,12 @@ def expert_param(name: str) -> Optional[tuple[int, str]]:
     return (int(m.group(1)), m.group(2)) if m else None
 
 
-def _rope(cfg: ConfigFields, default_theta: float) -> tuple[float, Optional[dict[str, Any]]]:
-    """(rope_theta, scaling) from transformers-5 ``rope_parameters`` or the older
-    ``rope_theta`` + ``rope_scaling`` pair."""
+def _rope(
+    cfg: ConfigFields, default_theta: float
+) -> tuple[float, Optional[dict[str, Any]], Optional[float]]:
+    """(rope_theta, scaling, partial_rotary_factor) from transformers-5 ``rope_parameters``
+    or the older ``rope_theta`` + ``rope_scaling`` pair; the factor as transformers ranks
+    it: the RoPE parameters' own, else the top-level key, else None (the family default)."""
     params = _mapping(cfg, "rope_parameters")
     scaling = _mapping(cfg, "rope_scaling")
     theta = (
@@ -274,13 +309,24 @@ def _rope(cfg: ConfigFields, default_theta: float) -> tuple[float, Optional[dict
         or default_theta
     )
     merged = {**scaling, **params}
+    partial = merged.pop("partial_rotary_factor", None)
+    if partial is None:
+        partial = cfg.float("partial_rotary_factor", None)
+    elif isinstance(partial, bool) or not isinstance(partial, (int, float)):
+        raise ModelArgsError(
+            f"{cfg.source}: partial_rotary_factor must be a number, got {partial!r}"
+        )
     if (
         merged.get("rope_type", merged.get("type")) in ("llama3", "yarn")
         and "original_max_position_embeddings" not in merged
     ):
         # transformers fills this in from max_position_embeddings when it is absent
         merged["original_max_position_embeddings"] = cfg.int("max_position_embeddings", 4096)
-    return float(theta), normalize_rope_scaling(merged)
+    return (
+        float(theta),
+        normalize_rope_scaling(merged),
+        None if partial is None else float(partial),
+    )
 
 
 def _mapping(cfg: ConfigFields, key: str) -> dict[str, Any]:
