@@ -6,6 +6,14 @@
 Parameters use the Hugging Face transformers-5 fused layout: ``gate_up_proj`` [E, 2F, H]
 (gate rows, then up rows) and ``down_proj`` [E, H, F]; y = down(silu(gate(x)) * up(x)).
 
+gpt-oss experts (``ExpertOptions``) add biases, ``gate_up_proj_bias`` [E, 2F] (gate, then
+up) and ``down_proj_bias`` [E, H], and replace silu(gate) * up by the clamped SwiGLU
+``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)``, g = clamp(gate, max=l), computed in
+transformers' order (projection, then bias; the activation in the weights' dtype). Under
+expert TP (F split over ranks) every rank holds the whole down bias of its experts and only
+F-shard 0 adds it, as the shards' outputs are summed. These experts run the torch paths
+(grouped_mm or loop, on CPU and GPU); the Triton kernels take plain SwiGLU experts only.
+
 Backends: ``grouped_mm`` (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``: one
 kernel per projection, cumulative int32 offsets built on device, no host sync) when the
 inputs qualify; ``loop`` (one matmul pair per expert; needs the split sizes on the host)
@@ -17,6 +25,7 @@ imports, else grouped_mm when it qualifies, else loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,6 +60,38 @@ def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(w.shape[-1] * item % 16 == 0 and w.shape[-2] * item % 16 == 0 for w in weights)
 
 
+@dataclass(frozen=True)
+class ExpertOptions:
+    """What an expert computes beyond plain bias-free SwiGLU (the defaults)."""
+
+    bias: bool = False  # gate_up_proj_bias [E, 2F] and down_proj_bias [E, H]
+    swiglu_limit: Optional[float] = None  # clamped SwiGLU with this limit; None: plain
+    swiglu_alpha: float = 1.702  # the clamped SwiGLU's sigmoid gain
+    add_down_bias: bool = True  # False on expert-TP shards other than the first
+
+    @property
+    def plain(self) -> bool:
+        """Plain SwiGLU without biases: what the Triton kernels compute."""
+        return not self.bias and self.swiglu_limit is None
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float):
+    """gpt-oss' activation, in transformers' order. gate, up: [..., F] -> [..., F]."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def row_experts(tokens_per_expert: torch.Tensor, rows: int) -> torch.Tensor:
+    """Local expert of each of ``rows`` rows sorted by expert, without host sync; padding
+    rows past sum(tokens_per_expert) get the last expert. tokens_per_expert: [E] int64.
+    Returns [rows] int64."""
+    ends = torch.cumsum(tokens_per_expert, 0)  # [E]
+    positions = torch.arange(rows, device=tokens_per_expert.device)
+    found = torch.searchsorted(ends, positions, right=True)  # [rows]
+    return found.clamp(max=tokens_per_expert.shape[0] - 1)
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous: grouped_mm's
     backward rejects expanded gradients such as the one ``y.sum().backward()`` produces."""
@@ -73,6 +114,7 @@ class GroupedExperts(nn.Module):
         hidden_size: int,
         ffn_size: int,
         *,
+        options: ExpertOptions = ExpertOptions(),
         backend: str = "auto",
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
@@ -80,21 +122,33 @@ class GroupedExperts(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown experts backend {backend!r}; use one of {BACKENDS}")
+        if backend == "triton" and not options.plain:
+            raise ValueError(
+                "experts backend 'triton' computes plain SwiGLU without biases; use "
+                "backend 'auto' for biased or clamped-SwiGLU experts"
+            )
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.backend = backend
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * ffn_size, hidden_size, dtype=dtype, device=device)
-        )
-        self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, ffn_size, dtype=dtype, device=device)
-        )
+        self.options = options
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
+
+        # registration order = state_dict order = Family.param_shapes order
+        self.gate_up_proj = param(num_experts, 2 * ffn_size, hidden_size)
+        self.gate_up_proj_bias = param(num_experts, 2 * ffn_size) if options.bias else None
+        self.down_proj = param(num_experts, hidden_size, ffn_size)
+        self.down_proj_bias = param(num_experts, hidden_size) if options.bias else None
         nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
         nn.init.normal_(self.down_proj, std=max(ffn_size, 1) ** -0.5)
+        for bias in (self.gate_up_proj_bias, self.down_proj_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_size}, "
-            f"backend={self.backend}"
+            f"backend={self.backend}, {self.options}"
         )
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
@@ -104,9 +158,12 @@ class GroupedExperts(nn.Module):
             x, self.gate_up_proj, self.down_proj
         )
 
+    def _params(self) -> tuple[nn.Parameter, ...]:
+        return tuple(p for p in self.parameters(recurse=False))
+
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
-            x.requires_grad or self.gate_up_proj.requires_grad or self.down_proj.requires_grad
+            x.requires_grad or any(p.requires_grad for p in self._params())
         )
 
     def uses_triton(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> bool:
@@ -114,6 +171,8 @@ class GroupedExperts(nn.Module):
         gradient is needed, and only when Triton imports; then always for backend 'triton',
         and for 'auto' on CUDA bf16/fp16 with at most TRITON_MAX_ROWS rows. x: [T', H] in
         the weights' dtype; tokens_per_expert: [E] int64."""
+        if not self.options.plain:
+            return False  # the kernels compute plain SwiGLU without biases
         if self.backend == "auto":
             if not (
                 x.device.type == "cuda"
@@ -184,10 +243,34 @@ class GroupedExperts(nn.Module):
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # [E] group ends
         gate_up = _GROUPED_MM(x, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [T', 2F]
         gate_up = _ContiguousGrad.apply(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)  # [T', F] each
-        hidden = F.silu(gate) * up  # [T', F]
+        bias_rows = None
+        if self.options.bias:
+            bias_rows = row_experts(tokens_per_expert, x.shape[0])  # [T']
+            gate_up = gate_up + self.gate_up_proj_bias[bias_rows]  # [T', 2F]
+        hidden = self._activation(gate_up)  # [T', F]
         y = _GROUPED_MM(hidden, self.down_proj.transpose(1, 2), offs=offsets)  # [T', H]
-        return _ContiguousGrad.apply(y)
+        y = _ContiguousGrad.apply(y)
+        if bias_rows is not None and self.options.add_down_bias:
+            y = y + self.down_proj_bias[bias_rows]
+        return y
+
+    def _activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: [rows, 2F] (gate columns, then up) -> [rows, F]."""
+        gate, up = gate_up.chunk(2, dim=-1)  # [rows, F] each
+        limit = self.options.swiglu_limit
+        if limit is None:
+            return F.silu(gate) * up
+        return clamped_swiglu(gate, up, self.options.swiglu_alpha, limit)
+
+    def _expert_forward(self, xe: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert on its rows. xe: [rows, H] -> [rows, H]."""
+        gate_up = F.linear(xe, self.gate_up_proj[expert])  # [rows, 2F]
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias[expert]
+        y = F.linear(self._activation(gate_up), self.down_proj[expert])  # [rows, H]
+        if self.down_proj_bias is not None and self.options.add_down_bias:
+            y = y + self.down_proj_bias[expert]
+        return y
 
     @torch.compiler.disable  # data-dependent Python loop: tracing it would recompile per split
     def _forward_loop(self, x, tokens_per_expert):
@@ -196,9 +279,7 @@ class GroupedExperts(nn.Module):
         outputs, start = [], 0
         for expert, rows in enumerate(splits):
             # Empty experts still run (on zero rows) so every weight gets a (zero) gradient.
-            xe = x[start : start + rows]  # [rows, H]
-            gate, up = F.linear(xe, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [rows, F]
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))  # [rows, H]
+            outputs.append(self._expert_forward(x[start : start + rows], expert))  # [rows, H]
             start += rows
         if start < x.shape[0]:  # trailing padding rows (static-capacity dispatch)
             outputs.append(x.new_zeros(x.shape[0] - start, self.hidden_size))  # [pad, H]

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_ext.moe.dispatch import Dispatcher, DispatchGroups, build_dispatcher
-from moe_ext.moe.experts import GroupedExperts
+from moe_ext.moe.experts import ExpertOptions, GroupedExperts
 from moe_ext.moe.router import TopKRouter
 
 
@@ -132,8 +132,13 @@ def build_moe_layer(
     norm_topk_prob: bool = True,
     n_group: Optional[int] = None,
     topk_group: Optional[int] = None,
+    group_score: str = "top2_sum",
     routed_scaling_factor: float = 1.0,
     correction_bias: bool = False,
+    router_bias: bool = False,
+    expert_bias: bool = False,
+    swiglu_limit: Optional[float] = None,
+    swiglu_alpha: float = 1.702,
     shared_expert_size: Optional[int] = None,
     shared_expert_gate: bool = False,
     dispatcher: Union[str, Any, Dispatcher] = "local",
@@ -146,8 +151,10 @@ def build_moe_layer(
 
     ``dispatcher``: a Dispatcher instance, or a short name / dotted path / ``{_target_}``
     node built with ``(num_experts, groups)``. E_local comes from the dispatcher (EP), and
-    F_local = ffn_size / dispatcher.ffn_shards (expert TP). Parameters are randomly
-    initialised; load real ones with ``load_full_expert_weights`` and ``load_state_dict``."""
+    F_local = ffn_size / dispatcher.ffn_shards (expert TP). ``router_bias``: a logit bias
+    [E] on the router; ``expert_bias``, ``swiglu_limit``, ``swiglu_alpha``: gpt-oss experts
+    (``moe_ext.moe.experts.ExpertOptions``). Parameters are randomly initialised; load real
+    ones with ``load_full_expert_weights`` and ``load_state_dict``."""
     if not isinstance(dispatcher, Dispatcher):
         dispatcher = build_dispatcher(dispatcher, num_experts, groups)
     if dispatcher.num_experts != num_experts:
@@ -168,15 +175,25 @@ def build_moe_layer(
         norm_topk_prob=norm_topk_prob,
         n_group=n_group,
         topk_group=topk_group,
+        group_score=group_score,
         routed_scaling_factor=routed_scaling_factor,
         correction_bias=correction_bias,
+        bias=router_bias,
         dtype=dtype,
         device=device,
+    )
+    options = ExpertOptions(
+        bias=expert_bias,
+        swiglu_limit=swiglu_limit,
+        swiglu_alpha=swiglu_alpha,
+        # the F shards' outputs are summed: one of them adds the down bias
+        add_down_bias=dispatcher.ffn_shard_rank == 0,
     )
     experts = GroupedExperts(
         dispatcher.num_local_experts,
         hidden_size,
         ffn_size // dispatcher.ffn_shards,
+        options=options,
         backend=experts_backend,
         dtype=dtype,
         device=device,
@@ -227,15 +244,61 @@ def expert_shard(
     return gate_up, down
 
 
+def expert_bias_shard(
+    gate_up_bias_full: torch.Tensor, down_bias_full: torch.Tensor, dispatcher: Dispatcher
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard of full expert biases, like ``expert_shard``'s of the weights:
+    gate_up_bias_full [E, 2F] -> [E_local, 2F_local] (gate slice, then up slice);
+    down_bias_full [E, H] -> [E_local, H] (whole on every F shard; shard 0 adds it)."""
+    num_experts, two_ffn = gate_up_bias_full.shape
+    if num_experts != dispatcher.num_experts or down_bias_full.shape[0] != num_experts:
+        raise ValueError(
+            f"full expert biases hold {num_experts} experts, dispatcher expects "
+            f"{dispatcher.num_experts}"
+        )
+    ffn = two_ffn // 2
+    ffn_local = ffn // dispatcher.ffn_shards
+    lo = dispatcher.ffn_shard_rank * ffn_local
+    experts = slice(
+        dispatcher.local_expert_start, dispatcher.local_expert_start + dispatcher.num_local_experts
+    )
+    gate_up = torch.cat(
+        [
+            gate_up_bias_full[experts, lo : lo + ffn_local],
+            gate_up_bias_full[experts, ffn + lo : ffn + lo + ffn_local],
+        ],
+        dim=1,
+    )
+    return gate_up, down_bias_full[experts]
+
+
 @torch.no_grad()
 def load_full_expert_weights(
-    layer: MoELayer, gate_up_full: torch.Tensor, down_full: torch.Tensor
+    layer: MoELayer,
+    gate_up_full: torch.Tensor,
+    down_full: torch.Tensor,
+    gate_up_bias_full: Optional[torch.Tensor] = None,
+    down_bias_full: Optional[torch.Tensor] = None,
 ) -> None:
-    """Copy this rank's shard of full expert weights into ``layer.experts``.
+    """Copy this rank's shard of full expert weights (and biases, for experts built with
+    them) into ``layer.experts``.
 
-    gate_up_full: [E, 2F, H]; down_full: [E, H, F] (any device/dtype; converted)."""
+    gate_up_full: [E, 2F, H]; down_full: [E, H, F]; gate_up_bias_full: [E, 2F];
+    down_bias_full: [E, H] (any device/dtype; converted)."""
     gate_up, down = expert_shard(gate_up_full, down_full, layer.dispatcher)
-    for param, value in ((layer.experts.gate_up_proj, gate_up), (layer.experts.down_proj, down)):
+    pairs = [(layer.experts.gate_up_proj, gate_up), (layer.experts.down_proj, down)]
+    if (layer.experts.gate_up_proj_bias is None) != (gate_up_bias_full is None):
+        raise ValueError(
+            "expert biases given for experts built without them, or missing for "
+            "experts built with them; pass both biases iff the layer has expert_bias"
+        )
+    if gate_up_bias_full is not None:
+        gate_up_b, down_b = expert_bias_shard(gate_up_bias_full, down_bias_full, layer.dispatcher)
+        pairs += [
+            (layer.experts.gate_up_proj_bias, gate_up_b),
+            (layer.experts.down_proj_bias, down_b),
+        ]
+    for param, value in pairs:
         if param.shape != value.shape:
             raise ValueError(
                 f"expert shard shape {tuple(value.shape)} does not match the "

@@ -1,5 +1,6 @@
-"""Top-k routers: softmax (Mixtral, Qwen2/3-MoE) and sigmoid with correction bias and
-group-limited selection (DeepSeek-V3), plus training losses and on-device load counters.
+"""Top-k routers: softmax (Mixtral, Qwen2/3-MoE), softmax over the top-k logits with a
+logit bias (gpt-oss) and sigmoid with correction bias and group-limited selection
+(DeepSeek-V3), plus training losses and on-device load counters.
 
 # T tokens, H hidden, E experts, k top-k, n_group expert groups
 
@@ -10,13 +11,18 @@ Semantics, matching Hugging Face transformers 5:
 - softmax, ``norm_topk_prob=True``: softmax over all logits, top-k, renormalise (Mixtral;
   equal to a softmax over the top-k logits), Qwen2/3-MoE with ``norm_topk_prob``;
 - softmax, ``norm_topk_prob=False``: top-k of the full softmax (Qwen2-MoE default);
+- topk_softmax: top-k of the logits, weights = softmax over those k logits (gpt-oss;
+  ``norm_topk_prob`` does not apply, the k weights always sum to one);
+- ``bias`` (gpt-oss): a learned [E] bias added to the logits before anything else;
 - sigmoid: scores = sigmoid(logits); selection on scores + ``e_score_correction_bias``
   (the bias steers which experts are picked, never the weights), restricted to the
   ``topk_group`` best of ``n_group`` groups (group score = sum of its two best biased
   scores); weights = the unbiased scores of the picks, renormalised iff
-  ``norm_topk_prob``, times ``routed_scaling_factor`` (DeepSeek-V3).
+  ``norm_topk_prob``, times ``routed_scaling_factor`` (DeepSeek-V3);
+- ``group_score="max"``: a group scores its best expert instead (DeepSeek-V2's softmax
+  ``group_limited_greedy``).
 
-Fused fast path (inference): softmax routers without groups run as one Triton kernel
+Fused fast path (inference): softmax routers without groups or bias run as one Triton kernel
 (:mod:`moe_ext.moe.kernels.routing`, op ``moe_ext::softmax_topk_router``: logits, softmax,
 top-k, renormalisation, scaling and the load counters) when ``fused`` is set, the module
 is in eval mode, no gradient is needed, x is on CUDA (or on CPU with Triton's interpreter
@@ -38,7 +44,8 @@ import torch.nn.functional as F
 
 from moe_ext.moe.kernels import kernels_for
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")  # how group-limited routing ranks a group
+SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")
 # Tokens up to which the fused kernel routes (decode and small batches). Each block of
 # tokens re-reads the [E, H] weight (from L2) with plain float32 FMAs, which pays off while
 # the unfused path is launch-bound; larger T goes to the float32 GEMM of the torch path.
@@ -78,8 +85,9 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class TopKRouter(nn.Module):
-    """Linear gate + top-k selection. Parameter ``weight`` [E, H]; optional persistent
-    buffer ``e_score_correction_bias`` [E] float32 (sigmoid routers, updated by the caller).
+    """Linear gate + top-k selection. Parameter ``weight`` [E, H], optional parameter
+    ``bias`` [E] (logit bias); optional persistent buffer ``e_score_correction_bias`` [E]
+    float32 (sigmoid routers, updated by the caller).
 
     ``expert_load`` [E] int64 accumulates, on device and without host syncs, how many
     token-expert pairs each expert received since the last ``reset_expert_load()``.
@@ -97,8 +105,10 @@ class TopKRouter(nn.Module):
         norm_topk_prob: bool = True,
         n_group: Optional[int] = None,
         topk_group: Optional[int] = None,
+        group_score: str = "top2_sum",
         routed_scaling_factor: float = 1.0,
         correction_bias: bool = False,
+        bias: bool = False,
         record_load: bool = True,
         fused: bool = True,
         dtype: Optional[torch.dtype] = None,
@@ -127,7 +137,9 @@ class TopKRouter(nn.Module):
                 )
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
-        self.n_group, self.topk_group = n_group, topk_group
+        if group_score not in GROUP_SCORES:
+            raise ValueError(f"unknown group_score {group_score!r}; use one of {GROUP_SCORES}")
+        self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.routed_scaling_factor = routed_scaling_factor
         self.record_load = record_load
         self.fused = fused
@@ -135,6 +147,9 @@ class TopKRouter(nn.Module):
             torch.empty(num_experts, hidden_size, dtype=dtype, device=device)
         )
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        self.bias = (
+            nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device)) if bias else None
+        )
         if correction_bias:
             self.register_buffer(
                 "e_score_correction_bias",
@@ -153,7 +168,7 @@ class TopKRouter(nn.Module):
             f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
             f"score_func={self.score_func}, norm_topk_prob={self.norm_topk_prob}, "
             f"n_group={self.n_group}, topk_group={self.topk_group}, "
-            f"scale={self.routed_scaling_factor}"
+            f"scale={self.routed_scaling_factor}, bias={self.bias is not None}"
         )
 
     def _select(self, choice: torch.Tensor) -> torch.Tensor:
@@ -161,8 +176,11 @@ class TopKRouter(nn.Module):
         if self.n_group is not None and self.n_group > 1:
             num_tokens = choice.shape[0]
             grouped = choice.view(num_tokens, self.n_group, -1)  # [T, n_group, E/n_group]
-            best = min(2, grouped.shape[-1])
-            group_scores = grouped.topk(best, dim=-1).values.sum(-1)  # [T, n_group]
+            if self.group_score == "max":
+                group_scores = grouped.amax(dim=-1)  # [T, n_group]
+            else:
+                best = min(2, grouped.shape[-1])
+                group_scores = grouped.topk(best, dim=-1).values.sum(-1)  # [T, n_group]
             keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf"))
@@ -176,6 +194,7 @@ class TopKRouter(nn.Module):
             not self.fused
             or self.training
             or self.score_func != "softmax"
+            or self.bias is not None
             or self.n_group is not None
             or x.shape[0] > FUSED_MAX_TOKENS
             or x.device != self.weight.device
@@ -214,7 +233,12 @@ class TopKRouter(nn.Module):
             )  # [T, k] float32, [T, k] int64
             zero = weights.new_zeros(())  # no losses outside training
             return RouterOutput(weights, expert_idx, zero, zero, None)
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        bias = None if self.bias is None else self.bias.float()
+        logits = F.linear(x.float(), self.weight.float(), bias)  # [T, E]
+        if self.score_func == "topk_softmax":
+            top_logits, expert_idx = logits.topk(self.top_k, dim=-1)  # [T, k]
+            top_weights = torch.softmax(top_logits, dim=-1)
+            return self._finish(logits, top_weights, expert_idx, None)
         if self.score_func == "softmax":
             scores = torch.softmax(logits, dim=-1)  # [T, E]
             choice = scores
@@ -233,6 +257,18 @@ class TopKRouter(nn.Module):
             if self.score_func == "sigmoid":
                 denom = denom + 1e-20  # sigmoid scores can all underflow to zero
             top_weights = top_weights / denom
+        return self._finish(logits, top_weights, expert_idx, scores)
+
+    def _finish(
+        self,
+        logits: torch.Tensor,
+        top_weights: torch.Tensor,
+        expert_idx: torch.Tensor,
+        scores: Optional[torch.Tensor],
+    ) -> RouterOutput:
+        """Scaling, load counters and training losses. logits: [T, E] float32; scores: [T, E]
+        float32 softmax or sigmoid scores (None: topk_softmax, the loss takes the softmax of
+        the logits); top_weights: [T, k] float32; expert_idx: [T, k] int64."""
         if self.routed_scaling_factor != 1.0:
             top_weights = top_weights * self.routed_scaling_factor
         if self.record_load:
@@ -240,11 +276,12 @@ class TopKRouter(nn.Module):
                 flat = expert_idx.reshape(-1)
                 self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         if self.training:
-            probs = (
-                scores
-                if self.score_func == "softmax"
-                else (scores / scores.sum(-1, keepdim=True).clamp_min(1e-20))
-            )
+            if scores is None:
+                probs = torch.softmax(logits, dim=-1)
+            elif self.score_func == "softmax":
+                probs = scores
+            else:
+                probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
             aux, zl = load_balancing_loss(probs, expert_idx), z_loss(logits)
         else:
             aux = zl = logits.new_zeros(())
