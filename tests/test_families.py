@@ -47,6 +47,40 @@ CONFIGS = {
         norm_topk_prob=True,
         tie_word_embeddings=True,
     ),
+    # MLA without a q LoRA, V2's softmax group-limited routing, two shared experts
+    "deepseek_v2": dict(
+        model_type="deepseek_v2",
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        n_shared_experts=2,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        first_k_dense_replace=1,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+    ),
+    # MLA with a q LoRA and attention biases, sigmoid routing with correction bias
+    "deepseek_v3": dict(
+        model_type="deepseek_v3",
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        kv_lora_rank=16,
+        q_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        attention_bias=True,
+        rope_interleave=False,
+    ),
 }
 
 
@@ -87,6 +121,25 @@ def test_family_specific_fields_are_read(family):
     elif family == "qwen2_moe":
         assert args.qkv_bias and not args.o_bias and args.has_shared_expert
         assert [args.is_moe_layer(i) for i in range(3)] == [True, False, True]
+    elif family.startswith("deepseek"):
+        assert args.kv_lora_rank == 16 and args.head_dim == 4 and args.v_head_dim == 6
+        assert args.num_key_value_heads == args.num_attention_heads  # MLA: no kv heads
+        assert [args.is_moe_layer(i) for i in range(3)] == [False, True, True]
+        assert args.has_shared_expert and not args.shared_expert_gate
+        if family == "deepseek_v2":
+            assert args.q_lora_rank is None and args.shared_expert_intermediate_size == 32
+            assert (args.score_func, args.topk_method, args.n_group) == (
+                "softmax",
+                "group_limited_greedy",
+                2,
+            )
+        else:
+            assert args.q_lora_rank == 12 and args.o_bias and args.router_correction_bias
+            assert (args.score_func, args.topk_method, args.norm_topk_prob) == (
+                "sigmoid",
+                "noaux_tc",
+                True,
+            )
     else:
         assert args.qk_norm and args.qkv_bias and args.o_bias and args.tie_word_embeddings
         assert [args.is_moe_layer(i) for i in range(3)] == [False, True, False]

@@ -65,6 +65,16 @@ class ModelArgs:
     qk_norm: bool = False
     sliding_window: Optional[int] = None  # keys farther back than this are not attended
     # ---- MLA (deepseek_v2 / deepseek_v3) ----
+    # Multi-head Latent Attention (moe_ext.model.mla) when kv_lora_rank is set; head_dim
+    # is then the rotated part of a head (qk_rope_head_dim), num_key_value_heads the heads.
+    kv_lora_rank: Optional[int] = None  # width of the cached KV latent
+    q_lora_rank: Optional[int] = None  # None: a plain q_proj (DeepSeek-V2-Lite)
+    qk_nope_head_dim: int = 0  # per-head query/key dims that carry no position
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # deepseek_v3: rotate adjacent pairs (else halves)
+    topk_method: Optional[str] = None  # greedy | group_limited_greedy | noaux_tc
+    first_k_dense_replace: int = 0  # dense MLP in layers [0, k) (and off moe_layer_freq)
+    moe_layer_freq: int = 1
     # ---- glm4_moe / minimax_m2 ----
     # RoPE on the first int(head_dim * factor) dims of each q/k head (rotate-half pairs
     # within them), the rest passed through (transformers' partial rotary)

@@ -13,11 +13,12 @@ from typing import Any
 
 from moe_ext.model.args import ModelArgs, ModelArgsError
 from moe_ext.model.families.base import DOWN, GATE_UP, LAUNCH_KEYS, Family, expert_param
+from moe_ext.model.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from moe_ext.model.families.fields import ConfigFields, ModelConfigError
 from moe_ext.model.families.mixtral import FAMILY as MIXTRAL
 from moe_ext.model.families.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
-_FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+_FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
 REGISTRY: dict[str, Family] = {name: f for f in _FAMILIES for name in (f.model_type, *f.aliases)}
 MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in _FAMILIES)
 

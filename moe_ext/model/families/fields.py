@@ -118,6 +118,14 @@ class ConfigFields:
             return [int(v) for v in value]
         return self.int(key)
 
+    def overridden(self, **values: Any) -> "ConfigFields":
+        """This config with ``values`` in place of the stored ones, for a family whose
+        architecture fixes a shared field (MLA: head_dim, num_key_value_heads) as
+        transformers does; reads through it count as reads of this config."""
+        view = ConfigFields({**self._config, **values}, self.source)
+        view._read = self._read
+        return view
+
     def unread(self) -> list[str]:
         """Keys present in the mapping that no read asked for."""
         return sorted(set(self._config) - self._read)
