@@ -81,6 +81,41 @@ CONFIGS = {
         attention_bias=True,
         rope_interleave=False,
     ),
+    # sinks, attention biases, sliding layers among full ones, router bias with softmax
+    # over the top-k, experts with biases and the clamped SwiGLU (tests/test_family_gpt_oss*)
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        num_local_experts=4,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "full_attention"],
+        swiglu_limit=5.0,
+    ),
+    # partial rotary, q/k/v biases, per-head q/k norm, grouped sigmoid router with scaling,
+    # a shared expert of 2 x moe_intermediate_size, one dense layer first
+    "glm4_moe": dict(
+        model_type="glm4_moe",
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        attention_bias=True,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+        head_dim=16,
+    ),
+    # q/k norm over the whole projection, rotary_dim of head_dim, sigmoid router with bias
+    "minimax_m2": dict(
+        model_type="minimax_m2",
+        num_local_experts=4,
+        head_dim=16,
+        rotary_dim=8,
+        use_routing_bias=True,
+        qk_norm_type="per_layer",
+        num_mtp_modules=3,
+    ),
 }
 
 
@@ -140,6 +175,27 @@ def test_family_specific_fields_are_read(family):
                 "noaux_tc",
                 True,
             )
+    elif family == "glm4_moe":
+        assert args.qkv_bias and not args.o_bias and args.qk_norm and args.router_correction_bias
+        assert (args.partial_rotary_factor, args.shared_expert_intermediate_size) == (0.5, 32)
+        assert (args.n_group, args.topk_group, args.routed_scaling_factor) == (2, 1, 2.5)
+        assert [args.is_moe_layer(i) for i in range(3)] == [False, True, True]
+        assert args.family.hf_skipped("model.layers.3.eh_proj.weight", args)  # MTP layer
+    elif family == "minimax_m2":
+        assert (args.qk_norm_type, args.partial_rotary_factor, args.mtp_layers) == (
+            "per_layer",
+            0.5,
+            3,
+        )
+        assert args.router_correction_bias and args.score_func == "sigmoid"
+        assert args.family.hf_expert_keys(0, "down_proj", 3) == [
+            "model.layers.0.block_sparse_moe.experts.3.w2.weight"
+        ]
+    elif family == "gpt_oss":
+        assert args.layer_types[0] == "sliding_attention" and args.sliding_window == 8
+        assert args.attention_sinks and args.router_bias and args.expert_bias and args.o_bias
+        # transformers' default RoPE for gpt_oss is yarn
+        assert (args.score_func, args.swiglu_limit, args.rope_type) == ("topk_softmax", 5.0, "yarn")
     else:
         assert args.qk_norm and args.qkv_bias and args.o_bias and args.tie_word_embeddings
         assert [args.is_moe_layer(i) for i in range(3)] == [False, True, False]

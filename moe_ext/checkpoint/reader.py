@@ -479,6 +479,8 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
             continue
         if hf_maps.is_ignored_hf_key(key) or (key == "lm_head.weight" and args.tie_word_embeddings):
             continue  # not a parameter (rotary cache) / tied to the embedding
+        if args.family.hf_skipped(key, args):
+            continue  # a layer the engine does not run (the family's MTP layers)
         shape, dtype = headers[file][key]
         dest = hf_maps.parse_hf_key(key, family)
         leaf = Leaf(file, key, shape, dtype)

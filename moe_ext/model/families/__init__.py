@@ -15,10 +15,15 @@ from moe_ext.model.args import ModelArgs, ModelArgsError
 from moe_ext.model.families.base import DOWN, GATE_UP, LAUNCH_KEYS, Family, expert_param
 from moe_ext.model.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from moe_ext.model.families.fields import ConfigFields, ModelConfigError
+from moe_ext.model.families.glm import FAMILY as GLM4_MOE
+from moe_ext.model.families.gpt_oss import FAMILY as GPT_OSS
+from moe_ext.model.families.minimax import FAMILY as MINIMAX_M2
 from moe_ext.model.families.mixtral import FAMILY as MIXTRAL
 from moe_ext.model.families.qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 _FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
+_FAMILIES += (GLM4_MOE, MINIMAX_M2)
+_FAMILIES += (GPT_OSS,)
 REGISTRY: dict[str, Family] = {name: f for f in _FAMILIES for name in (f.model_type, *f.aliases)}
 MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in _FAMILIES)
 

@@ -46,6 +46,11 @@ class Family:
     # Other names this family's checkpoints spell differently: (native, HF) fragments of
     # the name after ``model.``, e.g. ("mlp.shared_expert.", "mlp.shared_experts.").
     hf_renames: tuple[tuple[str, str], ...] = ()
+    hf_router: str = "gate"  # the router's module name in HF checkpoints
+    # Expert tensors the checkpoints store in another layout than the native one: (native
+    # name under ``mlp.``, transform of moe_ext.checkpoint.hf_maps.STORED_TRANSFORMS); such
+    # tensors are read and written in that layout only (gpt_oss).
+    hf_expert_transforms: tuple[tuple[str, str], ...] = ()
     # Whether the family's attention implements transformers' partial rotary
     # (``partial_rotary_factor`` < 1); others refuse such a config.
     partial_rotary: bool = False
@@ -275,6 +280,18 @@ class Family:
     def hf_moe_prefix(self, layer: int, layout: str) -> str:
         block = self.hf_moe_block if layout == "per-expert" else "mlp"
         return f"model.layers.{layer}.{block}."
+
+    def hf_skipped(self, key: str, args: ModelArgs) -> bool:
+        """Whether HF tensor ``key`` is one the engine does not run and import skips: the
+        ``args.mtp_layers`` multi-token-prediction layers stored after the decoder's
+        (``model.layers.{L}`` .. ``{L + mtp_layers - 1}``, L = num_hidden_layers), as
+        transformers skips them."""
+        prefix = "model.layers."
+        if not args.mtp_layers or not key.startswith(prefix):
+            return False
+        index = key[len(prefix) :].split(".", 1)[0]
+        first = args.num_hidden_layers
+        return index.isdigit() and first <= int(index) < first + args.mtp_layers
 
     def hf_expert_keys(self, layer: int, stacked: str, expert: int) -> list[str]:
         """HF names holding expert ``expert`` of a stacked tensor, in row order:
