@@ -86,6 +86,17 @@ class ModelArgs:
     # (model.layers.{L..L+n-1}); not run, skipped on import
     mtp_layers: int = 0
     # ---- gpt_oss ----
+    # Attention kind per layer, "full_attention" | "sliding_attention" (HF layer_types);
+    # None: every layer alike. Sliding layers attend to the last sliding_window keys and
+    # keep a ring-buffer KV cache of that many slots (moe_ext.model.sink_attention).
+    layer_types: Optional[list[str]] = None
+    attention_sinks: bool = False  # self_attn.sinks [nH]: a per-head logit in the softmax sum
+    router_bias: bool = False  # router.bias [E], added to the router logits
+    expert_bias: bool = False  # experts.gate_up_proj_bias [E, 2F], experts.down_proj_bias [E, H]
+    # Clamped SwiGLU (gpt_oss experts): (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g) with
+    # g = clamp(gate, max=l), l = swiglu_limit; None: the plain silu(gate) * up.
+    swiglu_limit: Optional[float] = None
+    swiglu_alpha: float = 1.702
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None

@@ -138,14 +138,22 @@ def shard_slices(plan: Any, ranks: Any, args: ModelArgs) -> dict[str, ShardReque
         m = p + "mlp."
         if args.is_moe_layer(i):
             out[m + "router.weight"] = full
+            if args.router_bias:
+                out[m + "router.bias"] = full
             if args.router_correction_bias:
                 out[m + "router.e_score_correction_bias"] = full
+            gate_up_rows = [(f0, f0 + f_local), (F + f0, F + f0 + f_local)]
             out[m + "experts.gate_up_proj"] = ShardRequest.blocks(
-                dim=1, ranges=[(f0, f0 + f_local), (F + f0, F + f0 + f_local)], outer=(experts,)
+                dim=1, ranges=gate_up_rows, outer=(experts,)
             )
             out[m + "experts.down_proj"] = ShardRequest(
                 boxes=((experts, slice(None), slice(f0, f0 + f_local)),)
             )
+            if args.expert_bias:  # like their weights' rows; down's bias whole on F shards
+                out[m + "experts.gate_up_proj_bias"] = ShardRequest.blocks(
+                    dim=1, ranges=gate_up_rows, outer=(experts,)
+                )
+                out[m + "experts.down_proj_bias"] = ShardRequest(boxes=((experts,),))
             if args.has_shared_expert:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     out[m + f"shared_expert.{proj}.weight"] = full

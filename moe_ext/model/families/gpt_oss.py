@@ -1,0 +1,190 @@
+"""gpt-oss (``model_type: gpt_oss``; gpt-oss-20b, gpt-oss-120b): every layer MoE.
+
+- attention: q/k/v/o biases, a learned sink logit per head, sliding-window layers
+  alternating with full ones (``layer_types``; sliding layers keep a ring-buffer cache of
+  ``sliding_window`` slots), yarn RoPE (moe_ext.model.sink_attention);
+- router: a linear layer with bias, softmax over the top-k logits;
+- experts: biases and the clamped SwiGLU (``swiglu_alpha``, ``swiglu_limit``).
+
+# H hidden, E experts, F expert FFN (intermediate_size), nH heads
+
+Checkpoints store the experts fused, transposed and with gate/up interleaved:
+``mlp.experts.gate_up_proj`` [E, H, 2F] (column 2j gate j, 2j+1 up j),
+``gate_up_proj_bias`` [E, 2F] (interleaved likewise), ``down_proj`` [E, F, H],
+``down_proj_bias`` [E, H], and the router as ``mlp.router.weight`` / ``.bias``; the
+checkpoint reader converts to the native [E, 2F, H] gate-rows-then-up-rows and back
+(``hf_expert_transforms``). MXFP4-quantized checkpoints (the published ones) are refused:
+quantized weights are not supported yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Optional
+
+from moe_ext.model.args import ModelArgs, ModelArgsError
+from moe_ext.model.families.base import Family
+from moe_ext.model.families.fields import ConfigFields
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from moe_ext.checkpoint.shard import ShardRequest
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+# transformers' GptOssConfig defaults
+DEFAULT_WINDOW = 128
+DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
+
+
+class GptOss(Family):
+    model_type = "gpt_oss"
+    architecture = "GptOssForCausalLM"
+    default_rope_theta = 150_000.0
+    hf_router = "router"
+    # native expert tensor -> how checkpoints store it (moe_ext.checkpoint.hf_maps)
+    hf_expert_transforms = (
+        ("experts.gate_up_proj", "interleaved_transposed"),
+        ("experts.gate_up_proj_bias", "interleaved"),
+        ("experts.down_proj", "transposed"),
+    )
+
+    # ---- config mapping -------------------------------------------------------------
+    def args_from_config(self, cfg: ConfigFields) -> ModelArgs:
+        quantization = cfg.raw("quantization_config")
+        if quantization is not None:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            raise ModelArgsError(
+                f"{cfg.source}: quantization_config ({method or quantization!r}): quantized "
+                f"weights are not supported yet; use a bf16 checkpoint of the model"
+            )
+        explicit_rope = "rope_parameters" in cfg or "rope_scaling" in cfg
+        args = super().args_from_config(cfg)
+        if not explicit_rope:  # transformers' default for gpt_oss is yarn, not plain RoPE
+            args = dataclasses.replace(args, rope_scaling=dict(DEFAULT_ROPE))
+        return args
+
+    def family_args(self, cfg: ConfigFields) -> dict[str, Any]:
+        layers = cfg.int("num_hidden_layers")
+        bias = cfg.bool("attention_bias", True)
+        window = cfg.int("sliding_window", DEFAULT_WINDOW)
+        if window < 1:
+            raise ModelArgsError(f"{cfg.source}: sliding_window {window} must be >= 1")
+        limit = cfg.float("swiglu_limit", 7.0)
+        if limit <= 0:
+            raise ModelArgsError(f"{cfg.source}: swiglu_limit {limit} must be > 0")
+        return dict(
+            num_experts=cfg.int("num_local_experts", None) or cfg.int("num_experts"),
+            qkv_bias=bias,
+            o_bias=bias,
+            sliding_window=window,
+            layer_types=_layer_types(cfg, layers),
+            attention_sinks=True,
+            score_func="topk_softmax",
+            norm_topk_prob=True,
+            router_bias=True,
+            expert_bias=True,
+            swiglu_limit=limit,
+            swiglu_alpha=cfg.float("swiglu_alpha", 1.702),
+        )
+
+    def family_config(self, args: ModelArgs) -> dict[str, Any]:
+        return {
+            "num_local_experts": args.num_experts,
+            "attention_bias": args.o_bias,
+            "sliding_window": args.sliding_window,
+            "layer_types": list(args.layer_types),
+            "swiglu_alpha": args.swiglu_alpha,
+            "swiglu_limit": args.swiglu_limit,
+        }
+
+    # ---- tensors --------------------------------------------------------------------
+    def attention_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        # the module's own parameter first, as state_dict lists it
+        return {"sinks": (args.num_attention_heads,), **super().attention_shapes(args)}
+
+    def attention_shards(self, args: ModelArgs, tp: int, tp_rank: int) -> dict[str, "ShardRequest"]:
+        from moe_ext.checkpoint.shard import ShardRequest
+
+        heads = args.num_attention_heads // tp
+        sinks = ShardRequest.block(0, tp_rank * heads, (tp_rank + 1) * heads)
+        return {"sinks": sinks, **super().attention_shards(args, tp, tp_rank)}
+
+    def moe_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        H, E, F = args.hidden_size, args.num_experts, args.moe_intermediate_size
+        return {
+            "router.weight": (E, H),
+            "router.bias": (E,),
+            "experts.gate_up_proj": (E, 2 * F, H),
+            "experts.gate_up_proj_bias": (E, 2 * F),
+            "experts.down_proj": (E, H, F),
+            "experts.down_proj_bias": (E, H),
+        }
+
+    # ---- blocks ---------------------------------------------------------------------
+    def build_attention(self, args: ModelArgs, layer_id: int) -> "nn.Module":
+        from moe_ext.model.sink_attention import SinkAttention
+
+        return SinkAttention(args, layer_id)
+
+    def build_moe(
+        self,
+        args: ModelArgs,
+        dispatcher: Any = "local",
+        dtype: Optional["torch.dtype"] = None,
+        device: Any = None,
+    ) -> "nn.Module":
+        from moe_ext.moe.layer import build_moe_layer
+
+        return build_moe_layer(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.num_experts,
+            args.num_experts_per_tok,
+            score_func=args.score_func,
+            router_bias=args.router_bias,
+            expert_bias=args.expert_bias,
+            swiglu_limit=args.swiglu_limit,
+            swiglu_alpha=args.swiglu_alpha,
+            dispatcher=dispatcher,
+            dtype=dtype,
+            device=device,
+        )
+
+    def kv_cache_bytes(self, args: ModelArgs, tp: int, slots: int, dtype_bytes: int) -> int:
+        """KV cache bytes one rank holds for one sequence of ``slots`` slots: full layers
+        keep every slot, sliding layers at most ``sliding_window`` (kv heads split over tp,
+        replicated when fewer than tp)."""
+        kv_heads = max(1, args.num_key_value_heads // tp)
+        per_slot = 2 * kv_heads * args.head_dim * dtype_bytes  # keys and values, one layer
+        windowed = sum(t == SLIDING for t in args.layer_types)
+        full = args.num_hidden_layers - windowed
+        return per_slot * (full * slots + windowed * min(slots, args.sliding_window))
+
+
+def _layer_types(cfg: ConfigFields, layers: int) -> list[str]:
+    """``layer_types`` checked, or transformers' default: sliding, full, sliding, ..."""
+    value = cfg.raw("layer_types")
+    if value is None:
+        return [SLIDING if (i + 1) % 2 else FULL for i in range(layers)]
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != layers
+        or any(t not in (SLIDING, FULL) for t in value)
+    ):
+        raise ModelArgsError(
+            f"{cfg.source}: layer_types must list {layers} entries (num_hidden_layers), each "
+            f"{FULL!r} or {SLIDING!r}; got {value!r}"
+        )
+    return list(value)
+
+
+FAMILY = GptOss()
