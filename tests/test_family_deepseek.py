@@ -5,6 +5,7 @@ form, the latent cache, tensor-parallel head shards, and one-line config errors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from moe_ext.model.parallelize import RankCoords, shard_slices, take_shard
 
 transformers = pytest.importorskip("transformers")
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 3, 42, 8, 9, 11], [7, 1, 30], [60, 2, 2, 19, 4]]
 EOS = 13
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
@@ -341,3 +343,27 @@ def test_bad_config_is_one_line_naming_the_field(variant, change, message):
         ModelArgs.from_hf_config(config, "ckpt/config.json")
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+# ---- shipped model configs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, billions", [("deepseek_v2_lite", 15.71), ("deepseek_v3", 671.03)])
+def test_shipped_confs_have_their_published_size(name, billions):
+    """The conf/model shapes count the published parameters, and exactly what transformers
+    builds from the same config (parameters; V3's correction biases are buffers there)."""
+    from omegaconf import OmegaConf
+
+    from moe_ext.plan import model_param_counts
+
+    args = ModelArgs.from_model_conf(OmegaConf.load(f"{REPO}/conf/model/{name}.yaml"))
+    total, _ = model_param_counts(args)
+    assert abs(total / 1e9 - billions) < 0.01
+    config = dict(args.family.hf_config(args))
+    config.pop("architectures")
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+        )
+    buffers = sum(b.numel() for n, b in hf.named_buffers() if "e_score_correction" in n)
+    assert total == sum(p.numel() for p in hf.parameters()) + buffers
