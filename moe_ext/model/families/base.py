@@ -79,7 +79,7 @@ class Family:
                 f"{cfg.source}: partial_rotary_factor {partial} is not supported for "
                 f"{self.model_type} (its attention rotates the whole head); remove it"
             )
-        return ModelArgs(
+        args = ModelArgs(
             model_type=self.model_type,
             vocab_size=cfg.int("vocab_size"),
             hidden_size=cfg.int("hidden_size"),
@@ -101,6 +101,14 @@ class Family:
             partial_rotary_factor=partial,
             **self.family_args(cfg),
         )
+        if partial != 1.0:
+            from moe_ext.model.layers import rotary_dim
+
+            try:
+                rotary_dim(args)  # an odd or empty rotated width is a config error
+            except ModelArgsError as err:
+                raise ModelArgsError(f"{cfg.source}: {err}") from err
+        return args
 
     def default_partial_rotary_factor(self, cfg: ConfigFields) -> float:
         """The rotated fraction of each head when neither the RoPE parameters nor a
@@ -226,6 +234,12 @@ class Family:
         kv_heads = max(1, args.num_key_value_heads // tp)
         return args.num_hidden_layers * 2 * kv_heads * args.head_dim * dtype_bytes
 
+    def kv_cache_bytes(self, args: ModelArgs, tp: int, slots: int, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one TP rank holds for one sequence of ``slots`` cache slots; an
+        attention kind whose cache does not grow with every slot (sliding windows)
+        overrides this."""
+        return slots * self.kv_cache_bytes_per_token(args, tp, dtype_bytes)
+
     # ---- blocks ---------------------------------------------------------------------
     def build_rotary(self, args: ModelArgs) -> "nn.Module":
         """The rotary embedding the decoder computes once per forward and hands to every
@@ -339,11 +353,11 @@ def _rope(
     ):
         # transformers fills this in from max_position_embeddings when it is absent
         merged["original_max_position_embeddings"] = cfg.int("max_position_embeddings", 4096)
-    return (
-        float(theta),
-        normalize_rope_scaling(merged),
-        None if partial is None else float(partial),
-    )
+    try:
+        scaling = normalize_rope_scaling(merged)
+    except ModelArgsError as err:
+        raise ModelArgsError(f"{cfg.source}: rope_parameters / rope_scaling: {err}") from err
+    return float(theta), scaling, None if partial is None else float(partial)
 
 
 def _mapping(cfg: ConfigFields, key: str) -> dict[str, Any]:
