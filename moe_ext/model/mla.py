@@ -222,16 +222,22 @@ class MLAttention(nn.Module):
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """W_UK folded into the query, W_UV into the output: attention runs on the latent
-        cache as one shared key/value "head" of width C + Dr (scores) and C (values).
-        Shapes as ``_naive``. Scores in the input dtype, softmax in float32 (transformers'
-        eager attention)."""
-        n = q_nope.shape[1]
-        w = self.kv_b_proj.weight.view(n, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [n, Dn, C], [n, Dv, C]
-        q_latent = torch.matmul(q_nope, w_uk)  # [B, n, S, Dn] @ [n, Dn, C] -> [B, n, S, C]
-        q_full = torch.cat((q_latent, q_rope), dim=-1)  # [B, n, S, C+Dr]
-        scores = torch.matmul(q_full, kv[:, None].transpose(-1, -2)) * self.scale  # [B,n,S,S_k]
-        scores = scores.masked_fill(~mask, float("-inf"))
+        cache as one key/value "head" of width C + Dr (scores) and C (values) that every
+        head shares. Shapes as ``_naive``. Every product is a plain bmm (heads as rows
+        against the cache, batch as rows against a head's weights), so neither the cache
+        nor W_UK / W_UV is ever copied per head or per sequence. Scores in the input dtype,
+        softmax in float32 (transformers' eager attention)."""
+        B, n, S, Dn = q_nope.shape
+        C, Dv = self.kv_rank, self.v_dim
+        w = self.kv_b_proj.weight.view(n, Dn + Dv, C)
+        w_uk, w_uv = w.split([Dn, Dv], dim=1)  # [n, Dn, C], [n, Dv, C]
+        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(n, B * S, Dn), w_uk)  # [n, B·S, C]
+        q_latent = q_latent.view(n, B, S, C).transpose(0, 1)  # [B, n, S, C]
+        q_full = torch.cat((q_latent, q_rope), dim=-1).reshape(B, n * S, C + self.rope_dim)
+        scores = torch.bmm(q_full, kv.transpose(1, 2)).view(B, n, S, -1) * self.scale
+        scores = scores.masked_fill(~mask, float("-inf"))  # [B, n, S, S_k]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype)
-        out_latent = torch.matmul(probs, kv[:, None, :, : self.kv_rank])  # [B, n, S, C]
-        return torch.matmul(out_latent, w_uv.transpose(1, 2))  # @ [n, C, Dv] -> [B, n, S, Dv]
+        out_latent = torch.bmm(probs.view(B, n * S, -1), kv[..., :C])  # [B, n·S, C]
+        out_latent = out_latent.view(B, n, S, C).transpose(0, 1).reshape(n, B * S, C)
+        out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # [n, B·S, Dv]
+        return out.view(n, B, S, Dv).transpose(0, 1)  # [B, n, S, Dv]
