@@ -367,3 +367,14 @@ def test_shipped_confs_have_their_published_size(name, billions):
         )
     buffers = sum(b.numel() for n, b in hf.named_buffers() if "e_score_correction" in n)
     assert total == sum(p.numel() for p in hf.parameters()) + buffers
+
+
+def test_megatron_engine_refuses_mla():
+    """A V2 shape Megatron's router could take (softmax, no groups, no RoPE scaling) is
+    still refused in one line: its attention is MLA."""
+    from moe_ext.megatron.config import MegatronConfigError, transformer_config_kwargs
+
+    args = ModelArgs.from_hf_config(_hf_dict("v2_lite"))
+    assert args.rope_scaling is None and args.n_group is None
+    with pytest.raises(MegatronConfigError, match="Multi-head Latent Attention is not mapped"):
+        transformer_config_kwargs(args)

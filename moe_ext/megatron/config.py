@@ -204,6 +204,11 @@ def transformer_config_kwargs(
             f"Megatron GPTModel equivalent here; use a model without "
             f"rope_scaling for engine=megatron"
         )
+    if args.kv_lora_rank is not None:
+        raise MegatronConfigError(
+            f"{args.model_type}'s Multi-head Latent Attention is not mapped to Megatron; use "
+            f"the native engine for this model"
+        )
     if args.sliding_window is not None:
         raise MegatronConfigError(
             "sliding-window attention is not mapped to Megatron; use the "
