@@ -11,7 +11,8 @@ into these dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,19 +60,36 @@ class ParallelConf:
     etp: Optional[int] = None
 
 
+# What generation does when neither ``generate.*`` nor the checkpoint's
+# generation_config.json sets a sampling field: greedy (temperature 0), top-p and top-k off.
+SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
 @dataclass
 class GenerateConf:
     max_new_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    # Sampling. None: the checkpoint's generation_config.json, else SAMPLING_DEFAULTS.
+    temperature: Optional[float] = None  # 0: greedy
+    top_p: Optional[float] = None  # 1: off
+    top_k: Optional[int] = None  # 0: off
     max_batch_size: int = 64
     cuda_graphs: bool = True  # CUDA-graph decode on GPU
     compile_decode: bool = True  # GPU: torch.compile (inductor) each block's decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
+    def with_sampling(self, defaults: Optional[Mapping[str, Any]] = None) -> GenerateConf:
+        """A copy with every sampling field set: its own value, else ``defaults`` (what a
+        checkpoint's generation_config.json gives), else SAMPLING_DEFAULTS."""
+        defaults = defaults or {}
+        chosen = {}
+        for name, builtin in SAMPLING_DEFAULTS.items():
+            value = getattr(self, name)
+            chosen[name] = value if value is not None else defaults.get(name, builtin)
+        return replace(self, **chosen)
+
     def check(self, prefix: str = "generate") -> None:
         """Refuse values generation cannot run with; ``prefix`` names the fields in the
-        message (``generate`` or ``sample``)."""
+        message (``generate`` or ``sample``). Unset sampling fields pass."""
         if self.max_new_tokens < 1:
             raise ConfigError(
                 f"{prefix}.max_new_tokens={self.max_new_tokens}; it must be at least 1"
@@ -80,12 +98,14 @@ class GenerateConf:
             raise ConfigError(
                 f"{prefix}.max_batch_size={self.max_batch_size}; it must be at least 1"
             )
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise ConfigError(
                 f"{prefix}.temperature={self.temperature}; use 0 (greedy) or a positive value"
             )
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}.top_p={self.top_p}; use a value in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"{prefix}.top_k={self.top_k}; use 0 (off) or a positive count")
 
 
 @dataclass

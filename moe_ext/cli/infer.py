@@ -6,8 +6,13 @@ processes with gloo).
     python launch/infer.py checkpoint=/models/Qwen3-30B-A3B prompts=in.jsonl output=out.jsonl
 
 Everything that can be checked is checked before any process group or weight exists
-(config, checkpoint headers, tokenizer, prompts, output path, plan); an error is one line
-on rank 0 and exit 2 (``MOE_EXT_DEBUG=1`` or ``debug=true`` adds its chained traceback).
+(config, checkpoint headers, tokenizer, generation_config.json, prompts, output path,
+plan); an error is one line on rank 0 and exit 2 (``MOE_EXT_DEBUG=1`` or ``debug=true``
+adds its chained traceback).
+
+Prompts encode as the checkpoint's tokenizer does in transformers; generation stops on
+generation_config.json's eos ids and takes its sampling defaults for unset ``generate.*``
+(moe_ext.cli.generation_config); the launcher prints the sampling it uses.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import logging
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NoReturn, Optional
 
@@ -23,8 +28,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from moe_ext.cli.generation_config import read_generation_config, resolve_sampling, stop_ids
 from moe_ext.cli.io import check_output, read_prompts, write_output
-from moe_ext.config import InferConf
+from moe_ext.config import GenerateConf, InferConf
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.errors import MoeExtError
 from moe_ext.groups import ProcessGroups
@@ -87,6 +93,10 @@ class Job:
     topology: Topology
     plan: ParallelPlan
     verify: bool = False  # hash the checkpoint's shards as they load
+    # generate.* with every sampling field set (generate.*, else generation_config.json)
+    generate: GenerateConf = field(default_factory=GenerateConf)
+    sampling: str = ""  # the launcher's line saying where the sampling values come from
+    stop_ids: Optional[list[int]] = None  # what generation stops on; None: max_new_tokens
 
 
 def infer_dtype(requested: str, device_type: str) -> torch.dtype:
@@ -116,6 +126,9 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         checkpoint = package_path(cfg.model.get("weights"))
     source = resolve_model_source(checkpoint, cfg.model)
     tokenizer = _tokenizer(source)
+    generation_file = read_generation_config(source.checkpoint)
+    generate_conf, sampling = resolve_sampling(cfg.generate, generation_file)
+    stop = stop_ids(generation_file, source.args.eos_token_id, tokenizer.eos_id)
     prompt_ids = read_prompts(cfg.prompts, tokenizer, source.args.vocab_size)
     _check_context(prompt_ids, cfg.generate.max_new_tokens, source.args)
     topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
@@ -141,6 +154,9 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         topology,
         plan,
         verify=cfg.checkpoint_verify,
+        generate=generate_conf,
+        sampling=sampling,
+        stop_ids=None if cfg.generate.ignore_eos else stop,
     )
 
 
@@ -207,13 +223,12 @@ def all_ranks_ok(ok: bool, device: torch.device) -> bool:
 def _generate(
     cfg: InferConf, job: Job, model: torch.nn.Module, groups: ProcessGroups, rank: int
 ) -> GenerationResult:
-    eos_id = None if cfg.generate.ignore_eos else job.tokenizer.eos_id
     if cfg.engine != "megatron":
         return generate(
             model,
             job.prompt_ids,
-            cfg.generate,
-            eos_id=eos_id,
+            job.generate,
+            eos_id=job.stop_ids,
             pad_id=job.tokenizer.pad_id,
             seed=cfg.seed,
         )
@@ -224,8 +239,8 @@ def _generate(
     return megatron_engine.generate(
         model,
         job.prompt_ids,
-        cfg.generate,
-        eos_id=eos_id,
+        job.generate,
+        eos_id=job.stop_ids,
         pad_id=job.tokenizer.pad_id,
         seed=cfg.seed,
         groups=groups,
@@ -296,6 +311,7 @@ def run(cfg: InferConf, env: DistEnv) -> int:
     if env.rank == 0:
         log.info("topology: %s", job.topology.describe())
         log.info("plan: %s", job.plan.describe())
+        log.info("%s", job.sampling)
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
     groups = ProcessGroups.build(
         job.plan,

@@ -296,7 +296,7 @@ def _run_batch(
     for step in range(steps):
         width = longest + step  # every request has grown by `step` tokens
         logits = _forward_logits(model, buf[:, :width], tp_group, lengths + step - 1)  # [B, V]
-        nxt = sample(logits, conf.temperature, conf.top_p, generator)  # [B]
+        nxt = sample(logits, conf.temperature, conf.top_p, generator, conf.top_k)  # [B]
         if distributed:
             # every rank must take the same tokens (and so the same number of MoE exchanges)
             dist.broadcast(nxt, src=0)
@@ -335,7 +335,7 @@ def generate(
 ) -> Any:
     """``moe_ext.model.generate``'s contract for a GPTModel: continuations of
     ``prompt_ids`` (every rank passes the full list and gets every result), greedy
-    (``conf.temperature == 0``) or temperature/top-p sampling from ``seed``, stop after an
+    (``conf.temperature == 0``) or temperature/top-k/top-p sampling from ``seed``, stop after an
     EOS id (kept) or at each request's ``max_new_tokens`` (default ``conf.max_new_tokens``),
     batches of ``conf.max_batch_size``. Full recompute per step (module docstring).
 
@@ -359,6 +359,7 @@ def generate(
             f"model's context of {limit}; shorten it"
         )
     model.eval()
+    conf = conf.with_sampling()  # unset sampling fields: the built-in defaults (greedy)
     generator = None
     if conf.temperature > 0:
         generator = torch.Generator(device=device)

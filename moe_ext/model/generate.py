@@ -82,13 +82,22 @@ class GenerationResult:
 
 
 def sample(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: Optional[torch.Generator],
+    top_k: int = 0,
 ) -> torch.Tensor:
-    """logits: [B, V] -> next ids [B] int64. temperature 0 = greedy; top-p keeps the
-    smallest set of tokens whose probability reaches ``top_p``. No host sync."""
+    """logits: [B, V] -> next ids [B] int64. temperature 0 = greedy; then, as transformers
+    orders them, top-k (0: off) keeps the ``top_k`` likeliest tokens and top-p the smallest
+    set of the rest whose probability reaches ``top_p``. No host sync."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    scores = logits.float() / temperature  # [B, V]
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [B, V]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before >= top_p
@@ -239,7 +248,8 @@ class _Stepper:
     def _next_tokens(self, logits: Optional[torch.Tensor], batch: int) -> torch.Tensor:
         """Sample on the last pipeline stage and share the ids with the other stages."""
         if logits is not None:
-            nxt = sample(logits[:, -1], self.conf.temperature, self.conf.top_p, self.generator)
+            conf = self.conf
+            nxt = sample(logits[:, -1], conf.temperature, conf.top_p, self.generator, conf.top_k)
         else:
             nxt = torch.empty(batch, dtype=torch.long, device=self.device)
         context = self.model.context
@@ -476,6 +486,7 @@ def generate(
     """
     if pad_id is None:
         pad_id = model.args.pad_token_id if model.args.pad_token_id is not None else 0
+    conf = conf.with_sampling()  # unset sampling fields: the built-in defaults (greedy)
     if any(len(p) == 0 for p in prompt_ids):
         raise GenerateError("empty prompt: every prompt needs at least one token (e.g. BOS)")
     model.eval()

@@ -4,10 +4,13 @@ loader for a checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers`` librar
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional, Protocol
 
 from moe_ext.errors import MoeExtError
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(MoeExtError):
@@ -41,8 +44,16 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A checkpoint's ``tokenizer.json``; special ids from ``tokenizer_config.json`` /
-    ``config.json`` / ``generation_config.json`` next to it when present."""
+    """A checkpoint's ``tokenizer.json``, encoding text as transformers'
+    ``PreTrainedTokenizerFast`` does for the same files: the special tokens a prompt gets
+    are the ones tokenizer.json's post-processor adds (a TemplateProcessing with a BOS as in
+    Llama, Mistral and DeepSeek; none as in Qwen and gpt-oss), never ``config.json``'s
+    ``bos_token_id``. transformers 5 ignores ``add_bos_token`` / ``add_eos_token`` in
+    tokenizer_config.json when tokenizer.json exists; a disagreeing flag is logged.
+
+    ``bos_id`` / ``eos_id`` / ``pad_id``: the declared special ids, from tokenizer_config.json
+    (special_tokens_map.json where transformers reads it), else config.json. What generation
+    stops on is generation_config.json's business (moe_ext.cli.generation_config)."""
 
     def __init__(
         self,
@@ -57,7 +68,8 @@ class HFTokenizer:
             raise TokenizerError(
                 "the 'tokenizers' package is missing; pip install tokenizers"
             ) from e
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        file = _sibling(folder, "tokenizer.json", path) if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise TokenizerError(
                 f"no tokenizer.json at {path}; point model.tokenizer at a "
@@ -72,50 +84,101 @@ class HFTokenizer:
                 f"it from the model's original files"
             ) from err
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        folder = os.path.dirname(file)
-        meta = {}
-        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-            meta.update(_read_special_ids(self._tok, os.path.join(folder, name)))
+        tokenizer_config = _read_json(folder, "tokenizer_config.json", file)
+        layers = [("config.json", _read_json(folder, "config.json", file))]
+        layers.append(("tokenizer_config.json", tokenizer_config))
+        if "added_tokens_decoder" not in tokenizer_config:  # when transformers reads it
+            layers.append(("special_tokens_map.json", _read_json(folder, LEGACY_MAP, file)))
+        meta: dict = {}
+        for name, data in layers:  # later files win
+            meta.update(_read_special_ids(self._tok, data, os.path.join(folder, name)))
         self.bos_id = bos_id if bos_id is not None else meta.get("bos")
         eos = eos_id if eos_id is not None else meta.get("eos")
         self.eos_id = eos
         pad = pad_id if pad_id is not None else meta.get("pad")
         self.pad_id = pad if pad is not None else (eos if isinstance(eos, int) else 0)
+        _warn_on_ignored_flags(self._tok, tokenizer_config, self.bos_id, _first(eos), folder)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        return ids
+        """``text``'s ids; ``add_bos``: with the special tokens the tokenizer's own rules add
+        (transformers' ``add_special_tokens``: a BOS only where the tokenizer has one),
+        else the text's ids alone."""
+        return self._tok.encode(text, add_special_tokens=add_bos).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-def _read_special_ids(tok, file: str) -> dict:
-    """bos/eos/pad ids from one HF json file (ids, or token strings / AddedToken dicts)."""
-    if not os.path.isfile(file):
+LEGACY_MAP = "special_tokens_map.json"  # older checkpoints' special tokens
+
+
+def _sibling(folder: str, name: str, source: str) -> str:
+    """``folder/name``, refused when a link takes it outside ``folder`` (a checkpoint's files
+    stay inside its directory)."""
+    from moe_ext.checkpoint.format import confined_file
+
+    return str(confined_file(folder, name, source))
+
+
+def _read_json(folder: str, name: str, source: str) -> dict:
+    """The JSON object in ``folder/name`` ({} when there is none)."""
+    file = os.path.join(folder, name)
+    if not os.path.lexists(file):
         return {}
+    file = _sibling(folder, name, source)
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = str(err).splitlines()[0]
         raise TokenizerError(
-            f"cannot read {file} ({err}); fix or remove it (it gives the "
-            f"tokenizer's special token ids)"
+            f"cannot read {file} ({reason}); fix or remove it (it gives the "
+            f"tokenizer's special tokens)"
         ) from err
     if not isinstance(data, dict):
         raise TokenizerError(
             f"{file} holds a JSON {type(data).__name__}, not an object; fix "
-            f"or remove it (it gives the tokenizer's special token ids)"
+            f"or remove it (it gives the tokenizer's special tokens)"
         )
+    return data
+
+
+def _token_text(value):
+    """A special token as tokenizer_config.json writes it: its text, or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _warn_on_ignored_flags(tok, tokenizer_config: dict, bos_id, eos_id, folder: str) -> None:
+    """Say so when tokenizer_config.json's ``add_bos_token`` / ``add_eos_token`` disagree
+    with what tokenizer.json's post-processor adds: transformers (5.x) drops the flags
+    whenever tokenizer.json exists, and so does this loader; older transformers versions
+    rebuilt the post-processor from them for some tokenizer classes."""
+    added = tok.encode("", add_special_tokens=True).ids  # the specials alone, in place
+    adds = {
+        "add_bos_token": bos_id is not None and added[:1] == [bos_id],
+        "add_eos_token": eos_id is not None and added[-1:] == [eos_id],
+    }
+    for flag, does in adds.items():
+        value = tokenizer_config.get(flag)
+        if isinstance(value, bool) and value != does:
+            log.warning(
+                "%s: %s=%s, but tokenizer.json's post-processor %s; encoding as tokenizer.json "
+                "says (as transformers does)",
+                os.path.join(folder, "tokenizer_config.json"),
+                flag,
+                str(value).lower(),
+                "adds that token" if does else "does not add it",
+            )
+
+
+def _read_special_ids(tok, data: dict, file: str) -> dict:
+    """bos/eos/pad ids from one HF json object (ids, or token strings / AddedToken dicts)."""
     out = {}
     for key in ("bos", "eos", "pad"):
         for field in (f"{key}_token_id", f"{key}_token"):
             value = data.get(field)
             if field.endswith("_token"):  # a token: its text, or an AddedToken dict
-                if isinstance(value, dict):
-                    value = value.get("content")
+                value = _token_text(value)
                 if isinstance(value, str):
                     value = tok.token_to_id(value)
             if value is not None and not _is_id_or_ids(value):
@@ -127,6 +190,11 @@ def _read_special_ids(tok, file: str) -> dict:
                 out[key] = value
                 break
     return out
+
+
+def _first(ids):
+    """An id, or the first of a list of them."""
+    return ids[0] if isinstance(ids, list) and ids else ids
 
 
 def _is_id_or_ids(value) -> bool:
