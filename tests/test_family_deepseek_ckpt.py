@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moe_ext.checkpoint import CheckpointReader, load_sharded
 from moe_ext.checkpoint.convert import export_hf, import_hf
@@ -93,3 +93,33 @@ def test_tp_rank_reads_its_heads_and_runs_like_the_full_model(saved):
     model = Transformer(args)
     missing, unexpected = model.load_state_dict(full, strict=False)
     assert not missing and not unexpected
+
+
+def test_v3_multi_token_prediction_layer_is_skipped(tmp_path):
+    """DeepSeek-V3 checkpoints store their MTP module as model.layers.{L} (L =
+    num_hidden_layers) plus enorm / hnorm / eh_proj; the engine does not run it, so import
+    skips it (as transformers does) instead of calling the checkpoint malformed."""
+    model = hf_model("v3", num_hidden_layers=2, num_nextn_predict_layers=1)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tensors = _tensors(src)
+    mtp = {
+        key.replace("model.layers.1.", "model.layers.2."): value.clone()
+        for key, value in tensors.items()
+        if key.startswith("model.layers.1.")
+    }
+    mtp.update(
+        {
+            "model.layers.2.enorm.weight": torch.ones(32),
+            "model.layers.2.hnorm.weight": torch.ones(32),
+            "model.layers.2.eh_proj.weight": torch.zeros(32, 64),
+        }
+    )
+    save_file(mtp, str(src / "mtp.safetensors"))
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in tensors}}
+    index["weight_map"].update({k: "mtp.safetensors" for k in mtp})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    ext = tmp_path / "ext"
+    import_hf(src, ext, progress=False)
+    assert not any(name.startswith("layers.2.") for name in _tensors(ext))
+    assert CheckpointReader.open(ext).names() == CheckpointReader.open(src).names()
