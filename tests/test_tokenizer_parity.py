@@ -38,7 +38,9 @@ from tests.confs import tiny_conf
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+Tokenizer = tokenizers.Tokenizer
+decoders, models, pre_tokenizers = tokenizers.decoders, tokenizers.models, tokenizers.pre_tokenizers
+processors, trainers = tokenizers.processors, tokenizers.trainers
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "moe_ext" / "data" / "checkpoints" / "tiny"
