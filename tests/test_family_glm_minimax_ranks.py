@@ -1,0 +1,84 @@
+"""glm4_moe and minimax_m2 through the launcher's own steps (prepare -> groups -> build_model
+-> generate) in spawned gloo ranks: greedy ids equal transformers' generate on the same
+saved checkpoint under every strategy at 1 and 2 ranks and with pp=2, and one
+representative 4-rank plan per family (GLM: tp=2 heads x expert parallel with the token
+split; MiniMax: tp=4, kv heads replicated, its whole-projection q/k norm all-reduced)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.multirank import run_ranks
+from tests.test_family_glm import hf_greedy
+from tests.test_family_glm import hf_model as glm_model
+from tests.test_family_minimax import hf_model as minimax_model
+from tests.test_infer import _check_cases as _check
+
+pytest.importorskip("transformers")
+
+PROMPTS = [[1, 5, 7, 9, 11, 13], [2, 4, 6], [3, 8, 30, 31, 32, 33, 34, 35]]
+NEW_TOKENS = 6
+STRATEGIES = [
+    (s, [f"strategy={s}"]) for s in ("replicate", "tp_experts", "ep_allgather", "ep_nccl")
+]
+PIPELINES = [
+    ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
+    ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """family -> (saved directory, transformers' greedy continuations of PROMPTS)."""
+    root = tmp_path_factory.mktemp("glm_minimax")
+    models = {
+        # grouped sigmoid routing with scaling, q/k norm, biases, one dense layer first
+        "glm4_moe": glm_model("grouped", num_hidden_layers=4, first_k_dense_replace=1),
+        "minimax_m2": minimax_model("m2", num_hidden_layers=4),
+    }
+    out = {}
+    for family, model in models.items():
+        directory = root / family
+        model.save_pretrained(directory)
+        out[family] = (str(directory), hf_greedy(model, PROMPTS, NEW_TOKENS))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+    out["prompts"] = str(prompts)
+    return out
+
+
+def _cases(checkpoints, plans, families=("glm4_moe", "minimax_m2")) -> list:
+    cases = []
+    for family in families:
+        directory, expected = checkpoints[family]
+        for label, extra in plans:
+            overrides = [
+                f"checkpoint={directory}",
+                f"prompts={checkpoints['prompts']}",
+                f"generate.max_new_tokens={NEW_TOKENS}",
+                "dtype=fp32",
+                *extra,
+            ]
+            cases.append((f"{family} {label}", overrides, expected))
+    return cases
+
+
+@pytest.mark.multirank
+def test_single_rank_matches_transformers(checkpoints):
+    run_ranks(_check, 1, args=(_cases(checkpoints, [("auto", [])]),))
+
+
+@pytest.mark.multirank
+def test_two_ranks_every_strategy_and_pipeline(checkpoints):
+    run_ranks(_check, 2, args=(_cases(checkpoints, STRATEGIES + PIPELINES),))
+
+
+@pytest.mark.multirank
+def test_four_ranks_one_plan_per_family(checkpoints):
+    cases = _cases(
+        checkpoints, [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])], ("glm4_moe",)
+    )
+    cases += _cases(checkpoints, [("tp_experts tp=4", ["strategy=tp_experts"])], ("minimax_m2",))
+    run_ranks(_check, 4, args=(cases,))
