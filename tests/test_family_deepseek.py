@@ -184,10 +184,16 @@ def test_routing_terms_matter():
     with torch.no_grad():
         assert torch.equal(picks, hf_gate(x)[2].sort(-1).values)
 
-    v2 = native_from_hf(hf_model("v2_group")).layers["1"].mlp.router
+    hf_v2 = hf_model("v2_group")
+    v2 = native_from_hf(hf_v2).layers["1"].mlp.router
     assert v2.group_score == "max" and v2.n_group == 4
     with torch.no_grad():
-        by_max = v2(x).expert_idx.sort(-1).values
+        out = v2(x)
+        _, ref_weights, ref_idx = hf_v2.model.layers[1].mlp.gate(x)
+        order, ref_order = out.expert_idx.argsort(-1), ref_idx.argsort(-1)
+        by_max = out.expert_idx.gather(1, order)
+        assert torch.equal(by_max, ref_idx.gather(1, ref_order))  # same picks as transformers
+        torch.testing.assert_close(out.weights.gather(1, order), ref_weights.gather(1, ref_order))
         v2.group_score = "top2_sum"
         by_sum = v2(x).expert_idx.sort(-1).values
     assert not torch.equal(by_max, by_sum)
