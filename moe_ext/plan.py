@@ -112,7 +112,7 @@ def model_param_counts(model: ModelArgs) -> tuple[int, int]:
     for name, shape in model.family.param_shapes(model).items():
         n = math.prod(shape)
         total += n
-        if expert_param(name):
+        if expert_param(name) or ".mlp.experts." in name:  # expert weights and biases
             experts += n
     return total, experts
 

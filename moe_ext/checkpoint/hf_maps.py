@@ -155,7 +155,7 @@ def hf_key(native: str, family: str, layout: str) -> str:
         raise CheckpointError(
             f"{native} is stored per expert in the per-expert layout; use hf_expert_keys"
         )
-    for native_part, hf_part in _family(family).hf_renames:
+    for native_part, hf_part in _family(family).hf_renames_for(layout):
         native = native.replace(native_part, hf_part)
     return "model." + native
 

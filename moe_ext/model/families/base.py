@@ -295,6 +295,11 @@ class Family:
         block = self.hf_moe_block if layout == "per-expert" else "mlp"
         return f"model.layers.{layer}.{block}."
 
+    def hf_renames_for(self, layout: str) -> tuple[tuple[str, str], ...]:
+        """The ``hf_renames`` pairs export applies in ``layout`` ("per-expert" | "fused");
+        import undoes every pair, whichever layout wrote the name."""
+        return self.hf_renames
+
     def hf_skipped(self, key: str, args: ModelArgs) -> bool:
         """Whether HF tensor ``key`` is one the engine does not run and import skips: the
         ``args.mtp_layers`` multi-token-prediction layers stored after the decoder's

@@ -45,6 +45,11 @@ class MiniMaxM2(Family):
         (_BIAS, "mlp.e_score_correction_bias"),
     )
 
+    def hf_renames_for(self, layout: str) -> tuple[tuple[str, str], ...]:
+        # per-expert files name the block block_sparse_moe; the fused layout is
+        # transformers' in-memory naming (mlp.)
+        return self.hf_renames[:1] if layout == "per-expert" else self.hf_renames[1:]
+
     def default_partial_rotary_factor(self, cfg: ConfigFields) -> float:
         # released configs state rotary_dim (transformers turns it into the factor)
         rotary = cfg.int("rotary_dim", None)
