@@ -204,8 +204,10 @@ def export_hf(
 ) -> list[TensorEntry]:
     """Write checkpoint ``src`` (moe_ext, or HF in any layout) as a Hugging Face directory in the
     family's ``layout``: "per-expert" (what transformers ``save_pretrained`` writes) or "fused"
-    (transformers-5 stacked ``mlp.experts.gate_up_proj`` / ``down_proj``). Stored dtypes are
-    kept, so import then export is bit-exact."""
+    (transformers-5 stacked ``mlp.experts.gate_up_proj`` / ``down_proj``). A family with one
+    expert layout of its own (gpt_oss: ``hf_maps.stored_transform``) writes its experts in
+    it whatever ``layout`` says. Stored dtypes are kept, so import then export is
+    bit-exact."""
     src, dst = Path(src), Path(dst)
     if layout not in hf_maps.LAYOUTS:
         raise CheckpointError(
@@ -223,9 +225,27 @@ def export_hf(
     ) -> Callable[[], list[torch.Tensor]]:
         return lambda: [reader.read(name, request).reshape(shape)]
 
+    def relaid(name: str, transform: str, experts: int) -> Callable[[], Iterator[torch.Tensor]]:
+        return lambda: (
+            hf_maps.to_stored(transform, reader.read(name, ShardRequest.block(0, j, j + 1)))
+            for j in range(experts)
+        )  # one expert at a time, in the stored layout
+
     outputs = []
     for name in reader.names():
         dtype, shape = dtype_name(reader.dtype(name)), reader.shape(name)
+        transform = hf_maps.stored_transform(name, family)
+        if transform is not None:
+            outputs.append(
+                _Output(
+                    hf_maps.hf_key(name, family, "fused"),
+                    dtype,
+                    hf_maps.stored_shape(transform, shape),
+                    relaid(name, transform, shape[0]),
+                    reader.nbytes(name),
+                )
+            )
+            continue
         expert = hf_maps.expert_tensor(name)
         if expert is None or layout == "fused":
             outputs.append(

@@ -12,6 +12,15 @@ Hugging Face stores experts in one of two layouts:
     model.layers.{i}.mlp.experts.gate_up_proj [E, 2F, H], .down_proj [E, H, F],
     model.layers.{i}.mlp.gate.weight
 Every other tensor is ``model.<native name>`` (``lm_head.weight`` has no prefix).
+
+A family may store some expert tensors in another layout than the native one
+(``Family.hf_expert_transforms``; gpt_oss, whose router is ``mlp.router.weight`` / ``.bias``):
+  transposed:             stored [E, F, H]  <-> native down_proj [E, H, F]
+  interleaved:            stored [E, 2F], column 2j gate j, 2j+1 up j
+                          <-> native [E, 2F], gate columns then up columns
+  interleaved_transposed: stored [E, H, 2F] interleaved so <-> native [E, 2F, H]
+Such a family has that one expert layout: it is read and written in it whatever the
+``layout`` argument says.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
+
+import torch
 
 from moe_ext.checkpoint.errors import CheckpointError
 from moe_ext.errors import MoeExtError
@@ -34,7 +45,9 @@ from moe_ext.model.families import (
 )
 
 LAYOUTS = ("per-expert", "fused")
+STORED_TRANSFORMS = ("transposed", "interleaved", "interleaved_transposed")
 __all__ = [
+    "STORED_TRANSFORMS",
     "DOWN",
     "GATE_UP",
     "LAYOUTS",
@@ -47,6 +60,10 @@ __all__ = [
     "is_ignored_hf_key",
     "native_shapes",
     "parse_hf_key",
+    "stored_shape",
+    "stored_transform",
+    "to_native",
+    "to_stored",
 ]
 
 
@@ -150,7 +167,8 @@ def hf_key(native: str, family: str, layout: str) -> str:
         return native
     m = _ROUTER_NATIVE.match(native)
     if m:
-        return _family(family).hf_moe_prefix(int(m.group(1)), layout) + "gate.weight"
+        fam = _family(family)
+        return fam.hf_moe_prefix(int(m.group(1)), layout) + f"{fam.hf_router}.weight"
     if expert_param(native) and layout == "per-expert":
         raise CheckpointError(
             f"{native} is stored per expert in the per-expert layout; use hf_expert_keys"
@@ -168,3 +186,43 @@ def hf_expert_keys(native: str, family: str, expert: int) -> list[str]:
         raise CheckpointError(f"{native} is not a stacked expert tensor")
     layer, stacked = found
     return _family(family).hf_expert_keys(layer, stacked, expert)
+
+
+# ---- expert tensors stored in another layout (gpt_oss) ---------------------------------
+
+
+def stored_transform(native: str, family: str) -> Optional[str]:
+    """How ``family``'s checkpoints store native tensor ``native`` (one of
+    STORED_TRANSFORMS), None when stored as it is."""
+    for suffix, transform in _family(family).hf_expert_transforms:
+        if native.endswith(".mlp." + suffix):
+            return transform
+    return None
+
+
+def stored_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape of a native tensor of ``shape`` under ``transform``."""
+    if transform == "interleaved":
+        return shape
+    return (shape[0], shape[2], shape[1])  # the last two dims swapped
+
+
+def to_stored(transform: str, native: torch.Tensor) -> torch.Tensor:
+    """Native -> stored layout (contiguous). native: [E, 2F] / [E, 2F, H] / [E, H, F]."""
+    t = native
+    if transform != "interleaved":
+        t = t.transpose(1, 2)  # [E, H, 2F] / [E, F, H]
+    if transform != "transposed":
+        gate, up = t.chunk(2, dim=-1)  # [..., F] each
+        t = torch.stack((gate, up), dim=-1).flatten(-2)  # [..., 2F]: gate j, up j pairs
+    return t.contiguous()
+
+
+def to_native(transform: str, stored: torch.Tensor) -> torch.Tensor:
+    """Stored -> native layout (contiguous); inverse of ``to_stored``."""
+    t = stored
+    if transform != "transposed":
+        t = torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)  # gate columns, then up
+    if transform != "interleaved":
+        t = t.transpose(1, 2)
+    return t.contiguous()

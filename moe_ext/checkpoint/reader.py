@@ -6,6 +6,10 @@ Hugging Face) and exposes every tensor under its native name (docs/ARCHITECTURE.
 per-expert tensors (stacked on dim 0, gate rows then up rows) assembled on the fly, so
 ``read(name, request)`` touches only the per-expert tensors and rows the request covers.
 Every leaf read is a ``safe_open(...).get_slice`` box; ``bytes_read`` counts the bytes.
+Expert tensors a family stores in another layout (gpt_oss: transposed, gate/up
+interleaved; ``hf_maps.STORED_TRANSFORMS``) are ``Relaid`` nodes: a native box maps to the
+stored box holding its (gate, up) column pairs, read once per ``read`` call even when the
+request's gate and up boxes both need it (an expert-TP shard reads only its columns).
 
 Shape legend: E experts, F expert FFN size, H hidden.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,8 @@ from moe_ext.checkpoint.format import (
 from moe_ext.checkpoint.shard import Bounds, ShardRequest
 
 CHUNK_BYTES = 64 << 20  # streaming granularity of iter_chunks
+# MXFP4 expert parts of the published gpt-oss checkpoints (gate_up_proj_blocks, ..._scales)
+_QUANTIZED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 
 
 # ---- virtual tensor tree ---------------------------------------------------------------
@@ -71,12 +78,24 @@ class Stack:
     dtype: torch.dtype
 
 
-Node = Union[Leaf, Cat, Stack]
+@dataclass(frozen=True)
+class Relaid:
+    """A stored tensor seen in the native layout (``hf_maps.STORED_TRANSFORMS``)."""
+
+    leaf: Leaf
+    transform: str
+    shape: tuple[int, ...]  # native
+    dtype: torch.dtype
+
+
+Node = Union[Leaf, Cat, Stack, Relaid]
 
 
 def _leaves(node: Node) -> Iterator[Leaf]:
     if isinstance(node, Leaf):
         yield node
+    elif isinstance(node, Relaid):
+        yield node.leaf
     else:
         for part in node.parts:
             yield from _leaves(part)
@@ -130,6 +149,8 @@ class CheckpointReader:
         self._nodes = nodes
         self._handles: Optional[dict[str, Any]] = None
         self._stack: Optional[contextlib.ExitStack] = None
+        # stored boxes of Relaid leaves read during one read() call: (key, bounds) -> tensor
+        self._pairs_read: Optional[dict[tuple[str, Bounds], torch.Tensor]] = None
 
     # -- construction --
 
@@ -199,7 +220,11 @@ class CheckpointReader:
         node = self.node(name)
         request = request or ShardRequest.full()
         with self._open_files():
-            parts = [self._read(node, b) for b in request.bounds(node.shape)]
+            self._pairs_read = {}  # the boxes of one request share their stored reads
+            try:
+                parts = [self._read(node, b) for b in request.bounds(node.shape)]
+            finally:
+                self._pairs_read = None
         if len(parts) == 1:
             return parts[0]
         return torch.cat(parts, dim=request.cat_dim)
@@ -271,10 +296,41 @@ class CheckpointReader:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def _read_relaid(self, node: Relaid, bounds: Bounds) -> torch.Tensor:
+        """The native box ``bounds`` of a stored-layout tensor (hf_maps.to_native of the
+        stored columns it covers)."""
+        sizes = [b - a for a, b in bounds]
+        if any(n == 0 for n in sizes):
+            return torch.empty(sizes, dtype=node.dtype)
+        swapped = node.transform != "interleaved"
+        box = list(bounds)
+        if swapped:
+            box[1], box[2] = box[2], box[1]  # stored dim order, native column numbering
+        if node.transform == "transposed":
+            return self._read_leaf(node.leaf, tuple(box)).transpose(1, 2).contiguous()
+        # interleaved last dim: native columns [lo, hi) are gate j in [0, F), up j in [F, 2F),
+        # stored at columns 2j and 2j + 1
+        lo, hi = box[-1]
+        half = node.leaf.shape[-1] // 2
+        parts = [(a, b, off) for a, b, off in ((lo, min(hi, half), 0), (lo - half, hi - half, 1))]
+        parts = [(max(a, 0), b, off) for a, b, off in parts if b > max(a, 0)]
+        first, last = min(a for a, _, _ in parts), max(b for _, b, _ in parts)
+        pairs_box = tuple(box[:-1]) + ((2 * first, 2 * last),)
+        key = (node.leaf.file + "/" + node.leaf.key, pairs_box)
+        memo = self._pairs_read if self._pairs_read is not None else {}
+        if key not in memo:
+            memo[key] = self._read_leaf(node.leaf, pairs_box)
+        pairs = memo[key]  # [..., 2 * (last - first)]
+        picked = [pairs[..., off::2][..., a - first : b - first] for a, b, off in parts]
+        t = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+        return (t.transpose(1, 2) if swapped else t).contiguous()
+
     def _read(self, node: Node, bounds: Bounds) -> torch.Tensor:
         sizes = [b - a for a, b in bounds]
         if isinstance(node, Leaf):
             return self._read_leaf(node, bounds)
+        if isinstance(node, Relaid):
+            return self._read_relaid(node, bounds)
         if isinstance(node, Stack):
             (a, b), inner = bounds[0], bounds[1:]
             parts = [
@@ -484,7 +540,12 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
         shape, dtype = headers[file][key]
         dest = hf_maps.parse_hf_key(key, family)
         leaf = Leaf(file, key, shape, dtype)
-        if dest.native not in expected:
+        if _QUANTIZED_EXPERTS.search(key):
+            problems.append(
+                f"tensor {key} in {file} is an MXFP4-quantized expert part: quantized "
+                f"weights are not supported yet; use a bf16 checkpoint of the model"
+            )
+        elif dest.native not in expected:
             problems.append(
                 f"unexpected tensor {key} in {file}: config.json implies no {dest.native}"
             )
@@ -504,25 +565,38 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
                 "layout"
             )
             continue
+        transform = hf_maps.stored_transform(name, family)
+        stored = shape if transform is None else hf_maps.stored_shape(transform, shape)
+        if name in per_expert and transform is not None:
+            some = next(iter(per_expert[name].values()))
+            problems.append(
+                f"tensor {some.key} in {some.file}: {family} checkpoints store experts fused "
+                f"({hf_maps.hf_key(name, family, 'fused')} {_shape_str(stored)}), not per "
+                f"expert; this expert layout is not one of {family}'s"
+            )
+            continue
         if name in per_expert:
             node = _stack_experts(name, family, per_expert[name], E, F, H, problems)
         elif name in direct:
             node = direct[name]
-            if node.shape != shape:
+            if node.shape != stored:
                 problems.append(
                     f"tensor {node.key} in {node.file} has shape {_shape_str(node.shape)}, "
-                    f"config.json implies {_shape_str(shape)}"
+                    f"config.json implies {_shape_str(stored)}"
                 )
                 continue
+            if transform is not None:
+                node = Relaid(node, transform, shape, node.dtype)
         else:
-            hf_name = (
-                hf_maps.hf_expert_keys(name, family, 0)[0]
-                if hf_maps.expert_tensor(name)
-                else hf_maps.hf_key(name, family, "per-expert")
-            )
+            if transform is not None:
+                hf_name, hf_shape = hf_maps.hf_key(name, family, "fused"), stored
+            elif hf_maps.expert_tensor(name):
+                hf_name = hf_maps.hf_expert_keys(name, family, 0)[0]
+                hf_shape = _hf_shape(name, shape)
+            else:
+                hf_name, hf_shape = hf_maps.hf_key(name, family, "per-expert"), shape
             problems.append(
-                f"missing tensor {hf_name} {_shape_str(_hf_shape(name, shape))} in {directory} "
-                f"(native {name})"
+                f"missing tensor {hf_name} {_shape_str(hf_shape)} in {directory} (native {name})"
             )
             continue
         if node is not None:

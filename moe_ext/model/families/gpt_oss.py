@@ -159,15 +159,25 @@ class GptOss(Family):
             device=device,
         )
 
-    def kv_cache_bytes(self, args: ModelArgs, tp: int, slots: int, dtype_bytes: int) -> int:
-        """KV cache bytes one rank holds for one sequence of ``slots`` slots: full layers
-        keep every slot, sliding layers at most ``sliding_window`` (kv heads split over tp,
-        replicated when fewer than tp)."""
-        kv_heads = max(1, args.num_key_value_heads // tp)
-        per_slot = 2 * kv_heads * args.head_dim * dtype_bytes  # keys and values, one layer
+    def kv_cache_bytes_per_token(self, args: ModelArgs, tp: int, dtype_bytes: int = 2) -> int:
+        """KV bytes one more cached token costs one TP rank once a sequence is longer than
+        the window: the full-attention layers' K and V only (the sliding layers' ring
+        buffers are full already; ``kv_cache_bytes`` counts them)."""
+        full = sum(t != SLIDING for t in args.layer_types)
+        return full * _kv_slot_bytes(args, tp, dtype_bytes)
+
+    def kv_cache_bytes(self, args: ModelArgs, tp: int, slots: int, dtype_bytes: int = 2) -> int:
+        """KV-cache bytes one TP rank holds for one sequence of ``slots`` cache slots: full
+        layers keep every slot, sliding layers at most ``sliding_window`` (their ring)."""
         windowed = sum(t == SLIDING for t in args.layer_types)
         full = args.num_hidden_layers - windowed
+        per_slot = _kv_slot_bytes(args, tp, dtype_bytes)
         return per_slot * (full * slots + windowed * min(slots, args.sliding_window))
+
+
+def _kv_slot_bytes(args: ModelArgs, tp: int, dtype_bytes: int) -> int:
+    """K and V of one slot of one layer on one TP rank (kv heads replicated when < tp)."""
+    return 2 * max(1, args.num_key_value_heads // tp) * args.head_dim * dtype_bytes
 
 
 def _layer_types(cfg: ConfigFields, layers: int) -> list[str]:
