@@ -203,3 +203,17 @@ def test_bad_config_is_one_line_naming_the_field(change, message):
         ModelArgs.from_hf_config(config, "ckpt/config.json")
     text = str(info.value)
     assert message in text and "\n" not in text and text.startswith("ckpt/config.json")
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "minimax_m2"])
+def test_megatron_engine_refuses_the_attention_in_one_line(family):
+    """engine=megatron maps neither partial rotary nor the whole-projection q/k norm: a
+    one-line error before anything is built, naming them (not a wrong model)."""
+    from moe_ext.megatron.config import MegatronConfigError, transformer_config_kwargs
+    from tests.test_family_glm import hf_model as glm_model
+
+    model = glm_model("air") if family == "glm4_moe" else hf_model("m2")
+    args = ModelArgs.from_hf_config(model.config.to_dict())
+    with pytest.raises(MegatronConfigError, match="partial_rotary_factor=0.5") as info:
+        transformer_config_kwargs(args)
+    assert "\n" not in str(info.value)

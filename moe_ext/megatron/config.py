@@ -209,6 +209,12 @@ def transformer_config_kwargs(
             f"{args.model_type}'s Multi-head Latent Attention is not mapped to Megatron; use "
             f"the native engine for this model"
         )
+    if args.partial_rotary_factor != 1.0 or args.qk_norm_type != "per_head":
+        raise MegatronConfigError(
+            f"{args.model_type}'s attention (partial_rotary_factor="
+            f"{args.partial_rotary_factor}, qk_norm_type={args.qk_norm_type}) is not mapped to "
+            f"Megatron; use the native engine for this model"
+        )
     if args.sliding_window is not None:
         raise MegatronConfigError(
             "sliding-window attention is not mapped to Megatron; use the "
