@@ -1,0 +1,64 @@
+"""gpt_oss through the launcher's own steps (prepare -> groups -> build_model -> generate)
+in spawned gloo ranks: greedy ids equal transformers' generate on the same saved checkpoint
+(prompts longer than the sliding window, continuations past it) under every strategy at 1
+and 2 ranks, with tp=2 (heads and sinks split) and pp=2, and one representative 4-rank plan
+(tp=2 x expert parallel with the token split)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.multirank import run_ranks
+from tests.test_family_gpt_oss import NEW_TOKENS, PROMPTS, hf_greedy, hf_model
+from tests.test_infer import _check_cases
+
+pytest.importorskip("transformers")
+
+STRATEGIES = [
+    (s, [f"strategy={s}"]) for s in ("replicate", "tp_experts", "ep_allgather", "ep_nccl")
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[str, str, list[list[int]]]:
+    """(saved directory, prompts file, transformers' greedy continuations of PROMPTS)."""
+    root = tmp_path_factory.mktemp("gpt_oss_ranks")
+    model = hf_model(seed=1)
+    model.save_pretrained(root / "hf")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+    return str(root / "hf"), str(prompts), hf_greedy(model)
+
+
+def _cases(checkpoint, plans: list[tuple[str, list[str]]]):
+    directory, prompts, expected = checkpoint
+    common = [
+        f"checkpoint={directory}",
+        f"prompts={prompts}",
+        f"generate.max_new_tokens={NEW_TOKENS}",
+        "dtype=fp32",
+    ]
+    return [(f"gpt_oss {label}", [*common, *extra], expected) for label, extra in plans]
+
+
+@pytest.mark.multirank
+def test_single_rank_matches_transformers(checkpoint):
+    run_ranks(_check_cases, 1, args=(_cases(checkpoint, [("auto", [])]),))
+
+
+@pytest.mark.multirank
+def test_two_ranks_every_strategy_tp_and_pipeline(checkpoint):
+    extra = [
+        ("replicate tp=2", ["strategy=replicate", "parallel.tp=2"]),
+        ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
+        ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
+    ]
+    run_ranks(_check_cases, 2, args=(_cases(checkpoint, STRATEGIES + extra),))
+
+
+@pytest.mark.multirank
+def test_four_ranks_tp_times_expert_parallel(checkpoint):
+    plan = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
+    run_ranks(_check_cases, 4, args=(_cases(checkpoint, plan),))
