@@ -384,3 +384,27 @@ def test_megatron_engine_refuses_mla():
     assert args.rope_scaling is None and args.n_group is None
     with pytest.raises(MegatronConfigError, match="Multi-head Latent Attention is not mapped"):
         transformer_config_kwargs(args)
+
+
+def test_random_init_zeroes_the_correction_bias(monkeypatch):
+    """Random weights (no checkpoint) materialise a meta model; the router's correction
+    bias is a buffer, not a parameter, so it is reset to zero rather than left as whatever
+    memory to_empty handed out (which differed across ranks and strategies)."""
+    from moe_ext.model.weights import init_random_
+
+    real_to_empty = torch.nn.Module.to_empty
+
+    def to_garbage(module, *, device, recurse=True):
+        out = real_to_empty(module, device=device, recurse=recurse)
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                buffer.fill_(float("nan"))  # what uninitialised memory may hold
+        return out
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", to_garbage)
+    args = ModelArgs.from_hf_config(_hf_dict("v3"))
+    with torch.device("meta"):
+        model = Transformer(args)
+    init_random_(model, device="cpu")
+    biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(torch.equal(b, torch.zeros_like(b)) for b in biases)

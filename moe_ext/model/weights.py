@@ -163,3 +163,7 @@ def _reset_buffers(model: nn.Module) -> None:
             module.inv_freq.copy_(inv_freq)
         elif hasattr(module, "expert_load"):
             module.expert_load.zero_()
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                # a checkpoint buffer, not a parameter: random weights start it at zero (as
+                # transformers does) instead of whatever to_empty left there
+                module.e_score_correction_bias.zero_()
