@@ -217,3 +217,10 @@ def test_megatron_engine_refuses_the_attention_in_one_line(family):
     with pytest.raises(MegatronConfigError, match="partial_rotary_factor=0.5") as info:
         transformer_config_kwargs(args)
     assert "\n" not in str(info.value)
+
+
+def test_compiled_decode_matches_eager(tmp_path):
+    from tests.test_family_glm import check_compiled_decode, native_from_dir
+
+    hf_model("m2").save_pretrained(tmp_path)
+    check_compiled_decode(native_from_dir(tmp_path))
