@@ -11,8 +11,8 @@ up) and ``down_proj_bias`` [E, H], and replace silu(gate) * up by the clamped Sw
 ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)``, g = clamp(gate, max=l), computed in
 transformers' order (projection, then bias; the activation in the weights' dtype). Under
 expert TP (F split over ranks) every rank holds the whole down bias of its experts and only
-F-shard 0 adds it, as the shards' outputs are summed. These experts run the torch paths
-(grouped_mm or loop, on CPU and GPU); the Triton kernels take plain SwiGLU experts only.
+F-shard 0 adds it, as the shards' outputs are summed. Every backend runs them; the
+Triton kernels add the biases and apply the clamp in their float32 epilogues.
 
 Backends: ``grouped_mm`` (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``: one
 kernel per projection, cumulative int32 offsets built on device, no host sync) when the
@@ -69,11 +69,6 @@ class ExpertOptions:
     swiglu_alpha: float = 1.702  # the clamped SwiGLU's sigmoid gain
     add_down_bias: bool = True  # False on expert-TP shards other than the first
 
-    @property
-    def plain(self) -> bool:
-        """Plain SwiGLU without biases: what the Triton kernels compute."""
-        return not self.bias and self.swiglu_limit is None
-
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float):
     """gpt-oss' activation, in transformers' order. gate, up: [..., F] -> [..., F]."""
@@ -122,11 +117,6 @@ class GroupedExperts(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown experts backend {backend!r}; use one of {BACKENDS}")
-        if backend == "triton" and not options.plain:
-            raise ValueError(
-                "experts backend 'triton' computes plain SwiGLU without biases; use "
-                "backend 'auto' for biased or clamped-SwiGLU experts"
-            )
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.backend = backend
         self.options = options
@@ -171,8 +161,6 @@ class GroupedExperts(nn.Module):
         gradient is needed, and only when Triton imports; then always for backend 'triton',
         and for 'auto' on CUDA bf16/fp16 with at most TRITON_MAX_ROWS rows. x: [T', H] in
         the weights' dtype; tokens_per_expert: [E] int64."""
-        if not self.options.plain:
-            return False  # the kernels compute plain SwiGLU without biases
         if self.backend == "auto":
             if not (
                 x.device.type == "cuda"
@@ -227,10 +215,21 @@ class GroupedExperts(nn.Module):
         x = x.to(self.gate_up_proj.dtype)
         if self.uses_triton(x, tokens_per_expert):
             kernels = load_kernels("grouped_gemm")
+            down_bias = self.down_proj_bias if self.options.add_down_bias else None
+            biases = (self.gate_up_proj_bias, down_bias)
             if self.backend == "triton":  # auto only picks operands the kernels take
-                kernels.check_operands(x, self.gate_up_proj, self.down_proj, tokens_per_expert)
+                kernels.check_operands(
+                    x, self.gate_up_proj, self.down_proj, tokens_per_expert, *biases
+                )
             y = kernels.swiglu_experts_forward(
-                x, self.gate_up_proj, self.down_proj, tokens_per_expert
+                x,
+                self.gate_up_proj,
+                self.down_proj,
+                tokens_per_expert,
+                gate_up_bias=biases[0],
+                down_bias=biases[1],
+                swiglu_limit=self.options.swiglu_limit,
+                swiglu_alpha=self.options.swiglu_alpha,
             )
         elif self.uses_grouped_mm(x):
             y = self._forward_grouped_mm(x, tokens_per_expert)

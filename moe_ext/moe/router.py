@@ -22,7 +22,8 @@ Semantics, matching Hugging Face transformers 5:
 - ``group_score="max"``: a group scores its best expert instead (DeepSeek-V2's softmax
   ``group_limited_greedy``).
 
-Fused fast path (inference): softmax routers without groups or bias run as one Triton kernel
+Fused fast path (inference): softmax and topk_softmax routers without groups, with or
+without a logit bias, run as one Triton kernel
 (:mod:`moe_ext.moe.kernels.routing`, op ``moe_ext::softmax_topk_router``: logits, softmax,
 top-k, renormalisation, scaling and the load counters) when ``fused`` is set, the module
 is in eval mode, no gradient is needed, x is on CUDA (or on CPU with Triton's interpreter
@@ -193,8 +194,7 @@ class TopKRouter(nn.Module):
         if (
             not self.fused
             or self.training
-            or self.score_func != "softmax"
-            or self.bias is not None
+            or self.score_func not in ("softmax", "topk_softmax")
             or self.n_group is not None
             or x.shape[0] > FUSED_MAX_TOKENS
             or x.device != self.weight.device
@@ -227,9 +227,11 @@ class TopKRouter(nn.Module):
                 self.weight,
                 self.expert_load,
                 self.top_k,
-                norm_topk_prob=self.norm_topk_prob,
+                # renormalised top-k probabilities = softmax over the top-k logits
+                norm_topk_prob=self.norm_topk_prob or self.score_func == "topk_softmax",
                 routed_scaling_factor=self.routed_scaling_factor,
                 record_load=self.record_load,
+                bias=self.bias,
             )  # [T, k] float32, [T, k] int64
             zero = weights.new_zeros(())  # no losses outside training
             return RouterOutput(weights, expert_idx, zero, zero, None)

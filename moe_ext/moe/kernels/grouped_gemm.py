@@ -18,6 +18,11 @@ gate and up tiles of the same N columns read side by side so the SwiGLU epilogue
 round trip; (2) ``y = h @ W2[e]^T``. Accumulation in float32; h is stored in x's dtype,
 as the grouped_mm path stores it.
 
+gpt-oss experts use the same launches with epilogue options: biases (``b1[e]`` [2F], gate
+then up, added to the two accumulators; ``b2[e]`` [H] added to y) and the clamped SwiGLU
+``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate, limit)``,
+all in float32 before h is stored.
+
 On CUDA the kernel is compiled and autotuned (keyed on the problem shape; the first call
 of a shape benchmarks a few configs and must therefore run outside CUDA-graph capture).
 On CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1 in the environment of the
@@ -44,6 +49,7 @@ BLOCK_M_CHOICES = (16, 32, 64)
 def _expert_gemm(
     x_ptr,
     w_ptr,
+    bias_ptr,
     tokens_per_expert_ptr,
     out_ptr,
     N,
@@ -53,8 +59,13 @@ def _expert_gemm(
     stride_xm,
     stride_we,
     stride_wn,
+    stride_be,
     stride_om,
+    alpha,
+    limit,
     SWIGLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CLAMPED: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -63,6 +74,8 @@ def _expert_gemm(
     """out[rows of e, n-tile] = x[rows of e] @ W[e, n-tile]^T for the expert behind this
     program's active slot; with SWIGLU, silu(gate) * up where gate uses W[e, n] and up
     W[e, N + n]. x: [T', K]; W: [E, N or 2N, K] (K contiguous); out: [T', N].
+    HAS_BIAS: bias [E, N or 2N] (row stride stride_be) added to the accumulators; CLAMPED
+    (with SWIGLU): gpt-oss' clamped SwiGLU with ``alpha`` and ``limit``.
     slots_bucket (a power of two >= the active-expert bound) only keys the autotuner:
     the best tile width depends on how many experts share the GPU."""
     pid = tl.program_id(0)
@@ -105,8 +118,19 @@ def _expert_gemm(
             if SWIGLU:
                 w_up = tl.load(w_up_tile + k0, mask=w_mask, other=0.0)
                 acc_up = tl.dot(a, w_up, acc_up)
+        if HAS_BIAS:
+            b_row = bias_ptr + expert.to(tl.int64) * stride_be
+            acc += tl.load(b_row + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                b_up = tl.load(b_row + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                acc_up += b_up[None, :]
         if SWIGLU:
-            acc = acc * tl.sigmoid(acc) * acc_up
+            if CLAMPED:
+                gate = tl.minimum(acc, limit)
+                up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+                acc = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+            else:
+                acc = acc * tl.sigmoid(acc) * acc_up
         out = out_ptr + (start + offs_m).to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -143,12 +167,15 @@ def pick_block_m(rows: int, num_experts: int) -> int:
     return next((m for m in BLOCK_M_CHOICES if m >= share), BLOCK_M_CHOICES[-1])
 
 
-def _launch(x, w, tokens_per_expert, out, n, swiglu, block_m):
+def _launch(x, w, bias, tokens_per_expert, out, n, swiglu, block_m, clamp=None):
+    """clamp: (alpha, limit) of the clamped SwiGLU, None for plain; bias: [E, n or 2n]."""
     num_experts = w.shape[0]
     slots = min(num_experts, x.shape[0])  # at most one expert with rows per row
+    alpha, limit = clamp if clamp is not None else (1.0, 0.0)
     args = (
         x,
         w,
+        bias if bias is not None else w,  # never read without HAS_BIAS
         tokens_per_expert,
         out,
         n,
@@ -158,9 +185,18 @@ def _launch(x, w, tokens_per_expert, out, n, swiglu, block_m):
         x.stride(0),
         w.stride(0),
         w.stride(1),
+        bias.stride(0) if bias is not None else 0,
         out.stride(0),
+        float(alpha),
+        float(limit),
     )
-    meta = dict(SWIGLU=swiglu, E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m)
+    meta = dict(
+        SWIGLU=swiglu,
+        HAS_BIAS=bias is not None,
+        CLAMPED=clamp is not None,
+        E_POW2=triton.next_power_of_2(num_experts),
+        BLOCK_M=block_m,
+    )
     if x.device.type == "cpu":
         grid = (slots * triton.cdiv(n, _INTERPRETER_CONFIG["BLOCK_N"]),)
         _jit_kernel[grid](*args, **meta, **_INTERPRETER_CONFIG)
@@ -174,9 +210,22 @@ def check_operands(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     tokens_per_expert: torch.Tensor,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
 ) -> None:
     """Raise a one-line ValueError when these operands cannot run on the Triton kernels."""
     num_experts, two_f, hidden = gate_up_proj.shape
+    for name, bias, shape in (
+        ("gate_up_bias", gate_up_bias, (num_experts, two_f)),
+        ("down_bias", down_bias, (num_experts, hidden)),
+    ):
+        if bias is not None and (
+            tuple(bias.shape) != shape or bias.dtype != x.dtype or bias.device != x.device
+        ):
+            raise ValueError(
+                f"triton experts: {name} {bias.dtype} {tuple(bias.shape)} on {bias.device} "
+                f"must be {x.dtype} {list(shape)} on {x.device}"
+            )
     if x.dim() != 2 or x.shape[1] != hidden or two_f % 2:
         raise ValueError(
             f"triton experts: x {tuple(x.shape)} and gate_up_proj "
@@ -213,6 +262,11 @@ def swiglu_experts_forward(
     down_proj: torch.Tensor,
     tokens_per_expert: torch.Tensor,
     block_m: int | None = None,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
 ) -> torch.Tensor:
     """y = down(silu(gate(x)) * up(x)) per expert, without host sync, through the custom op
     ``moe_ext::swiglu_experts``.
@@ -221,12 +275,24 @@ def swiglu_experts_forward(
     down_proj: [E, H, F], all of one dtype (bf16/fp16 on CUDA; any float on CPU, under the
     interpreter); tokens_per_expert: [E] int64 on x's device, summing to T' (rows past the
     sum are left unwritten). block_m: rows per chunk (16/32/64), default from
-    :func:`pick_block_m`. Returns y: [T', H] in x's dtype."""
+    :func:`pick_block_m`. gpt-oss experts: gate_up_bias [E, 2F] (gate, then up), down_bias
+    [E, H] in x's dtype, and ``swiglu_limit`` (with ``swiglu_alpha``) for the clamped
+    SwiGLU. Returns y: [T', H] in x's dtype."""
     if block_m is not None and block_m not in BLOCK_M_CHOICES:
         raise ValueError(f"triton experts: block_m {block_m} not in {BLOCK_M_CHOICES}")
-    check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
+    check_operands(x, gate_up_proj, down_proj, tokens_per_expert, gate_up_bias, down_bias)
     block_m = block_m or pick_block_m(x.shape[0], gate_up_proj.shape[0])
-    return torch.ops.moe_ext.swiglu_experts(x, gate_up_proj, down_proj, tokens_per_expert, block_m)
+    return torch.ops.moe_ext.swiglu_experts(
+        x,
+        gate_up_proj,
+        down_proj,
+        tokens_per_expert,
+        block_m,
+        gate_up_bias,
+        down_bias,
+        swiglu_limit,
+        float(swiglu_alpha),
+    )
 
 
 @torch.library.custom_op("moe_ext::swiglu_experts", mutates_args=())
@@ -236,23 +302,40 @@ def _swiglu_experts_op(
     down_proj: torch.Tensor,
     tokens_per_expert: torch.Tensor,
     block_m: int,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
 ) -> torch.Tensor:
-    """The two kernel launches; shapes as in :func:`swiglu_experts_forward`."""
-    check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
+    """The two kernel launches; arguments as in :func:`swiglu_experts_forward`."""
+    check_operands(x, gate_up_proj, down_proj, tokens_per_expert, gate_up_bias, down_bias)
     num_experts, two_f, hidden = gate_up_proj.shape
     ffn = two_f // 2
     x = x.contiguous()
     gate_up_proj, down_proj = gate_up_proj.contiguous(), down_proj.contiguous()
+    gate_up_bias = gate_up_bias.contiguous() if gate_up_bias is not None else None
+    down_bias = down_bias.contiguous() if down_bias is not None else None
+    clamp = None if swiglu_limit is None else (swiglu_alpha, swiglu_limit)
     hidden_act = x.new_empty(x.shape[0], ffn)  # [T', F]
     y = x.new_empty(x.shape[0], hidden)  # [T', H]
     if x.shape[0] == 0 or ffn == 0:
         return y.zero_()
-    _launch(x, gate_up_proj, tokens_per_expert, hidden_act, ffn, True, block_m)
-    _launch(hidden_act, down_proj, tokens_per_expert, y, hidden, False, block_m)
+    _launch(x, gate_up_proj, gate_up_bias, tokens_per_expert, hidden_act, ffn, True, block_m, clamp)
+    _launch(hidden_act, down_proj, down_bias, tokens_per_expert, y, hidden, False, block_m)
     return y
 
 
 @_swiglu_experts_op.register_fake
-def _swiglu_experts_fake(x, gate_up_proj, down_proj, tokens_per_expert, block_m):
-    check_operands(x, gate_up_proj, down_proj, tokens_per_expert)
+def _swiglu_experts_fake(
+    x,
+    gate_up_proj,
+    down_proj,
+    tokens_per_expert,
+    block_m,
+    gate_up_bias=None,
+    down_bias=None,
+    swiglu_limit=None,
+    swiglu_alpha=1.702,
+):
+    check_operands(x, gate_up_proj, down_proj, tokens_per_expert, gate_up_bias, down_bias)
     return x.new_empty(x.shape[0], gate_up_proj.shape[2])  # [T', H]

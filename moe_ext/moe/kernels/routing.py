@@ -17,10 +17,12 @@ speed (a single SM keeps only tens of KiB in flight), so the grid is
    acquire-release semantics after a CTA barrier, so its scratch stores are visible to
    whichever program comes last); the last of the S programs reads the block's full
    logits back and
-3. takes the softmax over E in float32 and picks k experts by iterated max over the
-   logits (the softmax is monotone in them), the lowest expert id on ties;
+3. adds the logit bias when there is one (gpt-oss), takes the softmax over E in float32
+   and picks k experts by iterated max over the logits (the softmax is monotone in them),
+   the lowest expert id on ties;
 4. weighs each pick by its softmax probability, optionally renormalises the k weights to
-   sum to one and multiplies by the routed scaling factor, stores weights and ids, adds 1
+   sum to one (equal, up to rounding, to a softmax over the k picked logits: gpt-oss'
+   ``topk_softmax``) and multiplies by the routed scaling factor, stores weights and ids, adds 1
    per pick to ``expert_load`` with atomics, and resets the arrival counter to zero.
 Selection on logits equals selection on probabilities except where distinct logits round
 to one probability, which only an exact tie in probability could make observable. Each
@@ -60,6 +62,7 @@ _MAX_SPLITS = 32  # arrivals per counter: bounds the atomics serialised on one a
 def _softmax_topk_kernel(
     x_ptr,
     w_ptr,
+    bias_ptr,
     load_ptr,
     weights_ptr,
     idx_ptr,
@@ -76,15 +79,16 @@ def _softmax_topk_kernel(
     RENORM: tl.constexpr,
     SCALE: tl.constexpr,
     RECORD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     E_POW2: tl.constexpr,
     E_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """x: [T, H] (row stride stride_xt); w: [E, H] (row stride stride_we), H contiguous in
-    both; load: [E] int64; weights: [T, TOP_K] float32; idx: [T, TOP_K] int64;
-    logits: [T, E] float32 scratch; arrivals: [token blocks] int32, zero on entry and
-    exit. Grid: (token blocks, E_POW2 // E_CHUNK)."""
+    both; bias: [E] (read iff HAS_BIAS); load: [E] int64; weights: [T, TOP_K] float32;
+    idx: [T, TOP_K] int64; logits: [T, E] float32 scratch; arrivals: [token blocks] int32,
+    zero on entry and exit. Grid: (token blocks, E_POW2 // E_CHUNK)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     offs_t = block * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -122,6 +126,8 @@ def _softmax_topk_kernel(
             other=0.0,
             cache_modifier=".cg",
         )  # [BLOCK_T, E_POW2], L2 only
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
         logits = tl.where(e_mask[None, :], logits, float("-inf"))
 
         # 3. softmax statistics and top-k by iterated max
@@ -204,9 +210,22 @@ def _arrival_counters(device: torch.device, blocks: int) -> torch.Tensor:
 
 
 def check_operands(
-    x: torch.Tensor, weight: torch.Tensor, expert_load: torch.Tensor, top_k: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_load: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """Raise a one-line ValueError when these operands cannot run on the router kernel."""
+    if bias is not None and (
+        bias.shape != weight.shape[:1]
+        or not bias.is_floating_point()
+        or bias.device != weight.device
+    ):
+        raise ValueError(
+            f"fused router: bias {bias.dtype} {tuple(bias.shape)} on {bias.device} must be "
+            f"a float [{weight.shape[0]}] on {weight.device}"
+        )
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"fused router: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
@@ -253,16 +272,25 @@ def softmax_topk_router(
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
     record_load: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k routing in one launch of ``moe_ext::softmax_topk_router``.
 
     x: [T, H] any float dtype (bf16/fp16/fp32 on CUDA); weight: [E, H] any float dtype;
-    expert_load: [E] int64, incremented by the picks when ``record_load``. E <= 512,
-    H <= 8192, top_k <= min(16, E). Logits and everything after them in float32.
+    expert_load: [E] int64, incremented by the picks when ``record_load``; bias: [E] any
+    float dtype, added to the logits (None: no bias). E <= 512, H <= 8192,
+    top_k <= min(16, E). Logits and everything after them in float32.
     Returns (weights [T, k] float32, expert_idx [T, k] int64, descending weight order)."""
-    check_operands(x, weight, expert_load, top_k)
+    check_operands(x, weight, expert_load, top_k, bias)
     return torch.ops.moe_ext.softmax_topk_router(
-        x, weight, expert_load, top_k, norm_topk_prob, float(routed_scaling_factor), record_load
+        x,
+        weight,
+        expert_load,
+        top_k,
+        norm_topk_prob,
+        float(routed_scaling_factor),
+        record_load,
+        bias,
     )
 
 
@@ -275,9 +303,10 @@ def _softmax_topk_router_op(
     norm_topk_prob: bool,
     routed_scaling_factor: float,
     record_load: bool,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel launch; arguments as in :func:`softmax_topk_router`."""
-    check_operands(x, weight, expert_load, top_k)
+    check_operands(x, weight, expert_load, top_k, bias)
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)  # [T, k]
@@ -293,6 +322,7 @@ def _softmax_topk_router_op(
     _softmax_topk_kernel[grid](
         x,
         weight,
+        bias.contiguous() if bias is not None else weight,  # never read without HAS_BIAS
         expert_load,
         weights,
         expert_idx,
@@ -309,6 +339,7 @@ def _softmax_topk_router_op(
         RENORM=norm_topk_prob,
         SCALE=routed_scaling_factor != 1.0,
         RECORD=record_load,
+        HAS_BIAS=bias is not None,
         **config,
     )
     return weights, expert_idx
@@ -316,8 +347,8 @@ def _softmax_topk_router_op(
 
 @_softmax_topk_router_op.register_fake
 def _softmax_topk_router_fake(
-    x, weight, expert_load, top_k, norm_topk_prob, routed_scaling_factor, record_load
+    x, weight, expert_load, top_k, norm_topk_prob, routed_scaling_factor, record_load, bias=None
 ):
-    check_operands(x, weight, expert_load, top_k)
+    check_operands(x, weight, expert_load, top_k, bias)
     weights = x.new_empty(x.shape[0], top_k, dtype=torch.float32)  # [T, k]
     return weights, x.new_empty(x.shape[0], top_k, dtype=torch.int64)
