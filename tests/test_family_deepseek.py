@@ -262,6 +262,11 @@ def test_latent_cache_bytes_and_softmax_scale():
     per_token = args.num_hidden_layers * (16 + 4) * 2
     assert family.kv_cache_bytes_per_token(args, 1) == per_token
     assert family.kv_cache_bytes_per_token(args, 4) == per_token
+    # the planner's count is what setup_caches allocates (fp32: 4 bytes a value)
+    model = Transformer(args)
+    model.setup_caches(batch=1, max_slots=10)
+    allocated = sum(b.nbytes for n, b in model.named_buffers() if n.endswith("kv_cache.latent"))
+    assert allocated == family.kv_cache_bytes(args, 1, 10, dtype_bytes=4)
     m = yarn_mscale(4.0, 0.7)
     assert mla_softmax_scale(args) == pytest.approx((8 + 4) ** -0.5 * m * m)
     hf_attn = transformers.AutoModelForCausalLM.from_config(hf_config("v3")).model.layers[0]
