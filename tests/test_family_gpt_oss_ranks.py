@@ -62,3 +62,46 @@ def test_two_ranks_every_strategy_tp_and_pipeline(checkpoint):
 def test_four_ranks_tp_times_expert_parallel(checkpoint):
     plan = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
     run_ranks(_check_cases, 4, args=(_cases(checkpoint, plan),))
+
+
+# ---- random weights built on meta and initialised per rank (no checkpoint) ---------------
+
+
+def _random_init_body(rank: int, world: int, plans: list[dict]) -> None:
+    from datetime import timedelta
+
+    import torch
+    import transformers
+
+    from moe_ext.config import GenerateConf
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.model import ModelArgs, Transformer, generate
+    from moe_ext.model.parallelize import parallelize, shard_slices
+    from moe_ext.model.weights import init_random_, init_random_full
+    from tests.test_family_gpt_oss import SHAPE
+    from tests.test_model_parallel import plan_of
+
+    args = ModelArgs.from_hf_config(transformers.GptOssConfig(**SHAPE).to_dict())
+    conf = GenerateConf(max_batch_size=4)
+    reference = Transformer(args)
+    reference.load_state_dict(init_random_full(args), strict=True)
+    expected = generate(reference, PROMPTS, conf, eos_id=None, pad_id=0, max_new_tokens=8)
+    for plan_kwargs in plans:
+        plan = plan_of(**plan_kwargs, world=world)
+        groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
+        with torch.device("meta"):
+            model = Transformer(args)
+        parallelize(model, plan, groups)
+        init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
+        got = generate(model, PROMPTS, conf, eos_id=None, pad_id=0, max_new_tokens=8)
+        assert got.tokens == expected.tokens, (plan_kwargs, got.tokens, expected.tokens)
+
+
+@pytest.mark.multirank
+def test_meta_built_random_model_matches_single_rank():
+    plans = [
+        dict(strategy="replicate", tp=2),  # heads, sinks and q/k/v/o biases split
+        dict(strategy="tp_experts", tp=2, etp=2),  # expert F and gate/up biases split
+        dict(strategy="ep_nccl", dp=2, ep=2),  # experts and their biases split, lockstep
+    ]
+    run_ranks(_random_init_body, 2, args=(plans,))
