@@ -129,6 +129,11 @@ class MemoryEstimate(NamedTuple):
     total_bytes: int  # dense + experts
     needed_bytes: int  # total * HEADROOM (KV cache, activations)
     available_bytes: Optional[int]  # per rank; None when the topology does not say
+    # KV cache of one sequence of ``context`` tokens on the busiest rank: the attention
+    # kind's own layout (GQA K/V of the rank's heads, MLA's replicated latent, sliding
+    # windows bounded), for the layers of one pipeline stage
+    kv_bytes_per_sequence: int
+    context: int  # tokens per sequence the KV figure is for
 
 
 def rank_memory_bytes(
@@ -152,16 +157,27 @@ def available_memory_per_rank(topology: "Topology", world_size: int) -> Optional
 
 
 def estimate_memory(
-    plan: ParallelPlan, model: ModelArgs, topology: "Topology", dtype_bytes: int = 2
+    plan: ParallelPlan,
+    model: ModelArgs,
+    topology: "Topology",
+    dtype_bytes: int = 2,
+    context: Optional[int] = None,
 ) -> MemoryEstimate:
+    """Weights and KV cache on the busiest rank; ``context`` (default: the model's
+    max_position_embeddings) sizes the KV figure of one sequence."""
     dense, experts = rank_memory_bytes(model, plan.tp, plan.pp, plan.ep, plan.etp, dtype_bytes)
     total = dense + experts
+    context = context or model.max_position_embeddings
+    kv_all_layers = model.family.kv_cache_bytes(model, plan.tp, context, dtype_bytes)
+    stage_layers = math.ceil(model.num_hidden_layers / plan.pp)
     return MemoryEstimate(
         dense,
         experts,
         total,
         math.ceil(total * HEADROOM),
         available_memory_per_rank(topology, plan.world_size),
+        math.ceil(kv_all_layers * stage_layers / model.num_hidden_layers),
+        context,
     )
 
 

@@ -245,3 +245,25 @@ def test_model_conf_typo_is_an_error_naming_the_key():
 def test_unknown_keys_of_a_checkpoint_config_are_ignored():
     args = ModelArgs.from_hf_config(hf("mixtral", architectures=["X"], torch_dtype="bfloat16"))
     assert args.model_type == "mixtral"
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("slots", [3, 40])  # below and above every test config's window
+def test_kv_cache_bytes_equal_what_setup_caches_allocates(family, slots):
+    args = ModelArgs.from_hf_config(hf(family))
+    model = Transformer(args)
+    model.setup_caches(batch=1, max_slots=slots, dtype=torch.float32)
+    allocated = sum(t.nbytes for name, t in model.named_buffers() if ".self_attn.kv_cache." in name)
+    assert allocated == args.family.kv_cache_bytes(args, 1, slots, dtype_bytes=4)
+
+
+def test_planner_kv_figure_is_the_familys_for_one_stage():
+    from moe_ext.plan import estimate_memory, plan_with_degrees
+    from moe_ext.topology import Topology
+
+    args = ModelArgs.from_hf_config(hf("deepseek_v2", num_hidden_layers=4))
+    topology = Topology(kind="cpu", host_memory_bytes=2**34, cpu_count=2)
+    one_stage = estimate_memory(plan_with_degrees("replicate", 1), args, topology, 2, 100)
+    two_stages = estimate_memory(plan_with_degrees("replicate", 2, pp=2), args, topology, 2, 100)
+    assert one_stage.kv_bytes_per_sequence == args.family.kv_cache_bytes(args, 1, 100, 2)
+    assert two_stages.kv_bytes_per_sequence * 2 == one_stage.kv_bytes_per_sequence

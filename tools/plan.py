@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per rank entering each MoE layer per step (auto's choice)",
     )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per sequence for the KV-cache figure (default: the model's maximum)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.tp=2")
     return p
@@ -112,7 +118,7 @@ def explain(args: argparse.Namespace) -> dict:
         dtype_bytes=args.dtype_bytes,
         tokens_per_step=args.tokens_per_step,
     )
-    mem = estimate_memory(plan, model, topology, args.dtype_bytes)
+    mem = estimate_memory(plan, model, topology, args.dtype_bytes, args.context)
     total_params, expert_params = model_param_counts(model)
     out = {
         "plan": {
@@ -160,6 +166,11 @@ def _format(out: dict) -> str:
     if avail is not None:
         verdict = "fits" if mem["needed_bytes"] <= avail else "DOES NOT FIT"
         lines.append(f"           available {avail / GIB:.2f} GiB per rank: {verdict}")
+    kv = mem["kv_bytes_per_sequence"]
+    kv_line = f"kv cache   {kv / 2**20:.1f} MiB per sequence of {mem['context']} tokens per rank"
+    if avail is not None and avail > mem["total_bytes"] and kv:
+        kv_line += f"; {(avail - mem['total_bytes']) // kv} such sequences fit beside the weights"
+    lines.append(kv_line)
     if "exchange_us_per_layer" in out:
         ex = out["exchange_us_per_layer"]
         lines.append(
