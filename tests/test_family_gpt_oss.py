@@ -214,6 +214,29 @@ def test_cached_decode_and_chunked_prefill_equal_a_full_forward(pair):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_query_blocks_see_only_their_window(pair, monkeypatch):
+    """Prefill scored in blocks of 3 query rows, each over the keys its window reaches
+    (sliding layers: from the window start, the ring only while the window reaches into
+    it), equals the one-block computation, uncached and through the cache."""
+    from moe_ext.model import sink_attention
+
+    _, model = pair
+    ids = torch.randint(2, 128, (2, 22), generator=torch.Generator().manual_seed(7))
+    kv_start = torch.tensor([3, 0])
+    whole = model(ids, kv_start=kv_start)
+    model.setup_caches(2, 64)
+    first = model(ids[:, :9], torch.arange(9), kv_start, 9, use_cache=True)
+    rest = model(ids[:, 9:], torch.arange(9, 22), kv_start, 22, use_cache=True)
+    monkeypatch.setattr(sink_attention, "SCORE_BYTES", 3 * 2 * 4 * 64 * 4)  # 3 rows of 64 keys
+    torch.testing.assert_close(model(ids, kv_start=kv_start), whole, rtol=1e-5, atol=1e-5)
+    model.setup_caches(2, 64)
+    first_b = model(ids[:, :9], torch.arange(9), kv_start, 9, use_cache=True)
+    rest_b = model(ids[:, 9:], torch.arange(9, 22), kv_start, 22, use_cache=True)
+    torch.testing.assert_close(torch.cat([first_b, rest_b], 1), torch.cat([first, rest], 1))
+    torch.testing.assert_close(torch.cat([first, rest], 1), whole, rtol=1e-5, atol=1e-5)
+
+
 # ---- the MoE block's pieces -------------------------------------------------------------
 
 

@@ -34,8 +34,8 @@ from moe_ext.moe.dispatch.comm import reduce_partials
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 LAYER_TYPES = (FULL, SLIDING)
-# Query rows scored at a time: bounds the [B, nH, rows, S_k] float32 scores of a prefill.
-QUERY_CHUNK = 512
+# Bound on the float32 scores [B, nH, rows, S_k] of one block of query rows (prefill).
+SCORE_BYTES = 256 << 20
 
 
 def layer_window(args: ModelArgs, layer_id: int) -> Optional[int]:
@@ -52,32 +52,48 @@ def sink_attention(
     mask: torch.Tensor,
     sinks: Optional[torch.Tensor],
     scale: float,
+    window: Optional[int] = None,
+    own_key_offset: Optional[int] = None,
 ) -> torch.Tensor:
     """Softmax attention with an optional sink logit per head, reading K and V once per
-    kv head (the G query heads sharing one become rows of one matmul).
+    kv head (the G query heads sharing one become rows of one matmul), in blocks of query
+    rows whose scores stay under SCORE_BYTES.
 
     q: [B, nH, S, D]; k, v: [B, nKV, S_k, D]; mask: [B, 1, S, S_k] bool (True = attend);
-    sinks: [nH] or None. Scores q·k in the input dtype, softmax in float32.
-    Returns [B, nH, S, D] in v's dtype."""
+    sinks: [nH] or None. ``own_key_offset``: when query i's own key is key
+    ``own_key_offset + i`` (keys in query order after a prefix, e.g. a ring buffer's),
+    a block of queries scores only the keys the mask can let it see: none after its last
+    query's own key, none before its first query's ``window`` (the prefix whole while the
+    window reaches into it). None: every key. Scores q·k in the input dtype, softmax in
+    float32. Returns [B, nH, S, D] in v's dtype."""
     B, n_heads, S, D = q.shape
     n_kv, S_k = k.shape[1], k.shape[2]
     G = n_heads // n_kv
+    rows = max(1, min(S, SCORE_BYTES // max(1, B * n_heads * S_k * 4)))
     out = []
-    for s0 in range(0, S, QUERY_CHUNK):
-        qc = q[:, :, s0 : s0 + QUERY_CHUNK]  # [B, nH, s, D]
-        s = qc.shape[2]
-        scores = torch.matmul(qc.reshape(B, n_kv, G * s, D), k.transpose(-1, -2)) * scale
-        scores = scores.view(B, n_kv, G, s, S_k).float()  # [B, nKV, G, s, S_k]
-        scores = scores.masked_fill(~mask[:, :, None, s0 : s0 + s], float("-inf"))
+    for s0 in range(0, S, rows):
+        s = min(rows, S - s0)
+        lo, hi = 0, S_k
+        if own_key_offset is not None:
+            hi = own_key_offset + s0 + s
+            if window is not None and s0 >= window - 1:
+                lo = own_key_offset + s0 - (window - 1)
+        qc = q[:, :, s0 : s0 + s].reshape(B, n_kv, G * s, D)  # [B, nKV, G·s, D]
+        kc, vc = k[:, :, lo:hi], v[:, :, lo:hi]  # [B, nKV, n, D]
+        n = hi - lo
+        scores = (torch.matmul(qc, kc.transpose(-1, -2)) * scale).view(B, n_kv, G, s, n)
+        scores = scores.float().masked_fill(
+            ~mask[:, :, None, s0 : s0 + s, lo:hi], float("-inf")
+        )  # [B, nKV, G, s, n]
         if sinks is not None:
             sink = sinks.float().view(1, n_kv, G, 1, 1).expand(B, n_kv, G, s, 1)
-            scores = torch.cat([scores, sink], dim=-1)  # [B, nKV, G, s, S_k + 1]
+            scores = torch.cat([scores, sink], dim=-1)  # [B, nKV, G, s, n + 1]
             scores = scores - scores.amax(dim=-1, keepdim=True)
             probs = torch.softmax(scores, dim=-1)[..., :-1]  # the sink's share dropped
         else:
             probs = torch.softmax(scores, dim=-1)
-        probs = probs.to(v.dtype).reshape(B, n_kv, G * s, S_k)
-        out.append(torch.matmul(probs, v).view(B, n_heads, s, D))  # [B, nH, s, D]
+        probs = probs.to(v.dtype).reshape(B, n_kv, G * s, n)
+        out.append(torch.matmul(probs, vc).view(B, n_heads, s, D))  # [B, nH, s, D]
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
@@ -145,6 +161,7 @@ class SinkAttention(nn.Module):
         k = self.k_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        own_key_offset = 0  # without a cache the keys are this call's, in query order
         if not use_cache:
             key_slots = slots
         else:
@@ -153,9 +170,13 @@ class SinkAttention(nn.Module):
                     "use_cache=True before setup_caches(); call "
                     "Transformer.setup_caches(batch, max_slots) first"
                 )
+            ring = k.shape[2] > 1 and self.window is not None  # the chunk path: ring + own
+            own_key_offset = self.kv_cache.k.shape[2] if ring else None
             k, v, key_slots = self._cached_keys(slots, k, v, kv_len)  # [B, nKV, S_k, D]
         mask = attention_mask(slots, key_slots, kv_start, self.window)  # [B, 1, S, S_k]
-        out = sink_attention(q, k, v, mask, self.sinks, self.scale)  # [B, nH, S, D]
+        out = sink_attention(
+            q, k, v, mask, self.sinks, self.scale, self.window, own_key_offset
+        )  # [B, nH, S, D]
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
         out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
         if self.tp_group is not None:
