@@ -67,8 +67,8 @@ def _tiny_args(model_type: str = "qwen3_moe", **kw) -> ModelArgs:
                 rope_theta=10000.0, qk_norm=model_type == "qwen3_moe",
                 qkv_bias=model_type == "qwen2_moe")
     if model_type == "qwen2_moe":
-        base.update(shared_expert_intermediate_size=24, mlp_only_layers=[1],
-                    norm_topk_prob=False)
+        base.update(shared_expert_intermediate_size=24, shared_expert_gate=True,
+                    mlp_only_layers=[1], norm_topk_prob=False)
     base.update(kw)
     return ModelArgs(**base)
 
