@@ -189,7 +189,7 @@ def build_model_shard(
 ) -> Transformer:
     """This rank's shard of the model in ``dtype``: built on meta, parallelized, then
     materialized straight from the checkpoint slices it needs (or the seeded random init).
-    ``verify``: hash each shard file as it streams in (``checkpoint_verify=true``).
+    ``verify``: hash each tensor it touches against the manifest (``checkpoint_verify=true``).
     Raises CheckpointError (a MoeExtError) naming a missing or corrupt tensor."""
     with torch.device("meta"):
         model = Transformer(source.args).to(dtype=dtype)  # cast on meta: no full fp32 copy
@@ -198,8 +198,11 @@ def build_model_shard(
     if source.reader is None:
         init_random_(model, seed=source.args.init_seed, requests=requests, device=device)
     else:
+        # each tensor in its model dtype: buffers a module keeps in float32 (the router's
+        # correction bias) must not pass through ``dtype``
+        dtypes = {name: t.dtype for name, t in model.state_dict().items()}
         state = load_sharded(
-            source.reader, requests, dtype=dtype, device=device, progress=progress, verify=verify
+            source.reader, requests, dtype=dtypes, device=device, progress=progress, verify=verify
         )
         materialize_(model, device).load_state_dict(state, strict=False)
     return model

@@ -663,13 +663,15 @@ def _stack_experts(
 def load_sharded(
     directory: Union[str, Path, CheckpointReader],
     requests: Mapping[str, ShardRequest],
-    dtype: Optional[Union[torch.dtype, str]] = None,
+    dtype: Optional[Union[torch.dtype, str, Mapping[str, torch.dtype]]] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     verify: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read each ``requests[name]`` slice (native names) and return it cast to ``dtype``
-    (None: stored dtype) on ``device``. Reads only the requested bytes; tqdm bar in bytes.
+    (None: stored dtype; a mapping: per name, e.g. the model's own dtype of each tensor, so
+    a float32 buffer of a bf16 model keeps its precision) on ``device``. Reads only the
+    requested bytes; tqdm bar in bytes.
 
     Opening the checkpoint already checked its structure (names, shapes, dtypes, file
     headers). ``verify`` also checks the data: every tensor a request touches is streamed
@@ -695,7 +697,10 @@ def load_sharded(
             f"directory carries no checksums; convert it with "
             f"`tools/convert_checkpoint.py import-hf` or load without verify"
         )
-    cast = torch_dtype(dtype) if dtype is not None else None
+    if isinstance(dtype, Mapping):
+        casts = {name: dtype.get(name) for name in requests}
+    else:
+        casts = dict.fromkeys(requests, torch_dtype(dtype) if dtype is not None else None)
     total = sum(
         _numel(req.shape(reader.shape(n))) * reader.dtype(n).itemsize for n, req in requests.items()
     )
@@ -715,7 +720,7 @@ def load_sharded(
                 bar.update(reader.nbytes(name))
             t = reader.read(name, req)
             bar.update(t.numel() * t.element_size())
-            out[name] = t.to(device=device, dtype=cast or t.dtype)
+            out[name] = t.to(device=device, dtype=casts[name] or t.dtype)
     return out
 
 
