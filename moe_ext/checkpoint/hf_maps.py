@@ -62,7 +62,6 @@ __all__ = [
     "parse_hf_key",
     "stored_shape",
     "stored_transform",
-    "to_native",
     "to_stored",
 ]
 
@@ -215,14 +214,4 @@ def to_stored(transform: str, native: torch.Tensor) -> torch.Tensor:
     if transform != "transposed":
         gate, up = t.chunk(2, dim=-1)  # [..., F] each
         t = torch.stack((gate, up), dim=-1).flatten(-2)  # [..., 2F]: gate j, up j pairs
-    return t.contiguous()
-
-
-def to_native(transform: str, stored: torch.Tensor) -> torch.Tensor:
-    """Stored -> native layout (contiguous); inverse of ``to_stored``."""
-    t = stored
-    if transform != "transposed":
-        t = torch.cat((t[..., 0::2], t[..., 1::2]), dim=-1)  # gate columns, then up
-    if transform != "interleaved":
-        t = t.transpose(1, 2)
     return t.contiguous()

@@ -297,8 +297,8 @@ class CheckpointReader:
         return t
 
     def _read_relaid(self, node: Relaid, bounds: Bounds) -> torch.Tensor:
-        """The native box ``bounds`` of a stored-layout tensor (hf_maps.to_native of the
-        stored columns it covers)."""
+        """The native box ``bounds`` of a stored-layout tensor: the inverse of
+        ``hf_maps.to_stored`` on the stored columns the box covers."""
         sizes = [b - a for a, b in bounds]
         if any(n == 0 for n in sizes):
             return torch.empty(sizes, dtype=node.dtype)
