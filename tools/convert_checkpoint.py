@@ -90,7 +90,8 @@ def _main(argv: list[str] | None) -> int:
         "--layout",
         choices=LAYOUTS,
         default="per-expert",
-        help="per-expert: what transformers save_pretrained writes; fused: stacked expert tensors",
+        help="per-expert: what transformers save_pretrained writes; fused: stacked expert "
+        "tensors (gpt_oss checkpoints have one expert layout, written either way)",
     )
     for p in (imp, exp):
         p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
