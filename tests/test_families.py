@@ -267,3 +267,40 @@ def test_planner_kv_figure_is_the_familys_for_one_stage():
     two_stages = estimate_memory(plan_with_degrees("replicate", 2, pp=2), args, topology, 2, 100)
     assert one_stage.kv_bytes_per_sequence == args.family.kv_cache_bytes(args, 1, 100, 2)
     assert two_stages.kv_bytes_per_sequence * 2 == one_stage.kv_bytes_per_sequence
+
+
+def test_correction_bias_stays_float32_in_a_bf16_model(tmp_path):
+    """The bias decides near-tied expert picks: a bf16 model (cast, or built on meta and
+    loaded) keeps it float32 and bit-exact, as transformers does."""
+    from safetensors.torch import save_file
+
+    from moe_ext.checkpoint import load_sharded
+    from moe_ext.checkpoint.shard import ShardRequest
+    from moe_ext.model.weights import materialize_
+
+    args = ModelArgs.from_hf_config(hf("glm4_moe"))
+    bias_name = next(n for n in args.family.param_shapes(args) if "correction_bias" in n)
+    exact = torch.tensor([1e-3, 2.0001, 3.00007, -0.0123])  # not representable in bf16
+    model = Transformer(args)
+    model.get_buffer(bias_name).copy_(exact)
+    cast = model.to(torch.bfloat16)
+    assert cast.get_buffer(bias_name).dtype == torch.float32
+    assert torch.equal(cast.get_buffer(bias_name), exact)
+
+    (tmp_path / "config.json").write_text(json.dumps(args.family.hf_config(args)))
+    state = {k: v.contiguous() for k, v in Transformer(args).state_dict().items()}
+    state[bias_name] = exact
+    save_file(state, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        meta = Transformer(args).to(torch.bfloat16)
+    dtypes = {name: t.dtype for name, t in meta.state_dict().items()}
+    loaded = load_sharded(
+        tmp_path,
+        {bias_name: ShardRequest.full(), "norm.weight": ShardRequest.full()},
+        dtype=dtypes,
+        progress=False,
+    )
+    assert loaded[bias_name].dtype == torch.float32 and torch.equal(loaded[bias_name], exact)
+    assert loaded["norm.weight"].dtype == torch.bfloat16
+    materialize_(meta, "cpu").load_state_dict(loaded, strict=False)
+    assert torch.equal(meta.get_buffer(bias_name), exact)

@@ -46,7 +46,7 @@ def qwen2_args() -> ModelArgs:
     # dense layer (mlp_only_layers), shared expert, q/k/v bias, nKV=1 < tp (kv replicated)
     return ModelArgs(model_type="qwen2_moe", vocab_size=260, hidden_size=48, intermediate_size=64,
                      moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                     shared_expert_gate=True, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], qkv_bias=True)
 
 

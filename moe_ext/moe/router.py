@@ -164,6 +164,17 @@ class TopKRouter(nn.Module):
             tensor=torch.zeros(num_experts, dtype=torch.int64, device=device),
         )
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(torch.bfloat16)`` and the like move ``e_score_correction_bias`` but keep
+        it float32: it decides near-tied picks (transformers keeps it float32 too)."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved is not None and moved.dtype != torch.float32:
+            source = moved if bias.is_meta else bias  # a meta tensor has no digits to keep
+            self.e_score_correction_bias = source.to(device=moved.device, dtype=torch.float32)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
