@@ -306,12 +306,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
             )
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
-        out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
-        if self.tp_group is not None:
-            out = reduce_partials(out, self.tp_group)
-        if self.o_proj.bias is not None:
-            out = out + self.o_proj.bias  # added once, after the TP reduction
-        return out
+        return output_projection(out, self.o_proj, self.tp_group)
 
     def normalize_projections(
         self, q: torch.Tensor, k: torch.Tensor
@@ -325,6 +320,19 @@ class Attention(nn.Module):
         q = self.q_norm.weight * (q.float() * torch.rsqrt(q_ms + eps)).to(q.dtype)
         k = self.k_norm.weight * (k.float() * torch.rsqrt(k_ms + eps)).to(k.dtype)
         return q, k
+
+
+def output_projection(
+    heads: torch.Tensor, o_proj: nn.Linear, tp_group: Optional[dist.ProcessGroup]
+) -> torch.Tensor:
+    """heads: [B, S, local heads · head dim] -> [B, S, H]: o_proj over this rank's heads,
+    the TP partial sums reduced, then the bias added once (after the reduction)."""
+    out = F.linear(heads, o_proj.weight)  # [B, S, H], partial sum under TP
+    if tp_group is not None:
+        out = reduce_partials(out, tp_group)
+    if o_proj.bias is not None:
+        out = out + o_proj.bias
+    return out
 
 
 def decode_attention(

@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
-from moe_ext.model.layers import RMSNorm, apply_rope, attention_mask
-from moe_ext.moe.dispatch.comm import reduce_partials
+from moe_ext.model.layers import RMSNorm, apply_rope, attention_mask, output_projection
 
 ROPE_LAYOUTS = ("complex", "interleave", "half")
 # transformers builds the q/kv LoRA norms with RMSNorm's default epsilon, not rms_norm_eps
@@ -196,12 +195,7 @@ class MLAttention(nn.Module):
         else:
             out = self._naive(q_nope, q_rope, kv, mask)  # [B, n, S, Dv]
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, n·Dv]
-        out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
-        if self.tp_group is not None:
-            out = reduce_partials(out, self.tp_group)
-        if self.o_proj.bias is not None:
-            out = out + self.o_proj.bias  # added once, after the TP reduction
-        return out
+        return output_projection(out, self.o_proj, self.tp_group)
 
     def _naive(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor

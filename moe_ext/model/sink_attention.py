@@ -25,12 +25,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
-from moe_ext.model.layers import KVCache, apply_rope, attention_mask
-from moe_ext.moe.dispatch.comm import reduce_partials
+from moe_ext.model.layers import KVCache, apply_rope, attention_mask, output_projection
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 LAYER_TYPES = (FULL, SLIDING)
@@ -178,12 +176,7 @@ class SinkAttention(nn.Module):
             q, k, v, mask, self.sinks, self.scale, self.window, own_key_offset
         )  # [B, nH, S, D]
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
-        out = F.linear(out, self.o_proj.weight)  # [B, S, H], partial sum under TP
-        if self.tp_group is not None:
-            out = reduce_partials(out, self.tp_group)
-        if self.o_proj.bias is not None:
-            out = out + self.o_proj.bias  # added once, after the TP reduction
-        return out
+        return output_projection(out, self.o_proj, self.tp_group)
 
     def _cached_keys(
         self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: Optional[int]

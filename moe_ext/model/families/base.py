@@ -260,23 +260,10 @@ class Family:
 
         return DenseMLP(args.hidden_size, args.intermediate_size)
 
-    def build_moe(
-        self,
-        args: ModelArgs,
-        dispatcher: Any = "local",
-        dtype: Optional["torch.dtype"] = None,
-        device: Any = None,
-    ) -> "nn.Module":
-        """The MoE MLP of one layer (the args' router + grouped experts, plus a shared
-        expert, gated or not, where the family has one) holding the dispatcher's expert
-        shard."""
-        from moe_ext.moe.layer import build_moe_layer
-
-        return build_moe_layer(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            args.num_experts,
-            args.num_experts_per_tok,
+    def moe_options(self, args: ModelArgs) -> dict[str, Any]:
+        """The router, expert and shared-expert options of ``build_moe_layer`` for this
+        family; a family with more (group rules, biases, a clamped SwiGLU) extends them."""
+        return dict(
             score_func=args.score_func,
             norm_topk_prob=args.norm_topk_prob,
             n_group=args.n_group,
@@ -285,9 +272,28 @@ class Family:
             correction_bias=args.router_correction_bias,
             shared_expert_size=args.shared_expert_intermediate_size,
             shared_expert_gate=args.shared_expert_gate,
+        )
+
+    def build_moe(
+        self,
+        args: ModelArgs,
+        dispatcher: Any = "local",
+        dtype: Optional["torch.dtype"] = None,
+        device: Any = None,
+    ) -> "nn.Module":
+        """The MoE MLP of one layer (router, grouped experts and any shared expert, as
+        ``moe_options`` says) holding the dispatcher's expert shard."""
+        from moe_ext.moe.layer import build_moe_layer
+
+        return build_moe_layer(
+            args.hidden_size,
+            args.moe_intermediate_size,
+            args.num_experts,
+            args.num_experts_per_tok,
             dispatcher=dispatcher,
             dtype=dtype,
             device=device,
+            **self.moe_options(args),
         )
 
     # ---- Hugging Face per-expert names ----------------------------------------------

@@ -190,28 +190,10 @@ class _DeepSeek(Family):
 
         return MLAttention(args, self.rope_layout(args))
 
-    def build_moe(
-        self, args: ModelArgs, dispatcher: Any = "local", dtype: Any = None, device: Any = None
-    ) -> Any:
-        from moe_ext.moe.layer import build_moe_layer
-
-        return build_moe_layer(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            args.num_experts,
-            args.num_experts_per_tok,
-            score_func=args.score_func,
-            norm_topk_prob=args.norm_topk_prob,
-            n_group=args.n_group,
-            topk_group=args.topk_group,
-            group_score="max" if args.topk_method == "group_limited_greedy" else "top2_sum",
-            routed_scaling_factor=args.routed_scaling_factor,
-            correction_bias=args.router_correction_bias,
-            shared_expert_size=args.shared_expert_intermediate_size,
-            dispatcher=dispatcher,
-            dtype=dtype,
-            device=device,
-        )
+    def moe_options(self, args: ModelArgs) -> dict[str, Any]:
+        # V2's group-limited greedy scores a group by its best expert, V3 by its best two
+        group_score = "max" if args.topk_method == "group_limited_greedy" else "top2_sum"
+        return {**super().moe_options(args), "group_score": group_score}
 
 
 class DeepSeekV2(_DeepSeek):

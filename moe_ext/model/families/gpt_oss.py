@@ -20,14 +20,13 @@ quantized weights are not supported yet.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from moe_ext.model.args import ModelArgs, ModelArgsError
 from moe_ext.model.families.base import Family
 from moe_ext.model.families.fields import ConfigFields
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from moe_ext.checkpoint.shard import ShardRequest
@@ -135,29 +134,14 @@ class GptOss(Family):
 
         return SinkAttention(args, layer_id)
 
-    def build_moe(
-        self,
-        args: ModelArgs,
-        dispatcher: Any = "local",
-        dtype: Optional["torch.dtype"] = None,
-        device: Any = None,
-    ) -> "nn.Module":
-        from moe_ext.moe.layer import build_moe_layer
-
-        return build_moe_layer(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            args.num_experts,
-            args.num_experts_per_tok,
-            score_func=args.score_func,
-            router_bias=args.router_bias,
-            expert_bias=args.expert_bias,
-            swiglu_limit=args.swiglu_limit,
-            swiglu_alpha=args.swiglu_alpha,
-            dispatcher=dispatcher,
-            dtype=dtype,
-            device=device,
-        )
+    def moe_options(self, args: ModelArgs) -> dict[str, Any]:
+        return {
+            **super().moe_options(args),
+            "router_bias": args.router_bias,
+            "expert_bias": args.expert_bias,
+            "swiglu_limit": args.swiglu_limit,
+            "swiglu_alpha": args.swiglu_alpha,
+        }
 
     def kv_cache_bytes_per_token(self, args: ModelArgs, tp: int, dtype_bytes: int = 2) -> int:
         """KV bytes one more cached token costs one TP rank once a sequence is longer than
