@@ -44,7 +44,8 @@ class ModelArgs:
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
     moe_intermediate_size: Optional[int] = None  # qwen experts; None: intermediate_size
     shared_expert_intermediate_size: Optional[int] = None  # None: no shared expert
-    shared_expert_gate: bool = False  # a sigmoid gate [1, H] on the shared expert (qwen2_moe)
+    # a sigmoid gate [1, H] on the shared expert; None: the family's default (qwen2_moe: yes)
+    shared_expert_gate: Optional[bool] = None
     # router: softmax top-k, or sigmoid scores with a correction bias steering the picks
     # and group-limited selection (DeepSeek-V3 family); see moe_ext.moe.router
     score_func: str = "softmax"  # softmax | sigmoid
@@ -133,6 +134,10 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ModelArgsError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.shared_expert_gate is None:
+            self.shared_expert_gate = self.family.gates_shared_expert and bool(
+                self.shared_expert_intermediate_size
+            )
         if self.shared_expert_gate and not self.shared_expert_intermediate_size:
             raise ModelArgsError(
                 "shared_expert_gate needs shared_expert_intermediate_size; fix the model config"

@@ -46,6 +46,7 @@ class Family:
     # Other names this family's checkpoints spell differently: (native, HF) fragments of
     # the name after ``model.``, e.g. ("mlp.shared_expert.", "mlp.shared_experts.").
     hf_renames: tuple[tuple[str, str], ...] = ()
+    gates_shared_expert: bool = False  # its shared expert has a sigmoid gate (qwen2_moe)
     hf_router: str = "gate"  # the router's module name in HF checkpoints
     # Expert tensors the checkpoints store in another layout than the native one: (native
     # name under ``mlp.``, transform of moe_ext.checkpoint.hf_maps.STORED_TRANSFORMS); such

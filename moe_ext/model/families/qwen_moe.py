@@ -38,6 +38,7 @@ class _QwenMoe(Family):
 
 class Qwen2Moe(_QwenMoe):
     model_type = "qwen2_moe"
+    gates_shared_expert = True
     architecture = "Qwen2MoeForCausalLM"
 
     def family_args(self, cfg: ConfigFields) -> dict[str, Any]:
@@ -51,7 +52,6 @@ class Qwen2Moe(_QwenMoe):
         return dict(
             **self.routed_args(cfg),
             shared_expert_intermediate_size=cfg.int("shared_expert_intermediate_size", None),
-            shared_expert_gate=bool(cfg.int("shared_expert_intermediate_size", None)),
             # Qwen1.5-MoE configs predate the key and always had q/k/v biases
             qkv_bias=cfg.bool("qkv_bias", True),
         )
