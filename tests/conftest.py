@@ -1,10 +1,42 @@
+"""Shared hooks: markers from the directory (tests/multirank/ -> multirank, tests/gpu/ ->
+gpu), test files outside those and tests/unit/ refused, gpu tests skipped without CUDA, the
+multirank guard of tests.support, and a prompt exit after a CUDA run."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests import support
+
 _exit_status = {}
+_DIRECTORY_MARKERS = {"multirank": pytest.mark.multirank, "gpu": pytest.mark.gpu}
+_TESTS = Path(__file__).resolve().parent
+
+
+def _directory(item) -> str | None:
+    """unit, multirank or gpu for a test under tests/; "" for a file in tests/ itself."""
+    try:
+        parts = item.path.resolve().relative_to(_TESTS).parts
+    except ValueError:  # not under tests/
+        return None
+    return parts[0] if len(parts) > 1 else ""
+
+
+def pytest_itemcollected(item):
+    """Every test under tests/multirank/ is marked multirank, under tests/gpu/ gpu (at
+    collection, so ``-m`` selects them)."""
+    directory = _directory(item)
+    if directory in _DIRECTORY_MARKERS:
+        item.add_marker(_DIRECTORY_MARKERS[directory])
+
+
+def pytest_runtest_setup(item):
+    if _directory(item) == "":
+        pytest.fail(f"{item.path.name}: test files live in tests/unit/ (one process), "
+                    "tests/multirank/ (starts ranks) or tests/gpu/ (CUDA only); shared helpers "
+                    "in tests/support.py", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,6 +46,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """While a test runs (fixtures included), tests.support.run_ranks and torchrun know
+    whether it is marked multirank and fail it if not."""
+    support.current_test_is_multirank = item.get_closest_marker("multirank") is not None
+    try:
+        yield
+    finally:
+        support.current_test_is_multirank = None
 
 
 def pytest_sessionfinish(session, exitstatus):

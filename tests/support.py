@@ -1,37 +1,79 @@
-"""Run a test body on several ranks (gloo on CPU) and surface the first failure.
+"""Helpers shared by the test files; no test file imports another.
 
-Usage inside a test::
+Sections (in this order):
+- paths: REPO, TOOLS, TINY_CHECKPOINT
+- several ranks: run_ranks (spawned gloo/NCCL ranks), torchrun (the command prefix),
+  run_launcher (launch/*.py as a subprocess), free_port; the multirank guard
+- launcher configs and model arguments: tiny_conf, model_conf, tiny_args, qwen2_args,
+  plan_of, layout_plan
+- checkpoints on disk: write_tiny_checkpoint, family_args, write_family_checkpoint,
+  export_megatron_families, make_infer_checkpoints
+- Hugging Face reference models: HF_PROMPTS, HF_EOS, hf_model, hf_greedy, left_pad;
+  DeepSeek: DEEPSEEK_VARIANTS, deepseek_hf_config, deepseek_hf_model, randomize_
+- MoE references (float64, independent of moe_ext.moe): RoutingSpec, reference_gates,
+  reference_moe, swiglu
+- dispatcher cases: H, F, E, FS, CASES, case_tensors, build_case_layer, check_close,
+  check_strategy; the static exchange: STATIC, static_dispatcher,
+  check_static_equals_dynamic, no_sync_body; assert_nvshmem_refusal
+- Megatron-core: MEGATRON_H, MEGATRON_E, megatron_config, megatron_plan, megatron_args
+- Triton: HAS_TRITON, needs_triton, interpreted, needs_interpreter,
+  run_cpu_cases_in_interpreter, graph_recorder, count_op_nodes, capture_compiled
 
-    run_ranks(_body, world_size=4, args=(seed,))
-
-``_body(rank, world_size, *args)`` must be a module-level function (it is pickled into
-spawned processes); torch.distributed is initialised before it runs and destroyed after.
+Tests that start ranks live in tests/multirank/ (tests/conftest.py marks them); run_ranks
+and torchrun fail a test that is not marked ``multirank``.
 """
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from moe_ext.launching import end_child_processes
 
+# ==== paths ===============================================================================
 
-def _free_port() -> int:
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+TINY_CHECKPOINT = REPO / "moe_ext" / "data" / "checkpoints" / "tiny"
+
+# ==== several ranks =======================================================================
+
+# Whether the running test is marked multirank: set by tests/conftest.py around each test,
+# None outside a test (then nothing is checked).
+current_test_is_multirank: Optional[bool] = None
+
+
+def require_multirank(what: str) -> None:
+    """Fail the running test unless it is marked ``multirank`` (it is about to start ranks)."""
+    if current_test_is_multirank is False:
+        pytest.fail(f"{what} starts ranks, but this test is not marked multirank: move it to "
+                    "tests/multirank/ (or mark it @pytest.mark.multirank)", pytrace=False)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, store_path, backend, fn, args, errors):
+def _rank_entry(rank, world_size, port, store_path, backend, fn, args, errors):
     # MASTER_* for code under test that reads them; the ranks meet through a file store:
     # a TCP store on a port picked in advance can lose it to another process (EADDRINUSE
     # seen on the GPU machine)
@@ -68,13 +110,20 @@ def _entry(rank, world_size, port, store_path, backend, fn, args, errors):
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks (gloo on CPU,
+    or NCCL with one GPU per rank) and raise the first rank's failure.
+
+    ``fn`` must be a module-level function (it is pickled into the spawned processes);
+    torch.distributed is initialised before it runs and destroyed after. Only for tests
+    marked ``multirank``."""
+    require_multirank(f"run_ranks(world_size={world_size})")
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     store_dir = tempfile.mkdtemp(prefix="moe_ext_ranks_")
     store_path = os.path.join(store_dir, "store")
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, store_path, backend, fn,
-                                              args, errors))
+    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, store_path, backend,
+                                                   fn, args, errors))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -94,3 +143,870 @@ def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> N
         raise AssertionError(f"rank {rank} failed:\n{tb}")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
     assert not bad, f"ranks exited abnormally (rank, exitcode): {bad}"
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The command that starts ``nproc`` ranks of a script: ``[*torchrun(2), script, ...]``.
+    Only for tests marked ``multirank`` when ``nproc`` > 1."""
+    if nproc > 1:
+        require_multirank(f"torchrun --nproc-per-node={nproc}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}"]
+
+
+def run_launcher(script: Path, args: list[str], nproc: int = 1, env: dict | None = None,
+                 cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``script`` (launch/infer.py, launch/train.py) with Hydra overrides ``args``: plain
+    python for one rank, torchrun for more. MOE_EXT_DEBUG is cleared, so errors are the
+    one-line form unless ``env`` sets it."""
+    environ = {k: v for k, v in os.environ.items() if k != "MOE_EXT_DEBUG"}
+    environ.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    prefix = [sys.executable] if nproc == 1 else torchrun(nproc)
+    return subprocess.run([*prefix, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=environ)
+
+
+# ==== launcher configs and model arguments ================================================
+
+DISPATCHERS = {
+    "replicate": "moe_ext.moe.dispatch.local.LocalDispatcher",
+    "tp_experts": "moe_ext.moe.dispatch.tp_sharded.TPShardedDispatcher",
+    "ep_nccl": "moe_ext.moe.dispatch.nccl_a2a.AllToAllDispatcher",
+    "ep_allgather": "moe_ext.moe.dispatch.allgather_rs.AllGatherDispatcher",
+}
+
+
+def tiny_conf(schema, **overrides):
+    """``schema`` (InferConf / TrainConf) for the tiny model with dotted-key overrides,
+    e.g. ``tiny_conf(TrainConf, **{"train.steps": 3})``."""
+    from omegaconf import OmegaConf
+
+    from moe_ext.config import ParallelConf, StrategyConf
+
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    cfg = schema(model=model, strategy=StrategyConf(name="auto"),
+                 parallel=ParallelConf())
+    for key, value in overrides.items():
+        target = cfg
+        *path, leaf = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    return cfg
+
+
+def model_conf(name: str):
+    """conf/model/<name>.yaml as Hydra composes it."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+
+
+def tiny_args():
+    """ModelArgs of conf/model/tiny.yaml."""
+    from moe_ext.model import ModelArgs
+
+    return ModelArgs.from_model_conf(model_conf("tiny"))
+
+
+def qwen2_args():
+    """A small qwen2_moe: a dense layer (mlp_only_layers), a shared expert, q/k/v bias and
+    nKV=1 < tp (kv replicated)."""
+    from moe_ext.model import ModelArgs
+
+    return ModelArgs(model_type="qwen2_moe", vocab_size=260, hidden_size=48, intermediate_size=64,
+                     moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                     shared_expert_gate=True, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                     mlp_only_layers=[1], qkv_bias=True)
+
+
+def plan_of(strategy, tp=1, pp=1, dp=1, ep=1, etp=1, world=2):
+    """A ParallelPlan with the given degrees (edp derived), not validated."""
+    from moe_ext.plan import ParallelPlan
+
+    return ParallelPlan(strategy=strategy, world_size=world, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
+                        edp=tp * dp // (ep * etp), dispatcher=DISPATCHERS[strategy], reason="test")
+
+
+def layout_plan(strategy, world, tp=1, pp=1, ep=None):
+    """A ParallelPlan for rank-layout tests: dp from world / (tp pp); ep (ep_nccl) defaults
+    to tp dp; the dispatcher is a placeholder."""
+    from moe_ext.plan import ParallelPlan
+
+    dp = world // (tp * pp)
+    if strategy == "replicate":
+        ep_, etp, edp = 1, 1, tp * dp
+    elif strategy == "tp_experts":
+        ep_, etp, edp = 1, tp, dp
+    else:
+        ep_ = ep or tp * dp
+        etp, edp = 1, tp * dp // ep_
+    return ParallelPlan(strategy, world, tp, pp, dp, ep_, etp, edp, "d", "test")
+
+
+# ==== checkpoints on disk =================================================================
+
+def _write_moe_ext(directory: Path, config: dict, model_type: str, dtype: str,
+                   state: dict[str, torch.Tensor]) -> None:
+    from moe_ext.checkpoint.format import SafetensorsWriter, TensorEntry, dtype_name, write_manifest
+
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    layout = [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in state.items()]
+    writer = SafetensorsWriter(directory / "model.safetensors", layout)
+    entries = [TensorEntry(n, shape, dt, writer.write_tensor(n, [state[n]]), "model.safetensors")
+               for n, dt, shape in layout]
+    writer.close()
+    write_manifest(directory, model_type, dtype, entries)
+
+
+def write_tiny_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """The tiny model's random weights as a moe_ext checkpoint (fp32, byte tokenizer);
+    returns the tensors."""
+    from moe_ext.model.weights import init_random_full
+    from moe_ext.train.export import hf_config
+
+    args = tiny_args()
+    state = {n: t.contiguous() for n, t in init_random_full(args).items()}
+    _write_moe_ext(directory, hf_config(args, "byte"), args.model_type, "fp32", state)
+    return state
+
+
+def family_args(family: str):
+    """Small ModelArgs of ``family`` (mixtral, qwen2_moe, qwen3_moe) that exercise its
+    particular parts (shared expert and dense layer, q/k norms and tied embeddings)."""
+    from moe_ext.model import ModelArgs
+
+    base = dict(model_type=family, vocab_size=64, hidden_size=32, intermediate_size=48,
+                moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                rope_theta=10000.0, max_position_embeddings=64, init_seed=7)
+    if family == "mixtral":  # experts take intermediate_size, every layer MoE
+        base.update(intermediate_size=16, moe_intermediate_size=None)
+    if family == "qwen2_moe":  # shared expert + gate, q/k/v bias, a dense layer
+        base.update(shared_expert_intermediate_size=24, shared_expert_gate=True,
+                    mlp_only_layers=[1], qkv_bias=True, norm_topk_prob=False)
+    if family == "qwen3_moe":  # q/k norms, head_dim != H / nH, tied embeddings, dense layer 0
+        base.update(qk_norm=True, head_dim=16, tie_word_embeddings=True, decoder_sparse_step=2,
+                    num_hidden_layers=3)
+    return ModelArgs(**base)
+
+
+def write_family_checkpoint(directory: Path, family: str,
+                            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A moe_ext checkpoint of ``family_args(family)``'s random weights (norms off 1, so a
+    swapped norm shows) plus a tokenizer side file. Returns the tensors as written."""
+    from moe_ext.checkpoint.format import dtype_name
+    from moe_ext.model import init_random_full
+    from moe_ext.train.export import hf_config
+
+    args = family_args(family)
+    gen = torch.Generator().manual_seed(3)
+    state = {}
+    for name, t in init_random_full(args).items():
+        if "norm" in name:
+            t = 0.5 + torch.rand(t.shape, generator=gen)
+        state[name] = t.to(dtype).contiguous()
+    _write_moe_ext(directory, hf_config(args), family, dtype_name(dtype), state)
+    (directory / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return state
+
+
+def export_megatron_families(root: Path) -> dict[str, tuple]:
+    """family -> (moe_ext source dir, its tensors, its Megatron export dir) under ``root``:
+    mixtral in bf16, qwen2_moe and qwen3_moe in fp32."""
+    from moe_ext.megatron.dist_ckpt import export_megatron
+
+    out = {}
+    for family, dtype in (("mixtral", torch.bfloat16), ("qwen2_moe", torch.float32),
+                          ("qwen3_moe", torch.float32)):
+        src, meg = root / f"{family}_src", root / f"{family}_meg"
+        state = write_family_checkpoint(src, family, dtype)
+        export_megatron(src, meg, progress=False)
+        out[family] = (src, state, meg)
+    return out
+
+
+# Tiny Hugging Face checkpoints of every family for the launcher tests (infer.py)
+INFER_PROMPTS = [[1, 5, 7, 9, 11, 13], [2, 4, 6], [3, 8, 30, 31, 32, 33, 34, 35]]
+INFER_NEW_TOKENS = 6
+INFER_FAMILIES = {
+    "mixtral": dict(intermediate_size=64, num_local_experts=8),
+    "qwen2_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                      shared_expert_intermediate_size=48, decoder_sparse_step=2,
+                      mlp_only_layers=[]),
+    "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                      head_dim=16, norm_topk_prob=True),
+}
+
+
+def _make_hf_checkpoint(family: str, directory: Path) -> list[list[int]]:
+    """Save a tiny random HF model and return its greedy continuations of INFER_PROMPTS."""
+    import transformers
+
+    config_cls = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+                  "qwen3_moe": transformers.Qwen3MoeConfig}[family]
+    model_cls = {"mixtral": transformers.MixtralForCausalLM,
+                 "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+                 "qwen3_moe": transformers.Qwen3MoeForCausalLM}[family]
+    config = config_cls(vocab_size=128, hidden_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                        max_position_embeddings=128, eos_token_id=None, pad_token_id=0,
+                        bos_token_id=1, **INFER_FAMILIES[family])
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # larger router logits: routing decisions far from ties
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.shape[0] == 8:
+                param.mul_(8.0)
+    model.save_pretrained(directory)
+    expected = []
+    for prompt in INFER_PROMPTS:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=INFER_NEW_TOKENS,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(prompt):].tolist())
+    return expected
+
+
+def make_infer_checkpoints(root: Path, families=tuple(INFER_FAMILIES)) -> dict:
+    """family -> (checkpoint dir, transformers' greedy ids for INFER_PROMPTS), and
+    "prompts" -> a prompts file of INFER_PROMPTS."""
+    out = {}
+    for family in families:
+        directory = root / family
+        out[family] = (str(directory), _make_hf_checkpoint(family, directory))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in INFER_PROMPTS))
+    out["prompts"] = str(prompts)
+    return out
+
+
+# ==== Hugging Face reference models =======================================================
+
+HF_PROMPTS = [[5, 17, 3, 42, 8, 9, 11], [7, 1, 30], [60, 2, 2, 19, 4]]
+HF_EOS = 13
+
+
+def hf_model(family: str, **extra):
+    """A tiny transformers model of ``family`` with random weights (norms and biases too,
+    so every parameter matters), in eval mode; ``extra`` goes to its config."""
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, pad_token_id=0, eos_token_id=HF_EOS)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
+                                            num_experts_per_tok=2, **extra)
+        model = transformers.MixtralForCausalLM(config)
+    elif family == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            **common, intermediate_size=40, moe_intermediate_size=16,
+            shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+            mlp_only_layers=[1], norm_topk_prob=False, **extra)
+        model = transformers.Qwen2MoeForCausalLM(config)
+    else:
+        config = transformers.Qwen3MoeConfig(
+            **common, intermediate_size=40, moe_intermediate_size=16, head_dim=16,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, **extra)
+        model = transformers.Qwen3MoeForCausalLM(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if "norm" not in name else 0.1)
+                    + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def left_pad(prompts):
+    """Left-padded ids [B, L] (pad 0) and attention mask [B, L] of ``prompts``."""
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def hf_greedy(hf, prompts, max_new, eos=HF_EOS):
+    """transformers' greedy continuations of ``prompts``, each cut after its first ``eos``."""
+    ids, mask = left_pad(prompts)
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                      do_sample=False, eos_token_id=eos, pad_token_id=0)
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        rows.append(row[:row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+# DeepSeek tiny shapes of each routing kind: variant -> (model_type, config changes)
+DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+DEEPSEEK_VARIANTS = {
+    # DeepSeek-V2-Lite: plain q_proj, softmax greedy top-k, two shared experts
+    "v2_lite": (
+        "deepseek_v2",
+        dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1),
+    ),
+    # DeepSeek-V2: q LoRA, softmax top-k within the best groups (group score = max)
+    "v2_group": (
+        "deepseek_v2",
+        dict(
+            q_lora_rank=12,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.7,
+        ),
+    ),
+    # DeepSeek-V3: sigmoid + correction bias, groups (top-2 sum), renormalised and scaled;
+    # YaRN with DeepSeek's mscale (softmax scale times mscale_all_dim's factor squared)
+    "v3": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=12,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            rope_parameters={**DEEPSEEK_YARN, "rope_theta": 10000.0, "mscale": 1.0,
+                             "mscale_all_dim": 0.7},
+        ),
+    ),
+    # deepseek_v3 without rope_interleave (rotate-half pairs) and with attention biases
+    "v3_half_bias": (
+        "deepseek_v3",
+        dict(q_lora_rank=None, n_group=2, topk_group=1, rope_interleave=False, attention_bias=True),
+    ),
+}
+
+
+def deepseek_hf_config(variant: str, **changes):
+    """The transformers config of a tiny DEEPSEEK_VARIANTS[variant] (EOS = HF_EOS)."""
+    import transformers
+
+    model_type, extra = DEEPSEEK_VARIANTS[variant]
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=2 if model_type == "deepseek_v2" else 1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=HF_EOS,
+    )
+    return transformers.AutoConfig.for_model(model_type, **{**common, **extra, **changes})
+
+
+def randomize_(model, seed: int = 0):
+    """Random everything (norms, biases, correction biases too) so every term matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise * 0.1 + 1.0 if "norm" in name else noise * 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def deepseek_hf_model(variant: str, **changes):
+    """A tiny random transformers model of DEEPSEEK_VARIANTS[variant], in eval mode."""
+    import transformers
+
+    config = deepseek_hf_config(variant, **changes)
+    return randomize_(transformers.AutoModelForCausalLM.from_config(config))
+
+
+# ==== MoE references ======================================================================
+# Dense single-rank MoE in float64, written independently of moe_ext.moe.
+# T tokens, H hidden, E experts, k top-k, F expert FFN size, Fs shared-expert FFN size.
+# Routing is done token by token with plain Python ordering (no torch.topk), every expert is
+# evaluated on every token, and the routed outputs are mixed by a dense [T, E] gate matrix.
+# Everything is differentiable so tests compare gradients as well as outputs.
+
+@dataclass
+class RoutingSpec:
+    top_k: int
+    score_func: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = True
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    routed_scaling_factor: float = 1.0
+
+
+def _pick(values: list[float], count: int) -> list[int]:
+    """Indices of the ``count`` largest values, largest first (ties: lower index first)."""
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
+
+
+def reference_gates(x: torch.Tensor, router_weight: torch.Tensor, spec: RoutingSpec,
+                    correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: [T, H]; router_weight: [E, H]. Returns dense gates [T, E] float64 (zero for
+    experts a token did not pick), differentiable in x and router_weight."""
+    logits = x.double() @ router_weight.double().t()  # [T, E]
+    num_tokens, num_experts = logits.shape
+    if spec.score_func == "softmax":
+        scores = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        scores = scores / scores.sum(-1, keepdim=True)
+    else:
+        scores = 1.0 / (1.0 + torch.exp(-logits))
+    choice = scores.detach().clone()
+    if correction_bias is not None and spec.score_func == "sigmoid":
+        choice = choice + correction_bias.double()
+    rows = []
+    for t in range(num_tokens):
+        c = choice[t].tolist()
+        allowed = list(range(num_experts))
+        if spec.n_group:
+            size = num_experts // spec.n_group
+            group_score = []
+            for g in range(spec.n_group):
+                members = sorted(c[g * size:(g + 1) * size], reverse=True)
+                group_score.append(sum(members[:2]))
+            groups = _pick(group_score, spec.topk_group)
+            allowed = [e for e in allowed if e // size in groups]
+        picked_local = _pick([c[e] for e in allowed], spec.top_k)
+        picked = [allowed[i] for i in picked_local]
+        mask = torch.zeros(num_experts, dtype=torch.float64, device=x.device)
+        mask[picked] = 1.0
+        w = scores[t] * mask
+        if spec.norm_topk_prob:
+            w = w / w.sum()
+        rows.append(w * spec.routed_scaling_factor)
+    if not rows:
+        return logits * 0
+    return torch.stack(rows)  # [T, E]
+
+
+def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor,
+           down_w: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; gate_w, up_w: [F, H]; down_w: [H, F]. Returns [T, H]."""
+    return (F.silu(x @ gate_w.t()) * (x @ up_w.t())) @ down_w.t()
+
+
+def reference_moe(x: torch.Tensor, router_weight: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, spec: RoutingSpec,
+                  correction_bias: Optional[torch.Tensor] = None,
+                  shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                  shared_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Full MoE layer, float64. x: [T, H]; router_weight: [E, H]; gate_up: [E, 2F, H] (gate
+    rows then up rows); down: [E, H, F]; shared: (gate [Fs, H], up [Fs, H], down [H, Fs]);
+    shared_gate: [1, H]. Returns y [T, H] float64."""
+    x = x.double()
+    gates = reference_gates(x, router_weight, spec, correction_bias)  # [T, E]
+    ffn = gate_up.shape[1] // 2
+    y = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        gu = gate_up[e].double()
+        out = swiglu(x, gu[:ffn], gu[ffn:], down[e].double())  # [T, H]
+        y = y + gates[:, e:e + 1] * out
+    if shared is not None:
+        s = swiglu(x, *(w.double() for w in shared))
+        if shared_gate is not None:
+            s = torch.sigmoid(x @ shared_gate.double().t()) * s
+        y = y + s
+    return y
+
+
+# ==== dispatcher cases ====================================================================
+# Every dispatcher computes the dense reference's outputs and gradients.
+# T tokens, H hidden, E experts, k top-k, F expert FFN size, FS shared-expert FFN size.
+# EP strategies give each rank its own tokens (a slice of the global batch); the TP-sharded
+# strategy gives every rank the whole batch. Gradients checked: input, expert shards (sliced
+# from the full reference gradient), router weight and shared expert (summed over the EP
+# group, whose ranks each saw part of the batch).
+
+H, F_EXPERT, E, FS = 16, 32, 8, 16
+
+# name, routing, per-rank token counts (indexed by EP rank, cycled), options
+CASES = [
+    ("softmax_renorm", RoutingSpec(top_k=2), [7, 5, 3, 6], {}),
+    ("softmax_plain_shared_gate", RoutingSpec(top_k=2, norm_topk_prob=False), [4, 6, 5, 2],
+     {"shared": True}),
+    ("sigmoid_group_bias_scale", RoutingSpec(top_k=3, score_func="sigmoid", n_group=4,
+                                             topk_group=2, routed_scaling_factor=2.5),
+     [6, 3, 5, 4], {"bias": "random"}),
+    ("all_to_one_expert_k1", RoutingSpec(top_k=1, score_func="sigmoid"), [5, 4, 3, 6],
+     {"bias": "expert3"}),
+    ("rank_with_zero_tokens", RoutingSpec(top_k=2), [6, 0, 4, 0], {}),
+    ("one_token_k_all", RoutingSpec(top_k=E), [1, 1, 1, 1], {}),
+]
+STRATEGIES = ("local", "tp_sharded", "allgather_rs", "nccl_a2a")
+
+
+def case_tensors(seed, spec, tokens, opts, dtype, device):
+    """Full (unsharded) weights, the global batch and the output gradient, identical on
+    every rank; rounded to ``dtype`` so the float64 reference sees the same values."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+    t = {"router": rand(E, H, scale=0.5), "gate_up": rand(E, 2 * F_EXPERT, H, scale=H ** -0.5),
+         "down": rand(E, H, F_EXPERT, scale=F_EXPERT ** -0.5), "x": rand(sum(tokens), H),
+         "grad": rand(sum(tokens), H), "bias": None, "shared": None, "shared_gate": None}
+    if opts.get("bias") == "random":
+        t["bias"] = torch.randn(E, generator=gen).mul(0.1).to(device)
+    elif opts.get("bias") == "expert3":
+        t["bias"] = torch.zeros(E, device=device)
+        t["bias"][3] = 100.0  # every token picks expert 3 (selection only)
+    if opts.get("shared"):
+        t["shared"] = (rand(FS, H, scale=H ** -0.5), rand(FS, H, scale=H ** -0.5),
+                       rand(H, FS, scale=FS ** -0.5))
+        t["shared_gate"] = rand(1, H, scale=H ** -0.5)
+    return t
+
+
+def build_case_layer(strategy, spec, opts, groups, t, dtype, device):
+    """The MoE layer of a case with ``strategy`` (a dispatcher name or instance) and the
+    case's full weights ``t`` loaded (its own expert shard)."""
+    from moe_ext.moe.layer import build_moe_layer, load_full_expert_weights
+
+    layer = build_moe_layer(
+        H, F_EXPERT, E, spec.top_k, score_func=spec.score_func,
+        norm_topk_prob=spec.norm_topk_prob, n_group=spec.n_group, topk_group=spec.topk_group,
+        routed_scaling_factor=spec.routed_scaling_factor, correction_bias=t["bias"] is not None,
+        shared_expert_size=FS if opts.get("shared") else None,
+        shared_expert_gate=bool(opts.get("shared")), dispatcher=strategy, groups=groups,
+        dtype=dtype, device=device)
+    with torch.no_grad():
+        layer.router.weight.copy_(t["router"])
+        if t["bias"] is not None:
+            layer.router.e_score_correction_bias.copy_(t["bias"])
+        if t["shared"] is not None:
+            for lin, w in zip((layer.shared_expert.gate_proj, layer.shared_expert.up_proj,
+                               layer.shared_expert.down_proj), t["shared"]):
+                lin.weight.copy_(w)
+            layer.shared_expert_gate.weight.copy_(t["shared_gate"])
+    load_full_expert_weights(layer, t["gate_up"], t["down"])
+    return layer
+
+
+def _case_reference(spec, t):
+    leaves = {name: t[name].double().clone().requires_grad_()
+              for name in ("x", "router", "gate_up", "down")}
+    shared = None if t["shared"] is None else tuple(
+        w.double().clone().requires_grad_() for w in t["shared"])
+    shared_gate = None if t["shared_gate"] is None else \
+        t["shared_gate"].double().clone().requires_grad_()
+    y = reference_moe(leaves["x"], leaves["router"], leaves["gate_up"], leaves["down"], spec,
+                      t["bias"], shared, shared_gate)
+    (y * t["grad"].double()).sum().backward()
+    grads = {name: leaf.grad for name, leaf in leaves.items()}
+    grads["shared"] = None if shared is None else [w.grad for w in shared]
+    grads["shared_gate"] = None if shared_gate is None else shared_gate.grad
+    return y.detach(), grads
+
+
+def check_close(actual, expected, what, tol):
+    """``tol`` "fp32": float32 tolerances; a number (bf16): the largest error relative to
+    the expected tensor's scale."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    if expected.numel() == 0:
+        return
+    if tol == "fp32":
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5,
+                                   msg=lambda m: f"{what}: {m}")
+    else:  # bf16: error relative to the tensor's scale
+        err = (actual - expected).abs().max().item()
+        scale = max(expected.abs().max().item(), 1e-3)
+        assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x scale {scale:.3g}"
+
+
+def _sum_over(tensor, group):
+    if group is not None:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def check_strategy(strategy, groups, seed, dtype, device, tol, cases=CASES):
+    """Run every case through ``strategy`` on this rank and compare with the reference."""
+    from moe_ext.moe.layer import expert_shard
+
+    ep_size, ep_rank = groups.ep_size, groups.ep_rank
+    for case_idx, (name, spec, counts, opts) in enumerate(cases):
+        what = f"{strategy} ep={ep_size} etp={groups.etp_size} case={name}"
+        tokens = [counts[r % len(counts)] for r in range(ep_size)]
+        t = case_tensors(seed + case_idx, spec, tokens, opts, dtype, device)
+        y_ref, g_ref = _case_reference(spec, t)
+        lo = sum(tokens[:ep_rank])
+        rows = slice(lo, lo + tokens[ep_rank])  # this rank's tokens (all of them for etp)
+        layer = build_case_layer(strategy, spec, opts, groups, t, dtype, device)
+        layer.train()
+        x = t["x"][rows].clone().requires_grad_()
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == x.shape, what
+        (y * t["grad"][rows]).sum().backward()
+        check_close(y, y_ref[rows], f"{what}: output", tol)
+        check_close(x.grad, g_ref["x"][rows], f"{what}: input grad", tol)
+        gate_up_ref, down_ref = expert_shard(g_ref["gate_up"], g_ref["down"], layer.dispatcher)
+        check_close(layer.experts.gate_up_proj.grad, gate_up_ref, f"{what}: gate_up grad", tol)
+        check_close(layer.experts.down_proj.grad, down_ref, f"{what}: down grad", tol)
+        check_close(_sum_over(layer.router.weight.grad, groups.ep), g_ref["router"],
+                    f"{what}: router grad", tol)
+        if g_ref["shared"] is not None:
+            mods = (layer.shared_expert.gate_proj, layer.shared_expert.up_proj,
+                    layer.shared_expert.down_proj, layer.shared_expert_gate)
+            for mod, ref in zip(mods, list(g_ref["shared"]) + [g_ref["shared_gate"]]):
+                check_close(_sum_over(mod.weight.grad, groups.ep), ref, f"{what}: shared grad",
+                            tol)
+        load = layer.router.read_expert_load()
+        assert int(load.sum()) == tokens[ep_rank] * spec.top_k, what
+        if opts.get("bias") == "expert3":
+            assert int(load[3]) == tokens[ep_rank], f"{what}: bias did not force expert 3"
+
+
+# The static-capacity exchange: the EP dispatchers that can run it on CPU
+# (allgather_rs = ep_allgather, nccl_a2a = ep_nccl). C capacity, G ep size.
+
+STATIC = ("allgather_rs", "nccl_a2a")
+
+
+def static_dispatcher(name: str, groups, capacity: int):
+    """Dispatcher ``name`` over ``groups`` with the static exchange at ``capacity``."""
+    from moe_ext.moe.dispatch import dispatcher_class
+
+    dispatcher = dispatcher_class(name)(E, groups)
+    dispatcher.set_capacity(capacity)
+    return dispatcher
+
+
+def _run_layer(layer, x, grad):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y * grad).sum().backward()
+    return y.detach(), x.grad, layer.experts.gate_up_proj.grad, layer.router.weight.grad
+
+
+def check_static_equals_dynamic(name, groups, seed, cases, extra, dtype=torch.float32,
+                                device=torch.device("cpu"), tol=None):
+    """Per case, capacity = max T over the group + ``extra``: the static layer's output and
+    gradients equal the dynamic layer's (same weights, same tokens), with and without
+    autograd (the no-grad path gathers one packed byte buffer), and match the float64
+    reference (check_strategy). ``tol`` None: float32 to 1e-6 (CPU; the same arithmetic);
+    else check_close's scale-relative bound (bf16 kernels may tile differently for the
+    static row count)."""
+    ep_size, ep_rank = groups.ep_size, groups.ep_rank
+
+    def same(got, want, what):
+        if tol is None:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"{what}: {m}")
+        else:
+            check_close(got, want, what, tol)
+
+    for case_idx, (case_name, spec, counts, opts) in enumerate(cases):
+        tokens = [counts[r % len(counts)] for r in range(ep_size)]
+        capacity = max(max(tokens), 1) + extra
+        what = f"{name} ep={ep_size} case={case_name} T={tokens[ep_rank]} C={capacity}"
+        t = case_tensors(seed + case_idx, spec, tokens, opts, dtype, device)
+        lo = sum(tokens[:ep_rank])
+        x, grad = t["x"][lo:lo + tokens[ep_rank]], t["grad"][lo:lo + tokens[ep_rank]]
+        dynamic = build_case_layer(name, spec, opts, groups, t, dtype, device)
+        static = build_case_layer(static_dispatcher(name, groups, capacity), spec, opts, groups,
+                                  t, dtype, device)
+        for got, want, part in zip(_run_layer(static, x, grad), _run_layer(dynamic, x, grad),
+                                   ("output", "input grad", "gate_up grad", "router grad")):
+            same(got, want, f"{what}: {part}")
+        with torch.no_grad():
+            same(static(x), dynamic(x), f"{what}: no-grad output")
+        check_strategy(static_dispatcher(name, groups, capacity), groups, seed + case_idx, dtype,
+                       device, tol or "fp32", cases=[cases[case_idx]])
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
+
+
+class _NoHostReads:
+    """Make every way of reading a tensor value on the host raise (and restore after)."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+        def refuse(name):
+            def method(*args, **kwargs):
+                raise AssertionError(f"host sync: Tensor.{name} called")
+            return method
+
+        for name in _HOST_READS:
+            setattr(torch.Tensor, name, refuse(name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+        return False
+
+
+def no_sync_body(rank, world):
+    """The static exchange's dispatch + combine read nothing back to the host (at 0, some
+    and capacity tokens, with and without autograd), while the dynamic one does."""
+    from moe_ext.moe.dispatch import DispatchGroups, dispatcher_class
+
+    groups = DispatchGroups(ep=dist.group.WORLD if world > 1 else None)
+    gen = torch.Generator().manual_seed(rank)
+    capacity, top_k = 5, 2
+    x, weights = torch.randn(3, H, generator=gen), torch.rand(3, top_k, generator=gen)
+    expert_idx = torch.randint(0, E, (3, top_k), generator=gen)
+    with pytest.raises(AssertionError, match="host sync"), _NoHostReads():
+        # the guard catches a real sync: the dynamic exchange reads its sizes on the host
+        dispatcher_class("allgather_rs")(E, groups).dispatch(x, weights, expert_idx)
+    for name in STATIC:
+        for num_tokens in (0, 3, capacity):
+            dispatcher = static_dispatcher(name, groups, capacity)
+            x = torch.randn(num_tokens, H, generator=gen)
+            weights = torch.rand(num_tokens, top_k, generator=gen)
+            expert_idx = torch.randint(0, E, (num_tokens, top_k), generator=gen)
+            for grad in (False, True):
+                xg = x.clone().requires_grad_(grad)
+                with torch.set_grad_enabled(grad), _NoHostReads():
+                    x_local, counts, handle = dispatcher.dispatch(xg, weights, expert_idx)
+                    y = dispatcher.combine(x_local * 2.0, handle)
+                    if grad:
+                        y.sum().backward()
+                assert x_local.shape == (groups.ep_size * capacity * top_k, H)
+                assert counts.shape == (dispatcher.num_local_experts,)
+                assert y.shape == (num_tokens, H)
+                # experts that double their input: y = 2 * x * (sum of the token's weights)
+                torch.testing.assert_close(y.detach(), 2 * x * weights.sum(1, keepdim=True))
+                if grad:
+                    torch.testing.assert_close(xg.grad, 2 * weights.sum(1, keepdim=True)
+                                               .expand(-1, H))
+
+
+def assert_nvshmem_refusal(err: BaseException, *words: str) -> None:
+    """NvshmemDispatcher's refusal: one line pointing at strategy=ep_nccl, with ``words``."""
+    message = str(err)
+    assert "\n" not in message, message
+    assert "strategy=ep_nccl" in message, message
+    for word in words:
+        assert word in message, message
+
+
+# ==== Megatron-core =======================================================================
+# T tokens, H hidden, E experts, k top-k
+
+MEGATRON_H, MEGATRON_E = 32, 8
+
+
+def megatron_config(**kw):
+    """A small Megatron TransformerConfig (H = MEGATRON_H, E = MEGATRON_E experts, top-2,
+    CPU initialisation) with ``kw`` on top."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = dict(num_layers=2, hidden_size=MEGATRON_H, num_attention_heads=4, ffn_hidden_size=64,
+                num_moe_experts=MEGATRON_E, moe_router_topk=2, moe_ffn_hidden_size=16,
+                normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+                moe_router_dtype="fp32", use_cpu_initialization=True)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+def megatron_plan(strategy: str, world: int, tp: int = 1):
+    from moe_ext.plan import plan_with_degrees
+
+    return plan_with_degrees(strategy, world, tp, reason="test")
+
+
+def megatron_args(model_type: str = "qwen3_moe", **kw):
+    """Small ModelArgs (hidden MEGATRON_H) of ``model_type`` for GPTModel comparisons."""
+    from moe_ext.model import ModelArgs
+
+    base = dict(model_type=model_type, vocab_size=64, hidden_size=MEGATRON_H,
+                intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                num_experts_per_tok=2, rope_theta=10000.0, qk_norm=model_type == "qwen3_moe",
+                qkv_bias=model_type == "qwen2_moe")
+    if model_type == "qwen2_moe":
+        base.update(shared_expert_intermediate_size=24, shared_expert_gate=True,
+                    mlp_only_layers=[1], norm_topk_prob=False)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+# ==== Triton ==============================================================================
+# Triton decides when it is first imported (TRITON_INTERPRET=1 in the environment) whether
+# kernels compile or run in its CPU interpreter, so a test file's ``test_cpu_*`` cases are
+# marked ``needs_interpreter`` and rerun by ``run_cpu_cases_in_interpreter`` in a child
+# pytest with that variable set; in the parent process (compiled kernels or no GPU) they
+# skip. Without triton installed (CI installs only the project's dependencies; CUDA torch
+# brings triton) everything Triton-specific skips.
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def interpreted() -> bool:
+    """Whether this process runs Triton kernels in the interpreter."""
+    if not HAS_TRITON:
+        return False
+    from moe_ext.moe.kernels import grouped_gemm
+    return grouped_gemm.INTERPRETED
+
+
+needs_interpreter = pytest.mark.skipif(
+    not interpreted(),
+    reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_interpreter")
+
+
+def run_cpu_cases_in_interpreter(test_file: str) -> None:
+    """Run ``test_file``'s ``test_cpu_*`` cases in a child pytest under the interpreter;
+    fail with the child's output tail unless they all ran and passed."""
+    if interpreted():
+        pytest.skip("already inside the interpreter child")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_cpu_",
+         str(Path(test_file).resolve())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+def graph_recorder(graphs):
+    """A torch.compile backend that keeps each traced FX graph and runs it eagerly."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def count_op_nodes(graphs, packet):
+    """Calls of the custom op ``packet`` (dynamo records the packet, AOT the overload)."""
+    return sum(node.op == "call_function" and node.target in (packet, packet.default)
+               for gm in graphs for node in gm.graph.nodes)
+
+
+def capture_compiled(module, *inputs):
+    """``module`` under inductor (fullgraph, static shapes), warmed up on a side stream
+    (compile and autotune happen outside capture), then captured in a CUDA graph.
+    Returns (graph, output of the captured call); replay after writing into ``inputs``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            compiled(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(*inputs)
+    return graph, out

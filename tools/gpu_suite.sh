@@ -53,7 +53,7 @@ if [ "${SUITE_TESTS:-1}" = 1 ]; then  # SUITE_TESTS=0: benchmarks only
   step "GPU tests: pytest -m gpu (log: gpu_tests.log)"
   # The NVSHMEM tests first (a hang elsewhere must not hide them), then every other gpu test.
   timeout -k 10 300 $PY -m pytest -m gpu -q -p no:cacheprovider --durations=8 \
-    tests/test_nvshmem_dispatch.py tests >"$OUT/gpu_tests.log" 2>&1
+    tests/multirank/test_nvshmem_dispatch.py tests >"$OUT/gpu_tests.log" 2>&1
   rc=$?
   tail -n 12 "$OUT/gpu_tests.log"
   if [ $rc -ne 0 ]; then

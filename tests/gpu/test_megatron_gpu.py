@@ -20,9 +20,9 @@ import warnings
 import pytest
 import torch
 
-from tests.multirank import run_ranks
+from tests.support import run_ranks
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.multirank]  # 2 GPUs, one rank each
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
 TIMEOUT = datetime.timedelta(seconds=60)
@@ -77,9 +77,15 @@ def _gpt_case(rank, world, model_type, strategy, tp, backend, device):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from moe_ext.megatron import (get_gpt_decoder_block_spec, gpt_model_kwargs,
-                                  load_into_megatron, native_to_megatron, pg_collection,
-                                  transformer_config_kwargs, uninstall_parallel_state)
+    from moe_ext.megatron import (
+        get_gpt_decoder_block_spec,
+        gpt_model_kwargs,
+        load_into_megatron,
+        native_to_megatron,
+        pg_collection,
+        transformer_config_kwargs,
+        uninstall_parallel_state,
+    )
     from moe_ext.model import Transformer, init_random_full
 
     args = _tiny_args(model_type)

@@ -2,8 +2,8 @@
 EP = 2 against a dense single-rank float64 computation of the same experts, with their own
 routing and with forced balanced routing (CPU/gloo; Megatron with its allgather dispatcher,
 as the alltoall one needs CUDA streams; both again on 2 GPUs with NCCL, Megatron alltoall,
-marked gpu); transformers generate on a tiny random model; tools/bench_moe.py --peers and
-tools/bench_infer.py --peers hf as smoke runs.
+marked gpu); tools/bench_moe.py --peers as smoke runs on 2 and 4 ranks. The transformers
+peer and tools/bench_infer.py --peers hf: tests/unit/test_bench_peers.py.
 
 # T tokens, H hidden, F expert FFN size, E experts, k top-k
 """
@@ -16,18 +16,16 @@ import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.multirank import run_ranks
+from tests.support import REPO, run_ranks, torchrun
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
-REPO = Path(__file__).resolve().parents[1]
 H, FFN, E, TOP_K, T = 16, 8, 4, 2, 10
 
 
@@ -168,32 +166,6 @@ def test_megatron_peer_matches_dense_reference_2gpus(dispatcher):
     run_ranks(_megatron_body, world_size=2, args=("nccl", dispatcher), backend="nccl")
 
 
-# ---- Hugging Face transformers -----------------------------------------------------------
-
-def test_hf_peer_same_shapes_generates_exact_count():
-    pytest.importorskip("transformers")
-    from moe_ext.bench.peers import hf_causal_lm, hf_decode_floor_s, hf_generate_timed
-    from moe_ext.model import ModelArgs, Transformer
-
-    args = ModelArgs(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
-                     moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                     rope_theta=10000.0, qk_norm=True)
-    torch.manual_seed(0)
-    model = hf_causal_lm(args, dtype=torch.float32, device=torch.device("cpu"))
-    native = Transformer(args)
-    ours = sum(p.numel() for p in native.parameters())
-    assert sum(p.numel() for p in model.parameters()) == ours
-    prompts = torch.randint(0, 64, (2, 7))
-    timed = hf_generate_timed(model, prompts, 5)
-    assert timed["decode_steps"] == 4 and timed["prefill_s"] > 0 and timed["decode_s"] > 0
-    # floor: batch 1 reads every non-embedding weight once and each expert with p = k/E
-    expert = sum(p.numel() for n, p in native.named_parameters() if ".mlp.experts." in n)
-    embed = native.embed_tokens.weight.numel()
-    expected = (ours - expert - embed + expert * 2 / 4) * 4 / 1e12
-    assert hf_decode_floor_s(model, 4, 2, 1, 1e12) == pytest.approx(expected)
-
-
 # ---- tools smoke runs --------------------------------------------------------------------
 
 def _env():
@@ -205,9 +177,8 @@ def _env():
 @pytest.mark.timeout(180)
 def test_bench_moe_with_peers_world2_smoke(tmp_path):
     out = tmp_path / "moe.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32", "--shape", "custom",
-           "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2", "--tokens", "4,8",
+    cmd = [*torchrun(2), "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32",
+           "--shape", "custom", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2", "--tokens", "4,8",
            "--strategies", "ep_nccl", "--peers", "megatron,deepspeed", "--uniform-routing",
            "--warmup", "1", "--iters", "2", "--timeout-s", "60", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
@@ -233,9 +204,9 @@ def test_bench_moe_expert_groups_below_world_size(tmp_path):
     """World 4, --group-size 2: two EP-2 (expert-TP-2) groups side by side; each rank holds
     and reads half the experts (half the FFN); peers, which need G = W, say so."""
     out = tmp_path / "moe.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32", "--shape", "custom",
-           "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2", "--tokens", "8",
+    cmd = [*torchrun(4), "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32",
+           "--shape", "custom", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2",
+           "--tokens", "8",
            "--strategies", "replicate,tp_experts,ep_nccl", "--peers", "deepspeed",
            "--group-size", "2", "--uniform-routing", "--warmup", "1", "--iters", "2",
            "--timeout-s", "60", "--json", str(out)]
@@ -258,19 +229,3 @@ def test_bench_moe_expert_groups_below_world_size(tmp_path):
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
         "--group-size 3 does not divide the world size 1; pass a divisor of 1")
-
-
-@pytest.mark.timeout(120)
-def test_bench_infer_with_hf_peer_smoke(tmp_path):
-    out = tmp_path / "infer.json"
-    cmd = [sys.executable, "tools/bench_infer.py", "--device", "cpu", "--model", "tiny",
-           "--strategy", "replicate", "--batches", "1", "--prompt-len", "6", "--new-tokens", "3",
-           "--no-cuda-graphs", "--peers", "hf", "--json", str(out), "model.weights=null"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["strategy"] for r in rows] == ["replicate", "hf_generate"]
-    native, hf = rows
-    assert hf["floor_ms_per_step"] == pytest.approx(native["floor_ms_per_step"])
-    assert hf["decode_tok_s"] > 0 and hf["versions"]["transformers"] != "absent"
-    assert "hf_generate" in proc.stdout.splitlines()[-1]

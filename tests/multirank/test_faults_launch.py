@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +21,13 @@ from pathlib import Path
 import pytest
 
 from moe_ext.train.state import LATEST, find_checkpoint, load_rank_state
+from tests.support import REPO
+from tests.support import torchrun as torchrun_cmd
 
-pytestmark = [pytest.mark.faults, pytest.mark.multirank,
+pytestmark = [pytest.mark.faults,
               pytest.mark.skipif(not Path("/proc/self/environ").exists(),
                                  reason="finds the ranks through /proc (Linux)")]
 
-REPO = Path(__file__).resolve().parents[1]
 INFER, TRAIN = REPO / "launch" / "infer.py", REPO / "launch" / "train.py"
 START_S = 120  # a loaded 2-core machine may take this long to import torch and DeepSpeed twice
 EXIT_S = 60  # the whole job is gone this long after a rank died
@@ -49,8 +49,7 @@ class Torchrun:
         self.workers: dict[int, int] = {}  # rank -> pid
         with open(log, "wb") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc-per-node=2", str(script), *args],
+                [*torchrun_cmd(2), str(script), *args],
                 stdout=sink, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                 start_new_session=True)
 

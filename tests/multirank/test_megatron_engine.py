@@ -2,8 +2,8 @@
 engine=megatron).
 
 CPU (megatron-core 0.16.1 here; Megatron's CUDA-only helpers redirected to CPU inside the
-spawned gloo ranks, as in tests/test_megatron.py):
-- the launchers refuse engine=megatron without CUDA with one line, before any process group;
+spawned gloo ranks, as in tests/multirank/test_megatron.py; the refusals without CUDA are in
+tests/unit/test_megatron_engine.py):
 - world 2: GPTModel loaded from the shipped tiny checkpoint generates the native engine's
   greedy ids (ep_nccl and tp_experts tp=2), with per-request lengths and EOS;
   world 1: sampled ids (temperature, top-p, seed) equal the native engine's;
@@ -32,10 +32,9 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
-from tests.multirank import run_ranks  # noqa: E402
+from tests.support import REPO, megatron_plan, run_ranks, tiny_conf, torchrun  # noqa: E402
+from tests.support import TINY_CHECKPOINT as TINY  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "moe_ext" / "data" / "checkpoints" / "tiny"
 TIMEOUT = datetime.timedelta(seconds=60)
 PROMPTS = [[256, 84, 104, 101, 32], [256, 73, 110], [256, 87, 104, 101, 114, 101, 32, 105, 115],
            [256, 79]]
@@ -50,54 +49,9 @@ def _cpu_megatron():
     yield
 
 
-def _plan(strategy: str, world: int, tp: int = 1):
-    from moe_ext.plan import plan_with_degrees
-
-    return plan_with_degrees(strategy, world, tp, reason="test")
-
-
 def _source(checkpoint=TINY):
     from moe_ext.launching import resolve_model_source
     return resolve_model_source(str(checkpoint) if checkpoint else None, None)
-
-
-# ---- refusals (no process group) --------------------------------------------------------
-
-def test_refusals_are_one_line_value_errors():
-    from moe_ext.megatron.engine import (MegatronEngineError, check_plan, check_train_settings,
-                                         require_cuda)
-    with pytest.raises(ValueError, match=r"^engine=megatron needs CUDA \(Megatron-core is "
-                                         r"CUDA-only\); use engine=native$"):
-        require_cuda("auto", False, fallback="native")
-    with pytest.raises(MegatronEngineError, match="needs CUDA"):
-        require_cuda("cpu", True, fallback="deepspeed")
-    require_cuda("auto", True, fallback="native")
-    args = _source().args
-    with pytest.raises(MegatronEngineError, match="pp=1"):
-        check_plan(dataclasses.replace(_plan("replicate", 2), pp=2, dp=1, edp=1), args)
-    with pytest.raises(MegatronEngineError, match="tp=1"):
-        check_plan(_plan("tp_experts", 2, tp=2), args, training=True)
-    check_plan(_plan("tp_experts", 2, tp=2), args)  # inference takes tp
-    with pytest.raises(MegatronEngineError, match="dtype=bf16"):
-        check_train_settings("bf16", 0)
-    with pytest.raises(MegatronEngineError, match="zero_stage"):
-        check_train_settings("auto", 1)
-
-
-@pytest.mark.parametrize("launcher, fallback", [("infer.py", "native"), ("train.py", "deepspeed")])
-def test_launchers_refuse_megatron_without_cuda(launcher, fallback):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([sys.executable, str(REPO / "launch" / launcher), "engine=megatron",
-                          "hydra.run.dir=/tmp/moe_ext_megatron_refusal",
-                          "hydra.output_subdir=null"],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert res.returncode == 2, res.stderr[-2000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: engine=megatron needs CUDA (Megatron-core is CUDA-only); use "
-                      f"engine={fallback}"], res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
 
 
 # ---- generation vs the native engine ------------------------------------------------------
@@ -129,7 +83,7 @@ def _generate_body(rank, world):
 
     with _cpu_megatron():
         for strategy, tp in (("ep_nccl", 1), ("tp_experts", 2)):
-            plan = _plan(strategy, world, tp)
+            plan = megatron_plan(strategy, world, tp)
             try:
                 source, groups, native, gpt = _models(plan, rank)
                 conf = _gen_conf()
@@ -167,7 +121,7 @@ def _sample_body(rank, world):
 
     with _cpu_megatron():
         try:
-            source, groups, native, gpt = _models(_plan("replicate", 1), rank)
+            source, groups, native, gpt = _models(megatron_plan("replicate", 1), rank)
             conf = _gen_conf(temperature=0.9, top_p=0.9, max_batch_size=8, max_new_tokens=16)
             ref = native_generate(native, PROMPTS, conf, eos_id=None, pad_id=258, seed=5)
             ours = megatron_generate(gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=5,
@@ -198,7 +152,7 @@ def _train_body(rank, world):
 
     aux_coeff = 0.5  # large, so a wrong coefficient mapping shows in the gradients
     with _cpu_megatron():
-        plan = _plan("ep_nccl", world)  # dp 2, ep 2, edp 1: experts split over the ranks
+        plan = megatron_plan("ep_nccl", world)  # dp 2, ep 2, edp 1: experts split over the ranks
         try:
             source, groups, native, _ = _models(plan, rank)
             engine = build_train_engine(native, source, groups, torch.device("cpu"), lr=1e-2,
@@ -247,8 +201,6 @@ def test_training_gradients_equal_reference_world2():
 
 def _conf(schema, **over):
     """A launcher config (InferConf / TrainConf) for the tiny model, with overrides."""
-    from tests.confs import tiny_conf
-
     return tiny_conf(schema, **over)
 
 
@@ -318,8 +270,7 @@ def test_launchers_engine_megatron_emulated_on_cpu_world2(tmp_path):
 def _torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0",
                TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(REPO / "launch" / script), *args]
+    cmd = [*torchrun(nproc), str(REPO / "launch" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
 
 

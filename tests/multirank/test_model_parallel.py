@@ -1,58 +1,27 @@
 """Parallelized native model (2 gloo ranks) == single-rank model: greedy ids for tp=2, pp=2,
 ep_nccl (dp=2, lockstep) and ep_nccl with tp=2 (token split); lockstep decode through the
 static-capacity exchange, with the CUDA-graph capture protocol emulated on CPU (and run for
-real on 2 GPUs); plus sharding/seeding units."""
+real on 2 GPUs). Sharding and seeding in one process: tests/unit/test_model_parallel.py."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import importlib
 from datetime import timedelta
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 import torch.distributed as dist
 
 from moe_ext.config import GenerateConf
-from moe_ext.model import ModelArgs, Transformer, generate
-from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices, stage_layers, take_shard
-from moe_ext.model.weights import init_random_, init_random_full, random_tensor
-from moe_ext.plan import ParallelPlan
-from tests.multirank import run_ranks
+from moe_ext.model import Transformer, generate
+from moe_ext.model.parallelize import (
+    parallelize,
+    shard_slices,
+)
+from moe_ext.model.weights import init_random_, init_random_full
+from tests.support import plan_of, qwen2_args, run_ranks, tiny_args
 
-DISPATCHERS = {
-    "replicate": "moe_ext.moe.dispatch.local.LocalDispatcher",
-    "tp_experts": "moe_ext.moe.dispatch.tp_sharded.TPShardedDispatcher",
-    "ep_nccl": "moe_ext.moe.dispatch.nccl_a2a.AllToAllDispatcher",
-    "ep_allgather": "moe_ext.moe.dispatch.allgather_rs.AllGatherDispatcher",
-}
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 9, 200], [256, 33, 34, 35, 36], [256, 1]]
 MAX_NEW = [10, 3, 7, 12]  # different lengths: one dp replica finishes first (lockstep)
-
-
-def model_conf(name: str):
-    """conf/model/<name>.yaml as Hydra composes it."""
-    return OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-
-
-def tiny_args() -> ModelArgs:
-    return ModelArgs.from_model_conf(model_conf("tiny"))
-
-
-def qwen2_args() -> ModelArgs:
-    # dense layer (mlp_only_layers), shared expert, q/k/v bias, nKV=1 < tp (kv replicated)
-    return ModelArgs(model_type="qwen2_moe", vocab_size=260, hidden_size=48, intermediate_size=64,
-                     moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                     shared_expert_gate=True, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-                     num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], qkv_bias=True)
-
-
-def plan_of(strategy, tp=1, pp=1, dp=1, ep=1, etp=1, world=2) -> ParallelPlan:
-    return ParallelPlan(strategy=strategy, world_size=world, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
-                        edp=tp * dp // (ep * etp), dispatcher=DISPATCHERS[strategy], reason="test")
 
 
 def _reference(args, prompts=PROMPTS, max_new=MAX_NEW):
@@ -115,7 +84,6 @@ def _parallel_body(rank, world, cases):
         assert _capacities(model) == {None}, plan_kwargs
 
 
-@pytest.mark.multirank
 def test_parallel_strategies_match_single_rank():
     cases = [
         ("tiny", dict(strategy="replicate", tp=2), True),
@@ -125,40 +93,6 @@ def test_parallel_strategies_match_single_rank():
         ("qwen2", dict(strategy="tp_experts", tp=2, etp=2), True),
     ]
     run_ranks(_parallel_body, world_size=2, args=(cases,))
-
-
-def test_shards_of_full_random_weights_equal_sharded_init():
-    args = qwen2_args()
-    full = init_random_full(args, seed=7)
-    plan = plan_of("tp_experts", tp=2, etp=2)
-    for rank in range(2):
-        coords = RankCoords.of(plan, rank)
-        requests = shard_slices(plan, coords, args)
-        assert set(requests) == set(full)  # pp=1: every tensor on every rank
-        for name, request in requests.items():
-            local = take_shard(full[name], request)
-            direct = random_tensor(name, tuple(full[name].shape), args, 7, request)
-            torch.testing.assert_close(direct, local, rtol=0, atol=0)
-        # D = 48 / 4 = 12; the single kv head is replicated on both TP ranks
-        assert requests["layers.0.self_attn.k_proj.weight"].shape((12, 48)) == (12, 48)
-        assert requests["layers.0.self_attn.q_proj.weight"].shape((48, 48)) == (24, 48)
-        assert requests["layers.0.mlp.experts.gate_up_proj"].shape((4, 32, 48)) == (4, 16, 48)
-
-
-def test_stage_layers_cover_every_layer_once():
-    for n, pp in [(4, 2), (5, 2), (7, 3), (3, 3)]:
-        layers = [i for s in range(pp) for i in stage_layers(n, pp, s)]
-        assert layers == list(range(n))
-
-
-def test_real_shapes_build_on_meta():
-    for name in ("mixtral_8x7b", "qwen3_30b_a3b", "qwen2_57b_a14b"):
-        args = ModelArgs.from_model_conf(model_conf(name))
-        with torch.device("meta"):
-            model = Transformer(args)
-        total = sum(p.numel() for p in model.parameters())
-        expected = {"mixtral_8x7b": 46.7e9, "qwen3_30b_a3b": 30.5e9, "qwen2_57b_a14b": 57.4e9}[name]
-        assert abs(total - expected) / expected < 0.01, (name, total)
 
 
 # ---- lockstep decode: static exchange and the CUDA-graph capture protocol ---------------
@@ -198,7 +132,6 @@ def _lockstep_static_body(rank, world):
         assert _capacities(model) == {None}, strategy
 
 
-@pytest.mark.multirank
 def test_lockstep_decode_uses_static_exchange():
     run_ranks(_lockstep_static_body, world_size=2)
 
@@ -255,7 +188,6 @@ def _capture_protocol_body(rank, world):
     assert _capacities(model) == {None}
 
 
-@pytest.mark.multirank
 def test_lockstep_capture_protocol_matches_collectives():
     run_ranks(_capture_protocol_body, world_size=2)
 
@@ -287,7 +219,6 @@ def _gpu_graph_body(rank, world):
 
 
 @pytest.mark.gpu
-@pytest.mark.multirank
 def test_gpu_lockstep_cuda_graph_decode_matches_eager():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

@@ -1,5 +1,6 @@
-"""NvshmemDispatcher: refusals on machines without NVSHMEM, layout logic against an emulated
-transport on CPU, and the real NVSHMEM exchange on 2 GPUs.
+"""NvshmemDispatcher on ranks: the refusal of a gloo group, layout logic against an emulated
+transport on CPU, and the real NVSHMEM exchange on 2 GPUs. The refusals without CUDA or
+NVSHMEM and the slot count: tests/unit/test_nvshmem_dispatch.py.
 
 # T tokens, H hidden, E experts, k top-k, W ranks
 
@@ -17,38 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe_ext.moe.dispatch import DispatchGroups, build_dispatcher, nvshmem
+from moe_ext.moe.dispatch import DispatchGroups, nvshmem
 from moe_ext.moe.dispatch.nccl_a2a import AllToAllDispatcher
-from tests.multirank import run_ranks
-from tests.test_moe_dispatch import CASES, E, check_strategy
+from tests.support import CASES, E, assert_nvshmem_refusal, check_strategy, run_ranks
 
-# ---------------------------------------------------------------- refusals (CPU)
-
-def _assert_refusal(err: BaseException, *words: str) -> None:
-    message = str(err)
-    assert "\n" not in message, message
-    assert "strategy=ep_nccl" in message, message
-    for word in words:
-        assert word in message, message
-
-
-def test_refuses_without_cuda(monkeypatch):
-    monkeypatch.setattr(nvshmem, "cuda_available", lambda: False)
-    with pytest.raises(ValueError) as err:
-        nvshmem.NvshmemDispatcher(E)
-    _assert_refusal(err.value, "CUDA")
-    with pytest.raises(nvshmem.NvshmemUnavailableError) as err:
-        build_dispatcher("nvshmem", E)
-    _assert_refusal(err.value, "CUDA")
-
-
-def test_refuses_without_nvshmem(monkeypatch):
-    monkeypatch.setattr(nvshmem, "cuda_available", lambda: True)
-    monkeypatch.setattr(nvshmem, "nvshmem_available", lambda: False)
-    with pytest.raises(nvshmem.NvshmemUnavailableError) as err:
-        nvshmem.NvshmemDispatcher(E)
-    _assert_refusal(err.value, "NVSHMEM")
-
+# ---------------------------------------------------------------- refusals (gloo)
 
 def _gloo_refusal_body(rank, world):
     nvshmem.cuda_available = lambda: True
@@ -56,22 +30,13 @@ def _gloo_refusal_body(rank, world):
     try:
         nvshmem.NvshmemDispatcher(E, DispatchGroups(ep=dist.group.WORLD))
     except nvshmem.NvshmemUnavailableError as err:
-        _assert_refusal(err, "gloo")
+        assert_nvshmem_refusal(err, "gloo")
     else:
         raise AssertionError("NvshmemDispatcher accepted a gloo process group")
 
 
-@pytest.mark.multirank
 def test_refuses_non_nccl_group():
     run_ranks(_gloo_refusal_body, 2)
-
-
-def test_exchange_slots():
-    assert nvshmem.exchange_slots(4) == 4
-    assert nvshmem.exchange_slots(64) == 16  # Qwen3 at ep=2: 16 slots of 4 experts
-    assert nvshmem.exchange_slots(24) == 12
-    assert nvshmem.exchange_slots(17) == 1
-    assert nvshmem.exchange_slots(4, max_slots=3) == 2
 
 
 # ---------------------------------------------------------------- emulated transport (CPU)
@@ -195,7 +160,6 @@ def _emulated_body(rank, world):
                           torch.float32, avoid_expert=37)
 
 
-@pytest.mark.multirank
 def test_emulated_transport_matches_reference_and_nccl_a2a():
     run_ranks(_emulated_body, 2)
 
@@ -229,7 +193,6 @@ def _gpu_body(rank, world):
 
 
 @pytest.mark.gpu
-@pytest.mark.multirank
 def test_nvshmem_matches_reference_and_nccl_a2a_on_2_gpus():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

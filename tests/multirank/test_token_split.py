@@ -1,5 +1,6 @@
 """The TP token split of moe_ext.moe.dispatch.comm (used by the native decoder and the Megatron
 layer): outputs and gradients on 2 gloo ranks against a single-rank float64 reference.
+A group of one (no split): tests/unit/test_token_split.py.
 
 # T tokens, H hidden, k top-k
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from moe_ext.model.decoder import split_tokens_forward
 from moe_ext.moe.dispatch.comm import gather_slices, run_on_token_slice, take_slice
-from tests.multirank import run_ranks
+from tests.support import run_ranks
 
 H = 6
 
@@ -90,20 +91,11 @@ def _sharded_body(rank, world):
     torch.testing.assert_close(x.grad, x_ref.grad[mine])
 
 
-@pytest.mark.multirank
 @pytest.mark.timeout(120)
 def test_token_split_matches_single_rank_world2():
     run_ranks(_replicated_body, world_size=2)
 
 
-@pytest.mark.multirank
 @pytest.mark.timeout(120)
 def test_gather_then_take_slice_matches_single_rank_world2():
     run_ranks(_sharded_body, world_size=2)
-
-
-def test_group_of_one_is_the_identity():
-    x = torch.randn(3, H, requires_grad=True)
-    assert take_slice(x, None) is x and gather_slices(x, None) is x
-    mlp = _mlp().float()
-    torch.testing.assert_close(run_on_token_slice(mlp, (x,), None), mlp(x))

@@ -17,8 +17,7 @@ from moe_ext.model import ByteTokenizer, Transformer
 from moe_ext.model.parallelize import parallelize, shard_slices, take_shard
 from moe_ext.model.weights import init_random_, init_random_full
 from moe_ext.train.config import TrainLoopConf
-from tests.multirank import run_ranks
-from tests.test_model_parallel import plan_of, tiny_args
+from tests.support import REPO, plan_of, run_ranks, tiny_args, torchrun
 
 AUX = 0.01
 MB, SEQ = 2, 16  # per-rank micro batch, sequence length
@@ -137,8 +136,13 @@ def _resume_body(rank, world, root):
     os.environ["LOCAL_RANK"] = str(rank)
     from moe_ext.train.data import TokenData
     from moe_ext.train.loop import RunState, Trainer
-    from moe_ext.train.state import (capture_engine, find_checkpoint, load_rank_state,
-                                     restore_engine, save_checkpoint)
+    from moe_ext.train.state import (
+        capture_engine,
+        find_checkpoint,
+        load_rank_state,
+        restore_engine,
+        save_checkpoint,
+    )
 
     args = tiny_args()
     plan = plan_of("ep_nccl", dp=2, ep=2)
@@ -177,17 +181,14 @@ def _resume_body(rank, world, root):
         assert (ckpt / "latest").read_text().strip() == "step_00000004"
 
 
-@pytest.mark.multirank
 def test_gradients_of_strategies_equal_single_rank_reference(tmp_path):
     run_ranks(_grads_body, world_size=2, args=(str(tmp_path / "export"),))
 
 
-@pytest.mark.multirank
 def test_zero_stages_follow_stage_zero():
     run_ranks(_zero_body, world_size=2)
 
 
-@pytest.mark.multirank
 def test_resume_reproduces_loss_trajectory(tmp_path):
     run_ranks(_resume_body, world_size=2, args=(str(tmp_path),))
 
@@ -197,14 +198,11 @@ def test_resume_reproduces_loss_trajectory(tmp_path):
 def _torchrun_train(tmp: Path, run: str, *overrides: str):
     import json
     import subprocess
-    import sys
 
-    repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0",
                TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(repo / "launch/train.py"), f"hydra.run.dir={tmp / run}", "progress=false",
-           "train.steps=40", "train.save_every=20", "train.eval_every=20",
+    cmd = [*torchrun(2), str(REPO / "launch/train.py"), f"hydra.run.dir={tmp / run}",
+           "progress=false", "train.steps=40", "train.save_every=20", "train.eval_every=20",
            "sample.max_new_tokens=16", *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -212,7 +210,6 @@ def _torchrun_train(tmp: Path, run: str, *overrides: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.multirank
 @pytest.mark.parametrize("overrides", [
     ("strategy=ep_nccl", "train.zero_stage=1", "train.grad_clip=0"),  # bf16 (auto), ZeRO 1
     ("strategy=ep_allgather", "dtype=fp32"),  # fp32, stage 0, our exact EP clipping

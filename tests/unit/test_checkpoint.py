@@ -26,7 +26,7 @@ from moe_ext.checkpoint.hf_maps import native_shapes
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 E = 8  # experts: divisible by the EP=4 of the byte-count test

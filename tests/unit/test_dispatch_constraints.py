@@ -18,7 +18,7 @@ from moe_ext.moe.dispatch.nvshmem import MAX_RANKS, NvshmemDispatcher
 from moe_ext.plan import STRATEGIES, PlanError, build_plan, plan_with_degrees
 from moe_ext.topology import Topology, parse_record, resolve_topology
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "topology"
 GIB = 2**30
 # 16 heads / 4 kv heads / 32 experts / F 64: divisible by every degree used here

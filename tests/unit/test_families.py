@@ -16,7 +16,7 @@ from moe_ext.model.args import ModelArgs
 from moe_ext.model.decoder import Transformer
 from moe_ext.model.families import MODEL_TYPES, ModelConfigError, get_family
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = dict(
     vocab_size=50,
     hidden_size=32,

@@ -5,7 +5,6 @@ form, the latent cache, tensor-parallel head shards, and one-line config errors.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,95 +14,14 @@ from moe_ext.errors import MoeExtError
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.mla import MLAttention, mla_softmax_scale, yarn_mscale
 from moe_ext.model.parallelize import RankCoords, shard_slices, take_shard
+from tests.support import DEEPSEEK_VARIANTS as VARIANTS
+from tests.support import HF_EOS as EOS
+from tests.support import HF_PROMPTS as PROMPTS
+from tests.support import REPO, hf_greedy, left_pad
+from tests.support import deepseek_hf_config as hf_config
+from tests.support import deepseek_hf_model as hf_model
 
 transformers = pytest.importorskip("transformers")
-
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = [[5, 17, 3, 42, 8, 9, 11], [7, 1, 30], [60, 2, 2, 19, 4]]
-EOS = 13
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
-
-# tiny shapes of each routing kind (model_type, config changes)
-VARIANTS = {
-    # DeepSeek-V2-Lite: plain q_proj, softmax greedy top-k, two shared experts
-    "v2_lite": (
-        "deepseek_v2",
-        dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1),
-    ),
-    # DeepSeek-V2: q LoRA, softmax top-k within the best groups (group score = max)
-    "v2_group": (
-        "deepseek_v2",
-        dict(
-            q_lora_rank=12,
-            topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=1.7,
-        ),
-    ),
-    # DeepSeek-V3: sigmoid + correction bias, groups (top-2 sum), renormalised and scaled;
-    # YaRN with DeepSeek's mscale (softmax scale times mscale_all_dim's factor squared)
-    "v3": (
-        "deepseek_v3",
-        dict(
-            q_lora_rank=12,
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=2.5,
-            rope_parameters={**YARN, "rope_theta": 10000.0, "mscale": 1.0, "mscale_all_dim": 0.7},
-        ),
-    ),
-    # deepseek_v3 without rope_interleave (rotate-half pairs) and with attention biases
-    "v3_half_bias": (
-        "deepseek_v3",
-        dict(q_lora_rank=None, n_group=2, topk_group=1, rope_interleave=False, attention_bias=True),
-    ),
-}
-
-
-def hf_config(variant: str, **changes):
-    model_type, extra = VARIANTS[variant]
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=2 if model_type == "deepseek_v2" else 1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=6,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=EOS,
-    )
-    return transformers.AutoConfig.for_model(model_type, **{**common, **extra, **changes})
-
-
-def randomize_(model, seed: int = 0):
-    """Random everything (norms, biases, correction biases too) so every term matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(noise * 0.1 + 1.0 if "norm" in name else noise * 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
-    return model.eval()
-
-
-def hf_model(variant: str, **changes):
-    config = hf_config(variant, **changes)
-    return randomize_(transformers.AutoModelForCausalLM.from_config(config))
 
 
 def native_from_hf(hf) -> Transformer:
@@ -116,29 +34,6 @@ def native_from_hf(hf) -> Transformer:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return model.eval()
-
-
-def left_pad(prompts):
-    L = max(map(len, prompts))
-    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
-def hf_greedy(hf, prompts, max_new):
-    ids, mask = left_pad(prompts)
-    out = hf.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=EOS,
-        pad_token_id=0,
-    )
-    rows = []
-    for row in out[:, ids.shape[1] :].tolist():
-        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
-    return rows
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

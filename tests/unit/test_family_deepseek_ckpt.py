@@ -14,7 +14,7 @@ from moe_ext.checkpoint import CheckpointReader, load_sharded
 from moe_ext.checkpoint.convert import export_hf, import_hf
 from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, shard_slices
-from tests.test_family_deepseek import hf_model
+from tests.support import deepseek_hf_model as hf_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from moe_ext.checkpoint.convert import verify
-from tests.test_reliability_checkpoint import _write_moe_ext
+from tests.support import write_tiny_checkpoint
 
 pytestmark = pytest.mark.faults
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 
 # Runs the converter with one fault hook on SafetensorsWriter.write_tensor: "pause" touches
@@ -50,7 +50,7 @@ runpy.run_path({tool!r}, run_name="__main__")
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("faults") / "ext"
-    _write_moe_ext(directory)
+    write_tiny_checkpoint(directory)
     return directory
 
 

@@ -7,7 +7,7 @@ alone) are one line naming the file or field, refused before any weight loads, a
 nothing behind. Hydra's --help and error messages offer no schema as a choice.
 
 Most cases call the launchers' steps in-process; a few run the command line to check the
-one line, the exit code and that two ranks print it once.
+one line and the exit code (that two ranks print it once: tests/multirank/).
 """
 from __future__ import annotations
 
@@ -30,22 +30,10 @@ from moe_ext.errors import MoeExtError
 from moe_ext.launching import UsageError, as_usage_error, dtype_name, launch_topology
 from moe_ext.model.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError
 from moe_ext.topology import GIB, GPU, Link, Topology, TopologyError
-from tests.confs import tiny_conf
+from tests.support import REPO, run_launcher, tiny_conf
+from tests.support import TINY_CHECKPOINT as TINY
 
-REPO = Path(__file__).resolve().parents[1]
 INFER, TRAIN = REPO / "launch" / "infer.py", REPO / "launch" / "train.py"
-TINY = REPO / "moe_ext" / "data" / "checkpoints" / "tiny"
-
-
-def _cli(script: Path, args: list[str], nproc: int = 1, env: dict | None = None,
-         cwd: Path = REPO) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "MOE_EXT_DEBUG"}
-    environ.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    cmd = [sys.executable, str(script), *args] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd,
-                          env=environ)
 
 
 def _error_lines(res: subprocess.CompletedProcess) -> list[str]:
@@ -131,7 +119,7 @@ def test_injected_plain_value_error_in_the_infer_launcher_is_a_traceback():
 
 
 def test_cli_debug_prints_the_chained_traceback_and_the_line():
-    res = _cli(INFER, ["generate.max_new_tokens=0", "debug=true"])
+    res = run_launcher(INFER, ["generate.max_new_tokens=0", "debug=true"])
     assert res.returncode == 2, res.stderr[-2000:]
     assert _error_lines(res) == ["error: generate.max_new_tokens=0; it must be at least 1"]
     assert "ConfigError" in res.stderr and "direct cause" in res.stderr
@@ -175,7 +163,7 @@ def test_dtype_auto_and_unknown():
 # ---- Hydra schemas are not choices -----------------------------------------------------------
 
 def test_help_and_choice_errors_offer_no_schema():
-    res = _cli(INFER, ["--help"])
+    res = run_launcher(INFER, ["--help"])
     assert res.returncode == 0, res.stderr[-2000:]
     groups = res.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "strategy: auto, ep_allgather, ep_nccl, ep_nvshmem, replicate, tp_experts" in groups
@@ -309,7 +297,7 @@ def test_bad_tokenizer_json_in_a_checkpoint_is_one_cli_line(tmp_path):
     (checkpoint / "config.json").write_text(json.dumps(config))
     (checkpoint / "tokenizer.json").write_text("not json")
     out = tmp_path / "out.jsonl"
-    res = _cli(INFER, [f"checkpoint={checkpoint}", f"output={out}"])
+    res = run_launcher(INFER, [f"checkpoint={checkpoint}", f"output={out}"])
     assert res.returncode == 2, res.stderr[-2000:]
     errors = _error_lines(res)
     assert len(errors) == 1 and "tokenizer.json" in errors[0], res.stderr[-2000:]
@@ -412,28 +400,10 @@ def test_export_destination_is_checked_before_training(tmp_path):
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.multirank
-def test_train_unknown_strategy_is_one_line_once():
-    res = _cli(TRAIN, ["strategy=ep_foo"], nproc=2)
-    assert res.returncode != 0
-    errors = _error_lines(res)
-    assert len(errors) == 1 and "ep_foo" in errors[0] and "ep_nccl" in errors[0], res.stderr
-    assert "strategy_schema" not in res.stderr and "Available options" not in res.stderr
-
-
-@pytest.mark.multirank
-def test_infer_refusals_print_once_on_two_ranks(tmp_path):
-    res = _cli(INFER, ["generate.max_new_tokens=-1"], nproc=2)
-    errors = _error_lines(res)
-    assert res.returncode != 0 and errors == ["error: generate.max_new_tokens=-1; it must be "
-                                              "at least 1"], res.stderr[-2000:]
-    assert "plan:" not in res.stdout + res.stderr  # refused before the plan and the weights
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the probe's memory is set")
 def test_cli_gpu_memory_alone_without_gpus_is_one_line():
     """Hydra used to fail composing it (AssertionError: Unexpected type for root)."""
-    res = _cli(INFER, ["topology.gpu_memory_gib=96"])
+    res = run_launcher(INFER, ["topology.gpu_memory_gib=96"])
     assert res.returncode == 2, res.stderr[-2000:]
     errors = _error_lines(res)
     assert len(errors) == 1 and "+topology=pcie" in errors[0], res.stderr[-2000:]
@@ -456,7 +426,7 @@ def test_checkpoint_verify_reaches_the_load(tmp_path):
     data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
     shard.write_bytes(bytes(data))
     out = tmp_path / "out.jsonl"
-    res = _cli(INFER, [f"checkpoint={checkpoint}", "checkpoint_verify=true",
+    res = run_launcher(INFER, [f"checkpoint={checkpoint}", "checkpoint_verify=true",
                        "generate.max_new_tokens=2", f"output={out}"])
     assert res.returncode == 2, res.stderr[-2000:]
     errors = _error_lines(res)

@@ -12,7 +12,7 @@ from moe_ext.config import GenerateConf
 from moe_ext.model import Transformer, generate, init_random_full
 from moe_ext.model.context import ParallelContext
 from moe_ext.model.parallelize import parallel_context
-from tests.test_model_parallel import plan_of, tiny_args
+from tests.support import plan_of, tiny_args
 
 PP_GROUP, DP_GROUP = object(), object()  # stand-ins: only their identity is checked
 

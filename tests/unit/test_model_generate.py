@@ -20,7 +20,7 @@ from moe_ext.model import (
     shard_slices,
 )
 from moe_ext.model.generate import sample
-from tests.test_model_parallel import plan_of, tiny_args
+from tests.support import plan_of, tiny_args
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 9, 200], [256, 33, 34, 35, 36]]
 
@@ -129,17 +129,17 @@ def test_byte_tokenizer_and_tokenizer_json(tmp_path):
 def test_saved_hf_checkpoint_loads_through_shard_slices(tmp_path):
     pytest.importorskip("transformers")
     from moe_ext.checkpoint import load_sharded
-    from tests.test_model_hf import EOS, _hf_greedy, _hf_model
-    from tests.test_model_hf import PROMPTS as HF_PROMPTS
+    from tests.support import HF_EOS as EOS
+    from tests.support import HF_PROMPTS, hf_greedy, hf_model
 
-    hf = _hf_model("qwen2_moe")
+    hf = hf_model("qwen2_moe")
     hf.save_pretrained(tmp_path)
     args = ModelArgs.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
     requests = shard_slices(plan_of("replicate", world=1), RankCoords(), args)
     model = Transformer(args)
     model.load_state_dict(load_sharded(tmp_path, requests, progress=False), strict=True)
     got = generate(model, HF_PROMPTS, GenerateConf(max_new_tokens=8), eos_id=EOS)
-    assert got.tokens == _hf_greedy(hf, HF_PROMPTS, 8)
+    assert got.tokens == hf_greedy(hf, HF_PROMPTS, 8)
 
 
 def _decode_step_logits(model, prompt_ids):

@@ -7,7 +7,7 @@ MoE layer with them.
 
 CPU: as in test_moe_kernels, `test_kernels_under_interpreter` reruns this file's
 `test_cpu_*` cases in a child pytest with TRITON_INTERPRET=1. References: the float64
-dense router of tests/moe_reference.py, the torch path of TopKRouter (fast path off),
+dense router of tests/support.py, the torch path of TopKRouter (fast path off),
 torch.sort(stable=True) and bincount, the float64 MoE layer. GPU (marked): bf16 kernels
 against the torch paths, and the MoE layer under inductor inside a CUDA graph.
 """
@@ -17,13 +17,17 @@ import torch
 from moe_ext.moe.dispatch.local import permute_local
 from moe_ext.moe.layer import build_moe_layer
 from moe_ext.moe.router import FUSED_MAX_TOKENS, TopKRouter
-from tests.moe_reference import RoutingSpec, reference_gates, reference_moe
-from tests.test_moe_kernels import capture_compiled, count_op_nodes, graph_recorder
-from tests.triton_interpreter import (
+from tests.support import (
     HAS_TRITON,
+    RoutingSpec,
+    capture_compiled,
+    count_op_nodes,
+    graph_recorder,
     interpreted,
     needs_interpreter,
     needs_triton,
+    reference_gates,
+    reference_moe,
     run_cpu_cases_in_interpreter,
 )
 

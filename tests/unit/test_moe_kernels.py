@@ -20,7 +20,14 @@ import torch.nn.functional as F
 
 from moe_ext.moe import experts as experts_mod
 from moe_ext.moe.experts import GroupedExperts
-from tests.triton_interpreter import needs_interpreter, needs_triton, run_cpu_cases_in_interpreter
+from tests.support import (
+    capture_compiled,
+    count_op_nodes,
+    graph_recorder,
+    needs_interpreter,
+    needs_triton,
+    run_cpu_cases_in_interpreter,
+)
 
 
 def _kernels():
@@ -99,20 +106,6 @@ def test_cpu_experts_backend_triton_equals_loop():
         module.backend = "loop"
         want = module(x, tokens_per_expert)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-
-
-def graph_recorder(graphs):
-    """A torch.compile backend that keeps each traced FX graph and runs it eagerly."""
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    return backend
-
-
-def count_op_nodes(graphs, packet):
-    """Calls of the custom op ``packet`` (dynamo records the packet, AOT the overload)."""
-    return sum(node.op == "call_function" and node.target in (packet, packet.default)
-               for gm in graphs for node in gm.graph.nodes)
 
 
 @needs_interpreter
@@ -274,24 +267,6 @@ def test_gpu_auto_selection():
                           dtype=torch.bfloat16)
         assert not module.uses_triton(big, counts)
     assert not module.uses_triton(x, counts)  # grad enabled, weights require grad
-
-
-def capture_compiled(module, *inputs):
-    """``module`` under inductor (fullgraph, static shapes), warmed up on a side stream
-    (compile and autotune happen outside capture), then captured in a CUDA graph.
-    Returns (graph, output of the captured call); replay after writing into ``inputs``."""
-    torch._dynamo.reset()
-    compiled = torch.compile(module, backend="inductor", fullgraph=True, dynamic=False)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            compiled(*inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = compiled(*inputs)
-    return graph, out
 
 
 def _check_replays(module, graph, x, counts, y, routings) -> None:

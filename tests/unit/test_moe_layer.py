@@ -14,7 +14,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from moe_ext.moe.dispatch.local import LocalDispatcher
 from moe_ext.moe.experts import GroupedExperts, grouped_mm_qualifies
 from moe_ext.moe.layer import MoELayer, build_moe_layer, expert_shard, load_full_expert_weights
-from tests.moe_reference import swiglu
+from tests.support import swiglu
 
 H, F, E = 16, 32, 4
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import moe_ext.moe as moe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "moe_ext"
 
 

@@ -13,7 +13,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from moe_ext.moe.router import TopKRouter
-from tests.moe_reference import RoutingSpec, reference_gates
+from tests.support import RoutingSpec, reference_gates
 
 T, H, E = 33, 16, 8
 

@@ -15,11 +15,18 @@ from hydra.errors import ConfigCompositionException
 from moe_ext.config import ParallelConf, StrategyConf, TopologyConf, register_configs
 from moe_ext.model.args import ModelArgs
 from moe_ext.moe.dispatch import DISPATCHERS
-from moe_ext.plan import (STRATEGIES, ParallelPlan, PlanError, build_plan, estimate_memory,
-                          model_memory_bytes, model_param_counts)
+from moe_ext.plan import (
+    STRATEGIES,
+    ParallelPlan,
+    PlanError,
+    build_plan,
+    estimate_memory,
+    model_memory_bytes,
+    model_param_counts,
+)
 from moe_ext.topology import Topology, resolve_topology
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 # 16 heads / 4 kv heads / 16 experts / F 64 / 8 layers: divisible by every degree up to 8

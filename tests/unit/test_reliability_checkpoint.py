@@ -26,42 +26,22 @@ from moe_ext.checkpoint.format import (
     HF_INDEX,
     MANIFEST,
     SafetensorsWriter,
-    TensorEntry,
-    dtype_name,
     remove_stale_staging,
-    write_manifest,
 )
 from moe_ext.launching import resolve_model_source
 from moe_ext.model import Transformer
-from moe_ext.model.weights import init_random_full
 from moe_ext.train.export import ExportError, check_export_destination, export_moe_ext, hf_config
 from moe_ext.train.state import ResumeError, ResumePoint, find_checkpoint, load_rank_state
-from tests.test_model_parallel import plan_of, tiny_args
+from tests.support import REPO, plan_of, tiny_args, write_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
-
-
-def _write_moe_ext(directory: Path) -> dict[str, torch.Tensor]:
-    """The tiny model's random weights as a moe_ext checkpoint; returns the tensors."""
-    args = tiny_args()
-    state = {n: t.contiguous() for n, t in init_random_full(args).items()}
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps(hf_config(args, "byte"), indent=1))
-    layout = [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in state.items()]
-    writer = SafetensorsWriter(directory / "model.safetensors", layout)
-    entries = [TensorEntry(n, shape, dt, writer.write_tensor(n, [state[n]]), "model.safetensors")
-               for n, dt, shape in layout]
-    writer.close()
-    write_manifest(directory, args.model_type, "fp32", entries)
-    return state
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """(moe_ext dir, sharded HF dir with an index, the tensors)."""
     root = tmp_path_factory.mktemp("reliability")
-    state = _write_moe_ext(root / "ext")
+    state = write_tiny_checkpoint(root / "ext")
     export_hf(root / "ext", root / "hf", max_shard_bytes=200_000, progress=False)
     assert (root / "hf" / HF_INDEX).is_file()
     return root / "ext", root / "hf", state

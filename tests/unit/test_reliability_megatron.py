@@ -31,9 +31,9 @@ from moe_ext.megatron.dist_ckpt import (  # noqa: E402
     import_megatron,
 )
 from moe_ext.megatron.safe_load import UnsafeCheckpointError, read_dcp_metadata  # noqa: E402
-from tests.test_megatron_ckpt import _write_source  # noqa: E402
+from tests.support import write_family_checkpoint  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 
 
@@ -59,7 +59,7 @@ def _payload(marker: Path) -> bytes:
 def exported(tmp_path_factory):
     """(moe_ext source, its Megatron export)."""
     root = tmp_path_factory.mktemp("megatron_reliability")
-    _write_source(root / "src", "mixtral", torch.bfloat16)
+    write_family_checkpoint(root / "src", "mixtral", torch.bfloat16)
     export_megatron(root / "src", root / "meg", progress=False)
     return root / "src", root / "meg"
 

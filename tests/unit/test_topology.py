@@ -25,7 +25,7 @@ from moe_ext.topology import (
     resolve_topology,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "topology"
 MIB, GIB = 1 << 20, 1 << 30
 # Independent bandwidth references, GB/s per direction: NVLink4 25 per link; PCIe lane
