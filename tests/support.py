@@ -8,11 +8,16 @@ Sections (in this order):
   plan_of, layout_plan
 - checkpoints on disk: write_tiny_checkpoint, family_args, write_family_checkpoint,
   export_megatron_families, make_infer_checkpoints
-- Hugging Face reference models: HF_PROMPTS, HF_EOS, hf_model, hf_greedy, left_pad;
-  DeepSeek: DEEPSEEK_VARIANTS, deepseek_hf_config, deepseek_hf_model, randomize_
+- the launcher on ranks: launcher_conf, launcher_generate, check_launcher_cases
+- Hugging Face reference models: HF_PROMPTS, HF_EOS, hf_model, hf_greedy, hf_greedy_each,
+  left_pad; DeepSeek: DEEPSEEK_VARIANTS, deepseek_hf_config, deepseek_hf_model, randomize_;
+  GLM-4.5 and MiniMax-M2: GLM_PROMPTS, GLM_NEW_TOKENS, GLM_VARIANTS, glm_hf_model,
+  randomize_glm, MINIMAX_VARIANTS, minimax_hf_model, native_from_dir, masked_logits,
+  check_against_transformers, check_compiled_decode; gpt-oss: GPT_OSS_WINDOW,
+  GPT_OSS_PROMPTS, GPT_OSS_NEW_TOKENS, GPT_OSS_SHAPE, gpt_oss_hf_model, gpt_oss_native_state
 - MoE references (float64, independent of moe_ext.moe): RoutingSpec, reference_gates,
   reference_moe, swiglu
-- dispatcher cases: H, F, E, FS, CASES, case_tensors, build_case_layer, check_close,
+- dispatcher cases: H, F_EXPERT, E, FS, CASES, case_tensors, build_case_layer, check_close,
   check_strategy; the static exchange: STATIC, static_dispatcher,
   check_static_equals_dynamic, no_sync_body; assert_nvshmem_refusal
 - Megatron-core: MEGATRON_H, MEGATRON_E, megatron_config, megatron_plan, megatron_args
@@ -382,6 +387,53 @@ def make_infer_checkpoints(root: Path, families=tuple(INFER_FAMILIES)) -> dict:
     return out
 
 
+# ==== the launcher on ranks ==============================================================
+# launch/infer.py's own steps (prepare -> groups -> build_model -> generate) inside spawned
+# gloo ranks: many configurations per spawn, each checked against expected greedy ids.
+
+def launcher_conf(overrides: list[str]):
+    """The launcher's config, composed exactly as `launch/infer.py <overrides>` would."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moe_ext.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[list[int]]:
+    """The ids launch/infer.py generates with ``overrides`` on this gloo rank (CPU)."""
+    from moe_ext.cli import infer  # launch/infer.py's steps
+    from moe_ext.dist import DistEnv
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.model import generate
+
+    cfg = launcher_conf(overrides)
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank,
+                  local_world_size=world_size, master_addr="127.0.0.1", master_port=0)
+    job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
+    groups = ProcessGroups.build(job.plan, backend="gloo",
+                                 timeout=datetime.timedelta(seconds=120))
+    model = infer.build_model(job, groups, rank, torch.device("cpu"))
+    result = generate(model, job.prompt_ids, cfg.generate, eos_id=job.tokenizer.eos_id,
+                      pad_id=job.tokenizer.pad_id, seed=cfg.seed)
+    return result.tokens
+
+
+def check_launcher_cases(rank: int, world_size: int,
+                         cases: list[tuple[str, list[str], list]]) -> None:
+    """run_ranks body: each (label, overrides, expected ids) case generates ``expected``;
+    fails with every case that did not."""
+    failures = []
+    for label, overrides, expected in cases:
+        got = launcher_generate(overrides, rank, world_size)
+        if got != expected:
+            failures.append(f"{label}: got {got}, transformers {expected}")
+    assert not failures, "\n".join(failures)
+
+
 # ==== Hugging Face reference models =======================================================
 
 HF_PROMPTS = [[5, 17, 3, 42, 8, 9, 11], [7, 1, 30], [60, 2, 2, 19, 4]]
@@ -436,6 +488,16 @@ def hf_greedy(hf, prompts, max_new, eos=HF_EOS):
     for row in out[:, ids.shape[1]:].tolist():
         rows.append(row[:row.index(eos) + 1] if eos in row else row)
     return rows
+
+
+def hf_greedy_each(hf, prompts, new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuations of each prompt on its own (no padding, no EOS)."""
+    out = []
+    for prompt in prompts:
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(prompt):].tolist())
+    return out
 
 
 # DeepSeek tiny shapes of each routing kind: variant -> (model_type, config changes)
@@ -528,6 +590,269 @@ def deepseek_hf_model(variant: str, **changes):
     config = deepseek_hf_config(variant, **changes)
     return randomize_(transformers.AutoModelForCausalLM.from_config(config))
 
+
+# GLM-4.5 (glm4_moe) and MiniMax-M2 (minimax_m2): tiny random checkpoints, read back
+# through the checkpoint reader (their HF names: mlp.gate, e_score_correction_bias,
+# mlp.shared_experts; block_sparse_moe.experts.{j}.w1/w3/w2)
+GLM_PROMPTS = [[5, 17, 3, 42, 8, 9, 11], [7, 1, 30], [60, 2, 2, 19, 4, 77, 101, 3, 9]]
+GLM_NEW_TOKENS = 10
+GLM_VARIANTS = {
+    # GLM-4.5-Air's layout: q/k/v biases, no q/k norm, one group, one shared expert
+    "air": dict(attention_bias=True, use_qk_norm=False, n_group=1, topk_group=1),
+    # GLM-4.6-like: per-head q/k norm, 4 groups of 2 experts (2 kept), scaled weights,
+    # a shared expert twice the expert FFN, two dense layers first
+    "grouped": dict(
+        attention_bias=True,
+        use_qk_norm=True,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        n_shared_experts=2,
+        first_k_dense_replace=2,
+    ),
+    # YaRN over the rotated half of each head (the frequencies span Dr = D/2)
+    "yarn": dict(
+        attention_bias=True,
+        use_qk_norm=True,
+        n_group=2,
+        topk_group=1,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
+}
+MINIMAX_VARIANTS = {
+    # the released layout: rotary_dim = head_dim / 2, routing bias
+    "m2": dict(rotary_dim=8),
+    # rotary_dim a quarter of the head, four kv heads
+    "quarter": dict(rotary_dim=4, num_key_value_heads=4),
+}
+
+
+def glm_hf_model(variant: str, **changes):
+    """A tiny random Glm4MoeForCausalLM of GLM_VARIANTS[variant], fp32, eval mode; biases,
+    norms and the router's correction bias all random and non-zero."""
+    import transformers
+
+    config = transformers.Glm4MoeConfig(
+        **{
+            **dict(
+                vocab_size=128,
+                hidden_size=64,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                partial_rotary_factor=0.5,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                norm_topk_prob=True,
+                max_position_embeddings=128,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=None,
+            ),
+            **GLM_VARIANTS[variant],
+            **changes,
+        }
+    )
+    torch.manual_seed(0)
+    model = transformers.Glm4MoeForCausalLM(config)
+    randomize_glm(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize_glm(model) -> None:
+    """Every parameter and the correction biases random: a term the engine drops shows."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        elif name.endswith(".bias"):
+            p.copy_(0.3 * torch.randn_like(p))
+        else:
+            p.copy_(0.2 * torch.randn_like(p))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.3 * torch.randn_like(b))
+
+
+def minimax_hf_model(variant: str, **changes):
+    """A tiny random MiniMaxM2ForCausalLM of MINIMAX_VARIANTS[variant], fp32, eval mode;
+    norms, the router and its correction bias random and non-zero."""
+    import transformers
+
+    config = transformers.MiniMaxM2Config(
+        **{
+            **dict(
+                vocab_size=128,
+                hidden_size=64,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                max_position_embeddings=128,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=None,
+            ),
+            **MINIMAX_VARIANTS[variant],
+            **changes,
+        }
+    )
+    torch.manual_seed(0)
+    model = transformers.MiniMaxM2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale, shift = (0.1, 1.0) if "norm" in name else (0.2, 0.0)
+            p.copy_(shift + scale * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn_like(b))
+    return model.eval()
+
+
+def native_from_dir(directory: Path):
+    """The native model of a saved HF checkpoint, read through the checkpoint reader."""
+    from moe_ext.checkpoint import CheckpointReader
+    from moe_ext.model import ModelArgs, Transformer
+
+    with CheckpointReader.open(directory) as reader:
+        args = ModelArgs.from_hf_config(reader.config)
+        state = {name: reader.read(name) for name in reader.names()}
+    model = Transformer(args)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(".expert_load" in m for m in missing), (missing, unexpected)
+    return model.eval()
+
+
+def masked_logits(hf) -> torch.Tensor:
+    """transformers' logits of the real (unpadded) positions of left-padded GLM_PROMPTS."""
+    ids, mask = left_pad(GLM_PROMPTS)
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+
+
+def check_against_transformers(hf, tmp_path: Path) -> None:
+    """``hf`` saved and read back: logits on left-padded GLM_PROMPTS within 1e-4 and greedy
+    ids equal transformers'."""
+    from moe_ext.config import GenerateConf
+    from moe_ext.model import generate
+
+    hf.save_pretrained(tmp_path)
+    model = native_from_dir(tmp_path)
+    ids, mask = left_pad(GLM_PROMPTS)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = model(ids, kv_start=(mask == 0).sum(1))
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=1e-4)
+    got = generate(model, GLM_PROMPTS, GenerateConf(max_new_tokens=GLM_NEW_TOKENS), eos_id=None)
+    assert got.tokens == hf_greedy_each(hf, GLM_PROMPTS, GLM_NEW_TOKENS)
+    assert len({tuple(t) for t in got.tokens}) > 1  # not a degenerate continuation
+
+
+@torch.inference_mode()
+def check_compiled_decode(model) -> None:
+    """compile_decode (aot_eager: dynamo and AOT autograd, no C compiler) traces the
+    family's decode block (partial rotary's slices, its q/k norm, the sigmoid router) and
+    gives the eager decode step's logits."""
+
+    def decode_logits():
+        ids = torch.tensor([p[:3] for p in GLM_PROMPTS])  # [3, 3]
+        model.setup_caches(3, 64)
+        kv_start = torch.zeros(3, dtype=torch.long)
+        logits = model(ids, torch.arange(3), kv_start, 3, last_only=True, use_cache=True)
+        step = logits[:, -1].argmax(-1, keepdim=True)  # [3, 1]
+        return model(step, torch.tensor([3]), kv_start, None, last_only=True, use_cache=True)
+
+    eager = decode_logits()
+    model.compile_decode(backend="aot_eager")
+    try:
+        compiled = decode_logits()
+    finally:
+        model.compile_decode(False)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+# gpt-oss: tiny random checkpoints with non-zero biases and sinks and a SwiGLU limit low
+# enough to clamp, so a missing term fails
+GPT_OSS_WINDOW = 6
+# longer than the window, one shorter; decoding runs the ring round several times
+GPT_OSS_PROMPTS = [list(range(2, 21)), [5, 6, 7], list(range(30, 41)), [9, 8, 7, 6, 5, 4, 3, 2]]
+GPT_OSS_NEW_TOKENS = 10
+GPT_OSS_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=48,  # F != H and 2F != H: a layout mix-up cannot pass by shape
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    sliding_window=GPT_OSS_WINDOW,
+    max_position_embeddings=256,
+    swiglu_limit=2.0,  # low: the clamps act on these random weights
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 64,
+    },
+    initializer_range=0.15,  # large enough that greedy continuations vary
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+)
+
+
+def gpt_oss_hf_model(seed: int = 0, **changes):
+    """A tiny random transformers GptOssForCausalLM (GPT_OSS_SHAPE with ``changes``) with
+    non-zero biases and sinks, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GptOssConfig(**{**GPT_OSS_SHAPE, **changes})
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                param.normal_(0.0, 0.5)
+            if name.endswith("router.weight"):
+                param.mul_(4.0)  # routing decisions far from ties
+    return model
+
+
+def gpt_oss_native_state(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' gpt-oss tensors in native names and layout, written out independently
+    of the checkpoint maps: experts [E, H, 2F] interleaved -> [E, 2F, H] gate rows then up
+    rows."""
+    out = {}
+    for name, t in hf_state.items():
+        name = name.removeprefix("model.")
+        if name.endswith("experts.gate_up_proj"):
+            t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1).transpose(1, 2)
+        elif name.endswith("experts.gate_up_proj_bias"):
+            t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+        elif name.endswith("experts.down_proj"):
+            t = t.transpose(1, 2)
+        out[name] = t.contiguous()
+    return out
 
 # ==== MoE references ======================================================================
 # Dense single-rank MoE in float64, written independently of moe_ext.moe.

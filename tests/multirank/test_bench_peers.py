@@ -178,8 +178,8 @@ def _env():
 def test_bench_moe_with_peers_world2_smoke(tmp_path):
     out = tmp_path / "moe.json"
     cmd = [*torchrun(2), "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32",
-           "--shape", "custom", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2", "--tokens", "4,8",
-           "--strategies", "ep_nccl", "--peers", "megatron,deepspeed", "--uniform-routing",
+           "--shape", "custom", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2",
+           "--tokens", "4,8", "--strategies", "ep_nccl", "--peers", "megatron,deepspeed", "--uniform-routing",
            "--warmup", "1", "--iters", "2", "--timeout-s", "60", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
     rows = json.loads(out.read_text())["rows"]

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import timedelta
 
 import pytest
-import torch
-from omegaconf import OmegaConf
 
 from tests.support import (
     INFER_FAMILIES,
     INFER_NEW_TOKENS,
     REPO,
+    check_launcher_cases,
     make_infer_checkpoints,
     run_launcher,
     run_ranks,
@@ -34,43 +32,6 @@ NEW_TOKENS = INFER_NEW_TOKENS
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     return make_infer_checkpoints(tmp_path_factory.mktemp("hf"))
-
-
-def _infer_conf(overrides: list[str]):
-    """The launcher's config, composed exactly as `launch/infer.py <overrides>` would."""
-    from hydra import compose, initialize_config_dir
-
-    from moe_ext.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
-
-
-def _generate_with_launcher(overrides: list[str], rank: int, world_size: int) -> list[list[int]]:
-    from moe_ext.cli import infer  # launch/infer.py's steps
-    from moe_ext.dist import DistEnv
-    from moe_ext.groups import ProcessGroups
-    from moe_ext.model import generate
-
-    cfg = _infer_conf(overrides)
-    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank,
-                  local_world_size=world_size, master_addr="127.0.0.1", master_port=0)
-    job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
-    groups = ProcessGroups.build(job.plan, backend="gloo", timeout=timedelta(seconds=120))
-    model = infer.build_model(job, groups, rank, torch.device("cpu"))
-    result = generate(model, job.prompt_ids, cfg.generate, eos_id=job.tokenizer.eos_id,
-                            pad_id=job.tokenizer.pad_id, seed=cfg.seed)
-    return result.tokens
-
-
-def _check_cases(rank: int, world_size: int, cases: list[tuple[str, list[str], list]]) -> None:
-    failures = []
-    for label, overrides, expected in cases:
-        got = _generate_with_launcher(overrides, rank, world_size)
-        if got != expected:
-            failures.append(f"{label}: got {got}, transformers {expected}")
-    assert not failures, "\n".join(failures)
 
 
 def _cases(checkpoints, strategy_overrides: list[tuple[str, list[str]]]):
@@ -89,13 +50,13 @@ STRATEGIES = [(s, [f"strategy={s}"]) for s in
 
 
 def test_single_rank_matches_transformers(checkpoints):
-    run_ranks(_check_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
+    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
 
 
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
     extra = [("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
              ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"])]
-    run_ranks(_check_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
+    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
 def test_four_ranks_every_strategy(checkpoints):
@@ -104,7 +65,7 @@ def test_four_ranks_every_strategy(checkpoints):
              ("ep_allgather pp=2", ["strategy=ep_allgather", "parallel.pp=2"]),
              # EP 2 x 2 replicas: what auto picks on PCIe when half the experts fit a GPU
              ("ep_allgather ep=2", ["strategy=ep_allgather", "parallel.ep=2"])]
-    run_ranks(_check_cases, 4, args=(_cases(checkpoints, STRATEGIES + extra),))
+    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
 # -- the command line --------------------------------------------------------------------

@@ -31,9 +31,18 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED
 from safetensors.torch import load_file  # noqa: E402
 
 from moe_ext.checkpoint.format import read_manifest  # noqa: E402
-from moe_ext.megatron.dist_ckpt import MEGATRON_MANIFEST, export_megatron, import_megatron  # noqa: E402
+from moe_ext.megatron.dist_ckpt import (  # noqa: E402
+    MEGATRON_MANIFEST,
+    export_megatron,
+    import_megatron,
+)
 from moe_ext.model import ModelArgs  # noqa: E402
-from tests.support import TOOLS, export_megatron_families, run_ranks, write_family_checkpoint  # noqa: E402
+from tests.support import (  # noqa: E402
+    TOOLS,
+    export_megatron_families,
+    run_ranks,
+    write_family_checkpoint,
+)
 
 TOOL = TOOLS / "convert_checkpoint.py"
 TIMEOUT = datetime.timedelta(seconds=120)

@@ -19,7 +19,7 @@ PP_GROUP, DP_GROUP = object(), object()  # stand-ins: only their identity is che
 
 def _groups(pp_prev=None, pp_next=None, pp_ranks=(0,), dp_rank=0):
     """The ProcessGroups attributes parallel_context reads (the multirank tests of
-    test_model_parallel.py run it on real groups)."""
+    tests/multirank/test_model_parallel.py run it on real groups)."""
     return SimpleNamespace(pp_prev_rank=pp_prev, pp_next_rank=pp_next, pp=PP_GROUP,
                            ranks_of=lambda axis: list(pp_ranks), dp_rank=dp_rank, dp=DP_GROUP)
 

@@ -20,7 +20,8 @@ from moe_ext.checkpoint.shard import ShardRequest
 from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, shard_slices, take_shard
 from moe_ext.plan import ParallelPlan
-from tests.test_family_gpt_oss import hf_model, native_state
+from tests.support import gpt_oss_hf_model as hf_model
+from tests.support import gpt_oss_native_state as native_state
 
 transformers = pytest.importorskip("transformers")
 

@@ -34,7 +34,7 @@ from moe_ext.config import ConfigError, GenerateConf
 from moe_ext.dist import DistEnv
 from moe_ext.model.generate import sample
 from moe_ext.model.tokenizer import HFTokenizer
-from tests.confs import tiny_conf
+from tests.support import tiny_conf
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -42,7 +42,7 @@ Tokenizer = tokenizers.Tokenizer
 decoders, models, pre_tokenizers = tokenizers.decoders, tokenizers.models, tokenizers.pre_tokenizers
 processors, trainers = tokenizers.processors, tokenizers.trainers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "moe_ext" / "data" / "checkpoints" / "tiny"
 CORPUS = ["Hello world, hello tokenizer.", "The quick brown fox jumps over the lazy dog.",
           "Once upon a time there was a model that stopped where transformers stops."]

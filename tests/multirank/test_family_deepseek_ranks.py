@@ -6,19 +6,15 @@ representative 4-rank plan (tp=2 heads split x expert parallel with the token sp
 from __future__ import annotations
 
 import json
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.multirank import run_ranks
-from tests.test_family_deepseek import hf_model
+from tests.support import check_launcher_cases, run_ranks
+from tests.support import deepseek_hf_model as hf_model
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 5, 7, 9, 11, 13], [2, 4, 6], [3, 8, 30, 31, 32, 33, 34, 35]]
 NEW_TOKENS = 6
 # V2-Lite-like (plain q_proj, softmax greedy), V2 (group_limited_greedy), V3 (sigmoid
@@ -55,49 +51,6 @@ def checkpoints(tmp_path_factory) -> dict:
     return out
 
 
-def _launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[list[int]]:
-    from hydra import compose, initialize_config_dir
-
-    from moe_ext.cli import infer
-    from moe_ext.config import register_configs
-    from moe_ext.dist import DistEnv
-    from moe_ext.groups import ProcessGroups
-    from moe_ext.model import generate
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-    env = DistEnv(
-        rank=rank,
-        world_size=world_size,
-        local_rank=rank,
-        local_world_size=world_size,
-        master_addr="127.0.0.1",
-        master_port=0,
-    )
-    job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
-    groups = ProcessGroups.build(job.plan, backend="gloo", timeout=timedelta(seconds=120))
-    model = infer.build_model(job, groups, rank, torch.device("cpu"))
-    result = generate(
-        model,
-        job.prompt_ids,
-        cfg.generate,
-        eos_id=job.tokenizer.eos_id,
-        pad_id=job.tokenizer.pad_id,
-        seed=cfg.seed,
-    )
-    return result.tokens
-
-
-def _check(rank: int, world_size: int, cases: list) -> None:
-    failures = []
-    for label, overrides, expected in cases:
-        got = _launcher_generate(overrides, rank, world_size)
-        if got != expected:
-            failures.append(f"{label}: got {got}, transformers {expected}")
-    assert not failures, "\n".join(failures)
-
-
 def _cases(checkpoints, plans, variants=VARIANTS) -> list:
     cases = []
     for variant in variants:
@@ -114,21 +67,18 @@ def _cases(checkpoints, plans, variants=VARIANTS) -> list:
     return cases
 
 
-@pytest.mark.multirank
 def test_single_rank_matches_transformers(checkpoints):
-    run_ranks(_check, 1, args=(_cases(checkpoints, [("auto", [])]),))
+    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
 
 
-@pytest.mark.multirank
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
     pipelines = [
         ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
     ]
-    run_ranks(_check, 2, args=(_cases(checkpoints, STRATEGIES + pipelines),))
+    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + pipelines),))
 
 
-@pytest.mark.multirank
 def test_four_ranks_heads_split_with_expert_parallel(checkpoints):
     plans = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
-    run_ranks(_check, 4, args=(_cases(checkpoints, plans, variants=("v3",)),))
+    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, plans, variants=("v3",)),))

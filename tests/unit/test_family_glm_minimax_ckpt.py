@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +19,13 @@ from moe_ext.checkpoint import CheckpointError, CheckpointReader, load_sharded
 from moe_ext.checkpoint.convert import export_hf, import_hf
 from moe_ext.model import ModelArgs
 from moe_ext.model.parallelize import RankCoords, shard_slices
-from tests.test_family_glm import hf_model as glm_model
-from tests.test_family_minimax import hf_model as minimax_model
+from tests.support import TOOLS
+from tests.support import glm_hf_model as glm_model
+from tests.support import minimax_hf_model as minimax_model
 
 transformers = pytest.importorskip("transformers")
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+TOOL = TOOLS / "convert_checkpoint.py"
 
 BIAS_KEY = {
     "glm4_moe": "model.layers.1.mlp.gate.e_score_correction_bias",

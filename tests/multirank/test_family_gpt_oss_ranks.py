@@ -10,9 +10,10 @@ import json
 
 import pytest
 
-from tests.multirank import run_ranks
-from tests.test_family_gpt_oss import NEW_TOKENS, PROMPTS, hf_greedy, hf_model
-from tests.test_infer import _check_cases
+from tests.support import GPT_OSS_NEW_TOKENS as NEW_TOKENS
+from tests.support import GPT_OSS_PROMPTS as PROMPTS
+from tests.support import check_launcher_cases, hf_greedy_each, run_ranks
+from tests.support import gpt_oss_hf_model as hf_model
 
 pytest.importorskip("transformers")
 
@@ -29,7 +30,7 @@ def checkpoint(tmp_path_factory) -> tuple[str, str, list[list[int]]]:
     model.save_pretrained(root / "hf")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
-    return str(root / "hf"), str(prompts), hf_greedy(model)
+    return str(root / "hf"), str(prompts), hf_greedy_each(model, PROMPTS, NEW_TOKENS)
 
 
 def _cases(checkpoint, plans: list[tuple[str, list[str]]]):
@@ -43,25 +44,22 @@ def _cases(checkpoint, plans: list[tuple[str, list[str]]]):
     return [(f"gpt_oss {label}", [*common, *extra], expected) for label, extra in plans]
 
 
-@pytest.mark.multirank
 def test_single_rank_matches_transformers(checkpoint):
-    run_ranks(_check_cases, 1, args=(_cases(checkpoint, [("auto", [])]),))
+    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoint, [("auto", [])]),))
 
 
-@pytest.mark.multirank
 def test_two_ranks_every_strategy_tp_and_pipeline(checkpoint):
     extra = [
         ("replicate tp=2", ["strategy=replicate", "parallel.tp=2"]),
         ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
     ]
-    run_ranks(_check_cases, 2, args=(_cases(checkpoint, STRATEGIES + extra),))
+    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoint, STRATEGIES + extra),))
 
 
-@pytest.mark.multirank
 def test_four_ranks_tp_times_expert_parallel(checkpoint):
     plan = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
-    run_ranks(_check_cases, 4, args=(_cases(checkpoint, plan),))
+    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoint, plan),))
 
 
 # ---- random weights built on meta and initialised per rank (no checkpoint) ---------------
@@ -78,10 +76,9 @@ def _random_init_body(rank: int, world: int, plans: list[dict]) -> None:
     from moe_ext.model import ModelArgs, Transformer, generate
     from moe_ext.model.parallelize import parallelize, shard_slices
     from moe_ext.model.weights import init_random_, init_random_full
-    from tests.test_family_gpt_oss import SHAPE
-    from tests.test_model_parallel import plan_of
+    from tests.support import GPT_OSS_SHAPE, plan_of
 
-    args = ModelArgs.from_hf_config(transformers.GptOssConfig(**SHAPE).to_dict())
+    args = ModelArgs.from_hf_config(transformers.GptOssConfig(**GPT_OSS_SHAPE).to_dict())
     conf = GenerateConf(max_batch_size=4)
     reference = Transformer(args)
     reference.load_state_dict(init_random_full(args), strict=True)
@@ -97,7 +94,6 @@ def _random_init_body(rank: int, world: int, plans: list[dict]) -> None:
         assert got.tokens == expected.tokens, (plan_kwargs, got.tokens, expected.tokens)
 
 
-@pytest.mark.multirank
 def test_meta_built_random_model_matches_single_rank():
     plans = [
         dict(strategy="replicate", tp=2),  # heads, sinks and q/k/v/o biases split

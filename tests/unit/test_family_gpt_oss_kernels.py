@@ -15,7 +15,7 @@ import torch
 
 from moe_ext.moe.experts import ExpertOptions, GroupedExperts
 from moe_ext.moe.router import TopKRouter
-from tests.triton_interpreter import needs_interpreter, needs_triton, run_cpu_cases_in_interpreter
+from tests.support import needs_interpreter, needs_triton, run_cpu_cases_in_interpreter
 
 
 def _experts(backend: str, dtype=torch.float32, device="cpu", **options) -> GroupedExperts:

@@ -10,11 +10,9 @@ import json
 
 import pytest
 
-from tests.multirank import run_ranks
-from tests.test_family_glm import hf_greedy
-from tests.test_family_glm import hf_model as glm_model
-from tests.test_family_minimax import hf_model as minimax_model
-from tests.test_infer import _check_cases as _check
+from tests.support import check_launcher_cases, hf_greedy_each, run_ranks
+from tests.support import glm_hf_model as glm_model
+from tests.support import minimax_hf_model as minimax_model
 
 pytest.importorskip("transformers")
 
@@ -42,7 +40,7 @@ def checkpoints(tmp_path_factory) -> dict:
     for family, model in models.items():
         directory = root / family
         model.save_pretrained(directory)
-        out[family] = (str(directory), hf_greedy(model, PROMPTS, NEW_TOKENS))
+        out[family] = (str(directory), hf_greedy_each(model, PROMPTS, NEW_TOKENS))
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
     out["prompts"] = str(prompts)
@@ -65,20 +63,17 @@ def _cases(checkpoints, plans, families=("glm4_moe", "minimax_m2")) -> list:
     return cases
 
 
-@pytest.mark.multirank
 def test_single_rank_matches_transformers(checkpoints):
-    run_ranks(_check, 1, args=(_cases(checkpoints, [("auto", [])]),))
+    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
 
 
-@pytest.mark.multirank
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
-    run_ranks(_check, 2, args=(_cases(checkpoints, STRATEGIES + PIPELINES),))
+    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + PIPELINES),))
 
 
-@pytest.mark.multirank
 def test_four_ranks_one_plan_per_family(checkpoints):
     cases = _cases(
         checkpoints, [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])], ("glm4_moe",)
     )
     cases += _cases(checkpoints, [("tp_experts tp=4", ["strategy=tp_experts"])], ("minimax_m2",))
-    run_ranks(_check, 4, args=(cases,))
+    run_ranks(check_launcher_cases, 4, args=(cases,))

@@ -15,7 +15,7 @@ from moe_ext.plan import model_param_counts
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # name -> (published total parameters in billions, our exact count in billions); the
 # published figures leave out the MTP layers the checkpoints also store

@@ -3,14 +3,14 @@ ids (prompts and continuations longer than the sliding window, left-padded batch
 ring-buffer cache of sliding layers, the router and the clamped-SwiGLU experts with biases
 (every torch path, expert-TP shards), the planner's numbers and bad configs. Biases and
 sinks are drawn non-zero, and the SwiGLU limit is low enough to clamp, so a missing term
-fails. Checkpoint conversion: test_family_gpt_oss_ckpt.py; ranks: test_family_gpt_oss_ranks.py.
+fails. Checkpoint conversion: test_family_gpt_oss_ckpt.py; ranks:
+tests/multirank/test_family_gpt_oss_ranks.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,85 +19,19 @@ from moe_ext.config import GenerateConf
 from moe_ext.errors import MoeExtError
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.sink_attention import SinkAttention
+from tests.support import GPT_OSS_NEW_TOKENS as NEW_TOKENS
+from tests.support import GPT_OSS_PROMPTS as PROMPTS
+from tests.support import GPT_OSS_SHAPE as SHAPE
+from tests.support import GPT_OSS_WINDOW as WINDOW
+from tests.support import REPO, hf_greedy_each
+from tests.support import gpt_oss_hf_model as hf_model
+from tests.support import gpt_oss_native_state as native_state
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[1]
-WINDOW = 6
-# longer than the window, one shorter; decoding runs the ring round several times
-PROMPTS = [list(range(2, 21)), [5, 6, 7], list(range(30, 41)), [9, 8, 7, 6, 5, 4, 3, 2]]
-NEW_TOKENS = 10
-SHAPE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=48,  # F != H and 2F != H: a layout mix-up cannot pass by shape
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    sliding_window=WINDOW,
-    max_position_embeddings=256,
-    swiglu_limit=2.0,  # low: the clamps act on these random weights
-    rope_parameters={
-        "rope_type": "yarn",
-        "rope_theta": 150000.0,
-        "factor": 4.0,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "truncate": False,
-        "original_max_position_embeddings": 64,
-    },
-    initializer_range=0.15,  # large enough that greedy continuations vary
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=None,
-)
-
-
-def hf_model(seed: int = 0, **changes) -> "transformers.GptOssForCausalLM":
-    """A tiny random transformers gpt-oss with non-zero biases and sinks."""
-    torch.manual_seed(seed)
-    config = transformers.GptOssConfig(**{**SHAPE, **changes})
-    model = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("bias", "sinks")):
-                param.normal_(0.0, 0.5)
-            if name.endswith("router.weight"):
-                param.mul_(4.0)  # routing decisions far from ties
-    return model
-
 
 def hf_greedy(model, prompts=PROMPTS, new_tokens=NEW_TOKENS) -> list[list[int]]:
-    out = []
-    for prompt in prompts:
-        ids = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        out.append(ids[0, len(prompt) :].tolist())
-    return out
-
-
-def native_state(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' tensors in native names and layout, written out independently of the
-    checkpoint maps: experts [E, H, 2F] interleaved -> [E, 2F, H] gate rows then up rows."""
-    out = {}
-    for name, t in hf_state.items():
-        name = name.removeprefix("model.")
-        if name.endswith("experts.gate_up_proj"):
-            t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1).transpose(1, 2)
-        elif name.endswith("experts.gate_up_proj_bias"):
-            t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
-        elif name.endswith("experts.down_proj"):
-            t = t.transpose(1, 2)
-        out[name] = t.contiguous()
-    return out
+    return hf_greedy_each(model, prompts, new_tokens)
 
 
 def native_model(hf) -> Transformer:
