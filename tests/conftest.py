@@ -1,6 +1,7 @@
 """Shared hooks: markers from the directory (tests/multirank/ -> multirank, tests/gpu/ ->
 gpu), test files outside those and tests/unit/ refused, gpu tests skipped without CUDA, the
 multirank guard of tests.support, and a prompt exit after a CUDA run."""
+
 import os
 import sys
 from pathlib import Path
@@ -34,9 +35,12 @@ def pytest_itemcollected(item):
 
 def pytest_runtest_setup(item):
     if _directory(item) == "":
-        pytest.fail(f"{item.path.name}: test files live in tests/unit/ (one process), "
-                    "tests/multirank/ (starts ranks) or tests/gpu/ (CUDA only); shared helpers "
-                    "in tests/support.py", pytrace=False)
+        pytest.fail(
+            f"{item.path.name}: test files live in tests/unit/ (one process), "
+            "tests/multirank/ (starts ranks) or tests/gpu/ (CUDA only); shared helpers "
+            "in tests/support.py",
+            pytrace=False,
+        )
 
 
 def pytest_collection_modifyitems(config, items):

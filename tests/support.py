@@ -27,6 +27,7 @@ Sections (in this order):
 Tests that start ranks live in tests/multirank/ (tests/conftest.py marks them); run_ranks
 and torchrun fail a test that is not marked ``multirank``.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -68,8 +69,11 @@ current_test_is_multirank: Optional[bool] = None
 def require_multirank(what: str) -> None:
     """Fail the running test unless it is marked ``multirank`` (it is about to start ranks)."""
     if current_test_is_multirank is False:
-        pytest.fail(f"{what} starts ranks, but this test is not marked multirank: move it to "
-                    "tests/multirank/ (or mark it @pytest.mark.multirank)", pytrace=False)
+        pytest.fail(
+            f"{what} starts ranks, but this test is not marked multirank: move it to "
+            "tests/multirank/ (or mark it @pytest.mark.multirank)",
+            pytrace=False,
+        )
 
 
 def free_port() -> int:
@@ -90,9 +94,14 @@ def _rank_entry(rank, world_size, port, store_path, backend, fn, args, errors):
         if backend == "nccl":  # one GPU per rank, bound before NCCL or NVSHMEM start
             torch.cuda.set_device(rank)
             extra["device_id"] = torch.device("cuda", rank)
-        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank,
-                                world_size=world_size,
-                                timeout=datetime.timedelta(seconds=120), **extra)
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=120),
+            **extra,
+        )
         fn(rank, world_size, *args)
     except BaseException:  # noqa: BLE001 - reported to the parent test
         tb = traceback.format_exc()
@@ -127,9 +136,12 @@ def run_ranks(fn, world_size: int, args: tuple = (), backend: str = "gloo") -> N
     port = free_port()
     store_dir = tempfile.mkdtemp(prefix="moe_ext_ranks_")
     store_path = os.path.join(store_dir, "store")
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, store_path, backend,
-                                                   fn, args, errors))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_rank_entry, args=(r, world_size, port, store_path, backend, fn, args, errors)
+        )
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 600
@@ -155,20 +167,37 @@ def torchrun(nproc: int) -> list[str]:
     Only for tests marked ``multirank`` when ``nproc`` > 1."""
     if nproc > 1:
         require_multirank(f"torchrun --nproc-per-node={nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+    ]
 
 
-def run_launcher(script: Path, args: list[str], nproc: int = 1, env: dict | None = None,
-                 cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_launcher(
+    script: Path,
+    args: list[str],
+    nproc: int = 1,
+    env: dict | None = None,
+    cwd: Path = REPO,
+    timeout: float = 240,
+) -> subprocess.CompletedProcess:
     """``script`` (launch/infer.py, launch/train.py) with Hydra overrides ``args``: plain
     python for one rank, torchrun for more. MOE_EXT_DEBUG is cleared, so errors are the
     one-line form unless ``env`` sets it."""
     environ = {k: v for k, v in os.environ.items() if k != "MOE_EXT_DEBUG"}
     environ.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     prefix = [sys.executable] if nproc == 1 else torchrun(nproc)
-    return subprocess.run([*prefix, str(script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=environ)
+    return subprocess.run(
+        [*prefix, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=environ,
+    )
 
 
 # ==== launcher configs and model arguments ================================================
@@ -189,8 +218,7 @@ def tiny_conf(schema, **overrides):
     from moe_ext.config import ParallelConf, StrategyConf
 
     model = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny.yaml"))
-    cfg = schema(model=model, strategy=StrategyConf(name="auto"),
-                 parallel=ParallelConf())
+    cfg = schema(model=model, strategy=StrategyConf(name="auto"), parallel=ParallelConf())
     for key, value in overrides.items():
         target = cfg
         *path, leaf = key.split(".")
@@ -219,19 +247,40 @@ def qwen2_args():
     nKV=1 < tp (kv replicated)."""
     from moe_ext.model import ModelArgs
 
-    return ModelArgs(model_type="qwen2_moe", vocab_size=260, hidden_size=48, intermediate_size=64,
-                     moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                     shared_expert_gate=True, num_hidden_layers=3, num_attention_heads=4,
-                     num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
-                     mlp_only_layers=[1], qkv_bias=True)
+    return ModelArgs(
+        model_type="qwen2_moe",
+        vocab_size=260,
+        hidden_size=48,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        shared_expert_gate=True,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        qkv_bias=True,
+    )
 
 
 def plan_of(strategy, tp=1, pp=1, dp=1, ep=1, etp=1, world=2):
     """A ParallelPlan with the given degrees (edp derived), not validated."""
     from moe_ext.plan import ParallelPlan
 
-    return ParallelPlan(strategy=strategy, world_size=world, tp=tp, pp=pp, dp=dp, ep=ep, etp=etp,
-                        edp=tp * dp // (ep * etp), dispatcher=DISPATCHERS[strategy], reason="test")
+    return ParallelPlan(
+        strategy=strategy,
+        world_size=world,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        ep=ep,
+        etp=etp,
+        edp=tp * dp // (ep * etp),
+        dispatcher=DISPATCHERS[strategy],
+        reason="test",
+    )
 
 
 def layout_plan(strategy, world, tp=1, pp=1, ep=None):
@@ -252,16 +301,20 @@ def layout_plan(strategy, world, tp=1, pp=1, ep=None):
 
 # ==== checkpoints on disk =================================================================
 
-def _write_moe_ext(directory: Path, config: dict, model_type: str, dtype: str,
-                   state: dict[str, torch.Tensor]) -> None:
+
+def _write_moe_ext(
+    directory: Path, config: dict, model_type: str, dtype: str, state: dict[str, torch.Tensor]
+) -> None:
     from moe_ext.checkpoint.format import SafetensorsWriter, TensorEntry, dtype_name, write_manifest
 
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     layout = [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in state.items()]
     writer = SafetensorsWriter(directory / "model.safetensors", layout)
-    entries = [TensorEntry(n, shape, dt, writer.write_tensor(n, [state[n]]), "model.safetensors")
-               for n, dt, shape in layout]
+    entries = [
+        TensorEntry(n, shape, dt, writer.write_tensor(n, [state[n]]), "model.safetensors")
+        for n, dt, shape in layout
+    ]
     writer.close()
     write_manifest(directory, model_type, dtype, entries)
 
@@ -283,23 +336,45 @@ def family_args(family: str):
     particular parts (shared expert and dense layer, q/k norms and tied embeddings)."""
     from moe_ext.model import ModelArgs
 
-    base = dict(model_type=family, vocab_size=64, hidden_size=32, intermediate_size=48,
-                moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                rope_theta=10000.0, max_position_embeddings=64, init_seed=7)
+    base = dict(
+        model_type=family,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        rope_theta=10000.0,
+        max_position_embeddings=64,
+        init_seed=7,
+    )
     if family == "mixtral":  # experts take intermediate_size, every layer MoE
         base.update(intermediate_size=16, moe_intermediate_size=None)
     if family == "qwen2_moe":  # shared expert + gate, q/k/v bias, a dense layer
-        base.update(shared_expert_intermediate_size=24, shared_expert_gate=True,
-                    mlp_only_layers=[1], qkv_bias=True, norm_topk_prob=False)
+        base.update(
+            shared_expert_intermediate_size=24,
+            shared_expert_gate=True,
+            mlp_only_layers=[1],
+            qkv_bias=True,
+            norm_topk_prob=False,
+        )
     if family == "qwen3_moe":  # q/k norms, head_dim != H / nH, tied embeddings, dense layer 0
-        base.update(qk_norm=True, head_dim=16, tie_word_embeddings=True, decoder_sparse_step=2,
-                    num_hidden_layers=3)
+        base.update(
+            qk_norm=True,
+            head_dim=16,
+            tie_word_embeddings=True,
+            decoder_sparse_step=2,
+            num_hidden_layers=3,
+        )
     return ModelArgs(**base)
 
 
-def write_family_checkpoint(directory: Path, family: str,
-                            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def write_family_checkpoint(
+    directory: Path, family: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """A moe_ext checkpoint of ``family_args(family)``'s random weights (norms off 1, so a
     swapped norm shows) plus a tokenizer side file. Returns the tensors as written."""
     from moe_ext.checkpoint.format import dtype_name
@@ -324,8 +399,11 @@ def export_megatron_families(root: Path) -> dict[str, tuple]:
     from moe_ext.megatron.dist_ckpt import export_megatron
 
     out = {}
-    for family, dtype in (("mixtral", torch.bfloat16), ("qwen2_moe", torch.float32),
-                          ("qwen3_moe", torch.float32)):
+    for family, dtype in (
+        ("mixtral", torch.bfloat16),
+        ("qwen2_moe", torch.float32),
+        ("qwen3_moe", torch.float32),
+    ):
         src, meg = root / f"{family}_src", root / f"{family}_meg"
         state = write_family_checkpoint(src, family, dtype)
         export_megatron(src, meg, progress=False)
@@ -338,11 +416,21 @@ INFER_PROMPTS = [[1, 5, 7, 9, 11, 13], [2, 4, 6], [3, 8, 30, 31, 32, 33, 34, 35]
 INFER_NEW_TOKENS = 6
 INFER_FAMILIES = {
     "mixtral": dict(intermediate_size=64, num_local_experts=8),
-    "qwen2_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
-                      shared_expert_intermediate_size=48, decoder_sparse_step=2,
-                      mlp_only_layers=[]),
-    "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
-                      head_dim=16, norm_topk_prob=True),
+    "qwen2_moe": dict(
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        shared_expert_intermediate_size=48,
+        decoder_sparse_step=2,
+        mlp_only_layers=[],
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=8,
+        head_dim=16,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -350,15 +438,29 @@ def _make_hf_checkpoint(family: str, directory: Path) -> list[list[int]]:
     """Save a tiny random HF model and return its greedy continuations of INFER_PROMPTS."""
     import transformers
 
-    config_cls = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
-                  "qwen3_moe": transformers.Qwen3MoeConfig}[family]
-    model_cls = {"mixtral": transformers.MixtralForCausalLM,
-                 "qwen2_moe": transformers.Qwen2MoeForCausalLM,
-                 "qwen3_moe": transformers.Qwen3MoeForCausalLM}[family]
-    config = config_cls(vocab_size=128, hidden_size=64, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
-                        max_position_embeddings=128, eos_token_id=None, pad_token_id=0,
-                        bos_token_id=1, **INFER_FAMILIES[family])
+    config_cls = {
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+    }[family]
+    model_cls = {
+        "mixtral": transformers.MixtralForCausalLM,
+        "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+        "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+    }[family]
+    config = config_cls(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=1,
+        **INFER_FAMILIES[family],
+    )
     torch.manual_seed(0)
     model = model_cls(config).eval()
     with torch.no_grad():  # larger router logits: routing decisions far from ties
@@ -368,9 +470,14 @@ def _make_hf_checkpoint(family: str, directory: Path) -> list[list[int]]:
     model.save_pretrained(directory)
     expected = []
     for prompt in INFER_PROMPTS:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=INFER_NEW_TOKENS,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(prompt):].tolist())
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=INFER_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(prompt) :].tolist())
     return expected
 
 
@@ -390,6 +497,7 @@ def make_infer_checkpoints(root: Path, families=tuple(INFER_FAMILIES)) -> dict:
 # ==== the launcher on ranks ==============================================================
 # launch/infer.py's own steps (prepare -> groups -> build_model -> generate) inside spawned
 # gloo ranks: many configurations per spawn, each checked against expected greedy ids.
+
 
 def launcher_conf(overrides: list[str]):
     """The launcher's config, composed exactly as `launch/infer.py <overrides>` would."""
@@ -411,19 +519,31 @@ def launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[
     from moe_ext.model import generate
 
     cfg = launcher_conf(overrides)
-    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank,
-                  local_world_size=world_size, master_addr="127.0.0.1", master_port=0)
+    env = DistEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=rank,
+        local_world_size=world_size,
+        master_addr="127.0.0.1",
+        master_port=0,
+    )
     job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
-    groups = ProcessGroups.build(job.plan, backend="gloo",
-                                 timeout=datetime.timedelta(seconds=120))
+    groups = ProcessGroups.build(job.plan, backend="gloo", timeout=datetime.timedelta(seconds=120))
     model = infer.build_model(job, groups, rank, torch.device("cpu"))
-    result = generate(model, job.prompt_ids, cfg.generate, eos_id=job.tokenizer.eos_id,
-                      pad_id=job.tokenizer.pad_id, seed=cfg.seed)
+    result = generate(
+        model,
+        job.prompt_ids,
+        cfg.generate,
+        eos_id=job.tokenizer.eos_id,
+        pad_id=job.tokenizer.pad_id,
+        seed=cfg.seed,
+    )
     return result.tokens
 
 
-def check_launcher_cases(rank: int, world_size: int,
-                         cases: list[tuple[str, list[str], list]]) -> None:
+def check_launcher_cases(
+    rank: int, world_size: int, cases: list[tuple[str, list[str], list]]
+) -> None:
     """run_ranks body: each (label, overrides, expected ids) case generates ``expected``;
     fails with every case that did not."""
     failures = []
@@ -445,29 +565,55 @@ def hf_model(family: str, **extra):
     so every parameter matters), in eval mode; ``extra`` goes to its config."""
     import transformers
 
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
-                  tie_word_embeddings=False, pad_token_id=0, eos_token_id=HF_EOS)
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=HF_EOS,
+    )
     if family == "mixtral":
-        config = transformers.MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
-                                            num_experts_per_tok=2, **extra)
+        config = transformers.MixtralConfig(
+            **common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **extra
+        )
         model = transformers.MixtralForCausalLM(config)
     elif family == "qwen2_moe":
         config = transformers.Qwen2MoeConfig(
-            **common, intermediate_size=40, moe_intermediate_size=16,
-            shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
-            mlp_only_layers=[1], norm_topk_prob=False, **extra)
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+            **extra,
+        )
         model = transformers.Qwen2MoeForCausalLM(config)
     else:
         config = transformers.Qwen3MoeConfig(
-            **common, intermediate_size=40, moe_intermediate_size=16, head_dim=16,
-            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, **extra)
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            **extra,
+        )
         model = transformers.Qwen3MoeForCausalLM(config)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if "norm" not in name else 0.1)
-                    + (1.0 if "norm" in name else 0.0))
+            p.copy_(
+                torch.randn_like(p) * (0.2 if "norm" not in name else 0.1)
+                + (1.0 if "norm" in name else 0.0)
+            )
     return model.eval()
 
 
@@ -482,11 +628,17 @@ def left_pad(prompts):
 def hf_greedy(hf, prompts, max_new, eos=HF_EOS):
     """transformers' greedy continuations of ``prompts``, each cut after its first ``eos``."""
     ids, mask = left_pad(prompts)
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                      do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
     rows = []
-    for row in out[:, ids.shape[1]:].tolist():
-        rows.append(row[:row.index(eos) + 1] if eos in row else row)
+    for row in out[:, ids.shape[1] :].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
     return rows
 
 
@@ -494,9 +646,14 @@ def hf_greedy_each(hf, prompts, new_tokens: int) -> list[list[int]]:
     """transformers' greedy continuations of each prompt on its own (no padding, no EOS)."""
     out = []
     for prompt in prompts:
-        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-        out.append(ids[0, len(prompt):].tolist())
+        ids = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        out.append(ids[0, len(prompt) :].tolist())
     return out
 
 
@@ -528,8 +685,12 @@ DEEPSEEK_VARIANTS = {
             n_group=4,
             topk_group=2,
             routed_scaling_factor=2.5,
-            rope_parameters={**DEEPSEEK_YARN, "rope_theta": 10000.0, "mscale": 1.0,
-                             "mscale_all_dim": 0.7},
+            rope_parameters={
+                **DEEPSEEK_YARN,
+                "rope_theta": 10000.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.7,
+            },
         ),
     ),
     # deepseek_v3 without rope_interleave (rotate-half pairs) and with attention biases
@@ -854,12 +1015,14 @@ def gpt_oss_native_state(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.T
         out[name] = t.contiguous()
     return out
 
+
 # ==== MoE references ======================================================================
 # Dense single-rank MoE in float64, written independently of moe_ext.moe.
 # T tokens, H hidden, E experts, k top-k, F expert FFN size, Fs shared-expert FFN size.
 # Routing is done token by token with plain Python ordering (no torch.topk), every expert is
 # evaluated on every token, and the routed outputs are mixed by a dense [T, E] gate matrix.
 # Everything is differentiable so tests compare gradients as well as outputs.
+
 
 @dataclass
 class RoutingSpec:
@@ -876,8 +1039,12 @@ def _pick(values: list[float], count: int) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
 
 
-def reference_gates(x: torch.Tensor, router_weight: torch.Tensor, spec: RoutingSpec,
-                    correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def reference_gates(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    spec: RoutingSpec,
+    correction_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """x: [T, H]; router_weight: [E, H]. Returns dense gates [T, E] float64 (zero for
     experts a token did not pick), differentiable in x and router_weight."""
     logits = x.double() @ router_weight.double().t()  # [T, E]
@@ -898,7 +1065,7 @@ def reference_gates(x: torch.Tensor, router_weight: torch.Tensor, spec: RoutingS
             size = num_experts // spec.n_group
             group_score = []
             for g in range(spec.n_group):
-                members = sorted(c[g * size:(g + 1) * size], reverse=True)
+                members = sorted(c[g * size : (g + 1) * size], reverse=True)
                 group_score.append(sum(members[:2]))
             groups = _pick(group_score, spec.topk_group)
             allowed = [e for e in allowed if e // size in groups]
@@ -915,17 +1082,23 @@ def reference_gates(x: torch.Tensor, router_weight: torch.Tensor, spec: RoutingS
     return torch.stack(rows)  # [T, E]
 
 
-def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor,
-           down_w: torch.Tensor) -> torch.Tensor:
+def swiglu(
+    x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor
+) -> torch.Tensor:
     """x: [T, H]; gate_w, up_w: [F, H]; down_w: [H, F]. Returns [T, H]."""
     return (F.silu(x @ gate_w.t()) * (x @ up_w.t())) @ down_w.t()
 
 
-def reference_moe(x: torch.Tensor, router_weight: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor, spec: RoutingSpec,
-                  correction_bias: Optional[torch.Tensor] = None,
-                  shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                  shared_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+def reference_moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    spec: RoutingSpec,
+    correction_bias: Optional[torch.Tensor] = None,
+    shared: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    shared_gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Full MoE layer, float64. x: [T, H]; router_weight: [E, H]; gate_up: [E, 2F, H] (gate
     rows then up rows); down: [E, H, F]; shared: (gate [Fs, H], up [Fs, H], down [H, Fs]);
     shared_gate: [1, H]. Returns y [T, H] float64."""
@@ -936,7 +1109,7 @@ def reference_moe(x: torch.Tensor, router_weight: torch.Tensor, gate_up: torch.T
     for e in range(gate_up.shape[0]):
         gu = gate_up[e].double()
         out = swiglu(x, gu[:ffn], gu[ffn:], down[e].double())  # [T, H]
-        y = y + gates[:, e:e + 1] * out
+        y = y + gates[:, e : e + 1] * out
     if shared is not None:
         s = swiglu(x, *(w.double() for w in shared))
         if shared_gate is not None:
@@ -958,13 +1131,26 @@ H, F_EXPERT, E, FS = 16, 32, 8, 16
 # name, routing, per-rank token counts (indexed by EP rank, cycled), options
 CASES = [
     ("softmax_renorm", RoutingSpec(top_k=2), [7, 5, 3, 6], {}),
-    ("softmax_plain_shared_gate", RoutingSpec(top_k=2, norm_topk_prob=False), [4, 6, 5, 2],
-     {"shared": True}),
-    ("sigmoid_group_bias_scale", RoutingSpec(top_k=3, score_func="sigmoid", n_group=4,
-                                             topk_group=2, routed_scaling_factor=2.5),
-     [6, 3, 5, 4], {"bias": "random"}),
-    ("all_to_one_expert_k1", RoutingSpec(top_k=1, score_func="sigmoid"), [5, 4, 3, 6],
-     {"bias": "expert3"}),
+    (
+        "softmax_plain_shared_gate",
+        RoutingSpec(top_k=2, norm_topk_prob=False),
+        [4, 6, 5, 2],
+        {"shared": True},
+    ),
+    (
+        "sigmoid_group_bias_scale",
+        RoutingSpec(
+            top_k=3, score_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5
+        ),
+        [6, 3, 5, 4],
+        {"bias": "random"},
+    ),
+    (
+        "all_to_one_expert_k1",
+        RoutingSpec(top_k=1, score_func="sigmoid"),
+        [5, 4, 3, 6],
+        {"bias": "expert3"},
+    ),
     ("rank_with_zero_tokens", RoutingSpec(top_k=2), [6, 0, 4, 0], {}),
     ("one_token_k_all", RoutingSpec(top_k=E), [1, 1, 1, 1], {}),
 ]
@@ -979,18 +1165,28 @@ def case_tensors(seed, spec, tokens, opts, dtype, device):
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
 
-    t = {"router": rand(E, H, scale=0.5), "gate_up": rand(E, 2 * F_EXPERT, H, scale=H ** -0.5),
-         "down": rand(E, H, F_EXPERT, scale=F_EXPERT ** -0.5), "x": rand(sum(tokens), H),
-         "grad": rand(sum(tokens), H), "bias": None, "shared": None, "shared_gate": None}
+    t = {
+        "router": rand(E, H, scale=0.5),
+        "gate_up": rand(E, 2 * F_EXPERT, H, scale=H**-0.5),
+        "down": rand(E, H, F_EXPERT, scale=F_EXPERT**-0.5),
+        "x": rand(sum(tokens), H),
+        "grad": rand(sum(tokens), H),
+        "bias": None,
+        "shared": None,
+        "shared_gate": None,
+    }
     if opts.get("bias") == "random":
         t["bias"] = torch.randn(E, generator=gen).mul(0.1).to(device)
     elif opts.get("bias") == "expert3":
         t["bias"] = torch.zeros(E, device=device)
         t["bias"][3] = 100.0  # every token picks expert 3 (selection only)
     if opts.get("shared"):
-        t["shared"] = (rand(FS, H, scale=H ** -0.5), rand(FS, H, scale=H ** -0.5),
-                       rand(H, FS, scale=FS ** -0.5))
-        t["shared_gate"] = rand(1, H, scale=H ** -0.5)
+        t["shared"] = (
+            rand(FS, H, scale=H**-0.5),
+            rand(FS, H, scale=H**-0.5),
+            rand(H, FS, scale=FS**-0.5),
+        )
+        t["shared_gate"] = rand(1, H, scale=H**-0.5)
     return t
 
 
@@ -1000,19 +1196,36 @@ def build_case_layer(strategy, spec, opts, groups, t, dtype, device):
     from moe_ext.moe.layer import build_moe_layer, load_full_expert_weights
 
     layer = build_moe_layer(
-        H, F_EXPERT, E, spec.top_k, score_func=spec.score_func,
-        norm_topk_prob=spec.norm_topk_prob, n_group=spec.n_group, topk_group=spec.topk_group,
-        routed_scaling_factor=spec.routed_scaling_factor, correction_bias=t["bias"] is not None,
+        H,
+        F_EXPERT,
+        E,
+        spec.top_k,
+        score_func=spec.score_func,
+        norm_topk_prob=spec.norm_topk_prob,
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
+        routed_scaling_factor=spec.routed_scaling_factor,
+        correction_bias=t["bias"] is not None,
         shared_expert_size=FS if opts.get("shared") else None,
-        shared_expert_gate=bool(opts.get("shared")), dispatcher=strategy, groups=groups,
-        dtype=dtype, device=device)
+        shared_expert_gate=bool(opts.get("shared")),
+        dispatcher=strategy,
+        groups=groups,
+        dtype=dtype,
+        device=device,
+    )
     with torch.no_grad():
         layer.router.weight.copy_(t["router"])
         if t["bias"] is not None:
             layer.router.e_score_correction_bias.copy_(t["bias"])
         if t["shared"] is not None:
-            for lin, w in zip((layer.shared_expert.gate_proj, layer.shared_expert.up_proj,
-                               layer.shared_expert.down_proj), t["shared"]):
+            for lin, w in zip(
+                (
+                    layer.shared_expert.gate_proj,
+                    layer.shared_expert.up_proj,
+                    layer.shared_expert.down_proj,
+                ),
+                t["shared"],
+            ):
                 lin.weight.copy_(w)
             layer.shared_expert_gate.weight.copy_(t["shared_gate"])
     load_full_expert_weights(layer, t["gate_up"], t["down"])
@@ -1020,14 +1233,28 @@ def build_case_layer(strategy, spec, opts, groups, t, dtype, device):
 
 
 def _case_reference(spec, t):
-    leaves = {name: t[name].double().clone().requires_grad_()
-              for name in ("x", "router", "gate_up", "down")}
-    shared = None if t["shared"] is None else tuple(
-        w.double().clone().requires_grad_() for w in t["shared"])
-    shared_gate = None if t["shared_gate"] is None else \
-        t["shared_gate"].double().clone().requires_grad_()
-    y = reference_moe(leaves["x"], leaves["router"], leaves["gate_up"], leaves["down"], spec,
-                      t["bias"], shared, shared_gate)
+    leaves = {
+        name: t[name].double().clone().requires_grad_()
+        for name in ("x", "router", "gate_up", "down")
+    }
+    shared = (
+        None
+        if t["shared"] is None
+        else tuple(w.double().clone().requires_grad_() for w in t["shared"])
+    )
+    shared_gate = (
+        None if t["shared_gate"] is None else t["shared_gate"].double().clone().requires_grad_()
+    )
+    y = reference_moe(
+        leaves["x"],
+        leaves["router"],
+        leaves["gate_up"],
+        leaves["down"],
+        spec,
+        t["bias"],
+        shared,
+        shared_gate,
+    )
     (y * t["grad"].double()).sum().backward()
     grads = {name: leaf.grad for name, leaf in leaves.items()}
     grads["shared"] = None if shared is None else [w.grad for w in shared]
@@ -1043,8 +1270,9 @@ def check_close(actual, expected, what, tol):
     if expected.numel() == 0:
         return
     if tol == "fp32":
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            actual, expected, rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {m}"
+        )
     else:  # bf16: error relative to the tensor's scale
         err = (actual - expected).abs().max().item()
         scale = max(expected.abs().max().item(), 1e-3)
@@ -1081,14 +1309,21 @@ def check_strategy(strategy, groups, seed, dtype, device, tol, cases=CASES):
         gate_up_ref, down_ref = expert_shard(g_ref["gate_up"], g_ref["down"], layer.dispatcher)
         check_close(layer.experts.gate_up_proj.grad, gate_up_ref, f"{what}: gate_up grad", tol)
         check_close(layer.experts.down_proj.grad, down_ref, f"{what}: down grad", tol)
-        check_close(_sum_over(layer.router.weight.grad, groups.ep), g_ref["router"],
-                    f"{what}: router grad", tol)
+        check_close(
+            _sum_over(layer.router.weight.grad, groups.ep),
+            g_ref["router"],
+            f"{what}: router grad",
+            tol,
+        )
         if g_ref["shared"] is not None:
-            mods = (layer.shared_expert.gate_proj, layer.shared_expert.up_proj,
-                    layer.shared_expert.down_proj, layer.shared_expert_gate)
+            mods = (
+                layer.shared_expert.gate_proj,
+                layer.shared_expert.up_proj,
+                layer.shared_expert.down_proj,
+                layer.shared_expert_gate,
+            )
             for mod, ref in zip(mods, list(g_ref["shared"]) + [g_ref["shared_gate"]]):
-                check_close(_sum_over(mod.weight.grad, groups.ep), ref, f"{what}: shared grad",
-                            tol)
+                check_close(_sum_over(mod.weight.grad, groups.ep), ref, f"{what}: shared grad", tol)
         load = layer.router.read_expert_load()
         assert int(load.sum()) == tokens[ep_rank] * spec.top_k, what
         if opts.get("bias") == "expert3":
@@ -1117,8 +1352,9 @@ def _run_layer(layer, x, grad):
     return y.detach(), x.grad, layer.experts.gate_up_proj.grad, layer.router.weight.grad
 
 
-def check_static_equals_dynamic(name, groups, seed, cases, extra, dtype=torch.float32,
-                                device=torch.device("cpu"), tol=None):
+def check_static_equals_dynamic(
+    name, groups, seed, cases, extra, dtype=torch.float32, device=torch.device("cpu"), tol=None
+):
     """Per case, capacity = max T over the group + ``extra``: the static layer's output and
     gradients equal the dynamic layer's (same weights, same tokens), with and without
     autograd (the no-grad path gathers one packed byte buffer), and match the float64
@@ -1129,8 +1365,9 @@ def check_static_equals_dynamic(name, groups, seed, cases, extra, dtype=torch.fl
 
     def same(got, want, what):
         if tol is None:
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6,
-                                       msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(
+                got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}"
+            )
         else:
             check_close(got, want, what, tol)
 
@@ -1140,17 +1377,28 @@ def check_static_equals_dynamic(name, groups, seed, cases, extra, dtype=torch.fl
         what = f"{name} ep={ep_size} case={case_name} T={tokens[ep_rank]} C={capacity}"
         t = case_tensors(seed + case_idx, spec, tokens, opts, dtype, device)
         lo = sum(tokens[:ep_rank])
-        x, grad = t["x"][lo:lo + tokens[ep_rank]], t["grad"][lo:lo + tokens[ep_rank]]
+        x, grad = t["x"][lo : lo + tokens[ep_rank]], t["grad"][lo : lo + tokens[ep_rank]]
         dynamic = build_case_layer(name, spec, opts, groups, t, dtype, device)
-        static = build_case_layer(static_dispatcher(name, groups, capacity), spec, opts, groups,
-                                  t, dtype, device)
-        for got, want, part in zip(_run_layer(static, x, grad), _run_layer(dynamic, x, grad),
-                                   ("output", "input grad", "gate_up grad", "router grad")):
+        static = build_case_layer(
+            static_dispatcher(name, groups, capacity), spec, opts, groups, t, dtype, device
+        )
+        for got, want, part in zip(
+            _run_layer(static, x, grad),
+            _run_layer(dynamic, x, grad),
+            ("output", "input grad", "gate_up grad", "router grad"),
+        ):
             same(got, want, f"{what}: {part}")
         with torch.no_grad():
             same(static(x), dynamic(x), f"{what}: no-grad output")
-        check_strategy(static_dispatcher(name, groups, capacity), groups, seed + case_idx, dtype,
-                       device, tol or "fp32", cases=[cases[case_idx]])
+        check_strategy(
+            static_dispatcher(name, groups, capacity),
+            groups,
+            seed + case_idx,
+            dtype,
+            device,
+            tol or "fp32",
+            cases=[cases[case_idx]],
+        )
 
 
 _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
@@ -1165,6 +1413,7 @@ class _NoHostReads:
         def refuse(name):
             def method(*args, **kwargs):
                 raise AssertionError(f"host sync: Tensor.{name} called")
+
             return method
 
         for name in _HOST_READS:
@@ -1209,8 +1458,9 @@ def no_sync_body(rank, world):
                 # experts that double their input: y = 2 * x * (sum of the token's weights)
                 torch.testing.assert_close(y.detach(), 2 * x * weights.sum(1, keepdim=True))
                 if grad:
-                    torch.testing.assert_close(xg.grad, 2 * weights.sum(1, keepdim=True)
-                                               .expand(-1, H))
+                    torch.testing.assert_close(
+                        xg.grad, 2 * weights.sum(1, keepdim=True).expand(-1, H)
+                    )
 
 
 def assert_nvshmem_refusal(err: BaseException, *words: str) -> None:
@@ -1233,11 +1483,23 @@ def megatron_config(**kw):
     CPU initialisation) with ``kw`` on top."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    base = dict(num_layers=2, hidden_size=MEGATRON_H, num_attention_heads=4, ffn_hidden_size=64,
-                num_moe_experts=MEGATRON_E, moe_router_topk=2, moe_ffn_hidden_size=16,
-                normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-                moe_router_dtype="fp32", use_cpu_initialization=True)
+    base = dict(
+        num_layers=2,
+        hidden_size=MEGATRON_H,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        num_moe_experts=MEGATRON_E,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_dtype="fp32",
+        use_cpu_initialization=True,
+    )
     base.update(kw)
     return TransformerConfig(**base)
 
@@ -1252,14 +1514,28 @@ def megatron_args(model_type: str = "qwen3_moe", **kw):
     """Small ModelArgs (hidden MEGATRON_H) of ``model_type`` for GPTModel comparisons."""
     from moe_ext.model import ModelArgs
 
-    base = dict(model_type=model_type, vocab_size=64, hidden_size=MEGATRON_H,
-                intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                num_experts_per_tok=2, rope_theta=10000.0, qk_norm=model_type == "qwen3_moe",
-                qkv_bias=model_type == "qwen2_moe")
+    base = dict(
+        model_type=model_type,
+        vocab_size=64,
+        hidden_size=MEGATRON_H,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        rope_theta=10000.0,
+        qk_norm=model_type == "qwen3_moe",
+        qkv_bias=model_type == "qwen2_moe",
+    )
     if model_type == "qwen2_moe":
-        base.update(shared_expert_intermediate_size=24, shared_expert_gate=True,
-                    mlp_only_layers=[1], norm_topk_prob=False)
+        base.update(
+            shared_expert_intermediate_size=24,
+            shared_expert_gate=True,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        )
     base.update(kw)
     return ModelArgs(**base)
 
@@ -1281,12 +1557,14 @@ def interpreted() -> bool:
     if not HAS_TRITON:
         return False
     from moe_ext.moe.kernels import grouped_gemm
+
     return grouped_gemm.INTERPRETED
 
 
 needs_interpreter = pytest.mark.skipif(
     not interpreted(),
-    reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_interpreter")
+    reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_interpreter",
+)
 
 
 def run_cpu_cases_in_interpreter(test_file: str) -> None:
@@ -1297,9 +1575,23 @@ def run_cpu_cases_in_interpreter(test_file: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_cpu_",
-         str(Path(test_file).resolve())],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "test_cpu_",
+            str(Path(test_file).resolve()),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
@@ -1307,16 +1599,21 @@ def run_cpu_cases_in_interpreter(test_file: str) -> None:
 
 def graph_recorder(graphs):
     """A torch.compile backend that keeps each traced FX graph and runs it eagerly."""
+
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
+
     return backend
 
 
 def count_op_nodes(graphs, packet):
     """Calls of the custom op ``packet`` (dynamo records the packet, AOT the overload)."""
-    return sum(node.op == "call_function" and node.target in (packet, packet.default)
-               for gm in graphs for node in gm.graph.nodes)
+    return sum(
+        node.op == "call_function" and node.target in (packet, packet.default)
+        for gm in graphs
+        for node in gm.graph.nodes
+    )
 
 
 def capture_compiled(module, *inputs):

@@ -11,6 +11,7 @@ its traceback, so one device call shows the whole picture.
 
 # S sequence, B batch, H hidden, E experts, V vocab
 """
+
 from __future__ import annotations
 
 import datetime
@@ -48,20 +49,35 @@ def _setup(plan, backend: str):
 
 def _report(rank: int, failures: list[str]) -> None:
     if failures:
-        raise AssertionError(f"rank {rank}: {len(failures)} case(s) failed:\n\n"
-                             + "\n\n".join(failures))
+        raise AssertionError(
+            f"rank {rank}: {len(failures)} case(s) failed:\n\n" + "\n\n".join(failures)
+        )
 
 
 def _tiny_args(model_type: str):
     from moe_ext.model import ModelArgs
 
-    kw = dict(model_type=model_type, vocab_size=128, hidden_size=H, intermediate_size=128,
-              moe_intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, num_experts=E, num_experts_per_tok=TOP_K,
-              rope_theta=10000.0)
+    kw = dict(
+        model_type=model_type,
+        vocab_size=128,
+        hidden_size=H,
+        intermediate_size=128,
+        moe_intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=E,
+        num_experts_per_tok=TOP_K,
+        rope_theta=10000.0,
+    )
     if model_type == "qwen2_moe":
-        kw.update(shared_expert_intermediate_size=48, mlp_only_layers=[1], qkv_bias=True,
-                  norm_topk_prob=False)
+        kw.update(
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+            qkv_bias=True,
+            norm_topk_prob=False,
+        )
     if model_type == "qwen3_moe":
         kw.update(qk_norm=True)
     return ModelArgs(**kw)
@@ -69,8 +85,12 @@ def _tiny_args(model_type: str):
 
 # ---- 1. GPTModel + our layer == native decoder ------------------------------------------
 
-GPT_CASES = [("mixtral", "ep_nccl", 1), ("qwen2_moe", "ep_allgather", 1),
-             ("qwen3_moe", "replicate", 1), ("qwen3_moe", "ep_nccl", 2)]
+GPT_CASES = [
+    ("mixtral", "ep_nccl", 1),
+    ("qwen2_moe", "ep_allgather", 1),
+    ("qwen3_moe", "replicate", 1),
+    ("qwen3_moe", "ep_nccl", 2),
+]
 
 
 def _gpt_case(rank, world, model_type, strategy, tp, backend, device):
@@ -92,12 +112,20 @@ def _gpt_case(rank, world, model_type, strategy, tp, backend, device):
     plan = _plan(strategy, world, tp)
     groups = _setup(plan, backend)
     try:
-        config = TransformerConfig(**transformer_config_kwargs(
-            args, plan, perform_initialization=False,
-            use_cpu_initialization=device.type == "cpu"))
+        config = TransformerConfig(
+            **transformer_config_kwargs(
+                args,
+                plan,
+                perform_initialization=False,
+                use_cpu_initialization=device.type == "cpu",
+            )
+        )
         spec = get_gpt_decoder_block_spec(config, plan, groups)
-        model = GPTModel(config, spec, pg_collection=pg_collection(groups),
-                         **gpt_model_kwargs(args)).to(device).eval()
+        model = (
+            GPTModel(config, spec, pg_collection=pg_collection(groups), **gpt_model_kwargs(args))
+            .to(device)
+            .eval()
+        )
         full = init_random_full(args)
         load_into_megatron(model, native_to_megatron(full, args, plan, groups))
         native = Transformer(args)
@@ -105,8 +133,9 @@ def _gpt_case(rank, world, model_type, strategy, tp, backend, device):
         native = native.to(device).eval()
         # TP ranks must feed identical tokens (no sequence parallelism)
         seed = 11 + (groups.dp_rank if tp > 1 else rank)
-        tokens = torch.randint(0, args.vocab_size, (2, 9),
-                               generator=torch.Generator().manual_seed(seed)).to(device)
+        tokens = torch.randint(
+            0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed)
+        ).to(device)
         positions = torch.arange(9, device=device)[None].expand(2, 9)
         mask = None  # Megatron builds the causal mask itself on CUDA
         if device.type == "cpu":
@@ -116,7 +145,7 @@ def _gpt_case(rank, world, model_type, strategy, tp, backend, device):
             ref = native(tokens)  # [B, S, V]
         if tp > 1:
             vocab = args.vocab_size // tp
-            ref = ref[..., groups.tp_rank * vocab:(groups.tp_rank + 1) * vocab]
+            ref = ref[..., groups.tp_rank * vocab : (groups.tp_rank + 1) * vocab]
         torch.testing.assert_close(logits.float(), ref.float(), rtol=1e-3, atol=1e-3)
     finally:
         uninstall_parallel_state()
@@ -151,8 +180,14 @@ def test_gptmodel_with_our_layer_matches_native_logits():
 # ---- 2. MoEExtLayer == Megatron's own MoELayer ------------------------------------------
 
 # (strategy, tp): EP 1 (replicate, tp_experts) and EP 2 (ep_*); nvshmem last (most fragile)
-LAYER_CASES = [("replicate", 1), ("tp_experts", 2), ("ep_allgather", 1), ("ep_nccl", 1),
-               ("ep_nccl", 2), ("ep_nvshmem", 1)]
+LAYER_CASES = [
+    ("replicate", 1),
+    ("tp_experts", 2),
+    ("ep_allgather", 1),
+    ("ep_nccl", 1),
+    ("ep_nccl", 2),
+    ("ep_nvshmem", 1),
+]
 
 
 def _layer_case(rank, world, strategy, tp, backend, device, megatron_dispatcher):
@@ -163,27 +198,45 @@ def _layer_case(rank, world, strategy, tp, backend, device, megatron_dispatcher)
     plan = _plan(strategy, world, tp)
     groups = _setup(plan, backend)
     try:
-        config = megatron_moe_config(H, FFN, E, TOP_K, plan, dispatcher=megatron_dispatcher,
-                                     params_dtype=torch.float32,
-                                     cpu_init=device.type == "cpu")
+        config = megatron_moe_config(
+            H,
+            FFN,
+            E,
+            TOP_K,
+            plan,
+            dispatcher=megatron_dispatcher,
+            params_dtype=torch.float32,
+            cpu_init=device.type == "cpu",
+        )
         theirs = megatron_moe_layer(config, groups).to(device).eval()  # Megatron's MoELayer
         ours = MoEExtLayer(config, plan=plan, groups=groups).to(device).eval()
 
         gen = torch.Generator().manual_seed(5)  # same full weights on every rank
         router = torch.randn(E, H, generator=gen) * 0.3
-        gate_up = torch.randn(E, 2 * FFN, H, generator=gen) * H ** -0.5
-        down = torch.randn(E, H, FFN, generator=gen) * FFN ** -0.5
+        gate_up = torch.randn(E, 2 * FFN, H, generator=gen) * H**-0.5
+        down = torch.randn(E, H, FFN, generator=gen) * FFN**-0.5
         local_gate_up, local_down = expert_shard(gate_up, down, ours.dispatcher)
-        ours.load_state_dict({"router.weight": router, "experts.gate_up_proj": local_gate_up,
-                              "experts.down_proj": local_down})
+        ours.load_state_dict(
+            {
+                "router.weight": router,
+                "experts.gate_up_proj": local_gate_up,
+                "experts.down_proj": local_down,
+            }
+        )
         with torch.no_grad():
             theirs.router.weight.copy_(router)
         expert_state = megatron_expert_state(
-            gate_up, down, prefix="", local_expert_start=ours.dispatcher.local_expert_start,
-            num_local=ours.dispatcher.num_local_experts, ffn_shards=ours.dispatcher.ffn_shards,
-            ffn_rank=ours.dispatcher.ffn_shard_rank)
+            gate_up,
+            down,
+            prefix="",
+            local_expert_start=ours.dispatcher.local_expert_start,
+            num_local=ours.dispatcher.num_local_experts,
+            ffn_shards=ours.dispatcher.ffn_shards,
+            ffn_rank=ours.dispatcher.ffn_shard_rank,
+        )
         result = theirs.experts.load_state_dict(
-            {k: v.to(device) for k, v in expert_state.items()}, strict=False)
+            {k: v.to(device) for k, v in expert_state.items()}, strict=False
+        )
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
 

@@ -7,6 +7,7 @@ peer and tools/bench_infer.py --peers hf: tests/unit/test_bench_peers.py.
 
 # T tokens, H hidden, F expert FFN size, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,14 +81,17 @@ def _check_peer(peer, local_experts, rank, device):
 
 # ---- DeepSpeed ---------------------------------------------------------------------------
 
+
 def _deepspeed_body(rank, world, backend="gloo"):
     from moe_ext.bench.peers import deepspeed_peer
 
     device = _device(rank, backend)
     torch.manual_seed(100 + rank)
     peer = deepspeed_peer(H, FFN, E, TOP_K, dtype=torch.float32, device=device, timeout_s=60)
-    local = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)
-             for e in peer.moe.deepspeed_moe.experts.deepspeed_experts]
+    local = [
+        (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)
+        for e in peer.moe.deepspeed_moe.experts.deepspeed_experts
+    ]
     assert len(local) == E // world
     x, idx, y_forced, all_experts = _check_peer(peer, local, rank, device)
     # DeepSpeed's forced weights: its softmax gates at the forced experts, renormalised
@@ -111,6 +115,7 @@ def test_deepspeed_peer_matches_dense_reference_2gpus():
 
 # ---- Megatron-core -----------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _cpu_megatron():
     """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to CPU (current
@@ -133,8 +138,16 @@ def _megatron_body(rank, world, backend="gloo", dispatcher="allgather"):
     torch.manual_seed(200 + rank)
     with _cpu_megatron() if backend == "gloo" else contextlib.nullcontext():
         try:
-            peer = megatron_peer(H, FFN, E, TOP_K, dispatcher=dispatcher, dtype=torch.float32,
-                                 device=device, timeout_s=60)
+            peer = megatron_peer(
+                H,
+                FFN,
+                E,
+                TOP_K,
+                dispatcher=dispatcher,
+                dtype=torch.float32,
+                device=device,
+                timeout_s=60,
+            )
         except (RuntimeError, AssertionError) as err:
             if "CUDA" in str(err):
                 pytest.skip(f"this megatron-core builds CUDA-only state in MoELayer: {err}")
@@ -168,6 +181,7 @@ def test_megatron_peer_matches_dense_reference_2gpus(dispatcher):
 
 # ---- tools smoke runs --------------------------------------------------------------------
 
+
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -177,15 +191,45 @@ def _env():
 @pytest.mark.timeout(180)
 def test_bench_moe_with_peers_world2_smoke(tmp_path):
     out = tmp_path / "moe.json"
-    cmd = [*torchrun(2), "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32",
-           "--shape", "custom", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2",
-           "--tokens", "4,8", "--strategies", "ep_nccl", "--peers", "megatron,deepspeed", "--uniform-routing",
-           "--warmup", "1", "--iters", "2", "--timeout-s", "60", "--json", str(out)]
+    cmd = [
+        *torchrun(2),
+        "tools/bench_moe.py",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--shape",
+        "custom",
+        "--hidden",
+        "32",
+        "--ffn",
+        "16",
+        "--experts",
+        "4",
+        "--topk",
+        "2",
+        "--tokens",
+        "4,8",
+        "--strategies",
+        "ep_nccl",
+        "--peers",
+        "megatron,deepspeed",
+        "--uniform-routing",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--timeout-s",
+        "60",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
     rows = json.loads(out.read_text())["rows"]
     by = {(r["strategy"], r["tokens"]): r for r in rows}
-    assert set(by) == {(s, t) for s in ("ep_nccl", "mcore_a2a", "mcore_ag", "deepspeed")
-                       for t in (4, 8)}, proc.stdout + proc.stderr
+    assert set(by) == {
+        (s, t) for s in ("ep_nccl", "mcore_a2a", "mcore_ag", "deepspeed") for t in (4, 8)
+    }, proc.stdout + proc.stderr
     for strategy in ("ep_nccl", "deepspeed"):
         for t in (4, 8):
             assert by[(strategy, t)]["status"] == "ok", by[(strategy, t)]
@@ -204,17 +248,50 @@ def test_bench_moe_expert_groups_below_world_size(tmp_path):
     """World 4, --group-size 2: two EP-2 (expert-TP-2) groups side by side; each rank holds
     and reads half the experts (half the FFN); peers, which need G = W, say so."""
     out = tmp_path / "moe.json"
-    cmd = [*torchrun(4), "tools/bench_moe.py", "--device", "cpu", "--dtype", "fp32",
-           "--shape", "custom", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2",
-           "--tokens", "8",
-           "--strategies", "replicate,tp_experts,ep_nccl", "--peers", "deepspeed",
-           "--group-size", "2", "--uniform-routing", "--warmup", "1", "--iters", "2",
-           "--timeout-s", "60", "--json", str(out)]
+    cmd = [
+        *torchrun(4),
+        "tools/bench_moe.py",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--shape",
+        "custom",
+        "--hidden",
+        "32",
+        "--ffn",
+        "16",
+        "--experts",
+        "4",
+        "--topk",
+        "2",
+        "--tokens",
+        "8",
+        "--strategies",
+        "replicate,tp_experts,ep_nccl",
+        "--peers",
+        "deepspeed",
+        "--group-size",
+        "2",
+        "--uniform-routing",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--timeout-s",
+        "60",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     by = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
     assert {s: (by[s]["world"], by[s]["group"]) for s in by} == {
-        "replicate": (4, 1), "tp_experts": (4, 2), "ep_nccl": (4, 2), "deepspeed": (4, 2)}
+        "replicate": (4, 1),
+        "tp_experts": (4, 2),
+        "ep_nccl": (4, 2),
+        "deepspeed": (4, 2),
+    }
     assert by["deepspeed"]["status"].startswith("skipped: peers run EP = world size 4")
     assert by["replicate"]["experts_read"] == 4 and by["ep_nccl"]["experts_read"] == 2
     full = by["replicate"]["mem_floor_us"]
@@ -223,9 +300,15 @@ def test_bench_moe_expert_groups_below_world_size(tmp_path):
         assert by[strategy]["mem_floor_us"] == pytest.approx(full / 2)
     assert re.search(r"ep_nccl\s+4\s+2\s", proc.stdout.split("\n\n")[-1])  # W, G columns
 
-    bad = subprocess.run([sys.executable, "tools/bench_moe.py", "--device", "cpu",
-                          "--group-size", "3"], cwd=REPO, env=_env(), capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "tools/bench_moe.py", "--device", "cpu", "--group-size", "3"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
-        "--group-size 3 does not divide the world size 1; pass a divisor of 1")
+        "--group-size 3 does not divide the world size 1; pass a divisor of 1"
+    )

@@ -8,6 +8,7 @@ those process groups is killed at the end, so a failing test leaves no process b
 fault lands after a sign of progress (the weights loaded, a first checkpoint published), so
 the test does not depend on how fast a loaded machine starts the job.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,12 @@ from moe_ext.train.state import LATEST, find_checkpoint, load_rank_state
 from tests.support import REPO
 from tests.support import torchrun as torchrun_cmd
 
-pytestmark = [pytest.mark.faults,
-              pytest.mark.skipif(not Path("/proc/self/environ").exists(),
-                                 reason="finds the ranks through /proc (Linux)")]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.skipif(
+        not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)"
+    ),
+]
 
 INFER, TRAIN = REPO / "launch" / "infer.py", REPO / "launch" / "train.py"
 START_S = 120  # a loaded 2-core machine may take this long to import torch and DeepSpeed twice
@@ -42,22 +46,28 @@ class Torchrun:
     """One ``torchrun --nproc-per-node 2`` job; stdout and stderr go to ``log``."""
 
     def __init__(self, script: Path, args: list[str], log: Path, cwd: Path):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MOE_EXT_DEBUG")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MOE_EXT_DEBUG")
+        }
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.log = log
         self.workers: dict[int, int] = {}  # rank -> pid
         with open(log, "wb") as sink:
             self.proc = subprocess.Popen(
                 [*torchrun_cmd(2), str(script), *args],
-                stdout=sink, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                start_new_session=True)
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_until(self, ready: Callable[[], bool], what: str, limit_s: float = START_S
-                   ) -> None:
+    def wait_until(self, ready: Callable[[], bool], what: str, limit_s: float = START_S) -> None:
         deadline = time.monotonic() + limit_s
         while not ready():
             assert self.proc.poll() is None, f"the job ended before {what}:\n{self.text()[-3000:]}"
@@ -119,8 +129,9 @@ def _environ(pid: int) -> dict[str, str]:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0")
-                if "=" in item)
+    return dict(
+        item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -145,6 +156,7 @@ def _left_in(directory: Path) -> list[str]:
 
 # ---- generate ---------------------------------------------------------------------------
 
+
 def _generating(tmp_path: Path) -> tuple[list[str], Path]:
     """The infer arguments and the (empty) directory ``output=`` points into."""
     out_dir = tmp_path / "out"
@@ -152,8 +164,9 @@ def _generating(tmp_path: Path) -> tuple[list[str], Path]:
     return [*GENERATE, "dist_timeout_s=60", f"output={out_dir / 'out.jsonl'}"], out_dir
 
 
-@pytest.mark.parametrize("rank, sig", [(1, signal.SIGKILL), (0, signal.SIGTERM)],
-                         ids=["kill_9_rank1", "sigterm_rank0"])
+@pytest.mark.parametrize(
+    "rank, sig", [(1, signal.SIGKILL), (0, signal.SIGTERM)], ids=["kill_9_rank1", "sigterm_rank0"]
+)
 def test_rank_killed_during_generate_ends_the_job_and_writes_nothing(rank, sig, tmp_path):
     args, out_dir = _generating(tmp_path)
     with torchrun(INFER, args, tmp_path) as job:
@@ -201,13 +214,24 @@ def test_stalled_rank_is_an_error_within_the_timeout(tmp_path):
 
 # ---- train ------------------------------------------------------------------------------
 
+
 def test_rank_killed_during_training_publishes_no_export_and_no_partial_step(tmp_path):
     run_dir, export = tmp_path / "run", tmp_path / "export"
     checkpoints = run_dir / "checkpoints"
-    args = [f"hydra.run.dir={run_dir}", f"export={export}", "train.steps=2000",
-            "train.save_every=2", "train.keep_checkpoints=2", "train.eval_every=0",
-            "train.micro_batch=2", "train.seq_len=16", "train.eval_batches=1",
-            "sample.prompt=null", "progress=false", "dist_timeout_s=60"]
+    args = [
+        f"hydra.run.dir={run_dir}",
+        f"export={export}",
+        "train.steps=2000",
+        "train.save_every=2",
+        "train.keep_checkpoints=2",
+        "train.eval_every=0",
+        "train.micro_batch=2",
+        "train.seq_len=16",
+        "train.eval_batches=1",
+        "sample.prompt=null",
+        "progress=false",
+        "dist_timeout_s=60",
+    ]
     with torchrun(TRAIN, args, tmp_path) as job:
         workers = job.find_workers()
         job.wait_until(lambda: (checkpoints / LATEST).is_file(), "first checkpoint")

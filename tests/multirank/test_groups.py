@@ -1,6 +1,7 @@
 """ProcessGroups on gloo ranks: membership by all_gather, Megatron ProcessGroupCollection,
 DeepSpeed groups; moe_ext.dist.init_distributed on two ranks. The rank layout itself (pure)
 is in tests/unit/test_groups.py."""
+
 from __future__ import annotations
 
 import warnings
@@ -50,6 +51,7 @@ def _megatron_body(rank, world, plan):
         warnings.simplefilter("ignore")
         from megatron.core.process_groups_config import ProcessGroupCollection
     import dataclasses
+
     pgs = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
     coll = pgs.to_megatron_pg_collection()
     assert isinstance(coll, ProcessGroupCollection)
@@ -100,25 +102,34 @@ def _deepspeed_body(rank, world, plan):
 def _all_body(rank, world, plans):
     """Several plans on one set of ranks (spawning ranks costs more than building groups)."""
     from deepspeed.utils import groups as ds
+
     for plan in plans:
         _groups_body(rank, world, plan)
         _megatron_body(rank, world, plan)
         # each plan registers its own groups under DeepSpeed's name; forget the last plan's
-        for d in (ds._EXPERT_PARALLEL_GROUP, ds._EXPERT_PARALLEL_GROUP_RANKS,
-                  ds._EXPERT_DATA_PARALLEL_GROUP, ds._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        for d in (
+            ds._EXPERT_PARALLEL_GROUP,
+            ds._EXPERT_PARALLEL_GROUP_RANKS,
+            ds._EXPERT_DATA_PARALLEL_GROUP,
+            ds._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+        ):
             d.clear()
         _deepspeed_body(rank, world, plan)
         dist.barrier()
 
 
 MULTIRANK_PLANS = {
-    2: [layout_plan("ep_nccl", 2),                   # ep 2
-        layout_plan("tp_experts", 2, tp=2)],         # etp = tp = 2
-    4: [layout_plan("ep_allgather", 4, tp=2),        # tp 2, dp 2, ep 4
-        layout_plan("ep_nccl", 4, tp=2, ep=2),       # ep 2 x edp 2
-        layout_plan("ep_nccl", 4, pp=2, ep=1),       # pp 2, dp 2, ep 1, edp 2
-        layout_plan("tp_experts", 4, tp=2, pp=2),    # etp 2, pp 2
-        layout_plan("replicate", 4, tp=2)],          # edp 4
+    2: [
+        layout_plan("ep_nccl", 2),  # ep 2
+        layout_plan("tp_experts", 2, tp=2),
+    ],  # etp = tp = 2
+    4: [
+        layout_plan("ep_allgather", 4, tp=2),  # tp 2, dp 2, ep 4
+        layout_plan("ep_nccl", 4, tp=2, ep=2),  # ep 2 x edp 2
+        layout_plan("ep_nccl", 4, pp=2, ep=1),  # pp 2, dp 2, ep 1, edp 2
+        layout_plan("tp_experts", 4, tp=2, pp=2),  # etp 2, pp 2
+        layout_plan("replicate", 4, tp=2),
+    ],  # edp 4
 }
 
 
@@ -132,8 +143,10 @@ def test_process_groups_megatron_deepspeed(world):
 def _nccl_body(rank, world, plans):
     import dataclasses
     import warnings as w
+
     torch.cuda.set_device(rank)
     from megatron.core.process_groups_config import ProcessGroupCollection
+
     for plan in plans:
         pgs = ProcessGroups.build(plan, "nccl", timedelta(seconds=120))
         _check_membership(pgs, rank, device=f"cuda:{rank}")
@@ -152,12 +165,23 @@ def _nccl_body(rank, world, plans):
 def test_process_groups_on_nccl():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    run_ranks(_nccl_body, 2, ([layout_plan("ep_nccl", 2), layout_plan("tp_experts", 2, tp=2),
-                               layout_plan("replicate", 2)],), backend="nccl")
+    run_ranks(
+        _nccl_body,
+        2,
+        (
+            [
+                layout_plan("ep_nccl", 2),
+                layout_plan("tp_experts", 2, tp=2),
+                layout_plan("replicate", 2),
+            ],
+        ),
+        backend="nccl",
+    )
 
 
 def _init_distributed_entry(rank, port, queue):
     from moe_ext.dist import DistEnv, destroy, init_distributed
+
     env = DistEnv.from_environ({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port)})
     device = init_distributed(env, "cpu", timeout_s=60)
     t = torch.tensor([rank + 1.0])

@@ -7,6 +7,7 @@ generate) inside spawned gloo ranks, many configurations per spawn; the command 
 itself runs through torchrun in a few subprocess cases. Bad input on one rank:
 tests/unit/test_infer.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,20 @@ def _cases(checkpoints, strategy_overrides: list[tuple[str, list[str]]]):
     for family in FAMILIES:
         directory, expected = checkpoints[family]
         for label, extra in strategy_overrides:
-            overrides = [f"checkpoint={directory}", f"prompts={checkpoints['prompts']}",
-                         f"generate.max_new_tokens={NEW_TOKENS}", "dtype=fp32", *extra]
+            overrides = [
+                f"checkpoint={directory}",
+                f"prompts={checkpoints['prompts']}",
+                f"generate.max_new_tokens={NEW_TOKENS}",
+                "dtype=fp32",
+                *extra,
+            ]
             cases.append((f"{family} {label}", overrides, expected))
     return cases
 
 
-STRATEGIES = [(s, [f"strategy={s}"]) for s in
-              ("replicate", "tp_experts", "ep_allgather", "ep_nccl")]
+STRATEGIES = [
+    (s, [f"strategy={s}"]) for s in ("replicate", "tp_experts", "ep_allgather", "ep_nccl")
+]
 
 
 def test_single_rank_matches_transformers(checkpoints):
@@ -54,21 +61,26 @@ def test_single_rank_matches_transformers(checkpoints):
 
 
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
-    extra = [("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
-             ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"])]
+    extra = [
+        ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
+        ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
+    ]
     run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
 def test_four_ranks_every_strategy(checkpoints):
-    extra = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"]),
-             ("tp_experts pp=2", ["strategy=tp_experts", "parallel.pp=2"]),
-             ("ep_allgather pp=2", ["strategy=ep_allgather", "parallel.pp=2"]),
-             # EP 2 x 2 replicas: what auto picks on PCIe when half the experts fit a GPU
-             ("ep_allgather ep=2", ["strategy=ep_allgather", "parallel.ep=2"])]
+    extra = [
+        ("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"]),
+        ("tp_experts pp=2", ["strategy=tp_experts", "parallel.pp=2"]),
+        ("ep_allgather pp=2", ["strategy=ep_allgather", "parallel.pp=2"]),
+        # EP 2 x 2 replicas: what auto picks on PCIe when half the experts fit a GPU
+        ("ep_allgather ep=2", ["strategy=ep_allgather", "parallel.ep=2"]),
+    ]
     run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
 # -- the command line --------------------------------------------------------------------
+
 
 def _cli(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     return run_launcher(INFER, args, nproc, timeout=300)
@@ -86,9 +98,16 @@ def test_cli_demo_writes_output(tmp_path, checkpoints):
 
     directory, expected = checkpoints["qwen3_moe"]
     out2 = tmp_path / "hf.jsonl"
-    res = _cli([f"checkpoint={directory}", f"prompts={checkpoints['prompts']}",
-                f"generate.max_new_tokens={NEW_TOKENS}", "strategy=ep_nccl", f"output={out2}"],
-               nproc=2)
+    res = _cli(
+        [
+            f"checkpoint={directory}",
+            f"prompts={checkpoints['prompts']}",
+            f"generate.max_new_tokens={NEW_TOKENS}",
+            "strategy=ep_nccl",
+            f"output={out2}",
+        ],
+        nproc=2,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert [json.loads(x)["output_ids"] for x in out2.read_text().splitlines()] == expected
 

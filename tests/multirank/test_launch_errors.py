@@ -1,5 +1,6 @@
 """Launcher errors on two ranks (torchrun): a refusal is one ``error:`` line, printed once,
 and nothing runs after it. The single-process cases are in tests/unit/test_launch_errors.py."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,6 +25,7 @@ def test_train_unknown_strategy_is_one_line_once():
 def test_infer_refusals_print_once_on_two_ranks(tmp_path):
     res = run_launcher(INFER, ["generate.max_new_tokens=-1"], nproc=2)
     errors = _error_lines(res)
-    assert res.returncode != 0 and errors == ["error: generate.max_new_tokens=-1; it must be "
-                                              "at least 1"], res.stderr[-2000:]
+    assert res.returncode != 0 and errors == [
+        "error: generate.max_new_tokens=-1; it must be at least 1"
+    ], res.stderr[-2000:]
     assert "plan:" not in res.stdout + res.stderr  # refused before the plan and the weights

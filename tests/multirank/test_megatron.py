@@ -6,6 +6,7 @@ single-process cases are in tests/unit/test_megatron.py.
 
 # T tokens, H hidden, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,15 @@ from tests.support import megatron_args, megatron_config, megatron_plan, run_ran
 
 # (strategy, tp, sequence parallel): under sequence parallelism each TP rank holds its own
 # tokens, so tp_experts gathers them over TP and ep_* / replicate use them as they are
-LAYER_PLANS = [("replicate", 1, False), ("tp_experts", 2, False), ("ep_allgather", 1, False),
-               ("ep_nccl", 1, False), ("ep_nccl", 2, False), ("tp_experts", 2, True),
-               ("ep_nccl", 2, True)]
+LAYER_PLANS = [
+    ("replicate", 1, False),
+    ("tp_experts", 2, False),
+    ("ep_allgather", 1, False),
+    ("ep_nccl", 1, False),
+    ("ep_nccl", 2, False),
+    ("tp_experts", 2, True),
+    ("ep_nccl", 2, True),
+]
 
 
 def _layer_body(rank, world):
@@ -45,11 +52,23 @@ def _layer_body(rank, world):
     from moe_ext.megatron import MoEExtLayer
     from moe_ext.moe.layer import build_moe_layer
 
-    config_kw = dict(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True,
-                     moe_router_pre_softmax=True, moe_aux_loss_coeff=0.0)
+    config_kw = dict(
+        moe_shared_expert_intermediate_size=24,
+        moe_shared_expert_gate=True,
+        moe_router_pre_softmax=True,
+        moe_aux_loss_coeff=0.0,
+    )
     gen = torch.Generator().manual_seed(7)
-    ref = build_moe_layer(H, 16, E, 2, norm_topk_prob=False, shared_expert_size=24,
-                          shared_expert_gate=True, dtype=torch.float64)
+    ref = build_moe_layer(
+        H,
+        16,
+        E,
+        2,
+        norm_topk_prob=False,
+        shared_expert_size=24,
+        shared_expert_gate=True,
+        dtype=torch.float64,
+    )
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
@@ -57,13 +76,19 @@ def _layer_body(rank, world):
     for strategy, tp, sequence_parallel in LAYER_PLANS:
         plan = megatron_plan(strategy, world, tp)
         groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
-        config = megatron_config(tensor_model_parallel_size=tp, expert_model_parallel_size=plan.ep,
-                         expert_tensor_parallel_size=plan.etp,
-                         sequence_parallel=sequence_parallel, **config_kw)
+        config = megatron_config(
+            tensor_model_parallel_size=tp,
+            expert_model_parallel_size=plan.ep,
+            expert_tensor_parallel_size=plan.etp,
+            sequence_parallel=sequence_parallel,
+            **config_kw,
+        )
         layer = MoEExtLayer(config, plan=plan, groups=groups, experts_backend="loop")
         from moe_ext.moe.layer import expert_shard
-        gate_up, down = expert_shard(full["experts.gate_up_proj"], full["experts.down_proj"],
-                                     layer.dispatcher)
+
+        gate_up, down = expert_shard(
+            full["experts.gate_up_proj"], full["experts.down_proj"], layer.dispatcher
+        )
         state = dict(full, **{"experts.gate_up_proj": gate_up, "experts.down_proj": down})
         layer.load_state_dict(state)
         # TP ranks see the same tokens, except under sequence parallelism; the reference
@@ -83,8 +108,13 @@ def _layer_body(rank, world):
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5, msg=where)
         # replicated router: every rank's gradient is the full one for its own tokens
         if tp > 1:
-            torch.testing.assert_close(layer.router.weight.grad.double(), ref.router.weight.grad,
-                                       rtol=1e-4, atol=1e-5, msg=where)
+            torch.testing.assert_close(
+                layer.router.weight.grad.double(),
+                ref.router.weight.grad,
+                rtol=1e-4,
+                atol=1e-5,
+                msg=where,
+            )
 
 
 @pytest.mark.timeout(240)
@@ -94,18 +124,24 @@ def test_layer_matches_reference_every_strategy_world2():
 
 # ---- multi-rank: GPTModel with our layer vs the native decoder -------------------------
 
+
 @contextlib.contextmanager
 def _cpu_megatron():
     """Inside a spawned rank only: Megatron's CUDA-only helpers (current device, causal mask
     on "cuda", CUDA RNG tracker) redirected to CPU, so GPTModel runs on the CPU."""
     from megatron.core.tensor_parallel import random as mrandom
+
     torch.cuda.current_device = lambda: "cpu"
     mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
     yield
 
 
-GPT_CASES = [("mixtral", "ep_nccl"), ("qwen2_moe", "ep_allgather"), ("qwen3_moe", "replicate"),
-             ("qwen3_moe", "tp_experts")]
+GPT_CASES = [
+    ("mixtral", "ep_nccl"),
+    ("qwen2_moe", "ep_allgather"),
+    ("qwen3_moe", "replicate"),
+    ("qwen3_moe", "tp_experts"),
+]
 
 
 def _gpt_body(rank, world):
@@ -129,18 +165,21 @@ def _gpt_body(rank, world):
             groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
             install_parallel_state(groups)
             try:
-                config = TransformerConfig(**transformer_config_kwargs(
-                    args, plan, use_cpu_initialization=True))
+                config = TransformerConfig(
+                    **transformer_config_kwargs(args, plan, use_cpu_initialization=True)
+                )
                 spec = get_gpt_decoder_block_spec(config, plan, groups)
-                model = GPTModel(config, spec, pg_collection=pg_collection(groups),
-                                 **gpt_model_kwargs(args)).eval()
+                model = GPTModel(
+                    config, spec, pg_collection=pg_collection(groups), **gpt_model_kwargs(args)
+                ).eval()
                 full = init_random_full(args)
                 load_into_megatron(model, native_to_megatron(full, args, plan, groups))
                 native = Transformer(args).eval()
                 native.load_state_dict(full)
                 seed = 11 + (groups.dp_rank if tp > 1 else rank)
-                tokens = torch.randint(0, args.vocab_size, (2, 6),
-                                       generator=torch.Generator().manual_seed(seed))
+                tokens = torch.randint(
+                    0, args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(seed)
+                )
                 positions = torch.arange(6)[None].expand(2, 6)
                 mask = torch.triu(torch.ones(6, 6), 1).bool()[None, None]  # True = hidden
                 with torch.no_grad():
@@ -148,9 +187,10 @@ def _gpt_body(rank, world):
                     ref = native(tokens)
                 if tp > 1:
                     vocab = args.vocab_size // tp
-                    ref = ref[..., groups.tp_rank * vocab:(groups.tp_rank + 1) * vocab]
-                torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4,
-                                           msg=f"{model_type} {strategy} rank {rank}")
+                    ref = ref[..., groups.tp_rank * vocab : (groups.tp_rank + 1) * vocab]
+                torch.testing.assert_close(
+                    logits, ref, rtol=1e-4, atol=1e-4, msg=f"{model_type} {strategy} rank {rank}"
+                )
             finally:
                 uninstall_parallel_state()
 
@@ -161,6 +201,7 @@ def test_gptmodel_with_our_layer_matches_native_decoder_world2():
 
 
 # ---- init, expert-bias hooks, parallel_state -------------------------------------------
+
 
 def _state_body(rank, world):
     from megatron.core import parallel_state as ps
@@ -188,9 +229,13 @@ def _state_body(rank, world):
         with pytest.raises(ParallelStateError):
             install_parallel_state(other)
         # megatron's default pg collection (used when none is passed) is ours
-        config = megatron_config(expert_model_parallel_size=2, perform_initialization=True,
-                         init_method_std=0.02, moe_router_enable_expert_bias=True,
-                         moe_router_score_function="sigmoid")
+        config = megatron_config(
+            expert_model_parallel_size=2,
+            perform_initialization=True,
+            init_method_std=0.02,
+            moe_router_enable_expert_bias=True,
+            moe_router_score_function="sigmoid",
+        )
         layer = MoEExtLayer(config, pg_collection=None, plan=plan, groups=groups)
         assert layer.num_local_experts == E // 2 and layer.experts.num_experts == E // 2
         assert layer.local_expert_indices[0] == groups.ep_rank * E // 2

@@ -8,6 +8,7 @@ ids. The one-process conversions are in tests/unit/test_megatron_ckpt.py.
 
 # E experts, F expert FFN size, H hidden, V vocab
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,11 @@ def exported(tmp_path_factory):
 
 # (family, strategy, tp) at world 2: EP=2; expert-TP=2 with TP=2 attention (gate/up factory,
 # vocab-parallel tied embedding); experts replicated over 2 expert-data-parallel ranks
-RANK_CASES = [("qwen2_moe", "ep_nccl", 1), ("qwen3_moe", "tp_experts", 2),
-              ("mixtral", "replicate", 1)]
+RANK_CASES = [
+    ("qwen2_moe", "ep_nccl", 1),
+    ("qwen3_moe", "tp_experts", 2),
+    ("mixtral", "replicate", 1),
+]
 GPU_CASES = RANK_CASES + [("qwen3_moe", "ep_nccl", 2), ("mixtral", "ep_allgather", 1)]
 
 
@@ -77,6 +81,7 @@ def _cpu_megatron(device: torch.device):
         yield
         return
     from megatron.core.tensor_parallel import random as mrandom
+
     torch.cuda.current_device = lambda: "cpu"
     mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
     yield
@@ -134,27 +139,31 @@ def _rank_case(rank, world, family, strategy, tp, src, meg, saved, backend, devi
         # each MoE layer holds exactly the plan's slice of the source experts
         for i, layer in enumerate(model.decoder.layers):
             if isinstance(layer.mlp, MoEExtLayer):
-                gate_up, down = expert_shard(full[f"layers.{i}.mlp.experts.gate_up_proj"],
-                                             full[f"layers.{i}.mlp.experts.down_proj"],
-                                             layer.mlp.dispatcher)
+                gate_up, down = expert_shard(
+                    full[f"layers.{i}.mlp.experts.gate_up_proj"],
+                    full[f"layers.{i}.mlp.experts.down_proj"],
+                    layer.mlp.dispatcher,
+                )
                 assert torch.equal(layer.mlp.experts.gate_up_proj.cpu(), gate_up), i
                 assert torch.equal(layer.mlp.experts.down_proj.cpu(), down), i
-                assert torch.equal(layer.mlp.router.weight.cpu(),
-                                   full[f"layers.{i}.mlp.router.weight"]), i
+                assert torch.equal(
+                    layer.mlp.router.weight.cpu(), full[f"layers.{i}.mlp.router.weight"]
+                ), i
                 _check_layer_axis(layer.mlp, i, args.num_hidden_layers)
         native = Transformer(args)
         native.load_state_dict(full)
         native = native.to(device).eval()
         seed = 11 + (groups.dp_rank if tp > 1 else rank)  # identical tokens within TP
-        tokens = torch.randint(0, args.vocab_size, (2, 7),
-                               generator=torch.Generator().manual_seed(seed)).to(device)
+        tokens = torch.randint(
+            0, args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed)
+        ).to(device)
         positions = torch.arange(7, device=device)[None].expand(2, 7)
         mask = None if device.type == "cuda" else torch.triu(torch.ones(7, 7), 1).bool()[None, None]
         with torch.no_grad():
             logits = model(tokens, positions, mask)  # [B, S, V / tp]
             ref = native(tokens)  # [B, S, V]
         vocab = args.vocab_size // tp
-        ref = ref[..., groups.tp_rank * vocab:(groups.tp_rank + 1) * vocab]
+        ref = ref[..., groups.tp_rank * vocab : (groups.tp_rank + 1) * vocab]
         torch.testing.assert_close(logits.float(), ref.float(), rtol=1e-3, atol=1e-3)
         save_megatron(model, saved)
     finally:
@@ -180,8 +189,9 @@ def _ranks_body(rank, world, cases, dirs, backend):
                 # run ends in a timeout and this is the only trace of the cause
                 print(f"rank {rank}: {failures[-1]}", file=sys.stderr, flush=True)
     if failures:
-        raise AssertionError(f"rank {rank}: {len(failures)} case(s) failed:\n\n"
-                             + "\n\n".join(failures))
+        raise AssertionError(
+            f"rank {rank}: {len(failures)} case(s) failed:\n\n" + "\n\n".join(failures)
+        )
 
 
 def _import_saved(meg: Path, saved: Path, out: Path) -> None:
@@ -210,8 +220,7 @@ def _fp32_exports(exported, tmp_path, cases):
 
 
 @pytest.mark.timeout(300)
-def test_load_under_ep_etp_edp_matches_native_and_saves_back_bit_exact_world2(
-        exported, tmp_path):
+def test_load_under_ep_etp_edp_matches_native_and_saves_back_bit_exact_world2(exported, tmp_path):
     dirs = _fp32_exports(exported, tmp_path, RANK_CASES)
     run_ranks(_ranks_body, world_size=2, args=(RANK_CASES, dirs, "gloo"))
     for i, (src, meg, saved) in enumerate(dirs):
@@ -222,8 +231,14 @@ def _tool(*args: str, hide_gpus: bool) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([sys.executable, str(TOOL), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=180, env=env, cwd="/")
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd="/",
+    )
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ GPU (2 ranks, run by the lead): the two launchers end to end under torchrun.
 
 # B batch, S sequence, V vocab
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,14 +37,19 @@ from tests.support import REPO, megatron_plan, run_ranks, tiny_conf, torchrun  #
 from tests.support import TINY_CHECKPOINT as TINY  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=60)
-PROMPTS = [[256, 84, 104, 101, 32], [256, 73, 110], [256, 87, 104, 101, 114, 101, 32, 105, 115],
-           [256, 79]]
+PROMPTS = [
+    [256, 84, 104, 101, 32],
+    [256, 73, 110],
+    [256, 87, 104, 101, 114, 101, 32, 105, 115],
+    [256, 79],
+]
 
 
 @contextlib.contextmanager
 def _cpu_megatron():
     """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to CPU."""
     from megatron.core.tensor_parallel import random as mrandom
+
     torch.cuda.current_device = lambda: "cpu"
     mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
     yield
@@ -51,15 +57,17 @@ def _cpu_megatron():
 
 def _source(checkpoint=TINY):
     from moe_ext.launching import resolve_model_source
+
     return resolve_model_source(str(checkpoint) if checkpoint else None, None)
 
 
 # ---- generation vs the native engine ------------------------------------------------------
 
+
 def _gen_conf(**kw):
     from moe_ext.config import GenerateConf
-    base = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, max_batch_size=3,
-                cuda_graphs=False)
+
+    base = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, max_batch_size=3, cuda_graphs=False)
     base.update(kw)
     return GenerateConf(**base)
 
@@ -88,19 +96,29 @@ def _generate_body(rank, world):
                 source, groups, native, gpt = _models(plan, rank)
                 conf = _gen_conf()
                 lengths = [12, 3, 7, 12]
-                ref = native_generate(native, PROMPTS, conf, eos_id=257, pad_id=258,
-                                      max_new_tokens=lengths)
-                ours = megatron_generate(gpt, PROMPTS, conf, eos_id=257, pad_id=258,
-                                         max_new_tokens=lengths, groups=groups, dp=plan.dp,
-                                         dp_rank=groups.dp_rank)
+                ref = native_generate(
+                    native, PROMPTS, conf, eos_id=257, pad_id=258, max_new_tokens=lengths
+                )
+                ours = megatron_generate(
+                    gpt,
+                    PROMPTS,
+                    conf,
+                    eos_id=257,
+                    pad_id=258,
+                    max_new_tokens=lengths,
+                    groups=groups,
+                    dp=plan.dp,
+                    dp_rank=groups.dp_rank,
+                )
                 assert ours.tokens == ref.tokens, (strategy, ours.tokens, ref.tokens)
                 assert [len(t) for t in ours.tokens] == lengths  # no EOS in this text
                 assert ours.finish_reasons == ["length"] * 4
                 # an EOS id the model produces mid-way: each request stops right after it
                 eos = ref.tokens[0][4]
                 ref = native_generate(native, PROMPTS, conf, eos_id=[eos, 257], pad_id=258)
-                ours = megatron_generate(gpt, PROMPTS, conf, eos_id=[eos, 257], pad_id=258,
-                                         groups=groups)
+                ours = megatron_generate(
+                    gpt, PROMPTS, conf, eos_id=[eos, 257], pad_id=258, groups=groups
+                )
                 assert ours.tokens == ref.tokens, (strategy, ours.tokens, ref.tokens)
                 assert ours.finish_reasons == ref.finish_reasons
                 assert ours.finish_reasons[0] == "eos" and len(ours.tokens[0]) <= 5
@@ -124,12 +142,15 @@ def _sample_body(rank, world):
             source, groups, native, gpt = _models(megatron_plan("replicate", 1), rank)
             conf = _gen_conf(temperature=0.9, top_p=0.9, max_batch_size=8, max_new_tokens=16)
             ref = native_generate(native, PROMPTS, conf, eos_id=None, pad_id=258, seed=5)
-            ours = megatron_generate(gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=5,
-                                     groups=groups)
-            again = megatron_generate(gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=6,
-                                      groups=groups)
-            greedy = megatron_generate(gpt, PROMPTS, _gen_conf(max_new_tokens=16), eos_id=None,
-                                       pad_id=258, groups=groups)
+            ours = megatron_generate(
+                gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=5, groups=groups
+            )
+            again = megatron_generate(
+                gpt, PROMPTS, conf, eos_id=None, pad_id=258, seed=6, groups=groups
+            )
+            greedy = megatron_generate(
+                gpt, PROMPTS, _gen_conf(max_new_tokens=16), eos_id=None, pad_id=258, groups=groups
+            )
             assert ours.tokens == ref.tokens
             assert again.tokens != ours.tokens and greedy.tokens != ours.tokens
         finally:
@@ -143,6 +164,7 @@ def test_sampled_ids_equal_native_engine_world1():
 
 # ---- training: reduced gradients vs a single-process reference --------------------------
 
+
 def _train_body(rank, world):
     from moe_ext.deepspeed.engine import CausalLMWithAux
     from moe_ext.megatron import megatron_to_native, uninstall_parallel_state
@@ -155,9 +177,17 @@ def _train_body(rank, world):
         plan = megatron_plan("ep_nccl", world)  # dp 2, ep 2, edp 1: experts split over the ranks
         try:
             source, groups, native, _ = _models(plan, rank)
-            engine = build_train_engine(native, source, groups, torch.device("cpu"), lr=1e-2,
-                                        weight_decay=0.0, betas=(0.9, 0.95),
-                                        aux_loss_coeff=aux_coeff, z_loss_coeff=0.0)
+            engine = build_train_engine(
+                native,
+                source,
+                groups,
+                torch.device("cpu"),
+                lr=1e-2,
+                weight_decay=0.0,
+                betas=(0.9, 0.95),
+                aux_loss_coeff=aux_coeff,
+                z_loss_coeff=0.0,
+            )
             args = source.args
             gen = torch.Generator().manual_seed(3)
             batches = [torch.randint(0, 256, (2, 9), generator=gen) for _ in range(world)]
@@ -178,8 +208,9 @@ def _train_body(rank, world):
             requests = shard_slices(plan, groups, args)
             for name, grad in ours.items():
                 want = take_shard(dict(reference.named_parameters())[name].grad, requests[name])
-                torch.testing.assert_close(grad, want, rtol=1e-4, atol=3e-5,
-                                           msg=f"rank {rank} grad {name}")
+                torch.testing.assert_close(
+                    grad, want, rtol=1e-4, atol=3e-5, msg=f"rank {rank} grad {name}"
+                )
             assert any(".mlp.experts." in n for n in ours)
             # a step changes the weights; copying back gives the native shard those weights
             engine.step()
@@ -199,6 +230,7 @@ def test_training_gradients_equal_reference_world2():
 
 # ---- the launchers' engine=megatron path, emulated on CPU ranks ---------------------------
 
+
 def _conf(schema, **over):
     """A launcher config (InferConf / TrainConf) for the tiny model, with overrides."""
     return tiny_conf(schema, **over)
@@ -206,6 +238,7 @@ def _conf(schema, **over):
 
 def _launcher(name: str):
     import importlib
+
     return importlib.import_module(f"moe_ext.cli.{name}")
 
 
@@ -224,31 +257,54 @@ def _launchers_body(rank, world, tmp):
         outputs = {}
         for engine in ("native", "megatron"):
             out = tmp / f"{engine}.jsonl"
-            cfg = _conf(infer.InferConf, engine=engine, device="cpu", output=str(out),
-                        **{"strategy.name": "ep_nccl", "generate.max_new_tokens": 10})
+            cfg = _conf(
+                infer.InferConf,
+                engine=engine,
+                device="cpu",
+                output=str(out),
+                **{"strategy.name": "ep_nccl", "generate.max_new_tokens": 10},
+            )
             assert infer.run(cfg, env) == 0
             uninstall_parallel_state()  # one launcher per process outside this test
             torch.distributed.barrier()
-            outputs[engine] = [json.loads(line)["output_ids"]
-                               for line in out.read_text().splitlines()]
+            outputs[engine] = [
+                json.loads(line)["output_ids"] for line in out.read_text().splitlines()
+            ]
         assert outputs["megatron"] == outputs["native"]
         assert len(outputs["native"]) == 4 and all(len(o) == 10 for o in outputs["native"])
-        cfg = _conf(TrainConf, engine="megatron", device="cpu", export=str(tmp / "model"),
-                    progress=False, **{"strategy.name": "ep_nccl", "train.steps": 6,
-                                       "train.lr": 1e-2, "train.warmup_steps": 1,
-                                       "train.micro_batch": 2, "train.seq_len": 32,
-                                       "train.eval_every": 0, "train.save_every": 0,
-                                       "sample.max_new_tokens": 4})
+        cfg = _conf(
+            TrainConf,
+            engine="megatron",
+            device="cpu",
+            export=str(tmp / "model"),
+            progress=False,
+            **{
+                "strategy.name": "ep_nccl",
+                "train.steps": 6,
+                "train.lr": 1e-2,
+                "train.warmup_steps": 1,
+                "train.micro_batch": 2,
+                "train.seq_len": 32,
+                "train.eval_every": 0,
+                "train.save_every": 0,
+                "sample.max_new_tokens": 4,
+            },
+        )
         assert train.run(cfg, env, tmp / "run", {}) == 0
         uninstall_parallel_state()
-        resumed = dataclasses.replace(cfg, resume=str(tmp / "run" / "checkpoints"),
-                                      export=str(tmp / "model2"),
-                                      train=dataclasses.replace(cfg.train, steps=8))
+        resumed = dataclasses.replace(
+            cfg,
+            resume=str(tmp / "run" / "checkpoints"),
+            export=str(tmp / "model2"),
+            train=dataclasses.replace(cfg.train, steps=8),
+        )
         assert train.run(resumed, env, tmp / "run2", {}) == 0
     if rank == 0:
         again = json.loads((tmp / "run2" / "train_log.json").read_text())["history"]
-        assert len(again) == 8 and again[:6] == json.loads(
-            (tmp / "run" / "train_log.json").read_text())["history"]
+        assert (
+            len(again) == 8
+            and again[:6] == json.loads((tmp / "run" / "train_log.json").read_text())["history"]
+        )
         history = json.loads((tmp / "run" / "train_log.json").read_text())["history"]
         losses = [h["lm_loss"] for h in history]
         assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
@@ -267,17 +323,25 @@ def test_launchers_engine_megatron_emulated_on_cpu_world2(tmp_path):
 
 # ---- GPU: the launchers end to end (2 ranks, torchrun) ----------------------------------
 
+
 def _torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0",
-               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        NCCL_NVLS_ENABLE="0",
+        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+        NVSHMEM_DISABLE_NVLS="1",
+    )
     cmd = [*torchrun(nproc), str(REPO / "launch" / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
 
 
 def _infer(tmp: Path, name: str, extra: list[str]) -> list[list[int]]:
     out = tmp / f"{name}.jsonl"
-    res = _torchrun("infer.py", [*extra, "generate.max_new_tokens=24", "dtype=fp32",
-                                 f"output={out}"])
+    res = _torchrun(
+        "infer.py", [*extra, "generate.max_new_tokens=24", "dtype=fp32", f"output={out}"]
+    )
     assert res.returncode == 0, f"{name}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     if "engine=megatron" in " ".join(extra):
         assert "no KV cache" in res.stdout + res.stderr
@@ -294,12 +358,15 @@ def test_gpu_infer_megatron_equals_native_tiny_and_converted_hf(tmp_path):
     assert megatron == native and all(len(ids) > 0 for ids in native)
     convert = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
     hf, imported = tmp_path / "hf", tmp_path / "imported"
-    for cmd in (convert + ["export-hf", str(TINY), str(hf), "--no-progress"],
-                convert + ["import-hf", str(hf), str(imported), "--no-progress"]):
+    for cmd in (
+        convert + ["export-hf", str(TINY), str(hf), "--no-progress"],
+        convert + ["import-hf", str(hf), str(imported), "--no-progress"],
+    ):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
         assert res.returncode == 0, res.stderr[-3000:]
-    converted = _infer(tmp_path, "converted", ["engine=megatron", "strategy=replicate",
-                                                f"checkpoint={imported}"])
+    converted = _infer(
+        tmp_path, "converted", ["engine=megatron", "strategy=replicate", f"checkpoint={imported}"]
+    )
     assert converted == native
 
 
@@ -308,12 +375,23 @@ def test_gpu_infer_megatron_equals_native_tiny_and_converted_hf(tmp_path):
 def test_gpu_train_megatron_loss_decreases_and_export_loads(tmp_path):
     export = tmp_path / "model"
     run_dir = tmp_path / "run"
-    res = _torchrun("train.py", ["engine=megatron", "strategy=ep_nccl", "train.steps=20",
-                                 "train.warmup_steps=2", "train.micro_batch=8",
-                                 "train.seq_len=64", "train.eval_every=0",
-                                 "train.save_every=0", "sample.max_new_tokens=16",
-                                 f"export={export}", f"hydra.run.dir={run_dir}",
-                                 "progress=false"])
+    res = _torchrun(
+        "train.py",
+        [
+            "engine=megatron",
+            "strategy=ep_nccl",
+            "train.steps=20",
+            "train.warmup_steps=2",
+            "train.micro_batch=8",
+            "train.seq_len=64",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "sample.max_new_tokens=16",
+            f"export={export}",
+            f"hydra.run.dir={run_dir}",
+            "progress=false",
+        ],
+    )
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     history = json.loads((run_dir / "train_log.json").read_text())["history"]
     losses = [h["lm_loss"] for h in history]
@@ -322,9 +400,20 @@ def test_gpu_train_megatron_loss_decreases_and_export_loads(tmp_path):
     assert last < first - 0.3, losses  # from random init (~5.6 nats) it drops fast
     out = tmp_path / "after.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, str(REPO / "launch" / "infer.py"),
-                          f"checkpoint={export}", "device=cpu", "generate.max_new_tokens=8",
-                          f"output={out}"], capture_output=True, text=True, timeout=120,
-                         env=env, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "infer.py"),
+            f"checkpoint={export}",
+            "device=cpu",
+            "generate.max_new_tokens=8",
+            f"output={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(out.read_text().splitlines()) == 4

@@ -2,6 +2,7 @@
 ep_nccl (dp=2, lockstep) and ep_nccl with tp=2 (token split); lockstep decode through the
 static-capacity exchange, with the CUDA-graph capture protocol emulated on CPU (and run for
 real on 2 GPUs). Sharding and seeding in one process: tests/unit/test_model_parallel.py."""
+
 from __future__ import annotations
 
 import importlib
@@ -51,8 +52,9 @@ class _StaticSpy:
 
 
 def _capacities(model):
-    return {block.mlp.dispatcher.max_tokens_per_rank for block in model.layers.values()
-            if block.is_moe}
+    return {
+        block.mlp.dispatcher.max_tokens_per_rank for block in model.layers.values() if block.is_moe
+    }
 
 
 def _parallel_body(rank, world, cases):
@@ -74,13 +76,21 @@ def _parallel_body(rank, world, cases):
             model.load_state_dict(init_random_full(args))
             parallelize(model, plan, groups)
         before = len(spy.calls)
-        got = generate(model, PROMPTS, GenerateConf(max_batch_size=3), eos_id=257, pad_id=258,
-                       max_new_tokens=MAX_NEW)
+        got = generate(
+            model,
+            PROMPTS,
+            GenerateConf(max_batch_size=3),
+            eos_id=257,
+            pad_id=258,
+            max_new_tokens=MAX_NEW,
+        )
         assert got.tokens == expected, (family, plan_kwargs, got.tokens, expected)
         # expert-parallel decode (lockstep replicas, or EP over TP ranks) and only that ran
         # the static exchange, reset to dynamic after
         assert (len(spy.calls) > before) == plan.is_expert_parallel, (
-            plan_kwargs, len(spy.calls) - before)
+            plan_kwargs,
+            len(spy.calls) - before,
+        )
         assert _capacities(model) == {None}, plan_kwargs
 
 
@@ -122,8 +132,14 @@ def _lockstep_static_body(rank, world):
         model, _ = _lockstep_model(strategy)
         spy = _StaticSpy()
         try:
-            got = generate(model, PROMPTS5, GenerateConf(max_batch_size=2), eos_id=257,
-                           pad_id=258, max_new_tokens=MAX_NEW5)
+            got = generate(
+                model,
+                PROMPTS5,
+                GenerateConf(max_batch_size=2),
+                eos_id=257,
+                pad_id=258,
+                max_new_tokens=MAX_NEW5,
+            )
         finally:
             spy.uninstall()
         assert got.tokens == expected, (strategy, got.tokens, expected)
@@ -205,11 +221,17 @@ def _gpu_graph_body(rank, world):
         model = parallelize(model, plan, groups).to("cuda", torch.bfloat16)
         runs = {}
         # eager, capture, replay; then the compiled decode step captured and replayed
-        for graphs, compiled in ((False, False), (True, False), (True, False), (True, True),
-                                 (True, True)):
+        for graphs, compiled in (
+            (False, False),
+            (True, False),
+            (True, False),
+            (True, True),
+            (True, True),
+        ):
             conf = GenerateConf(max_batch_size=2, cuda_graphs=graphs, compile_decode=compiled)
-            result = generate(model, PROMPTS5, conf, eos_id=None, pad_id=258,
-                              max_new_tokens=[24, 9, 17, 30, 12])
+            result = generate(
+                model, PROMPTS5, conf, eos_id=None, pad_id=258, max_new_tokens=[24, 9, 17, 30, 12]
+            )
             assert result.cuda_graphs == graphs, (strategy, graphs, compiled)
             runs.setdefault((graphs, compiled), []).append(result.tokens)
         eager, graphed, compiled = runs[False, False], runs[True, False], runs[True, True]

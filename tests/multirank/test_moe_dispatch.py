@@ -6,6 +6,7 @@ part). World size 1 and the errors: tests/unit/test_moe_dispatch.py.
 
 # T tokens, H hidden, E experts, k top-k, F expert FFN size
 """
+
 from __future__ import annotations
 
 import pytest

@@ -10,6 +10,7 @@ row, device-returned offsets), so the dispatcher's own logic (slots, regrouping,
 buffer growth, autograd) is checked against the float64 dense reference and against the
 NCCL all-to-all dispatcher without a GPU. The GPU tests run the same checks over NVSHMEM.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ from moe_ext.moe.dispatch.nccl_a2a import AllToAllDispatcher
 from tests.support import CASES, E, assert_nvshmem_refusal, check_strategy, run_ranks
 
 # ---------------------------------------------------------------- refusals (gloo)
+
 
 def _gloo_refusal_body(rank, world):
     nvshmem.cuda_available = lambda: True
@@ -40,6 +42,7 @@ def test_refuses_non_nccl_group():
 
 
 # ---------------------------------------------------------------- emulated transport (CPU)
+
 
 def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
@@ -59,8 +62,8 @@ def _emulated_vdev_2d(input, out, in_splits, out_splits_offsets, group_name):
         pos = start
         for src in range(world):
             n = int(splits[src][me * slots + slot])
-            src_off = int(splits[src][:me * slots + slot].sum())
-            out[pos:pos + n] = inputs[src][src_off:src_off + n]
+            src_off = int(splits[src][: me * slots + slot].sum())
+            out[pos : pos + n] = inputs[src][src_off : src_off + n]
             recv_splits.append(n)
             recv_offsets.append(pos)
             pos += n
@@ -79,7 +82,7 @@ def _emulated_vdev_2d_offset(input, out, in_splits_offsets, out_splits_offsets, 
     for src in range(world):
         for slot in range(slots):
             n, off = int(sos[src][0, slot * world + me]), int(sos[src][1, slot * world + me])
-            out[pos:pos + n] = inputs[src][off:off + n]
+            out[pos : pos + n] = inputs[src][off : off + n]
             out_splits_offsets[0, src * slots + slot] = n
             out_splits_offsets[1, src * slots + slot] = pos
             pos += n
@@ -93,7 +96,8 @@ def _install_emulated_transport():
     nvshmem._check_device_pinning = lambda group, device: None
     nvshmem._current_device = lambda: torch.device("cpu")
     nvshmem._Workspace._alloc = lambda self, shape, dtype: torch.full(
-        shape, -7, dtype=dtype, device=self.device)  # garbage-filled like fresh memory
+        shape, -7, dtype=dtype, device=self.device
+    )  # garbage-filled like fresh memory
     nvshmem.all_to_all_vdev_2d = _emulated_vdev_2d
     nvshmem.all_to_all_vdev_2d_offset = _emulated_vdev_2d_offset
 
@@ -109,12 +113,12 @@ def _routing(seed, tokens, hidden, num_experts, top_k, device, dtype, avoid_expe
     return x, weights, expert_idx
 
 
-def compare_with_nccl_a2a(nv, a2a, seed, tokens, hidden, top_k, device, dtype,
-                          avoid_expert=None):
+def compare_with_nccl_a2a(nv, a2a, seed, tokens, hidden, top_k, device, dtype, avoid_expert=None):
     """Dispatch/combine forward and backward of ``nv`` equal those of ``a2a`` (same rows in
     the same order: forward exact, gradients to rounding of the accumulations)."""
-    x, weights, expert_idx = _routing(seed, tokens, hidden, nv.num_experts, top_k, device,
-                                      dtype, avoid_expert)
+    x, weights, expert_idx = _routing(
+        seed, tokens, hidden, nv.num_experts, top_k, device, dtype, avoid_expert
+    )
     results = []
     for dispatcher in (nv, a2a):
         xr = x.clone().requires_grad_()
@@ -136,8 +140,10 @@ def compare_with_nccl_a2a(nv, a2a, seed, tokens, hidden, top_k, device, dtype,
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 4e-2, "atol": 8e-2}
     torch.testing.assert_close(gx, gx_ref, **tol)
     torch.testing.assert_close(gw, gw_ref, **tol)
-    if avoid_expert is not None and nv.local_expert_start <= avoid_expert < \
-            nv.local_expert_start + nv.num_local_experts:
+    if (
+        avoid_expert is not None
+        and nv.local_expert_start <= avoid_expert < nv.local_expert_start + nv.num_local_experts
+    ):
         assert int(pe[avoid_expert - nv.local_expert_start]) == 0
 
 
@@ -151,13 +157,15 @@ def _emulated_body(rank, world):
         nv = nvshmem.NvshmemDispatcher(E, groups, max_tokens=1, max_exchange_slots=slots)
         assert nv.num_slots == slots
         check_strategy(nv, groups, 40 + slots, torch.float32, cpu, "fp32")
-        compare_with_nccl_a2a(nv, a2a, 5 + slots, [9, 0][rank], 8, 2, cpu, torch.float32,
-                              avoid_expert=1)
+        compare_with_nccl_a2a(
+            nv, a2a, 5 + slots, [9, 0][rank], 8, 2, cpu, torch.float32, avoid_expert=1
+        )
         compare_with_nccl_a2a(nv, a2a, 6 + slots, 33, 8, 3, cpu, torch.float32)  # grows
     wide = nvshmem.NvshmemDispatcher(64, groups, max_tokens=4)  # 32 local: 16 slots of 2
     assert wide.num_slots == 16
-    compare_with_nccl_a2a(wide, AllToAllDispatcher(64, groups), 11, 20, 8, 8, cpu,
-                          torch.float32, avoid_expert=37)
+    compare_with_nccl_a2a(
+        wide, AllToAllDispatcher(64, groups), 11, 20, 8, 8, cpu, torch.float32, avoid_expert=37
+    )
 
 
 def test_emulated_transport_matches_reference_and_nccl_a2a():
@@ -165,6 +173,7 @@ def test_emulated_transport_matches_reference_and_nccl_a2a():
 
 
 # ---------------------------------------------------------------- NVSHMEM on 2 GPUs
+
 
 def _gpu_body(rank, world):
     # NVSHMEM binds to the current device on first use: pin it before anything else.
@@ -178,12 +187,22 @@ def _gpu_body(rank, world):
         check_strategy(nv, groups, 70, dtype, device, tol)
         check_strategy(grouped, groups, 80, dtype, device, tol, cases=CASES[:2] + CASES[4:5])
         for i, dispatcher in enumerate((nv, grouped)):
-            compare_with_nccl_a2a(dispatcher, a2a, 90 + i, [13, 0][rank], 64, 2, device, dtype,
-                                  avoid_expert=2)
+            compare_with_nccl_a2a(
+                dispatcher, a2a, 90 + i, [13, 0][rank], 64, 2, device, dtype, avoid_expert=2
+            )
             compare_with_nccl_a2a(dispatcher, a2a, 95 + i, 300, 64, 2, device, dtype)
     wide = nvshmem.NvshmemDispatcher(128, groups, max_tokens=16)  # Qwen3 layout: 16 slots of 4
-    compare_with_nccl_a2a(wide, AllToAllDispatcher(128, groups), 99, 257, 256, 8, device,
-                          torch.bfloat16, avoid_expert=70)
+    compare_with_nccl_a2a(
+        wide,
+        AllToAllDispatcher(128, groups),
+        99,
+        257,
+        256,
+        8,
+        device,
+        torch.bfloat16,
+        avoid_expert=70,
+    )
     torch.cuda.synchronize()
     dist.barrier()
     # Every check passed. NVSHMEM's finalizer can crash at interpreter exit on some
@@ -197,6 +216,8 @@ def test_nvshmem_matches_reference_and_nccl_a2a_on_2_gpus():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     if not nvshmem.nvshmem_available():
-        pytest.fail("NVSHMEM is not available on this GPU machine "
-                    "(torch.distributed._symmetric_memory.is_nvshmem_available() is False)")
+        pytest.fail(
+            "NVSHMEM is not available on this GPU machine "
+            "(torch.distributed._symmetric_memory.is_nvshmem_available() is False)"
+        )
     run_ranks(_gpu_body, 2, backend="nccl")

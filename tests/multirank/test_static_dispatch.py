@@ -13,6 +13,7 @@ the same runs check that dispatch + combine read nothing back to the host. On 2 
 take the Triton/grouped_mm paths that leave padding rows unwritten, and CUDA's sync debug
 mode proves dispatch + experts + combine sync-free.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -37,14 +38,16 @@ def _equivalence_body(rank, world, seed):
     no_sync_body(rank, world)
     for name in STATIC:
         for extra in (0, 2):
-            check_static_equals_dynamic(name, DispatchGroups(ep=dist.group.WORLD), seed, CASES,
-                                        extra)
+            check_static_equals_dynamic(
+                name, DispatchGroups(ep=dist.group.WORLD), seed, CASES, extra
+            )
     if world == 4:
         # two groups of two: group ranks differ from global ranks
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         for name in STATIC:
-            check_static_equals_dynamic(name, DispatchGroups(ep=pairs[rank // 2]), seed + 50,
-                                        CASES[:2] + CASES[4:5], 0)
+            check_static_equals_dynamic(
+                name, DispatchGroups(ep=pairs[rank // 2]), seed + 50, CASES[:2] + CASES[4:5], 0
+            )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -61,17 +64,24 @@ def _gpu_body(rank, world):
     for name in names:
         check_static_equals_dynamic(name, groups, 70, CASES, 0, torch.bfloat16, device, 3e-2)
         # decode shape: inference, bf16, few rows -> the Triton experts; no sync anywhere
-        layer = build_case_layer(static_dispatcher(name, groups, 4), CASES[0][1], {}, groups,
-                       case_tensors(5, CASES[0][1], [3] * world, {}, torch.bfloat16, device),
-                       torch.bfloat16, device)
+        layer = build_case_layer(
+            static_dispatcher(name, groups, 4),
+            CASES[0][1],
+            {},
+            groups,
+            case_tensors(5, CASES[0][1], [3] * world, {}, torch.bfloat16, device),
+            torch.bfloat16,
+            device,
+        )
         x = torch.randn(3 if rank else 4, H, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             routing = layer.router(x)
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                x_local, counts, handle = layer.dispatcher.dispatch(x, routing.weights,
-                                                                    routing.expert_idx)
+                x_local, counts, handle = layer.dispatcher.dispatch(
+                    x, routing.weights, routing.expert_idx
+                )
                 y = layer.dispatcher.combine(layer.experts(x_local, counts), handle)
             finally:
                 torch.cuda.set_sync_debug_mode("default")

@@ -8,6 +8,7 @@ Convention checked: a TP-replicated tensor has the full, identical gradient on e
 parameters replicated over TP that only saw this rank's slice hold partial gradients whose
 sum over the group is the full one.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ H = 6
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(H, 10), torch.nn.Tanh(),
-                               torch.nn.Linear(10, H)).double()
+    return torch.nn.Sequential(
+        torch.nn.Linear(H, 10), torch.nn.Tanh(), torch.nn.Linear(10, H)
+    ).double()
 
 
 def _weighted(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

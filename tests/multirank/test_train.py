@@ -1,5 +1,6 @@
 """Training on one spawned rank: the loss goes down on the shipped corpus (DeepSpeed engine,
 the native model, 60 steps)."""
+
 from __future__ import annotations
 
 import os
@@ -31,15 +32,26 @@ def _loss_body(rank, world):
         model = Transformer(args)
     parallelize(model, plan, groups)
     init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
-    conf = TrainLoopConf(steps=60, lr=1e-2, warmup_steps=5, micro_batch=8, seq_len=64,
-                         eval_every=30, eval_batches=2)
-    engine = build_engine(model, groups, lr=conf.lr, weight_decay=0.0, betas=(0.9, 0.95),
-                          micro_batch=conf.micro_batch, zero_stage=0, grad_clip=conf.grad_clip,
-                          aux_loss_coeff=conf.aux_loss_coeff, z_loss_coeff=0.0,
-                          dtype=torch.float32)
+    conf = TrainLoopConf(
+        steps=60, lr=1e-2, warmup_steps=5, micro_batch=8, seq_len=64, eval_every=30, eval_batches=2
+    )
+    engine = build_engine(
+        model,
+        groups,
+        lr=conf.lr,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        micro_batch=conf.micro_batch,
+        zero_stage=0,
+        grad_clip=conf.grad_clip,
+        aux_loss_coeff=conf.aux_loss_coeff,
+        z_loss_coeff=0.0,
+        dtype=torch.float32,
+    )
     data = TokenData.load(None, ByteTokenizer(), args.vocab_size, conf.seq_len, 0.05)
     state = Trainer(engine, groups, data, conf, torch.device("cpu"), own_clipping=True).run(
-        RunState())
+        RunState()
+    )
     lm = [h["lm_loss"] for h in state.history]
     first, last = lm[0], sum(lm[-5:]) / 5
     assert first > 5.0, first  # ~ln(260) at random init

@@ -3,6 +3,7 @@ reduced gradients of replicate / ep_nccl / ep_allgather equal the reference grad
 the same global batch, the exact clip norm equals torch's, ZeRO 1/2 follow the stage-0
 trajectory, the export reassembles EP shards, and resuming continues
 bit for bit (fp32 stage 0, fp32 ZeRO 1, bf16 ZeRO 1)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +52,19 @@ def _engine(args, plan, groups, zero=0, clip=0.0, lr=3e-3, dtype=torch.float32):
         model = Transformer(args)
     parallelize(model, plan, groups)
     init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
-    engine = build_engine(model, groups, lr=lr, weight_decay=0.0, betas=(0.9, 0.95),
-                          micro_batch=MB, zero_stage=zero, grad_clip=clip,
-                          aux_loss_coeff=AUX, z_loss_coeff=0.0, dtype=dtype)
+    engine = build_engine(
+        model,
+        groups,
+        lr=lr,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        micro_batch=MB,
+        zero_stage=zero,
+        grad_clip=clip,
+        aux_loss_coeff=AUX,
+        z_loss_coeff=0.0,
+        dtype=dtype,
+    )
     return model, engine
 
 
@@ -82,15 +93,16 @@ def _grads_body(rank, world, export_dir):
         plan = plan_of(strategy, dp=2, ep=ep)
         groups = _groups_for(plan, cache)
         model, engine = _engine(args, plan, groups)
-        mine = _global_batch()[rank * MB:(rank + 1) * MB]
+        mine = _global_batch()[rank * MB : (rank + 1) * MB]
         loss, _, aux = engine(mine)
         assert aux > 0
         engine.backward(loss)  # DeepSpeed reduces dense grads over dp, experts over edp
         requests = shard_slices(plan, groups, args)
         for name, param in model.named_parameters():
             expected = take_shard(ref_grads[name], requests[name])
-            torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=2e-6,
-                                       msg=lambda m: f"{strategy} {name}: {m}")
+            torch.testing.assert_close(
+                param.grad, expected, rtol=1e-4, atol=2e-6, msg=lambda m: f"{strategy} {name}: {m}"
+            )
         norm = clip_grad_norm_(model, 0.0, groups.ep if ep > 1 else None)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
         if strategy == "ep_nccl":  # rank 0 reassembles both ranks' expert blocks
@@ -116,8 +128,12 @@ def _zero_body(rank, world):
             model, engine = _engine(args, plan, groups, zero=zero)
             losses = []
             for step in range(3):
-                batch = torch.randint(0, 256, (MB, SEQ + 1),
-                                      generator=torch.Generator().manual_seed(100 * step + rank))
+                batch = torch.randint(
+                    0,
+                    256,
+                    (MB, SEQ + 1),
+                    generator=torch.Generator().manual_seed(100 * step + rank),
+                )
                 loss, _, _ = engine(batch)
                 engine.backward(loss)
                 engine.step()
@@ -126,8 +142,13 @@ def _zero_body(rank, world):
         for zero in (1, 2):
             assert runs[zero][0] == pytest.approx(runs[0][0], rel=1e-6, abs=1e-6), (strategy, zero)
             for name, value in runs[0][1].items():
-                torch.testing.assert_close(runs[zero][1][name], value, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"{strategy} zero={zero} {name}: {m}")
+                torch.testing.assert_close(
+                    runs[zero][1][name],
+                    value,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=lambda m: f"{strategy} zero={zero} {name}: {m}",
+                )
 
 
 def _resume_body(rank, world, root):
@@ -149,31 +170,53 @@ def _resume_body(rank, world, root):
     groups = _groups_for(plan, {})
     # stage 0 fp32 (our EP clipping), ZeRO 1 fp32, ZeRO 1 bf16 (DeepSpeed's bf16 optimizer
     # with fp32 masters; the launcher uses it on GPUs, the engine glue runs it on CPU too)
-    for zero, clip, dtype in ((0, 1.0, torch.float32), (1, 0.0, torch.float32),
-                              (1, 0.0, torch.bfloat16)):
-        conf = TrainLoopConf(steps=4, lr=3e-3, warmup_steps=1, micro_batch=MB, seq_len=SEQ,
-                             zero_stage=zero, grad_clip=clip, save_every=2, eval_every=2,
-                             eval_batches=1, aux_loss_coeff=AUX)
+    for zero, clip, dtype in (
+        (0, 1.0, torch.float32),
+        (1, 0.0, torch.float32),
+        (1, 0.0, torch.bfloat16),
+    ):
+        conf = TrainLoopConf(
+            steps=4,
+            lr=3e-3,
+            warmup_steps=1,
+            micro_batch=MB,
+            seq_len=SEQ,
+            zero_stage=zero,
+            grad_clip=clip,
+            save_every=2,
+            eval_every=2,
+            eval_batches=1,
+            aux_loss_coeff=AUX,
+        )
         data = TokenData.load(None, ByteTokenizer(), args.vocab_size, SEQ, 0.05)
         ckpt = Path(root) / f"zero{zero}_{dtype}"
 
         def trainer():
             model, engine = _engine(args, plan, groups, zero=zero, clip=clip, dtype=dtype)
-            return engine, Trainer(engine, groups, data, conf, torch.device("cpu"),
-                                   own_clipping=zero == 0)
+            return engine, Trainer(
+                engine, groups, data, conf, torch.device("cpu"), own_clipping=zero == 0
+            )
 
         engine, first = trainer()
 
         def save(state, engine=engine):
-            save_checkpoint(ckpt, state.step, rank, world, capture_engine(engine),
-                            {"history": state.history, "evals": state.evals}, keep=0)
+            save_checkpoint(
+                ckpt,
+                state.step,
+                rank,
+                world,
+                capture_engine(engine),
+                {"history": state.history, "evals": state.evals},
+                keep=0,
+            )
 
         full = first.run(RunState(), save)
         engine, second = trainer()
         point = find_checkpoint(str(ckpt / "step_00000002"))
         restore_engine(engine, load_rank_state(point, rank), groups.dp_rank, plan.dp)
-        resumed = second.run(RunState(step=2, history=point.meta["history"],
-                                      evals=point.meta["evals"]))
+        resumed = second.run(
+            RunState(step=2, history=point.meta["history"], evals=point.meta["evals"])
+        )
         losses = [h["loss"] for h in full.history]
         assert losses[-1] < losses[0] and all(0 < x < 7 for x in losses), losses
         assert [h["loss"] for h in resumed.history] == losses, (zero, dtype)
@@ -195,26 +238,44 @@ def test_resume_reproduces_loss_trajectory(tmp_path):
 
 # ---- GPUs (NCCL; run by the lead on the GPU machine) -----------------------------------------
 
+
 def _torchrun_train(tmp: Path, run: str, *overrides: str):
     import json
     import subprocess
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0",
-               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    cmd = [*torchrun(2), str(REPO / "launch/train.py"), f"hydra.run.dir={tmp / run}",
-           "progress=false", "train.steps=40", "train.save_every=20", "train.eval_every=20",
-           "sample.max_new_tokens=16", *overrides]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        NCCL_NVLS_ENABLE="0",
+        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+        NVSHMEM_DISABLE_NVLS="1",
+    )
+    cmd = [
+        *torchrun(2),
+        str(REPO / "launch/train.py"),
+        f"hydra.run.dir={tmp / run}",
+        "progress=false",
+        "train.steps=40",
+        "train.save_every=20",
+        "train.eval_every=20",
+        "sample.max_new_tokens=16",
+        *overrides,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((tmp / run / "train_log.json").read_text())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [
-    ("strategy=ep_nccl", "train.zero_stage=1", "train.grad_clip=0"),  # bf16 (auto), ZeRO 1
-    ("strategy=ep_allgather", "dtype=fp32"),  # fp32, stage 0, our exact EP clipping
-    ("strategy=replicate", "train.zero_stage=2"),  # bf16, ZeRO 2, DeepSpeed clipping (ep=1)
-], ids=["ep_nccl-bf16-zero1", "ep_allgather-fp32", "replicate-bf16-zero2"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("strategy=ep_nccl", "train.zero_stage=1", "train.grad_clip=0"),  # bf16 (auto), ZeRO 1
+        ("strategy=ep_allgather", "dtype=fp32"),  # fp32, stage 0, our exact EP clipping
+        ("strategy=replicate", "train.zero_stage=2"),  # bf16, ZeRO 2, DeepSpeed clipping (ep=1)
+    ],
+    ids=["ep_nccl-bf16-zero1", "ep_allgather-fp32", "replicate-bf16-zero2"],
+)
 def test_gpu_training_two_ranks(tmp_path, overrides):
     from moe_ext.checkpoint.reader import CheckpointReader
 
@@ -226,8 +287,9 @@ def test_gpu_training_two_ranks(tmp_path, overrides):
     assert all(0 < x < 10 for x in lm) and sum(lm[-5:]) / 5 < lm[0] - 1.0, lm
     with CheckpointReader.open(tmp_path / "a/model") as reader:
         assert reader.format == "moe_ext"
-    resumed = _torchrun_train(tmp_path, "b", *overrides,
-                              f"resume={tmp_path / 'a/checkpoints/step_00000020'}")
+    resumed = _torchrun_train(
+        tmp_path, "b", *overrides, f"resume={tmp_path / 'a/checkpoints/step_00000020'}"
+    )
     before = [h["loss"] for h in record["history"]]
     after = [h["loss"] for h in resumed["history"]]
     assert after[:21] == before[:21]  # history restored; step 21's forward uses loaded state

@@ -6,6 +6,7 @@ written by hand in the fused transformers-5 layout and in the legacy layout spli
 several shards with an index. Expert tensors in the tests are built from the model's own
 state dict, not through moe_ext's name maps.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,39 @@ E = 8  # experts: divisible by the EP=4 of the byte-count test
 
 
 def _config(family: str):
-    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                  num_experts_per_tok=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     if family == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=24, num_hidden_layers=2, num_local_experts=E, **common)
+        return transformers.MixtralConfig(
+            intermediate_size=24, num_hidden_layers=2, num_local_experts=E, **common
+        )
     if family == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                           num_hidden_layers=3, mlp_only_layers=[1], num_experts=E, **common)
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
+            num_experts=E,
+            **common,
+        )
     # qwen3_moe: layer 0 dense through decoder_sparse_step, tied embeddings, head_dim != H / nH
-    return transformers.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2, head_dim=16,
-                                       decoder_sparse_step=2, tie_word_embeddings=True, num_experts=E, **common)
+    return transformers.Qwen3MoeConfig(
+        intermediate_size=40,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        head_dim=16,
+        decoder_sparse_step=2,
+        tie_word_embeddings=True,
+        num_experts=E,
+        **common,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +82,9 @@ def hf_dirs(tmp_path_factory):
                     p.uniform_(0.5, 1.5)
         d = tmp_path_factory.mktemp(f"hf_{family}")
         model.save_pretrained(d)
-        (d / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}}))
+        (d / "tokenizer.json").write_text(
+            json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}})
+        )
         (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if _config(family).tie_word_embeddings:
@@ -77,11 +103,15 @@ def _legacy_tensors(family: str, state: dict[str, torch.Tensor]) -> dict[str, to
     """The fused in-memory state dict rewritten by hand with per-expert legacy names."""
     out = {}
     for key, t in state.items():
-        m = re.match(r"model\.layers\.(\d+)\.mlp\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$", key)
+        m = re.match(
+            r"model\.layers\.(\d+)\.mlp\.(experts\.(gate_up_proj|down_proj)|gate\.weight)$", key
+        )
         if not m:
             out[key] = t.contiguous()
             continue
-        block = f"model.layers.{m.group(1)}." + ("block_sparse_moe" if family == "mixtral" else "mlp")
+        block = f"model.layers.{m.group(1)}." + (
+            "block_sparse_moe" if family == "mixtral" else "mlp"
+        )
         names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         if m.group(3) is None:
             out[block + ".gate.weight"] = t.contiguous()
@@ -104,7 +134,9 @@ def _write_sharded(d: Path, tensors: dict[str, torch.Tensor], num_shards: int) -
         part = {k: tensors[k] for k in keys[s::num_shards]}
         save_file(part, str(d / file), metadata={"format": "pt"})
         weight_map.update({k: file for k in part})
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def _all_tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -126,10 +158,15 @@ def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def _left_at(dst: Path) -> list[str]:
     """Anything a failed conversion left at or next to ``dst``."""
-    return sorted(p.name for p in dst.parent.iterdir() if p.name == dst.name or p.name.startswith(f".{dst.name}."))
+    return sorted(
+        p.name
+        for p in dst.parent.iterdir()
+        if p.name == dst.name or p.name.startswith(f".{dst.name}.")
+    )
 
 
 # ---- round trips -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_roundtrip_bit_exact_and_transformers_loads_export(family, hf_dirs, tmp_path):
@@ -137,7 +174,15 @@ def test_roundtrip_bit_exact_and_transformers_loads_export(family, hf_dirs, tmp_
     ext = tmp_path / "ext"
     import_hf(src, ext, progress=False)
     assert sorted(p.name for p in ext.iterdir()) == sorted(
-        ["config.json", MANIFEST, "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"])
+        [
+            "config.json",
+            MANIFEST,
+            "model.safetensors",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )
     assert (ext / "config.json").read_bytes() == (src / "config.json").read_bytes()
     assert (ext / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     manifest = read_manifest(ext)
@@ -151,13 +196,20 @@ def test_roundtrip_bit_exact_and_transformers_loads_export(family, hf_dirs, tmp_
 
     per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
     export_hf(ext, per_expert, progress=False)
-    export_hf(ext, fused, layout="fused", max_shard_bytes=20_000, progress=False)  # several shards + index
+    export_hf(
+        ext, fused, layout="fused", max_shard_bytes=20_000, progress=False
+    )  # several shards + index
     original = _all_tensors(src)
     exported = _all_tensors(per_expert)
     assert exported.keys() == original.keys()
     for key in original:  # bit-exact, dtype included
-        assert exported[key].dtype == original[key].dtype and torch.equal(exported[key].view(torch.uint8), original[key].view(torch.uint8)), key
-    assert len(list(fused.glob("*.safetensors"))) > 1 and (fused / "model.safetensors.index.json").exists()
+        assert exported[key].dtype == original[key].dtype and torch.equal(
+            exported[key].view(torch.uint8), original[key].view(torch.uint8)
+        ), key
+    assert (
+        len(list(fused.glob("*.safetensors"))) > 1
+        and (fused / "model.safetensors.index.json").exists()
+    )
     fused_tensors = _all_tensors(fused)
     assert fused_tensors.keys() == state.keys()
     assert all(torch.equal(fused_tensors[k], state[k]) for k in state)
@@ -176,7 +228,11 @@ def test_every_source_layout_gives_the_same_checkpoint(family, hf_dirs, tmp_path
     src, _, state = hf_dirs[family]
     fused_src, legacy_src = tmp_path / "fused_src", tmp_path / "legacy_src"
     _copy_side_files(src, fused_src)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(fused_src / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(fused_src / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     _copy_side_files(src, legacy_src)
     _write_sharded(legacy_src, _legacy_tensors(family, state), num_shards=3)
 
@@ -206,12 +262,17 @@ def test_dtype_cast_bf16(hf_dirs, tmp_path):
     assert gate_up.dtype == torch.bfloat16
     assert torch.equal(gate_up, state["model.layers.0.mlp.experts.gate_up_proj"].to(torch.bfloat16))
     export_hf(ext, tmp_path / "hf", progress=False)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
-    assert torch.equal(loaded.model.layers[2].mlp.experts.down_proj.detach(),
-                       state["model.layers.2.mlp.experts.down_proj"].to(torch.bfloat16))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.bfloat16
+    )
+    assert torch.equal(
+        loaded.model.layers[2].mlp.experts.down_proj.detach(),
+        state["model.layers.2.mlp.experts.down_proj"].to(torch.bfloat16),
+    )
 
 
 # ---- reader --------------------------------------------------------------------------------
+
 
 def test_shard_request_shapes_and_errors():
     shape = (8, 32, 16)  # [E, 2F, H], F = 16
@@ -239,7 +300,9 @@ def test_reader_views_agree_and_read_exact_slices(family, hf_dirs, tmp_path):
     assert (hf.format, mx.format) == ("hf", "moe_ext")
     assert hf.config == mx.config == config
     assert hf.names() == mx.names() == list(native_shapes(config))
-    moe_layer = max(i for i in range(config["num_hidden_layers"]) if f"layers.{i}.mlp.router.weight" in hf)
+    moe_layer = max(
+        i for i in range(config["num_hidden_layers"]) if f"layers.{i}.mlp.router.weight" in hf
+    )
     name = f"layers.{moe_layer}.mlp.experts.gate_up_proj"
     full = state[f"model.{name}"]  # [E, 2F, H]
     E_, two_f, H = full.shape
@@ -247,7 +310,7 @@ def test_reader_views_agree_and_read_exact_slices(family, hf_dirs, tmp_path):
     assert hf.shape(name) == mx.shape(name) == (E_, two_f, H)
     # TP=2 shard 1 of experts 2..5: gate rows and up rows sliced, concatenated gate-then-up
     req = ShardRequest.blocks(1, [(F // 2, F), (F + F // 2, 2 * F)], outer=(slice(2, 6),))
-    expected = torch.cat([full[2:6, F // 2:F], full[2:6, F + F // 2:]], dim=1)  # [4, F, H]
+    expected = torch.cat([full[2:6, F // 2 : F], full[2:6, F + F // 2 :]], dim=1)  # [4, F, H]
     for reader in (hf, mx):
         reader.bytes_read = 0
         got = reader.read(name, req)
@@ -255,9 +318,15 @@ def test_reader_views_agree_and_read_exact_slices(family, hf_dirs, tmp_path):
         assert reader.bytes_read == expected.numel() * 4
     down = state[f"model.layers.{moe_layer}.mlp.experts.down_proj"]  # [E, H, F]
     req = ShardRequest(boxes=((slice(1, 3), slice(None), slice(0, F // 2)),))  # etp column block
-    assert torch.equal(hf.read(f"layers.{moe_layer}.mlp.experts.down_proj", req), down[1:3, :, : F // 2])
-    loaded = load_sharded(src, {"norm.weight": ShardRequest.full(), name: ShardRequest.block(0, 0, 1)},
-                          dtype=torch.float64, progress=False)
+    assert torch.equal(
+        hf.read(f"layers.{moe_layer}.mlp.experts.down_proj", req), down[1:3, :, : F // 2]
+    )
+    loaded = load_sharded(
+        src,
+        {"norm.weight": ShardRequest.full(), name: ShardRequest.block(0, 0, 1)},
+        dtype=torch.float64,
+        progress=False,
+    )
     assert loaded[name].dtype == torch.float64 and torch.equal(loaded[name], full[:1].double())
     with pytest.raises(CheckpointError, match="not in checkpoint"):
         load_sharded(ext, {"layers.0.mlp.experts.nope": ShardRequest.full()}, progress=False)
@@ -279,7 +348,10 @@ def test_ep4_rank_reads_a_quarter_of_the_expert_bytes(fmt, hf_dirs, tmp_path):
     for rank in range(ep):
         reader = CheckpointReader.open(directory)
         lo, hi = rank * E // ep, (rank + 1) * E // ep
-        requests = {n: ShardRequest.block(0, lo, hi) if n in experts else ShardRequest.full() for n in reader.names()}
+        requests = {
+            n: ShardRequest.block(0, lo, hi) if n in experts else ShardRequest.full()
+            for n in reader.names()
+        }
         parts[rank] = load_sharded(reader, requests, progress=False)
         assert reader.bytes_read == expert_bytes // ep + other_bytes
     full = CheckpointReader.open(directory)
@@ -334,7 +406,9 @@ def test_streaming_peak_memory(tmp_path):
             f.write("5")
     except OSError:
         pytest.skip("cannot reset the peak-RSS mark (/proc/self/clear_refs) here")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert m["model"] > 70e6
@@ -344,6 +418,7 @@ def test_streaming_peak_memory(tmp_path):
 
 
 # ---- verify ------------------------------------------------------------------------------
+
 
 def test_verify_finds_missing_extra_misshapen_and_corrupt(hf_dirs, tmp_path):
     src, _, state = hf_dirs["qwen3_moe"]
@@ -355,7 +430,7 @@ def test_verify_finds_missing_extra_misshapen_and_corrupt(hf_dirs, tmp_path):
     name = "layers.1.mlp.experts.down_proj"
     raw = bytearray((ext / "model.safetensors").read_bytes())
     header_len = int.from_bytes(raw[:8], "little")
-    begin = json.loads(raw[8:8 + header_len])[name]["data_offsets"][0]
+    begin = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"][0]
     raw[8 + header_len + begin + 5] ^= 0xFF
     (ext / "model.safetensors").write_bytes(bytes(raw))
     problems = verify(ext, progress=False)
@@ -369,7 +444,9 @@ def test_verify_finds_missing_extra_misshapen_and_corrupt(hf_dirs, tmp_path):
     problems = verify(ext, progress=False)
     assert any("missing tensor norm.weight" in p for p in problems)
     assert any("unexpected tensor layers.9.extra.weight" in p for p in problems)
-    assert any("unexpected tensor norm.weight in model.safetensors" in p for p in problems)  # in file, not manifest
+    assert any(
+        "unexpected tensor norm.weight in model.safetensors" in p for p in problems
+    )  # in file, not manifest
 
     # HF directory: one expert missing, one tensor misshapen, one extra
     bad = tmp_path / "bad_hf"
@@ -381,12 +458,21 @@ def test_verify_finds_missing_extra_misshapen_and_corrupt(hf_dirs, tmp_path):
     save_file(legacy, str(bad / "model.safetensors"))
     problems = verify(bad, progress=False)
     assert len(problems) == 3, problems
-    assert any("missing tensor model.layers.1.mlp.experts.5.up_proj.weight (expert 5 of 8" in p for p in problems)
-    assert any("model.layers.1.self_attn.k_norm.weight" in p and "[8]" in p and "[16]" in p for p in problems)
-    assert any("unexpected tensor model.layers.1.mlp.experts.8.up_proj.weight" in p for p in problems)
+    assert any(
+        "missing tensor model.layers.1.mlp.experts.5.up_proj.weight (expert 5 of 8" in p
+        for p in problems
+    )
+    assert any(
+        "model.layers.1.self_attn.k_norm.weight" in p and "[8]" in p and "[16]" in p
+        for p in problems
+    )
+    assert any(
+        "unexpected tensor model.layers.1.mlp.experts.8.up_proj.weight" in p for p in problems
+    )
 
 
 # ---- bad input ---------------------------------------------------------------------------
+
 
 def _bad_truncated(src: Path, d: Path) -> str:
     raw = (src / "model.safetensors").read_bytes()
@@ -395,7 +481,9 @@ def _bad_truncated(src: Path, d: Path) -> str:
 
 
 def _bad_corrupt(src: Path, d: Path) -> str:
-    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
+    (d / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64
+    )
     return r"model\.safetensors.*truncated or corrupt"
 
 
@@ -403,7 +491,9 @@ def _bad_missing_expert(src: Path, d: Path) -> str:
     t = load_file(str(src / "model.safetensors"))
     del t["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
     save_file(t, str(d / "model.safetensors"))
-    return r"missing tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight \(expert 3 of 8"
+    return (
+        r"missing tensor model\.layers\.1\.block_sparse_moe\.experts\.3\.w3\.weight \(expert 3 of 8"
+    )
 
 
 def _bad_shape(src: Path, d: Path) -> str:
@@ -435,8 +525,12 @@ def _bad_pickle_only(src: Path, d: Path) -> str:
 
 
 BAD_INPUTS = {
-    "truncated": _bad_truncated, "corrupt": _bad_corrupt, "missing_expert": _bad_missing_expert,
-    "shape_vs_config": _bad_shape, "index_missing_shard": _bad_index, "unknown_model_type": _bad_model_type,
+    "truncated": _bad_truncated,
+    "corrupt": _bad_corrupt,
+    "missing_expert": _bad_missing_expert,
+    "shape_vs_config": _bad_shape,
+    "index_missing_shard": _bad_index,
+    "unknown_model_type": _bad_model_type,
     "pickle_only": _bad_pickle_only,
 }
 
@@ -506,10 +600,16 @@ def test_destination_rules(hf_dirs, tmp_path):
 
 # ---- CLI -----------------------------------------------------------------------------------
 
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     # cwd="/" shows the tool finds moe_ext from its own location, without installing
-    return subprocess.run([sys.executable, str(TOOL), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
 
 
 def test_cli_import_verify_export(hf_dirs, tmp_path):
@@ -521,10 +621,16 @@ def test_cli_import_verify_export(hf_dirs, tmp_path):
     res = _cli("verify", str(ext))
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr
     res = _cli("import-hf", str(src), str(ext))
-    assert res.returncode == 1 and res.stderr.strip() == f"error: destination {ext} exists; pass --force to overwrite it"
+    assert (
+        res.returncode == 1
+        and res.stderr.strip() == f"error: destination {ext} exists; pass --force to overwrite it"
+    )
     res = _cli("export-hf", str(ext), str(out), "--layout", "fused")
     assert res.returncode == 0, res.stderr
-    assert load_file(str(out / "model.safetensors"))["model.layers.1.mlp.experts.gate_up_proj"].dtype == torch.float16
+    assert (
+        load_file(str(out / "model.safetensors"))["model.layers.1.mlp.experts.gate_up_proj"].dtype
+        == torch.float16
+    )
     # verify on a broken moe_ext dir: exit 1 and one line per problem
     manifest = json.loads((ext / MANIFEST).read_text())
     manifest["tensors"] = manifest["tensors"][2:]
@@ -533,4 +639,6 @@ def test_cli_import_verify_export(hf_dirs, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1
     assert sum(line.startswith("error: missing tensor") for line in lines) == 2
-    assert sum(line.startswith("error: unexpected tensor") for line in lines) == 2  # still in the file
+    assert (
+        sum(line.startswith("error: unexpected tensor") for line in lines) == 2
+    )  # still in the file

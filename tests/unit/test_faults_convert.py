@@ -6,6 +6,7 @@ The converter runs as a subprocess through a small wrapper that pauses it right 
 it has written the first tensor (a marker file says so), so the signal always lands
 mid-write; the wrapper changes nothing else.
 """
+
 from __future__ import annotations
 
 import signal
@@ -55,10 +56,16 @@ def source(tmp_path_factory) -> Path:
 
 
 def _start(mode: str, marker: Path, *argv: str) -> subprocess.Popen:
-    code = _WRAPPER.format(repo=str(REPO), mode=mode, marker=str(marker), tool=str(TOOL),
-                           argv=[*argv, "--no-progress"])
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd="/")
+    code = _WRAPPER.format(
+        repo=str(REPO), mode=mode, marker=str(marker), tool=str(TOOL), argv=[*argv, "--no-progress"]
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
 
 
 def _wait_for(marker: Path, proc: subprocess.Popen, limit_s: float = 60) -> None:
@@ -70,13 +77,21 @@ def _wait_for(marker: Path, proc: subprocess.Popen, limit_s: float = 60) -> None
 
 
 def _left_at(dst: Path) -> list[str]:
-    return sorted(p.name for p in dst.parent.iterdir()
-                  if p.name == dst.name or p.name.startswith(f".{dst.name}."))
+    return sorted(
+        p.name
+        for p in dst.parent.iterdir()
+        if p.name == dst.name or p.name.startswith(f".{dst.name}.")
+    )
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *argv, "--no-progress"],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+    return subprocess.run(
+        [sys.executable, str(TOOL), *argv, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -89,8 +104,9 @@ def test_signal_mid_write_removes_the_partial_output(sig, source, tmp_path):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
-    assert err.strip() == (f"error: interrupted by {signal.Signals(sig).name}; the partial "
-                           f"output was removed")
+    assert err.strip() == (
+        f"error: interrupted by {signal.Signals(sig).name}; the partial output was removed"
+    )
     assert _left_at(dst) == []
 
 
@@ -105,8 +121,9 @@ def test_kill_9_leaves_no_output_and_the_next_run_cleans_up(source, tmp_path):
     assert _left_at(dst) == [staging.name]  # no partial checkpoint at the destination
     res = _cli("export-hf", str(source), str(dst))
     assert res.returncode == 0, res.stderr
-    assert res.stderr.strip() == (f"removed {staging}, left by process {proc.pid} that no "
-                                  f"longer runs")
+    assert res.stderr.strip() == (
+        f"removed {staging}, left by process {proc.pid} that no longer runs"
+    )
     assert _left_at(dst) == ["hf"] and verify(dst, progress=False) == []
 
 
@@ -115,8 +132,10 @@ def test_disk_full_mid_write_is_one_line_and_leaves_nothing(source, tmp_path):
     proc = _start("enospc", tmp_path / "unused", "export-hf", str(source), str(dst))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert err.strip() == (f"error: cannot write {dst}: the disk is full; nothing was written "
-                           f"there, free space or choose a writable destination")
+    assert err.strip() == (
+        f"error: cannot write {dst}: the disk is full; nothing was written "
+        f"there, free space or choose a writable destination"
+    )
     assert _left_at(dst) == []
 
 
@@ -129,8 +148,11 @@ def tmpfs(tmp_path):
     def mount(options: str) -> Path:
         point = tmp_path / f"mnt{len(mounted)}"
         point.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
         mounted.append(point)
@@ -153,6 +175,5 @@ def test_real_small_and_read_only_disks(source, tmpfs):
     dst = read_only / "hf"
     res = _cli("export-hf", str(source), str(dst))
     assert res.returncode == 1
-    assert res.stderr.strip().startswith(f"error: cannot write {dst}: the file system is "
-                                         f"read-only")
+    assert res.stderr.strip().startswith(f"error: cannot write {dst}: the file system is read-only")
     assert len(res.stderr.strip().splitlines()) == 1 and list(read_only.iterdir()) == []

@@ -1,6 +1,7 @@
 """Rank layout (pure, checked against Megatron-core's RankGenerator) and ProcessGroups of a
 single process; moe_ext.dist's environment parsing. Groups on several ranks:
 tests/multirank/test_groups.py."""
+
 from __future__ import annotations
 
 import warnings
@@ -16,10 +17,14 @@ PLANS = [
     layout_plan(s, w, tp, pp, ep)
     for w in (1, 2, 4, 8)
     for s in ("replicate", "tp_experts", "ep_nccl")
-    for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8)
+    for tp in (1, 2, 4, 8)
+    for pp in (1, 2, 4, 8)
     if w % (tp * pp) == 0
-    for ep in ((None,) if s != "ep_nccl" else
-               sorted({d for d in range(1, w // pp + 1) if (w // pp) % d == 0}))
+    for ep in (
+        (None,)
+        if s != "ep_nccl"
+        else sorted({d for d in range(1, w // pp + 1) if (w // pp) % d == 0})
+    )
 ]
 
 
@@ -33,8 +38,9 @@ def _megatron_generators(plan):
     return attn, expert
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.strategy}-w{p.world_size}-tp{p.tp}"
-                         f"-pp{p.pp}-ep{p.ep}")
+@pytest.mark.parametrize(
+    "plan", PLANS, ids=lambda p: f"{p.strategy}-w{p.world_size}-tp{p.tp}-pp{p.pp}-ep{p.ep}"
+)
 def test_layout_matches_megatron_and_partitions(plan):
     layout = rank_layout(plan)
     world = list(range(plan.world_size))
@@ -46,21 +52,42 @@ def test_layout_matches_megatron_and_partitions(plan):
         assert all(g == sorted(g) for g in groups)
 
     attn, expert = _megatron_generators(plan)
-    for ours, theirs in [("tp", "tp"), ("dp", "dp"), ("pp", "pp"), ("mp", "tp-pp"),
-                         ("tp_dp", "tp-dp"), ("dp_cp", "dp-cp"), ("cp", "cp")]:
+    for ours, theirs in [
+        ("tp", "tp"),
+        ("dp", "dp"),
+        ("pp", "pp"),
+        ("mp", "tp-pp"),
+        ("tp_dp", "tp-dp"),
+        ("dp_cp", "dp-cp"),
+        ("cp", "cp"),
+    ]:
         assert layout[ours] == attn.get_ranks(theirs), ours
-    for ours, theirs in [("etp", "tp"), ("ep", "ep"), ("edp", "dp"), ("tp_ep", "tp-ep"),
-                         ("tp_ep_pp", "tp-ep-pp")]:
+    for ours, theirs in [
+        ("etp", "tp"),
+        ("ep", "ep"),
+        ("edp", "dp"),
+        ("tp_ep", "tp-ep"),
+        ("tp_ep_pp", "tp-ep-pp"),
+    ]:
         assert layout[ours] == expert.get_ranks(theirs), ours
 
-    sizes = {"tp": plan.tp, "dp": plan.dp, "pp": plan.pp, "ep": plan.ep, "etp": plan.etp,
-             "edp": plan.edp, "mp": plan.tp * plan.pp, "tp_ep_pp": plan.etp * plan.ep * plan.pp}
+    sizes = {
+        "tp": plan.tp,
+        "dp": plan.dp,
+        "pp": plan.pp,
+        "ep": plan.ep,
+        "etp": plan.etp,
+        "edp": plan.edp,
+        "mp": plan.tp * plan.pp,
+        "tp_ep_pp": plan.etp * plan.ep * plan.pp,
+    }
     for name, size in sizes.items():
         assert all(len(g) == size for g in layout[name]), name
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.strategy}-w{p.world_size}-tp{p.tp}"
-                         f"-pp{p.pp}-ep{p.ep}")
+@pytest.mark.parametrize(
+    "plan", PLANS, ids=lambda p: f"{p.strategy}-w{p.world_size}-tp{p.tp}-pp{p.pp}-ep{p.ep}"
+)
 def test_attention_and_expert_layouts_agree(plan):
     layout = rank_layout(plan)
     # tp groups are adjacent ranks
@@ -99,6 +126,7 @@ def test_worked_example_of_the_docstring():
 
 def test_build_refuses_a_plan_for_another_world_size():
     from moe_ext.dist import DistEnv, destroy, init_distributed
+
     init_distributed(DistEnv(), "cpu", 30)
     try:
         with pytest.raises(ValueError, match="world_size=1"):
@@ -112,16 +140,26 @@ def test_build_refuses_a_plan_for_another_world_size():
 
 # ---------------------------------------------------------------------------- moe_ext.dist
 
+
 def test_dist_env_from_environ():
     from moe_ext.dist import DistEnv, DistEnvError
+
     assert DistEnv.from_environ({}) == DistEnv(0, 1, 0, 1, "127.0.0.1", 29500)
-    env = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
-                                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
-                                "MASTER_PORT": "1234"})
+    env = DistEnv.from_environ(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node0",
+            "MASTER_PORT": "1234",
+        }
+    )
     assert env == DistEnv(3, 4, 1, 2, "node0", 1234) and env.is_distributed
-    for bad, fix in [({"WORLD_SIZE": "two"}, "not an integer"),
-                     ({"RANK": "2", "WORLD_SIZE": "2"}, "torchrun --nproc-per-node"),
-                     ({"WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
-                      "launch with torchrun")]:
+    for bad, fix in [
+        ({"WORLD_SIZE": "two"}, "not an integer"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "torchrun --nproc-per-node"),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "launch with torchrun"),
+    ]:
         with pytest.raises(DistEnvError, match=fix):
             DistEnv.from_environ(bad)

@@ -1,5 +1,6 @@
 """launch/infer.py on one rank: bad input is one line on stderr, exit 2, no output file.
 The greedy ids against transformers on 1, 2 and 4 ranks: tests/multirank/test_infer.py."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,21 @@ def _bad_prompts(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["strategy", "topology", "degrees", "ep_divides", "nvshmem",
-                                  "jsonl", "too_long", "checkpoint", "corrupt", "family"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "strategy",
+        "topology",
+        "degrees",
+        "ep_divides",
+        "nvshmem",
+        "jsonl",
+        "too_long",
+        "checkpoint",
+        "corrupt",
+        "family",
+    ],
+)
 def test_cli_bad_input_is_one_line(tmp_path, case, checkpoints):
     out = tmp_path / "out.jsonl"
     corrupt = tmp_path / "corrupt"

@@ -9,6 +9,7 @@ nothing behind. Hydra's --help and error messages offer no schema as a choice.
 Most cases call the launchers' steps in-process; a few run the command line to check the
 one line and the exit code (that two ranks print it once: tests/multirank/).
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,6 +43,7 @@ def _error_lines(res: subprocess.CompletedProcess) -> list[str]:
 
 # ---- a MoeExtError is one line; anything else keeps its traceback ------------------------
 
+
 def _run_and_exit_script(raise_line: str) -> str:
     return textwrap.dedent(f"""
         import os
@@ -62,8 +64,13 @@ def _run_and_exit_script(raise_line: str) -> str:
 @pytest.mark.parametrize("debug", [False, True])
 def test_run_and_exit_prints_a_moe_ext_error_as_one_line(debug):
     script = _run_and_exit_script('raise MoeExtError("bad value; fix it") from cause')
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=dict(os.environ, MOE_EXT_DEBUG="1" if debug else "0"), timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MOE_EXT_DEBUG="1" if debug else "0"),
+        timeout=60,
+    )
     assert res.returncode == 2
     assert _error_lines(res) == ["error: bad value; fix it"]
     assert res.stderr.rstrip().endswith("error: bad value; fix it")  # the line comes last
@@ -75,8 +82,13 @@ def test_run_and_exit_prints_a_moe_ext_error_as_one_line(debug):
 
 def test_run_and_exit_keeps_the_traceback_of_any_other_error():
     script = _run_and_exit_script('raise ValueError("a bug, not a user error") from cause')
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=dict(os.environ, MOE_EXT_DEBUG="0"), timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MOE_EXT_DEBUG="0"),
+        timeout=60,
+    )
     assert res.returncode != 0 and res.returncode != 2
     assert "Traceback" in res.stderr and "ValueError: a bug, not a user error" in res.stderr
     assert not _error_lines(res)
@@ -111,8 +123,14 @@ def test_injected_plain_value_error_in_the_infer_launcher_is_a_traceback():
         sys.argv = [{str(INFER)!r}, "generate.max_new_tokens=2"]
         runpy.run_path({str(INFER)!r}, run_name="__main__")
     """)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=REPO, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert res.returncode not in (0, 2), res.stderr[-2000:]
     assert "Traceback" in res.stderr and "injected bug in prepare" in res.stderr
     assert not _error_lines(res)
@@ -129,16 +147,31 @@ def test_debug_switch_values():
     from moe_ext.launching import debug_requested
 
     assert [debug_requested({"MOE_EXT_DEBUG": v}) for v in ("1", "true", "ON", "0", "")] == [
-        True, True, True, False, False]
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     assert not debug_requested({})
 
 
 # ---- dtype aliases --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, dtype", [
-    ("float32", torch.float32), ("fp32", torch.float32), ("bfloat16", torch.bfloat16),
-    ("bf16", torch.bfloat16), ("float16", torch.float16), ("fp16", torch.float16),
-    ("half", torch.float16), ("BFloat16", torch.bfloat16)])
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        ("half", torch.float16),
+        ("BFloat16", torch.bfloat16),
+    ],
+)
 def test_dtype_aliases(name, dtype):
     assert infer.infer_dtype(name, "cpu") is dtype
 
@@ -162,6 +195,7 @@ def test_dtype_auto_and_unknown():
 
 # ---- Hydra schemas are not choices -----------------------------------------------------------
 
+
 def test_help_and_choice_errors_offer_no_schema():
     res = run_launcher(INFER, ["--help"])
     assert res.returncode == 0, res.stderr[-2000:]
@@ -175,8 +209,7 @@ def test_help_and_choice_errors_offer_no_schema():
         assert "schema" not in str(caught.value) and "base_" not in str(caught.value)
     with pytest.raises(ConfigError, match=r"type \+topology=pcie"):
         check_group_choices(["topology=pcie"], REPO / "conf")
-    check_group_choices(["strategy=ep_nccl", "+topology=pcie", "topology.p2p=true"],
-                        REPO / "conf")
+    check_group_choices(["strategy=ep_nccl", "+topology=pcie", "topology.p2p=true"], REPO / "conf")
 
 
 def test_group_options_keep_their_schema():
@@ -198,13 +231,13 @@ def test_group_options_keep_their_schema():
 
 # ---- checks before any weight loads --------------------------------------------------------
 
+
 def _infer_cfg(**over):
     return tiny_conf(infer.InferConf, **over)
 
 
 def _prepare(cfg, rank: int = 0, world_size: int = 1):
-    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank,
-                  local_world_size=world_size)
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
     return as_usage_error(infer.prepare, cfg, env, False, 0)
 
 
@@ -219,8 +252,12 @@ def test_max_new_tokens_refused_in_prepare(value):
 
 def test_generate_conf_ranges():
     GenerateConf().check()
-    for field, value in (("max_batch_size", 0), ("temperature", -0.5), ("top_p", 0.0),
-                         ("top_p", 1.5)):
+    for field, value in (
+        ("max_batch_size", 0),
+        ("temperature", -0.5),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+    ):
         with pytest.raises(ConfigError, match=f"generate.{field}="):
             GenerateConf(**{field: value}).check()
 
@@ -271,8 +308,12 @@ def test_malformed_tokenizer_files_are_named(tmp_path):
     directory = _tokenizer_dir(tmp_path)
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     assert HFTokenizer(str(directory)).eos_id == 2  # the good files load
-    for text in ('{"eos_token": "</s>",', "[1, 2]", '{"eos_token_id": "2x"}',
-                 '{"bos_token_id": 1.5}'):
+    for text in (
+        '{"eos_token": "</s>",',
+        "[1, 2]",
+        '{"eos_token_id": "2x"}',
+        '{"bos_token_id": 1.5}',
+    ):
         (directory / "tokenizer_config.json").write_text(text)
         with pytest.raises(TokenizerError, match="tokenizer_config.json"):
             HFTokenizer(str(directory))
@@ -305,6 +346,7 @@ def test_bad_tokenizer_json_in_a_checkpoint_is_one_cli_line(tmp_path):
 
 
 # ---- output= ----------------------------------------------------------------------------------
+
 
 def test_output_is_checked_before_generating(tmp_path):
     with pytest.raises(OutputError, match="is a directory"):
@@ -352,10 +394,13 @@ def test_failed_output_write_leaves_nothing(tmp_path):
 
 # ---- topology.gpu_memory_gib alone ----------------------------------------------------------
 
+
 def _gpus(count: int, gib: float) -> Topology:
     """What the probe of a PCIe box with ``count`` GPUs of ``gib`` GiB would say."""
-    gpus = tuple(GPU(index=i, name="H100", memory_bytes=int(gib * GIB), pcie_gen=5,
-                     pcie_width=16) for i in range(count))
+    gpus = tuple(
+        GPU(index=i, name="H100", memory_bytes=int(gib * GIB), pcie_gen=5, pcie_width=16)
+        for i in range(count)
+    )
     links = tuple(Link(a, b) for a in range(count) for b in range(a + 1, count))
     return Topology(kind="pcie", gpus=gpus, links=links, source="test")
 
@@ -375,13 +420,13 @@ def test_gpu_memory_alone_keeps_the_probe():
 
 # ---- training: export= and strategy= ---------------------------------------------------------
 
+
 def test_export_destination_is_checked_before_training(tmp_path):
     """train.py export= over a directory that is not a checkpoint used to delete it after
     training; now the run is refused before any process group (the export checks again)."""
 
     def prepare(export, overwrite=False):
-        cfg = tiny_conf(train.TrainConf, export=export,
-                        **{"train.overwrite_export": overwrite})
+        cfg = tiny_conf(train.TrainConf, export=export, **{"train.overwrite_export": overwrite})
         return as_usage_error(train.prepare, cfg, DistEnv(), False, 0)
 
     prepare(str(tmp_path / "new"))
@@ -423,11 +468,18 @@ def test_checkpoint_verify_reaches_the_load(tmp_path):
     data = bytearray(shard.read_bytes())
     header = 8 + struct.unpack("<Q", data[:8])[0]
     middle = header + (len(data) - header) // 2
-    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])
     shard.write_bytes(bytes(data))
     out = tmp_path / "out.jsonl"
-    res = run_launcher(INFER, [f"checkpoint={checkpoint}", "checkpoint_verify=true",
-                       "generate.max_new_tokens=2", f"output={out}"])
+    res = run_launcher(
+        INFER,
+        [
+            f"checkpoint={checkpoint}",
+            "checkpoint_verify=true",
+            "generate.max_new_tokens=2",
+            f"output={out}",
+        ],
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     errors = _error_lines(res)
     assert len(errors) == 1 and "model.safetensors" in errors[0], res.stderr[-2000:]

@@ -5,6 +5,7 @@ training. MoEExtLayer and GPTModel on 2 ranks: tests/multirank/test_megatron.py.
 
 # T tokens, H hidden, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import datetime
@@ -48,12 +49,21 @@ ROUTER_CASES = {
     "softmax_topk_then_softmax": dict(),
     "softmax_pre_softmax": dict(moe_router_pre_softmax=True),
     "softmax_scaled": dict(moe_router_topk_scaling_factor=2.5),
-    "sigmoid_bias_groups": dict(moe_router_score_function="sigmoid", moe_router_topk=4,
-                                moe_router_enable_expert_bias=True, moe_router_num_groups=4,
-                                moe_router_group_topk=2, moe_router_topk_scaling_factor=2.0),
+    "sigmoid_bias_groups": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_topk=4,
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=4,
+        moe_router_group_topk=2,
+        moe_router_topk_scaling_factor=2.0,
+    ),
     "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
-    "softmax_pre_softmax_groups": dict(moe_router_pre_softmax=True, moe_router_topk=4,
-                                       moe_router_num_groups=2, moe_router_group_topk=2),
+    "softmax_pre_softmax_groups": dict(
+        moe_router_pre_softmax=True,
+        moe_router_topk=4,
+        moe_router_num_groups=2,
+        moe_router_group_topk=2,
+    ),
 }
 
 
@@ -73,10 +83,15 @@ def test_router_mapping_matches_megatron_routing(case):
     out = router(x)
     logits = x @ router.weight.t()  # [T, E]
     ref_probs, ref_map = moe_utils.topk_routing_with_score_function(
-        logits, config.moe_router_topk, use_pre_softmax=config.moe_router_pre_softmax,
-        num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
+        logits,
+        config.moe_router_topk,
+        use_pre_softmax=config.moe_router_pre_softmax,
+        num_groups=config.moe_router_num_groups,
+        group_topk=config.moe_router_group_topk,
         scaling_factor=config.moe_router_topk_scaling_factor,
-        score_function=config.moe_router_score_function, expert_bias=bias)
+        score_function=config.moe_router_score_function,
+        expert_bias=bias,
+    )
     ours = torch.zeros(64, E).scatter(1, out.expert_idx, out.weights)  # [T, E]
     picked = torch.zeros(64, E, dtype=torch.bool).scatter(1, out.expert_idx, True)
     assert torch.equal(picked, ref_map), f"{case}: different experts picked"
@@ -94,21 +109,36 @@ def test_aux_loss_coefficient_matches_megatron_switch_loss():
     tokens_per_expert = torch.bincount(out.expert_idx.reshape(-1), minlength=E)
     theirs = moe_utils.switch_load_balancing_loss_func(probs, tokens_per_expert, 50, 2, E, 0.01)
     torch.testing.assert_close(aux_coeff * out.aux_loss, theirs, rtol=1e-5, atol=1e-8)
-    assert loss_coeffs(megatron_config(moe_aux_loss_coeff=0.01,
-                               moe_router_load_balancing_type="none"))[0] == 0.0
+    assert (
+        loss_coeffs(
+            megatron_config(moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="none")
+        )[0]
+        == 0.0
+    )
 
 
 REFUSED = {
-    "capacity": (dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
-                 "moe_expert_capacity_factor"),
+    "capacity": (
+        dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+        "moe_expert_capacity_factor",
+    ),
     "bias_linear": (dict(add_bias_linear=True), "add_bias_linear"),
     "not_glu": (dict(gated_linear_unit=False), "SwiGLU"),
     "gelu": (dict(activation_func=F.gelu), "SwiGLU"),
     "sinkhorn": (dict(moe_router_load_balancing_type="sinkhorn"), "sinkhorn"),
-    "logit_groups": (dict(moe_router_topk=4, moe_router_num_groups=2, moe_router_group_topk=2),
-                     "moe_router_pre_softmax=True"),
-    "group_score": (dict(moe_router_score_function="sigmoid", moe_router_topk=6,
-                         moe_router_num_groups=4, moe_router_group_topk=2), "topk // group_topk"),
+    "logit_groups": (
+        dict(moe_router_topk=4, moe_router_num_groups=2, moe_router_group_topk=2),
+        "moe_router_pre_softmax=True",
+    ),
+    "group_score": (
+        dict(
+            moe_router_score_function="sigmoid",
+            moe_router_topk=6,
+            moe_router_num_groups=4,
+            moe_router_group_topk=2,
+        ),
+        "topk // group_topk",
+    ),
     "jitter": (dict(moe_input_jitter_eps=0.1), "moe_input_jitter_eps"),
 }
 
@@ -131,11 +161,11 @@ def test_moe_layer_kwargs_shared_expert_and_sizes():
 
 # ---- config from native args, specs ----------------------------------------------------
 
+
 def test_transformer_config_from_native_args():
     args = megatron_args("qwen2_moe")
     plan = megatron_plan("ep_nccl", 2)
-    config = TransformerConfig(**transformer_config_kwargs(args, plan,
-                                                           use_cpu_initialization=True))
+    config = TransformerConfig(**transformer_config_kwargs(args, plan, use_cpu_initialization=True))
     assert config.moe_layer_freq == [1, 0]
     assert (config.num_query_groups, config.kv_channels, config.add_qkv_bias) == (2, 8, True)
     assert config.expert_model_parallel_size == 2 and config.moe_router_pre_softmax is True
@@ -150,6 +180,7 @@ def test_decoder_block_spec_swaps_only_moe_layers():
     from megatron.core.transformer.mlp import MLP
 
     from moe_ext.megatron import MoEExtLayer
+
     config = megatron_config(num_layers=4, moe_layer_freq=[1, 0, 1, 1])
     plan = megatron_plan("replicate", 1)
     # stands in for ProcessGroups: bound into the spec, never used (nothing is built here)
@@ -172,8 +203,11 @@ def test_decoder_block_spec_swaps_only_moe_layers():
     layer = get_gpt_layer_spec(plan, sentinel, qk_layernorm=True)
     assert is_moe_slot(layer.submodules.mlp)
     with pytest.raises(MegatronConfigError, match="capacity"):
-        get_gpt_decoder_block_spec(megatron_config(moe_expert_capacity_factor=1.0,
-                                           moe_token_drop_policy="probs"), plan, sentinel)
+        get_gpt_decoder_block_spec(
+            megatron_config(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"),
+            plan,
+            sentinel,
+        )
 
 
 def test_moe_layer_spec_needs_groups_where_megatron_does_not_pass_them():
@@ -186,6 +220,7 @@ def test_moe_layer_spec_needs_groups_where_megatron_does_not_pass_them():
 
 
 # ---- weights -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_weight_names_round_trip_and_qkv_layout(model_type):
@@ -204,10 +239,10 @@ def test_weight_names_round_trip_and_qkv_layout(model_type):
     v = full["layers.0.self_attn.v_proj.weight"]
     stride = (per_group + 2) * D
     for g in range(args.num_key_value_heads):
-        block = qkv[g * stride:(g + 1) * stride]
-        assert torch.equal(block[:per_group * D], q[g * per_group * D:(g + 1) * per_group * D])
-        assert torch.equal(block[per_group * D:(per_group + 1) * D], k[g * D:(g + 1) * D])
-        assert torch.equal(block[(per_group + 1) * D:], v[g * D:(g + 1) * D])
+        block = qkv[g * stride : (g + 1) * stride]
+        assert torch.equal(block[: per_group * D], q[g * per_group * D : (g + 1) * per_group * D])
+        assert torch.equal(block[per_group * D : (per_group + 1) * D], k[g * D : (g + 1) * D])
+        assert torch.equal(block[(per_group + 1) * D :], v[g * D : (g + 1) * D])
 
 
 def test_training_forward_attaches_weighted_router_losses():
@@ -216,20 +251,24 @@ def test_training_forward_attaches_weighted_router_losses():
     import torch.distributed as dist
 
     from moe_ext.megatron import MoEExtLayer
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     own_init = not dist.is_initialized()
     if own_init:
-        dist.init_process_group("gloo", rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60)
+        )
     try:
         from moe_ext.groups import ProcessGroups
+
         plan = megatron_plan("replicate", 1)
         groups = ProcessGroups.build(plan, "gloo", datetime.timedelta(seconds=60))
         grads = {}
         for coeff in (0.0, 10.0):
             torch.manual_seed(0)
-            layer = MoEExtLayer(megatron_config(moe_aux_loss_coeff=coeff), plan=plan,
-                                groups=groups).train()
+            layer = MoEExtLayer(
+                megatron_config(moe_aux_loss_coeff=coeff), plan=plan, groups=groups
+            ).train()
             x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(3))
             y, _ = layer(x)
             y.sum().backward()

@@ -9,6 +9,7 @@ tests/multirank/test_megatron_ckpt.py.
 
 # E experts, F expert FFN size, H hidden, V vocab
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def _read_torch_dist(directory: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
-           if isinstance(m, TensorStorageMetadata)}
+    out = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
     dcp.load(out, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=True)
     return out
 
@@ -64,6 +68,7 @@ def exported(tmp_path_factory):
 
 # ---- one process ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_round_trip_bit_exact_and_megatron_layout(family, exported, tmp_path):
     src, state, meg = exported[family]
@@ -73,26 +78,34 @@ def test_round_trip_bit_exact_and_megatron_layout(family, exported, tmp_path):
     assert (meg / "config.json").read_bytes() == (src / "config.json").read_bytes()
     manifest = json.loads((meg / MEGATRON_MANIFEST).read_text())
     source_rows = read_manifest(src)["tensors"]
-    assert {r["name"]: r["sha256"] for r in manifest["tensors"]} == \
-        {n: e.sha256 for n, e in source_rows.items()}
+    assert {r["name"]: r["sha256"] for r in manifest["tensors"]} == {
+        n: e.sha256 for n, e in source_rows.items()
+    }
     # stored global tensors, read without Megatron, are the source's (native layout)
     stored = _read_torch_dist(meg)
     args = family_args(family)
     moe_layer = next(i for i in range(args.num_hidden_layers) if args.is_moe_layer(i))
-    for native, key in (("embed_tokens.weight", "embedding.word_embeddings.weight"),
-                        (f"layers.{moe_layer}.mlp.experts.gate_up_proj",
-                         f"decoder.layers.{moe_layer}.mlp.experts.gate_up_proj"),
-                        (f"layers.{moe_layer}.mlp.experts.down_proj",
-                         f"decoder.layers.{moe_layer}.mlp.experts.down_proj"),
-                        (f"layers.{moe_layer}.mlp.router.weight",
-                         f"decoder.layers.{moe_layer}.mlp.router.weight"),
-                        ("norm.weight", "decoder.final_layernorm.weight")):
+    for native, key in (
+        ("embed_tokens.weight", "embedding.word_embeddings.weight"),
+        (
+            f"layers.{moe_layer}.mlp.experts.gate_up_proj",
+            f"decoder.layers.{moe_layer}.mlp.experts.gate_up_proj",
+        ),
+        (
+            f"layers.{moe_layer}.mlp.experts.down_proj",
+            f"decoder.layers.{moe_layer}.mlp.experts.down_proj",
+        ),
+        (f"layers.{moe_layer}.mlp.router.weight", f"decoder.layers.{moe_layer}.mlp.router.weight"),
+        ("norm.weight", "decoder.final_layernorm.weight"),
+    ):
         assert stored[key].dtype == state[native].dtype
         assert torch.equal(stored[key], state[native]), key
     assert ("output_layer.weight" in stored) != args.tie_word_embeddings
     if family == "qwen2_moe":
-        assert torch.equal(stored["decoder.layers.0.mlp.shared_expert_gate.weight"],
-                           state["layers.0.mlp.shared_expert_gate.weight"])
+        assert torch.equal(
+            stored["decoder.layers.0.mlp.shared_expert_gate.weight"],
+            state["layers.0.mlp.shared_expert_gate.weight"],
+        )
     # back to moe_ext: every tensor bit-identical to the source, side file kept
     back = tmp_path / "back"
     entries = import_megatron(meg, back, progress=False)
@@ -125,8 +138,11 @@ def test_export_from_hugging_face_layout(exported, tmp_path):
 
 
 def _left_at(dst: Path) -> list[str]:
-    return sorted(p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}")
-                  or p.name == dst.name)
+    return sorted(
+        p.name
+        for p in dst.parent.iterdir()
+        if p.name.startswith(f".{dst.name}") or p.name == dst.name
+    )
 
 
 def _copy(meg: Path, tmp_path: Path) -> Path:
@@ -143,13 +159,14 @@ def _edited_config(meg: Path, tmp_path: Path, **changes) -> Path:
 
 
 def _bad_config_ffn(meg, tmp_path):
-    return (_edited_config(meg, tmp_path, moe_intermediate_size=8),
-            "tensor decoder.layers.0.mlp.experts.gate_up_proj is [4, 32, 32] in")
+    return (
+        _edited_config(meg, tmp_path, moe_intermediate_size=8),
+        "tensor decoder.layers.0.mlp.experts.gate_up_proj is [4, 32, 32] in",
+    )
 
 
 def _bad_config_layers(meg, tmp_path):
-    return (_edited_config(meg, tmp_path, num_hidden_layers=3),
-            "is missing from the checkpoint")
+    return (_edited_config(meg, tmp_path, num_hidden_layers=3), "is missing from the checkpoint")
 
 
 def _bad_sha(meg, tmp_path):
@@ -172,8 +189,13 @@ def _bad_not_megatron(meg, tmp_path):
     return bad, "is not a Megatron distributed checkpoint (no metadata.json)"
 
 
-BAD = {"config_ffn": _bad_config_ffn, "config_layers": _bad_config_layers, "sha": _bad_sha,
-       "no_config": _bad_no_config, "not_megatron": _bad_not_megatron}
+BAD = {
+    "config_ffn": _bad_config_ffn,
+    "config_layers": _bad_config_layers,
+    "sha": _bad_sha,
+    "no_config": _bad_no_config,
+    "not_megatron": _bad_not_megatron,
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -204,20 +226,28 @@ def test_export_refusals(exported, tmp_path):
     tensors["norm.weight"] = tensors["norm.weight"].to(torch.bfloat16)
     layout = [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
     writer = SafetensorsWriter(mixed / "model.safetensors", layout)
-    entries = [TensorEntry(n, s, dt, writer.write_tensor(n, [tensors[n]]), "model.safetensors")
-               for n, dt, s in layout]
+    entries = [
+        TensorEntry(n, s, dt, writer.write_tensor(n, [tensors[n]]), "model.safetensors")
+        for n, dt, s in layout
+    ]
     writer.close()
     write_manifest(mixed, "qwen2_moe", "mixed", entries)
     dst = tmp_path / "mixed_meg"
-    with pytest.raises(MegatronCheckpointError, match="tensor norm.weight is bf16 while .* "
-                                                      "--dtype fp32"):
+    with pytest.raises(
+        MegatronCheckpointError, match="tensor norm.weight is bf16 while .* --dtype fp32"
+    ):
         export_megatron(mixed, dst, progress=False)
     assert _left_at(dst) == []
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=180, cwd="/")
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd="/",
+    )
 
 
 def test_cli_export_import_cast_and_overwrite_rules(exported, tmp_path):
@@ -225,8 +255,9 @@ def test_cli_export_import_cast_and_overwrite_rules(exported, tmp_path):
     meg = tmp_path / "meg"
     res = _cli("export-megatron", str(src), str(meg))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == \
-        f"wrote a Megatron checkpoint of {len(state)} source tensors to {meg}"
+    assert (
+        res.stdout.strip() == f"wrote a Megatron checkpoint of {len(state)} source tensors to {meg}"
+    )
     dst = tmp_path / "bf16"
     res = _cli("import-megatron", str(meg), str(dst), "--dtype", "bf16")
     assert res.returncode == 0, res.stderr

@@ -2,6 +2,7 @@
 without CUDA the launchers refuse engine=megatron with one line, before any process group;
 plan and training settings it cannot run are one-line errors. On ranks:
 tests/multirank/test_megatron_engine.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,16 +29,19 @@ def test_refusals_are_one_line_value_errors():
         check_train_settings,
         require_cuda,
     )
-    with pytest.raises(ValueError, match=r"^engine=megatron needs CUDA \(Megatron-core is "
-                                         r"CUDA-only\); use engine=native$"):
+
+    with pytest.raises(
+        ValueError,
+        match=r"^engine=megatron needs CUDA \(Megatron-core is "
+        r"CUDA-only\); use engine=native$",
+    ):
         require_cuda("auto", False, fallback="native")
     with pytest.raises(MegatronEngineError, match="needs CUDA"):
         require_cuda("cpu", True, fallback="deepspeed")
     require_cuda("auto", True, fallback="native")
     args = resolve_model_source(str(TINY), None).args
     with pytest.raises(MegatronEngineError, match="pp=1"):
-        check_plan(dataclasses.replace(megatron_plan("replicate", 2), pp=2, dp=1, edp=1),
-                   args)
+        check_plan(dataclasses.replace(megatron_plan("replicate", 2), pp=2, dp=1, edp=1), args)
     with pytest.raises(MegatronEngineError, match="tp=1"):
         check_plan(megatron_plan("tp_experts", 2, tp=2), args, training=True)
     check_plan(megatron_plan("tp_experts", 2, tp=2), args)  # inference takes tp
@@ -52,12 +56,23 @@ def test_launchers_refuse_megatron_without_cuda(launcher, fallback):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([sys.executable, str(REPO / "launch" / launcher), "engine=megatron",
-                          "hydra.run.dir=/tmp/moe_ext_megatron_refusal",
-                          "hydra.output_subdir=null"],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / launcher),
+            "engine=megatron",
+            "hydra.run.dir=/tmp/moe_ext_megatron_refusal",
+            "hydra.output_subdir=null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: engine=megatron needs CUDA (Megatron-core is CUDA-only); use "
-                      f"engine={fallback}"], res.stderr[-2000:]
+    assert errors == [
+        f"error: engine=megatron needs CUDA (Megatron-core is CUDA-only); use engine={fallback}"
+    ], res.stderr[-2000:]
     assert "Traceback" not in res.stderr

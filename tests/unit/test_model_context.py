@@ -1,6 +1,7 @@
 """The typed runtime contract between parallelize() and generate(): ParallelContext is the
 one place the plan's runtime facts live, frozen, with a single-rank default; generate()
 keeps its memory in the declared DecodeState and adds no attributes to the model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +21,25 @@ PP_GROUP, DP_GROUP = object(), object()  # stand-ins: only their identity is che
 def _groups(pp_prev=None, pp_next=None, pp_ranks=(0,), dp_rank=0):
     """The ProcessGroups attributes parallel_context reads (the multirank tests of
     tests/multirank/test_model_parallel.py run it on real groups)."""
-    return SimpleNamespace(pp_prev_rank=pp_prev, pp_next_rank=pp_next, pp=PP_GROUP,
-                           ranks_of=lambda axis: list(pp_ranks), dp_rank=dp_rank, dp=DP_GROUP)
+    return SimpleNamespace(
+        pp_prev_rank=pp_prev,
+        pp_next_rank=pp_next,
+        pp=PP_GROUP,
+        ranks_of=lambda axis: list(pp_ranks),
+        dp_rank=dp_rank,
+        dp=DP_GROUP,
+    )
 
 
 def test_unparallelized_model_holds_the_single_rank_context():
     context = Transformer(tiny_args()).context
     assert context == ParallelContext()
-    assert (context.plan, context.dp_size, context.dp_group, context.pp_group) == (None, 1, None,
-                                                                                  None)
+    assert (context.plan, context.dp_size, context.dp_group, context.pp_group) == (
+        None,
+        1,
+        None,
+        None,
+    )
     assert context.is_first_stage and context.is_last_stage
     assert not context.lockstep and not context.expert_parallel and context.cuda_graph_safe
 

@@ -1,6 +1,7 @@
 """Generation behaviour (sampling, EOS, per-request lengths, EOS-check batching), config
 parsing, tokenizers, loading a saved HF checkpoint through the checkpoint reader, and the
 CUDA-graph decode path (GPU only)."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,13 @@ def test_sampling_is_seeded_and_top_p_collapses_to_greedy(tiny):
     c = generate(tiny, PROMPTS, conf, eos_id=None, seed=4).tokens
     assert a == b and a != c
     greedy = generate(tiny, PROMPTS, GenerateConf(max_new_tokens=8), eos_id=None).tokens
-    nucleus = generate(tiny, PROMPTS, GenerateConf(max_new_tokens=8, temperature=1.0, top_p=1e-6),
-                       eos_id=None, seed=3).tokens
+    nucleus = generate(
+        tiny,
+        PROMPTS,
+        GenerateConf(max_new_tokens=8, temperature=1.0, top_p=1e-6),
+        eos_id=None,
+        seed=3,
+    ).tokens
     assert nucleus == greedy != a
 
 
@@ -66,11 +72,13 @@ def test_eos_stops_each_sequence_and_lengths_are_per_request(tiny):
     lengths = generate(tiny, PROMPTS, GenerateConf(), eos_id=None, max_new_tokens=[1, 5, 3])
     assert [len(r) for r in lengths.tokens] == [1, 5, 3]
     assert lengths.tokens == [r[:n] for r, n in zip(free, [1, 5, 3])]
-    batched_check = generate(tiny, PROMPTS, GenerateConf(max_new_tokens=10), eos_id=eos,
-                             check_every=4)
+    batched_check = generate(
+        tiny, PROMPTS, GenerateConf(max_new_tokens=10), eos_id=eos, check_every=4
+    )
     assert batched_check.tokens == got.tokens
-    small_batches = generate(tiny, PROMPTS, GenerateConf(max_new_tokens=10, max_batch_size=2),
-                             eos_id=eos)
+    small_batches = generate(
+        tiny, PROMPTS, GenerateConf(max_new_tokens=10, max_batch_size=2), eos_id=eos
+    )
     assert small_batches.tokens == got.tokens
     assert got.decode_tokens_per_s > 0 and got.prefill_tokens_per_s > 0 and got.ms_per_token > 0
 
@@ -85,23 +93,48 @@ def test_bad_inputs_are_one_line_errors(tiny):
 
 
 def _qwen3_hf(**extra):
-    return dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
-                moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                **extra)
+    return dict(
+        model_type="qwen3_moe",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        **extra,
+    )
 
 
 def test_rope_config_old_and_new_forms_agree():
-    old = ModelArgs.from_hf_config(_qwen3_hf(rope_theta=5e5, rope_scaling={
-        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}))
-    new = ModelArgs.from_hf_config(_qwen3_hf(rope_parameters={
-        "rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
-        "original_max_position_embeddings": 32768}))
+    old = ModelArgs.from_hf_config(
+        _qwen3_hf(
+            rope_theta=5e5,
+            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        )
+    )
+    new = ModelArgs.from_hf_config(
+        _qwen3_hf(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 5e5,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32768,
+            }
+        )
+    )
     assert old.rope_theta == new.rope_theta == 5e5
-    assert old.rope_scaling == new.rope_scaling == {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    plain = ModelArgs.from_hf_config(_qwen3_hf(rope_parameters={"rope_type": "default",
-                                                                "rope_theta": 1e6}))
+    assert (
+        old.rope_scaling
+        == new.rope_scaling
+        == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    )
+    plain = ModelArgs.from_hf_config(
+        _qwen3_hf(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    )
     assert plain.rope_scaling is None and plain.rope_theta == 1e6
 
 
@@ -116,8 +149,9 @@ def test_byte_tokenizer_and_tokenizer_json(tmp_path):
     hf_tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     hf_tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf_tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}})
+    )
     loaded = load_tokenizer(None, checkpoint=str(tmp_path))
     assert (loaded.bos_id, loaded.eos_id) == (0, 1)
     # no post-processor: transformers adds no BOS either (bos_token is declared, not added)
@@ -149,11 +183,13 @@ def _decode_step_logits(model, prompt_ids):
     device = prompt_ids.device
     model.setup_caches(B, 128)
     kv_start = torch.zeros(B, dtype=torch.long, device=device)
-    logits = model(prompt_ids, torch.arange(L, device=device), kv_start, L, last_only=True,
-                   use_cache=True)
+    logits = model(
+        prompt_ids, torch.arange(L, device=device), kv_start, L, last_only=True, use_cache=True
+    )
     nxt = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-    return model(nxt, torch.tensor([L], device=device), kv_start, None, last_only=True,
-                 use_cache=True)
+    return model(
+        nxt, torch.tensor([L], device=device), kv_start, None, last_only=True, use_cache=True
+    )
 
 
 @torch.inference_mode()
@@ -175,6 +211,7 @@ def test_compiled_decode_step_matches_eager(tiny):
 
 class _FailingCapture:
     """Stands in for a decode step whose CUDA-graph capture raises ``error``."""
+
     graph = None
 
     def __init__(self, error: Exception):
@@ -198,13 +235,23 @@ def test_failed_capture_decodes_eagerly_but_a_collective_failure_propagates(monk
     conf = GenerateConf(max_new_tokens=5)
     want = generate(model, PROMPTS, conf, eos_id=None).tokens
     monkeypatch.setattr(generation, "_graphs_usable", lambda *a, **k: True)
-    monkeypatch.setattr(generation, "_graph_for", lambda *a, **k: _FailingCapture(
-        RuntimeError("operation not permitted when stream is capturing")))
+    monkeypatch.setattr(
+        generation,
+        "_graph_for",
+        lambda *a, **k: _FailingCapture(
+            RuntimeError("operation not permitted when stream is capturing")
+        ),
+    )
     assert generate(model, PROMPTS, conf, eos_id=None).tokens == want
     assert model.decode_state.capture_failed  # later calls stay eager
 
-    monkeypatch.setattr(generation, "_graph_for", lambda *a, **k: _FailingCapture(
-        dist.DistBackendError("Watchdog caught collective operation timeout")))
+    monkeypatch.setattr(
+        generation,
+        "_graph_for",
+        lambda *a, **k: _FailingCapture(
+            dist.DistBackendError("Watchdog caught collective operation timeout")
+        ),
+    )
     with pytest.raises(dist.DistBackendError, match="timeout"):
         generate(model, PROMPTS, conf, eos_id=None)
 
@@ -223,16 +270,23 @@ def test_cuda_graph_decode_matches_eager():
         model.compile_decode(False)
     scale = eager_logits.abs().max().item()
     assert (compiled_logits - eager_logits).abs().max().item() <= 0.02 * scale
-    eager = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, cuda_graphs=False,
-                                                  compile_decode=False), eos_id=None)
-    graphed = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, compile_decode=False),
-                       eos_id=None)
-    again = generate(model, PROMPTS, GenerateConf(max_new_tokens=24, compile_decode=False),
-                     eos_id=None)  # replay
+    eager = generate(
+        model,
+        PROMPTS,
+        GenerateConf(max_new_tokens=24, cuda_graphs=False, compile_decode=False),
+        eos_id=None,
+    )
+    graphed = generate(
+        model, PROMPTS, GenerateConf(max_new_tokens=24, compile_decode=False), eos_id=None
+    )
+    again = generate(
+        model, PROMPTS, GenerateConf(max_new_tokens=24, compile_decode=False), eos_id=None
+    )  # replay
     assert graphed.cuda_graphs and again.cuda_graphs and not eager.cuda_graphs
     assert graphed.tokens == eager.tokens == again.tokens
     # compiled + graphed (the default) twice: capture, then replay of the same graph
-    compiled = [generate(model, PROMPTS, GenerateConf(max_new_tokens=24), eos_id=None)
-                for _ in range(2)]
+    compiled = [
+        generate(model, PROMPTS, GenerateConf(max_new_tokens=24), eos_id=None) for _ in range(2)
+    ]
     assert all(r.cuda_graphs for r in compiled) and compiled[0].tokens == compiled[1].tokens
     assert model.compiled_decode_block is not None

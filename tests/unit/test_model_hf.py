@@ -1,5 +1,6 @@
 """The native decoder against Hugging Face transformers (CPU, fp32): logits and greedy ids
 for tiny random models of every supported family, with prompts of different lengths."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,13 +45,21 @@ def test_logits_and_greedy_match_transformers(family):
     assert got.decode_steps > 0 and got.prefill_tokens == sum(map(len, PROMPTS))
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "linear", "factor": 2.0},
-    {"rope_type": "dynamic", "factor": 3.0},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 3.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ],
+)
 def test_rope_scaling_matches_transformers(rope):
     # dynamic only rescales past max_position_embeddings: a short limit makes it kick in
     extra = {"rope_parameters": {"rope_theta": 10000.0, **rope}}

@@ -1,6 +1,7 @@
 """Sharding and seeding of the parallelized native model, in one process: shards of the full
 random weights equal the sharded init, pipeline stages cover every layer once, real model
 shapes build on meta. On ranks: tests/multirank/test_model_parallel.py."""
+
 from __future__ import annotations
 
 import torch

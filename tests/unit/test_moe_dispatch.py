@@ -4,6 +4,7 @@ sizes 2 and 4: tests/multirank/test_moe_dispatch.py.
 
 # T tokens, H hidden, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,6 +21,7 @@ def test_all_strategies_world_size_1():
 
 def test_dispatcher_errors():
     from moe_ext.moe.dispatch import build_dispatcher
+
     with pytest.raises(ValueError, match="unknown dispatcher"):
         build_dispatcher("carrier_pigeon", E)
     d = build_dispatcher("local", E)

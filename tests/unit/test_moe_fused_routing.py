@@ -11,6 +11,7 @@ dense router of tests/support.py, the torch path of TopKRouter (fast path off),
 torch.sort(stable=True) and bincount, the float64 MoE layer. GPU (marked): bf16 kernels
 against the torch paths, and the MoE layer under inductor inside a CUDA graph.
 """
+
 import pytest
 import torch
 
@@ -34,11 +35,13 @@ from tests.support import (
 
 def _routing():
     from moe_ext.moe.kernels import routing
+
     return routing
 
 
 def _permute():
     from moe_ext.moe.kernels import permute
+
     return permute
 
 
@@ -56,7 +59,7 @@ def dense_gates(weights: torch.Tensor, expert_idx: torch.Tensor, num_experts: in
 def router_problem(tokens, hidden, num_experts, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
-    weight = (torch.randn(num_experts, hidden, generator=gen) * hidden ** -0.5).to(dtype)
+    weight = (torch.randn(num_experts, hidden, generator=gen) * hidden**-0.5).to(dtype)
     return x, weight
 
 
@@ -94,15 +97,17 @@ def test_cpu_router_kernel_matches_float64_reference(name):
     x, weight = router_problem(tokens, hidden, num_experts, seed=len(name))
     load = torch.zeros(num_experts, dtype=torch.int64)
     weights, expert_idx = _routing().softmax_topk_router(
-        x, weight, load, top_k, norm_topk_prob=renorm, routed_scaling_factor=scale)
+        x, weight, load, top_k, norm_topk_prob=renorm, routed_scaling_factor=scale
+    )
     assert weights.shape == expert_idx.shape == (tokens, top_k)
     assert weights.dtype == torch.float32 and expert_idx.dtype == torch.int64
     spec = RoutingSpec(top_k, norm_topk_prob=renorm, routed_scaling_factor=scale)
     want = reference_gates(x, weight, spec)  # [T, E] float64
     want_idx = want.topk(top_k, dim=-1).indices  # picks by descending weight
     assert torch.equal(expert_idx, want_idx)
-    torch.testing.assert_close(dense_gates(weights, expert_idx, num_experts), want,
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        dense_gates(weights, expert_idx, num_experts), want, rtol=1e-5, atol=1e-7
+    )
     assert torch.equal(load, torch.bincount(want_idx.flatten(), minlength=num_experts))
 
 
@@ -123,8 +128,7 @@ def test_cpu_router_kernel_picks_lowest_id_on_ties():
     weight = torch.zeros(8, 16)
     weight[5] = 1.0  # expert 5 wins, the other seven tie
     load = torch.zeros(8, dtype=torch.int64)
-    weights, expert_idx = _routing().softmax_topk_router(x, weight, load, 3,
-                                                         norm_topk_prob=False)
+    weights, expert_idx = _routing().softmax_topk_router(x, weight, load, 3, norm_topk_prob=False)
     assert expert_idx.tolist() == [[5, 0, 1], [5, 0, 1]]
     assert torch.equal(weights[:, 1], weights[:, 2])
 
@@ -147,13 +151,16 @@ def test_cpu_router_kernel_load_counts_and_no_record():
 
 # ---- CPU, interpreter: TopKRouter fast path --------------------------------------------
 
+
 @needs_interpreter
-@pytest.mark.parametrize("num_experts,top_k,renorm,scale",
-                         [(8, 2, True, 1.0), (60, 4, False, 1.0), (128, 8, True, 2.5)])
+@pytest.mark.parametrize(
+    "num_experts,top_k,renorm,scale", [(8, 2, True, 1.0), (60, 4, False, 1.0), (128, 8, True, 2.5)]
+)
 def test_cpu_router_fast_path_equals_torch_path(num_experts, top_k, renorm, scale):
     torch.manual_seed(num_experts)
-    router = TopKRouter(48, num_experts, top_k, norm_topk_prob=renorm,
-                        routed_scaling_factor=scale).eval()
+    router = TopKRouter(
+        48, num_experts, top_k, norm_topk_prob=renorm, routed_scaling_factor=scale
+    ).eval()
     x = torch.randn(9, 48)
     with torch.no_grad():
         fast = router(x)
@@ -164,8 +171,10 @@ def test_cpu_router_fast_path_equals_torch_path(num_experts, top_k, renorm, scal
     assert torch.equal(fast.expert_idx, slow.expert_idx)
     torch.testing.assert_close(fast.weights, slow.weights, rtol=1e-6, atol=1e-7)
     assert fast.aux_loss.item() == 0 and fast.z_loss.item() == 0
-    assert torch.equal(router.read_expert_load(),
-                       2 * torch.bincount(slow.expert_idx.flatten(), minlength=num_experts))
+    assert torch.equal(
+        router.read_expert_load(),
+        2 * torch.bincount(slow.expert_idx.flatten(), minlength=num_experts),
+    )
 
 
 @needs_interpreter
@@ -229,10 +238,18 @@ def test_cpu_permute_local_fast_equals_torch_sort():
 
 # ---- CPU, interpreter: MoE layer -------------------------------------------------------
 
+
 def _layer(num_experts, top_k, renorm, backend="loop", seed=0):
     torch.manual_seed(seed)
-    return build_moe_layer(32, 16, num_experts, top_k, norm_topk_prob=renorm,
-                           dispatcher="local", experts_backend=backend).eval()
+    return build_moe_layer(
+        32,
+        16,
+        num_experts,
+        top_k,
+        norm_topk_prob=renorm,
+        dispatcher="local",
+        experts_backend=backend,
+    ).eval()
 
 
 def _fast_paths(layer, on):
@@ -251,21 +268,29 @@ def test_cpu_moe_layer_fast_paths_equal_torch_paths(num_experts, top_k, renorm):
         slow = layer(x)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     experts = layer.experts
-    want = reference_moe(x.reshape(-1, 32), layer.router.weight, experts.gate_up_proj,
-                         experts.down_proj, RoutingSpec(top_k, norm_topk_prob=renorm))
+    want = reference_moe(
+        x.reshape(-1, 32),
+        layer.router.weight,
+        experts.gate_up_proj,
+        experts.down_proj,
+        RoutingSpec(top_k, norm_topk_prob=renorm),
+    )
     torch.testing.assert_close(fast.reshape(-1, 32).double(), want, rtol=1e-5, atol=1e-6)
 
 
 # ---- CPU, interpreter: custom ops under torch.compile ---------------------------------
 
+
 @needs_interpreter
 def test_cpu_ops_pass_opcheck():
     x, weight = router_problem(3, 32, 8, seed=5)
     load = torch.zeros(8, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.moe_ext.softmax_topk_router.default,
-                          (x, weight, load, 2, True, 1.0, True))
-    torch.library.opcheck(torch.ops.moe_ext.sort_pairs.default,
-                          (torch.tensor([2, 0, 2, 1, 0, 2]), 4))
+    torch.library.opcheck(
+        torch.ops.moe_ext.softmax_topk_router.default, (x, weight, load, 2, True, 1.0, True)
+    )
+    torch.library.opcheck(
+        torch.ops.moe_ext.sort_pairs.default, (torch.tensor([2, 0, 2, 1, 0, 2]), 4)
+    )
 
 
 @needs_interpreter
@@ -286,8 +311,9 @@ def test_cpu_router_and_sort_compile_as_one_frame_each():
     expert_ids = want.expert_idx.reshape(-1)  # [N]
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
-    order, counts = torch.compile(_permute().sort_pairs, backend=counter,
-                                  fullgraph=True)(expert_ids, 8)
+    order, counts = torch.compile(_permute().sort_pairs, backend=counter, fullgraph=True)(
+        expert_ids, 8
+    )
     assert counter.frame_count == 1
     assert torch.equal(order, torch.sort(expert_ids, stable=True).indices)
     assert torch.equal(counts, torch.bincount(expert_ids, minlength=8))
@@ -305,18 +331,23 @@ def test_cpu_moe_layer_compiles_fullgraph_with_three_ops(backend):
         layer.router.reset_expert_load()
         graphs = []
         torch._dynamo.reset()
-        got = torch.compile(layer, backend=graph_recorder(graphs) if backend == "eager"
-                            else backend, fullgraph=True)(x)
+        got = torch.compile(
+            layer, backend=graph_recorder(graphs) if backend == "eager" else backend, fullgraph=True
+        )(x)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert int(layer.router.read_expert_load().sum()) == 6 * 2
     if backend == "eager":
         assert len(graphs) == 1
-        for packet in (torch.ops.moe_ext.softmax_topk_router, torch.ops.moe_ext.sort_pairs,
-                       torch.ops.moe_ext.swiglu_experts):
+        for packet in (
+            torch.ops.moe_ext.softmax_topk_router,
+            torch.ops.moe_ext.sort_pairs,
+            torch.ops.moe_ext.swiglu_experts,
+        ):
             assert count_op_nodes(graphs, packet) == 1, packet
 
 
 # ---- CPU: no interpreter --------------------------------------------------------------
+
 
 def test_plain_cpu_keeps_torch_paths():
     if interpreted():
@@ -370,8 +401,9 @@ def _assert_same_picks_up_to_near_ties(fast_idx, slow_idx, x, weight):
 @pytest.mark.parametrize("tokens", [1, 4, 33, FUSED_MAX_TOKENS])
 def test_gpu_router_bf16_matches_torch_path(tokens):
     torch.manual_seed(tokens)
-    router = TopKRouter(QWEN3["hidden"], QWEN3["experts"], QWEN3["top_k"],
-                        dtype=torch.bfloat16, device="cuda").eval()
+    router = TopKRouter(
+        QWEN3["hidden"], QWEN3["experts"], QWEN3["top_k"], dtype=torch.bfloat16, device="cuda"
+    ).eval()
     x = torch.randn(tokens, QWEN3["hidden"], device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         fast = router(x)
@@ -386,8 +418,10 @@ def test_gpu_router_bf16_matches_torch_path(tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pairs,num_experts", [(1, 128), (8, 128), (64, 128), (1000, 60),
-                                               (2048, 128), (4096, 512), (4096, 1)])
+@pytest.mark.parametrize(
+    "pairs,num_experts",
+    [(1, 128), (8, 128), (64, 128), (1000, 60), (2048, 128), (4096, 512), (4096, 1)],
+)
 def test_gpu_sort_pairs_matches_stable_sort(pairs, num_experts):
     gen = torch.Generator(device="cuda").manual_seed(pairs)
     expert_ids = torch.randint(0, num_experts, (pairs,), device="cuda", generator=gen)
@@ -402,8 +436,15 @@ def test_gpu_moe_layer_inductor_inside_cuda_graph():
     fused router + fused sort + Triton experts captured in one CUDA graph. Replays follow
     new inputs, match the layer with every fast path off, and count the expert load."""
     torch.manual_seed(0)
-    layer = build_moe_layer(QWEN3["hidden"], QWEN3["ffn"], QWEN3["experts"], QWEN3["top_k"],
-                            dispatcher="local", dtype=torch.bfloat16, device="cuda").eval()
+    layer = build_moe_layer(
+        QWEN3["hidden"],
+        QWEN3["ffn"],
+        QWEN3["experts"],
+        QWEN3["top_k"],
+        dispatcher="local",
+        dtype=torch.bfloat16,
+        device="cuda",
+    ).eval()
     x = torch.randn(1, 1, QWEN3["hidden"], device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         graph, y = capture_compiled(layer, x)

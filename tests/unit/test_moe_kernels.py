@@ -14,6 +14,7 @@ inductor inside a CUDA graph.
 Everything Triton-specific skips when triton is not importable (CI installs only the
 project's dependencies; CUDA torch brings triton).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from tests.support import (
 
 def _kernels():
     from moe_ext.moe.kernels import grouped_gemm
+
     return grouped_gemm
 
 
@@ -39,7 +41,7 @@ def reference(x, gate_up_proj, down_proj, tokens_per_expert):
     """float64 per-expert SwiGLU. x: [T', H]; returns [T', H] float64."""
     out, start = [], 0
     for expert, rows in enumerate(tokens_per_expert.tolist()):
-        xe = x[start:start + rows].double()  # [rows, H]
+        xe = x[start : start + rows].double()  # [rows, H]
         gate, up = (xe @ gate_up_proj[expert].double().T).chunk(2, dim=-1)  # [rows, F]
         out.append((F.silu(gate) * up) @ down_proj[expert].double().T)  # [rows, H]
         start += rows
@@ -51,13 +53,15 @@ def make_problem(counts, hidden, ffn, dtype, device="cpu", seed=0):
     tokens_per_expert = torch.tensor(counts, dtype=torch.int64)
     num_experts, rows = len(counts), int(tokens_per_expert.sum())
     x = torch.randn(rows, hidden, generator=gen)
-    gate_up = torch.randn(num_experts, 2 * ffn, hidden, generator=gen) * hidden ** -0.5
-    down = torch.randn(num_experts, hidden, ffn, generator=gen) * ffn ** -0.5
+    gate_up = torch.randn(num_experts, 2 * ffn, hidden, generator=gen) * hidden**-0.5
+    down = torch.randn(num_experts, hidden, ffn, generator=gen) * ffn**-0.5
     return [t.to(device=device, dtype=dtype) for t in (x, gate_up, down)] + [
-        tokens_per_expert.to(device)]
+        tokens_per_expert.to(device)
+    ]
 
 
 # ---- CPU: interpreter (child process) --------------------------------------------------
+
 
 @needs_triton
 def test_kernels_under_interpreter():
@@ -91,8 +95,9 @@ def test_cpu_float16_rounds_like_reference():
     x, gate_up, down, tokens_per_expert = make_problem([4, 0, 11], 64, 48, torch.float16)
     y = _kernels().swiglu_experts_forward(x, gate_up, down, tokens_per_expert)
     assert y.dtype == torch.float16
-    torch.testing.assert_close(y.double(), reference(x, gate_up, down, tokens_per_expert),
-                               rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(
+        y.double(), reference(x, gate_up, down, tokens_per_expert), rtol=2e-2, atol=2e-3
+    )
 
 
 @needs_interpreter
@@ -111,8 +116,9 @@ def test_cpu_experts_backend_triton_equals_loop():
 @needs_interpreter
 def test_cpu_swiglu_op_passes_opcheck():
     x, gate_up, down, tokens_per_expert = make_problem([3, 0, 2], 32, 16, torch.float32)
-    torch.library.opcheck(torch.ops.moe_ext.swiglu_experts.default,
-                          (x, gate_up, down, tokens_per_expert, 16))
+    torch.library.opcheck(
+        torch.ops.moe_ext.swiglu_experts.default, (x, gate_up, down, tokens_per_expert, 16)
+    )
 
 
 @needs_interpreter
@@ -122,16 +128,17 @@ def test_cpu_swiglu_compiles_to_one_opaque_node():
     x, gate_up, down, tokens_per_expert = make_problem([2, 5, 0, 1], 32, 24, torch.float32)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(_kernels().swiglu_experts_forward, backend=counter,
-                             fullgraph=True)
+    compiled = torch.compile(_kernels().swiglu_experts_forward, backend=counter, fullgraph=True)
     y = compiled(x, gate_up, down, tokens_per_expert)
     assert counter.frame_count == 1
-    torch.testing.assert_close(y.double(), reference(x, gate_up, down, tokens_per_expert),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(), reference(x, gate_up, down, tokens_per_expert), rtol=1e-5, atol=1e-5
+    )
     graphs = []
     torch._dynamo.reset()
-    torch.compile(_kernels().swiglu_experts_forward, backend=graph_recorder(graphs),
-                  fullgraph=True)(x, gate_up, down, tokens_per_expert)
+    torch.compile(
+        _kernels().swiglu_experts_forward, backend=graph_recorder(graphs), fullgraph=True
+    )(x, gate_up, down, tokens_per_expert)
     assert count_op_nodes(graphs, torch.ops.moe_ext.swiglu_experts) == 1
 
 
@@ -154,6 +161,7 @@ def test_cpu_experts_module_compiles_fullgraph():
 
 
 # ---- CPU: selection and errors (no interpreter needed) ---------------------------------
+
 
 def test_auto_never_picks_triton_on_cpu():
     module = GroupedExperts(2, 16, 8)
@@ -251,8 +259,7 @@ def test_gpu_triton_matches_grouped_mm(name, top_k):
         if rows == 100:  # skewed: every row to one expert, the others empty
             counts = torch.zeros_like(counts)
             counts[num_experts // 2] = rows
-        x = torch.randn(int(counts.sum()), module.hidden_size, device="cuda",
-                        dtype=torch.bfloat16)
+        x = torch.randn(int(counts.sum()), module.hidden_size, device="cuda", dtype=torch.bfloat16)
         _close_to_grouped_mm(module, x, counts, f"{name} T'={x.shape[0]}")
 
 
@@ -263,8 +270,9 @@ def test_gpu_auto_selection():
     x = torch.randn(16, module.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         assert module.uses_triton(x, counts)
-        big = torch.randn(experts_mod.TRITON_MAX_ROWS + 1, module.hidden_size, device="cuda",
-                          dtype=torch.bfloat16)
+        big = torch.randn(
+            experts_mod.TRITON_MAX_ROWS + 1, module.hidden_size, device="cuda", dtype=torch.bfloat16
+        )
         assert not module.uses_triton(big, counts)
     assert not module.uses_triton(x, counts)  # grad enabled, weights require grad
 
@@ -302,8 +310,14 @@ def test_gpu_cuda_graph_replay_follows_new_routing():
             y = module(x, counts)
         all_to_expert_0 = torch.zeros_like(counts)
         all_to_expert_0[0] = rows
-        _check_replays(module, graph, x, counts, y, [
-            _routed_counts(rows, module.num_experts, 8, seed=3), all_to_expert_0])
+        _check_replays(
+            module,
+            graph,
+            x,
+            counts,
+            y,
+            [_routed_counts(rows, module.num_experts, 8, seed=3), all_to_expert_0],
+        )
 
 
 @pytest.mark.gpu
@@ -317,5 +331,11 @@ def test_gpu_experts_inductor_inside_cuda_graph():
     module.backend = "triton"
     with torch.inference_mode():
         graph, y = capture_compiled(module, x, counts)
-        _check_replays(module, graph, x, counts, y, [
-            _routed_counts(rows, module.num_experts, 8, seed=seed) for seed in (6, 7)])
+        _check_replays(
+            module,
+            graph,
+            x,
+            counts,
+            y,
+            [_routed_counts(rows, module.num_experts, 8, seed=seed) for seed in (6, 7)],
+        )

@@ -2,6 +2,7 @@
 
 # T tokens, H hidden, E experts, k top-k, F expert FFN size
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,7 @@ def _expert_reference(x, counts, gate_up, down):
     out, start = [], 0
     for e, n in enumerate(counts):
         gu = gate_up[e].double()
-        out.append(swiglu(x[start:start + n].double(), gu[:ffn], gu[ffn:], down[e].double()))
+        out.append(swiglu(x[start : start + n].double(), gu[:ffn], gu[ffn:], down[e].double()))
         start += n
     return torch.cat(out)
 
@@ -46,8 +47,9 @@ def test_grouped_experts_match_per_expert_swiglu(backend, counts):
     (y_ref * upstream.double()).sum().backward()
     torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(experts.gate_up_proj.grad.double(), gu_ref.grad, rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        experts.gate_up_proj.grad.double(), gu_ref.grad, rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(experts.down_proj.grad.double(), dn_ref.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -61,8 +63,9 @@ def test_grouped_mm_accepts_expanded_gradients_and_bf16():
     yb = bf16(xb, torch.tensor([2, 0, 3, 1]))
     loop = GroupedExperts(E, H, F, backend="loop", dtype=torch.bfloat16)
     loop.load_state_dict(bf16.state_dict())
-    torch.testing.assert_close(yb.float(), loop(xb, torch.tensor([2, 0, 3, 1])).float(),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        yb.float(), loop(xb, torch.tensor([2, 0, 3, 1])).float(), rtol=2e-2, atol=2e-2
+    )
 
 
 def test_auto_backend_falls_back_on_unaligned_shapes():
@@ -72,8 +75,9 @@ def test_auto_backend_falls_back_on_unaligned_shapes():
     assert not odd.uses_grouped_mm(x)
     assert odd(x, torch.tensor([1, 2, 0, 2])).shape == (5, 10)
     assert grouped_mm_qualifies(torch.randn(5, H), *GroupedExperts(E, H, F).parameters())
-    assert not grouped_mm_qualifies(torch.randn(5, H).double(),
-                                    *GroupedExperts(E, H, F, dtype=torch.float64).parameters())
+    assert not grouped_mm_qualifies(
+        torch.randn(5, H).double(), *GroupedExperts(E, H, F, dtype=torch.float64).parameters()
+    )
     with pytest.raises(ValueError, match="loop"):
         GroupedExperts(E, 10, 6, backend="grouped_mm")(x, torch.tensor([1, 2, 0, 2]))
     with pytest.raises(ValueError, match="backend"):
@@ -84,29 +88,49 @@ def test_auto_backend_falls_back_on_unaligned_shapes():
 
 def _hf_block(family, top_k, norm=True):
     if family == "mixtral":
-        cfg = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E,
-                            num_experts_per_tok=top_k)
+        cfg = MixtralConfig(
+            hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=top_k
+        )
         return cfg, MixtralSparseMoeBlock(cfg)
     if family == "qwen3_moe":
-        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F, num_experts=E,
-                             num_experts_per_tok=top_k, norm_topk_prob=norm)
+        cfg = Qwen3MoeConfig(
+            hidden_size=H,
+            moe_intermediate_size=F,
+            num_experts=E,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=norm,
+        )
         return cfg, Qwen3MoeSparseMoeBlock(cfg)
-    cfg = Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=F, num_experts=E,
-                         num_experts_per_tok=top_k, norm_topk_prob=norm,
-                         shared_expert_intermediate_size=24)
+    cfg = Qwen2MoeConfig(
+        hidden_size=H,
+        moe_intermediate_size=F,
+        num_experts=E,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm,
+        shared_expert_intermediate_size=24,
+    )
     return cfg, Qwen2MoeSparseMoeBlock(cfg)
 
 
-@pytest.mark.parametrize("family,top_k,norm", [
-    ("mixtral", 2, True), ("qwen3_moe", 3, True), ("qwen2_moe", 2, False), ("qwen2_moe", E, True)])
+@pytest.mark.parametrize(
+    "family,top_k,norm",
+    [("mixtral", 2, True), ("qwen3_moe", 3, True), ("qwen2_moe", 2, False), ("qwen2_moe", E, True)],
+)
 def test_layer_matches_transformers_block(family, top_k, norm):
     torch.manual_seed(1)
     _, hf = _hf_block(family, top_k, norm)
     for p in hf.parameters():
         torch.nn.init.normal_(p, std=0.3)
     shared = family == "qwen2_moe"
-    layer = build_moe_layer(H, F, E, top_k, norm_topk_prob=norm,
-                            shared_expert_size=24 if shared else None, shared_expert_gate=shared)
+    layer = build_moe_layer(
+        H,
+        F,
+        E,
+        top_k,
+        norm_topk_prob=norm,
+        shared_expert_size=24 if shared else None,
+        shared_expert_gate=shared,
+    )
     state = {("router.weight" if k == "gate.weight" else k): v for k, v in hf.state_dict().items()}
     layer.load_state_dict(state)
     x = torch.randn(2, 5, H)
@@ -119,8 +143,9 @@ def test_layer_matches_transformers_block(family, top_k, norm):
     (y_hf * upstream).sum().backward()
     (y * upstream).sum().backward()
     torch.testing.assert_close(x_ours.grad, x_hf.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(layer.experts.gate_up_proj.grad, hf.experts.gate_up_proj.grad,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        layer.experts.gate_up_proj.grad, hf.experts.gate_up_proj.grad, rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(layer.router.weight.grad, hf.gate.weight.grad, rtol=1e-4, atol=1e-5)
 
 
@@ -168,7 +193,7 @@ def test_load_full_expert_weights_slices_experts_and_ffn():
     load_full_expert_weights(layer, gate_up, down)
     half = F // 2
     torch.testing.assert_close(layer.experts.gate_up_proj[:, :half], gate_up[2:4, half:F])
-    torch.testing.assert_close(layer.experts.gate_up_proj[:, half:], gate_up[2:4, F + half:])
+    torch.testing.assert_close(layer.experts.gate_up_proj[:, half:], gate_up[2:4, F + half :])
     torch.testing.assert_close(layer.experts.down_proj, down[2:4, :, half:])
     gu, dn = expert_shard(gate_up, down, dispatcher)
     assert gu.shape == (2, F, H) and dn.shape == (2, H, half)
@@ -204,6 +229,9 @@ def test_grouped_mm_on_cuda_bf16_matches_loop():
     assert (y_fast.float() - y_slow.float()).abs().max().item() <= 2e-2 * scale
     y_fast.float().sum().backward()
     y_slow.float().sum().backward()
-    for a, b in ((x_fast.grad, x_slow.grad), (fast.gate_up_proj.grad, slow.gate_up_proj.grad),
-                 (fast.down_proj.grad, slow.down_proj.grad)):
+    for a, b in (
+        (x_fast.grad, x_slow.grad),
+        (fast.gate_up_proj.grad, slow.gate_up_proj.grad),
+        (fast.down_proj.grad, slow.down_proj.grad),
+    ):
         assert (a.float() - b.float()).abs().max().item() <= 3e-2 * b.float().abs().max().item()

@@ -1,5 +1,6 @@
 """moe_ext.moe's public surface: what it exports, and that nothing outside it reaches into
 its private modules (names starting with ``_``) or that it imports anything above it."""
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,17 @@ def _imports(path: Path) -> list[str]:
 
 
 def test_exports_layer_router_experts_and_dispatchers():
-    for name in ("MoELayer", "build_moe_layer", "TopKRouter", "GroupedExperts", "Dispatcher",
-                 "DispatchGroups", "build_dispatcher", "dispatcher_class", "DISPATCHERS"):
+    for name in (
+        "MoELayer",
+        "build_moe_layer",
+        "TopKRouter",
+        "GroupedExperts",
+        "Dispatcher",
+        "DispatchGroups",
+        "build_dispatcher",
+        "dispatcher_class",
+        "DISPATCHERS",
+    ):
         assert name in moe.__all__, name
     missing = [name for name in moe.__all__ if not hasattr(moe, name)]
     assert not missing, missing
@@ -32,8 +42,11 @@ def test_exports_layer_router_experts_and_dispatchers():
 
 def test_no_private_moe_module_is_imported_from_outside():
     offenders = []
-    for path in list(PACKAGE.rglob("*.py")) + list((ROOT / "tools").rglob("*.py")) \
-            + list((ROOT / "launch").rglob("*.py")):
+    for path in (
+        list(PACKAGE.rglob("*.py"))
+        + list((ROOT / "tools").rglob("*.py"))
+        + list((ROOT / "launch").rglob("*.py"))
+    ):
         if PACKAGE / "moe" in path.parents:
             continue
         for module in _imports(path):
@@ -47,7 +60,8 @@ def test_moe_depends_on_nothing_above_it():
     above = []
     for path in (PACKAGE / "moe").rglob("*.py"):
         for module in _imports(path):
-            if module.startswith("moe_ext") and not module.startswith(("moe_ext.moe",
-                                                                      "moe_ext.errors")):
+            if module.startswith("moe_ext") and not module.startswith(
+                ("moe_ext.moe", "moe_ext.errors")
+            ):
                 above.append(f"{path.relative_to(ROOT)}: {module}")
     assert not above, above

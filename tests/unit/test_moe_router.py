@@ -2,6 +2,7 @@
 
 # T tokens, H hidden, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,26 +30,43 @@ def _ours_from(hf_router, **kwargs):
     ours = TopKRouter(H, E, kwargs.pop("top_k"), **kwargs)
     with torch.no_grad():
         ours.weight.copy_(hf_router.weight)
-        if getattr(hf_router, "e_score_correction_bias", None) is not None and \
-                ours.e_score_correction_bias is not None:
+        if (
+            getattr(hf_router, "e_score_correction_bias", None) is not None
+            and ours.e_score_correction_bias is not None
+        ):
             ours.e_score_correction_bias.copy_(hf_router.e_score_correction_bias)
     return ours
 
 
-@pytest.mark.parametrize("family,top_k,norm", [
-    ("mixtral", 2, True), ("mixtral", 1, True), ("qwen3_moe", 4, True), ("qwen3_moe", 4, False),
-    ("qwen2_moe", 2, False), ("qwen2_moe", E, True)])
+@pytest.mark.parametrize(
+    "family,top_k,norm",
+    [
+        ("mixtral", 2, True),
+        ("mixtral", 1, True),
+        ("qwen3_moe", 4, True),
+        ("qwen3_moe", 4, False),
+        ("qwen2_moe", 2, False),
+        ("qwen2_moe", E, True),
+    ],
+)
 def test_softmax_router_matches_transformers(family, top_k, norm):
     torch.manual_seed(0)
     if family == "mixtral":
-        hf = MixtralTopKRouter(MixtralConfig(hidden_size=H, num_local_experts=E,
-                                             num_experts_per_tok=top_k))
+        hf = MixtralTopKRouter(
+            MixtralConfig(hidden_size=H, num_local_experts=E, num_experts_per_tok=top_k)
+        )
     elif family == "qwen3_moe":
-        hf = Qwen3MoeTopKRouter(Qwen3MoeConfig(hidden_size=H, num_experts=E,
-                                               num_experts_per_tok=top_k, norm_topk_prob=norm))
+        hf = Qwen3MoeTopKRouter(
+            Qwen3MoeConfig(
+                hidden_size=H, num_experts=E, num_experts_per_tok=top_k, norm_topk_prob=norm
+            )
+        )
     else:
-        hf = Qwen2MoeTopKRouter(Qwen2MoeConfig(hidden_size=H, num_experts=E,
-                                               num_experts_per_tok=top_k, norm_topk_prob=norm))
+        hf = Qwen2MoeTopKRouter(
+            Qwen2MoeConfig(
+                hidden_size=H, num_experts=E, num_experts_per_tok=top_k, norm_topk_prob=norm
+            )
+        )
     torch.nn.init.normal_(hf.weight)
     x = torch.randn(T, H)
     _, hf_weights, hf_idx = hf(x)
@@ -71,15 +89,29 @@ def test_mixtral_renormalised_equals_softmax_over_topk_logits():
 
 def test_sigmoid_group_limited_router_matches_deepseek_v3():
     torch.manual_seed(2)
-    cfg = DeepseekV3Config(hidden_size=H, n_routed_experts=E, num_experts_per_tok=3, n_group=4,
-                           topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
+    cfg = DeepseekV3Config(
+        hidden_size=H,
+        n_routed_experts=E,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
     hf = DeepseekV3TopkRouter(cfg)
     torch.nn.init.normal_(hf.weight)
     hf.e_score_correction_bias.copy_(torch.randn(E) * 0.3)
     x = torch.randn(T, H)
     _, hf_weights, hf_idx = hf(x)
-    ours = _ours_from(hf, top_k=3, score_func="sigmoid", n_group=4, topk_group=2,
-                      routed_scaling_factor=2.5, correction_bias=True)
+    ours = _ours_from(
+        hf,
+        top_k=3,
+        score_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        correction_bias=True,
+    )
     out = ours(x)
     w, i = _sorted_by_expert(out.weights, out.expert_idx)
     hw, hi = _sorted_by_expert(hf_weights, hf_idx)
@@ -101,16 +133,29 @@ def test_correction_bias_steers_selection_not_weights():
     assert (out.weights < 1).all()  # the bias (50) never reaches the weights
 
 
-@pytest.mark.parametrize("spec", [
-    RoutingSpec(top_k=2), RoutingSpec(top_k=3, norm_topk_prob=False),
-    RoutingSpec(top_k=2, score_func="sigmoid", n_group=4, topk_group=3, routed_scaling_factor=1.5),
-    RoutingSpec(top_k=1, score_func="softmax", n_group=2, topk_group=1)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RoutingSpec(top_k=2),
+        RoutingSpec(top_k=3, norm_topk_prob=False),
+        RoutingSpec(
+            top_k=2, score_func="sigmoid", n_group=4, topk_group=3, routed_scaling_factor=1.5
+        ),
+        RoutingSpec(top_k=1, score_func="softmax", n_group=2, topk_group=1),
+    ],
+)
 def test_router_weights_and_gradients_match_reference(spec):
     torch.manual_seed(4)
-    router = TopKRouter(H, E, spec.top_k, score_func=spec.score_func,
-                        norm_topk_prob=spec.norm_topk_prob, n_group=spec.n_group,
-                        topk_group=spec.topk_group,
-                        routed_scaling_factor=spec.routed_scaling_factor)
+    router = TopKRouter(
+        H,
+        E,
+        spec.top_k,
+        score_func=spec.score_func,
+        norm_topk_prob=spec.norm_topk_prob,
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
+        routed_scaling_factor=spec.routed_scaling_factor,
+    )
     x = torch.randn(T, H, requires_grad=True)
     out = router(x)
     dense = torch.zeros(T, E).scatter(1, out.expert_idx, out.weights)

@@ -1,5 +1,6 @@
 """NvshmemDispatcher in one process: one-line refusals on machines without CUDA or NVSHMEM,
 and the number of exchange slots. On ranks: tests/multirank/test_nvshmem_dispatch.py."""
+
 from __future__ import annotations
 
 import pytest

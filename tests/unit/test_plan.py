@@ -1,5 +1,6 @@
 """ParallelPlan: derivation, validation errors, auto choice, memory model, tools/plan.py, and
 Hydra's structured-config rejection of a typo."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,19 +31,48 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 # 16 heads / 4 kv heads / 16 experts / F 64 / 8 layers: divisible by every degree up to 8
-SHAPE_HF = dict(model_type="qwen3_moe", vocab_size=1000, hidden_size=256,
-                intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=8,
-                num_attention_heads=16, num_key_value_heads=4, head_dim=16, num_experts=16,
-                num_experts_per_tok=2)
+SHAPE_HF = dict(
+    model_type="qwen3_moe",
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=64,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=16,
+    num_experts=16,
+    num_experts_per_tok=2,
+)
 SHAPE = ModelArgs.from_hf_config(SHAPE_HF)
-QWEN3_30B = ModelArgs.from_hf_config(dict(
-    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-    moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8))
-MIXTRAL = ModelArgs.from_hf_config(dict(
-    model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    num_local_experts=8, num_experts_per_tok=2))
+QWEN3_30B = ModelArgs.from_hf_config(
+    dict(
+        model_type="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+    )
+)
+MIXTRAL = ModelArgs.from_hf_config(
+    dict(
+        model_type="mixtral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+)
 HOST = Topology(kind="cpu", host_memory_bytes=64 * GIB, cpu_count=2)
 
 
@@ -51,8 +81,9 @@ def shape(**changes) -> ModelArgs:
     return ModelArgs.from_hf_config({**SHAPE_HF, **changes})
 
 
-def topo(kind: str, n: int = 8, mem_gib: float = 80.0, atomics: bool = True,
-         host_gib: float = 64.0) -> Topology:
+def topo(
+    kind: str, n: int = 8, mem_gib: float = 80.0, atomics: bool = True, host_gib: float = 64.0
+) -> Topology:
     host = Topology(kind="cpu", host_memory_bytes=int(host_gib * GIB), cpu_count=2)
     if kind == "cpu":
         return host
@@ -63,8 +94,14 @@ def topo(kind: str, n: int = 8, mem_gib: float = 80.0, atomics: bool = True,
 
 
 def plan(strategy="auto", world=2, model=SHAPE, topology=None, tokens=None, **degrees):
-    return build_plan(StrategyConf(name=strategy), ParallelConf(**degrees), world,
-                      topology or topo("pcie", world), model, tokens_per_step=tokens)
+    return build_plan(
+        StrategyConf(name=strategy),
+        ParallelConf(**degrees),
+        world,
+        topology or topo("pcie", world),
+        model,
+        tokens_per_step=tokens,
+    )
 
 
 def degrees(p: ParallelPlan):
@@ -72,6 +109,7 @@ def degrees(p: ParallelPlan):
 
 
 # ------------------------------------------------------------------------------ derivation
+
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -91,25 +129,37 @@ def test_derived_degrees(strategy, world):
     assert degrees(p) == expected
     assert p.strategy == strategy and p.world_size == world
     assert p.tp * p.pp * p.dp == world and p.ep * p.etp * p.edp == p.tp * p.dp
-    assert p.dispatcher == DISPATCHERS[{"replicate": "local", "tp_experts": "tp_sharded",
-                                        "ep_allgather": "allgather_rs", "ep_nccl": "nccl_a2a",
-                                        "ep_nvshmem": "nvshmem"}[strategy]]
+    assert (
+        p.dispatcher
+        == DISPATCHERS[
+            {
+                "replicate": "local",
+                "tp_experts": "tp_sharded",
+                "ep_allgather": "allgather_rs",
+                "ep_nccl": "nccl_a2a",
+                "ep_nvshmem": "nvshmem",
+            }[strategy]
+        ]
+    )
     assert p.is_expert_parallel == strategy.startswith("ep_")
 
 
-@pytest.mark.parametrize("strategy, world, given, expected", [
-    ("ep_nccl", 8, dict(tp=2), (2, 1, 4, 8, 1, 1)),
-    ("ep_nccl", 8, dict(tp=2, ep=4), (2, 1, 4, 4, 1, 2)),
-    ("ep_allgather", 8, dict(pp=2), (1, 2, 4, 4, 1, 1)),
-    ("ep_nccl", 8, dict(tp=2, pp=2, ep=2), (2, 2, 2, 2, 1, 2)),
-    ("ep_nccl", 4, dict(ep=1), (1, 1, 4, 1, 1, 4)),
-    ("tp_experts", 8, dict(pp=2), (4, 2, 1, 1, 4, 1)),
-    ("tp_experts", 8, dict(dp=2), (4, 1, 2, 1, 4, 2)),
-    ("tp_experts", 8, dict(tp=2, pp=2), (2, 2, 2, 1, 2, 2)),
-    ("replicate", 8, dict(tp=2, pp=2), (2, 2, 2, 1, 1, 4)),
-    ("replicate", 4, dict(tp=2, dp=2), (2, 1, 2, 1, 1, 4)),
-    ("ep_nccl", 4, dict(tp=1, pp=1, dp=4, ep=4, etp=1), (1, 1, 4, 4, 1, 1)),
-])
+@pytest.mark.parametrize(
+    "strategy, world, given, expected",
+    [
+        ("ep_nccl", 8, dict(tp=2), (2, 1, 4, 8, 1, 1)),
+        ("ep_nccl", 8, dict(tp=2, ep=4), (2, 1, 4, 4, 1, 2)),
+        ("ep_allgather", 8, dict(pp=2), (1, 2, 4, 4, 1, 1)),
+        ("ep_nccl", 8, dict(tp=2, pp=2, ep=2), (2, 2, 2, 2, 1, 2)),
+        ("ep_nccl", 4, dict(ep=1), (1, 1, 4, 1, 1, 4)),
+        ("tp_experts", 8, dict(pp=2), (4, 2, 1, 1, 4, 1)),
+        ("tp_experts", 8, dict(dp=2), (4, 1, 2, 1, 4, 2)),
+        ("tp_experts", 8, dict(tp=2, pp=2), (2, 2, 2, 1, 2, 2)),
+        ("replicate", 8, dict(tp=2, pp=2), (2, 2, 2, 1, 1, 4)),
+        ("replicate", 4, dict(tp=2, dp=2), (2, 1, 2, 1, 1, 4)),
+        ("ep_nccl", 4, dict(tp=1, pp=1, dp=4, ep=4, etp=1), (1, 1, 4, 4, 1, 1)),
+    ],
+)
 def test_explicit_degrees(strategy, world, given, expected):
     p = plan(strategy, world, **given)
     assert degrees(p) == expected
@@ -135,40 +185,60 @@ def test_dispatcher_target_from_strategy_conf():
     custom = StrategyConf(name="ep_nccl", dispatcher={"_target_": fast})
     assert build_plan(custom, ParallelConf(), 2, topo("pcie", 2), SHAPE).dispatcher == fast
     short = StrategyConf(name="ep_nccl", dispatcher="allgather_rs")
-    assert build_plan(short, ParallelConf(), 2, topo("pcie", 2), SHAPE).dispatcher == \
-        DISPATCHERS["allgather_rs"]
+    assert (
+        build_plan(short, ParallelConf(), 2, topo("pcie", 2), SHAPE).dispatcher
+        == DISPATCHERS["allgather_rs"]
+    )
 
 
 # ------------------------------------------------------------------------------ validation
 
-@pytest.mark.parametrize("strategy, world, model, given, topology, message", [
-    ("ep_foo", 2, SHAPE, {}, None, "use strategy= one of replicate, tp_experts, ep_allgather"),
-    ("replicate", 4, SHAPE, dict(tp=2, pp=2, dp=4), None, "product is 4"),
-    ("replicate", 4, SHAPE, dict(tp=3), None, "divides 4"),
-    ("tp_experts", 4, SHAPE, dict(pp=3), None, "divides 4"),
-    ("ep_nccl", 6, SHAPE, {}, None, "set parallel.ep to a divisor of 16"),
-    ("replicate", 3, SHAPE, dict(tp=3), None, "set parallel.tp to a divisor of 16"),
-    ("replicate", 2, shape(num_attention_heads=12, num_key_value_heads=3), dict(tp=2), None,
-     "divisor or multiple of 3"),
-    ("replicate", 16, SHAPE, dict(pp=16), topo("pcie", 16), "set parallel.pp <= 8"),
-    ("tp_experts", 8, shape(moe_intermediate_size=36), {}, None, "dividing 36"),
-    ("ep_nccl", 4, SHAPE, dict(ep=3), None, "choose ep from the divisors of 4"),
-    ("ep_nccl", 4, SHAPE, dict(tp=2, ep=4, dp=1), None, "product is 4"),
-    ("ep_nvshmem", 2, SHAPE, {}, topo("pcie", 2), "use strategy=ep_nccl"),
-    ("ep_nvshmem", 2, SHAPE, {}, topo("nvlink", 2, atomics=False), "use strategy=ep_nccl"),
-    ("ep_nvshmem", 2, SHAPE, {}, topo("cpu"), "on CPU use strategy=ep_nccl"),
-    ("tp_experts", 2, SHAPE, dict(pp=2), None, "use strategy=replicate"),
-    ("replicate", 2, SHAPE, dict(ep=2), None, "drop parallel.ep/etp or use strategy=ep_nccl"),
-    ("ep_allgather", 2, SHAPE, dict(etp=2), None, "drop parallel.etp or use strategy=tp_experts"),
-    ("tp_experts", 4, SHAPE, dict(tp=4, etp=2), None, "set it to 4"),
-    ("tp_experts", 4, SHAPE, dict(ep=2), None, "drop parallel.ep or use strategy=ep_nccl"),
-    ("ep_nccl", 2, SHAPE, dict(tp=0), None, "must be >= 1"),
-    ("ep_nccl", 0, SHAPE, {}, topo("pcie", 1), "launch at least one rank"),
-])
+
+@pytest.mark.parametrize(
+    "strategy, world, model, given, topology, message",
+    [
+        ("ep_foo", 2, SHAPE, {}, None, "use strategy= one of replicate, tp_experts, ep_allgather"),
+        ("replicate", 4, SHAPE, dict(tp=2, pp=2, dp=4), None, "product is 4"),
+        ("replicate", 4, SHAPE, dict(tp=3), None, "divides 4"),
+        ("tp_experts", 4, SHAPE, dict(pp=3), None, "divides 4"),
+        ("ep_nccl", 6, SHAPE, {}, None, "set parallel.ep to a divisor of 16"),
+        ("replicate", 3, SHAPE, dict(tp=3), None, "set parallel.tp to a divisor of 16"),
+        (
+            "replicate",
+            2,
+            shape(num_attention_heads=12, num_key_value_heads=3),
+            dict(tp=2),
+            None,
+            "divisor or multiple of 3",
+        ),
+        ("replicate", 16, SHAPE, dict(pp=16), topo("pcie", 16), "set parallel.pp <= 8"),
+        ("tp_experts", 8, shape(moe_intermediate_size=36), {}, None, "dividing 36"),
+        ("ep_nccl", 4, SHAPE, dict(ep=3), None, "choose ep from the divisors of 4"),
+        ("ep_nccl", 4, SHAPE, dict(tp=2, ep=4, dp=1), None, "product is 4"),
+        ("ep_nvshmem", 2, SHAPE, {}, topo("pcie", 2), "use strategy=ep_nccl"),
+        ("ep_nvshmem", 2, SHAPE, {}, topo("nvlink", 2, atomics=False), "use strategy=ep_nccl"),
+        ("ep_nvshmem", 2, SHAPE, {}, topo("cpu"), "on CPU use strategy=ep_nccl"),
+        ("tp_experts", 2, SHAPE, dict(pp=2), None, "use strategy=replicate"),
+        ("replicate", 2, SHAPE, dict(ep=2), None, "drop parallel.ep/etp or use strategy=ep_nccl"),
+        (
+            "ep_allgather",
+            2,
+            SHAPE,
+            dict(etp=2),
+            None,
+            "drop parallel.etp or use strategy=tp_experts",
+        ),
+        ("tp_experts", 4, SHAPE, dict(tp=4, etp=2), None, "set it to 4"),
+        ("tp_experts", 4, SHAPE, dict(ep=2), None, "drop parallel.ep or use strategy=ep_nccl"),
+        ("ep_nccl", 2, SHAPE, dict(tp=0), None, "must be >= 1"),
+        ("ep_nccl", 0, SHAPE, {}, topo("pcie", 1), "launch at least one rank"),
+    ],
+)
 def test_validation_errors_name_the_fix(strategy, world, model, given, topology, message):
     with pytest.raises(PlanError) as err:
-        plan(strategy, world, model=model, topology=topology or topo("pcie", max(world, 1)),
-             **given)
+        plan(
+            strategy, world, model=model, topology=topology or topo("pcie", max(world, 1)), **given
+        )
     assert isinstance(err.value, ValueError)
     text = str(err.value)
     assert message in text and "\n" not in text
@@ -182,6 +252,7 @@ def test_collective_strategies_run_on_cpu(strategy):
 
 # ------------------------------------------------------------------------------ auto
 
+
 @pytest.mark.parametrize("kind", ["pcie", "nvlink", "cpu"])
 def test_auto_world_one_replicates(kind):
     p = plan("auto", 1, model=QWEN3_30B, topology=topo(kind, 1, mem_gib=1))
@@ -194,16 +265,19 @@ def test_auto_pcie_small_model_replicates():
     assert p.reason.startswith("auto: pcie:") and "avoids all token exchange" in p.reason
 
 
-@pytest.mark.parametrize("model, world, tokens, expected", [
-    # Qwen3 k=8 >= ep: all-gather never moves more bytes and has one round fewer
-    (QWEN3_30B, 4, None, "ep_allgather"),
-    (QWEN3_30B, 4, 16, "ep_allgather"),
-    (QWEN3_30B, 4, 65536, "ep_allgather"),
-    # Mixtral k=2 < ep=4: all-gather moves 2x the bytes; latency still wins for a few tokens
-    (MIXTRAL, 4, None, "ep_nccl"),
-    (MIXTRAL, 4, 65536, "ep_nccl"),
-    (MIXTRAL, 4, 1, "ep_allgather"),
-])
+@pytest.mark.parametrize(
+    "model, world, tokens, expected",
+    [
+        # Qwen3 k=8 >= ep: all-gather never moves more bytes and has one round fewer
+        (QWEN3_30B, 4, None, "ep_allgather"),
+        (QWEN3_30B, 4, 16, "ep_allgather"),
+        (QWEN3_30B, 4, 65536, "ep_allgather"),
+        # Mixtral k=2 < ep=4: all-gather moves 2x the bytes; latency still wins for a few tokens
+        (MIXTRAL, 4, None, "ep_nccl"),
+        (MIXTRAL, 4, 65536, "ep_nccl"),
+        (MIXTRAL, 4, 1, "ep_allgather"),
+    ],
+)
 def test_auto_pcie_large_model_expert_parallel(model, world, tokens, expected):
     p = plan("auto", world, model=model, tokens=tokens, topology=topo("pcie", world, mem_gib=24))
     assert p.strategy == expected and p.ep == world and p.edp == 1
@@ -229,7 +303,9 @@ def test_auto_cpu_divides_host_memory_by_ranks():
     needed = total * 1.2
     host_gib = 1.5 * needed / GIB  # one rank fits, two ranks sharing the host do not
     assert plan("auto", 2, topology=topo("cpu", host_gib=host_gib)).strategy in (
-        "ep_allgather", "ep_nccl")
+        "ep_allgather",
+        "ep_nccl",
+    )
     assert plan("auto", 2, topology=topo("cpu", host_gib=3 * needed / GIB)).strategy == "replicate"
 
 
@@ -272,24 +348,36 @@ def test_auto_with_dtype_bytes_changes_the_fit():
 
 # ------------------------------------------------------------------------------ memory
 
+
 def _hf_param_count(model: ModelArgs, **hf) -> tuple[int, int]:
     """Parameters of the Hugging Face transformers model of this shape (meta device)."""
     import transformers
-    cls = {"qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig,
-           "qwen2_moe": transformers.Qwen2MoeConfig}[model.model_type]
-    kw = dict(vocab_size=model.vocab_size, hidden_size=model.hidden_size,
-              intermediate_size=model.intermediate_size,
-              num_hidden_layers=model.num_hidden_layers,
-              num_attention_heads=model.num_attention_heads,
-              num_key_value_heads=model.num_key_value_heads,
-              num_experts_per_tok=model.num_experts_per_tok,
-              tie_word_embeddings=model.tie_word_embeddings, **hf)
+
+    cls = {
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+    }[model.model_type]
+    kw = dict(
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=model.num_hidden_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_key_value_heads,
+        num_experts_per_tok=model.num_experts_per_tok,
+        tie_word_embeddings=model.tie_word_embeddings,
+        **hf,
+    )
     if model.model_type == "mixtral":
         kw["num_local_experts"] = model.num_experts
     else:
-        kw.update(num_experts=model.num_experts, moe_intermediate_size=model.moe_intermediate_size,
-                  decoder_sparse_step=model.decoder_sparse_step,
-                  mlp_only_layers=list(model.mlp_only_layers))
+        kw.update(
+            num_experts=model.num_experts,
+            moe_intermediate_size=model.moe_intermediate_size,
+            decoder_sparse_step=model.decoder_sparse_step,
+            mlp_only_layers=list(model.mlp_only_layers),
+        )
     if model.head_dim:
         kw["head_dim"] = model.head_dim
     if model.shared_expert_intermediate_size:
@@ -301,21 +389,34 @@ def _hf_param_count(model: ModelArgs, **hf) -> tuple[int, int]:
     return sum(p.numel() for p in params.values()), experts
 
 
-@pytest.mark.parametrize("model, hf", [
-    (QWEN3_30B, {}),
-    (MIXTRAL, {}),
-    (shape(model_type="qwen2_moe", head_dim=None, shared_expert_intermediate_size=96,
-           decoder_sparse_step=2, mlp_only_layers=[1, 4], tie_word_embeddings=True), {}),
-    (shape(attention_bias=True), dict(attention_bias=True)),
-])
+@pytest.mark.parametrize(
+    "model, hf",
+    [
+        (QWEN3_30B, {}),
+        (MIXTRAL, {}),
+        (
+            shape(
+                model_type="qwen2_moe",
+                head_dim=None,
+                shared_expert_intermediate_size=96,
+                decoder_sparse_step=2,
+                mlp_only_layers=[1, 4],
+                tie_word_embeddings=True,
+            ),
+            {},
+        ),
+        (shape(attention_bias=True), dict(attention_bias=True)),
+    ],
+)
 def test_param_count_matches_transformers(model, hf):
     assert model_param_counts(model) == _hf_param_count(model, **hf)
     total, experts = model_memory_bytes(model, dtype_bytes=2)
     assert (total, experts) == tuple(2 * n for n in model_param_counts(model))
 
 
-@pytest.mark.parametrize("name, billions", [
-    ("mixtral_8x7b", 46.70), ("qwen3_30b_a3b", 30.53), ("qwen2_57b_a14b", 57.41)])
+@pytest.mark.parametrize(
+    "name, billions", [("mixtral_8x7b", 46.70), ("qwen3_30b_a3b", 30.53), ("qwen2_57b_a14b", 57.41)]
+)
 def test_shipped_model_confs_have_their_published_size(name, billions):
     if not (REPO / "conf" / "model" / f"{name}.yaml").exists():
         pytest.skip(f"conf/model/{name}.yaml not written yet")
@@ -338,8 +439,10 @@ def test_memory_estimate_per_rank():
 
 # ------------------------------------------------------------------------------ CLI, Hydra
 
+
 def _tool():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("tools_plan", REPO / "tools" / "plan.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -348,16 +451,44 @@ def _tool():
 
 def test_tool_explains_a_plan(capsys):
     tool = _tool()
-    assert tool.main(["--world-size", "4", "--model", "tiny", "--strategy", "ep_nccl",
-                      "--topology", "pcie", "--json", "parallel.tp=2"]) == 0
+    assert (
+        tool.main(
+            [
+                "--world-size",
+                "4",
+                "--model",
+                "tiny",
+                "--strategy",
+                "ep_nccl",
+                "--topology",
+                "pcie",
+                "--json",
+                "parallel.tp=2",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["plan"]["strategy"] == "ep_nccl" and out["plan"]["tp"] == 2
     assert out["plan"]["ep"] == 4 and out["reason"] == "strategy=ep_nccl requested"
     mem = out["memory_per_rank"]
     assert mem["total_bytes"] == mem["dense_bytes"] + mem["expert_bytes"] > 0
 
-    assert tool.main(["--world-size", "4", "--model", "qwen3_30b_a3b", "--topology", "pcie",
-                      "--tokens-per-step", "64"]) == 0
+    assert (
+        tool.main(
+            [
+                "--world-size",
+                "4",
+                "--model",
+                "qwen3_30b_a3b",
+                "--topology",
+                "pcie",
+                "--tokens-per-step",
+                "64",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "reason     auto: pcie" in text and "per rank" in text and "exchange" in text
 

@@ -6,6 +6,7 @@ disks, clean-up after killed writers, and resume from a damaged rank file.
 The checkpoints are the tiny model's random weights written through the safetensors
 writer (moe_ext) and exported as a sharded Hugging Face directory with an index.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,13 +57,21 @@ def _left_at(dst: Path) -> list[str]:
     """What a failed write left at or next to ``dst``."""
     if not dst.parent.exists():
         return []
-    return sorted(p.name for p in dst.parent.iterdir()
-                  if p.name == dst.name or p.name.startswith(f".{dst.name}."))
+    return sorted(
+        p.name
+        for p in dst.parent.iterdir()
+        if p.name == dst.name or p.name.startswith(f".{dst.name}.")
+    )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=120, cwd="/")
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
 
 
 class _OpenSpy:
@@ -81,6 +90,7 @@ class _OpenSpy:
 
 # ---- file names stay inside the checkpoint directory --------------------------------------
 
+
 def _point_index_at(hf: Path, target: str) -> str:
     """Rewrite one weight_map entry of ``hf``'s index to ``target``; returns its key."""
     index = json.loads((hf / HF_INDEX).read_text())
@@ -91,8 +101,7 @@ def _point_index_at(hf: Path, target: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "etc_passwd", "symlink"])
-def test_hf_index_naming_a_file_outside_is_refused_everywhere(kind, ckpts, tmp_path,
-                                                              monkeypatch):
+def test_hf_index_naming_a_file_outside_is_refused_everywhere(kind, ckpts, tmp_path, monkeypatch):
     """A weight_map entry leading out of the directory (``../x``, an absolute path, a
     link) is refused with one line naming the index and the entry, before any file is
     opened: when loading (launch), by verify and by import-hf (CLI too)."""
@@ -189,11 +198,12 @@ def test_hub_cache_snapshot_links_are_followed(ckpts, tmp_path):
 
 # ---- verification on load -----------------------------------------------------------------
 
+
 def _flip_data_byte(shard: Path, tensor: str) -> None:
     """Flip one byte inside ``tensor``'s data, leaving the header intact."""
     raw = bytearray(shard.read_bytes())
     header_len = int.from_bytes(raw[:8], "little")
-    start, _ = json.loads(raw[8:8 + header_len])[tensor]["data_offsets"]
+    start, _ = json.loads(raw[8 : 8 + header_len])[tensor]["data_offsets"]
     raw[8 + header_len + start + 5] ^= 0x40
     shard.write_bytes(bytes(raw))
 
@@ -226,6 +236,7 @@ def test_verify_on_load_needs_checksums(ckpts):
 
 
 # ---- training export destination ----------------------------------------------------------
+
 
 def test_export_destination_rules(ckpts, tmp_path):
     """Absent or empty: fine. A file, or a non-empty directory that is not a moe_ext
@@ -274,6 +285,7 @@ def test_export_refuses_a_directory_that_is_not_a_checkpoint(ckpts, tmp_path):
 
 # ---- converter destinations ---------------------------------------------------------------
 
+
 def test_force_onto_a_file_is_refused_up_front(ckpts, tmp_path, monkeypatch):
     ext_src, _, _ = ckpts
     dst = tmp_path / "dst"
@@ -297,9 +309,14 @@ def test_force_onto_a_file_is_refused_up_front(ckpts, tmp_path, monkeypatch):
     assert _left_at(dst) == ["dst"]
 
 
-@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "the disk is full"),
-                                         (errno.EROFS, "the file system is read-only"),
-                                         (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code,reason",
+    [
+        (errno.ENOSPC, "the disk is full"),
+        (errno.EROFS, "the file system is read-only"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
 def test_write_errors_are_one_line_and_leave_nothing(code, reason, ckpts, tmp_path, monkeypatch):
     """A full disk mid-write, or a destination that cannot be created: one line naming the
     destination and the reason; neither the destination nor a staging directory is left;
@@ -346,8 +363,9 @@ def test_too_little_free_space_is_refused_before_writing(ckpts, tmp_path, monkey
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     dst = tmp_path / "hf"
-    with pytest.raises(CheckpointError,
-                       match=r"writing .*hf needs about .* GiB, but .* has 0.00 GiB free"):
+    with pytest.raises(
+        CheckpointError, match=r"writing .*hf needs about .* GiB, but .* has 0.00 GiB free"
+    ):
         export_hf(ext_src, dst, progress=False)
     assert _left_at(dst) == []
 
@@ -371,7 +389,8 @@ def test_stale_staging_of_killed_writers_is_cleaned_up(tmp_path):
     (old / "config.json").write_text("{}")
     done = remove_stale_staging(dst)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["ckpt", f".ckpt.tmp-{os.getppid()}", f".other.tmp-{dead}"])
+        ["ckpt", f".ckpt.tmp-{os.getppid()}", f".other.tmp-{dead}"]
+    )
     assert (dst / "config.json").exists()
     assert len(done) == 2 and any("restored" in line for line in done)
     (tmp_path / f".ckpt.old-{dead}").mkdir()
@@ -381,15 +400,27 @@ def test_stale_staging_of_killed_writers_is_cleaned_up(tmp_path):
 
 # ---- resume from a damaged rank file ------------------------------------------------------
 
+
 def _step(root: Path, step: int, world: int = 2) -> Path:
     directory = root / f"step_{step:08d}"
     directory.mkdir(parents=True)
-    meta = {"format": "moe_ext-train", "format_version": 1, "step": step, "world_size": world,
-            "plan": {}, "zero_stage": 0, "model": {}, "history": [], "evals": []}
+    meta = {
+        "format": "moe_ext-train",
+        "format_version": 1,
+        "step": step,
+        "world_size": world,
+        "plan": {},
+        "zero_stage": 0,
+        "model": {},
+        "history": [],
+        "evals": [],
+    }
     (directory / "meta.json").write_text(json.dumps(meta))
     for r in range(world):
-        torch.save({"module": {"w": torch.arange(4000.0)}, "rng": torch.get_rng_state()},
-                   directory / f"rank_{r:05d}.pt")
+        torch.save(
+            {"module": {"w": torch.arange(4000.0)}, "rng": torch.get_rng_state()},
+            directory / f"rank_{r:05d}.pt",
+        )
     (root / "latest").write_text(directory.name + "\n")
     return directory
 

@@ -6,6 +6,7 @@ the checkpoint directory.
 Every crafted payload is first shown to run under plain unpickling (it creates a marker
 file), so a test that finds no marker proves the refusal, not a harmless payload.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,11 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _left_at(dst: Path) -> list[str]:
-    return sorted(p.name for p in dst.parent.iterdir()
-                  if p.name == dst.name or p.name.startswith(f".{dst.name}."))
+    return sorted(
+        p.name
+        for p in dst.parent.iterdir()
+        if p.name == dst.name or p.name.startswith(f".{dst.name}.")
+    )
 
 
 def _assert_refused(src: Path, dst: Path, marker: Path, where: str) -> str:
@@ -109,8 +113,13 @@ def test_crafted_metadata_is_refused_unrun(exported, tmp_path):
     message = _assert_refused(bad, dst, marker, str(bad / ".metadata"))
     with pytest.raises(UnsafeCheckpointError):
         checkpoint_tensors(bad)
-    res = subprocess.run([sys.executable, str(TOOL), "import-megatron", str(bad), str(dst),
-                          "--no-progress"], capture_output=True, text=True, timeout=180, cwd="/")
+    res = subprocess.run(
+        [sys.executable, str(TOOL), "import-megatron", str(bad), str(dst), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd="/",
+    )
     assert res.returncode == 1
     assert res.stderr.strip() == f"error: {message}"
     assert not marker.exists() and _left_at(dst) == []
@@ -135,8 +144,11 @@ def _plant_object(meg: Path, bad: Path, payload: bytes) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     metadata = read_dcp_metadata(meg)
-    index = next(i for i in metadata.storage_data
-                 if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    index = next(
+        i
+        for i in metadata.storage_data
+        if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)
+    )
     (bad / "__9_0.distcp").write_bytes(payload)
     metadata.storage_data[index] = _StorageInfo("__9_0.distcp", 0, len(payload))
     with open(bad / ".metadata", "wb") as f:
@@ -173,8 +185,10 @@ def test_data_file_outside_the_checkpoint_is_refused(exported, tmp_path):
     with pytest.raises(CheckpointError) as err:
         import_megatron(bad, tmp_path / "ext", progress=False)
     assert "\n" not in str(err.value)
-    assert str(err.value).startswith(f"{bad / '.metadata'} (storage entry {index.fqn!r}) names "
-                                     f"file '../outside.distcp', outside the checkpoint")
+    assert str(err.value).startswith(
+        f"{bad / '.metadata'} (storage entry {index.fqn!r}) names "
+        f"file '../outside.distcp', outside the checkpoint"
+    )
     assert _left_at(tmp_path / "ext") == []
 
 
@@ -191,7 +205,12 @@ def test_manifest_side_file_outside_is_refused(exported, tmp_path):
 
 
 def test_help_documents_trust_checkpoint():
-    res = subprocess.run([sys.executable, str(TOOL), "import-megatron", "--help"],
-                         capture_output=True, text=True, timeout=120, cwd="/")
+    res = subprocess.run(
+        [sys.executable, str(TOOL), "import-megatron", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert res.returncode == 0 and "--trust-checkpoint" in res.stdout
     assert "can run code" in " ".join(res.stdout.split())

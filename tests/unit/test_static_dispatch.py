@@ -5,6 +5,7 @@ tests/multirank/test_static_dispatch.py.
 
 # T tokens on a rank, C capacity, H hidden, E experts, k top-k
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,17 +30,20 @@ def test_static_world_size_1():
 
 # ---- no host sync -----------------------------------------------------------------------
 
+
 def test_static_dispatch_makes_no_host_sync_world_1():
     no_sync_body(0, 1)  # world 2 and 4: in tests/multirank/test_static_dispatch.py
 
 
 # ---- errors and padding rows ------------------------------------------------------------
 
+
 def test_capacity_errors():
     dispatcher = static_dispatcher("allgather_rs", DispatchGroups(), 3)
     x, w, idx = torch.randn(4, H), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.int64)
-    with pytest.raises(ValueError, match="4 tokens on this rank exceed .* capacity "
-                                         "max_tokens_per_rank=3; raise it") as err:
+    with pytest.raises(
+        ValueError, match="4 tokens on this rank exceed .* capacity max_tokens_per_rank=3; raise it"
+    ) as err:
         dispatcher.dispatch(x, w, idx)
     assert "\n" not in str(err.value)
     for bad in (0, -1, 2.5, True):

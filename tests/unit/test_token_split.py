@@ -1,5 +1,6 @@
 """The TP token split of moe_ext.moe.dispatch.comm without a group: the identity. On 2 ranks:
 tests/multirank/test_token_split.py."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """Topology: parsing of recorded NVML/CUDA answers, the probe's own calls (replayed
 through fake NVML/CUDA libraries), forced kinds, JSON, the probe tool, and (GPU) the real
 probe against torch's view of peer access."""
+
 from __future__ import annotations
 
 import ctypes
@@ -77,8 +78,13 @@ def test_4xrtx_pro_6000_pcie5_p2p():
     assert all(l.p2p and not l.p2p_atomics and l.p2p_status == "OK" for l in t.links)
     # two GPUs per root complex: PHB inside, NODE across
     assert {(l.a, l.b): l.label for l in t.links} == {
-        (0, 1): "PHB", (2, 3): "PHB", (0, 2): "NODE", (0, 3): "NODE", (1, 2): "NODE",
-        (1, 3): "NODE"}
+        (0, 1): "PHB",
+        (2, 3): "PHB",
+        (0, 2): "NODE",
+        (0, 3): "NODE",
+        (1, 2): "NODE",
+        (1, 3): "NODE",
+    }
     assert t.all_pairs_p2p and not t.all_pairs_p2p_atomics and not t.all_pairs_nvlink
     # idle GPUs trained down to Gen1: the estimate must use the link's maximum (Gen5 x16)
     assert (t.gpus[1].pcie_gen, t.gpus[1].pcie_max_gen) == (1, 5)
@@ -93,16 +99,25 @@ def test_4xrtx_4090_no_p2p():
     assert not any(l.p2p or l.p2p_atomics or l.nvlink for l in t.links)
     assert {l.p2p_status for l in t.links} == {"GPU_NOT_SUPPORTED"}
     assert {(l.a, l.b): l.ancestor for l in t.links} == {
-        (0, 1): "NODE", (2, 3): "NODE", (0, 2): "SYSTEM", (0, 3): "SYSTEM", (1, 2): "SYSTEM",
-        (1, 3): "SYSTEM"}
+        (0, 1): "NODE",
+        (2, 3): "NODE",
+        (0, 2): "SYSTEM",
+        (0, 3): "SYSTEM",
+        (1, 2): "SYSTEM",
+        (1, 3): "SYSTEM",
+    }
     assert [g.numa_node for g in t.gpus] == [0, 0, 1, 1]
     assert not (t.all_pairs_p2p or t.all_pairs_p2p_atomics or t.all_pairs_nvlink)
     assert t.min_pair_bandwidth_gbps == pytest.approx(GEN4_X16_STAGED_GBPS, rel=1e-3)
     assert t.min_gpu_memory_bytes == 24564 * MIB
 
 
-FIXTURE_NAMES = ["8xh100_sxm_nvswitch", "2xh200_nv18", "4xrtx_pro_6000_pcie5_p2p",
-                 "4xrtx_4090_no_p2p"]
+FIXTURE_NAMES = [
+    "8xh100_sxm_nvswitch",
+    "2xh200_nv18",
+    "4xrtx_pro_6000_pcie5_p2p",
+    "4xrtx_4090_no_p2p",
+]
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -114,8 +129,9 @@ def test_nvml_alone_agrees_with_cuda_attributes(name):
     rec["cuda"] = {"error": "libcuda.so.1 not loadable"}
     nvml_only = parse_record(rec)
     assert nvml_only.source == "nvml"
-    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == \
-        [(l.p2p, l.p2p_atomics) for l in both.links]
+    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == [
+        (l.p2p, l.p2p_atomics) for l in both.links
+    ]
     assert nvml_only.kind == both.kind
 
 
@@ -127,7 +143,8 @@ def test_link_lookup_and_matrix(name):
     m = t.pair_matrix()
     assert len(m) == t.num_gpus + 1 and all(len(r) == t.num_gpus + 1 for r in m)
     assert m[1][1] == "X" and m[1][2] == m[2][1] == f"{t.link(0, 1).label} " + (
-        ("p" if t.link(0, 1).p2p else "-") + ("a" if t.link(0, 1).p2p_atomics else "-"))
+        ("p" if t.link(0, 1).p2p else "-") + ("a" if t.link(0, 1).p2p_atomics else "-")
+    )
     with pytest.raises(TopologyError):
         t.link(0, 0)
 
@@ -171,8 +188,16 @@ def test_partial_bridge_is_pcie_kind():
     rec = load("4xrtx_pro_6000_pcie5_p2p")
     devs = rec["nvml"]["devices"]
     for d, peer in ((devs[0], devs[1]), (devs[1], devs[0])):
-        d["nvlinks"] = [{"link": k, "active": True, "version": 4, "remote_device_type": 0,
-                         "remote_pci_bus_id": peer["pci_bus_id"]} for k in range(4)]
+        d["nvlinks"] = [
+            {
+                "link": k,
+                "active": True,
+                "version": 4,
+                "remote_device_type": 0,
+                "remote_pci_bus_id": peer["pci_bus_id"],
+            }
+            for k in range(4)
+        ]
         d["nvlinks"].append({"link": 4, "active": False})
     t = parse_record(rec)
     assert t.kind == "pcie" and not t.all_pairs_nvlink
@@ -239,9 +264,15 @@ def test_json_round_trip(name):
 
 
 def test_json_round_trip_cpu_and_forced():
-    cpu = parse_record({"format": topo_mod.RECORD_FORMAT,
-                        "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
-                        "nvml": {"error": "x"}, "cuda": {"error": "y"}, "errors": []})
+    cpu = parse_record(
+        {
+            "format": topo_mod.RECORD_FORMAT,
+            "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
+            "nvml": {"error": "x"},
+            "cuda": {"error": "y"},
+            "errors": [],
+        }
+    )
     forced = resolve_topology(TopologyConf(kind="pcie", num_gpus=3), 3, probe=lambda: cpu)
     for t in (cpu, forced):
         assert Topology.from_json(t.to_json(indent=None)) == t
@@ -335,38 +366,53 @@ def test_auto_and_none_probe():
 
 
 def test_forced_counts_and_memory():
-    cpu = parse_record({"format": topo_mod.RECORD_FORMAT,
-                        "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
-                        "nvml": {"error": "x"}, "cuda": {"error": "y"}, "errors": []})
+    cpu = parse_record(
+        {
+            "format": topo_mod.RECORD_FORMAT,
+            "host": {"cpu_count": 2, "memory_bytes": 8 * GIB},
+            "nvml": {"error": "x"},
+            "cuda": {"error": "y"},
+            "errors": [],
+        }
+    )
     # no probed GPUs: the launch's local GPU count and the documented default memory
     t = resolve_topology(TopologyConf(kind="pcie"), 4, probe=_fixed(cpu))
     assert t.num_gpus == 4 and t.min_gpu_memory_bytes == 24 * GIB
-    t = resolve_topology(TopologyConf(kind="pcie", num_gpus=2, gpu_memory_gib=48.0), 4,
-                         probe=_fixed(cpu))
+    t = resolve_topology(
+        TopologyConf(kind="pcie", num_gpus=2, gpu_memory_gib=48.0), 4, probe=_fixed(cpu)
+    )
     assert t.num_gpus == 2 and t.min_gpu_memory_bytes == 48 * GIB
     # more GPUs than probed: the extra ones take the probe's memory
     h200 = parse_record(load("2xh200_nv18"))
-    t = resolve_topology(TopologyConf(kind="nvlink", num_gpus=4, nvlink_count=6), 4,
-                         probe=_fixed(h200))
+    t = resolve_topology(
+        TopologyConf(kind="nvlink", num_gpus=4, nvlink_count=6), 4, probe=_fixed(h200)
+    )
     assert t.num_gpus == 4 and {g.memory_bytes for g in t.gpus} == {143771 * MIB}
     assert t.link(2, 3).nvlink_count == 6 and t.gpus[3].name == "forced nvlink GPU"
     # a DictConfig from Hydra works as well as the dataclass
-    t = resolve_topology(OmegaConf.structured(TopologyConf(kind="pcie", num_gpus=2)), 1,
-                         probe=_fixed(cpu))
+    t = resolve_topology(
+        OmegaConf.structured(TopologyConf(kind="pcie", num_gpus=2)), 1, probe=_fixed(cpu)
+    )
     assert t.num_gpus == 2
 
 
-@pytest.mark.parametrize("conf, match", [
-    (TopologyConf(kind="pci"), r"valid kinds: auto, nvlink, pcie, cpu \(Hydra: \+topology=pcie"),
-    (TopologyConf(kind="auto", p2p=False), "only apply to a forced kind"),
-    (TopologyConf(kind="pcie", nvlink_count=4), "pcie has no NVLink"),
-    (TopologyConf(kind="nvlink", nvlink_count=0), "nvlink_count >= 1"),
-    (TopologyConf(kind="pcie", p2p=False, p2p_atomics=True), "p2p_atomics=true needs"),
-    (TopologyConf(kind="pcie", pcie_gen=7), "pcie_gen=7"),
-    (TopologyConf(kind="pcie", pcie_width=12), "pcie_width=12"),
-    (TopologyConf(kind="pcie", gpu_memory_gib=-1.0), "must be positive"),
-    (TopologyConf(kind="cpu", num_gpus=2), "cpu has no GPUs"),
-])
+@pytest.mark.parametrize(
+    "conf, match",
+    [
+        (
+            TopologyConf(kind="pci"),
+            r"valid kinds: auto, nvlink, pcie, cpu \(Hydra: \+topology=pcie",
+        ),
+        (TopologyConf(kind="auto", p2p=False), "only apply to a forced kind"),
+        (TopologyConf(kind="pcie", nvlink_count=4), "pcie has no NVLink"),
+        (TopologyConf(kind="nvlink", nvlink_count=0), "nvlink_count >= 1"),
+        (TopologyConf(kind="pcie", p2p=False, p2p_atomics=True), "p2p_atomics=true needs"),
+        (TopologyConf(kind="pcie", pcie_gen=7), "pcie_gen=7"),
+        (TopologyConf(kind="pcie", pcie_width=12), "pcie_width=12"),
+        (TopologyConf(kind="pcie", gpu_memory_gib=-1.0), "must be positive"),
+        (TopologyConf(kind="cpu", num_gpus=2), "cpu has no GPUs"),
+    ],
+)
 def test_bad_conf_is_one_line_error(conf, match):
     h200 = parse_record(load("2xh200_nv18"))
     with pytest.raises(TopologyError, match=match) as err:
@@ -386,6 +432,7 @@ class _FakeNvml:
 
     def __init__(self, nvml: dict):
         import pynvml
+
         self._err, self._nvml = pynvml, nvml
         self.NVML_NVLINK_MAX_LINKS = pynvml.NVML_NVLINK_MAX_LINKS
         self.shut_down = False
@@ -404,13 +451,26 @@ class _FakeNvml:
             raise self._err.NVMLError(self._err.NVML_ERROR_INVALID_ARGUMENT)
         return links[link]
 
-    def nvmlInit(self): pass
-    def nvmlShutdown(self): self.shut_down = True
-    def nvmlSystemGetDriverVersion(self): return self._nvml["driver_version"]
-    def nvmlSystemGetCudaDriverVersion(self): return self._nvml["cuda_driver_version"]
-    def nvmlDeviceGetCount(self): return len(self._nvml["devices"])
-    def nvmlDeviceGetHandleByIndex(self, i): return i
-    def nvmlDeviceGetName(self, h): return self._dev(h)["name"]
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        self.shut_down = True
+
+    def nvmlSystemGetDriverVersion(self):
+        return self._nvml["driver_version"]
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return self._nvml["cuda_driver_version"]
+
+    def nvmlDeviceGetCount(self):
+        return len(self._nvml["devices"])
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return self._dev(h)["name"]
 
     def nvmlDeviceGetPciInfo(self, h):
         return type("Pci", (), {"busId": self._dev(h)["pci_bus_id"].encode()})
@@ -421,21 +481,35 @@ class _FakeNvml:
     def nvmlDeviceGetCudaComputeCapability(self, h):
         return tuple(self._dev(h)["cuda_compute_capability"])
 
-    def nvmlDeviceGetNumaNodeId(self, h): return self._dev(h)["numa_node"]
-    def nvmlDeviceGetCurrPcieLinkGeneration(self, h): return self._dev(h)["pcie"]["curr_gen"]
-    def nvmlDeviceGetMaxPcieLinkGeneration(self, h): return self._dev(h)["pcie"]["max_gen"]
-    def nvmlDeviceGetCurrPcieLinkWidth(self, h): return self._dev(h)["pcie"]["curr_width"]
-    def nvmlDeviceGetMaxPcieLinkWidth(self, h): return self._dev(h)["pcie"]["max_width"]
-    def nvmlDeviceGetNvLinkState(self, h, link): return int(self._links(h, link)["active"])
-    def nvmlDeviceGetNvLinkVersion(self, h, link): return self._links(h, link)["version"]
+    def nvmlDeviceGetNumaNodeId(self, h):
+        return self._dev(h)["numa_node"]
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, h):
+        return self._dev(h)["pcie"]["curr_gen"]
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, h):
+        return self._dev(h)["pcie"]["max_gen"]
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, h):
+        return self._dev(h)["pcie"]["curr_width"]
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, h):
+        return self._dev(h)["pcie"]["max_width"]
+
+    def nvmlDeviceGetNvLinkState(self, h, link):
+        return int(self._links(h, link)["active"])
+
+    def nvmlDeviceGetNvLinkVersion(self, h, link):
+        return self._links(h, link)["version"]
+
     def nvmlDeviceGetNvLinkRemoteDeviceType(self, h, link):
         return self._links(h, link)["remote_device_type"]
-
 
     def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
         return type("Pci", (), {"busId": self._links(h, link)["remote_pci_bus_id"].encode()})
 
-    def nvmlDeviceGetTopologyCommonAncestor(self, a, b): return self._pair(a, b)["common_ancestor"]
+    def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
+        return self._pair(a, b)["common_ancestor"]
 
     def nvmlDeviceGetP2PStatus(self, a, b, index):
         cap = {v: k for k, v in topo_mod.P2P_CAPS.items()}[index]
@@ -449,8 +523,11 @@ class _FakeCuda:
         self._cuda = cuda
         self._attrs = {v: k for k, v in topo_mod.CUDA_P2P_ATTRS.items()}
 
-    def cuInit(self, flags): return 0
-    def cuGetErrorName(self, rc, out): return 0
+    def cuInit(self, flags):
+        return 0
+
+    def cuGetErrorName(self, rc, out):
+        return 0
 
     def cuDeviceGetCount(self, out):
         out._obj.value = len(self._cuda["devices"])
@@ -553,8 +630,13 @@ def test_query_failures_are_recorded_not_raised(monkeypatch):
 
 # --------------------------------------------------------------------------- the tool
 def _tool(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "probe_topology.py"), *args],
-                          capture_output=True, text=True, timeout=60, cwd="/")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "probe_topology.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
 
 
 def test_tool_json_from_record():
@@ -597,17 +679,21 @@ def test_probe_matches_torch_peer_access():
         props = torch.cuda.get_device_properties(g.index)
         assert g.name == props.name
         if hasattr(props, "pci_domain_id"):  # the NVML device joined to this ordinal is this GPU
-            assert g.pci_bus_id == (f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:"
-                                    f"{props.pci_device_id:02x}.0")
+            assert g.pci_bus_id == (
+                f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            )
         # NVML's total counts memory the driver reserves; CUDA's is a little smaller
         assert 0.9 * g.memory_bytes <= props.total_memory <= g.memory_bytes * 1.01
     for l in t.links:
-        assert l.p2p == (torch.cuda.can_device_access_peer(l.a, l.b)
-                         and torch.cuda.can_device_access_peer(l.b, l.a))
+        assert l.p2p == (
+            torch.cuda.can_device_access_peer(l.a, l.b)
+            and torch.cuda.can_device_access_peer(l.b, l.a)
+        )
         if t.kind == "nvlink":
             assert l.nvlink_count > 0 and l.p2p
     # NVML's P2P status alone must tell the same story as the CUDA attributes
     nvml_only = parse_record({**record, "cuda": {"error": "dropped by the test"}})
-    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == \
-        [(l.p2p, l.p2p_atomics) for l in t.links]
+    assert [(l.p2p, l.p2p_atomics) for l in nvml_only.links] == [
+        (l.p2p, l.p2p_atomics) for l in t.links
+    ]
     assert Topology.from_json(t.to_json()) == t

@@ -2,6 +2,7 @@
 trip, and launch/train.py end to end (log, curve, checkpoints, export that infer loads,
 exact resume through the launcher). The loss going down on the shipped corpus (a spawned
 rank) is in tests/multirank/test_train.py."""
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ from moe_ext.train.loop import lr_at
 from tests.support import REPO, qwen2_args, tiny_args, tiny_conf
 
 # ---- schedule, data ---------------------------------------------------------------------
+
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
     conf = TrainLoopConf(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
@@ -86,10 +88,26 @@ def test_jsonl_documents_and_bad_input(tmp_path):
         TokenData.load(str(short), ByteTokenizer(), 260, 64, 0.0)
 
 
-@pytest.mark.parametrize("make", [tiny_args, qwen2_args, lambda: ModelArgs(
-    model_type="mixtral", vocab_size=300, hidden_size=32, intermediate_size=48,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-    num_experts_per_tok=2, sliding_window=64, rope_theta=1e6)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        tiny_args,
+        qwen2_args,
+        lambda: ModelArgs(
+            model_type="mixtral",
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=64,
+            rope_theta=1e6,
+        ),
+    ],
+)
 def test_hf_config_round_trip(make):
     args = make()
     config = hf_config(args, tokenizer="byte")
@@ -100,6 +118,7 @@ def test_hf_config_round_trip(make):
 
 
 # ---- launcher checks (no process group) ---------------------------------------------------
+
 
 def _train_cfg(**over):
     from moe_ext.train.config import TrainConf
@@ -123,8 +142,9 @@ def test_launcher_refuses_megatron_and_inference_only_parallelism():
     with pytest.raises(launcher.UsageError, match="tp=2"):
         launcher.prepare(_train_cfg(**{"parallel.tp": 2}), env2, False, 0)
     with pytest.raises(launcher.UsageError, match="grad_clip"):
-        launcher.prepare(_train_cfg(**{"strategy.name": "ep_nccl", "train.zero_stage": 1}),
-                         env2, False, 0)
+        launcher.prepare(
+            _train_cfg(**{"strategy.name": "ep_nccl", "train.zero_stage": 1}), env2, False, 0
+        )
     with pytest.raises(launcher.UsageError, match="seq_len"):
         launcher.prepare(_train_cfg(**{"train.seq_len": 4096}), DistEnv(), False, 0)
     with pytest.raises(launcher.UsageError, match="bf16 on CPU"):
@@ -135,14 +155,26 @@ def test_launcher_refuses_megatron_and_inference_only_parallelism():
 
 # ---- launcher end to end -------------------------------------------------------------------
 
+
 def _launch(tmp: Path, run: str, *overrides: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    cmd = [sys.executable, str(REPO / "launch/train.py"), f"hydra.run.dir={tmp / run}",
-           "train.steps=4", "train.save_every=2", "train.eval_every=2", "train.micro_batch=2",
-           "train.seq_len=32", "train.eval_batches=1", "train.warmup_steps=0",
-           "train.lr=1e-2", "sample.max_new_tokens=8",
-           "progress=false", *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/train.py"),
+        f"hydra.run.dir={tmp / run}",
+        "train.steps=4",
+        "train.save_every=2",
+        "train.eval_every=2",
+        "train.micro_batch=2",
+        "train.seq_len=32",
+        "train.eval_batches=1",
+        "train.warmup_steps=0",
+        "train.lr=1e-2",
+        "sample.max_new_tokens=8",
+        "progress=false",
+        *overrides,
+    ]
     done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((tmp / run / "train_log.json").read_text())
@@ -154,8 +186,10 @@ def test_launcher_writes_log_curve_checkpoints_and_resumes_exactly(tmp_path):
     first = _launch(tmp_path, "a")
     run = tmp_path / "a"
     assert [h["step"] for h in first["history"]] == [1, 2, 3, 4]
-    assert all(k in first["history"][0] for k in ("loss", "lm_loss", "aux_loss", "lr",
-                                                  "grad_norm", "tokens_per_s"))
+    assert all(
+        k in first["history"][0]
+        for k in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
+    )
     assert [e["step"] for e in first["evals"]] == [2, 4]
     assert isinstance(first["sample"]["text"], str)
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -187,10 +221,21 @@ def test_resume_refuses_another_plan(tmp_path):
 
     step = tmp_path / "step_00000002"
     step.mkdir()
-    (step / "meta.json").write_text(json.dumps({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "step": 2, "world_size": 1,
-        "plan": {"strategy": "replicate"}, "zero_stage": 0, "model": {}, "history": [],
-        "evals": []}))
+    (step / "meta.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "step": 2,
+                "world_size": 1,
+                "plan": {"strategy": "replicate"},
+                "zero_stage": 0,
+                "model": {},
+                "history": [],
+                "evals": [],
+            }
+        )
+    )
     with pytest.raises(ResumeError, match="lacks the files of ranks"):
         find_checkpoint(str(step))
     torch.save({}, step / "rank_00000.pt")
