@@ -185,6 +185,7 @@ def test_rank_killed_during_generate_ends_the_job_and_writes_nothing(rank, sig, 
     assert _left_in(out_dir) == []  # no output, no .out.jsonl.tmp<pid>
 
 
+@pytest.mark.slow  # waits out a 15 s collective timeout
 def test_stalled_rank_is_an_error_within_the_timeout(tmp_path):
     timeout_s = 15
     args, out_dir = _generating(tmp_path)

@@ -133,7 +133,7 @@ MULTIRANK_PLANS = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_process_groups_megatron_deepspeed(world):
     """Membership by all_gather, rank helpers, Megatron ProcessGroupCollection and DeepSpeed
     registration for every plan of this world size."""

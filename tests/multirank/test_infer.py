@@ -68,6 +68,7 @@ def test_two_ranks_every_strategy_and_pipeline(checkpoints):
     run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
+@pytest.mark.slow  # 4-rank launcher matrix; every strategy at 2 ranks runs by default
 def test_four_ranks_every_strategy(checkpoints):
     extra = [
         ("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"]),

@@ -50,7 +50,7 @@ def _equivalence_body(rank, world, seed):
             )
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_static_matches_dynamic_and_reference_gloo(world):
     run_ranks(_equivalence_body, world, args=(world * 10 + 1,))
 
