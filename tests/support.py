@@ -898,6 +898,47 @@ def minimax_hf_model(variant: str, **changes):
     return model.eval()
 
 
+def safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the *.safetensors files in ``directory``, by stored name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def check_hf_export_round_trip(
+    ext: Path, original: dict, hf, ids: torch.Tensor, tmp_path: Path
+) -> None:
+    """Export moe_ext checkpoint ``ext`` in both Hugging Face layouts: the per-expert
+    export equals ``original`` (the source tensors) bit for bit, dtype included; the fused
+    export holds ``hf``'s in-memory state; transformers loads both as ``hf``'s class with
+    logits on ``ids`` [B, S] identical to ``hf``'s."""
+    import transformers
+
+    from moe_ext.checkpoint.convert import export_hf
+
+    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
+    export_hf(ext, per_expert, progress=False)
+    export_hf(ext, fused, layout="fused", progress=False)
+    exported = safetensors_dir(per_expert)
+    assert exported.keys() == original.keys()
+    for key, tensor in original.items():
+        assert exported[key].dtype == tensor.dtype, key
+        assert torch.equal(exported[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    fused_tensors, state = safetensors_dir(fused), hf.state_dict()
+    assert fused_tensors.keys() == state.keys()
+    assert all(torch.equal(fused_tensors[k], state[k]) for k in state)
+    with torch.no_grad():
+        reference = hf(ids).logits
+    for directory in (per_expert, fused):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        assert type(loaded) is type(hf)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=0)
+
+
 def native_from_dir(directory: Path):
     """The native model of a saved HF checkpoint, read through the checkpoint reader."""
     from moe_ext.checkpoint import CheckpointReader

@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_ext.checkpoint import CheckpointReader, load_sharded
-from moe_ext.checkpoint.convert import export_hf, import_hf
+from moe_ext.checkpoint.convert import import_hf
 from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, shard_slices
+from tests.support import check_hf_export_round_trip, safetensors_dir
 from tests.support import deepseek_hf_model as hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -28,48 +29,20 @@ def saved(request, tmp_path_factory):
     return request.param, directory, model
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
-
-
-def _logits(directory, ids):
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def test_roundtrip_bit_exact_and_transformers_loads_export(saved, tmp_path):
     variant, src, model = saved
-    original = _tensors(src)
+    original = safetensors_dir(src)
     if variant == "v3":  # the correction bias is stored, non-zero, and comes back
         bias = original["model.layers.1.mlp.gate.e_score_correction_bias"]
         assert bias.abs().sum() > 0
     ext = tmp_path / "ext"
     import_hf(src, ext, progress=False)
-    native = _tensors(ext)
+    native = safetensors_dir(ext)
     assert "layers.1.mlp.shared_expert.down_proj.weight" in native
     assert ("layers.1.mlp.router.e_score_correction_bias" in native) == (variant == "v3")
 
-    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
-    export_hf(ext, per_expert, progress=False)
-    export_hf(ext, fused, layout="fused", progress=False)
-    exported = _tensors(per_expert)
-    assert exported.keys() == original.keys()
-    for key, tensor in original.items():  # bit-exact, dtype included
-        assert exported[key].dtype == tensor.dtype, key
-        assert torch.equal(exported[key].view(torch.uint8), tensor.view(torch.uint8)), key
-    fused_tensors, state = _tensors(fused), model.state_dict()
-    assert fused_tensors.keys() == state.keys()
-    assert all(torch.equal(fused_tensors[k], state[k]) for k in state)
-
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = model(ids).logits
-    for directory in (per_expert, fused):
-        torch.testing.assert_close(_logits(directory, ids), reference, rtol=0, atol=0)
+    check_hf_export_round_trip(ext, original, model, ids, tmp_path)
 
 
 def test_tp_rank_reads_its_heads_and_runs_like_the_full_model(saved):
@@ -102,7 +75,7 @@ def test_v3_multi_token_prediction_layer_is_skipped(tmp_path):
     model = hf_model("v3", num_hidden_layers=2, num_nextn_predict_layers=1)
     src = tmp_path / "src"
     model.save_pretrained(src)
-    tensors = _tensors(src)
+    tensors = safetensors_dir(src)
     mtp = {
         key.replace("model.layers.1.", "model.layers.2."): value.clone()
         for key, value in tensors.items()
@@ -121,5 +94,5 @@ def test_v3_multi_token_prediction_layer_is_skipped(tmp_path):
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     ext = tmp_path / "ext"
     import_hf(src, ext, progress=False)
-    assert not any(name.startswith("layers.2.") for name in _tensors(ext))
+    assert not any(name.startswith("layers.2.") for name in safetensors_dir(ext))
     assert CheckpointReader.open(ext).names() == CheckpointReader.open(src).names()

@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_ext.checkpoint import CheckpointError, CheckpointReader, load_sharded
-from moe_ext.checkpoint.convert import export_hf, import_hf
+from moe_ext.checkpoint.convert import import_hf
 from moe_ext.model import ModelArgs
 from moe_ext.model.parallelize import RankCoords, shard_slices
-from tests.support import TOOLS
+from tests.support import TOOLS, check_hf_export_round_trip, safetensors_dir
 from tests.support import glm_hf_model as glm_model
 from tests.support import minimax_hf_model as minimax_model
 
@@ -48,43 +48,18 @@ def saved(request, tmp_path_factory):
     return request.param, directory, model
 
 
-def _tensors(directory) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
-
-
 def test_roundtrip_bit_exact_and_transformers_loads_export(saved, tmp_path):
     family, src, model = saved
-    original = _tensors(src)
+    original = safetensors_dir(src)
     assert original[BIAS_KEY[family]].abs().sum() > 0  # stored, non-zero, must come back
     ext = tmp_path / "ext"
     import_hf(src, ext, progress=False)
-    native = _tensors(ext)
+    native = safetensors_dir(ext)
     assert native["layers.1.mlp.router.e_score_correction_bias"].dtype == torch.float32
     assert ("layers.1.mlp.shared_expert.down_proj.weight" in native) == (family == "glm4_moe")
 
-    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
-    export_hf(ext, per_expert, progress=False)
-    export_hf(ext, fused, layout="fused", progress=False)
-    exported = _tensors(per_expert)
-    assert exported.keys() == original.keys()
-    for key, tensor in original.items():  # bit-exact, dtype included
-        assert exported[key].dtype == tensor.dtype, key
-        assert torch.equal(exported[key].view(torch.uint8), tensor.view(torch.uint8)), key
-    fused_tensors, state = _tensors(fused), model.state_dict()
-    assert fused_tensors.keys() == state.keys()
-    assert all(torch.equal(fused_tensors[k], state[k]) for k in state)
-
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = model(ids).logits
-    for directory in (per_expert, fused):
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-        assert type(loaded) is type(model)
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=0)
+    check_hf_export_round_trip(ext, original, model, ids, tmp_path)
 
 
 def test_tp_rank_reads_its_heads(saved):
@@ -114,7 +89,7 @@ def _with_mtp_layers(model, src, count: int, extra_layer: int | None = None) -> 
     """Save ``model`` plus ``count`` MTP-like layers after its last (copies of layer 1 with
     GLM's enorm / hnorm / eh_proj), and optionally one more stray layer."""
     model.save_pretrained(src)
-    tensors = _tensors(src)
+    tensors = safetensors_dir(src)
     L = model.config.num_hidden_layers
     layers = [L + i for i in range(count)] + ([extra_layer] if extra_layer is not None else [])
     extra = {}
@@ -145,7 +120,7 @@ def test_mtp_layers_are_skipped_and_stray_layers_are_not(family, changes, count,
     _with_mtp_layers(model, src, count)
     ext = tmp_path / "ext"
     import_hf(src, ext, progress=False)
-    assert not any(name.startswith("layers.2.") for name in _tensors(ext))
+    assert not any(name.startswith("layers.2.") for name in safetensors_dir(ext))
     assert CheckpointReader.open(ext).names() == CheckpointReader.open(src).names()
 
     stray = tmp_path / "stray"
@@ -167,6 +142,6 @@ def test_the_tool_round_trips_a_checkpoint_with_a_shard_limit(tmp_path):
         )
         assert done.returncode == 0, done.stderr
     assert len(list(back.glob("*.safetensors"))) > 1
-    original, exported = _tensors(src), _tensors(back)
+    original, exported = safetensors_dir(src), safetensors_dir(back)
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)

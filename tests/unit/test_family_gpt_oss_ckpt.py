@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe_ext.checkpoint import CheckpointError, CheckpointReader
@@ -22,20 +21,13 @@ from moe_ext.model.parallelize import RankCoords, shard_slices, take_shard
 from moe_ext.plan import ParallelPlan
 from tests.support import gpt_oss_hf_model as hf_model
 from tests.support import gpt_oss_native_state as native_state
+from tests.support import safetensors_dir
 
 transformers = pytest.importorskip("transformers")
 
 LOCAL = "moe_ext.moe.dispatch.local.LocalDispatcher"
 SHARDED = "moe_ext.moe.dispatch.tp_sharded.TPShardedDispatcher"
 A2A = "moe_ext.moe.dispatch.nccl_a2a.AllToAllDispatcher"
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +98,18 @@ def test_sliced_loading_reads_only_the_ranks_bytes(saved):
 def test_import_export_round_trip_is_bit_exact(saved):
     root, model = saved
     import_hf(root / "hf", root / "ext", progress=False)
-    native = _tensors(root / "ext")
+    native = safetensors_dir(root / "ext")
     for name, tensor in native_state(model.state_dict()).items():
         assert torch.equal(native[name], tensor), name
     for layout in ("per-expert", "fused"):  # gpt_oss has one expert layout: both write it
         export_hf(root / "ext", root / f"back_{layout}", layout=layout, progress=False)
-        original, back = _tensors(root / "hf"), _tensors(root / f"back_{layout}")
+        original, back = safetensors_dir(root / "hf"), safetensors_dir(root / f"back_{layout}")
         assert sorted(back) == sorted(original)
         for name, tensor in original.items():
             assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
     # a moe_ext checkpoint re-imported from the export is the same checkpoint
     import_hf(root / "back_fused", root / "ext2", progress=False)
-    again = _tensors(root / "ext2")
+    again = safetensors_dir(root / "ext2")
     assert all(torch.equal(again[n], t) for n, t in native.items())
 
 
@@ -164,7 +156,7 @@ def _variant(saved, tmp_path: Path, edit) -> Path:
     directory = tmp_path / "variant"
     directory.mkdir()
     config = json.loads((root / "hf" / "config.json").read_text())
-    tensors = _tensors(root / "hf")
+    tensors = safetensors_dir(root / "hf")
     edit(config, tensors)
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "model.safetensors"))
