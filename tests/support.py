@@ -555,6 +555,25 @@ def launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[
     return result.tokens
 
 
+def launcher_cases(checkpoints: dict, names, plans, new_tokens: int) -> list:
+    """``check_launcher_cases`` input for every named checkpoint under every plan: greedy
+    fp32 generation of ``new_tokens``. checkpoints: name -> (directory, expected ids per
+    prompt), plus "prompts" -> the prompts file; plans: [(label, extra overrides)]."""
+    cases = []
+    for name in names:
+        directory, expected = checkpoints[name]
+        for label, extra in plans:
+            overrides = [
+                f"checkpoint={directory}",
+                f"prompts={checkpoints['prompts']}",
+                f"generate.max_new_tokens={new_tokens}",
+                "dtype=fp32",
+                *extra,
+            ]
+            cases.append((f"{name} {label}", overrides, expected))
+    return cases
+
+
 def check_launcher_cases(
     rank: int, world_size: int, cases: list[tuple[str, list[str], list]]
 ) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.support import check_launcher_cases, run_ranks
+from tests.support import check_launcher_cases, hf_greedy_each, launcher_cases, run_ranks
 from tests.support import deepseek_hf_model as hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -34,41 +33,19 @@ def checkpoints(tmp_path_factory) -> dict:
         model = hf_model(variant, num_hidden_layers=4, eos_token_id=None)
         directory = root / variant
         model.save_pretrained(directory)
-        expected = []
-        for prompt in PROMPTS:
-            ids = model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            expected.append(ids[0, len(prompt) :].tolist())
-        out[variant] = (str(directory), expected)
+        out[variant] = (str(directory), hf_greedy_each(model, PROMPTS, NEW_TOKENS))
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
     out["prompts"] = str(prompts)
     return out
 
 
-def _cases(checkpoints, plans, variants=VARIANTS) -> list:
-    cases = []
-    for variant in variants:
-        directory, expected = checkpoints[variant]
-        for label, extra in plans:
-            overrides = [
-                f"checkpoint={directory}",
-                f"prompts={checkpoints['prompts']}",
-                f"generate.max_new_tokens={NEW_TOKENS}",
-                "dtype=fp32",
-                *extra,
-            ]
-            cases.append((f"{variant} {label}", overrides, expected))
-    return cases
-
-
 def test_single_rank_matches_transformers(checkpoints):
-    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
+    run_ranks(
+        check_launcher_cases,
+        1,
+        args=(launcher_cases(checkpoints, VARIANTS, [("auto", [])], NEW_TOKENS),),
+    )
 
 
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
@@ -76,9 +53,15 @@ def test_two_ranks_every_strategy_and_pipeline(checkpoints):
         ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
     ]
-    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + pipelines),))
+    run_ranks(
+        check_launcher_cases,
+        2,
+        args=(launcher_cases(checkpoints, VARIANTS, STRATEGIES + pipelines, NEW_TOKENS),),
+    )
 
 
 def test_four_ranks_heads_split_with_expert_parallel(checkpoints):
     plans = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
-    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, plans, variants=("v3",)),))
+    run_ranks(
+        check_launcher_cases, 4, args=(launcher_cases(checkpoints, ("v3",), plans, NEW_TOKENS),)
+    )

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.support import check_launcher_cases, hf_greedy_each, run_ranks
+from tests.support import check_launcher_cases, hf_greedy_each, launcher_cases, run_ranks
 from tests.support import glm_hf_model as glm_model
 from tests.support import minimax_hf_model as minimax_model
 
@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 PROMPTS = [[1, 5, 7, 9, 11, 13], [2, 4, 6], [3, 8, 30, 31, 32, 33, 34, 35]]
 NEW_TOKENS = 6
+FAMILIES = ("glm4_moe", "minimax_m2")
 STRATEGIES = [
     (s, [f"strategy={s}"]) for s in ("replicate", "tp_experts", "ep_allgather", "ep_nccl")
 ]
@@ -47,33 +48,25 @@ def checkpoints(tmp_path_factory) -> dict:
     return out
 
 
-def _cases(checkpoints, plans, families=("glm4_moe", "minimax_m2")) -> list:
-    cases = []
-    for family in families:
-        directory, expected = checkpoints[family]
-        for label, extra in plans:
-            overrides = [
-                f"checkpoint={directory}",
-                f"prompts={checkpoints['prompts']}",
-                f"generate.max_new_tokens={NEW_TOKENS}",
-                "dtype=fp32",
-                *extra,
-            ]
-            cases.append((f"{family} {label}", overrides, expected))
-    return cases
-
-
 def test_single_rank_matches_transformers(checkpoints):
-    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
+    run_ranks(
+        check_launcher_cases,
+        1,
+        args=(launcher_cases(checkpoints, FAMILIES, [("auto", [])], NEW_TOKENS),),
+    )
 
 
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
-    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + PIPELINES),))
+    run_ranks(
+        check_launcher_cases,
+        2,
+        args=(launcher_cases(checkpoints, FAMILIES, STRATEGIES + PIPELINES, NEW_TOKENS),),
+    )
 
 
 def test_four_ranks_one_plan_per_family(checkpoints):
-    cases = _cases(
-        checkpoints, [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])], ("glm4_moe",)
-    )
-    cases += _cases(checkpoints, [("tp_experts tp=4", ["strategy=tp_experts"])], ("minimax_m2",))
+    ep_tp = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
+    cases = launcher_cases(checkpoints, ("glm4_moe",), ep_tp, NEW_TOKENS)
+    tp4 = [("tp_experts tp=4", ["strategy=tp_experts"])]
+    cases += launcher_cases(checkpoints, ("minimax_m2",), tp4, NEW_TOKENS)
     run_ranks(check_launcher_cases, 4, args=(cases,))

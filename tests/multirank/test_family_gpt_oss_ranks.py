@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import GPT_OSS_NEW_TOKENS as NEW_TOKENS
 from tests.support import GPT_OSS_PROMPTS as PROMPTS
-from tests.support import check_launcher_cases, hf_greedy_each, run_ranks
+from tests.support import check_launcher_cases, hf_greedy_each, launcher_cases, run_ranks
 from tests.support import gpt_oss_hf_model as hf_model
 
 pytest.importorskip("transformers")
@@ -23,43 +23,38 @@ STRATEGIES = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[str, str, list[list[int]]]:
-    """(saved directory, prompts file, transformers' greedy continuations of PROMPTS)."""
+def checkpoints(tmp_path_factory) -> dict:
+    """gpt_oss -> (saved directory, transformers' greedy continuations of PROMPTS), and
+    the prompts file."""
     root = tmp_path_factory.mktemp("gpt_oss_ranks")
     model = hf_model(seed=1)
     model.save_pretrained(root / "hf")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
-    return str(root / "hf"), str(prompts), hf_greedy_each(model, PROMPTS, NEW_TOKENS)
+    expected = hf_greedy_each(model, PROMPTS, NEW_TOKENS)
+    return {"gpt_oss": (str(root / "hf"), expected), "prompts": str(prompts)}
 
 
-def _cases(checkpoint, plans: list[tuple[str, list[str]]]):
-    directory, prompts, expected = checkpoint
-    common = [
-        f"checkpoint={directory}",
-        f"prompts={prompts}",
-        f"generate.max_new_tokens={NEW_TOKENS}",
-        "dtype=fp32",
-    ]
-    return [(f"gpt_oss {label}", [*common, *extra], expected) for label, extra in plans]
+def _cases(checkpoints, plans: list[tuple[str, list[str]]]) -> list:
+    return launcher_cases(checkpoints, ("gpt_oss",), plans, NEW_TOKENS)
 
 
-def test_single_rank_matches_transformers(checkpoint):
-    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoint, [("auto", [])]),))
+def test_single_rank_matches_transformers(checkpoints):
+    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
 
 
-def test_two_ranks_every_strategy_tp_and_pipeline(checkpoint):
+def test_two_ranks_every_strategy_tp_and_pipeline(checkpoints):
     extra = [
         ("replicate tp=2", ["strategy=replicate", "parallel.tp=2"]),
         ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
     ]
-    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoint, STRATEGIES + extra),))
+    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
-def test_four_ranks_tp_times_expert_parallel(checkpoint):
+def test_four_ranks_tp_times_expert_parallel(checkpoints):
     plan = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
-    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoint, plan),))
+    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, plan),))
 
 
 # ---- random weights built on meta and initialised per rank (no checkpoint) ---------------

@@ -20,6 +20,7 @@ from tests.support import (
     INFER_NEW_TOKENS,
     REPO,
     check_launcher_cases,
+    launcher_cases,
     make_infer_checkpoints,
     run_launcher,
     run_ranks,
@@ -35,29 +36,17 @@ def checkpoints(tmp_path_factory) -> dict:
     return make_infer_checkpoints(tmp_path_factory.mktemp("hf"))
 
 
-def _cases(checkpoints, strategy_overrides: list[tuple[str, list[str]]]):
-    cases = []
-    for family in FAMILIES:
-        directory, expected = checkpoints[family]
-        for label, extra in strategy_overrides:
-            overrides = [
-                f"checkpoint={directory}",
-                f"prompts={checkpoints['prompts']}",
-                f"generate.max_new_tokens={NEW_TOKENS}",
-                "dtype=fp32",
-                *extra,
-            ]
-            cases.append((f"{family} {label}", overrides, expected))
-    return cases
-
-
 STRATEGIES = [
     (s, [f"strategy={s}"]) for s in ("replicate", "tp_experts", "ep_allgather", "ep_nccl")
 ]
 
 
 def test_single_rank_matches_transformers(checkpoints):
-    run_ranks(check_launcher_cases, 1, args=(_cases(checkpoints, [("auto", [])]),))
+    run_ranks(
+        check_launcher_cases,
+        1,
+        args=(launcher_cases(checkpoints, FAMILIES, [("auto", [])], NEW_TOKENS),),
+    )
 
 
 def test_two_ranks_every_strategy_and_pipeline(checkpoints):
@@ -65,7 +54,11 @@ def test_two_ranks_every_strategy_and_pipeline(checkpoints):
         ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
     ]
-    run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
+    run_ranks(
+        check_launcher_cases,
+        2,
+        args=(launcher_cases(checkpoints, FAMILIES, STRATEGIES + extra, NEW_TOKENS),),
+    )
 
 
 @pytest.mark.slow  # 4-rank launcher matrix; every strategy at 2 ranks runs by default
@@ -77,7 +70,11 @@ def test_four_ranks_every_strategy(checkpoints):
         # EP 2 x 2 replicas: what auto picks on PCIe when half the experts fit a GPU
         ("ep_allgather ep=2", ["strategy=ep_allgather", "parallel.ep=2"]),
     ]
-    run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, STRATEGIES + extra),))
+    run_ranks(
+        check_launcher_cases,
+        4,
+        args=(launcher_cases(checkpoints, FAMILIES, STRATEGIES + extra, NEW_TOKENS),),
+    )
 
 
 # -- the command line --------------------------------------------------------------------
