@@ -182,6 +182,12 @@ def test_megatron_peer_matches_dense_reference_2gpus(dispatcher):
 # ---- tools smoke runs --------------------------------------------------------------------
 
 
+# bench_moe.py on CPU with a layer small enough for a smoke run
+TINY_LAYER_ON_CPU = (
+    "--device cpu --dtype fp32 --shape custom --hidden 32 --ffn 16 --experts 4 --topk 2".split()
+)
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -194,20 +200,7 @@ def test_bench_moe_with_peers_world2_smoke(tmp_path):
     cmd = [
         *torchrun(2),
         "tools/bench_moe.py",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--shape",
-        "custom",
-        "--hidden",
-        "32",
-        "--ffn",
-        "16",
-        "--experts",
-        "4",
-        "--topk",
-        "2",
+        *TINY_LAYER_ON_CPU,
         "--tokens",
         "4,8",
         "--strategies",
@@ -251,20 +244,7 @@ def test_bench_moe_expert_groups_below_world_size(tmp_path):
     cmd = [
         *torchrun(4),
         "tools/bench_moe.py",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--shape",
-        "custom",
-        "--hidden",
-        "32",
-        "--ffn",
-        "16",
-        "--experts",
-        "4",
-        "--topk",
-        "2",
+        *TINY_LAYER_ON_CPU,
         "--tokens",
         "8",
         "--strategies",
