@@ -16,6 +16,7 @@ from moe_ext.errors import MoeExtError
 
 if TYPE_CHECKING:
     from moe_ext.model.families.base import Family
+    from moe_ext.quant.config import QuantConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _ROPE_REQUIRED = {
@@ -101,6 +102,8 @@ class ModelArgs:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int | list[int]] = None
     pad_token_id: Optional[int] = None
+    # weights stored quantized (moe_ext.quant); None: every tensor in the model dtype
+    quantization: Optional["QuantConfig"] = None
     init_seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -146,6 +149,10 @@ class ModelArgs:
             self.sliding_window = None
         self.mlp_only_layers = [int(i) for i in self.mlp_only_layers]
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        if self.quantization is not None:
+            from moe_ext.quant.layout import check_args
+
+            check_args(self)
 
     # ---- derived shape facts -------------------------------------------------------
     def is_moe_layer(self, layer: int) -> bool:

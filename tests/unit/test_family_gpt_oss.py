@@ -304,7 +304,7 @@ def test_shipped_confs_have_the_published_size(name, billions):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(quantization_config={"quant_method": "mxfp4"}), "quantized weights are not"),
+        (dict(quantization_config={"quant_method": "awq"}), "quant_method 'awq' is not"),
         (dict(layer_types=["sliding_attention"] * 3), "layer_types must list 4 entries"),
         (dict(layer_types=["sliding", "full"] * 2), "layer_types must list 4 entries"),
         (dict(sliding_window=0), "sliding_window 0 must be >= 1"),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from moe_ext.model.args import ModelArgs, ModelArgsError, normalize_rope_scaling
 from moe_ext.model.families.fields import ConfigFields
+from moe_ext.quant.config import parse_quantization
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +101,7 @@ class Family:
             pad_token_id=cfg.token_ids("pad_token_id"),
             init_seed=cfg.int("init_seed", 1234),
             partial_rotary_factor=partial,
+            quantization=parse_quantization(cfg.raw("quantization_config"), cfg.source),
             **self.family_args(cfg),
         )
         if partial != 1.0:
@@ -141,6 +143,8 @@ class Family:
         }
         if args.rope_scaling is not None:
             config["rope_scaling"] = dict(args.rope_scaling)
+        if args.quantization is not None:
+            config["quantization_config"] = args.quantization.to_hf()
         config.update(self.family_config(args))
         if tokenizer is not None:
             config["tokenizer"] = tokenizer

@@ -13,8 +13,9 @@ Checkpoints store the experts fused, transposed and with gate/up interleaved:
 ``gate_up_proj_bias`` [E, 2F] (interleaved likewise), ``down_proj`` [E, F, H],
 ``down_proj_bias`` [E, H], and the router as ``mlp.router.weight`` / ``.bias``; the
 checkpoint reader converts to the native [E, 2F, H] gate-rows-then-up-rows and back
-(``hf_expert_transforms``). MXFP4-quantized checkpoints (the published ones) are refused:
-quantized weights are not supported yet.
+(``hf_expert_transforms``). The published checkpoints store the experts in MXFP4
+(``moe_ext.quant``): ``gate_up_proj_blocks`` [E, 2F, H/32, 16] with its rows interleaved
+gate/up like the bias, and ``down_proj_blocks`` [E, H, F/32, 16], neither transposed.
 """
 
 from __future__ import annotations
@@ -58,13 +59,6 @@ class GptOss(Family):
 
     # ---- config mapping -------------------------------------------------------------
     def args_from_config(self, cfg: ConfigFields) -> ModelArgs:
-        quantization = cfg.raw("quantization_config")
-        if quantization is not None:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-            raise ModelArgsError(
-                f"{cfg.source}: quantization_config ({method or quantization!r}): quantized "
-                f"weights are not supported yet; use a bf16 checkpoint of the model"
-            )
         explicit_rope = "rope_parameters" in cfg or "rope_scaling" in cfg
         args = super().args_from_config(cfg)
         if not explicit_rope:  # transformers' default for gpt_oss is yarn, not plain RoPE
