@@ -29,6 +29,7 @@ from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices
 from moe_ext.model.weights import init_random_, materialize_
 from moe_ext.plan import ParallelPlan
+from moe_ext.quant.layout import stored_requests
 from moe_ext.topology import GIB, Topology, TopologyError, probe, resolve_topology
 
 DEBUG_VARIABLE = "MOE_EXT_DEBUG"
@@ -190,6 +191,7 @@ def build_model_shard(
     """This rank's shard of the model in ``dtype``: built on meta, parallelized, then
     materialized straight from the checkpoint slices it needs (or the seeded random init).
     ``verify``: hash each tensor it touches against the manifest (``checkpoint_verify=true``).
+    Quantized weights stay quantized: read as stored, computed with in ``dtype``.
     Raises CheckpointError (a MoeExtError) naming a missing or corrupt tensor."""
     with torch.device("meta"):
         model = Transformer(source.args).to(dtype=dtype)  # cast on meta: no full fp32 copy
@@ -202,7 +204,12 @@ def build_model_shard(
         # correction bias) must not pass through ``dtype``
         dtypes = {name: t.dtype for name, t in model.state_dict().items()}
         state = load_sharded(
-            source.reader, requests, dtype=dtypes, device=device, progress=progress, verify=verify
+            source.reader,
+            stored_requests(requests, source.args),
+            dtype=dtypes,
+            device=device,
+            progress=progress,
+            verify=verify,
         )
         materialize_(model, device).load_state_dict(state, strict=False)
     return model

@@ -22,6 +22,7 @@ from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.model.layers import RMSNorm
 from moe_ext.moe.dispatch.comm import run_on_token_slice
+from moe_ext.quant.linear import quantize_modules_
 
 
 class TransformerBlock(nn.Module):
@@ -107,6 +108,7 @@ class Transformer(nn.Module):
             else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         )
         self.rotary = args.family.build_rotary(args)
+        quantize_modules_(self, args)  # quantized weights: their storage, as checkpoints hold it
         # this rank's place in the parallel plan: one rank with everything until
         # parallelize sets it (the only place that does)
         self.context: ParallelContext = ParallelContext()

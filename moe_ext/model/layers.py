@@ -24,6 +24,7 @@ from torch import nn
 
 from moe_ext.model.args import ModelArgs, ModelArgsError
 from moe_ext.moe.dispatch.comm import copy_to_partials, reduce_partials
+from moe_ext.quant.linear import project_without_bias
 
 
 class RMSNorm(nn.Module):
@@ -323,11 +324,11 @@ class Attention(nn.Module):
 
 
 def output_projection(
-    heads: torch.Tensor, o_proj: nn.Linear, tp_group: Optional[dist.ProcessGroup]
+    heads: torch.Tensor, o_proj: nn.Module, tp_group: Optional[dist.ProcessGroup]
 ) -> torch.Tensor:
     """heads: [B, S, local heads · head dim] -> [B, S, H]: o_proj over this rank's heads,
     the TP partial sums reduced, then the bias added once (after the reduction)."""
-    out = F.linear(heads, o_proj.weight)  # [B, S, H], partial sum under TP
+    out = project_without_bias(o_proj, heads)  # [B, S, H], partial sum under TP
     if tp_group is not None:
         out = reduce_partials(out, tp_group)
     if o_proj.bias is not None:

@@ -42,6 +42,7 @@ from torch import nn
 
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.layers import RMSNorm, apply_rope, attention_mask, output_projection
+from moe_ext.quant.linear import linear_weight
 
 ROPE_LAYOUTS = ("complex", "interleave", "half")
 # transformers builds the q/kv LoRA norms with RMSNorm's default epsilon, not rms_norm_eps
@@ -223,7 +224,7 @@ class MLAttention(nn.Module):
         softmax in float32 (transformers' eager attention)."""
         B, n, S, Dn = q_nope.shape
         C, Dv = self.kv_rank, self.v_dim
-        w = self.kv_b_proj.weight.view(n, Dn + Dv, C)
+        w = linear_weight(self.kv_b_proj, q_nope.dtype).view(n, Dn + Dv, C)
         w_uk, w_uv = w.split([Dn, Dv], dim=1)  # [n, Dn, C], [n, Dv, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(n, B * S, Dn), w_uk)  # [n, B·S, C]
         q_latent = q_latent.view(n, B, S, C).transpose(0, 1)  # [B, n, S, C]

@@ -31,6 +31,8 @@ from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import ParallelContext
 from moe_ext.model.decoder import Transformer
+from moe_ext.quant.layout import stored_requests
+from moe_ext.quant.linear import quantize_modules_
 
 
 class ParallelizeError(MoeExtError):
@@ -176,9 +178,14 @@ def take_shard(tensor: torch.Tensor, request: ShardRequest) -> torch.Tensor:
     return boxes[0] if len(boxes) == 1 else torch.cat(boxes, dim=request.cat_dim)
 
 
-def _replace_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Parameter or buffer ``name`` of ``model`` becomes ``value`` (quantized weights and
+    their scales are buffers)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._buffers:
+        module._buffers[leaf] = value.contiguous()
+        return
     old = getattr(module, leaf)
     setattr(module, leaf, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
@@ -189,7 +196,7 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
     plan: ParallelPlan; groups: ProcessGroups built from it. A model with real weights
     keeps this rank's slices of them; a meta model stays meta (load or init afterwards)."""
     args = model.args
-    requests = shard_slices(plan, groups, args)
+    requests = stored_requests(shard_slices(plan, groups, args), args)
     keep = set(stage_layers(args.num_hidden_layers, plan.pp, groups.pp_rank))
     # -- pipeline: drop what other stages hold ------------------------------------------
     for key in list(model.layers.keys()):
@@ -210,6 +217,7 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
         ref = old.router.weight
         dispatcher = build_dispatcher(plan.dispatcher, args.num_experts, groups.dispatch_groups())
         new = args.family.build_moe(args, dispatcher, dtype=ref.dtype, device=ref.device)
+        quantize_modules_(new, args, prefix=f"layers.{key}.mlp.")
         if ref.device.type != "meta":
             prefix = f"layers.{key}.mlp."
             state = {
@@ -222,16 +230,16 @@ def parallelize(model: Transformer, plan: Any, groups: Any) -> Transformer:
         if plan.tokens_split_over_tp:
             block.moe_token_split_group = groups.tp
     # -- attention and dense MLPs: TP slices ----------------------------------------------
-    for name, param in list(model.named_parameters()):
+    for name, tensor in list(model.state_dict(keep_vars=True).items()):
         if ".mlp.router." in name or ".mlp.experts." in name or ".mlp.shared_expert" in name:
             continue  # built for this rank above
         request = requests.get(name)
         if request is None:
             raise ParallelizeError(
-                f"no shard rule for parameter {name}; the model and shard_slices disagree"
+                f"no shard rule for tensor {name}; the model and shard_slices disagree"
             )
-        if not request.is_full(param.shape):
-            _replace_param(model, name, take_shard(param.data, request))
+        if not request.is_full(tensor.shape):
+            _replace_tensor(model, name, take_shard(tensor.data, request))
     if plan.tp > 1:
         for block in model.layers.values():
             block.self_attn.tp_group = groups.tp

@@ -20,6 +20,7 @@ from torch import nn
 
 from moe_ext.checkpoint.shard import ShardRequest
 from moe_ext.model.args import ModelArgs
+from moe_ext.quant.layout import quantize_state, stored_tensors
 
 VOCAB_CHUNK_ROWS = 4096
 
@@ -105,7 +106,9 @@ def random_tensor(
 
 
 def init_random_full(args: ModelArgs, seed: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """All full tensors, fp32 on CPU (fine for small shapes; big ones use init_random_)."""
+    """All full logical tensors (quantized weights before quantization), fp32 on CPU (fine
+    for small shapes; big ones use init_random_). ``quantize_state`` gives what a
+    quantized model stores."""
     seed = args.init_seed if seed is None else seed
     return {
         name: random_tensor(name, shape, args, seed)
@@ -126,23 +129,32 @@ def init_random_(
     model is materialised there first)."""
     args: ModelArgs = model.args
     seed = args.init_seed if seed is None else seed
+    tensors = model.state_dict(keep_vars=True)  # parameters and quantized-weight buffers
     params = dict(model.named_parameters())
     device = torch.device(device) if device is not None else next(iter(params.values())).device
-    if any(p.device.type == "meta" for p in params.values()):
+    if any(t.device.type == "meta" for t in tensors.values()):
         if device.type == "meta":
             raise ValueError("init_random_ needs a real device for a meta model; pass device=")
         materialize_(model, device)
-        params = dict(model.named_parameters())
-    shapes = args.family.param_shapes(args)
-    for name, param in params.items():
+        tensors = model.state_dict(keep_vars=True)
+    logical = args.family.param_shapes(args)
+    stored = stored_tensors(args)
+    # parameters and quantized storage; other buffers (the router's correction bias) keep
+    # what materialize_ gave them
+    drawn = [n for n, spec in stored.items() if n in params or (n in tensors and spec.dtype)]
+    for name in dict.fromkeys(stored[n].logical for n in drawn):
         request = None if requests is None else requests[name]
-        value = random_tensor(name, shapes[name], args, seed, request, device)
-        if value.shape != param.shape:
-            raise ValueError(
-                f"{name}: generated shard {tuple(value.shape)} does not match the "
-                f"parameter {tuple(param.shape)}; pass this rank's shard_slices"
-            )
-        param.copy_(value)
+        value = random_tensor(name, logical[name], args, seed, request, device)
+        # quantized weights: this rank's slice quantized (the plan keeps slices aligned to
+        # scale blocks, so it equals the slice of the quantized full tensor)
+        for key, part in quantize_state({name: value}, args).items():
+            target = tensors[key]
+            if part.shape != target.shape:
+                raise ValueError(
+                    f"{key}: generated shard {tuple(part.shape)} does not match the "
+                    f"model's {tuple(target.shape)}; pass this rank's shard_slices"
+                )
+            target.data.copy_(part)
     return model
 
 

@@ -32,7 +32,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_ext.model.families.base import DOWN, GATE_UP
 from moe_ext.moe.kernels import load_kernels
+from moe_ext.quant.config import QuantConfig
+from moe_ext.quant.formats import (
+    FP8_DTYPE,
+    dequantize_fp8,
+    dequantize_mxfp4,
+    fp8_scale_shape,
+    mxfp4_shapes,
+)
+from moe_ext.quant.layout import FP8_SCALE, MXFP4_BLOCKS, MXFP4_SCALES
+from moe_ext.quant.linear import keep_stored_dtypes
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("auto", "grouped_mm", "loop", "triton")
@@ -111,6 +122,7 @@ class GroupedExperts(nn.Module):
         *,
         options: ExpertOptions = ExpertOptions(),
         backend: str = "auto",
+        quant: Optional[QuantConfig] = None,
         dtype: Optional[torch.dtype] = None,
         device: Optional[torch.device] = None,
     ):
@@ -120,33 +132,111 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.backend = backend
         self.options = options
+        self.quant = quant
 
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
-        # registration order = state_dict order = Family.param_shapes order
-        self.gate_up_proj = param(num_experts, 2 * ffn_size, hidden_size)
+        # registration order = state_dict order = moe_ext.quant.layout.stored_tensors order
+        shapes = {GATE_UP: (num_experts, 2 * ffn_size, hidden_size)}
+        shapes[DOWN] = (num_experts, hidden_size, ffn_size)
+        if quant is None:
+            self.gate_up_proj = param(*shapes[GATE_UP])
+        else:
+            self._register_quantized(GATE_UP, shapes[GATE_UP], device)
         self.gate_up_proj_bias = param(num_experts, 2 * ffn_size) if options.bias else None
-        self.down_proj = param(num_experts, hidden_size, ffn_size)
+        if quant is None:
+            self.down_proj = param(*shapes[DOWN])
+        else:
+            self._register_quantized(DOWN, shapes[DOWN], device)
         self.down_proj_bias = param(num_experts, hidden_size) if options.bias else None
-        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
-        nn.init.normal_(self.down_proj, std=max(ffn_size, 1) ** -0.5)
+        if quant is None:
+            nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+            nn.init.normal_(self.down_proj, std=max(ffn_size, 1) ** -0.5)
         for bias in (self.gate_up_proj_bias, self.down_proj_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
+
+    # ---- quantized storage (moe_ext.quant) ----------------------------------------------
+    def _register_quantized(self, name: str, shape: tuple[int, ...], device) -> None:
+        """Buffers of quantized weight ``name`` [E, R, C] as checkpoints store them: fp8
+        ``name`` + ``name_scale_inv``; mxfp4 ``name_blocks`` + ``name_scales``."""
+        if self.quant.method == "fp8":
+            stored = {
+                name: (shape, FP8_DTYPE),
+                name + FP8_SCALE: (fp8_scale_shape(shape, self.quant.block), torch.float32),
+            }
+        else:
+            blocks, scales = mxfp4_shapes(shape)
+            stored = {name + MXFP4_BLOCKS: (blocks, torch.uint8)}
+            stored[name + MXFP4_SCALES] = (scales, torch.uint8)
+        for key, (stored_shape, dtype) in stored.items():
+            self.register_buffer(key, torch.zeros(stored_shape, dtype=dtype, device=device))
+
+    @property
+    def _stored_names(self) -> tuple[str, ...]:
+        if self.quant is None:
+            return ()
+        if self.quant.method == "fp8":
+            return (GATE_UP, GATE_UP + FP8_SCALE, DOWN, DOWN + FP8_SCALE)
+        return tuple(w + part for w in (GATE_UP, DOWN) for part in (MXFP4_BLOCKS, MXFP4_SCALES))
+
+    def _apply(self, fn, recurse: bool = True):
+        stored = {name: self._buffers.pop(name) for name in self._stored_names}
+        super()._apply(fn, recurse)
+        self._buffers.update(stored)
+        keep_stored_dtypes(self, fn, self._stored_names)  # moved, never cast
+        return self
+
+    def quantized(self, quant: QuantConfig) -> "GroupedExperts":
+        """These experts with ``quant`` storage (uninitialised, on this module's device)."""
+        ref = next(iter(self.parameters()), None)
+        device = self.gate_up_proj.device if ref is None else ref.device
+        dtype = None if ref is None else ref.dtype
+        return GroupedExperts(
+            self.num_experts,
+            self.hidden_size,
+            self.ffn_size,
+            options=self.options,
+            backend=self.backend,
+            quant=quant,
+            dtype=dtype,
+            device=device,
+        )
+
+    def _quantized_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight or blocks, scales) of quantized weight ``name``."""
+        if self.quant.method == "fp8":
+            return getattr(self, name), getattr(self, name + FP8_SCALE)
+        return getattr(self, name + MXFP4_BLOCKS), getattr(self, name + MXFP4_SCALES)
+
+    def dense_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj [E, 2F, H], down_proj [E, H, F]) in ``dtype``; quantized weights are
+        dequantized (exactly, in float32)."""
+        if self.quant is None:
+            return self.gate_up_proj, self.down_proj
+        if self.quant.method == "fp8":
+            return tuple(
+                dequantize_fp8(*self._quantized_operands(w), self.quant.block, dtype)
+                for w in (GATE_UP, DOWN)
+            )
+        return tuple(dequantize_mxfp4(*self._quantized_operands(w), dtype) for w in (GATE_UP, DOWN))
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_size}, "
             f"backend={self.backend}, {self.options}"
+            + (f", {self.quant.describe()}" if self.quant else "")
         )
 
-    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+    def uses_grouped_mm(self, x: torch.Tensor, weights=None) -> bool:
         """Whether this forward runs torch's grouped GEMM (when it does not run Triton):
-        backend 'grouped_mm' or 'auto' and x [T', H] qualifies (``grouped_mm_qualifies``)."""
-        return self.backend in ("auto", "grouped_mm") and grouped_mm_qualifies(
-            x, self.gate_up_proj, self.down_proj
-        )
+        backend 'grouped_mm' or 'auto' and x [T', H] qualifies (``grouped_mm_qualifies``)
+        with ``weights`` (gate_up, down; default: this module's, dequantized ones for
+        quantized experts)."""
+        if self.backend not in ("auto", "grouped_mm"):
+            return False
+        return grouped_mm_qualifies(x, *(weights or self.dense_weights(x.dtype)))
 
     def _params(self) -> tuple[nn.Parameter, ...]:
         return tuple(p for p in self.parameters(recurse=False))
@@ -212,42 +302,62 @@ class GroupedExperts(nn.Module):
                 f"disagree on the number of local experts"
             )
         in_dtype = x.dtype
-        x = x.to(self.gate_up_proj.dtype)
+        if self.quant is None:
+            x = x.to(self.gate_up_proj.dtype)
+        elif self.gate_up_proj_bias is not None:
+            x = x.to(self.gate_up_proj_bias.dtype)  # quantized: compute in the model dtype
         if self.uses_triton(x, tokens_per_expert):
-            kernels = load_kernels("grouped_gemm")
-            down_bias = self.down_proj_bias if self.options.add_down_bias else None
-            biases = (self.gate_up_proj_bias, down_bias)
-            if self.backend == "triton":  # auto only picks operands the kernels take
-                kernels.check_operands(
-                    x, self.gate_up_proj, self.down_proj, tokens_per_expert, *biases
-                )
-            y = kernels.swiglu_experts_forward(
-                x,
-                self.gate_up_proj,
-                self.down_proj,
-                tokens_per_expert,
-                gate_up_bias=biases[0],
-                down_bias=biases[1],
-                swiglu_limit=self.options.swiglu_limit,
-                swiglu_alpha=self.options.swiglu_alpha,
-            )
-        elif self.uses_grouped_mm(x):
-            y = self._forward_grouped_mm(x, tokens_per_expert)
+            y = self._forward_triton(x, tokens_per_expert)
         else:
-            self._refuse_unrunnable_backend(x)
-            y = self._forward_loop(x, tokens_per_expert)
+            weights = self.dense_weights(x.dtype)  # quantized: dequantized (weight-only)
+            if self.uses_grouped_mm(x, weights):
+                y = self._forward_grouped_mm(x, tokens_per_expert, *weights)
+            else:
+                self._refuse_unrunnable_backend(x)
+                y = self._forward_loop(x, tokens_per_expert, *weights)
         return y.to(in_dtype)
 
-    def _forward_grouped_mm(self, x, tokens_per_expert):
+    def _forward_triton(self, x, tokens_per_expert):
+        kernels = load_kernels("grouped_gemm")
+        down_bias = self.down_proj_bias if self.options.add_down_bias else None
+        biases = (self.gate_up_proj_bias, down_bias)
+        if self.quant is None:
+            gate_up, down = self.gate_up_proj, self.down_proj
+            quantized = {}
+        else:
+            (gate_up, gate_up_scale), (down, down_scale) = (
+                self._quantized_operands(w) for w in (GATE_UP, DOWN)
+            )
+            quantized = dict(
+                weight_format=self.quant.method,
+                gate_up_scale=gate_up_scale,
+                down_scale=down_scale,
+                fp8_block=self.quant.block if self.quant.method == "fp8" else (128, 128),
+            )
+        if self.backend == "triton" and self.quant is None:  # auto picks operands it takes
+            kernels.check_operands(x, gate_up, down, tokens_per_expert, *biases)
+        return kernels.swiglu_experts_forward(
+            x,
+            gate_up,
+            down,
+            tokens_per_expert,
+            gate_up_bias=biases[0],
+            down_bias=biases[1],
+            swiglu_limit=self.options.swiglu_limit,
+            swiglu_alpha=self.options.swiglu_alpha,
+            **quantized,
+        )
+
+    def _forward_grouped_mm(self, x, tokens_per_expert, gate_up_proj, down_proj):
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # [E] group ends
-        gate_up = _GROUPED_MM(x, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [T', 2F]
+        gate_up = _GROUPED_MM(x, gate_up_proj.transpose(1, 2), offs=offsets)  # [T', 2F]
         gate_up = _ContiguousGrad.apply(gate_up)
         bias_rows = None
         if self.options.bias:
             bias_rows = row_experts(tokens_per_expert, x.shape[0])  # [T']
             gate_up = gate_up + self.gate_up_proj_bias[bias_rows]  # [T', 2F]
         hidden = self._activation(gate_up)  # [T', F]
-        y = _GROUPED_MM(hidden, self.down_proj.transpose(1, 2), offs=offsets)  # [T', H]
+        y = _GROUPED_MM(hidden, down_proj.transpose(1, 2), offs=offsets)  # [T', H]
         y = _ContiguousGrad.apply(y)
         if bias_rows is not None and self.options.add_down_bias:
             y = y + self.down_proj_bias[bias_rows]
@@ -261,24 +371,25 @@ class GroupedExperts(nn.Module):
             return F.silu(gate) * up
         return clamped_swiglu(gate, up, self.options.swiglu_alpha, limit)
 
-    def _expert_forward(self, xe: torch.Tensor, expert: int) -> torch.Tensor:
+    def _expert_forward(self, xe, expert: int, gate_up_proj, down_proj) -> torch.Tensor:
         """One expert on its rows. xe: [rows, H] -> [rows, H]."""
-        gate_up = F.linear(xe, self.gate_up_proj[expert])  # [rows, 2F]
+        gate_up = F.linear(xe, gate_up_proj[expert])  # [rows, 2F]
         if self.gate_up_proj_bias is not None:
             gate_up = gate_up + self.gate_up_proj_bias[expert]
-        y = F.linear(self._activation(gate_up), self.down_proj[expert])  # [rows, H]
+        y = F.linear(self._activation(gate_up), down_proj[expert])  # [rows, H]
         if self.down_proj_bias is not None and self.options.add_down_bias:
             y = y + self.down_proj_bias[expert]
         return y
 
     @torch.compiler.disable  # data-dependent Python loop: tracing it would recompile per split
-    def _forward_loop(self, x, tokens_per_expert):
+    def _forward_loop(self, x, tokens_per_expert, gate_up_proj, down_proj):
         # Host sync: slicing rows per expert needs the split sizes as Python ints.
         splits = tokens_per_expert.tolist()
         outputs, start = [], 0
         for expert, rows in enumerate(splits):
             # Empty experts still run (on zero rows) so every weight gets a (zero) gradient.
-            outputs.append(self._expert_forward(x[start : start + rows], expert))  # [rows, H]
+            xe = x[start : start + rows]
+            outputs.append(self._expert_forward(xe, expert, gate_up_proj, down_proj))  # [rows, H]
             start += rows
         if start < x.shape[0]:  # trailing padding rows (static-capacity dispatch)
             outputs.append(x.new_zeros(x.shape[0] - start, self.hidden_size))  # [pad, H]

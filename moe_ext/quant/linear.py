@@ -1,0 +1,173 @@
+"""The FP8 linear layer, and the pass that puts quantized modules into a model.
+
+# T rows, N out features, K in features
+
+``Fp8Linear`` holds what an FP8 checkpoint stores for one ``nn.Linear``: ``weight``
+float8_e4m3fn [N, K] and ``weight_scale_inv`` float32 [ceil(N/bo), ceil(K/bi)] (buffers:
+nothing here trains), plus an optional ``bias`` [N] in the model dtype. At decode sizes on
+CUDA it runs the Triton weight-streaming kernel, which reads the FP8 bytes and applies the
+scales in registers; elsewhere (prefill, CPU) it dequantizes to the input's dtype and runs
+``F.linear``, which on CPU in float32 equals a model built from dequantized weights exactly.
+
+``quantize_modules_`` swaps the modules whose weights ``args.quantization`` stores
+quantized (``moe_ext.quant.layout.quantized_weights``) for their quantized versions, on
+whatever device they are (meta included); the model is otherwise built as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_ext.moe.kernels import kernels_for
+from moe_ext.quant.config import QuantConfig
+from moe_ext.quant.formats import FP8_DTYPE, dequantize_fp8, fp8_scale_shape
+from moe_ext.quant.layout import quantized_weights
+
+# Up to this many rows the Triton kernel (a weight read) beats dequantize-then-GEMM.
+KERNEL_MAX_ROWS = 256
+
+
+def keep_stored_dtypes(module: nn.Module, fn: Callable, names: tuple[str, ...]) -> None:
+    """After ``nn.Module._apply(fn)``: buffers ``names`` keep their stored dtype.
+    ``model.to(torch.bfloat16)`` must move quantized tensors without casting them (float8
+    counts as floating point, and a float32 scale cast to bf16 would lose digits)."""
+    for name in names:
+        old = module._buffers.get(name)
+        if old is None:
+            continue
+        moved = fn(old)
+        if moved.dtype != old.dtype:
+            moved = old.to(device=moved.device)  # re-move from the original: no rounding
+        module._buffers[name] = moved
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ dequant(weight)^T (+ bias); weight-only FP8 with block scales."""
+
+    STORED = ("weight", "weight_scale_inv")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block: tuple[int, int],
+        bias: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device)
+        )
+        scale_shape = fp8_scale_shape((out_features, in_features), block)
+        self.register_buffer(
+            "weight_scale_inv", torch.ones(scale_shape, dtype=torch.float32, device=device)
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )
+
+    def _apply(self, fn, recurse: bool = True):
+        stored = {name: self._buffers[name] for name in self.STORED}
+        for name in self.STORED:  # moved by hand below, never cast
+            del self._buffers[name]
+        super()._apply(fn, recurse)
+        self._buffers.update(stored)
+        keep_stored_dtypes(self, fn, self.STORED)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, fp8 blocks {list(self.block)}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight [N, K] in ``dtype``."""
+        return dequantize_fp8(self.weight, self.weight_scale_inv, self.block, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., K] -> [..., N] in x's dtype."""
+        return self.project(x, add_bias=True)
+
+    def project(self, x: torch.Tensor, add_bias: bool) -> torch.Tensor:
+        """x: [..., K] -> [..., N] in x's dtype, with or without the bias (TP partial sums
+        add it once, after their reduction)."""
+        bias = self.bias if add_bias else None
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (
+            x.device.type == "cuda"
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and rows <= KERNEL_MAX_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            kernels = kernels_for("grouped_gemm", x.device)
+            if kernels is not None:
+                flat = x.reshape(rows, x.shape[-1])  # [T, K]
+                y = kernels.quantized_linear(
+                    flat,
+                    self.weight,
+                    self.weight_scale_inv,
+                    weight_format="fp8",
+                    fp8_block=self.block,
+                    bias=bias,
+                )  # [T, N]
+                return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dense_weight(x.dtype), bias)
+
+
+def project_without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T of an ``nn.Linear`` or ``Fp8Linear``, its bias left out."""
+    if isinstance(linear, Fp8Linear):
+        return linear.project(x, add_bias=False)
+    return F.linear(x, linear.weight)
+
+
+def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight of an ``nn.Linear`` or ``Fp8Linear`` in ``dtype`` (for code that
+    uses a projection's weight directly, as MLA's absorbed attention does)."""
+    if isinstance(linear, Fp8Linear):
+        return linear.dense_weight(dtype)
+    return linear.weight.to(dtype)
+
+
+def quantize_modules_(module: nn.Module, args, prefix: str = "") -> nn.Module:
+    """Swap, in place, the submodules of ``module`` (whose names are ``prefix`` + their
+    path in the full model) that ``args.quantization`` stores quantized: ``nn.Linear`` ->
+    ``Fp8Linear``, ``GroupedExperts`` -> the same experts holding quantized storage.
+    New tensors are uninitialised, on the replaced module's device: load or init next."""
+    from moe_ext.moe.experts import GroupedExperts
+
+    quant: Optional[QuantConfig] = args.quantization
+    if quant is None:
+        return module
+    wanted = quantized_weights(args)
+    for name, child in list(module.named_modules()):
+        path = prefix + name + ("." if name else "")
+        if isinstance(child, nn.Linear) and path + "weight" in wanted:
+            if quant.method != "fp8":
+                raise NotImplementedError(f"{quant.method} dense linears ({path}weight)")
+            new = Fp8Linear(
+                child.in_features,
+                child.out_features,
+                quant.block,
+                bias=child.bias is not None,
+                dtype=child.weight.dtype,
+                device=child.weight.device,
+            )
+        elif isinstance(child, GroupedExperts) and path + "gate_up_proj" in wanted:
+            new = child.quantized(quant)
+        else:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else None
+        if parent is None:
+            raise ValueError(f"quantize_modules_ swaps submodules, not {type(module).__name__}")
+        setattr(parent, leaf, new)
+    return module
