@@ -27,6 +27,13 @@ ep_* strategy, a given parallel.etp > 1 picks tp_experts. Auto's ep is the large
 of tp*dp that divides the expert count, except on PCIe / CPU with known memory: there it is
 the smallest such divisor whose weights fit (fewer bytes per exchange; EP groups side by
 side).
+
+Memory counts the bytes the weights are stored in (``moe_ext.quant.layout.stored_tensors``):
+fp8 weights 1 byte + a float32 scale per block, MXFP4 experts 0.5 byte + a 1-byte scale per
+32 values, everything else at ``dtype_bytes`` (the model dtype). Auto refuses a model whose
+weights exceed the memory of all ranks together, naming the fix. With a quantized model, a
+TP / expert-TP degree whose slices cut a scale block is refused (``check_quantized_split``),
+naming the degrees that keep whole blocks; auto skips such candidates.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.families import expert_param
 from moe_ext.moe.dispatch import DISPATCHERS, DispatcherConfigError, dispatcher_class
+from moe_ext.quant.config import QuantizationError
+from moe_ext.quant.layout import stored_tensors
 
 if TYPE_CHECKING:  # plan depends on topology only through these attributes
     from moe_ext.topology import Topology
@@ -105,6 +114,11 @@ class ParallelPlan:
 # ---------------------------------------------------------------------------------------
 
 
+def _is_expert(name: str) -> bool:
+    """A routed-expert tensor (weights and biases), by its logical name."""
+    return bool(expert_param(name)) or ".mlp.experts." in name
+
+
 def model_param_counts(model: ModelArgs) -> tuple[int, int]:
     """(total parameters, routed-expert parameters), from the same tensor list the model
     and the checkpoint maps use (``Family.param_shapes``)."""
@@ -112,15 +126,43 @@ def model_param_counts(model: ModelArgs) -> tuple[int, int]:
     for name, shape in model.family.param_shapes(model).items():
         n = math.prod(shape)
         total += n
-        if expert_param(name) or ".mlp.experts." in name:  # expert weights and biases
+        if _is_expert(name):
             experts += n
     return total, experts
 
 
+class WeightBytes(NamedTuple):
+    """Bytes of stored weights, split the way ranks split them. Each figure includes its
+    quantization scales; ``*_scales`` says how much of it they are."""
+
+    dense: int  # everything but routed experts: attention, dense MLPs, embeddings, norms
+    experts: int  # routed experts (weights, biases)
+    dense_scales: int  # fp8 scale_inv of quantized dense weights (part of ``dense``)
+    expert_scales: int  # fp8 scale_inv / mxfp4 scales of the experts (part of ``experts``)
+
+
+def model_weight_bytes(model: ModelArgs, dtype_bytes: int = 2) -> WeightBytes:
+    """Bytes of every tensor the model stores (``moe_ext.quant.layout.stored_tensors``):
+    quantized weights at their stored dtype (fp8: 1 byte, mxfp4 blocks: 0.5 byte per value)
+    plus their scales (fp8: float32 per block, mxfp4: 1 byte per 32 values), every other
+    tensor at ``dtype_bytes``."""
+    dense = experts = dense_scales = expert_scales = 0
+    for spec in stored_tensors(model).values():
+        itemsize = dtype_bytes if spec.dtype is None else spec.dtype.itemsize
+        n = math.prod(spec.shape) * itemsize
+        scale = n if spec.role in ("scale_inv", "scales") else 0
+        if _is_expert(spec.logical):
+            experts, expert_scales = experts + n, expert_scales + scale
+        else:
+            dense, dense_scales = dense + n, dense_scales + scale
+    return WeightBytes(dense, experts, dense_scales, expert_scales)
+
+
 def model_memory_bytes(model: ModelArgs, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(all weights, routed-expert weights) in bytes at ``dtype_bytes`` per parameter."""
-    total, experts = model_param_counts(model)
-    return total * dtype_bytes, experts * dtype_bytes
+    """(all weights, routed-expert weights) in bytes as stored: quantized weights with their
+    scales, the rest at ``dtype_bytes`` per parameter (``model_weight_bytes``)."""
+    w = model_weight_bytes(model, dtype_bytes)
+    return w.dense + w.experts, w.experts
 
 
 class MemoryEstimate(NamedTuple):
@@ -134,16 +176,30 @@ class MemoryEstimate(NamedTuple):
     # windows bounded), for the layers of one pipeline stage
     kv_bytes_per_sequence: int
     context: int  # tokens per sequence the KV figure is for
+    scale_bytes: int = 0  # of total_bytes: quantization scales (fp8 scale_inv, mxfp4 scales)
+
+
+def rank_weight_bytes(
+    model: ModelArgs, tp: int, pp: int, ep: int, etp: int, dtype_bytes: int = 2
+) -> WeightBytes:
+    """``model_weight_bytes`` on the busiest rank: non-expert weights (and their scales) are
+    split by tp (heads, vocab) and pp (layers); experts by ep (whole experts), etp (FFN)
+    and pp."""
+    w = model_weight_bytes(model, dtype_bytes)
+    return WeightBytes(
+        math.ceil(w.dense / (tp * pp)),
+        math.ceil(w.experts / (ep * etp * pp)),
+        math.ceil(w.dense_scales / (tp * pp)),
+        math.ceil(w.expert_scales / (ep * etp * pp)),
+    )
 
 
 def rank_memory_bytes(
     model: ModelArgs, tp: int, pp: int, ep: int, etp: int, dtype_bytes: int = 2
 ) -> tuple[int, int]:
-    """(non-expert, expert) weight bytes on the busiest rank: non-expert weights are split
-    by tp (heads, vocab) and pp (layers); experts by ep (whole experts), etp (FFN) and pp."""
-    total, experts = model_memory_bytes(model, dtype_bytes)
-    dense = math.ceil((total - experts) / (tp * pp))
-    return dense, math.ceil(experts / (ep * etp * pp))
+    """(non-expert, expert) stored weight bytes on the busiest rank (``rank_weight_bytes``)."""
+    w = rank_weight_bytes(model, tp, pp, ep, etp, dtype_bytes)
+    return w.dense, w.experts
 
 
 def available_memory_per_rank(topology: "Topology", world_size: int) -> Optional[int]:
@@ -163,9 +219,11 @@ def estimate_memory(
     dtype_bytes: int = 2,
     context: Optional[int] = None,
 ) -> MemoryEstimate:
-    """Weights and KV cache on the busiest rank; ``context`` (default: the model's
-    max_position_embeddings) sizes the KV figure of one sequence."""
-    dense, experts = rank_memory_bytes(model, plan.tp, plan.pp, plan.ep, plan.etp, dtype_bytes)
+    """Weights (as stored, scales included) and KV cache on the busiest rank;
+    ``dtype_bytes``: the model dtype's (unquantized tensors, KV cache); ``context``
+    (default: the model's max_position_embeddings) sizes the KV figure of one sequence."""
+    w = rank_weight_bytes(model, plan.tp, plan.pp, plan.ep, plan.etp, dtype_bytes)
+    dense, experts = w.dense, w.experts
     total = dense + experts
     context = context or model.max_position_embeddings
     kv_all_layers = model.family.kv_cache_bytes(model, plan.tp, context, dtype_bytes)
@@ -178,6 +236,7 @@ def estimate_memory(
         available_memory_per_rank(topology, plan.world_size),
         math.ceil(kv_all_layers * stage_layers / model.num_hidden_layers),
         context,
+        w.dense_scales + w.expert_scales,
     )
 
 
@@ -314,6 +373,83 @@ def _validate(
 
 
 # ---------------------------------------------------------------------------------------
+# Quantized weights: TP / expert-TP slices must hold whole scale blocks
+# ---------------------------------------------------------------------------------------
+
+
+def _block_cut(plan: ParallelPlan, model: ModelArgs) -> Optional[QuantizationError]:
+    """The first quantized weight some rank's slice would cut mid scale block, else None.
+
+    Every rank's ``shard_slices`` (names and boxes only, no tensors) goes through
+    ``stored_requests``, the same mapping the checkpoint reader uses, so the planner and
+    the loader cannot disagree about what a rank reads."""
+    if model.quantization is None:
+        return None
+    # the model package imports the planner's dependencies, not the other way round
+    from moe_ext.model.parallelize import ParallelizeError, RankCoords, shard_slices
+    from moe_ext.quant.layout import stored_requests
+
+    seen = set()
+    for rank in range(plan.world_size):
+        coords = RankCoords.of(plan, rank)
+        key = (coords.tp_rank, coords.pp_rank, coords.ep_rank, coords.etp_rank)
+        if key in seen:  # dp / edp replicas read the same slices
+            continue
+        seen.add(key)
+        try:
+            stored_requests(shard_slices(plan, coords, model), model)
+        except QuantizationError as err:
+            return err
+        except ParallelizeError as err:  # plan_with_degrees skips _validate's shape checks
+            raise PlanError(str(err)) from err
+    return None
+
+
+def _with_tp(plan: ParallelPlan, tp: int) -> ParallelPlan:
+    """``plan`` with TP degree ``tp`` and dp filling the rest of each stage (tp_experts:
+    etp = tp); ep and edp keep their values, as ep * etp * edp = tp * dp stays the same."""
+    per_stage = plan.world_size // plan.pp
+    dp = per_stage // tp
+    if plan.strategy == "tp_experts":
+        return replace(plan, tp=tp, dp=dp, etp=tp, edp=dp)
+    return replace(plan, tp=tp, dp=dp)
+
+
+def check_quantized_split(plan: ParallelPlan, model: ModelArgs) -> None:
+    """PlanError (one line) when a rank's TP or expert-TP slice of a quantized weight cuts a
+    scale block (fp8: bo x bi, mxfp4: 32 columns): such a slice cannot be read without
+    dequantizing on the host. Names the TP degrees of this world that keep whole blocks."""
+    err = _block_cut(plan, model)
+    if err is None:
+        return
+    per_stage = plan.world_size // plan.pp
+    working = []
+    for tp in range(1, per_stage + 1):
+        if per_stage % tp or tp == plan.tp:
+            continue
+        candidate = _with_tp(plan, tp)
+        try:
+            _validate(
+                candidate.strategy, plan.world_size, tp, plan.pp, plan.ep, candidate.etp, model
+            )
+        except PlanError:
+            continue
+        if _block_cut(candidate, model) is None:
+            working.append(f"parallel.tp={tp}")
+    degree = f"tp={plan.tp}" + (f" (etp={plan.etp})" if plan.etp > 1 else "")
+    fix = (
+        f"{' or '.join(working)} keeps whole blocks"
+        if working
+        else "no TP degree of this world keeps whole blocks; use an ep_* strategy or "
+        "replicate (whole experts) with parallel.tp=1"
+    )
+    raise PlanError(
+        f"strategy={plan.strategy} {degree} splits a {model.quantization.describe()} "
+        f"weight mid scale block: {err}; {fix}"
+    ) from err
+
+
+# ---------------------------------------------------------------------------------------
 # Auto
 # ---------------------------------------------------------------------------------------
 
@@ -344,17 +480,52 @@ def exchange_seconds(
 
 
 def _smallest_fitting_ep(
-    model: ModelArgs, tp: int, pp: int, largest: int, dtype_bytes: int, avail: int
+    model: ModelArgs,
+    world_size: int,
+    tp: int,
+    pp: int,
+    largest: int,
+    dtype_bytes: int,
+    avail: int,
 ) -> int:
     """The smallest EP degree > 1 that divides ``largest`` (itself a divisor of the expert
-    count and of tp*dp) whose weights fit ``avail`` per rank with headroom; ``largest``
-    when none does."""
+    count and of tp*dp) whose weights fit ``avail`` per rank with headroom and whose slices
+    keep quantization blocks whole; ``largest`` when none does."""
+    dp = world_size // (tp * pp)
     for ep in range(2, largest):
         if largest % ep == 0:
             dense, experts = rank_memory_bytes(model, tp, pp, ep, 1, dtype_bytes)
-            if math.ceil((dense + experts) * HEADROOM) <= avail:
+            if math.ceil((dense + experts) * HEADROOM) > avail:
+                continue
+            candidate = ParallelPlan(
+                "ep_nccl", world_size, tp, pp, dp, ep, 1, tp * dp // ep, "", "candidate"
+            )
+            if _block_cut(candidate, model) is None:
                 return ep
     return largest
+
+
+def _refuse_unless_weights_fit(
+    model: ModelArgs, world_size: int, avail: int, dtype_bytes: int
+) -> None:
+    """PlanError when the stored weights exceed the memory of all ranks together: no
+    split of this world (EP, TP or PP) can hold them."""
+    total, _ = model_memory_bytes(model, dtype_bytes)
+    if total <= world_size * avail:
+        return
+    quant = model.quantization
+    stored = (
+        f"{quant.describe()}, other tensors at {dtype_bytes} bytes"
+        if quant is not None
+        else f"{dtype_bytes} bytes per parameter"
+    )
+    fix = "add ranks" + (
+        "" if quant is not None else ", or use a quantized checkpoint (fp8 / mxfp4, docs/QUANT.md)"
+    )
+    raise PlanError(
+        f"auto: the weights take {_gib(total)} ({stored}), more than the {world_size} ranks "
+        f"hold together ({world_size} x {_gib(avail)}); no split fits; {fix}"
+    )
 
 
 def _choose(
@@ -379,6 +550,8 @@ def _choose(
     dense, experts = rank_memory_bytes(model, tp, pp, 1, 1, dtype_bytes)
     needed = math.ceil((dense + experts) * HEADROOM)
     avail = available_memory_per_rank(topology, world_size)
+    if avail is not None:
+        _refuse_unless_weights_fit(model, world_size, avail, dtype_bytes)
     fits = avail is None or needed <= avail
     mem = f"replicated weights need {_gib(needed)} per rank with 20% headroom" + (
         f", {_gib(avail)} available" if avail is not None else ", memory unknown (assumed to fit)"
@@ -427,7 +600,7 @@ def _choose(
         # degree run side by side: on 4 GPUs with P2P off, EP 2 x 2 decoded batch 64 at
         # 4635 tok/s against 4043 for EP 4 (docs/PERF.md). Use the least EP that fits.
         largest = ep
-        ep = _smallest_fitting_ep(model, tp, pp, largest, dtype_bytes, avail)
+        ep = _smallest_fitting_ep(model, world_size, tp, pp, largest, dtype_bytes, avail)
         if ep < largest:
             smallest = ", the smallest EP degree that fits (each exchange moves fewer bytes)"
     link = _link_gbps(topology)
@@ -484,10 +657,12 @@ def plan_with_degrees(
     pp: int = 1,
     ep: Optional[int] = None,
     reason: str = "degrees given",
+    model: Optional[ModelArgs] = None,
 ) -> ParallelPlan:
     """The plan ``build_plan`` derives for an explicit strategy and tp/pp (and ep, derived
     when None), without its topology and model checks: for tests, benchmarks and callers
-    that own the model. The dispatcher's own limits on the degrees still apply."""
+    that own the model. The dispatcher's own limits on the degrees still apply, and so, for
+    a quantized ``model``, does ``check_quantized_split``."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     degrees = _derive_degrees(
@@ -497,6 +672,8 @@ def plan_with_degrees(
         strategy, world_size, *degrees, DISPATCHERS[DEFAULT_DISPATCHER[strategy]], reason
     )
     _check_dispatcher(plan, None)
+    if model is not None:
+        check_quantized_split(plan, model)
     return plan
 
 
@@ -579,6 +756,7 @@ def build_plan(
         dispatcher=_dispatcher_path(strategy, name, auto),
         reason=reason,
     )
+    check_quantized_split(plan, model)
     try:
         _check_dispatcher(plan, topology)
     except PlanError as err:

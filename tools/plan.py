@@ -5,8 +5,12 @@
 
 Composes conf/config.yaml with Hydra (extra arguments are Hydra overrides), resolves the
 topology (``--topology auto`` probes this machine; pcie/nvlink/cpu force a kind), builds
-the plan as the launcher would, and prints it with the reason and the memory per rank.
-Exit status 2 with a one-line message for a plan that cannot run.
+the plan as the launcher would, and prints it with the reason, the quantization of the
+weights and the bytes per rank (weights as stored, fp8 / mxfp4 scales included; see
+docs/QUANT.md). Exit status 2 with a one-line message for a plan that cannot run.
+
+    python tools/plan.py --world-size 4 --model qwen3_235b_a22b_fp8 --topology pcie \
+        --gpu-memory-gib 96
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from moe_ext.plan import (  # noqa: E402
     estimate_memory,
     exchange_seconds,
     model_param_counts,
+    model_weight_bytes,
 )
 from moe_ext.topology import resolve_topology  # noqa: E402
 
@@ -79,7 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="per-GPU memory of a forced topology (default: probe, else 24/80)",
     )
-    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per weight (bf16: 2)")
+    p.add_argument(
+        "--dtype-bytes",
+        type=int,
+        default=2,
+        help="bytes per unquantized weight, the model dtype (bf16: 2); quantized weights "
+        "count their stored bytes",
+    )
     p.add_argument(
         "--tokens-per-step",
         type=int,
@@ -120,19 +131,28 @@ def explain(args: argparse.Namespace) -> dict:
     )
     mem = estimate_memory(plan, model, topology, args.dtype_bytes, args.context)
     total_params, expert_params = model_param_counts(model)
+    weights = model_weight_bytes(model, args.dtype_bytes)
+    quant = model.quantization
     out = {
         "plan": {
             k: getattr(plan, k)
             for k in ("strategy", "world_size", "tp", "pp", "dp", "ep", "etp", "edp", "dispatcher")
         },
         "reason": plan.reason,
-        "model": {"name": cfg.model.name, "params": total_params, "expert_params": expert_params},
+        "model": {
+            "name": cfg.model.name,
+            "params": total_params,
+            "expert_params": expert_params,
+            "weight_bytes": weights.dense + weights.experts,
+            "quantization": quant.describe() if quant is not None else None,
+        },
         "topology": {
             "kind": topology.kind,
             "source": topology.source,
             "num_gpus": topology.num_gpus,
         },
         "memory_per_rank": mem._asdict(),
+        "dtype_bytes": args.dtype_bytes,
     }
     if plan.is_expert_parallel and plan.ep > 1 and args.tokens_per_step:
         link = topology.min_pair_bandwidth_gbps
@@ -155,13 +175,28 @@ def _format(out: dict) -> str:
         f" experts: ep {p['ep']} x etp {p['etp']} x edp {p['edp']} per stage",
         f"reason     {out['reason']}",
         f"model      {m['name']}: {m['params'] / 1e9:.2f}B parameters, "
-        f"{m['expert_params'] / 1e9:.2f}B in routed experts",
+        f"{m['expert_params'] / 1e9:.2f}B in routed experts, {m['weight_bytes'] / GIB:.2f} GiB "
+        f"stored",
+        "weights    "
+        + (
+            f"{m['quantization']}; quantized tensors counted with their scales, the rest "
+            f"at {out['dtype_bytes']} bytes per parameter"
+            if m["quantization"]
+            else f"not quantized ({out['dtype_bytes']} bytes per parameter)"
+        ),
         f"topology   {out['topology']['kind']} ({out['topology']['source']}, "
         f"{out['topology']['num_gpus']} GPUs)",
         f"memory     per rank: {mem['dense_bytes'] / GIB:.2f} GiB dense + "
         f"{mem['expert_bytes'] / GIB:.2f} GiB experts = {mem['total_bytes'] / GIB:.2f} GiB "
         f"weights, {mem['needed_bytes'] / GIB:.2f} GiB with 20% headroom",
     ]
+    if mem["scale_bytes"]:
+        lines.append(
+            f"           bytes per rank: {mem['total_bytes']:,} (weights incl. "
+            f"{mem['scale_bytes']:,} bytes of scales)"
+        )
+    else:
+        lines.append(f"           bytes per rank: {mem['total_bytes']:,} (weights)")
     avail = mem["available_bytes"]
     if avail is not None:
         verdict = "fits" if mem["needed_bytes"] <= avail else "DOES NOT FIT"

@@ -335,8 +335,12 @@ def test_auto_honours_given_expert_degrees():
 
 
 def test_auto_warns_when_even_ep_does_not_fit():
-    p = plan("auto", 2, model=MIXTRAL, topology=topo("pcie", 2, mem_gib=24))
+    # Mixtral (87 GiB) fits 2 x 46 GiB together, but EP 2 needs ~54 GiB per rank with headroom
+    p = plan("auto", 2, model=MIXTRAL, topology=topo("pcie", 2, mem_gib=46))
     assert "WARNING" in p.reason and "parallel.pp" in p.reason
+    # more weights than all ranks hold together: refused, not warned
+    with pytest.raises(PlanError, match="more than the 2 ranks hold together.*add ranks"):
+        plan("auto", 2, model=MIXTRAL, topology=topo("pcie", 2, mem_gib=24))
 
 
 def test_auto_with_dtype_bytes_changes_the_fit():
