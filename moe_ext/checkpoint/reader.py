@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -40,10 +40,14 @@ from moe_ext.checkpoint.format import (
     torch_dtype,
 )
 from moe_ext.checkpoint.shard import Bounds, ShardRequest
+from moe_ext.quant.config import QuantizationError
+from moe_ext.quant.layout import StoredTensor, stored_tensors
 
 CHUNK_BYTES = 64 << 20  # streaming granularity of iter_chunks
-# MXFP4 expert parts of the published gpt-oss checkpoints (gate_up_proj_blocks, ..._scales)
-_QUANTIZED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
+# names of quantized parts (fp8 scales, MXFP4 blocks / scales) in either naming
+_QUANTIZED_PART = re.compile(r"(_scale_inv|_blocks|_scales)$")
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp8 scale_inv as stored
 
 
 # ---- virtual tensor tree ---------------------------------------------------------------
@@ -127,7 +131,9 @@ class CheckpointReader:
 
     Attributes: ``format`` ("moe_ext" | "hf"), ``directory``, ``config`` (the HF config dict),
     ``family``, ``manifest`` (moe_ext only), ``problems`` (what disagrees with the config;
-    empty for a strictly opened reader), ``bytes_read`` (bytes read from tensor data so far).
+    empty for a strictly opened reader), ``bytes_read`` (bytes read from tensor data so far),
+    ``specs`` (``moe_ext.quant.layout.stored_tensors`` of the config: names are the
+    quantized model's stored names), ``quantization`` (QuantConfig or None).
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class CheckpointReader:
         nodes: dict[str, Node],
         problems: list[str],
         manifest: Optional[dict[str, Any]] = None,
+        specs: Optional[dict[str, StoredTensor]] = None,
     ):
         self.directory = directory
         self.format = fmt
@@ -145,6 +152,11 @@ class CheckpointReader:
         self.family = hf_maps.family_of(config)
         self.manifest = manifest
         self.problems = problems
+        # stored tensors the config implies (moe_ext.quant.layout): role and stored dtype of
+        # each quantized part (fp8 weight, scale_inv, blocks, scales)
+        args = hf_maps.config_args(config)
+        self.specs = specs if specs is not None else stored_tensors(args)
+        self.quantization = args.quantization
         self.bytes_read = 0
         self._nodes = nodes
         self._handles: Optional[dict[str, Any]] = None
@@ -298,31 +310,36 @@ class CheckpointReader:
 
     def _read_relaid(self, node: Relaid, bounds: Bounds) -> torch.Tensor:
         """The native box ``bounds`` of a stored-layout tensor: the inverse of
-        ``hf_maps.to_stored`` on the stored columns the box covers."""
+        ``hf_maps.to_stored`` on the stored columns (rows, for interleaved_rows) the box
+        covers."""
         sizes = [b - a for a, b in bounds]
         if any(n == 0 for n in sizes):
             return torch.empty(sizes, dtype=node.dtype)
-        swapped = node.transform != "interleaved"
+        swapped = node.transform in ("transposed", "interleaved_transposed")
         box = list(bounds)
         if swapped:
             box[1], box[2] = box[2], box[1]  # stored dim order, native column numbering
         if node.transform == "transposed":
             return self._read_leaf(node.leaf, tuple(box)).transpose(1, 2).contiguous()
-        # interleaved last dim: native columns [lo, hi) are gate j in [0, F), up j in [F, 2F),
-        # stored at columns 2j and 2j + 1
-        lo, hi = box[-1]
-        half = node.leaf.shape[-1] // 2
+        # interleaved dim d (the last one; dim 1 for interleaved_rows): native [lo, hi) are
+        # gate j in [0, F), up j in [F, 2F), stored at 2j and 2j + 1
+        d = 1 if node.transform == "interleaved_rows" else len(box) - 1
+        lo, hi = box[d]
+        half = node.leaf.shape[d] // 2
         parts = [(a, b, off) for a, b, off in ((lo, min(hi, half), 0), (lo - half, hi - half, 1))]
         parts = [(max(a, 0), b, off) for a, b, off in parts if b > max(a, 0)]
         first, last = min(a for a, _, _ in parts), max(b for _, b, _ in parts)
-        pairs_box = tuple(box[:-1]) + ((2 * first, 2 * last),)
+        pairs_box = tuple(box[:d]) + ((2 * first, 2 * last),) + tuple(box[d + 1 :])
         key = (node.leaf.file + "/" + node.leaf.key, pairs_box)
         memo = self._pairs_read if self._pairs_read is not None else {}
         if key not in memo:
             memo[key] = self._read_leaf(node.leaf, pairs_box)
-        pairs = memo[key]  # [..., 2 * (last - first)]
-        picked = [pairs[..., off::2][..., a - first : b - first] for a, b, off in parts]
-        t = picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+        pairs = memo[key]  # 2 * (last - first) along d
+        lead = (slice(None),) * d
+        picked = [
+            pairs[lead + (slice(off, None, 2),)].narrow(d, a - first, b - a) for a, b, off in parts
+        ]
+        t = picked[0] if len(picked) == 1 else torch.cat(picked, dim=d)
         return (t.transpose(1, 2) if swapped else t).contiguous()
 
     def _read(self, node: Node, bounds: Bounds) -> torch.Tensor:
@@ -401,8 +418,15 @@ def _shape_str(shape: Sequence[int]) -> str:
 def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
     confined_file(directory, MANIFEST, directory)
     manifest = read_manifest(directory)
-    expected = hf_maps.native_shapes(config)
+    args = hf_maps.config_args(config)
+    specs = stored_tensors(args)
     problems: list[str] = []
+    unquantized = _unquantized_config_problem(
+        args,
+        ((e.name, e.file, torch_dtype(e.dtype)) for e in manifest["tensors"].values()),
+        directory,
+    )
+    problems += unquantized
     if manifest.get("family") != config["model_type"]:
         problems.append(
             f"{MANIFEST} says family {manifest.get('family')!r} but config.json says "
@@ -423,18 +447,19 @@ def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
             continue
         headers[file] = _file_header(directory / file)
     nodes: dict[str, Node] = {}
-    for name, shape in expected.items():
+    for name, spec in specs.items():
+        shape = spec.shape
         entry = manifest["tensors"].get(name)
         if entry is None:
             problems.append(
                 f"missing tensor {name} {_shape_str(shape)} in {directory} ({MANIFEST} does not "
-                "list it)"
+                f"list it){_role_note(spec, args)}"
             )
             continue
         if entry.shape != shape:
             problems.append(
                 f"tensor {name} has shape {_shape_str(entry.shape)} in {MANIFEST}, config.json "
-                f"implies {_shape_str(shape)}"
+                f"implies {_shape_str(shape)}{_role_note(spec, args)}"
             )
             continue
         if entry.file not in headers:
@@ -451,9 +476,14 @@ def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
                 f"{_shape_str(stored[0])}, {MANIFEST} says {entry.dtype} {_shape_str(shape)}"
             )
             continue
+        problem = _dtype_problem(name, entry.file, stored[1], spec, args)
+        if problem is not None:
+            if not unquantized:
+                problems.append(problem)
+            continue
         nodes[name] = Leaf(entry.file, name, shape, stored[1])
     for name in manifest["tensors"]:
-        if name not in expected:
+        if name not in specs and not unquantized:
             problems.append(
                 f"unexpected tensor {name} in {MANIFEST}: config.json implies no such tensor"
             )
@@ -463,7 +493,79 @@ def _open_moe_ext(directory: Path, config: dict[str, Any]) -> CheckpointReader:
                 problems.append(
                     f"unexpected tensor {key} in {file}: {MANIFEST} does not list it there"
                 )
-    return CheckpointReader(directory, "moe_ext", config, nodes, problems, manifest)
+    return CheckpointReader(directory, "moe_ext", config, nodes, problems, manifest, specs)
+
+
+# ---- quantized tensors -----------------------------------------------------------------
+
+
+def _unquantized_config_problem(
+    args: Any, tensors: Iterable[tuple[str, str, torch.dtype]], directory: Path
+) -> list[str]:
+    """[one line] when the checkpoint holds quantized tensors (fp8 weights, scales, MXFP4
+    blocks) but its config has no ``quantization_config``, else []. Listed first: every
+    other problem of such a checkpoint follows from it."""
+    if args.quantization is not None:
+        return []
+    for key, file, dtype in tensors:
+        if dtype in _FP8_DTYPES or _QUANTIZED_PART.search(key):
+            if dtype in _FP8_DTYPES:
+                what = f"{dtype_name(dtype)} (an fp8 weight)"
+            elif key.endswith("_scale_inv"):
+                what = "an fp8 scale"
+            else:
+                what = "an MXFP4 part"
+            return [
+                f"tensor {key} in {file} is {what}, but {directory / 'config.json'} has no "
+                f"quantization_config; add the quantization_config the checkpoint was saved "
+                f"with (quant_method fp8 or mxfp4) or use a bf16 checkpoint"
+            ]
+    return []
+
+
+def _role_note(spec: StoredTensor, args: Any) -> str:
+    """What a stored quantized part is, for messages about its shape."""
+    if spec.role == "weight" and spec.dtype is None:
+        return ""
+    logical = args.family.param_shapes(args)[spec.logical]
+    quant = args.quantization
+    if spec.role == "scale_inv":
+        bo, bi = quant.block
+        return (
+            f" (the fp8 scales of {spec.logical} {_shape_str(logical)} in blocks of "
+            f"weight_block_size [{bo}, {bi}])"
+        )
+    if spec.role in ("blocks", "scales"):
+        return f" (the mxfp4 {spec.role} of {spec.logical} {_shape_str(logical)}, 32 per scale)"
+    return f" (the fp8 weight {spec.logical})"
+
+
+def _dtype_problem(
+    key: str, file: str, dtype: torch.dtype, spec: StoredTensor, args: Any
+) -> Optional[str]:
+    """One line when tensor ``key`` (stored name ``spec``) has a dtype its role cannot have."""
+    quant = args.quantization
+    method = quant.method if quant is not None else None
+    if spec.role == "weight" and spec.dtype is None:
+        if dtype not in _FP8_DTYPES:
+            return None
+        return (
+            f"tensor {key} in {file} is {dtype_name(dtype)}, but quantization_config "
+            f"({method}) keeps {spec.logical} in the model dtype; fix modules_to_not_convert "
+            f"or store it dequantized"
+        )
+    if spec.role == "scale_inv":
+        if dtype in _SCALE_DTYPES:
+            return None
+        wanted = "float32"
+    elif dtype == spec.dtype:
+        return None
+    else:
+        wanted = dtype_name(spec.dtype)
+    return (
+        f"tensor {key} in {file} is {dtype_name(dtype)}, but quantization_config ({method}) "
+        f"stores it as {wanted}{_role_note(spec, args)}; re-convert the checkpoint"
+    )
 
 
 # ---- Hugging Face directories ----------------------------------------------------------
@@ -518,12 +620,18 @@ def hf_files(directory: Path) -> dict[str, str]:
 
 def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
     family = hf_maps.family_of(config)
-    expected = hf_maps.native_shapes(config)
     args = hf_maps.config_args(config)
-    E, F, H = args.num_experts, args.moe_intermediate_size, args.hidden_size
+    specs = stored_tensors(args)
+    E = args.num_experts
     key_files = hf_files(directory)
     headers = {file: _file_header(directory / file) for file in sorted(set(key_files.values()))}
     problems: list[str] = []
+    unquantized = _unquantized_config_problem(
+        args,
+        ((k, f, headers[f][k][1]) for k, f in key_files.items() if k in headers[f]),
+        directory,
+    )
+    problems += unquantized
     direct: dict[str, Leaf] = {}
     per_expert: dict[str, dict[tuple[int, str], Leaf]] = {}
     for key, file in key_files.items():
@@ -540,15 +648,11 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
         shape, dtype = headers[file][key]
         dest = hf_maps.parse_hf_key(key, family)
         leaf = Leaf(file, key, shape, dtype)
-        if _QUANTIZED_EXPERTS.search(key):
-            problems.append(
-                f"tensor {key} in {file} is an MXFP4-quantized expert part: quantized "
-                f"weights are not supported yet; use a bf16 checkpoint of the model"
-            )
-        elif dest.native not in expected:
-            problems.append(
-                f"unexpected tensor {key} in {file}: config.json implies no {dest.native}"
-            )
+        if dest.native not in specs:
+            if not unquantized:
+                problems.append(
+                    f"unexpected tensor {key} in {file}: config.json implies no {dest.native}"
+                )
         elif dest.expert is None:
             direct[dest.native] = leaf
         elif dest.expert >= E:
@@ -558,69 +662,94 @@ def _open_hf(directory: Path, config: dict[str, Any]) -> CheckpointReader:
         else:
             per_expert.setdefault(dest.native, {})[(dest.expert, dest.part)] = leaf
     nodes: dict[str, Node] = {}
-    for name, shape in expected.items():
+    for name, spec in specs.items():
+        shape = spec.shape
         if name in direct and name in per_expert:
             problems.append(
                 f"tensor {name} is stored both fused ({direct[name].key}) and per expert; keep one "
                 "layout"
             )
             continue
-        transform = hf_maps.stored_transform(name, family)
+        try:
+            transform = hf_maps.stored_transform(name, family)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
         stored = shape if transform is None else hf_maps.stored_shape(transform, shape)
-        if name in per_expert and transform is not None:
+        if name in per_expert and (transform is not None or not hf_maps.per_expert_layout(name)):
             some = next(iter(per_expert[name].values()))
+            fused = hf_maps.hf_key(name, family, "fused")
             problems.append(
                 f"tensor {some.key} in {some.file}: {family} checkpoints store experts fused "
-                f"({hf_maps.hf_key(name, family, 'fused')} {_shape_str(stored)}), not per "
-                f"expert; this expert layout is not one of {family}'s"
+                f"({fused} {_shape_str(stored)}), not per expert; this expert layout is not "
+                f"one of {family}'s"
             )
             continue
         if name in per_expert:
-            node = _stack_experts(name, family, per_expert[name], E, F, H, problems)
+            node = _stack_experts(name, family, per_expert[name], spec, args, problems)
         elif name in direct:
             node = direct[name]
             if node.shape != stored:
                 problems.append(
                     f"tensor {node.key} in {node.file} has shape {_shape_str(node.shape)}, "
-                    f"config.json implies {_shape_str(stored)}"
+                    f"config.json implies {_shape_str(stored)}{_role_note(spec, args)}"
                 )
                 continue
             if transform is not None:
                 node = Relaid(node, transform, shape, node.dtype)
         else:
-            if transform is not None:
+            if (
+                transform is not None
+                or hf_maps.stored_expert(name)
+                and not (hf_maps.per_expert_layout(name))
+            ):
                 hf_name, hf_shape = hf_maps.hf_key(name, family, "fused"), stored
-            elif hf_maps.expert_tensor(name):
+            elif hf_maps.stored_expert(name):
                 hf_name = hf_maps.hf_expert_keys(name, family, 0)[0]
-                hf_shape = _hf_shape(name, shape)
+                hf_shape = _part_shape(name, shape)
             else:
                 hf_name, hf_shape = hf_maps.hf_key(name, family, "per-expert"), shape
             problems.append(
-                f"missing tensor {hf_name} {_shape_str(hf_shape)} in {directory} (native {name})"
+                f"missing tensor {hf_name} {_shape_str(hf_shape)} in {directory} (native "
+                f"{name}){_role_note(spec, args)}"
             )
             continue
-        if node is not None:
-            nodes[name] = node
-    return CheckpointReader(directory, "hf", config, nodes, problems)
+        if node is None:
+            continue
+        first = next(_leaves(node))
+        problem = _dtype_problem(first.key, first.file, node.dtype, spec, args)
+        if problem is not None:
+            if not unquantized:
+                problems.append(problem)
+            continue
+        nodes[name] = node
+    return CheckpointReader(directory, "hf", config, nodes, problems, specs=specs)
 
 
-def _hf_shape(native: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[1:] if hf_maps.expert_tensor(native) else shape
+def _part_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one per-expert HF part of stacked tensor ``name`` of ``shape``:
+    gate_up_proj [E, 2R, ...] -> [R, ...] (gate and up each), down_proj [E, ...] -> [...]."""
+    _, kind = hf_maps.stored_expert(name)  # type: ignore[misc]
+    if kind == hf_maps.GATE_UP:
+        return (shape[1] // 2, *shape[2:])
+    return tuple(shape[1:])
 
 
 def _stack_experts(
     name: str,
     family: str,
     leaves: Mapping[tuple[int, str], Leaf],
-    E: int,
-    F: int,
-    H: int,
+    spec: StoredTensor,
+    args: Any,
     problems: list[str],
 ) -> Optional[Node]:
-    """Stack per-expert tensors into the native [E, 2F, H] (gate rows, up rows) or [E, H, F]."""
-    _, kind = hf_maps.expert_tensor(name)  # type: ignore[misc]
+    """Stack per-expert tensors into the native [E, 2F, H] (gate rows, up rows) or [E, H, F]
+    (or their fp8 scales [E, 2F/bo, ceil(H/bi)], [E, ceil(H/bo), ceil(F/bi)])."""
+    _, kind = hf_maps.stored_expert(name)  # type: ignore[misc]
+    shape = spec.shape
+    E = shape[0]
     parts = ("gate", "up") if kind == hf_maps.GATE_UP else ("down",)
-    part_shape = (F, H) if kind == hf_maps.GATE_UP else (H, F)
+    part_shape = _part_shape(name, shape)
     ok = True
     experts = []
     for j in range(E):
@@ -629,13 +758,14 @@ def _stack_experts(
             leaf = leaves.get((j, part))
             if leaf is None:
                 problems.append(
-                    f"missing tensor {hf_name} (expert {j} of {E}, {part} part of {name})"
+                    f"missing tensor {hf_name} (expert {j} of {E}, {part} part of "
+                    f"{name}){_role_note(spec, args)}"
                 )
                 ok = False
             elif leaf.shape != part_shape:
                 problems.append(
                     f"tensor {leaf.key} in {leaf.file} has shape {_shape_str(leaf.shape)}, "
-                    f"config.json implies {_shape_str(part_shape)}"
+                    f"config.json implies {_shape_str(part_shape)}{_role_note(spec, args)}"
                 )
                 ok = False
             else:
@@ -652,9 +782,9 @@ def _stack_experts(
         return None
     dtype = dtypes.pop()
     if kind == hf_maps.GATE_UP:
-        per = tuple(Cat(tuple(row), 0, (2 * F, H), dtype) for row in experts)  # [2F, H] each
-        return Stack(per, (E, 2 * F, H), dtype)
-    return Stack(tuple(row[0] for row in experts), (E, H, F), dtype)
+        per = tuple(Cat(tuple(row), 0, tuple(shape[1:]), dtype) for row in experts)  # [2F, H]
+        return Stack(per, tuple(shape), dtype)
+    return Stack(tuple(row[0] for row in experts), tuple(shape), dtype)
 
 
 # ---- sharded loading -------------------------------------------------------------------
@@ -672,6 +802,12 @@ def load_sharded(
     (None: stored dtype; a mapping: per name, e.g. the model's own dtype of each tensor, so
     a float32 buffer of a bf16 model keeps its precision) on ``device``. Reads only the
     requested bytes; tqdm bar in bytes.
+
+    Quantized parts (``reader.specs``: fp8 weights, fp8 scale_inv, MXFP4 blocks and scales)
+    are never dequantized or cast on the host: they come back in their stored dtype
+    (float8_e4m3fn, uint8; fp8 scales as float32, which holds a bf16/fp16 scale exactly).
+    A single ``dtype`` leaves them alone; a mapping naming another dtype for one of them is
+    a QuantizationError.
 
     Opening the checkpoint already checked its structure (names, shapes, dtypes, file
     headers). ``verify`` also checks the data: every tensor a request touches is streamed
@@ -701,6 +837,10 @@ def load_sharded(
         casts = {name: dtype.get(name) for name in requests}
     else:
         casts = dict.fromkeys(requests, torch_dtype(dtype) if dtype is not None else None)
+        # one dtype for the whole model casts model-dtype tensors only
+        casts.update({n: None for n in requests if _quantized_part(reader, n) is not None})
+    for name in requests:
+        casts[name] = _load_dtype(reader, name, casts[name])
     total = sum(
         _numel(req.shape(reader.shape(n))) * reader.dtype(n).itemsize for n, req in requests.items()
     )
@@ -722,6 +862,28 @@ def load_sharded(
             bar.update(t.numel() * t.element_size())
             out[name] = t.to(device=device, dtype=casts[name] or t.dtype)
     return out
+
+
+def _quantized_part(reader: CheckpointReader, name: str) -> Optional[StoredTensor]:
+    spec = reader.specs.get(name)
+    return spec if spec is not None and spec.dtype is not None else None
+
+
+def _load_dtype(
+    reader: CheckpointReader, name: str, asked: Optional[torch.dtype]
+) -> Optional[torch.dtype]:
+    """The dtype tensor ``name`` is loaded in: ``asked`` (None: as stored) for model-dtype
+    tensors; the stored dtype of a quantized part (float32 for scale_inv)."""
+    spec = _quantized_part(reader, name)
+    if spec is None:
+        return asked
+    if asked is not None and asked != spec.dtype:
+        raise QuantizationError(
+            f"tensor {name} is a quantized {spec.role} ({dtype_name(spec.dtype)}); loading "
+            f"does not cast it to {asked}: give the model's {dtype_name(spec.dtype)} dtype "
+            f"for it (quantized weights are dequantized on the device, not on load)"
+        )
+    return spec.dtype
 
 
 def tensor_digest(reader: CheckpointReader, name: str) -> str:

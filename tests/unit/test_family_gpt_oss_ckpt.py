@@ -191,8 +191,8 @@ def _untransposed(config, tensors):  # the native [E, 2F, H] stored as if it wer
     "edit, message",
     [
         (_per_expert, "gpt_oss checkpoints store experts fused"),
-        (_mxfp4, "MXFP4-quantized expert part: quantized weights are not supported yet"),
-        (_quantized_config, "quantized weights are not supported yet"),
+        (_mxfp4, "gate_up_proj_blocks in model.safetensors is an MXFP4 part, but"),
+        (_quantized_config, "down_proj has 48 input columns, not a multiple of 32"),
         (_untransposed, "has shape [8, 96, 64], config.json implies [8, 64, 96]"),
     ],
 )
