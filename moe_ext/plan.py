@@ -438,14 +438,14 @@ def check_quantized_split(plan: ParallelPlan, model: ModelArgs) -> None:
             working.append(f"parallel.tp={tp}")
     degree = f"tp={plan.tp}" + (f" (etp={plan.etp})" if plan.etp > 1 else "")
     fix = (
-        f"{' or '.join(working)} keeps whole blocks"
+        f"{' or '.join(working)} {'keeps' if len(working) == 1 else 'keep'} whole blocks"
         if working
         else "no TP degree of this world keeps whole blocks; use an ep_* strategy or "
         "replicate (whole experts) with parallel.tp=1"
     )
     raise PlanError(
-        f"strategy={plan.strategy} {degree} splits a {model.quantization.describe()} "
-        f"weight mid scale block: {err}; {fix}"
+        f"strategy={plan.strategy} {degree} cuts a quantization scale block "
+        f"({model.quantization.describe()}): {err}; {fix}"
     ) from err
 
 

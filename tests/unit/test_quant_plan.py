@@ -282,6 +282,9 @@ def test_the_shipped_fp8_conf_refuses_expert_tp_that_cuts_128_row_blocks():
     with pytest.raises(PlanError, match=r"parallel.tp=2 keeps whole blocks"):
         plan_with_degrees("tp_experts", 4, tp=4, model=args)  # 192 rows per rank
     assert plan_with_degrees("tp_experts", 2, tp=2, model=args).etp == 2
+    big = ModelArgs.from_model_conf(conf("qwen3_235b_a22b_fp8"))  # F = 1536 = 12 blocks
+    with pytest.raises(PlanError, match=r"parallel.tp=2 or parallel.tp=4 keep whole blocks"):
+        plan_with_degrees("tp_experts", 8, tp=8, model=big)
 
 
 def test_auto_skips_an_ep_candidate_that_cuts_a_block(monkeypatch):
