@@ -68,7 +68,8 @@ WEIGHT_FORMATS = {"dense": DENSE, "fp8": FP8, "mxfp4": MXFP4}
 # the same as constexpr globals (the only globals a jitted function may read)
 _FP8 = tl.constexpr(FP8)
 _MXFP4 = tl.constexpr(MXFP4)
-MX_GROUP = tl.constexpr(32)  # MXFP4 values per e8m0 scale
+MX_GROUP = 32  # MXFP4 values per e8m0 scale
+_MX_GROUP = tl.constexpr(MX_GROUP)
 
 
 @triton.jit
@@ -87,13 +88,13 @@ def _mxfp4_tile(w_tile, s_tile, k0, K, n_mask, BLOCK_K: tl.constexpr, BLOCK_N: t
     # into the scale below.
     bits = ((codes & 8) << 12) | ((codes & 7) << 9)
     values = bits.to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-    offs_g = k0 // MX_GROUP + tl.arange(0, BLOCK_K // MX_GROUP)
-    s_mask = n_mask[:, None] & (offs_g < K // MX_GROUP)[None, :]
-    exponent = tl.load(s_tile + k0 // MX_GROUP, mask=s_mask, other=0).to(tl.int32)
+    offs_g = k0 // _MX_GROUP + tl.arange(0, BLOCK_K // _MX_GROUP)
+    s_mask = n_mask[:, None] & (offs_g < K // _MX_GROUP)[None, :]
+    exponent = tl.load(s_tile + k0 // _MX_GROUP, mask=s_mask, other=0).to(tl.int32)
     # 2^(e8m0 - 127) built from its float32 bits; e8m0 0 (2^-127, seen only on all-zero
     # groups) is read as 2^-126 so the product stays finite and zero.
     scale = (tl.maximum(exponent, 1) << 23).to(tl.float32, bitcast=True) * 16384.0
-    values = tl.reshape(values, (BLOCK_N, BLOCK_K // MX_GROUP, MX_GROUP))
+    values = tl.reshape(values, (BLOCK_N, BLOCK_K // _MX_GROUP, _MX_GROUP))
     values = values * scale[:, :, None]  # [BLOCK_N, BLOCK_K/32, 32]
     return tl.reshape(values, (BLOCK_N, BLOCK_K))
 
@@ -168,7 +169,7 @@ def _expert_gemm(
         w_expert = w_ptr + expert.to(tl.int64) * stride_we + tl.arange(0, BLOCK_K // 2)[None, :]
         w_tile = w_expert + offs_n.to(tl.int64)[:, None] * stride_wn
         w_up_tile = w_expert + (offs_n + N).to(tl.int64)[:, None] * stride_wn
-        s_cols = s_expert + tl.arange(0, BLOCK_K // MX_GROUP)[None, :]
+        s_cols = s_expert + tl.arange(0, BLOCK_K // _MX_GROUP)[None, :]
         s_tile = s_cols + offs_n.to(tl.int64)[:, None] * stride_sn
         s_up_tile = s_cols + (offs_n + N).to(tl.int64)[:, None] * stride_sn
     else:
