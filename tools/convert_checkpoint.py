@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Convert and check checkpoints: Hugging Face <-> moe_ext.
+"""Convert and check checkpoints: Hugging Face <-> moe_ext, and quantize.
 
   convert_checkpoint.py import-hf SRC DST [--dtype bf16|fp16|fp32] [--force] [--max-shard-size 5GB]
   convert_checkpoint.py export-hf SRC DST [--layout per-expert|fused] [--force]
                         [--max-shard-size 5GB]
+  convert_checkpoint.py quantize SRC DST --format fp8|mxfp4 [--block 128 | --block 128 128]
+                        [--layout per-expert|fused] [--force] [--max-shard-size 5GB]
   convert_checkpoint.py verify DIR
   convert_checkpoint.py export-megatron SRC DST [--force]
   convert_checkpoint.py import-megatron SRC DST [--dtype bf16|fp16|fp32] [--force]
@@ -17,6 +19,14 @@ files); import-megatron unpickles only tensors and plain data from them and refu
 anything else. --trust-checkpoint lifts that and lets Megatron and torch unpickle the
 files their own way, which can run code from them: only for a checkpoint you made
 yourself, e.g. one whose objects hold Transformer Engine's FP8 recipe.
+
+quantize reads a bf16/fp32 checkpoint (HF or moe_ext) and writes a Hugging Face checkpoint
+of quantized weights: fp8 block-scaled (every linear but embeddings, lm_head, norms and
+routers; --block gives the [rows, columns] of weight per scale, one number for square
+blocks) or mxfp4 (routed experts only, the gpt-oss layout), with quantization_config in
+config.json. export-hf and import-hf keep quantized tensors as they are; verify checks
+scale shapes against their weights and block size, and the sha256 digests a conversion
+wrote (moe_ext.json, or moe_ext.digests.json in a Hugging Face directory).
 
 Hugging Face and moe_ext checkpoints are read as safetensors only, and every file name a
 checkpoint gives (index, manifest, Megatron metadata) must lie inside its directory.
@@ -44,11 +54,13 @@ from moe_ext.checkpoint.convert import (  # noqa: E402
     export_hf,
     import_hf,
     parse_size,
+    quantize,
     verify,
 )
 from moe_ext.checkpoint.errors import CheckpointError  # noqa: E402
 from moe_ext.checkpoint.format import CAST_DTYPES  # noqa: E402
 from moe_ext.checkpoint.hf_maps import LAYOUTS  # noqa: E402
+from moe_ext.errors import MoeExtError  # noqa: E402
 
 
 class Terminated(KeyboardInterrupt):
@@ -93,7 +105,28 @@ def _main(argv: list[str] | None) -> int:
         help="per-expert: what transformers save_pretrained writes; fused: stacked expert "
         "tensors (gpt_oss checkpoints have one expert layout, written either way)",
     )
-    for p in (imp, exp):
+    qua = sub.add_parser(
+        "quantize", help="bf16/fp32 checkpoint -> quantized Hugging Face directory"
+    )
+    qua.add_argument("src", type=Path)
+    qua.add_argument("dst", type=Path)
+    qua.add_argument("--format", dest="method", choices=("fp8", "mxfp4"), required=True)
+    qua.add_argument(
+        "--block",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="fp8 weight_block_size: one size (N x N) or rows and columns (default 128)",
+    )
+    qua.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="per-expert",
+        help="expert layout of the output (per-expert, as the published fp8 checkpoints; "
+        "mxfp4 experts and gpt_oss are always fused)",
+    )
+    for p in (imp, exp, qua):
         p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
         p.add_argument(
             "--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), help="e.g. 5GB, 500MB"
@@ -130,6 +163,18 @@ def _main(argv: list[str] | None) -> int:
                 progress=progress,
             )
             print(f"wrote {len(entries)} tensors to {args.dst} ({args.layout} layout)")
+        elif args.command == "quantize":
+            entries = quantize(
+                args.src,
+                args.dst,
+                args.method,
+                block=args.block,
+                layout=args.layout,
+                force=args.force,
+                max_shard_bytes=parse_size(args.max_shard_size),
+                progress=progress,
+            )
+            print(f"wrote {len(entries)} tensors to {args.dst} ({args.method})")
         else:
             problems = verify(args.dir, progress=progress)
             if problems:
@@ -138,7 +183,7 @@ def _main(argv: list[str] | None) -> int:
                 print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
                 return 1
             print(f"{args.dir}: OK")
-    except CheckpointError as e:
+    except MoeExtError as e:  # CheckpointError, QuantizationError: one line
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

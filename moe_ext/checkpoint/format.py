@@ -8,6 +8,14 @@ A moe_ext directory holds:
   model-0000i-of-0000N.safetensors   native-named tensors, stacked experts
   tokenizer and generation files copied from the source
 
+A Hugging Face directory written by a conversion (``export-hf``, ``quantize``) carries
+``moe_ext.digests.json``: {"format": "moe_ext-digests", "format_version": 1, "family",
+"tensors": [rows as in the manifest, by Hugging Face name]}, so ``verify`` can check its
+bytes too; readers of the directory ignore it.
+
+Quantized checkpoints store fp8 weights as ``fp8_e4m3`` (safetensors F8_E4M3), fp8 scales
+as ``fp32`` and MXFP4 blocks and scales as ``uint8``; those dtypes are never cast.
+
 The writer lays out a whole safetensors file from (name, dtype, shape) up front and then
 takes each tensor's bytes as a stream of chunks, so converting never holds more than one
 chunk of a tensor in memory.
@@ -42,6 +50,8 @@ MANIFEST = "moe_ext.json"
 FORMAT_NAME = "moe_ext"
 FORMAT_VERSION = 1
 HF_INDEX = "model.safetensors.index.json"
+DIGESTS = "moe_ext.digests.json"
+DIGESTS_FORMAT = "moe_ext-digests"
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +182,47 @@ def write_manifest(
         "tensors": [e.to_json() for e in entries],
     }
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def write_digests(directory: Path, family: str, entries: Iterable[TensorEntry]) -> None:
+    """The ``moe_ext.digests.json`` of a Hugging Face directory (rows by HF name)."""
+    digests = {
+        "format": DIGESTS_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "tensors": [e.to_json() for e in entries],
+    }
+    (Path(directory) / DIGESTS).write_text(json.dumps(digests, indent=1) + "\n")
+
+
+def read_digests(directory: Path) -> dict[str, TensorEntry] | None:
+    """HF name -> TensorEntry from ``moe_ext.digests.json`` (None: the directory has none)."""
+    path = Path(directory) / DIGESTS
+    if not path.exists():
+        return None
+    confined_file(Path(directory), DIGESTS, directory)
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != DIGESTS_FORMAT or raw.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has format {raw.get('format')!r} version "
+                f"{raw.get('format_version')!r}; this moe_ext reads {DIGESTS_FORMAT!r} "
+                f"version {FORMAT_VERSION}"
+            )
+        return {
+            row["name"]: TensorEntry(
+                row["name"],
+                tuple(int(d) for d in row["shape"]),
+                dtype_name(row["dtype"]),
+                row["sha256"],
+                row["file"],
+            )
+            for row in raw["tensors"]
+        }
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot parse {path}: {e}; re-run the conversion") from e
 
 
 def plan_shards(
