@@ -23,6 +23,7 @@ from moe_ext.model.args import ModelArgs
 from moe_ext.quant.layout import quantize_state, stored_tensors
 
 VOCAB_CHUNK_ROWS = 4096
+EXPERTS_PER_DRAW = 8  # random init of stacked expert tensors, this many experts at a time
 
 
 def _chunk_rule(name: str, args: ModelArgs) -> tuple[int, int]:
@@ -143,19 +144,40 @@ def init_random_(
     # what materialize_ gave them
     drawn = [n for n, spec in stored.items() if n in params or (n in tensors and spec.dtype)]
     for name in dict.fromkeys(stored[n].logical for n in drawn):
-        request = None if requests is None else requests[name]
-        value = random_tensor(name, logical[name], args, seed, request, device)
-        # quantized weights: this rank's slice quantized (the plan keeps slices aligned to
-        # scale blocks, so it equals the slice of the quantized full tensor)
-        for key, part in quantize_state({name: value}, args).items():
-            target = tensors[key]
-            if part.shape != target.shape:
-                raise ValueError(
-                    f"{key}: generated shard {tuple(part.shape)} does not match the "
-                    f"model's {tuple(target.shape)}; pass this rank's shard_slices"
+        request = requests[name] if requests is not None else ShardRequest.full()
+        shape = logical[name]
+        # expert tensors a few experts at a time: a whole shard in float32 (4 GB for one
+        # gpt-oss-120b layer) next to a nearly full GPU would not fit
+        parts = [(slice(None), request)]
+        if _chunk_rule(name, args) == (0, 1):
+            e0, e1 = request.bounds(shape)[0][0]
+            parts = [
+                (
+                    slice(e - e0, min(e + EXPERTS_PER_DRAW, e1) - e0),
+                    _leading_range(request, e, min(e + EXPERTS_PER_DRAW, e1)),
                 )
-            target.data.copy_(part)
+                for e in range(e0, e1, EXPERTS_PER_DRAW)
+            ]
+        for rows, part in parts:
+            value = random_tensor(name, shape, args, seed, part, device)
+            # quantized weights: the slice quantized (plans keep slices aligned to scale
+            # blocks, so it equals the slice of the quantized full tensor)
+            for key, piece in quantize_state({name: value}, args).items():
+                target = tensors[key].data[rows]
+                if piece.shape != target.shape:
+                    raise ValueError(
+                        f"{key}: generated shard {tuple(piece.shape)} does not match the "
+                        f"model's {tuple(target.shape)}; pass this rank's shard_slices"
+                    )
+                target.copy_(piece)
     return model
+
+
+def _leading_range(request: ShardRequest, start: int, stop: int) -> ShardRequest:
+    """``request`` restricted to [start, stop) of dim 0 (every box takes the same dim-0
+    range: shard_slices' expert requests split rows, never experts, into boxes)."""
+    boxes = tuple((slice(start, stop), *box[1:]) for box in request.boxes)
+    return ShardRequest(boxes=boxes, cat_dim=request.cat_dim)
 
 
 def materialize_(model: nn.Module, device) -> nn.Module:
