@@ -150,6 +150,14 @@ def main() -> None:
         )
     rows = []
     for batch in batches:
+        if batch < job.plan.dp:
+            if env.rank == 0:
+                print(
+                    f"batch {batch} skipped: fewer sequences than the plan's {job.plan.dp} "
+                    f"replicas (dp); batch 1 needs a plan without replicas (tp_experts, pp)",
+                    flush=True,
+                )
+            continue
         prompts = synthetic_prompts(batch, opts.prompt_len, job.source.args.vocab_size, seed=batch)
         run = functools.partial(
             infer.generate, model, prompts, cfg.generate, eos_id=None, pad_id=0, seed=0
