@@ -137,7 +137,7 @@ class GroupedExperts(nn.Module):
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
-        # registration order = state_dict order = moe_ext.quant.layout.stored_tensors order
+        # names = moe_ext.quant.layout.stored_tensors names (quantized ones are buffers)
         shapes = {GATE_UP: (num_experts, 2 * ffn_size, hidden_size)}
         shapes[DOWN] = (num_experts, hidden_size, ffn_size)
         if quant is None:
