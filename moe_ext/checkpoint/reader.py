@@ -11,6 +11,16 @@ interleaved; ``hf_maps.STORED_TRANSFORMS``) are ``Relaid`` nodes: a native box m
 stored box holding its (gate, up) column pairs, read once per ``read`` call even when the
 request's gate and up boxes both need it (an expert-TP shard reads only its columns).
 
+A checkpoint whose config has a ``quantization_config`` is read under the *stored* names
+of ``moe_ext.quant.layout.stored_tensors`` (the quantized model's state_dict): an fp8
+weight ``P`` (float8_e4m3fn) with ``P_scale_inv`` (HF ``weight_scale_inv``; per-expert
+scales stacked like the weights, gate grid rows then up grid rows), MXFP4 ``P_blocks`` /
+``P_scales`` (uint8; gpt-oss' gate/up rows interleaved, ``interleaved_rows``). A rank's
+requests come from ``stored_requests(shard_slices(...), args)``; ``load_sharded`` returns
+quantized parts in their stored dtype (never dequantized or cast on the host). Quantized
+tensors without a quantization_config, scales whose shape does not follow the weight and
+block size, missing scales and wrong dtypes are one-line problems.
+
 Shape legend: E experts, F expert FFN size, H hidden.
 """
 
