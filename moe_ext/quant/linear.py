@@ -148,8 +148,8 @@ def quantize_modules_(module: nn.Module, args, prefix: str = "") -> nn.Module:
     if quant is None:
         return module
     wanted = quantized_weights(args)
-    for name, child in list(module.named_modules()):
-        path = prefix + name + ("." if name else "")
+    for name, child in list(module.named_modules())[1:]:  # submodules: the root stays
+        path = prefix + name + "."
         if isinstance(child, nn.Linear) and path + "weight" in wanted:
             if quant.method != "fp8":
                 raise NotImplementedError(f"{quant.method} dense linears ({path}weight)")
@@ -166,8 +166,5 @@ def quantize_modules_(module: nn.Module, args, prefix: str = "") -> nn.Module:
         else:
             continue
         parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else None
-        if parent is None:
-            raise ValueError(f"quantize_modules_ swaps submodules, not {type(module).__name__}")
-        setattr(parent, leaf, new)
+        setattr(module.get_submodule(parent_name), leaf, new)
     return module
