@@ -123,6 +123,11 @@ def model_key(args: ModelArgs) -> dict[str, Any]:
 
 
 def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
+    if args.quantization is not None:
+        raise UsageError(
+            f"the model's weights are {args.quantization.describe()}; training updates "
+            f"bf16/fp32 weights: start from the unquantized checkpoint"
+        )
     for name in ("steps", "micro_batch", "seq_len"):
         if getattr(conf, name) < 1:
             raise UsageError(f"train.{name}={getattr(conf, name)}; it must be at least 1")

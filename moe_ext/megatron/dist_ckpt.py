@@ -389,6 +389,12 @@ def export_megatron(
     _check_destination(src, dst, force)
     reader = CheckpointReader.open(src)
     args = _model_args(reader.config, src)
+    if args.quantization is not None:
+        raise MegatronCheckpointError(
+            f"{src} holds {args.quantization.describe()} weights; Megatron training needs "
+            f"them dequantized: write a bf16 copy first (convert_checkpoint.py import-hf "
+            f"from the unquantized source)"
+        )
     names = reader.names()
     dtypes = {n: reader.dtype(n) for n in names}
     model_dtype = dtypes[names[0]]

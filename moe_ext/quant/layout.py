@@ -110,6 +110,13 @@ def check_args(args: "ModelArgs") -> None:
     if quant is None:
         return
     F = args.moe_intermediate_size
+    transformed = dict(args.family.hf_expert_transforms)
+    if quant.method == "fp8" and "experts.gate_up_proj" in transformed:
+        raise QuantizationError(
+            f"fp8 {args.model_type}: its checkpoints store the experts "
+            f"{transformed['experts.gate_up_proj']}, across fp8's scale blocks; use mxfp4 "
+            f"(the format {args.model_type} ships in)"
+        )
     if quant.method == "fp8" and F % quant.block[0]:
         raise QuantizationError(
             f"fp8 experts: moe_intermediate_size {F} is not a multiple of the block rows "

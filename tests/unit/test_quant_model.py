@@ -139,3 +139,8 @@ def test_modules_to_not_convert_keep_the_model_dtype():
     assert stored["layers.0.self_attn.q_proj.weight"].dtype is None
     assert stored["layers.1.mlp.experts.gate_up_proj"].dtype == torch.float8_e4m3fn
     assert "layers.0.mlp.gate_proj.weight_scale_inv" in stored  # dense MLP still fp8
+
+
+def test_fp8_gpt_oss_is_refused_naming_its_format():
+    with pytest.raises(QuantizationError, match="use mxfp4"):
+        dataclasses.replace(_args("gpt_oss"), quantization=QuantConfig("fp8", (32, 32)))
