@@ -433,7 +433,7 @@ def test_mxfp4_blocks_without_quantization_config(ckpts, tmp_path):
         ("qwen", "fp8", [8, 8, 8], "--block 8 8 8 must be one or two positive integers"),
         ("qwen", "mxfp4", None, "has 16 input columns, not a multiple of 32"),
         ("qwen", "int4", None, "--format int4 is not supported"),
-        ("gpt", "fp8", [32], "fp8 block scales cannot follow"),
+        ("gpt", "fp8", [32], "use mxfp4"),
         ("gpt_mxfp4", "mxfp4", None, "is already quantized"),
     ],
 )
