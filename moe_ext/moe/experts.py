@@ -32,19 +32,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_ext.model.families.base import DOWN, GATE_UP
 from moe_ext.moe.kernels import load_kernels
 from moe_ext.quant.config import QuantConfig
 from moe_ext.quant.formats import (
     FP8_DTYPE,
+    FP8_SCALE,
+    MXFP4_BLOCKS,
+    MXFP4_SCALES,
     dequantize_fp8,
     dequantize_mxfp4,
     fp8_scale_shape,
+    keep_stored_dtypes,
     mxfp4_shapes,
 )
-from moe_ext.quant.layout import FP8_SCALE, MXFP4_BLOCKS, MXFP4_SCALES
-from moe_ext.quant.linear import keep_stored_dtypes
 
+GATE_UP, DOWN = "gate_up_proj", "down_proj"  # the stacked weights' names
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 # Up to this many rows (T') ``auto`` uses the Triton kernels: there the layer is a weight

@@ -44,6 +44,25 @@ E2M1_VALUES = (
 )
 _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # rounding thresholds of |v|
 E8M0_BIAS = 127
+# Stored names of quantized weight P: fp8 keeps P (float8) plus P + FP8_SCALE; mxfp4 stores
+# P + MXFP4_BLOCKS and P + MXFP4_SCALES (Hugging Face's spellings)
+FP8_SCALE = "_scale_inv"
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
+
+
+def keep_stored_dtypes(module, fn, names: tuple[str, ...]) -> None:
+    """For a module's ``_apply(fn)`` override: apply ``fn`` to buffers ``names`` (taken out
+    of ``module._buffers`` before ``super()._apply``) without changing their dtype.
+    ``model.to(torch.bfloat16)`` must move quantized tensors, never cast them (float8
+    counts as floating point, and a float32 scale cast to bf16 would lose digits)."""
+    for name in names:
+        old = module._buffers.get(name)
+        if old is None:
+            continue
+        moved = fn(old)
+        if moved.dtype != old.dtype:
+            moved = old.to(device=moved.device)  # re-move from the original: no rounding
+        module._buffers[name] = moved
 
 
 def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:

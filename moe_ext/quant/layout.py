@@ -28,14 +28,19 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from moe_ext.quant.config import MXFP4_GROUP, QuantConfig, QuantizationError
-from moe_ext.quant.formats import FP8_DTYPE, fp8_scale_shape, mxfp4_shapes
+from moe_ext.quant.formats import (
+    FP8_DTYPE,
+    FP8_SCALE,
+    MXFP4_BLOCKS,
+    MXFP4_SCALES,
+    fp8_scale_shape,
+    mxfp4_shapes,
+)
 
 if TYPE_CHECKING:
     from moe_ext.checkpoint.shard import ShardRequest
     from moe_ext.model.args import ModelArgs
 
-FP8_SCALE = "_scale_inv"
-MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 _EXPERT = re.compile(r"^layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
 # 2-D ``.weight`` tensors that are not linear projections, or that checkpoints keep in
 # the model dtype: embeddings, the output head, norms, routers and gates.

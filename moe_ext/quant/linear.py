@@ -16,7 +16,6 @@ whatever device they are (meta included); the model is otherwise built as usual.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -25,25 +24,16 @@ from torch import nn
 
 from moe_ext.moe.kernels import kernels_for
 from moe_ext.quant.config import QuantConfig
-from moe_ext.quant.formats import FP8_DTYPE, dequantize_fp8, fp8_scale_shape
+from moe_ext.quant.formats import (
+    FP8_DTYPE,
+    dequantize_fp8,
+    fp8_scale_shape,
+    keep_stored_dtypes,
+)
 from moe_ext.quant.layout import quantized_weights
 
 # Up to this many rows the Triton kernel (a weight read) beats dequantize-then-GEMM.
 KERNEL_MAX_ROWS = 256
-
-
-def keep_stored_dtypes(module: nn.Module, fn: Callable, names: tuple[str, ...]) -> None:
-    """After ``nn.Module._apply(fn)``: buffers ``names`` keep their stored dtype.
-    ``model.to(torch.bfloat16)`` must move quantized tensors without casting them (float8
-    counts as floating point, and a float32 scale cast to bf16 would lose digits)."""
-    for name in names:
-        old = module._buffers.get(name)
-        if old is None:
-            continue
-        moved = fn(old)
-        if moved.dtype != old.dtype:
-            moved = old.to(device=moved.device)  # re-move from the original: no rounding
-        module._buffers[name] = moved
 
 
 class Fp8Linear(nn.Module):
