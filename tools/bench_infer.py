@@ -57,12 +57,14 @@ def expert_touch_probability(batch_tokens: int, num_experts: int, top_k: int) ->
 
 def decode_floor_s(model, args, tokens_reaching_experts: int) -> float:
     """Bytes this rank must read per decode step ÷ HBM bandwidth: every local non-expert
-    weight once, and each local expert's weights with the chance it is routed to."""
+    weight once, and each local expert's weights with the chance it is routed to, as
+    stored (quantized weights: their FP8 / MXFP4 bytes and scales)."""
     p = expert_touch_probability(
         tokens_reaching_experts, args.num_experts, args.num_experts_per_tok
     )
     total = 0.0
-    for name, param in model.named_parameters():
+    # parameters and persistent buffers (quantized weights are buffers)
+    for name, param in model.state_dict(keep_vars=True).items():
         nbytes = param.numel() * param.element_size()
         if name == "embed_tokens.weight" and model.lm_head is not None:
             continue  # decode reads B rows of the embedding, not the table
