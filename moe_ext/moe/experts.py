@@ -257,7 +257,7 @@ class GroupedExperts(nn.Module):
             if not (
                 x.device.type == "cuda"
                 and x.dtype in (torch.bfloat16, torch.float16)
-                and x.shape[0] <= TRITON_MAX_ROWS
+                and x.shape[0] <= self.triton_max_rows
                 and tokens_per_expert.dtype == torch.int64
                 and tokens_per_expert.device == x.device
             ):
@@ -265,6 +265,15 @@ class GroupedExperts(nn.Module):
         elif self.backend != "triton":
             return False
         return not self._needs_grad(x) and load_kernels("grouped_gemm") is not None
+
+    @property
+    def triton_max_rows(self) -> int:
+        """Most rows ``auto`` gives the Triton kernels. Quantized experts: while the rows
+        of an average expert fit one 64-row chunk (weights streamed once), since the
+        alternative dequantizes every local expert on each call."""
+        if self.quant is None:
+            return TRITON_MAX_ROWS
+        return max(TRITON_MAX_ROWS, 64 * self.num_experts)
 
     def _refuse_unrunnable_backend(self, x: torch.Tensor) -> None:
         """A backend asked for by name ('triton', 'grouped_mm') that cannot run x: say why

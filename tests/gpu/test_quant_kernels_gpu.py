@@ -9,8 +9,11 @@ Error bound, stated once: ||y - ref|| / ||ref|| < REL_TOL (Frobenius norms) wher
 computed in float32 on the dequantized float32 weights from the same bf16 rows. The
 kernels round h (the SwiGLU output, [T', F]) and y to bf16 and feed bf16 operands to the
 tensor cores, so a few bf16 ulps (2^-8 relative each) separate them from ref: 2e-2 leaves
-~5x margin. The dense bf16 kernel on bf16-dequantized weights (the path these kernels
-replace) is held to the same bound, and the two paths to each other.
+~5x margin. FP8 runs on FP8 tensor cores (grouped_gemm.FP8_TENSOR_CORES): the rows are
+also rounded to e4m3 per k-tile (3 mantissa bits: 2^-4 relative at most, about 2.5e-2 RMS
+per product, averaging out over a row), so FP8 is held to 5e-2. The dense bf16 kernel on
+bf16-dequantized weights (the path these kernels replace) is held to the format's bound,
+and the two paths to each other.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tests.support import capture_compiled, needs_triton
 
 pytestmark = [pytest.mark.gpu, needs_triton]
 
-REL_TOL = 2e-2
+REL_TOL = {"fp8": 5e-2, "mxfp4": 2e-2}
 BLOCK = (128, 128)  # fp8 weight_block_size of the public checkpoints
 ALPHA, LIMIT = 1.702, 7.0  # gpt-oss' clamped SwiGLU
 SHAPES = {  # name: (E, H, F, top_k)
@@ -153,9 +156,10 @@ def test_gpu_quantized_experts_match_dequantized(shape, weight_format, gpt_oss):
                 "dense path vs fp32 ref": rel_err(dense_path(x, experts, counts), ref),
                 "vs dense path": rel_err(y, dense_path(x, experts, counts)),
             }
-            if not torch.isfinite(y).all() or max(errors.values()) >= REL_TOL:
+            if not torch.isfinite(y).all() or max(errors.values()) >= REL_TOL[weight_format]:
                 failures.append(f"T'={x.shape[0]}: {errors}")
-    assert not failures, f"{shape} {weight_format}: rel. errors >= {REL_TOL}: {failures}"
+    tol = REL_TOL[weight_format]
+    assert not failures, f"{shape} {weight_format}: rel. errors >= {tol}: {failures}"
 
 
 @pytest.mark.parametrize(
@@ -177,7 +181,7 @@ def test_gpu_quantized_linear_matches_dequantized(weight_format, out_features, i
                 ref = x.float() @ dequantized.T + (0 if b is None else b.float())
                 assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
                 err = rel_err(y, ref)
-                assert err < REL_TOL, f"T={rows} bias={b is not None}: rel. error {err:.3g}"
+                assert err < REL_TOL[weight_format], f"T={rows} bias={b is not None}: {err:.3g}"
 
 
 def _layer(experts, linear):
@@ -197,7 +201,7 @@ def _layer_reference(x, experts, linear_deq, counts):
     return reference(x, experts, counts).bfloat16().float() @ linear_deq.T
 
 
-def _check_replays(graph, forward_inputs, y, experts, linear_deq, num_experts, top_k):
+def _check_replays(graph, forward_inputs, y, experts, linear_deq, num_experts, top_k, tol):
     x, counts = forward_inputs
     skewed = torch.zeros_like(counts)
     skewed[0] = x.shape[0]
@@ -207,7 +211,7 @@ def _check_replays(graph, forward_inputs, y, experts, linear_deq, num_experts, t
         graph.replay()
         torch.cuda.synchronize()
         err = rel_err(y, _layer_reference(x, experts, linear_deq, counts))
-        assert err < REL_TOL, f"replay {i}: rel. error {err:.3g}"
+        assert err < tol, f"replay {i}: rel. error {err:.3g}"
 
 
 @pytest.mark.parametrize("weight_format", ["fp8", "mxfp4"])
@@ -229,7 +233,9 @@ def test_gpu_cuda_graph_replay_follows_new_rows_and_routing(weight_format):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = forward(x, counts)
-        _check_replays(graph, (x, counts), y, experts, linear_deq, num_experts, top_k)
+        _check_replays(
+            graph, (x, counts), y, experts, linear_deq, num_experts, top_k, REL_TOL[weight_format]
+        )
 
 
 @pytest.mark.parametrize("weight_format", ["fp8", "mxfp4"])
@@ -245,4 +251,6 @@ def test_gpu_inductor_fullgraph_inside_cuda_graph(weight_format):
     counts = routed_counts(top_k, num_experts, top_k, seed=5)
     with torch.inference_mode():
         graph, y = capture_compiled(forward, x, counts)
-        _check_replays(graph, (x, counts), y, experts, linear_deq, num_experts, top_k)
+        _check_replays(
+            graph, (x, counts), y, experts, linear_deq, num_experts, top_k, REL_TOL[weight_format]
+        )

@@ -3,8 +3,9 @@ MXFP4 bytes inside the decode step, CUDA graphs and the compiled decode keep wor
 
 Reference: the same architecture in bf16 holding the dequantized weights (every value a
 quantized model can hold is exact in bf16). The kernels differ from it only by bf16
-rounding of intermediate activations, so decode logits agree within 3% of their largest
-magnitude (the bound the family fast-path tests use).
+rounding of intermediate activations (FP8 also by rounding the activations to e4m3 on
+the FP8 tensor cores), so decode logits agree within 3% of their largest magnitude (the
+bound the family fast-path tests use; 6% for FP8).
 
 # B batch, L prompt length, V vocab
 """
@@ -67,7 +68,7 @@ def _models(case: str):
     config, quant = CASES[case]
     plain = ModelArgs.from_hf_config(config)
     args = dataclasses.replace(plain, quantization=quant)
-    quantized = init_random_(Transformer(args), device="cuda")
+    quantized = init_random_(Transformer(args).to("cuda"))
     reference = Transformer(plain).to("cuda")
     reference.load_state_dict(dequantize_state(quantized.state_dict(), args), strict=True)
     return quantized.to(torch.bfloat16).eval(), reference.to(torch.bfloat16).eval()
@@ -98,7 +99,8 @@ def test_quantized_decode_fast_path(case):
         want = _decode_logits(reference)
         eager = _decode_logits(quantized)
         scale = want.abs().max().item()
-        assert (eager - want).abs().max().item() <= 0.03 * scale, "kernels vs dequantized"
+        bound = 0.06 if CASES[case][1].method == "fp8" else 0.03
+        assert (eager - want).abs().max().item() <= bound * scale, "kernels vs dequantized"
         quantized.compile_decode()
         compiled = _decode_logits(quantized)
         assert (compiled - eager).abs().max().item() <= 0.03 * scale, "compiled vs eager"
