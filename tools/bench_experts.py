@@ -338,12 +338,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[128, 128],
         help="fp8 weight_block_size: 'bo,bi', or one number for square blocks",
     )
-    p.add_argument(
-        "--fp8-weight-only",
-        action="store_true",
-        help="fp8 rows convert weights to bf16 in registers instead of FP8 tensor cores "
-        "(grouped_gemm.FP8_TENSOR_CORES off)",
-    )
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
@@ -366,10 +360,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_experts: needs a CUDA GPU (times CUDA-graph replays)", file=sys.stderr)
         return 2
-    if args.fp8_weight_only:
-        from moe_ext.moe.kernels import grouped_gemm
-
-        grouped_gemm.FP8_TENSOR_CORES = False
     began = time.perf_counter()
     print(
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 rows, "

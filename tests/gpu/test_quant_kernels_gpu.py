@@ -9,11 +9,10 @@ Error bound, stated once: ||y - ref|| / ||ref|| < REL_TOL (Frobenius norms) wher
 computed in float32 on the dequantized float32 weights from the same bf16 rows. The
 kernels round h (the SwiGLU output, [T', F]) and y to bf16 and feed bf16 operands to the
 tensor cores, so a few bf16 ulps (2^-8 relative each) separate them from ref: 2e-2 leaves
-~5x margin. FP8 runs on FP8 tensor cores (grouped_gemm.FP8_TENSOR_CORES): the rows are
-also rounded to e4m3 per k-tile (3 mantissa bits: 2^-4 relative at most, about 2.5e-2 RMS
-per product, averaging out over a row), so FP8 is held to 5e-2. The dense bf16 kernel on
-bf16-dequantized weights (the path these kernels replace) is held to the format's bound,
-and the two paths to each other.
+~5x margin. The dense bf16 kernel on bf16-dequantized weights (the path these kernels
+replace) is held to the same bound, and the two paths to each other. (Feeding FP8 tensor
+cores instead, with the rows quantized to e4m3 per k-tile, was measured at 4-5% relative
+error and no faster: 2026-11-30, H200.)
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from tests.support import capture_compiled, needs_triton
 
 pytestmark = [pytest.mark.gpu, needs_triton]
 
-REL_TOL = {"fp8": 5e-2, "mxfp4": 2e-2}
+REL_TOL = {"fp8": 2e-2, "mxfp4": 2e-2}
 BLOCK = (128, 128)  # fp8 weight_block_size of the public checkpoints
 ALPHA, LIMIT = 1.702, 7.0  # gpt-oss' clamped SwiGLU
 SHAPES = {  # name: (E, H, F, top_k)

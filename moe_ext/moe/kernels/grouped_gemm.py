@@ -64,10 +64,6 @@ BLOCK_M_CHOICES = (16, 32, 64)
 
 
 DENSE, FP8, MXFP4 = 0, 1, 2  # W_FORMAT: how W is stored
-# FP8 weights on CUDA: multiply on FP8 tensor cores, the activations quantized per row and
-# k-tile to e4m3 in the kernel (False: weight-only, weights converted to x's dtype in
-# registers). tools/bench_experts.py --fp8-weight-only measures the other side.
-FP8_TENSOR_CORES = True
 WEIGHT_FORMATS = {"dense": DENSE, "fp8": FP8, "mxfp4": MXFP4}
 # the same as constexpr globals (the only globals a jitted function may read)
 _FP8 = tl.constexpr(FP8)
@@ -129,7 +125,6 @@ def _expert_gemm(
     HAS_BIAS: tl.constexpr,
     CLAMPED: tl.constexpr,
     W_FORMAT: tl.constexpr,
-    FP8_ACT: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -141,8 +136,8 @@ def _expert_gemm(
     DENSE: W [E, N or 2N, K] in x's dtype (K contiguous);
     FP8: W float8_e4m3fn [E, N or 2N, K], scale float32 [E, ceil(rows/block_out),
     ceil(K/block_in)] (row stride stride_sn, column stride 1); BLOCK_K divides block_in,
-    so one k-tile has one scale per row: the fp8 tile goes to x's dtype exactly, its dot
-    is scaled per column of the partial product in float32;
+    so one k-tile has one scale per row: the tile is multiplied by its row scales in
+    float32 and rounded to x's dtype (the weights of the dequantized model) before the dot;
     MXFP4: W uint8 [E, N or 2N, K/2] (two e2m1 per byte), scale uint8 [E, N or 2N, K/32]
     (e8m0, row stride stride_sn); BLOCK_K is a multiple of 32; tiles are dequantized in
     float32 and cast to x's dtype (exact for bf16) before the dot.
@@ -204,30 +199,17 @@ def _expert_gemm(
                 if SWIGLU:
                     w_up = _mxfp4_tile(w_up_tile, s_up_tile, k0, K, n_mask, BLOCK_K, BLOCK_N)
                     acc_up = tl.dot(a, tl.trans(w_up.to(a.dtype)), acc_up)
-            elif W_FORMAT == _FP8 and FP8_ACT:
-                # FP8 tensor cores: the rows' k-tile quantized to e4m3 on the fly (one
-                # scale per row and k-tile, DeepSeek's dynamic activation scheme with
-                # groups of BLOCK_K <= the weight block), weights fed as stored; the
-                # float32 partial product takes both scales
-                a_scale = tl.maximum(tl.max(tl.abs(a.to(tl.float32)), axis=1), 1e-12) / 448.0
-                a_q = (a.to(tl.float32) / a_scale[:, None]).to(tl.float8e4nv)  # [BLOCK_M, BLOCK_K]
-                w = tl.load(w_tile + k0, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N] e4m3
-                scale = tl.load(s_tile + k0 // block_in, mask=n_mask, other=0.0)  # [BLOCK_N]
-                acc += tl.dot(a_q, w) * (a_scale[:, None] * scale[None, :])
-                if SWIGLU:
-                    w_up = tl.load(w_up_tile + k0, mask=w_mask, other=0.0)
-                    scale_up = tl.load(s_up_tile + k0 // block_in, mask=n_mask, other=0.0)
-                    acc_up += tl.dot(a_q, w_up) * (a_scale[:, None] * scale_up[None, :])
             elif W_FORMAT == _FP8:
-                # weight-only: e4m3 -> x's dtype is exact; the block scale of this k-tile
-                # (one per row) multiplies the float32 partial product's columns
-                w = tl.load(w_tile + k0, mask=w_mask, other=0.0).to(a.dtype)
+                # the tile dequantized in registers to x's dtype (the values of the
+                # dequantized bf16 model), so the accumulator chains through the dots as in
+                # the dense kernel instead of waiting on each k-tile's product to scale it
                 scale = tl.load(s_tile + k0 // block_in, mask=n_mask, other=0.0)  # [BLOCK_N]
-                acc += tl.dot(a, w) * scale[None, :]
+                w = tl.load(w_tile + k0, mask=w_mask, other=0.0).to(tl.float32)
+                acc = tl.dot(a, (w * scale[None, :]).to(a.dtype), acc)  # w: [BLOCK_K, BLOCK_N]
                 if SWIGLU:
-                    w_up = tl.load(w_up_tile + k0, mask=w_mask, other=0.0).to(a.dtype)
                     scale_up = tl.load(s_up_tile + k0 // block_in, mask=n_mask, other=0.0)
-                    acc_up += tl.dot(a, w_up) * scale_up[None, :]
+                    w_up = tl.load(w_up_tile + k0, mask=w_mask, other=0.0).to(tl.float32)
+                    acc_up = tl.dot(a, (w_up * scale_up[None, :]).to(a.dtype), acc_up)
             else:
                 w = tl.load(w_tile + k0, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
                 acc = tl.dot(a, w, acc)
@@ -317,13 +299,13 @@ _TUNE_KEY = ["N", "K", "E", "slots_bucket", "BLOCK_M"]
 # (TRITON_INTERPRET=1 in the environment of the process that imports triton).
 INTERPRETED = not isinstance(_jit_kernel, triton.runtime.jit.JITFunction)
 _INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
-_tuned: dict[tuple, object] = {}  # (swiglu, W_FORMAT, max BLOCK_K, FP8_ACT) -> autotuned kernel
+_tuned: dict[tuple, object] = {}  # (swiglu, W_FORMAT, max BLOCK_K) -> autotuned kernel
 
 
-def _tuned_kernel(swiglu: bool, w_format: int, max_block_k: int, fp8_act: bool):
+def _tuned_kernel(swiglu: bool, w_format: int, max_block_k: int):
     """The autotuned kernel of this launch kind, built on first use (one autotune cache
     per kind: configs differ by format and by the fp8 scale block)."""
-    key = (swiglu, w_format, max_block_k, fp8_act)
+    key = (swiglu, w_format, max_block_k)
     if key not in _tuned:
         _tuned[key] = triton.autotune(_configs(swiglu, w_format, max_block_k), key=_TUNE_KEY)(
             _jit_kernel
@@ -350,8 +332,6 @@ def _launch(x, w, scale, bias, tokens_per_expert, out, n, swiglu, block_m, *, cl
     [T', n]. clamp: (alpha, limit) of the clamped SwiGLU, None for plain. quant:
     w_format (DENSE/FP8/MXFP4) and fp8_block (bo, bi)."""
     w_format = quant.get("w_format", DENSE)
-    # FP8 tensor cores on the GPU; the interpreter keeps the exact weight-only product
-    fp8_act = w_format == FP8 and x.device.type == "cuda" and FP8_TENSOR_CORES
     block_out, block_in = quant.get("fp8_block", (1, 1))
     num_experts = w.shape[0]
     slots = min(num_experts, x.shape[0])  # at most one expert with rows per row
@@ -384,7 +364,6 @@ def _launch(x, w, scale, bias, tokens_per_expert, out, n, swiglu, block_m, *, cl
         HAS_BIAS=bias is not None,
         CLAMPED=clamp is not None,
         W_FORMAT=w_format,
-        FP8_ACT=fp8_act,
         E_POW2=triton.next_power_of_2(num_experts),
         BLOCK_M=block_m,
     )
@@ -395,7 +374,7 @@ def _launch(x, w, scale, bias, tokens_per_expert, out, n, swiglu, block_m, *, cl
         grid = (slots * triton.cdiv(n, config["BLOCK_N"]),)
         _jit_kernel[grid](*args, **meta, **config)
         return
-    kernel = _tuned_kernel(swiglu, w_format, max_block_k, fp8_act)
+    kernel = _tuned_kernel(swiglu, w_format, max_block_k)
     kernel[lambda cfg: (slots * triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta)
 
 
