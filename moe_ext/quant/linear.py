@@ -51,7 +51,7 @@ class Fp8Linear(nn.Module):
         device=None,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.block = block  # the sizes are the weight's: parallelize replaces it by a TP slice
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device)
         )
@@ -74,7 +74,8 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.in_features}, out={self.out_features}, fp8 blocks {list(self.block)}, "
+            f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, "
+            f"fp8 blocks {list(self.block)}, "
             f"bias={self.bias is not None}"
         )
 
@@ -108,7 +109,7 @@ class Fp8Linear(nn.Module):
                     fp8_block=self.block,
                     bias=bias,
                 )  # [T, N]
-                return y.view(*x.shape[:-1], self.out_features)
+                return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
 
