@@ -4,6 +4,7 @@ triton kernels on fp8 / MXFP4 weights, against the HBM floor.
     python tools/bench_experts.py --json experts.json          # mixtral + qwen3, all formats
     python tools/bench_experts.py --shapes qwen3 --tokens 1,4,16 --peak-tbs 4.8
     python tools/bench_experts.py --formats fp8,mxfp4 --fp8-block 128
+    python tools/bench_experts.py --report experts.json --png experts.png  # chart only
 
 # T tokens, T' = T*k rows (sorted by expert), H hidden, F FFN size, E experts, k top-k
 
@@ -339,6 +340,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fp8 weight_block_size: 'bo,bi', or one number for square blocks",
     )
     p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--report", type=Path, help="draw --png from this JSON, run nothing")
+    p.add_argument("--png", type=Path, help="chart: latency per weight format against floors")
     args = p.parse_args(argv)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
@@ -355,8 +358,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def draw(rows: list[dict], png: Path) -> None:
+    """Per shape: latency against rows, bf16 (Triton), fp8 and mxfp4 (Triton on the stored
+    bytes), each with its HBM floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        mine = [r for r in rows if r["shape"] == shape]
+        dense = [r for r in mine if "format" not in r and r.get("triton_us")]
+        series = [("bf16", dense, "triton_us", "floor_us")]
+        for fmt in ("fp8", "mxfp4"):
+            series.append(
+                (fmt, [r for r in mine if r.get("format") == fmt], "triton_us", "floor_us")
+            )
+        for (label, points, measured, floor), color in zip(series, ("C0", "C1", "C2")):
+            if not points:
+                continue
+            x = [r["rows"] for r in points]
+            ax.plot(x, [r[measured] for r in points], "o-", color=color, label=label)
+            ax.plot(x, [r[floor] for r in points], "--", color=color, label=f"{label} floor")
+        ax.set(xscale="log", yscale="log", xlabel="rows (tokens x top-k)", ylabel="us / forward")
+        ax.set_title(f"{shape} experts")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"# chart: {png}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        draw(json.loads(args.report.read_text())["rows"], args.png or Path("bench_experts.png"))
+        return 0
     if not torch.cuda.is_available():
         print("bench_experts: needs a CUDA GPU (times CUDA-graph replays)", file=sys.stderr)
         return 2
@@ -384,6 +422,8 @@ def main(argv=None) -> int:
                 indent=1,
             )
         )
+    if args.png:
+        draw(rows, args.png)
     print(f"# {time.perf_counter() - began:.0f} s")
     return 0
 
