@@ -74,6 +74,9 @@ class TrainConf:
     dtype: str = "auto"
     progress: bool = True  # tqdm bar on rank 0
     dist_timeout_s: int = 300  # collective timeout: a stuck peer is an error, not a hang
+    # check every process group's all-reduce and a peer copy before loading (moe_ext.preflight);
+    # None: on for GPU runs, off on CPU
+    preflight: Optional[bool] = None
     debug: bool = False  # errors also print their chained traceback (as MOE_EXT_DEBUG=1)
 
 
