@@ -13,6 +13,8 @@ extrapolation past the largest (bandwidth-bound) and the smallest sample's time 
      "gemv_efficiency": 0.4,       # achieved / hbm for M=1 projections
      "grouped_efficiency": 0.9,    # achieved / hbm for decode-size grouped experts
      "kernel_overhead_us": 4.0,    # per launched kernel outside CUDA graphs
+     "graph_kernel_us": 2.0,       # optional: per kernel replayed inside a CUDA graph (its
+                                   # minimum GPU time and the gap to the next; absent: 0)
      "collectives": {"all_reduce": {"2": [[bytes, seconds], ...]}, "all_to_all": {...},
                      "all_gather": {...}, "reduce_scatter": {...}, "send_recv": {...}},
      "notes": ["how it was measured or where the estimate comes from"]}
@@ -27,7 +29,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from moe_ext.errors import MoeExtError
 
@@ -56,6 +58,8 @@ class MachineProfile:
     # op -> group size (str, as JSON keys are) -> [[bytes per rank, seconds], ...] ascending
     collectives: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # per kernel replayed inside a CUDA graph (minimum kernel time + gap); None: not measured
+    graph_kernel_us: Optional[float] = None
 
     def seconds(self, op: str, group: int, nbytes: float) -> float:
         """Time of collective ``op`` over ``group`` ranks moving ``nbytes`` per rank."""
