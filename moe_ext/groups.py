@@ -18,17 +18,39 @@ Worked example: world 8, strategy=ep_nccl, tp=2 pp=2 (dp=2 and ep=tp*dp=4 derive
 Rank 5 is tp rank 1, dp rank 0, stage 1 (previous stage: rank 1), and owns experts
 [E/4, 2E/4) as ep rank 1. With strategy=tp_experts on the same 8 ranks (tp=4 pp=2 dp=1)
 etp = tp: etp groups [0,1,2,3] [4,5,6,7] equal the tp groups, and ep is a singleton.
+
+Nodes. torchrun numbers ranks node by node: with G ranks per node (LOCAL_WORLD_SIZE, the
+same on every node) node n holds ranks [n*G, (n+1)*G), so rank r is on node r // G. The
+order above varies tp (and etp, ep) fastest, so a TP group is tp adjacent ranks and an EP
+group ep adjacent ranks (etp*ep for tp_ep): they stay inside a node exactly when their
+size divides G. pp varies slowest, then dp / edp, so what does not fit a node spreads
+pipeline stages across nodes first and data-parallel replicas next; their traffic is one
+activation hand-off per micro-batch (pp) or none at all in inference (dp). A plan whose
+TP, expert-TP or EP groups would span nodes is refused (``NodeLayoutError``) before any
+group is built, naming the fix. The order is the same on one node and on many (and stays
+Megatron's), so the node count changes which plans are accepted, never where a rank sits.
+
+Worked example, 2 nodes x 2 ranks (G = 2), world 4:
+  ep_nccl tp=1 pp=2 (dp=2, ep=2): node 0 = stage 0 = ranks [0,1] = one EP group, node 1 =
+      stage 1 = [2,3]; pp groups [0,2] [1,3] cross the nodes.
+  tp_experts tp=2 (dp=2): tp = etp groups [0,1] [2,3], one per node; dp [0,2] [1,3] across.
+  ep_nccl tp=1 pp=1 ep=2 (dp=4, edp=2): ep [0,1] [2,3]; edp [0,2] [1,3] across the nodes.
+  ep_nccl tp=1 pp=1 (ep = dp = 4) or tp=4: refused, the group would need both nodes.
+``node_layout(plan, world_size, ranks_per_node)`` gives the groups with this check and
+which families cross nodes, without creating any process group (planner, tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from datetime import timedelta
 from typing import Any, Optional
 
 import torch.distributed as dist
 
+from moe_ext.errors import MoeExtError
 from moe_ext.moe.dispatch.base import DispatchGroups
 from moe_ext.plan import ParallelPlan
 
@@ -93,6 +115,95 @@ def rank_layout(plan: ParallelPlan) -> dict[str, list[list[int]]]:
     return layout
 
 
+class NodeLayoutError(MoeExtError):
+    """A plan whose TP / EP groups cannot stay inside a node, or a world that is not a whole
+    number of equal nodes; the message names the fix."""
+
+
+# families whose collectives run every layer (TP all-reduce, EP all-to-all): one node each
+NODE_LOCAL_FAMILIES = ("tp", "etp", "ep", "tp_ep")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLayout:
+    """The groups of a plan on ``world_size // ranks_per_node`` nodes of ``ranks_per_node``
+    ranks each, node n holding ranks [n * ranks_per_node, (n + 1) * ranks_per_node)."""
+
+    groups: dict[str, list[list[int]]]  # family -> rank lists, as ``rank_layout``
+    world_size: int
+    ranks_per_node: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.ranks_per_node
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def nodes_spanned(self, family: str) -> int:
+        """The most nodes one group of ``family`` touches (1: the family stays intra-node)."""
+        return max(len({self.node_of(r) for r in g}) for g in self.groups[family])
+
+    def inter_node(self, family: str) -> bool:
+        """Whether some group of ``family`` has ranks on two nodes (its collectives cross
+        the inter-node link)."""
+        return self.nodes_spanned(family) > 1
+
+    @property
+    def inter_node_families(self) -> list[str]:
+        return sorted(f for f in self.groups if self.inter_node(f))
+
+    @property
+    def pp_inter_node_hops(self) -> int:
+        """Stage-to-stage hand-offs of one pipeline that cross nodes (0 .. pp - 1); every
+        pp group has the same count."""
+        g = self.groups["pp"][0]
+        return sum(self.node_of(a) != self.node_of(b) for a, b in zip(g, g[1:]))
+
+
+def _node_fix(plan: ParallelPlan, family: str, size: int, ranks_per_node: int) -> str:
+    fit = math.gcd(size, ranks_per_node)
+    stages = plan.pp * size // fit
+    if family == "tp" or (family in ("etp", "tp_ep") and plan.etp == plan.tp > 1):
+        return (
+            f"lower parallel.tp to {fit}, or put pipeline stages across nodes "
+            f"(parallel.tp={fit} parallel.pp={stages})"
+        )
+    return (
+        f"lower parallel.ep to {fit} (EP groups side by side, expert replicas across "
+        f"nodes), or put pipeline stages across nodes (parallel.pp={stages})"
+    )
+
+
+def node_layout(plan: ParallelPlan, world_size: int, ranks_per_node: int) -> NodeLayout:
+    """The plan's groups (``rank_layout``) on nodes of ``ranks_per_node`` ranks, refusing
+    a plan whose TP / expert-TP / EP groups would span nodes. Pure: no process group is
+    created, so the planner can call it for a machine it is not running on.
+
+    Raises NodeLayoutError (one line with the fix) when the world is not a whole number of
+    nodes or a node-local group does not fit; ValueError when ``world_size`` is not the
+    plan's (a caller's bug)."""
+    if world_size != plan.world_size:
+        raise ValueError(f"plan is for {plan.world_size} ranks, not world_size={world_size}")
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise NodeLayoutError(
+            f"world size {world_size} is not a whole number of nodes of {ranks_per_node} "
+            f"ranks; launch the same --nproc-per-node on every node"
+        )
+    layout = NodeLayout(rank_layout(plan), world_size, ranks_per_node)
+    for family in NODE_LOCAL_FAMILIES:
+        if layout.inter_node(family):
+            size = len(layout.groups[family][0])
+            what = {"tp_ep": "etp*ep", "etp": "etp"}.get(family, family)
+            kind = {"tp": "TP", "ep": "EP"}.get(family, "expert")
+            raise NodeLayoutError(
+                f"{what}={size} does not fit in a node of {ranks_per_node} ranks "
+                f"({layout.num_nodes} nodes): {kind} groups must stay inside one node; "
+                f"{_node_fix(plan, family, size, ranks_per_node)}"
+            )
+    return layout
+
+
 @dataclasses.dataclass
 class ProcessGroups:
     """This rank's handles into every group family of a plan.
@@ -107,11 +218,22 @@ class ProcessGroups:
     layout: dict[str, list[list[int]]]
     handles: dict[str, Optional[dist.ProcessGroup]]
     member_ranks: dict[str, Optional[list[int]]]
+    ranks_per_node: Optional[int] = None  # None: one node holds the whole world
 
     @classmethod
-    def build(cls, plan: ParallelPlan, backend: str, timeout: timedelta) -> "ProcessGroups":
+    def build(
+        cls,
+        plan: ParallelPlan,
+        backend: str,
+        timeout: timedelta,
+        local_world_size: Optional[int] = None,
+    ) -> "ProcessGroups":
         """Create every group of the plan. Collective: every rank must call it with the same
-        plan; groups are created in one fixed order as torch.distributed.new_group needs."""
+        plan; groups are created in one fixed order as torch.distributed.new_group needs.
+
+        ``local_world_size``: ranks per node (torchrun's LOCAL_WORLD_SIZE, which the
+        launcher passes in); None means one node. A plan whose TP / EP groups would span
+        nodes raises NodeLayoutError here, before any group is created."""
         if not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialised; call moe_ext.dist.init_distributed first"
@@ -122,7 +244,7 @@ class ProcessGroups:
                 f"plan is for {plan.world_size} ranks but torch.distributed has "
                 f"{world}; rebuild the plan with world_size={world}"
             )
-        layout = rank_layout(plan)
+        layout = node_layout(plan, world, local_world_size or world).groups
         by_ranks: dict[tuple[int, ...], dist.ProcessGroup] = {}
         handles: dict[str, Optional[dist.ProcessGroup]] = {}
         member_ranks: dict[str, Optional[list[int]]] = {}
@@ -134,7 +256,7 @@ class ProcessGroups:
                     by_ranks[key] = dist.new_group(list(ranks), timeout=timeout, backend=backend)
                 if rank in ranks:
                     handles[name], member_ranks[name] = by_ranks[key], list(ranks)
-        return cls(plan, rank, layout, handles, member_ranks)
+        return cls(plan, rank, layout, handles, member_ranks, local_world_size)
 
     # -- groups --------------------------------------------------------------------------
     def group(self, name: str) -> Optional[dist.ProcessGroup]:
