@@ -33,7 +33,7 @@ from moe_ext.cli.io import check_output, read_prompts, write_output
 from moe_ext.config import GenerateConf, InferConf
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.errors import MoeExtError
-from moe_ext.groups import ProcessGroups
+from moe_ext.groups import ProcessGroups, node_layout
 from moe_ext.launching import (
     DTYPES,
     ModelSource,
@@ -312,11 +312,14 @@ def run(cfg: InferConf, env: DistEnv) -> int:
         log.info("topology: %s", job.topology.describe())
         log.info("plan: %s", job.plan.describe())
         log.info("%s", job.sampling)
+    # TP / EP groups inside a node: refused here (rank 0 prints it) before any group
+    as_usage_error(node_layout, job.plan, env.world_size, env.local_world_size)
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
     groups = ProcessGroups.build(
         job.plan,
         backend="nccl" if job.device_type == "cuda" else "gloo",
         timeout=timedelta(seconds=cfg.dist_timeout_s),
+        local_world_size=env.local_world_size,
     )
     torch.manual_seed(cfg.seed)
     model = load_on_every_rank(cfg.engine, job, groups, env.rank, device)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_ext.config import GenerateConf
 from moe_ext.deepspeed.engine import build_engine, clips_itself
 from moe_ext.dist import DistEnv, init_distributed
-from moe_ext.groups import ProcessGroups
+from moe_ext.groups import ProcessGroups, node_layout
 from moe_ext.launching import (
     DTYPES,
     ModelSource,
@@ -442,12 +442,15 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
             job.data.train.numel(),
             job.data.val.numel(),
         )
+    # TP / EP groups inside a node: refused here (rank 0 prints it) before any group
+    as_usage_error(node_layout, job.plan, env.world_size, env.local_world_size)
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
     run_dir = _run_dir(own_run_dir, device)
     groups = ProcessGroups.build(
         job.plan,
         backend="nccl" if job.device_type == "cuda" else "gloo",
         timeout=timedelta(seconds=cfg.dist_timeout_s),
+        local_world_size=env.local_world_size,
     )
     model = build_model(job, groups, env.rank, device)
     engine = build_train_engine(cfg, job, model, groups, device)
