@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import resource
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NoReturn, Optional
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from moe_ext import preflight
 from moe_ext.cli.generation_config import read_generation_config, resolve_sampling, stop_ids
 from moe_ext.cli.io import check_output, read_prompts, write_output
 from moe_ext.config import GenerateConf, InferConf
@@ -321,6 +322,15 @@ def run(cfg: InferConf, env: DistEnv) -> int:
         timeout=timedelta(seconds=cfg.dist_timeout_s),
         local_world_size=env.local_world_size,
     )
+    # the links the plan uses, before any weight: a broken one is one line, not a hang
+    preflight.run_or_exit(
+        cfg.preflight,
+        groups,
+        device,
+        env.local_world_size,
+        timeout_s=min(preflight.DEFAULT_TIMEOUT_S, cfg.dist_timeout_s),
+        debug=cfg.debug,
+    )
     torch.manual_seed(cfg.seed)
     model = load_on_every_rank(cfg.engine, job, groups, env.rank, device)
     result = _generate(cfg, job, model, groups, env.rank)
@@ -337,4 +347,14 @@ def main(cfg: DictConfig, environ: Mapping[str, str]) -> NoReturn:
     logging.basicConfig(
         level=logging.INFO if env.rank == 0 else logging.WARNING, format="%(message)s", force=True
     )
+    _link_environment(cfg, environ, env.rank)
     run_and_exit(lambda: run(OmegaConf.to_object(cfg), env), env.rank, env.world_size, debug)
+
+
+def _link_environment(cfg: DictConfig, environ: Mapping[str, str], rank: int) -> None:
+    """``+topology=pcie`` (no peer access) sets NCCL_P2P_DISABLE=1 in the process
+    environment before NCCL starts (moe_ext.preflight.link_environment)."""
+    if isinstance(environ, MutableMapping):
+        line = preflight.link_environment(cfg.get("topology"), environ)
+        if line and rank == 0:
+            log.info("%s", line)

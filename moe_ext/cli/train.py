@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from moe_ext import preflight
 from moe_ext.config import GenerateConf
 from moe_ext.deepspeed.engine import build_engine, clips_itself
 from moe_ext.dist import DistEnv, init_distributed
@@ -452,6 +453,15 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
         timeout=timedelta(seconds=cfg.dist_timeout_s),
         local_world_size=env.local_world_size,
     )
+    # the links the plan uses, before any weight: a broken one is one line, not a hang
+    preflight.run_or_exit(
+        cfg.preflight,
+        groups,
+        device,
+        env.local_world_size,
+        timeout_s=min(preflight.DEFAULT_TIMEOUT_S, cfg.dist_timeout_s),
+        debug=cfg.debug,
+    )
     model = build_model(job, groups, env.rank, device)
     engine = build_train_engine(cfg, job, model, groups, device)
     state = _resumed_state(engine, job, env, groups, device)
@@ -489,6 +499,10 @@ def main(cfg: DictConfig, environ: MutableMapping[str, str], output_dir: Path) -
     env = launch_env(environ, debug)
     environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
+    # +topology=pcie (no peer access) sets NCCL_P2P_DISABLE=1 before NCCL starts
+    line = preflight.link_environment(cfg.get("topology"), environ)
+    if line and env.rank == 0:
+        log.info("%s", line)
     raw = OmegaConf.to_container(cfg, resolve=True)
     run_and_exit(
         lambda: run(OmegaConf.to_object(cfg), env, output_dir, raw), env.rank, env.world_size, debug
