@@ -84,10 +84,14 @@ def main(argv=None) -> int:
         "",
         "0",
     )
-    command = " ".join(shlex.quote(a) for a in ["tools/calibrate.py", *sys.argv[1:]])
+    # the command as a reader would type it: env first, the output file by its name only
+    # (a profile records no path of the machine it was measured on)
+    argv = [Path(a).name if a.endswith(".json") else a for a in sys.argv[1:]]
+    command = " ".join(shlex.quote(a) for a in ["tools/calibrate.py", *argv])
+    command = f"torchrun --nproc-per-node {env.local_world_size} {command}"
     if p2p_disabled:
         command = f"NCCL_P2P_DISABLE={os.environ['NCCL_P2P_DISABLE']} " + command
-    notes = [f"command: torchrun --nproc-per-node {env.local_world_size} {command}"]
+    notes = [f"command: {command}"]
     bar = None
     if env.rank == 0:
         from tqdm.auto import tqdm
