@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,13 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    local_world_size: int = 1
+    local_world_size: Optional[int] = None  # ranks on this node; None: all (one node)
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.local_world_size is None:
+            object.__setattr__(self, "local_world_size", self.world_size)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "DistEnv":
