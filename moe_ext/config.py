@@ -60,6 +60,15 @@ class ParallelConf:
     etp: Optional[int] = None
 
 
+@dataclass
+class PlanConf:
+    """How strategy=auto decides (moe_ext.plan, moe_ext.cost)."""
+
+    # machine profile JSON (tools/calibrate.py writes one; conf/profiles/ ships some); None:
+    # the shipped profile closest to the topology, else auto's rules; "none": the rules
+    profile: Optional[str] = None
+
+
 # What generation does when neither ``generate.*`` nor the checkpoint's
 # generation_config.json sets a sampling field: greedy (temperature 0), top-p and top-k off.
 SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
@@ -118,6 +127,7 @@ class InferConf:
     # kind auto: probe; `+topology=pcie` forces one; `topology.gpu_memory_gib=96` alone
     # plans for the probed GPUs with that much memory each
     topology: TopologyConf = field(default_factory=TopologyConf)
+    plan: PlanConf = field(default_factory=PlanConf)  # plan.profile=<file> for strategy=auto
     engine: str = "native"  # native | megatron
     checkpoint: Optional[str] = None  # moe_ext or Hugging Face directory; None: random init
     checkpoint_verify: bool = False  # hash every shard as it loads (see docs/RELIABILITY.md)

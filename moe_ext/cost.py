@@ -28,10 +28,14 @@ Decode (one new token per sequence). Per stage:
             replicate and tp_experts.
   kv        Br * KV bytes of one sequence of S tokens for the stage's layers (the family's
             own cache layout, ``kv_cache_bytes``) / (hbm * grouped_efficiency).
-  kernels   Ls * KERNELS_PER_LAYER * graph_kernel_us when the step is one CUDA graph (pp =
-            1: generate() graphs EP decode too, on the static exchange), else the host
-            launches Ls * KERNELS_PER_LAYER * kernel_overhead_us, overlapping the GPU work:
-            stage = max(weights + kv, launches).
+  kernels   Ls * KERNELS_PER_LAYER * graph_kernel_us: each kernel's own minimum time on
+            the GPU (the profile's graph_kernel_us; 0 when it was not measured)
+  launches  outside a CUDA graph the host launches Ls * KERNELS_PER_LAYER *
+            kernel_overhead_us while the GPU works: the stage waits for the excess,
+            max(0, launches - (weights + kv + kernels)). The step is one CUDA graph when
+            pp = 1 (generate() graphs EP decode too, on the static exchange of
+            dispatch/static.py; ParallelContext.cuda_graph_safe is the sync-free case
+            only), so this term is 0 there.
   collectives, per layer of the stage:
     tp > 1       ar(tp, Br*H*b) after attention, and after each dense MLP that is TP-sharded
     tp_experts   ar(tp, Br*H*b) after each MoE layer
@@ -39,7 +43,8 @@ Decode (one new token per sequence). Per stage:
                  layer ag(ep, C*(H*b + 8k)) + rs(ep, ep*C*H*b), C = ceil(Br/tp) tokens per
                  rank (ep_* with tp > 1 splits the tokens over tp), then ag(tp, C*H*b)
     replicate    nothing for the MoE layer
-  pipeline  stages run one after another (no micro-batches): step = pp * stage +
+  pipeline  stages run one after another (no micro-batches): step = pp * (weights + kv +
+            kernels + launches + collectives) +
             (pp - 1) * sr(2, Br*H*b) + sr(2, 8*Br) (the sampled ids back to the first stage).
 
 Prefill (Br*S tokens per replica, eager: no graph). Per stage:
@@ -47,7 +52,7 @@ Prefill (Br*S tokens per replica, eager: no graph). Per stage:
             + causal attention 2 * Br * S^2 * (heads/tp) * head_dim per layer
   experts   max(2 * Te*S * k * (expert params / (E * ep * etp * pp)) / matmul_tflops,
             expert bytes / hbm)
-  launches  Ls * KERNELS_PER_LAYER * kernel_overhead_us, overlapping: max(gpu, launches)
+  launches  max(0, Ls * KERNELS_PER_LAYER * kernel_overhead_us - (dense + experts))
   collectives as in decode at T = Br*S tokens, except the EP exchange, which is dynamic:
     ep_nccl, ep_nvshmem  per MoE layer a2a(ep, 8*ep) (split sizes) + 2 * a2a(ep, C*k*H*b)
     ep_allgather         per MoE layer ag(ep, C*(H*b + 8k)) + rs(ep, ep*C*H*b)
@@ -57,9 +62,10 @@ Memory per rank: the weights as stored (``moe_ext.plan.rank_weight_bytes``) with
 headroom (``HEADROOM``), or the weights plus the KV cache of the rank's Br sequences of S
 tokens when that is more; ``fits`` compares it with the memory a rank has.
 
-Nodes: ``gpus_per_node`` G keeps TP and EP inside a node: a plan is kept when G % tp == 0
-and G % (ep * etp) == 0 (the groups are consecutive ranks, tp and etp fastest), so PP and
-DP are what crosses nodes. Inference moves nothing between DP replicas; a pipeline
+Nodes: ``gpus_per_node`` G keeps TP and EP inside a node: a plan is kept when its TP,
+expert-TP and EP groups each sit inside one node of G consecutive ranks
+(``moe_ext.groups.node_layout``, the rule the launchers enforce), so PP and DP are what
+crosses nodes. Inference moves nothing between DP replicas; a pipeline
 boundary whose ranks sit on different nodes is costed with the inter-node profile
 (default ``ETHERNET_100G``: an estimate for 100 Gb/s Ethernet, ~12 GB/s and ~20 us).
 
@@ -76,6 +82,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from moe_ext.groups import NodeLayoutError, node_layout
 from moe_ext.model.args import ModelArgs
 from moe_ext.plan import (
     HEADROOM,
@@ -93,6 +100,7 @@ from moe_ext.profile import MachineProfile, shipped_profiles
 if TYPE_CHECKING:
     from moe_ext.topology import Topology
 
+NO_PROFILE = ("none", "rules")  # plan.profile values that keep auto on its rules
 KERNELS_PER_LAYER = 25  # compiled decode block, docs/PERF.md: 1176 kernels / 48 layers
 DEFAULT_BATCH = 16  # sequences, when the job does not say (bench_infer's middle batch)
 DEFAULT_PROMPT_LEN = 512  # tokens, when the job does not say (bench_infer's default)
@@ -139,9 +147,8 @@ class Prediction:
     fits: Optional[bool]  # memory_bytes <= the rank's memory; None: memory unknown
     batch: int  # B, sequences per step over all replicas
     prompt_len: int  # S
-    # ms per term: weights, kv, kernels, collectives, pipeline (decode); dense, experts,
-    # launches, collectives, pipeline (prefill). Decode terms sum to decode_ms except that
-    # kernels (host launches outside graphs) overlap the GPU work.
+    # ms per term, summing to decode_ms: weights, kv, kernels, launches, collectives,
+    # pipeline; to prefill_ms: dense, experts, launches, collectives, pipeline
     terms: dict[str, float] = field(default_factory=dict)
     prefill_terms: dict[str, float] = field(default_factory=dict)
 
@@ -220,10 +227,11 @@ def enumerate_plans(
                         continue
                     if any(getattr(plan, k) != v for k, v in given.items()):
                         continue
-                    if gpus_per_node and (
-                        gpus_per_node % plan.tp or gpus_per_node % (plan.ep * plan.etp)
-                    ):
-                        continue
+                    if gpus_per_node and gpus_per_node < world_size:
+                        try:  # the launcher's own rule (moe_ext.groups.node_layout)
+                            node_layout(plan, world_size, gpus_per_node)
+                        except NodeLayoutError:
+                            continue
                     plans.append(plan)
     return plans
 
@@ -357,19 +365,17 @@ def predict(
         expert_flops_per_token * Te / flops,
     )
     t_kv = Br * kv_seq / (hbm * profile.grouped_efficiency)
-    if graphed:
-        kernels = Ls * KERNELS_PER_LAYER * per_kernel_graph
-        gpu = t_dense + t_exp + t_kv + kernels
-    else:
-        kernels = launch
-        gpu = max(t_dense + t_exp + t_kv, launch)
+    kernels = Ls * KERNELS_PER_LAYER * per_kernel_graph
+    gpu = t_dense + t_exp + t_kv + kernels
+    stall = 0.0 if graphed else max(0.0, launch - gpu)  # host launches behind the GPU
     coll = collectives(Br, decode=True)
     pipe = link.hops(Br * H * b) + (link("send_recv", 2, 8 * Br) if pp > 1 else 0.0)
-    decode_s = pp * (gpu + coll) + pipe
+    decode_s = pp * (gpu + stall + coll) + pipe
     terms = {
         "weights": pp * (t_dense + t_exp) * 1e3,
         "kv": pp * t_kv * 1e3,
         "kernels": pp * kernels * 1e3,
+        "launches": pp * stall * 1e3,
         "collectives": pp * coll * 1e3,
         "pipeline": pipe * 1e3,
     }
@@ -381,13 +387,13 @@ def predict(
     p_dense = max((2 * dense_params * T + attn_flops) / flops, w.dense / hbm)
     p_exp = max(expert_flops_per_token * Te * prompt_len / flops, w.experts / hbm)
     p_coll = collectives(T, decode=False)
-    p_gpu = max(p_dense + p_exp, launch)
+    p_stall = max(0.0, launch - (p_dense + p_exp))
     p_pipe = link.hops(T * H * b)
-    prefill_s = pp * (p_gpu + p_coll) + p_pipe
+    prefill_s = pp * (p_dense + p_exp + p_stall + p_coll) + p_pipe
     prefill_terms = {
         "dense": pp * p_dense * 1e3,
         "experts": pp * p_exp * 1e3,
-        "launches": pp * launch * 1e3,
+        "launches": pp * p_stall * 1e3,
         "collectives": pp * p_coll * 1e3,
         "pipeline": p_pipe * 1e3,
     }
@@ -488,10 +494,13 @@ class ProfileChoice:
 def select_profile(
     path: Union[str, Path, None], topology: "Topology", shipped: Optional[dict] = None
 ) -> ProfileChoice:
-    """The profile auto uses: ``path`` (plan.profile) when given, else the shipped profile
+    """The profile auto uses: ``path`` (plan.profile) when given ("none": no profile, the
+    rules), else the shipped profile
     (conf/profiles) closest to ``topology``: the same link kind, then the same peer access,
     then the nearest GPU count. None on a cpu topology or without a shipped profile of the
     link kind."""
+    if path is not None and str(path).lower() in NO_PROFILE:
+        return ProfileChoice(None, f"plan.profile={path}: rule-based choice")
     if path:
         profile = MachineProfile.load(path)
         return ProfileChoice(profile, f"profile {profile.name} (plan.profile={path})")

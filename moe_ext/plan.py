@@ -12,7 +12,14 @@ Degrees the user leaves out (None) are derived: tp and pp default to 1 and the s
 own axis takes the remaining ranks: dp for replicate, tp for tp_experts (etp = tp), and
 for ep_* dp fills and ep = tp * dp.
 
-``strategy=auto`` is rule-based; the rule that fired is written into ``plan.reason``:
+``strategy=auto`` with a machine profile (``build_plan(profile=...)``; the launchers pass
+``moe_ext.cost.select_profile``: ``plan.profile=<file>``, else the shipped profile closest
+to the topology) ranks every valid plan with the cost model (``moe_ext.cost``) and takes
+the fastest that fits: decode ms per step for inference at the job's batch and prompt
+length, prefill ms for training; ``plan.reason`` names the profile and the predicted
+ms/step of the pick and the runner-up. Degrees the user gives (``parallel.tp=2``) restrict
+the candidates. Without a profile (none given, none shipped for the link kind, or a cpu
+topology) auto is rule-based; the rule that fired is written into ``plan.reason``:
   world 1                              -> replicate
   NVLink + P2P atomics                 -> ep_nvshmem when EP pays off (ep_nccl where the
                                           NVSHMEM dispatcher's check_plan refuses the
@@ -41,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from moe_ext.config import ParallelConf, StrategyConf
 from moe_ext.errors import MoeExtError
@@ -528,6 +535,88 @@ def _refuse_unless_weights_fit(
     )
 
 
+def _profile_of(profile: Any) -> Any:
+    """The MachineProfile inside a ``ProfileChoice`` (or the profile itself); None."""
+    return getattr(profile, "profile", profile) if profile is not None else None
+
+
+def _choose_by_cost(
+    parallel: ParallelConf,
+    world_size: int,
+    topology: "Topology",
+    model: ModelArgs,
+    dtype_bytes: int,
+    batch: Optional[int],
+    prompt_len: Optional[int],
+    profile: Any,
+    objective: str,
+    ranks_per_node: Optional[int] = None,
+) -> Optional[tuple[str, str, ParallelConf]]:
+    """(strategy, reason, degrees) of the fastest fitting plan under the cost model; None
+    when no enumerated plan has the degrees the user gave (the rules then say why)."""
+    from moe_ext.cost import DEFAULT_BATCH, DEFAULT_PROMPT_LEN, plan_label, rank_plans
+
+    machine = _profile_of(profile)
+    why = getattr(profile, "why", None) or f"profile {machine.name}"
+    given = {f.name: _given(parallel, f.name) for f in fields(ParallelConf)}
+    avail = available_memory_per_rank(topology, world_size)
+    if avail is not None:
+        _refuse_unless_weights_fit(model, world_size, avail, dtype_bytes)
+    job = []
+    if batch is None:
+        job.append(f"batch unknown, assumed {DEFAULT_BATCH}")
+    if prompt_len is None:
+        job.append(f"prompt length unknown, assumed {DEFAULT_PROMPT_LEN}")
+    B, S = batch or DEFAULT_BATCH, prompt_len or DEFAULT_PROMPT_LEN
+    ranked = rank_plans(
+        model,
+        machine,
+        world_size,
+        B,
+        S,
+        dtype_bytes,
+        avail,
+        topology=topology,
+        gpus_per_node=ranks_per_node,
+        objective=objective,
+        given=given,
+    )
+    if not ranked:
+        return None
+
+    def ms(r) -> float:
+        p = r.prediction
+        return p.decode_ms if objective == "decode" else p.prefill_ms
+
+    unit = "ms/step decode" if objective == "decode" else "ms prefill"
+    best = ranked[0]
+    warn = ""
+    if best.prediction.fits is False:  # nothing fits: the least memory per rank
+        best = min(ranked, key=lambda r: (r.prediction.memory_bytes, ms(r)))
+        warn = (
+            f"; WARNING: no plan fits, the smallest needs "
+            f"{_gib(best.prediction.memory_bytes)} per rank, {_gib(avail)} available: "
+            f"add ranks or use a quantized checkpoint"
+        )
+    runner = next((r for r in ranked if r is not best), None)
+    text = (
+        f"{why}: {plan_label(best.plan)} predicted {ms(best):.2f} {unit} at batch {B}, "
+        f"prompt {S}" + (f" ({'; '.join(job)})" if job else "")
+    )
+    if runner is not None:
+        slower = runner.why_slower or "ties"
+        text += f"; runner-up {plan_label(runner.plan)} {ms(runner):.2f} {unit} ({slower})"
+    plan = best.plan
+    degrees = ParallelConf(
+        tp=plan.tp,
+        pp=plan.pp,
+        dp=plan.dp,
+        ep=plan.ep if plan.is_expert_parallel else None,
+        etp=plan.etp if plan.strategy == "tp_experts" else None,
+    )
+    return plan.strategy, text + warn, degrees
+
+
 def _choose(
     parallel: ParallelConf,
     world_size: int,
@@ -716,11 +805,21 @@ def build_plan(
     model: ModelArgs,
     dtype_bytes: int = 2,
     tokens_per_step: Optional[int] = None,
+    batch: Optional[int] = None,
+    prompt_len: Optional[int] = None,
+    profile: Any = None,
+    objective: str = "decode",
+    ranks_per_node: Optional[int] = None,
 ) -> ParallelPlan:
     """Validated plan for ``world_size`` ranks; raises PlanError with the fix named.
 
     tokens_per_step: tokens one rank feeds into each MoE layer per step (decode batch, or
-    micro-batch * sequence in training); only used by strategy=auto.
+    micro-batch * sequence in training); only used by strategy=auto's rules.
+    batch (sequences per step over all replicas), prompt_len (tokens), profile (a
+    ``moe_ext.cost.ProfileChoice`` or ``MachineProfile``; None: the rules) and objective
+    ("decode" | "prefill": what auto minimises) are only used by strategy=auto;
+    ranks_per_node (the launch's local world size): auto with a profile keeps TP and EP
+    groups inside a node.
     """
     if world_size < 1:
         raise PlanError(f"world size {world_size} < 1; launch at least one rank")
@@ -730,11 +829,29 @@ def build_plan(
         raise PlanError(
             f"unknown strategy {name!r}; use strategy= one of {', '.join(STRATEGIES)} or auto"
         )
-    if auto:
+    chosen = None
+    if auto and world_size > 1 and _profile_of(profile) is not None:
+        chosen = _choose_by_cost(
+            parallel,
+            world_size,
+            topology,
+            model,
+            dtype_bytes,
+            batch or tokens_per_step,
+            prompt_len,
+            profile,
+            objective,
+            ranks_per_node,
+        )
+    if chosen is not None:
+        name, reason, parallel = chosen
+        reason = f"auto: {reason}"
+    elif auto:
         name, reason, ep = _choose(
             parallel, world_size, topology, model, dtype_bytes, tokens_per_step
         )
-        reason = f"auto: {reason}"
+        note = getattr(profile, "why", "") if world_size > 1 else ""
+        reason = f"auto: {reason}" + (f" ({note})" if note else "")
         if ep is not None:
             parallel = ParallelConf(
                 **{f.name: getattr(parallel, f.name, None) for f in fields(ParallelConf)}

@@ -32,6 +32,7 @@ from moe_ext import preflight
 from moe_ext.cli.generation_config import read_generation_config, resolve_sampling, stop_ids
 from moe_ext.cli.io import check_output, read_prompts, write_output
 from moe_ext.config import GenerateConf, InferConf
+from moe_ext.cost import select_profile
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.errors import MoeExtError
 from moe_ext.groups import ProcessGroups, node_layout
@@ -141,6 +142,10 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         source.args,
         dtype_bytes=torch.finfo(dtype).bits // 8,
         tokens_per_step=min(len(prompt_ids), cfg.generate.max_batch_size),
+        batch=min(len(prompt_ids), cfg.generate.max_batch_size),
+        prompt_len=max(map(len, prompt_ids), default=None),
+        profile=select_profile(cfg.plan.profile, topology),
+        ranks_per_node=env.local_world_size,
     )
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import check_plan

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_ext import preflight
 from moe_ext.config import GenerateConf
+from moe_ext.cost import select_profile
 from moe_ext.deepspeed.engine import build_engine, clips_itself
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.groups import ProcessGroups, node_layout
@@ -215,6 +216,12 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         source.args,
         dtype_bytes=torch.finfo(dtype).bits // 8,
         tokens_per_step=cfg.train.micro_batch * cfg.train.seq_len,
+        # auto with a profile: the fastest forward of micro_batch sequences on every rank
+        batch=cfg.train.micro_batch * env.world_size,
+        prompt_len=cfg.train.seq_len,
+        profile=select_profile(cfg.plan.profile, topology),
+        ranks_per_node=env.local_world_size,
+        objective="prefill",
     )
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import check_plan

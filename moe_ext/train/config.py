@@ -11,7 +11,13 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from moe_ext.config import ParallelConf, StrategyConf, TopologyConf, register_configs
+from moe_ext.config import (
+    ParallelConf,
+    PlanConf,
+    StrategyConf,
+    TopologyConf,
+    register_configs,
+)
 
 
 @dataclass
@@ -62,6 +68,7 @@ class TrainConf:
     # kind auto: probe; `+topology=pcie` forces one; `topology.gpu_memory_gib=96` alone
     # plans for the probed GPUs with that much memory each
     topology: TopologyConf = field(default_factory=TopologyConf)
+    plan: PlanConf = field(default_factory=PlanConf)  # plan.profile=<file> for strategy=auto
     engine: str = "deepspeed"  # deepspeed (CPU or GPU) | megatron (GPU: Megatron-core GPTModel)
     data: Optional[str] = None  # text file or JSONL ({"text": ...}); None: shipped corpus
     checkpoint: Optional[str] = None  # start from these weights (moe_ext or HF dir); None: random
