@@ -314,7 +314,17 @@ def _tool():
     return mod
 
 
-TOOL_ARGS = ["--world-size", "4", "--topology", "pcie", "--gpu-memory-gib", "96"]
+# the rule-based plan the tests recompute with build_plan (no profile): these check the byte
+# accounting of a plan; the cost model's picks are tested in test_cost.py
+TOOL_ARGS = [
+    "--world-size",
+    "4",
+    "--topology",
+    "pcie",
+    "--gpu-memory-gib",
+    "96",
+    "plan.profile=none",
+]
 
 
 def test_tool_prints_bytes_per_rank_and_the_quantization():
