@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import random
+import re
 import sys
 import time
 from datetime import timedelta
@@ -42,6 +43,7 @@ from moe_ext.bench.peers import (  # noqa: E402
     library_versions,  # noqa: E402
 )
 from moe_ext.cli import infer  # noqa: E402  (the launcher's own prepare/build_model)
+from moe_ext.cost import predict, rank_plans, select_profile  # noqa: E402
 from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.launching import exit_now  # noqa: E402
@@ -107,6 +109,12 @@ def main() -> None:
         choices=["", "hf"],
         help="hf: also time transformers generate on one device, same shapes",
     )
+    parser.add_argument(
+        "--plans",
+        default="",
+        help="auto | all | auto,all | topN: the plan auto picks and/or the plans moe_ext.cost "
+        "ranks as fitting, instead of --strategy (all/topN need a machine profile)",
+    )
     parser.add_argument("--json")
     parser.add_argument(
         "--report", help="print the table and draw --png from this JSON, without running anything"
@@ -122,7 +130,7 @@ def main() -> None:
     batches = [int(b) for b in opts.batches.split(",")]
     overrides = [
         f"model={opts.model}",
-        f"strategy={opts.strategy}",
+        f"strategy={'auto' if opts.plans else opts.strategy}",
         f"device={opts.device}",
         f"generate.max_new_tokens={opts.new_tokens}",
         "generate.ignore_eos=true",
@@ -134,72 +142,23 @@ def main() -> None:
     # the launcher validates a prompts file (lengths against the context): give it one
     prompts_file = Path(f"/tmp/bench_infer_prompts_{env.rank}.jsonl")
     prompts_file.write_text(json.dumps({"prompt_ids": [1] * opts.prompt_len}) + "\n")
-    cfg = infer_conf(overrides + [f"prompts={prompts_file}"])
+    overrides.append(f"prompts={prompts_file}")
+    cfg = infer_conf(overrides)
     job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
-    groups = ProcessGroups.build(
-        job.plan,
-        backend="nccl" if device.type == "cuda" else "gloo",
-        timeout=timedelta(seconds=300),
-    )
-    t0 = time.perf_counter()
-    model = infer.build_model(job, groups, env.rank, device)
-    synchronize(device)  # sync: time the weight init
-    if env.rank == 0:
-        print(
-            f"plan: {job.plan.describe()}\nweights ready in {time.perf_counter() - t0:.1f} s",
-            flush=True,
-        )
-    rows = []
-    for batch in batches:
-        if batch < job.plan.dp:
-            if env.rank == 0:
-                print(
-                    f"batch {batch} skipped: fewer sequences than the plan's {job.plan.dp} "
-                    f"replicas (dp); batch 1 needs a plan without replicas (tp_experts, pp)",
-                    flush=True,
-                )
-            continue
-        prompts = synthetic_prompts(batch, opts.prompt_len, job.source.args.vocab_size, seed=batch)
-        run = functools.partial(
-            infer.generate, model, prompts, cfg.generate, eos_id=None, pad_id=0, seed=0
-        )
-        run()  # warm-up: autotune, graph capture for this batch and cache size
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        result = run()
-        replicas = job.plan.dp  # each replica decodes its own slice of the batch
-        per_replica = -(-batch // replicas)
-        reaching = batch if job.plan.is_expert_parallel else per_replica
-        floor = decode_floor_s(model, job.source.args, reaching)
-        step_s = result.decode_s / max(result.decode_steps, 1)
-        rows.append(
-            dict(
-                model=opts.model,
-                strategy=job.plan.strategy,
-                world=env.world_size,
-                plan=job.plan.describe().split(" | auto")[0],
-                batch=batch,
-                degrees=degrees(job.plan),
-                prompt_len=opts.prompt_len,
-                new_tokens=opts.new_tokens,
-                prefill_tok_s=result.prefill_tokens_per_s * replicas,
-                decode_tok_s=result.decode_tokens_per_s * replicas,
-                ms_per_step=1000 * step_s,
-                floor_ms_per_step=1000 * floor,
-                fraction_of_floor=floor / step_s if step_s else 0.0,
-                cuda_graphs=result.cuda_graphs,
-                compiled=bool(model.compiled_decode_block) and device.type == "cuda",
-                peak_gib=infer.peak_memory_bytes(device) / 2**30,
-                nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
-                torch=torch.__version__,
-                versions=library_versions(),
-                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                date=time.strftime("%Y-%m-%d"),
-            )
-        )
-        if env.rank == 0:
-            print(json.dumps(rows[-1]), flush=True)
+    profile = select_profile(cfg.plan.profile, job.topology).profile
+    specs = plan_specs(opts.plans, job, profile, max(batches), opts.prompt_len, env.world_size)
+    rows: list[dict] = []
+    model = None
+    for spec in specs:
+        if model is not None:  # the next plan: its own process groups and weights
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if spec:
+            cfg = infer_conf(overrides + spec)
+            job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
+        model = bench_plan(opts, cfg, job, env, device, batches, profile, rows)
     if opts.profile:
         profile_decode(model, cfg, job, batches[0], opts.prompt_len, env.rank)
     if opts.peers == "hf":
@@ -214,6 +173,169 @@ def main() -> None:
     if device.type != "cuda":
         dist.destroy_process_group()
     exit_now(0)
+
+
+def plan_specs(
+    plans: str, job, profile, batch: int, prompt_len: int, world_size: int
+) -> list[list[str]]:
+    """Hydra overrides of each plan to run, ``[]`` for ``job``'s own plan: ``[[]]`` (the
+    --strategy one) without --plans; else auto's pick (``auto``: main() prepared ``job``
+    with strategy=auto), the plans moe_ext.cost ranks as fitting, fastest first (``all``,
+    ``topN``), or both, auto first and no plan twice."""
+    wanted = [w.strip() for w in plans.split(",") if w.strip()]
+    if not wanted:
+        return [[]]
+    bad = [w for w in wanted if w not in ("auto", "all") and not re.fullmatch(r"top\d+", w)]
+    if bad:
+        raise SystemExit(f"--plans {plans}: {bad} not one of auto, all, topN")
+    chosen = []  # (plan, overrides); auto's pick is the job main() prepared with auto
+    if "auto" in wanted:
+        chosen.append((job.plan, []))
+    ranked_wanted = [w for w in wanted if w != "auto"]
+    if ranked_wanted:
+        if profile is None:
+            raise SystemExit(
+                "--plans all/topN ranks plans with a machine profile: give plan.profile=<file> "
+                "(tools/calibrate.py) or run where a shipped profile matches the topology"
+            )
+        gpus = [g.memory_bytes for g in job.topology.gpus]
+        ranked = rank_plans(
+            job.source.args,
+            profile,
+            world_size,
+            batch=batch,
+            prompt_len=prompt_len,
+            dtype_bytes=torch.finfo(job.dtype).bits // 8,
+            available_bytes=min(gpus) if gpus else None,
+            topology=job.topology,
+        )
+        fitting = [r.plan for r in ranked if r.prediction.fits is not False]
+        n = len(fitting)
+        for w in ranked_wanted:
+            if w.startswith("top"):
+                n = min(n, int(w[3:]))
+        for plan in fitting[:n]:
+            spec = [f"strategy={plan.strategy}", f"parallel.tp={plan.tp}", f"parallel.pp={plan.pp}"]
+            if plan.is_expert_parallel:
+                spec.append(f"parallel.ep={plan.ep}")
+            chosen.append((plan, spec))
+    specs, seen = [], set()
+    for plan, spec in chosen:
+        key = (plan.strategy, plan.tp, plan.pp, plan.ep)
+        if key not in seen:
+            seen.add(key)
+            specs.append(spec)
+    return specs
+
+
+def bench_plan(opts, cfg, job, env, device, batches: list[int], profile, rows: list[dict]):
+    """Build ``job.plan``'s groups and weights, time every batch, append whole-job rows
+    (rank 0 prints each); returns the model (for --profile / --peers)."""
+    groups = ProcessGroups.build(
+        job.plan,
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=300),
+    )
+    t0 = time.perf_counter()
+    model = infer.build_model(job, groups, env.rank, device)
+    synchronize(device)  # sync: time the weight init
+    if env.rank == 0:
+        print(
+            f"plan: {job.plan.describe()}\nweights ready in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+    args = job.source.args
+    for batch in batches:
+        if batch < job.plan.dp:
+            if env.rank == 0:
+                print(
+                    f"batch {batch} skipped: fewer sequences than the plan's {job.plan.dp} "
+                    f"replicas (dp); batch 1 needs a plan without replicas (tp_experts, pp)",
+                    flush=True,
+                )
+            continue
+        prompts = synthetic_prompts(batch, opts.prompt_len, args.vocab_size, seed=batch)
+        run = functools.partial(
+            infer.generate, model, prompts, cfg.generate, eos_id=None, pad_id=0, seed=0
+        )
+        run()  # warm-up: autotune, graph capture for this batch and cache size
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = run()
+        job_stats = whole_job(result, job.plan, env.world_size, device)
+        replicas = job.plan.dp  # each replica decodes its own slice of the batch
+        per_replica = -(-batch // replicas)
+        reaching = batch if job.plan.is_expert_parallel else per_replica
+        floor = decode_floor_s(model, args, reaching)
+        step_s = job_stats["step_s"]
+        predicted = None
+        if profile is not None:
+            predicted = predict(
+                job.plan,
+                args,
+                profile,
+                batch,
+                opts.prompt_len,
+                dtype_bytes=torch.finfo(job.dtype).bits // 8,
+            )
+        rows.append(
+            dict(
+                model=opts.model,
+                strategy=job.plan.strategy,
+                world=env.world_size,
+                plan=job.plan.describe().split(" | auto")[0],
+                batch=batch,
+                degrees=degrees(job.plan),
+                prompt_len=opts.prompt_len,
+                new_tokens=opts.new_tokens,
+                prefill_tok_s=job_stats["prefill_tok_s"],
+                decode_tok_s=job_stats["decode_tok_s"],
+                ms_per_step=1000 * step_s,
+                prefill_ms=1000 * job_stats["prefill_s"],
+                floor_ms_per_step=1000 * floor,
+                fraction_of_floor=floor / step_s if step_s else 0.0,
+                predicted_ms_per_step=predicted.decode_ms if predicted else None,
+                predicted_prefill_ms=predicted.prefill_ms if predicted else None,
+                profile=profile.name if profile is not None else None,
+                auto_pick=job.plan.reason.startswith("auto"),
+                cuda_graphs=result.cuda_graphs,
+                compiled=bool(model.compiled_decode_block) and device.type == "cuda",
+                peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
+                torch=torch.__version__,
+                versions=library_versions(),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                date=time.strftime("%Y-%m-%d"),
+            )
+        )
+        if env.rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
+    return model
+
+
+def whole_job(result, plan, world_size: int, device: torch.device) -> dict[str, float]:
+    """The job's throughput, not one rank's: tokens summed over the ranks (each replica's
+    TP/PP members count its tokens once) over the slowest rank's time (all-reduce MAX), so
+    a rank that had no sequence neither reports zero nor speeds the job up. Seconds and
+    tokens per second; collective over every rank."""
+    tokens = torch.tensor(
+        [result.prefill_tokens, result.decode_tokens], dtype=torch.float64, device=device
+    )
+    times = torch.tensor(
+        [result.prefill_s, result.decode_s, result.decode_steps], dtype=torch.float64, device=device
+    )
+    if dist.is_initialized():
+        dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    prefill_tokens, decode_tokens = tokens.tolist()  # sync: the row is written on the host
+    prefill_s, decode_s, steps = times.tolist()
+    copies = max(1, world_size // plan.dp)  # ranks of one replica (its TP x PP group)
+    return dict(
+        prefill_tok_s=prefill_tokens / copies / max(prefill_s, 1e-9),
+        decode_tok_s=decode_tokens / copies / max(decode_s, 1e-9),
+        prefill_s=prefill_s,
+        step_s=decode_s / max(steps, 1),
+    )
 
 
 def hf_peer_rows(job, opts, batches: list[int], device: torch.device) -> list[dict]:
@@ -358,7 +480,7 @@ def report(rows: list[dict], json_path, png_path) -> None:
     header = (
         f"{'model':14} {'strategy':12} {'W':>2} {'degrees':11} {'link':7} {'blocks':8} "
         f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
-        f"{'of floor':>8}"
+        f"{'of floor':>8} {'pred ms':>8}"
     )
     print(header + "\n" + "-" * len(header))
     for r in rows:
@@ -368,7 +490,8 @@ def report(rows: list[dict], json_path, png_path) -> None:
             f"{r['model']:14} {r['strategy']:12} {r['world']:>2} {r.get('degrees', '-'):11} "
             f"{link:7} {blocks:8} {r['batch']:>5} "
             f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
-            f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}%"
+            f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}% "
+            f"{_ms(r.get('predicted_ms_per_step')):>8}"
         )
     if json_path:
         path = Path(json_path)
@@ -378,6 +501,10 @@ def report(rows: list[dict], json_path, png_path) -> None:
         os.replace(tmp, path)
     if png_path:
         draw_chart(json.loads(Path(json_path).read_text())["rows"] if json_path else rows, png_path)
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def row_label(row: dict) -> str:

@@ -426,3 +426,80 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- tools/bench_infer.py: the rows that feed this replay --------------------------------
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_infer", REPO / "tools" / "bench_infer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_rows_are_the_whole_job():
+    """One process (no collective): tokens of all replicas over the slowest time; a TP pair
+    (dp 1 of world 2 would count its tokens twice) divides by the replica's ranks."""
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = _bench()
+    result = SimpleNamespace(
+        prefill_tokens=512, decode_tokens=64, prefill_s=0.5, decode_s=0.32, decode_steps=32
+    )
+    rows = bench.whole_job(result, SimpleNamespace(dp=1), 1, torch.device("cpu"))
+    assert rows["decode_tok_s"] == pytest.approx(200.0) and rows["step_s"] == pytest.approx(0.01)
+    assert rows["prefill_tok_s"] == pytest.approx(1024.0)
+    halved = bench.whole_job(result, SimpleNamespace(dp=1), 2, torch.device("cpu"))
+    assert halved["decode_tok_s"] == pytest.approx(100.0)  # 2 ranks of one replica, one rank's sum
+
+
+def test_bench_plan_specs_put_auto_first_then_the_ranked_fitting_plans():
+    from types import SimpleNamespace
+
+    import torch
+
+    from moe_ext.cost import rank_plans
+
+    bench = _bench()
+    args = model_args("mixtral_8x7b")
+    profile = profile_for("p2p_off", "constructed")
+    gib96 = 96 * 2**30
+    auto = SimpleNamespace(strategy="ep_allgather", tp=1, pp=1, ep=2, is_expert_parallel=True)
+    job = SimpleNamespace(
+        plan=auto,
+        source=SimpleNamespace(args=args),
+        dtype=torch.bfloat16,
+        topology=SimpleNamespace(
+            kind="pcie",
+            all_pairs_nvlink=False,
+            all_pairs_p2p_atomics=False,
+            gpus=[SimpleNamespace(memory_bytes=gib96)] * 2,
+        ),
+    )
+    ranked = [
+        r
+        for r in rank_plans(args, profile, 2, 16, 512, 2, gib96, topology=job.topology)
+        if r.prediction.fits
+    ]
+    specs = bench.plan_specs("auto,all", job, profile, 16, 512, 2)
+    assert specs[0] == []  # auto's own job
+    first = ranked[0].plan
+    assert specs[1][:3] == [
+        f"strategy={first.strategy}",
+        f"parallel.tp={first.tp}",
+        "parallel.pp=1",
+    ]
+    assert len(specs) == len(ranked) + (
+        0
+        if any(
+            (r.plan.strategy, r.plan.tp, r.plan.pp, r.plan.ep) == ("ep_allgather", 1, 1, 2)
+            for r in ranked
+        )
+        else 1
+    )
+    assert bench.plan_specs("top1", job, profile, 16, 512, 2) == [specs[1]]
