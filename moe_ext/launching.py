@@ -15,16 +15,19 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
+from moe_ext import preflight
 from moe_ext.checkpoint.reader import CheckpointReader, load_sharded
 from moe_ext.config import check_group_choices
-from moe_ext.dist import DistEnv
+from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.errors import MoeExtError
+from moe_ext.groups import ProcessGroups, node_layout
 from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices
 from moe_ext.model.weights import init_random_, materialize_
@@ -176,6 +179,38 @@ def probed_with_memory(probed: Topology, gpu_memory_gib: float) -> Topology:
         gpus=tuple(replace(g, memory_bytes=memory) for g in probed.gpus),
         notes=(*probed.notes, f"GPU memory {gpu_memory_gib:g} GiB from topology.gpu_memory_gib"),
     )
+
+
+def start_ranks(
+    plan: ParallelPlan,
+    env: DistEnv,
+    device_type: str,
+    timeout_s: float,
+    preflight_requested: Optional[bool],
+    debug: bool = False,
+) -> tuple[torch.device, ProcessGroups]:
+    """What both launchers do between the plan and the weights: refuse a plan whose TP / EP
+    groups would span nodes (rank 0 prints it) before any group exists, start
+    torch.distributed, build every process group of ``plan``, and check the links they use
+    (``moe_ext.preflight``: a broken one is one line per rank and exit 2, not a hang).
+    Returns (this rank's device, its ProcessGroups)."""
+    as_usage_error(node_layout, plan, env.world_size, env.local_world_size)
+    device = init_distributed(env, device_type, timeout_s)
+    groups = ProcessGroups.build(
+        plan,
+        backend="nccl" if device_type == "cuda" else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+        local_world_size=env.local_world_size,
+    )
+    preflight.run_or_exit(
+        preflight_requested,
+        groups,
+        device,
+        env.local_world_size,
+        timeout_s=min(preflight.DEFAULT_TIMEOUT_S, timeout_s),
+        debug=debug,
+    )
+    return device, groups
 
 
 def build_model_shard(

@@ -21,7 +21,6 @@ import logging
 import resource
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, NoReturn, Optional
 
 import torch
@@ -33,9 +32,9 @@ from moe_ext.cli.generation_config import read_generation_config, resolve_sampli
 from moe_ext.cli.io import check_output, read_prompts, write_output
 from moe_ext.config import GenerateConf, InferConf
 from moe_ext.cost import select_profile
-from moe_ext.dist import DistEnv, init_distributed
+from moe_ext.dist import DistEnv
 from moe_ext.errors import MoeExtError
-from moe_ext.groups import ProcessGroups, node_layout
+from moe_ext.groups import ProcessGroups
 from moe_ext.launching import (
     DTYPES,
     ModelSource,
@@ -50,6 +49,7 @@ from moe_ext.launching import (
     package_path,
     resolve_model_source,
     run_and_exit,
+    start_ranks,
 )
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.generate import GenerationResult
@@ -318,23 +318,8 @@ def run(cfg: InferConf, env: DistEnv) -> int:
         log.info("topology: %s", job.topology.describe())
         log.info("plan: %s", job.plan.describe())
         log.info("%s", job.sampling)
-    # TP / EP groups inside a node: refused here (rank 0 prints it) before any group
-    as_usage_error(node_layout, job.plan, env.world_size, env.local_world_size)
-    device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
-    groups = ProcessGroups.build(
-        job.plan,
-        backend="nccl" if job.device_type == "cuda" else "gloo",
-        timeout=timedelta(seconds=cfg.dist_timeout_s),
-        local_world_size=env.local_world_size,
-    )
-    # the links the plan uses, before any weight: a broken one is one line, not a hang
-    preflight.run_or_exit(
-        cfg.preflight,
-        groups,
-        device,
-        env.local_world_size,
-        timeout_s=min(preflight.DEFAULT_TIMEOUT_S, cfg.dist_timeout_s),
-        debug=cfg.debug,
+    device, groups = start_ranks(
+        job.plan, env, job.device_type, cfg.dist_timeout_s, cfg.preflight, cfg.debug
     )
     torch.manual_seed(cfg.seed)
     model = load_on_every_rank(cfg.engine, job, groups, env.rank, device)

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -32,8 +31,8 @@ from moe_ext import preflight
 from moe_ext.config import GenerateConf
 from moe_ext.cost import select_profile
 from moe_ext.deepspeed.engine import build_engine, clips_itself
-from moe_ext.dist import DistEnv, init_distributed
-from moe_ext.groups import ProcessGroups, node_layout
+from moe_ext.dist import DistEnv
+from moe_ext.groups import ProcessGroups
 from moe_ext.launching import (
     DTYPES,
     ModelSource,
@@ -47,6 +46,7 @@ from moe_ext.launching import (
     launch_topology,
     resolve_model_source,
     run_and_exit,
+    start_ranks,
 )
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.tokenizer import load_tokenizer
@@ -450,25 +450,10 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
             job.data.train.numel(),
             job.data.val.numel(),
         )
-    # TP / EP groups inside a node: refused here (rank 0 prints it) before any group
-    as_usage_error(node_layout, job.plan, env.world_size, env.local_world_size)
-    device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
+    device, groups = start_ranks(
+        job.plan, env, job.device_type, cfg.dist_timeout_s, cfg.preflight, cfg.debug
+    )
     run_dir = _run_dir(own_run_dir, device)
-    groups = ProcessGroups.build(
-        job.plan,
-        backend="nccl" if job.device_type == "cuda" else "gloo",
-        timeout=timedelta(seconds=cfg.dist_timeout_s),
-        local_world_size=env.local_world_size,
-    )
-    # the links the plan uses, before any weight: a broken one is one line, not a hang
-    preflight.run_or_exit(
-        cfg.preflight,
-        groups,
-        device,
-        env.local_world_size,
-        timeout_s=min(preflight.DEFAULT_TIMEOUT_S, cfg.dist_timeout_s),
-        debug=cfg.debug,
-    )
     model = build_model(job, groups, env.rank, device)
     engine = build_train_engine(cfg, job, model, groups, device)
     state = _resumed_state(engine, job, env, groups, device)
