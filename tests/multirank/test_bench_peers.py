@@ -237,6 +237,7 @@ def test_bench_moe_with_peers_world2_smoke(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow  # 14 s; the world-size smoke runs by default
 def test_bench_moe_expert_groups_below_world_size(tmp_path):
     """World 4, --group-size 2: two EP-2 (expert-TP-2) groups side by side; each rank holds
     and reads half the experts (half the FFN); peers, which need G = W, say so."""

@@ -84,6 +84,7 @@ def test_healthy_corrupted_and_stalled_links():
     run_ranks(_cases, 2, (layout_plan("ep_nccl", 2),))
 
 
+@pytest.mark.slow  # 7 s; the checks themselves run by default
 def test_launcher_runs_preflight_when_forced_on_cpu():
     """launch/infer.py with preflight=true on CPU ranks logs the check before loading; with
     +topology=pcie it also says it set NCCL_P2P_DISABLE=1 (unless the environment

@@ -1,7 +1,8 @@
 """Quantized checkpoints through the launcher's own steps, against transformers.
 
-Tiny models saved by transformers are quantized with ``tools/convert_checkpoint.py
-quantize`` (qwen3_moe and deepseek_v3 in FP8 with small blocks, gpt_oss in MXFP4); the
+Tiny models saved by transformers are quantized with the converter
+(``moe_ext.checkpoint.convert.quantize``, what ``tools/convert_checkpoint.py quantize``
+runs): qwen3_moe and deepseek_v3 in FP8 with small blocks, gpt_oss in MXFP4. The
 reference is transformers loading that quantized checkpoint with ``dequantize=True``
 (``FineGrainedFP8Config`` / ``Mxfp4Config``), i.e. its own dequantized copy. Greedy ids of
 the launcher (fp32 compute on the stored FP8 / MXFP4 tensors) equal its greedy ids under
@@ -11,15 +12,13 @@ every strategy at 1 and 2 ranks and with pp=2.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from moe_ext.checkpoint.convert import quantize
 from tests.support import (
     GPT_OSS_SHAPE,
-    TOOLS,
     check_launcher_cases,
     deepseek_hf_model,
     gpt_oss_hf_model,
@@ -69,22 +68,14 @@ def _qwen3_model():
     return model
 
 
-# name -> (model factory, quantize arguments, transformers' dequantizing config)
+# name -> (model factory, quantize method and fp8 block, transformers' dequantizing config)
 MODELS = {
     # TP=2 slices: q rows 32, kv rows 16, o columns 32, expert FFN 16 -> blocks of 16
-    "qwen3_moe-fp8": (_qwen3_model, ["--format", "fp8", "--block", "16"], (16, 16)),
+    "qwen3_moe-fp8": (_qwen3_model, ["fp8", [16]], (16, 16)),
     # MLA under TP=2: kv_b_proj 28 rows and o_proj 12 columns per rank -> blocks of 4
-    "deepseek_v3-fp8": (
-        lambda: deepseek_hf_model("v3", num_hidden_layers=4),
-        ["--format", "fp8", "--block", "4"],
-        (4, 4),
-    ),
+    "deepseek_v3-fp8": (lambda: deepseek_hf_model("v3", num_hidden_layers=4), ["fp8", [4]], (4, 4)),
     # MXFP4 groups of 32 along each expert input: H 64, F 64
-    "gpt_oss-mxfp4": (
-        lambda: gpt_oss_hf_model(intermediate_size=64),
-        ["--format", "mxfp4"],
-        None,
-    ),
+    "gpt_oss-mxfp4": (lambda: gpt_oss_hf_model(intermediate_size=64), ["mxfp4", None], None),
 }
 assert set(MODELS) == set(CHECKPOINTS) and GPT_OSS_SHAPE["hidden_size"] % 32 == 0
 
@@ -108,12 +99,7 @@ def checkpoints(tmp_path_factory) -> dict:
     for name, (make, quantize_args, block) in MODELS.items():
         source, target = root / f"{name}-src", root / name
         make().save_pretrained(source)
-        subprocess.run(
-            [sys.executable, str(TOOLS / "convert_checkpoint.py"), "quantize"]
-            + [str(source), str(target), *quantize_args, "--no-progress"],
-            check=True,
-            capture_output=True,
-        )
+        quantize(source, target, *quantize_args, progress=False)  # the CLI: test_quant_checkpoint
         reference = _dequantizing_reference(target, block)
         out[name] = (str(target), hf_greedy_each(reference, PROMPTS, NEW_TOKENS))
     prompts = root / "prompts.jsonl"

@@ -250,6 +250,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # 31 s; export/import round trips run by default elsewhere
 def test_cli_export_import_cast_and_overwrite_rules(exported, tmp_path):
     src, state, _ = exported["qwen3_moe"]
     meg = tmp_path / "meg"
