@@ -218,17 +218,3 @@ def dequantize_state(
                 state[name], state[spec.logical + MXFP4_SCALES], dtype
             )
     return out
-
-
-def stored_bytes(args: "ModelArgs", names, dtype_bytes: int) -> int:
-    """Bytes the stored tensors of logical ``names`` (an iterable of param_shapes names)
-    take, model-dtype tensors at ``dtype_bytes`` each."""
-    wanted = set(names)
-    total = 0
-    for spec in stored_tensors(args).values():
-        if spec.logical in wanted:
-            n = 1
-            for d in spec.shape:
-                n *= d
-            total += n * (dtype_bytes if spec.dtype is None else spec.dtype.itemsize)
-    return total
