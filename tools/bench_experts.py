@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -96,15 +97,10 @@ def time_backend(modules, backend, x, counts, iters) -> tuple[float, torch.Tenso
     return time_calls(modules, x, counts, iters)
 
 
-def bench_shape(name, tokens_list, args) -> list[dict]:
+def decode_points(name, tokens_list, args):
+    """Each decode size of ``tokens_list`` within --max-rows, for shape ``name``: yields
+    (tokens_per_expert [E] int64, rows x [T', H] bf16, the row's shape fields)."""
     hidden, ffn, num_experts, top_k = SHAPES[name]
-    torch.manual_seed(0)
-    modules = [
-        GroupedExperts(num_experts, hidden, ffn, dtype=torch.bfloat16, device="cuda")
-        for _ in range(args.copies)
-    ]
-    expert_bytes = 3 * hidden * ffn * 2  # gate, up, down in bf16
-    rows_out = []
     for tokens in tokens_list:
         if tokens * top_k > args.max_rows:
             continue
@@ -112,31 +108,50 @@ def bench_shape(name, tokens_list, args) -> list[dict]:
         touched = int((counts > 0).sum())  # host sync: benchmark bookkeeping only
         rows = tokens * top_k
         x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-        floor_us = touched * expert_bytes / (args.peak_tbs * 1e12) * 1e6
-        row = dict(
-            shape=name,
-            H=hidden,
-            F=ffn,
-            E=num_experts,
-            k=top_k,
-            tokens=tokens,
-            rows=rows,
-            experts_touched=touched,
-            floor_us=round(floor_us, 1),
-        )
+        shape = dict(shape=name, H=hidden, F=ffn, E=num_experts, k=top_k)
+        yield counts, x, dict(shape, tokens=tokens, rows=rows, experts_touched=touched)
+
+
+def timed(row: dict, label: str, floor_us: float, run, *run_args) -> Optional[torch.Tensor]:
+    """``run(*run_args)`` -> (latency µs, output) into ``row[label_us]`` and
+    ``row[label_frac]`` (floor / latency); a failure is printed and kept as
+    ``row[label_error]``, and the run goes on. Returns the output, None on failure."""
+    try:
+        latency, output = run(*run_args)
+    except Exception as exc:  # report and go on with the other backend
+        traceback.print_exc()
+        row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"
+        return None
+    row[f"{label}_us"] = round(latency, 1)
+    row[f"{label}_frac"] = round(floor_us / latency, 3)
+    return output
+
+
+def add_rel_err(row: dict, got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> None:
+    """row["rel_err"]: max abs difference / output scale, when both outputs exist."""
+    if got is not None and want is not None:
+        diff = (got.float() - want.float()).abs().max().item()
+        row["rel_err"] = round(diff / max(want.float().abs().max().item(), 1e-30), 5)
+
+
+def bench_shape(name, tokens_list, args) -> list[dict]:
+    hidden, ffn, num_experts, _ = SHAPES[name]
+    torch.manual_seed(0)
+    modules = [
+        GroupedExperts(num_experts, hidden, ffn, dtype=torch.bfloat16, device="cuda")
+        for _ in range(args.copies)
+    ]
+    expert_bytes = 3 * hidden * ffn * 2  # gate, up, down in bf16
+    rows_out = []
+    for counts, x, row in decode_points(name, tokens_list, args):
+        floor_us = row["experts_touched"] * expert_bytes / (args.peak_tbs * 1e12) * 1e6
+        row["floor_us"] = round(floor_us, 1)
         outputs = {}
         for backend in BACKENDS:
-            try:
-                latency, outputs[backend] = time_backend(modules, backend, x, counts, args.iters)
-                row[f"{backend}_us"] = round(latency, 1)
-                row[f"{backend}_frac"] = round(floor_us / latency, 3)
-            except Exception as exc:  # report and go on with the other backend
-                traceback.print_exc()
-                row[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"
-        if len(outputs) == 2:
-            want = outputs["grouped_mm"].float()
-            diff = (outputs["triton"].float() - want).abs().max().item()
-            row["rel_err"] = round(diff / max(want.abs().max().item(), 1e-30), 5)
+            outputs[backend] = timed(
+                row, backend, floor_us, time_backend, modules, backend, x, counts, args.iters
+            )
+        add_rel_err(row, outputs["triton"], outputs["grouped_mm"])
         rows_out.append(row)
         print(format_row(row), flush=True)
     del modules
@@ -194,7 +209,7 @@ def bench_quantized(name, weight_format, tokens_list, args) -> list[dict]:
     """Rows of the triton kernels on ``weight_format`` weights vs on their bf16 copies."""
     from moe_ext.moe.kernels import grouped_gemm
 
-    hidden, ffn, num_experts, top_k = SHAPES[name]
+    hidden, ffn, _, _ = SHAPES[name]
     block = tuple(args.fp8_block)
     copies = [quantized_copy(name, weight_format, block, seed) for seed in range(args.copies)]
     expert_bytes = copies[0][2]
@@ -213,46 +228,26 @@ def bench_quantized(name, weight_format, tokens_list, args) -> list[dict]:
         "triton": [quantized_call(kernel) for kernel, _, _ in copies],
     }
     rows_out = []
-    for tokens in tokens_list:
-        if tokens * top_k > args.max_rows:
-            continue
-        counts = routed_counts(tokens, num_experts, top_k, seed=tokens)
-        touched = int((counts > 0).sum())  # host sync: benchmark bookkeeping only
-        rows = tokens * top_k
-        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-        read = touched * expert_bytes
+    for counts, x, base in decode_points(name, tokens_list, args):
+        read = base["experts_touched"] * expert_bytes
         floor_us = read / (args.peak_tbs * 1e12) * 1e6
-        bf16_floor_us = touched * bf16_expert_bytes / (args.peak_tbs * 1e12) * 1e6
+        bf16_floor_us = base["experts_touched"] * bf16_expert_bytes / (args.peak_tbs * 1e12) * 1e6
         row = dict(
-            shape=name,
+            base,
             format=weight_format,
             fp8_block=list(block) if weight_format == "fp8" else None,
-            H=hidden,
-            F=ffn,
-            E=num_experts,
-            k=top_k,
-            tokens=tokens,
-            rows=rows,
-            experts_touched=touched,
             bytes_read=read,
             floor_us=round(floor_us, 1),
             bf16_floor_us=round(bf16_floor_us, 1),
         )
         outputs = {}
         for label, floor in (("bf16", bf16_floor_us), ("triton", floor_us)):
-            try:
-                latency, outputs[label] = time_calls(calls[label], x, counts, args.iters)
-                row[f"{label}_us"] = round(latency, 1)
-                row[f"{label}_frac"] = round(floor / latency, 3)
-            except Exception as exc:  # report and go on
-                traceback.print_exc()
-                row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"
+            outputs[label] = timed(
+                row, label, floor, time_calls, calls[label], x, counts, args.iters
+            )
         if "triton_us" in row:
             row["triton_gbs"] = round(read / row["triton_us"] / 1e3, 1)
-        if len(outputs) == 2:
-            want = outputs["bf16"].float()
-            diff = (outputs["triton"].float() - want).abs().max().item()
-            row["rel_err"] = round(diff / max(want.abs().max().item(), 1e-30), 5)
+        add_rel_err(row, outputs["triton"], outputs["bf16"])
         rows_out.append(row)
         print(format_quant_row(row), flush=True)
     del copies, calls
