@@ -39,10 +39,10 @@ from moe_ext.quant.formats import (
     FP8_SCALE,
     MXFP4_BLOCKS,
     MXFP4_SCALES,
+    apply_keeping_dtypes,
     dequantize_fp8,
     dequantize_mxfp4,
     fp8_scale_shape,
-    keep_stored_dtypes,
     mxfp4_shapes,
 )
 
@@ -184,10 +184,9 @@ class GroupedExperts(nn.Module):
         return tuple(w + part for w in (GATE_UP, DOWN) for part in (MXFP4_BLOCKS, MXFP4_SCALES))
 
     def _apply(self, fn, recurse: bool = True):
-        stored = {name: self._buffers.pop(name) for name in self._stored_names}
-        super()._apply(fn, recurse)
-        self._buffers.update(stored)
-        keep_stored_dtypes(self, fn, self._stored_names)  # moved, never cast
+        apply_keeping_dtypes(  # quantized storage moved, never cast
+            self, fn, self._stored_names, lambda f: super(GroupedExperts, self)._apply(f, recurse)
+        )
         return self
 
     def quantized(self, quant: QuantConfig) -> "GroupedExperts":

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_ext.moe.kernels import kernels_for
+from moe_ext.quant.formats import apply_keeping_dtypes
 
 GROUP_SCORES = ("top2_sum", "max")  # how group-limited routing ranks a group
 SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")
@@ -167,12 +168,8 @@ class TopKRouter(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``model.to(torch.bfloat16)`` and the like move ``e_score_correction_bias`` but keep
         it float32: it decides near-tied picks (transformers keeps it float32 too)."""
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved is not None and moved.dtype != torch.float32:
-            source = moved if bias.is_meta else bias  # a meta tensor has no digits to keep
-            self.e_score_correction_bias = source.to(device=moved.device, dtype=torch.float32)
+        kept = () if self.e_score_correction_bias is None else ("e_score_correction_bias",)
+        apply_keeping_dtypes(self, fn, kept, lambda f: super(TopKRouter, self)._apply(f, recurse))
         return self
 
     def extra_repr(self) -> str:

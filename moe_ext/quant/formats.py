@@ -50,15 +50,14 @@ FP8_SCALE = "_scale_inv"
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
 
 
-def keep_stored_dtypes(module, fn, names: tuple[str, ...]) -> None:
-    """For a module's ``_apply(fn)`` override: apply ``fn`` to buffers ``names`` (taken out
-    of ``module._buffers`` before ``super()._apply``) without changing their dtype.
-    ``model.to(torch.bfloat16)`` must move quantized tensors, never cast them (float8
+def apply_keeping_dtypes(module, fn, names: tuple[str, ...], apply_rest) -> None:
+    """A module's ``_apply(fn)`` in which buffers ``names`` are moved by ``fn`` but keep
+    their dtype; ``apply_rest(fn)`` (the parent class's ``_apply``) handles everything
+    else. ``model.to(torch.bfloat16)`` must move quantized tensors, never cast them (float8
     counts as floating point, and a float32 scale cast to bf16 would lose digits)."""
-    for name in names:
-        old = module._buffers.get(name)
-        if old is None:
-            continue
+    stored = {name: module._buffers.pop(name) for name in names}
+    apply_rest(fn)
+    for name, old in stored.items():
         moved = fn(old)
         if moved.dtype != old.dtype:
             moved = old.to(device=moved.device)  # re-move from the original: no rounding

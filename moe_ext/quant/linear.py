@@ -26,9 +26,9 @@ from moe_ext.moe.kernels import kernels_for
 from moe_ext.quant.config import QuantConfig
 from moe_ext.quant.formats import (
     FP8_DTYPE,
+    apply_keeping_dtypes,
     dequantize_fp8,
     fp8_scale_shape,
-    keep_stored_dtypes,
 )
 from moe_ext.quant.layout import quantized_weights
 
@@ -64,12 +64,9 @@ class Fp8Linear(nn.Module):
         )
 
     def _apply(self, fn, recurse: bool = True):
-        stored = {name: self._buffers[name] for name in self.STORED}
-        for name in self.STORED:  # moved by hand below, never cast
-            del self._buffers[name]
-        super()._apply(fn, recurse)
-        self._buffers.update(stored)
-        keep_stored_dtypes(self, fn, self.STORED)
+        apply_keeping_dtypes(
+            self, fn, self.STORED, lambda f: super(Fp8Linear, self)._apply(f, recurse)
+        )
         return self
 
     def extra_repr(self) -> str:
