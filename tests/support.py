@@ -999,6 +999,24 @@ def check_against_transformers(hf, tmp_path: Path) -> None:
 
 
 @torch.inference_mode()
+def decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Prefill ``prompt`` [B, L] into fresh caches, then ``steps`` greedy decode steps in
+    the static shape compile_decode compiles. Returns their logits [steps, B, V] float32."""
+    B, L = prompt.shape
+    kv_start = torch.zeros(B, dtype=torch.long, device=prompt.device)
+    model.setup_caches(B, L + steps)
+    logits = model(
+        prompt, torch.arange(L, device=prompt.device), kv_start, L, last_only=True, use_cache=True
+    )
+    out = []
+    for step in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        slot = torch.tensor([L + step], device=prompt.device)
+        logits = model(nxt, slot, kv_start, None, last_only=True, use_cache=True)
+        out.append(logits[:, -1].float())
+    return torch.stack(out)
+
+
 def check_compiled_decode(model) -> None:
     """compile_decode (aot_eager: dynamo and AOT autograd, no C compiler) traces the
     family's decode block (partial rotary's slices, its q/k norm, the sigmoid router) and

@@ -21,7 +21,7 @@ from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.weights import init_random_
 from moe_ext.quant import QuantConfig
 from moe_ext.quant.layout import dequantize_state
-from tests.support import needs_triton
+from tests.support import decode_logits, needs_triton
 
 pytestmark = [pytest.mark.gpu, needs_triton]
 
@@ -74,21 +74,8 @@ def _models(case: str):
 
 
 def _decode_logits(model, steps: int = 6) -> torch.Tensor:
-    """Prefill PROMPTS[0] twice, then ``steps`` greedy decode steps. Returns [steps, B, V]."""
-    prompt = torch.tensor([PROMPTS[0]] * 2, device="cuda")  # [B, L]
-    B, L = prompt.shape
-    kv_start = torch.zeros(B, dtype=torch.long, device="cuda")
-    model.setup_caches(B, L + steps)
-    logits = model(
-        prompt, torch.arange(L, device="cuda"), kv_start, L, last_only=True, use_cache=True
-    )
-    out = []
-    for step in range(steps):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-        slot = torch.tensor([L + step], device="cuda")
-        logits = model(nxt, slot, kv_start, None, last_only=True, use_cache=True)
-        out.append(logits[:, -1].float())
-    return torch.stack(out)
+    """PROMPTS[0] twice, then ``steps`` greedy decode steps. Returns [steps, B, V]."""
+    return decode_logits(model, torch.tensor([PROMPTS[0]] * 2, device="cuda"), steps)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

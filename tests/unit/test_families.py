@@ -15,6 +15,7 @@ from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.decoder import Transformer
 from moe_ext.model.families import MODEL_TYPES, ModelConfigError, get_family
+from tests.support import decode_logits
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = dict(
@@ -309,24 +310,6 @@ def test_correction_bias_stays_float32_in_a_bf16_model(tmp_path):
 GPU_PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
 
 
-def _decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Prefill ``prompt`` [B, L] into fresh caches, then ``steps`` greedy decode steps in
-    the static shape compile_decode compiles. Returns their logits [steps, B, V] float32."""
-    B, L = prompt.shape
-    kv_start = torch.zeros(B, dtype=torch.long, device=prompt.device)
-    model.setup_caches(B, L + steps)
-    logits = model(
-        prompt, torch.arange(L, device=prompt.device), kv_start, L, last_only=True, use_cache=True
-    )
-    out = []
-    for step in range(steps):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-        slot = torch.tensor([L + step], device=prompt.device)
-        logits = model(nxt, slot, kv_start, None, last_only=True, use_cache=True)
-        out.append(logits[:, -1].float())
-    return torch.stack(out)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_gpu_decode_fast_path_matches_eager(family):
@@ -352,9 +335,9 @@ def test_gpu_decode_fast_path_matches_eager(family):
     assert graphed.tokens == eager.tokens
     prompt = torch.tensor([GPU_PROMPTS[0]] * 2, device="cuda")  # [2, 11]
     with torch.inference_mode():
-        eager_logits = _decode_logits(model, prompt, steps=6)
+        eager_logits = decode_logits(model, prompt, steps=6)
         model.compile_decode()
-        compiled_logits = _decode_logits(model, prompt, steps=6)
+        compiled_logits = decode_logits(model, prompt, steps=6)
     scale = eager_logits.abs().max().item()
     assert (compiled_logits - eager_logits).abs().max().item() <= 0.03 * scale
     compiled = [run(), run()]  # capture, then replay of the same graph
