@@ -245,21 +245,15 @@ def per_expert_layout(native: str) -> bool:
 def stored_transform(native: str, family: str) -> Optional[str]:
     """How ``family``'s checkpoints store native tensor ``native`` (one of
     STORED_TRANSFORMS), None when stored as it is. MXFP4 parts of a weight stored
-    ``interleaved_transposed`` are ``interleaved_rows`` (never transposed); fp8 parts of
-    such a weight have no layout (CheckpointError)."""
+    ``interleaved_transposed`` are ``interleaved_rows`` (never transposed); fp8 never
+    reaches a transformed weight (``moe_ext.quant.layout.check_args`` refuses it)."""
     logical, suffix = split_stored(native)
     for name, transform in _family(family).hf_expert_transforms:
         if not logical.endswith(".mlp." + name):
             continue
         if not suffix:
             return transform
-        if suffix in MXFP4_PARTS:
-            return "interleaved_rows" if transform == "interleaved_transposed" else None
-        raise CheckpointError(
-            f"{native}: {family} checkpoints store {name} "
-            f"{transform.replace('_', ' ')}, which fp8 block scales cannot follow; "
-            f"{family} is read in bf16 or mxfp4 (quant_method mxfp4)"
-        )
+        return "interleaved_rows" if transform == "interleaved_transposed" else None
     return None
 
 

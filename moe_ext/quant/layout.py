@@ -115,12 +115,18 @@ def check_args(args: "ModelArgs") -> None:
     if quant is None:
         return
     F = args.moe_intermediate_size
-    transformed = dict(args.family.hf_expert_transforms)
-    if quant.method == "fp8" and "experts.gate_up_proj" in transformed:
+    # weights a family's checkpoints store transposed or interleaved: fp8 blocks of the
+    # stored layout are not blocks of the native one (the checkpoint maps rely on this)
+    transformed = [
+        (name, transform)
+        for name, transform in args.family.hf_expert_transforms
+        if name in ("experts.gate_up_proj", "experts.down_proj")
+    ]
+    if quant.method == "fp8" and transformed:
+        name, transform = transformed[0]
         raise QuantizationError(
-            f"fp8 {args.model_type}: its checkpoints store the experts "
-            f"{transformed['experts.gate_up_proj']}, across fp8's scale blocks; use mxfp4 "
-            f"(the format {args.model_type} ships in)"
+            f"fp8 {args.model_type}: its checkpoints store {name} {transform}, across fp8's "
+            f"scale blocks; use mxfp4 (the format {args.model_type} ships in)"
         )
     if quant.method == "fp8" and F % quant.block[0]:
         raise QuantizationError(
