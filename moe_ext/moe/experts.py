@@ -21,6 +21,12 @@ everywhere else; ``triton`` (:mod:`moe_ext.moe.kernels.grouped_gemm`: weight-str
 kernels for few rows, forward only, CUDA bf16/fp16). ``auto`` picks triton for inference
 (no gradient needed) on CUDA bf16/fp16 with at most ``TRITON_MAX_ROWS`` rows when Triton
 imports, else grouped_mm when it qualifies, else loop.
+
+LoRA (``ExpertLora``, attached by ``moe_ext.train.lora``): per-expert low-rank adapters
+grouped like the experts, gate_up_A [E, r, H], gate_up_B [E, 2F, r], down_A [E, r, F],
+down_B [E, H, r]; each projection adds ``scale * B_e (A_e x)`` on the same permuted rows
+(two more grouped GEMMs, or two small matmuls per expert in the loop), so the frozen base
+(bf16 or quantized) is never copied. Triton (forward-only) is not used while adapters are on.
 """
 
 from __future__ import annotations
@@ -113,6 +119,51 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class ExpertLora(nn.Module):
+    """Per-expert LoRA adapters of E local experts (rank r, H hidden, F this rank's FFN).
+
+    delta gate_up_e = scale * gate_up_B[e] @ gate_up_A[e]  ([2F, H]), likewise down ([H, F]),
+    scale = alpha / r. B starts at zero (the adapted model equals the base at init); A is
+    filled by the caller (``moe_ext.train.lora`` draws it per full tensor so every plan
+    gets the same adapters)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_size: int,
+        rank: int,
+        alpha: float,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        E, H, F_ = num_experts, hidden_size, ffn_size
+
+        def zeros(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device))
+
+        self.gate_up_A = zeros(E, rank, H)
+        self.gate_up_B = zeros(E, 2 * F_, rank)
+        self.down_A = zeros(E, rank, F_)
+        self.down_B = zeros(E, H, rank)
+
+    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r]) of projection ``name`` (GATE_UP or DOWN)."""
+        prefix = "gate_up" if name == GATE_UP else "down"
+        return getattr(self, prefix + "_A"), getattr(self, prefix + "_B")
+
+    def delta(self, name: str) -> torch.Tensor:
+        """scale * B @ A of projection ``name``: [E, out, in] (for merging)."""
+        a, b = self.pair(name)
+        return self.scale * torch.bmm(b, a)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
 class GroupedExperts(nn.Module):
     """E local SwiGLU experts of FFN size F (this rank's slice) over hidden size H."""
 
@@ -135,6 +186,7 @@ class GroupedExperts(nn.Module):
         self.backend = backend
         self.options = options
         self.quant = quant
+        self.lora: Optional[ExpertLora] = None  # set by add_lora (moe_ext.train.lora)
 
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
@@ -189,6 +241,38 @@ class GroupedExperts(nn.Module):
         )
         return self
 
+    # ---- LoRA (moe_ext.train.lora) --------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, dtype: torch.dtype) -> ExpertLora:
+        """Attach zero-initialised per-expert adapters (B = 0: outputs unchanged) in
+        ``dtype`` (the model's compute dtype) on this module's device; returns them (the
+        caller fills A)."""
+        device = next(iter(self._buffers.values()), None) if self.quant else self.gate_up_proj
+        self.lora = ExpertLora(
+            self.num_experts, self.hidden_size, self.ffn_size, rank, alpha, dtype, device.device
+        )
+        return self.lora
+
+    @torch.no_grad()
+    def merge_lora_(self) -> None:
+        """Fold the adapters into the (unquantized) base weights and drop them."""
+        if self.lora is None:
+            return
+        if self.quant is not None:
+            raise ValueError(
+                "cannot merge LoRA adapters into quantized experts; export the adapters "
+                "(PEFT format) instead"
+            )
+        for name in (GATE_UP, DOWN):
+            weight = getattr(self, name)
+            weight.add_(self.lora.delta(name).to(weight.dtype))  # [E, out, in]
+        self.lora = None
+
+    def _lora_weights(self) -> tuple[torch.Tensor, ...]:
+        """The adapters' tensors (none without LoRA): grouped_mm must take them too."""
+        if self.lora is None:
+            return ()
+        return (*self.lora.pair(GATE_UP), *self.lora.pair(DOWN))
+
     def quantized(self, quant: QuantConfig) -> "GroupedExperts":
         """These experts with ``quant`` storage (uninitialised, on this module's device)."""
         ref = next(iter(self.parameters()), None)
@@ -237,7 +321,8 @@ class GroupedExperts(nn.Module):
         quantized experts)."""
         if self.backend not in ("auto", "grouped_mm"):
             return False
-        return grouped_mm_qualifies(x, *(weights or self.dense_weights(x.dtype)))
+        weights = weights or self.dense_weights(x.dtype)
+        return grouped_mm_qualifies(x, *weights, *self._lora_weights())
 
     def _params(self) -> tuple[nn.Parameter, ...]:
         return tuple(p for p in self.parameters(recurse=False))
@@ -263,6 +348,8 @@ class GroupedExperts(nn.Module):
                 return False  # decided before load_kernels: CPU runs never import triton
         elif self.backend != "triton":
             return False
+        if self.lora is not None:
+            return False  # the kernels have no adapter path
         return not self._needs_grad(x) and load_kernels("grouped_gemm") is not None
 
     @property
@@ -362,6 +449,8 @@ class GroupedExperts(nn.Module):
         offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # [E] group ends
         gate_up = _GROUPED_MM(x, gate_up_proj.transpose(1, 2), offs=offsets)  # [T', 2F]
         gate_up = _ContiguousGrad.apply(gate_up)
+        if self.lora is not None:
+            gate_up = gate_up + self._grouped_low_rank(x, GATE_UP, offsets)  # [T', 2F]
         bias_rows = None
         if self.options.bias:
             bias_rows = row_experts(tokens_per_expert, x.shape[0])  # [T']
@@ -369,9 +458,19 @@ class GroupedExperts(nn.Module):
         hidden = self._activation(gate_up)  # [T', F]
         y = _GROUPED_MM(hidden, down_proj.transpose(1, 2), offs=offsets)  # [T', H]
         y = _ContiguousGrad.apply(y)
+        if self.lora is not None:
+            y = y + self._grouped_low_rank(hidden, DOWN, offsets)  # [T', H]
         if bias_rows is not None and self.options.add_down_bias:
             y = y + self.down_proj_bias[bias_rows]
         return y
+
+    def _grouped_low_rank(self, x: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:
+        """scale * B_e (A_e x) of projection ``name`` on rows sorted by expert, as two grouped
+        GEMMs. x: [T', in]; offsets: [E] int32 group ends. Returns [T', out]."""
+        a, b = self.lora.pair(name)  # [E, r, in], [E, out, r]
+        low = _ContiguousGrad.apply(_GROUPED_MM(x, a.transpose(1, 2), offs=offsets))  # [T', r]
+        out = _ContiguousGrad.apply(_GROUPED_MM(low, b.transpose(1, 2), offs=offsets))
+        return self.lora.scale * out  # [T', out]
 
     def _activation(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up: [rows, 2F] (gate columns, then up) -> [rows, F]."""
@@ -384,12 +483,22 @@ class GroupedExperts(nn.Module):
     def _expert_forward(self, xe, expert: int, gate_up_proj, down_proj) -> torch.Tensor:
         """One expert on its rows. xe: [rows, H] -> [rows, H]."""
         gate_up = F.linear(xe, gate_up_proj[expert])  # [rows, 2F]
+        if self.lora is not None:
+            gate_up = gate_up + self._low_rank(xe, expert, GATE_UP)
         if self.gate_up_proj_bias is not None:
             gate_up = gate_up + self.gate_up_proj_bias[expert]
-        y = F.linear(self._activation(gate_up), down_proj[expert])  # [rows, H]
+        hidden = self._activation(gate_up)  # [rows, F]
+        y = F.linear(hidden, down_proj[expert])  # [rows, H]
+        if self.lora is not None:
+            y = y + self._low_rank(hidden, expert, DOWN)
         if self.down_proj_bias is not None and self.options.add_down_bias:
             y = y + self.down_proj_bias[expert]
         return y
+
+    def _low_rank(self, xe: torch.Tensor, expert: int, name: str) -> torch.Tensor:
+        """scale * B_e (A_e xe) for one expert's rows. xe: [rows, in] -> [rows, out]."""
+        a, b = self.lora.pair(name)  # [E, r, in], [E, out, r]
+        return self.lora.scale * F.linear(F.linear(xe, a[expert]), b[expert])
 
     @torch.compiler.disable  # data-dependent Python loop: tracing it would recompile per split
     def _forward_loop(self, x, tokens_per_expert, gate_up_proj, down_proj):

@@ -111,18 +111,26 @@ class Fp8Linear(nn.Module):
 
 
 def project_without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T of an ``nn.Linear`` or ``Fp8Linear``, its bias left out."""
+    """x @ W^T of an ``nn.Linear`` or ``Fp8Linear``, its bias left out, plus its LoRA
+    adapter's term when it has one (``moe_ext.train.lora``). x: [..., K] -> [..., N]."""
     if isinstance(linear, Fp8Linear):
-        return linear.project(x, add_bias=False)
-    return F.linear(x, linear.weight)
+        y = linear.project(x, add_bias=False)
+    else:
+        y = F.linear(x, linear.weight)
+    lora = getattr(linear, "lora", None)
+    return y if lora is None else y + lora(x)
 
 
 def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight of an ``nn.Linear`` or ``Fp8Linear`` in ``dtype`` (for code that
-    uses a projection's weight directly, as MLA's absorbed attention does)."""
+    uses a projection's weight directly, as MLA's absorbed attention does); with a LoRA
+    adapter, the adapted weight W + scale * B @ A (differentiable in the adapter)."""
     if isinstance(linear, Fp8Linear):
-        return linear.dense_weight(dtype)
-    return linear.weight.to(dtype)
+        weight = linear.dense_weight(dtype)
+    else:
+        weight = linear.weight.to(dtype)
+    lora = getattr(linear, "lora", None)
+    return weight if lora is None else weight + lora.delta().to(dtype)
 
 
 def quantize_modules_(module: nn.Module, args, prefix: str = "") -> nn.Module:

@@ -32,6 +32,7 @@ from moe_ext.checkpoint.format import (
     staged_directory,
     write_manifest,
 )
+from moe_ext.checkpoint.shard import ShardRequest
 from moe_ext.errors import MoeExtError
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.parallelize import RankCoords, shard_slices
@@ -195,4 +196,139 @@ def export_moe_ext(
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         for source in side_files:
             shutil.copyfile(source, tmp / source.name)
+    return dst
+
+
+# ---- LoRA adapters in PEFT's format ------------------------------------------------------
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# families whose transformers experts hold gate_up_proj [E, 2F, H] / down_proj [E, H, F]
+# under model.layers.{i}.mlp.experts, as ours do (PEFT's target_parameters then apply)
+PEFT_EXPERT_FAMILIES = ("qwen3_moe",)
+
+
+def _adapter_layout(args: ModelArgs, conf: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every adapter tensor of the full model: native name -> (its base tensor's name, full
+    shape); pure (a meta model with adapters, no communication)."""
+    from moe_ext.model import Transformer
+    from moe_ext.train.lora import LORA_MARK, apply_lora
+
+    with torch.device("meta"):
+        full = Transformer(args)
+        apply_lora(full, conf, dtype=torch.float32)
+    out = {}
+    for name, param in full.named_parameters():
+        if LORA_MARK not in name:
+            continue
+        module, _, leaf = name.partition(LORA_MARK)
+        if module.endswith(".experts"):
+            base = f"{module}.{'gate_up_proj' if leaf.startswith('gate_up') else 'down_proj'}"
+        else:
+            base = f"{module}.weight"
+        out[name] = (base, tuple(param.shape))
+    return out
+
+
+def _peft_tensors(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for one full native adapter tensor (transformers' module paths are
+    ``model.`` + ours). Projections: ``<path>.lora_A.weight`` [r, K], ``lora_B.weight``
+    [N, r]. Experts (PEFT's ParamWrapper, gate_up wrapped inside down): A [E, r, in] ->
+    ``lora_A.weight`` [E·r, in]; B [E, out, r] -> ``lora_B.weight`` [out, r·E] (column
+    j·E + e is expert e's column j)."""
+    module, _, leaf = name.partition(".lora.")
+    path = "base_model.model.model." + module
+    if module.endswith(".experts"):
+        proj, kind = leaf.rsplit("_", 1)  # gate_up / down, A / B
+        prefix = path + (".base_layer" if proj == "gate_up" else "")
+        if kind == "A":
+            return {f"{prefix}.lora_A.weight": tensor.reshape(-1, tensor.shape[-1])}
+        E, out_features, r = tensor.shape
+        return {f"{prefix}.lora_B.weight": tensor.permute(1, 2, 0).reshape(out_features, r * E)}
+    return {f"{path}.lora_{leaf}.weight": tensor}
+
+
+def export_peft(
+    model: torch.nn.Module,
+    plan: Any,
+    rank: int,
+    destination: str,
+    conf: Any,
+    dtype: torch.dtype = torch.float32,
+) -> Optional[Path]:
+    """Write the LoRA adapters the ranks of ``plan`` hold (expert adapters over EP, layers
+    over stages) as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the
+    transformers model; collective, rank 0 writes. conf: the run's ``LoraConf``.
+
+    Expert adapters need a family whose transformers experts match ours
+    (``PEFT_EXPERT_FAMILIES``); elsewhere export them merged (``merge_lora_`` then
+    ``export_moe_ext``). Returns the path on rank 0."""
+    args = model.args
+    targets = list(conf.targets)
+    if "experts" in targets and args.model_type not in PEFT_EXPERT_FAMILIES:
+        raise ExportError(
+            f"PEFT cannot load expert adapters onto {args.model_type}'s transformers experts "
+            f"here; export the merged model instead (or drop 'experts' from train.lora.targets)"
+        )
+    layout = _adapter_layout(args, conf)
+    local = dict(model.named_parameters())
+    device = next(iter(local.values())).device
+    owners = _owners(plan, args)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (base, shape) in layout.items():
+        seen: set = set()
+        full = torch.empty(shape, dtype=dtype) if rank == 0 else None
+        for owner, requests in enumerate(owners):
+            base_request = requests.get(base)
+            if base_request is None:
+                continue
+            # projections are whole (tp = 1); expert adapters are this owner's expert block
+            request = (
+                ShardRequest(boxes=((base_request.boxes[0][0],),))
+                if ".experts.lora." in name and base_request.boxes[0]
+                else ShardRequest.full()
+            )
+            key = _region_key(request, shape)
+            if key in seen:
+                continue
+            seen.add(key)
+            if owner == rank and rank != 0:
+                dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
+            elif rank == 0:
+                if owner == 0:
+                    piece = local[name].detach().to(dtype)
+                else:
+                    piece = torch.empty(request.shape(shape), dtype=dtype, device=device)
+                    dist.recv(piece, src=owner)
+                _place(full, request, piece.cpu())  # sync: written from host memory
+        if rank == 0:
+            tensors.update(_peft_tensors(name, full))
+    if rank != 0:
+        return None
+    dense = [t for t in targets if t != "experts"]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": conf.rank,
+        "lora_alpha": conf.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": dense or None,
+        # order matters: gate_up is wrapped first (inside), down around it
+        "target_parameters": (
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if "experts" in targets else None
+        ),
+        "inference_mode": True,
+    }
+    dst = Path(destination)
+    with staged_directory(dst) as tmp:
+        writer = SafetensorsWriter(
+            tmp / PEFT_WEIGHTS, [(n, dtype_name(dtype), t.shape) for n, t in tensors.items()]
+        )
+        for n, t in tensors.items():
+            writer.write_tensor(n, [t.contiguous()])
+        writer.close()
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return dst

@@ -1,0 +1,175 @@
+"""LoRA (single process): the adapted model equals the base at init, the grouped expert
+adapters equal experts with merged weights (loop and grouped_mm), a training step changes
+only the adapters, the merged model and its moe_ext export give the adapted logits, the PEFT
+export loads in ``peft`` onto the transformers model with the same logits, an FP8 base
+trains, and bad settings are refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_ext.model import Transformer
+from moe_ext.model.weights import init_random_full
+from moe_ext.moe.experts import GroupedExperts
+from moe_ext.train.lora import LoraConf, LoraError, apply_lora, check_lora, merge_lora_
+from tests.support import plan_of, tiny_args
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
+
+
+def _model(args=None):
+    args = args or tiny_args()
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args))
+    return model.eval()
+
+
+def _ids(vocab=256, rows=2, length=12, seed=3):
+    return torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_b(model, seed=5):
+    """Non-zero B matrices (at init they are zero): the adapters then change outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+
+
+def test_adapted_model_equals_base_at_init_and_freezes_the_base():
+    base = _model()
+    model = _model()
+    summary = apply_lora(model, LoraConf(rank=4, alpha=8, targets=TARGETS))
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n for n in trainable)
+    layers = model.args.num_hidden_layers
+    assert len(summary.adapted) == 5 * layers
+    assert summary.trainable == sum(model.get_parameter(n).numel() for n in trainable)
+    assert "trainable" in summary.describe()
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_grouped_expert_adapters_equal_merged_experts(backend):
+    torch.manual_seed(0)
+    E, H, F_, r = 4, 32, 16, 4
+    experts = GroupedExperts(E, H, F_, backend=backend)
+    lora = experts.add_lora(r, alpha=8.0, dtype=torch.float32)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.2)
+    if backend == "grouped_mm" and not experts.uses_grouped_mm(torch.zeros(1, H)):
+        pytest.skip("torch's grouped_mm does not run here")
+    merged = GroupedExperts(E, H, F_, backend="loop")
+    with torch.no_grad():
+        merged.gate_up_proj.copy_(experts.gate_up_proj + lora.delta("gate_up_proj"))
+        merged.down_proj.copy_(experts.down_proj + lora.delta("down_proj"))
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, H, requires_grad=True)
+    y = experts(x, counts)
+    torch.testing.assert_close(y, merged(x, counts), rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    assert lora.gate_up_A.grad is not None and lora.down_B.grad.abs().sum() > 0
+    assert lora.gate_up_B.grad[1].abs().sum() == 0  # expert 1 got no rows
+
+
+def test_training_step_changes_only_adapters_and_merge_keeps_logits(tmp_path):
+    from moe_ext.checkpoint.reader import CheckpointReader
+    from moe_ext.deepspeed.engine import CausalLMWithAux
+    from moe_ext.train.export import export_moe_ext, hf_config
+
+    model = _model()
+    apply_lora(model, LoraConf(rank=4, alpha=8, targets=TARGETS))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wrapped = CausalLMWithAux(model, 0.01).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        loss = wrapped(_ids(rows=2, length=17, seed=step))[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, param in model.named_parameters():
+        if ".lora." in name:
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+            assert param.grad is None
+    model.eval()
+    ids = _ids()
+    with torch.no_grad():
+        adapted = model(ids)
+        merge_lora_(model)
+        assert not any(".lora." in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    export_moe_ext(
+        model, plan_of("replicate", world=1), 0, str(tmp_path / "m"), hf_config(model.args, "byte")
+    )
+    reloaded = Transformer(model.args)
+    with CheckpointReader.open(tmp_path / "m") as reader:
+        reloaded.load_state_dict({n: reader.read(n) for n in reader.names()})
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_export_loads_onto_the_transformers_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    from moe_ext.train.export import export_peft
+    from tests.support import hf_model, native_from_dir
+
+    hf = hf_model("qwen3_moe")
+    hf.save_pretrained(tmp_path / "base")
+    model = native_from_dir(tmp_path / "base")
+    conf = LoraConf(rank=4, alpha=8, targets=TARGETS)
+    apply_lora(model, conf)
+    _randomize_b(model)
+    export_peft(model, plan_of("replicate", world=1), 0, str(tmp_path / "adapter"), conf)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    ids = _ids(vocab=64)
+    with torch.no_grad():
+        ours = model(ids)
+        base = hf(ids).logits
+        peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+        theirs = peft_model(input_ids=ids).logits
+    assert (ours - base).abs().max() > 1e-3  # the adapters matter
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_base_trains_its_adapters():
+    from moe_ext.deepspeed.engine import CausalLMWithAux
+    from moe_ext.quant.config import QuantConfig
+    from moe_ext.quant.linear import Fp8Linear
+
+    args = tiny_args()
+    args.quantization = QuantConfig("fp8", weight_block_size=(16, 16))
+    model = Transformer(args)  # weights zero: the adapters carry the gradient
+    apply_lora(model, LoraConf(rank=2, alpha=4, targets=["q_proj", "o_proj", "experts"]))
+    assert isinstance(model.layers["0"].self_attn.q_proj, Fp8Linear)
+    _randomize_b(model)
+    loss = CausalLMWithAux(model, 0.0)(_ids(rows=1, length=9))[0]
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".lora." in n]
+    assert grads and all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    with pytest.raises(LoraError, match="quantized"):
+        merge_lora_(model)
+
+
+def test_bad_settings_are_refused_in_one_line():
+    args = tiny_args()
+    plan = plan_of("replicate", world=1)
+    check_lora(LoraConf(rank=0, targets=["nope"]), args, plan, 0)  # off: nothing checked
+    with pytest.raises(LoraError, match="'nope' names no adaptable module"):
+        check_lora(LoraConf(rank=4, targets=["q_proj", "nope"]), args, plan, 1)
+    with pytest.raises(LoraError, match="zero_stage=3"):
+        check_lora(LoraConf(rank=4), args, plan, 3)
+    with pytest.raises(LoraError, match="tp=2"):
+        check_lora(LoraConf(rank=4), args, plan_of("replicate", tp=2), 0)
+    with pytest.raises(LoraError, match="rank"):
+        check_lora(LoraConf(rank=-1), args, plan, 0)
