@@ -54,8 +54,14 @@ from moe_ext.plan import ParallelPlan, build_plan
 from moe_ext.topology import Topology
 from moe_ext.train.config import TrainConf, TrainLoopConf
 from moe_ext.train.data import TokenData
-from moe_ext.train.export import check_export_destination, export_moe_ext, hf_config
+from moe_ext.train.export import (
+    check_export_destination,
+    export_lora,
+    export_moe_ext,
+    hf_config,
+)
 from moe_ext.train.loop import RunState, Trainer
+from moe_ext.train.lora import apply_lora, check_lora, memory_lines
 from moe_ext.train.report import LOG_NAME, PLOT_NAME, plot_losses, write_json
 from moe_ext.train.state import (
     ResumePoint,
@@ -125,10 +131,11 @@ def model_key(args: ModelArgs) -> dict[str, Any]:
 
 
 def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
-    if args.quantization is not None:
+    if args.quantization is not None and conf.lora.rank == 0:
         raise UsageError(
             f"the model's weights are {args.quantization.describe()}; training updates "
-            f"bf16/fp32 weights: start from the unquantized checkpoint"
+            f"bf16/fp32 weights: start from the unquantized checkpoint, or train LoRA "
+            f"adapters on the frozen quantized base (train.lora.rank=16)"
         )
     for name in ("steps", "micro_batch", "seq_len"):
         if getattr(conf, name) < 1:
@@ -228,6 +235,9 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
 
         check_plan(plan, args, training=True)
     _check_plan(plan, cfg.train, dtype)
+    if cfg.train.lora.rank > 0 and cfg.engine != "deepspeed":
+        raise UsageError("train.lora needs engine=deepspeed (the native model's adapters)")
+    check_lora(cfg.train.lora, args, plan, cfg.train.zero_stage)
     resume = None
     if cfg.resume is not None:
         resume = find_checkpoint(cfg.resume)
@@ -382,6 +392,15 @@ def _export(
         from moe_ext.megatron.engine import copy_to_native
 
         copy_to_native(engine.module.model, model)  # the export and sample read `model`
+    if cfg.train.lora.rank > 0:  # PEFT adapters, then the merged weights (unquantized base)
+        adapter, merged = export_lora(
+            model, job.plan, env.rank, str(run_dir / "adapter"), cfg.train.lora
+        )
+        if adapter is not None and env.rank == 0:
+            log.info("LoRA adapters in PEFT's format: %s", adapter)
+        if not merged:  # quantized base: the adapters are the result
+            dist.barrier()
+            return str(adapter)
     destination = cfg.export or str(run_dir / "model")
     tokenizer = job.source.tokenizer_spec if job.source.tokenizer_spec == "byte" else None
     export_moe_ext(
@@ -455,7 +474,11 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
     )
     run_dir = _run_dir(own_run_dir, device)
     model = build_model(job, groups, env.rank, device)
+    lora = apply_lora(model, cfg.train.lora, groups.ep_rank) if cfg.train.lora.rank > 0 else None
     engine = build_train_engine(cfg, job, model, groups, device)
+    if lora is not None:  # collective: every rank's trainable/frozen params and memory
+        for line in memory_lines(lora, device, env.rank, env.world_size):
+            log.info("%s", line)
     state = _resumed_state(engine, job, env, groups, device)
     record = RunRecord(
         cfg,

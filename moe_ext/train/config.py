@@ -18,6 +18,7 @@ from moe_ext.config import (
     TopologyConf,
     register_configs,
 )
+from moe_ext.train.lora import LoraConf
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainLoopConf:
     eval_batches: int = 8  # held-out batches of micro_batch sequences per rank
     val_fraction: float = 0.05  # tail of the token stream held out for evaluation
     seed: int = 0  # batch sampling (a pure function of seed and step)
+    # LoRA fine-tuning (train.lora.rank > 0): adapters trained, base frozen (moe_ext.train.lora)
+    lora: LoraConf = field(default_factory=LoraConf)
 
 
 @dataclass

@@ -332,3 +332,34 @@ def export_peft(
         writer.close()
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return dst
+
+
+def export_lora(
+    model: torch.nn.Module,
+    plan: Any,
+    rank: int,
+    adapter_dir: str,
+    conf: Any,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Optional[str], bool]:
+    """The end of a LoRA run (collective): the adapters in PEFT's format to ``adapter_dir``
+    where PEFT can load them onto the transformers model (``export_peft``), then the
+    adapters merged into the base weights when the base is not quantized (the model then
+    exports with ``export_moe_ext`` like a fully trained one). Returns (the adapter
+    directory or None when PEFT cannot express the targets, whether the model is merged)."""
+    from moe_ext.train.lora import merge_lora_
+
+    args = model.args
+    written: Optional[str] = None
+    if "experts" not in conf.targets or args.model_type in PEFT_EXPERT_FAMILIES:
+        export_peft(model, plan, rank, adapter_dir, conf, dtype)
+        written = adapter_dir
+    if args.quantization is not None:
+        if written is None:
+            raise ExportError(
+                f"LoRA on quantized {args.model_type} experts can neither merge nor load in "
+                f"PEFT here; drop 'experts' from train.lora.targets"
+            )
+        return written, False
+    merge_lora_(model)
+    return written, True

@@ -108,6 +108,15 @@ def check_lora(conf: LoraConf, args: Any, plan: Any, zero_stage: int) -> None:
         )
     if not conf.targets:
         raise LoraError("train.lora.targets is empty; name modules, e.g. [q_proj,v_proj,experts]")
+    from moe_ext.train.export import PEFT_EXPERT_FAMILIES
+
+    if args.quantization is not None and EXPERTS in conf.targets:
+        if args.model_type not in PEFT_EXPERT_FAMILIES:
+            raise LoraError(
+                f"train.lora on quantized {args.model_type} experts: their adapters can "
+                f"neither merge into the quantized base nor load in PEFT; drop 'experts' "
+                f"from train.lora.targets"
+            )
     known = adaptable_modules(args)
     for target in conf.targets:
         if target not in known:
@@ -276,3 +285,16 @@ def memory_line(summary: LoraSummary, device: torch.device, rank: int) -> str:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         where = f"peak RSS {rss:.2f} GiB"
     return f"rank {rank}: {summary.describe()}; {where}"
+
+
+def memory_lines(summary: LoraSummary, device: torch.device, rank: int, world: int) -> list[str]:
+    """Every rank's ``memory_line``, gathered (collective; torch.distributed must be up when
+    world > 1). Rank 0 logs them; all ranks get the list."""
+    line = memory_line(summary, device, rank)
+    if world == 1:
+        return [line]
+    import torch.distributed as dist
+
+    lines: list[Optional[str]] = [None] * world
+    dist.all_gather_object(lines, line)
+    return [str(x) for x in lines]

@@ -1,0 +1,213 @@
+"""LoRA on 2 gloo ranks through the DeepSpeed engine vs the single-rank adapted model: the
+adapters' reduced gradients under ep_nccl / ep_allgather (expert adapters sharded with their
+experts) equal the reference's, the base gets no gradient and does not move under ZeRO 1,
+the PEFT and merged exports reassemble the EP shards; and launch/train.py fine-tunes with
+LoRA on 2 ranks (adapters in PEFT's format, merged model, memory per rank in the log)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_ext.model import Transformer
+from moe_ext.model.parallelize import parallelize, shard_slices
+from moe_ext.model.weights import init_random_, init_random_full
+from moe_ext.train.lora import LoraConf, apply_lora, merge_lora_
+from tests.support import REPO, plan_of, run_launcher, run_ranks, tiny_args
+
+pytestmark = pytest.mark.multirank
+
+AUX = 0.01
+MB, SEQ = 2, 16
+CONF = LoraConf(rank=4, alpha=8.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "experts"])
+
+
+def _global_batch() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    return torch.randint(0, 256, (2 * MB, SEQ + 1), generator=gen)  # [dp·B, S+1]
+
+
+def _full_b(name: str, shape) -> torch.Tensor:
+    """A non-zero full B tensor (at init B is zero, and so would be A's gradient)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen) * 0.05
+
+
+def _set_b(model, full_shapes, ep_rank: int) -> None:
+    """Every B of ``model`` from ``_full_b``: projections whole, experts this rank's rows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora." in name and name.rsplit(".", 1)[-1] in ("B", "gate_up_B", "down_B"):
+                full = _full_b(name, full_shapes[name])
+                rows = param.shape[0]
+                piece = (
+                    full if ".experts." not in name else full[ep_rank * rows : (ep_rank + 1) * rows]
+                )
+                param.copy_(piece)
+
+
+def _reference(args):
+    """The full adapted model: gradients of the mean of the two ranks' losses."""
+    from moe_ext.deepspeed.engine import CausalLMWithAux
+
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args))
+    apply_lora(model, CONF)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    _set_b(model, shapes, 0)
+    wrapped = CausalLMWithAux(model, AUX).train()
+    loss = 0.5 * sum(wrapped(half)[0] for half in _global_batch().split(MB))
+    loss.backward()
+    return model, shapes
+
+
+def _body(rank, world, tmp):
+    os.environ["LOCAL_RANK"] = str(rank)
+    from safetensors.torch import load_file
+
+    from moe_ext.checkpoint.reader import CheckpointReader
+    from moe_ext.deepspeed.engine import build_engine
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.train.export import PEFT_WEIGHTS, export_moe_ext, export_peft, hf_config
+
+    torch.manual_seed(0)
+    args = tiny_args()
+    ref, shapes = _reference(args)
+    ref_params = dict(ref.named_parameters())
+    tmp = Path(tmp)
+    if rank == 0:  # the single-rank PEFT export (no communication with one owner)
+        export_peft(ref, plan_of("replicate", world=1), 0, str(tmp / "peft_ref"), CONF)
+    groups_cache: dict = {}
+    for strategy, zero in (("ep_nccl", 0), ("ep_allgather", 1)):
+        plan = plan_of(strategy, dp=2, ep=2)
+        key = (plan.tp, plan.dp, plan.ep, plan.etp)
+        if key not in groups_cache:
+            groups_cache[key] = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
+        groups = dataclasses.replace(groups_cache[key], plan=plan)
+        with torch.device("meta"):
+            model = Transformer(args)
+        parallelize(model, plan, groups)
+        init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
+        apply_lora(model, CONF, groups.ep_rank)
+        _set_b(model, shapes, groups.ep_rank)
+        e_local = args.num_experts // plan.ep
+        for name, param in model.named_parameters():  # same A as the reference's slice
+            if ".lora." in name:
+                full = ref_params[name].detach()
+                if ".experts." in name:
+                    full = full[groups.ep_rank * e_local : (groups.ep_rank + 1) * e_local]
+                assert torch.equal(param.detach(), full), name
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." not in n}
+        engine = build_engine(
+            model,
+            groups,
+            lr=1e-2,
+            weight_decay=0.0,
+            betas=(0.9, 0.95),
+            micro_batch=MB,
+            zero_stage=zero,
+            grad_clip=0.0,
+            aux_loss_coeff=AUX,
+            z_loss_coeff=0.0,
+            dtype=torch.float32,
+        )
+        mine = _global_batch()[rank * MB : (rank + 1) * MB]
+        loss, _, _ = engine(mine)
+        engine.backward(loss)
+        for name, param in model.named_parameters():
+            if ".lora." not in name:
+                assert param.grad is None, name
+                continue
+            if zero:
+                continue  # ZeRO keeps the reduced gradients in its partitions
+            expected = ref_params[name].grad
+            if ".experts." in name:
+                expected = expected[groups.ep_rank * e_local : (groups.ep_rank + 1) * e_local]
+            torch.testing.assert_close(
+                param.grad, expected, rtol=1e-4, atol=2e-6, msg=lambda m: f"{strategy} {name}: {m}"
+            )
+        engine.step()
+        for name, value in base.items():
+            assert torch.equal(model.get_parameter(name), value), name
+        moved = [n for n, p in model.named_parameters() if ".lora." in n]
+        assert moved
+        if strategy == "ep_nccl":  # exports reassemble the EP shards of the adapters
+            with torch.no_grad():
+                for name, param in model.named_parameters():  # back to the reference's values
+                    if ".lora." in name:
+                        full = ref_params[name].detach()
+                        if ".experts." in name:
+                            full = full[groups.ep_rank * e_local : (groups.ep_rank + 1) * e_local]
+                        param.copy_(full)
+            export_peft(model, plan, rank, str(tmp / "peft_ep"), CONF)
+            merge_lora_(model)
+            export_moe_ext(model, plan, rank, str(tmp / "merged"), hf_config(args, "byte"))
+            torch.distributed.barrier()
+            if rank == 0:
+                got = load_file(str(tmp / "peft_ep" / PEFT_WEIGHTS))
+                want = load_file(str(tmp / "peft_ref" / PEFT_WEIGHTS))
+                assert sorted(got) == sorted(want)
+                for name in want:
+                    assert torch.equal(got[name], want[name]), name
+                merge_lora_(ref)
+                with CheckpointReader.open(str(tmp / "merged")) as reader:
+                    for name, param in ref.named_parameters():
+                        torch.testing.assert_close(
+                            reader.read(name), param.detach(), rtol=0, atol=1e-6
+                        )
+            torch.distributed.barrier()
+
+
+def test_ep_lora_gradients_and_exports_equal_single_rank_reference(tmp_path):
+    run_ranks(_body, world_size=2, args=(str(tmp_path),))
+
+
+def test_launcher_fine_tunes_with_lora_on_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    result = run_launcher(
+        REPO / "launch/train.py",
+        [
+            f"hydra.run.dir={out}",
+            "strategy.name=ep_nccl",
+            "progress=false",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.micro_batch=2",
+            "train.seq_len=32",
+            "train.eval_every=0",
+            "train.eval_batches=1",
+            "train.save_every=0",
+            "train.zero_stage=1",
+            "train.grad_clip=0",
+            "train.lora.rank=4",
+            "train.lora.targets=[q_proj,v_proj,experts]",
+            "sample.max_new_tokens=4",
+        ],
+        nproc=2,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout + result.stderr
+    assert "rank 0: LoRA:" in text and "rank 1: LoRA:" in text, text[-3000:]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["r"] == 4
+    assert (out / "model" / "config.json").is_file()
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["history"]) == 3
+
+
+def test_launcher_refuses_a_target_that_names_no_module(tmp_path):
+    result = run_launcher(
+        REPO / "launch/train.py",
+        [f"hydra.run.dir={tmp_path}", "train.lora.rank=4", "train.lora.targets=[q_proj,qproj]"],
+    )
+    assert result.returncode == 2
+    lines = [x for x in result.stderr.strip().splitlines() if "qproj" in x]
+    assert lines and "names no adaptable module" in lines[-1], result.stderr[-2000:]
