@@ -11,17 +11,20 @@ layers still names them ``layers.{i}``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.model.layers import RMSNorm
 from moe_ext.moe.dispatch.comm import run_on_token_slice
+from moe_ext.moe.layer import add_shared_expert, routed_output
 from moe_ext.quant.linear import quantize_modules_
 
 
@@ -69,13 +72,24 @@ class TransformerBlock(nn.Module):
 
 
 def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Run ``mlp`` on this rank's 1/tp slice of the (TP-identical) tokens, all-gather back
-    (``run_on_token_slice``: zero-padded to a multiple of tp, differentiable; T = 0 is an
-    idle lockstep step of the whole TP group, only the exchange runs).
+    """A MoELayer over TP-identical tokens: every TP rank routes all of them (identically)
+    and runs the shared expert on all of them, but sends only its 1/tp slice (tokens with
+    their routing) through the expert exchange and all-gathers the results
+    (``run_on_token_slice``, as the Megatron layer does: zero-padded to a multiple of tp,
+    differentiable; T = 0 is an idle lockstep step of the whole TP group, only the exchange
+    runs). Routing whole keeps training exact: the TP-replicated router and shared expert
+    see every token on every rank (full, identical gradients) and the load-balancing loss
+    is the one of all tokens.
 
     x: [..., H] -> same shape."""
     shape = x.shape
-    return run_on_token_slice(mlp, (x.reshape(-1, shape[-1]),), group).reshape(shape)
+    tokens = x.reshape(-1, shape[-1])  # [T, H]
+    routing = mlp.router(tokens)  # weights [T, k] f32, expert_idx [T, k]
+    routed = partial(routed_output, mlp.dispatcher, mlp.experts)
+    y = run_on_token_slice(routed, (tokens, routing.weights, routing.expert_idx), group)  # [T, H]
+    y = add_shared_expert(y, tokens, mlp.shared_expert, mlp.shared_expert_gate)
+    mlp.aux_loss, mlp.z_loss = routing.aux_loss, routing.z_loss
+    return y.reshape(shape)
 
 
 def _decode_block(
@@ -89,6 +103,24 @@ def _decode_block(
     """One block of the static decode step (the function ``compile_decode`` compiles).
     h: [B, 1, H]; cos/sin: [B, 1, D]; slots: [1]; kv_start: [B]."""
     return block(h, cos, sin, slots, kv_start, None, True)
+
+
+def checkpointed_block(
+    block: TransformerBlock,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    kv_start: torch.Tensor,
+) -> torch.Tensor:
+    """``block`` (training, no cache) keeping only its input: backward runs its forward
+    again (non-reentrant ``torch.utils.checkpoint``), collectives included. Early stop is
+    off so the recomputation always runs the whole block: every rank then makes the same
+    expert exchanges in the same order. h: [B, S, H] -> [B, S, H]."""
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        return torch.utils.checkpoint.checkpoint(
+            block, h, cos, sin, slots, kv_start, None, False, use_reentrant=False
+        )
 
 
 class Transformer(nn.Module):
@@ -116,6 +148,9 @@ class Transformer(nn.Module):
         self.cache_batch_slots: Optional[tuple[int, int]] = None  # set by setup_caches
         # set by compile_decode: the decode step's block function under torch.compile
         self.compiled_decode_block = None
+        # training: recompute each block's activations in backward (torch.utils.checkpoint)
+        # instead of keeping them; set from train.activation_checkpointing
+        self.activation_checkpointing: bool = False
 
     # ---- placement facts ---------------------------------------------------------------
     @property
@@ -195,20 +230,62 @@ class Transformer(nn.Module):
         else:
             h = torch.empty(B, S, self.args.hidden_size, dtype=self.dtype, device=device)
             dist.recv(h, src=self.context.pp_prev)  # hidden states of the previous stage
-        positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
-        cos, sin = self.rotary(positions, h.dtype)
-        # the static decode step (one new slot, whole cache) runs each block compiled
-        compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) else None
-        for block in self.layers.values():
-            if compiled is not None:
-                h = compiled(block, h, cos, sin, slots, kv_start)
-            else:
-                h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
+        h = self._layers(h, slots, kv_start, kv_len, use_cache)
         if not self.is_last_stage:
             dist.send(h.contiguous(), dst=self.context.pp_next)
             return None
         if last_only:
             h = h[:, -1:]  # [B, 1, H]
+        return self._logits(h)
+
+    def stage_forward(
+        self, tokens: torch.Tensor, hidden: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """This pipeline stage's part of a training forward (no cache, no padding), without
+        any stage-to-stage traffic: the pipeline schedule (moe_ext.train.pipeline) moves
+        ``hidden`` between stages itself.
+
+        tokens: [B, S] int64 (read by the first stage); hidden: [B, S, H] in the model dtype,
+        the previous stage's output (None on the first stage). Returns logits [B, S, V] on
+        the last stage, else this stage's hidden states [B, S, H]."""
+        B, S = tokens.shape
+        h = self.embed_tokens(tokens) if self.is_first_stage else hidden  # [B, S, H]
+        slots = torch.arange(S, device=tokens.device)
+        kv_start = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        h = self._layers(h, slots, kv_start, None, False)
+        return self._logits(h) if self.is_last_stage else h
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        slots: torch.Tensor,
+        kv_start: torch.Tensor,
+        kv_len: Optional[int],
+        use_cache: bool,
+    ) -> torch.Tensor:
+        """This stage's blocks. h: [B, S, H] -> [B, S, H]."""
+        S = h.shape[1]
+        positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
+        cos, sin = self.rotary(positions, h.dtype)
+        # the static decode step (one new slot, whole cache) runs each block compiled
+        compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) else None
+        recompute = (
+            self.activation_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and not use_cache
+        )
+        for block in self.layers.values():
+            if compiled is not None:
+                h = compiled(block, h, cos, sin, slots, kv_start)
+            elif recompute:
+                h = checkpointed_block(block, h, cos, sin, slots, kv_start)
+            else:
+                h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (last stage). h: [B, S, H] -> logits [B, S, V]."""
         h = self.norm(h)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)  # [B, S, V]

@@ -33,11 +33,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] any float dtype; normalised in fp32 like HF, scaled in x's dtype."""
+    def forward(
+        self, x: torch.Tensor, tp_group: Optional[dist.ProcessGroup] = None
+    ) -> torch.Tensor:
+        """x: [..., dim] any float dtype; normalised in fp32 like HF, scaled in x's dtype.
+
+        ``tp_group``: the weight is TP-replicated but this rank normalises only its share
+        of the heads (per-head q/k norms under TP), so its gradient is summed over the
+        group (``tp_replicated``)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return tp_replicated(self.weight, tp_group) * xf.to(x.dtype)
+
+
+def tp_replicated(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """A TP-replicated tensor (activation or parameter) that this rank consumes for only its
+    share of a head- or FFN-sharded computation: forward identity, backward all-reduces the
+    gradient over ``group`` (``copy_to_partials``), so every rank holds the full gradient
+    (Megatron's convention). The identity when ``group`` is None or nothing needs the
+    gradient (inference adds no graph break to the compiled decode step)."""
+    if group is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return copy_to_partials(x, group)
 
 
 # ---- rotary embeddings ---------------------------------------------------------------
@@ -277,6 +294,7 @@ class Attention(nn.Module):
         Returns [B, S, H]."""
         B, S, _ = x.shape
         D = self.head_dim
+        x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
         q, k = self.q_proj(x), self.k_proj(x)  # [B, S, nH·D], [B, S, nKV·D]
         if self.qk_norm_per_layer:
             q, k = self.normalize_projections(q, k)
@@ -284,7 +302,8 @@ class Attention(nn.Module):
         k = k.view(B, S, -1, D)  # [B, S, nKV, D]
         v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         if self.q_norm is not None and not self.qk_norm_per_layer:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # one weight [D] for all heads, this rank's heads only: gradient summed over TP
+            q, k = self.q_norm(q, self.tp_group), self.k_norm(k, self.tp_group)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nH, S, D]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nKV, S, D]
         if use_cache:
@@ -388,6 +407,7 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., H] -> [..., H]."""
+        x = tp_replicated(x, self.tp_group)  # feeds this rank's FFN shard only
         out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.tp_group is not None:
             out = reduce_partials(out, self.tp_group)

@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
-from moe_ext.model.layers import RMSNorm, apply_rope, attention_mask, output_projection
+from moe_ext.model.layers import (
+    RMSNorm,
+    apply_rope,
+    attention_mask,
+    output_projection,
+    tp_replicated,
+)
 from moe_ext.quant.linear import linear_weight
 
 ROPE_LAYOUTS = ("complex", "interleave", "half")
@@ -150,8 +156,9 @@ class MLAttention(nn.Module):
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, H] -> q [B, S, n·(Dn+Dr)]."""
         if self.q_proj is not None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return self.q_proj(tp_replicated(x, self.tp_group))
+        latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, S, q_lora_rank], TP-replicated
+        return self.q_b_proj(tp_replicated(latent, self.tp_group))
 
     def forward(
         self,
@@ -177,6 +184,7 @@ class MLAttention(nn.Module):
         q_rope = rotate(q_rope, cos, sin, self.rope_layout)  # [B, n, S, Dr]
         k_rope = rotate(k_rope[:, None], cos, sin, self.rope_layout)[:, 0]  # [B, S, Dr]
         kv = torch.cat((latent, k_rope), dim=-1)  # [B, S, C+Dr]
+        kv = tp_replicated(kv, self.tp_group)  # every rank's heads read the whole latent
         if use_cache:
             if self.kv_cache is None:
                 raise RuntimeError(

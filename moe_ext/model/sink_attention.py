@@ -28,7 +28,13 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_ext.model.args import ModelArgs
-from moe_ext.model.layers import KVCache, apply_rope, attention_mask, output_projection
+from moe_ext.model.layers import (
+    KVCache,
+    apply_rope,
+    attention_mask,
+    output_projection,
+    tp_replicated,
+)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 LAYER_TYPES = (FULL, SLIDING)
@@ -155,6 +161,7 @@ class SinkAttention(nn.Module):
         static decode shape); sliding layers ignore it. Returns [B, S, H]."""
         B, S, _ = x.shape
         D = self.head_dim
+        x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
         q = self.q_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nH, S, D]
         k = self.k_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
