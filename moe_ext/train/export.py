@@ -211,7 +211,7 @@ def _adapter_layout(args: ModelArgs, conf: Any) -> dict[str, tuple[str, tuple[in
     """Every adapter tensor of the full model: native name -> (its base tensor's name, full
     shape); pure (a meta model with adapters, no communication)."""
     from moe_ext.model import Transformer
-    from moe_ext.train.lora import LORA_MARK, apply_lora
+    from moe_ext.train.lora import LORA_MARK, adapter_base_name, apply_lora
 
     with torch.device("meta"):
         full = Transformer(args)
@@ -220,12 +220,7 @@ def _adapter_layout(args: ModelArgs, conf: Any) -> dict[str, tuple[str, tuple[in
     for name, param in full.named_parameters():
         if LORA_MARK not in name:
             continue
-        module, _, leaf = name.partition(LORA_MARK)
-        if module.endswith(".experts"):
-            base = f"{module}.{'gate_up_proj' if leaf.startswith('gate_up') else 'down_proj'}"
-        else:
-            base = f"{module}.weight"
-        out[name] = (base, tuple(param.shape))
+        out[name] = (adapter_base_name(name), tuple(param.shape))
     return out
 
 

@@ -249,6 +249,19 @@ def summarize(model: nn.Module, adapted: list[str]) -> LoraSummary:
     )
 
 
+def adapter_base_name(name: str) -> Optional[str]:
+    """The base tensor an adapter parameter ``name`` adapts (None: not an adapter): a
+    projection's ``...q_proj.lora.A`` -> ``...q_proj.weight``; an expert adapter
+    ``...experts.lora.gate_up_A`` -> ``...experts.gate_up_proj`` (held by the same ranks:
+    the base's ``shard_slices`` request places the adapter along ep and pp too)."""
+    module, mark, leaf = name.partition(LORA_MARK)
+    if not mark:
+        return None
+    if module.endswith("." + EXPERTS):
+        return f"{module}.{'gate_up_proj' if leaf.startswith('gate_up') else 'down_proj'}"
+    return f"{module}.weight"
+
+
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Adapted modules by name: projections (``.lora`` is a LowRank) and experts."""
     return {n: m for n, m in model.named_modules() if getattr(m, "lora", None) is not None}

@@ -14,7 +14,14 @@ import torch
 from moe_ext.model import Transformer
 from moe_ext.model.weights import init_random_full
 from moe_ext.moe.experts import GroupedExperts
-from moe_ext.train.lora import LoraConf, LoraError, apply_lora, check_lora, merge_lora_
+from moe_ext.train.lora import (
+    LoraConf,
+    LoraError,
+    adapter_base_name,
+    apply_lora,
+    check_lora,
+    merge_lora_,
+)
 from tests.support import plan_of, tiny_args
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]
@@ -53,6 +60,11 @@ def test_adapted_model_equals_base_at_init_and_freezes_the_base():
     assert len(summary.adapted) == 5 * layers
     assert summary.trainable == sum(model.get_parameter(n).numel() for n in trainable)
     assert "trainable" in summary.describe()
+    assert (
+        adapter_base_name("layers.1.self_attn.q_proj.lora.A") == "layers.1.self_attn.q_proj.weight"
+    )
+    assert adapter_base_name("layers.1.mlp.experts.lora.down_B") == "layers.1.mlp.experts.down_proj"
+    assert adapter_base_name("layers.1.mlp.experts.gate_up_proj") is None
 
 
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
