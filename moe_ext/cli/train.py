@@ -62,6 +62,7 @@ from moe_ext.train.export import (
 )
 from moe_ext.train.loop import RunState, Trainer
 from moe_ext.train.lora import apply_lora, check_lora, memory_lines
+from moe_ext.train.pipeline import check_pipeline
 from moe_ext.train.report import LOG_NAME, PLOT_NAME, plot_losses, write_json
 from moe_ext.train.state import (
     ResumePoint,
@@ -151,19 +152,31 @@ def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
         raise UsageError("train.lr must be > 0, train.grad_clip and train.aux_loss_coeff >= 0")
 
 
-def _check_plan(plan: ParallelPlan, conf: TrainLoopConf, dtype: torch.dtype) -> None:
-    """Training limits of the native model (its inference paths are not all differentiable)."""
-    if plan.tp > 1:
+def _check_plan(
+    plan: ParallelPlan, conf: TrainLoopConf, dtype: torch.dtype, args: ModelArgs
+) -> None:
+    """Training limits of the native model under ``plan`` (tp, pp: moe_ext.train.pipeline)."""
+    if plan.tp > 1 and plan.strategy == "replicate":
         raise UsageError(
-            f"plan {plan.strategy} uses tp={plan.tp}, but the native model's "
-            f"tensor-parallel all-reduces are inference-only (not differentiable); "
-            f"train with parallel.tp=1 (strategy=replicate or ep_*)"
+            f"strategy=replicate with tp={plan.tp} runs every expert on every TP rank, "
+            f"whose duplicate expert gradients DeepSpeed would sum; train with "
+            f"strategy=tp_experts or ep_*"
         )
-    if plan.pp > 1:
+    attention = args.family.attention_shards(args, plan.tp, 0)
+    if "k_proj.weight" in attention and args.num_key_value_heads < plan.tp:
         raise UsageError(
-            f"plan uses pp={plan.pp}, but the native model's pipeline sends are "
-            f"inference-only; train with parallel.pp=1"
+            f"{args.num_key_value_heads} kv heads replicated over tp={plan.tp} ranks would "
+            f"each get only their rank's share of the gradient; train with parallel.tp <= "
+            f"{args.num_key_value_heads}"
         )
+    as_usage_error(
+        check_pipeline,
+        plan.pp,
+        args.num_hidden_layers,
+        conf.micro_batch,
+        conf.pipeline_microbatches,
+        conf.zero_stage,
+    )
     if conf.grad_clip > 0 and plan.ep > 1 and not clips_itself(conf.zero_stage, dtype):
         raise UsageError(
             f"gradient clipping with ep={plan.ep} is exact only without ZeRO in "
@@ -234,7 +247,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         from moe_ext.megatron.engine import check_plan
 
         check_plan(plan, args, training=True)
-    _check_plan(plan, cfg.train, dtype)
+    _check_plan(plan, cfg.train, dtype, args)
     if cfg.train.lora.rank > 0 and cfg.engine != "deepspeed":
         raise UsageError("train.lora needs engine=deepspeed (the native model's adapters)")
     check_lora(cfg.train.lora, args, plan, cfg.train.zero_stage)

@@ -40,6 +40,11 @@ class TrainLoopConf:
     aux_loss_coeff: float = 0.01  # weight of the summed routers' load-balancing loss
     z_loss_coeff: float = 0.0  # weight of the summed routers' z-loss
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 (none), 1 (optimizer states), 2 (+ gradients)
+    # pp > 1: 1F1B over this many equal micro-batches of micro_batch (engine=deepspeed)
+    pipeline_microbatches: int = 1
+    # recompute each decoder block's activations in backward instead of keeping them
+    # (torch.utils.checkpoint per block; engine=deepspeed)
+    activation_checkpointing: bool = False
     save_every: int = 1000  # training checkpoint every N steps (and at the end); 0 = end only
     keep_checkpoints: int = 2  # newest training checkpoints kept; 0 = keep all
     # export= may replace an existing moe_ext checkpoint; a non-empty directory is refused

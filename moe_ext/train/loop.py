@@ -5,6 +5,10 @@ Every step: learning rate from the step, this rank's batch from (seed, step), fo
 parallel group and expert gradients over the expert-data-parallel group), clip, optimizer
 step, and the data-parallel mean of the losses for the log and the progress bar.
 
+With pp > 1 the forward and backward are the 1F1B schedule of moe_ext.train.pipeline over
+``train.pipeline_microbatches`` micro-batches (the engine reduces once, after the last);
+``train.activation_checkpointing`` recomputes every decoder block in backward.
+
 Clipping. DeepSpeed's MoE-aware clipping takes the norm of the parameters a rank holds and
 averages it over the data-parallel ranks, which is not the global norm once experts are
 split over EP ranks (each rank sees only its experts). Without ZeRO we therefore clip
@@ -27,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 from moe_ext.deepspeed.engine import expert_param_names, set_lr
+from moe_ext.model.decoder import Transformer
 from moe_ext.train.data import TokenData, eval_batches, train_batch
+from moe_ext.train.pipeline import PipelineSchedule
 
 log = logging.getLogger("moe_ext.train")
 
@@ -101,6 +107,16 @@ class Trainer:
         self.device = device
         self.own_clipping = own_clipping
         self.dp, self.dp_rank = groups.plan.dp, groups.dp_rank
+        # the native model (engine=deepspeed): per-block recomputation and, with pp > 1,
+        # the 1F1B schedule over this rank's stage
+        native = isinstance(self.model, Transformer)
+        if native:
+            self.model.activation_checkpointing = conf.activation_checkpointing
+        self.pipeline = (
+            PipelineSchedule(engine, groups, conf.pipeline_microbatches)
+            if native and groups.plan.pp > 1
+            else None
+        )
         self.eval_set = eval_batches(
             data, conf.eval_batches, conf.micro_batch, conf.seq_len, self.dp, self.dp_rank
         )
@@ -124,8 +140,11 @@ class Trainer:
             self.data, step, conf.seed, conf.micro_batch, conf.seq_len, self.dp, self.dp_rank
         ).to(self.device)  # [B, S+1]
         start = time.perf_counter()
-        loss, lm_loss, aux_loss = self.engine(batch)
-        self.engine.backward(loss)
+        if self.pipeline is not None:  # 1F1B; the engine reduced the gradients at the end
+            loss, lm_loss, aux_loss = self.pipeline.train_step(batch)
+        else:
+            loss, lm_loss, aux_loss = self.engine(batch)
+            self.engine.backward(loss)
         norm = (
             clip_grad_norm_(
                 self.model, conf.grad_clip, self.groups.ep if self.groups.plan.ep > 1 else None
@@ -165,7 +184,10 @@ class Trainer:
         try:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
             for batch in self.eval_set:
-                total += module(batch.to(self.device))[1].float()
+                if self.pipeline is not None:
+                    total += self.pipeline.eval_loss(batch.to(self.device))
+                else:
+                    total += module(batch.to(self.device))[1].float()
         finally:
             module.train()
         return self._dp_mean((total / len(self.eval_set)).reshape(1))[0]
