@@ -523,3 +523,61 @@ def select_profile(
         f"shipped profile {best.name} (closest to {topology.kind}, "
         f"p2p {'on' if p2p else 'off'}, {gpus} GPUs)",
     )
+
+
+# Training FLOPs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainFlops:
+    """Model FLOPs of one training token (forward + backward), the MFU numerator.
+
+    matmul: 6 x the matrix parameters one token multiplies by (``active_params``): every
+    tensor of ``Family.param_shapes`` with 2+ dims except the embedding table (a lookup;
+    the LM head counts, tied or not), routed experts at k/E of their size (a token runs k
+    of E experts); 2 FLOPs per weight forward, 4 backward (input and weight gradients).
+    attention: the score and value products, 6 x S x nH x (D_qk + D_v) per token and
+    layer (= the usual 12·L·H·S with nH·D = H), S capped at the sliding window on sliding
+    layers; not halved for the causal mask (the PaLM / Megatron convention, so MFU figures
+    compare with published ones). Norms, softmax, activations and the router's top-k are
+    not counted."""
+
+    active_params: int  # matrix parameters one token multiplies by
+    matmul: float  # FLOPs per token
+    attention: float  # FLOPs per token
+
+    @property
+    def total(self) -> float:
+        return self.matmul + self.attention
+
+
+def train_flops_per_token(model: ModelArgs, seq_len: int) -> TrainFlops:
+    """Model FLOPs per trained token of ``model`` at sequence length ``seq_len`` (see
+    ``TrainFlops``), from the tensor list of ``Family.param_shapes``."""
+    from moe_ext.plan import _is_expert
+
+    k_over_e = model.num_experts_per_tok / model.num_experts
+    active = 0.0
+    for name, shape in model.family.param_shapes(model).items():
+        if len(shape) < 2 or name == "embed_tokens.weight":
+            continue
+        active += math.prod(shape) * (k_over_e if _is_expert(name) else 1.0)
+    if model.tie_word_embeddings:
+        active += model.vocab_size * model.hidden_size  # the head multiplies by the table
+    if model.kv_lora_rank is not None:  # MLA: query/key heads of nope + rope dims
+        d_qk, d_v = model.qk_nope_head_dim + model.head_dim, model.v_head_dim
+    else:
+        d_qk = d_v = model.head_dim
+    attention = 0.0
+    for layer in range(model.num_hidden_layers):
+        span = seq_len
+        sliding = (
+            model.layer_types[layer] == "sliding_attention"
+            if model.layer_types is not None
+            else model.sliding_window is not None
+        )
+        if sliding and model.sliding_window is not None:
+            span = min(seq_len, model.sliding_window)
+        attention += 6 * span * model.num_attention_heads * (d_qk + d_v)
+    return TrainFlops(int(round(active)), 6 * active, attention)

@@ -94,8 +94,11 @@ class Job:
 # ---- checks before any process group ---------------------------------------------------
 
 
-def train_dtype(requested: str, device_type: str, zero_stage: int) -> torch.dtype:
-    """``dtype=`` (or an alias) for training; auto is bf16 on CUDA with ZeRO 1/2, else fp32."""
+def train_dtype(
+    requested: str, device_type: str, zero_stage: int, engine: str = "deepspeed"
+) -> torch.dtype:
+    """``dtype=`` (or an alias) for training; auto is bf16 on CUDA with ZeRO 1/2, else fp32.
+    engine=megatron keeps fp32 main parameters in its own optimizer, so bf16 needs no ZeRO."""
     name = dtype_name(requested)
     if name == "fp16":
         raise UsageError(
@@ -110,7 +113,7 @@ def train_dtype(requested: str, device_type: str, zero_stage: int) -> torch.dtyp
             f"dtype={requested} on CPU: DeepSpeed's CPU path trains in fp32; use "
             f"dtype=fp32 (or auto)"
         )
-    if name == "bf16" and zero_stage == 0:
+    if name == "bf16" and zero_stage == 0 and engine != "megatron":
         raise UsageError(
             f"dtype={requested} needs train.zero_stage=1 or 2 (fp32 master "
             f"weights live in DeepSpeed's ZeRO/bf16 optimizers); or use "
@@ -206,7 +209,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         require_cuda(cfg.device, cuda_available, fallback="deepspeed")
         check_train_settings(dtype_name(cfg.dtype), cfg.train.zero_stage)
     device_type = device_type_for(cfg.device, cuda_available)
-    dtype = train_dtype(cfg.dtype, device_type, cfg.train.zero_stage)
+    dtype = train_dtype(cfg.dtype, device_type, cfg.train.zero_stage, cfg.engine)
     if cfg.sample.prompt is not None:
         sample_conf(cfg).check("sample")
     if cfg.export is not None:  # else <run dir>/model, new with the run
@@ -287,7 +290,16 @@ def build_train_engine(
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import build_train_engine as build_megatron_engine
 
-        return build_megatron_engine(model, job.source, groups, device, **common)
+        return build_megatron_engine(
+            model,
+            job.source,
+            groups,
+            device,
+            dtype=job.dtype,
+            grad_clip=conf.grad_clip,
+            zero_stage=conf.zero_stage,
+            **common,
+        )
     return build_engine(
         model,
         groups,

@@ -24,11 +24,21 @@ The loss is GPTModel's own (``labels=`` -> per-token cross entropy); the routers
 load-balancing and z losses reach the gradients inside the layer through Megatron's
 ``MoEAuxLossAutoScaler`` (``moe_aux_loss_coeff = train.aux_loss_coeff * k``, see
 ``moe_ext.megatron.config.loss_coeffs``), so the returned loss adds them for the log only.
-Gradients are reduced explicitly after backward (Megatron's DDP wrapper wants its own
-buffers, config and ``finalize_model_grads`` call; two coalesced all-reduces do the same
-here): dense parameters averaged over dp, expert parameters (``allreduce = False``)
-summed over edp and divided by dp, i.e. the gradient of the mean of the per-rank losses,
-as the DeepSpeed engine does. fp32 parameters, torch AdamW, tp = pp = 1.
+Two precisions, tp = pp = 1:
+- fp32 (``MegatronTrainEngine``): fp32 parameters, torch AdamW; gradients reduced
+  explicitly after backward with two coalesced all-reduces: dense parameters averaged over
+  dp, expert parameters (``allreduce = False``) summed over edp and divided by dp, i.e. the
+  gradient of the mean of the per-rank losses, as the DeepSpeed engine does. The Trainer
+  clips (exact norm over EP ranks).
+- bf16 (``MegatronMixedPrecisionEngine``, CUDA): Megatron's own mixed-precision path. The
+  GPTModel holds bf16 parameters inside Megatron's ``DistributedDataParallel`` (fp32
+  gradient buffers, the same dense-over-dp / expert-over-edp reduction and 1/dp scaling,
+  run by ``finalize_model_grads``); ``get_megatron_optimizer`` keeps fp32 main parameters
+  and Adam states, one optimizer for dense and one for expert parameters chained, and
+  clips with Megatron's global norm: dense squares reduced over the model-parallel group,
+  expert squares over the expert tensor-model-pipeline group (so over EP), combined once.
+  ``train.zero_stage=1`` selects Megatron's DistributedOptimizer (main parameters and
+  optimizer states sharded over dp / edp), 0 the plain Float16 optimizer.
 """
 
 from __future__ import annotations
@@ -107,16 +117,23 @@ def check_plan(plan: Any, args: Any, training: bool = False) -> None:
 
 
 def check_train_settings(dtype: str, zero_stage: int) -> None:
-    """engine=megatron trains fp32 parameters with torch AdamW, without ZeRO."""
-    if dtype not in ("auto", "fp32"):
+    """engine=megatron trains fp32 (torch AdamW, no ZeRO) or bf16 (Megatron's mixed-precision
+    optimizer; train.zero_stage=1: its DistributedOptimizer). ``dtype`` is the launcher's
+    normalised name (auto | fp32 | bf16 | fp16)."""
+    if dtype not in ("auto", "fp32", "bf16"):
         raise MegatronEngineError(
-            f"engine=megatron trains in fp32 (dtype={dtype} asked); use "
-            f"dtype=fp32 or auto, or engine=deepspeed for bf16"
+            f"engine=megatron trains in fp32 or bf16 (dtype={dtype} asked); use "
+            f"dtype=bf16, fp32 or auto"
         )
-    if zero_stage != 0:
+    if zero_stage not in (0, 1):
         raise MegatronEngineError(
-            f"engine=megatron has no ZeRO (train.zero_stage={zero_stage}); "
-            f"use train.zero_stage=0 or engine=deepspeed"
+            f"engine=megatron shards optimizer states only (train.zero_stage="
+            f"{zero_stage}); use train.zero_stage=1 (DistributedOptimizer) or 0"
+        )
+    if zero_stage == 1 and dtype == "fp32":
+        raise MegatronEngineError(
+            "engine=megatron's DistributedOptimizer (train.zero_stage=1) runs with "
+            "dtype=bf16; use dtype=bf16, or train.zero_stage=0 for fp32"
         )
 
 
@@ -479,6 +496,145 @@ class MegatronTrainEngine:
         return None  # the Trainer measures and clips itself
 
 
+class MegatronMixedPrecisionEngine:
+    """The bf16 engine (module docstring): the Trainer's interface over a GPTModel inside
+    Megatron's DistributedDataParallel with Megatron's mixed-precision optimizer.
+    ``get_global_grad_norm()`` is the norm the last step measured (before clipping)."""
+
+    def __init__(self, module: GPTCausalLM, ddp: nn.Module, optimizer: Any, groups: Any):
+        self.module = module
+        self.ddp = ddp
+        self.optimizer = optimizer
+        self.groups = groups
+        self._grad_norm: Optional[float] = None
+
+    def __call__(self, batch: torch.Tensor):
+        return self.module(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        loss.backward()
+        finalize_model_grads([self.ddp])  # dense over dp, experts over edp, 1/dp scaling
+
+    def step(self) -> None:
+        ok, norm, _ = self.optimizer.step()
+        if not ok:  # bf16 has no loss scale: only a NaN/inf gradient fails a step
+            raise MegatronEngineError(
+                "engine=megatron: the optimizer step found non-finite gradients; lower "
+                "train.lr or raise train.warmup_steps"
+            )
+        self._grad_norm = norm
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        return self._grad_norm
+
+
+def megatron_optimizer_config(
+    *,
+    dtype: torch.dtype,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    grad_clip: float,
+    distributed_optimizer: bool,
+) -> dict[str, Any]:
+    """Megatron ``OptimizerConfig`` keyword arguments of the bf16 engine: Adam with fp32
+    main parameters, gradients and states, clipping at ``grad_clip`` (0: off)."""
+    return dict(
+        optimizer="adam",
+        lr=lr,
+        min_lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_eps=1e-8,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=dtype,
+        main_grads_dtype=torch.float32,
+        main_params_dtype=torch.float32,
+        use_distributed_optimizer=distributed_optimizer,
+        clip_grad=grad_clip,
+    )
+
+
+def megatron_train_engine(
+    model: nn.Module,
+    groups: Any,
+    *,
+    dtype: torch.dtype,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    aux_loss_coeff: float,
+    z_loss_coeff: float,
+    grad_clip: float = 0.0,
+    distributed_optimizer: bool = False,
+) -> Any:
+    """A training engine around a built GPTModel (ours or one with Megatron's own MoE
+    layers, as the benchmark's peers): fp32 -> ``MegatronTrainEngine`` (torch AdamW, the
+    Trainer clips), bf16 -> ``MegatronMixedPrecisionEngine`` (Megatron's DDP and optimizer,
+    which clips at ``grad_clip``)."""
+    model.train()
+    module = GPTCausalLM(model, aux_loss_coeff, z_loss_coeff)
+    if dtype == torch.float32:
+        if distributed_optimizer:
+            raise MegatronEngineError(
+                "engine=megatron's DistributedOptimizer runs with dtype=bf16; use "
+                "dtype=bf16 or train.zero_stage=0"
+            )
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=betas,
+            foreach=False,
+        )
+        return MegatronTrainEngine(module, optimizer, groups)
+    if dtype != torch.bfloat16:
+        raise MegatronEngineError(f"engine=megatron trains fp32 or bf16, not {dtype}")
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from moe_ext.megatron.state import install_parallel_state
+
+    install_parallel_state(groups)  # DDP and the optimizer read parallel_state's groups
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+            check_for_nan_in_grad=False,
+        ),
+        module=model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            **megatron_optimizer_config(
+                dtype=dtype,
+                lr=lr,
+                weight_decay=weight_decay,
+                betas=betas,
+                grad_clip=grad_clip,
+                distributed_optimizer=distributed_optimizer,
+            )
+        ),
+        [ddp],
+        use_gloo_process_groups=False,
+    )
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    return MegatronMixedPrecisionEngine(module, ddp, optimizer, groups)
+
+
 def build_train_engine(
     native: nn.Module,
     source: Any,
@@ -490,31 +646,34 @@ def build_train_engine(
     betas: tuple[float, float],
     aux_loss_coeff: float,
     z_loss_coeff: float,
-) -> MegatronTrainEngine:
-    """A GPTModel (fp32) holding the weights of ``native`` (this rank's native shard, as
-    launch/train.py builds it), wrapped for training; AdamW decays matrices, not norms."""
+    dtype: torch.dtype = torch.float32,
+    grad_clip: float = 0.0,
+    zero_stage: int = 0,
+) -> Any:
+    """A GPTModel in ``dtype`` holding the weights of ``native`` (this rank's native fp32
+    shard, as launch/train.py builds it), wrapped for training (``megatron_train_engine``);
+    AdamW decays matrices, not norms. ``grad_clip`` is applied by the bf16 engine (the
+    Trainer clips the fp32 one); ``zero_stage`` 1 = DistributedOptimizer (bf16)."""
     model = build_megatron_model(
         source,
         groups.plan,
         groups,
         0,
         device,
-        torch.float32,
+        dtype,
         native=native,
         aux_loss_coeff=aux_loss_coeff,
         z_loss_coeff=z_loss_coeff,
     )
-    model.train()
-    module = GPTCausalLM(model, aux_loss_coeff, z_loss_coeff)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+    return megatron_train_engine(
+        model,
+        groups,
+        dtype=dtype,
         lr=lr,
+        weight_decay=weight_decay,
         betas=betas,
-        foreach=False,
+        aux_loss_coeff=aux_loss_coeff,
+        z_loss_coeff=z_loss_coeff,
+        grad_clip=grad_clip,
+        distributed_optimizer=zero_stage == 1,
     )
-    return MegatronTrainEngine(module, optimizer, groups)

@@ -45,10 +45,11 @@ def test_refusals_are_one_line_value_errors():
     with pytest.raises(MegatronEngineError, match="tp=1"):
         check_plan(megatron_plan("tp_experts", 2, tp=2), args, training=True)
     check_plan(megatron_plan("tp_experts", 2, tp=2), args)  # inference takes tp
+    check_train_settings("bf16", 0)  # Megatron's mixed-precision optimizer
     with pytest.raises(MegatronEngineError, match="dtype=bf16"):
-        check_train_settings("bf16", 0)
+        check_train_settings("fp32", 1)
     with pytest.raises(MegatronEngineError, match="zero_stage"):
-        check_train_settings("auto", 1)
+        check_train_settings("auto", 2)
 
 
 @pytest.mark.parametrize("launcher, fallback", [("infer.py", "native"), ("train.py", "deepspeed")])
