@@ -47,7 +47,9 @@ LORA_MARK = ".lora."  # in every adapter parameter's name
 class LoraConf:
     """``train.lora.*``: rank 0 trains every weight (no LoRA)."""
 
-    rank: int = 0  # adapter rank r; 0 = off (full-parameter training)
+    # adapter rank r; 0 = off (full-parameter training). A multiple of 8 keeps the expert
+    # adapters on torch's grouped GEMM in bf16 (16-byte rows); others fall back to the loop
+    rank: int = 0
     alpha: float = 16.0  # scale = alpha / rank
     # leaf module names inside the decoder layers (projections) or "experts"
     targets: list[str] = field(
