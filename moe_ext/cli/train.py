@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_ext import preflight
 from moe_ext.config import GenerateConf
 from moe_ext.cost import select_profile
-from moe_ext.deepspeed.engine import build_engine, clips_itself
+from moe_ext.deepspeed.engine import ZERO3_REFUSAL, build_engine
 from moe_ext.dist import DistEnv
 from moe_ext.groups import ProcessGroups
 from moe_ext.launching import (
@@ -149,8 +149,15 @@ def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
             f"train.seq_len={conf.seq_len} is over the model's context of "
             f"{args.max_position_embeddings}; lower train.seq_len"
         )
+    if conf.zero_stage == 3:
+        raise UsageError(ZERO3_REFUSAL)
     if conf.zero_stage not in (0, 1, 2):
         raise UsageError(f"train.zero_stage={conf.zero_stage}; use 0, 1 or 2")
+    if conf.offload_optimizer and conf.zero_stage == 0:
+        raise UsageError(
+            "train.offload_optimizer=true offloads ZeRO's optimizer partitions; set "
+            "train.zero_stage=1 or 2"
+        )
     if conf.lr <= 0 or conf.grad_clip < 0 or conf.aux_loss_coeff < 0:
         raise UsageError("train.lr must be > 0, train.grad_clip and train.aux_loss_coeff >= 0")
 
@@ -180,12 +187,6 @@ def _check_plan(
         conf.pipeline_microbatches,
         conf.zero_stage,
     )
-    if conf.grad_clip > 0 and plan.ep > 1 and not clips_itself(conf.zero_stage, dtype):
-        raise UsageError(
-            f"gradient clipping with ep={plan.ep} is exact only without ZeRO in "
-            f"fp32 (DeepSpeed's ZeRO/bf16 clipping takes a per-rank norm); set "
-            f"train.grad_clip=0 or train.zero_stage=0 dtype=fp32"
-        )
 
 
 def sample_conf(cfg: TrainConf) -> GenerateConf:
@@ -306,6 +307,7 @@ def build_train_engine(
         micro_batch=conf.micro_batch,
         zero_stage=conf.zero_stage,
         grad_clip=conf.grad_clip,
+        offload_optimizer=conf.offload_optimizer,
         dtype=job.dtype,
         **common,
     )
@@ -519,7 +521,9 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
         job.data,
         cfg.train,
         device,
-        own_clipping=clips_itself(cfg.train.zero_stage, job.dtype),
+        # the DeepSpeed engine clips inside its step with the exact norm, as does Megatron's
+        # bf16 optimizer; Megatron's fp32 engine (torch AdamW) does not
+        own_clipping=cfg.engine == "megatron" and job.dtype == torch.float32,
     )
     trainer.run(
         state, _checkpointer(engine, job, cfg, env, record), progress=cfg.progress and env.rank == 0

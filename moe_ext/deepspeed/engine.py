@@ -14,6 +14,13 @@ stage_1_and_2.py):
     module in the model (``engine.has_moe_layers``). Our MoE layers are not DeepSpeed's, so
     ``MoEPresence`` (a parameter-free ``MoE`` subclass) tells the engine they exist.
 
+Clipping. DeepSpeed's own norms are per-rank or averaged over replicas, which is not the
+global norm once experts are split over EP ranks. ``install_exact_norm`` makes whichever
+optimizer DeepSpeed picked (its ZeRO 1/2 optimizer, its bf16 optimizer of ZeRO 1, or the
+client AdamW without ZeRO) measure the exact global norm of moe_ext.train.clip, clip with
+it and report it through ``engine.get_global_grad_norm()``; DeepSpeed's
+``gradient_clipping`` stays 0.
+
 # B batch, S sequence, V vocab
 """
 
@@ -159,17 +166,27 @@ class CausalLMWithAux(nn.Module):
         return loss, lm_loss.detach(), aux.detach()
 
 
+ZERO3_REFUSAL = (
+    "train.zero_stage=3 partitions parameters, which DeepSpeed 0.19 supports for MoE only in "
+    "its own AutoEP layers, not our sharded experts; use train.zero_stage=2 "
+    "train.offload_optimizer=true (optimizer states in CPU memory)"
+)
+
+
 def deepspeed_config(
-    micro_batch: int, dp: int, zero_stage: int, grad_clip: float, dtype: torch.dtype
+    micro_batch: int,
+    dp: int,
+    zero_stage: int,
+    dtype: torch.dtype,
+    offload_optimizer: bool = False,
 ) -> dict[str, Any]:
     """The engine's config dict: one micro-batch per step (no accumulation), the client
-    optimizer under ZeRO 0/1/2, bf16 only when asked (CPU runs fp32)."""
+    optimizer under ZeRO 0/1/2 (its states in CPU memory with ``offload_optimizer``), bf16
+    only when asked (CPU runs fp32). DeepSpeed never clips (``install_exact_norm`` does)."""
+    if zero_stage == 3:
+        raise DeepSpeedSetupError(ZERO3_REFUSAL)
     if zero_stage not in (0, 1, 2):
-        raise DeepSpeedSetupError(
-            f"train.zero_stage={zero_stage}; use 0, 1 or 2 (stage 3 "
-            f"partitions parameters, which our sharded experts do not "
-            f"support)"
-        )
+        raise DeepSpeedSetupError(f"train.zero_stage={zero_stage}; use 0, 1 or 2")
     if dtype == torch.float16:
         raise DeepSpeedSetupError(
             "dtype=fp16 training needs loss scaling that this launcher "
@@ -182,11 +199,16 @@ def deepspeed_config(
             "fp32 master weights only in its ZeRO/bf16 optimizers); or "
             "use dtype=fp32"
         )
+    if offload_optimizer and zero_stage == 0:
+        raise DeepSpeedSetupError(
+            "train.offload_optimizer=true needs train.zero_stage=1 or 2 (DeepSpeed offloads "
+            "the optimizer states of its ZeRO optimizer)"
+        )
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * dp,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": 0.0,  # install_exact_norm clips with the exact global norm
         "steps_per_print": 2**31 - 1,  # our progress bar reports instead
         "wall_clock_breakdown": False,
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -203,14 +225,103 @@ def deepspeed_config(
             "reduce_scatter": True,
             "overlap_comm": False,
         }
+        if offload_optimizer:
+            # fp32 masters, gradients and AdamW states of this rank's partition live in CPU
+            # memory and the (torch) AdamW steps there; DeepSpeedCPUAdam would need its
+            # C++ op built, so the client optimizer is allowed instead
+            config["zero_optimization"]["offload_optimizer"] = {
+                "device": "cpu",
+                "pin_memory": torch.cuda.is_available(),
+            }
+            config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 
-def clips_itself(zero_stage: int, dtype: torch.dtype) -> bool:
-    """Whether the training loop clips gradients itself (exact global norm over EP ranks,
-    moe_ext.train.loop.clip_grad_norm_) instead of DeepSpeed: without ZeRO in fp32, where
-    the reduced gradients sit in ``param.grad``."""
-    return zero_stage == 0 and dtype == torch.float32
+def install_exact_norm(engine: Any, groups: Any, max_norm: float) -> None:
+    """Make ``engine``'s optimizer clip to ``max_norm`` (0: measure only) with the exact
+    global gradient norm (moe_ext.train.clip) and report that norm as
+    ``engine.get_global_grad_norm()`` ([] fp32 tensor on the engine's device).
+
+    The gradients the norm reads are the reduced ones DeepSpeed's optimizer steps with:
+      - DeepSpeedZeroOptimizer (ZeRO 1/2, fp32 or bf16, CPU offload or not): this rank's
+        partition (``averaged_gradients``, or the offloaded fp32 partition's ``.grad``);
+        its ``scaled_global_norm`` is replaced, so its step clips with our norm and stores
+        it as ``_global_grad_norm``;
+      - BF16_Optimizer (bf16 + ZeRO 1): the whole fp32 gradients; its step is wrapped
+        (our norm and clip first, its own clipping off);
+      - the client AdamW (ZeRO 0, fp32): ``param.grad``; its step is wrapped likewise."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from moe_ext.train.clip import clip_, global_grad_norm, grad_placements
+
+    model = engine.module.model
+    by_name = grad_placements(model, groups, model.args)
+    placement = {id(p): by_name[n] for n, p in model.named_parameters() if n in by_name}
+    world = groups.world if groups.plan.world_size > 1 else None
+    device = engine.device
+    opt = engine.optimizer
+
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+
+        def partition_pieces():
+            for i, params in enumerate(opt.params_in_partition):
+                if opt.cpu_offload:
+                    flat = opt.single_partition_of_fp32_groups[i].grad.view(-1)
+                    for p in params:
+                        _, _, dest, count = opt.grad_position[opt.get_param_id(p)]
+                        yield placement[id(p)], flat.narrow(0, int(dest), int(count))
+                else:  # as DeepSpeed's get_grad_norm_direct: padding skipped, one per param
+                    grads = (
+                        g for g in opt.averaged_gradients[i] if not getattr(g, "_zero_padding", 0)
+                    )
+                    for g, p in zip(grads, params):
+                        yield placement[id(p)], g
+
+        def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+            assert norm_type == 2, "only the 2-norm"
+            norm = global_grad_norm(partition_pieces(), world, partitioned=True, device=device)
+            return norm * opt.loss_scale  # ZeRO's step divides the loss scale back out
+
+        opt.scaled_global_norm = scaled_global_norm
+        opt.clip_grad = max_norm  # its step: grads *= max_norm / (norm + 1e-6), if below 1
+        return
+
+    if isinstance(opt, BF16_Optimizer):
+
+        def whole_grads():
+            for i, group in enumerate(opt.bf16_groups):
+                for j, lp in enumerate(group):
+                    if opt.fp32_groups_has_gradients[i][j]:
+                        yield placement[id(lp)], opt.fp32_groups_gradients[i][j]
+
+        opt.clip_grad = 0.0  # its own (per-rank) clipping off
+    elif isinstance(opt, torch.optim.Optimizer):
+
+        def whole_grads():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        yield placement[id(p)], p.grad
+
+    else:
+        raise DeepSpeedSetupError(
+            f"DeepSpeed chose optimizer {type(opt).__name__}, whose gradients the exact "
+            f"clipping cannot read; use train.zero_stage=1 or 2"
+        )
+    original_step = opt.step
+
+    @torch.no_grad()
+    def step(closure=None):
+        pieces = list(whole_grads())
+        norm = global_grad_norm(pieces, world, partitioned=False, device=device)
+        clip_((g for _, g in pieces), norm, max_norm)
+        result = original_step(closure)
+        if not getattr(opt, "overflow", False):
+            opt._global_grad_norm = norm  # the engine copies it after the step
+        return result
+
+    opt.step = step
 
 
 def build_engine(
@@ -226,24 +337,20 @@ def build_engine(
     aux_loss_coeff: float,
     z_loss_coeff: float,
     dtype: torch.dtype,
+    offload_optimizer: bool = False,
 ):
     """Wrap a parallelized native ``Transformer`` in a DeepSpeed engine.
 
     groups: moe_ext.groups.ProcessGroups of the model's plan; torch.distributed must be up.
     Registers our ep/edp groups with DeepSpeed, marks expert parameters, builds a torch
     AdamW over DeepSpeed-style parameter groups and calls deepspeed.initialize with our
-    ``mpu``. Returns the engine; ``engine.module`` is a ``CausalLMWithAux``. Gradient
-    clipping is left to the caller when ``clips_itself(zero_stage, dtype)``."""
+    ``mpu``. Returns the engine; ``engine.module`` is a ``CausalLMWithAux``. Its step clips
+    to ``grad_clip`` (0: none) with the exact global norm, which ``get_global_grad_norm()``
+    returns (``install_exact_norm``), under every ZeRO stage and dtype."""
     import deepspeed
 
     plan = groups.plan
-    own_clipping = clips_itself(zero_stage, dtype)
-    if not own_clipping and grad_clip > 0 and plan.ep > 1:
-        raise DeepSpeedSetupError(
-            f"DeepSpeed clips gradients with a per-rank norm that is wrong once experts are "
-            f"split over ep={plan.ep} ranks (ZeRO or bf16); set train.grad_clip=0, or "
-            f"train.zero_stage=0 with fp32"
-        )
+    config = deepspeed_config(micro_batch, plan.dp, zero_stage, dtype, offload_optimizer)
     group_name = groups.register_deepspeed_groups()
     mark_expert_params(model, group_name)
     num_experts = model.args.num_experts
@@ -257,9 +364,6 @@ def build_engine(
     optimizer = torch.optim.AdamW(
         param_groups, lr=lr, betas=betas, weight_decay=weight_decay, foreach=False
     )
-    config = deepspeed_config(
-        micro_batch, plan.dp, zero_stage, 0.0 if own_clipping else grad_clip, dtype
-    )
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped,
         optimizer=optimizer,
@@ -267,6 +371,7 @@ def build_engine(
         mpu=groups.deepspeed_mpu(),
         dist_init_required=False,
     )
+    install_exact_norm(engine, groups, grad_clip)
     return engine
 
 

@@ -40,6 +40,8 @@ class TrainLoopConf:
     aux_loss_coeff: float = 0.01  # weight of the summed routers' load-balancing loss
     z_loss_coeff: float = 0.0  # weight of the summed routers' z-loss
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 (none), 1 (optimizer states), 2 (+ gradients)
+    # ZeRO 1/2: fp32 masters, gradients and AdamW states of this rank's partition in CPU memory
+    offload_optimizer: bool = False
     # pp > 1: 1F1B over this many equal micro-batches of micro_batch (engine=deepspeed)
     pipeline_microbatches: int = 1
     # recompute each decoder block's activations in backward instead of keeping them

@@ -4,18 +4,14 @@ Every step: learning rate from the step, this rank's batch from (seed, step), fo
 (LM loss + weighted aux loss), backward (DeepSpeed reduces dense gradients over the data-
 parallel group and expert gradients over the expert-data-parallel group), clip, optimizer
 step, and the data-parallel mean of the losses for the log and the progress bar.
-
 With pp > 1 the forward and backward are the 1F1B schedule of moe_ext.train.pipeline over
 ``train.pipeline_microbatches`` micro-batches (the engine reduces once, after the last);
 ``train.activation_checkpointing`` recomputes every decoder block in backward.
 
-Clipping. DeepSpeed's MoE-aware clipping takes the norm of the parameters a rank holds and
-averages it over the data-parallel ranks, which is not the global norm once experts are
-split over EP ranks (each rank sees only its experts). Without ZeRO we therefore clip
-ourselves with the exact global norm: dense gradients (identical on every rank after the
-reduction) once, plus the expert gradients summed over the EP group. ZeRO 1/2 keeps the
-gradients inside its partitions, so there DeepSpeed clips, which is exact only for ep = 1
-(``build_engine`` refuses ZeRO + clipping + ep > 1).
+Clipping uses the exact global norm (moe_ext.train.clip: every gradient element counted
+once over dp/edp, tp, ep, etp and pp). The DeepSpeed engine clips inside its step under
+every ZeRO stage and dtype (moe_ext.deepspeed.engine.install_exact_norm) and reports the
+norm; an engine that does not (``own_clipping``: engine=megatron) is clipped here.
 """
 
 from __future__ import annotations
@@ -30,8 +26,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from moe_ext.deepspeed.engine import expert_param_names, set_lr
+from moe_ext.deepspeed.engine import set_lr
 from moe_ext.model.decoder import Transformer
+from moe_ext.train.clip import clip_grad_norm_, grad_placements
 from moe_ext.train.data import TokenData, eval_batches, train_batch
 from moe_ext.train.pipeline import PipelineSchedule
 
@@ -47,36 +44,6 @@ def lr_at(step: int, conf: Any) -> float:
     progress = min(1.0, (step - conf.warmup_steps) / span)
     floor = conf.lr * conf.min_lr_ratio
     return floor + 0.5 * (conf.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def clip_grad_norm_(
-    model: torch.nn.Module, max_norm: float, ep_group: Optional[dist.ProcessGroup]
-) -> torch.Tensor:
-    """Global gradient norm of a data-parallel, expert-parallel model (tp = pp = 1) whose
-    gradients are already reduced; scales them so the norm is at most ``max_norm``
-    (0: measure only). Returns the norm before clipping ([] fp32, on the grads' device)."""
-    experts = set(expert_param_names(model))
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    if not grads:
-        raise ValueError("no gradients to clip; call backward first")
-    device = next(iter(grads.values())).device
-    dense_sq = torch.zeros((), dtype=torch.float32, device=device)
-    expert_sq = torch.zeros((), dtype=torch.float32, device=device)
-    for name, grad in grads.items():
-        square = grad.detach().float().pow(2).sum()
-        if name in experts:
-            expert_sq += square
-        else:
-            dense_sq += square
-    if ep_group is not None:
-        # each EP rank holds different experts; their replicas (edp) hold equal gradients
-        dist.all_reduce(expert_sq, group=ep_group)
-    norm = (dense_sq + expert_sq).sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on device: no host sync
-        for grad in grads.values():
-            grad.mul_(scale.to(grad.dtype))
-    return norm
 
 
 @dataclass
@@ -106,6 +73,12 @@ class Trainer:
         self.conf = conf
         self.device = device
         self.own_clipping = own_clipping
+        # the native model has shard_slices (args); Megatron's GPTModel trains at tp = pp = 1
+        self.placements = (
+            grad_placements(self.model, groups, getattr(self.model, "args", None))
+            if own_clipping
+            else None
+        )
         self.dp, self.dp_rank = groups.plan.dp, groups.dp_rank
         # the native model (engine=deepspeed): per-block recomputation and, with pp > 1,
         # the 1F1B schedule over this rank's stage
@@ -146,9 +119,7 @@ class Trainer:
             loss, lm_loss, aux_loss = self.engine(batch)
             self.engine.backward(loss)
         norm = (
-            clip_grad_norm_(
-                self.model, conf.grad_clip, self.groups.ep if self.groups.plan.ep > 1 else None
-            )
+            clip_grad_norm_(self.model, conf.grad_clip, self.placements, self.groups.world)
             if self.own_clipping
             else None
         )

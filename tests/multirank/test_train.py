@@ -49,7 +49,7 @@ def _loss_body(rank, world):
         dtype=torch.float32,
     )
     data = TokenData.load(None, ByteTokenizer(), args.vocab_size, conf.seq_len, 0.05)
-    state = Trainer(engine, groups, data, conf, torch.device("cpu"), own_clipping=True).run(
+    state = Trainer(engine, groups, data, conf, torch.device("cpu"), own_clipping=False).run(
         RunState()
     )
     lm = [h["lm_loss"] for h in state.history]

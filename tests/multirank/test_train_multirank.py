@@ -82,8 +82,8 @@ def _groups_for(plan, cache):
 def _grads_body(rank, world, export_dir):
     os.environ["LOCAL_RANK"] = str(rank)
     from moe_ext.checkpoint.reader import CheckpointReader
+    from moe_ext.train.clip import clip_grad_norm_, grad_placements
     from moe_ext.train.export import export_moe_ext, hf_config
-    from moe_ext.train.loop import clip_grad_norm_
 
     torch.manual_seed(0)
     args = tiny_args()
@@ -103,7 +103,7 @@ def _grads_body(rank, world, export_dir):
             torch.testing.assert_close(
                 param.grad, expected, rtol=1e-4, atol=2e-6, msg=lambda m: f"{strategy} {name}: {m}"
             )
-        norm = clip_grad_norm_(model, 0.0, groups.ep if ep > 1 else None)
+        norm = clip_grad_norm_(model, 0.0, grad_placements(model, groups, args), groups.world)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
         if strategy == "ep_nccl":  # rank 0 reassembles both ranks' expert blocks
             export_moe_ext(model, plan, rank, export_dir, hf_config(args, "byte"))
@@ -168,7 +168,7 @@ def _resume_body(rank, world, root):
     args = tiny_args()
     plan = plan_of("ep_nccl", dp=2, ep=2)
     groups = _groups_for(plan, {})
-    # stage 0 fp32 (our EP clipping), ZeRO 1 fp32, ZeRO 1 bf16 (DeepSpeed's bf16 optimizer
+    # stage 0 fp32, ZeRO 1 fp32, ZeRO 1 bf16 (DeepSpeed's bf16 optimizer
     # with fp32 masters; the launcher uses it on GPUs, the engine glue runs it on CPU too)
     for zero, clip, dtype in (
         (0, 1.0, torch.float32),
@@ -194,7 +194,7 @@ def _resume_body(rank, world, root):
         def trainer():
             model, engine = _engine(args, plan, groups, zero=zero, clip=clip, dtype=dtype)
             return engine, Trainer(
-                engine, groups, data, conf, torch.device("cpu"), own_clipping=zero == 0
+                engine, groups, data, conf, torch.device("cpu"), own_clipping=False
             )
 
         engine, first = trainer()
@@ -270,9 +270,9 @@ def _torchrun_train(tmp: Path, run: str, *overrides: str):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ("strategy=ep_nccl", "train.zero_stage=1", "train.grad_clip=0"),  # bf16 (auto), ZeRO 1
-        ("strategy=ep_allgather", "dtype=fp32"),  # fp32, stage 0, our exact EP clipping
-        ("strategy=replicate", "train.zero_stage=2"),  # bf16, ZeRO 2, DeepSpeed clipping (ep=1)
+        ("strategy=ep_nccl", "train.zero_stage=1"),  # bf16 (auto), ZeRO 1, exact EP clipping
+        ("strategy=ep_allgather", "dtype=fp32"),  # fp32, stage 0, exact EP clipping
+        ("strategy=replicate", "train.zero_stage=2"),  # bf16, ZeRO 2, exact clipping (ep=1)
     ],
     ids=["ep_nccl-bf16-zero1", "ep_allgather-fp32", "replicate-bf16-zero2"],
 )

@@ -141,10 +141,10 @@ def test_launcher_refuses_megatron_and_inference_only_parallelism():
         launcher.prepare(_train_cfg(engine="megatron"), DistEnv(), False, 0)
     with pytest.raises(launcher.UsageError, match="tp=2"):
         launcher.prepare(_train_cfg(**{"parallel.tp": 2}), env2, False, 0)
-    with pytest.raises(launcher.UsageError, match="grad_clip"):
-        launcher.prepare(
-            _train_cfg(**{"strategy.name": "ep_nccl", "train.zero_stage": 1}), env2, False, 0
-        )
+    with pytest.raises(launcher.UsageError, match="zero_stage=2 train.offload_optimizer=true"):
+        launcher.prepare(_train_cfg(**{"train.zero_stage": 3}), env2, False, 0)
+    with pytest.raises(launcher.UsageError, match="offload_optimizer=true offloads"):
+        launcher.prepare(_train_cfg(**{"train.offload_optimizer": True}), env2, False, 0)
     with pytest.raises(launcher.UsageError, match="seq_len"):
         launcher.prepare(_train_cfg(**{"train.seq_len": 4096}), DistEnv(), False, 0)
     with pytest.raises(launcher.UsageError, match="bf16 on CPU"):
