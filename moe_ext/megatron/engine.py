@@ -43,6 +43,7 @@ Two precisions, tp = pp = 1:
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -628,7 +629,12 @@ def megatron_train_engine(
             )
         ),
         [ddp],
-        use_gloo_process_groups=False,
+        # no gloo copies of our groups (parallel_state holds only the ones moe_ext built)
+        **(
+            {"use_gloo_process_groups": False}
+            if "use_gloo_process_groups" in inspect.signature(get_megatron_optimizer).parameters
+            else {}
+        ),
     )
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
