@@ -76,11 +76,14 @@ def grad_placements(
 
     groups: moe_ext.groups.ProcessGroups of the model's plan (rank layout only: nothing is
     communicated); args: the native model's ModelArgs, whose ``shard_slices`` give the
-    slices of this rank and of its peers along tp (dense), tp_ep (experts) and pp. A
-    parameter outside ``shard_slices`` (an adapter; every parameter when ``args`` is None,
-    as for Megatron's GPTModel) counts as distinct along the model axes, which holds only
-    with tp = etp = pp = 1; otherwise it raises ClipError."""
+    slices of this rank and of its peers along tp (dense), tp_ep (experts) and pp. A LoRA
+    adapter is placed by the tensor it adapts (``moe_ext.train.lora.adapter_base_name``:
+    held by the same ranks along ep and pp), which holds without tensor parallelism. Any
+    other parameter outside ``shard_slices`` (every one when ``args`` is None, as for
+    Megatron's GPTModel) counts as distinct along the model axes, which holds only with
+    tp = etp = pp = 1; otherwise it raises ClipError."""
     from moe_ext.model.parallelize import RankCoords, shard_slices
+    from moe_ext.train.lora import adapter_base_name
 
     plan = groups.plan
 
@@ -101,7 +104,10 @@ def grad_placements(
         if not param.requires_grad:
             continue
         expert = is_expert_param(name)
-        request = mine.get(name)
+        key = name
+        if key not in mine and plan.tp == 1 and plan.etp == 1:
+            key = adapter_base_name(name) or name  # an adapter lives where its base does
+        request = mine.get(key)
         if request is None:
             if plan.tp > 1 or plan.etp > 1 or plan.pp > 1:
                 raise ClipError(
@@ -113,7 +119,7 @@ def grad_placements(
         else:
             peers = ("tp_ep" if expert else "tp", "pp")
             first = not any(
-                other.get(name) == request for family in peers for other in lower_slices(family)
+                other.get(key) == request for family in peers for other in lower_slices(family)
             )
         data_rank = groups.edp_rank if expert else groups.dp_rank
         out[name] = GradPlacement(expert=expert, first_copy=first, data_rank=data_rank)

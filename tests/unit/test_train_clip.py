@@ -134,3 +134,36 @@ def test_zero3_and_offload_refusals():
     config = deepspeed_config(2, 2, 2, torch.float32, offload_optimizer=True)
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert config["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "strategy, world, degrees", [("replicate", 2, dict(pp=2)), ("ep_nccl", 4, dict(ep=2, pp=2))]
+)
+def test_adapters_placed_like_their_base(strategy, world, degrees):
+    """LoRA adapters (not in shard_slices) under pp and ep: each counts where its base does."""
+    from moe_ext.train.lora import adapter_base_name
+
+    args = tiny_args()
+    plan = layout_plan(strategy, world, **degrees)
+    adapters = {
+        "self_attn.q_proj.lora.A": "self_attn.q_proj.weight",
+        "mlp.experts.lora.gate_up_A": "mlp.experts.gate_up_proj",
+    }
+    for rank in range(world):
+        requests = shard_slices(plan, RankCoords.of(plan, rank), args)
+        shard = _Shard(args, _full_grads(args), requests)
+        for name in [n for n in requests if n.startswith("layers.")]:
+            for adapter, base in adapters.items():
+                if name.endswith(base):
+                    full = name.removesuffix(base) + adapter
+                    assert adapter_base_name(full) == name
+                    shard.names.append(full)
+                    shard.register_parameter(
+                        f"p{len(shard.names) - 1}", torch.nn.Parameter(torch.ones(2))
+                    )
+        placements = grad_placements(shard, _groups(plan, rank), args)
+        for name, placement in placements.items():
+            base = adapter_base_name(name)
+            if base is not None:
+                assert placement == placements[base], name
+        assert any(adapter_base_name(n) for n in placements)
