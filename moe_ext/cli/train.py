@@ -172,6 +172,11 @@ def _check_plan(
             f"whose duplicate expert gradients DeepSpeed would sum; train with "
             f"strategy=tp_experts or ep_*"
         )
+    if plan.etp > 1 and args.expert_bias:
+        raise UsageError(
+            f"experts with biases sharded over etp={plan.etp}: only the first FFN shard adds "
+            f"down_proj's bias, so its copies would drift apart; train with strategy=ep_*"
+        )
     attention = args.family.attention_shards(args, plan.tp, 0)
     if "k_proj.weight" in attention and args.num_key_value_heads < plan.tp:
         raise UsageError(
