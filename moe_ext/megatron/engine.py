@@ -562,6 +562,28 @@ def megatron_optimizer_config(
     )
 
 
+def megatron_ddp(model: nn.Module, groups: Any, distributed_optimizer: bool = False) -> nn.Module:
+    """``model`` (a GPTModel) inside Megatron's DistributedDataParallel on ``groups`` (installed
+    as parallel_state): fp32 gradient buffers (``param.main_grad``), no overlap; after
+    backward, ``finalize_model_grads([ddp])`` averages dense gradients over dp and sums
+    expert ones (``allreduce = False``) over edp, both scaled by 1/dp."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from moe_ext.megatron.state import install_parallel_state
+
+    install_parallel_state(groups)  # DDP and the optimizer read parallel_state's groups
+    return DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+            check_for_nan_in_grad=False,
+        ),
+        module=model,
+    )
+
+
 def megatron_train_engine(
     model: nn.Module,
     groups: Any,
@@ -601,22 +623,9 @@ def megatron_train_engine(
         return MegatronTrainEngine(module, optimizer, groups)
     if dtype != torch.bfloat16:
         raise MegatronEngineError(f"engine=megatron trains fp32 or bf16, not {dtype}")
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from moe_ext.megatron.state import install_parallel_state
-
-    install_parallel_state(groups)  # DDP and the optimizer read parallel_state's groups
-    ddp = DistributedDataParallel(
-        config=model.config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=distributed_optimizer,
-            check_for_nan_in_grad=False,
-        ),
-        module=model,
-    )
+    ddp = megatron_ddp(model, groups, distributed_optimizer)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             **megatron_optimizer_config(

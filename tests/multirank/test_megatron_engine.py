@@ -165,10 +165,18 @@ def test_sampled_ids_equal_native_engine_world1():
 # ---- training: reduced gradients vs a single-process reference --------------------------
 
 
-def _train_body(rank, world):
+def _train_body(rank, world, reduction="engine"):
+    """reduction: "engine" (the fp32 engine's own all-reduces, then a step and the copy
+    back) or "ddp" (Megatron's DistributedDataParallel + finalize_model_grads, as the bf16
+    engine reduces; run here in fp32 on CPU: its fp32 main_grad buffers)."""
     from moe_ext.deepspeed.engine import CausalLMWithAux
     from moe_ext.megatron import megatron_to_native, uninstall_parallel_state
-    from moe_ext.megatron.engine import build_train_engine, copy_to_native
+    from moe_ext.megatron.engine import (
+        GPTCausalLM,
+        build_train_engine,
+        copy_to_native,
+        megatron_ddp,
+    )
     from moe_ext.model import Transformer
     from moe_ext.model.parallelize import shard_slices, take_shard
 
@@ -191,9 +199,21 @@ def _train_body(rank, world):
             args = source.args
             gen = torch.Generator().manual_seed(3)
             batches = [torch.randint(0, 256, (2, 9), generator=gen) for _ in range(world)]
-            loss, lm, aux = engine(batches[rank])
-            engine.backward(loss)
-            grads = {n: p.grad for n, p in engine.module.model.named_parameters()}
+            if reduction == "ddp":
+                from megatron.core.distributed import finalize_model_grads
+
+                gpt = engine.module.model  # built with the aux coefficient
+                ddp = megatron_ddp(gpt, groups)
+                module = GPTCausalLM(gpt, aux_coeff, 0.0)
+                loss, lm, aux = module(batches[rank])
+                loss.backward()
+                finalize_model_grads([ddp])
+                grads = {n: p.main_grad for n, p in gpt.named_parameters()}
+                assert all(p.grad is None for p in gpt.parameters())
+            else:
+                loss, lm, aux = engine(batches[rank])
+                engine.backward(loss)
+                grads = {n: p.grad for n, p in engine.module.model.named_parameters()}
             ours = megatron_to_native(grads, args)
             # reference: the full model, one process, mean of both ranks' losses
             full = {n: source.reader.read(n).float() for n in source.reader.names()}
@@ -212,6 +232,8 @@ def _train_body(rank, world):
                     grad, want, rtol=1e-4, atol=3e-5, msg=f"rank {rank} grad {name}"
                 )
             assert any(".mlp.experts." in n for n in ours)
+            if reduction == "ddp":
+                return
             # a step changes the weights; copying back gives the native shard those weights
             engine.step()
             copy_to_native(engine.module.model, native)
@@ -226,6 +248,14 @@ def _train_body(rank, world):
 @pytest.mark.timeout(120)
 def test_training_gradients_equal_reference_world2():
     run_ranks(_train_body, world_size=2)
+
+
+@pytest.mark.timeout(120)
+def test_megatron_ddp_reduction_equals_reference_world2():
+    """The bf16 engine's gradient path (Megatron's DDP on our parallel_state: dense over dp,
+    experts over edp, 1/dp) gives the reference gradients; its optimizer is CUDA-only
+    (tests/gpu/test_megatron_train_gpu.py)."""
+    run_ranks(_train_body, world_size=2, args=("ddp",))
 
 
 # ---- the launchers' engine=megatron path, emulated on CPU ranks ---------------------------
