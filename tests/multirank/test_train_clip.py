@@ -3,7 +3,8 @@ gloo ranks: for ep2 / ep_allgather / replicate at 2 ranks and ep2·dp2 / ep4 at 
 0, 1 and 2 (fp32), ZeRO 2 with the optimizer offloaded to CPU, and bf16 with ZeRO 1 (DeepSpeed's
 bf16 optimizer) and ZeRO 2, three clipped AdamW steps give the reference's per-rank losses,
 the reference's pre-clip global norm as ``engine.get_global_grad_norm()`` every step, and the
-reference's weights afterwards.
+reference's weights afterwards. launch/train.py trains ep_nccl with ZeRO 2, offload and
+clipping, and resumes it exactly.
 
 The clip is made to matter: ``MAX_NORM`` is so small that the clipped gradients are of the
 order of AdamW's eps, where the update depends on the clip factor (at larger scales Adam
@@ -151,10 +152,9 @@ EP2 = dict(dp=2, ep=2)
 
 def test_exact_clipping_two_ranks():
     """One case per optimizer DeepSpeed picks: client AdamW (ZeRO 0), its ZeRO optimizer
-    (1, 2, offloaded) and its bf16 optimizer (bf16 + ZeRO 1)."""
+    (2, offloaded; ZeRO 1 at 4 ranks) and its bf16 optimizer (bf16 + ZeRO 1)."""
     cases = [
         ("ep_nccl", EP2, 0, F32, False),
-        ("ep_nccl", EP2, 1, F32, False),
         ("ep_nccl", EP2, 2, F32, False),
         ("ep_nccl", EP2, 2, F32, True),  # optimizer states offloaded to CPU
         ("ep_nccl", EP2, 1, BF16, False),  # DeepSpeed's BF16_Optimizer
@@ -173,6 +173,7 @@ def test_exact_clipping_four_ranks():
 @pytest.mark.slow
 def test_exact_clipping_more_layouts():
     cases = [
+        ("ep_nccl", EP2, 1, F32, False),
         ("ep_allgather", EP2, 2, F32, False),
         ("ep_allgather", EP2, 0, F32, False),
         ("replicate", dict(dp=2), 1, F32, False),
@@ -190,3 +191,45 @@ def test_exact_clipping_four_ranks_more():
         ("ep_allgather", dict(dp=4, ep=4), 2, F32, False),
     ]
     run_ranks(clip_body, world_size=4, args=(cases,))
+
+
+@pytest.mark.slow
+def test_launcher_clips_ep_under_zero2_with_offload(tmp_path):
+    """launch/train.py on 2 ranks: ep_nccl + ZeRO 2 + optimizer offload + the default
+    clipping (once refused) trains, logs the exact norm every step and resumes."""
+    import json
+
+    from tests.support import REPO, run_launcher
+
+    def launch(run, *extra):
+        result = run_launcher(
+            REPO / "launch/train.py",
+            [
+                f"hydra.run.dir={tmp_path / run}",
+                "strategy=ep_nccl",
+                "progress=false",
+                "train.steps=4",
+                "train.warmup_steps=1",
+                "train.micro_batch=2",
+                "train.seq_len=32",
+                "train.eval_every=0",
+                "train.eval_batches=1",
+                "train.save_every=2",
+                "train.zero_stage=2",
+                "train.offload_optimizer=true",
+                "train.grad_clip=0.5",
+                "sample.max_new_tokens=4",
+                *extra,
+            ],
+            nproc=2,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads((tmp_path / run / "train_log.json").read_text())["history"]
+
+    history = launch("a")
+    norms = [h["grad_norm"] for h in history]
+    assert all(n is not None and 0 < n < 1e3 for n in norms), norms
+    resumed = launch("b", f"resume={tmp_path / 'a/checkpoints/step_00000002'}")
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    assert [h["grad_norm"] for h in resumed] == pytest.approx(norms, rel=1e-5)
