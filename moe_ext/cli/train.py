@@ -213,7 +213,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         from moe_ext.megatron.engine import check_train_settings, require_cuda
 
         require_cuda(cfg.device, cuda_available, fallback="deepspeed")
-        check_train_settings(dtype_name(cfg.dtype), cfg.train.zero_stage)
+        check_train_settings(dtype_name(cfg.dtype), cfg.train.zero_stage, cfg.resume is not None)
     device_type = device_type_for(cfg.device, cuda_available)
     dtype = train_dtype(cfg.dtype, device_type, cfg.train.zero_stage, cfg.engine)
     if cfg.sample.prompt is not None:

@@ -117,10 +117,16 @@ def check_plan(plan: Any, args: Any, training: bool = False) -> None:
         raise MegatronEngineError(str(err)) from err
 
 
-def check_train_settings(dtype: str, zero_stage: int) -> None:
+def check_train_settings(dtype: str, zero_stage: int, resume: bool = False) -> None:
     """engine=megatron trains fp32 (torch AdamW, no ZeRO) or bf16 (Megatron's mixed-precision
     optimizer; train.zero_stage=1: its DistributedOptimizer). ``dtype`` is the launcher's
-    normalised name (auto | fp32 | bf16 | fp16)."""
+    normalised name (auto | fp32 | bf16 | fp16); ``resume``: the job resumes a checkpoint
+    (the DistributedOptimizer's sharded Adam states are not in our training checkpoints)."""
+    if resume and zero_stage == 1:
+        raise MegatronEngineError(
+            "engine=megatron cannot resume with train.zero_stage=1 (the DistributedOptimizer's "
+            "sharded states are not saved); train and resume with train.zero_stage=0"
+        )
     if dtype not in ("auto", "fp32", "bf16"):
         raise MegatronEngineError(
             f"engine=megatron trains in fp32 or bf16 (dtype={dtype} asked); use "

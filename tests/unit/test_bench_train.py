@@ -197,6 +197,9 @@ def test_megatron_bf16_settings():
         check_train_settings("fp32", 1)
     with pytest.raises(MegatronEngineError, match="fp32 or bf16"):
         check_train_settings("fp16", 0)
+    check_train_settings("bf16", 0, resume=True)
+    with pytest.raises(MegatronEngineError, match="cannot resume with train.zero_stage=1"):
+        check_train_settings("bf16", 1, resume=True)
     assert train_dtype("bf16", "cuda", 0, "megatron") == torch.bfloat16
     with pytest.raises(UsageError, match="zero_stage=1 or 2"):
         train_dtype("bf16", "cuda", 0, "deepspeed")
