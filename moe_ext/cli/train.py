@@ -131,7 +131,10 @@ def plan_key(plan: ParallelPlan) -> dict[str, Any]:
 
 
 def model_key(args: ModelArgs) -> dict[str, Any]:
-    return {k: v for k, v in args.to_dict().items() if k != "init_seed"}
+    key = {k: v for k, v in args.to_dict().items() if k != "init_seed"}
+    if args.quantization is not None:  # a LoRA base: as its config.json writes it (JSON)
+        key["quantization"] = args.quantization.to_hf()
+    return key
 
 
 def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:

@@ -184,12 +184,18 @@ class LoraSummary:
     frozen_bytes: int
 
     def describe(self) -> str:
-        gib = 2.0**30
         return (
             f"LoRA: {len(self.adapted)} modules adapted, trainable {self.trainable:,} params "
-            f"({self.trainable_bytes / gib:.3f} GiB), frozen {self.frozen:,} "
-            f"({self.frozen_bytes / gib:.3f} GiB)"
+            f"({_size(self.trainable_bytes)}), frozen {self.frozen:,} "
+            f"({_size(self.frozen_bytes)})"
         )
+
+
+def _size(nbytes: float) -> str:
+    """Bytes as MiB below a GiB, else GiB."""
+    if nbytes < 2**30:
+        return f"{nbytes / 2**20:.2f} MiB"
+    return f"{nbytes / 2**30:.2f} GiB"
 
 
 def apply_lora(
@@ -292,13 +298,13 @@ def memory_line(summary: LoraSummary, device: torch.device, rank: int) -> str:
     """One log line: this rank's trainable/frozen parameters and its memory (peak allocated
     on CUDA, resident set size on CPU)."""
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30  # sync: reads the allocator
-        where = f"peak GPU memory {peak:.2f} GiB"
+        peak = torch.cuda.max_memory_allocated(device)  # sync: reads the allocator
+        where = f"peak GPU memory {_size(peak)}"
     else:
         import resource
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-        where = f"peak RSS {rss:.2f} GiB"
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        where = f"peak RSS {_size(rss)}"
     return f"rank {rank}: {summary.describe()}; {where}"
 
 

@@ -185,3 +185,35 @@ def test_bad_settings_are_refused_in_one_line():
         check_lora(LoraConf(rank=4), args, plan_of("replicate", tp=2), 0)
     with pytest.raises(LoraError, match="rank"):
         check_lora(LoraConf(rank=-1), args, plan, 0)
+
+
+def test_launcher_refuses_before_any_process_group():
+    from moe_ext.cli import train as launcher
+    from moe_ext.dist import DistEnv
+    from moe_ext.launching import as_usage_error
+    from moe_ext.train.config import TrainConf
+    from tests.support import tiny_conf
+
+    def prepare(**over):  # as launcher.run calls it: errors become one-line UsageErrors
+        cfg = tiny_conf(TrainConf, **over)
+        return as_usage_error(launcher.prepare, cfg, DistEnv(), False, 0)
+
+    with pytest.raises(launcher.UsageError, match="'qproj' names no adaptable module"):
+        prepare(**{"train.lora.rank": 4, "train.lora.targets": ["q_proj", "qproj"]})
+    with pytest.raises(launcher.UsageError, match="lora.rank=-2"):
+        prepare(**{"train.lora.rank": -2})
+    job = prepare(**{"train.lora.rank": 4})  # a valid LoRA run passes every check
+    assert job.plan.world_size == 1
+
+
+def test_quantized_base_trains_only_with_lora():
+    from moe_ext.cli import train as launcher
+    from moe_ext.quant.config import QuantConfig
+    from moe_ext.train.config import TrainLoopConf
+
+    args = tiny_args()
+    args.quantization = QuantConfig("fp8", weight_block_size=(16, 16))
+    with pytest.raises(launcher.UsageError, match="train.lora.rank"):
+        launcher._check_loop(TrainLoopConf(), args)
+    launcher._check_loop(TrainLoopConf(lora=LoraConf(rank=4)), args)
+    assert launcher.model_key(args)["quantization"]["weight_block_size"] == [16, 16]  # JSON
