@@ -6,6 +6,7 @@ MFU, time per step and peak memory per rank (moe_ext.bench.train).
     torchrun --nproc-per-node 2 tools/bench_train.py --model mixtral_8x7b --layers 2 \\
         --systems deepspeed --strategies replicate,ep_nccl --json train.json
     NCCL_P2P_DISABLE=1 torchrun --nproc-per-node 2 tools/bench_train.py ...   # link p2p_off
+    python tools/bench_train.py --nproc 2 --json train.json ...   # each case in fresh ranks
     python tools/bench_train.py --report train.json --png train.png          # table + chart
 
 # B micro-batch per data-parallel rank, S sequence length, W world size
@@ -19,7 +20,9 @@ weight and clipping everywhere. A failing case becomes an ``error: ...`` row and
 goes on. ``--json`` merges rows into a file shared by several runs (link settings, world
 sizes; a later row of the same case replaces the earlier one), written after every case;
 ``--png`` draws tokens/s with MFU per panel (model, world, link, dtype). Run one system
-per invocation for a clean allocator between engines when memory is tight.
+per invocation, or pass ``--nproc N`` (without torchrun): every case then runs in its
+own ``torchrun --nproc-per-node N`` (fresh processes: a clean allocator and peak-memory
+count, and a crash or hang of one case costs only that case; ``--case-timeout-s``).
 """
 
 from __future__ import annotations
@@ -92,10 +95,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", type=Path, help="only print this JSON file's table (and --png)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="run without torchrun: each case in its own torchrun of N ranks (needs --json)",
+    )
+    p.add_argument("--case-timeout-s", type=float, default=1800.0, help="with --nproc")
     args = p.parse_args(argv)
     args.systems = _names(args.systems, SYSTEMS, "systems", p)
     args.strategies = _names(args.strategies, NATIVE_STRATEGIES, "strategies", p)
+    if args.nproc is not None and (args.nproc < 1 or args.json is None):
+        p.error("--nproc N needs N >= 1 and --json (the cases write their rows there)")
     return args
+
+
+def case_command(argv: list[str], case: TrainCase, nproc: int) -> list[str]:
+    """The torchrun command that runs only ``case`` with the rest of ``argv``."""
+    drop = {"--nproc", "--case-timeout-s", "--systems", "--strategies", "--png"}
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in arg
+            continue
+        rest.append(arg)
+    # a peer ignores --strategies (it runs EP over all ranks); any valid name will do
+    strategy = NATIVE_STRATEGIES[0] if case.system in PEER_SYSTEMS else case.strategy
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(Path(__file__).resolve()),
+        *rest,
+        "--systems",
+        case.system,
+        "--strategies",
+        strategy,
+    ]
+
+
+def run_isolated(args: argparse.Namespace, argv: list[str]) -> int:
+    """--nproc: every case in fresh ranks, one after another; rows merge into --json."""
+    import subprocess
+
+    failed = False
+    for case in cases(args):
+        cmd = case_command(argv, case, args.nproc)
+        print(f"== {case.system}/{case.strategy}: {' '.join(cmd[4:])}", flush=True)
+        try:
+            code = subprocess.run(cmd, timeout=args.case_timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        if code != 0:
+            failed = True
+            print(f"== {case.system}/{case.strategy} exited {code}", flush=True)
+    rows = load_rows(args.json) if args.json.is_file() else []
+    print("\n" + format_table(rows), flush=True)
+    if args.png:
+        plot(rows, args.png)
+    return 1 if failed else 0
 
 
 def cases(args: argparse.Namespace) -> list[TrainCase]:
@@ -123,7 +186,10 @@ def cases(args: argparse.Namespace) -> list[TrainCase]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.nproc is not None and args.report is None:
+        return run_isolated(args, argv)
     if args.report is not None:
         rows = load_rows(args.report)
         print(format_table(rows))

@@ -219,3 +219,24 @@ def test_megatron_bf16_settings():
     assert built.use_distributed_optimizer and built.clip_grad == 1.0
     assert (built.adam_beta1, built.adam_beta2, built.weight_decay) == (0.9, 0.95, 0.1)
     assert math.isclose(built.lr, 1e-3)
+
+
+def test_isolated_case_commands(tmp_path):
+    tool = _tool()
+    argv = [
+        "--nproc", "2", "--model", "tiny", "--systems=deepspeed,mcore_ag",
+        "--strategies", "replicate,ep_nccl", "--json", str(tmp_path / "r.json"),
+        "--png", str(tmp_path / "r.png"), "--case-timeout-s", "60",
+    ]  # fmt: skip
+    args = tool.parse_args(argv)
+    commands = [tool.case_command(argv, c, args.nproc) for c in tool.cases(args)]
+    tails = [cmd[cmd.index(str(TOOLS / "bench_train.py")) + 1 :] for cmd in commands]
+    common = ["--model", "tiny", "--json", str(tmp_path / "r.json")]
+    assert tails == [
+        [*common, "--systems", "deepspeed", "--strategies", "replicate"],
+        [*common, "--systems", "deepspeed", "--strategies", "ep_nccl"],
+        [*common, "--systems", "mcore_ag", "--strategies", "replicate"],  # a peer ignores it
+    ]
+    assert all("--nproc-per-node=2" in cmd for cmd in commands)
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--nproc", "2"])  # the cases need --json to report
