@@ -16,18 +16,22 @@ A *case* is (system, strategy) on a ``conf/model`` shape cut to ``layers`` layer
 
 Peers (the last three) run expert parallelism over all ranks (EP = W, tp = pp = 1),
 random weights, the same batch shape, dtype, optimizer settings and aux-loss weight.
+Without Transformer Engine the Megatron GPTModels use the local spec: unfused attention
+(scores materialised) and, for Megatron's MoELayer, SequentialMLP experts (one GEMM pair
+per local expert); DeepSpeed's MoE also loops over its local experts. The native model
+attends with torch SDPA.
 
 A step is launch/train.py's own (``moe_ext.train.loop.Trainer.train_step`` on random
 tokens): forward (LM + weighted aux loss), backward with the engine's gradient reduction,
 clipping, optimizer step, and the data-parallel mean of the losses read back to the host
 (the step's end). ``warmup`` untimed steps, then ``steps`` timed ones (the Trainer's
 wall clock per step). ZeRO on the Megatron systems (bf16) is Megatron's
-DistributedOptimizer. The row reports the
-slowest rank's median step, tokens/s = dp x B x S / that, and MFU = tokens/s x model
-FLOPs per token (``moe_ext.cost.train_flops_per_token``: 6 x active matrix parameters +
-attention) / (W x ``peak_tflops``). Peak memory per rank: ``torch.cuda.max_memory_allocated``
-over the timed and warm-up steps, the weights and optimizer states included (CPU: the
-process's peak resident set, for the record only).
+DistributedOptimizer. The row reports the slowest rank's median step, tokens/s = dp x B
+x S / that, and MFU = tokens/s x model FLOPs per token
+(``moe_ext.cost.train_flops_per_token``: 6 x active matrix parameters + attention) /
+(W x ``peak_tflops``). Peak memory per rank: ``torch.cuda.max_memory_allocated`` over the
+warm-up and timed steps, weights and optimizer states included (CPU: the process's peak
+resident set, for the record only).
 """
 
 from __future__ import annotations
