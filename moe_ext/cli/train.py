@@ -536,10 +536,15 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
     trainer.run(
         state, _checkpointer(engine, job, cfg, env, record), progress=cfg.progress and env.rank == 0
     )
+    extra: dict[str, Any] = {}
+    if lora is not None:  # collective: each rank's peak memory over the training steps
+        extra["lora_memory"] = memory_lines(lora, device, env.rank, env.world_size)
+        for line in extra["lora_memory"]:
+            log.info("after training: %s", line)
     destination = _export(cfg, job, engine, model, env, run_dir)
     sample = _sample(model, job, cfg)
     if env.rank == 0:
-        record.write(state, export=destination, sample=sample)
+        record.write(state, export=destination, sample=sample, **extra)
         _log_summary(state, destination, sample, run_dir)
     return 0
 

@@ -201,6 +201,7 @@ def test_launcher_fine_tunes_with_lora_on_two_ranks(tmp_path):
     assert (out / "model" / "config.json").is_file()
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["history"]) == 3
+    assert [line.split(":")[0] for line in log["lora_memory"]] == ["rank 0", "rank 1"]
 
 
 @pytest.mark.slow
