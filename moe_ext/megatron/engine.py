@@ -539,6 +539,14 @@ class MegatronMixedPrecisionEngine:
         return self._grad_norm
 
 
+def adam_config_class() -> type:
+    """Megatron's Adam optimizer config class (``AdamOptimizerConfig`` where the installed
+    megatron-core has it, else the ``OptimizerConfig`` that held the Adam fields)."""
+    from megatron.core import optimizer
+
+    return getattr(optimizer, "AdamOptimizerConfig", optimizer.OptimizerConfig)
+
+
 def megatron_optimizer_config(
     *,
     dtype: torch.dtype,
@@ -548,7 +556,7 @@ def megatron_optimizer_config(
     grad_clip: float,
     distributed_optimizer: bool,
 ) -> dict[str, Any]:
-    """Megatron ``OptimizerConfig`` keyword arguments of the bf16 engine: Adam with fp32
+    """Megatron ``adam_config_class()`` keyword arguments of the bf16 engine: Adam with fp32
     main parameters, gradients and states, clipping at ``grad_clip`` (0: off)."""
     return dict(
         optimizer="adam",
@@ -629,11 +637,11 @@ def megatron_train_engine(
         return MegatronTrainEngine(module, optimizer, groups)
     if dtype != torch.bfloat16:
         raise MegatronEngineError(f"engine=megatron trains fp32 or bf16, not {dtype}")
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
     ddp = megatron_ddp(model, groups, distributed_optimizer)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(
+        adam_config_class()(
             **megatron_optimizer_config(
                 dtype=dtype,
                 lr=lr,

@@ -211,9 +211,10 @@ def test_megatron_bf16_settings():
         grad_clip=1.0,
         distributed_optimizer=True,
     )
-    from megatron.core.optimizer import OptimizerConfig
+    from moe_ext.megatron.engine import adam_config_class
 
-    built = OptimizerConfig(**conf)
+    built = adam_config_class()(**conf)
+    assert built.optimizer == "adam"
     assert built.bf16 and built.params_dtype == torch.bfloat16
     assert built.main_params_dtype == built.main_grads_dtype == torch.float32
     assert built.use_distributed_optimizer and built.clip_grad == 1.0
