@@ -1,6 +1,7 @@
 """LoRA on 2 gloo ranks through the DeepSpeed engine vs the single-rank adapted model: the
 adapters' reduced gradients under ep_nccl / ep_allgather (expert adapters sharded with their
-experts) equal the reference's, the base gets no gradient and does not move under ZeRO 1,
+experts) equal the reference's, the base gets no gradient and does not move while every
+adapter element with a gradient does (ZeRO 0, 1 and 2),
 the PEFT and merged exports reassemble the EP shards; and launch/train.py fine-tunes with
 LoRA on 2 ranks with exact clipping under ZeRO 1 (adapters in PEFT's format, merged model,
 memory per rank in the log), over 2 pipeline stages, and on a frozen FP8 base."""
@@ -86,7 +87,7 @@ def _body(rank, world, tmp):
     if rank == 0:  # the single-rank PEFT export (no communication with one owner)
         export_peft(ref, plan_of("replicate", world=1), 0, str(tmp / "peft_ref"), CONF)
     groups_cache: dict = {}
-    for strategy, zero in (("ep_nccl", 0), ("ep_allgather", 1)):
+    for strategy, zero in (("ep_nccl", 0), ("ep_allgather", 1), ("ep_allgather", 2)):
         plan = plan_of(strategy, dp=2, ep=2)
         key = (plan.tp, plan.dp, plan.ep, plan.etp)
         if key not in groups_cache:
@@ -106,6 +107,7 @@ def _body(rank, world, tmp):
                     full = full[groups.ep_rank * e_local : (groups.ep_rank + 1) * e_local]
                 assert torch.equal(param.detach(), full), name
         base = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." not in n}
+        adapters = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." in n}
         engine = build_engine(
             model,
             groups,
@@ -137,8 +139,12 @@ def _body(rank, world, tmp):
         engine.step()
         for name, value in base.items():
             assert torch.equal(model.get_parameter(name), value), name
-        moved = [n for n, p in model.named_parameters() if ".lora." in n]
-        assert moved
+        for name, before in adapters.items():  # every adapter with a gradient moved
+            grad = ref_params[name].grad
+            if ".experts." in name:
+                grad = grad[groups.ep_rank * e_local : (groups.ep_rank + 1) * e_local]
+            changed = model.get_parameter(name).detach() != before  # [same shape] bool
+            assert torch.equal(changed, changed | (grad != 0)), (strategy, zero, name)
         if strategy == "ep_nccl":  # exports reassemble the EP shards of the adapters
             with torch.no_grad():
                 for name, param in model.named_parameters():  # back to the reference's values
