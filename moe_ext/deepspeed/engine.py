@@ -296,6 +296,19 @@ def install_exact_norm(engine: Any, groups: Any, max_norm: float) -> None:
                         yield placement[id(lp)], opt.fp32_groups_gradients[i][j]
 
         opt.clip_grad = 0.0  # its own (per-rank) clipping off
+        # its step still takes its own norm, now only to detect overflow; that norm stacks
+        # the dense gradients of tp rank 0 and of parameters marked model-parallel, none on
+        # a tp rank > 0 here, which DeepSpeed does not guard: a zero stands in there
+        grads_for_norm = opt.get_grads_for_norm
+
+        def guarded_grads_for_norm(for_clipping: bool = False):
+            found = grads_for_norm(for_clipping=for_clipping)
+            if for_clipping:
+                return found
+            dense, experts = found
+            return (dense or [torch.zeros(1, device=device)]), experts
+
+        opt.get_grads_for_norm = guarded_grads_for_norm
     elif isinstance(opt, torch.optim.Optimizer):
 
         def whole_grads():

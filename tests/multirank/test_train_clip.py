@@ -1,10 +1,11 @@
 """Exact global-norm clipping inside the DeepSpeed engine vs a single-rank reference, on
 gloo ranks: for ep2 / ep_allgather / replicate at 2 ranks and ep2·dp2 / ep4 at 4, under ZeRO
 0, 1 and 2 (fp32), ZeRO 2 with the optimizer offloaded to CPU, and bf16 with ZeRO 1 (DeepSpeed's
-bf16 optimizer) and ZeRO 2, three clipped AdamW steps give the reference's per-rank losses,
-the reference's pre-clip global norm as ``engine.get_global_grad_norm()`` every step, and the
-reference's weights afterwards. launch/train.py trains ep_nccl with ZeRO 2, offload and
-clipping, and resumes it exactly.
+bf16 optimizer) and ZeRO 2, and (slow) tp2 / tp2·ep2 / pp2 (1F1B), three clipped AdamW
+steps give the reference's per-rank losses, the reference's pre-clip global norm as
+``engine.get_global_grad_norm()`` every step, and the reference's weights afterwards.
+launch/train.py (slow) trains ep_nccl with ZeRO 2, offload and clipping, and resumes it
+exactly.
 
 The clip is made to matter: ``MAX_NORM`` is so small that the clipped gradients are of the
 order of AdamW's eps, where the update depends on the clip factor (at larger scales Adam
@@ -36,9 +37,10 @@ def _batch(step: int, dp_rank: int) -> torch.Tensor:
     return torch.randint(0, 256, (MB, SEQ + 1), generator=gen)  # [B, S+1]
 
 
-def _reference(args, dp: int):
-    """The full model on one rank: per step the dp ranks' losses, the global norm of the
-    gradient of their mean (before clipping); then the weights after STEPS clipped steps."""
+def _reference(args, dp: int, microbatches: int = 1):
+    """The full model on one rank: per step the dp ranks' losses (each the mean over its
+    ``microbatches`` chunks, as the pipeline's), the global norm of the gradient of their
+    mean (before clipping); then the weights after STEPS clipped steps."""
     from moe_ext.deepspeed.engine import CausalLMWithAux
 
     model = Transformer(args)
@@ -47,7 +49,10 @@ def _reference(args, dp: int):
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=0.0)
     losses, norms = [], []
     for step in range(STEPS):
-        per_rank = [wrapped(_batch(step, r))[0] for r in range(dp)]
+        per_rank = [
+            sum(wrapped(chunk)[0] for chunk in _batch(step, r).chunk(microbatches)) / microbatches
+            for r in range(dp)
+        ]
         (sum(per_rank) / dp).backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         opt.step()
@@ -61,7 +66,7 @@ def _groups_for(plan, cache, backend):
     of expert groups by name, so plans with equal degrees share the groups)."""
     from moe_ext.groups import ProcessGroups
 
-    key = (plan.tp, plan.dp, plan.ep, plan.etp)
+    key = (plan.tp, plan.pp, plan.dp, plan.ep, plan.etp)
     if key not in cache:
         cache[key] = ProcessGroups.build(plan, backend, timedelta(seconds=120))
     return dataclasses.replace(cache[key], plan=plan)
@@ -101,12 +106,24 @@ def _check_case(args, plan, groups, zero, dtype, offload, reference, device):
         dtype=dtype,
         offload_optimizer=offload,
     )
+    pipeline = None
+    if plan.pp > 1:
+        from moe_ext.train.pipeline import PipelineSchedule
+
+        pipeline = PipelineSchedule(engine, groups, 2)
     ref_losses, ref_norms, ref_weights = reference
     loss_tol, norm_tol, weight_tol = _tolerances(dtype, device)
-    what = f"{plan.strategy} dp={plan.dp} ep={plan.ep} zero={zero} {dtype} offload={offload}"
+    what = (
+        f"{plan.strategy} tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} zero={zero} "
+        f"{dtype} offload={offload}"
+    )
     for step in range(STEPS):
-        loss, _, _ = engine(_batch(step, groups.dp_rank).to(device))
-        engine.backward(loss)
+        batch = _batch(step, groups.dp_rank).to(device)
+        if pipeline is None:
+            loss, _, _ = engine(batch)
+            engine.backward(loss)
+        else:  # 1F1B over 2 micro-batches; the engine reduces after the last
+            loss, _, _ = pipeline.train_step(batch)
         engine.step()
         assert loss.item() == pytest.approx(ref_losses[step][groups.dp_rank], **loss_tol), what
         norm = engine.get_global_grad_norm()
@@ -140,10 +157,11 @@ def clip_body(rank, world, cases, device_type="cpu"):
     references, cache = {}, {}
     for strategy, degrees, zero, dtype, offload in cases:
         plan = plan_of(strategy, world=world, **degrees)
-        if plan.dp not in references:
-            references[plan.dp] = _reference(args, plan.dp)
+        key = (plan.dp, 2 if plan.pp > 1 else 1)  # pp: 1F1B over 2 micro-batches
+        if key not in references:
+            references[key] = _reference(args, *key)
         groups = _groups_for(plan, cache, "nccl" if device.type == "cuda" else "gloo")
-        _check_case(args, plan, groups, zero, dtype, offload, references[plan.dp], device)
+        _check_case(args, plan, groups, zero, dtype, offload, references[key], device)
 
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -155,7 +173,7 @@ def test_exact_clipping_two_ranks():
     (2, offloaded; ZeRO 1 at 4 ranks) and its bf16 optimizer (bf16 + ZeRO 1)."""
     cases = [
         ("ep_nccl", EP2, 0, F32, False),
-        ("ep_nccl", EP2, 2, F32, False),
+        ("ep_allgather", EP2, 2, F32, False),
         ("ep_nccl", EP2, 2, F32, True),  # optimizer states offloaded to CPU
         ("ep_nccl", EP2, 1, BF16, False),  # DeepSpeed's BF16_Optimizer
     ]
@@ -171,10 +189,32 @@ def test_exact_clipping_four_ranks():
 
 
 @pytest.mark.slow
+def test_exact_clipping_tensor_parallel():
+    """TP-sharded tensors summed over tp, TP-replicated ones (norms, routers, kv heads)
+    counted once, experts' F slices summed over etp."""
+    cases = [
+        ("tp_experts", dict(tp=2, etp=2), 0, F32, False),
+        ("ep_nccl", dict(tp=2, ep=2), 2, F32, False),  # tokens split over tp around EP
+        ("tp_experts", dict(tp=2, etp=2), 1, BF16, False),
+    ]
+    run_ranks(clip_body, world_size=2, args=(cases,))
+
+
+@pytest.mark.slow
+def test_exact_clipping_pipeline_parallel():
+    """Stages summed over pp (1F1B over 2 micro-batches, the engine reducing after them)."""
+    cases = [
+        ("replicate", dict(pp=2), 0, F32, False),
+        ("replicate", dict(pp=2), 1, F32, False),
+    ]
+    run_ranks(clip_body, world_size=2, args=(cases,))
+
+
+@pytest.mark.slow
 def test_exact_clipping_more_layouts():
     cases = [
         ("ep_nccl", EP2, 1, F32, False),
-        ("ep_allgather", EP2, 2, F32, False),
+        ("ep_nccl", EP2, 2, F32, False),
         ("ep_allgather", EP2, 0, F32, False),
         ("replicate", dict(dp=2), 1, F32, False),
         ("ep_nccl", EP2, 2, BF16, False),  # DeepSpeed's ZeRO optimizer in bf16
