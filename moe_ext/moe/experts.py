@@ -25,8 +25,9 @@ imports, else grouped_mm when it qualifies, else loop.
 LoRA (``ExpertLora``, attached by ``moe_ext.train.lora``): per-expert low-rank adapters
 grouped like the experts, gate_up_A [E, r, H], gate_up_B [E, 2F, r], down_A [E, r, F],
 down_B [E, H, r]; each projection adds ``scale * B_e (A_e x)`` on the same permuted rows
-(two more grouped GEMMs, or two small matmuls per expert in the loop), so the frozen base
-(bf16 or quantized) is never copied. Triton (forward-only) is not used while adapters are on.
+(two more grouped GEMMs when the adapters' rows are 16-byte multiples, e.g. r % 8 == 0 in
+bf16, else two small matmuls per expert), so the frozen base (bf16 or quantized) is never
+copied and keeps its grouped GEMMs. Triton (forward-only) is not used while adapters are on.
 """
 
 from __future__ import annotations
@@ -267,12 +268,6 @@ class GroupedExperts(nn.Module):
             weight.add_(self.lora.delta(name).to(weight.dtype))  # [E, out, in]
         self.lora = None
 
-    def _lora_weights(self) -> tuple[torch.Tensor, ...]:
-        """The adapters' tensors (none without LoRA): grouped_mm must take them too."""
-        if self.lora is None:
-            return ()
-        return (*self.lora.pair(GATE_UP), *self.lora.pair(DOWN))
-
     def quantized(self, quant: QuantConfig) -> "GroupedExperts":
         """These experts with ``quant`` storage (uninitialised, on this module's device)."""
         ref = next(iter(self.parameters()), None)
@@ -321,8 +316,7 @@ class GroupedExperts(nn.Module):
         quantized experts)."""
         if self.backend not in ("auto", "grouped_mm"):
             return False
-        weights = weights or self.dense_weights(x.dtype)
-        return grouped_mm_qualifies(x, *weights, *self._lora_weights())
+        return grouped_mm_qualifies(x, *(weights or self.dense_weights(x.dtype)))
 
     def _params(self) -> tuple[nn.Parameter, ...]:
         return tuple(p for p in self.parameters(recurse=False))
@@ -450,7 +444,7 @@ class GroupedExperts(nn.Module):
         gate_up = _GROUPED_MM(x, gate_up_proj.transpose(1, 2), offs=offsets)  # [T', 2F]
         gate_up = _ContiguousGrad.apply(gate_up)
         if self.lora is not None:
-            gate_up = gate_up + self._grouped_low_rank(x, GATE_UP, offsets)  # [T', 2F]
+            gate_up = gate_up + self._grouped_low_rank(x, GATE_UP, offsets, tokens_per_expert)
         bias_rows = None
         if self.options.bias:
             bias_rows = row_experts(tokens_per_expert, x.shape[0])  # [T']
@@ -459,15 +453,28 @@ class GroupedExperts(nn.Module):
         y = _GROUPED_MM(hidden, down_proj.transpose(1, 2), offs=offsets)  # [T', H]
         y = _ContiguousGrad.apply(y)
         if self.lora is not None:
-            y = y + self._grouped_low_rank(hidden, DOWN, offsets)  # [T', H]
+            y = y + self._grouped_low_rank(hidden, DOWN, offsets, tokens_per_expert)  # [T', H]
         if bias_rows is not None and self.options.add_down_bias:
             y = y + self.down_proj_bias[bias_rows]
         return y
 
-    def _grouped_low_rank(self, x: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:
+    def _grouped_low_rank(
+        self, x: torch.Tensor, name: str, offsets: torch.Tensor, tokens_per_expert: torch.Tensor
+    ) -> torch.Tensor:
         """scale * B_e (A_e x) of projection ``name`` on rows sorted by expert, as two grouped
-        GEMMs. x: [T', in]; offsets: [E] int32 group ends. Returns [T', out]."""
+        GEMMs; per expert (a host sync) when the adapters' rows do not qualify (a rank whose
+        rows are not 16-byte multiples). x: [T', in]; offsets: [E] int32 group ends;
+        tokens_per_expert: [E] int64. Returns [T', out]."""
         a, b = self.lora.pair(name)  # [E, r, in], [E, out, r]
+        if not grouped_mm_qualifies(x, a, b):
+            splits = tokens_per_expert.tolist()  # sync: row counts for the per-expert slices
+            outputs, start = [], 0
+            for expert, rows in enumerate(splits):
+                outputs.append(self._low_rank(x[start : start + rows], expert, name))
+                start += rows
+            if start < x.shape[0]:  # padding rows (static-capacity dispatch)
+                outputs.append(x.new_zeros(x.shape[0] - start, b.shape[1]))
+            return torch.cat(outputs, dim=0)  # [T', out]
         low = _ContiguousGrad.apply(_GROUPED_MM(x, a.transpose(1, 2), offs=offsets))  # [T', r]
         out = _ContiguousGrad.apply(_GROUPED_MM(low, b.transpose(1, 2), offs=offsets))
         return self.lora.scale * out  # [T', out]

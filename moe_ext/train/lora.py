@@ -48,7 +48,7 @@ class LoraConf:
     """``train.lora.*``: rank 0 trains every weight (no LoRA)."""
 
     # adapter rank r; 0 = off (full-parameter training). A multiple of 8 keeps the expert
-    # adapters on torch's grouped GEMM in bf16 (16-byte rows); others fall back to the loop
+    # adapters' own GEMMs grouped in bf16 (16-byte rows); other ranks run them per expert
     rank: int = 0
     alpha: float = 16.0  # scale = alpha / rank
     # leaf module names inside the decoder layers (projections) or "experts"

@@ -67,10 +67,12 @@ def test_adapted_model_equals_base_at_init_and_freezes_the_base():
     assert adapter_base_name("layers.1.mlp.experts.gate_up_proj") is None
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
-def test_grouped_expert_adapters_equal_merged_experts(backend):
+@pytest.mark.parametrize(
+    "backend, r", [("loop", 4), ("grouped_mm", 4), ("grouped_mm", 3)]
+)  # r=3: fp32 adapter rows of 12 bytes take the per-expert fallback beside grouped_mm
+def test_grouped_expert_adapters_equal_merged_experts(backend, r):
     torch.manual_seed(0)
-    E, H, F_, r = 4, 32, 16, 4
+    E, H, F_ = 4, 32, 16
     experts = GroupedExperts(E, H, F_, backend=backend)
     lora = experts.add_lora(r, alpha=8.0, dtype=torch.float32)
     with torch.no_grad():
@@ -217,3 +219,45 @@ def test_quantized_base_trains_only_with_lora():
         launcher._check_loop(TrainLoopConf(), args)
     launcher._check_loop(TrainLoopConf(lora=LoraConf(rank=4)), args)
     assert launcher.model_key(args)["quantization"]["weight_block_size"] == [16, 16]  # JSON
+
+
+def _family(name):
+    from moe_ext.model import ModelArgs
+    from tests.support import GPT_OSS_SHAPE, deepseek_hf_config, family_args, qwen2_args
+
+    if name == "qwen2_moe":
+        return qwen2_args()  # a dense layer, a shared expert, q/k/v biases
+    if name == "deepseek_v3":  # MLA: q_a/q_b, kv_a/kv_b (kv_b's weight used directly)
+        return ModelArgs.from_hf_config(deepseek_hf_config("v3").to_dict())
+    if name == "gpt_oss":  # sink attention, expert biases, clamped SwiGLU
+        return ModelArgs.from_hf_config({**GPT_OSS_SHAPE, "model_type": "gpt_oss"})
+    return family_args(name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+def test_every_adaptable_module_of_each_family_trains_and_merges(family):
+    from moe_ext.deepspeed.engine import CausalLMWithAux
+    from moe_ext.train.lora import adaptable_modules
+
+    args = _family(family)
+    targets = sorted(adaptable_modules(args))
+    assert "experts" in targets and "o_proj" in targets
+    base, model = _model(args), _model(args)
+    # rank 4: fp32 adapter rows of 16 bytes keep the experts on grouped_mm where they were
+    summary = apply_lora(model, LoraConf(rank=4, alpha=4, targets=targets))
+    ids = _ids(vocab=args.vocab_size, length=10)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
+    _randomize_b(model)
+    loss = CausalLMWithAux(model, 0.01)(torch.cat([ids, ids[:, :1]], dim=1))[0]
+    loss.backward()
+    adapters = {n: p for n, p in model.named_parameters() if ".lora." in n}
+    assert len({n.partition(".lora.")[0] for n in adapters}) == len(summary.adapted)
+    for name, param in adapters.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids)
+        assert (adapted - base(ids)).abs().max() > 1e-4
+        merge_lora_(model)
+        torch.testing.assert_close(model(ids), adapted, rtol=1e-4, atol=1e-5)
