@@ -261,3 +261,24 @@ def test_every_adaptable_module_of_each_family_trains_and_merges(family):
         assert (adapted - base(ids)).abs().max() > 1e-4
         merge_lora_(model)
         torch.testing.assert_close(model(ids), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_keeps_adapter_gradients():
+    """The frozen embedding gives inputs without grad: recomputed blocks must still give
+    the adapters their gradients (non-reentrant checkpointing), equal to the plain ones."""
+    from moe_ext.deepspeed.engine import CausalLMWithAux
+
+    grads = []
+    for checkpointing in (False, True):
+        model = _model()
+        apply_lora(model, LoraConf(rank=4, alpha=8, targets=TARGETS))
+        _randomize_b(model)
+        model.activation_checkpointing = checkpointing
+        calls = []
+        model.layers["0"].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        CausalLMWithAux(model.train(), 0.01)(_ids(rows=2, length=13))[0].backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
