@@ -135,10 +135,16 @@ def square_sum(
 
     pieces: (placement, gradient) with gradients of any shape and float dtype (whole, or
     this rank's ZeRO partition of them when ``partitioned``)."""
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    norms: dict[torch.device, list[torch.Tensor]] = {}  # per-tensor norms, by grad device
     for placement, grad in pieces:
         if placement.counted(partitioned) and grad.numel():
-            total += grad.detach().float().pow(2).sum().to(device)
+            # no squared temporary of the gradient; bf16 is accumulated in fp32
+            wide = grad.dtype in (torch.float32, torch.float64)
+            norm = torch.linalg.vector_norm(grad.detach(), dtype=None if wide else torch.float32)
+            norms.setdefault(grad.device, []).append(norm.float())
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for group in norms.values():  # one copy per device (CPU-offloaded partitions)
+        total += torch.stack(group).pow(2).sum().to(device)
     return total
 
 
