@@ -180,12 +180,11 @@ def _check_plan(
             f"experts with biases sharded over etp={plan.etp}: only the first FFN shard adds "
             f"down_proj's bias, so its copies would drift apart; train with strategy=ep_*"
         )
-    attention = args.family.attention_shards(args, plan.tp, 0)
-    if "k_proj.weight" in attention and args.num_key_value_heads < plan.tp:
+    if args.qk_norm_type == "per_layer" and args.num_key_value_heads < plan.tp:
         raise UsageError(
-            f"{args.num_key_value_heads} kv heads replicated over tp={plan.tp} ranks would "
-            f"each get only their rank's share of the gradient; train with parallel.tp <= "
-            f"{args.num_key_value_heads}"
+            f"{args.num_key_value_heads} kv heads replicated over tp={plan.tp} ranks with a "
+            f"whole-projection k norm would train its replicated weight slices apart; train "
+            f"with parallel.tp <= {args.num_key_value_heads}"
         )
     as_usage_error(
         check_pipeline,

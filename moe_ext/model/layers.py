@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_ext.model.args import ModelArgs, ModelArgsError
-from moe_ext.moe.dispatch.comm import copy_to_partials, reduce_partials
+from moe_ext.moe.dispatch.comm import (
+    adjoint,
+    all_gather_raw,
+    copy_to_partials,
+    group_rank,
+    group_size,
+    reduce_partials,
+)
 from moe_ext.quant.linear import project_without_bias
 
 
@@ -55,6 +62,42 @@ def tp_replicated(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.
     if group is None or not (torch.is_grad_enabled() and x.requires_grad):
         return x
     return copy_to_partials(x, group)
+
+
+def kv_projections(
+    x: torch.Tensor,
+    k_proj: nn.Module,
+    v_proj: nn.Module,
+    group: Optional[dist.ProcessGroup],
+    n_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k_proj(x), v_proj(x): [B, S, nKV_local·D] each, for x [B, S, H] already marked
+    ``tp_replicated``.
+
+    When the kv heads are fewer than the TP ranks (``n_kv_heads`` < tp), rep = tp/nKV
+    neighbouring ranks hold copies of one kv head, each used by only that rank's query
+    heads: in training the copies' output gradients are summed over the replicas (all-gather
+    over TP, sum of the head's ranks), so the copies' weights get the full, identical
+    gradient, and the input's gradient through them is divided by rep, because the
+    all-reduce of ``tp_replicated`` then adds rep identical terms. Inference (no grad) and
+    nKV >= tp are the plain projections."""
+    if group is None or not torch.is_grad_enabled() or n_kv_heads >= group_size(group):
+        return k_proj(x), v_proj(x)  # (decode compiles this: no collective query first)
+    rep = group_size(group) // n_kv_heads
+    head = group_rank(group) // rep  # ranks [head·rep, (head+1)·rep) hold this kv head
+
+    def sum_replicas(grad: torch.Tensor) -> torch.Tensor:
+        gathered = all_gather_raw(grad.contiguous()[None], group)  # [tp, B, S, nKV_local·D]
+        return gathered.view(n_kv_heads, rep, *grad.shape)[head].sum(0)
+
+    x_kv = adjoint(x, _identity, lambda grad: grad / rep)
+    k = adjoint(k_proj(x_kv), _identity, sum_replicas)
+    v = adjoint(v_proj(x_kv), _identity, sum_replicas)
+    return k, v
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x.view_as(x)
 
 
 # ---- rotary embeddings ---------------------------------------------------------------
@@ -295,12 +338,13 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         D = self.head_dim
         x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
-        q, k = self.q_proj(x), self.k_proj(x)  # [B, S, nH·D], [B, S, nKV·D]
+        q = self.q_proj(x)  # [B, S, nH·D]
+        k, v = kv_projections(x, self.k_proj, self.v_proj, self.tp_group, self.n_kv_heads)
         if self.qk_norm_per_layer:
             q, k = self.normalize_projections(q, k)
         q = q.view(B, S, -1, D)  # [B, S, nH, D]
         k = k.view(B, S, -1, D)  # [B, S, nKV, D]
-        v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
+        v = v.view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         if self.q_norm is not None and not self.qk_norm_per_layer:
             # one weight [D] for all heads, this rank's heads only: gradient summed over TP
             q, k = self.q_norm(q, self.tp_group), self.k_norm(k, self.tp_group)

@@ -32,6 +32,7 @@ from moe_ext.model.layers import (
     KVCache,
     apply_rope,
     attention_mask,
+    kv_projections,
     output_projection,
     tp_replicated,
 )
@@ -112,6 +113,7 @@ class SinkAttention(nn.Module):
         H, D = args.hidden_size, args.head_dim
         self.head_dim = D
         n_heads, n_kv = args.num_attention_heads, args.num_key_value_heads
+        self.n_kv_heads = n_kv  # of the whole model (TP may replicate them: kv_projections)
         self.q_proj = nn.Linear(H, n_heads * D, bias=args.qkv_bias)
         self.k_proj = nn.Linear(H, n_kv * D, bias=args.qkv_bias)
         self.v_proj = nn.Linear(H, n_kv * D, bias=args.qkv_bias)
@@ -163,8 +165,9 @@ class SinkAttention(nn.Module):
         D = self.head_dim
         x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
         q = self.q_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nH, S, D]
-        k = self.k_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
-        v = self.v_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
+        k, v = kv_projections(x, self.k_proj, self.v_proj, self.tp_group, self.n_kv_heads)
+        k = k.view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
+        v = v.view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         own_key_offset = 0  # without a cache the keys are this call's, in query order
         if not use_cache:

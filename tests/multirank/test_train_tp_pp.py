@@ -21,7 +21,7 @@ import torch
 from moe_ext.model import Transformer
 from moe_ext.model.parallelize import parallelize, shard_slices, take_shard
 from moe_ext.model.weights import init_random_, init_random_full
-from tests.support import REPO, plan_of, run_launcher, run_ranks, tiny_args
+from tests.support import REPO, plan_of, qwen2_args, run_launcher, run_ranks, tiny_args
 
 AUX = 0.01
 MB, SEQ = 4, 12
@@ -30,12 +30,10 @@ MB, SEQ = 4, 12
 def _qwen2_tp_args():
     """qwen2_moe with a dense (TP-sharded) MLP layer, a gated shared expert and q/k/v
     biases; 2 kv heads so tp=2 shards them."""
-    from tests.support import qwen2_args
-
     return dataclasses.replace(qwen2_args(), num_key_value_heads=2)
 
 
-ARGS = {"tiny": tiny_args, "qwen2": _qwen2_tp_args}
+ARGS = {"tiny": tiny_args, "qwen2": _qwen2_tp_args, "qwen2_kv1": qwen2_args}
 
 
 def _global_batch(args, dp: int) -> torch.Tensor:
@@ -143,7 +141,8 @@ def _tp2_body(rank, world):
     os.environ["LOCAL_RANK"] = str(rank)
     torch.manual_seed(0)
     _check_case(rank, world, "tiny", "tp_experts", tp=2)  # per-head q/k norms, FFN-sharded experts
-    _check_case(rank, world, "qwen2", "tp_experts", tp=2)  # dense MLP, shared expert, biases
+    # dense MLP, shared expert, biases; its one kv head replicated on both TP ranks
+    _check_case(rank, world, "qwen2_kv1", "tp_experts", tp=2)
     # token split over the TP pair; every block recomputed in backward, exchanges included
     _check_case(rank, world, "tiny", "ep_nccl", tp=2, ep=2, recompute=True)
 
@@ -180,8 +179,11 @@ def _families_body(rank, world):
     }
     groups = {k: ProcessGroups.build(p, "gloo", timedelta(seconds=60)) for k, p in plans.items()}
     batch = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(1))
-    for family in sorted(CONFIGS):
-        args = ModelArgs.from_hf_config(hf(family))
+    # each family, and GQA ones with a kv head replicated over the TP pair (kv_projections)
+    cases = [(f, {}) for f in sorted(CONFIGS)]
+    cases += [(f, dict(num_key_value_heads=1)) for f in ("gpt_oss", "qwen3_moe", "glm4_moe")]
+    for family, changes in cases:
+        args = ModelArgs.from_hf_config(hf(family, **changes))
         state = init_random_full(args)
         full = Transformer(args)
         full.load_state_dict(state)
@@ -206,7 +208,7 @@ def _families_body(rank, world):
                     take_shard(full.get_parameter(name).grad, requests[name]),
                     rtol=2e-4,
                     atol=5e-6,
-                    msg=lambda m: f"{family} {strategy} rank {rank} {name}: {m}",
+                    msg=lambda m: f"{family} {changes} {strategy} rank {rank} {name}: {m}",
                 )
 
 
@@ -338,13 +340,14 @@ def test_training_plan_refusals():
     from moe_ext.launching import UsageError
     from moe_ext.model.args import ModelArgs
     from moe_ext.train.config import TrainLoopConf
-    from tests.support import qwen2_args
     from tests.unit.test_families import hf
 
     conf = TrainLoopConf(micro_batch=4, pipeline_microbatches=2)
     _check_plan(plan_of("ep_nccl", tp=2, ep=2), conf, torch.float32, tiny_args())
+    _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, qwen2_args())
+    minimax = ModelArgs.from_hf_config(hf("minimax_m2", num_key_value_heads=1))
     with pytest.raises(UsageError, match="kv heads replicated"):
-        _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, qwen2_args())
+        _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, minimax)
     gpt_oss = ModelArgs.from_hf_config(hf("gpt_oss"))
     with pytest.raises(UsageError, match="experts with biases"):
         _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, gpt_oss)
