@@ -203,8 +203,11 @@ def export_moe_ext(
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # families whose transformers experts hold gate_up_proj [E, 2F, H] / down_proj [E, H, F]
-# under model.layers.{i}.mlp.experts, as ours do (PEFT's target_parameters then apply)
-PEFT_EXPERT_FAMILIES = ("qwen3_moe",)
+# under model.layers.{i}.mlp.experts, as ours do (PEFT's target_parameters then apply;
+# tests/unit/test_lora.py loads each). Not yet: gpt_oss (interleaved [E, H, 2F]), and
+# deepseek_v3 / glm4_moe, where PEFT sizes the expert adapters of its dense-first layout
+# differently
+PEFT_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2")
 
 
 def _adapter_layout(args: ModelArgs, conf: Any) -> dict[str, tuple[str, tuple[int, ...]]]:

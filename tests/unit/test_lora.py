@@ -131,21 +131,33 @@ def test_training_step_changes_only_adapters_and_merge_keeps_logits(tmp_path):
         torch.testing.assert_close(reloaded.eval()(ids), adapted, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_export_loads_onto_the_transformers_model(tmp_path):
-    peft = pytest.importorskip("peft")
-    from moe_ext.train.export import export_peft
-    from tests.support import hf_model, native_from_dir
+def _hf(family):
+    from tests.support import MINIMAX_VARIANTS, hf_model, minimax_hf_model
 
-    hf = hf_model("qwen3_moe")
+    if family == "minimax_m2":
+        return minimax_hf_model(next(iter(MINIMAX_VARIANTS))).eval()
+    return hf_model(family)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2"])
+def test_peft_export_loads_onto_the_transformers_model(family, tmp_path):
+    """Every adaptable module (attention, dense and shared-expert MLPs, experts)."""
+    peft = pytest.importorskip("peft")
+    from moe_ext.train.export import PEFT_EXPERT_FAMILIES, export_peft
+    from moe_ext.train.lora import adaptable_modules
+    from tests.support import native_from_dir
+
+    assert family in PEFT_EXPERT_FAMILIES
+    hf = _hf(family)
     hf.save_pretrained(tmp_path / "base")
     model = native_from_dir(tmp_path / "base")
-    conf = LoraConf(rank=4, alpha=8, targets=TARGETS)
+    conf = LoraConf(rank=4, alpha=8, targets=sorted(adaptable_modules(model.args)))
     apply_lora(model, conf)
     _randomize_b(model)
     export_peft(model, plan_of("replicate", world=1), 0, str(tmp_path / "adapter"), conf)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
-    ids = _ids(vocab=64)
+    ids = _ids(vocab=min(64, model.args.vocab_size))
     with torch.no_grad():
         ours = model(ids)
         base = hf(ids).logits
@@ -153,6 +165,17 @@ def test_peft_export_loads_onto_the_transformers_model(tmp_path):
         theirs = peft_model(input_ids=ids).logits
     assert (ours - base).abs().max() > 1e-3  # the adapters matter
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_export_refuses_experts_transformers_lays_out_otherwise():
+    from moe_ext.train.export import ExportError, export_peft
+
+    args = _family("gpt_oss")  # transformers' gpt_oss experts: interleaved, [E, H, 2F]
+    model = _model(args)
+    conf = LoraConf(rank=4, targets=["q_proj", "experts"])
+    apply_lora(model, conf)
+    with pytest.raises(ExportError, match="export the merged model"):
+        export_peft(model, plan_of("replicate", world=1), 0, "/nonexistent/adapter", conf)
 
 
 def test_fp8_base_trains_its_adapters():
