@@ -8,7 +8,7 @@
      global-norm clipping across EP) and bf16 with train.zero_stage=1 (Megatron's
      DistributedOptimizer) follow its loss trajectory: every step's LM loss within
      0.15 nats of fp32's and the mean difference under 0.05 (bf16 rounds the forward to
-     8 bits of mantissa, about 0.4% per value; from ~5.6 nats the runs fall by > 2 nats,
+     8 bits of mantissa, about 0.4% per value; from ~5.6 nats the runs fall by > 1 nat,
      so a wrong clip, scale or reduction shows at once), the first step's gradient norm
      within 5% of fp32's (same weights, before any update: Megatron's norm is the exact
      one over EP), the aux loss reported and positive, the export loadable.
@@ -87,7 +87,7 @@ def test_bf16_loss_trajectory_follows_fp32(tmp_path):
         pytest.skip("needs 2 GPUs")
     fp32 = _train(tmp_path, "fp32", ["dtype=fp32", "train.zero_stage=0"])
     ref = [h["lm_loss"] for h in fp32]
-    assert ref[-1] < ref[0] - 2.0, ref  # it learns: the comparison is not of flat lines
+    assert ref[-1] < ref[0] - 1.0, ref  # it learns: the comparison is not of flat lines
     for name, extra in (
         ("bf16", ["dtype=bf16", "train.zero_stage=0"]),
         ("bf16_distopt", ["dtype=bf16", "train.zero_stage=1"]),
