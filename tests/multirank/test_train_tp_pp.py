@@ -320,6 +320,22 @@ def test_launcher_loss_trajectories_of_tp_pp_equal_one_rank(tmp_path):
     assert micro == pytest.approx(reference, rel=1e-3), (micro, reference)
 
 
+@pytest.mark.slow
+def test_launcher_resumes_pp2_zero1_bit_for_bit(tmp_path):
+    """pp2 with 2 micro-batches under ZeRO 1: a run resumed from its step-2 checkpoint
+    repeats steps 3 and 4 exactly (every stage saves and restores its own partition)."""
+    layout = (
+        *TRAJECTORY_LAYOUTS["pp2"],
+        "device=cpu",
+        "train.pipeline_microbatches=2",
+        "train.zero_stage=1",
+        "train.save_every=2",
+    )
+    first = launcher_losses(tmp_path, "a", 2, *layout)
+    step2 = tmp_path / "a" / "checkpoints" / "step_00000002"
+    assert launcher_losses(tmp_path, "b", 2, *layout, f"resume={step2}") == first
+
+
 # ---- refusals, before any process group -------------------------------------------------
 
 
