@@ -624,6 +624,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def mfu_text(mfu: Optional[float]) -> str:
+    """``12.3%``; two significant digits below 0.1% (CPU runs); ``-`` when unknown."""
+    if mfu is None:
+        return "-"
+    percent = 100 * mfu
+    return f"{percent:.1f}%" if percent >= 0.1 else f"{percent:.2g}%"
+
+
 def format_table(rows: list[TrainRow]) -> str:
     """One line per row: model, system/strategy, world, link, tokens/s, MFU, step, memory."""
     head = (
@@ -633,7 +641,7 @@ def format_table(rows: list[TrainRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         mem = "/".join(f"{m:.1f}" for m in r.peak_mem_gib) or "-"
-        mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+        mfu = mfu_text(r.mfu)
         lines.append(
             f"{r.model + ':' + str(r.layers) + 'L':<18} {r.system:<10} {r.strategy:<13} "
             f"{r.world:>2} {r.link:<8} {r.dtype:<5} {_fmt(r.tokens_per_s, ',.0f'):>10} "
@@ -665,7 +673,7 @@ def plot(rows: list[TrainRow], path: Path) -> None:
         bars = ax.bar(range(len(mine)), values, color=colors)
         for bar, r in zip(bars, mine):
             ax.annotate(
-                f"{100 * r.mfu:.1f}% MFU",
+                f"{mfu_text(r.mfu)} MFU",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                 ha="center",
                 va="bottom",

@@ -151,6 +151,9 @@ def test_rows_merge_table_and_chart(tmp_path):
     table = format_table(rows).splitlines()
     assert len(table) == 5 and "60,000" in table[3] and "20.0%" in table[3]
     assert "40.0/41.5" in table[3] and table[4].endswith(" e")
+    from moe_ext.bench.train import mfu_text
+
+    assert (mfu_text(0.3456), mfu_text(2.3e-6), mfu_text(None)) == ("34.6%", "0.00023%", "-")
     plot(rows, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
