@@ -186,6 +186,12 @@ def _check_plan(
             f"whole-projection k norm would train its replicated weight slices apart; train "
             f"with parallel.tp <= {args.num_key_value_heads}"
         )
+    if plan.pp > 1 and args.tie_word_embeddings and conf.lora.rank == 0:
+        raise UsageError(
+            f"the model ties its embeddings to the LM head, which pp={plan.pp} puts on the "
+            f"first and last stages (their gradients are not summed across stages); train "
+            f"with parallel.pp=1 (or LoRA, which freezes them)"
+        )
     as_usage_error(
         check_pipeline,
         plan.pp,

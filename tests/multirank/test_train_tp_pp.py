@@ -369,6 +369,9 @@ def test_training_plan_refusals():
         _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, gpt_oss)
     with pytest.raises(UsageError, match="strategy=replicate with tp=2"):
         _check_plan(plan_of("replicate", tp=2), conf, torch.float32, tiny_args())
+    tied = dataclasses.replace(tiny_args(), tie_word_embeddings=True)
+    with pytest.raises(UsageError, match="ties its embeddings"):
+        _check_plan(plan_of("replicate", pp=2), conf, torch.float32, tied)
     with pytest.raises(UsageError, match="does not split"):
         bad = dataclasses.replace(conf, pipeline_microbatches=3)
         _check_plan(plan_of("replicate", pp=2), bad, torch.float32, tiny_args())
