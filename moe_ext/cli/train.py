@@ -61,7 +61,13 @@ from moe_ext.train.export import (
     hf_config,
 )
 from moe_ext.train.loop import RunState, Trainer
-from moe_ext.train.lora import apply_lora, check_lora, memory_lines
+from moe_ext.train.lora import (
+    apply_lora,
+    check_lora,
+    check_resume_lora,
+    lora_key,
+    memory_lines,
+)
 from moe_ext.train.pipeline import check_pipeline
 from moe_ext.train.report import LOG_NAME, PLOT_NAME, plot_losses, write_json
 from moe_ext.train.state import (
@@ -274,6 +280,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         check_compatible(
             resume, env.world_size, plan_key(plan), cfg.train.zero_stage, model_key(args)
         )
+        check_resume_lora(resume.meta.get("lora"), cfg.train.lora, str(resume.directory))
     return Job(device_type, dtype, source, tokenizer, data, topology, plan, resume)
 
 
@@ -406,6 +413,7 @@ def _checkpointer(
             "plan": plan_key(job.plan),
             "zero_stage": cfg.train.zero_stage,
             "model": model_key(job.source.args),
+            "lora": lora_key(cfg.train.lora),
             "history": state.history,
             "evals": state.evals,
         }

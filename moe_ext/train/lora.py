@@ -128,6 +128,34 @@ def check_lora(conf: LoraConf, args: Any, plan: Any, zero_stage: int) -> None:
             )
 
 
+def lora_key(conf: LoraConf) -> Optional[dict[str, Any]]:
+    """What a training checkpoint records of the LoRA setting (None: full training)."""
+    if conf.rank == 0:
+        return None
+    return {
+        "rank": conf.rank,
+        "alpha": conf.alpha,
+        "targets": list(conf.targets),
+        "seed": conf.seed,
+    }
+
+
+def check_resume_lora(saved: Optional[dict[str, Any]], conf: LoraConf, where: str) -> None:
+    """Refuse, in one line, resuming a checkpoint saved under another LoRA setting (its
+    module and optimizer state hold other tensors). saved: its ``lora_key``."""
+    if saved == lora_key(conf):
+        return
+    if saved is None:
+        raise LoraError(
+            f"{where} was saved by full-parameter training; resume without train.lora "
+            f"(or start the LoRA run from its weights with checkpoint=)"
+        )
+    raise LoraError(
+        f"{where} was saved with train.lora rank={saved['rank']} alpha={saved['alpha']} "
+        f"targets={saved['targets']} seed={saved['seed']}; resume with the same train.lora"
+    )
+
+
 class LowRank(nn.Module):
     """The adapter of one projection: ``scale * B (A x)``, A [r, K], B [N, r]."""
 

@@ -305,3 +305,18 @@ def test_activation_checkpointing_keeps_adapter_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_resume_needs_the_same_lora_setting():
+    from moe_ext.train.lora import check_resume_lora, lora_key
+
+    conf = LoraConf(rank=4, alpha=8, targets=["q_proj", "experts"])
+    saved = json.loads(json.dumps(lora_key(conf)))  # as meta.json holds it
+    check_resume_lora(saved, conf, "ckpt")
+    check_resume_lora(None, LoraConf(rank=0), "ckpt")  # full training on both sides
+    with pytest.raises(LoraError, match="rank=4 alpha=8.0 .* resume with the same train.lora"):
+        check_resume_lora(saved, LoraConf(rank=8, alpha=8, targets=["q_proj", "experts"]), "c")
+    with pytest.raises(LoraError, match="resume with the same"):
+        check_resume_lora(saved, LoraConf(rank=0), "ckpt")
+    with pytest.raises(LoraError, match="full-parameter training"):
+        check_resume_lora(None, conf, "ckpt")
