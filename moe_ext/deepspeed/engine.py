@@ -296,19 +296,17 @@ def install_exact_norm(engine: Any, groups: Any, max_norm: float) -> None:
                         yield placement[id(lp)], opt.fp32_groups_gradients[i][j]
 
         opt.clip_grad = 0.0  # its own (per-rank) clipping off
-        # its step still takes its own norm, now only to detect overflow; that norm stacks
-        # the dense gradients of tp rank 0 and of parameters marked model-parallel, none on
-        # a tp rank > 0 here, which DeepSpeed does not guard: a zero stands in there
+        # its step still takes a norm, now only to detect overflow: it is handed ours, which
+        # is non-finite exactly when a counted gradient is (and saves a second pass; its own
+        # would also fail on a tp rank > 0, where no dense gradient is counted by DeepSpeed)
         grads_for_norm = opt.get_grads_for_norm
 
-        def guarded_grads_for_norm(for_clipping: bool = False):
-            found = grads_for_norm(for_clipping=for_clipping)
+        def grads_for_overflow_check(for_clipping: bool = False):
             if for_clipping:
-                return found
-            dense, experts = found
-            return (dense or [torch.zeros(1, device=device)]), experts
+                return grads_for_norm(for_clipping=True)
+            return [exact["norm"].reshape(1)], {}
 
-        opt.get_grads_for_norm = guarded_grads_for_norm
+        opt.get_grads_for_norm = grads_for_overflow_check
     elif isinstance(opt, torch.optim.Optimizer):
 
         def whole_grads():
@@ -323,11 +321,12 @@ def install_exact_norm(engine: Any, groups: Any, max_norm: float) -> None:
             f"clipping cannot read; use train.zero_stage=1 or 2"
         )
     original_step = opt.step
+    exact: dict[str, torch.Tensor] = {}  # this step's norm, for the bf16 overflow check
 
     @torch.no_grad()
     def step(closure=None):
         pieces = list(whole_grads())
-        norm = global_grad_norm(pieces, world, partitioned=False, device=device)
+        norm = exact["norm"] = global_grad_norm(pieces, world, partitioned=False, device=device)
         clip_((g for _, g in pieces), norm, max_norm)
         result = original_step(closure)
         if not getattr(opt, "overflow", False):

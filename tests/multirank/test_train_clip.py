@@ -273,3 +273,45 @@ def test_launcher_clips_ep_under_zero2_with_offload(tmp_path):
     resumed = launch("b", f"resume={tmp_path / 'a/checkpoints/step_00000002'}")
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in history], rel=1e-6)
     assert [h["grad_norm"] for h in resumed] == pytest.approx(norms, rel=1e-5)
+
+
+def _overflow_body(rank, world):
+    """A NaN in one rank's expert gradient: every rank skips the step (weights unchanged)
+    and reports a non-finite norm, in bf16 (DeepSpeed's overflow check, handed our norm)."""
+    from moe_ext.deepspeed.engine import build_engine
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    args = tiny_args()
+    plan = plan_of("ep_nccl", world=world, **EP2)
+    groups = _groups_for(plan, {}, "gloo")
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize(model, plan, groups)
+    init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
+    engine = build_engine(
+        model,
+        groups,
+        lr=LR,
+        weight_decay=0.0,
+        betas=BETAS,
+        micro_batch=MB,
+        zero_stage=1,
+        grad_clip=1.0,
+        aux_loss_coeff=AUX,
+        z_loss_coeff=0.0,
+        dtype=torch.bfloat16,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss, _, _ = engine(_batch(0, groups.dp_rank))
+    engine.backward(loss)
+    if rank == 1:  # the reduced fp32 gradient of this rank's experts
+        expert = next(p for n, p in model.named_parameters() if ".mlp.experts." in n)
+        expert._hp_grad.view(-1)[0] = float("nan")
+    engine.step()
+    assert not torch.isfinite(torch.as_tensor(engine.get_global_grad_norm()))
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
+
+
+def test_non_finite_gradient_skips_the_step():
+    run_ranks(_overflow_body, world_size=2)
