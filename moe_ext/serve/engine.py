@@ -1,0 +1,580 @@
+"""The serving engine: continuous batching over per-row KV caches, on every rank in lockstep.
+
+# B decode bucket (rows 0..B-1 of every replica), n prefill chunk length, V vocab,
+# R rows per replica, S_max slots per row (max_context)
+
+Process model: every rank runs ``ServeEngine.run()`` in its main thread. Rank 0 also owns
+the request queue (``Scheduler``) and hands out ``EngineClient`` (``ServeEngine.client``)
+to the HTTP server, which runs in another thread. Each step rank 0 broadcasts a
+``StepPlan`` over the control group (gloo, CPU; its timeout is the collective timeout),
+every rank runs it on its own replica's rows, and the sampled ids are gathered back to
+rank 0, which turns them into ``TokenEvent``s on the requests' streams. An idle rank 0
+broadcasts an empty plan every ``heartbeat_s`` so the other ranks' waits never time out.
+
+A step on replica r (``_execute``): new rows get their sampling state; one decode forward
+over rows 0..B-1 (static shape; a CUDA graph per bucket on GPU where the model allows);
+then r's prefill chunks, one forward each (rows named by ``cache_rows``). Replicas whose
+experts are split across them (``context.lockstep``) run the same bucket and pad their
+prefill forwards with ``idle_forward``, so every rank makes the same expert exchanges.
+Pipeline stages run the same forwards, hidden states flowing as in ``generate``; the last
+stage samples. TP ranks of a replica run identical rows and sample identically (same
+per-row generators).
+
+Draining (``drain``, SIGTERM): new requests are refused (EngineUnavailable), the accepted
+ones finish, then rank 0 broadcasts shutdown and every rank's ``run`` returns 0. A failed
+collective (a dead rank, a timeout) ends every open stream with an error event, marks the
+engine unhealthy, and ``run`` returns 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_ext.errors import MoeExtError
+from moe_ext.model.generate import sample
+from moe_ext.serve.scheduler import Entry, Scheduler, StepPlan, buckets
+
+log = logging.getLogger(__name__)
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+
+class QueueFull(MoeExtError):
+    """The request queue is full: retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, retry_after_s: float, max_queue: int = 0):
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the server's queue is full ({max_queue} requests waiting); retry after "
+            f"{retry_after_s:g} s or raise server.max_queue"
+        )
+
+
+class EngineUnavailable(MoeExtError):
+    """The engine is draining for shutdown or lost a rank: no new requests."""
+
+
+class ContextTooLong(MoeExtError):
+    """prompt + max_tokens exceeds the engine's context."""
+
+
+class InvalidRequest(MoeExtError):
+    """A request the engine cannot run (empty prompt, ids outside the vocabulary, ...)."""
+
+
+# ---- the client-facing types ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_p: float = 1.0
+    seed: Optional[int] = None  # None: the engine's shared generator
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids (unless ignore_eos)
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New ids of a request; the last event has ``finish_reason`` ("stop": a stop/EOS id,
+    which is the event's last id; "length": max_tokens; "abort": cancelled; "error": the
+    engine failed, ``error`` says how)."""
+
+    token_ids: list[int]
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    queued: int
+    kv_rows_used: int
+    kv_rows_total: int
+    kv_tokens_used: int
+    kv_tokens_total: int
+    healthy: bool
+    draining: bool
+
+
+class RequestStream:
+    """The events of one request, in order. ``async for event in stream`` when submitted
+    from an event loop (events arrive through ``loop.call_soon_threadsafe``), else
+    ``stream.events(timeout)``; iteration ends after the event with a finish_reason."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        loop: Optional[asyncio.AbstractEventLoop] = None,
+    ):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.arrival_s = time.monotonic()
+        self.first_token_s: Optional[float] = None
+        self.completion_tokens = 0
+        self.finish_reason: Optional[str] = None
+        self._loop = loop
+        self._async_queue: Optional[asyncio.Queue] = asyncio.Queue() if loop else None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = False  # the consumer saw the final event
+
+    def _push(self, event: TokenEvent) -> None:
+        """Engine thread: deliver ``event`` (dropped if the consumer's loop is gone)."""
+        if event.token_ids and self.first_token_s is None:
+            self.first_token_s = time.monotonic()
+        self.completion_tokens += len(event.token_ids)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        if self._loop is None:
+            self._queue.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._ended or self._async_queue is None:
+            raise StopAsyncIteration
+        event = await self._async_queue.get()
+        self._ended = event.finish_reason is not None
+        return event
+
+    def events(self, timeout: float) -> Iterator[TokenEvent]:
+        """Blocking iteration (no event loop); raises queue.Empty after ``timeout`` seconds
+        without an event."""
+        while not self._ended:
+            event = self._queue.get(timeout=timeout)
+            self._ended = event.finish_reason is not None
+            yield event
+
+
+class EngineClient(ABC):
+    """What the HTTP server uses (rank 0 only; thread-safe)."""
+
+    model_name: str
+    max_context: int  # prompt + max_tokens limit
+
+    @abstractmethod
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request. Raises QueueFull, EngineUnavailable, ContextTooLong,
+        InvalidRequest."""
+
+    @abstractmethod
+    def cancel(self, stream: RequestStream) -> None:
+        """Stop a request (its stream ends with "abort") and free its KV row."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+
+# ---- per-row sampling ------------------------------------------------------------------
+
+
+@dataclass
+class _RowSampling:
+    temperature: float
+    top_p: float
+    generator: Optional[torch.Generator]  # None: the engine's shared generator
+
+
+class _BucketGraph:
+    """The decode forward of one bucket captured as a CUDA graph: inputs are copied into
+    static buffers, logits read from a static output."""
+
+    def __init__(self, model, bucket: int, device: torch.device):
+        self.model = model
+        self.tokens = torch.zeros(bucket, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.slots = torch.zeros(bucket, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.kv_start = torch.zeros(bucket, dtype=torch.long, device=device)  # [B]
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None
+
+    def _step(self) -> torch.Tensor:
+        return self.model(
+            self.tokens, self.slots, self.kv_start, None, last_only=True, use_cache=True
+        )
+
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.slots.copy_(slots)
+        if self.graph is None:
+            # warm-up on a side stream (the same collectives on every lockstep replica: they
+            # all reach a new bucket at the same step); the writes land on throw-away or
+            # about-to-be-written slots, which the real step rewrites
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._step()
+            self.graph = graph
+        self.graph.replay()
+        return self.logits
+
+
+# ---- the engine ------------------------------------------------------------------------
+
+
+class ServeEngine:
+    """Continuous batching on this rank (see the module doc).
+
+    ``model``: this rank's parallelized Transformer (caches are set up here: ``rows`` rows
+    of ``max_context`` slots). ``control_group``: a gloo group of every rank (None: one
+    process, no collectives). ``stop_ids``: the model's EOS ids (generation_config.json).
+    ``kv_tokens``: each replica's KV-token budget for admission (default rows·max_context).
+    """
+
+    def __init__(
+        self,
+        model,
+        control_group: Optional[dist.ProcessGroup],
+        *,
+        model_name: str,
+        rows: int,
+        max_context: int,
+        prefill_chunk: int,
+        max_queue: int,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+        cuda_graphs: bool = True,
+        compile_decode: bool = True,
+        heartbeat_s: float = 1.0,
+        kv_tokens: Optional[int] = None,
+    ):
+        self.model = model
+        self.group = control_group
+        self.multi = control_group is not None and dist.get_world_size(control_group) > 1
+        self.rank = dist.get_rank(control_group) if control_group is not None else 0
+        self.leader = dist.get_global_rank(control_group, 0) if self.multi else 0
+        self.model_name, self.max_context, self.rows = model_name, max_context, rows
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.heartbeat_s = heartbeat_s
+        context = model.context
+        self.replica, self.replicas = context.dp_rank, context.dp_size
+        self.lockstep = context.lockstep
+        self.static_exchange = context.lockstep or context.expert_parallel
+        self.device = model.device
+        self.vocab_size = model.args.vocab_size
+        if kv_tokens is not None and kv_tokens < max_context:
+            raise MoeExtError(
+                f"a KV-token budget of {kv_tokens} cannot hold one request of max_context "
+                f"{max_context}; raise the budget or lower server.max_context"
+            )
+        self.scheduler = Scheduler(
+            self.replicas, rows, max_context, max_queue, prefill_chunk, kv_tokens
+        )
+        model.eval()
+        model.setup_caches(rows, max_context)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.row_sampling: dict[int, _RowSampling] = {}
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            model.compile_decode(compile_decode and not model.decode_state.capture_failed)
+        self.use_graphs = (
+            cuda_graphs
+            and on_cuda
+            and context.pp_group is None
+            and not model.decode_state.capture_failed
+            and (self.static_exchange or context.cuda_graph_safe)
+        )
+        self.graphs: dict[int, _BucketGraph] = {}
+        # rank 0's request side (guarded by _cv)
+        self._cv = threading.Condition()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._draining = False
+        self._healthy = True
+        self._client = _Client(self)
+
+    @property
+    def decode_buckets(self) -> list[int]:
+        return buckets(self.rows)
+
+    @property
+    def client(self) -> EngineClient:
+        if self.rank != 0:
+            raise RuntimeError("the engine client lives on rank 0 only")
+        return self._client
+
+    def drain(self) -> None:
+        """Stop admitting; finish what was accepted, then shut every rank down (thread-safe;
+        a signal handler may call it)."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+
+    # ---- the loop ---------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until drained (0) or a rank fails (1)."""
+        try:
+            with torch.inference_mode():
+                return self._lead() if self.rank == 0 else self._follow()
+        except Exception as err:  # noqa: BLE001 - a failed collective or forward
+            log.error("serving engine failed on rank %d: %s", self.rank, err)
+            if self.rank == 0:
+                self._fail(f"the serving engine failed: {err}")
+            return 1
+
+    def _lead(self) -> int:
+        last = time.monotonic()
+        while True:
+            with self._cv:
+                while self.scheduler.idle and not self._draining:
+                    wait = self.heartbeat_s - (time.monotonic() - last)
+                    if self.multi and wait <= 0:
+                        break
+                    self._cv.wait(timeout=wait if self.multi else None)
+                if self._draining and self.scheduler.idle:
+                    plan = StepPlan(shutdown=True)
+                else:
+                    plan = self.scheduler.schedule()
+            self._broadcast(plan)
+            last = time.monotonic()
+            if plan.shutdown:
+                log.info("serving engine: drained, shutting down")
+                return 0
+            if plan.empty:
+                continue
+            sampled = self._gather(self._execute(plan))
+            with self._cv:
+                for done in self.scheduler.complete(plan, sampled):
+                    stream = self._streams.get(done.entry.request_id)
+                    if stream is None:
+                        continue
+                    if done.finish_reason is not None:
+                        del self._streams[done.entry.request_id]
+                    stream._push(TokenEvent(done.token_ids, done.finish_reason))
+                if self._draining and self.scheduler.idle:
+                    self._cv.notify_all()
+
+    def _follow(self) -> int:
+        while True:
+            plan = self._broadcast(None)
+            if plan.shutdown:
+                return 0
+            if not plan.empty:
+                self._gather(self._execute(plan))
+
+    def _broadcast(self, plan: Optional[StepPlan]) -> StepPlan:
+        """Rank 0's plan to every rank (over the control group)."""
+        if not self.multi:
+            return plan
+        box = [plan]
+        dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        return box[0]
+
+    def _gather(self, sampled: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
+        """Every rank's sampled ids to rank 0 (merged; TP ranks of a replica agree)."""
+        if not self.multi:
+            return sampled
+        parts = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
+        dist.gather_object(sampled, parts, dst=self.leader, group=self.group)
+        if self.rank != 0:
+            return {}
+        merged: dict[tuple[int, int], int] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def _fail(self, message: str) -> None:
+        with self._cv:
+            self._healthy = False
+            for stream in self._streams.values():
+                stream._push(TokenEvent([], "error", message))
+            self._streams.clear()
+            self._cv.notify_all()
+
+    # ---- one step on this rank -------------------------------------------------------------
+    def _execute(self, plan: StepPlan) -> dict[tuple[int, int], int]:
+        """Run ``plan`` on this replica's rows; returns {(replica, row): id} sampled here
+        (last pipeline stage only)."""
+        me = self.replica
+        for new in plan.new_rows:
+            if new.replica == me:
+                generator = None
+                if new.seed is not None and new.temperature > 0:
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(new.seed)
+                self.row_sampling[new.row] = _RowSampling(new.temperature, new.top_p, generator)
+        sampled: dict[tuple[int, int], int] = {}
+        if plan.bucket:
+            tokens = torch.tensor(plan.decode_tokens[me], dtype=torch.long)[:, None]  # [B, 1]
+            slots = torch.tensor(plan.decode_slots[me], dtype=torch.long)[:, None]  # [B, 1]
+            logits = self._decode(tokens.to(self.device), slots.to(self.device))
+            rows = plan.decode_rows[me]
+            if logits is not None and rows:
+                ids = self._sample(logits[rows, -1], rows)
+                sampled.update(((me, row), i) for row, i in zip(rows, ids))
+        chunks = plan.prefill[me]
+        for i in range(plan.prefill_forwards):
+            if i >= len(chunks):
+                if self.lockstep:
+                    self.model.idle_forward()  # the other replicas' expert exchanges
+                continue
+            chunk = chunks[i]
+            logits = self._prefill(chunk.row, chunk.tokens, chunk.start)
+            if logits is not None and chunk.last:
+                sampled[(me, chunk.row)] = self._sample(logits[:, -1], [chunk.row])[0]
+        return sampled
+
+    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]:
+        """tokens, slots: [B, 1] int64 for rows 0..B-1. Logits [B, 1, V] (None off the last
+        stage). The expert exchange is static at B tokens where it must match across ranks."""
+        B = tokens.shape[0]
+        if self.static_exchange:
+            self.model.set_moe_capacity(B)
+        try:
+            if self.use_graphs:
+                try:
+                    graph = self.graphs.setdefault(B, _BucketGraph(self.model, B, self.device))
+                    return graph(tokens, slots)
+                except dist.DistError:
+                    raise
+                except RuntimeError as e:  # an op that syncs, or a failed compile
+                    log.warning("CUDA-graph capture failed (%s); decoding eagerly", e)
+                    self.model.compile_decode(False)
+                    self.model.decode_state.capture_failed = True
+                    self.use_graphs = False
+                    self.graphs.clear()
+            kv_start = torch.zeros(B, dtype=torch.long, device=self.device)  # [B]
+            return self.model(tokens, slots, kv_start, None, last_only=True, use_cache=True)
+        finally:
+            if self.static_exchange:
+                self.model.set_moe_capacity(None)
+
+    def _prefill(self, row: int, tokens: Sequence[int], start: int) -> Optional[torch.Tensor]:
+        """One chunk of one row's prompt at slots start..start+n-1. Logits [1, 1, V] of its
+        last token (None off the last stage)."""
+        n = len(tokens)
+        device = self.device
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)  # [1, n]
+        slots = torch.arange(start, start + n, dtype=torch.long, device=device)[None]  # [1, n]
+        return self.model(
+            ids,
+            slots,
+            torch.zeros(1, dtype=torch.long, device=device),
+            start + n,
+            last_only=True,
+            use_cache=True,
+            cache_rows=torch.tensor([row], dtype=torch.long, device=device),
+        )
+
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """logits: [n, V], one per row in ``rows``. Greedy rows take the argmax; the others
+        sample with their temperature/top_p and generator."""
+        ids = logits.argmax(dim=-1)  # [n]
+        for i, row in enumerate(rows):
+            state = self.row_sampling.get(row)
+            if state is not None and state.temperature > 0:
+                generator = state.generator or self.generator
+                ids[i] = sample(logits[i : i + 1], state.temperature, state.top_p, generator)[0]
+        return ids.tolist()  # sync: the step's ids to the host (rank 0 streams them)
+
+    # ---- rank 0: the client side -----------------------------------------------------------
+    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidRequest("the prompt is empty; give at least one token")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequest(
+                f"the prompt has token ids outside the vocabulary [0, {self.vocab_size})"
+            )
+        if params.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens={params.max_tokens}; it must be at least 1")
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ContextTooLong(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the context of {self.max_context}; shorten the prompt or lower "
+                f"max_tokens"
+            )
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._cv:
+            if not self._healthy:
+                raise EngineUnavailable("the serving engine lost a rank; restart the server")
+            if self._draining:
+                raise EngineUnavailable("the server is shutting down; send the request elsewhere")
+            request_id = f"req-{next(self._ids)}"
+            entry = Entry(
+                request_id,
+                prompt,
+                params.max_tokens,
+                frozenset(stop),
+                params.seed,
+                params.temperature,
+                params.top_p,
+            )
+            if not self.scheduler.add(entry):
+                raise QueueFull(self._retry_after(), self.scheduler.max_queue)
+            stream = RequestStream(request_id, len(prompt), loop)
+            self._streams[request_id] = stream
+            self._cv.notify_all()
+        return stream
+
+    def _retry_after(self) -> float:
+        return 1.0
+
+    def _cancel(self, stream: RequestStream) -> None:
+        with self._cv:
+            if self._streams.pop(stream.request_id, None) is None:
+                return  # finished already
+            self.scheduler.cancel(stream.request_id)
+            stream._push(TokenEvent([], "abort"))
+
+    def _stats(self) -> EngineStats:
+        with self._cv:
+            s = self.scheduler
+            return EngineStats(
+                running=s.rows_used,
+                queued=s.queued,
+                kv_rows_used=s.rows_used,
+                kv_rows_total=s.rows_total,
+                kv_tokens_used=s.tokens_used,
+                kv_tokens_total=s.tokens_total,
+                healthy=self._healthy,
+                draining=self._draining,
+            )
+
+
+class _Client(EngineClient):
+    def __init__(self, engine: ServeEngine):
+        self._engine = engine
+        self.model_name = engine.model_name
+        self.max_context = engine.max_context
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        return self._engine._submit(prompt_ids, params)
+
+    def cancel(self, stream: RequestStream) -> None:
+        self._engine._cancel(stream)
+
+    def stats(self) -> EngineStats:
+        return self._engine._stats()

@@ -1,0 +1,331 @@
+"""The serving scheduler (pure Python) and the engine's step loop on one process.
+
+The scheduler: admission bounded by KV rows and KV tokens, the queue bound, chunked
+prefill interleaved with decodes, lowest-first rows and buckets, cancellation and row
+reuse. The engine: a fake model implementing the per-row cache contract (a cache of token
+ids; each logit row is a hash of the query's whole cached history) runs many requests
+through ``ServeEngine`` with small rows, chunks and buckets, so every throw-away write,
+chunk boundary and row reuse is checked against the same function over each sequence
+alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import pytest
+import torch
+
+from moe_ext.model.context import DecodeState, ParallelContext
+from moe_ext.serve.engine import (
+    ContextTooLong,
+    EngineUnavailable,
+    InvalidRequest,
+    QueueFull,
+    SamplingParams,
+    ServeEngine,
+)
+from moe_ext.serve.scheduler import Entry, Scheduler, bucket_for, buckets
+
+
+def entry(i: int, prompt_len: int, max_tokens: int = 4, stop=()) -> Entry:
+    return Entry(f"r{i}", list(range(1, prompt_len + 1)), max_tokens, frozenset(stop))
+
+
+def run_step(s: Scheduler, token: int = 7):
+    """schedule + complete, sampling ``token`` for every row that samples."""
+    plan = s.schedule()
+    sampled = {}
+    for r in range(s.replicas):
+        for row in plan.decode_rows[r]:
+            sampled[(r, row)] = token
+        for chunk in plan.prefill[r]:
+            if chunk.last:
+                sampled[(r, chunk.row)] = token
+    return plan, s.complete(plan, sampled)
+
+
+def test_buckets():
+    assert [bucket_for(n, 8) for n in range(10)] == [0, 1, 2, 4, 4, 8, 8, 8, 8, 8]
+    assert bucket_for(5, 6) == 6
+    assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+
+
+def test_queue_bound_and_row_admission():
+    s = Scheduler(replicas=1, rows=2, max_context=64, max_queue=3, prefill_chunk=64)
+    assert all(s.add(entry(i, 3)) for i in range(3))
+    assert s.queue_full() and not s.add(entry(3, 3))
+    plan = s.schedule()
+    # two rows: r0 -> row 0, r1 -> row 1, r2 waits
+    assert [(n.row, n.replica) for n in plan.new_rows] == [(0, 0), (1, 0)]
+    assert s.queued == 1 and s.rows_used == 2 and not s.queue_full()
+    assert s.add(entry(3, 3))
+
+
+def test_token_budget_bounds_admission():
+    # each replica may reserve 20 tokens: 10 + 4 fits, a second 10 + 4 does not
+    s = Scheduler(replicas=1, rows=4, max_context=16, max_queue=8, prefill_chunk=64, kv_tokens=20)
+    s.add(entry(0, 10))
+    s.add(entry(1, 10))
+    s.add(entry(2, 2))  # would fit, but does not overtake r1
+    s.schedule()
+    assert s.rows_used == 1 and s.queued == 2
+    for _ in range(4):  # r0: last chunk samples 1 id, 3 decodes -> length 4
+        run_step(s)
+    assert s.rows_used == 0 or s.table[0][0].request_id != "r0"
+    s.schedule()
+    assert s.table[0][0].request_id == "r1" and s.table[0][1].request_id == "r2"
+
+
+def test_replicas_share_the_load_lowest_rows_first():
+    s = Scheduler(replicas=2, rows=4, max_context=64, max_queue=16, prefill_chunk=64)
+    for i in range(5):
+        s.add(entry(i, 2))
+    plan = s.schedule()
+    assert [(n.replica, n.row) for n in plan.new_rows] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+
+
+def test_chunked_prefill_interleaves_with_decode():
+    s = Scheduler(replicas=1, rows=4, max_context=64, max_queue=8, prefill_chunk=4)
+    s.add(entry(0, 2, max_tokens=10))
+    plan, done = run_step(s)  # r0 prefilled whole (2 tokens), first id sampled
+    assert plan.bucket == 0 and [c.tokens for c in plan.prefill[0]] == [(1, 2)]
+    assert done[0].token_ids == [7]
+    s.add(entry(1, 10, max_tokens=3))
+    plan, _ = run_step(s)
+    # r0 decodes (row 0, slot 2, its last id) while r1 prefills its first 4 tokens
+    assert plan.bucket == 1 and plan.decode_rows == [[0]]
+    assert plan.decode_tokens == [[7]] and plan.decode_slots == [[2]]
+    assert [(c.row, c.start, c.tokens, c.last) for c in plan.prefill[0]] == [
+        (1, 0, (1, 2, 3, 4), False)
+    ]
+    plan, _ = run_step(s)
+    assert [(c.start, c.last) for c in plan.prefill[0]] == [(4, False)]
+    assert plan.decode_slots == [[3]]
+    plan, done = run_step(s)
+    assert [(c.start, len(c.tokens), c.last) for c in plan.prefill[0]] == [(8, 2, True)]
+    assert {d.entry.request_id for d in done} == {"r0", "r1"}
+    plan, _ = run_step(s)
+    # both decode now: bucket 2; r1's first decode writes slot 10
+    assert plan.bucket == 2 and plan.decode_rows == [[0, 1]] and plan.decode_slots == [[5, 10]]
+
+
+def test_budget_is_shared_oldest_first_and_throwaway_slots():
+    s = Scheduler(replicas=1, rows=4, max_context=64, max_queue=8, prefill_chunk=5)
+    s.add(entry(0, 1, max_tokens=9))
+    run_step(s)
+    s.add(entry(1, 3))
+    s.add(entry(2, 6))
+    plan, _ = run_step(s)
+    # r0 decodes on row 0; r1 takes 3 of the 5 tokens, r2 the other 2
+    assert [(c.row, c.start, len(c.tokens)) for c in plan.prefill[0]] == [(1, 0, 3), (2, 0, 2)]
+    plan, _ = run_step(s)
+    # rows 1 (decoding now) and 2 (prefilling at slot 2) are in the bucket of 4; row 2's
+    # throw-away write goes to its next unwritten slot, row 3 (free) to slot 0
+    assert plan.bucket == 2 and plan.decode_rows == [[0, 1]]
+    plan, _ = run_step(s)
+    assert plan.decode_rows == [[0, 1, 2]] and plan.bucket == 4
+    assert plan.decode_slots[0][3] == 0
+
+
+def test_throwaway_slot_of_a_prefilling_row():
+    s = Scheduler(replicas=1, rows=2, max_context=64, max_queue=8, prefill_chunk=3)
+    s.add(entry(0, 1, max_tokens=1))  # row 0, done after its prefill
+    s.add(entry(1, 1, max_tokens=9))  # row 1, decodes from the next step on
+    run_step(s)
+    s.add(entry(2, 7))  # reuses row 0
+    plan, _ = run_step(s)
+    assert plan.bucket == 2 and plan.decode_rows == [[1]] and plan.decode_slots[0][0] == 0
+    plan, _ = run_step(s)  # decode first (row 0 at its next slot 3), then its chunk from 3
+    assert plan.decode_rows == [[1]] and plan.decode_slots == [[3, 2]]
+    assert plan.prefill[0][0].start == 3
+
+
+def test_stop_and_length_free_rows_for_reuse():
+    s = Scheduler(replicas=1, rows=1, max_context=64, max_queue=8, prefill_chunk=64)
+    s.add(entry(0, 3, max_tokens=5, stop=[9]))
+    s.add(entry(1, 2, max_tokens=2))
+    _, done = run_step(s, token=4)
+    assert done[0].finish_reason is None
+    _, done = run_step(s, token=9)  # a stop id: kept, row freed
+    assert done[0].token_ids == [9] and done[0].finish_reason == "stop"
+    assert s.rows_used == 0
+    plan, done = run_step(s, token=4)  # r1 reuses row 0
+    assert plan.new_rows[0].row == 0 and done[0].entry.request_id == "r1"
+    _, done = run_step(s, token=4)
+    assert done[0].finish_reason == "length" and done[0].entry.generated == [4, 4]
+    assert s.idle
+
+
+def test_cancel_queued_and_running():
+    s = Scheduler(replicas=1, rows=1, max_context=64, max_queue=8, prefill_chunk=64)
+    s.add(entry(0, 3, max_tokens=50))
+    s.add(entry(1, 3))
+    s.add(entry(2, 3))
+    run_step(s)
+    assert s.cancel("r1").finish_reason == "abort" and s.queued == 1  # queued: dropped
+    plan = s.schedule()  # r0 decodes
+    assert s.cancel("r0") is not None and s.rows_used == 0  # cancelled during the step
+    assert s.complete(plan, {(0, 0): 5}) == []  # its id is dropped
+    assert s.cancel("r0") is None
+    plan = s.schedule()
+    assert plan.new_rows[0].row == 0 and s.table[0][0].request_id == "r2"
+
+
+# ---- the engine on one process with a fake per-row-cache model --------------------------
+
+V = 97
+
+
+def history_logits(history: torch.Tensor) -> torch.Tensor:
+    """The fake model's logits [V] after ``history`` (ids): a hash of the whole sequence."""
+    h = 0
+    for t in history.tolist():
+        h = (h * 31 + t + 1) % 1_000_003
+    g = torch.Generator().manual_seed(h)
+    return torch.randn(V, generator=g)
+
+
+class FakeModel(torch.nn.Module):
+    """Contract 1 with a cache of token ids [R, S_max]: each query's logits hash the
+    cached ids at slots kv_start..its slot of its row (so a misplaced or clobbered write
+    changes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.args = type("Args", (), {"vocab_size": V})()
+        self.context = ParallelContext()
+        self.decode_state = DecodeState()
+        self.cache: Optional[torch.Tensor] = None
+        self.forwards = 0
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def setup_caches(self, batch, max_slots, dtype=None):
+        self.cache = torch.full((batch, max_slots), -1, dtype=torch.long)
+
+    def set_moe_capacity(self, n):
+        pass
+
+    def forward(
+        self,
+        tokens,
+        slots,
+        kv_start,
+        kv_len=None,
+        last_only=False,
+        use_cache=False,
+        cache_rows=None,
+    ):
+        B, S = tokens.shape
+        assert slots.shape == (B, S) and use_cache and last_only
+        rows = torch.arange(B) if cache_rows is None else cache_rows
+        self.forwards += 1
+        out = []
+        for b in range(B):
+            row = int(rows[b])
+            self.cache[row, slots[b]] = tokens[b]
+            last = int(slots[b, -1])
+            if kv_len is not None:
+                assert last < kv_len
+            out.append(history_logits(self.cache[row, int(kv_start[b]) : last + 1]))
+        return torch.stack(out)[:, None]  # [B, 1, V]
+
+
+def greedy_alone(prompt: list[int], max_tokens: int, stop: set[int]) -> list[int]:
+    seq, out = list(prompt), []
+    for _ in range(max_tokens):
+        t = int(history_logits(torch.tensor(seq)).argmax())
+        out.append(t)
+        seq.append(t)
+        if t in stop:
+            break
+    return out
+
+
+def start_engine(**kw):
+    options = dict(
+        model_name="fake", rows=4, max_context=40, prefill_chunk=5, max_queue=64, stop_ids=[3]
+    )
+    options.update(kw)
+    engine = ServeEngine(FakeModel(), None, **options)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    return engine, thread
+
+
+def collect(stream) -> tuple[list[int], str]:
+    ids, reason = [], None
+    for event in stream.events(timeout=30):
+        ids += event.token_ids
+        reason = event.finish_reason
+    return ids, reason
+
+
+def test_engine_equals_each_sequence_alone():
+    engine, thread = start_engine()
+    client = engine.client
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(4, V, (int(n),), generator=g).tolist()
+        for n in torch.randint(1, 17, (24,), generator=g)
+    ]
+    max_tokens = [int(n) for n in torch.randint(1, 12, (24,), generator=g)]
+    streams = [client.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts, max_tokens)]
+    for p, m, stream in zip(prompts, max_tokens, streams):
+        ids, reason = collect(stream)
+        expected = greedy_alone(p, m, {3})
+        assert ids == expected, (p, m)
+        assert reason == ("stop" if expected[-1] == 3 and len(expected) <= m else "length")
+        assert stream.first_token_s is not None and stream.completion_tokens == len(ids)
+    stats = client.stats()
+    assert (stats.running, stats.queued, stats.kv_rows_used) == (0, 0, 0)
+    assert stats.kv_rows_total == 4 and stats.kv_tokens_total == 160
+    engine.drain()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_engine_errors_cancel_and_drain():
+    engine, thread = start_engine(max_queue=2, rows=1)
+    client = engine.client
+    with pytest.raises(ContextTooLong):
+        client.submit([5] * 35, SamplingParams(max_tokens=6))
+    with pytest.raises(InvalidRequest):
+        client.submit([], SamplingParams())
+    with pytest.raises(InvalidRequest):
+        client.submit([V], SamplingParams())
+    long = client.submit([5, 6], SamplingParams(max_tokens=30, ignore_eos=True))
+    first = next(long.events(timeout=30))
+    assert len(first.token_ids) == 1
+    queued = [client.submit([7], SamplingParams(max_tokens=2)) for _ in range(2)]
+    with pytest.raises(QueueFull) as err:
+        client.submit([7], SamplingParams(max_tokens=2))
+    assert err.value.retry_after_s > 0
+    client.cancel(long)  # frees the only row for the queued ones
+    rest = [e for e in long.events(timeout=30)]
+    assert rest[-1].finish_reason == "abort" and len(rest) < 30
+    for stream in queued:
+        ids, _ = collect(stream)
+        assert ids == greedy_alone([7], 2, {3})
+    engine.drain()
+    with pytest.raises(EngineUnavailable):
+        client.submit([7], SamplingParams(max_tokens=2))
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_seeded_sampling_repeats():
+    engine, thread = start_engine(rows=2)
+    client = engine.client
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+    a = client.submit([9, 10, 11], params)
+    b = client.submit([9, 10, 11], params)
+    ids_a, ids_b = collect(a)[0], collect(b)[0]
+    assert ids_a == ids_b and len(ids_a) == 8
+    engine.drain()
+    thread.join(10)
