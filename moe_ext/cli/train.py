@@ -287,12 +287,15 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
 # ---- the run -----------------------------------------------------------------------------
 
 
-def build_model(job: Job, groups: ProcessGroups, rank: int, device: torch.device) -> Transformer:
+def build_model(
+    job: Job, groups: ProcessGroups, rank: int, device: torch.device, frozen_base: bool = False
+) -> Transformer:
     """This rank's shard in fp32 (DeepSpeed keeps fp32 masters and casts for bf16): built
-    on meta, parallelized, then filled from the checkpoint slices or the seeded init."""
-    return build_model_shard(
-        job.source, job.plan, groups, rank, device, torch.float32, progress=rank == 0
-    )
+    on meta, parallelized, then filled from the checkpoint slices or the seeded init.
+    ``frozen_base`` (LoRA): in the training dtype instead, as no optimizer keeps masters of
+    frozen weights (bf16: half the memory, never an fp32 copy of the base)."""
+    dtype = job.dtype if frozen_base else torch.float32
+    return build_model_shard(job.source, job.plan, groups, rank, device, dtype, progress=rank == 0)
 
 
 def build_train_engine(
@@ -521,7 +524,7 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
         job.plan, env, job.device_type, cfg.dist_timeout_s, cfg.preflight, cfg.debug
     )
     run_dir = _run_dir(own_run_dir, device)
-    model = build_model(job, groups, env.rank, device)
+    model = build_model(job, groups, env.rank, device, frozen_base=cfg.train.lora.rank > 0)
     lora = apply_lora(model, cfg.train.lora, groups.ep_rank) if cfg.train.lora.rank > 0 else None
     engine = build_train_engine(cfg, job, model, groups, device)
     if lora is not None:  # collective: every rank's trainable/frozen params and memory
