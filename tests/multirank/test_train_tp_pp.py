@@ -3,7 +3,7 @@ single-rank reference: after the engine's reduction every rank's gradients equal
 reference's slices of the same global batch (tp2 with sharded attention, dense MLP and
 experts; ep under tp with the token split; pp2 through the 1F1B schedule with 2 and 4
 micro-batches, ZeRO 1, activation checkpointing), then the launcher with pp2. The 4-rank
-combinations (tp2·ep2, pp2·ep2, pp2·tp2) are the slow tier.
+combinations (tp2·ep2, pp2·ep2, pp2·tp2, pp4) are the slow tier.
 
 # MB sequences per data-parallel rank, SEQ tokens each; M pipeline micro-batches
 """
@@ -160,6 +160,9 @@ def _four_rank_body(rank, world):
     # pp2 · ep2 over dp 2, ZeRO 1 (its reduced partitions read back per parameter)
     _check_case(rank, world, "tiny", "ep_nccl", pp=2, ep=2, microbatches=2, zero=1)
     _check_case(rank, world, "tiny", "tp_experts", tp=2, pp=2, microbatches=2)  # pp2 · tp2
+    # pp4: warm-ups of 3, 2, 1 and 0 forwards; fewer micro-batches (2) than stages, and as many
+    _check_case(rank, world, "tiny", "replicate", pp=4, microbatches=2)
+    _check_case(rank, world, "tiny", "replicate", pp=4, microbatches=4, recompute=True)
 
 
 def _families_body(rank, world):
