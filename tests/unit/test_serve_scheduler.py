@@ -12,12 +12,10 @@ alone.
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 import pytest
 import torch
 
-from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.serve.engine import (
     ContextTooLong,
     EngineUnavailable,
@@ -27,6 +25,7 @@ from moe_ext.serve.engine import (
     ServeEngine,
 )
 from moe_ext.serve.scheduler import Entry, Scheduler, bucket_for, buckets
+from tests.serve_support import FakeModel, V, collect, greedy_alone
 
 
 def entry(i: int, prompt_len: int, max_tokens: int = 4, stop=()) -> Entry:
@@ -175,77 +174,6 @@ def test_cancel_queued_and_running():
 
 # ---- the engine on one process with a fake per-row-cache model --------------------------
 
-V = 97
-
-
-def history_logits(history: torch.Tensor) -> torch.Tensor:
-    """The fake model's logits [V] after ``history`` (ids): a hash of the whole sequence."""
-    h = 0
-    for t in history.tolist():
-        h = (h * 31 + t + 1) % 1_000_003
-    g = torch.Generator().manual_seed(h)
-    return torch.randn(V, generator=g)
-
-
-class FakeModel(torch.nn.Module):
-    """Contract 1 with a cache of token ids [R, S_max]: each query's logits hash the
-    cached ids at slots kv_start..its slot of its row (so a misplaced or clobbered write
-    changes them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.args = type("Args", (), {"vocab_size": V})()
-        self.context = ParallelContext()
-        self.decode_state = DecodeState()
-        self.cache: Optional[torch.Tensor] = None
-        self.forwards = 0
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def setup_caches(self, batch, max_slots, dtype=None):
-        self.cache = torch.full((batch, max_slots), -1, dtype=torch.long)
-
-    def set_moe_capacity(self, n):
-        pass
-
-    def forward(
-        self,
-        tokens,
-        slots,
-        kv_start,
-        kv_len=None,
-        last_only=False,
-        use_cache=False,
-        cache_rows=None,
-    ):
-        B, S = tokens.shape
-        assert slots.shape == (B, S) and use_cache and last_only
-        rows = torch.arange(B) if cache_rows is None else cache_rows
-        self.forwards += 1
-        out = []
-        for b in range(B):
-            row = int(rows[b])
-            self.cache[row, slots[b]] = tokens[b]
-            last = int(slots[b, -1])
-            if kv_len is not None:
-                assert last < kv_len
-            out.append(history_logits(self.cache[row, int(kv_start[b]) : last + 1]))
-        return torch.stack(out)[:, None]  # [B, 1, V]
-
-
-def greedy_alone(prompt: list[int], max_tokens: int, stop: set[int]) -> list[int]:
-    seq, out = list(prompt), []
-    for _ in range(max_tokens):
-        t = int(history_logits(torch.tensor(seq)).argmax())
-        out.append(t)
-        seq.append(t)
-        if t in stop:
-            break
-    return out
-
 
 def start_engine(**kw):
     options = dict(
@@ -256,14 +184,6 @@ def start_engine(**kw):
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
     return engine, thread
-
-
-def collect(stream) -> tuple[list[int], str]:
-    ids, reason = [], None
-    for event in stream.events(timeout=30):
-        ids += event.token_ids
-        reason = event.finish_reason
-    return ids, reason
 
 
 def test_engine_equals_each_sequence_alone():
