@@ -271,6 +271,11 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
 
         check_plan(plan, args, training=True)
     _check_plan(plan, cfg.train, dtype, args)
+    if cfg.train.activation_checkpointing and cfg.engine != "deepspeed":
+        raise UsageError(
+            "train.activation_checkpointing recomputes the native model's blocks; it needs "
+            "engine=deepspeed"
+        )
     if cfg.train.lora.rank > 0 and cfg.engine != "deepspeed":
         raise UsageError("train.lora needs engine=deepspeed (the native model's adapters)")
     check_lora(cfg.train.lora, args, plan, cfg.train.zero_stage)

@@ -378,3 +378,15 @@ def test_training_plan_refusals():
     with pytest.raises(UsageError, match="does not split"):
         bad = dataclasses.replace(conf, pipeline_microbatches=3)
         _check_plan(plan_of("replicate", pp=2), bad, torch.float32, tiny_args())
+
+
+def test_activation_checkpointing_needs_the_native_model():
+    from moe_ext.cli import train
+    from moe_ext.dist import DistEnv
+    from moe_ext.launching import UsageError
+    from moe_ext.train.config import TrainConf
+    from tests.support import tiny_conf
+
+    cfg = tiny_conf(TrainConf, engine="megatron", **{"train.activation_checkpointing": True})
+    with pytest.raises(UsageError, match="activation_checkpointing"):
+        train.prepare(cfg, DistEnv(), True, 1)  # checked before any GPU is touched
