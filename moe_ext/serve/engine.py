@@ -331,12 +331,24 @@ class ServeEngine:
         """Serve until drained (0) or a rank fails (1)."""
         try:
             with torch.inference_mode():
+                self._warm_up()
                 return self._lead() if self.rank == 0 else self._follow()
         except Exception as err:  # noqa: BLE001 - a failed collective or forward
             log.error("serving engine failed on rank %d: %s", self.rank, err)
             if self.rank == 0:
                 self._fail(f"the serving engine failed: {err}")
             return 1
+
+    def _warm_up(self) -> None:
+        """GPU graphs: capture every bucket's decode step before serving (every rank at
+        once, so lockstep replicas' warm-up collectives match). The throw-away writes land
+        on slot 0 of rows no request holds yet."""
+        if not self.use_graphs:
+            return
+        for bucket in self.decode_buckets:
+            zeros = torch.zeros(bucket, 1, dtype=torch.long, device=self.device)  # [B, 1]
+            self._decode(zeros, zeros)
+        log.info("serving engine: decode graphs captured for batches %s", self.decode_buckets)
 
     def _lead(self) -> int:
         last = time.monotonic()
@@ -346,7 +358,7 @@ class ServeEngine:
                     wait = self.heartbeat_s - (time.monotonic() - last)
                     if self.multi and wait <= 0:
                         break
-                    self._cv.wait(timeout=wait if self.multi else None)
+                    self._cv.wait(timeout=max(wait, 0.01) if self.multi else self.heartbeat_s)
                 if self._draining and self.scheduler.idle:
                     plan = StepPlan(shutdown=True)
                 else:
@@ -449,8 +461,9 @@ class ServeEngine:
         try:
             if self.use_graphs:
                 try:
-                    graph = self.graphs.setdefault(B, _BucketGraph(self.model, B, self.device))
-                    return graph(tokens, slots)
+                    if B not in self.graphs:
+                        self.graphs[B] = _BucketGraph(self.model, B, self.device)
+                    return self.graphs[B](tokens, slots)
                 except dist.DistError:
                     raise
                 except RuntimeError as e:  # an op that syncs, or a failed compile
