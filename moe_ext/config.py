@@ -146,6 +146,60 @@ class InferConf:
     debug: bool = False  # errors also print their chained traceback (as MOE_EXT_DEBUG=1)
 
 
+@dataclass
+class ServerConf:
+    """launch/serve.py's server and engine sizes (moe_ext.serve)."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 serves other machines too
+    port: int = 8000
+    max_queue: int = 256  # requests waiting for a KV row; one more is a 429
+    max_batch_size: int = 32  # KV-cache rows per data-parallel replica (running requests)
+    prefill_chunk: int = 512  # prompt tokens a replica prefills per step beside its decodes
+    # prompt + max_tokens limit and each row's KV slots; None: the model's context, at most
+    # DEFAULT_SERVE_CONTEXT (rows x context slots are allocated up front)
+    max_context: Optional[int] = None
+    model_name: Optional[str] = None  # the name clients send; None: conf/model or checkpoint dir
+    cuda_graphs: bool = True  # GPU: CUDA-graph decode per batch bucket
+    compile_decode: bool = True  # GPU: torch.compile each block's decode step (as infer)
+
+    def check(self) -> None:
+        """Refuse sizes the server cannot run with (one line: field, value, fix)."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port={self.port}; use a port in 0..65535 (0: any free one)")
+        for name in ("max_queue", "max_batch_size", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name}={getattr(self, name)}; it must be at least 1")
+        if self.max_context is not None and self.max_context < 2:
+            raise ConfigError(
+                f"server.max_context={self.max_context}; it must hold a prompt and a token (>= 2)"
+            )
+
+
+DEFAULT_SERVE_CONTEXT = 4096
+
+
+@dataclass
+class ServeConf:
+    """launch/serve.py: InferConf's model / strategy / parallel / topology / dtype fields
+    (same meaning), no prompts or output, and ``server.*``. Sampling defaults for requests
+    that leave them unset come from the checkpoint's generation_config.json."""
+
+    model: Any = MISSING
+    strategy: StrategyConf = MISSING
+    parallel: ParallelConf = field(default_factory=ParallelConf)
+    topology: TopologyConf = field(default_factory=TopologyConf)
+    plan: PlanConf = field(default_factory=PlanConf)
+    server: ServerConf = field(default_factory=ServerConf)
+    checkpoint: Optional[str] = None  # moe_ext or Hugging Face directory; None: random init
+    checkpoint_verify: bool = False
+    seed: int = 0  # the engine's generator for sampled requests without a seed
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # as InferConf.dtype
+    dist_timeout_s: int = 300  # collective timeout: a dead rank ends the server (503, exit 1)
+    preflight: Optional[bool] = None
+    debug: bool = False
+
+
 GROUPS = ("model", "strategy", "parallel", "topology")
 
 
@@ -180,6 +234,7 @@ def register_configs() -> None:
     """Register the schemas; idempotent, called by every Hydra main before it runs."""
     cs = ConfigStore.instance()
     cs.store(name="infer_schema", node=InferConf)
+    cs.store(name="serve_schema", node=ServeConf)
     cs.store(name=schema_name("topology"), node=TopologyConf)
     cs.store(name=schema_name("strategy"), node=StrategyConf)
     cs.store(name=schema_name("parallel"), node=ParallelConf)

@@ -735,6 +735,14 @@ class HttpServer:
                 )
             time.sleep(0.02)
 
+    @property
+    def bound_port(self) -> int:
+        """The port listened on (``port=0`` picks a free one)."""
+        for server in getattr(self.server, "servers", []):
+            for sock in server.sockets:
+                return sock.getsockname()[1]
+        return self.port
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout_s)
