@@ -55,6 +55,7 @@ from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.generate import GenerationResult
 from moe_ext.model.tokenizer import load_tokenizer
 from moe_ext.plan import ParallelPlan, build_plan
+from moe_ext.serve.chat import load_chat_template
 from moe_ext.topology import Topology
 
 log = logging.getLogger("moe_ext.infer")
@@ -131,7 +132,12 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     generation_file = read_generation_config(source.checkpoint)
     generate_conf, sampling = resolve_sampling(cfg.generate, generation_file)
     stop = stop_ids(generation_file, source.args.eos_token_id, tokenizer.eos_id)
-    prompt_ids = read_prompts(cfg.prompts, tokenizer, source.args.vocab_size)
+    prompt_ids = read_prompts(
+        cfg.prompts,
+        tokenizer,
+        source.args.vocab_size,
+        chat_template=lambda: load_chat_template(source.checkpoint, source.tokenizer_spec),
+    )
     _check_context(prompt_ids, cfg.generate.max_new_tokens, source.args)
     topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
     plan = build_plan(

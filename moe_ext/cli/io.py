@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,10 +31,18 @@ class OutputError(MoeExtError):
     """An output path that cannot be written (one line: path and fix)."""
 
 
-def read_prompts(path: Optional[str], tokenizer: Any, vocab_size: int) -> list[list[int]]:
-    """Prompt ids from a JSONL file (``{"prompt": text}`` or ``{"prompt_ids": [...]}``), or
-    the demo prompts; every id must index the model's embedding (``vocab_size`` rows), which
-    a tokenizer larger than the model would break."""
+def read_prompts(
+    path: Optional[str],
+    tokenizer: Any,
+    vocab_size: int,
+    chat_template: Optional[Callable[[], Any]] = None,
+) -> list[list[int]]:
+    """Prompt ids from a JSONL file (``{"prompt": text}``, ``{"prompt_ids": [...]}`` or
+    ``{"messages": [...]}`` in the OpenAI chat format), or the demo prompts; every id must
+    index the model's embedding (``vocab_size`` rows), which a tokenizer larger than the
+    model would break. ``chat_template``: called once, at the first messages line, for the
+    model's ChatTemplate (moe_ext.serve.chat; None: the model has none), which renders
+    and encodes such lines as the server and transformers do."""
     if path is None:
         prompts = [tokenizer.encode(text) for text in DEMO_PROMPTS]
         _check_ids(prompts, vocab_size, "the demo prompts")
@@ -49,9 +58,10 @@ def read_prompts(path: Optional[str], tokenizer: Any, vocab_size: int) -> list[l
             f"{err.start}); convert it to UTF-8"
         ) from err
     prompts = []
+    chat = _LazyTemplate(chat_template)
     for number, line in enumerate(lines, start=1):
         if line.strip():
-            ids = _prompt_ids(line, tokenizer, f"{path}:{number}")
+            ids = _prompt_ids(line, tokenizer, f"{path}:{number}", chat)
             _check_ids([ids], vocab_size, f"{path}:{number}")
             prompts.append(ids)
     if not prompts:
@@ -59,20 +69,61 @@ def read_prompts(path: Optional[str], tokenizer: Any, vocab_size: int) -> list[l
     return prompts
 
 
-def _prompt_ids(line: str, tokenizer: Any, where: str) -> list[int]:
+class _LazyTemplate:
+    """The chat template, loaded at its first use (a job without messages lines never
+    reads it, so a broken template cannot fail it)."""
+
+    def __init__(self, load: Optional[Callable[[], Any]]):
+        self.load, self.loaded, self.template = load, False, None
+
+    def get(self) -> Any:
+        if not self.loaded:
+            self.template = self.load() if self.load is not None else None
+            self.loaded = True
+        return self.template
+
+
+def _prompt_ids(line: str, tokenizer: Any, where: str, chat: _LazyTemplate) -> list[int]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise PromptsError(
             f"{where}: not valid JSON ({err.msg}); each line must be "
-            f'{{"prompt": "text"}} or {{"prompt_ids": [...]}}'
+            f'{{"prompt": "text"}}, {{"prompt_ids": [...]}} or {{"messages": [...]}}'
         ) from err
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         return tokenizer.encode(record["prompt"])
+    if isinstance(record, dict) and "messages" in record:
+        return _chat_ids(record["messages"], tokenizer, where, chat)
     ids = record.get("prompt_ids") if isinstance(record, dict) else None
     if isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         return ids
-    raise PromptsError(f'{where}: expected {{"prompt": "text"}} or {{"prompt_ids": [int, ...]}}')
+    raise PromptsError(
+        f'{where}: expected {{"prompt": "text"}}, {{"prompt_ids": [int, ...]}} or '
+        f'{{"messages": [{{"role": ..., "content": ...}}, ...]}}'
+    )
+
+
+def _chat_ids(messages: Any, tokenizer: Any, where: str, chat: _LazyTemplate) -> list[int]:
+    """A messages line through the model's chat template (with the assistant's header)."""
+    from moe_ext.serve.chat import MessagesError
+
+    try:
+        template = chat.get()
+    except MoeExtError as err:
+        raise PromptsError(f"{where}: {err}") from err
+    if template is None:
+        raise PromptsError(
+            f"{where}: a messages line needs the model's chat template, and it has none (no "
+            f"chat_template in tokenizer_config.json, no chat_template.jinja); give "
+            f'{{"prompt": "text"}} lines'
+        )
+    try:
+        return template.encode(messages, tokenizer)
+    except MessagesError as err:
+        raise PromptsError(f"{where}: {err}") from err
+    except MoeExtError as err:  # the template refused them, or an ids-only tokenizer
+        raise PromptsError(f"{where}: {err}") from err
 
 
 def _check_ids(prompts: list[list[int]], vocab_size: int, where: str) -> None:

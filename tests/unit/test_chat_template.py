@@ -196,3 +196,67 @@ def test_sandbox_and_broken_templates(tmp_path):
     )
     with pytest.raises(ChatTemplateError, match="no 'default'"):
         load_chat_template(str(directory))
+
+
+# ---- launch/infer.py's {"messages": [...]} prompt lines ------------------------------------
+
+
+def _env():
+    from moe_ext.dist import DistEnv
+
+    return DistEnv(
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        local_world_size=1,
+        master_addr="127.0.0.1",
+        master_port=0,
+    )
+
+
+def test_infer_messages_lines_as_transformers(tmp_path):
+    from moe_ext.cli import infer
+    from tests.support import tiny_conf
+    from tests.unit.test_tokenizer_parity import _checkpoint_with_hf_tokenizer
+
+    directory, _ = _checkpoint_with_hf_tokenizer(tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": CHATML})
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"messages": chat} for chat in CHATS] + [{"prompt": "Hello world"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = tiny_conf(infer.InferConf, checkpoint=str(directory), prompts=str(prompts))
+    job = infer.prepare(cfg, _env(), cuda_available=False, num_local_gpus=0)
+    theirs = _theirs(directory)
+    expected = [
+        theirs.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in CHATS
+    ]
+    expected = [e if isinstance(e, list) else e["input_ids"] for e in expected]
+    assert job.prompt_ids == [*expected, theirs("Hello world").input_ids]
+
+
+def test_infer_messages_lines_byte_model_and_errors(tmp_path):
+    from moe_ext.cli.io import PromptsError, read_prompts
+
+    tok = ByteTokenizer()
+    prompts = tmp_path / "p.jsonl"
+    chat = [{"role": "user", "content": "Hi"}]
+    prompts.write_text(json.dumps({"messages": chat}) + "\n")
+    byte_template = lambda: load_chat_template(None, "byte")
+    ids = read_prompts(str(prompts), tok, 260, chat_template=byte_template)
+    assert ids == [[tok.bos_id, *b"user: Hi\nassistant:"]]
+    with pytest.raises(PromptsError, match=r"p\.jsonl:1: a messages line needs"):
+        read_prompts(str(prompts), tok, 260, chat_template=lambda: None)
+    prompts.write_text(
+        '{"prompt": "plain"}\n' + json.dumps({"messages": [{"content": "x"}]}) + "\n"
+    )
+    with pytest.raises(PromptsError, match=r"p\.jsonl:2: 'messages\[0\]\.role' is required"):
+        read_prompts(str(prompts), tok, 260, chat_template=byte_template)
+
+    def broken():
+        raise ChatTemplateError("tokenizer_config.json: broken")
+
+    prompts.write_text('{"prompt": "plain"}\n')  # no messages line: the template is never read
+    assert read_prompts(str(prompts), tok, 260, chat_template=broken) == [tok.encode("plain")]
