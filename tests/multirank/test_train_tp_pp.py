@@ -157,6 +157,8 @@ def _pp2_body(rank, world):
 def _four_rank_body(rank, world):
     os.environ["LOCAL_RANK"] = str(rank)
     _check_case(rank, world, "tiny", "ep_nccl", tp=2, ep=2)  # tp2 · ep2 (dp 2)
+    _check_case(rank, world, "qwen2_kv1", "ep_nccl", tp=2, ep=4, zero=1)  # ep over tp · dp
+    _check_case(rank, world, "tiny", "tp_experts", tp=2, zero=1)  # expert TP, dp 2, ZeRO 1
     # pp2 · ep2 over dp 2, ZeRO 1 (its reduced partitions read back per parameter)
     _check_case(rank, world, "tiny", "ep_nccl", pp=2, ep=2, microbatches=2, zero=1)
     _check_case(rank, world, "tiny", "tp_experts", tp=2, pp=2, microbatches=2)  # pp2 · tp2
