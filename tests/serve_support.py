@@ -5,6 +5,7 @@ reference for one sequence alone."""
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ class FakeModel(torch.nn.Module):
         self.cache: Optional[torch.Tensor] = None
         self.forwards = 0
         self.idle_forwards = 0
+        self.delay_s = 0.0  # a slower model, for tests that act while requests run
 
     @property
     def device(self):
@@ -65,6 +67,8 @@ class FakeModel(torch.nn.Module):
         assert slots.shape == (B, S) and use_cache and last_only
         rows = torch.arange(B) if cache_rows is None else cache_rows
         self.forwards += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
         out = []
         for b in range(B):
             row = int(rows[b])

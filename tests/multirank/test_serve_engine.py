@@ -179,7 +179,7 @@ def fake_engine(rank: int, model_class=FakeModel, timeout_s: float = 30, **model
 
 
 def fake_replicas(rank: int, world_size: int) -> None:
-    engine = fake_engine(rank, timeout_s=2)
+    engine = fake_engine(rank, timeout_s=3)
     g = torch.Generator().manual_seed(1)
     requests = [
         (torch.randint(4, 90, (n,), generator=g).tolist(), 9)
@@ -190,7 +190,7 @@ def fake_replicas(rank: int, world_size: int) -> None:
     if rank == 0:
 
         def client_side():
-            time.sleep(4)  # idle past the 2 s collective timeout: heartbeats keep it alive
+            time.sleep(4.5)  # idle past the 3 s collective timeout: heartbeats keep it alive
             serve_all(engine, requests, results)
 
         thread = threading.Thread(target=client_side)

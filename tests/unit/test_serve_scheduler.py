@@ -72,7 +72,7 @@ def test_token_budget_bounds_admission():
     assert s.rows_used == 1 and s.queued == 2
     for _ in range(4):  # r0: last chunk samples 1 id, 3 decodes -> length 4
         run_step(s)
-    assert s.rows_used == 0 or s.table[0][0].request_id != "r0"
+    assert s.rows_used == 0 and s.queued == 2  # r0 done; its reservation is free again
     s.schedule()
     assert s.table[0][0].request_id == "r1" and s.table[0][1].request_id == "r2"
 
@@ -212,6 +212,7 @@ def test_engine_equals_each_sequence_alone():
 
 def test_engine_errors_cancel_and_drain():
     engine, thread = start_engine(max_queue=2, rows=1)
+    engine.model.delay_s = 0.05  # the long request runs for seconds: time to act meanwhile
     client = engine.client
     with pytest.raises(ContextTooLong):
         client.submit([5] * 35, SamplingParams(max_tokens=6))
@@ -219,7 +220,7 @@ def test_engine_errors_cancel_and_drain():
         client.submit([], SamplingParams())
     with pytest.raises(InvalidRequest):
         client.submit([V], SamplingParams())
-    long = client.submit([5, 6], SamplingParams(max_tokens=30, ignore_eos=True))
+    long = client.submit([5, 6], SamplingParams(max_tokens=36, ignore_eos=True))
     first = next(long.events(timeout=30))
     assert len(first.token_ids) == 1
     queued = [client.submit([7], SamplingParams(max_tokens=2)) for _ in range(2)]
@@ -228,7 +229,7 @@ def test_engine_errors_cancel_and_drain():
     assert err.value.retry_after_s > 0
     client.cancel(long)  # frees the only row for the queued ones
     rest = [e for e in long.events(timeout=30)]
-    assert rest[-1].finish_reason == "abort" and len(rest) < 30
+    assert rest[-1].finish_reason == "abort" and len(rest) < 36
     for stream in queued:
         ids, _ = collect(stream)
         assert ids == greedy_alone([7], 2, {3})
