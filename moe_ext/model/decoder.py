@@ -223,8 +223,6 @@ class Transformer(nn.Module):
         device = tokens.device
         if slots is None:
             slots = torch.arange(S, device=device)
-        if kv_start is None:
-            kv_start = torch.zeros(B, dtype=torch.long, device=device)
         if self.is_first_stage:
             h = self.embed_tokens(tokens)  # [B, S, H]
         else:
@@ -251,21 +249,23 @@ class Transformer(nn.Module):
         B, S = tokens.shape
         h = self.embed_tokens(tokens) if self.is_first_stage else hidden  # [B, S, H]
         slots = torch.arange(S, device=tokens.device)
-        kv_start = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        h = self._layers(h, slots, kv_start, None, False)
+        h = self._layers(h, slots, None, None, False)
         return self._logits(h) if self.is_last_stage else h
 
     def _layers(
         self,
         h: torch.Tensor,
         slots: torch.Tensor,
-        kv_start: torch.Tensor,
+        kv_start: Optional[torch.Tensor],
         kv_len: Optional[int],
         use_cache: bool,
     ) -> torch.Tensor:
-        """This stage's blocks. h: [B, S, H] -> [B, S, H]."""
-        S = h.shape[1]
-        positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
+        """This stage's blocks. h: [B, S, H] -> [B, S, H]; kv_start None: no left padding."""
+        B, S = h.shape[:2]
+        if kv_start is None:
+            positions = slots[None, :].expand(B, -1)  # [B, S]
+        else:
+            positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
         cos, sin = self.rotary(positions, h.dtype)
         # the static decode step (one new slot, whole cache) runs each block compiled
         compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) else None

@@ -362,12 +362,18 @@ class Attention(nn.Module):
             key_slots = torch.arange(k.shape[2], device=x.device)
         else:
             key_slots = slots
-        mask = attention_mask(slots, key_slots, kv_start, self.sliding_window)  # [B,1,S,S_k]
-        if S == 1:
+        gqa = k.shape[1] != q.shape[1]
+        if plain_causal(kv_start, use_cache, self.sliding_window) and S > 1:
+            out = F.scaled_dot_product_attention(  # [B, nH, S, D]
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
+            )
+        elif S == 1:
+            mask = attention_mask(slots, key_slots, kv_start, self.sliding_window)
             out = decode_attention(q, k, v, mask, self.scale)  # [B, nH, 1, D]
         else:
+            mask = attention_mask(slots, key_slots, kv_start, self.sliding_window)  # [B,1,S,S_k]
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa
             )
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, nH·D]
         return output_projection(out, self.o_proj, self.tp_group)
@@ -418,17 +424,29 @@ def decode_attention(
     return torch.matmul(probs, v).reshape(B, n_heads, 1, D)  # [B, nKV, G, D] -> [B, nH, 1, D]
 
 
+def plain_causal(
+    kv_start: Optional[torch.Tensor], use_cache: bool, sliding_window: Optional[int]
+) -> bool:
+    """Whether a call's attention is the plain causal triangle over its own keys: no cache,
+    no left padding, no window. SDPA then runs ``is_causal`` (flash kernels), where an
+    explicit mask falls back to slower ones (training and unpadded prefill)."""
+    return kv_start is None and not use_cache and sliding_window is None
+
+
 def attention_mask(
     query_slots: torch.Tensor,
     key_slots: torch.Tensor,
-    kv_start: torch.Tensor,
+    kv_start: Optional[torch.Tensor],
     sliding_window: Optional[int] = None,
 ) -> torch.Tensor:
     """Boolean mask [B, 1, S, S_k] (True = attend): causal, no left padding, within the
-    window. A padding query attends to itself only, so its row is never empty (no NaN)."""
+    window. A padding query attends to itself only, so its row is never empty (no NaN).
+    kv_start None (no padding): [1, 1, S, S_k], broadcast over the batch."""
     q = query_slots[None, :, None]  # [1, S, 1]
     kk = key_slots[None, None, :]  # [1, 1, S_k]
-    allowed = (kk <= q) & (kk >= kv_start[:, None, None])  # [B, S, S_k]
+    allowed = kk <= q  # [1, S, S_k]
+    if kv_start is not None:
+        allowed = allowed & (kk >= kv_start[:, None, None])  # [B, S, S_k]
     if sliding_window is not None:
         allowed &= (q - kk) < sliding_window
     allowed |= kk == q

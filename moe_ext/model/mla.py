@@ -46,6 +46,7 @@ from moe_ext.model.layers import (
     apply_rope,
     attention_mask,
     output_projection,
+    plain_causal,
     tp_replicated,
 )
 from moe_ext.quant.linear import linear_weight
@@ -197,21 +198,28 @@ class MLAttention(nn.Module):
             key_slots = torch.arange(kv.shape[1], device=x.device)
         else:
             key_slots = slots
-        mask = attention_mask(slots, key_slots, kv_start)  # [B, 1, S, S_k]
         absorb = S == 1 if self.absorb is None else self.absorb
-        if absorb:
-            out = self._absorbed(q_nope, q_rope, kv, mask)
+        if not absorb and plain_causal(kv_start, use_cache, None):
+            out = self._naive(q_nope, q_rope, kv, None)  # [B, n, S, Dv]
         else:
-            out = self._naive(q_nope, q_rope, kv, mask)  # [B, n, S, Dv]
+            mask = attention_mask(slots, key_slots, kv_start)  # [B, 1, S, S_k]
+            if absorb:
+                out = self._absorbed(q_nope, q_rope, kv, mask)
+            else:
+                out = self._naive(q_nope, q_rope, kv, mask)  # [B, n, S, Dv]
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, n·Dv]
         return output_projection(out, self.o_proj, self.tp_group)
 
     def _naive(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        kv: torch.Tensor,
+        mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """Keys and values expanded per head from the latent of every key slot.
         q_nope: [B, n, S, Dn]; q_rope: [B, n, S, Dr]; kv: [B, S_k, C+Dr]; mask: [B, 1, S, S_k]
-        bool. Returns [B, n, S, Dv]."""
+        bool, None: plain causal over this call's own keys. Returns [B, n, S, Dv]."""
         B, S_k, _ = kv.shape
         n = q_nope.shape[1]
         latent, k_rope = kv.split([self.kv_rank, self.rope_dim], dim=-1)
@@ -219,6 +227,8 @@ class MLAttention(nn.Module):
         k_nope, v = expanded.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope[:, None].expand(-1, n, -1, -1)), dim=-1)  # [B,n,S_k,Dn+Dr]
         q = torch.cat((q_nope, q_rope), dim=-1)  # [B, n, S, Dn+Dr]
+        if mask is None:  # plain causal over this call's own keys
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _absorbed(

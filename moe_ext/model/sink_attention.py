@@ -157,8 +157,8 @@ class SinkAttention(nn.Module):
         use_cache: bool = False,
     ) -> torch.Tensor:
         """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 ascending consecutive cache
-        slots of the queries; kv_start: [B] int64 first real slot per sequence; use_cache:
-        write k/v into the cache and attend over it (else over this call's keys only);
+        slots of the queries; kv_start: [B] int64 first real slot per sequence (None: 0);
+        use_cache: write k/v into the cache and attend over it (else over this call's keys only);
         kv_len: full layers attend to cache slots [0, kv_len) (None: all S_max slots, the
         static decode shape); sliding layers ignore it. Returns [B, S, H]."""
         B, S, _ = x.shape
