@@ -24,6 +24,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -56,6 +57,7 @@ from moe_ext.serve.chat import ChatTemplate, load_chat_template
 from moe_ext.topology import Topology
 
 log = logging.getLogger("moe_ext.serve")
+FAILURE_LINGER_S = 2.0  # rank 0 answers 503 this long after the engine failed, then exits
 
 
 @dataclass
@@ -209,6 +211,8 @@ def run(cfg: ServeConf, env: DistEnv) -> int:
     install_signals(engine if env.rank == 0 else None)
     code = engine.run()
     if server is not None:
+        if code != 0:  # clients still polling see 503s and the error events flush
+            time.sleep(FAILURE_LINGER_S)
         server.stop()
         log.info("server stopped (%s)", "drained" if code == 0 else "engine failed")
     return code
