@@ -51,10 +51,11 @@ class TransformerBlock(nn.Module):
         kv_start: torch.Tensor,
         kv_len: Optional[int] = None,
         use_cache: bool = False,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: [B, S, H] -> [B, S, H]."""
+        """x: [B, S, H] -> [B, S, H]; the attention arguments as ``Transformer.forward``."""
         h = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, slots, kv_start, kv_len, use_cache
+            self.input_layernorm(x), cos, sin, slots, kv_start, kv_len, use_cache, cache_rows
         )
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
@@ -98,11 +99,13 @@ def _decode_block(
     cos: torch.Tensor,
     sin: torch.Tensor,
     slots: torch.Tensor,
-    kv_start: torch.Tensor,
+    kv_start: Optional[torch.Tensor],
+    cache_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One block of the static decode step (the function ``compile_decode`` compiles).
-    h: [B, 1, H]; cos/sin: [B, 1, D]; slots: [1]; kv_start: [B]."""
-    return block(h, cos, sin, slots, kv_start, None, True)
+    h: [B, 1, H]; cos/sin: [B, 1, D]; slots: [1] or [B, 1] (per row); kv_start: [B];
+    cache_rows: [B] or None (rows 0..B-1, the CUDA-graph case)."""
+    return block(h, cos, sin, slots, kv_start, None, True, cache_rows)
 
 
 def checkpointed_block(
@@ -210,12 +213,17 @@ class Transformer(nn.Module):
         kv_len: Optional[int] = None,
         last_only: bool = False,
         use_cache: bool = False,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> Optional[torch.Tensor]:
         """tokens: [B, S] int64 (used for shapes only after the first stage); slots: [S]
-        int64 cache slots (default 0..S-1); kv_start: [B] first real slot per sequence
-        (default 0: no left padding); use_cache: read/write the KV caches (setup_caches);
-        kv_len: attend to cache slots [0, kv_len) (None: all slots, the static decode
-        shape); last_only: logits of the last slot only.
+        int64 cache slots shared by every row (default 0..S-1), or [B, S] int64, each row's
+        own consecutive slots (rotary positions slots - kv_start; row b's query at slot s
+        sees keys at slots kv_start[b]..s of its cache row); kv_start: [B] first real slot
+        per sequence (default None: no left padding, i.e. 0); use_cache: read/write the KV
+        caches (setup_caches); kv_len: attend to cache slots [0, kv_len) (None: all slots,
+        the static decode shape); last_only: logits of the last slot only; cache_rows: [B]
+        int64 distinct cache rows the batch rows read and write (None: rows 0..B-1, a view
+        of the caches' first B rows, which CUDA graphs need).
 
         Returns logits [B, S or 1, V] in the model dtype on the last pipeline stage, None on
         the others (their hidden states went to the next stage)."""
@@ -223,12 +231,14 @@ class Transformer(nn.Module):
         device = tokens.device
         if slots is None:
             slots = torch.arange(S, device=device)
+        elif slots.dim() == 2 and tuple(slots.shape) != (B, S):
+            raise ValueError(f"per-row slots {tuple(slots.shape)} must be [B, S] = {(B, S)}")
         if self.is_first_stage:
             h = self.embed_tokens(tokens)  # [B, S, H]
         else:
             h = torch.empty(B, S, self.args.hidden_size, dtype=self.dtype, device=device)
             dist.recv(h, src=self.context.pp_prev)  # hidden states of the previous stage
-        h = self._layers(h, slots, kv_start, kv_len, use_cache)
+        h = self._layers(h, slots, kv_start, kv_len, use_cache, cache_rows)
         if not self.is_last_stage:
             dist.send(h.contiguous(), dst=self.context.pp_next)
             return None
@@ -259,13 +269,14 @@ class Transformer(nn.Module):
         kv_start: Optional[torch.Tensor],
         kv_len: Optional[int],
         use_cache: bool,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """This stage's blocks. h: [B, S, H] -> [B, S, H]; kv_start None: no left padding."""
+        """This stage's blocks. h: [B, S, H] -> [B, S, H]; slots: [S] or [B, S]; kv_start
+        None: no left padding."""
         B, S = h.shape[:2]
-        if kv_start is None:
-            positions = slots[None, :].expand(B, -1)  # [B, S]
-        else:
-            positions = (slots[None, :] - kv_start[:, None]).clamp(min=0)  # [B, S]
+        positions = slots.expand(B, S)  # [B, S]: shared slots broadcast, per-row as given
+        if kv_start is not None:
+            positions = (positions - kv_start[:, None]).clamp(min=0)  # [B, S]
         cos, sin = self.rotary(positions, h.dtype)
         # the static decode step (one new slot, whole cache) runs each block compiled
         compiled = self.compiled_decode_block if (S == 1 and use_cache and kv_len is None) else None
@@ -277,11 +288,11 @@ class Transformer(nn.Module):
         )
         for block in self.layers.values():
             if compiled is not None:
-                h = compiled(block, h, cos, sin, slots, kv_start)
+                h = compiled(block, h, cos, sin, slots, kv_start, cache_rows)
             elif recompute:
                 h = checkpointed_block(block, h, cos, sin, slots, kv_start)
             else:
-                h = block(h, cos, sin, slots, kv_start, kv_len, use_cache)
+                h = block(h, cos, sin, slots, kv_start, kv_len, use_cache, cache_rows)
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

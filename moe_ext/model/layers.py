@@ -10,6 +10,11 @@ Attention uses *slots*: the cache index a token is written to. Prompts are left-
 slot s of sequence b holds position ``s - kv_start[b]``; slots below ``kv_start[b]`` are
 padding and never attended to. One slot index per step for the whole batch keeps decode
 shapes static (CUDA graphs).
+
+Per-row caches (serving): ``slots`` may instead be [B, S], each row's own consecutive
+slots, and ``cache_rows`` [B] names the cache row each batch row reads and writes (None:
+rows 0..B-1, a view of the cache's first B rows, so the decode step has static shapes).
+A query at slot s of row b then sees that cache row's keys at slots kv_start[b]..s.
 """
 
 from __future__ import annotations
@@ -230,7 +235,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values [B, nKV, S_max, D]; written in place by slot index."""
+    """Preallocated keys/values [B_cache, nKV, S_max, D]; written in place by slot index,
+    with one slot set for every row ([S] slots) or per row ([B, S] slots, ``write_rows``)."""
 
     def __init__(
         self, batch: int, kv_heads: int, max_slots: int, head_dim: int, dtype: torch.dtype, device
@@ -240,13 +246,57 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    def write(
+        self,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache_rows: Optional[torch.Tensor] = None,
+    ) -> None:
+        """slots: [S] int64 (the same slots in every row) or [B, S] int64 (each row's own);
+        k, v: [B, nKV, S, D]; cache_rows: [B] int64 distinct cache rows (None: rows 0..B-1)."""
+        B = k.shape[0]
+        if slots.dim() == 1 and cache_rows is None:
+            self.k[:B].index_copy_(2, slots, k)  # a view of the first B rows
+            self.v[:B].index_copy_(2, slots, v)
+            return
+        rows = row_index(slots, cache_rows, B)  # [B, S]
+        slots = slots.expand_as(rows)  # [B, S]
+        # advanced indices around a slice: the indexed shape [B, S] comes first
+        self.k[rows, :, slots] = k.transpose(1, 2)  # [B, S, nKV, D]
+        self.v[rows, :, slots] = v.transpose(1, 2)
+
+    def read(
+        self, batch: int, cache_rows: Optional[torch.Tensor] = None, kv_len: Optional[int] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots: [S] int64; k, v: [B, nKV, S, D]. Returns the whole cache (k, v)."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
+        """Keys and values [batch, nKV, S_k, D] of the batch's cache rows (``cache_rows``
+        [batch] int64; None: a view of rows 0..batch-1), slots [0, kv_len) (None: all)."""
+        k, v = self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        if cache_rows is None:
+            return k[:batch], v[:batch]
+        return k.index_select(0, cache_rows), v.index_select(0, cache_rows)  # gathered copies
+
+    def update(
+        self,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache_rows: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``write`` then ``read``: slots [S] or [B, S] int64; k, v: [B, nKV, S, D]. Returns
+        the batch's cache rows (k, v) [B, nKV, S_k, D], S_k = kv_len or S_max."""
+        self.write(slots, k, v, cache_rows)
+        return self.read(k.shape[0], cache_rows, kv_len)
+
+
+def row_index(slots: torch.Tensor, cache_rows: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    """The cache row of every (row, query) pair: [B, S] int64 for slots [S] or [B, S] and
+    cache_rows [B] (None: 0..B-1)."""
+    if cache_rows is None:
+        cache_rows = torch.arange(batch, device=slots.device)  # [B]
+    S = slots.shape[-1]
+    return cache_rows[:, None].expand(batch, S)  # [B, S]
 
 
 QK_NORM_TYPES = ("per_head", "per_layer")
@@ -329,11 +379,14 @@ class Attention(nn.Module):
         kv_start: torch.Tensor,
         kv_len: Optional[int] = None,
         use_cache: bool = False,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 cache slots of the queries;
-        kv_start: [B] int64 first real slot per sequence; use_cache: write k/v into the
+        """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 cache slots of the queries
+        (every row) or [B, S] int64 (each row's own, consecutive); kv_start: [B] int64 first
+        real slot per sequence (None: 0, no padding); use_cache: write k/v into the
         preallocated cache and attend over it (else over this call's keys only); kv_len:
-        attend to cache slots [0, kv_len) (None: all S_max slots, the static decode shape).
+        attend to cache slots [0, kv_len) (None: all S_max slots, the static decode shape);
+        cache_rows: [B] int64 cache row of each batch row (None: rows 0..B-1).
         Returns [B, S, H]."""
         B, S, _ = x.shape
         D = self.head_dim
@@ -356,9 +409,7 @@ class Attention(nn.Module):
                     "use_cache=True before setup_caches(); call "
                     "Transformer.setup_caches(batch, max_slots) first"
                 )
-            k, v = self.kv_cache.update(slots, k, v)  # [B, nKV, S_max, D]
-            if kv_len is not None:
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            k, v = self.kv_cache.update(slots, k, v, cache_rows, kv_len)  # [B, nKV, S_k, D]
             key_slots = torch.arange(k.shape[2], device=x.device)
         else:
             key_slots = slots
@@ -441,15 +492,20 @@ def attention_mask(
 ) -> torch.Tensor:
     """Boolean mask [B, 1, S, S_k] (True = attend): causal, no left padding, within the
     window. A padding query attends to itself only, so its row is never empty (no NaN).
-    kv_start None (no padding): [1, 1, S, S_k], broadcast over the batch."""
-    q = query_slots[None, :, None]  # [1, S, 1]
-    kk = key_slots[None, None, :]  # [1, 1, S_k]
-    allowed = kk <= q  # [1, S, S_k]
+
+    query_slots: [S] or [B, S] int64 (per row); key_slots: [S_k] or [B, S_k] int64;
+    kv_start: [B] int64 or None (no padding). With no per-row input the mask is
+    [1, 1, S, S_k], broadcast over the batch."""
+    q = query_slots[..., :, None]  # [S, 1] or [B, S, 1]
+    kk = key_slots[..., None, :]  # [1, S_k] or [B, 1, S_k]
+    allowed = kk <= q  # [S, S_k] or [B, S, S_k]
     if kv_start is not None:
         allowed = allowed & (kk >= kv_start[:, None, None])  # [B, S, S_k]
     if sliding_window is not None:
-        allowed &= (q - kk) < sliding_window
-    allowed |= kk == q
+        allowed = allowed & ((q - kk) < sliding_window)
+    allowed = allowed | (kk == q)
+    if allowed.dim() == 2:
+        allowed = allowed[None]  # [1, S, S_k]
     return allowed[:, None]
 
 

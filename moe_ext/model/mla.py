@@ -47,6 +47,7 @@ from moe_ext.model.layers import (
     attention_mask,
     output_projection,
     plain_causal,
+    row_index,
     tp_replicated,
 )
 from moe_ext.quant.linear import linear_weight
@@ -88,8 +89,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -
 
 
 class MLACache(nn.Module):
-    """Preallocated latent cache [B, S_max, C + Dr] (latent, rotated shared key); written in
-    place by slot index."""
+    """Preallocated latent cache [B_cache, S_max, C + Dr] (latent, rotated shared key);
+    written in place by slot index, the same slots in every row ([S]) or per row ([B, S])."""
 
     def __init__(self, batch: int, max_slots: int, width: int, dtype: torch.dtype, device: Any):
         super().__init__()
@@ -99,10 +100,26 @@ class MLACache(nn.Module):
             persistent=False,
         )
 
-    def update(self, slots: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """slots: [S] int64; latent: [B, S, C + Dr]. Returns the whole cache."""
-        self.latent.index_copy_(1, slots, latent)
-        return self.latent
+    def update(
+        self,
+        slots: torch.Tensor,
+        latent: torch.Tensor,
+        cache_rows: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """slots: [S] or [B, S] int64; latent: [B, S, C + Dr]; cache_rows: [B] int64 distinct
+        cache rows (None: rows 0..B-1, a view). Returns the batch's cache rows
+        [B, S_k, C + Dr], slots [0, kv_len) (None: all S_max)."""
+        B = latent.shape[0]
+        if slots.dim() == 1 and cache_rows is None:
+            self.latent[:B].index_copy_(1, slots, latent)  # a view of the first B rows
+        else:
+            rows = row_index(slots, cache_rows, B)  # [B, S]
+            self.latent[rows, slots.expand_as(rows)] = latent  # [B, S, C + Dr]
+        cached = self.latent[:, :kv_len]
+        if cache_rows is None:
+            return cached[:B]
+        return cached.index_select(0, cache_rows)  # [B, S_k, C + Dr], a gathered copy
 
 
 class MLAttention(nn.Module):
@@ -170,12 +187,15 @@ class MLAttention(nn.Module):
         kv_start: torch.Tensor,
         kv_len: Optional[int] = None,
         use_cache: bool = False,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: [B, S, H]; cos/sin: [B, S, Dr]; slots: [S] int64 cache slots of the queries;
-        kv_start: [B] int64 first real slot per sequence; use_cache: write the latent into
-        the preallocated cache and attend over it (else over this call's tokens only);
-        kv_len: attend to cache slots [0, kv_len) (None: all S_max slots, the static decode
-        shape). Returns [B, S, H]."""
+        """x: [B, S, H]; cos/sin: [B, S, Dr]; slots: [S] int64 cache slots of the queries
+        (every row) or [B, S] int64 (each row's own, consecutive); kv_start: [B] int64 first
+        real slot per sequence (None: 0, no padding); use_cache: write the latent into the
+        preallocated cache and attend over it (else over this call's tokens only); kv_len:
+        attend to cache slots [0, kv_len) (None: all S_max slots, the static decode shape);
+        cache_rows: [B] int64 cache row of each batch row (None: rows 0..B-1).
+        Returns [B, S, H]."""
         B, S, _ = x.shape
         Dn, Dr = self.nope_dim, self.rope_dim
         q = self._query(x).view(B, S, -1, Dn + Dr).transpose(1, 2)  # [B, n, S, Dn+Dr]
@@ -192,9 +212,7 @@ class MLAttention(nn.Module):
                     "use_cache=True before setup_caches(); call "
                     "Transformer.setup_caches(batch, max_slots) first"
                 )
-            kv = self.kv_cache.update(slots, kv)  # [B, S_max, C+Dr]
-            if kv_len is not None:
-                kv = kv[:, :kv_len]
+            kv = self.kv_cache.update(slots, kv, cache_rows, kv_len)  # [B, S_k, C+Dr]
             key_slots = torch.arange(kv.shape[1], device=x.device)
         else:
             key_slots = slots

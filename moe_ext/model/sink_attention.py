@@ -17,6 +17,10 @@ shapes (CUDA graphs). A longer call (prefill, a chunk) attends over the ring's e
 from before its first slot plus its own keys, then keeps its last R keys in the ring.
 Ring entries that no earlier slot wrote map to negative slots and are masked. Full layers
 keep the S_max-slot cache of ``moe_ext.model.layers.Attention``.
+
+Per-row slots ([B, S], each row's own consecutive slots) and ``cache_rows`` work as in
+``layers.Attention``: each row's ring maps its entries from that row's own slots, so the
+ring slots of a call are [B, R] instead of [R].
 """
 
 from __future__ import annotations
@@ -155,12 +159,15 @@ class SinkAttention(nn.Module):
         kv_start: torch.Tensor,
         kv_len: Optional[int] = None,
         use_cache: bool = False,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: [B, S, H]; cos/sin: [B, S, D]; slots: [S] int64 ascending consecutive cache
-        slots of the queries; kv_start: [B] int64 first real slot per sequence (None: 0);
-        use_cache: write k/v into the cache and attend over it (else over this call's keys only);
-        kv_len: full layers attend to cache slots [0, kv_len) (None: all S_max slots, the
-        static decode shape); sliding layers ignore it. Returns [B, S, H]."""
+        slots of the queries (every row) or [B, S] int64 (each row's own); kv_start: [B]
+        int64 first real slot per sequence (None: 0); use_cache: write k/v into the cache
+        and attend over it (else over this call's keys only); kv_len: full layers attend to
+        cache slots [0, kv_len) (None: all S_max slots, the static decode shape); sliding
+        layers ignore it; cache_rows: [B] int64 cache row of each batch row (None: rows
+        0..B-1). Returns [B, S, H]."""
         B, S, _ = x.shape
         D = self.head_dim
         x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
@@ -180,7 +187,7 @@ class SinkAttention(nn.Module):
                 )
             ring = k.shape[2] > 1 and self.window is not None  # the chunk path: ring + own
             own_key_offset = self.kv_cache.k.shape[2] if ring else None
-            k, v, key_slots = self._cached_keys(slots, k, v, kv_len)  # [B, nKV, S_k, D]
+            k, v, key_slots = self._cached_keys(slots, k, v, kv_len, cache_rows)  # [B,nKV,S_k,D]
         mask = attention_mask(slots, key_slots, kv_start, self.window)  # [B, 1, S, S_k]
         out = sink_attention(
             q, k, v, mask, self.sinks, self.scale, self.window, own_key_offset
@@ -189,25 +196,33 @@ class SinkAttention(nn.Module):
         return output_projection(out, self.o_proj, self.tp_group)
 
     def _cached_keys(
-        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: Optional[int]
+        self,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: Optional[int],
+        cache_rows: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store this call's keys and return what the queries attend over: (keys, values,
-        key_slots [S_k] int64, negative for never-written ring entries)."""
+        key_slots [S_k] int64, or [B, S_k] for per-row slots [B, S], negative for
+        never-written ring entries)."""
         cache = self.kv_cache
         if self.window is None:
-            k_all, v_all = cache.update(slots, k, v)  # [B, nKV, S_max, D]
-            if kv_len is not None:
-                k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
+            k_all, v_all = cache.update(slots, k, v, cache_rows, kv_len)  # [B, nKV, S_k, D]
             return k_all, v_all, torch.arange(k_all.shape[2], device=k.device)
+        B = k.shape[0]
         ring = cache.k.shape[2]
         entries = torch.arange(ring, device=k.device)  # [R]
         if k.shape[2] == 1:  # decode: write first, then the ring is the key set
-            k_all, v_all = cache.update(slots % ring, k, v)  # [B, nKV, R, D]
-            return k_all, v_all, slots - (slots - entries) % ring
-        last_before = slots[:1] - 1  # [1]
-        ring_slots = last_before - (last_before - entries) % ring  # [R]
-        k_all = torch.cat([cache.k, k], dim=2)  # [B, nKV, R + S, D]
-        v_all = torch.cat([cache.v, v], dim=2)
+            k_all, v_all = cache.update(slots % ring, k, v, cache_rows)  # [B, nKV, R, D]
+            return k_all, v_all, slots - (slots - entries) % ring  # [R] or [B, R]
+        last_before = slots[..., :1] - 1  # [1] or [B, 1]
+        ring_slots = last_before - (last_before - entries) % ring  # [R] or [B, R]
+        k_ring, v_ring = cache.read(B, cache_rows)  # [B, nKV, R, D] (read before the write)
+        k_all = torch.cat([k_ring, k], dim=2)  # [B, nKV, R + S, D]
+        v_all = torch.cat([v_ring, v], dim=2)
         kept = min(k.shape[2], ring)
-        cache.update(slots[-kept:] % ring, k[:, :, -kept:], v[:, :, -kept:])
-        return k_all, v_all, torch.cat([ring_slots, slots])
+        cache.write(
+            slots[..., -kept:] % ring, k[:, :, -kept:], v[:, :, -kept:], cache_rows
+        )  # the last R keys stay in the ring
+        return k_all, v_all, torch.cat([ring_slots, slots], dim=-1)  # [(B,) R + S]
