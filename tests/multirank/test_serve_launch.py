@@ -4,7 +4,8 @@
 - 32 concurrent greedy requests of mixed prompt lengths (completions and chat, streaming
   and not) under ep_nccl (two data-parallel replicas) give exactly the text and token
   counts launch/infer.py writes for the same prompts (its ``{"messages": [...]}`` lines for
-  the chats): batching changes nothing.
+  the chats): batching changes nothing. The slow tier repeats it with pp2 (replicate) and
+  tp_experts.
 - SIGTERM to rank 0 drains: new requests get 503, the streams in flight finish in full,
   and the job exits 0.
 - kill -9 of rank 1 mid-stream: the open stream ends with an error event, new requests
@@ -49,8 +50,8 @@ SERVE, INFER = REPO / "launch" / "serve.py", REPO / "launch" / "infer.py"
 START_S = 180  # two ranks importing torch and loading on a loaded 2-core machine
 MAX_TOKENS = 12
 TEXT = (REPO / "moe_ext" / "data" / "corpus" / "shakespeare.txt").read_text()[2000:12000]
+EP = ["strategy=ep_nccl"]  # two data-parallel replicas, experts split over them
 SERVER = [
-    "strategy=ep_nccl",
     "server.max_batch_size=8",  # 16 rows over 2 replicas for 32 requests: some wait
     "server.prefill_chunk=16",  # long prompts span several steps beside running decodes
     "server.max_context=256",
@@ -69,7 +70,7 @@ def prompts() -> list[dict]:
     return lines
 
 
-def infer_outputs(tmp_path: Path, lines: list[dict]) -> list[dict]:
+def infer_outputs(tmp_path: Path, lines: list[dict], plan: list[str]) -> list[dict]:
     source, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     args = [
@@ -77,7 +78,7 @@ def infer_outputs(tmp_path: Path, lines: list[dict]) -> list[dict]:
         f"output={output}",
         f"generate.max_new_tokens={MAX_TOKENS}",
         "generate.temperature=0",
-        "strategy=ep_nccl",
+        *plan,
     ]
     done = run_launcher(INFER, args, nproc=2, timeout=START_S)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,7 +124,7 @@ def _client(port: int):
 
 @pytest.fixture
 def server(tmp_path, request):
-    extra = getattr(request, "param", [])
+    extra = getattr(request, "param", EP)
     port = free_port()
     with torchrun(SERVE, [f"server.port={port}", *SERVER, *extra], tmp_path) as job:
         wait_healthy(job, f"http://127.0.0.1:{port}")
@@ -131,10 +132,10 @@ def server(tmp_path, request):
         yield job, port
 
 
-def test_batching_changes_nothing_and_sigterm_drains(tmp_path, server):
-    job, port = server
+def check_batching_changes_nothing(tmp_path: Path, port: int, plan: list[str]):
+    """32 concurrent requests, half streaming, each equal to launch/infer.py's output."""
     lines = prompts()
-    expected = infer_outputs(tmp_path, lines)
+    expected = infer_outputs(tmp_path, lines, plan)
     client = _client(port)
     with concurrent.futures.ThreadPoolExecutor(len(lines)) as pool:
         futures = [pool.submit(ask, client, line, i % 2 == 1) for i, line in enumerate(lines)]
@@ -143,6 +144,12 @@ def test_batching_changes_nothing_and_sigterm_drains(tmp_path, server):
         assert text == want["text"], f"request {i}: {text!r} != infer's {want['text']!r}"
         assert count == len(want["output_ids"]), f"request {i}"
         assert finish == ("stop" if want["output_ids"][-1] == 257 else "length"), f"request {i}"
+    return client
+
+
+def test_batching_changes_nothing_and_sigterm_drains(tmp_path, server):
+    job, port = server
+    client = check_batching_changes_nothing(tmp_path, port, EP)
 
     # SIGTERM on rank 0 while 3 long streams run: they finish, new requests get 503, exit 0
     started, results = threading.Barrier(4, timeout=120), []
@@ -185,8 +192,19 @@ def test_batching_changes_nothing_and_sigterm_drains(tmp_path, server):
     assert "drained" in job.text()
 
 
+PLANS = [["strategy=replicate", "parallel.pp=2"], ["strategy=tp_experts"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", PLANS, indirect=True, ids=["pp2", "tp_experts"])
+def test_batching_changes_nothing_other_plans(tmp_path, server, request):
+    job, port = server
+    plan = request.node.callspec.params["server"]
+    check_batching_changes_nothing(tmp_path, port, plan)
+
+
 @pytest.mark.faults
-@pytest.mark.parametrize("server", [["dist_timeout_s=15"]], indirect=True)
+@pytest.mark.parametrize("server", [[*EP, "dist_timeout_s=15"]], indirect=True)
 def test_dead_rank_error_event_503_and_exit(server):
     job, port = server
     base = f"http://127.0.0.1:{port}"
