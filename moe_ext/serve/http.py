@@ -8,8 +8,9 @@ Both POSTs take ``max_tokens`` (chat also ``max_completion_tokens``), ``temperat
 ``top_p``, ``seed``, ``stop`` (a string or up to 4), ``n`` (1 only), ``stream`` and
 ``stream_options.include_usage``; ``ignore_eos`` (as vLLM) generates max_tokens whatever
 the model emits. Unset sampling fields take the checkpoint's generation_config.json values
-(``defaults``). Unknown fields are ignored, as OpenAI's server does for forward
-compatibility of its clients.
+(``defaults``). Fields this server does not implement (logprobs, echo, penalties, top_k,
+tools, response_format other than text, ...; UNSUPPORTED) are a 400 unless they hold their
+"off" value; fields it does not know are ignored, as OpenAI's server does.
 
 Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400
 ``invalid_request_error`` naming the field (``param``) for a missing field, a wrong type or
@@ -202,6 +203,44 @@ class Request:
     include_usage: bool
 
 
+# Request fields this server does not implement, with the values that mean "off" (what
+# clients send by default); anything else is a 400 naming the field rather than an answer
+# that silently ignores it.
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "top_k": (None, 0, -1),
+    "min_tokens": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+}
+UNSUPPORTED_CHOICES = {"tool_choice": (None, "none", "auto"), "response_format": None}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, off in UNSUPPORTED.items():
+        given = body.get(name)
+        if not any(
+            given == value and isinstance(given, bool) == isinstance(value, bool) for value in off
+        ):
+            raise _bad(f"'{name}' is not supported by this server; leave it out", name)
+    if body.get("tool_choice") not in UNSUPPORTED_CHOICES["tool_choice"]:
+        raise _bad("'tool_choice' is not supported by this server; leave it out", "tool_choice")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _bad(
+            '\'response_format\' other than {"type": "text"} is not supported by this server',
+            "response_format",
+        )
+
+
 def _parse_common(body: dict, model_name: str, defaults: Defaults) -> dict[str, Any]:
     model = body.get("model")
     if model is None:
@@ -215,6 +254,7 @@ def _parse_common(body: dict, model_name: str, defaults: Defaults) -> dict[str, 
             "model",
             code="model_not_found",
         )
+    _refuse_unsupported(body)
     temperature = _optional(body, "temperature", _is_number, "a number")
     if temperature is not None and not 0 <= temperature <= 2:
         raise _bad(f"'temperature' must be in [0, 2], got {temperature}", "temperature")

@@ -221,6 +221,12 @@ BAD = [
     ("completions", {**GOOD, "n": 2}, "n"),
     ("completions", {**GOOD, "stream": "yes"}, "stream"),
     ("completions", {**GOOD, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("completions", {**GOOD, "logprobs": 2}, "logprobs"),
+    ("completions", {**GOOD, "echo": True}, "echo"),
+    ("completions", {**GOOD, "presence_penalty": 0.5}, "presence_penalty"),
+    ("completions", {**GOOD, "top_k": 5}, "top_k"),
+    ("chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ("chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"model": "tiny"}, "messages"),
     ("chat/completions", {**CHAT, "messages": "hi"}, "messages"),
     ("chat/completions", {**CHAT, "messages": [{"content": "hi"}]}, "messages[0].role"),
@@ -262,6 +268,21 @@ def test_bad_bodies_then_still_serving(engine, base, client):
         client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
     out = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
     assert out.choices[0].text == _text(expected_ids(3, 3))
+
+
+def test_off_values_of_unsupported_fields_pass(engine, client):
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logprobs=False,
+        response_format={"type": "text"},
+        tool_choice="none",
+        user="someone",
+    )
+    assert out.choices[0].finish_reason == "length"
 
 
 def test_queue_full_is_429_with_retry_after(engine, client, base):
@@ -390,3 +411,35 @@ def test_server_start_error_is_one_line():
         with pytest.raises(ServerStartError, match="server.port"):
             server.start(timeout_s=TIMEOUT_S)
         assert time.monotonic() - start < TIMEOUT_S
+
+
+@pytest.mark.parametrize("layout", ["byte_level", "metaspace"])
+def test_text_stream_equals_whole_decode_for_bpe_tokenizers(tmp_path, layout):
+    """Token by token, the deltas of a checkpoint tokenizer join to its decode of all ids
+    (a byte-level BPE, and a Metaspace one whose decode drops a leading space)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from moe_ext.model.tokenizer import HFTokenizer
+
+    corpus = ["Hello world, héllo wörld ✓", "the quick brown fox jumps over the lazy dog"]
+    if layout == "byte_level":
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+        tok.decoder = tokenizers.decoders.Metaspace()
+        alphabet = []
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>"], initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(str(tmp_path))
+    text = "héllo wörld ✓, the lazy fox"
+    ids = hf.encode(text, add_bos=False)
+    stream = TextStream(hf, [])
+    deltas = [stream.add([i]) for i in ids] + [stream.finish()]
+    assert "".join(deltas) == hf.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
