@@ -12,9 +12,11 @@ Process model (moe_ext.serve.engine): every rank runs ``ServeEngine.run()`` in i
 thread; rank 0 also runs the HTTP server (moe_ext.serve.http, uvicorn) in a thread. SIGTERM
 (or SIGINT) on rank 0 drains: new requests get 503, the accepted ones finish, then every
 rank exits 0; the other ranks ignore the signal (torchrun forwards it to all of them) and
-leave when rank 0 says so. A rank that dies makes the next collective time out
-(``dist_timeout_s``): rank 0 ends the open streams with an error event, answers 503 while
-it closes, and every surviving rank exits 1.
+leave when rank 0 says so. Signalling torchrun itself (Ctrl-C) drains the same way, but
+torchrun kills workers still running 30 s later and exits 1 whatever they return: for a
+long drain and exit 0, signal rank 0 (the process whose RANK is 0). A rank that dies
+makes the next collective fail or time out (``dist_timeout_s``): rank 0 ends the open
+streams with an error event, answers 503 while it closes, and every surviving rank exits 1.
 """
 
 from __future__ import annotations
