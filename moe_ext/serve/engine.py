@@ -12,10 +12,12 @@ rank 0, which turns them into ``TokenEvent``s on the requests' streams. An idle 
 broadcasts an empty plan every ``heartbeat_s`` so the other ranks' waits never time out.
 
 A step on replica r (``_execute``): new rows get their sampling state; one decode forward
-over rows 0..B-1 (static shape; a CUDA graph per bucket on GPU where the model allows);
-then r's prefill chunks, one forward each (rows named by ``cache_rows``). Replicas whose
-experts are split across them (``context.lockstep``) run the same bucket and pad their
-prefill forwards with ``idle_forward``, so every rank makes the same expert exchanges.
+over rows 0..B-1 (static shape, B the same on every replica; a CUDA graph per bucket on
+GPU where the model allows, all captured before serving); then r's prefill chunks, one
+forward each (rows named by ``cache_rows``). Replicas whose experts are split across them
+(``context.lockstep``) make every expert exchange together: one without decoding rows
+joins the decode step with ``idle_forward`` at the same static capacity, and the replicas
+pad their prefill forwards to the busiest one's count with ``idle_forward``.
 Pipeline stages run the same forwards, hidden states flowing as in ``generate``; the last
 stage samples. TP ranks of a replica run identical rows and sample identically (same
 per-row generators).
@@ -29,6 +31,7 @@ engine unhealthy, and ``run`` returns 1.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import queue
@@ -301,6 +304,8 @@ class ServeEngine:
             and (self.static_exchange or context.cuda_graph_safe)
         )
         self.graphs: dict[int, _BucketGraph] = {}
+        # forwards this rank ran: decode, prefill, idle_decode, idle_prefill (tests, logs)
+        self.counts: collections.Counter[str] = collections.Counter()
         # rank 0's request side (guarded by _cv)
         self._cv = threading.Condition()
         self._streams: dict[str, RequestStream] = {}
@@ -432,22 +437,31 @@ class ServeEngine:
                     generator.manual_seed(new.seed)
                 self.row_sampling[new.row] = _RowSampling(new.temperature, new.top_p, generator)
         sampled: dict[tuple[int, int], int] = {}
-        if plan.bucket:
+        rows = plan.decode_rows[me] if plan.bucket else []
+        if rows:
             tokens = torch.tensor(plan.decode_tokens[me], dtype=torch.long)[:, None]  # [B, 1]
             slots = torch.tensor(plan.decode_slots[me], dtype=torch.long)[:, None]  # [B, 1]
             logits = self._decode(tokens.to(self.device), slots.to(self.device))
-            rows = plan.decode_rows[me]
-            if logits is not None and rows:
+            self.counts["decode"] += 1
+            if logits is not None:
                 ids = self._sample(logits[rows, -1], rows)
                 sampled.update(((me, row), i) for row, i in zip(rows, ids))
+        elif plan.bucket and self.lockstep:
+            # nothing to decode here: join the other replicas' expert exchanges (at their
+            # static capacity; graphs were all captured before serving, so no replica is
+            # in a capture's warm-up now)
+            self._idle_decode(plan.bucket)
+            self.counts["idle_decode"] += 1
         chunks = plan.prefill[me]
         for i in range(plan.prefill_forwards):
             if i >= len(chunks):
                 if self.lockstep:
                     self.model.idle_forward()  # the other replicas' expert exchanges
+                    self.counts["idle_prefill"] += 1
                 continue
             chunk = chunks[i]
             logits = self._prefill(chunk.row, chunk.tokens, chunk.start)
+            self.counts["prefill"] += 1
             if logits is not None and chunk.last:
                 sampled[(me, chunk.row)] = self._sample(logits[:, -1], [chunk.row])[0]
         return sampled
@@ -477,6 +491,15 @@ class ServeEngine:
         finally:
             if self.static_exchange:
                 self.model.set_moe_capacity(None)
+
+    def _idle_decode(self, bucket: int) -> None:
+        """A lockstep replica without decoding rows: the decode step's expert exchanges with
+        zero tokens."""
+        self.model.set_moe_capacity(bucket)
+        try:
+            self.model.idle_forward()
+        finally:
+            self.model.set_moe_capacity(None)
 
     def _prefill(self, row: int, tokens: Sequence[int], start: int) -> Optional[torch.Tensor]:
         """One chunk of one row's prompt at slots start..start+n-1. Logits [1, 1, V] of its

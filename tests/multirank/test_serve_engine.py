@@ -116,6 +116,10 @@ def tiny_cases(rank: int, world_size: int, cases, requests) -> None:
             stop_ids=stop,
         )
         results = run_engine(engine, rank, requests)
+        if model.context.lockstep:  # a replica joined the other's forwards idle, both kinds
+            counts = torch.tensor([engine.counts["idle_decode"], engine.counts["idle_prefill"]])
+            dist.all_reduce(counts)
+            assert (counts > 0).all(), (label, counts)
         if rank == 0:
             got = [ids for ids, _ in results]
             bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
