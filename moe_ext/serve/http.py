@@ -354,6 +354,7 @@ class TextStream:
         self.read = 0  # ids decoded into ``text``
         self.text = ""  # decoded so far
         self.sent = 0  # characters of ``text`` handed out
+        self.searched = 0  # characters of ``text`` searched for stop strings
         self.stopped = False  # a stop string matched
 
     def _decode(self, ids: list[int]) -> str:
@@ -380,7 +381,11 @@ class TextStream:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        # a match not found last time ends in the new text: search only from there
+        start = max(0, self.searched - self.hold)
+        found = (self.text.find(s, start) for s in self.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
+        self.searched = len(self.text)
         if cut >= 0:
             self.text = self.text[:cut]
             self.stopped = True

@@ -443,3 +443,26 @@ def test_text_stream_equals_whole_decode_for_bpe_tokenizers(tmp_path, layout):
     deltas = [stream.add([i]) for i in ids] + [stream.finish()]
     assert "".join(deltas) == hf.decode(ids)
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_text_stream_stop_strings_random_against_whole_text():
+    """Random texts, stop strings and event sizes: the streamed text is the whole text cut
+    at the earliest stop match, whatever the chunking."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = "ab é✓"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(2)]
+        cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        expected = text[: min(cuts)] if cuts else text
+        ids = list(text.encode())
+        stream, out, i = TextStream(TOK, stops), "", 0
+        while i < len(ids) and not stream.stopped:
+            n = rng.randint(1, 4)
+            out += stream.add(ids[i : i + n])
+            i += n
+        out += stream.finish()
+        assert out == expected, (text, stops)
+        assert stream.stopped == bool(cuts)
