@@ -38,6 +38,14 @@ _GROUP_GLOBALS = {
     "_EXPERT_DATA_PARALLEL_GROUP": "edp",
     "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP": "edp",
     "_INTRA_DISTRIBUTED_OPTIMIZER_INSTANCE_GROUP": "world",
+    # megatron-core 0.19's weight-rematerialising TP axis (GTP_remat / EGTP): at size 1,
+    # which is ours, its "WITH_*" groups are the plain ones
+    "_EXPERT_TENSOR_MODEL_PIPELINE_PARALLEL_GROUP_WITH_EGTP": "tp_ep_pp",
+    "_EXPERT_DATA_PARALLEL_GROUP_WITH_GTP_REMAT": "edp",
+    "_INTRA_PARTIAL_EXPERT_DATA_PARALLEL_GROUP_WITH_GTP_REMAT": "edp",
+    "_DATA_PARALLEL_GROUP_WITH_GTP_REMAT": "dp",
+    "_DATA_PARALLEL_GROUP_WITH_CP_WITH_GTP_REMAT": "dp_cp",
+    "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_WITH_GTP_REMAT": "dp_cp",
 }
 # parallel_state global -> the family whose member ranks it lists
 _RANK_GLOBALS = {
