@@ -180,3 +180,41 @@ def test_per_row_slots_equal_the_shared_slot_path(model):
         outs.append((first, nxt))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-6, atol=1e-6)
+
+
+def build(family: str, **changes) -> Transformer:
+    args = ModelArgs.from_hf_config(hf(family, vocab_size=64, **changes))
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args, seed=5), strict=False)
+    return model.float().eval()
+
+
+def test_gpt_oss_window_wider_than_the_cache():
+    """A sliding window beyond the cache (ring = all MAX_SLOTS slots, never wrapping) in
+    per-row rows: the ring's entries are the slots themselves."""
+    model = build("gpt_oss", sliding_window=64)
+    assert model.layers["0"].self_attn.cache_slots(MAX_SLOTS) == MAX_SLOTS
+    seqs = sequences()
+    expected = reference(model, seqs)
+    rows, offsets = [3, 0, 5, 1], [2, 0, 1, 0]
+    noisy_caches(model)
+    prefill_in_chunks(model, seqs, rows, offsets, expected, chunk=4)
+    decode_together(model, seqs, rows, offsets, expected, view_bucket=6)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_compiled_decode_with_per_row_slots(family):
+    """compile_decode's block (aot_eager: dynamo and AOT autograd, no C compiler) traces the
+    per-row write and masks of the view path (cache_rows None, what CUDA graphs capture)
+    and gives eager's logits."""
+    model = build(family)
+    seqs = sequences()
+    expected = reference(model, seqs)
+    rows, offsets = [0, 1, 2, 3], [0, 0, 0, 0]
+    model.compile_decode(backend="aot_eager")
+    try:
+        noisy_caches(model)
+        prefill_in_chunks(model, seqs, rows, offsets, expected, chunk=6)
+        decode_together(model, seqs, rows, offsets, expected, view_bucket=4)
+    finally:
+        model.compile_decode(False)
