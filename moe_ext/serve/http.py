@@ -572,6 +572,13 @@ def build_app(
             metrics.finished.labels(self.finish_reason).inc()
             metrics.e2e.observe(time.monotonic() - self.start)
 
+        def abandon(self) -> None:
+            """The client went away: cancel the engine request (frees its KV row)."""
+            engine.cancel(self.stream)
+            if self.finish_reason is None:
+                self.finish_reason = "abort"
+                metrics.finished.labels("client_gone").inc()
+
         def usage(self) -> dict[str, int]:
             prompt = len(self.req.prompt_ids)
             return {
@@ -646,7 +653,7 @@ def build_app(
                     raise ClientGone()
         except BaseException:  # the client left, or this handler was cancelled
             task.cancel()
-            engine.cancel(run.stream)
+            run.abandon()
             raise
 
     async def sse(run: Run, ident: str, chat: bool) -> AsyncIterator[str]:
@@ -694,7 +701,7 @@ def build_app(
             yield "data: [DONE]\n\n"
         finally:
             if not finished:  # the client went away (or the server is stopping)
-                engine.cancel(run.stream)
+                run.abandon()
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):

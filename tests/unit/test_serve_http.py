@@ -320,7 +320,11 @@ def test_engine_failure_mid_request(engine, client):
 # ---- disconnects --------------------------------------------------------------------------
 
 
+GONE = 'moe_ext_request_finish_total{reason="client_gone"}'
+
+
 def test_stream_disconnect_cancels(engine, base):
+    gone = _metrics(base).get(GONE, 0)
     engine.delay_s = 0.02  # 10 s of tokens: only a cancel ends it in time
     body = {**GOOD, "max_tokens": 250, "prompt": "a", "stream": True}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=TIMEOUT_S) as reply:
@@ -328,6 +332,7 @@ def test_stream_disconnect_cancels(engine, base):
         assert next(line for line in lines if line.startswith("data:"))
     assert engine.wait_cancelled(0, 5.0)
     assert wait_until(lambda: not engine.running, 5.0)
+    assert wait_until(lambda: _metrics(base).get(GONE, 0) == gone + 1, 5.0)
 
 
 def test_disconnect_cancels_non_streaming(engine, base):
