@@ -526,13 +526,13 @@ def build_app(
     class Run:
         """One engine request as the answer sees it: text, finish reason, usage, timings."""
 
-        def __init__(self, req: Request, stream: Any):
+        def __init__(self, req: Request, stream: Any, arrival: float):
             self.req, self.stream = req, stream
             self.text = TextStream(tokenizer, req.stop)
             self.completion_tokens = 0
             self.finish_reason: Optional[str] = None
             self.error: Optional[str] = None
-            self.start = time.monotonic()
+            self.start = arrival  # the request's arrival at this server (TTFT's start)
             self.last: Optional[float] = None
             metrics.prompt_tokens.inc(len(req.prompt_ids))
 
@@ -595,12 +595,13 @@ def build_app(
         )
 
     async def answer(request: HttpRequest, endpoint: str, chat: bool):
+        arrival = time.monotonic()
         try:
             req = (parse_chat if chat else parse_completion)(await read_body(request))
             stream = submit(req)
         except HttpError as err:
             return error_response(err, endpoint)
-        run = Run(req, stream)
+        run = Run(req, stream, arrival)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
             metrics.requests.labels(endpoint, "200").inc()
