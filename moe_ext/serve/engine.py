@@ -13,11 +13,12 @@ broadcasts an empty plan every ``heartbeat_s`` so the other ranks' waits never t
 
 A step on replica r (``_execute``): new rows get their sampling state; one decode forward
 over rows 0..B-1 (static shape, B the same on every replica; a CUDA graph per bucket on
-GPU where the model allows, all captured before serving); then r's prefill chunks, one
-forward each (rows named by ``cache_rows``). Replicas whose experts are split across them
-(``context.lockstep``) make every expert exchange together: one without decoding rows
-joins the decode step with ``idle_forward`` at the same static capacity, and the replicas
-pad their prefill forwards to the busiest one's count with ``idle_forward``.
+GPU where the model allows, all captured before serving); then r's prefill chunks,
+batched in the scheduler's groups (rows named by ``cache_rows``). Replicas whose experts
+are split across them (``context.lockstep``) make every expert exchange together: one
+without decoding rows joins the decode step with ``idle_forward`` at the same static
+capacity, and the replicas pad their prefill forwards to the busiest one's count with
+``idle_forward``.
 Pipeline stages run the same forwards, hidden states flowing as in ``generate``; the last
 stage samples. TP ranks of a replica run identical rows and sample identically (same
 per-row generators).
@@ -47,7 +48,7 @@ import torch.distributed as dist
 
 from moe_ext.errors import MoeExtError
 from moe_ext.model.generate import sample
-from moe_ext.serve.scheduler import Entry, Scheduler, StepPlan, buckets
+from moe_ext.serve.scheduler import Entry, PrefillChunk, Scheduler, StepPlan, buckets
 
 log = logging.getLogger(__name__)
 
@@ -452,18 +453,21 @@ class ServeEngine:
             # in a capture's warm-up now)
             self._idle_decode(plan.bucket)
             self.counts["idle_decode"] += 1
-        chunks = plan.prefill[me]
+        groups = plan.groups[me]
         for i in range(plan.prefill_forwards):
-            if i >= len(chunks):
+            if i >= len(groups):
                 if self.lockstep:
                     self.model.idle_forward()  # the other replicas' expert exchanges
                     self.counts["idle_prefill"] += 1
                 continue
-            chunk = chunks[i]
-            logits = self._prefill(chunk.row, chunk.tokens, chunk.start)
+            chunks = [plan.prefill[me][j] for j in groups[i]]
+            logits = self._prefill(chunks)
             self.counts["prefill"] += 1
-            if logits is not None and chunk.last:
-                sampled[(me, chunk.row)] = self._sample(logits[:, -1], [chunk.row])[0]
+            last = [b for b, chunk in enumerate(chunks) if chunk.last]
+            if logits is not None and last:
+                rows = [chunks[b].row for b in last]
+                ids = self._sample(logits[last, -1], rows)
+                sampled.update(((me, row), i) for row, i in zip(rows, ids))
         return sampled
 
     def _decode(self, tokens: torch.Tensor, slots: torch.Tensor) -> Optional[torch.Tensor]:
@@ -501,21 +505,27 @@ class ServeEngine:
         finally:
             self.model.set_moe_capacity(None)
 
-    def _prefill(self, row: int, tokens: Sequence[int], start: int) -> Optional[torch.Tensor]:
-        """One chunk of one row's prompt at slots start..start+n-1. Logits [1, 1, V] of its
-        last token (None off the last stage)."""
-        n = len(tokens)
+    def _prefill(self, chunks: Sequence[PrefillChunk]) -> Optional[torch.Tensor]:
+        """Prompt chunks of several rows in one forward, each at its slots start..start+n-1.
+        Shorter chunks are right-padded with copies of their last token at their last slot:
+        identical queries writing identical keys there, so padding changes nothing and the
+        last position's logits are the last token's. Logits [b, 1, V] (None off the last
+        stage)."""
+        width = max(len(c.tokens) for c in chunks)
+        tokens, slots = [], []
+        for c in chunks:
+            n, pad = len(c.tokens), width - len(c.tokens)
+            tokens.append(list(c.tokens) + [c.tokens[-1]] * pad)
+            slots.append(list(range(c.start, c.start + n)) + [c.start + n - 1] * pad)
         device = self.device
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)  # [1, n]
-        slots = torch.arange(start, start + n, dtype=torch.long, device=device)[None]  # [1, n]
         return self.model(
-            ids,
-            slots,
-            torch.zeros(1, dtype=torch.long, device=device),
-            start + n,
+            torch.tensor(tokens, dtype=torch.long, device=device),  # [b, S]
+            torch.tensor(slots, dtype=torch.long, device=device),  # [b, S]
+            torch.zeros(len(chunks), dtype=torch.long, device=device),  # [b]
+            max(c.start + len(c.tokens) for c in chunks),
             last_only=True,
             use_cache=True,
-            cache_rows=torch.tensor([row], dtype=torch.long, device=device),
+            cache_rows=torch.tensor([c.row for c in chunks], dtype=torch.long, device=device),
         )
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:

@@ -16,8 +16,12 @@ One step (``schedule`` -> the engine runs the plan -> ``complete``):
   not decode (free, or still in prefill) run too and write a throw-away key at their next
   unwritten slot, which their own next write overwrites before anything reads it.
 - **chunked prefill**: after the decode, each replica spends up to ``prefill_chunk`` prompt
-  tokens on its prefilling rows (oldest first), one forward per chunk; a prompt's last
-  chunk samples its first token. Long prompts thus share steps with running decodes.
+  tokens on its prefilling rows (oldest first); a prompt's last chunk samples its first
+  token. Long prompts thus share steps with running decodes. Chunks run batched: longest
+  first, a forward takes chunks while rows x its longest chunk stays within
+  ``prefill_chunk`` (``groups``); the engine right-pads shorter chunks by repeating their
+  last token at their last slot, so padding writes nothing new and its outputs are the
+  last token's.
 - **completion**: sampled ids go to their requests; a request finishes on a stop id
   ("stop") or at max_tokens ("length") and frees its row at once; ``cancel`` frees a row
   (or drops a queued request) at the next step boundary.
@@ -93,8 +97,9 @@ class PrefillChunk:
 class StepPlan:
     """One engine step. ``bucket`` 0: no decode forward. ``decode_tokens[r]`` and
     ``decode_slots[r]`` (length ``bucket``): replica r's input id and write slot per row;
-    ``decode_rows[r]``: the rows whose sampled id counts. ``prefill[r]``: replica r's chunks,
-    in order. ``heartbeat``: nothing to run (keeps the other ranks' collectives alive)."""
+    ``decode_rows[r]``: the rows whose sampled id counts. ``prefill[r]``: replica r's chunks;
+    ``groups[r]``: its prefill forwards, each a list of indices into ``prefill[r]``. An empty
+    plan is a heartbeat (keeps the other ranks' collectives alive)."""
 
     new_rows: list[NewRow] = field(default_factory=list)
     bucket: int = 0
@@ -102,6 +107,7 @@ class StepPlan:
     decode_slots: list[list[int]] = field(default_factory=list)
     decode_rows: list[list[int]] = field(default_factory=list)
     prefill: list[list[PrefillChunk]] = field(default_factory=list)
+    groups: list[list[list[int]]] = field(default_factory=list)
     shutdown: bool = False
 
     @property
@@ -111,7 +117,7 @@ class StepPlan:
     @property
     def prefill_forwards(self) -> int:
         """Prefill forwards of the busiest replica (lockstep replicas pad to it)."""
-        return max((len(chunks) for chunks in self.prefill), default=0)
+        return max((len(groups) for groups in self.groups), default=0)
 
 
 @dataclass(frozen=True)
@@ -283,7 +289,9 @@ class Scheduler:
             plan.decode_tokens.append(tokens)
             plan.decode_slots.append(slots)
             plan.decode_rows.append(decoding)
-            plan.prefill.append(self._chunks(rows))
+            chunks = self._chunks(rows)
+            plan.prefill.append(chunks)
+            plan.groups.append(self._groups(chunks))
         return plan
 
     def _chunks(self, rows: list[Optional[Entry]]) -> list[PrefillChunk]:
@@ -307,6 +315,20 @@ class Scheduler:
             )
             budget -= n
         return chunks
+
+    def _groups(self, chunks: list[PrefillChunk]) -> list[list[int]]:
+        """Chunks into batched forwards: longest first, while rows x the longest chunk of
+        the forward stays within ``prefill_chunk`` (a lone chunk always fits)."""
+        order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i].tokens))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * len(chunks[groups[-1][0]].tokens) <= (
+                self.prefill_chunk
+            ):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def complete(self, plan: StepPlan, sampled: dict[tuple[int, int], int]) -> list[Completion]:
         """Apply a finished step: prompt progress, ``sampled`` ids ((replica, row) -> id) to

@@ -128,6 +128,17 @@ def test_budget_is_shared_oldest_first_and_throwaway_slots():
     assert plan.decode_slots[0][3] == 0
 
 
+def test_prefill_groups_stay_within_the_chunk_budget():
+    s = Scheduler(replicas=1, rows=4, max_context=64, max_queue=8, prefill_chunk=8)
+    for i, n in enumerate([1, 3, 2]):
+        s.add(entry(i, n))
+    plan = s.schedule()
+    lengths = [[len(plan.prefill[0][i].tokens) for i in group] for group in plan.groups[0]]
+    # longest first; 2 rows x 3 <= 8 batch together, a third row would pad to 9
+    assert lengths == [[3, 2], [1]] and plan.prefill_forwards == 2
+    assert all(c.last for c in plan.prefill[0])
+
+
 def test_throwaway_slot_of_a_prefilling_row():
     s = Scheduler(replicas=1, rows=2, max_context=64, max_queue=8, prefill_chunk=3)
     s.add(entry(0, 1, max_tokens=1))  # row 0, done after its prefill
