@@ -70,7 +70,7 @@ def prompts() -> list[dict]:
     return lines
 
 
-def infer_outputs(tmp_path: Path, lines: list[dict], plan: list[str]) -> list[dict]:
+def infer_outputs(tmp_path: Path, lines: list[dict], plan: list[str], nproc: int = 2) -> list[dict]:
     source, output = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     args = [
@@ -80,7 +80,7 @@ def infer_outputs(tmp_path: Path, lines: list[dict], plan: list[str]) -> list[di
         "generate.temperature=0",
         *plan,
     ]
-    done = run_launcher(INFER, args, nproc=2, timeout=START_S)
+    done = run_launcher(INFER, args, nproc=nproc, timeout=START_S)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in output.read_text().splitlines()]
 
@@ -132,10 +132,10 @@ def server(tmp_path, request):
         yield job, port
 
 
-def check_batching_changes_nothing(tmp_path: Path, port: int, plan: list[str]):
+def check_batching_changes_nothing(tmp_path: Path, port: int, plan: list[str], nproc: int = 2):
     """32 concurrent requests, half streaming, each equal to launch/infer.py's output."""
     lines = prompts()
-    expected = infer_outputs(tmp_path, lines, plan)
+    expected = infer_outputs(tmp_path, lines, plan, nproc)
     client = _client(port)
     with concurrent.futures.ThreadPoolExecutor(len(lines)) as pool:
         futures = [pool.submit(ask, client, line, i % 2 == 1) for i, line in enumerate(lines)]
