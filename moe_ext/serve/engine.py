@@ -286,8 +286,14 @@ class ServeEngine:
                 f"a KV-token budget of {kv_tokens} cannot hold one request of max_context "
                 f"{max_context}; raise the budget or lower server.max_context"
             )
+        # gpt-oss's sliding layers attend a chunk's own keys beside their ring, so a padded
+        # copy of a key would count twice: chunks batch only at equal lengths there
+        rings = any(
+            getattr(block.self_attn, "window", None) is not None
+            for block in getattr(model, "layers", {}).values()
+        )
         self.scheduler = Scheduler(
-            self.replicas, rows, max_context, max_queue, prefill_chunk, kv_tokens
+            self.replicas, rows, max_context, max_queue, prefill_chunk, kv_tokens, not rings
         )
         model.eval()
         model.setup_caches(rows, max_context)

@@ -152,7 +152,9 @@ class Scheduler:
     """Queue, KV rows and step plans for ``replicas`` replicas of ``rows`` rows each.
 
     ``kv_tokens``: each replica's KV-token budget for admission (default rows·max_context,
-    so rows are the bound). Not thread-safe: the engine serialises calls."""
+    so rows are the bound). ``pad_chunks`` False: only chunks of equal length share a
+    prefill forward (models whose chunk attention counts a padded key once per copy:
+    gpt-oss's sliding rings). Not thread-safe: the engine serialises calls."""
 
     def __init__(
         self,
@@ -162,12 +164,14 @@ class Scheduler:
         max_queue: int,
         prefill_chunk: int,
         kv_tokens: Optional[int] = None,
+        pad_chunks: bool = True,
     ):
         if min(replicas, rows, max_context, prefill_chunk) < 1 or max_queue < 0:
             raise ValueError("replicas, rows, max_context and prefill_chunk must be >= 1")
         self.replicas, self.rows, self.max_context = replicas, rows, max_context
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.kv_tokens = kv_tokens if kv_tokens is not None else rows * max_context
+        self.pad_chunks = pad_chunks
         self.queue: collections.deque[Entry] = collections.deque()
         # table[replica][row]: the request holding the row, None when free
         self.table: list[list[Optional[Entry]]] = [[None] * rows for _ in range(replicas)]
@@ -318,13 +322,14 @@ class Scheduler:
 
     def _groups(self, chunks: list[PrefillChunk]) -> list[list[int]]:
         """Chunks into batched forwards: longest first, while rows x the longest chunk of
-        the forward stays within ``prefill_chunk`` (a lone chunk always fits)."""
+        the forward stays within ``prefill_chunk`` (a lone chunk always fits); without
+        ``pad_chunks`` only equal lengths share one."""
         order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i].tokens))
         groups: list[list[int]] = []
         for i in order:
-            if groups and (len(groups[-1]) + 1) * len(chunks[groups[-1][0]].tokens) <= (
-                self.prefill_chunk
-            ):
+            width = len(chunks[groups[-1][0]].tokens) if groups else 0
+            fits = (len(groups[-1]) + 1) * width <= self.prefill_chunk if groups else False
+            if fits and (self.pad_chunks or len(chunks[i].tokens) == width):
                 groups[-1].append(i)
             else:
                 groups.append([i])

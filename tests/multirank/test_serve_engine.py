@@ -133,25 +133,10 @@ def tiny_cases(rank: int, world_size: int, cases, requests) -> None:
     assert not failures, "\n".join(failures)
 
 
-def _per_row_caches() -> bool:
-    import inspect
-
-    from moe_ext.model import Transformer
-
-    return "cache_rows" in inspect.signature(Transformer.forward).parameters
-
-
-needs_rows = pytest.mark.skipif(
-    not _per_row_caches(), reason="Transformer.forward has no per-row caches (cache_rows) yet"
-)
-
-
-@needs_rows
 def test_tiny_one_rank():
     run_ranks(tiny_cases, 1, args=([("auto", [])], mixed_requests()))
 
 
-@needs_rows
 def test_tiny_two_ranks_ep_dp_pp_tp():
     cases = [
         ("ep_nccl", ["strategy=ep_nccl"]),
