@@ -35,6 +35,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -51,6 +52,8 @@ from moe_ext.model.generate import sample
 from moe_ext.serve.scheduler import Entry, PrefillChunk, Scheduler, StepPlan, buckets
 
 log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0  # rank 0 logs throughput at most this often while it works
 
 
 # ---- errors -----------------------------------------------------------------------------
@@ -319,6 +322,8 @@ class ServeEngine:
         self._ids = itertools.count()
         self._draining = False
         self._healthy = True
+        self._finished: collections.deque[float] = collections.deque(maxlen=64)  # end times
+        self._progress = {"out": 0, "in": 0, "since": time.monotonic()}
         self._client = _Client(self)
 
     @property
@@ -383,6 +388,7 @@ class ServeEngine:
             if plan.empty:
                 continue
             sampled = self._gather(self._execute(plan))
+            self._log_progress(plan, len(sampled))
             with self._cv:
                 for done in self.scheduler.complete(plan, sampled):
                     stream = self._streams.get(done.entry.request_id)
@@ -390,9 +396,32 @@ class ServeEngine:
                         continue
                     if done.finish_reason is not None:
                         del self._streams[done.entry.request_id]
+                        self._finished.append(time.monotonic())
                     stream._push(TokenEvent(done.token_ids, done.finish_reason))
                 if self._draining and self.scheduler.idle:
                     self._cv.notify_all()
+
+    def _log_progress(self, plan: StepPlan, new_tokens: int) -> None:
+        """Rank 0: a line at most every LOG_EVERY_S seconds while it works (rates over the
+        time since the last line), rows and queue."""
+        progress = self._progress
+        progress["out"] += new_tokens
+        progress["in"] += sum(len(c.tokens) for chunks in plan.prefill for c in chunks)
+        now = time.monotonic()
+        elapsed = now - progress["since"]
+        if elapsed < LOG_EVERY_S:
+            return
+        s = self.scheduler
+        log.info(
+            "engine: %.1f tok/s out, %.1f tok/s prompt; %d running, %d queued; KV rows %d/%d",
+            progress["out"] / elapsed,
+            progress["in"] / elapsed,
+            s.rows_used,
+            s.queued,
+            s.rows_used,
+            s.rows_total,
+        )
+        self._progress = {"out": 0, "in": 0, "since": now}
 
     def _follow(self) -> int:
         while True:
@@ -592,7 +621,13 @@ class ServeEngine:
         return stream
 
     def _retry_after(self) -> float:
-        return 1.0
+        """Seconds until the queue has likely drained a place: the queue over the recent
+        completion rate (the last 64 requests), between 1 and 60 s."""
+        done = self._finished
+        if len(done) < 2 or done[-1] <= done[0]:
+            return 1.0
+        rate = (len(done) - 1) / (done[-1] - done[0])  # requests finished per second
+        return float(min(60, max(1, math.ceil(self.scheduler.queued / rate))))
 
     def _cancel(self, stream: RequestStream) -> None:
         with self._cv:

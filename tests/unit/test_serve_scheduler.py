@@ -237,7 +237,7 @@ def test_engine_errors_cancel_and_drain():
     queued = [client.submit([7], SamplingParams(max_tokens=2)) for _ in range(2)]
     with pytest.raises(QueueFull) as err:
         client.submit([7], SamplingParams(max_tokens=2))
-    assert err.value.retry_after_s > 0
+    assert 1 <= err.value.retry_after_s <= 60
     client.cancel(long)  # frees the only row for the queued ones
     rest = [e for e in long.events(timeout=30)]
     assert rest[-1].finish_reason == "abort" and len(rest) < 36
