@@ -449,7 +449,9 @@ class ServeEngine:
             return {}
         merged: dict[tuple[int, int], int] = {}
         for part in parts:
-            merged.update(part)
+            for key, token in part.items():
+                if merged.setdefault(key, token) != token:  # TP ranks must sample alike
+                    raise RuntimeError(f"ranks sampled different ids for (replica, row) {key}")
         return merged
 
     def _fail(self, message: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -43,24 +44,38 @@ def mixed_requests(n: int = N_REQUESTS, seed: int = 0) -> list[tuple[list[int], 
     ]
 
 
-def serve_all(engine: ServeEngine, requests, results: list, timeout: float = 300) -> None:
-    """Rank 0's client thread: submit every request at once, collect, then drain."""
+SAMPLED = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True)
+
+
+def serve_all(
+    engine: ServeEngine, requests, results: list, timeout: float = 300, sampled: bool = False
+) -> None:
+    """Rank 0's client thread: submit every request at once, collect, then drain.
+    ``sampled``: also two seeded sampled requests (equal ids) and an unseeded one, among
+    them (results gets their ids last)."""
     try:
         client = engine.client
         streams = [client.submit(p, SamplingParams(max_tokens=m)) for p, m in requests]
+        if sampled:
+            extra = [client.submit([40, 41, 42], SAMPLED) for _ in range(2)]
+            extra.append(client.submit([40, 41, 42], replace(SAMPLED, seed=None)))
         results.extend(collect(s, timeout) for s in streams)
+        if sampled:
+            results.append([collect(s, timeout)[0] for s in extra])
     except BaseException as err:  # noqa: BLE001 - reported by the main thread
         results.append(err)
     finally:
         engine.drain()
 
 
-def run_engine(engine: ServeEngine, rank: int, requests) -> list:
+def run_engine(engine: ServeEngine, rank: int, requests, sampled: bool = False) -> list:
     """engine.run() on this rank (rank 0 also serves ``requests`` from a thread)."""
     results: list = []
     thread = None
     if rank == 0:
-        thread = threading.Thread(target=serve_all, args=(engine, requests, results))
+        thread = threading.Thread(
+            target=serve_all, args=(engine, requests, results), kwargs={"sampled": sampled}
+        )
         thread.start()
     code = engine.run()
     if thread is not None:
@@ -112,15 +127,17 @@ def tiny_cases(rank: int, world_size: int, cases, requests) -> None:
             rows=ROWS,
             max_context=MAX_CONTEXT,
             prefill_chunk=PREFILL_CHUNK,
-            max_queue=N_REQUESTS,
+            max_queue=N_REQUESTS + 3,
             stop_ids=stop,
         )
-        results = run_engine(engine, rank, requests)
+        results = run_engine(engine, rank, requests, sampled=True)
         if model.context.lockstep:  # a replica joined the other's forwards idle, both kinds
             counts = torch.tensor([engine.counts["idle_decode"], engine.counts["idle_prefill"]])
             dist.all_reduce(counts)
             assert (counts > 0).all(), (label, counts)
         if rank == 0:
+            seeded_a, seeded_b, unseeded = results.pop()
+            assert seeded_a == seeded_b and len(seeded_a) == len(unseeded) == 8, label
             got = [ids for ids, _ in results]
             bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
             if bad:
