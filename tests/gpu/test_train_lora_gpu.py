@@ -60,6 +60,7 @@ def test_grouped_low_rank_experts_on_cuda_bf16():
         assert (grad - want).norm() / want.norm() < 2e-2, name
 
 
+@pytest.mark.multirank
 def test_launcher_lora_bf16_zero1_ep2(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")

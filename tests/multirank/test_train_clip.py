@@ -125,7 +125,13 @@ def _check_case(args, plan, groups, zero, dtype, offload, reference, device):
         else:  # 1F1B over 2 micro-batches; the engine reduces after the last
             loss, _, _ = pipeline.train_step(batch)
         engine.step()
-        assert loss.item() == pytest.approx(ref_losses[step][groups.dp_rank], **loss_tol), what
+        expected = ref_losses[step][groups.dp_rank]
+        assert loss.item() == pytest.approx(expected, **loss_tol), (
+            what,
+            step,
+            loss.item(),
+            expected,
+        )
         norm = engine.get_global_grad_norm()
         assert torch.is_tensor(norm), (what, norm)
         torch.testing.assert_close(
