@@ -136,6 +136,7 @@ def tiny_cases(rank: int, world_size: int, cases, requests) -> None:
             dist.all_reduce(counts)
             assert (counts > 0).all(), (label, counts)
         if rank == 0:
+            assert not engine._warned_disagree, f"{label}: TP ranks sampled different ids"
             seeded_a, seeded_b, unseeded = results.pop()
             assert seeded_a == seeded_b and len(seeded_a) == len(unseeded) == 8, label
             got = [ids for ids, _ in results]
