@@ -571,13 +571,24 @@ class ServeEngine:
 
     def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """logits: [n, V], one per row in ``rows``. Greedy rows take the argmax; the others
-        sample with their temperature/top_p and generator."""
+        sample with their temperature/top_p: seeded rows one by one with their own
+        generator, unseeded ones batched by (temperature, top_p) on the shared generator
+        (the same calls in the same order on every rank of a replica)."""
         ids = logits.argmax(dim=-1)  # [n]
+        shared: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(rows):
             state = self.row_sampling.get(row)
-            if state is not None and state.temperature > 0:
-                generator = state.generator or self.generator
-                ids[i] = sample(logits[i : i + 1], state.temperature, state.top_p, generator)[0]
+            if state is None or state.temperature <= 0:
+                continue
+            if state.generator is not None:
+                ids[i] = sample(logits[i : i + 1], state.temperature, state.top_p, state.generator)[
+                    0
+                ]
+            else:
+                shared.setdefault((state.temperature, state.top_p), []).append(i)
+        for (temperature, top_p), batch in shared.items():
+            index = torch.tensor(batch, device=logits.device)  # [m]
+            ids[index] = sample(logits[index], temperature, top_p, self.generator)  # [m]
         return ids.tolist()  # sync: the step's ids to the host (rank 0 streams them)
 
     # ---- rank 0: the client side -----------------------------------------------------------

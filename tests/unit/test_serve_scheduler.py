@@ -12,6 +12,7 @@ alone.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -251,13 +252,18 @@ def test_engine_errors_cancel_and_drain():
     assert not thread.is_alive()
 
 
-def test_seeded_sampling_repeats():
-    engine, thread = start_engine(rows=2)
+def test_seeded_sampling_repeats_unseeded_varies():
+    engine, thread = start_engine(rows=8)
     client = engine.client
     params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
-    a = client.submit([9, 10, 11], params)
-    b = client.submit([9, 10, 11], params)
-    ids_a, ids_b = collect(a)[0], collect(b)[0]
-    assert ids_a == ids_b and len(ids_a) == 8
+    prompt = [9, 10, 11]
+    seeded = [client.submit(prompt, params) for _ in range(2)]
+    unseeded = [client.submit(prompt, replace(params, seed=None)) for _ in range(3)]
+    # top_p that keeps only the likeliest id: sampling equals greedy
+    narrow = client.submit(prompt, replace(params, seed=None, top_p=1e-6))
+    ids = [collect(s)[0] for s in seeded + unseeded]
+    assert ids[0] == ids[1] and all(len(i) == 8 for i in ids)
+    assert len({tuple(i) for i in ids[1:]}) == 4  # 1 seeded + 3 unseeded, all different
+    assert collect(narrow)[0] == greedy_alone(prompt, 8, set())
     engine.drain()
     thread.join(10)
