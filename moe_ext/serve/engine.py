@@ -224,9 +224,9 @@ class _BucketGraph:
         self.tokens.copy_(tokens)
         self.slots.copy_(slots)
         if self.graph is None:
-            # warm-up on a side stream (the same collectives on every lockstep replica: they
-            # all reach a new bucket at the same step); the writes land on throw-away or
-            # about-to-be-written slots, which the real step rewrites
+            # warm-up on a side stream (every rank captures every bucket in the same order
+            # before serving, so lockstep replicas' warm-up collectives match); the writes
+            # land on slots that the real step rewrites or no request holds
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
