@@ -165,6 +165,15 @@ def test_tiny_two_ranks_ep_dp_pp_tp():
     run_ranks(tiny_cases, 2, args=(cases, mixed_requests()))
 
 
+@pytest.mark.slow  # 4 ranks: lockstep replicas that are pipelines or TP groups
+def test_tiny_four_ranks_ep_dp2_with_pp_or_tp():
+    cases = [
+        ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
+        ("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"]),
+    ]
+    run_ranks(tiny_cases, 4, args=(cases, mixed_requests()))
+
+
 # ---- the control plane with a fake model ------------------------------------------------
 
 
