@@ -12,13 +12,13 @@ rank 0, which turns them into ``TokenEvent``s on the requests' streams. An idle 
 broadcasts an empty plan every ``heartbeat_s`` so the other ranks' waits never time out.
 
 A step on replica r (``_execute``): new rows get their sampling state; one decode forward
-over rows 0..B-1 (static shape, B the same on every replica; a CUDA graph per bucket on
-GPU where the model allows, all captured before serving); then r's prefill chunks,
-batched in the scheduler's groups (rows named by ``cache_rows``). Replicas whose experts
-are split across them (``context.lockstep``) make every expert exchange together: one
-without decoding rows joins the decode step with ``idle_forward`` at the same static
-capacity, and the replicas pad their prefill forwards to the busiest one's count with
-``idle_forward``.
+over rows 0..B-1 (static shape, B a power of two covering the decoding rows, the same on
+every lockstep replica; a CUDA graph per bucket on GPU where the model allows, all
+captured before serving); then r's prefill chunks, batched in the scheduler's groups
+(rows named by ``cache_rows``). Replicas whose experts are split across them
+(``context.lockstep``) make every expert exchange together: one without decoding rows
+joins the decode step with ``idle_forward`` at the same static capacity, and the replicas
+pad their prefill forwards to the busiest one's count with ``idle_forward``.
 Pipeline stages run the same forwards, hidden states flowing as in ``generate``; the last
 stage samples. TP ranks of a replica run identical rows and sample identically (same
 per-row generators).
@@ -49,7 +49,14 @@ import torch.distributed as dist
 
 from moe_ext.errors import MoeExtError
 from moe_ext.model.generate import sample
-from moe_ext.serve.scheduler import Entry, PrefillChunk, Scheduler, StepPlan, buckets
+from moe_ext.serve.scheduler import (
+    Entry,
+    PrefillChunk,
+    Scheduler,
+    StepPlan,
+    bucket_for,
+    buckets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -481,8 +488,11 @@ class ServeEngine:
         sampled: dict[tuple[int, int], int] = {}
         rows = plan.decode_rows[me] if plan.bucket else []
         if rows:
-            tokens = torch.tensor(plan.decode_tokens[me], dtype=torch.long)[:, None]  # [B, 1]
-            slots = torch.tensor(plan.decode_slots[me], dtype=torch.long)[:, None]  # [B, 1]
+            # lockstep replicas share the plan's bucket (one static exchange capacity);
+            # independent ones decode only the bucket their own rows need
+            B = plan.bucket if self.lockstep else bucket_for(rows[-1] + 1, self.rows)
+            tokens = torch.tensor(plan.decode_tokens[me][:B], dtype=torch.long)[:, None]  # [B, 1]
+            slots = torch.tensor(plan.decode_slots[me][:B], dtype=torch.long)[:, None]  # [B, 1]
             logits = self._decode(tokens.to(self.device), slots.to(self.device))
             self.counts["decode"] += 1
             if logits is not None:
