@@ -10,9 +10,10 @@ One step (``schedule`` -> the engine runs the plan -> ``complete``):
 - **admission**: queued requests, first come first served, take the lowest free row of the
   replica with the fewest busy rows, while that replica's KV-token budget holds their
   reservation (prompt + max_tokens). A request that does not fit waits (no overtaking).
-- **decode**: one forward over the first ``bucket`` rows of every replica (the same bucket
-  on all of them: a power of two covering the highest decoding row, capped at ``rows``),
-  so decode shapes come from a handful of sizes (CUDA graphs). Rows in the bucket that do
+- **decode**: one forward over the first ``bucket`` rows of a replica (a power of two
+  covering the highest decoding row of any replica, capped at ``rows``; replicas that
+  are not in lockstep trim it to their own rows), so decode shapes come from a handful of
+  sizes (CUDA graphs). Rows in the bucket that do
   not decode (free, or still in prefill) run too and write a throw-away key at their next
   unwritten slot, which their own next write overwrites before anything reads it.
 - **chunked prefill**: after the decode, each replica spends up to ``prefill_chunk`` prompt
@@ -21,7 +22,7 @@ One step (``schedule`` -> the engine runs the plan -> ``complete``):
   first, a forward takes chunks while rows x its longest chunk stays within
   ``prefill_chunk`` (``groups``); the engine right-pads shorter chunks by repeating their
   last token at their last slot, so padding writes nothing new and its outputs are the
-  last token's.
+  last token's (``pad_chunks`` False: only equal lengths batch).
 - **completion**: sampled ids go to their requests; a request finishes on a stop id
   ("stop") or at max_tokens ("length") and frees its row at once; ``cancel`` frees a row
   (or drops a queued request) at the next step boundary.
