@@ -239,9 +239,19 @@ def _deepspeed_state_classes() -> list[type]:
 
 def capture_engine(engine: Any) -> dict[str, Any]:
     """What this rank saves: its module shard, its optimizer state (a ZeRO partition under
-    ZeRO) and the CPU RNG state."""
+    ZeRO) and the CPU RNG state. With a frozen base (LoRA) only the trainable parameters of
+    the module are saved: the base comes back from the run's ``checkpoint=`` on resume
+    (``check_compatible`` holds the model fixed), and a 30 B base would otherwise be
+    rewritten by every rank at every save."""
+    module = engine.module
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    frozen = any(not p.requires_grad for p in module.parameters())
+    state = module.state_dict()
+    if frozen:
+        state = {name: tensor for name, tensor in state.items() if name in trainable}
     return {
-        "module": engine.module.state_dict(),
+        "module": state,
+        "module_trainable_only": frozen,
         "optimizer": engine.optimizer.state_dict(),
         "rng": torch.get_rng_state(),
     }
@@ -252,6 +262,16 @@ def restore_engine(engine: Any, saved: dict[str, Any], dp_rank: int, dp: int) ->
     takes its fp32 master partition from the file), then the RNG."""
     from moe_ext.deepspeed.engine import load_optimizer_state
 
-    engine.module.load_state_dict(saved["module"])
+    module = engine.module
+    if saved.get("module_trainable_only", False):
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        if set(saved["module"]) != trainable:
+            raise ResumeError(
+                f"the checkpoint holds {len(saved['module'])} trainable tensors, this run "
+                f"trains {len(trainable)} others; resume with the run's train.lora settings"
+            )
+        module.load_state_dict(saved["module"], strict=False)
+    else:
+        module.load_state_dict(saved["module"])
     load_optimizer_state(engine, saved["optimizer"], dp_rank, dp)
     torch.set_rng_state(saved["rng"].cpu())

@@ -176,9 +176,8 @@ def test_ep_lora_gradients_and_exports_equal_single_rank_reference(tmp_path):
     run_ranks(_body, world_size=2, args=(str(tmp_path),))
 
 
-def test_launcher_fine_tunes_with_lora_on_two_ranks(tmp_path):
-    out = tmp_path / "run"
-    result = run_launcher(
+def _lora_run(out, *extra):
+    return run_launcher(
         REPO / "launch/train.py",
         [
             f"hydra.run.dir={out}",
@@ -190,16 +189,37 @@ def test_launcher_fine_tunes_with_lora_on_two_ranks(tmp_path):
             "train.seq_len=32",
             "train.eval_every=0",
             "train.eval_batches=1",
-            "train.save_every=0",
+            "train.save_every=2",
             "train.zero_stage=1",
             "train.lora.rank=4",
             "train.lora.targets=[q_proj,v_proj,experts]",
             "sample.max_new_tokens=4",
+            *extra,
         ],
         nproc=2,
         timeout=240,
     )
+
+
+def test_launcher_fine_tunes_with_lora_on_two_ranks(tmp_path):
+    """Two ranks, ep_nccl, ZeRO 1: adapters exported in PEFT's format, merged model, memory
+    per rank in the log; training checkpoints hold only the adapters (the frozen base comes
+    back from the run's weights) and resuming from one continues bit for bit."""
+    out = tmp_path / "run"
+    result = _lora_run(out)
     assert result.returncode == 0, result.stderr[-3000:]
+    from moe_ext.train.state import find_checkpoint, load_rank_state
+
+    saved = load_rank_state(find_checkpoint(str(out / "checkpoints/step_00000002")), rank=1)
+    assert saved["module_trainable_only"] and saved["module"]
+    assert all(".lora" in name or "lora_" in name for name in saved["module"]), list(
+        saved["module"]
+    )[:5]
+    resumed = _lora_run(tmp_path / "resumed", f"resume={out}/checkpoints/step_00000002")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first = json.loads((out / "train_log.json").read_text())["history"]
+    again = json.loads((tmp_path / "resumed" / "train_log.json").read_text())["history"]
+    assert again[-1]["loss"] == first[-1]["loss"]
     text = result.stdout + result.stderr
     assert "rank 0: LoRA:" in text and "rank 1: LoRA:" in text, text[-3000:]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
