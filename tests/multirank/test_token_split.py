@@ -66,12 +66,26 @@ def _replicated_body(rank, world):
         torch.testing.assert_close(x.grad, x_ref.grad, msg=where)
         torch.testing.assert_close(w.grad, w_ref.grad, msg=where)
 
-    # the decoder's wrapper keeps leading dims, and T = 0 runs without a collective
-    x = torch.randn(2, 3, H, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    mlp = _mlp()
+    # the decoder's wrapper on a MoE layer (whole routing, sliced exchange) keeps leading
+    # dims and equals the unsplit layer; T = 0 runs without a collective
+    moe = _moe_layer()
+    hidden = moe.router.weight.shape[1]
+    x = torch.randn(2, 3, hidden, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(split_tokens_forward(mlp, x, group), mlp(x))
-        assert split_tokens_forward(mlp, x[:0], group).shape == (0, 3, H)
+        torch.testing.assert_close(split_tokens_forward(moe, x, group), moe(x))
+        assert split_tokens_forward(moe, x[:0], group).shape == (0, 3, hidden)
+
+
+def _moe_layer() -> torch.nn.Module:
+    """The tiny model's first MoE layer with its seeded weights, float64, local experts."""
+    from moe_ext.model import Transformer
+    from moe_ext.model.weights import init_random_full
+    from tests.support import tiny_args
+
+    args = tiny_args()
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args))
+    return next(b.mlp for b in model.layers.values() if b.is_moe).double()
 
 
 def _sharded_body(rank, world):
