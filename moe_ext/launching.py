@@ -1,5 +1,6 @@
-"""Steps launch/infer.py and launch/train.py share: from config to this rank's model shard,
-and how a launcher ends (one ``error:`` line for a MoeExtError, a traceback for a bug).
+"""Steps launch/infer.py, launch/serve.py and launch/train.py share: from config to this
+rank's model shard, and how a launcher ends (one ``error:`` line for a MoeExtError, a
+traceback for a bug).
 
 Everything before ``build_model_shard`` creates no process group and no weight, so bad
 input fails the same way on every rank, before any collective could hang.
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -21,17 +22,19 @@ from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from moe_ext import preflight
 from moe_ext.checkpoint.reader import CheckpointReader, load_sharded
 from moe_ext.config import check_group_choices
+from moe_ext.cost import select_profile
 from moe_ext.dist import DistEnv, init_distributed
 from moe_ext.errors import MoeExtError
 from moe_ext.groups import ProcessGroups, node_layout
 from moe_ext.model import ModelArgs, Transformer
 from moe_ext.model.parallelize import RankCoords, parallelize, shard_slices
 from moe_ext.model.weights import init_random_, materialize_
-from moe_ext.plan import ParallelPlan
+from moe_ext.plan import ParallelPlan, build_plan
 from moe_ext.quant.layout import stored_requests
 from moe_ext.topology import GIB, Topology, TopologyError, probe, resolve_topology
 
@@ -63,6 +66,51 @@ def as_usage_error(prepare: Callable[..., Any], *args: Any) -> Any:
         raise
     except MoeExtError as err:
         raise UsageError(str(err)) from err
+
+
+def prepare_job(
+    prepare: Callable[[Any, DistEnv, bool, int], Any], cfg: Any, env: DistEnv, log: logging.Logger
+) -> Any:
+    """A launcher's validation step ``prepare(cfg, env, cuda_available, num_local_gpus)``
+    (no process group, no weight) with this machine's CUDA, through ``as_usage_error``; rank
+    0 then logs the job's topology and plan on ``log``. Returns the job (it has ``.topology``
+    and ``.plan``)."""
+    cuda_available = torch.cuda.is_available()
+    job = as_usage_error(
+        prepare, cfg, env, cuda_available, torch.cuda.device_count() if cuda_available else 0
+    )
+    if env.rank == 0:
+        log.info("topology: %s", job.topology.describe())
+        log.info("plan: %s", job.plan.describe())
+    return job
+
+
+def link_environment(
+    topology_conf: Any, environ: Mapping[str, str], rank: int, log: logging.Logger
+) -> None:
+    """``+topology=pcie`` (no peer access) sets NCCL_P2P_DISABLE=1 in the process
+    environment before NCCL starts (moe_ext.preflight.link_environment); rank 0 logs the
+    line on ``log``. A read-only ``environ`` is left as it is."""
+    if isinstance(environ, MutableMapping):
+        line = preflight.link_environment(topology_conf, environ)
+        if line and rank == 0:
+            log.info("%s", line)
+
+
+def launcher_main(
+    cfg: Any, environ: Mapping[str, str], run: Callable[[Any, DistEnv], int], log: logging.Logger
+) -> NoReturn:
+    """The Hydra main of launch/infer.py and launch/serve.py: ``cfg`` the composed
+    DictConfig, ``environ`` the process environment, ``run(conf, env)`` the whole job on this
+    rank (``conf`` the config as its dataclass) returning the exit code. Logs at INFO on rank
+    0 and WARNING on the others."""
+    debug = bool(cfg.get("debug")) or debug_requested(environ)
+    env = launch_env(environ, debug)
+    logging.basicConfig(
+        level=logging.INFO if env.rank == 0 else logging.WARNING, format="%(message)s", force=True
+    )
+    link_environment(cfg.get("topology"), environ, env.rank, log)
+    run_and_exit(lambda: run(OmegaConf.to_object(cfg), env), env.rank, env.world_size, debug)
 
 
 def debug_requested(environ: Mapping[str, str]) -> bool:
@@ -151,6 +199,34 @@ def launch_topology(
     if device_type == "cuda" and topology.num_gpus > local_world_size:
         topology = topology.subset(local_world_size)
     return topology
+
+
+def launch_plan(
+    cfg: Any,
+    env: DistEnv,
+    device_type: str,
+    num_local_gpus: int,
+    args: ModelArgs,
+    dtype: torch.dtype,
+    **workload: Any,
+) -> tuple[Topology, ParallelPlan]:
+    """The topology (``launch_topology`` of ``cfg.topology``) and the plan of ``cfg.strategy``
+    / ``cfg.parallel`` / ``cfg.plan.profile`` for ``env.world_size`` ranks running ``args``
+    in ``dtype``. ``workload``: build_plan's keywords for what one step does
+    (tokens_per_step, batch, prompt_len, objective)."""
+    topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
+    plan = build_plan(
+        cfg.strategy,
+        cfg.parallel,
+        env.world_size,
+        topology,
+        args,
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        profile=select_profile(cfg.plan.profile, topology),
+        ranks_per_node=env.local_world_size,
+        **workload,
+    )
+    return topology, plan
 
 
 def _memory_only(conf: Any) -> bool:

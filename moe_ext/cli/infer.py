@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import logging
 import resource
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from moe_ext import preflight
 from moe_ext.cli.generation_config import read_generation_config, resolve_sampling, stop_ids
 from moe_ext.cli.io import check_output, read_prompts, write_output
 from moe_ext.config import GenerateConf, InferConf
-from moe_ext.cost import select_profile
 from moe_ext.dist import DistEnv
 from moe_ext.errors import MoeExtError
 from moe_ext.groups import ProcessGroups
@@ -39,22 +37,20 @@ from moe_ext.launching import (
     DTYPES,
     ModelSource,
     UsageError,
-    as_usage_error,
     build_model_shard,
-    debug_requested,
     device_type_for,
     dtype_name,
-    launch_env,
-    launch_topology,
+    launch_plan,
+    launcher_main,
     package_path,
+    prepare_job,
     resolve_model_source,
-    run_and_exit,
     start_ranks,
 )
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.generate import GenerationResult
 from moe_ext.model.tokenizer import load_tokenizer
-from moe_ext.plan import ParallelPlan, build_plan
+from moe_ext.plan import ParallelPlan
 from moe_ext.serve.chat import load_chat_template
 from moe_ext.topology import Topology
 
@@ -124,11 +120,7 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     dtype = infer_dtype(cfg.dtype, device_type)
     if cfg.output is not None and env.rank == 0:
         check_output(cfg.output)
-    checkpoint = cfg.checkpoint
-    if checkpoint is None:  # the model config's own weights (pkg:...), else random init
-        checkpoint = package_path(cfg.model.get("weights"))
-    source = resolve_model_source(checkpoint, cfg.model)
-    tokenizer = _tokenizer(source)
+    source, tokenizer = model_source_and_tokenizer(cfg.checkpoint, cfg.model)
     generation_file = read_generation_config(source.checkpoint)
     generate_conf, sampling = resolve_sampling(cfg.generate, generation_file)
     stop = stop_ids(generation_file, source.args.eos_token_id, tokenizer.eos_id)
@@ -139,19 +131,16 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         chat_template=lambda: load_chat_template(source.checkpoint, source.tokenizer_spec),
     )
     _check_context(prompt_ids, cfg.generate.max_new_tokens, source.args)
-    topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
-    plan = build_plan(
-        cfg.strategy,
-        cfg.parallel,
-        env.world_size,
-        topology,
+    topology, plan = launch_plan(
+        cfg,
+        env,
+        device_type,
+        num_local_gpus,
         source.args,
-        dtype_bytes=torch.finfo(dtype).bits // 8,
+        dtype,
         tokens_per_step=min(len(prompt_ids), cfg.generate.max_batch_size),
         batch=min(len(prompt_ids), cfg.generate.max_batch_size),
         prompt_len=max(map(len, prompt_ids), default=None),
-        profile=select_profile(cfg.plan.profile, topology),
-        ranks_per_node=env.local_world_size,
     )
     if cfg.engine == "megatron":
         from moe_ext.megatron.engine import check_plan
@@ -170,6 +159,17 @@ def prepare(cfg: InferConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         sampling=sampling,
         stop_ids=None if cfg.generate.ignore_eos else stop,
     )
+
+
+def model_source_and_tokenizer(
+    checkpoint: Optional[str], model_conf: Any
+) -> tuple[ModelSource, Any]:
+    """The model to load (``checkpoint=``, else the model config's own weights ``pkg:...``,
+    else a random init) and its tokenizer (IdsOnlyTokenizer when it has none)."""
+    if checkpoint is None:
+        checkpoint = package_path(model_conf.get("weights"))
+    source = resolve_model_source(checkpoint, model_conf)
+    return source, _tokenizer(source)
 
 
 def _tokenizer(source: ModelSource) -> Any:
@@ -316,13 +316,8 @@ def _show_and_write(cfg: InferConf, job: Job, result: GenerationResult) -> None:
 
 def run(cfg: InferConf, env: DistEnv) -> int:
     """The whole job on this rank: validate, set up groups, load, generate, report."""
-    cuda_available = torch.cuda.is_available()
-    job = as_usage_error(
-        prepare, cfg, env, cuda_available, torch.cuda.device_count() if cuda_available else 0
-    )
+    job = prepare_job(prepare, cfg, env, log)
     if env.rank == 0:
-        log.info("topology: %s", job.topology.describe())
-        log.info("plan: %s", job.plan.describe())
         log.info("%s", job.sampling)
     device, groups = start_ranks(
         job.plan, env, job.device_type, cfg.dist_timeout_s, cfg.preflight, cfg.debug
@@ -338,19 +333,4 @@ def run(cfg: InferConf, env: DistEnv) -> int:
 
 def main(cfg: DictConfig, environ: Mapping[str, str]) -> NoReturn:
     """The Hydra main of launch/infer.py: ``environ`` is the process environment."""
-    debug = bool(cfg.get("debug")) or debug_requested(environ)
-    env = launch_env(environ, debug)
-    logging.basicConfig(
-        level=logging.INFO if env.rank == 0 else logging.WARNING, format="%(message)s", force=True
-    )
-    _link_environment(cfg, environ, env.rank)
-    run_and_exit(lambda: run(OmegaConf.to_object(cfg), env), env.rank, env.world_size, debug)
-
-
-def _link_environment(cfg: DictConfig, environ: Mapping[str, str], rank: int) -> None:
-    """``+topology=pcie`` (no peer access) sets NCCL_P2P_DISABLE=1 in the process
-    environment before NCCL starts (moe_ext.preflight.link_environment)."""
-    if isinstance(environ, MutableMapping):
-        line = preflight.link_environment(cfg.get("topology"), environ)
-        if line and rank == 0:
-            log.info("%s", line)
+    launcher_main(cfg, environ, run, log)

@@ -34,27 +34,22 @@ from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from moe_ext.cli.generation_config import read_generation_config, stop_ids
-from moe_ext.cli.infer import _link_environment, _tokenizer, infer_dtype, load_on_every_rank
+from moe_ext.cli.infer import infer_dtype, load_on_every_rank, model_source_and_tokenizer
 from moe_ext.config import DEFAULT_SERVE_CONTEXT, GenerateConf, ServeConf
-from moe_ext.cost import select_profile
 from moe_ext.dist import DistEnv
 from moe_ext.launching import (
     ModelSource,
     UsageError,
-    as_usage_error,
-    debug_requested,
     device_type_for,
-    launch_env,
-    launch_topology,
-    package_path,
-    resolve_model_source,
-    run_and_exit,
+    launch_plan,
+    launcher_main,
+    prepare_job,
     start_ranks,
 )
-from moe_ext.plan import ParallelPlan, build_plan
+from moe_ext.plan import ParallelPlan
 from moe_ext.serve.chat import ChatTemplate, load_chat_template
 from moe_ext.topology import Topology
 
@@ -91,30 +86,23 @@ def prepare(cfg: ServeConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     dtype = infer_dtype(cfg.dtype, device_type)
     if env.rank == 0:
         check_address(cfg.server.host, cfg.server.port)
-    checkpoint = cfg.checkpoint
-    if checkpoint is None:  # the model config's own weights (pkg:...), else random init
-        checkpoint = package_path(cfg.model.get("weights"))
-    source = resolve_model_source(checkpoint, cfg.model)
-    tokenizer = _tokenizer(source)
+    source, tokenizer = model_source_and_tokenizer(cfg.checkpoint, cfg.model)
     template = load_chat_template(source.checkpoint, source.tokenizer_spec)
     generation_file = read_generation_config(source.checkpoint)
     sampling = GenerateConf().with_sampling(generation_file.sampling_defaults())
     stops = stop_ids(generation_file, source.args.eos_token_id, tokenizer.eos_id) or []
     max_context = serve_context(cfg.server.max_context, source.args.max_position_embeddings)
-    topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
     rows = cfg.server.max_batch_size
-    plan = build_plan(
-        cfg.strategy,
-        cfg.parallel,
-        env.world_size,
-        topology,
+    topology, plan = launch_plan(
+        cfg,
+        env,
+        device_type,
+        num_local_gpus,
         source.args,
-        dtype_bytes=torch.finfo(dtype).bits // 8,
+        dtype,
         tokens_per_step=rows,
         batch=rows,
         prompt_len=max_context,
-        profile=select_profile(cfg.plan.profile, topology),
-        ranks_per_node=env.local_world_size,
     )
     line = (
         f"request defaults: temperature={sampling.temperature:g} top_p={sampling.top_p:g} "
@@ -178,13 +166,8 @@ def run(cfg: ServeConf, env: DistEnv) -> int:
     """The whole server on this rank: validate, set up groups, load, serve until drained."""
     from moe_ext.serve.engine import ServeEngine
 
-    cuda_available = torch.cuda.is_available()
-    job = as_usage_error(
-        prepare, cfg, env, cuda_available, torch.cuda.device_count() if cuda_available else 0
-    )
+    job = prepare_job(prepare, cfg, env, log)
     if env.rank == 0:
-        log.info("topology: %s", job.topology.describe())
-        log.info("plan: %s", job.plan.describe())
         log.info("%s", job.sampling)
         log.info("chat template: %s", job.chat_template.where if job.chat_template else "none")
     device, groups = start_ranks(
@@ -273,10 +256,4 @@ def install_signals(engine: Optional[Any]) -> None:
 
 def main(cfg: DictConfig, environ: Mapping[str, str]) -> NoReturn:
     """The Hydra main of launch/serve.py: ``environ`` is the process environment."""
-    debug = bool(cfg.get("debug")) or debug_requested(environ)
-    env = launch_env(environ, debug)
-    logging.basicConfig(
-        level=logging.INFO if env.rank == 0 else logging.WARNING, format="%(message)s", force=True
-    )
-    _link_environment(cfg, environ, env.rank)
-    run_and_exit(lambda: run(OmegaConf.to_object(cfg), env), env.rank, env.world_size, debug)
+    launcher_main(cfg, environ, run, log)

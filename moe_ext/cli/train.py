@@ -27,9 +27,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from moe_ext import preflight
 from moe_ext.config import GenerateConf
-from moe_ext.cost import select_profile
 from moe_ext.deepspeed.engine import ZERO3_REFUSAL, build_engine
 from moe_ext.dist import DistEnv
 from moe_ext.groups import ProcessGroups
@@ -43,14 +41,16 @@ from moe_ext.launching import (
     device_type_for,
     dtype_name,
     launch_env,
-    launch_topology,
+    launch_plan,
+    link_environment,
+    prepare_job,
     resolve_model_source,
     run_and_exit,
     start_ranks,
 )
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.tokenizer import load_tokenizer
-from moe_ext.plan import ParallelPlan, build_plan
+from moe_ext.plan import ParallelPlan
 from moe_ext.topology import Topology
 from moe_ext.train.config import TrainConf, TrainLoopConf
 from moe_ext.train.data import TokenData
@@ -250,20 +250,17 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
     data = TokenData.load(
         cfg.data, tokenizer, args.vocab_size, cfg.train.seq_len, cfg.train.val_fraction
     )
-    topology = launch_topology(cfg.topology, device_type, num_local_gpus, env.local_world_size)
-    plan = build_plan(
-        cfg.strategy,
-        cfg.parallel,
-        env.world_size,
-        topology,
+    topology, plan = launch_plan(
+        cfg,
+        env,
+        device_type,
+        num_local_gpus,
         source.args,
-        dtype_bytes=torch.finfo(dtype).bits // 8,
+        dtype,
         tokens_per_step=cfg.train.micro_batch * cfg.train.seq_len,
         # auto with a profile: the fastest forward of micro_batch sequences on every rank
         batch=cfg.train.micro_batch * env.world_size,
         prompt_len=cfg.train.seq_len,
-        profile=select_profile(cfg.plan.profile, topology),
-        ranks_per_node=env.local_world_size,
         objective="prefill",
     )
     if cfg.engine == "megatron":
@@ -512,13 +509,8 @@ def _log_summary(
 
 def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, Any]) -> int:
     """The whole run on this rank: validate, set up, (resume,) train, export, sample."""
-    cuda_available = torch.cuda.is_available()
-    job = as_usage_error(
-        prepare, cfg, env, cuda_available, torch.cuda.device_count() if cuda_available else 0
-    )
+    job = prepare_job(prepare, cfg, env, log)
     if env.rank == 0:
-        log.info("topology: %s", job.topology.describe())
-        log.info("plan: %s", job.plan.describe())
         log.info(
             "data: %s (%d training tokens, %d held out)",
             job.data.source,
@@ -577,10 +569,7 @@ def main(cfg: DictConfig, environ: MutableMapping[str, str], output_dir: Path) -
     env = launch_env(environ, debug)
     environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed reads it
     logging.getLogger().setLevel(logging.INFO if env.rank == 0 else logging.WARNING)
-    # +topology=pcie (no peer access) sets NCCL_P2P_DISABLE=1 before NCCL starts
-    line = preflight.link_environment(cfg.get("topology"), environ)
-    if line and env.rank == 0:
-        log.info("%s", line)
+    link_environment(cfg.get("topology"), environ, env.rank, log)
     raw = OmegaConf.to_container(cfg, resolve=True)
     run_and_exit(
         lambda: run(OmegaConf.to_object(cfg), env, output_dir, raw), env.rank, env.world_size, debug
