@@ -304,30 +304,20 @@ def _mcore_peer_model(
     """Megatron-core GPTModel of the native shape with Megatron's own MoELayer (local
     spec, ``dispatcher``), random weights (N(0, 1/fan_in), norms 1)."""
     from megatron.core.models.gpt import GPTModel, gpt_layer_specs
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from moe_ext.bench.peers import _random_init_
-    from moe_ext.megatron.config import gpt_model_kwargs, transformer_config_kwargs
-    from moe_ext.megatron.state import (
-        install_parallel_state,
-        pg_collection,
-        seed_model_parallel_rng,
-    )
+    from moe_ext.megatron.config import gpt_model_kwargs, uninitialised_transformer_config
+    from moe_ext.megatron.state import install_parallel_state_and_rng, pg_collection
 
     dtype = DTYPES[case.dtype]
-    install_parallel_state(groups)
-    if device.type == "cuda":
-        seed_model_parallel_rng(groups, args.init_seed)
-    config = TransformerConfig(
-        **transformer_config_kwargs(
-            args,
-            plan,
-            params_dtype=dtype,
-            perform_initialization=False,
-            use_cpu_initialization=device.type == "cpu",
-            moe_token_dispatcher_type=dispatcher,
-            moe_aux_loss_coeff=case.aux_loss_coeff * args.num_experts_per_tok,
-        )
+    install_parallel_state_and_rng(groups, args.init_seed, device)
+    config = uninitialised_transformer_config(
+        args,
+        plan,
+        dtype,
+        device,
+        moe_token_dispatcher_type=dispatcher,
+        moe_aux_loss_coeff=case.aux_loss_coeff * args.num_experts_per_tok,
     )
     spec = gpt_layer_specs.get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=0

@@ -283,6 +283,26 @@ def transformer_config_kwargs(
     return {k: v for k, v in kwargs.items() if k in known}
 
 
+def uninitialised_transformer_config(
+    args: Any, plan: Any, dtype: torch.dtype, device: torch.device, **overrides: Any
+) -> Any:
+    """Megatron TransformerConfig of ``args`` under ``plan`` for modules our code fills
+    (Megatron's initialisation off): parameters in ``dtype``, created on the CPU when
+    ``device`` is the CPU. ``overrides``: further TransformerConfig fields."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        **transformer_config_kwargs(
+            args,
+            plan,
+            params_dtype=dtype,
+            perform_initialization=False,
+            use_cpu_initialization=device.type == "cpu",
+            **overrides,
+        )
+    )
+
+
 def gpt_model_kwargs(args: Any) -> dict[str, Any]:
     """GPTModel keyword arguments (besides config and layer spec) for a native shape."""
     return dict(

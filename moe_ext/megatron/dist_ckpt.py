@@ -168,28 +168,25 @@ def converter_gpt_model(args: Any, dtype: torch.dtype) -> Iterator[torch.nn.Modu
 
 
 def build_gpt_model(
-    args: Any, plan: Any, groups: Any, dtype: torch.dtype, device: Union[str, torch.device] = "cpu"
+    args: Any,
+    plan: Any,
+    groups: Any,
+    dtype: torch.dtype,
+    device: Union[str, torch.device] = "cpu",
+    **config_overrides: Any,
 ) -> torch.nn.Module:
     """An uninitialised GPTModel (our layer spec, our groups) of ``args`` under ``plan`` in
     ``dtype`` on ``device``; Megatron's parallel_state must already hold ``groups``
-    (``install_parallel_state``). Every parameter, norms included, is in ``dtype``."""
+    (``install_parallel_state``). Every parameter, norms included, is in ``dtype``.
+    ``config_overrides``: further TransformerConfig fields (the loss coefficients)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from moe_ext.megatron.config import gpt_model_kwargs, transformer_config_kwargs
+    from moe_ext.megatron.config import gpt_model_kwargs, uninitialised_transformer_config
     from moe_ext.megatron.spec import get_gpt_decoder_block_spec
     from moe_ext.megatron.state import pg_collection
 
     device = torch.device(device)
-    config = TransformerConfig(
-        **transformer_config_kwargs(
-            args,
-            plan,
-            params_dtype=dtype,
-            perform_initialization=False,
-            use_cpu_initialization=device.type == "cpu",
-        )
-    )
+    config = uninitialised_transformer_config(args, plan, dtype, device, **config_overrides)
     spec = get_gpt_decoder_block_spec(config, plan, groups)
     # Megatron places some tensors (RoPE's inverse frequencies) on the *current* CUDA
     # device at construction: make it the requested one

@@ -178,34 +178,19 @@ def build_gpt_model(
     """An uninitialised GPTModel (our layer spec, our groups) on ``device`` in ``dtype``.
     Installs Megatron's parallel_state from ``groups`` (left installed: the model's
     attention reads it). aux/z coefficients are ours (``train.*``), mapped to Megatron's."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from moe_ext.megatron import dist_ckpt
+    from moe_ext.megatron.state import install_parallel_state_and_rng
 
-    from moe_ext.megatron.config import gpt_model_kwargs, transformer_config_kwargs
-    from moe_ext.megatron.spec import get_gpt_decoder_block_spec
-    from moe_ext.megatron.state import (
-        install_parallel_state,
-        pg_collection,
-        seed_model_parallel_rng,
+    install_parallel_state_and_rng(groups, args.init_seed, device)
+    return dist_ckpt.build_gpt_model(
+        args,
+        plan,
+        groups,
+        dtype,
+        device,
+        moe_aux_loss_coeff=aux_loss_coeff * args.num_experts_per_tok,
+        moe_z_loss_coeff=z_loss_coeff or None,
     )
-
-    install_parallel_state(groups)
-    if device.type == "cuda":
-        seed_model_parallel_rng(groups, args.init_seed)
-    config = TransformerConfig(
-        **transformer_config_kwargs(
-            args,
-            plan,
-            params_dtype=dtype,
-            perform_initialization=False,
-            use_cpu_initialization=device.type == "cpu",
-            moe_aux_loss_coeff=aux_loss_coeff * args.num_experts_per_tok,
-            moe_z_loss_coeff=z_loss_coeff or None,
-        )
-    )
-    spec = get_gpt_decoder_block_spec(config, plan, groups)
-    model = GPTModel(config, spec, pg_collection=pg_collection(groups), **gpt_model_kwargs(args))
-    return model.to(device=device, dtype=dtype)  # norms are created in fp32
 
 
 def build_megatron_model(

@@ -123,3 +123,11 @@ def seed_model_parallel_rng(groups: Any, seed: int) -> None:
     params = inspect.signature(fn).parameters
     ranks = {"tp_rank": groups.tp_rank, "ep_rank": groups.ep_rank, "etp_rank": groups.etp_rank}
     fn(seed, **{k: v for k, v in ranks.items() if k in params})
+
+
+def install_parallel_state_and_rng(groups: Any, seed: int, device: Any) -> None:
+    """``install_parallel_state(groups)``, and on a CUDA ``device`` Megatron's RNG tracker
+    streams seeded with ``seed`` (``seed_model_parallel_rng``), which its layers need there."""
+    install_parallel_state(groups)
+    if device.type == "cuda":
+        seed_model_parallel_rng(groups, seed)
