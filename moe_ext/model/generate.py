@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -109,6 +109,25 @@ def sample(
 # ---- CUDA-graph decode -----------------------------------------------------------------
 
 
+def capture_step_graph(
+    step: Callable[[], torch.Tensor], warmup_steps: int = 2
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``step()``, a decode forward that reads static input buffers and returns the logits
+    (e.g. [B, V]), captured in a CUDA graph after ``warmup_steps`` runs on a side stream
+    (capture needs them; their writes must land where the replayed step writes again).
+    Returns (the graph, its static logits, which each ``graph.replay()`` rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_steps):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+    return graph, logits
+
+
 class _DecodeGraph:
     """One decode step captured for a fixed batch and cache; inputs are copied into static
     buffers, logits read from a static output."""
@@ -127,17 +146,9 @@ class _DecodeGraph:
         )
 
     def capture(self) -> None:
-        # Warm-up runs on a side stream (required before capture); they write the KV cache at
-        # the current slot, which the real step overwrites.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        # the warm-up runs write the KV cache at the current slot, which the real step
+        # overwrites
+        self.graph, self.logits = capture_step_graph(self._step)
 
     def __call__(self, tokens: torch.Tensor, slot: int, kv_start: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)

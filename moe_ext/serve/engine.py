@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ext.errors import MoeExtError
-from moe_ext.model.generate import sample
+from moe_ext.model.generate import capture_step_graph, sample
 from moe_ext.serve.scheduler import (
     Entry,
     PrefillChunk,
@@ -231,19 +231,10 @@ class _BucketGraph:
         self.tokens.copy_(tokens)
         self.slots.copy_(slots)
         if self.graph is None:
-            # warm-up on a side stream (every rank captures every bucket in the same order
-            # before serving, so lockstep replicas' warm-up collectives match); the writes
-            # land on slots that the real step rewrites or no request holds
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._step()
-            self.graph = graph
+            # every rank captures every bucket in the same order before serving, so lockstep
+            # replicas' warm-up collectives match; the warm-up writes land on slots that the
+            # real step rewrites or no request holds
+            self.graph, self.logits = capture_step_graph(self._step)
         self.graph.replay()
         return self.logits
 
