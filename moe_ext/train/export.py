@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,6 +72,32 @@ def _place(full: torch.Tensor, request, piece: torch.Tensor) -> None:
     parts = torch.split(piece, sizes, dim=request.cat_dim) if len(bounds) > 1 else [piece]
     for box, part in zip(bounds, parts):
         full[tuple(slice(a, b) for a, b in box)] = part
+
+
+def _gather_region(
+    full: Optional[torch.Tensor],
+    shape: Sequence[int],
+    request: Any,
+    owner: int,
+    local: Mapping[str, torch.Tensor],
+    name: str,
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Point to point: ``owner``'s slice ``request`` of tensor ``name`` (whole shape
+    ``shape``) reaches rank 0 in ``dtype`` and is placed into ``full``, rank 0's host tensor
+    of that shape and dtype (None on the other ranks). ``local``: this rank's tensors by
+    name; rank 0 receives on ``device``."""
+    if owner == rank and rank != 0:
+        dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
+    elif rank == 0:
+        if owner == 0:
+            piece = local[name].detach().to(dtype)
+        else:
+            piece = torch.empty(request.shape(shape), dtype=dtype, device=device)
+            dist.recv(piece, src=owner)
+        _place(full, request, piece.cpu())  # sync: written from host memory
 
 
 def _owners(plan: Any, args: Any) -> list[dict[str, Any]]:
@@ -169,20 +196,11 @@ def export_moe_ext(
                 else None
             )
             for name in names:
-                if rank == 0:
-                    full = torch.empty(shapes[name], dtype=dtype)
+                full = torch.empty(shapes[name], dtype=dtype) if rank == 0 else None
                 for owner, request in regions[name]:
-                    if owner == rank and rank != 0:
-                        dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
-                    elif rank == 0:
-                        if owner == 0:
-                            piece = local[name].detach().to(dtype)
-                        else:
-                            piece = torch.empty(
-                                request.shape(shapes[name]), dtype=dtype, device=device
-                            )
-                            dist.recv(piece, src=owner)
-                        _place(full, request, piece.cpu())  # sync: the writer streams host memory
+                    _gather_region(
+                        full, shapes[name], request, owner, local, name, rank, dtype, device
+                    )
                 if rank == 0:
                     sha = writer.write_tensor(name, [full])
                     entries.append(
@@ -290,15 +308,7 @@ def export_peft(
             if key in seen:
                 continue
             seen.add(key)
-            if owner == rank and rank != 0:
-                dist.send(local[name].detach().to(dtype).contiguous(), dst=0)
-            elif rank == 0:
-                if owner == 0:
-                    piece = local[name].detach().to(dtype)
-                else:
-                    piece = torch.empty(request.shape(shape), dtype=dtype, device=device)
-                    dist.recv(piece, src=owner)
-                _place(full, request, piece.cpu())  # sync: written from host memory
+            _gather_region(full, shape, request, owner, local, name, rank, dtype, device)
         if rank == 0:
             tensors.update(_peft_tensors(name, full))
     if rank != 0:
