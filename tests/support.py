@@ -216,6 +216,24 @@ def run_launcher(
 
 # ==== launcher configs and model arguments ================================================
 
+
+def short_train_overrides(run_dir, steps: int, micro_batch: int = 2, save_every: int = 0):
+    """launch/train.py overrides of a short test run writing into ``run_dir``: ``steps``
+    steps of ``micro_batch`` sequences of 32 tokens, one warm-up step, no progress bar, no
+    evaluation, a training checkpoint every ``save_every`` steps (0: none)."""
+    return [
+        f"hydra.run.dir={run_dir}",
+        "progress=false",
+        f"train.steps={steps}",
+        "train.warmup_steps=1",
+        f"train.micro_batch={micro_batch}",
+        "train.seq_len=32",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        f"train.save_every={save_every}",
+    ]
+
+
 DISPATCHERS = {
     "replicate": "moe_ext.moe.dispatch.local.LocalDispatcher",
     "tp_experts": "moe_ext.moe.dispatch.tp_sharded.TPShardedDispatcher",
@@ -294,6 +312,68 @@ def plan_of(strategy, tp=1, pp=1, dp=1, ep=1, etp=1, world=2):
         edp=tp * dp // (ep * etp),
         dispatcher=DISPATCHERS[strategy],
         reason="test",
+    )
+
+
+def groups_per_layout(plan, cache: dict, backend: str = "gloo", timeout_s: float = 120.0):
+    """ProcessGroups for ``plan`` built once per degree layout (tp, pp, dp, ep, etp) and
+    kept in ``cache`` (DeepSpeed keeps a process-wide registry of expert groups by name, so
+    plans with equal degrees must share the groups); returned with ``plan`` as their plan."""
+    import dataclasses
+
+    from moe_ext.groups import ProcessGroups
+
+    key = (plan.tp, plan.pp, plan.dp, plan.ep, plan.etp)
+    if key not in cache:
+        cache[key] = ProcessGroups.build(plan, backend, datetime.timedelta(seconds=timeout_s))
+    return dataclasses.replace(cache[key], plan=plan)
+
+
+def sharded_random_model(args, plan, groups, device="cpu"):
+    """This rank's shard of a Transformer of ``args`` under ``plan``: built on meta,
+    parallelized over ``groups``, filled on ``device`` with the seeded random init (the same
+    values as ``init_random_full``'s slices). Returns (model, its shard requests by name)."""
+    from moe_ext.model import Transformer
+    from moe_ext.model.parallelize import parallelize, shard_slices
+    from moe_ext.model.weights import init_random_
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize(model, plan, groups)
+    requests = shard_slices(plan, groups, args)
+    init_random_(model, requests=requests, device=device)
+    return model, requests
+
+
+def deepspeed_test_engine(
+    model,
+    groups,
+    *,
+    lr,
+    micro_batch,
+    zero_stage,
+    aux_loss_coeff,
+    grad_clip=0.0,
+    dtype=torch.float32,
+    **extra,
+):
+    """moe_ext.deepspeed.engine.build_engine with the tests' fixed optimizer: AdamW betas
+    (0.9, 0.95), no weight decay, no z loss. ``extra``: build_engine's other keywords."""
+    from moe_ext.deepspeed.engine import build_engine
+
+    return build_engine(
+        model,
+        groups,
+        lr=lr,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        micro_batch=micro_batch,
+        zero_stage=zero_stage,
+        grad_clip=grad_clip,
+        aux_loss_coeff=aux_loss_coeff,
+        z_loss_coeff=0.0,
+        dtype=dtype,
+        **extra,
     )
 
 

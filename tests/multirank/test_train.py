@@ -10,43 +10,32 @@ import torch
 from moe_ext.model import ByteTokenizer
 from moe_ext.train.config import TrainLoopConf
 from moe_ext.train.data import TokenData
-from tests.support import plan_of, run_ranks, tiny_args
+from tests.support import deepspeed_test_engine, plan_of, run_ranks, sharded_random_model, tiny_args
 
 
 def _loss_body(rank, world):
     os.environ["LOCAL_RANK"] = str(rank)
     from datetime import timedelta
 
-    from moe_ext.deepspeed.engine import build_engine
     from moe_ext.groups import ProcessGroups
-    from moe_ext.model import Transformer
-    from moe_ext.model.parallelize import parallelize, shard_slices
-    from moe_ext.model.weights import init_random_
     from moe_ext.train.loop import RunState, Trainer
 
     torch.set_num_threads(2)
     args = tiny_args()
     plan = plan_of("replicate", world=1)
     groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize(model, plan, groups)
-    init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
+    model, _ = sharded_random_model(args, plan, groups)
     conf = TrainLoopConf(
         steps=60, lr=1e-2, warmup_steps=5, micro_batch=8, seq_len=64, eval_every=30, eval_batches=2
     )
-    engine = build_engine(
+    engine = deepspeed_test_engine(
         model,
         groups,
         lr=conf.lr,
-        weight_decay=0.0,
-        betas=(0.9, 0.95),
         micro_batch=conf.micro_batch,
         zero_stage=0,
         grad_clip=conf.grad_clip,
         aux_loss_coeff=conf.aux_loss_coeff,
-        z_loss_coeff=0.0,
-        dtype=torch.float32,
     )
     data = TokenData.load(None, ByteTokenizer(), args.vocab_size, conf.seq_len, 0.05)
     state = Trainer(engine, groups, data, conf, torch.device("cpu"), own_clipping=False).run(

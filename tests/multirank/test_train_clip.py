@@ -13,17 +13,23 @@ would normalise a wrong factor away)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 
 from moe_ext.model import Transformer
-from moe_ext.model.parallelize import parallelize, shard_slices, take_shard
-from moe_ext.model.weights import init_random_, init_random_full
-from tests.support import plan_of, run_ranks, tiny_args
+from moe_ext.model.parallelize import take_shard
+from moe_ext.model.weights import init_random_full
+from tests.support import (
+    deepspeed_test_engine,
+    groups_per_layout,
+    plan_of,
+    run_ranks,
+    sharded_random_model,
+    short_train_overrides,
+    tiny_args,
+)
 
 AUX = 0.01
 MB, SEQ = 2, 16  # per-rank micro batch, sequence length
@@ -65,17 +71,6 @@ def _reference(args, dp: int, microbatches: int = 1):
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _groups_for(plan, cache, backend):
-    """One set of process groups per degree layout (DeepSpeed keeps a process-wide registry
-    of expert groups by name, so plans with equal degrees share the groups)."""
-    from moe_ext.groups import ProcessGroups
-
-    key = (plan.tp, plan.pp, plan.dp, plan.ep, plan.etp)
-    if key not in cache:
-        cache[key] = ProcessGroups.build(plan, backend, timedelta(seconds=120))
-    return dataclasses.replace(cache[key], plan=plan)
-
-
 def _tolerances(dtype: torch.dtype, device: torch.device):
     """(loss approx kwargs, norm rtol, weight (rtol, atol) or None) against the fp32 reference.
     bf16 rounds the forward and the gradients to 8 bits of mantissa: losses within 5% (the
@@ -91,24 +86,15 @@ def _tolerances(dtype: torch.dtype, device: torch.device):
 
 
 def _check_case(args, plan, groups, zero, dtype, offload, reference, device):
-    from moe_ext.deepspeed.engine import build_engine
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize(model, plan, groups)
-    requests = shard_slices(plan, groups, args)
-    init_random_(model, requests=requests, device=device)
-    engine = build_engine(
+    model, requests = sharded_random_model(args, plan, groups, device)
+    engine = deepspeed_test_engine(
         model,
         groups,
         lr=LR,
-        weight_decay=0.0,
-        betas=BETAS,
         micro_batch=MB,
         zero_stage=zero,
         grad_clip=MAX_NORM,
         aux_loss_coeff=AUX,
-        z_loss_coeff=0.0,
         dtype=dtype,
         offload_optimizer=offload,
     )
@@ -172,7 +158,7 @@ def clip_body(rank, world, cases, device_type="cpu"):
         key = (plan.dp, 2 if plan.pp > 1 else 1)  # pp: 1F1B over 2 micro-batches
         if key not in references:
             references[key] = _reference(args, *key)
-        groups = _groups_for(plan, cache, "nccl" if device.type == "cuda" else "gloo")
+        groups = groups_per_layout(plan, cache, "nccl" if device.type == "cuda" else "gloo")
         _check_case(args, plan, groups, zero, dtype, offload, references[key], device)
 
 
@@ -257,16 +243,8 @@ def test_launcher_clips_ep_under_zero2_with_offload(tmp_path):
         result = run_launcher(
             REPO / "launch/train.py",
             [
-                f"hydra.run.dir={tmp_path / run}",
+                *short_train_overrides(tmp_path / run, steps=4, save_every=2),
                 "strategy=ep_nccl",
-                "progress=false",
-                "train.steps=4",
-                "train.warmup_steps=1",
-                "train.micro_batch=2",
-                "train.seq_len=32",
-                "train.eval_every=0",
-                "train.eval_batches=1",
-                "train.save_every=2",
                 "train.zero_stage=2",
                 "train.offload_optimizer=true",
                 "train.grad_clip=0.5",
@@ -290,27 +268,19 @@ def test_launcher_clips_ep_under_zero2_with_offload(tmp_path):
 def _overflow_body(rank, world):
     """A NaN in one rank's expert gradient: every rank skips the step (weights unchanged)
     and reports a non-finite norm, in bf16 (DeepSpeed's overflow check, handed our norm)."""
-    from moe_ext.deepspeed.engine import build_engine
-
     os.environ["LOCAL_RANK"] = str(rank)
     args = tiny_args()
     plan = plan_of("ep_nccl", world=world, **EP2)
-    groups = _groups_for(plan, {}, "gloo")
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize(model, plan, groups)
-    init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
-    engine = build_engine(
+    groups = groups_per_layout(plan, {})
+    model, _ = sharded_random_model(args, plan, groups)
+    engine = deepspeed_test_engine(
         model,
         groups,
         lr=LR,
-        weight_decay=0.0,
-        betas=BETAS,
         micro_batch=MB,
         zero_stage=1,
         grad_clip=1.0,
         aux_loss_coeff=AUX,
-        z_loss_coeff=0.0,
         dtype=torch.bfloat16,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

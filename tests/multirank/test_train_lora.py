@@ -8,21 +8,28 @@ memory per rank in the log), over 2 pipeline stages, and on a frozen FP8 base.""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import zlib
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_ext.model import Transformer
-from moe_ext.model.parallelize import parallelize, shard_slices
-from moe_ext.model.weights import init_random_, init_random_full
+from moe_ext.model.weights import init_random_full
 from moe_ext.train.lora import LoraConf, apply_lora, merge_lora_
-from tests.support import REPO, plan_of, run_launcher, run_ranks, tiny_args
+from tests.support import (
+    REPO,
+    deepspeed_test_engine,
+    groups_per_layout,
+    plan_of,
+    run_launcher,
+    run_ranks,
+    sharded_random_model,
+    short_train_overrides,
+    tiny_args,
+)
 
 pytestmark = pytest.mark.multirank
 
@@ -75,8 +82,6 @@ def _body(rank, world, tmp):
     from safetensors.torch import load_file
 
     from moe_ext.checkpoint.reader import CheckpointReader
-    from moe_ext.deepspeed.engine import build_engine
-    from moe_ext.groups import ProcessGroups
     from moe_ext.train.export import PEFT_WEIGHTS, export_moe_ext, export_peft, hf_config
 
     torch.manual_seed(0)
@@ -89,14 +94,8 @@ def _body(rank, world, tmp):
     groups_cache: dict = {}
     for strategy, zero in (("ep_nccl", 0), ("ep_allgather", 1), ("ep_allgather", 2)):
         plan = plan_of(strategy, dp=2, ep=2)
-        key = (plan.tp, plan.dp, plan.ep, plan.etp)
-        if key not in groups_cache:
-            groups_cache[key] = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
-        groups = dataclasses.replace(groups_cache[key], plan=plan)
-        with torch.device("meta"):
-            model = Transformer(args)
-        parallelize(model, plan, groups)
-        init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
+        groups = groups_per_layout(plan, groups_cache, timeout_s=60)
+        model, _ = sharded_random_model(args, plan, groups)
         apply_lora(model, CONF, groups.ep_rank)
         _set_b(model, shapes, groups.ep_rank)
         e_local = args.num_experts // plan.ep
@@ -108,18 +107,8 @@ def _body(rank, world, tmp):
                 assert torch.equal(param.detach(), full), name
         base = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." not in n}
         adapters = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." in n}
-        engine = build_engine(
-            model,
-            groups,
-            lr=1e-2,
-            weight_decay=0.0,
-            betas=(0.9, 0.95),
-            micro_batch=MB,
-            zero_stage=zero,
-            grad_clip=0.0,
-            aux_loss_coeff=AUX,
-            z_loss_coeff=0.0,
-            dtype=torch.float32,
+        engine = deepspeed_test_engine(
+            model, groups, lr=1e-2, micro_batch=MB, zero_stage=zero, aux_loss_coeff=AUX
         )
         mine = _global_batch()[rank * MB : (rank + 1) * MB]
         loss, _, _ = engine(mine)
@@ -180,16 +169,8 @@ def _lora_run(out, *extra):
     return run_launcher(
         REPO / "launch/train.py",
         [
-            f"hydra.run.dir={out}",
+            *short_train_overrides(out, steps=3, save_every=2),
             "strategy.name=ep_nccl",
-            "progress=false",
-            "train.steps=3",
-            "train.warmup_steps=1",
-            "train.micro_batch=2",
-            "train.seq_len=32",
-            "train.eval_every=0",
-            "train.eval_batches=1",
-            "train.save_every=2",
             "train.zero_stage=1",
             "train.lora.rank=4",
             "train.lora.targets=[q_proj,v_proj,experts]",
@@ -239,18 +220,10 @@ def test_launcher_fine_tunes_with_lora_over_two_pipeline_stages(tmp_path):
     result = run_launcher(
         REPO / "launch/train.py",
         [
-            f"hydra.run.dir={out}",
+            *short_train_overrides(out, steps=2, micro_batch=4),
             "strategy=replicate",
             "parallel.pp=2",
-            "progress=false",
-            "train.steps=2",
-            "train.warmup_steps=1",
-            "train.micro_batch=4",
-            "train.seq_len=32",
             "train.pipeline_microbatches=2",
-            "train.eval_every=0",
-            "train.eval_batches=1",
-            "train.save_every=0",
             "train.lora.rank=4",
             "sample.max_new_tokens=4",
         ],
@@ -302,17 +275,9 @@ def test_launcher_trains_lora_on_a_frozen_fp8_base(tmp_path):
     result = run_launcher(
         REPO / "launch/train.py",
         [
-            f"hydra.run.dir={out}",
+            *short_train_overrides(out, steps=2),
             f"checkpoint={target}",
             "strategy.name=ep_nccl",
-            "progress=false",
-            "train.steps=2",
-            "train.warmup_steps=1",
-            "train.micro_batch=2",
-            "train.seq_len=32",
-            "train.eval_every=0",
-            "train.eval_batches=1",
-            "train.save_every=0",
             "train.lora.rank=4",
             "sample.max_new_tokens=4",
         ],

@@ -6,19 +6,26 @@ bit for bit (fp32 stage 0, fp32 ZeRO 1, bf16 ZeRO 1)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_ext.model import ByteTokenizer, Transformer
-from moe_ext.model.parallelize import parallelize, shard_slices, take_shard
-from moe_ext.model.weights import init_random_, init_random_full
+from moe_ext.model.parallelize import shard_slices, take_shard
+from moe_ext.model.weights import init_random_full
 from moe_ext.train.config import TrainLoopConf
-from tests.support import REPO, plan_of, run_ranks, tiny_args, torchrun
+from tests.support import (
+    REPO,
+    deepspeed_test_engine,
+    groups_per_layout,
+    plan_of,
+    run_ranks,
+    sharded_random_model,
+    tiny_args,
+    torchrun,
+)
 
 AUX = 0.01
 MB, SEQ = 2, 16  # per-rank micro batch, sequence length
@@ -46,37 +53,18 @@ def _reference(args):
 
 
 def _engine(args, plan, groups, zero=0, clip=0.0, lr=3e-3, dtype=torch.float32):
-    from moe_ext.deepspeed.engine import build_engine
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize(model, plan, groups)
-    init_random_(model, requests=shard_slices(plan, groups, args), device="cpu")
-    engine = build_engine(
+    model, _ = sharded_random_model(args, plan, groups)
+    engine = deepspeed_test_engine(
         model,
         groups,
         lr=lr,
-        weight_decay=0.0,
-        betas=(0.9, 0.95),
         micro_batch=MB,
         zero_stage=zero,
         grad_clip=clip,
         aux_loss_coeff=AUX,
-        z_loss_coeff=0.0,
         dtype=dtype,
     )
     return model, engine
-
-
-def _groups_for(plan, cache):
-    """One set of process groups per degree layout (DeepSpeed keeps a process-wide registry
-    of expert groups by name, so plans with equal degrees share the groups)."""
-    from moe_ext.groups import ProcessGroups
-
-    key = (plan.tp, plan.dp, plan.ep, plan.etp)
-    if key not in cache:
-        cache[key] = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
-    return dataclasses.replace(cache[key], plan=plan)
 
 
 def _grads_body(rank, world, export_dir):
@@ -91,7 +79,7 @@ def _grads_body(rank, world, export_dir):
     cache: dict = {}
     for strategy, ep in (("replicate", 1), ("ep_nccl", 2), ("ep_allgather", 2)):
         plan = plan_of(strategy, dp=2, ep=ep)
-        groups = _groups_for(plan, cache)
+        groups = groups_per_layout(plan, cache, timeout_s=60)
         model, engine = _engine(args, plan, groups)
         mine = _global_batch()[rank * MB : (rank + 1) * MB]
         loss, _, aux = engine(mine)
@@ -122,7 +110,7 @@ def _zero_body(rank, world):
     cache: dict = {}
     for strategy, ep in (("ep_nccl", 2), ("replicate", 1)):
         plan = plan_of(strategy, dp=2, ep=ep)
-        groups = _groups_for(plan, cache)
+        groups = groups_per_layout(plan, cache, timeout_s=60)
         runs = {}
         for zero in (0, 1, 2):
             model, engine = _engine(args, plan, groups, zero=zero)
@@ -167,7 +155,7 @@ def _resume_body(rank, world, root):
 
     args = tiny_args()
     plan = plan_of("ep_nccl", dp=2, ep=2)
-    groups = _groups_for(plan, {})
+    groups = groups_per_layout(plan, {}, timeout_s=60)
     # stage 0 fp32, ZeRO 1 fp32, ZeRO 1 bf16 (DeepSpeed's bf16 optimizer
     # with fp32 masters; the launcher uses it on GPUs, the engine glue runs it on CPU too)
     for zero, clip, dtype in (

@@ -21,7 +21,17 @@ import torch
 from moe_ext.model import Transformer
 from moe_ext.model.parallelize import parallelize, shard_slices, take_shard
 from moe_ext.model.weights import init_random_, init_random_full
-from tests.support import REPO, plan_of, qwen2_args, run_launcher, run_ranks, tiny_args
+from tests.support import (
+    REPO,
+    deepspeed_test_engine,
+    plan_of,
+    qwen2_args,
+    run_launcher,
+    run_ranks,
+    sharded_random_model,
+    short_train_overrides,
+    tiny_args,
+)
 
 AUX = 0.01
 MB, SEQ = 4, 12
@@ -77,7 +87,6 @@ def _check_case(
 ):
     """One plan: build the shard, one forward/backward of this rank's batch, then compare
     every parameter's reduced gradient with the reference's slice."""
-    from moe_ext.deepspeed.engine import build_engine
     from moe_ext.groups import ProcessGroups
     from moe_ext.train.pipeline import PipelineSchedule
 
@@ -89,24 +98,10 @@ def _check_case(
     ref = _reference(args, dp, microbatches)
     _fresh_deepspeed_groups()
     groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=120))
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize(model, plan, groups)
-    requests = shard_slices(plan, groups, args)
-    init_random_(model, requests=requests, device="cpu")
+    model, requests = sharded_random_model(args, plan, groups)
     model.activation_checkpointing = recompute
-    engine = build_engine(
-        model,
-        groups,
-        lr=1e-3,
-        weight_decay=0.0,
-        betas=(0.9, 0.95),
-        micro_batch=MB,
-        zero_stage=zero,
-        grad_clip=0.0,
-        aux_loss_coeff=AUX,
-        z_loss_coeff=0.0,
-        dtype=torch.float32,
+    engine = deepspeed_test_engine(
+        model, groups, lr=1e-3, micro_batch=MB, zero_stage=zero, aux_loss_coeff=AUX
     )
     mine = _global_batch(args, dp).split(MB)[groups.dp_rank]  # [MB, SEQ+1]
     if pp > 1:
@@ -238,21 +233,13 @@ def test_launcher_trains_pp2(tmp_path):
     done = run_launcher(
         REPO / "launch/train.py",
         [
-            f"hydra.run.dir={tmp_path / 'run'}",
+            *short_train_overrides(tmp_path / "run", steps=3, micro_batch=4),
             "model=tiny",
             "model.weights=null",
             "strategy=replicate",
             "parallel.pp=2",
             "device=cpu",
-            "progress=false",
-            "train.steps=3",
-            "train.micro_batch=4",
-            "train.seq_len=32",
             "train.pipeline_microbatches=2",
-            "train.warmup_steps=1",
-            "train.eval_every=0",
-            "train.eval_batches=1",
-            "train.save_every=0",
             "sample.max_new_tokens=4",
         ],
         nproc=2,
@@ -273,18 +260,10 @@ def launcher_losses(
     done = run_launcher(
         REPO / "launch/train.py",
         [
-            f"hydra.run.dir={tmp_path / name}",
+            *short_train_overrides(tmp_path / name, steps=steps, micro_batch=4),
             "model=tiny",
             "model.weights=null",
-            "progress=false",
-            f"train.steps={steps}",
-            "train.micro_batch=4",
-            "train.seq_len=32",
-            "train.warmup_steps=1",
             "train.lr=3e-3",
-            "train.eval_every=0",
-            "train.eval_batches=1",
-            "train.save_every=0",
             "sample.prompt=null",
             *overrides,
         ],
