@@ -190,6 +190,19 @@ def torchrun(nproc: int) -> list[str]:
     ]
 
 
+# NVLink multicast off for NCCL, torch symmetric memory and NVSHMEM (the GPU machines'
+# rule); a test's torchrun on GPUs passes these
+NCCL_TEST_ENV = dict(
+    NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1"
+)
+
+
+def gpu_torchrun_env() -> dict[str, str]:
+    """The environment of a test's torchrun over GPUs: this process's, one OpenMP thread,
+    unbuffered output, NCCL_TEST_ENV."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **NCCL_TEST_ENV)
+
+
 def run_launcher(
     script: Path,
     args: list[str],

@@ -21,14 +21,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support import REPO, torchrun
+from tests.support import REPO, gpu_torchrun_env, torchrun
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multirank]  # 2 GPUs, one rank each
 pytest.importorskip("megatron.core")
@@ -37,17 +36,6 @@ STEPS = 30
 LOSS_STEP_TOL = 0.15  # nats, any single step
 LOSS_MEAN_TOL = 0.05  # nats, mean |bf16 - fp32| over the steps
 NORM_TOL = 0.05  # relative, first step's gradient norm
-
-
-def _env() -> dict[str, str]:
-    return dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        NCCL_NVLS_ENABLE="0",
-        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-        NVSHMEM_DISABLE_NVLS="1",
-    )
 
 
 def _train(tmp: Path, name: str, extra: list[str]) -> list[dict]:
@@ -73,7 +61,7 @@ def _train(tmp: Path, name: str, extra: list[str]) -> list[dict]:
         *extra,
     ]
     res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO
+        cmd, capture_output=True, text=True, timeout=600, env=gpu_torchrun_env(), cwd=REPO
     )  # fmt: skip
     assert res.returncode == 0, f"{name}:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     history = json.loads((run_dir / "train_log.json").read_text())["history"]
@@ -116,7 +104,9 @@ def test_bench_train_every_system_bf16(tmp_path):
         "--steps", "3", "--warmup", "2", "--strategies", "replicate,ep_nccl",
         "--json", str(out), "--png", str(tmp_path / "bench.png"), "--no-progress",
     ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env=gpu_torchrun_env(), cwd=REPO
+    )
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     summary = [(r["system"], r["strategy"], r["status"]) for r in rows]
     assert res.returncode == 0, f"{summary}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"

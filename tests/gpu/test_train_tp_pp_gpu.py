@@ -19,15 +19,13 @@ import pytest
 import torch
 
 from tests.multirank.test_train_tp_pp import TRAJECTORY_LAYOUTS, launcher_losses
+from tests.support import NCCL_TEST_ENV
 
-NCCL_ENV = dict(
-    NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1"
-)
 STEPS = 8
 
 
 def _losses(tmp_path, name, nproc, *overrides):
-    env = {k: v for k, v in NCCL_ENV.items() if k not in os.environ}
+    env = {k: v for k, v in NCCL_TEST_ENV.items() if k not in os.environ}
     return launcher_losses(tmp_path, name, nproc, "device=cuda", *overrides, steps=STEPS, env=env)
 
 

@@ -33,7 +33,14 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
-from tests.support import REPO, megatron_plan, run_ranks, tiny_conf, torchrun  # noqa: E402
+from tests.support import (  # noqa: E402
+    REPO,
+    gpu_torchrun_env,
+    megatron_plan,
+    run_ranks,
+    tiny_conf,
+    torchrun,
+)
 from tests.support import TINY_CHECKPOINT as TINY  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=60)
@@ -82,6 +89,26 @@ def _models(plan, rank, dtype=torch.float32):
     native = build_model_shard(source, plan, groups, rank, torch.device("cpu"), dtype, False)
     gpt = build_megatron_model(source, plan, groups, rank, torch.device("cpu"), dtype)
     return source, groups, native, gpt
+
+
+def _cpu_train_engine(native, source, groups, *, lr, aux_loss_coeff, **extra):
+    """moe_ext.megatron.engine.build_train_engine on the CPU with the tests' optimizer
+    (AdamW betas (0.9, 0.95), no weight decay, no z loss); ``extra``: its other keywords
+    (dtype, grad_clip, zero_stage)."""
+    from moe_ext.megatron.engine import build_train_engine
+
+    return build_train_engine(
+        native,
+        source,
+        groups,
+        torch.device("cpu"),
+        lr=lr,
+        weight_decay=0.0,
+        betas=(0.9, 0.95),
+        aux_loss_coeff=aux_loss_coeff,
+        z_loss_coeff=0.0,
+        **extra,
+    )
 
 
 def _generate_body(rank, world):
@@ -173,7 +200,6 @@ def _train_body(rank, world, reduction="engine"):
     from moe_ext.megatron import megatron_to_native, uninstall_parallel_state
     from moe_ext.megatron.engine import (
         GPTCausalLM,
-        build_train_engine,
         copy_to_native,
         megatron_ddp,
     )
@@ -185,17 +211,7 @@ def _train_body(rank, world, reduction="engine"):
         plan = megatron_plan("ep_nccl", world)  # dp 2, ep 2, edp 1: experts split over the ranks
         try:
             source, groups, native, _ = _models(plan, rank)
-            engine = build_train_engine(
-                native,
-                source,
-                groups,
-                torch.device("cpu"),
-                lr=1e-2,
-                weight_decay=0.0,
-                betas=(0.9, 0.95),
-                aux_loss_coeff=aux_coeff,
-                z_loss_coeff=0.0,
-            )
+            engine = _cpu_train_engine(native, source, groups, lr=1e-2, aux_loss_coeff=aux_coeff)
             args = source.args
             gen = torch.Generator().manual_seed(3)
             batches = [torch.randint(0, 256, (2, 9), generator=gen) for _ in range(world)]
@@ -293,7 +309,7 @@ def _cpu_megatron_optimizer():
 def _bf16_body(rank, world):
     from moe_ext.deepspeed.engine import CausalLMWithAux
     from moe_ext.megatron import uninstall_parallel_state
-    from moe_ext.megatron.engine import MegatronMixedPrecisionEngine, build_train_engine
+    from moe_ext.megatron.engine import MegatronMixedPrecisionEngine
     from moe_ext.model import Transformer
     from moe_ext.train.data import shipped_corpus_path
 
@@ -316,16 +332,12 @@ def _bf16_body(rank, world):
         for dtype, zero in ((torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 1)):
             try:
                 _, groups, native, _ = _models(plan, rank)
-                engine = build_train_engine(
+                engine = _cpu_train_engine(
                     native,
                     source,
                     groups,
-                    torch.device("cpu"),
                     lr=3e-3,
-                    weight_decay=0.0,
-                    betas=(0.9, 0.95),
                     aux_loss_coeff=aux_coeff,
-                    z_loss_coeff=0.0,
                     dtype=dtype,
                     grad_clip=1.0,
                     zero_stage=zero,
@@ -461,16 +473,10 @@ def test_launchers_engine_megatron_emulated_on_cpu_world2(tmp_path):
 
 
 def _torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        NCCL_NVLS_ENABLE="0",
-        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-        NVSHMEM_DISABLE_NVLS="1",
-    )
     cmd = [*torchrun(nproc), str(REPO / "launch" / script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env=gpu_torchrun_env(), cwd=REPO
+    )
 
 
 def _infer(tmp: Path, name: str, extra: list[str]) -> list[list[int]]:

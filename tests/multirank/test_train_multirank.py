@@ -19,6 +19,7 @@ from moe_ext.train.config import TrainLoopConf
 from tests.support import (
     REPO,
     deepspeed_test_engine,
+    gpu_torchrun_env,
     groups_per_layout,
     plan_of,
     run_ranks,
@@ -231,13 +232,7 @@ def _torchrun_train(tmp: Path, run: str, *overrides: str):
     import json
     import subprocess
 
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        NCCL_NVLS_ENABLE="0",
-        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-        NVSHMEM_DISABLE_NVLS="1",
-    )
+    env = gpu_torchrun_env()
     cmd = [
         *torchrun(2),
         str(REPO / "launch/train.py"),
