@@ -5,6 +5,7 @@ reference for one sequence alone."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Optional
 
@@ -98,6 +99,46 @@ def collect(stream, timeout: float = 30) -> tuple[list[int], Optional[str]]:
         ids += event.token_ids
         reason = event.finish_reason
     return ids, reason
+
+
+def random_requests(
+    n: int,
+    seed: int,
+    prompt_lengths: tuple[int, int],
+    new_tokens: tuple[int, int],
+    ids: tuple[int, int],
+) -> list[tuple[list[int], int]]:
+    """``n`` (prompt ids, max_tokens) requests drawn from a generator seeded with ``seed``:
+    prompt lengths, max_tokens and token ids uniform in the half-open ranges given."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(*prompt_lengths, (n,), generator=g).tolist()
+    new = torch.randint(*new_tokens, (n,), generator=g).tolist()
+    return [(torch.randint(*ids, (k,), generator=g).tolist(), m) for k, m in zip(lengths, new)]
+
+
+def serve_greedy(
+    engine, requests: list[tuple[list[int], int]], collect_s: float = 300, join_s: float = 60
+) -> list[list[int]]:
+    """``engine.run()`` (one process, no control group) on this thread while a client
+    thread submits every (prompt ids, max_tokens) request at once, collects each stream's ids
+    (``collect_s`` at most each) and drains the engine. Returns each request's ids, in order;
+    the engine must exit 0."""
+    from moe_ext.serve.engine import SamplingParams
+
+    out: list = []
+
+    def client_side():
+        try:
+            streams = [engine.client.submit(p, SamplingParams(max_tokens=m)) for p, m in requests]
+            out.extend(collect(s, collect_s)[0] for s in streams)
+        finally:
+            engine.drain()
+
+    thread = threading.Thread(target=client_side)
+    thread.start()
+    assert engine.run() == 0
+    thread.join(join_s)
+    return out
 
 
 class DyingModel(FakeModel):

@@ -7,16 +7,13 @@ without the compiled decode blocks, gives the eager engine's greedy ids, which e
 
 from __future__ import annotations
 
-import threading
-
 import pytest
-import torch
 
 from moe_ext.config import GenerateConf
 from moe_ext.model import ModelArgs, Transformer, generate
 from moe_ext.model.weights import init_random_
-from moe_ext.serve.engine import SamplingParams, ServeEngine
-from tests.serve_support import collect
+from moe_ext.serve.engine import ServeEngine
+from tests.serve_support import random_requests, serve_greedy
 
 pytestmark = pytest.mark.gpu
 
@@ -39,10 +36,7 @@ QWEN3 = dict(
 
 
 def _requests(n: int = 20) -> list[tuple[list[int], int]]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 50, (n,), generator=g).tolist()
-    new = torch.randint(1, 16, (n,), generator=g).tolist()
-    return [(torch.randint(0, 512, (k,), generator=g).tolist(), m) for k, m in zip(lengths, new)]
+    return random_requests(n, seed=0, prompt_lengths=(1, 50), new_tokens=(1, 16), ids=(0, 512))
 
 
 def _serve(model, requests, **flags) -> tuple[list[list[int]], ServeEngine]:
@@ -56,20 +50,7 @@ def _serve(model, requests, **flags) -> tuple[list[list[int]], ServeEngine]:
         max_queue=len(requests),
         **flags,
     )
-    out: list = []
-
-    def client_side():
-        try:
-            streams = [engine.client.submit(p, SamplingParams(max_tokens=m)) for p, m in requests]
-            out.extend(collect(s, 300)[0] for s in streams)
-        finally:
-            engine.drain()
-
-    thread = threading.Thread(target=client_side)
-    thread.start()
-    assert engine.run() == 0
-    thread.join(60)
-    return out, engine
+    return serve_greedy(engine, requests, collect_s=300, join_s=60), engine
 
 
 def test_graph_buckets_equal_eager_and_generate():

@@ -6,8 +6,6 @@ buckets give exactly the ids ``generate`` gives each prompt alone (fp32, random 
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -16,8 +14,8 @@ from moe_ext.model import init_random_full
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.decoder import Transformer
 from moe_ext.model.generate import generate
-from moe_ext.serve.engine import SamplingParams, ServeEngine
-from tests.serve_support import collect
+from moe_ext.serve.engine import ServeEngine
+from tests.serve_support import random_requests, serve_greedy
 from tests.unit.test_families import CONFIGS, hf
 
 MAX_CONTEXT = 40
@@ -25,10 +23,7 @@ MAX_CONTEXT = 40
 
 def requests(n: int = 12) -> list[tuple[list[int], int]]:
     """Prompts longer and shorter than gpt-oss's window of 8, and the chunk of 6."""
-    g = torch.Generator().manual_seed(3)
-    lengths = torch.randint(1, 22, (n,), generator=g).tolist()
-    new = torch.randint(1, 14, (n,), generator=g).tolist()
-    return [(torch.randint(2, 64, (k,), generator=g).tolist(), m) for k, m in zip(lengths, new)]
+    return random_requests(n, seed=3, prompt_lengths=(1, 22), new_tokens=(1, 14), ids=(2, 64))
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -52,19 +47,7 @@ def test_engine_equals_generate_alone(family):
         prefill_chunk=6,
         max_queue=len(reqs),
     )
-    got: list = []
-
-    def client_side():
-        try:
-            streams = [engine.client.submit(p, SamplingParams(max_tokens=m)) for p, m in reqs]
-            got.extend(collect(s, 120)[0] for s in streams)
-        finally:
-            engine.drain()
-
-    thread = threading.Thread(target=client_side)
-    thread.start()
-    assert engine.run() == 0
-    thread.join(30)
+    got = serve_greedy(engine, reqs, collect_s=120, join_s=30)
     assert got == expected
     assert engine.counts["decode"] > 0 and engine.counts["prefill"] > 0
     assert engine.scheduler.pad_chunks == (family != "gpt_oss")
