@@ -30,6 +30,7 @@ and torchrun fail a test that is not marked ``multirank``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -1661,6 +1662,26 @@ def assert_nvshmem_refusal(err: BaseException, *words: str) -> None:
 # T tokens, H hidden, E experts, k top-k
 
 MEGATRON_H, MEGATRON_E = 32, 8
+
+
+@contextlib.contextmanager
+def megatron_on_cpu(hide_cuda: bool = False):
+    """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to the CPU (its
+    current device "cpu", its CUDA RNG tracker's fork a no-op), so GPTModel and MoELayer
+    run there. ``hide_cuda`` (the benchmark peers): ``torch.cuda.is_available()`` is False
+    too (CUDA streams/events skipped), and megatron-core 0.16.1's router gemm is named
+    without Transformer Engine. Nothing is restored: the rank's process ends after."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if hide_cuda:
+        from megatron.core.transformer.moe import moe_utils
+    torch.cuda.current_device = lambda: "cpu"
+    if hide_cuda:
+        torch.cuda.is_available = lambda: False
+    mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
+    if hide_cuda and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # 0.16.1 names it only when TE imports
+    yield
 
 
 def megatron_config(**kw):

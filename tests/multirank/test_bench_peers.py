@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.support import REPO, run_ranks, torchrun
+from tests.support import REPO, megatron_on_cpu, run_ranks, torchrun
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
@@ -116,27 +116,12 @@ def test_deepspeed_peer_matches_dense_reference_2gpus():
 # ---- Megatron-core -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _cpu_megatron():
-    """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to CPU (current
-    device, CUDA streams/events, RNG tracker), and 0.16.1's router gemm without TE."""
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer.moe import moe_utils
-
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.is_available = lambda: False
-    mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # 0.16.1 names it only when TE imports
-    yield
-
-
 def _megatron_body(rank, world, backend="gloo", dispatcher="allgather"):
     from moe_ext.bench.peers import megatron_peer
 
     device = _device(rank, backend)
     torch.manual_seed(200 + rank)
-    with _cpu_megatron() if backend == "gloo" else contextlib.nullcontext():
+    with megatron_on_cpu(hide_cuda=True) if backend == "gloo" else contextlib.nullcontext():
         try:
             peer = megatron_peer(
                 H,

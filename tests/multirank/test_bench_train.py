@@ -10,7 +10,6 @@ needs CUDA streams, so only its allgather one runs here (the lead's GPU run has 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
@@ -22,7 +21,7 @@ pytest.importorskip("megatron.core")
 pytest.importorskip("deepspeed")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED).*")
 
-from tests.support import run_ranks  # noqa: E402
+from tests.support import megatron_on_cpu, run_ranks  # noqa: E402
 
 SMALL = dict(
     model="tiny",
@@ -39,27 +38,13 @@ SMALL = dict(
 )
 
 
-@contextlib.contextmanager
-def _cpu_megatron():
-    """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to CPU."""
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer.moe import moe_utils
-
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.is_available = lambda: False
-    mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # 0.16.1 names it only when TE imports
-    yield
-
-
 def _body(rank, world, cases_and_expect):
     from moe_ext.bench.train import TrainCase, format_table, run_case
     from moe_ext.cost import train_flops_per_token
     from tests.support import tiny_args
 
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed reads it (torchrun sets it)
-    with _cpu_megatron():
+    with megatron_on_cpu(hide_cuda=True):
         rows = []
         for kw, expect in cases_and_expect:
             row = run_case(TrainCase(**{**SMALL, **kw}), torch.device("cpu"), "cpu")

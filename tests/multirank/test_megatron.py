@@ -9,7 +9,6 @@ single-process cases are in tests/unit/test_megatron.py.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import warnings
 
@@ -30,7 +29,13 @@ from moe_ext.megatron import (  # noqa: E402
 from moe_ext.model import init_random_full  # noqa: E402
 from tests.support import MEGATRON_E as E  # noqa: E402
 from tests.support import MEGATRON_H as H  # noqa: E402
-from tests.support import megatron_args, megatron_config, megatron_plan, run_ranks  # noqa: E402
+from tests.support import (  # noqa: E402
+    megatron_args,
+    megatron_config,
+    megatron_on_cpu,
+    megatron_plan,
+    run_ranks,
+)
 
 # ---- multi-rank: our layer vs a float64 single-rank reference ------------------------
 
@@ -125,17 +130,6 @@ def test_layer_matches_reference_every_strategy_world2():
 # ---- multi-rank: GPTModel with our layer vs the native decoder -------------------------
 
 
-@contextlib.contextmanager
-def _cpu_megatron():
-    """Inside a spawned rank only: Megatron's CUDA-only helpers (current device, causal mask
-    on "cuda", CUDA RNG tracker) redirected to CPU, so GPTModel runs on the CPU."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    torch.cuda.current_device = lambda: "cpu"
-    mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
-    yield
-
-
 GPT_CASES = [
     ("mixtral", "ep_nccl"),
     ("qwen2_moe", "ep_allgather"),
@@ -157,7 +151,7 @@ def _gpt_body(rank, world):
     )
     from moe_ext.model import Transformer
 
-    with _cpu_megatron():
+    with megatron_on_cpu():
         for model_type, strategy in GPT_CASES:
             args = megatron_args(model_type)
             tp = 2 if strategy == "tp_experts" else 1

@@ -36,6 +36,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|DEPRECATED
 from tests.support import (  # noqa: E402
     REPO,
     gpu_torchrun_env,
+    megatron_on_cpu,
     megatron_plan,
     run_ranks,
     tiny_conf,
@@ -50,16 +51,6 @@ PROMPTS = [
     [256, 87, 104, 101, 114, 101, 32, 105, 115],
     [256, 79],
 ]
-
-
-@contextlib.contextmanager
-def _cpu_megatron():
-    """Inside a spawned rank only: Megatron's CUDA-only helpers redirected to CPU."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    torch.cuda.current_device = lambda: "cpu"
-    mrandom.CudaRNGStatesTracker.fork = lambda *a, **k: contextlib.nullcontext()
-    yield
 
 
 def _source(checkpoint=TINY):
@@ -116,7 +107,7 @@ def _generate_body(rank, world):
     from moe_ext.megatron.engine import generate as megatron_generate
     from moe_ext.model import generate as native_generate
 
-    with _cpu_megatron():
+    with megatron_on_cpu():
         for strategy, tp in (("ep_nccl", 1), ("tp_experts", 2)):
             plan = megatron_plan(strategy, world, tp)
             try:
@@ -164,7 +155,7 @@ def _sample_body(rank, world):
     from moe_ext.megatron.engine import generate as megatron_generate
     from moe_ext.model import generate as native_generate
 
-    with _cpu_megatron():
+    with megatron_on_cpu():
         try:
             source, groups, native, gpt = _models(megatron_plan("replicate", 1), rank)
             conf = _gen_conf(temperature=0.9, top_p=0.9, max_batch_size=8, max_new_tokens=16)
@@ -207,7 +198,7 @@ def _train_body(rank, world, reduction="engine"):
     from moe_ext.model.parallelize import shard_slices, take_shard
 
     aux_coeff = 0.5  # large, so a wrong coefficient mapping shows in the gradients
-    with _cpu_megatron():
+    with megatron_on_cpu():
         plan = megatron_plan("ep_nccl", world)  # dp 2, ep 2, edp 1: experts split over the ranks
         try:
             source, groups, native, _ = _models(plan, rank)
@@ -276,7 +267,7 @@ def test_megatron_ddp_reduction_equals_reference_world2():
 
 @contextlib.contextmanager
 def _cpu_megatron_optimizer():
-    """Inside a spawned rank only, on top of _cpu_megatron: Megatron's mixed-precision
+    """Inside a spawned rank only, on top of megatron_on_cpu: Megatron's mixed-precision
     optimizer made to run on CPU (its tensors created with device='cuda' land on the CPU;
     CPU bf16/fp32 tensors pass its ``param.type()`` check for torch.cuda.* types)."""
     import functools
@@ -318,7 +309,7 @@ def _bf16_body(rank, world):
     text = torch.tensor(list(shipped_corpus_path().read_bytes()[:4096]), dtype=torch.long)
     windows = text[: 2 * world * 33].view(world, 2, 33)  # [ranks, B, S+1]
     batches = [[windows[r] for r in range(world)]] * 3  # the same batch three times
-    with _cpu_megatron(), _cpu_megatron_optimizer():
+    with megatron_on_cpu(), _cpu_megatron_optimizer():
         plan = megatron_plan("ep_nccl", world)  # experts split over the ranks
         source = _source()
         # the exact global gradient norm at the start: full model, one process
@@ -401,7 +392,7 @@ def _launchers_body(rank, world, tmp):
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
     megatron_engine.require_cuda = lambda *a, **k: None  # CPU stands in for the GPUs here
     infer, train = _launcher("infer"), _launcher("train")
-    with _cpu_megatron():
+    with megatron_on_cpu():
         outputs = {}
         for engine in ("native", "megatron"):
             out = tmp / f"{engine}.jsonl"
