@@ -619,15 +619,12 @@ def launcher_conf(overrides: list[str]):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
-def launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[list[int]]:
-    """The ids launch/infer.py generates with ``overrides`` on this gloo rank (CPU)."""
-    from moe_ext.cli import infer  # launch/infer.py's steps
+def local_dist_env(rank: int = 0, world_size: int = 1):
+    """The DistEnv of rank ``rank`` of ``world_size`` ranks, all on this host (127.0.0.1,
+    port 0: a launcher step that starts no process group)."""
     from moe_ext.dist import DistEnv
-    from moe_ext.groups import ProcessGroups
-    from moe_ext.model import generate
 
-    cfg = launcher_conf(overrides)
-    env = DistEnv(
+    return DistEnv(
         rank=rank,
         world_size=world_size,
         local_rank=rank,
@@ -635,6 +632,16 @@ def launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[
         master_addr="127.0.0.1",
         master_port=0,
     )
+
+
+def launcher_generate(overrides: list[str], rank: int, world_size: int) -> list[list[int]]:
+    """The ids launch/infer.py generates with ``overrides`` on this gloo rank (CPU)."""
+    from moe_ext.cli import infer  # launch/infer.py's steps
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.model import generate
+
+    cfg = launcher_conf(overrides)
+    env = local_dist_env(rank, world_size)
     job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
     groups = ProcessGroups.build(job.plan, backend="gloo", timeout=datetime.timedelta(seconds=120))
     model = infer.build_model(job, groups, rank, torch.device("cpu"))

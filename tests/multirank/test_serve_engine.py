@@ -93,19 +93,11 @@ def run_engine(engine: ServeEngine, rank: int, requests, sampled: bool = False) 
 
 def tiny_cases(rank: int, world_size: int, cases, requests) -> None:
     from moe_ext.cli import infer
-    from moe_ext.dist import DistEnv
     from moe_ext.groups import ProcessGroups
     from moe_ext.model import generate
-    from tests.support import launcher_conf
+    from tests.support import launcher_conf, local_dist_env
 
-    env = DistEnv(
-        rank=rank,
-        world_size=world_size,
-        local_rank=rank,
-        local_world_size=world_size,
-        master_addr="127.0.0.1",
-        master_port=0,
-    )
+    env = local_dist_env(rank, world_size)
     timeout = datetime.timedelta(seconds=120)
     failures = []
     for label, overrides in cases:

@@ -202,16 +202,9 @@ def test_sandbox_and_broken_templates(tmp_path):
 
 
 def _env():
-    from moe_ext.dist import DistEnv
+    from tests.support import local_dist_env
 
-    return DistEnv(
-        rank=0,
-        world_size=1,
-        local_rank=0,
-        local_world_size=1,
-        master_addr="127.0.0.1",
-        master_port=0,
-    )
+    return local_dist_env()
 
 
 def test_infer_messages_lines_as_transformers(tmp_path):

@@ -15,18 +15,11 @@ from moe_ext.cli import serve
 from moe_ext.config import ConfigError, ServeConf
 from moe_ext.dist import DistEnv
 from moe_ext.launching import UsageError
-from tests.support import REPO, run_launcher, tiny_conf
+from tests.support import REPO, local_dist_env, run_launcher, tiny_conf
 
 
 def _env(rank: int = 0) -> DistEnv:
-    return DistEnv(
-        rank=rank,
-        world_size=1,
-        local_rank=rank,
-        local_world_size=1,
-        master_addr="127.0.0.1",
-        master_port=0,
-    )
+    return local_dist_env(rank, world_size=1)
 
 
 def _prepare(rank: int = 0, **overrides):

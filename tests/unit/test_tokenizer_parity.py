@@ -32,10 +32,9 @@ from moe_ext.cli.generation_config import (
     stop_ids,
 )
 from moe_ext.config import ConfigError, GenerateConf
-from moe_ext.dist import DistEnv
 from moe_ext.model.generate import sample
 from moe_ext.model.tokenizer import HFTokenizer
-from tests.support import tiny_conf
+from tests.support import local_dist_env, tiny_conf
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -401,14 +400,7 @@ def test_prepare_encodes_stops_and_samples_as_transformers(tmp_path):
     directory, vocab = _checkpoint_with_hf_tokenizer(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in CORPUS[:2]))
-    env = DistEnv(
-        rank=0,
-        world_size=1,
-        local_rank=0,
-        local_world_size=1,
-        master_addr="127.0.0.1",
-        master_port=0,
-    )
+    env = local_dist_env()
     cfg = tiny_conf(infer.InferConf, checkpoint=str(directory), prompts=str(prompts))
     job = infer.prepare(cfg, env, cuda_available=False, num_local_gpus=0)
     theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
