@@ -171,9 +171,7 @@ def _check_loop(conf: TrainLoopConf, args: ModelArgs) -> None:
         raise UsageError("train.lr must be > 0, train.grad_clip and train.aux_loss_coeff >= 0")
 
 
-def _check_plan(
-    plan: ParallelPlan, conf: TrainLoopConf, dtype: torch.dtype, args: ModelArgs
-) -> None:
+def _check_plan(plan: ParallelPlan, conf: TrainLoopConf, args: ModelArgs) -> None:
     """Training limits of the native model under ``plan`` (tp, pp: moe_ext.train.pipeline)."""
     if plan.tp > 1 and plan.strategy == "replicate":
         raise UsageError(
@@ -267,7 +265,7 @@ def prepare(cfg: TrainConf, env: DistEnv, cuda_available: bool, num_local_gpus: 
         from moe_ext.megatron.engine import check_plan
 
         check_plan(plan, args, training=True)
-    _check_plan(plan, cfg.train, dtype, args)
+    _check_plan(plan, cfg.train, args)
     if cfg.train.activation_checkpointing and cfg.engine != "deepspeed":
         raise UsageError(
             "train.activation_checkpointing recomputes the native model's blocks; it needs "

@@ -343,22 +343,22 @@ def test_training_plan_refusals():
     from tests.unit.test_families import hf
 
     conf = TrainLoopConf(micro_batch=4, pipeline_microbatches=2)
-    _check_plan(plan_of("ep_nccl", tp=2, ep=2), conf, torch.float32, tiny_args())
-    _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, qwen2_args())
+    _check_plan(plan_of("ep_nccl", tp=2, ep=2), conf, tiny_args())
+    _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, qwen2_args())
     minimax = ModelArgs.from_hf_config(hf("minimax_m2", num_key_value_heads=1))
     with pytest.raises(UsageError, match="kv heads replicated"):
-        _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, minimax)
+        _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, minimax)
     gpt_oss = ModelArgs.from_hf_config(hf("gpt_oss"))
     with pytest.raises(UsageError, match="experts with biases"):
-        _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, torch.float32, gpt_oss)
+        _check_plan(plan_of("tp_experts", tp=2, etp=2), conf, gpt_oss)
     with pytest.raises(UsageError, match="strategy=replicate with tp=2"):
-        _check_plan(plan_of("replicate", tp=2), conf, torch.float32, tiny_args())
+        _check_plan(plan_of("replicate", tp=2), conf, tiny_args())
     tied = dataclasses.replace(tiny_args(), tie_word_embeddings=True)
     with pytest.raises(UsageError, match="ties its embeddings"):
-        _check_plan(plan_of("replicate", pp=2), conf, torch.float32, tied)
+        _check_plan(plan_of("replicate", pp=2), conf, tied)
     with pytest.raises(UsageError, match="does not split"):
         bad = dataclasses.replace(conf, pipeline_microbatches=3)
-        _check_plan(plan_of("replicate", pp=2), bad, torch.float32, tiny_args())
+        _check_plan(plan_of("replicate", pp=2), bad, tiny_args())
 
 
 def test_activation_checkpointing_needs_the_native_model():
