@@ -1,7 +1,9 @@
-"""torch.distributed setup from values the launcher passes in (modules never read os.environ)."""
+"""torch.distributed setup from values the launcher passes in (modules never read os.environ),
+and this process's peak memory, which every launcher and benchmark reports per rank."""
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -130,3 +132,11 @@ def destroy() -> None:
     """Tear the default process group (and every subgroup) down; a no-op when not set up."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory on ``device``: bytes the CUDA allocator held at most, or on
+    CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)  # sync: reads the allocator
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

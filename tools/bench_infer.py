@@ -44,7 +44,7 @@ from moe_ext.bench.peers import (  # noqa: E402
 )
 from moe_ext.cli import infer  # noqa: E402  (the launcher's own prepare/build_model)
 from moe_ext.cost import predict, rank_plans, select_profile  # noqa: E402
-from moe_ext.dist import DistEnv, init_distributed  # noqa: E402
+from moe_ext.dist import DistEnv, init_distributed, peak_memory_bytes  # noqa: E402
 from moe_ext.groups import ProcessGroups  # noqa: E402
 from moe_ext.launching import exit_now  # noqa: E402
 
@@ -300,7 +300,7 @@ def bench_plan(opts, cfg, job, env, device, batches: list[int], profile, rows: l
                 auto_pick=job.plan.reason.startswith("auto"),
                 cuda_graphs=result.cuda_graphs,
                 compiled=bool(model.compiled_decode_block) and device.type == "cuda",
-                peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                peak_gib=peak_memory_bytes(device) / 2**30,
                 nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
                 torch=torch.__version__,
                 versions=library_versions(),
@@ -389,7 +389,7 @@ def hf_peer_rows(job, opts, batches: list[int], device: torch.device) -> list[di
                 floor_ms_per_step=1000 * floor,
                 fraction_of_floor=floor / step_s if step_s else 0.0,
                 cuda_graphs=False,
-                peak_gib=infer.peak_memory_bytes(device) / 2**30,
+                peak_gib=peak_memory_bytes(device) / 2**30,
                 nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
                 torch=torch.__version__,
                 versions=library_versions(),

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_ext.dist import peak_memory_bytes
 from moe_ext.errors import MoeExtError
 
 SYSTEMS = ("deepspeed", "megatron", "mcore_a2a", "mcore_ag", "ds_moe")
@@ -381,14 +382,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # sync: a step's wall-clock boundary
 
 
-def _peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def _uses_megatron(case: TrainCase) -> bool:
     return case.system in ("megatron", "mcore_a2a", "mcore_ag")
 
@@ -458,7 +451,7 @@ def time_case(
     return {
         "seconds": seconds,
         "losses": losses,
-        "peak_mem_gib": _peak_memory_gib(device),
+        "peak_mem_gib": peak_memory_bytes(device) / 2**30,
         "params": sum(p.numel() for p in engine.module.parameters()),
         "dp": groups.plan.dp,
     }

@@ -18,7 +18,6 @@ generation_config.json's eos ids and takes its sampling defaults for unset ``gen
 from __future__ import annotations
 
 import logging
-import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Optional
@@ -30,7 +29,7 @@ from omegaconf import DictConfig
 from moe_ext.cli.generation_config import read_generation_config, resolve_sampling, stop_ids
 from moe_ext.cli.io import check_output, read_prompts, write_output
 from moe_ext.config import GenerateConf, InferConf
-from moe_ext.dist import DistEnv
+from moe_ext.dist import DistEnv, peak_memory_bytes
 from moe_ext.errors import MoeExtError
 from moe_ext.groups import ProcessGroups
 from moe_ext.launching import (
@@ -259,12 +258,6 @@ def _generate(
         dp=job.plan.dp,
         dp_rank=groups.dp_rank,
     )
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _report(job: Job, result: GenerationResult, device: torch.device, world_size: int) -> None:

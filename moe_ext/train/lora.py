@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_ext.dist import peak_memory_bytes
 from moe_ext.errors import MoeExtError
 
 log = logging.getLogger("moe_ext.train")
@@ -325,15 +326,8 @@ def merge_lora_(model: nn.Module) -> None:
 def memory_line(summary: LoraSummary, device: torch.device, rank: int) -> str:
     """One log line: this rank's trainable/frozen parameters and its memory (peak allocated
     on CUDA, resident set size on CPU)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)  # sync: reads the allocator
-        where = f"peak GPU memory {_size(peak)}"
-    else:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        where = f"peak RSS {_size(rss)}"
-    return f"rank {rank}: {summary.describe()}; {where}"
+    kind = "peak GPU memory" if device.type == "cuda" else "peak RSS"
+    return f"rank {rank}: {summary.describe()}; {kind} {_size(peak_memory_bytes(device))}"
 
 
 def memory_lines(summary: LoraSummary, device: torch.device, rank: int, world: int) -> list[str]:
