@@ -41,9 +41,14 @@ class DeepSpeedSetupError(MoeExtError):
     """A configuration the DeepSpeed glue cannot run (one line: problem and fix)."""
 
 
+def is_expert_param(name: str) -> bool:
+    """Routed-expert parameter (``layers.{i}.mlp.experts.*``): EP-sharded, reduced over edp."""
+    return EXPERT_PARAM_MARK in f".{name}"
+
+
 def expert_param_names(model: nn.Module) -> list[str]:
     """Names of the routed-expert parameters (``layers.{i}.mlp.experts.*``)."""
-    return [n for n, _ in model.named_parameters() if EXPERT_PARAM_MARK in f".{n}"]
+    return [n for n, _ in model.named_parameters() if is_expert_param(n)]
 
 
 def mark_expert_params(model: nn.Module, group_name: str) -> list[nn.Parameter]:

@@ -35,9 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_ext.deepspeed.engine import is_expert_param
 from moe_ext.errors import MoeExtError
-
-EXPERT_PARAM_MARK = ".mlp.experts."  # as moe_ext.deepspeed.engine: routed-expert weights
 
 
 class ClipError(MoeExtError):
@@ -62,11 +61,6 @@ class GradPlacement:
         """Whether this rank adds the squares of its gradient (or, ``partitioned`` by ZeRO
         over the data axis, of its partition of it)."""
         return self.first_copy and (partitioned or self.data_rank == 0)
-
-
-def is_expert_param(name: str) -> bool:
-    """Routed-expert parameter (``layers.{i}.mlp.experts.*``): EP-sharded, reduced over edp."""
-    return EXPERT_PARAM_MARK in f".{name}"
 
 
 def grad_placements(
