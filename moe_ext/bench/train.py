@@ -420,7 +420,7 @@ def time_case(
     from tqdm.auto import tqdm
 
     from moe_ext.train.data import TokenData
-    from moe_ext.train.loop import Trainer
+    from moe_ext.train.loop import Trainer, trainer_clips
 
     gen = torch.Generator().manual_seed(1234)
     tokens = max(1 << 20, 4 * groups.plan.dp * case.micro_batch * (case.seq_len + 1))
@@ -430,8 +430,8 @@ def time_case(
         source="random tokens",
     )
     conf = loop_conf(case)
-    # as launch/train.py: the DeepSpeed engine clips itself, Megatron's fp32 engine does not
-    own = _uses_megatron(case) and case.dtype == "fp32"
+    engine_name = "megatron" if _uses_megatron(case) else "deepspeed"  # as launch/train.py
+    own = trainer_clips(engine_name, DTYPES[case.dtype])
     trainer = Trainer(engine, groups, data, conf, device, own_clipping=own)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

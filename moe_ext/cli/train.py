@@ -60,7 +60,7 @@ from moe_ext.train.export import (
     export_moe_ext,
     hf_config,
 )
-from moe_ext.train.loop import RunState, Trainer
+from moe_ext.train.loop import RunState, Trainer, trainer_clips
 from moe_ext.train.lora import (
     apply_lora,
     check_lora,
@@ -540,9 +540,7 @@ def run(cfg: TrainConf, env: DistEnv, own_run_dir: Path, raw_config: dict[str, A
         job.data,
         cfg.train,
         device,
-        # the DeepSpeed engine clips inside its step with the exact norm, as does Megatron's
-        # bf16 optimizer; Megatron's fp32 engine (torch AdamW) does not
-        own_clipping=cfg.engine == "megatron" and job.dtype == torch.float32,
+        own_clipping=trainer_clips(cfg.engine, job.dtype),
     )
     trainer.run(
         state, _checkpointer(engine, job, cfg, env, record), progress=cfg.progress and env.rank == 0

@@ -46,6 +46,13 @@ def lr_at(step: int, conf: Any) -> float:
     return floor + 0.5 * (conf.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def trainer_clips(engine: str, dtype: torch.dtype) -> bool:
+    """Whether the Trainer clips (``own_clipping``) for ``engine=`` in ``dtype``: the DeepSpeed
+    engine clips inside its step with the exact norm, as does Megatron's bf16 optimizer;
+    Megatron's fp32 engine (torch AdamW) does not."""
+    return engine == "megatron" and dtype == torch.float32
+
+
 @dataclass
 class RunState:
     """What a run has done so far (restored from a training checkpoint on resume)."""
