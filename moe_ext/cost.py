@@ -411,7 +411,8 @@ def predict(
 # ---------------------------------------------------------------------------------------
 
 
-def _why_slower(best: Prediction, other: Prediction, objective: str) -> str:
+def why_slower(best: Prediction, other: Prediction, objective: str) -> str:
+    """One phrase saying why ``other`` loses to ``best`` (or does not fit)."""
     if other.fits is False:
         return f"does not fit: needs {other.memory_bytes / 2**30:.1f} GiB per rank"
     if objective == "prefill":
@@ -475,7 +476,7 @@ def rank_plans(
         return []
     best = scored[0][2]
     return [
-        RankedPlan(plan, pred, "" if i == 0 else _why_slower(best, pred, objective))
+        RankedPlan(plan, pred, "" if i == 0 else why_slower(best, pred, objective))
         for i, (_, plan, pred) in enumerate(scored)
     ]
 

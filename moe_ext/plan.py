@@ -35,6 +35,14 @@ of tp*dp that divides the expert count, except on PCIe / CPU with known memory: 
 the smallest such divisor whose weights fit (fewer bytes per exchange; EP groups side by
 side).
 
+Batch below the replicas: an ep_* plan whose job batch (``batch``: sequences per step over
+all replicas) is smaller than its dp would leave replicas without a sequence, their ranks
+only joining the busy replicas' expert exchanges. The rules then take the smallest tp the
+heads allow with dp <= batch, keeping ep (attention tensor-parallel, experts over the same
+ranks, tokens split over TP for the exchange); the cost-model path takes the fastest fitting
+plan with dp <= batch over such an ep_* plan. Given parallel.tp / parallel.dp are kept; an
+unknown batch changes nothing. docs/PLANNER.md, "Batch smaller than the replicas".
+
 Memory counts the bytes the weights are stored in (``moe_ext.quant.layout.stored_tensors``):
 fp8 weights 1 byte + a float32 scale per block, MXFP4 experts 0.5 byte + a 1-byte scale per
 32 values, everything else at ``dtype_bytes`` (the model dtype). Auto refuses a model whose
@@ -554,7 +562,13 @@ def _choose_by_cost(
 ) -> Optional[tuple[str, str, ParallelConf]]:
     """(strategy, reason, degrees) of the fastest fitting plan under the cost model; None
     when no enumerated plan has the degrees the user gave (the rules then say why)."""
-    from moe_ext.cost import DEFAULT_BATCH, DEFAULT_PROMPT_LEN, plan_label, rank_plans
+    from moe_ext.cost import (
+        DEFAULT_BATCH,
+        DEFAULT_PROMPT_LEN,
+        plan_label,
+        rank_plans,
+        why_slower,
+    )
 
     machine = _profile_of(profile)
     why = getattr(profile, "why", None) or f"profile {machine.name}"
@@ -590,7 +604,7 @@ def _choose_by_cost(
 
     unit = "ms/step decode" if objective == "decode" else "ms prefill"
     best = ranked[0]
-    warn = ""
+    warn = idle = ""
     if best.prediction.fits is False:  # nothing fits: the least memory per rank
         best = min(ranked, key=lambda r: (r.prediction.memory_bytes, ms(r)))
         warn = (
@@ -598,14 +612,28 @@ def _choose_by_cost(
             f"{_gib(best.prediction.memory_bytes)} per rank, {_gib(avail)} available: "
             f"add ranks or use a quantized checkpoint"
         )
+    elif batch is not None and best.plan.is_expert_parallel and best.plan.dp > batch:
+        # an EP replica without a sequence still joins every expert exchange of the busy
+        # ones (lockstep) while its attention does nothing: take the fastest plan whose
+        # replicas all have a sequence (tp x ep over the same ranks, tp_experts, ...), as
+        # the rules do. Replicate / tp_experts replicas are independent: an idle one
+        # slows nobody, and the prediction (one replica's step) already prices it.
+        busy = [r for r in ranked if r.plan.dp <= batch and r.prediction.fits is not False]
+        if busy:
+            idle = (
+                f"; {plan_label(best.plan)} ({ms(best):.2f} {unit}) not taken: batch {batch} "
+                f"< its {best.plan.dp} attention replicas leaves {best.plan.dp - batch} idle"
+            )
+            best, ranked = busy[0], busy
     runner = next((r for r in ranked if r is not best), None)
     text = (
         f"{why}: {plan_label(best.plan)} predicted {ms(best):.2f} {unit} at batch {B}, "
         f"prompt {S}" + (f" ({'; '.join(job)})" if job else "")
     )
     if runner is not None:
-        slower = runner.why_slower or "ties"
+        slower = why_slower(best.prediction, runner.prediction, objective) or "ties"
         text += f"; runner-up {plan_label(runner.plan)} {ms(runner):.2f} {unit} ({slower})"
+    text += idle
     plan = best.plan
     degrees = ParallelConf(
         tp=plan.tp,
@@ -717,6 +745,50 @@ def _choose(
             + _still_too_big(model, tp, pp, ep, dtype_bytes, avail)
         ),
         ep,
+    )
+
+
+def _attention_tp_for_batch(
+    strategy: str,
+    parallel: ParallelConf,
+    world_size: int,
+    batch: Optional[int],
+    model: ModelArgs,
+) -> tuple[ParallelConf, str]:
+    """An ep_* plan whose ``batch`` (sequences per step, all replicas) is smaller than its
+    attention data-parallel degree would leave replicas without a sequence: take the
+    smallest tp (a divisor of the stage's ranks the heads allow) with dp <= batch, keeping
+    the EP degree, so attention runs tensor-parallel and the experts stay split over the
+    same ranks (the plan splits tokens over TP for the exchange). Degrees the user gave
+    (parallel.tp / parallel.dp) are kept. Returns (degrees, clause for plan.reason)."""
+    if batch is None or _given(parallel, "tp") is not None or _given(parallel, "dp") is not None:
+        return parallel, ""
+    tp, pp, dp, ep, _, _ = _derive_degrees(strategy, parallel, world_size, model.num_experts, True)
+    if dp <= batch:
+        return parallel, ""
+    per_stage = world_size // pp
+    idle = f"batch {batch} < {dp} attention replicas"
+    for wider in range(tp + 1, per_stage + 1):
+        rest = per_stage // wider
+        if per_stage % wider or rest > batch:
+            continue
+        try:
+            _validate(strategy, world_size, wider, pp, ep, 1, model)
+        except PlanError:
+            continue
+        candidate = ParallelPlan(
+            strategy, world_size, wider, pp, rest, ep, 1, wider * rest // ep, "", "candidate"
+        )
+        if _block_cut(candidate, model) is not None:
+            continue
+        changed = {f.name: getattr(parallel, f.name, None) for f in fields(ParallelConf)}
+        changed |= {"tp": wider, "dp": rest, "ep": ep}
+        return ParallelConf(**changed), (
+            f"; {idle}: attention tp={wider} with ep={ep} over the same ranks (no replica idle)"
+        )
+    return parallel, (
+        f"; {idle}, but no tp the model's heads allow brings dp to <= {batch}: "
+        f"{dp - batch} replica(s) idle per step"
     )
 
 
@@ -850,13 +922,16 @@ def build_plan(
         name, reason, ep = _choose(
             parallel, world_size, topology, model, dtype_bytes, tokens_per_step
         )
-        note = getattr(profile, "why", "") if world_size > 1 else ""
-        reason = f"auto: {reason}" + (f" ({note})" if note else "")
         if ep is not None:
             parallel = ParallelConf(
                 **{f.name: getattr(parallel, f.name, None) for f in fields(ParallelConf)}
                 | {"ep": ep}
             )
+        if name in EP_STRATEGIES:
+            parallel, spread = _attention_tp_for_batch(name, parallel, world_size, batch, model)
+            reason += spread
+        note = getattr(profile, "why", "") if world_size > 1 else ""
+        reason = f"auto: {reason}" + (f" ({note})" if note else "")
     else:
         reason = f"strategy={name} requested"
     tp, pp, dp, ep, etp, edp = _derive_degrees(name, parallel, world_size, model.num_experts, auto)

@@ -350,6 +350,112 @@ def test_auto_with_dtype_bytes_changes_the_fit():
     assert fp8.strategy == "replicate" and bf16.is_expert_parallel  # 30.5 GB vs 61 GB
 
 
+# ----------------------------------------------------------- auto: batch < attention replicas
+
+
+def batch_plan(world, model, topology, batch, profile=None, **given) -> ParallelPlan:
+    return build_plan(
+        StrategyConf(name="auto"),
+        ParallelConf(**given),
+        world,
+        topology,
+        model,
+        tokens_per_step=batch,
+        batch=batch,
+        prompt_len=512,
+        profile=profile,
+    )
+
+
+@pytest.mark.parametrize(
+    "world, model, mem_gib, batch, expected",
+    [
+        # Mixtral on 2 x 96 GiB: EP 2; at batch 1 attention runs tp 2 on the EP ranks
+        (2, MIXTRAL, 96, 1, (2, 1, 1, 2, 1, 1)),
+        (2, MIXTRAL, 96, 2, (1, 1, 2, 2, 1, 1)),  # one sequence per replica: unchanged
+        # qwen3-30B on 4 x 48 GiB: EP 2 x edp 2; the smallest tp with dp <= batch
+        (4, QWEN3_30B, 48, 1, (4, 1, 1, 2, 1, 2)),
+        (4, QWEN3_30B, 48, 2, (2, 1, 2, 2, 1, 2)),
+        (4, QWEN3_30B, 48, 3, (2, 1, 2, 2, 1, 2)),
+        (4, QWEN3_30B, 48, 4, (1, 1, 4, 2, 1, 2)),
+    ],
+)
+def test_auto_rules_give_every_replica_a_sequence(world, model, mem_gib, batch, expected):
+    p = batch_plan(world, model, topo("pcie", world, mem_gib=mem_gib), batch)
+    assert p.is_expert_parallel and degrees(p) == expected, p.describe()
+    assert p.dp <= batch and p.tokens_split_over_tp == (p.tp > 1)
+    if p.tp > 1:
+        assert (
+            f"batch {batch} < {world} attention replicas: attention tp={p.tp} with ep={p.ep} "
+            f"over the same ranks"
+        ) in p.reason
+    else:
+        assert "attention replicas" not in p.reason
+
+
+def test_auto_rules_reason_for_one_user_on_two_cards():
+    p = batch_plan(2, MIXTRAL, topo("pcie", 2, mem_gib=96), 1)
+    assert p.reason.startswith("auto: pcie: experts do not fit one rank")
+    assert "; batch 1 < 2 attention replicas: attention tp=2 with ep=2 over the same ranks" in (
+        p.reason
+    )
+    assert "\n" not in p.reason
+
+
+def test_auto_rules_batch_rule_on_nvlink_keeps_the_link_choice():
+    p = batch_plan(2, QWEN3_30B, topo("nvlink", 2, mem_gib=141), 1)
+    assert p.strategy == "ep_nvshmem" and (p.tp, p.dp, p.ep) == (2, 1, 2)
+    p = batch_plan(4, QWEN3_30B, topo("nvlink", 4, mem_gib=141), 2)
+    assert (p.tp, p.dp, p.ep, p.edp) == (2, 2, 4, 1)
+
+
+def test_auto_rules_unknown_batch_or_given_degrees_keep_the_replicas():
+    t = topo("pcie", 2, mem_gib=96)
+    unknown = batch_plan(2, MIXTRAL, t, None)
+    assert (unknown.tp, unknown.dp) == (1, 2) and "attention replicas" not in unknown.reason
+    for given in (dict(tp=1), dict(dp=2)):
+        p = batch_plan(2, MIXTRAL, t, 1, **given)
+        assert p.is_expert_parallel and (p.tp, p.dp, p.ep) == (1, 2, 2), given
+        assert "attention replicas" not in p.reason
+    # a given ep alone is kept, and attention still spreads over its ranks
+    p = batch_plan(4, SHAPE, topo("pcie", 4), 1, ep=2)
+    assert p.is_expert_parallel and (p.tp, p.dp, p.ep, p.edp) == (4, 1, 2, 2)
+    # a model whose training batch is never below dp: nothing changes at batch >= world
+    assert batch_plan(4, SHAPE, topo("pcie", 4), 8, ep=2).dp == 4
+
+
+def test_auto_rules_say_when_the_heads_cannot_split():
+    odd = shape(num_attention_heads=3, num_key_value_heads=1)  # no tp = 2 of 3 heads
+    p = batch_plan(2, odd, topo("pcie", 2), 1, ep=2)
+    assert p.is_expert_parallel and (p.tp, p.dp) == (1, 2)
+    assert "batch 1 < 2 attention replicas, but no tp the model's heads allow" in p.reason
+
+
+def test_auto_profile_never_leaves_an_ep_replica_idle():
+    """With the measured P2P-off profile the cost model ranks ep dp 2 (one replica idle at
+    batch 1) above tp 2 x ep 2 (two more collectives per layer); auto takes the fastest
+    plan whose replicas all have a sequence and says which one it passed over."""
+    from moe_ext.cost import ProfileChoice, rank_plans
+    from moe_ext.profile import MachineProfile
+
+    machine = MachineProfile.load(REPO / "conf" / "profiles" / "h200x2_p2p_off.json")
+    profile = ProfileChoice(machine, "profile p2p_off")
+    t = topo("pcie", 2, mem_gib=96)
+    ranked = rank_plans(MIXTRAL, machine, 2, 1, 512, available_bytes=96 * GIB, given={"ep": 2})
+    assert ranked[0].plan.dp == 2  # the prediction: the idle-replica plan is faster
+    p = batch_plan(2, MIXTRAL, t, 1, profile=profile, ep=2)
+    assert p.is_expert_parallel and (p.tp, p.dp, p.ep) == (2, 1, 2)
+    assert "dp2 ep2 (" in p.reason and "not taken: batch 1 < its 2 attention replicas" in (p.reason)
+    assert "runner-up ep_allgather tp1" not in p.reason  # the runner-up is a busy plan
+    # at batch 2 both replicas have a sequence: the model's pick stands
+    p = batch_plan(2, MIXTRAL, t, 2, profile=profile, ep=2)
+    assert p.dp == 2 and "not taken" not in p.reason
+    # without a given ep, auto's pick at batch 1 and 2 never has an idle replica
+    for batch in (1, 2, 16, 64):
+        p = batch_plan(2, MIXTRAL, t, batch, profile=profile)
+        assert p.dp <= batch, (batch, p.describe())
+
+
 # ------------------------------------------------------------------------------ memory
 
 
