@@ -85,6 +85,13 @@ class GenerateConf:
     cuda_graphs: bool = True  # CUDA-graph decode on GPU
     compile_decode: bool = True  # GPU: torch.compile (inductor) each block's decode step
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    # pp > 1: micro-batches of a batch's rows in flight over the stages (None: pp of them,
+    # at most one per row; 1: the one-at-a-time path, every stage waiting on the others)
+    pipeline_microbatches: Optional[int] = None
+    # prompt positions per prefill chunk (each attends to the cache of the earlier ones):
+    # pipelined prefill overlaps stages chunk by chunk, and expert-parallel prefill runs
+    # each chunk on the static, sync-free exchange. 0 / None: the whole prompt at once
+    prefill_chunk: Optional[int] = 256
 
     def with_sampling(self, defaults: Optional[Mapping[str, Any]] = None) -> GenerateConf:
         """A copy with every sampling field set: its own value, else ``defaults`` (what a
@@ -115,6 +122,16 @@ class GenerateConf:
             raise ConfigError(f"{prefix}.top_p={self.top_p}; use a value in (0, 1]")
         if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"{prefix}.top_k={self.top_k}; use 0 (off) or a positive count")
+        if self.pipeline_microbatches is not None and self.pipeline_microbatches < 1:
+            raise ConfigError(
+                f"{prefix}.pipeline_microbatches={self.pipeline_microbatches}; use null "
+                f"(one per pipeline stage), 1 (one batch at a time) or more"
+            )
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise ConfigError(
+                f"{prefix}.prefill_chunk={self.prefill_chunk}; use 0 (whole prompt) or a "
+                f"positive number of prompt positions"
+            )
 
 
 @dataclass

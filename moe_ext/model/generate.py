@@ -27,6 +27,16 @@ other replicas must match: at the first decode step of a round the replicas agre
 extra idle steps (capture itself launches no collectives). Expert parallelism without
 data parallelism (EP ranks that are TP ranks of one replica) uses the same static
 exchange at the batch's own size.
+
+Expert-parallel prefill runs the same static exchange, chunk by chunk
+(``conf.prefill_chunk`` prompt positions each, every chunk attending to the cache of the
+earlier ones) at each chunk's capacity: the largest token count (rows x chunk length) any
+replica feeds it, which every rank computes from the prompts alone, so prefill makes no
+host sync either; replicas with fewer chunks (or none) join the later ones idle.
+
+Pipeline stages (pp > 1) run micro-batches in flight (``pipeline_generate``, unless
+``conf.pipeline_microbatches`` is 1: then one forward of the whole batch at a time, the
+last stage broadcasting each step's ids).
 """
 
 from __future__ import annotations
@@ -279,11 +289,13 @@ class _Stepper:
         max_new: list[int],
         use_graphs: bool,
         capacity: Optional[int] = None,
+        prefill_caps: Optional[list[int]] = None,
     ) -> list[list[int]]:
         """One batch (empty/None: an idle replica). ``capacity``: expert-parallel models
         only, the static expert-exchange capacity of this round's decode steps (equal on
-        every rank of an EP group); prefill runs dynamic. The caller resets the capacity if
-        this raises."""
+        every rank of an EP group). ``prefill_caps``: expert-parallel models only, the
+        static capacity of each prefill chunk (``_prefill_capacities``; None: one dynamic
+        prefill forward). The caller resets the capacity if this raises."""
         batch = self._start(prompts, max_new, use_graphs, capacity) if prompts else None
         steps_total = batch.steps if batch is not None else 0
         known_done = batch is None
@@ -301,10 +313,14 @@ class _Stepper:
             active = not known_done and step < steps_total
             if step == 1 and capacity is not None:
                 self._start_static_decode(capacity, capturing=active and batch.capturing)
-            if not active:
+            if not active and step == 0 and prefill_caps:
+                for cap in prefill_caps:  # lockstep: join each prefill chunk's exchange
+                    self.model.set_moe_capacity(cap)
+                    self.model.idle_forward()
+            elif not active:
                 self.model.idle_forward()  # lockstep only: join the expert exchanges
             elif step == 0:
-                self._prefill(batch)
+                self._prefill(batch, prefill_caps)
                 self._fence()
                 t_prefill_end = time.perf_counter()
             else:
@@ -361,17 +377,29 @@ class _Stepper:
             for _ in range(2):  # the capturing replicas' two warm-up steps
                 self.model.idle_forward()
 
-    def _prefill(self, batch: _Batch) -> None:
-        """The prompts through the model, filling the caches; samples the first new ids."""
+    def _prefill(self, batch: _Batch, caps: Optional[list[int]] = None) -> None:
+        """The prompts through the model, filling the caches; samples the first new ids.
+        ``caps``: one static expert-exchange capacity per chunk of ``conf.prefill_chunk``
+        positions (chunks past this batch's prompt join the exchange idle); None: the whole
+        prompt in one forward."""
         L = batch.prompt_len
-        logits = self.model(
-            batch.tokens,
-            torch.arange(L, device=self.device),
-            batch.kv_start,
-            L,
-            last_only=True,
-            use_cache=True,
-        )  # [B, 1, V]
+        chunk = (self.conf.prefill_chunk or L) if caps is not None else L
+        logits = None
+        for c, start in enumerate(range(0, max(L, chunk * len(caps or [])), chunk)):
+            if caps is not None:
+                self.model.set_moe_capacity(caps[c])
+            if start >= L:
+                self.model.idle_forward()  # another replica's longer prompt
+                continue
+            stop = min(L, start + chunk)
+            logits = self.model(
+                batch.tokens[:, start:stop],
+                torch.arange(start, stop, device=self.device),
+                batch.kv_start,
+                stop,
+                last_only=True,
+                use_cache=True,
+            )  # [B, 1, V] on the last stage
         batch.nxt = self._next_tokens(logits, batch.size)
         batch.out[:, 0] = batch.nxt
         batch.done |= self._is_eos(batch.nxt) | (batch.limits <= 1)
@@ -455,16 +483,45 @@ def _graph_for(
 
 
 def _graphs_usable(
-    model: Transformer, conf: GenerateConf, device: torch.device, static_exchange: bool
+    model: Transformer,
+    conf: GenerateConf,
+    device: torch.device,
+    static_exchange: bool,
+    pipelined: bool = False,
 ) -> bool:
-    """Whether decode may run from CUDA graphs: on CUDA, without pipeline stages, and
-    either a sync-free model (``cuda_graph_safe``) or expert-parallel decode on the static
+    """Whether decode may run from CUDA graphs: on CUDA, and either the pipelined path
+    (each stage captures its own part, the stage-to-stage traffic stays outside; its
+    expert-parallel stages run the static exchange), or no pipeline stages and either a
+    sync-free model (``cuda_graph_safe``) or expert-parallel decode on the static
     exchange, which is sync-free; never again after a failed capture."""
-    if not (conf.cuda_graphs and device.type == "cuda" and model.context.pp_group is None):
+    if not (conf.cuda_graphs and device.type == "cuda"):
         return False
     if model.decode_state.capture_failed:
         return False
+    if pipelined:
+        return True
+    if model.context.pp_group is not None:
+        return False
     return static_exchange or model.context.cuda_graph_safe
+
+
+def _prefill_capacities(lengths: list[list[int]], chunk: Optional[int]) -> Optional[list[int]]:
+    """Static expert-exchange capacity of each prefill chunk of one round: ``lengths[q]``
+    holds the prompt lengths of the batch replica q runs in it (all replicas of the
+    lockstep group, or only this one without data parallelism). A replica's chunk c is
+    its rows x the positions [c·chunk, (c+1)·chunk) of its padded prompt; the capacity is
+    the largest over replicas (0 where none has that chunk). None: no replica has rows."""
+    per_replica = []
+    for q in lengths:
+        if not q:
+            continue
+        L = max(q)
+        step = chunk or L
+        per_replica.append([len(q) * (min(L, c + step) - c) for c in range(0, L, step)])
+    if not per_replica:
+        return None
+    count = max(len(caps) for caps in per_replica)
+    return [max(caps[c] if c < len(caps) else 0 for caps in per_replica) for c in range(count)]
 
 
 def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
@@ -523,7 +580,17 @@ def generate(
     # replicas, or, without data parallelism, this batch (the EP ranks are TP ranks
     # holding the same one).
     static_exchange = lockstep or context.expert_parallel
-    use_graphs = _graphs_usable(model, conf, device, static_exchange)
+    pipelined = context.pp_group is not None and conf.pipeline_microbatches != 1
+    if pipelined and lockstep:
+        log.warning(
+            "pipelined generation with experts split across replicas (pp x ep with dp) is "
+            "not built: running one forward of the batch at a time over the stages"
+        )
+        pipelined = False
+    if pipelined:
+        use_graphs = _graphs_usable(model, conf, device, static_exchange, pipelined=True)
+    else:  # (tests stand in a 4-argument _graphs_usable)
+        use_graphs = _graphs_usable(model, conf, device, static_exchange)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(
         model,
@@ -536,6 +603,20 @@ def generate(
         max(1, check_every),
         result,
     )
+    runner = None
+    if pipelined:
+        from moe_ext.model.pipeline_generate import PipelineRunner
+
+        runner = PipelineRunner(
+            model,
+            conf,
+            stepper.eos,
+            pad_id,
+            generator,
+            max(1, check_every),
+            result,
+            use_graphs,
+        )
     batch = max(1, conf.max_batch_size)
     chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
     rounds = len(chunks)
@@ -548,12 +629,26 @@ def generate(
     try:
         for r in range(rounds):
             chunk = chunks[r] if r < len(chunks) else []
+            if runner is not None:
+                local += runner.run([prompt_ids[i] for i in chunk], [max_new[i] for i in chunk])
+                continue
             capacity = _round_capacity(bounds, batch, r) if lockstep else len(chunk)
+            prefill_caps = None
+            if static_exchange:
+                shares = [range(bounds[q], bounds[q + 1]) for q in range(dp_size)]
+                if not lockstep:
+                    shares = [mine]
+                lengths = [
+                    [len(prompt_ids[i]) for i in share[r * batch : (r + 1) * batch]]
+                    for share in shares
+                ]
+                prefill_caps = _prefill_capacities(lengths, conf.prefill_chunk)
             local += stepper.run(
                 [prompt_ids[i] for i in chunk],
                 [max_new[i] for i in chunk],
                 use_graphs,
                 capacity if static_exchange else None,
+                prefill_caps,
             )
     finally:
         if static_exchange:

@@ -1,0 +1,429 @@
+"""Pipeline-parallel generation with micro-batches in flight (pp > 1).
+
+# B batch rows, b rows of one micro-batch, M micro-batches, P stages, L padded prompt
+# length, Lc prompt positions of one prefill chunk, S query length of an item (Lc or 1),
+# H hidden, V vocab, K output columns (the longest request's new tokens)
+
+A batch's rows are split into M contiguous micro-batches. Each micro-batch goes through a
+sequence of *items*, one forward each: its prompt's prefill chunks (positions [c0, c1),
+attending to the cache of the earlier chunks), then its decode steps. Stage 0 issues one
+item per tick from a static schedule every rank computes alike (``build_schedule``);
+stage s runs the item stage 0 issued s ticks earlier, so P items are in flight. A decode
+item needs the ids its micro-batch's previous item sampled on the last stage: it is issued
+at least P ticks after that one (with M >= P micro-batches the ring is full: at tick t
+stage s works on micro-batch (t - s) mod M).
+
+Each tick, before computing, every stage posts one ``batch_isend_irecv`` with the tick's
+traffic, so no stage waits on anything but its own input:
+- stage s < P-1 sends the hidden states [b, S, H] it computed at the previous tick to s+1,
+  which receives them now (stage s > 0's input);
+- the last stage sends the ids [b] int64 it sampled at the previous tick (pad after a
+  row is done) to stage 0, which receives them now, when that micro-batch has a later
+  decode item (its input).
+Only hidden states and ids travel between stages. The last stage keeps the output ids and
+the done flags. Host syncs: every ``check_every`` rounds the last stage broadcasts (over
+the pp group) whether every row is done; all stages then stop issuing items and drain
+the ones in flight. At the end the last stage broadcasts the output ids [B, K], once.
+
+On CUDA each stage's part of a decode item (embedding on the first stage, its layers, the
+final norm and LM head on the last) is a CUDA graph per micro-batch size
+(``_StageGraph``, captured with generate's ``capture_step_graph``); the sends and
+receives stay outside the graphs. Expert-parallel stages (EP over the TP ranks of a
+stage) run every item on the static exchange at the item's token count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_ext.model.decoder import Transformer
+
+if TYPE_CHECKING:
+    from moe_ext.config import GenerateConf
+    from moe_ext.model.generate import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+# ---- the static schedule -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One forward of one micro-batch. Prefill chunk: prompt positions [start, stop);
+    decode step: the query at cache slot ``start`` (stop = start + 1). ``column``: the
+    output column its sampled ids fill (None: a prefill chunk before the last)."""
+
+    mb: int
+    start: int
+    stop: int
+    decode: bool
+    column: Optional[int]
+    index: int  # position in its micro-batch's sequence of items
+
+
+def microbatch_bounds(batch: int, count: int) -> list[int]:
+    """Row bounds of ``count`` contiguous micro-batches of ``batch`` rows: [count + 1]."""
+    return [batch * m // count for m in range(count + 1)]
+
+
+def build_schedule(
+    steps: list[int], prompt_len: int, chunk: Optional[int], stages: int
+) -> list[Optional[Item]]:
+    """Stage 0's item per tick (None: a bubble). ``steps[m]``: output columns micro-batch m
+    needs (its longest request's new tokens). Greedy: the decode item ready the longest
+    (its previous item left the last stage), else the next prefill chunk (chunk 0 of every
+    micro-batch, then chunk 1, ...), else a bubble. Every rank computes the same list."""
+    chunk = chunk or prompt_len
+    bounds = [(c, min(prompt_len, c + chunk)) for c in range(0, prompt_len, chunk)]
+    prefill: list[Item] = []  # chunk by chunk, each over every micro-batch: the decode
+    for i, (c0, c1) in enumerate(bounds):  # items then follow in the ring's order
+        for m in range(len(steps)):
+            last = i == len(bounds) - 1
+            prefill.append(Item(m, c0, c1, False, 0 if last else None, i))
+    ready: dict[int, int] = {}  # micro-batch -> tick its next decode item may be issued
+    next_column = [1] * len(steps)
+    schedule: list[Optional[Item]] = []
+    pending = sum(s - 1 for s in steps) + len(prefill)
+    while pending:
+        tick = len(schedule)
+        due = [(t, m) for m, t in ready.items() if t <= tick]
+        if due:
+            _, m = min(due)
+            k = next_column[m]
+            item = Item(m, prompt_len + k - 1, prompt_len + k, True, k, len(bounds) + k - 1)
+            next_column[m] += 1
+            del ready[m]
+        elif prefill:
+            item = prefill.pop(0)
+        else:
+            schedule.append(None)
+            continue
+        if item.column is not None and item.column + 1 < steps[item.mb]:
+            ready[item.mb] = tick + stages
+        schedule.append(item)
+        pending -= 1
+    return schedule
+
+
+# ---- CUDA graphs per stage ---------------------------------------------------------------
+
+
+def _stage_graph_class():
+    from moe_ext.model.generate import _DecodeGraph
+
+    class _StageGraph(_DecodeGraph):
+        """One stage's part of a decode item for ``batch`` rows, captured once: the
+        embedding (first stage) or the received hidden states, this stage's layers over
+        the given cache rows, and the final norm and LM head (last stage). Static inputs:
+        ids [b, 1] or hidden [b, 1, H], slot [1], kv_start [b], rows [b]; static output:
+        logits [b, 1, V] (last stage) or hidden [b, 1, H]."""
+
+        def __init__(self, model: Transformer, batch: int, device: torch.device):
+            super().__init__(model, batch, device)
+            self.hidden = None
+            if not model.is_first_stage:
+                H = model.args.hidden_size
+                self.hidden = torch.zeros(batch, 1, H, dtype=model.dtype, device=device)
+            self.rows = torch.arange(batch, dtype=torch.long, device=device)
+
+        def _step(self) -> torch.Tensor:
+            return stage_compute(
+                self.model, self.tokens, self.hidden, self.slot, self.kv_start, None, self.rows
+            )
+
+        def run(
+            self,
+            ids: Optional[torch.Tensor],
+            hidden: Optional[torch.Tensor],
+            slot: torch.Tensor,
+            kv_start: torch.Tensor,
+            rows: torch.Tensor,
+        ) -> torch.Tensor:
+            if self.hidden is None:
+                self.tokens.copy_(ids)
+            else:
+                self.hidden.copy_(hidden)
+            self.slot.copy_(slot)
+            self.kv_start.copy_(kv_start)
+            self.rows.copy_(rows)
+            if self.graph is None:
+                self.capture()
+            self.graph.replay()
+            return self.logits
+
+    return _StageGraph
+
+
+def _stage_graph_for(model: Transformer, batch: int, capacity: Optional[int]):
+    """The captured stage step for ``batch`` rows on the model's current caches (captured
+    on first use), kept in ``model.decode_state.graphs`` beside generate's own."""
+    graphs = model.decode_state.graphs
+    cache_id = id(next(iter(model.layers.values())).self_attn.kv_cache)
+    key = (
+        "stage",
+        batch,
+        capacity,
+        model.cache_shape,
+        model.compiled_decode_block is not None,
+        cache_id,
+    )
+    if key not in graphs:
+        for stale in [k for k in graphs if k[-1] != cache_id or k[-3] != model.cache_shape]:
+            del graphs[stale]  # caches were reallocated: those graphs point at freed buffers
+        graphs[key] = _stage_graph_class()(model, batch, model.device)
+    return graphs[key]
+
+
+def stage_compute(
+    model: Transformer,
+    ids: Optional[torch.Tensor],
+    hidden: Optional[torch.Tensor],
+    slots: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: Optional[int],
+    rows: torch.Tensor,
+    last_only: bool = True,
+) -> torch.Tensor:
+    """This stage's part of one item, no stage-to-stage traffic. ids: [b, S] int64 (first
+    stage) or hidden: [b, S, H] (the previous stage's output); slots [S] int64; kv_start
+    [b] int64; rows [b] int64 cache rows. Returns logits [b, 1, V] on the last stage
+    (``last_only``), else the hidden states [b, S, H]."""
+    h = model.embed_tokens(ids) if model.is_first_stage else hidden  # [b, S, H]
+    h = model._layers(h, slots, kv_start, kv_len, True, rows)
+    if not model.is_last_stage:
+        return h
+    return model._logits(h[:, -1:] if last_only else h)  # [b, 1, V]
+
+
+# ---- the runner --------------------------------------------------------------------------
+
+
+class PipelineRunner:
+    """Generates one batch over the pipeline stages with micro-batches in flight (see the
+    module docstring). Built once per generate call; ``run`` per batch."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        conf: GenerateConf,
+        eos: Optional[torch.Tensor],
+        pad_id: int,
+        generator: Optional[torch.Generator],
+        check_every: int,
+        result: GenerationResult,
+        use_graphs: bool,
+    ):
+        context = model.context
+        self.model, self.conf, self.eos, self.pad_id = model, conf, eos, pad_id
+        self.generator, self.check_every, self.result = generator, check_every, result
+        self.use_graphs = use_graphs
+        self.device = model.device
+        self.group = context.pp_group
+        self.stages = dist.get_world_size(self.group)
+        self.stage = dist.get_group_rank(self.group, dist.get_rank())
+        self.first_rank = dist.get_global_rank(self.group, 0)
+        self.last_rank = context.pp_last_rank
+        self.expert_parallel = context.expert_parallel
+
+    # ---- one batch -----------------------------------------------------------------------
+
+    def run(self, prompts: list[list[int]], max_new: list[int]) -> list[list[int]]:
+        """prompts: this replica's batch; max_new: new tokens per request. Returns the ids
+        per request (same on every stage)."""
+        from moe_ext.model.generate import SLOT_ROUNDING, finish_requests
+
+        model, device, P, s = self.model, self.device, self.stages, self.stage
+        B, L, K = len(prompts), max(len(p) for p in prompts), max(max_new)
+        M = min(self.conf.pipeline_microbatches or P, B)
+        bounds = microbatch_bounds(B, M)
+        mb_steps = [max(max_new[bounds[m] : bounds[m + 1]]) for m in range(M)]
+        schedule = build_schedule(mb_steps, L, self.conf.prefill_chunk, P)
+        ticks = {(it.mb, it.index): t for t, it in enumerate(schedule) if it is not None}
+        model.setup_caches(B, -(-(L + K) // SLOT_ROUNDING) * SLOT_ROUNDING)
+        padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
+        tokens = torch.tensor(padded, dtype=torch.long, device=device)  # [B, L]
+        kv_start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long, device=device)
+        rows = torch.arange(B, dtype=torch.long, device=device)  # [B]
+        limits = torch.tensor(max_new, dtype=torch.long, device=device)  # [B]
+        out = torch.full((B, K), self.pad_id, dtype=torch.long, device=device)  # [B, K]
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
+        H = model.args.hidden_size
+        inputs: dict[int, torch.Tensor] = {}  # stage 0: micro-batch -> next ids [b]
+        pending_send: Optional[torch.Tensor] = None  # last tick's output
+        last_prefill = max(t for t, it in enumerate(schedule) if it is not None and not it.decode)
+        cutoff = len(schedule) - 1  # the last tick stage 0 issues an item at
+        interval = self.check_every * max(M, P)
+        self._fence()
+        t0 = t_prefill = time.perf_counter()
+        tick = 0
+        while tick <= cutoff + P - 1:
+            if tick > 0 and tick % interval == 0 and tick <= cutoff:
+                if self._all_done(done if s == P - 1 else None):
+                    cutoff = tick - 1
+                    continue  # re-evaluate the loop bound; this tick is not run
+            item = self._item(schedule, tick - s, cutoff)
+            sent = self._item(schedule, tick - 1 - s, cutoff)  # computed last tick
+            ids_item = self._item(schedule, tick - P, cutoff)  # sampled, to stage 0 now
+            ids_needed = (
+                ids_item is not None
+                and ids_item.column is not None
+                and self._has_next(ticks, ids_item, cutoff)
+            )
+            ops = []
+            recv_h = None
+            if s > 0 and item is not None:
+                b = bounds[item.mb + 1] - bounds[item.mb]
+                recv_h = torch.empty(b, item.stop - item.start, H, dtype=model.dtype, device=device)
+                ops.append(dist.P2POp(dist.irecv, recv_h, model.context.pp_prev))
+            if s < P - 1 and sent is not None:
+                ops.append(dist.P2POp(dist.isend, pending_send, model.context.pp_next))
+            recv_ids = None
+            if ids_needed and s == 0:
+                b = bounds[ids_item.mb + 1] - bounds[ids_item.mb]
+                recv_ids = torch.empty(b, dtype=torch.long, device=device)
+                ops.append(dist.P2POp(dist.irecv, recv_ids, self.last_rank))
+            if ids_needed and s == P - 1:
+                ops.append(dist.P2POp(dist.isend, pending_send, self.first_rank))
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+            if recv_ids is not None:
+                inputs[ids_item.mb] = recv_ids
+            pending_send = None
+            if item is not None:
+                r0, r1 = bounds[item.mb], bounds[item.mb + 1]
+                ids = None
+                if s == 0:
+                    ids = tokens[r0:r1, item.start : item.stop]  # [b, S]
+                    if item.decode:
+                        ids = inputs.pop(item.mb)[:, None]  # [b, 1]
+                output = self._compute(item, ids, recv_h, kv_start[r0:r1], rows[r0:r1])
+                if s < P - 1:
+                    pending_send = output  # [b, S, H], sent next tick
+                elif item.column is not None:
+                    nxt = self._sample(output, item, out, done, limits, r0, r1)
+                    if self._has_next(ticks, item, cutoff):
+                        pending_send = nxt  # [b], to stage 0 next tick
+            if tick == last_prefill + P - 1:
+                self._fence()
+                t_prefill = time.perf_counter()
+            tick += 1
+        if self.expert_parallel:
+            model.set_moe_capacity(None)
+        self._count(schedule, cutoff, bounds)
+        self.result.prefill_tokens += sum(len(p) for p in prompts)
+        # the last stage's ids to every stage, once per batch
+        dist.broadcast(out, src=self.last_rank, group=self.group)
+        self._fence()
+        self.result.prefill_s += t_prefill - t0
+        self.result.decode_s += time.perf_counter() - t_prefill
+        self.result.cuda_graphs = self.use_graphs
+        return finish_requests(out, max_new, self.eos, self.result)
+
+    # ---- pieces of run() -----------------------------------------------------------------
+
+    @staticmethod
+    def _item(schedule: list[Optional[Item]], index: int, cutoff: int) -> Optional[Item]:
+        """Stage 0's item of tick ``index`` (None: before the start, a bubble, or past the
+        cutoff)."""
+        return schedule[index] if 0 <= index <= cutoff else None
+
+    @staticmethod
+    def _has_next(ticks: dict[tuple[int, int], int], item: Item, cutoff: int) -> bool:
+        """Whether ``item``'s micro-batch has a later item issued at or before ``cutoff``
+        (then stage 0 needs the ids ``item`` samples). ticks: (mb, index) -> issue tick."""
+        return ticks.get((item.mb, item.index + 1), cutoff + 1) <= cutoff
+
+    def _fence(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # sync: timing boundary only
+
+    def _all_done(self, done: Optional[torch.Tensor]) -> bool:
+        """The last stage's verdict (``done`` [B] bool there, None elsewhere), shared over
+        the pipeline group."""
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if done is not None:
+            flag.fill_(1)
+            flag.mul_(done.all().to(torch.int32))
+        dist.broadcast(flag, src=self.last_rank, group=self.group)
+        # sync: the stages agree to stop issuing items (every check_every rounds)
+        return bool(flag.item())
+
+    def _compute(
+        self,
+        item: Item,
+        ids: Optional[torch.Tensor],
+        hidden: Optional[torch.Tensor],
+        kv_start: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """This stage's forward of ``item``: logits [b, 1, V] on the last stage, else the
+        hidden states [b, S, H]. ids [b, S] int64 (first stage), hidden [b, S, H]."""
+        model = self.model
+        b, S = rows.shape[0], item.stop - item.start
+        capacity = b * S if self.expert_parallel else None
+        if capacity is not None:
+            model.set_moe_capacity(capacity)  # the stage's EP ranks hold the same item
+        slots = torch.arange(item.start, item.stop, device=self.device)  # [S]
+        if not item.decode:
+            return stage_compute(model, ids, hidden, slots, kv_start, item.stop, rows)
+        if self.use_graphs:
+            graph = _stage_graph_for(model, b, capacity)
+            try:
+                return graph.run(ids, hidden, slots, kv_start, rows)
+            except dist.DistError:
+                raise
+            except RuntimeError as e:  # an op that syncs, or a failed compile
+                log.warning(
+                    "CUDA-graph capture of pipeline stage %d failed (%s); decoding eagerly, "
+                    "uncompiled",
+                    self.stage,
+                    e,
+                )
+                model.compile_decode(False)
+                model.decode_state.capture_failed = True
+                model.decode_state.graphs.clear()
+                self.use_graphs = False
+        return stage_compute(model, ids, hidden, slots, kv_start, None, rows)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        item: Item,
+        out: torch.Tensor,
+        done: torch.Tensor,
+        limits: torch.Tensor,
+        r0: int,
+        r1: int,
+    ) -> torch.Tensor:
+        """Last stage: the micro-batch's next ids [b] from logits [b, 1, V], written to
+        ``out[r0:r1, item.column]`` (pad once a row is done), ``done`` updated."""
+        from moe_ext.model.generate import sample
+
+        conf = self.conf
+        nxt = sample(logits[:, -1], conf.temperature, conf.top_p, self.generator, conf.top_k)
+        k = item.column
+        if k > 0:
+            nxt = torch.where(done[r0:r1], torch.full_like(nxt, self.pad_id), nxt)
+        out[r0:r1, k] = nxt
+        eos = (
+            torch.zeros_like(nxt, dtype=torch.bool)
+            if self.eos is None
+            else torch.isin(nxt, self.eos)
+        )
+        done[r0:r1] |= eos | (limits[r0:r1] <= k + 1)
+        return nxt
+
+    def _count(self, schedule: list[Optional[Item]], cutoff: int, bounds: list[int]) -> None:
+        """Decode token and step counts of the items issued (the same on every stage)."""
+        issued = [it for it in schedule[: cutoff + 1] if it is not None]
+        decode = [it for it in issued if it.decode]
+        self.result.decode_tokens += sum(bounds[it.mb + 1] - bounds[it.mb] for it in decode)
+        self.result.decode_steps += max((it.column for it in decode), default=0)
