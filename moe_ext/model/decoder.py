@@ -24,6 +24,7 @@ from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.model.layers import RMSNorm
 from moe_ext.moe.dispatch.comm import run_on_token_slice
+from moe_ext.moe.dispatch.static import routed_replicated
 from moe_ext.moe.layer import add_shared_expert, routed_output
 from moe_ext.quant.linear import quantize_modules_
 
@@ -39,8 +40,12 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = family.build_moe(args) if self.is_moe else family.build_dense_mlp(args, layer_id)
         # ep_* with tp > 1: the TP ranks hold identical tokens; each sends only its 1/tp
-        # slice through the expert exchange and the slices are all-gathered afterwards.
+        # slice through the expert exchange and the slices are all-gathered afterwards
+        # (or, when the EP group is exactly this group, no exchange: routed_replicated).
         self.moe_token_split_group: Optional[dist.ProcessGroup] = None
+        # (group, dispatcher, whether the dispatcher's EP group is exactly that group):
+        # learnt on the first eager forward, so compiled decode steps read it as a constant
+        self._split_replicated: Optional[tuple] = None
 
     def forward(
         self,
@@ -61,9 +66,21 @@ class TransformerBlock(nn.Module):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, H] (or [0, H] on an idle rank) -> same shape."""
-        if self.moe_token_split_group is None:
+        group = self.moe_token_split_group
+        if group is None:
             return self.mlp(x)
-        return split_tokens_forward(self.mlp, x, self.moe_token_split_group)
+        return split_tokens_forward(self.mlp, x, group, self._exchange_replicated(group))
+
+    def _exchange_replicated(self, group: dist.ProcessGroup) -> bool:
+        """Whether this MoE layer's EP group is exactly the token-split (TP) group, so the
+        tokens every rank holds are already every rank's tokens (split_tokens_forward)."""
+        dispatcher = self.mlp.dispatcher
+        known = self._split_replicated
+        if known is None or known[0] is not group or known[1] is not dispatcher:
+            replicates = getattr(dispatcher, "replicates_over", None)
+            flag = bool(replicates is not None and replicates(group))
+            known = self._split_replicated = (group, dispatcher, flag)
+        return known[2]
 
     def idle_forward(self, hidden_size: int, dtype: torch.dtype, device) -> None:
         """Join this layer's expert exchange with zero tokens (a data-parallel rank whose
@@ -72,7 +89,9 @@ class TransformerBlock(nn.Module):
             self.feed_forward(torch.empty(0, hidden_size, dtype=dtype, device=device))
 
 
-def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def split_tokens_forward(
+    mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup, replicated: bool = False
+) -> torch.Tensor:
     """A MoELayer over TP-identical tokens: every TP rank routes all of them (identically)
     and runs the shared expert on all of them, but sends only its 1/tp slice (tokens with
     their routing) through the expert exchange and all-gathers the results
@@ -82,12 +101,22 @@ def split_tokens_forward(mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGro
     see every token on every rank (full, identical gradients) and the load-balancing loss
     is the one of all tokens.
 
+    ``replicated``: the dispatcher's EP group is exactly ``group`` (ep = tp, one replica),
+    so every EP rank already holds every token: each runs its own experts on the rows
+    routed to them and one all-reduce sums the outputs (``static.routed_replicated``), in
+    place of the slice, the exchange's all-gather and reduce-scatter, and the gather of
+    the slices: one collective per layer instead of three.
+
     x: [..., H] -> same shape."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])  # [T, H]
     routing = mlp.router(tokens)  # weights [T, k] f32, expert_idx [T, k]
-    routed = partial(routed_output, mlp.dispatcher, mlp.experts)
-    y = run_on_token_slice(routed, (tokens, routing.weights, routing.expert_idx), group)  # [T, H]
+    rows = (tokens, routing.weights, routing.expert_idx)
+    if replicated:
+        y = routed_replicated(mlp.dispatcher, mlp.experts, *rows)  # [T, H]
+    else:
+        routed = partial(routed_output, mlp.dispatcher, mlp.experts)
+        y = run_on_token_slice(routed, rows, group)  # [T, H]
     y = add_shared_expert(y, tokens, mlp.shared_expert, mlp.shared_expert_gate)
     mlp.aux_loss, mlp.z_loss = routing.aux_loss, routing.z_loss
     return y.reshape(shape)
@@ -307,6 +336,15 @@ class Transformer(nn.Module):
         is no stage-to-stage traffic."""
         for block in self.layers.values():
             block.idle_forward(self.args.hidden_size, self.dtype, self.device)
+
+    def set_moe_overlap(self, microbatches: int, min_tokens: int = 1) -> None:
+        """Dual-batch overlap in every local MoE layer (``Dispatcher.set_overlap``): each
+        splits its tokens into ``microbatches`` parts whose exchanges run under the other
+        parts' experts (1: off). Expert-parallel dispatchers only; every rank of an EP group
+        must pass the same values."""
+        for block in self.layers.values():
+            if block.is_moe:
+                block.mlp.dispatcher.set_overlap(microbatches, min_tokens)
 
     def set_moe_capacity(self, max_tokens_per_rank: Optional[int]) -> None:
         """Static expert-exchange capacity of every local MoE layer (Dispatcher.set_capacity);

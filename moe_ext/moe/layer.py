@@ -98,12 +98,66 @@ def routed_output(
 ) -> torch.Tensor:
     """tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64 global ids.
     Returns [T, H] in tokens' dtype: each token's experts' outputs summed with its routing
-    weights, wherever the dispatcher runs them."""
+    weights, wherever the dispatcher runs them. With dual-batch overlap on
+    (``dispatcher.set_overlap``) the tokens go through ``overlapped_routed_output``."""
+    microbatches = dispatcher.microbatches()
+    if microbatches > 1:
+        return overlapped_routed_output(
+            dispatcher, experts, tokens, weights, expert_idx, microbatches
+        )
     x_local, tokens_per_expert, handle = dispatcher.dispatch(
         tokens, weights, expert_idx
     )  # [T', H], [E_local]
     y_local = experts(x_local, tokens_per_expert)  # [T', H]
     return dispatcher.combine(y_local, handle)  # [T, H]
+
+
+def microbatch_sizes(num_tokens: int, microbatches: int) -> list[int]:
+    """Rows of each of ``microbatches`` consecutive parts of ``num_tokens`` tokens: the
+    first ones ceil(T/n), the rest what is left (zero included), always n parts, so every
+    rank makes the same number of exchanges whatever its T."""
+    per = -(-num_tokens // microbatches)
+    return [max(0, min(per, num_tokens - i * per)) for i in range(microbatches)]
+
+
+def overlapped_routed_output(
+    dispatcher: Dispatcher,
+    experts: GroupedExperts,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+    microbatches: int,
+) -> torch.Tensor:
+    """``routed_output`` in dual-batch overlap: the tokens split into ``microbatches``
+    consecutive parts; every part's dispatch is issued up front (async collectives), then
+    each part's experts run as soon as its rows land while the later parts' exchanges are
+    in flight, and each part's combine is issued before the next part's experts run.
+    Dispatchers with a synchronous exchange run it in order (same result, no overlap).
+    The dynamic exchange's host syncs (split sizes) happen when each dispatch is issued.
+
+    tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64. Returns [T, H],
+    equal to the unsplit layer's up to floating-point summation order; differentiable
+    (backward runs the adjoint exchanges synchronously)."""
+    from moe_ext.moe.dispatch.comm import Inflight
+
+    sizes = microbatch_sizes(tokens.shape[0], microbatches)
+    parts = zip(tokens.split(sizes), weights.split(sizes), expert_idx.split(sizes))
+    dispatched = []  # (Inflight, pending dispatch) per part, in issue order
+    for x, w, idx in parts:
+        inflight = Inflight()
+        dispatched.append((inflight, dispatcher.dispatch_start(x, w, idx, inflight, microbatches)))
+    combined = []  # (Inflight, pending combine) per part
+    for inflight, pending in dispatched:
+        inflight.wait()  # this part's rows; the later parts' stay in flight
+        x_local, tokens_per_expert, handle = dispatcher.dispatch_finish(pending)
+        y_local = experts(x_local, tokens_per_expert)  # [T'_i, H]
+        done = Inflight()
+        combined.append((done, dispatcher.combine_start(y_local, handle, done)))
+    outputs = []
+    for done, pending in combined:
+        done.wait()
+        outputs.append(dispatcher.combine_finish(pending))  # [T_i, H]
+    return torch.cat(outputs)  # [T, H]
 
 
 def add_shared_expert(

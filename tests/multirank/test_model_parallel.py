@@ -85,9 +85,11 @@ def _parallel_body(rank, world, cases):
             max_new_tokens=MAX_NEW,
         )
         assert got.tokens == expected, (family, plan_kwargs, got.tokens, expected)
-        # expert-parallel decode (lockstep replicas, or EP over TP ranks) and only that ran
-        # the static exchange, reset to dynamic after
-        assert (len(spy.calls) > before) == plan.is_expert_parallel, (
+        # expert-parallel decode across replicas (lockstep) and only that ran the static
+        # exchange, reset to dynamic after; EP over exactly the TP ranks exchanges nothing
+        # (static.routed_replicated: one all-reduce)
+        exchanges = plan.is_expert_parallel and plan.ep != plan.tp
+        assert (len(spy.calls) > before) == exchanges, (
             plan_kwargs,
             len(spy.calls) - before,
         )

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_ext.moe.dispatch._permute import gather_rows, scatter_weighted, sort_by_bucket
-from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
+from moe_ext.moe.dispatch.comm import (
+    Inflight,
+    all_gather_async,
+    all_gather_raw,
+    all_gather_start,
+    reduce_scatter_async,
+)
 from moe_ext.moe.dispatch.static import ExpertParallelDispatcher
 
 
@@ -33,44 +39,62 @@ class AllGatherHandle:
     max_tokens: int  # T_max: rows per rank in the gathered buffers
 
 
+@dataclass
+class _PendingDispatch:
+    """A dynamic dispatch whose all-gathers may be in flight."""
+
+    x_all: torch.Tensor  # [G*T_max, H], valid after the wait
+    weights_all: torch.Tensor  # [G*T_max, k] float32
+    idx_all: torch.Tensor  # [G*T_max, k] int64
+    num_tokens: int
+    max_tokens: int
+
+
 class AllGatherDispatcher(ExpertParallelDispatcher):
-    def dispatch_dynamic(self, x, weights, expert_idx):
+    def dispatch_dynamic_start(self, x, weights, expert_idx, inflight: Inflight):
         group, world = self.groups.ep, self.groups.ep_size
-        num_tokens, top_k = expert_idx.shape
+        num_tokens = expert_idx.shape[0]
         if world == 1:
-            max_tokens, x_all, weights_all, idx_all = num_tokens, x, weights, expert_idx
-        else:
-            # Host sync: all-gather needs equal-sized buffers, so every rank must learn the
-            # largest token count in the group to pad to before it can size them.
-            counts = torch.tensor([num_tokens], dtype=torch.int64, device=x.device)
-            max_tokens = max(all_gather_raw(counts, group).tolist())
-            pad = max_tokens - num_tokens
-            # Padding rows route to expert E, which no rank owns, so they are never kept.
-            x_all = all_gather(F.pad(x, (0, 0, 0, pad)), group)  # [G*T_max, H]
-            weights_all = all_gather(F.pad(weights, (0, 0, 0, pad)), group)  # [G*T_max, k]
-            idx_all = all_gather_raw(
-                F.pad(expert_idx, (0, 0, 0, pad), value=self.num_experts), group
-            )  # [G*T_max, k]
-        local_id = idx_all.reshape(-1) - self.local_expert_start  # [G*T_max*k]
+            return _PendingDispatch(x, weights, expert_idx, num_tokens, num_tokens)
+        # sync: all-gather needs equal-sized buffers, so every rank must learn the largest
+        # token count in the group to pad to before it can size them.
+        counts = torch.tensor([num_tokens], dtype=torch.int64, device=x.device)
+        max_tokens = max(all_gather_raw(counts, group).tolist())
+        pad = max_tokens - num_tokens
+        # Padding rows route to expert E, which no rank owns, so they are never kept.
+        return _PendingDispatch(
+            all_gather_async(F.pad(x, (0, 0, 0, pad)), group, inflight),  # [G*T_max, H]
+            all_gather_async(F.pad(weights, (0, 0, 0, pad)), group, inflight),  # [G*T_max, k]
+            all_gather_start(
+                F.pad(expert_idx, (0, 0, 0, pad), value=self.num_experts), group, inflight
+            ),  # [G*T_max, k]
+            num_tokens,
+            max_tokens,
+        )
+
+    def dispatch_dynamic_finish(self, pending: _PendingDispatch):
+        top_k = pending.idx_all.shape[1]
+        local_id = pending.idx_all.reshape(-1) - self.local_expert_start  # [G*T_max*k]
         is_local = (local_id >= 0) & (local_id < self.num_local_experts)
         # Rows for other ranks' experts go to a sentinel bucket E_local sorted last.
         bucket = torch.where(is_local, local_id, torch.full_like(local_id, self.num_local_experts))
         order, counts = sort_by_bucket(bucket, self.num_local_experts + 1)
         tokens_per_local_expert = counts[: self.num_local_experts]
-        # Host sync: how many gathered rows belong to local experts is data-dependent and
+        # sync: how many gathered rows belong to local experts is data-dependent and
         # sizes x_local (the output shape of this dispatch).
         num_rows = order.numel() - int(counts[self.num_local_experts].item())
         pair_ids = order[:num_rows]  # [T']
-        x_local = gather_rows(x_all, pair_ids, top_k)  # [T', H]
+        x_local = gather_rows(pending.x_all, pair_ids, top_k)  # [T', H]
         return (
             x_local,
             tokens_per_local_expert,
-            AllGatherHandle(pair_ids, weights_all, num_tokens, max_tokens),
+            AllGatherHandle(pair_ids, pending.weights_all, pending.num_tokens, pending.max_tokens),
         )
 
-    def combine_dynamic(self, y_local, handle: AllGatherHandle):
+    def combine_dynamic_start(self, y_local, handle: AllGatherHandle, inflight: Inflight):
         world = self.groups.ep_size
         y_all = scatter_weighted(
             y_local, handle.pair_ids, handle.weights_all, world * handle.max_tokens
         )  # [G*T_max, H]
-        return reduce_scatter(y_all, self.groups.ep)[: handle.num_tokens]  # [T, H]
+        # [T_max, H] -> [T, H]: a view, no read of the (pending) rows
+        return reduce_scatter_async(y_all, self.groups.ep, inflight)[: handle.num_tokens]

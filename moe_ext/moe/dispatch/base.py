@@ -94,6 +94,9 @@ class Dispatcher(ABC):
     # any process group exists (check_plan) and against the groups at construction.
     splits_experts_over_ep: ClassVar[bool] = True  # experts divided over groups.ep
     shards_experts_on_ffn: ClassVar[bool] = True  # each expert's F divided over groups.etp
+    # whether its exchange runs asynchronously in two phases (dispatch_start/_finish,
+    # combine_start/_finish), so dual-batch overlap (set_overlap) has something to hide
+    overlaps_exchange: ClassVar[bool] = False
 
     @classmethod
     def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
@@ -130,6 +133,8 @@ class Dispatcher(ABC):
         self.num_local_experts = num_experts // groups.ep_size
         self.local_expert_start = groups.ep_rank * self.num_local_experts
         self.max_tokens_per_rank: Optional[int] = None
+        self.overlap_microbatches = 1  # set_overlap
+        self.overlap_min_tokens = 1
 
     def set_capacity(self, max_tokens_per_rank: Optional[int]) -> None:
         """Static capacity: the most tokens any rank of the EP group passes to ``dispatch``
@@ -144,6 +149,61 @@ class Dispatcher(ABC):
                 f"{max_tokens_per_rank!r}; pass the largest per-rank token count"
             )
         self.max_tokens_per_rank = max_tokens_per_rank
+
+    def set_overlap(self, microbatches: int, min_tokens: int = 1) -> None:
+        """Dual-batch overlap: the MoE layer splits its tokens into ``microbatches`` parts
+        and runs each one's experts while the next one's exchange is in flight (1: off).
+        Under a static capacity C it splits only when ceil(C / microbatches) >=
+        ``min_tokens`` (decode's few tokens gain nothing from two exchanges); the dynamic
+        exchange always splits. Every rank of the EP group must set the same values."""
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+            raise ValueError(
+                f"overlap microbatches must be a positive int, got {microbatches!r}; use 1 "
+                f"(off) or 2 (dual-batch overlap)"
+            )
+        if microbatches > 1 and not self.overlaps_exchange:
+            raise ValueError(
+                f"{type(self).__name__} has no asynchronous exchange to overlap; use "
+                f"overlap microbatches 1 or an expert-parallel dispatcher (ep_nccl, "
+                f"ep_allgather)"
+            )
+        if not isinstance(min_tokens, int) or min_tokens < 1:
+            raise ValueError(f"overlap min_tokens must be a positive int, got {min_tokens!r}")
+        self.overlap_microbatches, self.overlap_min_tokens = microbatches, min_tokens
+
+    def microbatches(self) -> int:
+        """How many micro-batches the next MoE forward splits its tokens into: a function of
+        settings every EP rank shares (never of this rank's token count), so all ranks make
+        the same exchanges."""
+        n = self.overlap_microbatches
+        if n > 1 and self.max_tokens_per_rank is not None:
+            if -(-self.max_tokens_per_rank // n) < self.overlap_min_tokens:
+                return 1
+        return n
+
+    # Two-phase form of dispatch/combine (dual-batch overlap, moe.layer.routed_output):
+    # *_start issues the exchange registering its async collectives with ``inflight``
+    # (a comm.Inflight), *_finish completes it after ``inflight.wait()``. ``microbatches``:
+    # how many parts the layer split its tokens into (a static capacity is divided by it).
+    # This default runs the synchronous exchange in *_start (nothing overlaps).
+    def dispatch_start(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        expert_idx: torch.Tensor,
+        inflight: Any,
+        microbatches: int = 1,
+    ) -> Any:
+        return self.dispatch(x, weights, expert_idx)
+
+    def dispatch_finish(self, pending: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return pending
+
+    def combine_start(self, y_local: torch.Tensor, handle: Any, inflight: Any) -> Any:
+        return self.combine(y_local, handle)
+
+    def combine_finish(self, pending: Any) -> torch.Tensor:
+        return pending
 
     def __repr__(self) -> str:
         return (

@@ -67,17 +67,38 @@ def all_gather_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
 def reduce_scatter_raw(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """x: [G*R, ...]. Returns this rank's [R, ...] block of the sum over ranks; no autograd.
 
-    gloo got reduce_scatter only in recent torch and is the CPU/test path where bandwidth
-    does not matter, so it uses all-reduce + slice; NCCL (and others) use the real thing."""
+    A real reduce-scatter on every backend that has one (gloo since recent torch: the CPU
+    path then issues the collectives NCCL issues, which the collective counts rely on);
+    gloo without one falls back to all-reduce + slice."""
     world = group_size(group)
     if world == 1:
         return x
-    rows = x.shape[0] // world
-    if dist.get_backend(group) == dist.Backend.GLOO:
-        return _rows_of_rank(_all_reduce_raw(x, group), group)
-    out = x.new_empty((rows,) + tuple(x.shape[1:]))
-    _reduce_scatter_base(out, x.contiguous(), group=group)
+    out, work = _reduce_scatter_start(x, group)
+    if work is not None:
+        with torch.no_grad():  # Inflight.wait says why
+            work.wait()
     return out
+
+
+_gloo_reduce_scatter = True  # False once gloo refused it (torch before it had one)
+
+
+def _reduce_scatter_start(x: torch.Tensor, group: ProcessGroup):
+    """x: [G*R, ...], G > 1. Returns (this rank's [R, ...] block of the sum, the async work
+    or None when it is already complete). gloo without a reduce-scatter (older torch) runs
+    an all-reduce and keeps this rank's rows, synchronously."""
+    global _gloo_reduce_scatter
+    rows = x.shape[0] // group_size(group)
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    gloo = dist.get_backend(group) == dist.Backend.GLOO
+    if not gloo or _gloo_reduce_scatter:
+        try:
+            return out, _reduce_scatter_base(out, x.contiguous(), group=group, async_op=True)
+        except RuntimeError:
+            if not gloo:
+                raise
+            _gloo_reduce_scatter = False  # refused before anything was sent: same on all ranks
+    return _rows_of_rank(_all_reduce_raw(x, group), group), None
 
 
 @torch.compiler.disable
@@ -175,6 +196,122 @@ def copy_to_partials(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     all-reduce, because each rank used the input for only its share of the computation
     (its FFN shard), so the input's gradient is the sum of the per-rank partial ones."""
     return adjoint(x, _same, partial(_all_reduce_raw, group=group))
+
+
+# ---------------------------------------------------------------------------------------
+# Asynchronous exchanges (dual-batch overlap): issued now, their output valid only after
+# the ``Inflight`` they were registered with is waited on. NCCL runs them on its own
+# stream, gloo in its worker threads; every rank must issue them in the same order.
+# Backward (the adjoint) runs synchronously.
+# ---------------------------------------------------------------------------------------
+
+
+class Inflight:
+    """The async collectives of one exchange, issued and not yet waited on."""
+
+    def __init__(self) -> None:
+        self.works: list = []
+
+    def add(self, work) -> None:
+        if work is not None:
+            self.works.append(work)
+
+    def wait(self) -> None:
+        """Block until every registered collective is done (on GPU: make the current stream
+        wait for them), so their outputs may be read. Without autograd recording: a backend
+        may copy results into the output on the wait (gloo's reduce-scatter does), which
+        under autograd would cut the output off its differentiable collective."""
+        with torch.no_grad():
+            for work in self.works:
+                work.wait()
+        self.works.clear()
+
+
+@torch.compiler.disable
+def all_gather_start(x: torch.Tensor, group: ProcessGroup, inflight: Inflight) -> torch.Tensor:
+    """``all_gather_raw`` issued asynchronously: [R, ...] -> [G*R, ...], valid after
+    ``inflight.wait()``; no autograd."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    inflight.add(_all_gather_base(out, x.contiguous(), group=group, async_op=True))
+    return out
+
+
+@torch.compiler.disable
+def reduce_scatter_start(x: torch.Tensor, group: ProcessGroup, inflight: Inflight) -> torch.Tensor:
+    """``reduce_scatter_raw`` issued asynchronously: [G*R, ...] -> [R, ...], valid after
+    ``inflight.wait()``; no autograd."""
+    if group_size(group) == 1:
+        return x
+    out, work = _reduce_scatter_start(x, group)
+    inflight.add(work)
+    return out
+
+
+@torch.compiler.disable
+def all_to_all_start(
+    x: torch.Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group: ProcessGroup,
+    inflight: Inflight,
+) -> torch.Tensor:
+    """``all_to_all_raw`` issued asynchronously, valid after ``inflight.wait()``."""
+    if group_size(group) == 1:
+        return x
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    inflight.add(
+        dist.all_to_all_single(
+            out, x.contiguous(), output_splits, input_splits, group=group, async_op=True
+        )
+    )
+    return out
+
+
+@torch.compiler.disable
+def all_gather_async(x: torch.Tensor, group: ProcessGroup, inflight: Inflight) -> torch.Tensor:
+    """Differentiable ``all_gather`` issued asynchronously (backward: reduce-scatter)."""
+    return adjoint(
+        x,
+        partial(all_gather_start, group=group, inflight=inflight),
+        partial(reduce_scatter_raw, group=group),
+    )
+
+
+@torch.compiler.disable
+def reduce_scatter_async(x: torch.Tensor, group: ProcessGroup, inflight: Inflight) -> torch.Tensor:
+    """Differentiable ``reduce_scatter`` issued asynchronously (backward: all-gather)."""
+    return adjoint(
+        x,
+        partial(reduce_scatter_start, group=group, inflight=inflight),
+        partial(all_gather_raw, group=group),
+    )
+
+
+@torch.compiler.disable
+def all_to_all_async(
+    x: torch.Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group: ProcessGroup,
+    inflight: Inflight,
+) -> torch.Tensor:
+    """Differentiable ``all_to_all`` issued asynchronously (backward: the reverse one)."""
+    return adjoint(
+        x,
+        partial(
+            all_to_all_start,
+            output_splits=output_splits,
+            input_splits=input_splits,
+            group=group,
+            inflight=inflight,
+        ),
+        partial(
+            all_to_all_raw, output_splits=input_splits, input_splits=output_splits, group=group
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------

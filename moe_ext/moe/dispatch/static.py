@@ -34,7 +34,6 @@ runs the same step), because it decides which collectives run.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,7 +43,14 @@ import torch.nn.functional as F
 
 from moe_ext.moe.dispatch._permute import check_routing, gather_rows, sort_by_bucket
 from moe_ext.moe.dispatch.base import Dispatcher
-from moe_ext.moe.dispatch.comm import all_gather, all_gather_raw, reduce_scatter
+from moe_ext.moe.dispatch.comm import (
+    Inflight,
+    all_gather_async,
+    all_gather_start,
+    copy_to_partials,
+    reduce_partials,
+    reduce_scatter_async,
+)
 
 
 @dataclass
@@ -66,23 +72,93 @@ def check_capacity(num_tokens: int, capacity: int) -> None:
         )
 
 
-def _gather_packed(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    expert_idx: torch.Tensor,
-    group: Optional[dist.ProcessGroup],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One all-gather of the bytes of x [C, H], weights [C, k] f32 and expert ids [C, k]
-    (sent as int32). Returns [G*C, H], [G*C, k] f32, [G*C, k] int64; no autograd."""
-    parts = (x, weights, expert_idx.to(torch.int32))
-    packed = torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)  # [C, bytes]
-    gathered = all_gather_raw(packed, group)  # [G*C, bytes]
+def _pack(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Tensors [C, -] side by side as bytes: [C, total bytes] uint8."""
+    return torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)
+
+
+def _unpack(gathered: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The inverse of ``_pack`` on gathered rows: [G*C, bytes] -> one [G*C, -] per part."""
     out, start = [], 0
     for p in parts:
         width = p.shape[1] * p.element_size()
         out.append(gathered[:, start : start + width].contiguous().view(p.dtype))  # [G*C, -]
         start += width
-    return out[0], out[1], out[2].long()
+    return out
+
+
+@dataclass
+class StaticPending:
+    """A static dispatch issued (``dispatch_start``) whose all-gather may be in flight."""
+
+    gathered: tuple  # (x_all, weights_all, idx_all) or (packed bytes [G*C, bytes], parts)
+    packed: bool
+    num_tokens: int
+    top_k: int
+    dispatcher: Dispatcher
+
+
+def dispatch_start(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+    capacity: int,
+    dispatcher: Dispatcher,
+    inflight: Inflight,
+) -> StaticPending:
+    """Issue the static dispatch's all-gather (``dispatch``'s arguments); its rows are
+    readable after ``inflight.wait()``, then ``dispatch_finish`` sorts them. No host sync.
+
+    Without gradients (decode) tokens, weights and expert ids (as int32) travel as one byte
+    all-gather; with gradients through the differentiable all-gathers of ``comm``."""
+    num_tokens, top_k = expert_idx.shape
+    check_capacity(num_tokens, capacity)
+    group, num_experts = dispatcher.groups.ep, dispatcher.num_experts
+    pad = capacity - num_tokens
+    # Pad rows route to expert E, which no rank owns: they land in the sentinel bucket.
+    x_pad = F.pad(x, (0, 0, 0, pad))  # [C, H]
+    weights_pad = F.pad(weights, (0, 0, 0, pad))  # [C, k]
+    idx_pad = F.pad(expert_idx, (0, 0, 0, pad), value=num_experts)  # [C, k]
+    if torch.is_grad_enabled():
+        gathered = (
+            all_gather_async(x_pad, group, inflight),  # [G*C, H]
+            all_gather_async(weights_pad, group, inflight),  # [G*C, k]
+            all_gather_start(idx_pad, group, inflight),  # [G*C, k]
+        )
+        return StaticPending(gathered, False, num_tokens, top_k, dispatcher)
+    parts = (x_pad, weights_pad, idx_pad.to(torch.int32))
+    packed = all_gather_start(_pack(parts), group, inflight)  # [G*C, bytes]
+    return StaticPending((packed, parts), True, num_tokens, top_k, dispatcher)
+
+
+def dispatch_finish(
+    pending: StaticPending,
+) -> tuple[torch.Tensor, torch.Tensor, StaticHandle]:
+    """The rows of a ``dispatch_start`` whose collectives completed, sorted for the experts:
+    ``dispatch``'s result."""
+    dispatcher, top_k = pending.dispatcher, pending.top_k
+    if pending.packed:
+        packed, parts = pending.gathered
+        x_all, weights_all, idx_all = _unpack(packed, parts)
+        idx_all = idx_all.long()
+    else:
+        x_all, weights_all, idx_all = pending.gathered
+    num_local = dispatcher.num_local_experts
+    local_id = idx_all.reshape(-1) - dispatcher.local_expert_start  # [G*C*k]
+    is_local = (local_id >= 0) & (local_id < num_local)
+    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
+    order, counts = sort_by_bucket(bucket, num_local + 1)  # [R], [E_local + 1]
+    tokens_per_local_expert = counts[:num_local]  # [E_local]
+    num_valid = order.numel() - counts[num_local]  # [] T' on the device
+    valid = _valid_rows(order.numel(), num_valid)  # [R, 1]
+    # Padding rows enter the experts as zeros; the where also drops the gradient the
+    # experts' backward leaves unspecified for rows past T' (grouped_mm writes garbage).
+    x_local = torch.where(valid, gather_rows(x_all, order, top_k), 0)  # [R, H]
+    return (
+        x_local,
+        tokens_per_local_expert,
+        StaticHandle(order, num_valid, weights_all, pending.num_tokens, dispatcher.groups.ep),
+    )
 
 
 def dispatch(
@@ -98,36 +174,10 @@ def dispatch(
     num_local_experts) and the EP group. Returns (x_local [G*C*k, H]: rows of local experts
     first, sorted by local expert, then padding rows; tokens_per_local_expert [E_local]
     int64 summing to T' on the device; handle). No host sync."""
-    num_tokens, top_k = expert_idx.shape
-    check_capacity(num_tokens, capacity)
-    group, num_experts = dispatcher.groups.ep, dispatcher.num_experts
-    num_local = dispatcher.num_local_experts
-    pad = capacity - num_tokens
-    # Pad rows route to expert E, which no rank owns: they land in the sentinel bucket.
-    x_pad = F.pad(x, (0, 0, 0, pad))  # [C, H]
-    weights_pad = F.pad(weights, (0, 0, 0, pad))  # [C, k]
-    idx_pad = F.pad(expert_idx, (0, 0, 0, pad), value=num_experts)  # [C, k]
-    if torch.is_grad_enabled():
-        x_all = all_gather(x_pad, group)  # [G*C, H]
-        weights_all = all_gather(weights_pad, group)  # [G*C, k]
-        idx_all = all_gather_raw(idx_pad, group)  # [G*C, k]
-    else:
-        x_all, weights_all, idx_all = _gather_packed(x_pad, weights_pad, idx_pad, group)
-    local_id = idx_all.reshape(-1) - dispatcher.local_expert_start  # [G*C*k]
-    is_local = (local_id >= 0) & (local_id < num_local)
-    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
-    order, counts = sort_by_bucket(bucket, num_local + 1)  # [R], [E_local + 1]
-    tokens_per_local_expert = counts[:num_local]  # [E_local]
-    num_valid = order.numel() - counts[num_local]  # [] T' on the device
-    valid = _valid_rows(order.numel(), num_valid)  # [R, 1]
-    # Padding rows enter the experts as zeros; the where also drops the gradient the
-    # experts' backward leaves unspecified for rows past T' (grouped_mm writes garbage).
-    x_local = torch.where(valid, gather_rows(x_all, order, top_k), 0)  # [R, H]
-    return (
-        x_local,
-        tokens_per_local_expert,
-        StaticHandle(order, num_valid, weights_all, num_tokens, group),
-    )
+    inflight = Inflight()
+    pending = dispatch_start(x, weights, expert_idx, capacity, dispatcher, inflight)
+    inflight.wait()
+    return dispatch_finish(pending)
 
 
 def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
@@ -135,10 +185,9 @@ def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
     return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
 
 
-def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
-    """y_local: [G*C*k, H] expert outputs in dispatch order (rows past T' unspecified).
-    Returns y [T, H] in y_local's dtype: this rank's tokens, summed over experts with the
-    routing weights. No host sync."""
+def combine_start(y_local: torch.Tensor, handle: StaticHandle, inflight: Inflight) -> torch.Tensor:
+    """``combine`` with its reduce-scatter issued asynchronously: the returned [T, H] is
+    valid after ``inflight.wait()``."""
     weights_all = handle.weights_all
     top_k = weights_all.shape[1]
     row_weights = weights_all.reshape(-1).index_select(0, handle.order)  # [R] float32
@@ -148,16 +197,68 @@ def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
     weighted = y_local * row_weights.to(y_local.dtype).unsqueeze(-1)  # [R, H]
     y_all = y_local.new_zeros(weights_all.shape[0], y_local.shape[-1])  # [G*C, H]
     y_all = y_all.index_add(0, handle.order // top_k, weighted)  # [G*C, H]
-    return reduce_scatter(y_all, handle.group)[: handle.num_tokens]  # [C, H] -> [T, H]
+    # [C, H] -> [T, H]: a view, no read of the (pending) rows
+    return reduce_scatter_async(y_all, handle.group, inflight)[: handle.num_tokens]
+
+
+def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
+    """y_local: [G*C*k, H] expert outputs in dispatch order (rows past T' unspecified).
+    Returns y [T, H] in y_local's dtype: this rank's tokens, summed over experts with the
+    routing weights. No host sync."""
+    inflight = Inflight()
+    y = combine_start(y_local, handle, inflight)
+    inflight.wait()
+    return y
+
+
+def routed_replicated(
+    dispatcher: Dispatcher,
+    experts: torch.nn.Module,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts' output when every rank of the EP group holds the same tokens and
+    routing (ep_* with attention TP over exactly the EP ranks): each rank runs its own
+    experts on the rows routed to them and one all-reduce sums the outputs, in place of
+    slicing the tokens, exchanging them (all-gather + reduce-scatter) and gathering the
+    slices (all-gather). No host sync: the experts get all T*k rows, the local ones first
+    (``tokens_per_local_expert`` counts them on the device), the rest masked to zero.
+
+    tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64. Returns [T, H] in
+    tokens' dtype. Gradients as ``tp_sharded``: tokens and weights feed only this rank's
+    experts, so their gradients are summed over the group (``copy_to_partials``); the
+    summed output is consumed identically on every rank (``reduce_partials``)."""
+    check_routing(tokens, weights, expert_idx)
+    group, top_k = dispatcher.groups.ep, expert_idx.shape[1]
+    num_local = dispatcher.num_local_experts
+    tokens = copy_to_partials(tokens, group)
+    weights = copy_to_partials(weights, group)
+    local_id = expert_idx.reshape(-1) - dispatcher.local_expert_start  # [T*k]
+    is_local = (local_id >= 0) & (local_id < num_local)
+    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
+    order, counts = sort_by_bucket(bucket, num_local + 1)  # [T*k], [E_local + 1]
+    num_valid = order.numel() - counts[num_local]  # [] rows of local experts, on the device
+    valid = _valid_rows(order.numel(), num_valid)  # [T*k, 1]
+    x_local = torch.where(valid, gather_rows(tokens, order, top_k), 0)  # [T*k, H]
+    y_local = torch.where(valid, experts(x_local, counts[:num_local]), 0)  # [T*k, H]
+    row_weights = weights.reshape(-1).index_select(0, order).to(y_local.dtype)  # [T*k]
+    y = y_local.new_zeros(tokens.shape)  # [T, H]
+    y = y.index_add(0, order // top_k, y_local * row_weights.unsqueeze(-1))  # [T, H]
+    return reduce_partials(y, group)
 
 
 class ExpertParallelDispatcher(Dispatcher):
     """Experts split over the EP group (the ep_* strategies), no expert TP. Subclasses
-    implement their dynamic exchange (``dispatch_dynamic`` / ``combine_dynamic``, same
-    contracts as ``dispatch`` / ``combine``); with a static capacity (``set_capacity``)
-    every one of them runs this module's exchange instead."""
+    implement their dynamic exchange, either synchronously (``dispatch_dynamic`` /
+    ``combine_dynamic``, same contracts as ``dispatch`` / ``combine``) or in two phases
+    around asynchronous collectives (``dispatch_dynamic_start`` / ``_finish``,
+    ``combine_dynamic_start`` / ``_finish``), which lets dual-batch overlap run one
+    micro-batch's exchange under another's experts; with a static capacity
+    (``set_capacity``) every one of them runs this module's exchange instead."""
 
     shards_experts_on_ffn = False
+    overlaps_exchange = True
 
     def dispatch(self, x, weights, expert_idx):
         check_routing(x, weights, expert_idx)
@@ -170,12 +271,68 @@ class ExpertParallelDispatcher(Dispatcher):
             return combine(y_local, handle)  # [T, H]
         return self.combine_dynamic(y_local, handle)
 
-    @abstractmethod
+    def replicates_over(self, group: Optional[dist.ProcessGroup]) -> bool:
+        """Whether the EP group is exactly ``group``'s ranks (then tokens replicated over
+        ``group`` go through ``routed_replicated``: one all-reduce, no exchange)."""
+        ep = self.groups.ep
+        if ep is None or group is None:
+            return False
+        return dist.get_process_group_ranks(ep) == dist.get_process_group_ranks(group)
+
+    # ---- two-phase exchange (dual-batch overlap) ----------------------------------------
+    def dispatch_start(self, x, weights, expert_idx, inflight, microbatches=1):
+        check_routing(x, weights, expert_idx)
+        if self.max_tokens_per_rank is not None:
+            capacity = -(-self.max_tokens_per_rank // microbatches)
+            return dispatch_start(x, weights, expert_idx, capacity, self, inflight)
+        return self.dispatch_dynamic_start(x, weights, expert_idx, inflight)
+
+    def dispatch_finish(self, pending):
+        if isinstance(pending, StaticPending):
+            return dispatch_finish(pending)
+        return self.dispatch_dynamic_finish(pending)
+
+    def combine_start(self, y_local, handle, inflight):
+        if isinstance(handle, StaticHandle):
+            return combine_start(y_local, handle, inflight)  # [T, H] after the wait
+        return self.combine_dynamic_start(y_local, handle, inflight)
+
+    def combine_finish(self, pending):
+        if isinstance(pending, torch.Tensor):
+            return pending
+        return self.combine_dynamic_finish(pending)
+
+    # ---- the dynamic exchange: a subclass overrides one of the two forms ----------------
     def dispatch_dynamic(
         self, x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """The exchange sized from this call's routing (checked already)."""
+        inflight = Inflight()
+        pending = self.dispatch_dynamic_start(x, weights, expert_idx, inflight)
+        inflight.wait()
+        return self.dispatch_dynamic_finish(pending)
 
-    @abstractmethod
     def combine_dynamic(self, y_local: torch.Tensor, handle: Any) -> torch.Tensor:
         """Inverse of ``dispatch_dynamic``."""
+        inflight = Inflight()
+        pending = self.combine_dynamic_start(y_local, handle, inflight)
+        inflight.wait()
+        return self.combine_finish(pending)
+
+    def dispatch_dynamic_start(self, x, weights, expert_idx, inflight: Inflight) -> Any:
+        """Issue the dynamic dispatch (host syncs for its sizes included); default: the
+        synchronous ``dispatch_dynamic``, nothing left in flight."""
+        return self.dispatch_dynamic(x, weights, expert_idx)
+
+    def dispatch_dynamic_finish(self, pending: Any):
+        """``dispatch_dynamic``'s result from a ``dispatch_dynamic_start`` whose collectives
+        completed."""
+        return pending
+
+    def combine_dynamic_start(self, y_local, handle, inflight: Inflight) -> Any:
+        """Issue the dynamic combine; a tensor (valid after the wait) or a pending object
+        for ``combine_dynamic_finish``. Default: the synchronous ``combine_dynamic``."""
+        return self.combine_dynamic(y_local, handle)
+
+    def combine_dynamic_finish(self, pending: Any) -> torch.Tensor:
+        return pending

@@ -1,0 +1,118 @@
+"""Dual-batch overlap in the eager EP layer (``Dispatcher.set_overlap``,
+moe.layer.overlapped_routed_output) on 2 gloo ranks: ep_nccl (nccl_a2a) and ep_allgather
+(allgather_rs), dynamic and static capacity, equal to the dense float64 reference in
+output and gradients (tests.support.check_strategy: input, experts, router, shared expert)
+and to the same layer without overlap; it makes one exchange per micro-batch. GPU (NCCL,
+bf16): tests/gpu/test_moe_overlap_gpu.py.
+
+# T tokens, H hidden, k top-k, C static capacity, L = 1 layer
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.support import CASES, STATIC, build_case_layer, case_tensors, check_strategy, run_ranks
+
+
+def _overlapped(name, groups, capacity=None, microbatches=2):
+    from moe_ext.moe.dispatch import dispatcher_class
+
+    dispatcher = dispatcher_class(name)(8, groups)
+    dispatcher.set_capacity(capacity)
+    dispatcher.set_overlap(microbatches)
+    return dispatcher
+
+
+def _same_as_unsplit(name, groups, capacity, seed):
+    """Overlapped and plain layers on the same weights and tokens: equal outputs and input
+    gradients (float32, up to summation order), and twice the exchanges."""
+    from moe_ext.bench.collectives import count_collectives
+    from moe_ext.moe.dispatch import dispatcher_class
+
+    case_name, spec, counts, opts = CASES[0]
+    ep_rank = groups.ep_rank
+    tokens = [counts[r % len(counts)] for r in range(groups.ep_size)]
+    t = case_tensors(seed, spec, tokens, opts, torch.float32, torch.device("cpu"))
+    lo = sum(tokens[:ep_rank])
+    x = t["x"][lo : lo + tokens[ep_rank]]
+    plain_dispatcher = dispatcher_class(name)(8, groups)
+    plain_dispatcher.set_capacity(capacity)
+    layers = [
+        build_case_layer(d, spec, opts, groups, t, torch.float32, torch.device("cpu"))
+        for d in (plain_dispatcher, _overlapped(name, groups, capacity))
+    ]
+    outs, grads, ops = [], [], []
+    for layer in layers:
+        xg = x.clone().requires_grad_()
+        y, n = count_collectives(layer, xg)
+        (y * t["grad"][lo : lo + tokens[ep_rank]]).sum().backward()
+        outs.append(y.detach())
+        grads.append(xg.grad)
+        ops.append(n)
+    what = f"{name} C={capacity}"
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, msg=what)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6, msg=what)
+    # one exchange per micro-batch: every kind of the plain layer's forward, twice
+    # (the dynamic ep_allgather's count all-gather included)
+    assert ops[1] == {kind: 2 * n for kind, n in ops[0].items()}, (what, ops)
+
+
+def _overlap_body(rank, world):
+    from moe_ext.moe.dispatch import DispatchGroups
+
+    groups = DispatchGroups(ep=dist.group.WORLD)
+    for name in STATIC:  # allgather_rs (ep_allgather), nccl_a2a (ep_nccl)
+        check_strategy(
+            _overlapped(name, groups), groups, 31, torch.float32, torch.device("cpu"), "fp32"
+        )
+        _same_as_unsplit(name, groups, None, 5)
+        for case_idx, case in enumerate(CASES):
+            capacity = max(case[2][:world]) + 1
+            check_strategy(
+                _overlapped(name, groups, capacity),
+                groups,
+                40 + case_idx,
+                torch.float32,
+                torch.device("cpu"),
+                "fp32",
+                cases=[case],
+            )
+        _same_as_unsplit(name, groups, 8, 6)
+        # three micro-batches (a part may be empty on a rank) still equal the reference
+        check_strategy(
+            _overlapped(name, groups, None, microbatches=3),
+            groups,
+            50,
+            torch.float32,
+            torch.device("cpu"),
+            "fp32",
+            cases=CASES[-2:],
+        )
+
+
+@pytest.mark.timeout(180)
+def test_overlap_matches_reference_world2():
+    run_ranks(_overlap_body, world_size=2)
+
+
+def _min_tokens_body(rank, world):
+    """Under a static capacity, overlap splits only when each part gets min_tokens rows:
+    a decode-sized capacity keeps one exchange (every rank decides alike, from C)."""
+    from moe_ext.moe.dispatch import DispatchGroups, dispatcher_class
+
+    groups = DispatchGroups(ep=dist.group.WORLD)
+    dispatcher = dispatcher_class("nccl_a2a")(8, groups)
+    dispatcher.set_overlap(2, min_tokens=4)
+    assert dispatcher.microbatches() == 2  # dynamic: always
+    dispatcher.set_capacity(7)  # ceil(7/2) = 4 rows per part
+    assert dispatcher.microbatches() == 2
+    dispatcher.set_capacity(6)  # 3 rows per part < 4
+    assert dispatcher.microbatches() == 1
+
+
+@pytest.mark.timeout(60)
+def test_overlap_min_tokens_world2():
+    run_ranks(_min_tokens_body, world_size=2)
