@@ -36,6 +36,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_ext.bench.collectives import decode_step_collectives, total  # noqa: E402
 from moe_ext.bench.peers import (  # noqa: E402
     hf_causal_lm,
     hf_decode_floor_s,
@@ -245,6 +246,9 @@ def bench_plan(opts, cfg, job, env, device, batches: list[int], profile, rows: l
             flush=True,
         )
     args = job.source.args
+    collectives = step_collectives(model, job.plan, batches)
+    if env.rank == 0:
+        print(f"collectives per decode step (rank 0): {collectives}", flush=True)
     for batch in batches:
         if batch < job.plan.dp:
             if env.rank == 0:
@@ -300,6 +304,7 @@ def bench_plan(opts, cfg, job, env, device, batches: list[int], profile, rows: l
                 auto_pick=job.plan.reason.startswith("auto"),
                 cuda_graphs=result.cuda_graphs,
                 compiled=bool(model.compiled_decode_block) and device.type == "cuda",
+                collectives_per_step=collectives,
                 peak_gib=peak_memory_bytes(device) / 2**30,
                 nccl_p2p_disable=os.environ.get("NCCL_P2P_DISABLE", "0"),
                 torch=torch.__version__,
@@ -311,6 +316,17 @@ def bench_plan(opts, cfg, job, env, device, batches: list[int], profile, rows: l
         if env.rank == 0:
             print(json.dumps(rows[-1]), flush=True)
     return model
+
+
+def step_collectives(model, plan, batches: list[int]) -> dict[str, int]:
+    """Collectives and p2p operations of one eager decode step on this rank, by kind
+    (moe_ext.bench.collectives), at the first batch every replica gets a sequence of, under
+    the static expert-exchange capacity generate's decode uses (expert-parallel plans).
+    The kinds do not depend on the batch, so once per plan; collective over every rank."""
+    runnable = [b for b in batches if b >= plan.dp] or [plan.dp]
+    batch = -(-runnable[0] // plan.dp)  # sequences per replica
+    capacity = batch if plan.is_expert_parallel else None
+    return decode_step_collectives(model, batch, capacity=capacity)
 
 
 def whole_job(result, plan, world_size: int, device: torch.device) -> dict[str, float]:
@@ -423,11 +439,18 @@ def infer_conf(overrides: list[str]):
 @torch.inference_mode()
 def profile_decode(model, cfg, job, batch: int, prompt_len: int, rank: int) -> None:
     """torch.profiler table of 4 decode steps (no CUDA graph; compiled blocks when
-    generate.compile_decode is on) after a prefill of ``prompt_len`` tokens, and the number
-    of GPU kernels one step launches."""
+    generate.compile_decode is on) after a prefill of ``prompt_len`` tokens, the number
+    of GPU kernels one step launches, and the collectives one eager step issues by kind."""
     from torch.profiler import ProfilerActivity, profile
 
     device = model.device
+    collectives = step_collectives(model, job.plan, [batch])
+    if rank == 0:
+        print(
+            f"collectives per decode step (rank 0, eager step, by kind): {collectives}, "
+            f"{total(collectives)} in all",
+            flush=True,
+        )
     if device.type == "cuda":
         model.compile_decode(cfg.generate.compile_decode)
     prompts = synthetic_prompts(batch, prompt_len, job.source.args.vocab_size, seed=batch)
@@ -480,7 +503,7 @@ def report(rows: list[dict], json_path, png_path) -> None:
     header = (
         f"{'model':14} {'strategy':12} {'W':>2} {'degrees':11} {'link':7} {'blocks':8} "
         f"{'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'ms/step':>8} {'floor ms':>8} "
-        f"{'of floor':>8} {'pred ms':>8}"
+        f"{'of floor':>8} {'pred ms':>8} {'coll/step':>9}"
     )
     print(header + "\n" + "-" * len(header))
     for r in rows:
@@ -491,7 +514,7 @@ def report(rows: list[dict], json_path, png_path) -> None:
             f"{link:7} {blocks:8} {r['batch']:>5} "
             f"{r['prefill_tok_s']:>13.0f} {r['decode_tok_s']:>12.1f} {r['ms_per_step']:>8.2f} "
             f"{r['floor_ms_per_step']:>8.2f} {100 * r['fraction_of_floor']:>7.1f}% "
-            f"{_ms(r.get('predicted_ms_per_step')):>8}"
+            f"{_ms(r.get('predicted_ms_per_step')):>8} {_collectives(r):>9}"
         )
     if json_path:
         path = Path(json_path)
@@ -501,6 +524,12 @@ def report(rows: list[dict], json_path, png_path) -> None:
         os.replace(tmp, path)
     if png_path:
         draw_chart(json.loads(Path(json_path).read_text())["rows"] if json_path else rows, png_path)
+
+
+def _collectives(row: dict) -> str:
+    """Total collectives + p2p ops of one decode step ('-' for peers and older rows)."""
+    counts = row.get("collectives_per_step")
+    return "-" if counts is None else str(total(counts))
 
 
 def _ms(value) -> str:
