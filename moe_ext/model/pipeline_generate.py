@@ -231,24 +231,48 @@ class PipelineRunner:
         self.first_rank = dist.get_global_rank(self.group, 0)
         self.last_rank = context.pp_last_rank
         self.expert_parallel = context.expert_parallel
+        # experts split across replicas: the replicas run one schedule, stopping together
+        self.lockstep_group = context.dp_group if context.lockstep else None
 
     # ---- one batch -----------------------------------------------------------------------
 
-    def run(self, prompts: list[list[int]], max_new: list[int]) -> list[list[int]]:
-        """prompts: this replica's batch; max_new: new tokens per request. Returns the ids
-        per request (same on every stage)."""
+    def run(
+        self,
+        prompts: list[list[int]],
+        max_new: list[int],
+        peers: Optional[list[tuple[list[int], list[int]]]] = None,
+    ) -> list[list[int]]:
+        """prompts: this replica's batch (empty: an idle lockstep replica); max_new: new
+        tokens per request. ``peers``: lockstep only, every replica's (prompt lengths,
+        max_new) of this round, this one's included: all replicas then run the same
+        schedule (common padded length, micro-batch count and steps) and make the same
+        MoE calls per tick, a replica without rows in an item joining its exchanges idle
+        at the item's capacity (the most rows any replica has in it). Returns the ids per
+        request (the same on every stage)."""
         from moe_ext.model.generate import SLOT_ROUNDING, finish_requests
 
         model, device, P, s = self.model, self.device, self.stages, self.stage
-        B, L, K = len(prompts), max(len(p) for p in prompts), max(max_new)
-        M = min(self.conf.pipeline_microbatches or P, B)
+        shares = peers if peers is not None else [([len(p) for p in prompts], max_new)]
+        busy = [share for share in shares if share[0]]
+        B = len(prompts)
+        L = max(max(lengths) for lengths, _ in busy)
+        K = max(max(m) for _, m in busy)
+        M = min(self.conf.pipeline_microbatches or P, max(len(lengths) for lengths, _ in busy))
         bounds = microbatch_bounds(B, M)
-        mb_steps = [max(max_new[bounds[m] : bounds[m + 1]]) for m in range(M)]
+        rows_max = [0] * M  # the most rows any replica has in micro-batch m
+        mb_steps = [1] * M
+        for lengths, steps in busy:
+            q_bounds = microbatch_bounds(len(lengths), M)
+            for m in range(M):
+                lo, hi = q_bounds[m], q_bounds[m + 1]
+                rows_max[m] = max(rows_max[m], hi - lo)
+                mb_steps[m] = max([mb_steps[m], *steps[lo:hi]])
         schedule = build_schedule(mb_steps, L, self.conf.prefill_chunk, P)
         ticks = {(it.mb, it.index): t for t, it in enumerate(schedule) if it is not None}
-        model.setup_caches(B, -(-(L + K) // SLOT_ROUNDING) * SLOT_ROUNDING)
+        if B:
+            model.setup_caches(B, -(-(L + K) // SLOT_ROUNDING) * SLOT_ROUNDING)
         padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
-        tokens = torch.tensor(padded, dtype=torch.long, device=device)  # [B, L]
+        tokens = torch.tensor(padded, dtype=torch.long, device=device).view(B, L)  # [B, L]
         kv_start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long, device=device)
         rows = torch.arange(B, dtype=torch.long, device=device)  # [B]
         limits = torch.tensor(max_new, dtype=torch.long, device=device)  # [B]
@@ -260,6 +284,10 @@ class PipelineRunner:
         last_prefill = max(t for t, it in enumerate(schedule) if it is not None and not it.decode)
         cutoff = len(schedule) - 1  # the last tick stage 0 issues an item at
         interval = self.check_every * max(M, P)
+
+        def rows_of(item: Optional[Item]) -> int:
+            return 0 if item is None else bounds[item.mb + 1] - bounds[item.mb]
+
         self._fence()
         t0 = t_prefill = time.perf_counter()
         tick = 0
@@ -272,22 +300,21 @@ class PipelineRunner:
             sent = self._item(schedule, tick - 1 - s, cutoff)  # computed last tick
             ids_item = self._item(schedule, tick - P, cutoff)  # sampled, to stage 0 now
             ids_needed = (
-                ids_item is not None
+                rows_of(ids_item) > 0
                 and ids_item.column is not None
                 and self._has_next(ticks, ids_item, cutoff)
             )
             ops = []
             recv_h = None
-            if s > 0 and item is not None:
-                b = bounds[item.mb + 1] - bounds[item.mb]
-                recv_h = torch.empty(b, item.stop - item.start, H, dtype=model.dtype, device=device)
+            if s > 0 and rows_of(item):
+                S = item.stop - item.start
+                recv_h = torch.empty(rows_of(item), S, H, dtype=model.dtype, device=device)
                 ops.append(dist.P2POp(dist.irecv, recv_h, model.context.pp_prev))
-            if s < P - 1 and sent is not None:
+            if s < P - 1 and rows_of(sent):
                 ops.append(dist.P2POp(dist.isend, pending_send, model.context.pp_next))
             recv_ids = None
             if ids_needed and s == 0:
-                b = bounds[ids_item.mb + 1] - bounds[ids_item.mb]
-                recv_ids = torch.empty(b, dtype=torch.long, device=device)
+                recv_ids = torch.empty(rows_of(ids_item), dtype=torch.long, device=device)
                 ops.append(dist.P2POp(dist.irecv, recv_ids, self.last_rank))
             if ids_needed and s == P - 1:
                 ops.append(dist.P2POp(dist.isend, pending_send, self.first_rank))
@@ -297,14 +324,17 @@ class PipelineRunner:
             if recv_ids is not None:
                 inputs[ids_item.mb] = recv_ids
             pending_send = None
-            if item is not None:
+            if item is not None and not rows_of(item):
+                self._idle(item, rows_max[item.mb])  # lockstep: another replica's rows
+            elif item is not None:
                 r0, r1 = bounds[item.mb], bounds[item.mb + 1]
                 ids = None
                 if s == 0:
                     ids = tokens[r0:r1, item.start : item.stop]  # [b, S]
                     if item.decode:
                         ids = inputs.pop(item.mb)[:, None]  # [b, 1]
-                output = self._compute(item, ids, recv_h, kv_start[r0:r1], rows[r0:r1])
+                capacity = rows_max[item.mb] * (item.stop - item.start)
+                output = self._compute(item, ids, recv_h, kv_start[r0:r1], rows[r0:r1], capacity)
                 if s < P - 1:
                     pending_send = output  # [b, S, H], sent next tick
                 elif item.column is not None:
@@ -317,6 +347,8 @@ class PipelineRunner:
             tick += 1
         if self.expert_parallel:
             model.set_moe_capacity(None)
+        if not B:
+            return []
         self._count(schedule, cutoff, bounds)
         self.result.prefill_tokens += sum(len(p) for p in prompts)
         # the last stage's ids to every stage, once per batch
@@ -347,14 +379,24 @@ class PipelineRunner:
 
     def _all_done(self, done: Optional[torch.Tensor]) -> bool:
         """The last stage's verdict (``done`` [B] bool there, None elsewhere), shared over
-        the pipeline group."""
+        the pipeline group, and with lockstep over the replicas (every one done)."""
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         if done is not None:
             flag.fill_(1)
             flag.mul_(done.all().to(torch.int32))
         dist.broadcast(flag, src=self.last_rank, group=self.group)
-        # sync: the stages agree to stop issuing items (every check_every rounds)
+        if self.lockstep_group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.lockstep_group)
+        # sync: the stages (and replicas) agree to stop issuing items, every check_every
+        # rounds
         return bool(flag.item())
+
+    def _idle(self, item: Item, rows_max: int) -> None:
+        """A lockstep item this replica has no rows in: join its MoE exchanges with zero
+        tokens at the item's capacity (``rows_max`` rows of the busiest replica)."""
+        if self.expert_parallel:
+            self.model.set_moe_capacity(rows_max * (item.stop - item.start))
+        self.model.idle_forward()
 
     def _compute(
         self,
@@ -363,14 +405,18 @@ class PipelineRunner:
         hidden: Optional[torch.Tensor],
         kv_start: torch.Tensor,
         rows: torch.Tensor,
+        capacity: int,
     ) -> torch.Tensor:
         """This stage's forward of ``item``: logits [b, 1, V] on the last stage, else the
-        hidden states [b, S, H]. ids [b, S] int64 (first stage), hidden [b, S, H]."""
+        hidden states [b, S, H]. ids [b, S] int64 (first stage), hidden [b, S, H];
+        ``capacity``: the item's static expert-exchange capacity (its token count on the
+        busiest replica), used by expert-parallel models."""
         model = self.model
-        b, S = rows.shape[0], item.stop - item.start
-        capacity = b * S if self.expert_parallel else None
+        b = rows.shape[0]
+        if not self.expert_parallel:
+            capacity = None
         if capacity is not None:
-            model.set_moe_capacity(capacity)  # the stage's EP ranks hold the same item
+            model.set_moe_capacity(capacity)  # the same on every rank of the EP group
         slots = torch.arange(item.start, item.stop, device=self.device)  # [S]
         if not item.decode:
             return stage_compute(model, ids, hidden, slots, kv_start, item.stop, rows)

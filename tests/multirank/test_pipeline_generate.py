@@ -7,8 +7,8 @@ prefill on gloo ranks against the single-rank generate on the same weights.
   one-at-a-time path (pipeline_microbatches=1).
 - ep_nccl / ep_allgather with dp=2 on 2 ranks: prefill chunked on the static exchange
   gives the unchunked ids, and its exchange reads nothing back to the host.
-- pp2 x tp2 on 4 ranks (slow) and pp2 x ep2 with dp replicas (slow; the lockstep
-  fallback).
+- 4 ranks (slow): pp2 x tp2, pp2 x ep2 over dp replicas (lockstep), pp2 x ep2 over the
+  TP ranks of each stage.
 - the tiny model's launcher at pp=2 against transformers (slow).
 Sampling is not compared with the old pp path: micro-batches draw from the generator in
 another order, so seeded sampled ids differ (no contract to keep).
@@ -108,9 +108,9 @@ def _pp_body(rank, world):
     runs = []
     original = pipeline.PipelineRunner.run
 
-    def spy(self, prompts, max_new):
+    def spy(self, prompts, max_new, peers=None):
         runs.append(len(prompts))
-        return original(self, prompts, max_new)
+        return original(self, prompts, max_new, peers)
 
     pipeline.PipelineRunner.run = spy
     eos = _eos_from(_greedy(reference, PROMPTS, MAX_NEW, None))
@@ -200,10 +200,20 @@ def _four_rank_body(rank, world, strategy, degrees):
     plan = plan_of(strategy, world=4, **degrees)
     groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=120))
     model = parallelize(_full_model(args), plan, groups)
-    for n in (1, 3):
+    pipeline = importlib.import_module("moe_ext.model.pipeline_generate")
+    runs = []
+    original = pipeline.PipelineRunner.run
+
+    def spy(self, prompts, max_new, peers=None):
+        runs.append(len(prompts))
+        return original(self, prompts, max_new, peers)
+
+    pipeline.PipelineRunner.run = spy
+    for n in (1, 3, 5):
         expected = _greedy(reference, PROMPTS[:n], MAX_NEW[:n], None)
         got = _greedy(model, PROMPTS[:n], MAX_NEW[:n], None, prefill_chunk=3)
         assert got == expected, (strategy, degrees, n, got, expected)
+    assert runs, "the pipelined path did not run"
 
 
 @pytest.mark.slow
@@ -213,9 +223,8 @@ def test_pp2_tp2_pipelined_matches_single_rank():
 
 @pytest.mark.slow
 def test_pp2_ep2_with_replicas_matches_single_rank():
-    """pp2 x ep2 over two data-parallel replicas: lockstep EP, which the pipelined path
-    does not cover yet; generate falls back to the one-at-a-time path (logged), with the
-    chunked static prefill."""
+    """pp2 x ep2 over two data-parallel replicas (lockstep EP): both replicas run one
+    schedule, the one with fewer rows (none, at batch 1) joining the exchanges idle."""
     run_ranks(_four_rank_body, world_size=4, args=("ep_nccl", dict(pp=2, dp=2, ep=2)))
 
 
@@ -224,3 +233,31 @@ def test_pp2_ep2_over_tp_ranks_matches_single_rank():
     """pp2 x ep2 where the EP ranks are a stage's TP ranks: pipelined, each item on the
     static exchange."""
     run_ranks(_four_rank_body, world_size=4, args=("ep_nccl", dict(pp=2, tp=2, ep=2)))
+
+
+# ---- against transformers ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory) -> dict:
+    pytest.importorskip("transformers")
+    from tests.support import make_infer_checkpoints
+
+    return make_infer_checkpoints(tmp_path_factory.mktemp("hf"), families=("qwen3_moe",))
+
+
+def test_pp2_pipelined_launcher_matches_transformers(qwen3_checkpoint):
+    """launch/infer.py's steps at pp=2 (qwen3_moe saved by transformers, three prompts of
+    3 to 8 tokens) give transformers' greedy ids: micro-batches in flight with prefill
+    chunks of 3 positions, and 3 micro-batches of one row each."""
+    from tests.support import INFER_NEW_TOKENS, check_launcher_cases, launcher_cases
+
+    plans = [
+        ("pp=2 chunk 3", ["strategy=replicate", "parallel.pp=2", "generate.prefill_chunk=3"]),
+        (
+            "pp=2 3 micro-batches",
+            ["strategy=replicate", "parallel.pp=2", "generate.pipeline_microbatches=3"],
+        ),
+    ]
+    cases = launcher_cases(qwen3_checkpoint, ("qwen3_moe",), plans, INFER_NEW_TOKENS)
+    run_ranks(check_launcher_cases, 2, args=(cases,))
