@@ -2,6 +2,8 @@
 
     torchrun --nproc-per-node 2 tools/bench_moe.py --shape mixtral --tokens 1,16,256,4096 \\
         --strategies replicate,tp_experts,ep_allgather,ep_nccl,ep_nvshmem --json out.json
+    torchrun --nproc-per-node 2 tools/bench_moe.py --strategies ep_nccl,ep_nccl+overlap,\\
+        ep_nccl+static,ep_nccl+static+overlap --peers megatron,deepspeed   # overlap vs peers
     python tools/bench_moe.py --shape qwen3 --uniform-routing             # one process
     python tools/bench_moe.py --report out.json --png out.png              # table + chart only
     torchrun --nproc-per-node 2 tools/bench_moe.py --peers megatron,deepspeed  # + peers
@@ -28,7 +30,10 @@ several runs (world sizes, link settings); ``--report`` prints it and draws
 latency-vs-tokens per strategy, one panel per (shape, world size, link).
 
 Strategies are entries of ``BUILDERS`` (name -> function building one layer for this
-rank); other implementations plug in as further entries: ``--peers megatron,deepspeed``
+rank). ``+overlap``: dual-batch overlap (two micro-batches, one's exchange in flight
+while the other's experts run; ``Dispatcher.set_overlap``); ``+static``: the sync-free
+static exchange with its capacity set to each token count. Other implementations plug
+in as further entries: ``--peers megatron,deepspeed``
 adds Megatron-core's own MoELayer (local spec; ``mcore_a2a`` / ``mcore_ag`` dispatchers) and
 DeepSpeed's MoE (``deepspeed``), both at EP = world size only, on our groups
 (moe_ext.bench.peers). Every row records the library versions.
@@ -80,7 +85,14 @@ SHAPES = {  # name: (H, F, E, k)
     "qwen3": (2048, 768, 128, 8),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ALL_STRATEGIES = ("replicate", "tp_experts", "ep_allgather", "ep_nccl", "ep_nvshmem")
+ALL_STRATEGIES = (
+    "replicate",
+    "tp_experts",
+    "ep_allgather",
+    "ep_nccl",
+    "ep_nccl+overlap",
+    "ep_nvshmem",
+)
 
 
 @dataclass(frozen=True)
@@ -147,7 +159,14 @@ def expert_groups(
     return ProcessGroups.build(plan, dist.get_backend(), timedelta(seconds=timeout_s))
 
 
-def _build_native(dispatcher_name: str) -> Callable[..., MoELayer]:
+def _build_native(
+    dispatcher_name: str, overlap: int = 1, static: bool = False
+) -> Callable[..., MoELayer]:
+    """A builder of our layer over ``dispatcher_name``; ``overlap`` > 1: dual-batch overlap
+    with that many micro-batches (``Dispatcher.set_overlap``); ``static``: the static
+    exchange, its capacity set to each timed token count (``static_capacity`` on the
+    layer tells the timing loop)."""
+
     def build(
         shape: Shape,
         groups: DispatchGroups,
@@ -162,7 +181,7 @@ def _build_native(dispatcher_name: str) -> Callable[..., MoELayer]:
             # Size the symmetric buffers for the largest batch up front: no growth
             # (a collective re-allocation) inside the timed loop.
             dispatcher = NvshmemDispatcher(shape.experts, groups, max_tokens=max_tokens)
-        return build_moe_layer(
+        layer = build_moe_layer(
             shape.hidden,
             shape.ffn,
             shape.experts,
@@ -172,6 +191,9 @@ def _build_native(dispatcher_name: str) -> Callable[..., MoELayer]:
             dtype=dtype,
             device=device,
         )
+        layer.dispatcher.set_overlap(overlap)
+        layer.static_capacity = static
+        return layer
 
     return build
 
@@ -182,6 +204,12 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "ep_allgather": _build_native("allgather_rs"),
     "ep_nccl": _build_native("nccl_a2a"),
     "ep_nvshmem": _build_native("nvshmem"),
+    # dual-batch overlap: two micro-batches, one's exchange under the other's experts
+    "ep_nccl+overlap": _build_native("nccl_a2a", overlap=2),
+    "ep_allgather+overlap": _build_native("allgather_rs", overlap=2),
+    # the sync-free static exchange (capacity = the token count), plain and overlapped
+    "ep_nccl+static": _build_native("nccl_a2a", static=True),
+    "ep_nccl+static+overlap": _build_native("nccl_a2a", overlap=2, static=True),
     **{name: build_peer(name) for name in PEER_STRATEGIES},  # other libraries, G = W
 }
 
@@ -361,6 +389,8 @@ def bench_strategy(
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)  # [T, H]
+        if getattr(layer, "static_capacity", False):
+            layer.dispatcher.set_capacity(tokens)  # every rank feeds T tokens
         with torch.no_grad():
             if args.uniform_routing:
                 idx = balanced_expert_idx(
@@ -449,7 +479,7 @@ def _series_order(r: Row) -> tuple:
 
 def format_table(rows: list[Row]) -> str:
     head = (
-        f"{'shape':8} {'strategy':13} {'W':>2} {'G':>2} {'link':8} {'T/rank':>6} "
+        f"{'shape':8} {'strategy':22} {'W':>2} {'G':>2} {'link':8} {'T/rank':>6} "
         f"{'median µs':>10} {'p10':>8} {'p90':>8} {'mem floor':>9} {'flop floor':>10} "
         f"{'achieved':>8}"
     )
@@ -457,12 +487,12 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         if r.status != "ok":
             lines.append(
-                f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
+                f"{r.shape:8} {r.strategy:22} {r.world:>2} {r.group:>2} {r.link:8} "
                 f"{r.tokens:>6} {r.status}"
             )
             continue
         lines.append(
-            f"{r.shape:8} {r.strategy:13} {r.world:>2} {r.group:>2} {r.link:8} "
+            f"{r.shape:8} {r.strategy:22} {r.world:>2} {r.group:>2} {r.link:8} "
             f"{r.tokens:>6} {_fmt(r.median_us):>10} {_fmt(r.p10_us):>8} "
             f"{_fmt(r.p90_us):>8} {_fmt(r.mem_floor_us):>9} {_fmt(r.compute_floor_us):>10} "
             f"{_fmt(100 * r.achieved, 1) + '%':>8}"
@@ -480,7 +510,7 @@ def format_compact(rows: list[Row]) -> str:
     achieved fraction at the largest count; one floor line per (shape, world)."""
     tokens = sorted({r.tokens for r in rows})
     head = (
-        f"{'shape':8} {'W':>2} {'link':8} {'strategy':16}"
+        f"{'shape':8} {'W':>2} {'link':8} {'strategy':22}"
         + "".join(f"{t:>9}" for t in tokens)
         + f"{'ach@max':>9}"
     )
@@ -508,17 +538,17 @@ def format_compact(rows: list[Row]) -> str:
             }
             if floors:
                 lines.append(
-                    f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':16}"
+                    f"{shape:8} {world:>2} {'-':8} {'floor(repl.)':22}"
                     + "".join(f"{_fmt(floors.get(t)):>9}" for t in tokens)
                 )
             last_group = (shape, world)
         statuses = {r.status for r in cells.values() if r.status != "ok"}
         if statuses and all(r.status != "ok" for r in cells.values()):
-            lines.append(f"{shape:8} {world:>2} {link:8} {name:16} {sorted(statuses)[0][:160]}")
+            lines.append(f"{shape:8} {world:>2} {link:8} {name:22} {sorted(statuses)[0][:160]}")
             continue
         ok = [cells[t] for t in tokens if t in cells and cells[t].status == "ok"]
         lines.append(
-            f"{shape:8} {world:>2} {link:8} {name:16}"
+            f"{shape:8} {world:>2} {link:8} {name:22}"
             + "".join(
                 f"{_fmt(cells[t].median_us) if t in cells and cells[t].status == 'ok' else '-':>9}"
                 for t in tokens
