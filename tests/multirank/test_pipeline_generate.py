@@ -20,6 +20,7 @@ import importlib
 from datetime import timedelta
 
 import pytest
+import torch.distributed
 
 from moe_ext.config import GenerateConf
 from moe_ext.model import Transformer, generate
@@ -27,8 +28,6 @@ from moe_ext.model.parallelize import parallelize
 from moe_ext.model.pipeline_generate import build_schedule, microbatch_bounds
 from moe_ext.model.weights import init_random_full
 from tests.support import plan_of, qwen2_args, run_ranks, tiny_args
-
-pytestmark = pytest.mark.multirank
 
 # mixed lengths (1 to 9 tokens); 256 is the tiny vocabulary's BOS-like id
 PROMPTS = [
@@ -93,6 +92,16 @@ def test_schedule_fills_the_ring_and_respects_dependencies():
     assert microbatch_bounds(5, 2) == [0, 2, 5]
 
 
+def test_generate_conf_refuses_bad_pipeline_fields():
+    from moe_ext.config import ConfigError
+
+    GenerateConf(pipeline_microbatches=1, prefill_chunk=0).check()
+    GenerateConf(prefill_chunk=None).check()
+    for field, value in (("pipeline_microbatches", 0), ("prefill_chunk", -1)):
+        with pytest.raises(ConfigError, match=f"^generate.{field}={value}; use "):
+            GenerateConf(**{field: value}).check()
+
+
 # ---- pp = 2 -----------------------------------------------------------------------------
 
 
@@ -134,6 +143,19 @@ def _pp_body(rank, world):
             assert (len(runs) > before) == pipelined, (conf, runs)
     # an EOS stop actually cut a request short
     assert _greedy(reference, PROMPTS, MAX_NEW, eos) != _greedy(reference, PROMPTS, MAX_NEW, None)
+    # seeded sampling: no contract with the one-at-a-time path (micro-batches draw in
+    # another order), but repeatable, and the same ids on every stage
+    sampled = [
+        generate(
+            model, PROMPTS, GenerateConf(temperature=0.9, top_p=0.9), None, PAD, MAX_NEW, seed=3
+        ).tokens
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+    assert [len(row) for row in sampled[0]] == MAX_NEW
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, sampled[0])
+    assert everyone[0] == everyone[1], everyone
 
 
 def test_pp2_pipelined_greedy_matches_single_rank():
