@@ -14,7 +14,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.support import CASES, STATIC, build_case_layer, case_tensors, check_strategy, run_ranks
+from tests.support import (
+    CASES,
+    STATIC,
+    build_case_layer,
+    case_tensors,
+    check_close,
+    check_strategy,
+    run_ranks,
+)
 
 
 def _overlapped(name, groups, capacity=None, microbatches=2):
@@ -26,22 +34,22 @@ def _overlapped(name, groups, capacity=None, microbatches=2):
     return dispatcher
 
 
-def _same_as_unsplit(name, groups, capacity, seed):
+def _same_as_unsplit(name, groups, capacity, seed, dtype, device, tol):
     """Overlapped and plain layers on the same weights and tokens: equal outputs and input
-    gradients (float32, up to summation order), and twice the exchanges."""
+    gradients (up to summation order), and twice the exchanges."""
     from moe_ext.bench.collectives import count_collectives
     from moe_ext.moe.dispatch import dispatcher_class
 
     case_name, spec, counts, opts = CASES[0]
     ep_rank = groups.ep_rank
     tokens = [counts[r % len(counts)] for r in range(groups.ep_size)]
-    t = case_tensors(seed, spec, tokens, opts, torch.float32, torch.device("cpu"))
+    t = case_tensors(seed, spec, tokens, opts, dtype, device)
     lo = sum(tokens[:ep_rank])
     x = t["x"][lo : lo + tokens[ep_rank]]
     plain_dispatcher = dispatcher_class(name)(8, groups)
     plain_dispatcher.set_capacity(capacity)
     layers = [
-        build_case_layer(d, spec, opts, groups, t, torch.float32, torch.device("cpu"))
+        build_case_layer(d, spec, opts, groups, t, dtype, device)
         for d in (plain_dispatcher, _overlapped(name, groups, capacity))
     ]
     outs, grads, ops = [], [], []
@@ -53,49 +61,57 @@ def _same_as_unsplit(name, groups, capacity, seed):
         grads.append(xg.grad)
         ops.append(n)
     what = f"{name} C={capacity}"
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, msg=what)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6, msg=what)
+    if tol == "fp32":
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, msg=what)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6, msg=what)
+    else:
+        check_close(outs[1], outs[0], f"{what}: output", tol)
+        check_close(grads[1], grads[0], f"{what}: input grad", tol)
     # one exchange per micro-batch: every kind of the plain layer's forward, twice
     # (the dynamic ep_allgather's count all-gather included)
     assert ops[1] == {kind: 2 * n for kind, n in ops[0].items()}, (what, ops)
 
 
-def _overlap_body(rank, world):
+def overlap_body(rank, world, device_kind="cpu", dtype_name="float32", tol="fp32"):
+    """Every check of this file on this rank; the GPU test runs it over NCCL in bf16."""
     from moe_ext.moe.dispatch import DispatchGroups
 
+    dtype = getattr(torch, dtype_name)
+    device = torch.device("cpu")
+    if device_kind == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
     groups = DispatchGroups(ep=dist.group.WORLD)
     for name in STATIC:  # allgather_rs (ep_allgather), nccl_a2a (ep_nccl)
-        check_strategy(
-            _overlapped(name, groups), groups, 31, torch.float32, torch.device("cpu"), "fp32"
-        )
-        _same_as_unsplit(name, groups, None, 5)
+        check_strategy(_overlapped(name, groups), groups, 31, dtype, device, tol)
+        _same_as_unsplit(name, groups, None, 5, dtype, device, tol)
         for case_idx, case in enumerate(CASES):
             capacity = max(case[2][:world]) + 1
             check_strategy(
                 _overlapped(name, groups, capacity),
                 groups,
                 40 + case_idx,
-                torch.float32,
-                torch.device("cpu"),
-                "fp32",
+                dtype,
+                device,
+                tol,
                 cases=[case],
             )
-        _same_as_unsplit(name, groups, 8, 6)
+        _same_as_unsplit(name, groups, 8, 6, dtype, device, tol)
         # three micro-batches (a part may be empty on a rank) still equal the reference
         check_strategy(
             _overlapped(name, groups, None, microbatches=3),
             groups,
             50,
-            torch.float32,
-            torch.device("cpu"),
-            "fp32",
+            dtype,
+            device,
+            tol,
             cases=CASES[-2:],
         )
 
 
 @pytest.mark.timeout(180)
 def test_overlap_matches_reference_world2():
-    run_ranks(_overlap_body, world_size=2)
+    run_ranks(overlap_body, world_size=2)
 
 
 def _min_tokens_body(rank, world):
