@@ -119,3 +119,56 @@ def _replicated_equal_body(rank, world):
 @pytest.mark.timeout(120)
 def test_ep_over_tp_ranks_matches_single_rank_world2():
     run_ranks(_replicated_equal_body, world_size=2)
+
+
+def _replicated_grad_body(rank, world):
+    """routed_replicated in training: output, input and routing-weight gradients full on
+    every rank (Megatron's convention for TP-replicated activations), expert gradients
+    this rank's shard of the single-rank layer's, for T not a multiple of tp (5)."""
+    import torch.distributed as dist
+
+    from moe_ext.model.decoder import split_tokens_forward
+    from moe_ext.moe.dispatch import DispatchGroups
+    from moe_ext.moe.layer import build_moe_layer, expert_shard, load_full_expert_weights
+
+    H, F, E, k = 12, 8, 4, 2
+    gen = torch.Generator().manual_seed(0)  # the same weights and tokens on both ranks
+    gate_up = torch.randn(E, 2 * F, H, generator=gen, dtype=torch.float64) * 0.3
+    down = torch.randn(E, H, F, generator=gen, dtype=torch.float64) * 0.3
+    router = torch.randn(E, H, generator=gen, dtype=torch.float64)
+    x_full = torch.randn(5, H, generator=gen, dtype=torch.float64)
+    cot = torch.randn(5, H, generator=gen, dtype=torch.float64)
+    layers = []
+    ep_groups = DispatchGroups(ep=dist.group.WORLD)
+    for name, groups in (("local", DispatchGroups()), ("nccl_a2a", ep_groups)):
+        layer = build_moe_layer(
+            H, F, E, k, dispatcher=name, groups=groups, dtype=torch.float64, shared_expert_size=4
+        )
+        with torch.no_grad():
+            layer.router.weight.copy_(router)
+            for p in layer.shared_expert.parameters():
+                p.copy_(torch.linspace(-0.2, 0.2, p.numel(), dtype=torch.float64).view_as(p))
+        load_full_expert_weights(layer, gate_up, down)
+        layers.append(layer)
+    ref, ep = layers
+    assert ep.dispatcher.replicates_over(dist.group.WORLD)
+    x_ref, x = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    (y_ref * cot).sum().backward()
+    y = split_tokens_forward(ep, x, dist.group.WORLD, replicated=True)
+    (y * cot).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ep.router.weight.grad, ref.router.weight.grad)
+    gate_up_ref, down_ref = expert_shard(
+        ref.experts.gate_up_proj.grad, ref.experts.down_proj.grad, ep.dispatcher
+    )
+    torch.testing.assert_close(ep.experts.gate_up_proj.grad, gate_up_ref)
+    torch.testing.assert_close(ep.experts.down_proj.grad, down_ref)
+    for p, p_ref in zip(ep.shared_expert.parameters(), ref.shared_expert.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+@pytest.mark.timeout(60)
+def test_ep_over_tp_ranks_gradients_world2():
+    run_ranks(_replicated_grad_body, world_size=2)
