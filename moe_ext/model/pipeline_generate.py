@@ -43,10 +43,16 @@ import torch
 import torch.distributed as dist
 
 from moe_ext.model.decoder import Transformer
+from moe_ext.model.generate import (
+    SLOT_ROUNDING,
+    GenerationResult,
+    _DecodeGraph,
+    finish_requests,
+    sample,
+)
 
 if TYPE_CHECKING:
     from moe_ext.config import GenerateConf
-    from moe_ext.model.generate import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -115,50 +121,45 @@ def build_schedule(
 # ---- CUDA graphs per stage ---------------------------------------------------------------
 
 
-def _stage_graph_class():
-    from moe_ext.model.generate import _DecodeGraph
+class _StageGraph(_DecodeGraph):
+    """One stage's part of a decode item for ``batch`` rows, captured once: the
+    embedding (first stage) or the received hidden states, this stage's layers over
+    the given cache rows, and the final norm and LM head (last stage). Static inputs:
+    ids [b, 1] or hidden [b, 1, H], slot [1], kv_start [b], rows [b]; static output:
+    logits [b, 1, V] (last stage) or hidden [b, 1, H]."""
 
-    class _StageGraph(_DecodeGraph):
-        """One stage's part of a decode item for ``batch`` rows, captured once: the
-        embedding (first stage) or the received hidden states, this stage's layers over
-        the given cache rows, and the final norm and LM head (last stage). Static inputs:
-        ids [b, 1] or hidden [b, 1, H], slot [1], kv_start [b], rows [b]; static output:
-        logits [b, 1, V] (last stage) or hidden [b, 1, H]."""
+    def __init__(self, model: Transformer, batch: int, device: torch.device):
+        super().__init__(model, batch, device)
+        self.hidden = None
+        if not model.is_first_stage:
+            H = model.args.hidden_size
+            self.hidden = torch.zeros(batch, 1, H, dtype=model.dtype, device=device)
+        self.rows = torch.arange(batch, dtype=torch.long, device=device)
 
-        def __init__(self, model: Transformer, batch: int, device: torch.device):
-            super().__init__(model, batch, device)
-            self.hidden = None
-            if not model.is_first_stage:
-                H = model.args.hidden_size
-                self.hidden = torch.zeros(batch, 1, H, dtype=model.dtype, device=device)
-            self.rows = torch.arange(batch, dtype=torch.long, device=device)
+    def _step(self) -> torch.Tensor:
+        return stage_compute(
+            self.model, self.tokens, self.hidden, self.slot, self.kv_start, None, self.rows
+        )
 
-        def _step(self) -> torch.Tensor:
-            return stage_compute(
-                self.model, self.tokens, self.hidden, self.slot, self.kv_start, None, self.rows
-            )
-
-        def run(
-            self,
-            ids: Optional[torch.Tensor],
-            hidden: Optional[torch.Tensor],
-            slot: torch.Tensor,
-            kv_start: torch.Tensor,
-            rows: torch.Tensor,
-        ) -> torch.Tensor:
-            if self.hidden is None:
-                self.tokens.copy_(ids)
-            else:
-                self.hidden.copy_(hidden)
-            self.slot.copy_(slot)
-            self.kv_start.copy_(kv_start)
-            self.rows.copy_(rows)
-            if self.graph is None:
-                self.capture()
-            self.graph.replay()
-            return self.logits
-
-    return _StageGraph
+    def run(
+        self,
+        ids: Optional[torch.Tensor],
+        hidden: Optional[torch.Tensor],
+        slot: torch.Tensor,
+        kv_start: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.hidden is None:
+            self.tokens.copy_(ids)
+        else:
+            self.hidden.copy_(hidden)
+        self.slot.copy_(slot)
+        self.kv_start.copy_(kv_start)
+        self.rows.copy_(rows)
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+        return self.logits
 
 
 def _stage_graph_for(model: Transformer, batch: int, capacity: Optional[int]):
@@ -177,7 +178,7 @@ def _stage_graph_for(model: Transformer, batch: int, capacity: Optional[int]):
     if key not in graphs:
         for stale in [k for k in graphs if k[-1] != cache_id or k[-3] != model.cache_shape]:
             del graphs[stale]  # caches were reallocated: those graphs point at freed buffers
-        graphs[key] = _stage_graph_class()(model, batch, model.device)
+        graphs[key] = _StageGraph(model, batch, model.device)
     return graphs[key]
 
 
@@ -233,6 +234,9 @@ class PipelineRunner:
         self.expert_parallel = context.expert_parallel
         # experts split across replicas: the replicas run one schedule, stopping together
         self.lockstep_group = context.dp_group if context.lockstep else None
+        # the stage-to-stage sends and receives go through the pp group; its first
+        # collective must involve all its ranks (NCCL), which a tick's ops need not
+        dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
 
     # ---- one batch -----------------------------------------------------------------------
 
@@ -249,8 +253,6 @@ class PipelineRunner:
         MoE calls per tick, a replica without rows in an item joining its exchanges idle
         at the item's capacity (the most rows any replica has in it). Returns the ids per
         request (the same on every stage)."""
-        from moe_ext.model.generate import SLOT_ROUNDING, finish_requests
-
         model, device, P, s = self.model, self.device, self.stages, self.stage
         shares = peers if peers is not None else [([len(p) for p in prompts], max_new)]
         busy = [share for share in shares if share[0]]
@@ -309,15 +311,15 @@ class PipelineRunner:
             if s > 0 and rows_of(item):
                 S = item.stop - item.start
                 recv_h = torch.empty(rows_of(item), S, H, dtype=model.dtype, device=device)
-                ops.append(dist.P2POp(dist.irecv, recv_h, model.context.pp_prev))
+                ops.append(dist.P2POp(dist.irecv, recv_h, model.context.pp_prev, self.group))
             if s < P - 1 and rows_of(sent):
-                ops.append(dist.P2POp(dist.isend, pending_send, model.context.pp_next))
+                ops.append(dist.P2POp(dist.isend, pending_send, model.context.pp_next, self.group))
             recv_ids = None
             if ids_needed and s == 0:
                 recv_ids = torch.empty(rows_of(ids_item), dtype=torch.long, device=device)
-                ops.append(dist.P2POp(dist.irecv, recv_ids, self.last_rank))
+                ops.append(dist.P2POp(dist.irecv, recv_ids, self.last_rank, self.group))
             if ids_needed and s == P - 1:
-                ops.append(dist.P2POp(dist.isend, pending_send, self.first_rank))
+                ops.append(dist.P2POp(dist.isend, pending_send, self.first_rank, self.group))
             if ops:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
@@ -451,8 +453,6 @@ class PipelineRunner:
     ) -> torch.Tensor:
         """Last stage: the micro-batch's next ids [b] from logits [b, 1, V], written to
         ``out[r0:r1, item.column]`` (pad once a row is done), ``done`` updated."""
-        from moe_ext.model.generate import sample
-
         conf = self.conf
         nxt = sample(logits[:, -1], conf.temperature, conf.top_p, self.generator, conf.top_k)
         k = item.column
