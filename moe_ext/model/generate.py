@@ -583,13 +583,6 @@ def generate(
     pipelined = context.pp_group is not None and conf.pipeline_microbatches != 1
     if pipelined:
         use_graphs = _graphs_usable(model, conf, device, static_exchange, pipelined=True)
-        if use_graphs and lockstep:
-            # a capture's warm-up steps would need the other replicas' matching exchanges
-            log.warning(
-                "pipelined decode with experts split across replicas (pp x ep with dp) "
-                "runs eagerly: its per-stage CUDA graphs are not built yet"
-            )
-            use_graphs = False
     else:  # (tests stand in a 4-argument _graphs_usable)
         use_graphs = _graphs_usable(model, conf, device, static_exchange)
     result = GenerationResult(tokens=[])

@@ -326,6 +326,8 @@ class PipelineRunner:
             if recv_ids is not None:
                 inputs[ids_item.mb] = recv_ids
             pending_send = None
+            if item is not None and item.column == 1 and self.lockstep_group is not None:
+                self._match_captures(item, rows_of(item), rows_max[item.mb])
             if item is not None and not rows_of(item):
                 self._idle(item, rows_max[item.mb])  # lockstep: another replica's rows
             elif item is not None:
@@ -392,6 +394,24 @@ class PipelineRunner:
         # sync: the stages (and replicas) agree to stop issuing items, every check_every
         # rounds
         return bool(flag.item())
+
+    def _match_captures(self, item: Item, rows: int, rows_max: int) -> None:
+        """Lockstep with CUDA graphs, at a micro-batch's first decode item (where its
+        stage graph is captured, if it is not yet): the replicas agree whether any of
+        them captures, and those that do not join the two warm-up steps of the capture
+        with idle steps (the capture itself launches no collective)."""
+        if not self.use_graphs:
+            return
+        capturing = False
+        if rows:
+            capacity = rows_max * (item.stop - item.start)
+            capturing = _stage_graph_for(self.model, rows, capacity).graph is None
+        flag = torch.tensor([int(capturing)], dtype=torch.int32, device=self.device)
+        # sync: the replicas must make the same exchanges (once per micro-batch and call)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.lockstep_group)
+        if bool(flag.item()) and not capturing:
+            for _ in range(2):
+                self._idle(item, rows_max)
 
     def _idle(self, item: Item, rows_max: int) -> None:
         """A lockstep item this replica has no rows in: join its MoE exchanges with zero

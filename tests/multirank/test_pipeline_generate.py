@@ -7,8 +7,10 @@ prefill on gloo ranks against the single-rank generate on the same weights.
   one-at-a-time path (pipeline_microbatches=1).
 - ep_nccl / ep_allgather with dp=2 on 2 ranks: prefill chunked on the static exchange
   gives the unchunked ids, and its exchange reads nothing back to the host.
-- 4 ranks (slow): pp2 x tp2, pp2 x ep2 over dp replicas (lockstep), pp2 x ep2 over the
-  TP ranks of each stage.
+- per-stage CUDA graphs emulated on CPU (capture = two warm-up steps, replay = the step
+  from the static buffers): same ids, one capture per micro-batch size, reused.
+- 4 ranks (slow): pp2 x tp2, pp2 x ep2 over dp replicas (lockstep; also with emulated
+  graphs), pp2 x ep2 over the TP ranks of each stage.
 - the tiny model's launcher at pp=2 against transformers (slow).
 Sampling is not compared with the old pp path: micro-batches draw from the generator in
 another order, so seeded sampled ids differ (no contract to keep).
@@ -65,6 +67,34 @@ def _eos_from(reference_ids: list[list[int]]) -> int:
         if len(row) > 2:
             return row[2]
     raise AssertionError(f"no request long enough to pick an EOS from: {reference_ids}")
+
+
+def _fake_stage_graphs() -> list:
+    """CUDA graphs stood in for on CPU: a stage graph's capture runs its step twice (the
+    warm-up steps a real capture makes, collectives included) and each replay runs it
+    again, from the same static buffers; generate takes graphs as usable. Returns the
+    list each capture appends its micro-batch size to."""
+    gen = importlib.import_module("moe_ext.model.generate")
+    pipeline = importlib.import_module("moe_ext.model.pipeline_generate")
+    captures: list[int] = []
+
+    def capture(self):
+        for _ in range(2):
+            self._step()
+        captures.append(self.kv_start.shape[0])
+        owner = self
+
+        class Replay:
+            def replay(self):
+                owner.logits = owner._step()
+
+        self.graph = Replay()
+
+    pipeline._StageGraph.capture = capture
+    gen._graphs_usable = lambda model, conf, device, static, pipelined=False: (
+        pipelined and conf.cuda_graphs
+    )
+    return captures
 
 
 # ---- the static schedule (no ranks) -----------------------------------------------------
@@ -143,6 +173,18 @@ def _pp_body(rank, world):
             assert (len(runs) > before) == pipelined, (conf, runs)
     # an EOS stop actually cut a request short
     assert _greedy(reference, PROMPTS, MAX_NEW, eos) != _greedy(reference, PROMPTS, MAX_NEW, None)
+    # per-stage graphs (emulated): the same ids from the static buffers, one capture per
+    # micro-batch size, replayed by the next call on the same caches
+    captures = _fake_stage_graphs()
+    for n, sizes in ((3, [1, 2]), (5, [2, 3])):
+        expected = _greedy(reference, PROMPTS[:n], MAX_NEW[:n], None)
+        for call in range(2):
+            result = generate(
+                model, PROMPTS[:n], GenerateConf(prefill_chunk=3), None, PAD, MAX_NEW[:n]
+            )
+            assert result.cuda_graphs and result.tokens == expected, (n, result.tokens)
+            assert sorted(captures) == sizes, (n, call, captures)  # none new in call 1
+        captures.clear()
     # seeded sampling: no contract with the one-at-a-time path (micro-batches draw in
     # another order), but repeatable, and the same ids on every stage
     sampled = [
@@ -214,7 +256,7 @@ def test_chunked_ep_prefill_matches_unchunked_without_host_sync():
 # ---- 4 ranks ----------------------------------------------------------------------------
 
 
-def _four_rank_body(rank, world, strategy, degrees):
+def _four_rank_body(rank, world, strategy, degrees, graphs=False):
     from moe_ext.groups import ProcessGroups
 
     args = qwen2_args() if strategy != "replicate" else tiny_args()
@@ -231,6 +273,8 @@ def _four_rank_body(rank, world, strategy, degrees):
         return original(self, prompts, max_new, peers)
 
     pipeline.PipelineRunner.run = spy
+    if graphs:
+        _fake_stage_graphs()
     for n in (1, 3, 5):
         expected = _greedy(reference, PROMPTS[:n], MAX_NEW[:n], None)
         got = _greedy(model, PROMPTS[:n], MAX_NEW[:n], None, prefill_chunk=3)
@@ -248,6 +292,13 @@ def test_pp2_ep2_with_replicas_matches_single_rank():
     """pp2 x ep2 over two data-parallel replicas (lockstep EP): both replicas run one
     schedule, the one with fewer rows (none, at batch 1) joining the exchanges idle."""
     run_ranks(_four_rank_body, world_size=4, args=("ep_nccl", dict(pp=2, dp=2, ep=2)))
+
+
+@pytest.mark.slow
+def test_pp2_ep2_with_replicas_stage_graphs_match_single_rank():
+    """The same with per-stage graphs (emulated): the replicas that do not capture join
+    the capturing one's warm-up exchanges idle."""
+    run_ranks(_four_rank_body, world_size=4, args=("ep_nccl", dict(pp=2, dp=2, ep=2), True))
 
 
 @pytest.mark.slow
