@@ -222,8 +222,9 @@ def routed_replicated(
     routing (ep_* with attention TP over exactly the EP ranks): each rank runs its own
     experts on the rows routed to them and one all-reduce sums the outputs, in place of
     slicing the tokens, exchanging them (all-gather + reduce-scatter) and gathering the
-    slices (all-gather). No host sync: the experts get all T*k rows, the local ones first
-    (``tokens_per_local_expert`` counts them on the device), the rest masked to zero.
+    slices (all-gather). No host sync in inference: the experts get all R = T*k rows, the
+    local ones first (``tokens_per_local_expert`` counts them on the device), the rest
+    masked to zero; with gradients only the T' local rows (one sync, comment below).
 
     tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64. Returns [T, H] in
     tokens' dtype. Gradients as ``tp_sharded``: tokens and weights feed only this rank's
@@ -239,10 +240,15 @@ def routed_replicated(
     bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
     order, counts = sort_by_bucket(bucket, num_local + 1)  # [T*k], [E_local + 1]
     num_valid = order.numel() - counts[num_local]  # [] rows of local experts, on the device
-    valid = _valid_rows(order.numel(), num_valid)  # [T*k, 1]
-    x_local = torch.where(valid, gather_rows(tokens, order, top_k), 0)  # [T*k, H]
-    y_local = torch.where(valid, experts(x_local, counts[:num_local]), 0)  # [T*k, H]
-    row_weights = weights.reshape(-1).index_select(0, order).to(y_local.dtype)  # [T*k]
+    if torch.is_grad_enabled():
+        # sync: training keeps only the local rows, as the experts' backward leaves
+        # padding rows' gradients unspecified and biased experts (gpt-oss) would sum
+        # them into their bias gradients; the dynamic exchange syncs as much
+        order = order[: int(num_valid)]  # [T']
+    valid = _valid_rows(order.numel(), num_valid)  # [T*k or T', 1]
+    x_local = torch.where(valid, gather_rows(tokens, order, top_k), 0)  # [R, H]
+    y_local = torch.where(valid, experts(x_local, counts[:num_local]), 0)  # [R, H]
+    row_weights = weights.reshape(-1).index_select(0, order).to(y_local.dtype)  # [R]
     y = y_local.new_zeros(tokens.shape)  # [T, H]
     y = y.index_add(0, order // top_k, y_local * row_weights.unsqueeze(-1))  # [T, H]
     return reduce_partials(y, group)
