@@ -1,7 +1,8 @@
-"""Pipelined generation on 2 GPUs (pp=2, NCCL): each stage's decode step from its own CUDA
-graph (sends and receives outside), with and without the compiled decode blocks, gives
-the single-GPU generate's greedy ids (fp32), micro-batches in flight and prefill chunked;
-graphs are kept per micro-batch size and reused by the next call on the same caches.
+"""Pipelined generation on 2 GPUs (pp=2, NCCL) and on 4 (pp2 x ep2): each stage's decode
+step from its own CUDA graph (sends and receives outside), with and without the compiled
+decode blocks, gives the single-GPU generate's greedy ids (fp32), micro-batches in flight
+and prefill chunked; graphs are kept per micro-batch size and reused by the next call on
+the same caches.
 
 # B batch rows
 """
@@ -94,3 +95,28 @@ def test_pp2_stage_graphs_match_single_gpu():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     run_ranks(_pp_graph_body, world_size=2, backend="nccl")
+
+
+def _pp_ep_graph_body(rank, world, degrees):
+    """pp2 x ep2 on 4 GPUs (lockstep replicas, or EP over a stage's TP ranks): stage graphs
+    on the static exchange give the single-GPU ids."""
+    from moe_ext.groups import ProcessGroups
+
+    device = torch.device("cuda", rank)
+    args = tiny_args()
+    reference = _model(args, device)
+    plan = plan_of("ep_nccl", world=4, **degrees)
+    groups = ProcessGroups.build(plan, "nccl", timedelta(seconds=120))
+    model = parallelize(_model(args, device), plan, groups)
+    for n in (1, 3, 5):
+        expected = _run(reference, n, cuda_graphs=False, compile_decode=False).tokens
+        for _ in range(2):  # capture, then replay
+            got = _run(model, n, prefill_chunk=4, compile_decode=False)
+            assert got.cuda_graphs and got.tokens == expected, (degrees, n, got.tokens)
+
+
+@pytest.mark.parametrize("degrees", [dict(pp=2, dp=2, ep=2), dict(pp=2, tp=2, ep=2)])
+def test_pp2_ep2_stage_graphs_match_single_gpu(degrees):
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    run_ranks(_pp_ep_graph_body, world_size=4, args=(degrees,), backend="nccl")
