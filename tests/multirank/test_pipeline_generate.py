@@ -49,13 +49,13 @@ def _full_model(args):
     return model
 
 
-def _greedy(model, prompts, max_new, eos, **conf):
+def _greedy(model, prompts, max_new, eos, pad=PAD, **conf):
     return generate(
         model,
         prompts,
         GenerateConf(**conf),
         eos_id=eos,
-        pad_id=PAD,
+        pad_id=pad,
         max_new_tokens=max_new,
     ).tokens
 
@@ -202,6 +202,37 @@ def _pp_body(rank, world):
 
 def test_pp2_pipelined_greedy_matches_single_rank():
     run_ranks(_pp_body, world_size=2)
+
+
+def _families_body(rank, world):
+    """Attention kinds with their own caches and masks: gpt_oss (sinks, a sliding window
+    shorter than the prompts and than the chunked prefill's reach) and deepseek_v3 (MLA's
+    latent cache)."""
+    import transformers
+
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.model import ModelArgs
+    from tests.support import GPT_OSS_PROMPTS, GPT_OSS_SHAPE, deepseek_hf_config
+
+    plan = plan_of("replicate", pp=2)
+    groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
+    families = {
+        "gpt_oss": transformers.GptOssConfig(**GPT_OSS_SHAPE).to_dict(),
+        "deepseek_v3": deepseek_hf_config("v3").to_dict(),
+    }
+    max_new = [9, 4, 7, 5]
+    for name, config in families.items():
+        args = ModelArgs.from_hf_config(config)
+        expected = _greedy(_full_model(args), GPT_OSS_PROMPTS, max_new, None, pad=0)
+        model = parallelize(_full_model(args), plan, groups)
+        for chunk in (4, 0):
+            got = _greedy(model, GPT_OSS_PROMPTS, max_new, None, pad=0, prefill_chunk=chunk)
+            assert got == expected, (name, chunk, got, expected)
+
+
+def test_pp2_pipelined_attention_kinds_match_single_rank():
+    pytest.importorskip("transformers")
+    run_ranks(_families_body, world_size=2)
 
 
 # ---- chunked expert-parallel prefill ----------------------------------------------------
