@@ -133,7 +133,8 @@ def overlapped_routed_output(
     each part's experts run as soon as its rows land while the later parts' exchanges are
     in flight, and each part's combine is issued before the next part's experts run.
     Dispatchers with a synchronous exchange run it in order (same result, no overlap).
-    The dynamic exchange's host syncs (split sizes) happen when each dispatch is issued.
+    The dynamic exchanges learn every part's split sizes in one host sync, before any
+    part's rows are issued.
 
     tokens: [T, H]; weights: [T, k] float32; expert_idx: [T, k] int64. Returns [T, H],
     equal to the unsplit layer's up to floating-point summation order; differentiable
@@ -141,11 +142,9 @@ def overlapped_routed_output(
     from moe_ext.moe.dispatch.comm import Inflight
 
     sizes = microbatch_sizes(tokens.shape[0], microbatches)
-    parts = zip(tokens.split(sizes), weights.split(sizes), expert_idx.split(sizes))
-    dispatched = []  # (Inflight, pending dispatch) per part, in issue order
-    for x, w, idx in parts:
-        inflight = Inflight()
-        dispatched.append((inflight, dispatcher.dispatch_start(x, w, idx, inflight, microbatches)))
+    parts = list(zip(tokens.split(sizes), weights.split(sizes), expert_idx.split(sizes)))
+    inflights = [Inflight() for _ in parts]
+    dispatched = zip(inflights, dispatcher.dispatch_start_parts(parts, inflights))
     combined = []  # (Inflight, pending combine) per part
     for inflight, pending in dispatched:
         inflight.wait()  # this part's rows; the later parts' stay in flight

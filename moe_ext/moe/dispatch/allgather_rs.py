@@ -52,25 +52,35 @@ class _PendingDispatch:
 
 class AllGatherDispatcher(ExpertParallelDispatcher):
     def dispatch_dynamic_start(self, x, weights, expert_idx, inflight: Inflight):
+        return self.dispatch_dynamic_start_parts([(x, weights, expert_idx)], [inflight])[0]
+
+    def dispatch_dynamic_start_parts(self, parts, inflights):
+        """Every part's largest token count in one all-gather and one host read, then each
+        part's padded rows, weights and ids in async all-gathers."""
         group, world = self.groups.ep, self.groups.ep_size
-        num_tokens = expert_idx.shape[0]
         if world == 1:
-            return _PendingDispatch(x, weights, expert_idx, num_tokens, num_tokens)
+            return [_PendingDispatch(x, w, idx, x.shape[0], x.shape[0]) for x, w, idx in parts]
+        device = parts[0][0].device
+        counts = torch.tensor([x.shape[0] for x, _, _ in parts], dtype=torch.int64, device=device)
         # sync: all-gather needs equal-sized buffers, so every rank must learn the largest
-        # token count in the group to pad to before it can size them.
-        counts = torch.tensor([num_tokens], dtype=torch.int64, device=x.device)
-        max_tokens = max(all_gather_raw(counts, group).tolist())
-        pad = max_tokens - num_tokens
-        # Padding rows route to expert E, which no rank owns, so they are never kept.
-        return _PendingDispatch(
-            all_gather_async(F.pad(x, (0, 0, 0, pad)), group, inflight),  # [G*T_max, H]
-            all_gather_async(F.pad(weights, (0, 0, 0, pad)), group, inflight),  # [G*T_max, k]
-            all_gather_start(
-                F.pad(expert_idx, (0, 0, 0, pad), value=self.num_experts), group, inflight
-            ),  # [G*T_max, k]
-            num_tokens,
-            max_tokens,
-        )
+        # token count in the group (per part) to pad to before it can size them.
+        most = all_gather_raw(counts[None], group).amax(0).tolist()  # [n]
+        pending = []
+        for (x, w, idx), max_tokens, inflight in zip(parts, most, inflights):
+            pad = max_tokens - x.shape[0]
+            # Padding rows route to expert E, which no rank owns, so they are never kept.
+            pending.append(
+                _PendingDispatch(
+                    all_gather_async(F.pad(x, (0, 0, 0, pad)), group, inflight),  # [G*T_max, H]
+                    all_gather_async(F.pad(w, (0, 0, 0, pad)), group, inflight),  # [G*T_max, k]
+                    all_gather_start(
+                        F.pad(idx, (0, 0, 0, pad), value=self.num_experts), group, inflight
+                    ),  # [G*T_max, k]
+                    x.shape[0],
+                    max_tokens,
+                )
+            )
+        return pending
 
     def dispatch_dynamic_finish(self, pending: _PendingDispatch):
         top_k = pending.idx_all.shape[1]

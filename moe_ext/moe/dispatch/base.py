@@ -196,6 +196,15 @@ class Dispatcher(ABC):
     ) -> Any:
         return self.dispatch(x, weights, expert_idx)
 
+    def dispatch_start_parts(self, parts: list[tuple], inflights: list) -> list:
+        """``dispatch_start`` of every micro-batch, in order: parts [(x [T_i, H], weights
+        [T_i, k], expert_idx [T_i, k])], one Inflight each. A dynamic exchange learns all
+        parts' sizes in one host sync here."""
+        return [
+            self.dispatch_start(x, w, idx, inflight, len(parts))
+            for (x, w, idx), inflight in zip(parts, inflights)
+        ]
+
     def dispatch_finish(self, pending: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         return pending
 

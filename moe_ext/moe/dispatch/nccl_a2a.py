@@ -59,22 +59,47 @@ class _PendingCombine:
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
     def dispatch_dynamic_start(self, x, weights, expert_idx, inflight: Inflight):
+        return self.dispatch_dynamic_start_parts([(x, weights, expert_idx)], [inflight])[0]
+
+    def dispatch_dynamic_start_parts(self, parts, inflights):
+        """Every part's counts in one all-to-all and one host read, then each part's rows
+        in its own async all-to-all. n parts; part i's tokens x_i [T_i, H]."""
         group, world, num_local = self.groups.ep, self.groups.ep_size, self.num_local_experts
-        order, counts = sort_by_bucket(expert_idx.reshape(-1), self.num_experts)  # [N], [E]
-        x_send = gather_rows(x, order, expert_idx.shape[1])  # [N, H] grouped by expert
+        n = len(parts)
+        sorted_parts = [
+            sort_by_bucket(idx.reshape(-1), self.num_experts) for _, _, idx in parts
+        ]  # (order [N_i], counts [E]) per part
         if world == 1:
-            return _PendingDispatch(x_send, counts, AllToAllHandle(order, weights, None, [], []))
-        # recv_counts[s*E_local + e]: rows rank s sends for this rank's local expert e
-        recv_counts = all_to_all_raw(counts, [num_local] * world, [num_local] * world, group)
+            return [
+                _PendingDispatch(
+                    gather_rows(x, order, idx.shape[1]),
+                    counts,
+                    AllToAllHandle(order, w, None, [], []),
+                )
+                for (x, w, idx), (order, counts) in zip(parts, sorted_parts)
+            ]
+        counts = torch.stack([c for _, c in sorted_parts])  # [n, E]
+        send = counts.view(n, world, num_local).transpose(0, 1).contiguous()  # [G, n, E_local]
+        # recv[s, i, e]: rows rank s sends in part i for this rank's local expert e
+        recv = all_to_all_raw(
+            send.view(-1), [n * num_local] * world, [n * num_local] * world, group
+        ).view(world, n, num_local)
         # sync: all_to_all_single takes split sizes as Python ints and the receive
-        # buffer must be allocated with its size; one transfer carries both directions.
-        splits = torch.cat(
-            [counts.view(world, num_local).sum(1), recv_counts.view(world, num_local).sum(1)]
-        ).tolist()
-        input_splits, output_splits = splits[:world], splits[world:]
-        x_recv = all_to_all_async(x_send, output_splits, input_splits, group, inflight)  # [R, H]
-        handle = AllToAllHandle(order, weights, None, input_splits, output_splits)
-        return _PendingDispatch(x_recv, recv_counts, handle)
+        # buffer must be allocated with its size; one transfer carries every part's sizes
+        # in both directions.
+        sizes = torch.cat([send.sum(-1).t().reshape(-1), recv.sum(-1).t().reshape(-1)]).tolist()
+        pending = []
+        for i, ((x, w, idx), (order, _)) in enumerate(zip(parts, sorted_parts)):
+            input_splits = sizes[i * world : (i + 1) * world]
+            output_splits = sizes[(n + i) * world : (n + i + 1) * world]
+            x_send = gather_rows(x, order, idx.shape[1])  # [N_i, H] grouped by expert
+            x_recv = all_to_all_async(
+                x_send, output_splits, input_splits, group, inflights[i]
+            )  # [R_i, H]
+            handle = AllToAllHandle(order, w, None, input_splits, output_splits)
+            # [G*E_local]: index s*E_local + e, as the received rows are grouped
+            pending.append(_PendingDispatch(x_recv, recv[:, i].reshape(-1), handle))
+        return pending
 
     def dispatch_dynamic_finish(self, pending: _PendingDispatch):
         handle = pending.handle

@@ -293,6 +293,13 @@ class ExpertParallelDispatcher(Dispatcher):
             return dispatch_start(x, weights, expert_idx, capacity, self, inflight)
         return self.dispatch_dynamic_start(x, weights, expert_idx, inflight)
 
+    def dispatch_start_parts(self, parts, inflights):
+        for x, w, idx in parts:
+            check_routing(x, w, idx)
+        if self.max_tokens_per_rank is not None:
+            return super().dispatch_start_parts(parts, inflights)
+        return self.dispatch_dynamic_start_parts(parts, inflights)
+
     def dispatch_finish(self, pending):
         if isinstance(pending, StaticPending):
             return dispatch_finish(pending)
@@ -329,6 +336,14 @@ class ExpertParallelDispatcher(Dispatcher):
         """Issue the dynamic dispatch (host syncs for its sizes included); default: the
         synchronous ``dispatch_dynamic``, nothing left in flight."""
         return self.dispatch_dynamic(x, weights, expert_idx)
+
+    def dispatch_dynamic_start_parts(self, parts: list[tuple], inflights: list) -> list:
+        """``dispatch_dynamic_start`` of several micro-batches (``dispatch_start_parts``);
+        default: one after the other (a subclass learns all sizes in one sync)."""
+        return [
+            self.dispatch_dynamic_start(x, w, idx, inflight)
+            for (x, w, idx), inflight in zip(parts, inflights)
+        ]
 
     def dispatch_dynamic_finish(self, pending: Any):
         """``dispatch_dynamic``'s result from a ``dispatch_dynamic_start`` whose collectives
