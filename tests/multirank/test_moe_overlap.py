@@ -135,3 +135,23 @@ def _min_tokens_body(rank, world):
 @pytest.mark.timeout(60)
 def test_overlap_min_tokens_world2():
     run_ranks(_min_tokens_body, world_size=2)
+
+
+def test_microbatch_sizes_and_refusals():
+    """Always n parts (ranks with few tokens still make every exchange); a dispatcher
+    without an asynchronous exchange refuses overlap in one line."""
+    from moe_ext.moe.dispatch import DispatchGroups, dispatcher_class
+    from moe_ext.moe.layer import microbatch_sizes
+
+    assert microbatch_sizes(5, 2) == [3, 2]
+    assert microbatch_sizes(1, 2) == [1, 0]
+    assert microbatch_sizes(0, 3) == [0, 0, 0]
+    assert microbatch_sizes(7, 3) == [3, 3, 1]
+    for name in ("local", "tp_sharded"):
+        dispatcher = dispatcher_class(name)(8, DispatchGroups())
+        dispatcher.set_overlap(1)
+        with pytest.raises(ValueError, match="no asynchronous exchange") as err:
+            dispatcher.set_overlap(2)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="positive int"):
+        dispatcher_class("nccl_a2a")(8, DispatchGroups()).set_overlap(0)

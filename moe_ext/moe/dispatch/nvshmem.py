@@ -392,6 +392,10 @@ class NvshmemDispatcher(ExpertParallelDispatcher):
     NVSHMEM or an NCCL process group is missing. It uses the current CUDA device.
     """
 
+    # its exchange is synchronous kernels over symmetric memory: nothing for dual-batch
+    # overlap to hide (set_overlap refuses it)
+    overlaps_exchange = False
+
     @classmethod
     def check_plan(cls, plan: PlanDegrees, topology: Optional[LinkFacts] = None) -> None:
         """The plan-time half of ``_check_environment``: the link, and an EP group of
