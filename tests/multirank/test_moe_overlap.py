@@ -155,3 +155,38 @@ def test_microbatch_sizes_and_refusals():
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="positive int"):
         dispatcher_class("nccl_a2a")(8, DispatchGroups()).set_overlap(0)
+
+
+def _model_body(rank, world):
+    """Transformer.set_moe_overlap on an ep dp 2 model: each rank's prefill logits equal
+    the single-rank model's on its own tokens, dynamic and under a static capacity."""
+    from datetime import timedelta
+
+    from moe_ext.groups import ProcessGroups
+    from moe_ext.model import Transformer
+    from moe_ext.model.parallelize import parallelize
+    from moe_ext.model.weights import init_random_full
+    from tests.support import plan_of, tiny_args
+
+    args = tiny_args()
+    ref = Transformer(args)
+    ref.load_state_dict(init_random_full(args))
+    tokens = torch.tensor([[256, 72, 101, 108], [256, 9, 200, 3 + rank]])  # [2, 4] per rank
+    with torch.no_grad():
+        want = ref(tokens)
+    for strategy in ("ep_nccl", "ep_allgather"):
+        plan = plan_of(strategy, dp=2, ep=2)
+        model = Transformer(args)
+        model.load_state_dict(init_random_full(args))
+        parallelize(model, plan, ProcessGroups.build(plan, "gloo", timedelta(seconds=60)))
+        model.set_moe_overlap(2)
+        for capacity in (None, 8):
+            model.set_moe_capacity(capacity)
+            with torch.no_grad():
+                got = model(tokens)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=strategy)
+
+
+@pytest.mark.timeout(60)
+def test_model_overlap_matches_single_rank_world2():
+    run_ranks(_model_body, world_size=2)
