@@ -24,7 +24,7 @@ from moe_ext.model.args import ModelArgs
 from moe_ext.model.context import DecodeState, ParallelContext
 from moe_ext.model.layers import RMSNorm
 from moe_ext.moe.dispatch.comm import run_on_token_slice
-from moe_ext.moe.dispatch.static import routed_replicated
+from moe_ext.moe.dispatch.static import routed_replicas, routed_replicated
 from moe_ext.moe.layer import add_shared_expert, routed_output
 from moe_ext.quant.linear import quantize_modules_
 
@@ -69,17 +69,28 @@ class TransformerBlock(nn.Module):
         group = self.moe_token_split_group
         if group is None:
             return self.mlp(x)
-        return split_tokens_forward(self.mlp, x, group, self._exchange_replicated(group))
+        return split_tokens_forward(self.mlp, x, group, self._exchange_mode(group))
 
-    def _exchange_replicated(self, group: dist.ProcessGroup) -> bool:
-        """Whether this MoE layer's EP group is exactly the token-split (TP) group, so the
-        tokens every rank holds are already every rank's tokens (split_tokens_forward)."""
+    def _exchange_mode(self, group: dist.ProcessGroup) -> str:
+        """How this MoE layer's tokens, identical over the token-split (TP) ``group``, reach
+        the experts (split_tokens_forward): "replicated" when the EP group is exactly
+        ``group``, "replicas" when it is whole TP groups in order (agreed over the EP group
+        by one all-reduce, the first time), else "split"."""
         dispatcher = self.mlp.dispatcher
         known = self._split_replicated
         if known is None or known[0] is not group or known[1] is not dispatcher:
-            replicates = getattr(dispatcher, "replicates_over", None)
-            flag = bool(replicates is not None and replicates(group))
-            known = self._split_replicated = (group, dispatcher, flag)
+            mode = "split"
+            if getattr(dispatcher, "replicates_over", None) is not None:
+                if dispatcher.replicates_over(group):
+                    mode = "replicated"
+                else:
+                    flag = torch.tensor([int(dispatcher.gathers_replicas(group))])
+                    if dist.get_backend(dispatcher.groups.ep) != dist.Backend.GLOO:
+                        flag = flag.to(self.post_attention_layernorm.weight.device)
+                    # every EP rank must take the same path (they make its collectives)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dispatcher.groups.ep)
+                    mode = "replicas" if int(flag.item()) else "split"  # sync: once
+            known = self._split_replicated = (group, dispatcher, mode)
         return known[2]
 
     def idle_forward(self, hidden_size: int, dtype: torch.dtype, device) -> None:
@@ -90,7 +101,7 @@ class TransformerBlock(nn.Module):
 
 
 def split_tokens_forward(
-    mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup, replicated: bool = False
+    mlp: nn.Module, x: torch.Tensor, group: dist.ProcessGroup, mode: str = "split"
 ) -> torch.Tensor:
     """A MoELayer over TP-identical tokens: every TP rank routes all of them (identically)
     and runs the shared expert on all of them, but sends only its 1/tp slice (tokens with
@@ -101,19 +112,29 @@ def split_tokens_forward(
     see every token on every rank (full, identical gradients) and the load-balancing loss
     is the one of all tokens.
 
-    ``replicated``: the dispatcher's EP group is exactly ``group`` (ep = tp, one replica),
-    so every EP rank already holds every token: each runs its own experts on the rows
-    routed to them and one all-reduce sums the outputs (``static.routed_replicated``), in
-    place of the slice, the exchange's all-gather and reduce-scatter, and the gather of
-    the slices: one collective per layer instead of three.
+    ``mode`` (``TransformerBlock._exchange_mode``): "replicated" when the dispatcher's EP
+    group is exactly ``group`` (ep = tp, one replica), so every EP rank already holds every
+    token: each runs its own experts on the rows routed to them and one all-reduce sums
+    the outputs (``static.routed_replicated``), in place of the slice, the exchange's
+    all-gather and reduce-scatter, and the gather of the slices: one collective per layer
+    instead of three. "replicas" when the EP group is whole TP groups (ep = tp·dp): in
+    decode (static capacity, no autograd) the combine's reduce-scatter hands every rank
+    its whole replica's tokens (``static.routed_replicas``): two collectives instead of
+    three. "split": the general path above.
 
     x: [..., H] -> same shape."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])  # [T, H]
     routing = mlp.router(tokens)  # weights [T, k] f32, expert_idx [T, k]
     rows = (tokens, routing.weights, routing.expert_idx)
-    if replicated:
+    if mode == "replicated":
         y = routed_replicated(mlp.dispatcher, mlp.experts, *rows)  # [T, H]
+    elif (
+        mode == "replicas"
+        and mlp.dispatcher.max_tokens_per_rank is not None
+        and not torch.is_grad_enabled()
+    ):
+        y = routed_replicas(mlp.dispatcher, mlp.experts, *rows, group)  # [T, H]
     else:
         routed = partial(routed_output, mlp.dispatcher, mlp.experts)
         y = run_on_token_slice(routed, rows, group)  # [T, H]

@@ -155,7 +155,7 @@ def _replicated_grad_body(rank, world):
     x_ref, x = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
     y_ref = ref(x_ref)
     (y_ref * cot).sum().backward()
-    y = split_tokens_forward(ep, x, dist.group.WORLD, replicated=True)
+    y = split_tokens_forward(ep, x, dist.group.WORLD, "replicated")
     (y * cot).sum().backward()
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, x_ref.grad)
@@ -172,3 +172,39 @@ def _replicated_grad_body(rank, world):
 @pytest.mark.timeout(60)
 def test_ep_over_tp_ranks_gradients_world2():
     run_ranks(_replicated_grad_body, world_size=2)
+
+
+def _four_rank_body(rank, world):
+    """ep over tp 2 x dp 2 (ep 4, lockstep replicas): decode makes all-reduce + all-gather +
+    reduce-scatter per layer (static.routed_replicas; was + an all-gather of the TP slices),
+    and greedy ids equal the single-rank model's; ep 2 over each TP pair (tp 2, dp 2)
+    makes two all-reduces."""
+    from moe_ext.bench.collectives import decode_step_collectives
+    from moe_ext.config import GenerateConf
+    from moe_ext.model import generate
+    from tests.multirank.test_model_parallel import MAX_NEW, PROMPTS, _reference
+
+    L, args = 4, tiny_args()
+    expected = _reference(args).tokens
+    cases = [
+        (dict(tp=2, dp=2, ep=4), {"all_reduce": L, "all_gather": L, "reduce_scatter": L}),
+        (dict(tp=2, dp=2, ep=2), {"all_reduce": 2 * L}),
+    ]
+    for degrees, want in cases:
+        model = _model(args, plan_of("ep_nccl", world=4, **degrees))
+        got = decode_step_collectives(model, BATCH, capacity=BATCH)
+        assert got == want, (degrees, got, want)
+        out = generate(
+            model,
+            PROMPTS,
+            GenerateConf(max_batch_size=2),
+            eos_id=257,
+            pad_id=258,
+            max_new_tokens=MAX_NEW,
+        )
+        assert out.tokens == expected, (degrees, out.tokens, expected)
+
+
+@pytest.mark.timeout(180)
+def test_collectives_and_ids_ep_over_tp_dp_world4():
+    run_ranks(_four_rank_body, world_size=4)

@@ -45,11 +45,15 @@ from moe_ext.moe.dispatch._permute import check_routing, gather_rows, sort_by_bu
 from moe_ext.moe.dispatch.base import Dispatcher
 from moe_ext.moe.dispatch.comm import (
     Inflight,
+    _pad_rows,
+    _rows_of_rank,
     all_gather_async,
     all_gather_start,
     copy_to_partials,
+    group_size,
     reduce_partials,
     reduce_scatter_async,
+    reduce_scatter_raw,
 )
 
 
@@ -201,6 +205,32 @@ def combine_start(y_local: torch.Tensor, handle: StaticHandle, inflight: Infligh
     return reduce_scatter_async(y_all, handle.group, inflight)[: handle.num_tokens]
 
 
+def combine_replicas(y_local: torch.Tensor, handle: StaticHandle, tp: int) -> torch.Tensor:
+    """``combine`` for TP-split tokens that returns every token of this rank's replica, in
+    one reduce-scatter where ``combine`` + gathering the TP slices take a reduce-scatter and
+    an all-gather. The EP group must be whole TP groups in EP-rank order (EP rank s holds
+    slice s % tp of replica s // tp: ``ExpertParallelDispatcher.gathers_replicas``).
+
+    Each rank's weighted outputs [G*C, H] (row s*C + c: slot c of EP rank s's slice) are
+    laid out per destination rank d as the tp*C rows of d's replica and reduce-scattered:
+    rank d receives, summed over every rank's experts, all slices of its replica. tp times
+    the reduce-scatter bytes of ``combine``, so for the small capacities of decode. No
+    autograd (decode), no host sync.
+
+    y_local: [G*C*k, H]. Returns [tp*C, H]: slice t's C rows at t*C (rows past each
+    slice's tokens are zero)."""
+    weights_all = handle.weights_all
+    top_k, rows, hidden = weights_all.shape[1], weights_all.shape[0], y_local.shape[-1]
+    row_weights = weights_all.reshape(-1).index_select(0, handle.order)  # [R] float32
+    y_local = torch.where(_valid_rows(y_local.shape[0], handle.num_valid), y_local, 0)
+    weighted = y_local * row_weights.to(y_local.dtype).unsqueeze(-1)  # [R, H]
+    y_all = y_local.new_zeros(rows, hidden).index_add(0, handle.order // top_k, weighted)
+    replicas = dist.get_world_size(handle.group) // tp  # G / tp
+    per_dest = y_all.view(replicas, 1, rows // replicas, hidden)  # [G/tp, 1, tp*C, H]
+    laid_out = per_dest.expand(replicas, tp, rows // replicas, hidden)  # [G/tp, tp, tp*C, H]
+    return reduce_scatter_raw(laid_out.reshape(-1, hidden), handle.group)  # [tp*C, H]
+
+
 def combine(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
     """y_local: [G*C*k, H] expert outputs in dispatch order (rows past T' unspecified).
     Returns y [T, H] in y_local's dtype: this rank's tokens, summed over experts with the
@@ -254,6 +284,33 @@ def routed_replicated(
     return reduce_partials(y, group)
 
 
+def routed_replicas(
+    dispatcher: "ExpertParallelDispatcher",
+    experts: torch.nn.Module,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    expert_idx: torch.Tensor,
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """The TP token split (``comm.run_on_token_slice``) of the static exchange in decode,
+    with ``combine_replicas`` in place of combine + the all-gather of the slices: three
+    collectives per layer become two (all-gather, reduce-scatter). Needs a static capacity,
+    no autograd, and ``dispatcher.gathers_replicas(group)``.
+
+    tokens: [T, H], weights: [T, k] float32, expert_idx: [T, k] int64, identical on the
+    ranks of ``group`` (TP). Returns [T, H] (identical on them)."""
+    tp, num_tokens = group_size(group), tokens.shape[0]
+    per_rank = -(-num_tokens // tp)
+    mine = [
+        _rows_of_rank(_pad_rows(r, per_rank * tp), group) for r in (tokens, weights, expert_idx)
+    ]
+    x_local, tokens_per_expert, handle = dispatcher.dispatch(*mine)  # [G*C*k, H]
+    y = combine_replicas(experts(x_local, tokens_per_expert), handle, tp)  # [tp*C, H]
+    capacity = dispatcher.max_tokens_per_rank
+    y = y.view(tp, capacity, y.shape[-1])[:, :per_rank]  # [tp, T/tp, H]
+    return y.reshape(tp * per_rank, y.shape[-1])[:num_tokens]  # [T, H]
+
+
 class ExpertParallelDispatcher(Dispatcher):
     """Experts split over the EP group (the ep_* strategies), no expert TP. Subclasses
     implement their dynamic exchange, either synchronously (``dispatch_dynamic`` /
@@ -284,6 +341,21 @@ class ExpertParallelDispatcher(Dispatcher):
         if ep is None or group is None:
             return False
         return dist.get_process_group_ranks(ep) == dist.get_process_group_ranks(group)
+
+    def gathers_replicas(self, group: Optional[dist.ProcessGroup]) -> bool:
+        """Whether the EP group is whole copies of ``group``'s layout (TP groups): its
+        ranks, in EP-rank order, are consecutive blocks of ``group``'s size, this rank's
+        block being ``group`` (then ``combine_replicas`` applies). Read from global rank
+        lists; the caller makes the EP group agree (static.agree)."""
+        ep = self.groups.ep
+        if ep is None or group is None:
+            return False
+        tp = dist.get_world_size(group)
+        ranks = dist.get_process_group_ranks(ep)
+        if tp < 2 or len(ranks) % tp or len(ranks) == tp:
+            return False
+        start = (self.groups.ep_rank // tp) * tp
+        return ranks[start : start + tp] == dist.get_process_group_ranks(group)
 
     # ---- two-phase exchange (dual-batch overlap) ----------------------------------------
     def dispatch_start(self, x, weights, expert_idx, inflight, microbatches=1):
