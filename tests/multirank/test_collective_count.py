@@ -15,6 +15,9 @@ Per layer, from the code:
 - ep_* over tp = ep (one replica): the EP ranks are the TP ranks, so the MoE is one
   all-reduce (static.routed_replicated); before, the token split took 1/tp of the tokens,
   exchanged them (all-gather + reduce-scatter) and all-gathered the slices;
+- ep_* over tp x dp (4 ranks): attention all-reduce, all-gather, and one reduce-scatter
+  that hands each rank its whole replica (static.routed_replicas); before, a further
+  all-gather of the TP slices;
 - pp 2: one send of the hidden states (stage 0), one receive (stage 1).
 """
 
