@@ -73,3 +73,6 @@ class DecodeState:
     graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     # a CUDA-graph capture failed once: later calls decode eagerly and uncompiled
     capture_failed: bool = False
+    # pipelined generation: each micro-batch's own KV caches, one per local layer, for the
+    # (micro-batch sizes, slots) in the key (pipeline_generate.MicrobatchCaches)
+    stage_caches: Optional[tuple[Any, Any]] = None

@@ -8,7 +8,9 @@ A batch's rows are split into M contiguous micro-batches. Each micro-batch goes 
 sequence of *items*, one forward each: its prompt's prefill chunks (positions [c0, c1),
 attending to the cache of the earlier chunks), then its decode steps. Stage 0 issues one
 item per tick from a static schedule every rank computes alike (``build_schedule``);
-stage s runs the item stage 0 issued s ticks earlier, so P items are in flight. A decode
+stage s runs the item stage 0 issued s ticks earlier, so P items are in flight. Each
+micro-batch has KV caches of its own (``MicrobatchCaches``, swapped into the attention
+modules before its items), so its rows are a plain view of them: no gathered copy. A decode
 item needs the ids its micro-batch's previous item sampled on the last stage: it is issued
 at least P ticks after that one (with M >= P micro-batches the ring is full: at tick t
 stage s works on micro-batch (t - s) mod M).
@@ -26,10 +28,14 @@ the pp group) whether every row is done; all stages then stop issuing items and 
 the ones in flight. At the end the last stage broadcasts the output ids [B, K], once.
 
 On CUDA each stage's part of a decode item (embedding on the first stage, its layers, the
-final norm and LM head on the last) is a CUDA graph per micro-batch size
+final norm and LM head on the last) is a CUDA graph per micro-batch
 (``_StageGraph``, captured with generate's ``capture_step_graph``); the sends and
-receives stay outside the graphs. Expert-parallel stages (EP over the TP ranks of a
-stage) run every item on the static exchange at the item's token count.
+receives stay outside the graphs. Expert-parallel stages run every item on the static
+exchange at the item's token count. With experts split across data-parallel replicas
+(lockstep) every replica runs the same schedule (``run``'s ``peers``): an item a replica
+has no rows in joins the exchanges idle, the stop flag is agreed over the replicas too,
+and at a micro-batch's first decode item they agree whether any captures its graph (the
+others join the capture's warm-up steps idle).
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ class Item:
     decode: bool
     column: Optional[int]
     index: int  # position in its micro-batch's sequence of items
+
+
+def _sizes(bounds: list[int]) -> list[int]:
+    return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def microbatch_bounds(batch: int, count: int) -> list[int]:
@@ -122,11 +132,11 @@ def build_schedule(
 
 
 class _StageGraph(_DecodeGraph):
-    """One stage's part of a decode item for ``batch`` rows, captured once: the
-    embedding (first stage) or the received hidden states, this stage's layers over
-    the given cache rows, and the final norm and LM head (last stage). Static inputs:
-    ids [b, 1] or hidden [b, 1, H], slot [1], kv_start [b], rows [b]; static output:
-    logits [b, 1, V] (last stage) or hidden [b, 1, H]."""
+    """One stage's part of a decode item of one micro-batch (``batch`` rows, its own
+    caches), captured once: the embedding (first stage) or the received hidden states,
+    this stage's layers, and the final norm and LM head (last stage). Static inputs: ids
+    [b, 1] or hidden [b, 1, H], slot [1], kv_start [b]; static output: logits [b, 1, V]
+    (last stage) or hidden [b, 1, H]."""
 
     def __init__(self, model: Transformer, batch: int, device: torch.device):
         super().__init__(model, batch, device)
@@ -134,12 +144,9 @@ class _StageGraph(_DecodeGraph):
         if not model.is_first_stage:
             H = model.args.hidden_size
             self.hidden = torch.zeros(batch, 1, H, dtype=model.dtype, device=device)
-        self.rows = torch.arange(batch, dtype=torch.long, device=device)
 
     def _step(self) -> torch.Tensor:
-        return stage_compute(
-            self.model, self.tokens, self.hidden, self.slot, self.kv_start, None, self.rows
-        )
+        return stage_compute(self.model, self.tokens, self.hidden, self.slot, self.kv_start, None)
 
     def run(
         self,
@@ -147,7 +154,6 @@ class _StageGraph(_DecodeGraph):
         hidden: Optional[torch.Tensor],
         slot: torch.Tensor,
         kv_start: torch.Tensor,
-        rows: torch.Tensor,
     ) -> torch.Tensor:
         if self.hidden is None:
             self.tokens.copy_(ids)
@@ -155,7 +161,6 @@ class _StageGraph(_DecodeGraph):
             self.hidden.copy_(hidden)
         self.slot.copy_(slot)
         self.kv_start.copy_(kv_start)
-        self.rows.copy_(rows)
         if self.graph is None:
             self.capture()
         self.graph.replay()
@@ -163,23 +168,50 @@ class _StageGraph(_DecodeGraph):
 
 
 def _stage_graph_for(model: Transformer, batch: int, capacity: Optional[int]):
-    """The captured stage step for ``batch`` rows on the model's current caches (captured
-    on first use), kept in ``model.decode_state.graphs`` beside generate's own."""
+    """The captured stage step for ``batch`` rows on the caches now in the attention
+    modules (a micro-batch's), captured on first use, kept in ``model.decode_state.graphs``
+    beside generate's own."""
     graphs = model.decode_state.graphs
+    caches_key = model.decode_state.stage_caches[0]
     cache_id = id(next(iter(model.layers.values())).self_attn.kv_cache)
-    key = (
-        "stage",
-        batch,
-        capacity,
-        model.cache_shape,
-        model.compiled_decode_block is not None,
-        cache_id,
-    )
+    key = ("stage", batch, capacity, caches_key, model.compiled_decode_block is not None, cache_id)
     if key not in graphs:
-        for stale in [k for k in graphs if k[-1] != cache_id or k[-3] != model.cache_shape]:
-            del graphs[stale]  # caches were reallocated: those graphs point at freed buffers
+        for stale in [k for k in graphs if k[0] == "stage" and k[3] != caches_key]:
+            del graphs[stale]  # micro-batch caches reallocated: those point at freed buffers
         graphs[key] = _StageGraph(model, batch, model.device)
     return graphs[key]
+
+
+class MicrobatchCaches:
+    """Every micro-batch's own KV caches (one per local layer, ``batch`` = its rows), made
+    by each attention module's ``setup_cache``; ``use(m)`` puts micro-batch m's into the
+    modules. Kept in ``model.decode_state.stage_caches`` (keyed by the sizes and slots) so
+    later calls of the same shape reuse them, and the graphs captured on them."""
+
+    def __init__(self, model: Transformer, sizes: list[int], max_slots: int):
+        self.attention = [block.self_attn for block in model.layers.values()]
+        self.sets: list[list] = []
+        for b in sizes:
+            caches = []
+            for attention in self.attention:
+                attention.kv_cache = None  # a new cache, never another micro-batch's
+                if b:
+                    attention.setup_cache(b, max_slots, model.dtype, model.device)
+                caches.append(attention.kv_cache)
+            self.sets.append(caches)
+
+    @staticmethod
+    def of(model: Transformer, sizes: list[int], max_slots: int) -> MicrobatchCaches:
+        key = (tuple(sizes), max_slots, model.dtype)
+        state = model.decode_state
+        if state.stage_caches is None or state.stage_caches[0] != key:
+            state.stage_caches = None  # free the old ones first
+            state.stage_caches = (key, MicrobatchCaches(model, sizes, max_slots))
+        return state.stage_caches[1]
+
+    def use(self, m: int) -> None:
+        for attention, cache in zip(self.attention, self.sets[m]):
+            attention.kv_cache = cache
 
 
 def stage_compute(
@@ -189,15 +221,14 @@ def stage_compute(
     slots: torch.Tensor,
     kv_start: torch.Tensor,
     kv_len: Optional[int],
-    rows: torch.Tensor,
     last_only: bool = True,
 ) -> torch.Tensor:
-    """This stage's part of one item, no stage-to-stage traffic. ids: [b, S] int64 (first
-    stage) or hidden: [b, S, H] (the previous stage's output); slots [S] int64; kv_start
-    [b] int64; rows [b] int64 cache rows. Returns logits [b, 1, V] on the last stage
-    (``last_only``), else the hidden states [b, S, H]."""
+    """This stage's part of one item on the caches in the attention modules (rows 0..b-1),
+    no stage-to-stage traffic. ids: [b, S] int64 (first stage) or hidden: [b, S, H] (the
+    previous stage's output); slots [S] int64; kv_start [b] int64. Returns logits
+    [b, 1, V] on the last stage (``last_only``), else the hidden states [b, S, H]."""
     h = model.embed_tokens(ids) if model.is_first_stage else hidden  # [b, S, H]
-    h = model._layers(h, slots, kv_start, kv_len, True, rows)
+    h = model._layers(h, slots, kv_start, kv_len, True)
     if not model.is_last_stage:
         return h
     return model._logits(h[:, -1:] if last_only else h)  # [b, 1, V]
@@ -271,12 +302,11 @@ class PipelineRunner:
                 mb_steps[m] = max([mb_steps[m], *steps[lo:hi]])
         schedule = build_schedule(mb_steps, L, self.conf.prefill_chunk, P)
         ticks = {(it.mb, it.index): t for t, it in enumerate(schedule) if it is not None}
-        if B:
-            model.setup_caches(B, -(-(L + K) // SLOT_ROUNDING) * SLOT_ROUNDING)
+        max_slots = -(-(L + K) // SLOT_ROUNDING) * SLOT_ROUNDING
+        caches = MicrobatchCaches.of(model, _sizes(bounds), max_slots)
         padded = [[self.pad_id] * (L - len(p)) + list(p) for p in prompts]
         tokens = torch.tensor(padded, dtype=torch.long, device=device).view(B, L)  # [B, L]
         kv_start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long, device=device)
-        rows = torch.arange(B, dtype=torch.long, device=device)  # [B]
         limits = torch.tensor(max_new, dtype=torch.long, device=device)  # [B]
         out = torch.full((B, K), self.pad_id, dtype=torch.long, device=device)  # [B, K]
         done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
@@ -327,6 +357,8 @@ class PipelineRunner:
                 inputs[ids_item.mb] = recv_ids
             pending_send = None
             if item is not None and item.column == 1 and self.lockstep_group is not None:
+                if rows_of(item):
+                    caches.use(item.mb)
                 self._match_captures(item, rows_of(item), rows_max[item.mb])
             if item is not None and not rows_of(item):
                 self._idle(item, rows_max[item.mb])  # lockstep: another replica's rows
@@ -338,7 +370,8 @@ class PipelineRunner:
                     if item.decode:
                         ids = inputs.pop(item.mb)[:, None]  # [b, 1]
                 capacity = rows_max[item.mb] * (item.stop - item.start)
-                output = self._compute(item, ids, recv_h, kv_start[r0:r1], rows[r0:r1], capacity)
+                caches.use(item.mb)
+                output = self._compute(item, ids, recv_h, kv_start[r0:r1], capacity)
                 if s < P - 1:
                     pending_send = output  # [b, S, H], sent next tick
                 elif item.column is not None:
@@ -426,7 +459,6 @@ class PipelineRunner:
         ids: Optional[torch.Tensor],
         hidden: Optional[torch.Tensor],
         kv_start: torch.Tensor,
-        rows: torch.Tensor,
         capacity: int,
     ) -> torch.Tensor:
         """This stage's forward of ``item``: logits [b, 1, V] on the last stage, else the
@@ -434,18 +466,18 @@ class PipelineRunner:
         ``capacity``: the item's static expert-exchange capacity (its token count on the
         busiest replica), used by expert-parallel models."""
         model = self.model
-        b = rows.shape[0]
+        b = kv_start.shape[0]
         if not self.expert_parallel:
             capacity = None
         if capacity is not None:
             model.set_moe_capacity(capacity)  # the same on every rank of the EP group
         slots = torch.arange(item.start, item.stop, device=self.device)  # [S]
         if not item.decode:
-            return stage_compute(model, ids, hidden, slots, kv_start, item.stop, rows)
+            return stage_compute(model, ids, hidden, slots, kv_start, item.stop)
         if self.use_graphs:
             graph = _stage_graph_for(model, b, capacity)
             try:
-                return graph.run(ids, hidden, slots, kv_start, rows)
+                return graph.run(ids, hidden, slots, kv_start)
             except dist.DistError:
                 raise
             except RuntimeError as e:  # an op that syncs, or a failed compile
@@ -459,7 +491,7 @@ class PipelineRunner:
                 model.decode_state.capture_failed = True
                 model.decode_state.graphs.clear()
                 self.use_graphs = False
-        return stage_compute(model, ids, hidden, slots, kv_start, None, rows)
+        return stage_compute(model, ids, hidden, slots, kv_start, None)
 
     def _sample(
         self,

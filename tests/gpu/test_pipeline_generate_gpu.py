@@ -1,7 +1,7 @@
 """Pipelined generation on 2 GPUs (pp=2, NCCL) and on 4 (pp2 x ep2): each stage's decode
 step from its own CUDA graph (sends and receives outside), with and without the compiled
 decode blocks, gives the single-GPU generate's greedy ids (fp32), micro-batches in flight
-and prefill chunked; graphs are kept per micro-batch size and reused by the next call on
+and prefill chunked; graphs are kept per micro-batch and reused by the next call on
 the same caches.
 
 # B batch rows
@@ -71,7 +71,7 @@ def _pp_graph_body(rank, world):
         assert graphed.cuda_graphs, n
         assert graphed.tokens == expected, (n, graphed.tokens, expected)
         graphs = _stage_graphs(model)
-        # one graph per micro-batch size: n rows in min(2, n) contiguous micro-batches
+        # one graph per micro-batch (its own caches): n rows in min(2, n) micro-batches
         sizes = {n * (m + 1) // min(2, n) - n * m // min(2, n) for m in range(min(2, n))}
         assert {k[1] for k in graphs} == sizes, (n, list(graphs))
         assert all(g.graph is not None for g in graphs.values())

@@ -8,7 +8,7 @@ prefill on gloo ranks against the single-rank generate on the same weights.
 - ep_nccl / ep_allgather with dp=2 on 2 ranks: prefill chunked on the static exchange
   gives the unchunked ids, and its exchange reads nothing back to the host.
 - per-stage CUDA graphs emulated on CPU (capture = two warm-up steps, replay = the step
-  from the static buffers): same ids, one capture per micro-batch size, reused.
+  from the static buffers): same ids, one capture per micro-batch, reused.
 - 4 ranks (slow): pp2 x tp2, pp2 x ep2 over dp replicas (lockstep; also with emulated
   graphs), pp2 x ep2 over the TP ranks of each stage.
 - the tiny model's launcher at pp=2 against transformers (slow).
@@ -152,6 +152,17 @@ def _pp_body(rank, world):
         return original(self, prompts, max_new, peers)
 
     pipeline.PipelineRunner.run = spy
+    # micro-batches have caches of their own: their rows are views, never gathered copies
+    from moe_ext.model.layers import KVCache
+
+    read = KVCache.read
+    gathered = []
+
+    def spy_read(self, batch, cache_rows=None, kv_len=None):
+        gathered.append(cache_rows is not None)
+        return read(self, batch, cache_rows, kv_len)
+
+    KVCache.read = spy_read
     eos = _eos_from(_greedy(reference, PROMPTS, MAX_NEW, None))
     cases = [
         (1, dict(prefill_chunk=3)),
@@ -171,6 +182,8 @@ def _pp_body(rank, world):
             assert got == expected, (n, conf, stop, got, expected)
             pipelined = conf.get("pipeline_microbatches") != 1
             assert (len(runs) > before) == pipelined, (conf, runs)
+    assert gathered and not any(gathered)
+    KVCache.read = read
     # an EOS stop actually cut a request short
     assert _greedy(reference, PROMPTS, MAX_NEW, eos) != _greedy(reference, PROMPTS, MAX_NEW, None)
     # per-stage graphs (emulated): the same ids from the static buffers, one capture per
