@@ -79,17 +79,7 @@ class TransformerBlock(nn.Module):
         dispatcher = self.mlp.dispatcher
         known = self._split_replicated
         if known is None or known[0] is not group or known[1] is not dispatcher:
-            mode = "split"
-            if getattr(dispatcher, "replicates_over", None) is not None:
-                if dispatcher.replicates_over(group):
-                    mode = "replicated"
-                else:
-                    flag = torch.tensor([int(dispatcher.gathers_replicas(group))])
-                    if dist.get_backend(dispatcher.groups.ep) != dist.Backend.GLOO:
-                        flag = flag.to(self.post_attention_layernorm.weight.device)
-                    # every EP rank must take the same path (they make its collectives)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dispatcher.groups.ep)
-                    mode = "replicas" if int(flag.item()) else "split"  # sync: once
+            mode = _exchange_mode(dispatcher, group, self.post_attention_layernorm.weight.device)
             known = self._split_replicated = (group, dispatcher, mode)
         return known[2]
 
@@ -98,6 +88,21 @@ class TransformerBlock(nn.Module):
         sequences are all done while its expert-parallel peers still decode)."""
         if self.is_moe:
             self.feed_forward(torch.empty(0, hidden_size, dtype=dtype, device=device))
+
+
+@torch.compiler.disable
+def _exchange_mode(dispatcher, group: dist.ProcessGroup, device: torch.device) -> str:
+    """TransformerBlock._exchange_mode's answer, worked out (eagerly, once per layer)."""
+    if getattr(dispatcher, "replicates_over", None) is None:
+        return "split"
+    if dispatcher.replicates_over(group):
+        return "replicated"
+    flag = torch.tensor([int(dispatcher.gathers_replicas(group))])
+    if dist.get_backend(dispatcher.groups.ep) != dist.Backend.GLOO:
+        flag = flag.to(device)
+    # every EP rank must take the same path (they make its collectives)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dispatcher.groups.ep)
+    return "replicas" if int(flag.item()) else "split"  # sync: once per layer
 
 
 def split_tokens_forward(
