@@ -179,7 +179,7 @@ def _model_body(rank, world):
         model = Transformer(args)
         model.load_state_dict(init_random_full(args))
         parallelize(model, plan, ProcessGroups.build(plan, "gloo", timedelta(seconds=60)))
-        model.set_moe_overlap(2)
+        model.set_moe_overlap(2, min_tokens=1)
         for capacity in (None, 8):
             model.set_moe_capacity(capacity)
             with torch.no_grad():
