@@ -256,6 +256,10 @@ class PipelineRunner:
         self.model, self.conf, self.eos, self.pad_id = model, conf, eos, pad_id
         self.generator, self.check_every, self.result = generator, check_every, result
         self.use_graphs = use_graphs
+        self.graphs_ran = False  # a decode item replayed a stage graph
+        # lockstep: take part in the capture agreement even where graphs are off after a
+        # failed capture (the other replicas may still capture)
+        self.match_captures = use_graphs or model.decode_state.capture_failed
         self.device = model.device
         self.group = context.pp_group
         self.stages = dist.get_world_size(self.group)
@@ -393,7 +397,7 @@ class PipelineRunner:
         self._fence()
         self.result.prefill_s += t_prefill - t0
         self.result.decode_s += time.perf_counter() - t_prefill
-        self.result.cuda_graphs = self.use_graphs
+        self.result.cuda_graphs = self.graphs_ran
         return finish_requests(out, max_new, self.eos, self.result)
 
     # ---- pieces of run() -----------------------------------------------------------------
@@ -433,10 +437,10 @@ class PipelineRunner:
         stage graph is captured, if it is not yet): the replicas agree whether any of
         them captures, and those that do not join the two warm-up steps of the capture
         with idle steps (the capture itself launches no collective)."""
-        if not self.use_graphs:
+        if not self.match_captures:
             return
         capturing = False
-        if rows:
+        if rows and self.use_graphs:
             capacity = rows_max * (item.stop - item.start)
             capturing = _stage_graph_for(self.model, rows, capacity).graph is None
         flag = torch.tensor([int(capturing)], dtype=torch.int32, device=self.device)
@@ -477,7 +481,9 @@ class PipelineRunner:
         if self.use_graphs:
             graph = _stage_graph_for(model, b, capacity)
             try:
-                return graph.run(ids, hidden, slots, kv_start)
+                logits = graph.run(ids, hidden, slots, kv_start)
+                self.graphs_ran = True
+                return logits
             except dist.DistError:
                 raise
             except RuntimeError as e:  # an op that syncs, or a failed compile
