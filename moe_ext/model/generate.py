@@ -524,6 +524,15 @@ def _prefill_capacities(lengths: list[list[int]], chunk: Optional[int]) -> Optio
     return [max(caps[c] if c < len(caps) else 0 for caps in per_replica) for c in range(count)]
 
 
+def _round_shares(bounds: list[int], batch: int, round_index: int) -> list[range]:
+    """The requests each replica runs in round ``round_index`` (replica q holds requests
+    [bounds[q], bounds[q+1]) in chunks of ``batch``); empty where it has none left."""
+    return [
+        range(lo, hi)[round_index * batch : (round_index + 1) * batch]
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+
+
 def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
     """Tokens per decode step of the largest batch any replica runs in round
     ``round_index`` (replica q holds requests [bounds[q], bounds[q+1]) in chunks of
@@ -599,6 +608,7 @@ def generate(
     )
     runner = None
     if pipelined:
+        # imported here: pipeline_generate builds on this module's pieces
         from moe_ext.model.pipeline_generate import PipelineRunner
 
         runner = PipelineRunner(
@@ -623,18 +633,14 @@ def generate(
     try:
         for r in range(rounds):
             chunk = chunks[r] if r < len(chunks) else []
+            # the batches of this round that must agree on shapes: every replica's with
+            # lockstep, else this one's
+            shares = _round_shares(bounds, batch, r) if lockstep else [chunk]
             if runner is not None:
                 peers = None
-                if lockstep:  # every replica's batch of this round: one schedule for all
+                if lockstep:  # one schedule for every replica
                     peers = [
-                        (
-                            [len(prompt_ids[i]) for i in share],
-                            [max_new[i] for i in share],
-                        )
-                        for share in (
-                            range(bounds[q], bounds[q + 1])[r * batch : (r + 1) * batch]
-                            for q in range(dp_size)
-                        )
+                        ([len(prompt_ids[i]) for i in s], [max_new[i] for i in s]) for s in shares
                     ]
                 local += runner.run(
                     [prompt_ids[i] for i in chunk], [max_new[i] for i in chunk], peers
@@ -643,13 +649,7 @@ def generate(
             capacity = _round_capacity(bounds, batch, r) if lockstep else len(chunk)
             prefill_caps = None
             if static_exchange:
-                shares = [range(bounds[q], bounds[q + 1]) for q in range(dp_size)]
-                if not lockstep:
-                    shares = [mine]
-                lengths = [
-                    [len(prompt_ids[i]) for i in share[r * batch : (r + 1) * batch]]
-                    for share in shares
-                ]
+                lengths = [[len(prompt_ids[i]) for i in s] for s in shares]
                 prefill_caps = _prefill_capacities(lengths, conf.prefill_chunk)
             local += stepper.run(
                 [prompt_ids[i] for i in chunk],
