@@ -537,9 +537,7 @@ def _round_capacity(bounds: list[int], batch: int, round_index: int) -> int:
     """Tokens per decode step of the largest batch any replica runs in round
     ``round_index`` (replica q holds requests [bounds[q], bounds[q+1]) in chunks of
     ``batch``): the static expert-exchange capacity, the same on every rank."""
-    return max(
-        min(batch, max(0, hi - lo - round_index * batch)) for lo, hi in zip(bounds[:-1], bounds[1:])
-    )
+    return max(len(share) for share in _round_shares(bounds, batch, round_index))
 
 
 @torch.inference_mode()
