@@ -122,6 +122,18 @@ def test_schedule_fills_the_ring_and_respects_dependencies():
     assert microbatch_bounds(5, 2) == [0, 2, 5]
 
 
+def test_prefill_capacities_cover_every_replica():
+    """Chunk c's capacity: the most rows x chunk positions any replica feeds it; a replica
+    with a shorter prompt (fewer chunks) or none adds nothing."""
+    from moe_ext.model.generate import _prefill_capacities
+
+    # replica 0: 2 rows padded to 9 (chunks 4, 4, 1); replica 1: 3 rows padded to 5 (4, 1)
+    assert _prefill_capacities([[9, 2], [5, 1, 3], []], 4) == [12, 8, 2]
+    assert _prefill_capacities([[9, 2], [5, 1, 3]], None) == [18]
+    assert _prefill_capacities([[9, 2], [5, 1, 3]], 0) == [18]
+    assert _prefill_capacities([[], []], 4) is None
+
+
 def test_generate_conf_refuses_bad_pipeline_fields():
     from moe_ext.config import ConfigError
 
