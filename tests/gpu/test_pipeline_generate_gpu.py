@@ -61,7 +61,7 @@ def _pp_graph_body(rank, world):
     reference = _model(args, device)
     plan = plan_of("replicate", pp=2)
     groups = ProcessGroups.build(plan, "nccl", timedelta(seconds=120))
-    model = parallelize(_model(args, device), plan, groups)
+    model = parallelize(_model(args, "cpu"), plan, groups).to(device)
     for n in (1, 3, 5):
         expected = _run(reference, n, cuda_graphs=False, compile_decode=False).tokens
         eager = _run(model, n, prefill_chunk=4, cuda_graphs=False, compile_decode=False)
@@ -107,7 +107,7 @@ def _pp_ep_graph_body(rank, world, degrees):
     reference = _model(args, device)
     plan = plan_of("ep_nccl", world=4, **degrees)
     groups = ProcessGroups.build(plan, "nccl", timedelta(seconds=120))
-    model = parallelize(_model(args, device), plan, groups)
+    model = parallelize(_model(args, "cpu"), plan, groups).to(device)
     for n in (1, 3, 5):
         expected = _run(reference, n, cuda_graphs=False, compile_decode=False).tokens
         for _ in range(2):  # capture, then replay
