@@ -47,6 +47,9 @@ class StrategyConf:
 
     name: str = "auto"  # auto | replicate | tp_experts | ep_allgather | ep_nccl | ep_nvshmem
     dispatcher: Optional[Any] = None  # {_target_: moe_ext.moe.dispatch....}; None with auto
+    # > 1: dual-batch overlap in the expert-parallel layer (each MoE layer's tokens in this
+    # many parts, one part's exchange under another's experts); ep_nccl and ep_allgather
+    overlap_microbatches: int = 1
 
 
 @dataclass

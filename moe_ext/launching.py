@@ -307,6 +307,8 @@ def build_model_shard(
     with torch.device("meta"):
         model = Transformer(source.args).to(dtype=dtype)  # cast on meta: no full fp32 copy
     parallelize(model, plan, groups)
+    if plan.overlap_microbatches > 1:
+        model.set_moe_overlap(plan.overlap_microbatches)
     requests = shard_slices(plan, RankCoords.of(plan, rank), source.args)
     if source.reader is None:
         init_random_(model, seed=source.args.init_seed, requests=requests, device=device)

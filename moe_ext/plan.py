@@ -104,6 +104,8 @@ class ParallelPlan:
     edp: int
     dispatcher: str  # dotted path of the Dispatcher class
     reason: str  # one line: why this strategy and these degrees
+    # dual-batch overlap in each MoE layer (Dispatcher.set_overlap); 1: off
+    overlap_microbatches: int = 1
 
     @property
     def is_expert_parallel(self) -> bool:
@@ -120,7 +122,9 @@ class ParallelPlan:
         return (
             f"{self.strategy}: world={self.world_size} tp={self.tp} pp={self.pp} "
             f"dp={self.dp} | ep={self.ep} etp={self.etp} edp={self.edp} | "
-            f"dispatcher={self.dispatcher.rpartition('.')[2]} | {self.reason}"
+            f"dispatcher={self.dispatcher.rpartition('.')[2]}"
+            + (f" overlap={self.overlap_microbatches}" if self.overlap_microbatches > 1 else "")
+            + f" | {self.reason}"
         )
 
 
@@ -963,4 +967,27 @@ def build_plan(
             reason=f"{reason}; ep_nccl, not ep_nvshmem: {err}",
         )
         _check_dispatcher(plan, topology)
-    return plan
+    return _with_overlap(plan, strategy, auto)
+
+
+def _with_overlap(plan: ParallelPlan, strategy: StrategyConf, auto: bool) -> ParallelPlan:
+    """``strategy.overlap_microbatches`` on the plan, if its dispatcher can overlap an
+    exchange with the experts (``Dispatcher.overlaps_exchange``). An explicit strategy
+    whose dispatcher cannot is refused; auto's pick without an exchange to hide (replicate,
+    tp_experts, NVSHMEM) runs without it and says so."""
+    parts = getattr(strategy, "overlap_microbatches", 1)
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise PlanError(
+            f"strategy.overlap_microbatches={parts!r}; use 1 (off) or 2 (dual-batch overlap)"
+        )
+    if parts == 1:
+        return plan
+    if not dispatcher_class(plan.dispatcher).overlaps_exchange:
+        why = f"{plan.strategy} has no asynchronous expert exchange to overlap"
+        if auto:
+            return replace(plan, reason=f"{plan.reason}; overlap off: {why}")
+        raise PlanError(
+            f"strategy.overlap_microbatches={parts} but {why}; use strategy=ep_nccl or "
+            f"ep_allgather, or strategy.overlap_microbatches=1"
+        )
+    return replace(plan, overlap_microbatches=parts)

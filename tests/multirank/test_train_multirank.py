@@ -78,10 +78,14 @@ def _grads_body(rank, world, export_dir):
     args = tiny_args()
     ref_grads, ref_norm = _reference(args)
     cache: dict = {}
-    for strategy, ep in (("replicate", 1), ("ep_nccl", 2), ("ep_allgather", 2)):
+    # overlap 2: dual-batch overlap (strategy.overlap_microbatches) in the EP layer
+    cases = (("replicate", 1, 1), ("ep_nccl", 2, 1), ("ep_allgather", 2, 1), ("ep_nccl", 2, 2))
+    for strategy, ep, overlap in cases:
         plan = plan_of(strategy, dp=2, ep=ep)
         groups = groups_per_layout(plan, cache, timeout_s=60)
         model, engine = _engine(args, plan, groups)
+        if overlap > 1:
+            model.set_moe_overlap(overlap)
         mine = _global_batch()[rank * MB : (rank + 1) * MB]
         loss, _, aux = engine(mine)
         assert aux > 0
@@ -94,7 +98,7 @@ def _grads_body(rank, world, export_dir):
             )
         norm = clip_grad_norm_(model, 0.0, grad_placements(model, groups, args), groups.world)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
-        if strategy == "ep_nccl":  # rank 0 reassembles both ranks' expert blocks
+        if strategy == "ep_nccl" and overlap == 1:  # rank 0 reassembles the expert blocks
             export_moe_ext(model, plan, rank, export_dir, hf_config(args, "byte"))
             torch.distributed.barrier()
             full = init_random_full(args)

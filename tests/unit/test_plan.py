@@ -623,3 +623,47 @@ def test_hydra_rejects_a_typo_in_parallel():
             compose(config_name="config", overrides=["strategy=ep_nccl", "parallel.tpp=2"])
         cfg = compose(config_name="config", overrides=["strategy=ep_nccl", "parallel.tp=2"])
     assert cfg.parallel.tp == 2 and cfg.parallel.dp is None and cfg.strategy.name == "ep_nccl"
+
+
+def overlap_plan(strategy, parts, world=2, topology=None):
+    return build_plan(
+        StrategyConf(name=strategy, overlap_microbatches=parts),
+        ParallelConf(),
+        world,
+        topology or topo("pcie", world),
+        SHAPE,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["ep_nccl", "ep_allgather"])
+def test_overlap_is_carried_by_plans_whose_dispatcher_overlaps(strategy):
+    p = overlap_plan(strategy, 2)
+    assert p.overlap_microbatches == 2
+    assert "overlap=2" in p.describe()
+    assert overlap_plan(strategy, 1).overlap_microbatches == 1
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "tp_experts"])
+def test_overlap_without_an_exchange_is_refused_in_one_line(strategy):
+    world = 2
+    with pytest.raises(PlanError, match="overlap_microbatches=2 but .* no asynchronous") as err:
+        build_plan(
+            StrategyConf(name=strategy, overlap_microbatches=2),
+            ParallelConf(tp=2) if strategy == "tp_experts" else ParallelConf(),
+            world,
+            topo("pcie", world),
+            SHAPE,
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_auto_drops_overlap_when_its_pick_has_no_exchange():
+    p = overlap_plan("auto", 2)  # SHAPE fits one rank on pcie: replicate
+    assert p.strategy == "replicate" and p.overlap_microbatches == 1
+    assert "overlap off" in p.reason
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "2"])
+def test_overlap_count_is_checked(bad):
+    with pytest.raises(PlanError, match="strategy.overlap_microbatches"):
+        overlap_plan("ep_nccl", bad)
