@@ -9,7 +9,10 @@ strategy and batch size, against the HBM floor of the weights each decode step m
 
 Weights are generated on the GPU (the launcher's deterministic random init, this rank's
 shard only); each batch runs once to warm up (autotuning, CUDA-graph capture), then once
-timed. Prints a table last; --json writes the rows, --png a chart (decode tok/s by batch).
+timed. strategy=auto (the default) plans per batch, as the launcher would for a job of that
+many prompts, and runs each distinct pick on the batches it was picked for (e.g. attention
+tp x ep at batch 1, ep with data-parallel attention at 64). Prints a table last; --json
+writes the rows, --png a chart (decode tok/s by batch).
 ``--peers hf`` then frees our model and runs Hugging Face transformers ``generate`` (greedy,
 eager, its default cache) on the same shapes with random weights on rank 0's device, timed
 the same way (moe_ext.bench.peers.hf_generate_timed). Every row records library versions.
@@ -26,6 +29,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -140,26 +144,26 @@ def main() -> None:
         f"generate.max_batch_size={max(batches)}",
         *opts.overrides,
     ]
-    # the launcher validates a prompts file (lengths against the context): give it one
-    prompts_file = Path(f"/tmp/bench_infer_prompts_{env.rank}.jsonl")
-    prompts_file.write_text(json.dumps({"prompt_ids": [1] * opts.prompt_len}) + "\n")
-    overrides.append(f"prompts={prompts_file}")
-    cfg = infer_conf(overrides)
-    job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
+    cfg, job = prepared(overrides, env, opts.prompt_len, max(batches))
     device = init_distributed(env, job.device_type, cfg.dist_timeout_s)
     profile = select_profile(cfg.plan.profile, job.topology).profile
     specs = plan_specs(opts.plans, job, profile, max(batches), opts.prompt_len, env.world_size)
+    runs = []  # (cfg, job, batches) per plan
+    for spec in specs:
+        if spec:
+            runs.append((*prepared(overrides + spec, env, opts.prompt_len, max(batches)), batches))
+        elif job.plan.reason.startswith("auto"):
+            runs += auto_runs(overrides, env, opts.prompt_len, batches)
+        else:
+            runs.append((cfg, job, batches))
     rows: list[dict] = []
     model = None
-    for spec in specs:
+    for cfg, job, plan_batches in runs:
         if model is not None:  # the next plan: its own process groups and weights
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if spec:
-            cfg = infer_conf(overrides + spec)
-            job = infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
-        model = bench_plan(opts, cfg, job, env, device, batches, profile, rows)
+        model = bench_plan(opts, cfg, job, env, device, plan_batches, profile, rows)
     if opts.profile:
         profile_decode(model, cfg, job, batches[0], opts.prompt_len, env.rank)
     if opts.peers == "hf":
@@ -174,6 +178,30 @@ def main() -> None:
     if device.type != "cuda":
         dist.destroy_process_group()
     exit_now(0)
+
+
+def prepared(overrides: list[str], env, prompt_len: int, batch: int):
+    """(cfg, job) of the launcher's own ``prepare`` for a job of ``batch`` prompts of
+    ``prompt_len`` tokens: auto plans for the batch it is told (its prompt count)."""
+    # the launcher validates a prompts file (lengths against the context): give it one
+    prompts_file = Path(tempfile.gettempdir()) / f"bench_infer_prompts_{env.rank}_{batch}.jsonl"
+    prompts_file.write_text((json.dumps({"prompt_ids": [1] * prompt_len}) + "\n") * batch)
+    cfg = infer_conf([*overrides, f"prompts={prompts_file}"])
+    return cfg, infer.prepare(cfg, env, torch.cuda.is_available(), torch.cuda.device_count())
+
+
+def auto_runs(overrides: list[str], env, prompt_len: int, batches: list[int]) -> list[tuple]:
+    """strategy=auto picks per batch (e.g. tp x ep below the replicas, ep with dp above):
+    (cfg, job, batches) for each distinct pick, with the batches it was picked for."""
+    runs: dict[tuple, tuple] = {}
+    for batch in batches:
+        cfg, job = prepared(overrides, env, prompt_len, batch)
+        p = job.plan
+        key = (p.strategy, p.tp, p.pp, p.dp, p.ep, p.etp)
+        if key not in runs:
+            runs[key] = (cfg, job, [])
+        runs[key][2].append(batch)
+    return list(runs.values())
 
 
 def plan_specs(
@@ -254,7 +282,7 @@ def bench_plan(opts, cfg, job, env, device, batches: list[int], profile, rows: l
             if env.rank == 0:
                 print(
                     f"batch {batch} skipped: fewer sequences than the plan's {job.plan.dp} "
-                    f"replicas (dp); batch 1 needs a plan without replicas (tp_experts, pp)",
+                    f"replicas (dp); strategy=auto picks attention tp x ep at such batches",
                     flush=True,
                 )
             continue

@@ -503,3 +503,24 @@ def test_bench_plan_specs_put_auto_first_then_the_ranked_fitting_plans():
         else 1
     )
     assert bench.plan_specs("top1", job, profile, 16, 512, 2) == [specs[1]]
+
+
+def test_bench_auto_plans_each_batch_as_the_launcher_would():
+    """strategy=auto in bench_infer: batch 1 below the 2 EP replicas runs attention tp2 x ep2,
+    batches 2 and 4 the data-parallel ep plan; each pick once, with its batches."""
+    from moe_ext.dist import DistEnv
+
+    bench = _bench()
+    overrides = [
+        "model=tiny",
+        "strategy=auto",
+        "device=cpu",
+        "generate.max_batch_size=4",
+        "parallel.ep=2",
+    ]
+    runs = bench.auto_runs(overrides, DistEnv(rank=0, world_size=2), 8, [1, 2, 4])
+    picks = [((job.plan.strategy, job.plan.tp, job.plan.dp, job.plan.ep), b) for _, job, b in runs]
+    assert [(degrees[1:], batches) for degrees, batches in picks] == [
+        ((2, 1, 2), [1]),
+        ((1, 2, 2), [2, 4]),
+    ], picks
