@@ -43,9 +43,9 @@ class TransformerBlock(nn.Module):
         # slice through the expert exchange and the slices are all-gathered afterwards
         # (or, when the EP group is exactly this group, no exchange: routed_replicated).
         self.moe_token_split_group: Optional[dist.ProcessGroup] = None
-        # (group, dispatcher, whether the dispatcher's EP group is exactly that group):
-        # learnt on the first eager forward, so compiled decode steps read it as a constant
-        self._split_replicated: Optional[tuple] = None
+        # (group, dispatcher, _exchange_mode's answer for them): learnt on the first eager
+        # forward, so compiled decode steps read it as a constant
+        self._split_mode: Optional[tuple] = None
 
     def forward(
         self,
@@ -77,10 +77,10 @@ class TransformerBlock(nn.Module):
         ``group``, "replicas" when it is whole TP groups in order (agreed over the EP group
         by one all-reduce, the first time), else "split"."""
         dispatcher = self.mlp.dispatcher
-        known = self._split_replicated
+        known = self._split_mode
         if known is None or known[0] is not group or known[1] is not dispatcher:
             mode = _exchange_mode(dispatcher, group, self.post_attention_layernorm.weight.device)
-            known = self._split_replicated = (group, dispatcher, mode)
+            known = self._split_mode = (group, dispatcher, mode)
         return known[2]
 
     def idle_forward(self, hidden_size: int, dtype: torch.dtype, device) -> None:
@@ -302,20 +302,31 @@ class Transformer(nn.Module):
         return self._logits(h)
 
     def stage_forward(
-        self, tokens: torch.Tensor, hidden: Optional[torch.Tensor] = None
+        self,
+        tokens: Optional[torch.Tensor],
+        hidden: Optional[torch.Tensor] = None,
+        slots: Optional[torch.Tensor] = None,
+        kv_start: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+        use_cache: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """This pipeline stage's part of a training forward (no cache, no padding), without
-        any stage-to-stage traffic: the pipeline schedule (moe_ext.train.pipeline) moves
-        ``hidden`` between stages itself.
+        """This pipeline stage's part of a forward, without any stage-to-stage traffic: the
+        pipeline schedules (moe_ext.train.pipeline for training, pipeline_generate for
+        generation) move ``hidden`` between stages themselves. The defaults are a training
+        forward (no cache, no padding).
 
-        tokens: [B, S] int64 (read by the first stage); hidden: [B, S, H] in the model dtype,
-        the previous stage's output (None on the first stage). Returns logits [B, S, V] on
-        the last stage, else this stage's hidden states [B, S, H]."""
-        B, S = tokens.shape
+        tokens: [B, S] int64 (read by the first stage only); hidden: [B, S, H] in the model
+        dtype, the previous stage's output (None on the first stage); slots, kv_start,
+        kv_len, use_cache, last_only: as ``forward`` (slots default 0..S-1). Returns logits
+        [B, S or 1, V] on the last stage, else this stage's hidden states [B, S, H]."""
         h = self.embed_tokens(tokens) if self.is_first_stage else hidden  # [B, S, H]
-        slots = torch.arange(S, device=tokens.device)
-        h = self._layers(h, slots, None, None, False)
-        return self._logits(h) if self.is_last_stage else h
+        if slots is None:
+            slots = torch.arange(h.shape[1], device=h.device)
+        h = self._layers(h, slots, kv_start, kv_len, use_cache)
+        if not self.is_last_stage:
+            return h
+        return self._logits(h[:, -1:] if last_only else h)  # [B, S or 1, V]
 
     def _layers(
         self,

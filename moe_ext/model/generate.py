@@ -588,10 +588,7 @@ def generate(
     # holding the same one).
     static_exchange = lockstep or context.expert_parallel
     pipelined = context.pp_group is not None and conf.pipeline_microbatches != 1
-    if pipelined:
-        use_graphs = _graphs_usable(model, conf, device, static_exchange, pipelined=True)
-    else:  # (tests stand in a 4-argument _graphs_usable)
-        use_graphs = _graphs_usable(model, conf, device, static_exchange)
+    use_graphs = _graphs_usable(model, conf, device, static_exchange, pipelined)
     result = GenerationResult(tokens=[])
     stepper = _Stepper(
         model,

@@ -146,7 +146,9 @@ class _StageGraph(_DecodeGraph):
             self.hidden = torch.zeros(batch, 1, H, dtype=model.dtype, device=device)
 
     def _step(self) -> torch.Tensor:
-        return stage_compute(self.model, self.tokens, self.hidden, self.slot, self.kv_start, None)
+        return self.model.stage_forward(
+            self.tokens, self.hidden, self.slot, self.kv_start, None, True, last_only=True
+        )
 
     def run(
         self,
@@ -212,26 +214,6 @@ class MicrobatchCaches:
     def use(self, m: int) -> None:
         for attention, cache in zip(self.attention, self.sets[m]):
             attention.kv_cache = cache
-
-
-def stage_compute(
-    model: Transformer,
-    ids: Optional[torch.Tensor],
-    hidden: Optional[torch.Tensor],
-    slots: torch.Tensor,
-    kv_start: torch.Tensor,
-    kv_len: Optional[int],
-    last_only: bool = True,
-) -> torch.Tensor:
-    """This stage's part of one item on the caches in the attention modules (rows 0..b-1),
-    no stage-to-stage traffic. ids: [b, S] int64 (first stage) or hidden: [b, S, H] (the
-    previous stage's output); slots [S] int64; kv_start [b] int64. Returns logits
-    [b, 1, V] on the last stage (``last_only``), else the hidden states [b, S, H]."""
-    h = model.embed_tokens(ids) if model.is_first_stage else hidden  # [b, S, H]
-    h = model._layers(h, slots, kv_start, kv_len, True)
-    if not model.is_last_stage:
-        return h
-    return model._logits(h[:, -1:] if last_only else h)  # [b, 1, V]
 
 
 # ---- the runner --------------------------------------------------------------------------
@@ -477,7 +459,9 @@ class PipelineRunner:
             model.set_moe_capacity(capacity)  # the same on every rank of the EP group
         slots = torch.arange(item.start, item.stop, device=self.device)  # [S]
         if not item.decode:
-            return stage_compute(model, ids, hidden, slots, kv_start, item.stop)
+            return model.stage_forward(
+                ids, hidden, slots, kv_start, item.stop, True, last_only=True
+            )
         if self.use_graphs:
             graph = _stage_graph_for(model, b, capacity)
             try:
@@ -497,7 +481,7 @@ class PipelineRunner:
                 model.decode_state.capture_failed = True
                 model.decode_state.graphs.clear()
                 self.use_graphs = False
-        return stage_compute(model, ids, hidden, slots, kv_start, None)
+        return model.stage_forward(ids, hidden, slots, kv_start, None, True, last_only=True)
 
     def _sample(
         self,

@@ -208,6 +208,7 @@ def _four_rank_body(rank, world):
         assert out.tokens == expected, (degrees, out.tokens, expected)
 
 
+@pytest.mark.slow  # 4 ranks; the 2-rank counts run by default
 @pytest.mark.timeout(180)
 def test_collectives_and_ids_ep_over_tp_dp_world4():
     run_ranks(_four_rank_body, world_size=4)

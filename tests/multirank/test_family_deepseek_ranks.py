@@ -60,6 +60,7 @@ def test_two_ranks_every_strategy_and_pipeline(checkpoints):
     )
 
 
+@pytest.mark.slow  # 4 ranks; tests/multirank/test_hybrid_degrees.py runs one by default
 def test_four_ranks_heads_split_with_expert_parallel(checkpoints):
     plans = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
     run_ranks(

@@ -64,6 +64,7 @@ def test_two_ranks_every_strategy_and_pipeline(checkpoints):
     )
 
 
+@pytest.mark.slow  # 4 ranks; tests/multirank/test_hybrid_degrees.py runs one by default
 def test_four_ranks_one_plan_per_family(checkpoints):
     ep_tp = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
     cases = launcher_cases(checkpoints, ("glm4_moe",), ep_tp, NEW_TOKENS)

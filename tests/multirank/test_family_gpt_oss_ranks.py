@@ -52,6 +52,7 @@ def test_two_ranks_every_strategy_tp_and_pipeline(checkpoints):
     run_ranks(check_launcher_cases, 2, args=(_cases(checkpoints, STRATEGIES + extra),))
 
 
+@pytest.mark.slow  # 4 ranks; tests/multirank/test_hybrid_degrees.py runs one by default
 def test_four_ranks_tp_times_expert_parallel(checkpoints):
     plan = [("ep_nccl tp=2", ["strategy=ep_nccl", "parallel.tp=2"])]
     run_ranks(check_launcher_cases, 4, args=(_cases(checkpoints, plan),))

@@ -186,7 +186,7 @@ def _capture_protocol_body(rank, world):
     every rank runs the same number of exchanges and the ids are unchanged."""
     gen, fake = _fake_graph_class()
     gen._DecodeGraph = fake
-    gen._graphs_usable = lambda model, conf, device, lockstep: conf.cuda_graphs
+    gen._graphs_usable = lambda model, conf, device, lockstep, pipelined=False: conf.cuda_graphs
     expected = _reference(tiny_args(), PROMPTS5, MAX_NEW5).tokens
     model, groups = _lockstep_model("ep_allgather")
     spy = _StaticSpy()

@@ -147,10 +147,17 @@ def test_tiny_one_rank():
     run_ranks(tiny_cases, 1, args=([("auto", [])], mixed_requests()))
 
 
-def test_tiny_two_ranks_ep_dp_pp_tp():
+def test_tiny_two_ranks_ep_dp_pp():
     cases = [
         ("ep_nccl", ["strategy=ep_nccl"]),
         ("replicate pp=2", ["strategy=replicate", "parallel.pp=2"]),
+    ]
+    run_ranks(tiny_cases, 2, args=(cases, mixed_requests()))
+
+
+@pytest.mark.slow  # the other two-rank plans
+def test_tiny_two_ranks_ep_pp_and_tp():
+    cases = [
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
         ("tp_experts", ["strategy=tp_experts"]),
     ]

@@ -178,6 +178,7 @@ def test_exact_clipping_two_ranks():
     run_ranks(clip_body, world_size=2, args=(cases,))
 
 
+@pytest.mark.slow  # 4 ranks; the 2-rank cases run by default
 def test_exact_clipping_four_ranks():
     cases = [
         ("ep_nccl", dict(dp=4, ep=2), 2, F32, False),  # ep2 x edp2
