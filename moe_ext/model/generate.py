@@ -160,14 +160,18 @@ class _DecodeGraph:
         # overwrites
         self.graph, self.logits = capture_step_graph(self._step)
 
-    def __call__(self, tokens: torch.Tensor, slot: int, kv_start: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.slot.fill_(slot)
-        self.kv_start.copy_(kv_start)
+    def replay(self) -> torch.Tensor:
+        """The step on the inputs now in the static buffers (captured on first use)."""
         if self.graph is None:
             self.capture()
         self.graph.replay()
         return self.logits
+
+    def __call__(self, tokens: torch.Tensor, slot: int, kv_start: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.slot.fill_(slot)
+        self.kv_start.copy_(kv_start)
+        return self.replay()
 
 
 # ---- the loop --------------------------------------------------------------------------

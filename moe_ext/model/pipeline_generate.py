@@ -163,10 +163,7 @@ class _StageGraph(_DecodeGraph):
             self.hidden.copy_(hidden)
         self.slot.copy_(slot)
         self.kv_start.copy_(kv_start)
-        if self.graph is None:
-            self.capture()
-        self.graph.replay()
-        return self.logits
+        return self.replay()
 
 
 def _stage_graph_for(model: Transformer, batch: int, capacity: Optional[int]):

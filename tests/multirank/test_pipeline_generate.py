@@ -147,6 +147,21 @@ def test_generate_conf_refuses_bad_pipeline_fields():
 # ---- pp = 2 -----------------------------------------------------------------------------
 
 
+def _record_pipelined_batches() -> list[int]:
+    """Make PipelineRunner.run (in this process) append each batch's size to the returned
+    list: proof that generate took the pipelined path."""
+    pipeline = importlib.import_module("moe_ext.model.pipeline_generate")
+    runs: list[int] = []
+    original = pipeline.PipelineRunner.run
+
+    def spy(self, prompts, max_new, peers=None):
+        runs.append(len(prompts))
+        return original(self, prompts, max_new, peers)
+
+    pipeline.PipelineRunner.run = spy
+    return runs
+
+
 def _pp_body(rank, world):
     from moe_ext.groups import ProcessGroups
 
@@ -155,15 +170,7 @@ def _pp_body(rank, world):
     plan = plan_of("replicate", pp=2)
     groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=60))
     model = parallelize(_full_model(args), plan, groups)
-    pipeline = importlib.import_module("moe_ext.model.pipeline_generate")
-    runs = []
-    original = pipeline.PipelineRunner.run
-
-    def spy(self, prompts, max_new, peers=None):
-        runs.append(len(prompts))
-        return original(self, prompts, max_new, peers)
-
-    pipeline.PipelineRunner.run = spy
+    runs = _record_pipelined_batches()
     # micro-batches have caches of their own: their rows are views, never gathered copies
     from moe_ext.model.layers import KVCache
 
@@ -320,15 +327,7 @@ def _four_rank_body(rank, world, strategy, degrees, graphs=False):
     plan = plan_of(strategy, world=4, **degrees)
     groups = ProcessGroups.build(plan, "gloo", timedelta(seconds=120))
     model = parallelize(_full_model(args), plan, groups)
-    pipeline = importlib.import_module("moe_ext.model.pipeline_generate")
-    runs = []
-    original = pipeline.PipelineRunner.run
-
-    def spy(self, prompts, max_new, peers=None):
-        runs.append(len(prompts))
-        return original(self, prompts, max_new, peers)
-
-    pipeline.PipelineRunner.run = spy
+    runs = _record_pipelined_batches()
     if graphs:
         _fake_stage_graphs()
     for n in (1, 3, 5):
