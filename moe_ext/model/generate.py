@@ -138,7 +138,7 @@ def capture_step_graph(
     return graph, logits
 
 
-class _DecodeGraph:
+class DecodeGraph:
     """One decode step captured for a fixed batch and cache; inputs are copied into static
     buffers, logits read from a static output."""
 
@@ -212,7 +212,7 @@ class _Batch:
     limits: torch.Tensor  # [B] int64, max_new per sequence
     out: torch.Tensor  # [B, steps] int64, generated ids (pad after a sequence is done)
     done: torch.Tensor  # [B] bool
-    graph: Optional[_DecodeGraph]  # None: eager decode
+    graph: Optional[DecodeGraph]  # None: eager decode
     nxt: Optional[torch.Tensor] = None  # [B] int64, the ids sampled last
 
     @property
@@ -468,7 +468,7 @@ def finish_requests(
 
 def _graph_for(
     model: Transformer, batch: int, device: torch.device, capacity: Optional[int] = None
-) -> Optional[_DecodeGraph]:
+) -> Optional[DecodeGraph]:
     """The captured decode step for the model's current caches and expert-exchange
     capacity (captured on first use)."""
     cache_key = model.cache_shape
@@ -482,7 +482,7 @@ def _graph_for(
     )
     if key not in graphs:
         graphs.clear()  # caches were reallocated: older graphs point at freed buffers
-        graphs[key] = _DecodeGraph(model, batch, device)
+        graphs[key] = DecodeGraph(model, batch, device)
     return graphs[key]
 
 

@@ -51,8 +51,8 @@ import torch.distributed as dist
 from moe_ext.model.decoder import Transformer
 from moe_ext.model.generate import (
     SLOT_ROUNDING,
+    DecodeGraph,
     GenerationResult,
-    _DecodeGraph,
     finish_requests,
     sample,
 )
@@ -131,7 +131,7 @@ def build_schedule(
 # ---- CUDA graphs per stage ---------------------------------------------------------------
 
 
-class _StageGraph(_DecodeGraph):
+class _StageGraph(DecodeGraph):
     """One stage's part of a decode item of one micro-batch (``batch`` rows, its own
     caches), captured once: the embedding (first stage) or the received hidden states,
     this stage's layers, and the final norm and LM head (last stage). Static inputs: ids

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ext.errors import MoeExtError
-from moe_ext.model.generate import capture_step_graph, sample
+from moe_ext.model.generate import DecodeGraph, sample
 from moe_ext.serve.scheduler import (
     Entry,
     PrefillChunk,
@@ -210,33 +210,22 @@ class _RowSampling:
     generator: Optional[torch.Generator]  # None: the engine's shared generator
 
 
-class _BucketGraph:
-    """The decode forward of one bucket captured as a CUDA graph: inputs are copied into
-    static buffers, logits read from a static output."""
+class _BucketGraph(DecodeGraph):
+    """generate's captured decode step with per-row slots: ``slot`` is [B, 1] here (each
+    row at its own position) and ``kv_start`` stays 0 (rows carry no left padding). Every
+    rank captures every bucket in the same order before serving, so lockstep replicas'
+    warm-up collectives match; the warm-up writes land on slots that the real step
+    rewrites or no request holds."""
 
     def __init__(self, model, bucket: int, device: torch.device):
-        self.model = model
-        self.tokens = torch.zeros(bucket, 1, dtype=torch.long, device=device)  # [B, 1]
-        self.slots = torch.zeros(bucket, 1, dtype=torch.long, device=device)  # [B, 1]
-        self.kv_start = torch.zeros(bucket, dtype=torch.long, device=device)  # [B]
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.logits: Optional[torch.Tensor] = None
-
-    def _step(self) -> torch.Tensor:
-        return self.model(
-            self.tokens, self.slots, self.kv_start, None, last_only=True, use_cache=True
-        )
+        super().__init__(model, bucket, device)
+        self.slot = torch.zeros(bucket, 1, dtype=torch.long, device=device)  # [B, 1]
 
     def __call__(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """tokens, slots: [B, 1] int64. Returns logits [B, 1, V] (a static buffer)."""
         self.tokens.copy_(tokens)
-        self.slots.copy_(slots)
-        if self.graph is None:
-            # every rank captures every bucket in the same order before serving, so lockstep
-            # replicas' warm-up collectives match; the warm-up writes land on slots that the
-            # real step rewrites or no request holds
-            self.graph, self.logits = capture_step_graph(self._step)
-        self.graph.replay()
-        return self.logits
+        self.slot.copy_(slots)
+        return self.replay()
 
 
 # ---- the engine ------------------------------------------------------------------------

@@ -157,12 +157,12 @@ def test_lockstep_decode_uses_static_exchange():
 
 
 def _fake_graph_class():
-    """A _DecodeGraph whose capture runs the two warm-up steps eagerly and records nothing
+    """A DecodeGraph whose capture runs the two warm-up steps eagerly and records nothing
     (as CUDA capture launches no collectives) and whose replay runs the step eagerly: the
     collectives of a real capture/replay, on CPU."""
     gen = importlib.import_module("moe_ext.model.generate")  # the module, not the function
 
-    class FakeGraph(gen._DecodeGraph):
+    class FakeGraph(gen.DecodeGraph):
         captures = 0
 
         def capture(self):
@@ -185,7 +185,7 @@ def _capture_protocol_body(rank, world):
     a graph while its peer captures): the non-capturing ones match the warm-up steps, so
     every rank runs the same number of exchanges and the ids are unchanged."""
     gen, fake = _fake_graph_class()
-    gen._DecodeGraph = fake
+    gen.DecodeGraph = fake
     gen._graphs_usable = lambda model, conf, device, lockstep, pipelined=False: conf.cuda_graphs
     expected = _reference(tiny_args(), PROMPTS5, MAX_NEW5).tokens
     model, groups = _lockstep_model("ep_allgather")

@@ -51,3 +51,50 @@ def test_engine_equals_generate_alone(family):
     assert got == expected
     assert engine.counts["decode"] > 0 and engine.counts["prefill"] > 0
     assert engine.scheduler.pad_chunks == (family != "gpt_oss")
+
+
+def test_bucket_graphs_replay_the_same_ids(monkeypatch):
+    """The engine's per-bucket decode graphs (stood in for on CPU: a capture runs the step
+    twice, as a real capture's warm-up does, and each replay runs it again from the static
+    buffers) give the ids of generate alone; every bucket is captured once, before serving."""
+    from moe_ext.serve import engine as serve_engine
+
+    captured: list[int] = []
+
+    def capture(self):
+        for _ in range(2):
+            self._step()
+        captured.append(self.tokens.shape[0])
+        owner = self
+
+        class Replay:
+            def replay(self):
+                owner.logits = owner._step()
+
+        self.graph = Replay()
+
+    monkeypatch.setattr(serve_engine._BucketGraph, "capture", capture)
+    torch.manual_seed(0)
+    args = ModelArgs.from_hf_config(hf("qwen3_moe", vocab_size=64))
+    model = Transformer(args)
+    model.load_state_dict(init_random_full(args, seed=5), strict=False)
+    model = model.float().eval()
+    reqs = requests()
+    conf = GenerateConf()
+    expected = [
+        generate(model, [p], conf, eos_id=None, max_new_tokens=m).tokens[0] for p, m in reqs
+    ]
+    engine = ServeEngine(
+        model,
+        None,
+        model_name="qwen3_moe",
+        rows=4,
+        max_context=MAX_CONTEXT,
+        prefill_chunk=6,
+        max_queue=len(reqs),
+    )
+    engine.use_graphs = True  # as on a GPU
+    got = serve_greedy(engine, reqs, collect_s=120, join_s=30)
+    assert got == expected
+    assert sorted(captured) == sorted(engine.decode_buckets)
+    assert set(engine.graphs) <= set(engine.decode_buckets)
