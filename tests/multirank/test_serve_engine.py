@@ -160,6 +160,9 @@ def test_tiny_two_ranks_ep_pp_and_tp():
     cases = [
         ("ep_nccl pp=2", ["strategy=ep_nccl", "parallel.pp=2"]),
         ("tp_experts", ["strategy=tp_experts"]),
+        # EP over exactly the TP ranks (what auto picks below the replicas): no exchange,
+        # one all-reduce per MoE layer
+        ("ep_allgather tp=2", ["strategy=ep_allgather", "parallel.tp=2"]),
     ]
     run_ranks(tiny_cases, 2, args=(cases, mixed_requests()))
 
