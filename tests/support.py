@@ -1845,3 +1845,30 @@ def capture_compiled(module, *inputs):
     with torch.cuda.graph(graph):
         out = compiled(*inputs)
     return graph, out
+
+
+def stand_in_graph_capture(graph_class, monkeypatch=None) -> list[int]:
+    """CUDA graphs stood in for on CPU: ``graph_class.capture`` (a DecodeGraph subclass)
+    runs its step twice, the warm-up steps a real capture makes (collectives included), and
+    each replay runs it again from the same static buffers. Returns the list each capture
+    appends its batch size to. Patches the class through ``monkeypatch`` (undone after the
+    test), else for the rest of the process (a rank's)."""
+    captures: list[int] = []
+
+    def capture(self):
+        for _ in range(2):
+            self._step()
+        captures.append(self.tokens.shape[0])
+        owner = self
+
+        class Replay:
+            def replay(self):
+                owner.logits = owner._step()
+
+        self.graph = Replay()
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(graph_class, "capture", capture)
+    else:
+        graph_class.capture = capture
+    return captures

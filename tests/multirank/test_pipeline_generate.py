@@ -29,7 +29,7 @@ from moe_ext.model import Transformer, generate
 from moe_ext.model.parallelize import parallelize
 from moe_ext.model.pipeline_generate import build_schedule, microbatch_bounds
 from moe_ext.model.weights import init_random_full
-from tests.support import plan_of, qwen2_args, run_ranks, tiny_args
+from tests.support import plan_of, qwen2_args, run_ranks, stand_in_graph_capture, tiny_args
 
 # mixed lengths (1 to 9 tokens); 256 is the tiny vocabulary's BOS-like id
 PROMPTS = [
@@ -70,27 +70,12 @@ def _eos_from(reference_ids: list[list[int]]) -> int:
 
 
 def _fake_stage_graphs() -> list:
-    """CUDA graphs stood in for on CPU: a stage graph's capture runs its step twice (the
-    warm-up steps a real capture makes, collectives included) and each replay runs it
-    again, from the same static buffers; generate takes graphs as usable. Returns the
-    list each capture appends its micro-batch size to."""
+    """CUDA graphs stood in for on CPU (tests.support.stand_in_graph_capture) for the stage
+    graphs, which generate takes as usable. Returns the list each capture appends its
+    micro-batch size to."""
     gen = importlib.import_module("moe_ext.model.generate")
     pipeline = importlib.import_module("moe_ext.model.pipeline_generate")
-    captures: list[int] = []
-
-    def capture(self):
-        for _ in range(2):
-            self._step()
-        captures.append(self.kv_start.shape[0])
-        owner = self
-
-        class Replay:
-            def replay(self):
-                owner.logits = owner._step()
-
-        self.graph = Replay()
-
-    pipeline._StageGraph.capture = capture
+    captures = stand_in_graph_capture(pipeline._StageGraph)
     gen._graphs_usable = lambda model, conf, device, static, pipelined=False: (
         pipelined and conf.cuda_graphs
     )

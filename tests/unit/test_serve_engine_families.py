@@ -16,6 +16,7 @@ from moe_ext.model.decoder import Transformer
 from moe_ext.model.generate import generate
 from moe_ext.serve.engine import ServeEngine
 from tests.serve_support import random_requests, serve_greedy
+from tests.support import stand_in_graph_capture
 from tests.unit.test_families import CONFIGS, hf
 
 MAX_CONTEXT = 40
@@ -26,8 +27,9 @@ def requests(n: int = 12) -> list[tuple[list[int], int]]:
     return random_requests(n, seed=3, prompt_lengths=(1, 22), new_tokens=(1, 14), ids=(2, 64))
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_engine_equals_generate_alone(family):
+def engine_and_expected(family: str) -> tuple[ServeEngine, list, list]:
+    """A one-process engine on a random ``family`` model, the requests, and generate's ids
+    for each request alone."""
     torch.manual_seed(0)
     args = ModelArgs.from_hf_config(hf(family, vocab_size=64))
     model = Transformer(args)
@@ -47,6 +49,12 @@ def test_engine_equals_generate_alone(family):
         prefill_chunk=6,
         max_queue=len(reqs),
     )
+    return engine, reqs, expected
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_engine_equals_generate_alone(family):
+    engine, reqs, expected = engine_and_expected(family)
     got = serve_greedy(engine, reqs, collect_s=120, join_s=30)
     assert got == expected
     assert engine.counts["decode"] > 0 and engine.counts["prefill"] > 0
@@ -54,45 +62,12 @@ def test_engine_equals_generate_alone(family):
 
 
 def test_bucket_graphs_replay_the_same_ids(monkeypatch):
-    """The engine's per-bucket decode graphs (stood in for on CPU: a capture runs the step
-    twice, as a real capture's warm-up does, and each replay runs it again from the static
-    buffers) give the ids of generate alone; every bucket is captured once, before serving."""
+    """The engine's per-bucket decode graphs (stood in for on CPU) give the ids of generate
+    alone; every bucket is captured once, before serving."""
     from moe_ext.serve import engine as serve_engine
 
-    captured: list[int] = []
-
-    def capture(self):
-        for _ in range(2):
-            self._step()
-        captured.append(self.tokens.shape[0])
-        owner = self
-
-        class Replay:
-            def replay(self):
-                owner.logits = owner._step()
-
-        self.graph = Replay()
-
-    monkeypatch.setattr(serve_engine._BucketGraph, "capture", capture)
-    torch.manual_seed(0)
-    args = ModelArgs.from_hf_config(hf("qwen3_moe", vocab_size=64))
-    model = Transformer(args)
-    model.load_state_dict(init_random_full(args, seed=5), strict=False)
-    model = model.float().eval()
-    reqs = requests()
-    conf = GenerateConf()
-    expected = [
-        generate(model, [p], conf, eos_id=None, max_new_tokens=m).tokens[0] for p, m in reqs
-    ]
-    engine = ServeEngine(
-        model,
-        None,
-        model_name="qwen3_moe",
-        rows=4,
-        max_context=MAX_CONTEXT,
-        prefill_chunk=6,
-        max_queue=len(reqs),
-    )
+    captured = stand_in_graph_capture(serve_engine._BucketGraph, monkeypatch)
+    engine, reqs, expected = engine_and_expected("qwen3_moe")
     engine.use_graphs = True  # as on a GPU
     got = serve_greedy(engine, reqs, collect_s=120, join_s=30)
     assert got == expected
