@@ -177,6 +177,33 @@ class DecodeGraph:
 # ---- the loop --------------------------------------------------------------------------
 
 
+def microbatch_bounds(batch: int, count: int) -> list[int]:
+    """Bounds [count + 1] of ``count`` contiguous, near-equal parts of ``batch`` rows (the
+    data-parallel replicas' shares of the requests, a pipeline's micro-batches)."""
+    return [batch * m // count for m in range(count + 1)]
+
+
+def fence(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), for a timing boundary."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync: timing boundary only
+
+
+def holds_on_any(local: bool, group, device: torch.device) -> bool:
+    """Whether ``local`` holds on any rank of ``group`` (every rank of it must call)."""
+    flag = torch.tensor([int(local)], dtype=torch.int32, device=device)
+    # sync: the ranks must take the same branch (a decision about collectives)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def eos_mask(ids: torch.Tensor, eos: Optional[torch.Tensor]) -> torch.Tensor:
+    """ids: [b] int64 -> [b] bool, True where an id is one of ``eos`` (None: none is)."""
+    if eos is None:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    return torch.isin(ids, eos)
+
+
 def _eos_tensor(eos_id, device) -> Optional[torch.Tensor]:
     if eos_id is None:
         return None
@@ -255,20 +282,15 @@ class _Stepper:
         self.check_every = check_every
         self.result = result
         self.device = model.device
-        self.on_cuda = self.device.type == "cuda"
 
     def _fence(self) -> None:
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)  # sync: timing boundary only
+        fence(self.device)
 
     def _any_replica(self, local: bool) -> bool:
         """Whether ``local`` holds on any replica of the lockstep group (itself without one)."""
         if not self.lockstep:
             return local
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=self.device)
-        # sync: the replicas must take the same branch (a decision about collectives)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.lockstep_group)
-        return bool(flag.item())
+        return holds_on_any(local, self.lockstep_group, self.device)
 
     def _next_tokens(self, logits: Optional[torch.Tensor], batch: int) -> torch.Tensor:
         """Sample on the last pipeline stage and share the ids with the other stages."""
@@ -283,9 +305,7 @@ class _Stepper:
         return nxt
 
     def _is_eos(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.eos is None:
-            return torch.zeros_like(ids, dtype=torch.bool)
-        return torch.isin(ids, self.eos)
+        return eos_mask(ids, self.eos)
 
     def run(
         self,
@@ -578,7 +598,7 @@ def generate(
     dp_size, dp_rank, dp_group = context.dp_size, context.dp_rank, context.dp_group
     lockstep = context.lockstep
     # this replica's contiguous share of the requests
-    bounds = [n * r // dp_size for r in range(dp_size + 1)]
+    bounds = microbatch_bounds(n, dp_size)
     mine = list(range(bounds[dp_rank], bounds[dp_rank + 1]))
     generator = None
     if conf.temperature > 0:

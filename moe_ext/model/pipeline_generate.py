@@ -53,7 +53,11 @@ from moe_ext.model.generate import (
     SLOT_ROUNDING,
     DecodeGraph,
     GenerationResult,
+    eos_mask,
+    fence,
     finish_requests,
+    holds_on_any,
+    microbatch_bounds,
     sample,
 )
 
@@ -82,11 +86,6 @@ class Item:
 
 def _sizes(bounds: list[int]) -> list[int]:
     return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def microbatch_bounds(batch: int, count: int) -> list[int]:
-    """Row bounds of ``count`` contiguous micro-batches of ``batch`` rows: [count + 1]."""
-    return [batch * m // count for m in range(count + 1)]
 
 
 def build_schedule(
@@ -303,7 +302,7 @@ class PipelineRunner:
         def rows_of(item: Optional[Item]) -> int:
             return 0 if item is None else bounds[item.mb + 1] - bounds[item.mb]
 
-        self._fence()
+        fence(self.device)
         t0 = t_prefill = time.perf_counter()
         tick = 0
         while tick <= cutoff + P - 1:
@@ -362,7 +361,7 @@ class PipelineRunner:
                     if self._has_next(ticks, item, cutoff):
                         pending_send = nxt  # [b], to stage 0 next tick
             if tick == last_prefill + P - 1:
-                self._fence()
+                fence(self.device)
                 t_prefill = time.perf_counter()
             tick += 1
         if self.expert_parallel:
@@ -373,7 +372,7 @@ class PipelineRunner:
         self.result.prefill_tokens += sum(len(p) for p in prompts)
         # the last stage's ids to every stage, once per batch
         dist.broadcast(out, src=self.last_rank, group=self.group)
-        self._fence()
+        fence(self.device)
         self.result.prefill_s += t_prefill - t0
         self.result.decode_s += time.perf_counter() - t_prefill
         self.result.cuda_graphs = self.graphs_ran
@@ -392,10 +391,6 @@ class PipelineRunner:
         """Whether ``item``'s micro-batch has a later item issued at or before ``cutoff``
         (then stage 0 needs the ids ``item`` samples). ticks: (mb, index) -> issue tick."""
         return ticks.get((item.mb, item.index + 1), cutoff + 1) <= cutoff
-
-    def _fence(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # sync: timing boundary only
 
     def _all_done(self, done: Optional[torch.Tensor]) -> bool:
         """The last stage's verdict (``done`` [B] bool there, None elsewhere), shared over
@@ -422,10 +417,8 @@ class PipelineRunner:
         if rows and self.use_graphs:
             capacity = rows_max * (item.stop - item.start)
             capturing = _stage_graph_for(self.model, rows, capacity).graph is None
-        flag = torch.tensor([int(capturing)], dtype=torch.int32, device=self.device)
-        # sync: the replicas must make the same exchanges (once per micro-batch and call)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.lockstep_group)
-        if bool(flag.item()) and not capturing:
+        # the replicas must make the same exchanges (a sync once per micro-batch and call)
+        if holds_on_any(capturing, self.lockstep_group, self.device) and not capturing:
             for _ in range(2):
                 self._idle(item, rows_max)
 
@@ -498,12 +491,7 @@ class PipelineRunner:
         if k > 0:
             nxt = torch.where(done[r0:r1], torch.full_like(nxt, self.pad_id), nxt)
         out[r0:r1, k] = nxt
-        eos = (
-            torch.zeros_like(nxt, dtype=torch.bool)
-            if self.eos is None
-            else torch.isin(nxt, self.eos)
-        )
-        done[r0:r1] |= eos | (limits[r0:r1] <= k + 1)
+        done[r0:r1] |= eos_mask(nxt, self.eos) | (limits[r0:r1] <= k + 1)
         return nxt
 
     def _count(self, schedule: list[Optional[Item]], cutoff: int, bounds: list[int]) -> None:

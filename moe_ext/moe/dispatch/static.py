@@ -135,6 +135,20 @@ def dispatch_start(
     return StaticPending((packed, parts), True, num_tokens, top_k, dispatcher)
 
 
+def _local_rows_first(
+    expert_idx: torch.Tensor, dispatcher: Dispatcher
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_idx [N, k] int64 global ids -> (order [N*k]: the rows of this rank's experts
+    first, by local expert, then the rest; tokens_per_local_expert [E_local] int64;
+    num_valid [] int64, the local rows' count). On the device, no host sync."""
+    num_local = dispatcher.num_local_experts
+    local_id = expert_idx.reshape(-1) - dispatcher.local_expert_start  # [N*k]
+    is_local = (local_id >= 0) & (local_id < num_local)
+    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
+    order, counts = sort_by_bucket(bucket, num_local + 1)  # [N*k], [E_local + 1]
+    return order, counts[:num_local], order.numel() - counts[num_local]
+
+
 def dispatch_finish(
     pending: StaticPending,
 ) -> tuple[torch.Tensor, torch.Tensor, StaticHandle]:
@@ -147,13 +161,7 @@ def dispatch_finish(
         idx_all = idx_all.long()
     else:
         x_all, weights_all, idx_all = pending.gathered
-    num_local = dispatcher.num_local_experts
-    local_id = idx_all.reshape(-1) - dispatcher.local_expert_start  # [G*C*k]
-    is_local = (local_id >= 0) & (local_id < num_local)
-    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
-    order, counts = sort_by_bucket(bucket, num_local + 1)  # [R], [E_local + 1]
-    tokens_per_local_expert = counts[:num_local]  # [E_local]
-    num_valid = order.numel() - counts[num_local]  # [] T' on the device
+    order, tokens_per_local_expert, num_valid = _local_rows_first(idx_all, dispatcher)
     valid = _valid_rows(order.numel(), num_valid)  # [R, 1]
     # Padding rows enter the experts as zeros; the where also drops the gradient the
     # experts' backward leaves unspecified for rows past T' (grouped_mm writes garbage).
@@ -189,9 +197,9 @@ def _valid_rows(num_rows: int, num_valid: torch.Tensor) -> torch.Tensor:
     return (torch.arange(num_rows, device=num_valid.device) < num_valid).unsqueeze(-1)
 
 
-def combine_start(y_local: torch.Tensor, handle: StaticHandle, inflight: Inflight) -> torch.Tensor:
-    """``combine`` with its reduce-scatter issued asynchronously: the returned [T, H] is
-    valid after ``inflight.wait()``."""
+def _weighted_rows(y_local: torch.Tensor, handle: StaticHandle) -> torch.Tensor:
+    """y_local [G*C*k, H] expert outputs in dispatch order -> [G*C, H]: every gathered
+    token's outputs summed with its routing weights (this rank's experts only)."""
     weights_all = handle.weights_all
     top_k = weights_all.shape[1]
     row_weights = weights_all.reshape(-1).index_select(0, handle.order)  # [R] float32
@@ -200,7 +208,13 @@ def combine_start(y_local: torch.Tensor, handle: StaticHandle, inflight: Infligh
     y_local = torch.where(_valid_rows(y_local.shape[0], handle.num_valid), y_local, 0)
     weighted = y_local * row_weights.to(y_local.dtype).unsqueeze(-1)  # [R, H]
     y_all = y_local.new_zeros(weights_all.shape[0], y_local.shape[-1])  # [G*C, H]
-    y_all = y_all.index_add(0, handle.order // top_k, weighted)  # [G*C, H]
+    return y_all.index_add(0, handle.order // top_k, weighted)  # [G*C, H]
+
+
+def combine_start(y_local: torch.Tensor, handle: StaticHandle, inflight: Inflight) -> torch.Tensor:
+    """``combine`` with its reduce-scatter issued asynchronously: the returned [T, H] is
+    valid after ``inflight.wait()``."""
+    y_all = _weighted_rows(y_local, handle)  # [G*C, H]
     # [C, H] -> [T, H]: a view, no read of the (pending) rows
     return reduce_scatter_async(y_all, handle.group, inflight)[: handle.num_tokens]
 
@@ -219,12 +233,8 @@ def combine_replicas(y_local: torch.Tensor, handle: StaticHandle, tp: int) -> to
 
     y_local: [G*C*k, H]. Returns [tp*C, H]: slice t's C rows at t*C (rows past each
     slice's tokens are zero)."""
-    weights_all = handle.weights_all
-    top_k, rows, hidden = weights_all.shape[1], weights_all.shape[0], y_local.shape[-1]
-    row_weights = weights_all.reshape(-1).index_select(0, handle.order)  # [R] float32
-    y_local = torch.where(_valid_rows(y_local.shape[0], handle.num_valid), y_local, 0)
-    weighted = y_local * row_weights.to(y_local.dtype).unsqueeze(-1)  # [R, H]
-    y_all = y_local.new_zeros(rows, hidden).index_add(0, handle.order // top_k, weighted)
+    y_all = _weighted_rows(y_local, handle)  # [G*C, H]
+    rows, hidden = y_all.shape
     replicas = dist.get_world_size(handle.group) // tp  # G / tp
     per_dest = y_all.view(replicas, 1, rows // replicas, hidden)  # [G/tp, 1, tp*C, H]
     laid_out = per_dest.expand(replicas, tp, rows // replicas, hidden)  # [G/tp, tp, tp*C, H]
@@ -262,14 +272,9 @@ def routed_replicated(
     summed output is consumed identically on every rank (``reduce_partials``)."""
     check_routing(tokens, weights, expert_idx)
     group, top_k = dispatcher.groups.ep, expert_idx.shape[1]
-    num_local = dispatcher.num_local_experts
     tokens = copy_to_partials(tokens, group)
     weights = copy_to_partials(weights, group)
-    local_id = expert_idx.reshape(-1) - dispatcher.local_expert_start  # [T*k]
-    is_local = (local_id >= 0) & (local_id < num_local)
-    bucket = torch.where(is_local, local_id, torch.full_like(local_id, num_local))
-    order, counts = sort_by_bucket(bucket, num_local + 1)  # [T*k], [E_local + 1]
-    num_valid = order.numel() - counts[num_local]  # [] rows of local experts, on the device
+    order, tokens_per_local_expert, num_valid = _local_rows_first(expert_idx, dispatcher)
     if torch.is_grad_enabled():
         # sync: training keeps only the local rows, as the experts' backward leaves
         # padding rows' gradients unspecified and biased experts (gpt-oss) would sum
@@ -277,7 +282,7 @@ def routed_replicated(
         order = order[: int(num_valid)]  # [T']
     valid = _valid_rows(order.numel(), num_valid)  # [T*k or T', 1]
     x_local = torch.where(valid, gather_rows(tokens, order, top_k), 0)  # [R, H]
-    y_local = torch.where(valid, experts(x_local, counts[:num_local]), 0)  # [R, H]
+    y_local = torch.where(valid, experts(x_local, tokens_per_local_expert), 0)  # [R, H]
     row_weights = weights.reshape(-1).index_select(0, order).to(y_local.dtype)  # [R]
     y = y_local.new_zeros(tokens.shape)  # [T, H]
     y = y.index_add(0, order // top_k, y_local * row_weights.unsqueeze(-1))  # [T, H]
