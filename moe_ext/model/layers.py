@@ -262,9 +262,11 @@ class KVCache(nn.Module):
             return
         rows = row_index(slots, cache_rows, B)  # [B, S]
         slots = slots.expand_as(rows)  # [B, S]
-        # advanced indices around a slice: the indexed shape [B, S] comes first
-        self.k[rows, :, slots] = k.transpose(1, 2)  # [B, S, nKV, D]
-        self.v[rows, :, slots] = v.transpose(1, 2)
+        # index_put_ on [B_cache, S_max, nKV, D] views: the (row, slot) pairs index the
+        # first two dims (Python's setitem with a slice between them stages its indices
+        # through the host, which CUDA-graph capture refuses)
+        self.k.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))  # [B, S, nKV, D]
+        self.v.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
 
     def read(
         self, batch: int, cache_rows: Optional[torch.Tensor] = None, kv_len: Optional[int] = None

@@ -115,7 +115,7 @@ class MLACache(nn.Module):
             self.latent[:B].index_copy_(1, slots, latent)  # a view of the first B rows
         else:
             rows = row_index(slots, cache_rows, B)  # [B, S]
-            self.latent[rows, slots.expand_as(rows)] = latent  # [B, S, C + Dr]
+            self.latent.index_put_((rows, slots.expand_as(rows)), latent)  # [B, S, C + Dr]
         cached = self.latent[:, :kv_len]
         if cache_rows is None:
             return cached[:B]

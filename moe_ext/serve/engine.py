@@ -516,7 +516,9 @@ class ServeEngine:
                 except dist.DistError:
                     raise
                 except RuntimeError as e:  # an op that syncs, or a failed compile
-                    log.warning("CUDA-graph capture failed (%s); decoding eagerly", e)
+                    log.warning(
+                        "CUDA-graph capture failed (%s); decoding eagerly", e, exc_info=True
+                    )
                     self.model.compile_decode(False)
                     self.model.decode_state.capture_failed = True
                     self.use_graphs = False

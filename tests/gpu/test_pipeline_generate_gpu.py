@@ -20,7 +20,7 @@ from moe_ext.model.parallelize import parallelize
 from moe_ext.model.weights import init_random_full
 from tests.support import plan_of, run_ranks, tiny_args
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.multirank]
 
 PROMPTS = [
     [256, 72, 101, 108, 108, 111, 33, 34, 35, 36, 37, 38],
