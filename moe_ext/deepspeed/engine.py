@@ -245,7 +245,8 @@ def deepspeed_config(
 def install_exact_norm(engine: Any, groups: Any, max_norm: float) -> None:
     """Make ``engine``'s optimizer clip to ``max_norm`` (0: measure only) with the exact
     global gradient norm (moe_ext.train.clip) and report that norm as
-    ``engine.get_global_grad_norm()`` ([] fp32 tensor on the engine's device).
+    ``engine.get_global_grad_norm()`` ([] fp32 tensor on the engine's device; on the CPU
+    under ZeRO's optimizer offload).
 
     The gradients the norm reads are the reduced ones DeepSpeed's optimizer steps with:
       - DeepSpeedZeroOptimizer (ZeRO 1/2, fp32 or bf16, CPU offload or not): this rank's
@@ -286,7 +287,9 @@ def install_exact_norm(engine: Any, groups: Any, max_norm: float) -> None:
         def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
             assert norm_type == 2, "only the 2-norm"
             norm = global_grad_norm(partition_pieces(), world, partitioned=True, device=device)
-            return norm * opt.loss_scale  # ZeRO's step divides the loss scale back out
+            # ZeRO's step divides the loss scale back out, and clips the partition with the
+            # norm where it keeps it (opt.device: "cpu" under offload, its gradients' side)
+            return (norm * opt.loss_scale).to(opt.device)
 
         opt.scaled_global_norm = scaled_global_norm
         opt.clip_grad = max_norm  # its step: grads *= max_norm / (norm + 1e-6), if below 1
