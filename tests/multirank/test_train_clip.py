@@ -154,6 +154,11 @@ def clip_body(rank, world, cases, device_type="cpu"):
     the single-rank fp32 reference (CPU) of its data-parallel degree."""
     os.environ["LOCAL_RANK"] = str(rank)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        # fp32 against fp32 at 1e-4: keep cuBLAS and cuDNN off TF32 whatever a library set
+        # (with it, 2x H200: the first fp32 ZeRO-2 loss 2.5% off, from flipped routes)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     args = tiny_args()
     references, cache = {}, {}
