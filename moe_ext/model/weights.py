@@ -82,7 +82,9 @@ def random_tensor(
     request: Optional[ShardRequest] = None,
     device="cpu",
 ) -> torch.Tensor:
-    """The (slice ``request`` of the) full random tensor ``name`` of ``shape``, fp32."""
+    """The (slice ``request`` of the) full random tensor ``name`` of ``shape``, fp32. The
+    values are those of ``device``'s generator type: every plan on CUDA draws the same
+    weights, but not the CPU's (compare GPU shards with a CPU reference drawn on the CPU)."""
     request = request or ShardRequest.full()
     dim, length = _chunk_rule(name, args)
     pieces = []

@@ -4,10 +4,10 @@ against the single-rank fp32 reference on CPU (tests/multirank/test_train_clip.p
 cases' body and the reference):
 
   - bf16 (DeepSpeed's BF16_Optimizer for ZeRO 1, its ZeRO optimizer for ZeRO 2 and with
-    offload): the first step's ``engine.get_global_grad_norm()`` within 5% of the reference's
-    pre-clip global norm (later ones hold clipped bf16 updates) and every rank's loss within
-    5% (bf16 rounds the forward and the gradients to 8 bits of mantissa; a norm missing
-    the other EP rank's experts or counting replicas twice is off by far more);
+    offload): each of two steps' ``engine.get_global_grad_norm()`` within 5% of the
+    reference's pre-clip global norm and every rank's loss within 5% (bf16 rounds the
+    forward and the gradients to 8 bits of mantissa; a norm missing the other EP rank's
+    experts or counting replicas twice is off by far more);
   - fp32 ZeRO 2 on GPU: norms within 1e-3, losses within 1e-4 and the weights after the
     clipped steps within 1e-4 relative / 1e-6 absolute.
 

@@ -36,10 +36,8 @@ MB, SEQ = 2, 16  # per-rank micro batch, sequence length
 LR, BETAS = 3e-3, (0.9, 0.95)
 MAX_NORM = 1e-6  # clipped gradient elements ~1e-9..1e-8, AdamW eps 1e-8
 STEPS = 3
-# bf16 losses are compared over two steps and its norm at the first only: every later norm
-# already depends on clipped updates, and Adam's sign-sized updates of bf16-noisy tiny
-# gradients move the run away from fp32 (2x H200: step 1's norm 5.3% off under ep_allgather
-# ZeRO 1, step 2's 11.7%, while every step-0 norm agrees within 5%)
+# bf16 is compared over two steps: by the third, Adam's sign-sized updates of bf16-noisy
+# tiny gradients move the run away from fp32
 BF16_STEPS = 2
 
 
@@ -74,11 +72,9 @@ def _reference(args, dp: int, microbatches: int = 1):
 
 def _tolerances(dtype: torch.dtype, device: torch.device):
     """(loss approx kwargs, norm rtol, weight (rtol, atol) or None) against the fp32 reference.
-    bf16 rounds the forward and the gradients to 8 bits of mantissa: losses within 5% (the
-    tiny random model's first bf16 loss on an H200 is 2.6% above fp32's: rounding plus the
-    routing flips it causes; the CPU's bf16 stays within 2%), norms within 5% at the first
-    step, weights not compared (tiny updates vanish in bf16), and only BF16_STEPS steps. fp32 on
-    CUDA: reduction order and atomics move the last bits."""
+    bf16 rounds the forward and the gradients to 8 bits of mantissa: losses and norms within
+    5% (the CPU's bf16 stays within 2%), weights not compared (tiny updates vanish in bf16),
+    and only BF16_STEPS steps. fp32 on CUDA: reduction order and atomics move the last bits."""
     if dtype == torch.bfloat16:
         return dict(rel=5e-2), 5e-2, None
     if device.type == "cuda":
@@ -87,7 +83,9 @@ def _tolerances(dtype: torch.dtype, device: torch.device):
 
 
 def _check_case(args, plan, groups, zero, dtype, offload, reference, device):
-    model, requests = sharded_random_model(args, plan, groups, device)
+    # drawn on the CPU: a CUDA generator draws other values than the reference's
+    model, requests = sharded_random_model(args, plan, groups, "cpu")
+    model.to(device)
     engine = deepspeed_test_engine(
         model,
         groups,
@@ -127,9 +125,6 @@ def _check_case(args, plan, groups, zero, dtype, offload, reference, device):
         )
         norm = engine.get_global_grad_norm()
         assert torch.is_tensor(norm), (what, norm)
-        assert torch.isfinite(norm), (what, step, norm)
-        if dtype == torch.bfloat16 and step > 0:
-            continue
         torch.testing.assert_close(
             norm.float().cpu(),
             ref_norms[step],
@@ -156,7 +151,6 @@ def clip_body(rank, world, cases, device_type="cpu"):
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         # fp32 against fp32 at 1e-4: keep cuBLAS and cuDNN off TF32 whatever a library set
-        # (with it, 2x H200: the first fp32 ZeRO-2 loss 2.5% off, from flipped routes)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
