@@ -186,7 +186,10 @@ async def stream_completion(
                 if event.get("usage"):
                     result.output_tokens = event["usage"].get("completion_tokens", 0)
                 for choice in event.get("choices") or []:
-                    if choice.get("text"):
+                    # a content chunk; textless ones come from servers without a tokenizer
+                    if choice.get("text") or (
+                        "text" in choice and choice.get("finish_reason") is None
+                    ):
                         now = time.perf_counter() - begin
                         result.chunk_s.append(now)
                         result.text += choice["text"]

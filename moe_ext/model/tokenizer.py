@@ -25,7 +25,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int]) -> Optional[str]:
+        """The text of ``ids``; None for a tokenizer that has no text (ids only)."""
+        ...
 
 
 class ByteTokenizer:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -228,6 +229,17 @@ class _BucketGraph(DecodeGraph):
         return self.replay()
 
 
+@dataclasses.dataclass
+class _Progress:
+    """Rank 0's counts since its last progress line (``ServeEngine._log_progress``)."""
+
+    since: float
+    out: int = 0  # tokens generated
+    prompt: int = 0  # prompt tokens prefilled
+    steps: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
 # ---- the engine ------------------------------------------------------------------------
 
 
@@ -310,7 +322,7 @@ class ServeEngine:
         self._draining = False
         self._healthy = True
         self._finished: collections.deque[float] = collections.deque(maxlen=64)  # end times
-        self._progress = {"out": 0, "in": 0, "since": time.monotonic()}
+        self._progress = _Progress(time.monotonic())
         self._warned_disagree = False
         self._client = _Client(self)
 
@@ -375,8 +387,9 @@ class ServeEngine:
                 return 0
             if plan.empty:
                 continue
+            began = time.monotonic()
             sampled = self._gather(self._execute(plan))
-            self._log_progress(plan, len(sampled))
+            self._log_progress(plan, len(sampled), time.monotonic() - began)
             with self._cv:
                 for done in self.scheduler.complete(plan, sampled):
                     stream = self._streams.get(done.entry.request_id)
@@ -389,27 +402,42 @@ class ServeEngine:
                 if self._draining and self.scheduler.idle:
                     self._cv.notify_all()
 
-    def _log_progress(self, plan: StepPlan, new_tokens: int) -> None:
+    def _log_progress(self, plan: StepPlan, new_tokens: int, step_s: float) -> None:
         """Rank 0: a line at most every LOG_EVERY_S seconds while it works (rates over the
-        time since the last line), rows and queue."""
+        time since the last line), rows and queue, and where the time went: the mean step
+        (execute and gather; a step ends at its sampling sync) of decode-only steps and of
+        steps that also prefill, and the share of the wall the steps took (the rest is
+        scheduling, streaming and waiting for requests)."""
         progress = self._progress
-        progress["out"] += new_tokens
-        progress["in"] += sum(len(c.tokens) for chunks in plan.prefill for c in chunks)
+        progress.out += new_tokens
+        progress.prompt += sum(len(c.tokens) for chunks in plan.prefill for c in chunks)
+        kind = "mixed" if any(plan.prefill) else "decode"
+        progress.steps[kind] += 1
+        progress.seconds[kind] += step_s
         now = time.monotonic()
-        elapsed = now - progress["since"]
+        elapsed = now - progress.since
         if elapsed < LOG_EVERY_S:
             return
         s = self.scheduler
+
+        def mean_ms(kind: str) -> str:
+            n = progress.steps[kind]
+            return f"{1e3 * progress.seconds[kind] / n:.1f} ms x {n}" if n else "-"
+
         log.info(
-            "engine: %.1f tok/s out, %.1f tok/s prompt; %d running, %d queued; KV rows %d/%d",
-            progress["out"] / elapsed,
-            progress["in"] / elapsed,
+            "engine: %.1f tok/s out, %.1f tok/s prompt; %d running, %d queued; KV rows %d/%d; "
+            "steps: decode %s, decode+prefill %s, %.0f%% of the wall",
+            progress.out / elapsed,
+            progress.prompt / elapsed,
             s.rows_used,
             s.queued,
             s.rows_used,
             s.rows_total,
+            mean_ms("decode"),
+            mean_ms("mixed"),
+            100 * sum(progress.seconds.values()) / elapsed,
         )
-        self._progress = {"out": 0, "in": 0, "since": now}
+        self._progress = _Progress(now)
 
     def _follow(self) -> int:
         while True:

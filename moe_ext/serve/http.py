@@ -347,6 +347,9 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stop: list[str]):
         self.tokenizer = tokenizer
+        # a tokenizer without text (a checkpoint with ids only, random weights): every
+        # step's ids still make a (textless) chunk, so streaming clients see each token
+        self.ids_only = tokenizer.decode([0]) is None
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
@@ -557,7 +560,7 @@ def build_app(
                         if delta:
                             yield delta
                         break
-                    if delta:
+                    if delta or self.text.ids_only:
                         yield delta
                 if event.finish_reason is not None:
                     self.finish_reason = event.finish_reason

@@ -22,7 +22,7 @@ from moe_ext.serve.chat import load_chat_template
 from moe_ext.serve.engine import EngineUnavailable, QueueFull
 from moe_ext.serve.http import Defaults, HttpServer, TextStream, build_app
 from tests.serve_fake import FakeEngine, expected_ids, wait_until
-from tests.support import free_port
+from tests.support import free_port, tiny_args
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -471,3 +471,38 @@ def test_text_stream_stop_strings_random_against_whole_text():
         out += stream.finish()
         assert out == expected, (text, stops)
         assert stream.stopped == bool(cuts)
+
+
+def test_ids_only_tokenizer_streams_a_chunk_per_token():
+    """Random weights or a checkpoint without tokenizer.json: no text, yet a streaming client
+    (tools/bench_serve.py times TTFT and inter-token gaps from the chunks) sees each token."""
+    from moe_ext.cli.infer import IdsOnlyTokenizer
+
+    httpx = pytest.importorskip("httpx")
+    engine = FakeEngine(model_name="ids", max_context=256)
+    engine.delay_s = 0.002
+    tokenizer = IdsOnlyTokenizer(tiny_args())
+    app = build_app(
+        engine,
+        tokenizer,
+        vocab_size=260,
+        chat_template=load_chat_template(None, "byte"),
+        defaults=Defaults(temperature=0.0, top_p=1.0),
+    )
+    port = free_port()
+    server = HttpServer(app, "127.0.0.1", port)
+    server.start(timeout_s=TIMEOUT_S)
+    try:
+        body = {"model": "ids", "prompt": [1, 2, 3], "max_tokens": 10, "stream": True}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=TIMEOUT_S) as reply:
+            events = [
+                json.loads(line[5:])
+                for line in reply.iter_lines()
+                if line.startswith("data:") and line.strip() != "data: [DONE]"
+            ]
+        content = [e for e in events if e["choices"][0]["finish_reason"] is None]
+        assert [e["choices"][0]["text"] for e in content] == [""] * 10
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.stop()
