@@ -263,8 +263,7 @@ class KVCache(nn.Module):
         rows = row_index(slots, cache_rows, B)  # [B, S]
         slots = slots.expand_as(rows)  # [B, S]
         # index_put_ on [B_cache, S_max, nKV, D] views: the (row, slot) pairs index the
-        # first two dims (Python's setitem with a slice between them stages its indices
-        # through the host, which CUDA-graph capture refuses)
+        # first two dims
         self.k.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))  # [B, S, nKV, D]
         self.v.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
 
