@@ -95,6 +95,13 @@ class GenerateConf:
     # pipelined prefill overlaps stages chunk by chunk, and expert-parallel prefill runs
     # each chunk on the static, sync-free exchange. 0 / None: the whole prompt at once
     prefill_chunk: Optional[int] = 256
+    # expert-parallel prefill: chunks grow past prefill_chunk while (rows of the largest
+    # replica) x (chunk positions) stays within this many tokens per rank (0: never). Each
+    # chunk costs every MoE layer two collectives, whose latency decides small chunks on
+    # links without P2P (2x H200, P2P off: 2.4 ms a mixtral layer at 16 tokens per rank
+    # against a 0.33 ms weight floor, docs/PERF.md); the bound keeps the exchange's padded
+    # buffers (ep x tokens x top-k rows) to a few hundred MB next to a nearly full card
+    prefill_exchange_tokens: int = 2048
 
     def with_sampling(self, defaults: Optional[Mapping[str, Any]] = None) -> GenerateConf:
         """A copy with every sampling field set: its own value, else ``defaults`` (what a
@@ -134,6 +141,11 @@ class GenerateConf:
             raise ConfigError(
                 f"{prefix}.prefill_chunk={self.prefill_chunk}; use 0 (whole prompt) or a "
                 f"positive number of prompt positions"
+            )
+        if self.prefill_exchange_tokens < 0:
+            raise ConfigError(
+                f"{prefix}.prefill_exchange_tokens={self.prefill_exchange_tokens}; use 0 "
+                f"(chunks of exactly prefill_chunk) or a positive token count"
             )
 
 

@@ -313,13 +313,13 @@ class _Stepper:
         max_new: list[int],
         use_graphs: bool,
         capacity: Optional[int] = None,
-        prefill_caps: Optional[list[int]] = None,
+        prefill: Optional[PrefillChunks] = None,
     ) -> list[list[int]]:
         """One batch (empty/None: an idle replica). ``capacity``: expert-parallel models
         only, the static expert-exchange capacity of this round's decode steps (equal on
-        every rank of an EP group). ``prefill_caps``: expert-parallel models only, the
-        static capacity of each prefill chunk (``_prefill_capacities``; None: one dynamic
-        prefill forward). The caller resets the capacity if this raises."""
+        every rank of an EP group). ``prefill``: expert-parallel models only, the prefill
+        chunks on the static exchange (``prefill_chunks``; None: one dynamic prefill
+        forward). The caller resets the capacity if this raises."""
         batch = self._start(prompts, max_new, use_graphs, capacity) if prompts else None
         steps_total = batch.steps if batch is not None else 0
         known_done = batch is None
@@ -337,14 +337,14 @@ class _Stepper:
             active = not known_done and step < steps_total
             if step == 1 and capacity is not None:
                 self._start_static_decode(capacity, capturing=active and batch.capturing)
-            if not active and step == 0 and prefill_caps:
-                for cap in prefill_caps:  # lockstep: join each prefill chunk's exchange
+            if not active and step == 0 and prefill:
+                for cap in prefill.capacities:  # lockstep: join each chunk's exchange
                     self.model.set_moe_capacity(cap)
                     self.model.idle_forward()
             elif not active:
                 self.model.idle_forward()  # lockstep only: join the expert exchanges
             elif step == 0:
-                self._prefill(batch, prefill_caps)
+                self._prefill(batch, prefill)
                 self._fence()
                 t_prefill_end = time.perf_counter()
             else:
@@ -401,13 +401,13 @@ class _Stepper:
             for _ in range(2):  # the capturing replicas' two warm-up steps
                 self.model.idle_forward()
 
-    def _prefill(self, batch: _Batch, caps: Optional[list[int]] = None) -> None:
+    def _prefill(self, batch: _Batch, chunks: Optional[PrefillChunks] = None) -> None:
         """The prompts through the model, filling the caches; samples the first new ids.
-        ``caps``: one static expert-exchange capacity per chunk of ``conf.prefill_chunk``
-        positions (chunks past this batch's prompt join the exchange idle); None: the whole
-        prompt in one forward."""
+        ``chunks``: the static exchange's prefill chunks (chunks past this batch's prompt
+        join the exchange idle); None: the whole prompt in one forward."""
         L = batch.prompt_len
-        chunk = (self.conf.prefill_chunk or L) if caps is not None else L
+        chunk = chunks.length if chunks is not None else L
+        caps = chunks.capacities if chunks is not None else None
         logits = None
         for c, start in enumerate(range(0, max(L, chunk * len(caps or [])), chunk)):
             if caps is not None:
@@ -529,23 +529,40 @@ def _graphs_usable(
     return static_exchange or model.context.cuda_graph_safe
 
 
-def _prefill_capacities(lengths: list[list[int]], chunk: Optional[int]) -> Optional[list[int]]:
-    """Static expert-exchange capacity of each prefill chunk of one round: ``lengths[q]``
-    holds the prompt lengths of the batch replica q runs in it (all replicas of the
-    lockstep group, or only this one without data parallelism). A replica's chunk c is
-    its rows x the positions [c·chunk, (c+1)·chunk) of its padded prompt; the capacity is
-    the largest over replicas (0 where none has that chunk). None: no replica has rows."""
-    per_replica = []
-    for q in lengths:
-        if not q:
-            continue
-        L = max(q)
-        step = chunk or L
-        per_replica.append([len(q) * (min(L, c + step) - c) for c in range(0, L, step)])
-    if not per_replica:
+@dataclass(frozen=True)
+class PrefillChunks:
+    """Expert-parallel prefill of one round on the static exchange, the same on every
+    replica: ``length`` prompt positions per chunk, and each chunk's capacity (tokens per
+    rank; 0 where no replica has that chunk)."""
+
+    length: int
+    capacities: list[int]
+
+
+def prefill_chunks(
+    lengths: list[list[int]], min_chunk: Optional[int], token_budget: int = 0
+) -> Optional[PrefillChunks]:
+    """The chunks of one round: ``lengths[q]`` holds the prompt lengths of the batch replica
+    q runs in it (all replicas of the lockstep group, or only this one without data
+    parallelism). A chunk is at least ``min_chunk`` positions (0 / None: the whole prompt)
+    and longer while the largest replica's rows x the chunk stay within ``token_budget``
+    (``GenerateConf.prefill_exchange_tokens``): fewer chunks, fewer collectives per layer.
+    A replica's chunk c is its rows x the positions [c·length, (c+1)·length) of its padded
+    prompt; the capacity is the largest over replicas. None: no replica has rows."""
+    batches = [q for q in lengths if q]
+    if not batches:
         return None
+    longest = max(max(q) for q in batches)
+    rows = max(len(q) for q in batches)
+    length = max(min_chunk, token_budget // rows) if min_chunk else longest
+    per_replica = [
+        [len(q) * (min(max(q), c + length) - c) for c in range(0, max(q), length)] for q in batches
+    ]
     count = max(len(caps) for caps in per_replica)
-    return [max(caps[c] if c < len(caps) else 0 for caps in per_replica) for c in range(count)]
+    capacities = [
+        max(caps[c] if c < len(caps) else 0 for caps in per_replica) for c in range(count)
+    ]
+    return PrefillChunks(length, capacities)
 
 
 def _round_shares(bounds: list[int], batch: int, round_index: int) -> list[range]:
@@ -666,16 +683,16 @@ def generate(
                 )
                 continue
             capacity = _round_capacity(bounds, batch, r) if lockstep else len(chunk)
-            prefill_caps = None
+            prefill = None
             if static_exchange:
                 lengths = [[len(prompt_ids[i]) for i in s] for s in shares]
-                prefill_caps = _prefill_capacities(lengths, conf.prefill_chunk)
+                prefill = prefill_chunks(lengths, conf.prefill_chunk, conf.prefill_exchange_tokens)
             local += stepper.run(
                 [prompt_ids[i] for i in chunk],
                 [max_new[i] for i in chunk],
                 use_graphs,
                 capacity if static_exchange else None,
-                prefill_caps,
+                prefill,
             )
     finally:
         if static_exchange:

@@ -107,16 +107,22 @@ def test_schedule_fills_the_ring_and_respects_dependencies():
     assert microbatch_bounds(5, 2) == [0, 2, 5]
 
 
-def test_prefill_capacities_cover_every_replica():
+def test_prefill_chunks_cover_every_replica():
     """Chunk c's capacity: the most rows x chunk positions any replica feeds it; a replica
-    with a shorter prompt (fewer chunks) or none adds nothing."""
-    from moe_ext.model.generate import _prefill_capacities
+    with a shorter prompt (fewer chunks) or none adds nothing. Chunks grow past the
+    minimum while the largest replica's rows x positions fit the token budget."""
+    from moe_ext.model.generate import PrefillChunks, prefill_chunks
 
     # replica 0: 2 rows padded to 9 (chunks 4, 4, 1); replica 1: 3 rows padded to 5 (4, 1)
-    assert _prefill_capacities([[9, 2], [5, 1, 3], []], 4) == [12, 8, 2]
-    assert _prefill_capacities([[9, 2], [5, 1, 3]], None) == [18]
-    assert _prefill_capacities([[9, 2], [5, 1, 3]], 0) == [18]
-    assert _prefill_capacities([[], []], 4) is None
+    assert prefill_chunks([[9, 2], [5, 1, 3], []], 4) == PrefillChunks(4, [12, 8, 2])
+    assert prefill_chunks([[9, 2], [5, 1, 3]], None) == PrefillChunks(9, [18])
+    assert prefill_chunks([[9, 2], [5, 1, 3]], 0) == PrefillChunks(9, [18])
+    assert prefill_chunks([[], []], 4) is None
+    # a budget of 15 tokens over 3 rows: chunks of 5 positions (chunks 5, 4 and 5)
+    assert prefill_chunks([[9, 2], [5, 1, 3]], 4, 15) == PrefillChunks(5, [15, 8])
+    # a budget below the minimum leaves the minimum; one above the prompt makes one chunk
+    assert prefill_chunks([[9, 2], [5, 1, 3]], 4, 6) == PrefillChunks(4, [12, 8, 2])
+    assert prefill_chunks([[9, 2], [5, 1, 3]], 4, 2048) == PrefillChunks(682, [18])
 
 
 def test_generate_conf_refuses_bad_pipeline_fields():
@@ -285,7 +291,16 @@ def _ep_prefill_body(rank, world):
         model.forward = guarded
         whole = _greedy(model, prompts, max_new, None, prefill_chunk=0, max_batch_size=2)
         n_whole = len(prefills)
-        chunked = _greedy(model, prompts, max_new, None, prefill_chunk=3, max_batch_size=2)
+        # chunks of exactly 3 positions (no growth under the exchange's token budget)
+        chunked = _greedy(
+            model,
+            prompts,
+            max_new,
+            None,
+            prefill_chunk=3,
+            prefill_exchange_tokens=0,
+            max_batch_size=2,
+        )
         assert whole == expected, (strategy, whole, expected)
         assert chunked == expected, (strategy, chunked, expected)
         # replica 0 runs prompts [0, 1] (9 and 2 tokens) then [2]; replica 1 [3, 4] then
@@ -317,7 +332,9 @@ def _four_rank_body(rank, world, strategy, degrees, graphs=False):
         _fake_stage_graphs()
     for n in (1, 3, 5):
         expected = _greedy(reference, PROMPTS[:n], MAX_NEW[:n], None)
-        got = _greedy(model, PROMPTS[:n], MAX_NEW[:n], None, prefill_chunk=3)
+        got = _greedy(
+            model, PROMPTS[:n], MAX_NEW[:n], None, prefill_chunk=3, prefill_exchange_tokens=0
+        )
         assert got == expected, (strategy, degrees, n, got, expected)
     assert runs, "the pipelined path did not run"
 
