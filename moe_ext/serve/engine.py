@@ -411,7 +411,7 @@ class ServeEngine:
         progress = self._progress
         progress.out += new_tokens
         progress.prompt += sum(len(c.tokens) for chunks in plan.prefill for c in chunks)
-        kind = "mixed" if any(plan.prefill) else "decode"
+        kind = "prefill" if any(plan.prefill) else "decode"
         progress.steps[kind] += 1
         progress.seconds[kind] += step_s
         now = time.monotonic()
@@ -426,7 +426,7 @@ class ServeEngine:
 
         log.info(
             "engine: %.1f tok/s out, %.1f tok/s prompt; %d running, %d queued; KV rows %d/%d; "
-            "steps: decode %s, decode+prefill %s, %.0f%% of the wall",
+            "steps: decode-only %s, with prefill %s, %.0f%% of the wall",
             progress.out / elapsed,
             progress.prompt / elapsed,
             s.rows_used,
@@ -434,7 +434,7 @@ class ServeEngine:
             s.rows_used,
             s.rows_total,
             mean_ms("decode"),
-            mean_ms("mixed"),
+            mean_ms("prefill"),
             100 * sum(progress.seconds.values()) / elapsed,
         )
         self._progress = _Progress(now)
