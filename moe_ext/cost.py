@@ -30,22 +30,25 @@ Decode (one new token per sequence). Per stage:
             own cache layout, ``kv_cache_bytes``) / (hbm * grouped_efficiency).
   kernels   Ls * KERNELS_PER_LAYER * graph_kernel_us: each kernel's own minimum time on
             the GPU (the profile's graph_kernel_us; 0 when it was not measured)
-  launches  outside a CUDA graph the host launches Ls * KERNELS_PER_LAYER *
-            kernel_overhead_us while the GPU works: the stage waits for the excess,
-            max(0, launches - (weights + kv + kernels)). The step is one CUDA graph when
-            pp = 1 (generate() graphs EP decode too, on the static exchange of
-            dispatch/static.py; ParallelContext.cuda_graph_safe is the sync-free case
-            only), so this term is 0 there.
-  collectives, per layer of the stage:
+            Host launches cost nothing here: the step is one CUDA graph (generate() graphs
+            EP decode too, on the static exchange of dispatch/static.py), or one per stage
+            and micro-batch under pp.
+  collectives, per layer of the stage (each replayed inside the step's CUDA graph: the
+            profile's eager time less its host dispatch, kernel_overhead_us, and at least
+            graph_kernel_us):
     tp > 1       ar(tp, Br*H*b) after attention, and after each dense MLP that is TP-sharded
     tp_experts   ar(tp, Br*H*b) after each MoE layer
     ep_* (decode: every EP dispatcher runs the static exchange, dispatch/static.py) per MoE
                  layer ag(ep, C*(H*b + 8k)) + rs(ep, ep*C*H*b), C = ceil(Br/tp) tokens per
                  rank (ep_* with tp > 1 splits the tokens over tp), then ag(tp, C*H*b)
     replicate    nothing for the MoE layer
-  pipeline  stages run one after another (no micro-batches): step = pp * (weights + kv +
-            kernels + launches + collectives) +
-            (pp - 1) * sr(2, Br*H*b) + sr(2, 8*Br) (the sampled ids back to the first stage).
+  pipeline  generate's pipelined decode (model/pipeline_generate.py): M = min(pp, Br)
+            micro-batches of Bm = ceil(Br/M) rows in flight, each stage a CUDA graph per
+            micro-batch. Every term above is one stage's work on Bm rows (Te/M tokens for
+            the experts: each micro-batch reads the weights it touches again); a tick is
+            that plus one stage-to-stage send sr(2, Bm*H*b), and a step takes max(M, pp)
+            ticks (below pp micro-batches a row waits for its own trip through the stages).
+            pp = 1: one tick, no send.
 
 Prefill (Br*S tokens per replica, eager: no graph). Per stage:
   dense     max(FLOPs / matmul_tflops, dense bytes / hbm); FLOPs = 2 * dense params * Br*S
@@ -147,8 +150,8 @@ class Prediction:
     fits: Optional[bool]  # memory_bytes <= the rank's memory; None: memory unknown
     batch: int  # B, sequences per step over all replicas
     prompt_len: int  # S
-    # ms per term, summing to decode_ms: weights, kv, kernels, launches, collectives,
-    # pipeline; to prefill_ms: dense, experts, launches, collectives, pipeline
+    # ms per term, summing to decode_ms: weights, kv, kernels, collectives, pipeline; to
+    # prefill_ms: dense, experts, launches, collectives, pipeline
     terms: dict[str, float] = field(default_factory=dict)
     prefill_terms: dict[str, float] = field(default_factory=dict)
 
@@ -320,7 +323,7 @@ def predict(
     batch: sequences per step over all replicas; prompt_len: tokens per prompt;
     available_bytes: memory of one rank (None: unknown, ``fits`` is None)."""
     shape = _shape_cache or _shape(model, dtype_bytes)
-    link = _Link(profile, inter_node or ETHERNET_100G, gpus_per_node, plan)
+    link = comm = _Link(profile, inter_node or ETHERNET_100G, gpus_per_node, plan)
     H, k, E, b = model.hidden_size, model.num_experts_per_tok, model.num_experts, dtype_bytes
     tp, pp, ep, etp = plan.tp, plan.pp, plan.ep, plan.etp
     hbm = profile.hbm_gbps * 1e9
@@ -330,18 +333,28 @@ def predict(
     Br = math.ceil(batch / plan.dp)
     ep_side = plan.is_expert_parallel
     Te = math.ceil(batch / plan.edp) if ep_side else Br
+    M = min(pp, Br)  # decode micro-batches in flight (one without pipeline stages)
+    ticks = max(M, pp)
     w = rank_weight_bytes(model, tp, pp, ep, etp, dtype_bytes)
     dense_read = max(0, w.dense - shape.embed_bytes / (tp * pp))
     dense_params = shape.dense_params / (tp * pp)
     expert_flops_per_token = 2 * k * shape.expert_params / (E * ep * etp * pp) if E else 0.0
     kv_seq = model.family.kv_cache_bytes(model, tp, prompt_len, b) * Ls / model.num_hidden_layers
     dense_mlp_tp = tp > 1 and model.intermediate_size % tp == 0
-    graphed = pp == 1
     per_kernel_graph = (profile.graph_kernel_us or 0.0) * 1e-6
     launch = Ls * KERNELS_PER_LAYER * profile.kernel_overhead_us * 1e-6
 
     def collectives(tokens: int, decode: bool) -> float:
-        """One stage's collectives for ``tokens`` tokens per replica."""
+        """One stage's collectives for ``tokens`` tokens per replica. Decode replays them
+        inside its CUDA graph, without the host dispatch the profile's eager timings hold
+        (``kernel_overhead_us`` each, never below a graph kernel's own time)."""
+
+        def link(op: str, group: int, nbytes: float) -> float:
+            eager = comm(op, group, nbytes)
+            if not decode or eager == 0.0:
+                return eager
+            return max(eager - profile.kernel_overhead_us * 1e-6, per_kernel_graph)
+
         t = Ls * link("all_reduce", tp, tokens * H * b)
         if dense_mlp_tp:
             t += Ld * link("all_reduce", tp, tokens * H * b)
@@ -357,27 +370,26 @@ def predict(
             t += Lm * (ex + link("all_gather", tp, C * H * b))
         return t
 
-    # ---- decode
-    t_dense = max(dense_read / (hbm * profile.gemv_efficiency), 2 * dense_params * Br / flops)
-    p_touch = expert_touch_probability(Te, E, k)
+    # ---- decode: one stage's work on one micro-batch of Bm rows, ``ticks`` times a step
+    Bm, Tm = math.ceil(Br / M), math.ceil(Te / M)
+    t_dense = max(dense_read / (hbm * profile.gemv_efficiency), 2 * dense_params * Bm / flops)
+    p_touch = expert_touch_probability(Tm, E, k)
     t_exp = max(
         w.experts * p_touch / (hbm * profile.grouped_efficiency),
-        expert_flops_per_token * Te / flops,
+        expert_flops_per_token * Tm / flops,
     )
-    t_kv = Br * kv_seq / (hbm * profile.grouped_efficiency)
+    t_kv = Bm * kv_seq / (hbm * profile.grouped_efficiency)
     kernels = Ls * KERNELS_PER_LAYER * per_kernel_graph
     gpu = t_dense + t_exp + t_kv + kernels
-    stall = 0.0 if graphed else max(0.0, launch - gpu)  # host launches behind the GPU
-    coll = collectives(Br, decode=True)
-    pipe = link.hops(Br * H * b) + (link("send_recv", 2, 8 * Br) if pp > 1 else 0.0)
-    decode_s = pp * (gpu + stall + coll) + pipe
+    coll = collectives(Bm, decode=True)
+    hop = link.hops(Bm * H * b) / (pp - 1) if pp > 1 else 0.0
+    decode_s = ticks * (gpu + coll + hop)
     terms = {
-        "weights": pp * (t_dense + t_exp) * 1e3,
-        "kv": pp * t_kv * 1e3,
-        "kernels": pp * kernels * 1e3,
-        "launches": pp * stall * 1e3,
-        "collectives": pp * coll * 1e3,
-        "pipeline": pipe * 1e3,
+        "weights": ticks * (t_dense + t_exp) * 1e3,
+        "kv": ticks * t_kv * 1e3,
+        "kernels": ticks * kernels * 1e3,
+        "collectives": ticks * coll * 1e3,
+        "pipeline": ticks * hop * 1e3,
     }
 
     # ---- prefill
