@@ -179,6 +179,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow  # the tool end to end (9 s); the peers' layers are checked above
 @pytest.mark.timeout(180)
 def test_bench_moe_with_peers_world2_smoke(tmp_path):
     out = tmp_path / "moe.json"

@@ -75,6 +75,7 @@ def _body(rank, world, cases_and_expect):
             assert table.count("\n") == len(rows) + 1
 
 
+@pytest.mark.slow  # every system of the tool end to end (8 s)
 @pytest.mark.timeout(240)
 def test_every_system_gives_a_row_world2():
     cases = [

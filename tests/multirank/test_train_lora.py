@@ -182,6 +182,7 @@ def _lora_run(out, *extra):
     )
 
 
+@pytest.mark.slow  # the launcher end to end (19 s); adapters' gradients are checked above
 def test_launcher_fine_tunes_with_lora_on_two_ranks(tmp_path):
     """Two ranks, ep_nccl, ZeRO 1: adapters exported in PEFT's format, merged model, memory
     per rank in the log; training checkpoints hold only the adapters (the frozen base comes
