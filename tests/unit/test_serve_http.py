@@ -11,6 +11,7 @@ not) cancelling its engine request, and /metrics counting what was served.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -37,12 +38,12 @@ def _text(ids: list[int]) -> str:
     return TOK.decode(ids)
 
 
-@pytest.fixture(scope="module")
-def served():
-    engine = FakeEngine(model_name="tiny", max_context=256)
+@contextlib.contextmanager
+def _http_server(engine: FakeEngine, tokenizer):
+    """The FastAPI app over ``engine`` on a free local port; yields its base URL."""
     app = build_app(
         engine,
-        TOK,
+        tokenizer,
         vocab_size=260,
         chat_template=load_chat_template(None, "byte"),
         defaults=Defaults(temperature=0.0, top_p=1.0),
@@ -50,9 +51,18 @@ def served():
     port = free_port()
     server = HttpServer(app, "127.0.0.1", port)
     server.start(timeout_s=TIMEOUT_S)
-    yield engine, f"http://127.0.0.1:{port}"
-    server.stop()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
     assert not server.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = FakeEngine(model_name="tiny", max_context=256)
+    with _http_server(engine, TOK) as base:
+        yield engine, base
 
 
 @pytest.fixture
@@ -481,20 +491,9 @@ def test_ids_only_tokenizer_streams_a_chunk_per_token():
     httpx = pytest.importorskip("httpx")
     engine = FakeEngine(model_name="ids", max_context=256)
     engine.delay_s = 0.002
-    tokenizer = IdsOnlyTokenizer(tiny_args())
-    app = build_app(
-        engine,
-        tokenizer,
-        vocab_size=260,
-        chat_template=load_chat_template(None, "byte"),
-        defaults=Defaults(temperature=0.0, top_p=1.0),
-    )
-    port = free_port()
-    server = HttpServer(app, "127.0.0.1", port)
-    server.start(timeout_s=TIMEOUT_S)
-    try:
+    with _http_server(engine, IdsOnlyTokenizer(tiny_args())) as base:
         body = {"model": "ids", "prompt": [1, 2, 3], "max_tokens": 10, "stream": True}
-        url = f"http://127.0.0.1:{port}/v1/completions"
+        url = f"{base}/v1/completions"
         with httpx.stream("POST", url, json=body, timeout=TIMEOUT_S) as reply:
             events = [
                 json.loads(line[5:])
@@ -504,5 +503,3 @@ def test_ids_only_tokenizer_streams_a_chunk_per_token():
         content = [e for e in events if e["choices"][0]["finish_reason"] is None]
         assert [e["choices"][0]["text"] for e in content] == [""] * 10
         assert events[-1]["choices"][0]["finish_reason"] == "length"
-    finally:
-        server.stop()
