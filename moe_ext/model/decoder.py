@@ -374,13 +374,16 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             block.idle_forward(self.args.hidden_size, self.dtype, self.device)
 
-    def set_moe_overlap(self, microbatches: int, min_tokens: int = 64) -> None:
+    def set_moe_overlap(self, microbatches: int, min_tokens: int = 1024) -> None:
         """Dual-batch overlap in every local MoE layer (``Dispatcher.set_overlap``): each
         splits its tokens into ``microbatches`` parts whose exchanges run under the other
         parts' experts (1: off). Under a static capacity C only when ceil(C/microbatches)
-        >= ``min_tokens``: decode's few tokens per rank keep one exchange, prefill chunks
-        and training (dynamic) split. Expert-parallel dispatchers only; every rank of an EP
-        group must pass the same values."""
+        >= ``min_tokens``: decode and small prefill chunks keep one exchange, large prefill
+        chunks and training (dynamic) split. The default follows the 2x H200 P2P-off layer
+        bench (docs/PERF.md): overlap made a mixtral layer 1.7x slower at 16 tokens per
+        rank (each part pays the collectives' latency) and gained at most 1-16% at 4096.
+        Expert-parallel dispatchers only; every rank of an EP group must pass the same
+        values."""
         for block in self.layers.values():
             if block.is_moe:
                 block.mlp.dispatcher.set_overlap(microbatches, min_tokens)
