@@ -323,7 +323,7 @@ def predict(
     batch: sequences per step over all replicas; prompt_len: tokens per prompt;
     available_bytes: memory of one rank (None: unknown, ``fits`` is None)."""
     shape = _shape_cache or _shape(model, dtype_bytes)
-    link = comm = _Link(profile, inter_node or ETHERNET_100G, gpus_per_node, plan)
+    link = _Link(profile, inter_node or ETHERNET_100G, gpus_per_node, plan)
     H, k, E, b = model.hidden_size, model.num_experts_per_tok, model.num_experts, dtype_bytes
     tp, pp, ep, etp = plan.tp, plan.pp, plan.ep, plan.etp
     hbm = profile.hbm_gbps * 1e9
@@ -349,25 +349,27 @@ def predict(
         inside its CUDA graph, without the host dispatch the profile's eager timings hold
         (``kernel_overhead_us`` each, never below a graph kernel's own time)."""
 
-        def link(op: str, group: int, nbytes: float) -> float:
-            eager = comm(op, group, nbytes)
+        def seconds(op: str, group: int, nbytes: float) -> float:
+            eager = link(op, group, nbytes)
             if not decode or eager == 0.0:
                 return eager
             return max(eager - profile.kernel_overhead_us * 1e-6, per_kernel_graph)
 
-        t = Ls * link("all_reduce", tp, tokens * H * b)
+        t = Ls * seconds("all_reduce", tp, tokens * H * b)
         if dense_mlp_tp:
-            t += Ld * link("all_reduce", tp, tokens * H * b)
+            t += Ld * seconds("all_reduce", tp, tokens * H * b)
         if plan.strategy == "tp_experts":
-            t += Lm * link("all_reduce", tp, tokens * H * b)
+            t += Lm * seconds("all_reduce", tp, tokens * H * b)
         elif ep_side:
             C = math.ceil(tokens / tp)
             if decode or plan.strategy == "ep_allgather":
-                ex = link("all_gather", ep, C * (H * b + 8 * k))
-                ex += link("reduce_scatter", ep, ep * C * H * b)
+                ex = seconds("all_gather", ep, C * (H * b + 8 * k))
+                ex += seconds("reduce_scatter", ep, ep * C * H * b)
             else:  # ep_nccl, ep_nvshmem: split sizes, then tokens out and back
-                ex = link("all_to_all", ep, 8 * ep) + 2 * link("all_to_all", ep, C * k * H * b)
-            t += Lm * (ex + link("all_gather", tp, C * H * b))
+                ex = seconds("all_to_all", ep, 8 * ep) + 2 * seconds(
+                    "all_to_all", ep, C * k * H * b
+                )
+            t += Lm * (ex + seconds("all_gather", tp, C * H * b))
         return t
 
     # ---- decode: one stage's work on one micro-batch of Bm rows, ``ticks`` times a step

@@ -283,9 +283,6 @@ class _Stepper:
         self.result = result
         self.device = model.device
 
-    def _fence(self) -> None:
-        fence(self.device)
-
     def _any_replica(self, local: bool) -> bool:
         """Whether ``local`` holds on any replica of the lockstep group (itself without one)."""
         if not self.lockstep:
@@ -304,9 +301,6 @@ class _Stepper:
             dist.broadcast(nxt, src=context.pp_last_rank, group=context.pp_group)
         return nxt
 
-    def _is_eos(self, ids: torch.Tensor) -> torch.Tensor:
-        return eos_mask(ids, self.eos)
-
     def run(
         self,
         prompts: Optional[list[list[int]]],
@@ -324,7 +318,7 @@ class _Stepper:
         steps_total = batch.steps if batch is not None else 0
         known_done = batch is None
         step = 0  # forwards made by this call; 0 = prefill
-        self._fence()
+        fence(self.device)
         t0 = t_prefill_end = time.perf_counter()
         while self.lockstep or step < steps_total:
             if step % self.check_every == 0:
@@ -345,14 +339,14 @@ class _Stepper:
                 self.model.idle_forward()  # lockstep only: join the expert exchanges
             elif step == 0:
                 self._prefill(batch, prefill)
-                self._fence()
+                fence(self.device)
                 t_prefill_end = time.perf_counter()
             else:
                 self._decode(batch, step)
             step += 1
         if capacity is not None:
             self.model.set_moe_capacity(None)  # the next round's prefill is dynamic again
-        self._fence()
+        fence(self.device)
         if batch is None:
             return []
         self.result.prefill_s += t_prefill_end - t0
@@ -426,7 +420,7 @@ class _Stepper:
             )  # [B, 1, V] on the last stage
         batch.nxt = self._next_tokens(logits, batch.size)
         batch.out[:, 0] = batch.nxt
-        batch.done |= self._is_eos(batch.nxt) | (batch.limits <= 1)
+        batch.done |= eos_mask(batch.nxt, self.eos) | (batch.limits <= 1)
         self.result.prefill_tokens += sum(len(p) for p in batch.prompts)
 
     def _decode(self, batch: _Batch, step: int) -> None:
@@ -436,7 +430,7 @@ class _Stepper:
         nxt = self._next_tokens(logits, batch.size)
         batch.nxt = torch.where(batch.done, torch.full_like(nxt, self.pad_id), nxt)
         batch.out[:, step] = batch.nxt
-        batch.done |= self._is_eos(batch.nxt) | (batch.limits <= step + 1)
+        batch.done |= eos_mask(batch.nxt, self.eos) | (batch.limits <= step + 1)
         self.result.decode_steps += 1
         self.result.decode_tokens += batch.size
 
