@@ -193,14 +193,23 @@ class ServerConf:
     model_name: Optional[str] = None  # the name clients send; None: conf/model or checkpoint dir
     cuda_graphs: bool = True  # GPU: CUDA-graph decode per batch bucket
     compile_decode: bool = True  # GPU: torch.compile each block's decode step (as infer)
+    # torch.profiler over engine steps profile_skip+1 .. profile_skip+profile_steps, every
+    # rank: <profile_dir>/serve_rank{r}.json (trace) and .txt (ops by time); None: off
+    profile_dir: Optional[str] = None
+    profile_steps: int = 32
+    profile_skip: int = 16
 
     def check(self) -> None:
         """Refuse sizes the server cannot run with (one line: field, value, fix)."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port={self.port}; use a port in 0..65535 (0: any free one)")
-        for name in ("max_queue", "max_batch_size", "prefill_chunk"):
+        for name in ("max_queue", "max_batch_size", "prefill_chunk", "profile_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name}={getattr(self, name)}; it must be at least 1")
+        if self.profile_skip < 0:
+            raise ConfigError(
+                f"server.profile_skip={self.profile_skip}; use 0 (from the first step) or more"
+            )
         if self.max_context is not None and self.max_context < 2:
             raise ConfigError(
                 f"server.max_context={self.max_context}; it must hold a prompt and a token (>= 2)"

@@ -164,7 +164,7 @@ def check_address(host: str, port: int) -> None:
 
 def run(cfg: ServeConf, env: DistEnv) -> int:
     """The whole server on this rank: validate, set up groups, load, serve until drained."""
-    from moe_ext.serve.engine import ServeEngine
+    from moe_ext.serve.engine import ProfileWindow, ServeEngine
 
     job = prepare_job(prepare, cfg, env, log)
     if env.rank == 0:
@@ -189,6 +189,11 @@ def run(cfg: ServeConf, env: DistEnv) -> int:
         seed=cfg.seed,
         cuda_graphs=cfg.server.cuda_graphs,
         compile_decode=cfg.server.compile_decode,
+        profile=(
+            ProfileWindow(cfg.server.profile_dir, cfg.server.profile_steps, cfg.server.profile_skip)
+            if cfg.server.profile_dir
+            else None
+        ),
     )
     server = start_http(cfg, job, engine) if env.rank == 0 else None
     if not all_started(server is not None or env.rank != 0, control):

@@ -37,16 +37,19 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from moe_ext.errors import MoeExtError
 from moe_ext.model.generate import DecodeGraph, sample
@@ -240,6 +243,65 @@ class _Progress:
     seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
+@dataclass(frozen=True)
+class ProfileWindow:
+    """torch.profiler over engine steps ``skip + 1 .. skip + steps`` (non-empty ones) on every
+    rank: ``directory/serve_rank{r}.json`` (a Chrome / Perfetto trace) and
+    ``serve_rank{r}.txt`` (the ops by device time). The steps carry ``serve.*`` ranges
+    (schedule, decode, prefill, complete), so host gaps show between them."""
+
+    directory: str
+    steps: int = 32
+    skip: int = 16
+
+
+class _StepProfiler:
+    """Counts non-empty steps and runs torch.profiler over ``window``'s steps on this rank."""
+
+    def __init__(self, window: ProfileWindow, rank: int, on_cuda: bool):
+        self.window, self.rank = window, rank
+        self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+        self.steps = 0
+        self.active: Optional[profile] = None
+        if window.skip == 0:
+            self._start()
+
+    def _start(self) -> None:
+        self.active = profile(activities=self.activities)
+        self.active.__enter__()
+
+    def step_done(self) -> None:
+        self.steps += 1
+        window = self.window
+        if self.steps == window.skip:
+            self._start()
+        elif self.active is not None and self.steps == window.skip + window.steps:
+            self.active.__exit__(None, None, None)
+            self._write(self.active)
+            self.active = None
+
+    def _write(self, prof: profile) -> None:
+        directory = Path(self.window.directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        trace = directory / f"serve_rank{self.rank}.json"
+        sort = "self_device_time_total" if len(self.activities) > 1 else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30) + "\n"
+        for target, write in (
+            (trace, prof.export_chrome_trace),
+            (trace.with_suffix(".txt"), lambda path: Path(path).write_text(table)),
+        ):
+            partial = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            write(str(partial))
+            os.replace(partial, target)  # no half-written file under the final name
+        log.info(
+            "serving engine: rank %d's profile of steps %d..%d written to %s (and .txt)",
+            self.rank,
+            self.window.skip + 1,
+            self.window.skip + self.window.steps,
+            trace,
+        )
+
+
 # ---- the engine ------------------------------------------------------------------------
 
 
@@ -250,6 +312,7 @@ class ServeEngine:
     of ``max_context`` slots). ``control_group``: a gloo group of every rank (None: one
     process, no collectives). ``stop_ids``: the model's EOS ids (generation_config.json).
     ``kv_tokens``: each replica's KV-token budget for admission (default rows·max_context).
+    ``profile``: torch.profiler over a window of steps (ProfileWindow).
     """
 
     def __init__(
@@ -268,6 +331,7 @@ class ServeEngine:
         compile_decode: bool = True,
         heartbeat_s: float = 1.0,
         kv_tokens: Optional[int] = None,
+        profile: Optional[ProfileWindow] = None,
     ):
         self.model = model
         self.group = control_group
@@ -325,6 +389,7 @@ class ServeEngine:
         self._progress = _Progress(time.monotonic())
         self._warned_disagree = False
         self._client = _Client(self)
+        self._profiler = _StepProfiler(profile, self.rank, on_cuda) if profile else None
 
     @property
     def decode_buckets(self) -> list[int]:
@@ -379,7 +444,8 @@ class ServeEngine:
                 if self._draining and self.scheduler.idle:
                     plan = StepPlan(shutdown=True)
                 else:
-                    plan = self.scheduler.schedule()
+                    with record_function("serve.schedule"):
+                        plan = self.scheduler.schedule()
             self._broadcast(plan)
             last = time.monotonic()
             if plan.shutdown:
@@ -390,7 +456,7 @@ class ServeEngine:
             began = time.monotonic()
             sampled = self._gather(self._execute(plan))
             self._log_progress(plan, len(sampled), time.monotonic() - began)
-            with self._cv:
+            with self._cv, record_function("serve.complete"):
                 for done in self.scheduler.complete(plan, sampled):
                     stream = self._streams.get(done.entry.request_id)
                     if stream is None:
@@ -401,6 +467,8 @@ class ServeEngine:
                     stream._push(TokenEvent(done.token_ids, done.finish_reason))
                 if self._draining and self.scheduler.idle:
                     self._cv.notify_all()
+            if self._profiler is not None:
+                self._profiler.step_done()
 
     def _log_progress(self, plan: StepPlan, new_tokens: int, step_s: float) -> None:
         """Rank 0: a line at most every LOG_EVERY_S seconds while it works (rates over the
@@ -446,6 +514,8 @@ class ServeEngine:
                 return 0
             if not plan.empty:
                 self._gather(self._execute(plan))
+                if self._profiler is not None:
+                    self._profiler.step_done()
 
     def _broadcast(self, plan: Optional[StepPlan]) -> StepPlan:
         """Rank 0's plan to every rank (over the control group)."""
@@ -501,7 +571,8 @@ class ServeEngine:
             B = plan.bucket if self.lockstep else bucket_for(rows[-1] + 1, self.rows)
             tokens = torch.tensor(plan.decode_tokens[me][:B], dtype=torch.long)[:, None]  # [B, 1]
             slots = torch.tensor(plan.decode_slots[me][:B], dtype=torch.long)[:, None]  # [B, 1]
-            logits = self._decode(tokens.to(self.device), slots.to(self.device))
+            with record_function("serve.decode"):
+                logits = self._decode(tokens.to(self.device), slots.to(self.device))
             self.counts["decode"] += 1
             if logits is not None:
                 ids = self._sample(logits[rows, -1], rows)
@@ -520,7 +591,8 @@ class ServeEngine:
                     self.counts["idle_prefill"] += 1
                 continue
             chunks = [plan.prefill[me][j] for j in groups[i]]
-            logits = self._prefill(chunks)
+            with record_function("serve.prefill"):
+                logits = self._prefill(chunks)
             self.counts["prefill"] += 1
             last = [b for b, chunk in enumerate(chunks) if chunk.last]
             if logits is not None and last:

@@ -6,6 +6,9 @@ buckets give exactly the ids ``generate`` gives each prompt alone (fp32, random 
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import pytest
 import torch
 
@@ -14,7 +17,7 @@ from moe_ext.model import init_random_full
 from moe_ext.model.args import ModelArgs
 from moe_ext.model.decoder import Transformer
 from moe_ext.model.generate import generate
-from moe_ext.serve.engine import ServeEngine
+from moe_ext.serve.engine import ProfileWindow, ServeEngine
 from tests.serve_support import random_requests, serve_greedy
 from tests.support import stand_in_graph_capture
 from tests.unit.test_families import CONFIGS, hf
@@ -27,7 +30,9 @@ def requests(n: int = 12) -> list[tuple[list[int], int]]:
     return random_requests(n, seed=3, prompt_lengths=(1, 22), new_tokens=(1, 14), ids=(2, 64))
 
 
-def engine_and_expected(family: str) -> tuple[ServeEngine, list, list]:
+def engine_and_expected(
+    family: str, profile: Optional[ProfileWindow] = None
+) -> tuple[ServeEngine, list, list]:
     """A one-process engine on a random ``family`` model, the requests, and generate's ids
     for each request alone."""
     torch.manual_seed(0)
@@ -48,6 +53,7 @@ def engine_and_expected(family: str) -> tuple[ServeEngine, list, list]:
         max_context=MAX_CONTEXT,
         prefill_chunk=6,
         max_queue=len(reqs),
+        profile=profile,
     )
     return engine, reqs, expected
 
@@ -73,3 +79,16 @@ def test_bucket_graphs_replay_the_same_ids(monkeypatch):
     assert got == expected
     assert sorted(captured) == sorted(engine.decode_buckets)
     assert set(engine.graphs) <= set(engine.decode_buckets)
+
+
+def test_profile_window_writes_a_trace_and_changes_nothing(tmp_path):
+    """server.profile_dir: steps 3..5 land in a Chrome trace and an op table per rank, with
+    the engine's own ranges; the served ids stay generate's."""
+    window = ProfileWindow(str(tmp_path / "prof"), steps=3, skip=2)
+    engine, reqs, expected = engine_and_expected("qwen3_moe", profile=window)
+    assert serve_greedy(engine, reqs, collect_s=120, join_s=30) == expected
+    trace = json.loads((tmp_path / "prof" / "serve_rank0.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "serve.schedule" in names and names & {"serve.decode", "serve.prefill"}
+    assert "serve." in (tmp_path / "prof" / "serve_rank0.txt").read_text()
+    assert not [p for p in (tmp_path / "prof").iterdir() if p.name.startswith(".")]
