@@ -236,7 +236,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache(nn.Module):
     """Preallocated keys/values [B_cache, nKV, S_max, D]; written in place by slot index,
-    with one slot set for every row ([S] slots) or per row ([B, S] slots, ``write_rows``)."""
+    with one slot set for every row ([S] slots) or per row ([B, S] slots)."""
 
     def __init__(
         self, batch: int, kv_heads: int, max_slots: int, head_dim: int, dtype: torch.dtype, device
@@ -255,17 +255,10 @@ class KVCache(nn.Module):
     ) -> None:
         """slots: [S] int64 (the same slots in every row) or [B, S] int64 (each row's own);
         k, v: [B, nKV, S, D]; cache_rows: [B] int64 distinct cache rows (None: rows 0..B-1)."""
-        B = k.shape[0]
-        if slots.dim() == 1 and cache_rows is None:
-            self.k[:B].index_copy_(2, slots, k)  # a view of the first B rows
-            self.v[:B].index_copy_(2, slots, v)
-            return
-        rows = row_index(slots, cache_rows, B)  # [B, S]
+        rows = row_index(slots, cache_rows, k.shape[0])  # [B, S]
         slots = slots.expand_as(rows)  # [B, S]
-        # index_put_ on [B_cache, S_max, nKV, D] views: the (row, slot) pairs index the
-        # first two dims
-        self.k.transpose(1, 2).index_put_((rows, slots), k.transpose(1, 2))  # [B, S, nKV, D]
-        self.v.transpose(1, 2).index_put_((rows, slots), v.transpose(1, 2))
+        write_cache_rows(self.k, rows, slots, k, slot_dim=2)
+        write_cache_rows(self.v, rows, slots, v, slot_dim=2)
 
     def read(
         self, batch: int, cache_rows: Optional[torch.Tensor] = None, kv_len: Optional[int] = None
@@ -289,6 +282,25 @@ class KVCache(nn.Module):
         the batch's cache rows (k, v) [B, nKV, S_k, D], S_k = kv_len or S_max."""
         self.write(slots, k, v, cache_rows)
         return self.read(k.shape[0], cache_rows, kv_len)
+
+
+@torch.compiler.disable
+def write_cache_rows(
+    cache: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    values: torch.Tensor,
+    slot_dim: int,
+) -> None:
+    """In place: the cache entry of (rows[b, s], slots[b, s]) takes values' entry (b, s).
+    cache: [B_cache, ...] with its slot axis at ``slot_dim``; rows, slots: [B, S] int64;
+    values: shaped like the cache with B rows and S slots.
+
+    Eager even inside torch.compile: inductor (torch 2.11, CUDA) turned this write into a
+    view of a cache buffer into a copy of the whole buffer, twice per layer and step. At the
+    serving engine's 64 rows x 4096 slots that was 2 x 125 us per layer, a 31 ms decode step
+    where the graph alone needs 5 ms (qwen3_30b_a3b, one H200, docs/PERF.md)."""
+    cache.movedim(slot_dim, 1).index_put_((rows, slots), values.movedim(slot_dim, 1))
 
 
 def row_index(slots: torch.Tensor, cache_rows: Optional[torch.Tensor], batch: int) -> torch.Tensor:
