@@ -186,7 +186,9 @@ class ServerConf:
     port: int = 8000
     max_queue: int = 256  # requests waiting for a KV row; one more is a 429
     max_batch_size: int = 32  # KV-cache rows per data-parallel replica (running requests)
-    prefill_chunk: int = 512  # prompt tokens a replica prefills per step beside its decodes
+    # prompt tokens a replica prefills per step beside its decodes: larger spreads each
+    # eager forward's host cost over more tokens, smaller stalls running decodes less
+    prefill_chunk: int = 2048
     # prompt + max_tokens limit and each row's KV slots; None: the model's context, at most
     # DEFAULT_SERVE_CONTEXT (rows x context slots are allocated up front)
     max_context: Optional[int] = None
