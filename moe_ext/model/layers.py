@@ -255,10 +255,20 @@ class KVCache(nn.Module):
     ) -> None:
         """slots: [S] int64 (the same slots in every row) or [B, S] int64 (each row's own);
         k, v: [B, nKV, S, D]; cache_rows: [B] int64 distinct cache rows (None: rows 0..B-1)."""
-        rows = row_index(slots, cache_rows, k.shape[0])  # [B, S]
-        slots = slots.expand_as(rows)  # [B, S]
-        write_cache_rows(self.k, rows, slots, k, slot_dim=2)
-        write_cache_rows(self.v, rows, slots, v, slot_dim=2)
+        B = k.shape[0]
+        if slots.dim() == 1 and cache_rows is None:
+            self.k[:B].index_copy_(2, slots, k)  # a view of the first B rows
+            self.v[:B].index_copy_(2, slots, v)
+            return
+        rows = row_index(slots, cache_rows, B)[:, None, :]  # [B, 1, S]
+        heads = torch.arange(k.shape[1], device=k.device)[None, :, None]  # [1, nKV, 1]
+        index = (rows, heads, slots.expand(B, -1)[:, None, :])  # broadcast to [B, nKV, S]
+        # index_put_ on the buffer itself, never on a (transposed) view of it: inductor
+        # (torch 2.11, CUDA) compiled the view form into a copy of the whole buffer per write,
+        # 2 x 125 us a layer at 64 rows x 4096 slots, 31 ms serving decode steps at batch 1
+        # (docs/PERF.md "Serving"); this form it writes in place
+        self.k.index_put_(index, k)
+        self.v.index_put_(index, v)
 
     def read(
         self, batch: int, cache_rows: Optional[torch.Tensor] = None, kv_len: Optional[int] = None
@@ -282,25 +292,6 @@ class KVCache(nn.Module):
         the batch's cache rows (k, v) [B, nKV, S_k, D], S_k = kv_len or S_max."""
         self.write(slots, k, v, cache_rows)
         return self.read(k.shape[0], cache_rows, kv_len)
-
-
-@torch.compiler.disable
-def write_cache_rows(
-    cache: torch.Tensor,
-    rows: torch.Tensor,
-    slots: torch.Tensor,
-    values: torch.Tensor,
-    slot_dim: int,
-) -> None:
-    """In place: the cache entry of (rows[b, s], slots[b, s]) takes values' entry (b, s).
-    cache: [B_cache, ...] with its slot axis at ``slot_dim``; rows, slots: [B, S] int64;
-    values: shaped like the cache with B rows and S slots.
-
-    Eager even inside torch.compile: inductor (torch 2.11, CUDA) turned this write into a
-    view of a cache buffer into a copy of the whole buffer, twice per layer and step. At the
-    serving engine's 64 rows x 4096 slots that was 2 x 125 us per layer: 31 ms decode steps
-    at batch 1, 6.1 ms with the write eager (qwen3_30b_a3b, one H200, docs/PERF.md)."""
-    cache.movedim(slot_dim, 1).index_put_((rows, slots), values.movedim(slot_dim, 1))
 
 
 def row_index(slots: torch.Tensor, cache_rows: Optional[torch.Tensor], batch: int) -> torch.Tensor:

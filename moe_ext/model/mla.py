@@ -49,7 +49,6 @@ from moe_ext.model.layers import (
     plain_causal,
     row_index,
     tp_replicated,
-    write_cache_rows,
 )
 from moe_ext.quant.linear import linear_weight
 
@@ -112,8 +111,11 @@ class MLACache(nn.Module):
         cache rows (None: rows 0..B-1, a view). Returns the batch's cache rows
         [B, S_k, C + Dr], slots [0, kv_len) (None: all S_max)."""
         B = latent.shape[0]
-        rows = row_index(slots, cache_rows, B)  # [B, S]
-        write_cache_rows(self.latent, rows, slots.expand_as(rows), latent, slot_dim=1)
+        if slots.dim() == 1 and cache_rows is None:
+            self.latent[:B].index_copy_(1, slots, latent)  # a view of the first B rows
+        else:
+            rows = row_index(slots, cache_rows, B)  # [B, S]
+            self.latent.index_put_((rows, slots.expand_as(rows)), latent)  # [B, S, C + Dr]
         cached = self.latent[:, :kv_len]
         if cache_rows is None:
             return cached[:B]
