@@ -47,6 +47,8 @@ def test_tiny_defaults():
         ({"server.prefill_chunk": -1}, ConfigError, "server.prefill_chunk=-1"),
         ({"server.port": 70000}, ConfigError, "server.port=70000"),
         ({"server.max_context": 1}, ConfigError, "server.max_context=1"),
+        ({"server.profile_steps": 0}, ConfigError, "server.profile_steps=0"),
+        ({"server.profile_skip": -1}, ConfigError, "server.profile_skip=-1"),
         ({"server.max_context": 4096}, UsageError, "over the model's context of 2048"),
         ({"server.host": "no-such-host.invalid"}, UsageError, "server.host=no-such-host"),
         ({"dtype": "fp64"}, UsageError, "dtype='fp64'"),
