@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, record_function
 
 from moe_ext.errors import MoeExtError
 from moe_ext.model.generate import DecodeGraph, sample
@@ -262,12 +262,12 @@ class _StepProfiler:
         self.window, self.rank = window, rank
         self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
         self.steps = 0
-        self.active: Optional[profile] = None
+        self.active: Optional[torch.profiler.profile] = None
         if window.skip == 0:
             self._start()
 
     def _start(self) -> None:
-        self.active = profile(activities=self.activities)
+        self.active = torch.profiler.profile(activities=self.activities)
         self.active.__enter__()
 
     def step_done(self) -> None:
@@ -280,7 +280,7 @@ class _StepProfiler:
             self._write(self.active)
             self.active = None
 
-    def _write(self, prof: profile) -> None:
+    def _write(self, prof: torch.profiler.profile) -> None:
         directory = Path(self.window.directory)
         directory.mkdir(parents=True, exist_ok=True)
         trace = directory / f"serve_rank{self.rank}.json"
