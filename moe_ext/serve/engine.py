@@ -8,7 +8,8 @@ the request queue (``Scheduler``) and hands out ``EngineClient`` (``ServeEngine.
 to the HTTP server, which runs in another thread. Each step rank 0 broadcasts a
 ``StepPlan`` over the control group (gloo, CPU; its timeout is the collective timeout),
 every rank runs it on its own replica's rows, and the sampled ids are gathered back to
-rank 0, which turns them into ``TokenEvent``s on the requests' streams. An idle rank 0
+rank 0 (one tensor gather; none when rank 0 samples every row itself: one replica, one
+stage), which turns them into ``TokenEvent``s on the requests' streams. An idle rank 0
 broadcasts an empty plan every ``heartbeat_s`` so the other ranks' waits never time out.
 
 A step on replica r (``_execute``): new rows get their sampling state; one decode forward
@@ -346,6 +347,8 @@ class ServeEngine:
         self.heartbeat_s = heartbeat_s
         context = model.context
         self.replica, self.replicas = context.dp_rank, context.dp_size
+        # rank 0 samples every row itself (one replica, no later stage): no gather per step
+        self.gathers_ids = self.multi and (self.replicas > 1 or context.pp_group is not None)
         self.lockstep = context.lockstep
         self.static_exchange = context.lockstep or context.expert_parallel
         self.device = model.device
@@ -546,16 +549,25 @@ class ServeEngine:
         return box[0]
 
     def _gather(self, sampled: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
-        """Every rank's sampled ids to rank 0 (merged; TP ranks of a replica agree)."""
-        if not self.multi:
+        """Every rank's sampled ids to rank 0 (merged; TP ranks of a replica agree) as one
+        [replicas · rows] int64 tensor per rank, -1 where a rank sampled nothing."""
+        if not self.gathers_ids:
             return sampled
-        parts = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
-        dist.gather_object(sampled, parts, dst=self.leader, group=self.group)
+        mine = torch.full((self.replicas * self.rows,), -1, dtype=torch.long)  # [R·rows]
+        for (replica, row), token in sampled.items():
+            mine[replica * self.rows + row] = token
+        world = dist.get_world_size(self.group)
+        parts = [torch.empty_like(mine) for _ in range(world)] if self.rank == 0 else None
+        dist.gather(mine, parts, dst=self.leader, group=self.group)
         if self.rank != 0:
             return {}
         merged: dict[tuple[int, int], int] = {}
-        for part in parts:
-            for key, token in part.items():
+        # CPU tensors (the gloo control group): no device sync
+        for part in torch.stack(parts).tolist():  # [world][R·rows]
+            for index, token in enumerate(part):
+                if token < 0:
+                    continue
+                key = divmod(index, self.rows)  # (replica, row)
                 if merged.setdefault(key, token) != token and not self._warned_disagree:
                     # TP ranks sample alike unless their logits differ in the last bit; the
                     # lowest rank's id wins and goes to every rank with the next plan
