@@ -9,6 +9,7 @@ percentiles and output tokens/s; JSON rows and a PNG.
         launch/infer.py strategy=ep_nccl"        # + launch/infer.py's batch throughput
     python tools/bench_serve.py ... --hf /models/Qwen3-30B-A3B --hf-device cuda
     python tools/bench_serve.py --report serve.json --png serve.png   # table + chart only
+    python tools/bench_serve.py --report serve.json --infer-json infer.json  # + bench_infer's
 
 Each concurrency level C sends ``--requests`` requests (default max(2C, 8)) from C
 closed-loop clients (a client sends its next request when its previous one ends), after one
@@ -27,6 +28,10 @@ model / strategy / parallel overrides as the server) once per level on the same 
 ``generate.max_batch_size=C``, greedy, ``ignore_eos``, and records the prefill and decode
 tok/s it logs; its ``output_tok_s`` is estimated from them (prompt tokens / prefill rate +
 generated tokens / decode rate: model loading excluded, unlike a server level's wall time).
+``--infer-json FILE`` does the same from rates ``tools/bench_infer.py`` measured (its row at
+batch C; ``--infer-strategy`` picks the plan when the file holds several, ``auto`` the rows of
+``--plans auto``), e.g. on another
+GPU while the server ran; it also adds to a ``--report``.
 ``--hf DIR`` loads DIR with transformers (AutoModelForCausalLM) and serves the first
 ``--hf-requests`` prompts one at a time (``generate``, greedy, exactly --max-tokens, an EOS
 being one more token as under the server's ``ignore_eos``), timing
@@ -305,6 +310,72 @@ def sweep(
 # ---- launch/infer.py at the same concurrency --------------------------------------------
 
 
+def infer_output_tok_s(
+    prompt_tokens: int, generated: int, requests: int, prefill_tok_s: float, decode_tok_s: float
+) -> float:
+    """launch/infer.py's output tok/s on a level's work, from its prefill and decode rates:
+    generated / (prompt tokens / prefill rate + (generated - requests) / decode rate); each
+    request's first id comes with its prefill. Model loading is excluded."""
+    busy_s = prompt_tokens / max(prefill_tok_s, 1e-9) + max(generated - requests, 0) / max(
+        decode_tok_s, 1e-9
+    )
+    return generated / busy_s if busy_s > 0 else 0.0
+
+
+def infer_rows_from_bench(
+    path: str, serve_rows: list[dict], strategy: Optional[str] = None
+) -> list[dict]:
+    """An infer row per serve level C from tools/bench_infer.py's JSON (``path``): its row at
+    batch C (of ``strategy`` when the file holds several plans), whose prefill and decode
+    rates are applied to the level's own prompts and outputs (``infer_output_tok_s``).
+    Levels without a row at their batch get none."""
+    try:
+        bench_rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BenchError(
+            f"--infer-json {path}: not a tools/bench_infer.py JSON ({err}); give the file its "
+            f"--json wrote"
+        ) from err
+    if strategy == "auto":  # bench_infer --plans auto: the plan auto picked per batch
+        bench_rows = [r for r in bench_rows if r.get("auto_pick")]
+    elif strategy is not None:
+        bench_rows = [
+            r for r in bench_rows if r.get("strategy") == strategy and not r.get("auto_pick")
+        ]
+    out = []
+    for level in (r for r in serve_rows if r["kind"] == "serve"):
+        at_batch = [r for r in bench_rows if r.get("batch") == level["concurrency"]]
+        plans = sorted({str(r.get("strategy")) for r in at_batch})
+        if len(at_batch) > 1:
+            raise BenchError(
+                f"--infer-json {path} has {len(at_batch)} rows at batch {level['concurrency']} "
+                f"({', '.join(plans)}); pick one with --infer-strategy"
+            )
+        if not at_batch:
+            continue
+        bench = at_batch[0]
+        n, generated = level["requests"], level["output_tokens"]
+        prompt_tokens = round(level["prompt_tokens_mean"] * n)
+        out.append(
+            dict(
+                kind="infer",
+                concurrency=level["concurrency"],
+                requests=n,
+                errors=0,
+                prompt_tokens_mean=level["prompt_tokens_mean"],
+                output_tokens=generated,
+                output_tok_s=infer_output_tok_s(
+                    prompt_tokens, generated, n, bench["prefill_tok_s"], bench["decode_tok_s"]
+                ),
+                prefill_tok_s=bench["prefill_tok_s"],
+                decode_tok_s=bench["decode_tok_s"],
+                source=f"{path} ({bench.get('strategy')}, batch {bench['batch']}, prompt "
+                f"{bench.get('prompt_len')})",
+            )
+        )
+    return out
+
+
 def infer_row(
     command: list[str], prompts: list[list[int]], concurrency: int, max_tokens: int
 ) -> dict[str, Any]:
@@ -337,9 +408,6 @@ def infer_row(
     prefill_tok_s, decode_tok_s, ms_per_token = map(float, match.groups())
     prompt_tokens = sum(map(len, prompts))
     generated = sum(map(len, outputs))
-    busy_s = prompt_tokens / max(prefill_tok_s, 1e-9) + max(generated - len(prompts), 0) / max(
-        decode_tok_s, 1e-9
-    )
     return dict(
         kind="infer",
         concurrency=concurrency,
@@ -347,7 +415,9 @@ def infer_row(
         errors=0,
         prompt_tokens_mean=prompt_tokens / max(len(prompts), 1),
         output_tokens=generated,
-        output_tok_s=generated / busy_s if busy_s > 0 else 0.0,
+        output_tok_s=infer_output_tok_s(
+            prompt_tokens, generated, len(prompts), prefill_tok_s, decode_tok_s
+        ),
         prefill_tok_s=prefill_tok_s,
         decode_tok_s=decode_tok_s,
         ms_per_token=ms_per_token,
@@ -551,6 +621,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="also run this launch/infer.py command (default: python launch/infer.py) per "
         "level; give it the server's model/strategy overrides",
     )
+    parser.add_argument(
+        "--infer-json",
+        metavar="FILE",
+        help="tools/bench_infer.py's JSON: an infer row per level from its row at batch C "
+        "(its prefill and decode rates applied to the level's prompts); with --report too",
+    )
+    parser.add_argument(
+        "--infer-strategy", help="the --infer-json plan if it holds several (auto: auto's picks)"
+    )
     parser.add_argument("--hf", metavar="DIR", help="also serve through transformers from DIR")
     parser.add_argument("--hf-device", default="cpu")
     parser.add_argument("--hf-dtype", default="auto", choices=["auto", "bf16", "fp32"])
@@ -561,9 +640,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     opts = parser.parse_args(argv)
     if opts.report:
         data = json.loads(Path(opts.report).read_text())
-        print_table(data["rows"])
+        rows = data["rows"]
+        if opts.infer_json:
+            try:
+                rows = rows + infer_rows_from_bench(opts.infer_json, rows, opts.infer_strategy)
+            except BenchError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        print_table(rows)
         if opts.png:
-            draw_chart(data["rows"], opts.png, data.get("meta", {}).get("title", ""))
+            draw_chart(rows, opts.png, data.get("meta", {}).get("title", ""))
         return 0
     base = opts.url.rstrip("/")
     try:
@@ -585,6 +671,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             for c in opts.concurrency:
                 rows.append(infer_row(command, level_prompts[c], c, opts.max_tokens))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "outputs"}), flush=True)
+        if opts.infer_json:
+            rows += infer_rows_from_bench(opts.infer_json, rows, opts.infer_strategy)
         if opts.hf:
             first = level_prompts[opts.concurrency[0]][: opts.hf_requests]
             rows += hf_rows(opts.hf, first, opts.max_tokens, opts.hf_device, opts.hf_dtype)

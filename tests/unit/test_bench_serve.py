@@ -196,3 +196,39 @@ def test_compare_infer_runs_the_launcher_on_the_same_prompts():
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["output_tok_s"] > 0
     with pytest.raises(bench_serve.BenchError, match="exited 2"):
         bench_serve.infer_row(command + ["strategy=nonsense"], prompts, 2, 6)
+
+
+def test_infer_json_rows_apply_bench_infer_rates_to_each_level(tmp_path, capsys):
+    """--infer-json: bench_infer's row at batch C gives each serve level an infer row whose
+    tok/s is the level's tokens over prompt / prefill rate + (generated - requests) / decode
+    rate; several plans at one batch need --infer-strategy (auto: auto's picks)."""
+    level = dict(kind="serve", errors=0, output_tok_s=1.0)
+    serve = [
+        dict(level, concurrency=1, requests=2, output_tokens=20, prompt_tokens_mean=50.0),
+        dict(level, concurrency=4, requests=8, output_tokens=80, prompt_tokens_mean=30.0),
+    ]
+    bench = [
+        dict(
+            strategy="tp_experts", auto_pick=True, batch=1, prefill_tok_s=1000.0, decode_tok_s=9.0
+        ),
+        dict(
+            strategy="tp_experts", auto_pick=False, batch=1, prefill_tok_s=2000.0, decode_tok_s=10.0
+        ),
+        dict(strategy="replicate", auto_pick=False, batch=1, prefill_tok_s=500.0, decode_tok_s=5.0),
+    ]
+    path = tmp_path / "infer.json"
+    path.write_text(json.dumps({"rows": bench}))
+    with pytest.raises(bench_serve.BenchError, match="3 rows at batch 1.*--infer-strategy"):
+        bench_serve.infer_rows_from_bench(str(path), serve)
+    (row,) = bench_serve.infer_rows_from_bench(str(path), serve, "tp_experts")  # no batch 4
+    assert (row["kind"], row["concurrency"], row["requests"]) == ("infer", 1, 2)
+    assert row["output_tok_s"] == pytest.approx(20 / (100 / 2000 + 18 / 10))
+    (auto,) = bench_serve.infer_rows_from_bench(str(path), serve, "auto")
+    assert auto["output_tok_s"] == pytest.approx(20 / (100 / 1000 + 18 / 9))
+    report = tmp_path / "serve.json"
+    report.write_text(json.dumps({"rows": serve}))
+    args = [f"--report={report}", f"--infer-json={path}", "--infer-strategy=replicate"]
+    assert bench_serve.main(args) == 0
+    assert "infer" in capsys.readouterr().out
+    assert bench_serve.main([f"--report={report}", f"--infer-json={tmp_path}/none.json"]) == 2
+    assert "not a tools/bench_infer.py JSON" in capsys.readouterr().err
