@@ -553,9 +553,10 @@ class ServeEngine:
         [replicas · rows] int64 tensor per rank, -1 where a rank sampled nothing."""
         if not self.gathers_ids:
             return sampled
-        mine = torch.full((self.replicas * self.rows,), -1, dtype=torch.long)  # [R·rows]
+        ids = [-1] * (self.replicas * self.rows)
         for (replica, row), token in sampled.items():
-            mine[replica * self.rows + row] = token
+            ids[replica * self.rows + row] = token
+        mine = torch.tensor(ids, dtype=torch.long)  # [R·rows]
         world = dist.get_world_size(self.group)
         parts = [torch.empty_like(mine) for _ in range(world)] if self.rank == 0 else None
         dist.gather(mine, parts, dst=self.leader, group=self.group)
