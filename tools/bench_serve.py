@@ -30,8 +30,7 @@ tok/s it logs; its ``output_tok_s`` is estimated from them (prompt tokens / pref
 generated tokens / decode rate: model loading excluded, unlike a server level's wall time).
 ``--infer-json FILE`` does the same from rates ``tools/bench_infer.py`` measured (its row at
 batch C; ``--infer-strategy`` picks the plan when the file holds several, ``auto`` the rows of
-``--plans auto``), e.g. on another
-GPU while the server ran; it also adds to a ``--report``.
+``--plans auto``), e.g. on another GPU while the server ran; it also adds to a ``--report``.
 ``--hf DIR`` loads DIR with transformers (AutoModelForCausalLM) and serves the first
 ``--hf-requests`` prompts one at a time (``generate``, greedy, exactly --max-tokens, an EOS
 being one more token as under the server's ``ignore_eos``), timing
@@ -345,8 +344,8 @@ def infer_rows_from_bench(
     out = []
     for level in (r for r in serve_rows if r["kind"] == "serve"):
         at_batch = [r for r in bench_rows if r.get("batch") == level["concurrency"]]
-        plans = sorted({str(r.get("strategy")) for r in at_batch})
         if len(at_batch) > 1:
+            plans = sorted({str(r.get("strategy")) for r in at_batch})
             raise BenchError(
                 f"--infer-json {path} has {len(at_batch)} rows at batch {level['concurrency']} "
                 f"({', '.join(plans)}); pick one with --infer-strategy"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import logging
 import math
@@ -44,7 +43,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -233,15 +232,15 @@ class _BucketGraph(DecodeGraph):
         return self.replay()
 
 
-@dataclasses.dataclass
+@dataclass
 class _Progress:
     """Rank 0's counts since its last progress line (``ServeEngine._log_progress``)."""
 
     since: float
     out: int = 0  # tokens generated
     prompt: int = 0  # prompt tokens prefilled
-    steps: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    steps: collections.Counter = field(default_factory=collections.Counter)
+    seconds: collections.Counter = field(default_factory=collections.Counter)
 
 
 @dataclass(frozen=True)
