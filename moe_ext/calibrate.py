@@ -430,10 +430,11 @@ def measure_matmul_tflops(device: torch.device, quick: bool) -> float:
 
 
 def measure_gemv_efficiency(device: torch.device, hbm_gbps: float, quick: bool) -> float:
-    """Achieved weight bytes / s of an M = 1 projection over ``hbm_gbps``: bf16
+    """Achieved weight bytes / s of an M = 1 projection over ``hbm_gbps``, through the
+    path decode takes (``dense_linear``: the GEMV kernel on CUDA): bf16
     [1, 4096] x [14336, 4096]^T on GPU, rotating over 4 weight copies (470 MB, beyond any
     L2); CPU fp32 [1, 2048] x [4096, 2048]^T (32 MiB, 2 copies)."""
-    import torch.nn.functional as F
+    from moe_ext.quant.linear import dense_linear
 
     if device.type == "cuda":
         (k, n), dtype, copies = GEMV_SHAPE, torch.bfloat16, 4
@@ -441,8 +442,9 @@ def measure_gemv_efficiency(device: torch.device, hbm_gbps: float, quick: bool) 
         (k, n), dtype, copies = (2048, 4096), torch.float32, 2
     weights = [torch.randn(n, k, dtype=dtype, device=device) * 0.02 for _ in range(copies)]
     x = torch.randn(1, k, dtype=dtype, device=device)
-    calls = [lambda w=w: F.linear(x, w) for w in weights]
-    s = _seconds_per_call(calls, device, reps=5 if quick else 10)
+    with torch.inference_mode():
+        calls = [lambda w=w: dense_linear(x, w) for w in weights]
+        s = _seconds_per_call(calls, device, reps=5 if quick else 10)
     return weights[0].nbytes / s / (hbm_gbps * 1e9)
 
 

@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -26,7 +25,7 @@ from moe_ext.model.layers import RMSNorm
 from moe_ext.moe.dispatch.comm import run_on_token_slice
 from moe_ext.moe.dispatch.static import routed_replicas, routed_replicated
 from moe_ext.moe.layer import add_shared_expert, routed_output
-from moe_ext.quant.linear import quantize_modules_
+from moe_ext.quant.linear import dense_linear, quantize_modules_
 
 
 class TransformerBlock(nn.Module):
@@ -365,7 +364,7 @@ class Transformer(nn.Module):
         """Final norm and LM head (last stage). h: [B, S, H] -> logits [B, S, V]."""
         h = self.norm(h)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)  # [B, S, V]
+        return dense_linear(h, weight)  # [B, S, V]
 
     def idle_forward(self) -> None:
         """One step with no tokens: join every local MoE layer's expert exchange (see

@@ -36,7 +36,7 @@ from moe_ext.moe.dispatch.comm import (
     group_size,
     reduce_partials,
 )
-from moe_ext.quant.linear import project_without_bias
+from moe_ext.quant.linear import project_many, project_without_bias
 
 
 class RMSNorm(nn.Module):
@@ -69,15 +69,17 @@ def tp_replicated(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.
     return copy_to_partials(x, group)
 
 
-def kv_projections(
+def qkv_projections(
     x: torch.Tensor,
+    q_proj: nn.Module,
     k_proj: nn.Module,
     v_proj: nn.Module,
     group: Optional[dist.ProcessGroup],
     n_kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """k_proj(x), v_proj(x): [B, S, nKV_local·D] each, for x [B, S, H] already marked
-    ``tp_replicated``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q_proj(x), k_proj(x), v_proj(x): [B, S, nH_local·D], [B, S, nKV_local·D] twice, for x
+    [B, S, H] already marked ``tp_replicated``. At decode sizes the three are one
+    weight-streaming launch (``project_many``).
 
     When the kv heads are fewer than the TP ranks (``n_kv_heads`` < tp), rep = tp/nKV
     neighbouring ranks hold copies of one kv head, each used by only that rank's query
@@ -87,7 +89,9 @@ def kv_projections(
     all-reduce of ``tp_replicated`` then adds rep identical terms. Inference (no grad) and
     nKV >= tp are the plain projections."""
     if group is None or not torch.is_grad_enabled() or n_kv_heads >= group_size(group):
-        return k_proj(x), v_proj(x)  # (decode compiles this: no collective query first)
+        # (decode compiles this: no collective query first)
+        q, k, v = project_many(x, (q_proj, k_proj, v_proj))
+        return q, k, v
     rep = group_size(group) // n_kv_heads
     head = group_rank(group) // rep  # ranks [head·rep, (head+1)·rep) hold this kv head
 
@@ -98,7 +102,7 @@ def kv_projections(
     x_kv = adjoint(x, _identity, lambda grad: grad / rep)
     k = adjoint(k_proj(x_kv), _identity, sum_replicas)
     v = adjoint(v_proj(x_kv), _identity, sum_replicas)
-    return k, v
+    return q_proj(x), k, v
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -395,8 +399,9 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         D = self.head_dim
         x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
-        q = self.q_proj(x)  # [B, S, nH·D]
-        k, v = kv_projections(x, self.k_proj, self.v_proj, self.tp_group, self.n_kv_heads)
+        q, k, v = qkv_projections(  # [B, S, nH·D], [B, S, nKV·D] twice
+            x, self.q_proj, self.k_proj, self.v_proj, self.tp_group, self.n_kv_heads
+        )
         if self.qk_norm_per_layer:
             q, k = self.normalize_projections(q, k)
         q = q.view(B, S, -1, D)  # [B, S, nH, D]

@@ -36,8 +36,8 @@ from moe_ext.model.layers import (
     KVCache,
     apply_rope,
     attention_mask,
-    kv_projections,
     output_projection,
+    qkv_projections,
     tp_replicated,
 )
 
@@ -117,7 +117,7 @@ class SinkAttention(nn.Module):
         H, D = args.hidden_size, args.head_dim
         self.head_dim = D
         n_heads, n_kv = args.num_attention_heads, args.num_key_value_heads
-        self.n_kv_heads = n_kv  # of the whole model (TP may replicate them: kv_projections)
+        self.n_kv_heads = n_kv  # of the whole model (TP may replicate them: qkv_projections)
         self.q_proj = nn.Linear(H, n_heads * D, bias=args.qkv_bias)
         self.k_proj = nn.Linear(H, n_kv * D, bias=args.qkv_bias)
         self.v_proj = nn.Linear(H, n_kv * D, bias=args.qkv_bias)
@@ -171,8 +171,10 @@ class SinkAttention(nn.Module):
         B, S, _ = x.shape
         D = self.head_dim
         x = tp_replicated(x, self.tp_group)  # feeds this rank's heads only
-        q = self.q_proj(x).view(B, S, -1, D).transpose(1, 2)  # [B, nH, S, D]
-        k, v = kv_projections(x, self.k_proj, self.v_proj, self.tp_group, self.n_kv_heads)
+        q, k, v = qkv_projections(
+            x, self.q_proj, self.k_proj, self.v_proj, self.tp_group, self.n_kv_heads
+        )
+        q = q.view(B, S, -1, D).transpose(1, 2)  # [B, nH, S, D]
         k = k.view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         v = v.view(B, S, -1, D).transpose(1, 2)  # [B, nKV, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -19,7 +19,7 @@ kernel per projection, cumulative int32 offsets built on device, no host sync) w
 inputs qualify; ``loop`` (one matmul pair per expert; needs the split sizes on the host)
 everywhere else; ``triton`` (:mod:`moe_ext.moe.kernels.grouped_gemm`: weight-streaming
 kernels for few rows, forward only, CUDA bf16/fp16). ``auto`` picks triton for inference
-(no gradient needed) on CUDA bf16/fp16 with at most ``TRITON_MAX_ROWS`` rows when Triton
+(no gradient needed) on CUDA bf16/fp16 with at most ``triton_max_rows`` rows when Triton
 imports, else grouped_mm when it qualifies, else loop.
 
 LoRA (``ExpertLora``, attached by ``moe_ext.train.lora``): per-expert low-rank adapters
@@ -56,11 +56,13 @@ from moe_ext.quant.formats import (
 GATE_UP, DOWN = "gate_up_proj", "down_proj"  # the stacked weights' names
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("auto", "grouped_mm", "loop", "triton")
-# Up to this many rows (T') ``auto`` uses the Triton kernels: there the layer is a weight
+# ``auto`` uses the Triton kernels up to TRITON_MAX_ROWS rows (T'), or more while an
+# average expert gets at most TRITON_ROWS_PER_EXPERT rows: there the layer is a weight
 # read and torch's grouped GEMM reaches 25-60% of HBM bandwidth (H200, bf16). With more
 # rows per expert the GEMMs gain arithmetic intensity, which grouped_mm's large tiles are
-# built for. tools/bench_experts.py measures both sides of this threshold.
+# built for. tools/bench_experts.py measures both sides of this threshold (docs/PERF.md).
 TRITON_MAX_ROWS = 256
+TRITON_ROWS_PER_EXPERT = 8
 
 
 def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -329,7 +331,7 @@ class GroupedExperts(nn.Module):
     def uses_triton(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> bool:
         """Whether this forward runs the Triton kernels: forward only, so never when a
         gradient is needed, and only when Triton imports; then always for backend 'triton',
-        and for 'auto' on CUDA bf16/fp16 with at most TRITON_MAX_ROWS rows. x: [T', H] in
+        and for 'auto' on CUDA bf16/fp16 with at most ``triton_max_rows`` rows. x: [T', H] in
         the weights' dtype; tokens_per_expert: [E] int64."""
         if self.backend == "auto":
             if not (
@@ -351,9 +353,8 @@ class GroupedExperts(nn.Module):
         """Most rows ``auto`` gives the Triton kernels. Quantized experts: while the rows
         of an average expert fit one 64-row chunk (weights streamed once), since the
         alternative dequantizes every local expert on each call."""
-        if self.quant is None:
-            return TRITON_MAX_ROWS
-        return max(TRITON_MAX_ROWS, 64 * self.num_experts)
+        per_expert = TRITON_ROWS_PER_EXPERT if self.quant is None else 64
+        return max(TRITON_MAX_ROWS, per_expert * self.num_experts)
 
     def _refuse_unrunnable_backend(self, x: torch.Tensor) -> None:
         """A backend asked for by name ('triton', 'grouped_mm') that cannot run x: say why

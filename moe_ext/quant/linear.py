@@ -1,4 +1,5 @@
-"""The FP8 linear layer, and the pass that puts quantized modules into a model.
+"""The FP8 linear layer, the pass that puts quantized modules into a model, and the
+projection helpers the model's layers call.
 
 # T rows, N out features, K in features
 
@@ -12,10 +13,16 @@ scales in registers; elsewhere (prefill, CPU) it dequantizes to the input's dtyp
 ``quantize_modules_`` swaps the modules whose weights ``args.quantization`` stores
 quantized (``moe_ext.quant.layout.quantized_weights``) for their quantized versions, on
 whatever device they are (meta included); the model is otherwise built as usual.
+
+``project_many`` / ``dense_linear`` / ``project_without_bias`` are the layers' projections:
+at decode sizes on CUDA, dense weights stream through the GEMV kernel
+(``moe_ext.moe.kernels.gemv``; q, k and v in one launch), elsewhere ``F.linear``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -34,6 +41,9 @@ from moe_ext.quant.layout import quantized_weights
 
 # Up to this many rows the Triton kernel (a weight read) beats dequantize-then-GEMM.
 KERNEL_MAX_ROWS = 256
+# Up to this many rows dense projections stream their weights through the GEMV kernel
+# rather than cuBLAS (docs/PERF.md, "Batch-1 levers").
+GEMV_MAX_ROWS = 16
 
 
 class Fp8Linear(nn.Module):
@@ -116,9 +126,55 @@ def project_without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(linear, Fp8Linear):
         y = linear.project(x, add_bias=False)
     else:
-        y = F.linear(x, linear.weight)
+        y = dense_linear(x, linear.weight)
     lora = getattr(linear, "lora", None)
     return y if lora is None else y + lora(x)
+
+
+def _gemv_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> Optional[ModuleType]:
+    """The weight-streaming GEMV kernels (``moe_ext.moe.kernels.gemv``) when they should
+    run x [..., K] against these dense [N_i, K] weights: CUDA bf16/fp16, at most
+    GEMV_MAX_ROWS rows, contiguous weights in x's dtype, no gradient wanted (the op has
+    no backward); else None."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (
+        x.device.type == "cuda"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and 0 < rows <= GEMV_MAX_ROWS
+        and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
+        and not (
+            torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+        )
+    ):
+        return None
+    return kernels_for("gemv", x.device)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T (``F.linear`` without bias); at decode sizes through the GEMV kernel.
+    x: [..., K]; weight: [N, K] -> [..., N]."""
+    kernels = _gemv_kernels(x, (weight,))
+    if kernels is None:
+        return F.linear(x, weight)
+    y = kernels.fused_gemv(x.reshape(-1, x.shape[-1]).contiguous(), [weight])  # [T, N]
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def project_many(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """``[linear(x) for linear in linears]`` (biases and LoRA terms included): at decode
+    sizes, plain ``nn.Linear`` sharing x (q, k and v) run as one weight-streaming launch.
+    x: [..., K] -> one [..., N_i] per linear."""
+    plain = all(type(m) is nn.Linear and getattr(m, "lora", None) is None for m in linears)
+    kernels = _gemv_kernels(x, [m.weight for m in linears]) if plain else None
+    if kernels is None:
+        return [m(x) for m in linears]
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
+    y = kernels.fused_gemv(flat, [m.weight for m in linears])  # [T, N_0 + N_1 + ...]
+    outputs = []
+    for part, m in zip(y.split([m.out_features for m in linears], dim=-1), linears):
+        part = part.view(*x.shape[:-1], m.out_features)  # [..., N_i]
+        outputs.append(part if m.bias is None else part + m.bias)
+    return outputs
 
 
 def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:

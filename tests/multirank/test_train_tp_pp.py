@@ -179,7 +179,7 @@ def _families_body(rank, world):
     }
     groups = {k: ProcessGroups.build(p, "gloo", timedelta(seconds=60)) for k, p in plans.items()}
     batch = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(1))
-    # each family, and GQA ones with a kv head replicated over the TP pair (kv_projections)
+    # each family, and GQA ones with a kv head replicated over the TP pair (qkv_projections)
     cases = [(f, {}) for f in sorted(CONFIGS)]
     cases += [(f, dict(num_key_value_heads=1)) for f in ("gpt_oss", "qwen3_moe", "glm4_moe")]
     for family, changes in cases:

@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_ext.moe import experts as experts_mod
 from moe_ext.moe.experts import GroupedExperts
 from tests.support import (
     capture_compiled,
@@ -271,7 +270,7 @@ def test_gpu_auto_selection():
     with torch.inference_mode():
         assert module.uses_triton(x, counts)
         big = torch.randn(
-            experts_mod.TRITON_MAX_ROWS + 1, module.hidden_size, device="cuda", dtype=torch.bfloat16
+            module.triton_max_rows + 1, module.hidden_size, device="cuda", dtype=torch.bfloat16
         )
         assert not module.uses_triton(big, counts)
     assert not module.uses_triton(x, counts)  # grad enabled, weights require grad

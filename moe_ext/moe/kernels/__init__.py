@@ -1,11 +1,14 @@
-"""Hand-written kernels for the MoE layer (Triton; optional: import guarded by callers).
+"""Hand-written kernels for the MoE layer and decode's projections (Triton; optional:
+import guarded by callers).
 
 Modules (each imports triton, so import them only through :func:`kernels_for` or lazily):
 ``grouped_gemm`` (SwiGLU experts, op ``moe_ext::swiglu_experts``), ``routing`` (fused
 softmax top-k router, op ``moe_ext::softmax_topk_router``), ``permute`` (stable sort of
-token-expert pairs by expert, op ``moe_ext::sort_pairs``). Every kernel is launched from a
-``torch.library.custom_op``, so ``torch.compile`` sees one opaque node per kernel (shapes
-from its fake implementation) and never traces into Triton's launcher or autotuner.
+token-expert pairs by expert, op ``moe_ext::sort_pairs``), ``gemv`` (dense projections of
+a few rows, up to three weights in one launch, op ``moe_ext::fused_gemv``). Every kernel is
+launched from a ``torch.library.custom_op``, so ``torch.compile`` sees one opaque node per
+kernel (shapes from its fake implementation) and never traces into Triton's launcher or
+autotuner.
 
 This package's ``__init__`` does not import triton: the router and the dispatchers ask
 :func:`kernels_for` on every call, and plain CPU runs (the test suite) must not pay for, or
@@ -20,7 +23,7 @@ from typing import Optional
 
 import torch
 
-KERNEL_MODULES = ("grouped_gemm", "routing", "permute")
+KERNEL_MODULES = ("grouped_gemm", "routing", "permute", "gemv")
 _loaded: dict[str, object] = {}  # name -> module, or False when triton does not import
 
 
@@ -35,6 +38,8 @@ def load_kernels(name: str) -> Optional[ModuleType]:
                 from moe_ext.moe.kernels import routing as module
             elif name == "permute":
                 from moe_ext.moe.kernels import permute as module
+            elif name == "gemv":
+                from moe_ext.moe.kernels import gemv as module
             else:
                 from moe_ext.moe.kernels import grouped_gemm as module
         except ImportError:
