@@ -42,6 +42,14 @@ Kernels (each rank measures its own device; rank 0's numbers are written):
 GEMV and grouped experts run in a CUDA graph on GPU (kernel time; the launch cost is
 kernel_overhead_us).
 
+Collectives inside a CUDA graph (GPU only; ``graph_collectives``): decode replays its
+collectives in the step's graph, where they pay neither the host dispatch nor the eager
+call's synchronisation, and a P2P-off all-reduce of a few KB costs a fraction of its eager
+time. The ops decode issues (``GRAPH_OPS``) at decode sizes (``GRAPH_MAX_BYTES`` per rank
+at most) are captured ``GRAPH_CALLS`` times back to back in one graph per (op, g, S); each
+timed replay starts after a group sync; seconds per call = replay time / GRAPH_CALLS,
+median over replays, slowest rank, made non-decreasing in S as above.
+
 ``alpha_beta_samples`` builds sample tables from an alpha-beta model (an estimate's
 tables, tests): t = alpha + bus_factor(op, g) * S / busbw.
 """
@@ -69,6 +77,9 @@ ALL_TO_ALL_SKEW = 0.25  # +-25% around the mean split
 GEMV_SHAPE = (4096, 14336)  # (in, out): a Mixtral-size decode projection
 GROUPED_SHAPE = (128, 2048, 768, 8)  # (experts, H, F, rows): qwen3_30b_a3b at one token
 CPU_GROUPED_SHAPE = (16, 256, 128, 8)
+GRAPH_OPS = ("all_reduce", "all_gather", "reduce_scatter")  # what a decode step's graph holds
+GRAPH_CALLS = 20  # collectives captured back to back per timed graph
+GRAPH_MAX_BYTES = 4 * MIB  # decode's messages: batch x hidden x 2 bytes, and less
 # torch >= 2.12 names them *_single (the *_tensor names warn); 2.11 has only the old ones
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -237,6 +248,37 @@ def time_call(
     return statistics.median(times)
 
 
+def time_in_graph(
+    fn: Callable[[], Any], group: Any, device: torch.device, warmup: int, iters: int
+) -> float:
+    """Median seconds per call of ``fn()`` (a collective over ``group``) captured
+    GRAPH_CALLS times back to back in one CUDA graph: ``warmup`` eager calls on a side
+    stream (capture needs the communicator set up), then ``iters`` replays, each after a
+    group sync."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    graph.replay()  # first replay uploads the graph
+    times = []
+    for _ in range(iters):
+        _sync(group, device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / GRAPH_CALLS)
+    del graph
+    return statistics.median(times)
+
+
 def collective_call(
     op: str, nbytes: int, group: Any, ranks: Sequence[int], rank: int, device: torch.device
 ) -> tuple[Callable[[], Any], int]:
@@ -279,6 +321,11 @@ def collective_call(
     raise CalibrationError(f"unknown collective {op!r}; use one of {', '.join(COLLECTIVES)}")
 
 
+def graph_sizes(settings: Settings) -> tuple[int, ...]:
+    """The message sizes timed inside CUDA graphs: those up to GRAPH_MAX_BYTES."""
+    return tuple(s for s in settings.sizes if s <= GRAPH_MAX_BYTES)
+
+
 def contiguous_groups(
     rank: int, world: int, sizes: Sequence[int], timeout_s: float
 ) -> dict[int, tuple[list[int], Any]]:
@@ -304,23 +351,27 @@ def measure_collectives(
     timeout_s: float,
     ops: Sequence[str] = COLLECTIVES,
     on_step: Optional[Callable[[str], None]] = None,
+    in_graph: bool = False,
 ) -> dict[str, dict[str, list[list[float]]]]:
     """``collectives[op][str(g)] = [[bytes per rank, seconds], ...]`` ascending, for every
     op and group size the world allows, measured on all ranks at once (each collective
     under ``timeout_s``: a hung link ends the run there, it does not hang). ``on_step``
-    is called after each (op, g, size) with a label (progress)."""
+    is called after each (op, g, size) with a label (progress). ``in_graph``: time each
+    inside a CUDA graph (``time_in_graph``; CUDA only) at the sizes up to GRAPH_MAX_BYTES."""
     groups = contiguous_groups(rank, world, group_sizes(world), timeout_s)
     result: dict[str, dict[str, list[list[float]]]] = {op: {} for op in ops}
+    timer = time_in_graph if in_graph else time_call
+    sizes = graph_sizes(settings) if in_graph else settings.sizes
     for op in ops:
         for g, (ranks, pg) in groups.items():
             mine, used = [], []
-            for nbytes in settings.sizes:
+            for nbytes in sizes:
                 fn, exact = collective_call(op, nbytes, pg, ranks, rank, device)
-                mine.append(time_call(fn, pg, device, settings.warmup, settings.iters))
+                mine.append(timer(fn, pg, device, settings.warmup, settings.iters))
                 used.append(exact)
                 del fn
                 if on_step is not None:
-                    on_step(f"{op} g={g} {_fmt_bytes(exact)}")
+                    on_step(f"{op}{' (graph)' if in_graph else ''} g={g} {_fmt_bytes(exact)}")
             slowest = torch.tensor(mine, dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=world_group)
             samples = [[float(b), max(float(t), 1e-9)] for b, t in zip(used, slowest.tolist())]
@@ -616,6 +667,21 @@ def calibrate(
     collectives = measure_collectives(
         world_group, rank, world, device, settings, timeout_s, on_step=on_step
     )
+    graph_collectives = (
+        measure_collectives(
+            world_group,
+            rank,
+            world,
+            device,
+            settings,
+            timeout_s,
+            ops=GRAPH_OPS,
+            on_step=on_step,
+            in_graph=True,
+        )
+        if device.type == "cuda"
+        else {}
+    )
     rates = measure_kernels(device, quick, on_step=on_step)
     _sync(world_group, device)
     link, p2p, link_note = effective_link(topology, p2p_disabled)
@@ -641,6 +707,13 @@ def calibrate(
         f"all_to_all splits skewed +-{ALL_TO_ALL_SKEW:.0%} (the last rank of a group receives "
         f"{1 + ALL_TO_ALL_SKEW:.2f}x the mean); send_recv: each rank sends S to the next "
         "rank of its group and receives S from the previous (batch_isend_irecv)",
+        (
+            f"graph_collectives: {', '.join(GRAPH_OPS)} up to {_fmt_bytes(GRAPH_MAX_BYTES)}, "
+            f"{GRAPH_CALLS} calls back to back in one CUDA graph, replay time / "
+            f"{GRAPH_CALLS}, each replay after a group sync"
+            if graph_collectives
+            else "graph_collectives: not measured (CPU)"
+        ),
         "kernels (rank 0's device): hbm copy read+write bytes; matmul "
         + "{} {}^3".format(*matmul_shape(device.type, quick))
         + "; gemv and grouped experts in CUDA graphs on GPU, wall time on CPU",
@@ -662,6 +735,7 @@ def calibrate(
         kernel_overhead_us=round(rates.kernel_overhead_us, 2),
         graph_kernel_us=None if rates.graph_kernel_us is None else round(rates.graph_kernel_us, 2),
         collectives=collectives,
+        graph_collectives=graph_collectives,
         notes=tuple(all_notes),
     )
 
@@ -669,18 +743,23 @@ def calibrate(
 def calibration_steps(world: int, device_type: str, quick: bool) -> int:
     """How many ``on_step`` calls ``calibrate`` makes (a progress bar's total)."""
     settings = Settings.for_device(device_type, quick)
-    return len(COLLECTIVES) * len(group_sizes(world)) * len(settings.sizes) + KERNEL_STEPS
+    eager = len(COLLECTIVES) * len(group_sizes(world)) * len(settings.sizes)
+    graph = len(GRAPH_OPS) * len(group_sizes(world)) * len(graph_sizes(settings))
+    return eager + (graph if device_type == "cuda" else 0) + KERNEL_STEPS
 
 
 def summary_rows(profile: MachineProfile) -> list[list[str]]:
-    """Table rows: op, g, latency (us) at the smallest S, busbw (GB/s) at the largest S."""
+    """Table rows: op, g, latency (us) at the smallest S, busbw (GB/s) at the largest S;
+    the ops timed inside CUDA graphs again, marked "(graph)"."""
     rows = [["op", "g", "smallest S", "latency us", "largest S", "busbw GB/s"]]
-    for op in COLLECTIVES:
-        for g, samples in sorted(profile.collectives.get(op, {}).items(), key=lambda x: int(x[0])):
+    tables = [(op, "", profile.collectives) for op in COLLECTIVES]
+    tables += [(op, " (graph)", profile.graph_collectives) for op in GRAPH_OPS]
+    for op, mark, table in tables:
+        for g, samples in sorted(table.get(op, {}).items(), key=lambda x: int(x[0])):
             (s0, t0), (s1, t1) = samples[0], samples[-1]
             rows.append(
                 [
-                    op,
+                    op + mark,
                     g,
                     _fmt_bytes(s0),
                     f"{t0 * 1e6:.1f}",

@@ -34,8 +34,8 @@ Decode (one new token per sequence). Per stage:
             EP decode too, on the static exchange of dispatch/static.py), or one per stage
             and micro-batch under pp.
   collectives, per layer of the stage (each replayed inside the step's CUDA graph: the
-            profile's eager time less its host dispatch, kernel_overhead_us, and at least
-            graph_kernel_us):
+            profile's graph_collectives time when it has the op, else its eager time less
+            its host dispatch, kernel_overhead_us, and at least graph_kernel_us):
     tp > 1       ar(tp, Br*H*b) after attention, and after each dense MLP that is TP-sharded
     tp_experts   ar(tp, Br*H*b) after each MoE layer
     ep_* (decode: every EP dispatcher runs the static exchange, dispatch/static.py) per MoE
@@ -291,8 +291,12 @@ class _Link:
     def __init__(self, profile, inter_node, gpus_per_node, plan):
         self.p, self.inter, self.g, self.plan = profile, inter_node, gpus_per_node, plan
 
-    def __call__(self, op: str, group: int, nbytes: float) -> float:
-        return self.p.seconds(op, group, nbytes)
+    def __call__(self, op: str, group: int, nbytes: float, in_graph: bool = False) -> float:
+        return self.p.seconds(op, group, nbytes, in_graph)
+
+    def in_graph(self, op: str) -> bool:
+        """Whether the profile timed ``op`` inside CUDA graphs."""
+        return self.p.has_graph_samples(op)
 
     def hops(self, nbytes: float) -> float:
         """The (pp - 1) stage-to-stage sends of one step, one after another."""
@@ -350,6 +354,8 @@ def predict(
         (``kernel_overhead_us`` each, never below a graph kernel's own time)."""
 
         def seconds(op: str, group: int, nbytes: float) -> float:
+            if decode and link.in_graph(op):
+                return link(op, group, nbytes, in_graph=True)
             eager = link(op, group, nbytes)
             if not decode or eager == 0.0:
                 return eager

@@ -17,6 +17,10 @@ extrapolation past the largest (bandwidth-bound) and the smallest sample's time 
                                    # minimum GPU time and the gap to the next; absent: 0)
      "collectives": {"all_reduce": {"2": [[bytes, seconds], ...]}, "all_to_all": {...},
                      "all_gather": {...}, "reduce_scatter": {...}, "send_recv": {...}},
+     "graph_collectives": {"all_reduce": {"2": [[bytes, seconds], ...]}, ...},
+                                   # optional: per call replayed inside a CUDA graph, at
+                                   # decode sizes (absent: the eager time less the host
+                                   # dispatch, as moe_ext.cost falls back to)
      "notes": ["how it was measured or where the estimate comes from"]}
 
 Sizes are bytes per rank (the tensor each rank passes in).
@@ -60,12 +64,16 @@ class MachineProfile:
     notes: tuple[str, ...] = ()
     # per kernel replayed inside a CUDA graph (minimum kernel time + gap); None: not measured
     graph_kernel_us: Optional[float] = None
+    # the same layout as collectives, per call inside a CUDA graph; empty: not measured
+    graph_collectives: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
 
-    def seconds(self, op: str, group: int, nbytes: float) -> float:
-        """Time of collective ``op`` over ``group`` ranks moving ``nbytes`` per rank."""
+    def seconds(self, op: str, group: int, nbytes: float, in_graph: bool = False) -> float:
+        """Time of collective ``op`` over ``group`` ranks moving ``nbytes`` per rank; with
+        ``in_graph``, replayed inside a CUDA graph (``has_graph_samples`` must hold)."""
         if group <= 1 or nbytes <= 0:
             return 0.0
-        samples = self._samples(op, group)
+        table = self.graph_collectives if in_graph else self.collectives
+        samples = self._samples(op, group, table)
         sizes = [s for s, _ in samples]
         if nbytes <= sizes[0]:
             return samples[0][1]
@@ -78,8 +86,12 @@ class MachineProfile:
         w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
         return t0 + w * (t1 - t0)
 
-    def _samples(self, op: str, group: int) -> list[list[float]]:
-        by_group = self.collectives.get(op)
+    def has_graph_samples(self, op: str) -> bool:
+        """Whether ``op`` was timed inside CUDA graphs (``graph_collectives``)."""
+        return bool(self.graph_collectives.get(op))
+
+    def _samples(self, op: str, group: int, table: dict) -> list[list[float]]:
+        by_group = table.get(op)
         if not by_group:
             raise ProfileError(f"profile {self.name}: no {op!r} samples; re-run tools/calibrate.py")
         if str(group) in by_group:
@@ -109,13 +121,14 @@ class MachineProfile:
             profile = cls(**data)
         except TypeError as err:
             raise ProfileError(f"machine profile {path}: {err}; re-run tools/calibrate.py") from err
-        for op, by_group in profile.collectives.items():
-            for group, samples in by_group.items():
-                if not samples or any(len(s) != 2 or s[0] <= 0 or s[1] < 0 for s in samples):
-                    raise ProfileError(
-                        f"machine profile {path}: collectives.{op}.{group} must be a list of "
-                        f"[bytes > 0, seconds >= 0] pairs"
-                    )
+        for table in ("collectives", "graph_collectives"):
+            for op, by_group in getattr(profile, table).items():
+                for group, samples in by_group.items():
+                    if not samples or any(len(s) != 2 or s[0] <= 0 or s[1] < 0 for s in samples):
+                        raise ProfileError(
+                            f"machine profile {path}: {table}.{op}.{group} must be a list of "
+                            f"[bytes > 0, seconds >= 0] pairs"
+                        )
         return profile
 
 

@@ -62,7 +62,7 @@ BACKENDS = ("auto", "grouped_mm", "loop", "triton")
 # rows per expert the GEMMs gain arithmetic intensity, which grouped_mm's large tiles are
 # built for. tools/bench_experts.py measures both sides of this threshold (docs/PERF.md).
 TRITON_MAX_ROWS = 256
-TRITON_ROWS_PER_EXPERT = 8
+TRITON_ROWS_PER_EXPERT = 32
 
 
 def grouped_mm_qualifies(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -42,8 +42,9 @@ from moe_ext.quant.layout import quantized_weights
 # Up to this many rows the Triton kernel (a weight read) beats dequantize-then-GEMM.
 KERNEL_MAX_ROWS = 256
 # Up to this many rows dense projections stream their weights through the GEMV kernel
-# rather than cuBLAS (docs/PERF.md, "Batch-1 levers").
-GEMV_MAX_ROWS = 16
+# rather than cuBLAS: faster at every row count up to the kernel's 64 on every model shape
+# measured (tools/bench_gemv.py, docs/PERF.md "Decode projections").
+GEMV_MAX_ROWS = 64
 
 
 class Fp8Linear(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import sys
 from contextlib import redirect_stdout
@@ -32,7 +33,7 @@ from moe_ext.plan import (
     model_weight_bytes,
     plan_with_degrees,
 )
-from moe_ext.profile import MachineProfile
+from moe_ext.profile import MachineProfile, ProfileError
 from tests.unit.test_plan import MIXTRAL, QWEN3_30B, SHAPE, topo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -410,3 +411,33 @@ def test_memory_and_fits_follow_available_bytes():
     assert pred.fits is None and pred.memory_bytes >= math.ceil((w.dense + w.experts) * 1.2)
     assert predict(plan, QWEN3_30B, PCIE, 2, 512, available_bytes=pred.memory_bytes).fits
     assert not predict(plan, QWEN3_30B, PCIE, 2, 512, available_bytes=pred.memory_bytes - 1).fits
+
+
+def test_decode_collectives_read_the_graph_timings_when_the_profile_has_them(tmp_path):
+    """A profile with graph_collectives prices decode's all-reduces from them (tp_experts'
+    decode collectives scale with the graph table, prefill's stay eager); ops without graph
+    samples keep the eager-less-dispatch fallback; a bad graph table is one line."""
+    plan = plan_with_degrees("tp_experts", 2, tp=2)
+    sizes = [2.0**p for p in range(10, 23)]  # H * 2 bytes = 2^13 is a sample
+    graph = {
+        "all_reduce": {"2": [[s, 5e-6 + s / 24e9] for s in sizes]},
+    }
+    with_graph = dataclasses.replace(PCIE, graph_collectives=graph)
+    eager_p, graph_p = (predict(plan, MIXTRAL, p, 1, 512) for p in (PCIE, with_graph))
+    layers = MIXTRAL.num_hidden_layers
+    # two all-reduces per layer at batch 1 (H * 2 bytes), each now 5 us + bytes / 24 GB/s
+    want = 2 * layers * (5e-6 + MIXTRAL.hidden_size * 2 / 24e9) * 1e3
+    assert graph_p.terms["collectives"] == pytest.approx(want, rel=1e-6)
+    assert graph_p.terms["collectives"] < eager_p.terms["collectives"]
+    assert graph_p.prefill_terms["collectives"] == eager_p.prefill_terms["collectives"]
+    ep = plan_with_degrees("ep_allgather", 2)  # all_gather / reduce_scatter: no graph samples
+    assert predict(ep, MIXTRAL, with_graph, 2, 512).terms["collectives"] == pytest.approx(
+        predict(ep, MIXTRAL, PCIE, 2, 512).terms["collectives"]
+    )
+    bad = tmp_path / "bad.json"
+    data = dataclasses.asdict(with_graph)
+    data["graph_collectives"]["all_reduce"]["2"] = [[0, 1.0]]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="graph_collectives.all_reduce.2") as info:
+        MachineProfile.load(bad)
+    assert "\n" not in str(info.value)
