@@ -172,8 +172,10 @@ def project_many(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Te
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
     y = kernels.fused_gemv(flat, [m.weight for m in linears])  # [T, N_0 + N_1 + ...]
     outputs = []
-    for part, m in zip(y.split([m.out_features for m in linears], dim=-1), linears):
-        part = part.view(*x.shape[:-1], m.out_features)  # [..., N_i]
+    # the weights' own rows: under TP they are this rank's slice (out_features is not)
+    widths = [m.weight.shape[0] for m in linears]
+    for part, m, width in zip(y.split(widths, dim=-1), linears, widths):
+        part = part.view(*x.shape[:-1], width)  # [..., N_i]
         outputs.append(part if m.bias is None else part + m.bias)
     return outputs
 

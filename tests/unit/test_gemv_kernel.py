@@ -57,12 +57,16 @@ def test_cpu_fused_gemv_matches_float64_reference(rows, in_features, outs):
 @needs_interpreter
 def test_cpu_project_many_splits_columns_and_adds_biases(monkeypatch):
     """project_many through the kernel (its CUDA gate opened for CPU) equals the modules
-    called one by one: each output its own columns, biases added, shapes [B, S, N_i]."""
+    called one by one: each output its own columns, biases added, shapes [B, S, N_i], the
+    widths those of the weights (a TP slice's, not out_features)."""
     monkeypatch.setattr(
         linear_mod, "_gemv_kernels", lambda x, weights: _kernels()
     )  # the interpreter stands in for CUDA
     torch.manual_seed(0)
     linears = [nn.Linear(32, 48, bias=True), nn.Linear(32, 16), nn.Linear(32, 16, bias=True)]
+    with torch.no_grad():  # a TP rank's q: its rows of the weight, out_features left as is
+        linears[0].weight = nn.Parameter(linears[0].weight[:24].clone())
+        linears[0].bias = nn.Parameter(linears[0].bias[:24].clone())
     x = torch.randn(2, 1, 32)  # [B, S, K]
     with torch.no_grad():
         got = linear_mod.project_many(x, linears)
