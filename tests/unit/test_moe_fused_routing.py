@@ -88,6 +88,11 @@ def test_router_launch_config_splits_the_weight_read():
     for tokens, experts, hidden in [(1, 512, 8192), (256, 512, 8192), (3, 60, 130)]:
         c = config(tokens, experts, hidden)
         assert c["BLOCK_T"] * c["E_CHUNK"] * c["BLOCK_H"] <= 8192
+    # bf16 operands past 32 tokens: 16-token tensor-core blocks, >= 16 experts per split
+    batch64 = config(64, 128, 2048, dot=True)  # qwen3-30b-a3b: 4 blocks x 8 splits
+    assert (batch64["DOT"], batch64["BLOCK_T"], batch64["E_CHUNK"]) == (True, 16, 16)
+    assert config(40, 8, 4096, dot=True)["E_CHUNK"] == 16  # mixtral: 8 experts padded to 16
+    assert not config(32, 128, 2048, dot=True)["DOT"]  # decode sizes keep float32 FMAs
 
 
 @needs_interpreter
@@ -120,6 +125,25 @@ def test_cpu_router_kernel_upcasts_inputs(dtype):
     want = reference_gates(x.double(), weight.double(), RoutingSpec(4))
     assert torch.equal(expert_idx, want.topk(4, dim=-1).indices)
     torch.testing.assert_close(dense_gates(weights, expert_idx, 60), want, rtol=1e-5, atol=1e-7)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("num_experts", [60, 8])
+def test_cpu_router_kernel_tensor_core_blocks_match_float64(num_experts):
+    """Past 32 tokens, fp16 logits come from tl.dot: the same picks and weights as the
+    float64 reference (ragged last block, experts not a multiple of the 16-expert split).
+    bf16 takes the same path on the GPU (test_gpu_router_bf16_matches_torch_path at 33,
+    64 and 256 tokens); the interpreter cannot dot bf16."""
+    x, weight = router_problem(40, 96, num_experts, dtype=torch.float16, seed=5)
+    load = torch.zeros(num_experts, dtype=torch.int64)
+    assert _routing().launch_config(40, num_experts, 96, dot=True)["DOT"]
+    weights, expert_idx = _routing().softmax_topk_router(x, weight, load, 2)
+    want = reference_gates(x.double(), weight.double(), RoutingSpec(2))
+    assert torch.equal(expert_idx, want.topk(2, dim=-1).indices)
+    torch.testing.assert_close(
+        dense_gates(weights, expert_idx, num_experts), want, rtol=1e-5, atol=1e-7
+    )
+    assert torch.equal(load, torch.bincount(expert_idx.flatten(), minlength=num_experts))
 
 
 @needs_interpreter
@@ -398,7 +422,7 @@ def _assert_same_picks_up_to_near_ties(fast_idx, slow_idx, x, weight):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 4, 33, FUSED_MAX_TOKENS])
+@pytest.mark.parametrize("tokens", [1, 4, 33, 64, FUSED_MAX_TOKENS])
 def test_gpu_router_bf16_matches_torch_path(tokens):
     torch.manual_seed(tokens)
     router = TopKRouter(
