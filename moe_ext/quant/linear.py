@@ -43,7 +43,7 @@ from moe_ext.quant.layout import quantized_weights
 KERNEL_MAX_ROWS = 256
 # Up to this many rows dense projections stream their weights through the GEMV kernel
 # rather than cuBLAS: faster at every row count up to the kernel's 64 on every model shape
-# measured (tools/bench_gemv.py, docs/PERF.md "Decode projections").
+# measured (tools/bench_gemv.py; docs/PERF.md, "Single stream and full batches").
 GEMV_MAX_ROWS = 64
 
 
