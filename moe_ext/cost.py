@@ -294,7 +294,7 @@ class _Link:
     def __call__(self, op: str, group: int, nbytes: float, in_graph: bool = False) -> float:
         return self.p.seconds(op, group, nbytes, in_graph)
 
-    def in_graph(self, op: str) -> bool:
+    def has_graph_samples(self, op: str) -> bool:
         """Whether the profile timed ``op`` inside CUDA graphs."""
         return self.p.has_graph_samples(op)
 
@@ -350,11 +350,12 @@ def predict(
 
     def collectives(tokens: int, decode: bool) -> float:
         """One stage's collectives for ``tokens`` tokens per replica. Decode replays them
-        inside its CUDA graph, without the host dispatch the profile's eager timings hold
-        (``kernel_overhead_us`` each, never below a graph kernel's own time)."""
+        inside its CUDA graph: the profile's in-graph time where it has one, else the eager
+        time less its host dispatch (``kernel_overhead_us``, never below a graph kernel's
+        own time)."""
 
         def seconds(op: str, group: int, nbytes: float) -> float:
-            if decode and link.in_graph(op):
+            if decode and link.has_graph_samples(op):
                 return link(op, group, nbytes, in_graph=True)
             eager = link(op, group, nbytes)
             if not decode or eager == 0.0:
