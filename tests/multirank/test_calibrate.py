@@ -98,6 +98,8 @@ def test_calibrate_quick_on_two_cpu_ranks(tmp_path):
         value = getattr(profile, field)
         assert math.isfinite(value) and value > 0, (field, value)
     assert 0 < profile.kernel_overhead_us < 1000 and profile.graph_kernel_us is None  # CPU
+    assert profile.graph_collectives == {}  # CUDA graphs only
+    assert "graph_collectives: not measured (CPU)" in profile.notes
     assert any(n.startswith("command: torchrun --nproc-per-node 2 ") for n in profile.notes)
     assert any(torch.__version__ in n for n in profile.notes), profile.notes
     # rank 0's summary: one row per op at g = 2, then the kernel rates
@@ -105,6 +107,35 @@ def test_calibrate_quick_on_two_cpu_ranks(tmp_path):
     for op in COLLECTIVES:
         assert f"{op}  2" in table.replace("   ", "  "), table
     assert "hbm" in table and f"wrote {out}" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_calibrate_quick_on_two_gpus_times_collectives_inside_graphs(tmp_path):
+    """On 2 GPUs the profile also holds decode's collectives timed inside a CUDA graph: each
+    op of GRAPH_OPS at g = 2, sizes up to GRAPH_MAX_BYTES, no slower than the eager call at
+    the smallest size (the graph drops the host dispatch), and read back by seconds()."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from moe_ext.calibrate import GRAPH_MAX_BYTES, GRAPH_OPS
+
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [*torchrun(2), str(TOOLS / "calibrate.py"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = MachineProfile.load(out)
+    assert set(profile.graph_collectives) == set(GRAPH_OPS)
+    for op in GRAPH_OPS:
+        samples = profile.graph_collectives[op]["2"]
+        assert samples[-1][0] <= GRAPH_MAX_BYTES and len(samples) >= 3, (op, samples)
+        assert all(0 < t < 1e-2 for _, t in samples), (op, samples)
+        smallest = samples[0][0]
+        assert profile.seconds(op, 2, smallest, in_graph=True) <= profile.seconds(op, 2, smallest)
+    assert f"{GRAPH_OPS[0]} (graph)" in proc.stdout
 
 
 def test_one_rank_is_refused_in_one_line():
