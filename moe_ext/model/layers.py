@@ -535,7 +535,8 @@ class DenseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., H] -> [..., H]."""
         x = tp_replicated(x, self.tp_group)  # feeds this rank's FFN shard only
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project_many(x, (self.gate_proj, self.up_proj))  # [..., F] each
+        (out,) = project_many(F.silu(gate) * up, (self.down_proj,))  # [..., H]
         if self.tp_group is not None:
             out = reduce_partials(out, self.tp_group)
         return out

@@ -50,7 +50,7 @@ from moe_ext.model.layers import (
     row_index,
     tp_replicated,
 )
-from moe_ext.quant.linear import linear_weight
+from moe_ext.quant.linear import linear_weight, project_many
 
 ROPE_LAYOUTS = ("complex", "interleave", "half")
 # transformers builds the q/kv LoRA norms with RMSNorm's default epsilon, not rms_norm_eps
@@ -171,12 +171,17 @@ class MLAttention(nn.Module):
         ):
             self.kv_cache = MLACache(batch, max_slots, shape[-1], dtype, device)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, H] -> q [B, S, n·(Dn+Dr)]."""
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, S, H] -> (q [B, S, n·(Dn+Dr)], kv_a [B, S, C+Dr]). With a query LoRA,
+        q_a_proj and kv_a_proj_with_mqa read the same x: one launch at decode sizes."""
         if self.q_proj is not None:
-            return self.q_proj(tp_replicated(x, self.tp_group))
-        latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, S, q_lora_rank], TP-replicated
-        return self.q_b_proj(tp_replicated(latent, self.tp_group))
+            (q,) = project_many(tp_replicated(x, self.tp_group), (self.q_proj,))
+            (kv_a,) = project_many(x, (self.kv_a_proj_with_mqa,))
+            return q, kv_a
+        q_a, kv_a = project_many(x, (self.q_a_proj, self.kv_a_proj_with_mqa))  # TP-replicated
+        latent = self.q_a_layernorm(q_a)  # [B, S, q_lora_rank]
+        (q,) = project_many(tp_replicated(latent, self.tp_group), (self.q_b_proj,))
+        return q, kv_a
 
     def forward(
         self,
@@ -198,9 +203,10 @@ class MLAttention(nn.Module):
         Returns [B, S, H]."""
         B, S, _ = x.shape
         Dn, Dr = self.nope_dim, self.rope_dim
-        q = self._query(x).view(B, S, -1, Dn + Dr).transpose(1, 2)  # [B, n, S, Dn+Dr]
+        q, kv_a = self._projections(x)
+        q = q.view(B, S, -1, Dn + Dr).transpose(1, 2)  # [B, n, S, Dn+Dr]
         q_nope, q_rope = q.split([Dn, Dr], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, Dr], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_rank, Dr], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, S, C]
         q_rope = rotate(q_rope, cos, sin, self.rope_layout)  # [B, n, S, Dr]
         k_rope = rotate(k_rope[:, None], cos, sin, self.rope_layout)[:, 0]  # [B, S, Dr]
