@@ -45,6 +45,10 @@ KERNEL_MAX_ROWS = 256
 # rather than cuBLAS: faster at every row count up to the kernel's 64 on every model shape
 # measured (tools/bench_gemv.py; docs/PERF.md, "Single stream and full batches").
 GEMV_MAX_ROWS = 64
+# Smaller weight sets (all of one launch together) stay on cuBLAS: they cost a few µs
+# either way, and each new shape would cost the GEMV kernel an autotuning run at warm-up.
+# The smallest projection set of the supported models is ~2 MB.
+GEMV_MIN_BYTES = 1 << 20
 
 
 class Fp8Linear(nn.Module):
@@ -135,13 +139,14 @@ def project_without_bias(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _gemv_kernels(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> Optional[ModuleType]:
     """The weight-streaming GEMV kernels (``moe_ext.moe.kernels.gemv``) when they should
     run x [..., K] against these dense [N_i, K] weights: CUDA bf16/fp16, at most
-    GEMV_MAX_ROWS rows, contiguous weights in x's dtype, no gradient wanted (the op has
-    no backward); else None."""
+    GEMV_MAX_ROWS rows, at least GEMV_MIN_BYTES of weights, contiguous weights in x's
+    dtype, no gradient wanted (the op has no backward); else None."""
     rows = x.numel() // max(x.shape[-1], 1)
     if not (
         x.device.type == "cuda"
         and x.dtype in (torch.bfloat16, torch.float16)
         and 0 < rows <= GEMV_MAX_ROWS
+        and sum(w.numel() * w.element_size() for w in weights) >= GEMV_MIN_BYTES
         and all(w.dtype == x.dtype and w.is_contiguous() for w in weights)
         and not (
             torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))

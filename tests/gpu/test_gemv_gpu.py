@@ -108,17 +108,30 @@ QWEN2 = dict(  # q/k/v biases
 )
 
 
-@pytest.mark.parametrize("config", [QWEN3, QWEN2], ids=["qwen3", "qwen2_bias"])
+def _deepseek_v3():
+    """MLA with a query LoRA (q_a and kv_a in one launch), a dense first layer and shared
+    experts (gate and up in one launch)."""
+    from tests.support import deepseek_hf_config
+
+    return deepseek_hf_config("v3").to_dict()
+
+
+@pytest.mark.parametrize(
+    "config", [QWEN3, QWEN2, "deepseek_v3"], ids=["qwen3", "qwen2_bias", "deepseek_v3"]
+)
 def test_gpu_decode_through_gemv_matches_cublas(config, monkeypatch):
+    if config == "deepseek_v3":
+        config = _deepseek_v3()
     model = init_random_(Transformer(ModelArgs.from_hf_config(config)).to("cuda"))
     model = model.to(torch.bfloat16).eval()
     prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * 2, device="cuda")
+    monkeypatch.setattr(linear_mod, "GEMV_MIN_BYTES", 0)  # this model's weights are small
     graphs = []
     with torch.inference_mode():
         gemv_logits = decode_logits(model, prompt, 6)
         monkeypatch.setattr(linear_mod, "GEMV_MAX_ROWS", 0)
         cublas_logits = decode_logits(model, prompt, 6)
-        monkeypatch.undo()
+        monkeypatch.setattr(linear_mod, "GEMV_MAX_ROWS", 64)
         model.compile_decode(backend=_recording_inductor(graphs))
         try:
             compiled_logits = decode_logits(model, prompt, 6)
@@ -161,6 +174,7 @@ def _tp_body(rank, world):
     from tests.support import agreeing_share, plan_of, qwen2_args
 
     device = torch.device("cuda", rank)
+    linear_mod.GEMV_MIN_BYTES = 0  # this model's weights are small
     args = qwen2_args()  # q/k/v biases, kv heads replicated over the TP pair
     state = init_random_full(args)
 
