@@ -162,8 +162,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     kernels = _gemv_kernels(x, (weight,))
     if kernels is None:
         return F.linear(x, weight)
-    y = kernels.fused_gemv(x.reshape(-1, x.shape[-1]).contiguous(), [weight])  # [T, N]
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _stream(kernels, x, [weight])[0]
 
 
 def project_many(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -171,18 +170,24 @@ def project_many(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Te
     sizes, plain ``nn.Linear`` sharing x (q, k and v) run as one weight-streaming launch.
     x: [..., K] -> one [..., N_i] per linear."""
     plain = all(type(m) is nn.Linear and getattr(m, "lora", None) is None for m in linears)
-    kernels = _gemv_kernels(x, [m.weight for m in linears]) if plain else None
+    weights = [m.weight for m in linears]
+    kernels = _gemv_kernels(x, weights) if plain else None
     if kernels is None:
         return [m(x) for m in linears]
+    parts = _stream(kernels, x, weights)
+    return [part if m.bias is None else part + m.bias for part, m in zip(parts, linears)]
+
+
+def _stream(kernels: ModuleType, x: torch.Tensor, weights: list[torch.Tensor]) -> list:
+    """x [..., K] against weights [N_i, K] in one GEMV launch: one [..., N_i] view each."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
-    y = kernels.fused_gemv(flat, [m.weight for m in linears])  # [T, N_0 + N_1 + ...]
-    outputs = []
+    y = kernels.fused_gemv(flat, weights)  # [T, N_0 + N_1 + ...]
     # the weights' own rows: under TP they are this rank's slice (out_features is not)
-    widths = [m.weight.shape[0] for m in linears]
-    for part, m, width in zip(y.split(widths, dim=-1), linears, widths):
-        part = part.view(*x.shape[:-1], width)  # [..., N_i]
-        outputs.append(part if m.bias is None else part + m.bias)
-    return outputs
+    widths = [w.shape[0] for w in weights]
+    return [
+        part.view(*x.shape[:-1], width)  # [..., N_i]
+        for part, width in zip(y.split(widths, dim=-1), widths)
+    ]
 
 
 def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:

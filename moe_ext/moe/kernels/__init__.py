@@ -78,3 +78,21 @@ def check_kernel_device(op: str, device: torch.device, interpreted: bool, fallba
         raise ValueError(
             f"{op}: device {device} unsupported; use CUDA (or CPU under the interpreter, for tests)"
         )
+
+
+def check_kernel_inputs(
+    op: str, x: torch.Tensor, devices: set, interpreted: bool, fallback: str
+) -> None:
+    """One-line ValueError unless a tensor-core kernel ``op`` can take rows ``x`` with
+    operands on ``devices``: one device, x a float type (bf16/fp16 on CUDA), and a device
+    the kernels run on (``check_kernel_device``)."""
+    if len(devices) != 1:
+        raise ValueError(f"{op}: operands on {devices}; move them to one device")
+    if not x.dtype.is_floating_point or (
+        x.device.type == "cuda" and x.dtype not in (torch.bfloat16, torch.float16)
+    ):
+        raise ValueError(
+            f"{op}: x {x.dtype} on {x.device.type} is not supported (tensor cores "
+            f"would round float32 to tf32); use bf16/fp16 or {fallback}"
+        )
+    check_kernel_device(op, x.device, interpreted, fallback)

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ext.moe.kernels import check_kernel_device
+from moe_ext.moe.kernels import check_kernel_inputs
 from moe_ext.quant.config import QuantizationError
 
 # Rows per tensor-core tile: tl.dot needs M >= 16. Larger chunks are picked when the
@@ -433,20 +433,6 @@ def _check_format(weight_format, fp8_block, scales):
             )
 
 
-def _check_common(x, devices, op, fallback):
-    """One device; x a float type (bf16/fp16 on CUDA); a device the kernels run on."""
-    if len(devices) != 1:
-        raise ValueError(f"{op}: operands on {devices}; move them to one device")
-    if not x.dtype.is_floating_point or (
-        x.device.type == "cuda" and x.dtype not in (torch.bfloat16, torch.float16)
-    ):
-        raise ValueError(
-            f"{op}: x {x.dtype} on {x.device.type} is not supported (tensor cores "
-            f"would round float32 to tf32); use bf16/fp16 or {fallback}"
-        )
-    check_kernel_device(op, x.device, INTERPRETED, fallback)
-
-
 def check_operands(
     x: torch.Tensor,
     gate_up_proj: torch.Tensor,
@@ -509,7 +495,7 @@ def check_operands(
         )
     operands = (x, gate_up_proj, down_proj, tokens_per_expert, gate_up_scale, down_scale)
     devices = {t.device for t in operands if t is not None}
-    _check_common(x, devices, "triton experts", "backend 'grouped_mm'/'loop'")
+    check_kernel_inputs("triton experts", x, devices, INTERPRETED, "backend 'grouped_mm'/'loop'")
 
 
 def swiglu_experts_forward(
@@ -724,7 +710,9 @@ def check_linear_operands(
             f"{x.dtype} [{out_features}] on {x.device}"
         )
     devices = {t.device for t in (x, weight, scale)}
-    _check_common(x, devices, "quantized_linear", "dequantize and use torch.nn.functional.linear")
+    check_kernel_inputs(
+        "quantized_linear", x, devices, INTERPRETED, "dequantize and use torch.nn.functional.linear"
+    )
 
 
 def quantized_linear(
